@@ -1,0 +1,1 @@
+//! `tandem-compute`: attaches Tandem volumes to QEMU/KVM instances.

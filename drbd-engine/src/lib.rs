@@ -1,0 +1,1 @@
+//! A DRBD-style replicated block device in userspace.

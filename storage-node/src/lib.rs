@@ -1,0 +1,1 @@
+//! The storage node: `tandemd` and `tandemadm`.

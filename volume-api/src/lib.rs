@@ -1,0 +1,1 @@
+//! `tandem-api`: a Cinder v3 compatible block-storage service.
