@@ -1,0 +1,1 @@
+//! Every limit of the replication engine, in one place.

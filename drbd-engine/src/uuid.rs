@@ -1,0 +1,1 @@
+//! Generation identifiers and the decision table that compares them on connect.
