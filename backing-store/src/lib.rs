@@ -1,2 +1,222 @@
 //! The backing-store layer: the only place in Tandem that performs block I/O on backing files
-//! or block devices. Engines (io_uring, portable pread/pwrite) complete through one path.
+//! or block devices.
+//!
+//! Architecture Invariant: every request goes through one trait (`engine::Engine::submit`) and
+//! ends through one path (`request::Completion::complete`, a oneshot per request), whichever
+//! engine runs it: io_uring on a ring thread, or pread/pwrite on worker threads. The futures
+//! therefore work on any tokio runtime. At most `constants::IN_FLIGHT_MAX` requests are admitted
+//! at once per store; a request keeps its slot until the engine is done with it, even if the
+//! caller dropped the future.
+//!
+//! Requests are checked (range, size, read-only) before they are built, so a rejected request
+//! never touches the file.
+
+mod buffer;
+pub mod constants;
+mod engine;
+mod error;
+mod file;
+mod options;
+mod request;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+pub use crate::error::{Error, ErrorKind};
+pub use crate::options::{EngineKind, OpenOptions, ParseEngineKindError};
+
+use crate::constants::{IN_FLIGHT_MAX, SYNC_WORKER_THREADS_MAX};
+use crate::engine::Engine;
+use crate::engine::sync::SyncEngine;
+use crate::engine::uring::UringEngine;
+use crate::file::{BackingFile, u64_from};
+use crate::request::{Completion, Operation, Output, Request};
+
+/// An open backing file or block device. Cheap to clone; all clones share one engine. The
+/// engine's threads stop when the last clone is dropped (after finishing what is in flight).
+#[derive(Clone)]
+pub struct BackingStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    // Declared first so the engine is dropped (joined) before the file is closed.
+    engine: Box<dyn Engine>,
+    file: Arc<BackingFile>,
+    permits: Arc<Semaphore>,
+}
+
+impl fmt::Debug for BackingStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackingStore")
+            .field("path", &self.inner.file.path())
+            .field("engine", &self.inner.engine.kind())
+            .field("direct_io", &self.inner.file.is_direct())
+            .field("size_bytes", &self.size_bytes())
+            .finish()
+    }
+}
+
+impl BackingStore {
+    /// Opens (and, with `create_size_bytes`, creates as a sparse file) a backing file or block
+    /// device. If io_uring is asked for but the kernel refuses it, the sync engine is used and
+    /// a warning says why; `engine()` tells which one runs.
+    pub fn open(path: &Path, options: &OpenOptions) -> Result<BackingStore, Error> {
+        let file = Arc::new(BackingFile::open(path, options)?);
+        let spawn_error = |error: std::io::Error| {
+            Error::io(format!("cannot start the I/O engine for {}", path.display()), error)
+        };
+        let engine: Box<dyn Engine> = match options.engine {
+            EngineKind::Uring => match UringEngine::new(Arc::clone(&file)) {
+                Ok(engine) => Box::new(engine),
+                Err(error) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        %error,
+                        "io_uring is unavailable; falling back to the sync engine"
+                    );
+                    Box::new(
+                        SyncEngine::new(Arc::clone(&file), SYNC_WORKER_THREADS_MAX)
+                            .map_err(spawn_error)?,
+                    )
+                }
+            },
+            EngineKind::Sync => Box::new(
+                SyncEngine::new(Arc::clone(&file), SYNC_WORKER_THREADS_MAX).map_err(spawn_error)?,
+            ),
+        };
+        let permits = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
+        Ok(BackingStore { inner: Arc::new(Inner { engine, file, permits }) })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.inner.file.path()
+    }
+
+    /// The engine actually running (io_uring may have fallen back to sync).
+    pub fn engine(&self) -> EngineKind {
+        self.inner.engine.kind()
+    }
+
+    /// Whether O_DIRECT is in use (asked for and accepted by the file system).
+    pub fn is_direct_io(&self) -> bool {
+        self.inner.file.is_direct()
+    }
+
+    pub fn is_block_device(&self) -> bool {
+        self.inner.file.is_block_device()
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.file.is_read_only()
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.file.size_bytes()
+    }
+
+    /// Requests admitted and not yet completed by the engine (at most `IN_FLIGHT_MAX`).
+    pub fn in_flight(&self) -> usize {
+        IN_FLIGHT_MAX - self.inner.permits.available_permits()
+    }
+
+    /// Reads `len` bytes at `offset`. Holes read as zeroes.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, Error> {
+        let file = &self.inner.file;
+        file.check_io_size("read", len)?;
+        file.check_range("read", offset, u64_from(len))?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        match self.execute(Operation::Read { offset, len }).await? {
+            Output::Data(data) => {
+                assert_eq!(data.len(), len, "engine returned a short read");
+                Ok(data)
+            }
+            Output::Done => panic!("engine answered a read without data"),
+        }
+    }
+
+    /// Writes `data` at `offset`; with `fua`, the data is on stable storage when this returns
+    /// (RWF_DSYNC), without flushing anything else.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Error> {
+        let file = &self.inner.file;
+        file.check_writable("write")?;
+        file.check_io_size("write", data.len())?;
+        file.check_range("write", offset, u64_from(data.len()))?;
+        if data.is_empty() {
+            return if fua { self.flush().await } else { Ok(()) };
+        }
+        self.execute_done(Operation::Write { offset, data, fua }).await
+    }
+
+    /// Makes every completed write durable (fdatasync, which also flushes the device cache).
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.inner.file.check_writable("flush")?;
+        self.execute_done(Operation::Flush).await
+    }
+
+    /// Deallocates the range when the file system can (punch hole), keeping the size; the range
+    /// reads as zeroes afterwards either way.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let file = &self.inner.file;
+        file.check_writable("discard")?;
+        file.check_range("discard", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.execute_done(Operation::Discard { offset, len }).await
+    }
+
+    /// Zeroes the range, keeping it allocated when the file system can (zero range).
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), Error> {
+        let file = &self.inner.file;
+        file.check_writable("write_zeroes")?;
+        file.check_range("write_zeroes", offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.execute_done(Operation::WriteZeroes { offset, len }).await
+    }
+
+    /// Extents of `[offset, offset + len)` as `(offset, length, mapped)`, adjacent extents of the
+    /// same kind merged, from SEEK_DATA/SEEK_HOLE. Without them (block devices, some file
+    /// systems) the whole range is reported mapped. Ranges written with `write_zeroes` may show
+    /// as unmapped on file systems that report unwritten extents as holes (ext4, xfs).
+    pub fn mapped_ranges(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64, bool)>, Error> {
+        self.inner.file.mapped_ranges(offset, len)
+    }
+
+    /// Grows or shrinks a regular file (ftruncate). Block devices answer `Unsupported` unless
+    /// the size is unchanged. The caller must not have I/O in flight beyond a shrinking end.
+    pub async fn resize(&self, new_size_bytes: u64) -> Result<(), Error> {
+        self.inner.file.check_writable("resize")?;
+        self.execute_done(Operation::Resize { size_bytes: new_size_bytes }).await
+    }
+
+    async fn execute_done(&self, operation: Operation) -> Result<(), Error> {
+        match self.execute(operation).await? {
+            Output::Done => Ok(()),
+            Output::Data(_) => panic!("engine returned data for a request without any"),
+        }
+    }
+
+    async fn execute(&self, operation: Operation) -> Result<Output, Error> {
+        let name = operation.name();
+        let permit = Arc::clone(&self.inner.permits).acquire_owned().await.map_err(|_| {
+            Error::new(ErrorKind::EngineStopped, format!("{name}: the store is shutting down"))
+        })?;
+        let (completion, receiver) = Completion::new(permit);
+        self.inner.engine.submit(Request { operation, completion });
+        receiver.await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorKind::EngineStopped,
+                format!("{name} on {}: the I/O engine stopped", self.path().display()),
+            ))
+        })
+    }
+}

@@ -1,0 +1,46 @@
+//! Every limit of the backing-store layer, in one place, with the relations between them
+//! checked at compile time.
+
+/// Requests admitted at once per store, counted from admission until the engine completes
+/// them (also when the caller dropped the future). This is what bounds the kernel's queue and
+/// the memory pinned by buffers in flight.
+pub const IN_FLIGHT_MAX: usize = 128;
+
+/// Largest single read or write. Reads allocate their buffer up front, so this bounds the
+/// memory one request can pin; iSCSI's largest burst (16 MiB) fits.
+pub const IO_SIZE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Worker threads of the portable engine. More threads than cores still pay because the
+/// threads mostly sleep in the kernel waiting for the device; this is the portable engine's
+/// effective queue depth.
+pub const SYNC_WORKER_THREADS_MAX: usize = 16;
+
+/// Worker threads the io_uring engine keeps for the rare operations it does not put on the
+/// ring (resize, and discard/write-zeroes fallbacks when the file system refuses fallocate).
+pub const URING_HELPER_THREADS_MAX: usize = 1;
+
+/// Submission queue entries of the io_uring engine: every admitted request plus the
+/// always-armed eventfd read that wakes the ring thread.
+pub const URING_ENTRIES_MAX: u32 = 256;
+
+/// Memory alignment of every buffer the layer allocates: satisfies O_DIRECT on any device
+/// (logical blocks are 512 or 4096 bytes) and keeps reads page-aligned.
+pub const BUFFER_ALIGNMENT_BYTES: usize = 4096;
+
+/// Chunk of zeroes written when neither fallocate mode is supported (last-resort fallback of
+/// discard and write_zeroes).
+pub const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
+
+const _: () = assert!(IN_FLIGHT_MAX > 0);
+const _: () = assert!(SYNC_WORKER_THREADS_MAX > 0 && SYNC_WORKER_THREADS_MAX <= IN_FLIGHT_MAX);
+const _: () = assert!(URING_HELPER_THREADS_MAX > 0);
+// One SQE per admitted request plus the eventfd read; the completion queue is twice the
+// submission queue, so completions can never overflow.
+const _: () = assert!(URING_ENTRIES_MAX as usize > IN_FLIGHT_MAX);
+const _: () = assert!(URING_ENTRIES_MAX.is_power_of_two());
+// A single read/write length must fit in an SQE's u32 length field.
+const _: () = assert!(IO_SIZE_BYTES_MAX <= u32::MAX as usize);
+const _: () = assert!(IO_SIZE_BYTES_MAX.is_multiple_of(BUFFER_ALIGNMENT_BYTES));
+const _: () = assert!(BUFFER_ALIGNMENT_BYTES.is_power_of_two());
+const _: () = assert!(ZERO_CHUNK_BYTES.is_multiple_of(BUFFER_ALIGNMENT_BYTES));
+const _: () = assert!(ZERO_CHUNK_BYTES <= IO_SIZE_BYTES_MAX);

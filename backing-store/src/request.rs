@@ -1,0 +1,73 @@
+//! Requests and the single completion path every engine uses.
+//!
+//! A request carries its operation and a `Completion`: the oneshot sender the caller's future
+//! waits on plus the in-flight permit. Completing (or dropping) the `Completion` is the only
+//! way a request ends, so the in-flight bound holds even when callers drop their futures, and
+//! the futures work on any tokio runtime (or none: a oneshot needs no reactor).
+
+use bytes::Bytes;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+
+use crate::error::Error;
+
+/// What a request asks of the engine. Ranges were checked against the store's size and
+/// permissions before the request was built.
+#[derive(Debug)]
+pub(crate) enum Operation {
+    Read { offset: u64, len: usize },
+    Write { offset: u64, data: Bytes, fua: bool },
+    Flush,
+    Discard { offset: u64, len: u64 },
+    WriteZeroes { offset: u64, len: u64 },
+    Resize { size_bytes: u64 },
+}
+
+impl Operation {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Operation::Read { .. } => "read",
+            Operation::Write { .. } => "write",
+            Operation::Flush => "flush",
+            Operation::Discard { .. } => "discard",
+            Operation::WriteZeroes { .. } => "write_zeroes",
+            Operation::Resize { .. } => "resize",
+        }
+    }
+}
+
+/// What a completed request hands back.
+#[derive(Debug)]
+pub(crate) enum Output {
+    Done,
+    Data(Bytes),
+}
+
+pub(crate) type OperationResult = Result<Output, Error>;
+
+/// The one completion path: engines call `complete` exactly once per request.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    sender: oneshot::Sender<OperationResult>,
+    /// Released when the engine is done with the request, not when the caller stops waiting.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Completion {
+    pub(crate) fn new(
+        permit: OwnedSemaphorePermit,
+    ) -> (Completion, oneshot::Receiver<OperationResult>) {
+        let (sender, receiver) = oneshot::channel();
+        (Completion { sender, _permit: permit }, receiver)
+    }
+
+    pub(crate) fn complete(self, result: OperationResult) {
+        // The caller may have dropped its future; the result is then discarded on purpose.
+        let _ = self.sender.send(result);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) operation: Operation,
+    pub(crate) completion: Completion,
+}
