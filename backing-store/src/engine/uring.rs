@@ -68,19 +68,6 @@ impl UringEngine {
     /// Sets up the ring; fails (and the caller falls back to the sync engine) when the kernel
     /// refuses io_uring or lacks what this engine needs.
     pub(crate) fn new(file: Arc<BackingFile>) -> io::Result<UringEngine> {
-        let ring: IoUring = IoUring::builder().build(URING_ENTRIES_MAX)?;
-        let mut probe = io_uring::Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for code in
-            [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE]
-        {
-            if !probe.is_supported(code) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("io_uring opcode {code} is not supported by this kernel"),
-                ));
-            }
-        }
         // SAFETY: eventfd takes no pointers.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
@@ -97,21 +84,68 @@ impl UringEngine {
             eventfd,
             helper,
         });
-        let ring_thread = RingThread {
-            ring,
-            slots: Vec::with_capacity(IN_FLIGHT_MAX),
-            free_slots: Vec::with_capacity(IN_FLIGHT_MAX),
-            in_flight: 0,
-            eventfd_buffer: Box::new(0),
-            eventfd_armed: false,
-            eventfd_kicked: false,
-            shared: Arc::clone(&shared),
-        };
-        let thread = std::thread::Builder::new()
-            .name("backing-uring".to_owned())
-            .spawn(move || ring_thread.run())?;
-        Ok(UringEngine { shared, thread: Some(thread) })
+        // The ring is built on its own thread: with IORING_SETUP_SINGLE_ISSUER the creating
+        // thread is the only one allowed to submit.
+        let (ready_sender, ready_receiver) = std::sync::mpsc::sync_channel(1);
+        let thread_shared = Arc::clone(&shared);
+        let thread =
+            std::thread::Builder::new().name("backing-uring".to_owned()).spawn(move || {
+                let ring = match build_ring() {
+                    Ok(ring) => ring,
+                    Err(error) => {
+                        let _ = ready_sender.send(Err(error));
+                        return;
+                    }
+                };
+                let _ = ready_sender.send(Ok(()));
+                let ring_thread = RingThread {
+                    ring,
+                    slots: Vec::with_capacity(IN_FLIGHT_MAX),
+                    free_slots: Vec::with_capacity(IN_FLIGHT_MAX),
+                    in_flight: 0,
+                    eventfd_buffer: Box::new(0),
+                    eventfd_armed: false,
+                    eventfd_kicked: false,
+                    shared: thread_shared,
+                };
+                ring_thread.run();
+            })?;
+        let ready = ready_receiver
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the io_uring thread exited during setup")));
+        match ready {
+            Ok(()) => Ok(UringEngine { shared, thread: Some(thread) }),
+            Err(error) => {
+                let _ = thread.join();
+                Err(error)
+            }
+        }
     }
+}
+
+/// Builds the ring with the flags that cut completion overhead for a ring driven by one
+/// thread (completions run only when that thread enters the kernel), falling back to a plain
+/// ring on kernels without them (before 6.1). Checks that every opcode used is supported.
+fn build_ring() -> io::Result<IoUring> {
+    let ring = IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_defer_taskrun()
+        .build(URING_ENTRIES_MAX)
+        .or_else(|_| IoUring::builder().build(URING_ENTRIES_MAX))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in
+        [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE, opcode::Fallocate::CODE]
+    {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring opcode {code} is not supported by this kernel"),
+            ));
+        }
+    }
+    Ok(ring)
 }
 
 impl Engine for UringEngine {
