@@ -245,12 +245,16 @@ fn dumped_words_per_peer(la_size_sect: u64, max_peers: u32) -> usize {
     usize::try_from(bytes / 8 / u64::from(max_peers)).unwrap()
 }
 
+/// `--al-stripes N --al-stripe-size-kB K`, or the default ring.
+type Stripes = Option<(u32, u32)>;
+
 #[test]
 fn create_md_output_is_decoded_byte_for_byte() {
     let Some(program) = drbdmeta() else { return };
     let drbdmeta = Drbdmeta { program };
     let dir = tempfile::tempdir().unwrap();
-    let cases: &[(u64, u32, Option<(u32, u32)>)] = &[
+    // (device bytes, max peers, optional (al stripes, stripe size KiB))
+    let cases: &[(u64, u32, Stripes)] = &[
         (GIB, 2, None),
         (GIB, 1, None),
         (100 << 20, 7, None),
@@ -446,6 +450,13 @@ fn tandem_metadata_is_read_back_by_dump_md_and_apply_al() {
         .collect();
     let dump = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
     assert_eq!(dump, expected_dump(&sb, &layout, padded.clone()));
+    // For the notes: keep a copy of the image Tandem wrote (sparse copy of the metadata).
+    if let Some(keep) = std::env::var_os("TANDEM_KEEP_META_IMAGE") {
+        let copy = sparse_file(Path::new(&keep).parent().unwrap(), "kept.img", size);
+        let md_start = layout.bm_offset_bytes;
+        write_at(&copy, md_start, &read_at(&path, md_start, size - md_start));
+        std::fs::rename(&copy, &keep).unwrap();
+    }
 
     // apply-al replays Tandem's ring: every hot extent becomes out of sync in every bitmap,
     // nothing else changes except the flag saying the log was applied.

@@ -17,12 +17,14 @@
 //!   second copy inside the same 4 KiB block that DRBD leaves as padding).
 //! - [`activity_log`]: the LRU of hot 4 MiB extents, the on-disk transaction format, and crash
 //!   recovery from the ring.
+//! - [`create`]: everything a fresh metadata area needs (Tandem's `create-md`).
 //! - [`bitmap_area`]: the per-peer bitmaps as DRBD interleaves them (32-bit words, peer-major
 //!   inside each word position), and which 4 KiB pages a block range touches.
 
 pub mod activity_log;
 pub mod bitmap_area;
 pub mod constants;
+pub mod create;
 pub mod layout;
 pub mod superblock;
 
@@ -34,7 +36,8 @@ pub use bitmap_area::{
     bitmap_area_bytes, decode_bitmap_area, encode_bitmap_area, encode_bitmap_page,
     pages_for_blocks, pages_for_blocks_of_peer, pages_for_extent,
 };
-pub use layout::{AlGeometry, MetaLayout, MetaPlacement};
+pub use create::{NewMetadata, create_md};
+pub use layout::{AlGeometry, MetaLayout, MetaPlacement, bitmap_area_bytes_for_sectors};
 pub use superblock::{
     PeerSlot, Superblock, SuperblockCopy, SuperblockRead, SuperblockUpdate, SuperblockWriter,
     md_flags, peer_flags, read_superblock_block,

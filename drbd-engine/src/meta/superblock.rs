@@ -42,7 +42,7 @@ use super::constants::{
     PRIMARY_TRAILER_OFFSET, SUPERBLOCK_STRUCT_BYTES, TANDEM_TRAILER_BYTES, TANDEM_TRAILER_MAGIC,
     TANDEM_TRAILER_VERSION, UUID_JUST_CREATED,
 };
-use super::layout::{AlGeometry, MetaLayout};
+use super::layout::{AlGeometry, MetaLayout, MetaPlacement};
 use super::{MetaError, be_u32, be_u64, put_be_u32, put_be_u64};
 
 /// Device flags (the superblock's `flags`), named as `drbdmeta show-gi` explains them.
@@ -314,6 +314,33 @@ impl Superblock {
             && self.max_peers == layout.max_peers
             && self.al_stripes == layout.al.stripes
             && self.al_stripe_size_4k == layout.al.stripe_size_4k
+    }
+
+    /// The layout this superblock describes on a device of `device_size_bytes` (for external
+    /// metadata: the metadata device), verified against the offsets it records. Use this on
+    /// attach: a superblock from another size, peer count or ring geometry is refused.
+    pub fn layout(
+        &self,
+        placement: MetaPlacement,
+        device_size_bytes: u64,
+    ) -> Result<MetaLayout, MetaError> {
+        let al = self.al_geometry()?;
+        let layout = match placement {
+            MetaPlacement::Internal => MetaLayout::internal(device_size_bytes, self.max_peers, al)?,
+            MetaPlacement::FlexExternal => {
+                MetaLayout::flex_external(device_size_bytes, self.max_peers, al)?
+            }
+            MetaPlacement::IndexedExternal { index } => {
+                MetaLayout::indexed_external(device_size_bytes, index, self.max_peers, al)?
+            }
+        };
+        if !self.matches_layout(&layout) {
+            return Err(MetaError::InvalidField {
+                field: "md_size_sect/al_offset/bm_offset for this device size",
+                value: i64::from(self.md_size_sectors),
+            });
+        }
+        Ok(layout)
     }
 
     /// The node id owning bitmap slot `bitmap_index`, if any.
@@ -622,6 +649,15 @@ mod tests {
         );
         assert_eq!(&bytes[..expected.len()], &expected[..]);
         assert!(sb.matches_layout(&layout()));
+    }
+
+    #[test]
+    fn layout_is_recovered_from_the_superblock_and_checked() {
+        let sb = sample(0);
+        assert_eq!(sb.layout(MetaPlacement::Internal, 1 << 30).unwrap(), layout());
+        // The same superblock on a bigger device (grown without resize) does not match.
+        assert!(sb.layout(MetaPlacement::Internal, 2 << 30).is_err());
+        assert!(sb.layout(MetaPlacement::FlexExternal, 1 << 30).is_err());
     }
 
     #[test]
