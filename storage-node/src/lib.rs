@@ -1,1 +1,3 @@
 //! The storage node: `tandemd` and `tandemadm`.
+
+pub mod config;
