@@ -589,3 +589,45 @@ fn torn_tandem_superblock_update_is_recovered_and_repaired_for_drbdmeta() {
     assert_eq!(dump.history_uuids, new.history_uuids.to_vec());
     assert_eq!(read_at(&path, layout.md_offset_bytes, 4096).len(), MD_BLOCK_SIZE_BYTES);
 }
+
+#[test]
+fn three_bitmaps_interleave_as_dump_md_reads_them() {
+    let Some(program) = drbdmeta() else { return };
+    let drbdmeta = Drbdmeta { program };
+    let dir = tempfile::tempdir().unwrap();
+    // 3 bitmaps: 32-bit positions do not divide a 4 KiB page evenly; an odd device size.
+    let size = 300 * (1 << 20) + 12_345;
+    let path = sparse_file(dir.path(), "three.img", size);
+    let layout = MetaLayout::internal(size, 3, AlGeometry::default()).unwrap();
+    let created = drbd_engine::meta::create_md(layout, 1237).unwrap();
+    write_at(&path, layout.al_offset_bytes, &created.al_ring);
+    let mut sb = created.superblock.clone();
+    sb.effective_size_sectors = layout.data_size_bytes / 512;
+    sb.node_id = 0;
+    for (node, index) in [(1usize, 2i32), (2, 0), (3, 1)] {
+        sb.peers[node].bitmap_index = index;
+        sb.peers[node].flags = peer_flags::NODE_EXISTS;
+    }
+    let mut writer = created.writer;
+    let update = writer.update(&sb);
+    write_at(&path, layout.md_offset_bytes, &update.first[..]);
+    write_at(&path, layout.md_offset_bytes, &update.second[..]);
+
+    // Distinct patterns per bitmap, around page boundaries (341/342 word positions).
+    let words = dumped_words_per_peer(sb.effective_size_sectors, 3);
+    let mut bitmaps = vec![vec![0u64; words]; 3];
+    for (p, bitmap) in bitmaps.iter_mut().enumerate() {
+        let p64 = u64::try_from(p).unwrap();
+        for i in [0usize, 170, 171, 341, 342, 683, words - 1] {
+            bitmap[i] = (0x0101_0101_0101_0101 * (p64 + 1)) ^ (u64::try_from(i).unwrap() << 40);
+        }
+    }
+    let refs: Vec<&[u64]> = bitmaps.iter().map(Vec::as_slice).collect();
+    write_at(
+        &path,
+        layout.bm_offset_bytes,
+        &encode_bitmap_area(&refs, 3, layout.bm_size_bytes).unwrap(),
+    );
+    let dump = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
+    assert_eq!(dump, expected_dump(&sb, &layout, bitmaps));
+}

@@ -263,7 +263,12 @@ pub fn recover_ring(
                     Some(initialized_max.map_or(tr.tr_number, |m| m.max(tr.tr_number)));
                 entries.push(None);
             }
-            Ok(tr) if tr.tr_number % positions == position => entries.push(Some(tr)),
+            Ok(tr)
+                if tr.tr_number % positions == position
+                    && u64::from(tr.tr_number) < geometry.tr_number_modulus() =>
+            {
+                entries.push(Some(tr))
+            }
             _ => {
                 damaged_blocks += 1;
                 entries.push(None);
@@ -274,7 +279,9 @@ pub fn recover_ring(
     let mut slots = vec![AL_EXTENT_FREE; slots_len];
     let len = entries.len();
     let successor_continues = |i: usize, tr: u32| {
-        entries[(i + 1) % len].as_ref().is_some_and(|next| next.tr_number == tr.wrapping_add(1))
+        entries[(i + 1) % len]
+            .as_ref()
+            .is_some_and(|next| next.tr_number == geometry.next_tr_number(tr))
     };
     // The newest transaction ends a run of consecutive numbers; with several runs (only after
     // damage), the one with the highest number in serial-number order wins.
@@ -286,7 +293,7 @@ pub fn recover_ring(
         }
         let better = match newest.and_then(|n| entries[n].as_ref()) {
             None => true,
-            Some(best) => serial_newer(tr.tr_number, best.tr_number),
+            Some(best) => geometry.tr_number_newer(tr.tr_number, best.tr_number),
         };
         if better {
             newest = Some(i);
@@ -296,7 +303,7 @@ pub fn recover_ring(
         return Ok(AlRecovery {
             slots,
             hot_extents: Vec::new(),
-            next_tr_number: initialized_max.map_or(1, |m| m.wrapping_add(1)),
+            next_tr_number: initialized_max.map_or(1, |m| geometry.next_tr_number(m)),
             replayed: 0,
             damaged_blocks,
         });
@@ -309,7 +316,7 @@ pub fn recover_ring(
         let (Some(prev), Some(cur)) = (&entries[previous], &entries[current]) else {
             break;
         };
-        if prev.tr_number.wrapping_add(1) != cur.tr_number {
+        if geometry.next_tr_number(prev.tr_number) != cur.tr_number {
             break;
         }
         run.push(previous);
@@ -323,15 +330,10 @@ pub fn recover_ring(
     Ok(AlRecovery {
         slots,
         hot_extents: hot.into_iter().collect(),
-        next_tr_number: newest_tr.wrapping_add(1),
+        next_tr_number: geometry.next_tr_number(newest_tr),
         replayed: u32::try_from(run.len()).expect("run <= ring slots"),
         damaged_blocks,
     })
-}
-
-/// `a` is newer than `b` in 32-bit serial-number arithmetic (transaction numbers wrap).
-fn serial_newer(a: u32, b: u32) -> bool {
-    a != b && a.wrapping_sub(b) < (1 << 31)
 }
 
 /// What a write must wait for before it may touch the backing device.
@@ -411,7 +413,8 @@ impl ActivityLog {
             last_used: vec![0; n],
             references: vec![0; n],
             use_clock: 0,
-            next_tr_number,
+            next_tr_number: u32::try_from(u64::from(next_tr_number) % geometry.tr_number_modulus())
+                .expect("below the 2^32 modulus"),
             context_cursor: 0,
             in_flight: None,
             device_extents,
@@ -526,7 +529,7 @@ impl ActivityLog {
         let window = AL_CONTEXT_PER_TRANSACTION.min(n - start);
         self.context_cursor = if start + window >= n { 0 } else { start + window };
         let tr_number = self.next_tr_number;
-        self.next_tr_number = tr_number.wrapping_add(1);
+        self.next_tr_number = self.geometry.next_tr_number(tr_number);
         let transaction = AlTransaction {
             tr_number,
             kind: AlTransactionKind::Update,
@@ -790,6 +793,28 @@ mod tests {
         let resumed =
             ActivityLog::from_recovery(geometry(), 1237, 64 * GIB_BLOCKS, &recovery).unwrap();
         assert_eq!(resumed.hot_extents(), log.hot_extents());
+    }
+
+    #[test]
+    fn a_ring_of_48_blocks_survives_the_transaction_number_wrap() {
+        let odd = AlGeometry::new(3, 16).unwrap();
+        let start = u32::try_from(odd.tr_number_modulus() - 30).unwrap();
+        let mut log = ActivityLog::new(odd, 2000, 64 * GIB_BLOCKS, start).unwrap();
+        let mut ring = encode_initialized_ring(odd);
+        for i in 0..500u32 {
+            let block = u64::from((i * 7919) % 16384) * 1024;
+            if let AlAdmission::Transaction(plan) = log.handle_write_start(block, 1).unwrap() {
+                let offset = usize::try_from(plan.ring_block).unwrap() * 4096;
+                ring[offset..offset + 4096].copy_from_slice(&plan.block[..]);
+                log.handle_transaction_durable(plan.tr_number).unwrap();
+            }
+            log.handle_write_done(block, 1).unwrap();
+        }
+        assert!(log.next_tr_number() < start, "numbers wrapped");
+        let recovery = recover_ring(&ring, odd, 2000).unwrap();
+        assert_eq!(recovery.hot_extents, log.hot_extents());
+        assert_eq!(recovery.next_tr_number, log.next_tr_number());
+        assert_eq!(recovery.replayed, 48);
     }
 
     #[test]

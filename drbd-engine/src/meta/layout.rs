@@ -77,6 +77,28 @@ impl AlGeometry {
         self.block_for_position(position)
     }
 
+    /// Transaction numbers count modulo this: the largest multiple of the ring size that fits
+    /// 32 bits. With a power-of-two ring (the default 8) that is 2^32, plain u32 wrapping, as
+    /// DRBD does; with other ring sizes plain wrapping would jump ring positions at the wrap
+    /// (2^32 mod 48 != 0) and break the "transaction t sits at position t mod slots" rule.
+    pub fn tr_number_modulus(self) -> u64 {
+        let slots = u64::from(self.ring_slots());
+        (1u64 << 32) / slots * slots
+    }
+
+    /// The transaction number after `tr_number`.
+    pub fn next_tr_number(self, tr_number: u32) -> u32 {
+        let next = (u64::from(tr_number) + 1) % self.tr_number_modulus();
+        u32::try_from(next).expect("below the 2^32 modulus")
+    }
+
+    /// `a` is newer than `b` in serial-number arithmetic modulo `tr_number_modulus`.
+    pub fn tr_number_newer(self, a: u32, b: u32) -> bool {
+        let modulus = self.tr_number_modulus();
+        let distance = (u64::from(a) + modulus - u64::from(b) % modulus) % modulus;
+        distance != 0 && distance < modulus / 2
+    }
+
     /// Physical block of logical ring position `position` (position = tr_number mod slots).
     pub fn block_for_position(self, position: u32) -> u32 {
         assert!(position < self.ring_slots());
@@ -424,6 +446,24 @@ mod tests {
         let blocks: Vec<u32> = (6..11).map(|t| linear.block_for_transaction(t)).collect();
         assert_eq!(blocks, vec![6, 7, 0, 1, 2]);
         assert_eq!(linear.al_extents_max(), 6433, "the man page's 6433");
+    }
+
+    #[test]
+    fn transaction_numbers_wrap_at_a_multiple_of_the_ring() {
+        let default = AlGeometry::default();
+        assert_eq!(default.tr_number_modulus(), 1 << 32);
+        assert_eq!(default.next_tr_number(u32::MAX), 0);
+        let odd = AlGeometry::new(3, 16).unwrap();
+        let last = u32::try_from(odd.tr_number_modulus() - 1).unwrap();
+        assert_eq!(odd.next_tr_number(last), 0);
+        assert_eq!(
+            (odd.block_for_transaction(last) + 1) % odd.ring_slots(),
+            odd.block_for_transaction(0),
+            "positions stay consecutive across the wrap"
+        );
+        assert!(odd.tr_number_newer(0, last));
+        assert!(!odd.tr_number_newer(last, 0));
+        assert!(default.tr_number_newer(5, u32::MAX - 3));
     }
 
     #[test]
