@@ -1,0 +1,171 @@
+//! tandem-iscsi: serves files as iSCSI LUNs.
+//!
+//! tandem-iscsi --portal 127.0.0.1:3260 --target iqn.2026-11.org.tandem:demo --lun 0=/var/lib/tandem/demo.img
+//!   [--portal ADDR]... [--target IQN [--lun N=PATH]...]... [--create-size SIZE]
+//!   [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--allow-initiator IQN]...
+//!   [--engine uring|sync] [--direct-io]
+//! A --lun belongs to the --target before it. --create-size creates missing files sparse.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use backing_store::{BackingStore, EngineKind, OpenOptions};
+use iscsi_target::driver::store::StoreDevice;
+use iscsi_target::{AuthConfig, Config, Credentials, LogicalUnit, PortalAddress, TargetNode};
+
+const USAGE: &str = "usage: tandem-iscsi --portal ADDR:PORT --target IQN --lun N=PATH \
+[--portal ...] [--target IQN --lun N=PATH ...] [--create-size SIZE] [--chap USER:SECRET] \
+[--mutual-chap USER:SECRET] [--allow-initiator IQN]... [--engine uring|sync] [--direct-io]";
+
+struct TargetArgs {
+    name: String,
+    luns: Vec<(u64, PathBuf)>,
+}
+
+struct Args {
+    portals: Vec<SocketAddr>,
+    targets: Vec<TargetArgs>,
+    create_size_bytes: Option<u64>,
+    auth: AuthConfig,
+    engine: EngineKind,
+    direct_io: bool,
+}
+
+fn parse_size(text: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    let (number, multiplier) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => bail!("unknown size suffix in {text:?} (use K, M, G or T)"),
+            };
+            (&text[..i], m)
+        }
+        _ => (text, 1),
+    };
+    let n: u64 = number.parse().with_context(|| format!("bad size {text:?}"))?;
+    n.checked_mul(multiplier).with_context(|| format!("size {text:?} overflows"))
+}
+
+fn parse_credentials(text: &str, flag: &str) -> anyhow::Result<Credentials> {
+    let (user, secret) =
+        text.split_once(':').with_context(|| format!("{flag} wants USER:SECRET"))?;
+    if user.is_empty() || secret.is_empty() {
+        bail!("{flag} wants a non-empty USER and SECRET");
+    }
+    Ok(Credentials { user: user.to_string(), secret: secret.to_string() })
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        portals: Vec::new(),
+        targets: Vec::new(),
+        create_size_bytes: None,
+        auth: AuthConfig::default(),
+        engine: EngineKind::default(),
+        direct_io: false,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        if flag == "--direct-io" {
+            args.direct_io = true;
+            continue;
+        }
+        let (flag, value) = match flag.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), v.to_string()),
+            _ => {
+                let value =
+                    argv.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+                (flag, value)
+            }
+        };
+        match flag.as_str() {
+            "--portal" => {
+                args.portals.push(value.parse().with_context(|| format!("bad portal {value:?}"))?)
+            }
+            "--target" => args.targets.push(TargetArgs { name: value, luns: Vec::new() }),
+            "--lun" => {
+                let target = args.targets.last_mut().context("--lun must follow a --target")?;
+                let (n, path) = value.split_once('=').context("--lun wants N=PATH")?;
+                let n: u64 = n.parse().with_context(|| format!("bad LUN number {n:?}"))?;
+                if n > 255 {
+                    bail!("LUN {n} is above 255");
+                }
+                if target.luns.iter().any(|(l, _)| *l == n) {
+                    bail!("LUN {n} given twice for {}", target.name);
+                }
+                target.luns.push((n, PathBuf::from(path)));
+            }
+            "--create-size" => args.create_size_bytes = Some(parse_size(&value)?),
+            "--chap" => args.auth.chap = Some(parse_credentials(&value, "--chap")?),
+            "--mutual-chap" => {
+                args.auth.mutual_chap = Some(parse_credentials(&value, "--mutual-chap")?)
+            }
+            "--allow-initiator" => args.auth.allowed_initiators.push(value),
+            "--engine" => args.engine = value.parse()?,
+            _ => bail!("unknown option {flag}\n{USAGE}"),
+        }
+    }
+    if args.portals.is_empty() {
+        bail!("at least one --portal is needed\n{USAGE}");
+    }
+    if args.targets.is_empty() {
+        bail!("at least one --target is needed\n{USAGE}");
+    }
+    if args.auth.mutual_chap.is_some() && args.auth.chap.is_none() {
+        bail!("--mutual-chap needs --chap");
+    }
+    Ok(args)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut targets = Vec::new();
+    for t in &args.targets {
+        let mut luns = Vec::new();
+        for (n, path) in &t.luns {
+            let options = OpenOptions {
+                engine: args.engine,
+                direct_io: args.direct_io,
+                create_size_bytes: args.create_size_bytes,
+                read_only: false,
+            };
+            let store = BackingStore::open(path, &options)
+                .with_context(|| format!("opening LUN {n} of {}: {}", t.name, path.display()))?;
+            let device = Arc::new(StoreDevice::new(store));
+            luns.push(Arc::new(LogicalUnit::new(&t.name, *n, device)));
+        }
+        targets.push(TargetNode { name: t.name.clone(), luns });
+    }
+    let listeners = iscsi_target::driver::bind(&args.portals).await.context("binding portals")?;
+    let portals = listeners
+        .iter()
+        .map(|(l, port)| {
+            let address = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            PortalAddress { address, relative_port: *port }
+        })
+        .collect::<Vec<_>>();
+    let config = Arc::new(Config::new(targets, args.auth.clone(), portals.clone()));
+    for p in &portals {
+        println!("tandem-iscsi: listening on {}", p.address);
+    }
+    iscsi_target::driver::serve(config, listeners).await.context("serving")?;
+    Ok(())
+}

@@ -1,0 +1,1096 @@
+//! One iSCSI connection (and, since MC/S is not offered, its session): login, full feature
+//! phase, SCSI task sequencing and task management. Pure: PDUs and I/O completions in,
+//! encoded bytes, I/O requests and events out.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::constants::{
+    BHS_BYTES, CHAP_CHALLENGE_BYTES, COMMANDS_MAX, IMMEDIATE_COMMANDS_MAX,
+    LOGIN_DATA_SEGMENT_BYTES_MAX, LUNS_MAX, RECV_DATA_SEGMENT_BYTES_MAX,
+    SEND_DATA_SEGMENT_BYTES_MAX, SESSIONS_MAX, TRANSFER_BYTES_MAX,
+};
+use crate::device::{BlockDevice, DeviceError, IoData, IoOp};
+use crate::login::{AuthConfig, Established, Login, LoginOutcome, SessionType, TargetDirectory};
+use crate::pdu::{self, Digests, Header, Pdu, TAG_NONE, opcode, reject_reason, serial_lt};
+use crate::scsi::pr::Nexus;
+use crate::scsi::sense::{self, Sense, codes};
+use crate::scsi::{self, Context, DeviceInfo, LunIdentity, LunShared, Outcome, Pending, Step};
+use crate::text::{self, SessionParams};
+
+/// A logical unit: its device, identity and the state shared by every session.
+pub struct LogicalUnit<D> {
+    pub identity: LunIdentity,
+    pub device: Arc<D>,
+    pub shared: Mutex<LunShared>,
+}
+
+impl<D: BlockDevice> LogicalUnit<D> {
+    pub fn new(target_name: &str, lun: u64, device: Arc<D>) -> Self {
+        // FNV-1a over the target name and LUN: a stable identifier without a registry.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in target_name.bytes().chain(lun.to_be_bytes()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        let identity = LunIdentity {
+            lun,
+            serial: format!("{:016x}", hash),
+            naa_id: hash,
+            target_name: target_name.to_string(),
+        };
+        Self { identity, device, shared: Mutex::new(LunShared::new()) }
+    }
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size_bytes: self.device.size_bytes(),
+            block_size_bytes: self.device.block_size_bytes(),
+            thin: self.device.thin_provisioned(),
+            alua: self.device.alua_state(),
+        }
+    }
+}
+
+pub struct TargetNode<D> {
+    pub name: String,
+    pub luns: Vec<Arc<LogicalUnit<D>>>,
+}
+
+/// A portal as SendTargets reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortalAddress {
+    /// `ip:port` (IPv6 in brackets).
+    pub address: String,
+    pub relative_port: u16,
+}
+
+/// The target configuration plus process-wide registries (TSIHs, sessions, nexuses).
+pub struct Config<D> {
+    pub targets: Vec<TargetNode<D>>,
+    pub auth: AuthConfig,
+    pub portals: Vec<PortalAddress>,
+    /// Target portal group tag we report; all portals share one group.
+    pub portal_group_tag: u16,
+    next_tsih: AtomicU16,
+    sessions: Mutex<HashMap<SessionKey, (u64, u16)>>,
+}
+
+/// Identifies a session for reinstatement: initiator name, ISID and target.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub initiator_name: String,
+    pub isid: u64,
+    pub target_name: String,
+}
+
+impl<D: BlockDevice> Config<D> {
+    pub fn new(targets: Vec<TargetNode<D>>, auth: AuthConfig, portals: Vec<PortalAddress>) -> Self {
+        assert!(targets.iter().all(|t| t.luns.len() <= LUNS_MAX), "too many LUNs for one target");
+        Self {
+            targets,
+            auth,
+            portals,
+            portal_group_tag: 1,
+            next_tsih: AtomicU16::new(1),
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+    fn target(&self, name: &str) -> Option<usize> {
+        self.targets.iter().position(|t| t.name == name)
+    }
+    /// Every nexus with a session on `target`, for unit attentions.
+    fn nexuses(&self, target: &str) -> Vec<Nexus> {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .iter()
+            .filter(|(k, _)| k.target_name == target)
+            .map(|(k, (_, port))| Nexus {
+                initiator_name: k.initiator_name.clone(),
+                isid: k.isid,
+                relative_port: *port,
+            })
+            .collect()
+    }
+}
+
+impl<D: BlockDevice> TargetDirectory for Config<D> {
+    fn has_target(&self, name: &str) -> bool {
+        self.target(name).is_some()
+    }
+    fn allocate_tsih(&self) -> u16 {
+        loop {
+            let tsih = self.next_tsih.fetch_add(1, Ordering::Relaxed);
+            if tsih != 0 {
+                return tsih;
+            }
+        }
+    }
+}
+
+/// SAM LUN encoding: peripheral addressing below 256, flat space addressing above.
+pub fn encode_lun(lun: u64) -> u64 {
+    if lun < 256 { lun << 48 } else { (0x4000 | (lun & 0x3fff)) << 48 }
+}
+
+/// Decodes a LUN field; `None` for addressing methods we never hand out.
+pub fn decode_lun(raw: u64) -> Option<u64> {
+    let top = raw >> 48;
+    if raw & 0x0000_ffff_ffff_ffff != 0 {
+        return None;
+    }
+    match top >> 14 {
+        0 if top >> 8 == 0 => Some(top & 0xff),
+        1 => Some(top & 0x3fff),
+        _ => None,
+    }
+}
+
+/// A block I/O the driver must perform and report back with [`Connection::handle_io_completion`].
+pub struct IoRequest<D> {
+    pub itt: u32,
+    pub tag: u64,
+    pub device: Arc<D>,
+    pub op: IoOp,
+}
+
+/// Things the driver must act on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A session with the same initiator, ISID and target replaced this older connection:
+    /// the driver closes that one.
+    Reinstated { old_connection_id: u64 },
+    /// Flush the transmit buffer, then close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+struct R2tInFlight {
+    ttt: u32,
+    offset: u32,
+    length: u32,
+    received: u32,
+    next_data_sn: u32,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for Data-Out PDUs.
+    Collecting,
+    /// Waiting for the I/O tagged `tag`.
+    Io { tag: u64, pending: Pending },
+}
+
+struct Task<D> {
+    lun: Option<Arc<LogicalUnit<D>>>,
+    lun_id: u64,
+    cdb: [u8; 16],
+    edtl: u32,
+    read: bool,
+    write: bool,
+    data: BytesMut,
+    unsolicited_limit: u32,
+    unsolicited_done: bool,
+    unsolicited_next_data_sn: u32,
+    next_r2t_offset: u32,
+    r2ts: Vec<R2tInFlight>,
+    r2t_sn: u32,
+    phase: Phase,
+}
+
+struct Session {
+    kind: SessionType,
+    target: Option<usize>,
+    params: SessionParams,
+    exp_cmdsn: u32,
+    nexus: Nexus,
+    key: Option<SessionKey>,
+}
+
+enum State {
+    Login(Box<Login>),
+    FullFeature(Box<Session>),
+    Closed,
+}
+
+pub struct Connection<D> {
+    id: u64,
+    config: Arc<Config<D>>,
+    relative_port: u16,
+    state: State,
+    stat_sn: u32,
+    digests: Digests,
+    tasks: HashMap<u32, Task<D>>,
+    next_tag: u64,
+    next_ttt: u32,
+    transmit: Vec<u8>,
+    io: VecDeque<IoRequest<D>>,
+    events: VecDeque<Event>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectionError {
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+}
+
+impl<D: BlockDevice> Connection<D> {
+    /// `id` is unique per process (for reinstatement); `challenge` and `identifier` must be
+    /// random.
+    pub fn new(
+        id: u64,
+        config: Arc<Config<D>>,
+        relative_port: u16,
+        challenge: [u8; CHAP_CHALLENGE_BYTES],
+        identifier: u8,
+    ) -> Self {
+        let tpgt = config.portal_group_tag;
+        Self {
+            id,
+            config,
+            relative_port,
+            state: State::Login(Box::new(Login::new(challenge, identifier, tpgt, 0))),
+            stat_sn: 0,
+            digests: Digests::default(),
+            tasks: HashMap::new(),
+            next_tag: 1,
+            next_ttt: 1,
+            transmit: Vec::with_capacity(64 * 1024),
+            io: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Digests in force for the next PDU read.
+    pub fn digests(&self) -> Digests {
+        self.digests
+    }
+
+    /// The largest data segment the next PDU may carry.
+    pub fn data_segment_limit_bytes(&self) -> usize {
+        match self.state {
+            State::FullFeature(_) => usize::try_from(RECV_DATA_SEGMENT_BYTES_MAX).unwrap_or(8192),
+            _ => usize::try_from(LOGIN_DATA_SEGMENT_BYTES_MAX).unwrap_or(8192),
+        }
+    }
+
+    /// Encoded bytes waiting to be written; the driver writes them and clears the buffer.
+    pub fn transmit_buffer(&mut self) -> &mut Vec<u8> {
+        &mut self.transmit
+    }
+
+    pub fn poll_io(&mut self) -> Option<IoRequest<D>> {
+        self.io.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Tasks in flight (for flow control in the driver).
+    pub fn tasks_in_flight(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn send(&mut self, header: &Header, data: &[u8]) {
+        pdu::encode(&mut self.transmit, header, data, self.digests);
+    }
+
+    fn close(&mut self) {
+        if let State::FullFeature(session) = &self.state {
+            if let Some(key) = &session.key {
+                let mut sessions = self.config.sessions.lock().unwrap_or_else(|p| p.into_inner());
+                if sessions.get(key).map(|v| v.0) == Some(self.id) {
+                    sessions.remove(key);
+                }
+            }
+            if let Some(t) = session.target {
+                for lun in &self.config.targets[t].luns {
+                    let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    shared.reservations.nexus_lost(&session.nexus);
+                    shared.prevent_removal.remove(&session.nexus);
+                    shared.unit_attentions.remove(&session.nexus);
+                }
+            }
+        }
+        self.tasks.clear();
+        self.io.clear();
+        self.state = State::Closed;
+        self.events.push_back(Event::Close);
+    }
+
+    /// The driver calls this when the socket dies, so shared state forgets this nexus.
+    pub fn handle_disconnect(&mut self) {
+        if !self.is_closed() {
+            self.close();
+        }
+    }
+
+    /// Handles a framing or digest error from [`pdu::decode`].
+    pub fn handle_decode_error(&mut self, error: &pdu::PduError) {
+        if let pdu::PduError::DataDigest { header } = error {
+            // The header is trustworthy: tell the initiator which PDU was lost, then give up,
+            // since ErrorRecoveryLevel 0 cannot recover the task.
+            self.reject(header, reject_reason::DATA_DIGEST_ERROR);
+        }
+        self.close();
+    }
+
+    fn session_mut(&mut self) -> Option<&mut Session> {
+        match &mut self.state {
+            State::FullFeature(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn window(&self) -> (u32, u32) {
+        let exp = match &self.state {
+            State::FullFeature(s) => s.exp_cmdsn,
+            _ => 0,
+        };
+        let in_flight = u32::try_from(self.tasks.len()).unwrap_or(COMMANDS_MAX).min(COMMANDS_MAX);
+        (exp, exp.wrapping_add(COMMANDS_MAX - 1).wrapping_sub(in_flight))
+    }
+
+    fn fill_sequence(&self, header: &mut Header, stat_sn: u32) {
+        let (exp, max) = self.window();
+        header.set_u32(24, stat_sn);
+        header.set_u32(28, exp);
+        header.set_u32(32, max);
+    }
+
+    fn next_stat_sn(&mut self) -> u32 {
+        let s = self.stat_sn;
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        s
+    }
+
+    fn reject(&mut self, rejected: &Header, reason: u8) {
+        let mut h = Header::new(opcode::REJECT);
+        h.set_flags(0x80);
+        h.0[2] = reason;
+        h.set_itt(TAG_NONE);
+        let stat_sn = self.next_stat_sn();
+        self.fill_sequence(&mut h, stat_sn);
+        let body = rejected.0;
+        self.send(&h, &body);
+    }
+
+    /// Handles one received PDU.
+    pub fn handle_pdu(&mut self, pdu: Pdu) {
+        match &mut self.state {
+            State::Closed => {}
+            State::Login(_) => self.handle_login(&pdu),
+            State::FullFeature(_) => self.handle_full_feature(pdu),
+        }
+    }
+
+    fn handle_login(&mut self, pdu: &Pdu) {
+        let State::Login(login) = &mut self.state else { return };
+        let step = login.handle_request(pdu, &self.config.auth, &*self.config);
+        let (header, data) = step.response;
+        // Login responses never carry digests: they are negotiated by this very exchange.
+        pdu::encode(&mut self.transmit, &header, &data, Digests::default());
+        match step.outcome {
+            LoginOutcome::Continue => {}
+            LoginOutcome::Failed(_) => {
+                self.state = State::Closed;
+                self.events.push_back(Event::Close);
+            }
+            LoginOutcome::Established(established) => self.establish(*established),
+        }
+    }
+
+    fn establish(&mut self, e: Established) {
+        self.stat_sn = e.stat_sn;
+        self.digests = Digests { header: e.params.header_digest, data: e.params.data_digest };
+        let target = e.target_name.as_deref().and_then(|n| self.config.target(n));
+        let nexus = Nexus {
+            initiator_name: e.initiator_name.clone(),
+            isid: e.isid,
+            relative_port: self.relative_port,
+        };
+        let mut key = None;
+        if let (SessionType::Normal, Some(name)) = (e.session_type, &e.target_name) {
+            let k = SessionKey {
+                initiator_name: e.initiator_name.clone(),
+                isid: e.isid,
+                target_name: name.clone(),
+            };
+            let mut sessions = self.config.sessions.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((old, _)) = sessions.insert(k.clone(), (self.id, self.relative_port)) {
+                self.events.push_back(Event::Reinstated { old_connection_id: old });
+            } else if sessions.len() > SESSIONS_MAX {
+                sessions.remove(&k);
+                drop(sessions);
+                self.close();
+                return;
+            }
+            key = Some(k);
+            // A new I_T nexus starts without stale unit attentions from an earlier session.
+            if let Some(t) = target {
+                for lun in &self.config.targets[t].luns {
+                    let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    shared.unit_attentions.remove(&nexus);
+                }
+            }
+        }
+        self.state = State::FullFeature(Box::new(Session {
+            kind: e.session_type,
+            target,
+            params: e.params,
+            exp_cmdsn: e.exp_cmdsn,
+            nexus,
+            key,
+        }));
+    }
+
+    /// Checks CmdSN of a non-immediate command and advances ExpCmdSN; `false` means drop it.
+    fn accept_cmdsn(&mut self, header: &Header) -> bool {
+        let cmdsn = header.u32_at(24);
+        let immediate = header.immediate();
+        let (_, max) = self.window();
+        let Some(session) = self.session_mut() else { return false };
+        if immediate {
+            return true;
+        }
+        // RFC 7143 §4.2.2.1: commands outside [ExpCmdSN, MaxCmdSN] are silently ignored; with
+        // one connection per session an in-window gap can only come from a broken initiator.
+        if cmdsn != session.exp_cmdsn || serial_lt(max, cmdsn) {
+            return false;
+        }
+        session.exp_cmdsn = session.exp_cmdsn.wrapping_add(1);
+        true
+    }
+
+    fn handle_full_feature(&mut self, pdu: Pdu) {
+        let op = pdu.header.opcode();
+        let discovery =
+            matches!(&self.state, State::FullFeature(s) if s.kind == SessionType::Discovery);
+        match op {
+            opcode::NOP_OUT => self.handle_nop_out(pdu),
+            opcode::SCSI_COMMAND if !discovery => self.handle_scsi_command(pdu),
+            opcode::DATA_OUT if !discovery => self.handle_data_out(pdu),
+            opcode::TASK_MANAGEMENT_REQUEST if !discovery => {
+                self.handle_task_management(&pdu.header)
+            }
+            opcode::TEXT_REQUEST => self.handle_text(&pdu),
+            opcode::LOGOUT_REQUEST => self.handle_logout(&pdu.header),
+            opcode::SNACK_REQUEST => self.reject(&pdu.header, reject_reason::SNACK_REJECT),
+            opcode::LOGIN_REQUEST => {
+                self.reject(&pdu.header, reject_reason::PROTOCOL_ERROR);
+                self.close();
+            }
+            opcode::SCSI_COMMAND | opcode::DATA_OUT | opcode::TASK_MANAGEMENT_REQUEST => {
+                self.reject(&pdu.header, reject_reason::PROTOCOL_ERROR);
+                self.close();
+            }
+            _ => self.reject(&pdu.header, reject_reason::COMMAND_NOT_SUPPORTED),
+        }
+    }
+
+    fn handle_nop_out(&mut self, pdu: Pdu) {
+        if !self.accept_cmdsn(&pdu.header) {
+            return;
+        }
+        let itt = pdu.header.itt();
+        if itt == TAG_NONE {
+            return;
+        }
+        let mut h = Header::new(opcode::NOP_IN);
+        h.set_flags(0x80);
+        h.set_lun(pdu.header.lun());
+        h.set_itt(itt);
+        h.set_u32(20, TAG_NONE);
+        let stat_sn = self.next_stat_sn();
+        self.fill_sequence(&mut h, stat_sn);
+        let limit = self.send_segment_limit();
+        let echo = &pdu.data[..pdu.data.len().min(limit)];
+        self.send(&h, echo);
+    }
+
+    fn send_segment_limit(&self) -> usize {
+        let initiator = match &self.state {
+            State::FullFeature(s) => s.params.initiator_recv_data_segment_bytes,
+            _ => 8192,
+        };
+        usize::try_from(initiator.min(SEND_DATA_SEGMENT_BYTES_MAX)).unwrap_or(8192)
+    }
+
+    fn handle_text(&mut self, pdu: &Pdu) {
+        if !self.accept_cmdsn(&pdu.header) {
+            return;
+        }
+        let keys = text::parse(&pdu.data);
+        let mut out = Vec::new();
+        let (kind, target) = match &self.state {
+            State::FullFeature(s) => (s.kind, s.target),
+            _ => return,
+        };
+        for (key, value) in &keys {
+            if key == "SendTargets" {
+                for (i, t) in self.config.targets.iter().enumerate() {
+                    let wanted = match value.as_str() {
+                        "All" => kind == SessionType::Discovery,
+                        "" => target == Some(i),
+                        name => name == t.name,
+                    };
+                    if !wanted {
+                        continue;
+                    }
+                    text::push(&mut out, "TargetName", &t.name);
+                    for p in &self.config.portals {
+                        text::push(
+                            &mut out,
+                            "TargetAddress",
+                            &format!("{},{}", p.address, self.config.portal_group_tag),
+                        );
+                    }
+                }
+            } else {
+                text::push(&mut out, key, "NotUnderstood");
+            }
+        }
+        let limit = self.send_segment_limit();
+        out.truncate(limit);
+        let mut h = Header::new(opcode::TEXT_RESPONSE);
+        h.set_flags(0x80);
+        h.set_itt(pdu.header.itt());
+        h.set_u32(20, TAG_NONE);
+        let stat_sn = self.next_stat_sn();
+        self.fill_sequence(&mut h, stat_sn);
+        self.send(&h, &out);
+    }
+
+    fn handle_logout(&mut self, header: &Header) {
+        if !self.accept_cmdsn(header) {
+            return;
+        }
+        let reason = header.flags() & 0x7f;
+        let mut h = Header::new(opcode::LOGOUT_RESPONSE);
+        h.set_flags(0x80);
+        // Recovery (reason 2) needs ErrorRecoveryLevel 2, which we never negotiate.
+        h.0[2] = if reason == 2 { 2 } else { 0 };
+        h.set_itt(header.itt());
+        let stat_sn = self.next_stat_sn();
+        self.tasks.clear();
+        self.fill_sequence(&mut h, stat_sn);
+        self.send(&h, &[]);
+        self.close();
+    }
+
+    fn find_lun(&self, lun_id: u64) -> Option<Arc<LogicalUnit<D>>> {
+        let State::FullFeature(s) = &self.state else { return None };
+        let t = s.target?;
+        self.config.targets[t].luns.iter().find(|l| l.identity.lun == lun_id).cloned()
+    }
+
+    fn handle_scsi_command(&mut self, pdu: Pdu) {
+        let header = &pdu.header;
+        if !self.accept_cmdsn(header) {
+            return;
+        }
+        let itt = header.itt();
+        let flags = header.flags();
+        let read = flags & 0x40 != 0;
+        let write = flags & 0x20 != 0;
+        let final_bit = flags & 0x80 != 0;
+        let edtl = header.u32_at(20);
+        let mut cdb = [0u8; 16];
+        cdb.copy_from_slice(&header.0[32..48]);
+        let lun_id = decode_lun(header.lun()).unwrap_or(u64::MAX);
+        let limit = COMMANDS_MAX + IMMEDIATE_COMMANDS_MAX;
+        if self.tasks.len() >= usize::try_from(limit).unwrap_or(usize::MAX)
+            || self.tasks.contains_key(&itt)
+        {
+            let reason = if self.tasks.contains_key(&itt) {
+                reject_reason::TASK_IN_PROGRESS
+            } else {
+                reject_reason::OUT_OF_RESOURCES
+            };
+            self.reject(header, reason);
+            return;
+        }
+        let Some(params) = self.session_mut().map(|s| s.params.clone()) else { return };
+        if !write && !pdu.data.is_empty() {
+            self.reject(header, reject_reason::PROTOCOL_ERROR);
+            return;
+        }
+        if write
+            && (!params.immediate_data && !pdu.data.is_empty()
+                || pdu.data.len()
+                    > usize::try_from(edtl.min(params.first_burst_bytes)).unwrap_or(0))
+        {
+            self.reject(header, reject_reason::PROTOCOL_ERROR);
+            return;
+        }
+        let lun = self.find_lun(lun_id);
+        let too_big = edtl > TRANSFER_BYTES_MAX;
+        let unsolicited_limit = if write {
+            if params.initial_r2t {
+                u32::try_from(pdu.data.len()).unwrap_or(0)
+            } else {
+                edtl.min(params.first_burst_bytes)
+            }
+        } else {
+            0
+        };
+        let mut data = BytesMut::new();
+        let mut immediate = Bytes::new();
+        if write && !too_big {
+            if pdu.data.len() == usize::try_from(edtl).unwrap_or(0) {
+                // The whole transfer arrived as immediate data: hand its buffer on without a copy.
+                immediate = pdu.data.clone();
+            } else {
+                data.reserve(usize::try_from(edtl).unwrap_or(0));
+                data.extend_from_slice(&pdu.data);
+            }
+        }
+        let received = u32::try_from(pdu.data.len()).unwrap_or(0);
+        let task = Task {
+            lun,
+            lun_id,
+            cdb,
+            edtl,
+            read,
+            write,
+            data,
+            unsolicited_limit,
+            unsolicited_done: final_bit,
+            unsolicited_next_data_sn: 0,
+            next_r2t_offset: if final_bit { received } else { unsolicited_limit },
+            r2ts: Vec::new(),
+            r2t_sn: 0,
+            phase: Phase::Collecting,
+        };
+        self.tasks.insert(itt, task);
+        if too_big {
+            self.finish(itt, Outcome::check(Sense::invalid_field_in_cdb(0)));
+            return;
+        }
+        if !write || received >= edtl {
+            self.start(itt, immediate);
+        } else {
+            self.solicit(itt);
+        }
+    }
+
+    /// Sends R2Ts for data not yet requested, up to MaxOutstandingR2T.
+    fn solicit(&mut self, itt: u32) {
+        let Some(params) = self.session_mut().map(|s| s.params.clone()) else { return };
+        let mut outgoing = Vec::new();
+        {
+            let Some(task) = self.tasks.get_mut(&itt) else { return };
+            if !task.unsolicited_done {
+                return;
+            }
+            while task.next_r2t_offset < task.edtl
+                && u32::try_from(task.r2ts.len()).unwrap_or(u32::MAX) < params.max_outstanding_r2t
+            {
+                let length = (task.edtl - task.next_r2t_offset).min(params.max_burst_bytes);
+                let ttt = self.next_ttt;
+                self.next_ttt = self.next_ttt.wrapping_add(1);
+                if self.next_ttt == TAG_NONE {
+                    self.next_ttt = 1;
+                }
+                task.r2ts.push(R2tInFlight {
+                    ttt,
+                    offset: task.next_r2t_offset,
+                    length,
+                    received: 0,
+                    next_data_sn: 0,
+                });
+                outgoing.push((task.lun_id, ttt, task.r2t_sn, task.next_r2t_offset, length));
+                task.r2t_sn = task.r2t_sn.wrapping_add(1);
+                task.next_r2t_offset += length;
+            }
+        }
+        for (lun_id, ttt, r2t_sn, offset, length) in outgoing {
+            let mut h = Header::new(opcode::R2T);
+            h.set_flags(0x80);
+            h.set_lun(encode_lun(lun_id));
+            h.set_itt(itt);
+            h.set_u32(20, ttt);
+            let stat_sn = self.stat_sn;
+            self.fill_sequence(&mut h, stat_sn);
+            h.set_u32(36, r2t_sn);
+            h.set_u32(40, offset);
+            h.set_u32(44, length);
+            self.send(&h, &[]);
+        }
+    }
+
+    fn handle_data_out(&mut self, pdu: Pdu) {
+        let header = &pdu.header;
+        let itt = header.itt();
+        let ttt = header.u32_at(20);
+        let data_sn = header.u32_at(36);
+        let offset = header.u32_at(40);
+        let length = u32::try_from(pdu.data.len()).unwrap_or(u32::MAX);
+        let final_bit = header.final_bit();
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            // Data for a task that was aborted or already failed: nothing to do.
+            return;
+        };
+        if !task.write || !matches!(task.phase, Phase::Collecting) {
+            return;
+        }
+        let received = u32::try_from(task.data.len()).unwrap_or(u32::MAX);
+        let mut error = None;
+        if offset != received || offset.checked_add(length).is_none_or(|end| end > task.edtl) {
+            error = Some("Data-Out offset out of order or beyond the transfer");
+        } else if ttt == TAG_NONE {
+            if task.unsolicited_done || offset + length > task.unsolicited_limit {
+                error = Some("unsolicited Data-Out beyond FirstBurstLength");
+            } else if data_sn != task.unsolicited_next_data_sn {
+                error = Some("Data-Out DataSN out of sequence");
+            } else {
+                task.unsolicited_next_data_sn += 1;
+                task.data.extend_from_slice(&pdu.data);
+                if final_bit {
+                    task.unsolicited_done = true;
+                    let got = offset + length;
+                    if task.next_r2t_offset > got {
+                        // The initiator stopped short of FirstBurstLength: solicit the rest.
+                        task.next_r2t_offset = got;
+                    }
+                }
+            }
+        } else {
+            match task.r2ts.iter_mut().position(|r| r.ttt == ttt) {
+                None => error = Some("Data-Out for an unknown R2T"),
+                Some(i) => {
+                    let r2t = &mut task.r2ts[i];
+                    if data_sn != r2t.next_data_sn {
+                        error = Some("Data-Out DataSN out of sequence");
+                    } else if offset < r2t.offset || offset + length > r2t.offset + r2t.length {
+                        error = Some("Data-Out outside its R2T");
+                    } else {
+                        r2t.next_data_sn += 1;
+                        r2t.received += length;
+                        task.data.extend_from_slice(&pdu.data);
+                        if final_bit || r2t.received >= r2t.length {
+                            task.r2ts.remove(i);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(_reason) = error {
+            // ErrorRecoveryLevel 0 cannot recover a task with lost or misordered data: end the
+            // task with DATA PHASE ERROR (later Data-Out for it is ignored) and keep the
+            // connection, so other tasks are not lost with it.
+            task.r2ts.clear();
+            self.finish(itt, Outcome::check(Sense::new(sense::key::ABORTED_COMMAND, 0x4b, 0x00)));
+            return;
+        }
+        let complete = task.data.len() >= usize::try_from(task.edtl).unwrap_or(usize::MAX);
+        if complete {
+            self.start(itt, Bytes::new());
+        } else {
+            self.solicit(itt);
+        }
+    }
+
+    fn context_parts(&self) -> Option<(Nexus, Vec<u64>, Vec<u16>)> {
+        let State::FullFeature(s) = &self.state else { return None };
+        let luns = s
+            .target
+            .map(|t| self.config.targets[t].luns.iter().map(|l| l.identity.lun).collect())
+            .unwrap_or_default();
+        let ports = self.config.portals.iter().map(|p| p.relative_port).collect();
+        Some((s.nexus.clone(), luns, ports))
+    }
+
+    /// Runs the SCSI command once all its data is here. `immediate` carries the data when it
+    /// arrived whole with the command.
+    fn start(&mut self, itt: u32, immediate: Bytes) {
+        let Some((nexus, luns, ports)) = self.context_parts() else { return };
+        let Some(task) = self.tasks.get_mut(&itt) else { return };
+        let mut data_out =
+            if immediate.is_empty() { std::mem::take(&mut task.data).freeze() } else { immediate };
+        let Some(lun) = task.lun.clone() else {
+            let outcome = if task.cdb[0] == scsi::op::INQUIRY {
+                // Peripheral qualifier 3: no logical unit at this LUN.
+                let mut d = vec![0u8; 36];
+                d[0] = 0x7f;
+                d[4] = 31;
+                Outcome::data(d)
+            } else if task.cdb[0] == scsi::op::REPORT_LUNS {
+                let mut d = vec![0u8; 8];
+                for l in &luns {
+                    d.extend_from_slice(&encode_lun(*l).to_be_bytes());
+                }
+                let length = u32::try_from(d.len() - 8).unwrap_or(0);
+                d[..4].copy_from_slice(&length.to_be_bytes());
+                Outcome::data(d)
+            } else {
+                Outcome::check(codes::LOGICAL_UNIT_NOT_SUPPORTED)
+            };
+            self.finish(itt, outcome);
+            return;
+        };
+        let info = lun.info();
+        // A write longer than the CDB asks for writes only what the CDB asks for.
+        if task.write
+            && task.cdb[0] != scsi::op::COMPARE_AND_WRITE
+            && let Some(spdtl) = scsi::transfer_bytes(&task.cdb, info.block_size_bytes)
+            && (data_out.len() as u64) > spdtl
+        {
+            data_out.truncate(usize::try_from(spdtl).unwrap_or(0));
+        }
+        let ctx = Context {
+            identity: &lun.identity,
+            info,
+            shared: &lun.shared,
+            nexus: &nexus,
+            luns: &luns,
+            ports: &ports,
+        };
+        let cdb = task.cdb;
+        let step = scsi::execute(&ctx, &cdb, data_out);
+        self.advance(itt, step, &lun);
+    }
+
+    fn advance(&mut self, itt: u32, step: Step, lun: &Arc<LogicalUnit<D>>) {
+        match step {
+            Step::Done(outcome) => self.finish(itt, outcome),
+            Step::Io(op, pending) => {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                let Some(task) = self.tasks.get_mut(&itt) else { return };
+                task.phase = Phase::Io { tag, pending };
+                self.io.push_back(IoRequest { itt, tag, device: lun.device.clone(), op });
+            }
+        }
+    }
+
+    /// Feeds back the result of an [`IoRequest`].
+    pub fn handle_io_completion(
+        &mut self,
+        itt: u32,
+        tag: u64,
+        result: Result<IoData, DeviceError>,
+    ) {
+        let Some(task) = self.tasks.get_mut(&itt) else { return };
+        let matches = matches!(task.phase, Phase::Io { tag: t, .. } if t == tag);
+        if !matches {
+            return;
+        }
+        let Phase::Io { pending, .. } = std::mem::replace(&mut task.phase, Phase::Collecting)
+        else {
+            return;
+        };
+        let Some(lun) = task.lun.clone() else { return };
+        let Some((nexus, luns, ports)) = self.context_parts() else { return };
+        let ctx = Context {
+            identity: &lun.identity,
+            info: lun.info(),
+            shared: &lun.shared,
+            nexus: &nexus,
+            luns: &luns,
+            ports: &ports,
+        };
+        let step = scsi::resume(&ctx, pending, result);
+        self.advance(itt, step, &lun);
+    }
+
+    /// Sends the data and status of a finished task and forgets it.
+    fn finish(&mut self, itt: u32, outcome: Outcome) {
+        let Some(task) = self.tasks.remove(&itt) else { return };
+        let Some(params) = self.session_mut().map(|s| s.params.clone()) else { return };
+        let block_size = task.lun.as_ref().map(|l| l.device.block_size_bytes()).unwrap_or(512);
+        let edtl = u64::from(task.edtl);
+        let lun_field = encode_lun(task.lun_id);
+        // Residuals (RFC 7143 §11.4.5): compare what the command transfers with EDTL.
+        let (mut flags, mut residual) = (0u8, 0u64);
+        let mut data = outcome.data;
+        if task.read && !data.is_empty() {
+            let produced = data.len() as u64;
+            if produced > edtl {
+                flags |= 0x04;
+                residual = produced - edtl;
+                data.truncate(usize::try_from(edtl).unwrap_or(0));
+            } else if produced < edtl {
+                flags |= 0x02;
+                residual = edtl - produced;
+            }
+        } else if task.write {
+            let spdtl = scsi::transfer_bytes(&task.cdb, block_size).unwrap_or(edtl);
+            if spdtl > edtl {
+                flags |= 0x04;
+                residual = spdtl - edtl;
+            } else if spdtl < edtl {
+                flags |= 0x02;
+                residual = edtl - spdtl;
+            }
+        } else if task.read {
+            // A read that produced no data (error, zero blocks).
+            let spdtl = scsi::transfer_bytes(&task.cdb, block_size);
+            match spdtl {
+                Some(s) if s > edtl => {
+                    flags |= 0x04;
+                    residual = s - edtl;
+                }
+                _ if edtl > 0 => {
+                    flags |= 0x02;
+                    residual = edtl;
+                }
+                _ => {}
+            }
+        } else if !data.is_empty() {
+            flags |= 0x04;
+            residual = data.len() as u64;
+            data = Bytes::new();
+        }
+        let residual = u32::try_from(residual).unwrap_or(u32::MAX);
+        let status_in_data = outcome.sense.is_none() && outcome.status == sense::status::GOOD;
+        let mut data_sn = 0u32;
+        if !data.is_empty() {
+            let segment = self.send_segment_limit();
+            let burst = usize::try_from(params.max_burst_bytes).unwrap_or(segment).max(segment);
+            let total = data.len();
+            let mut offset = 0usize;
+            let mut in_burst = 0usize;
+            while offset < total {
+                let length = segment.min(total - offset).min(burst - in_burst);
+                let last = offset + length == total;
+                in_burst += length;
+                let mut h = Header::new(opcode::DATA_IN);
+                let mut f = 0u8;
+                if last || in_burst == burst {
+                    f |= 0x80;
+                    in_burst = 0;
+                }
+                h.set_lun(lun_field);
+                h.set_itt(itt);
+                h.set_u32(20, TAG_NONE);
+                if last && status_in_data {
+                    f |= 0x01 | flags;
+                    h.0[3] = outcome.status;
+                    let stat_sn = self.next_stat_sn();
+                    self.fill_sequence(&mut h, stat_sn);
+                    h.set_u32(44, residual);
+                } else {
+                    let (exp, max) = self.window();
+                    h.set_u32(28, exp);
+                    h.set_u32(32, max);
+                }
+                h.set_flags(f);
+                h.set_u32(36, data_sn);
+                h.set_u32(40, u32::try_from(offset).unwrap_or(0));
+                data_sn += 1;
+                let chunk = &data[offset..offset + length];
+                pdu::encode(&mut self.transmit, &h, chunk, self.digests);
+                offset += length;
+            }
+            if status_in_data {
+                return;
+            }
+        }
+        let descriptor = task
+            .lun
+            .as_ref()
+            .map(|l| l.shared.lock().map(|s| s.descriptor_sense).unwrap_or(false))
+            .unwrap_or(false);
+        let mut h = Header::new(opcode::SCSI_RESPONSE);
+        h.set_flags(0x80 | flags);
+        h.0[2] = 0;
+        h.0[3] = outcome.status;
+        h.set_itt(itt);
+        let stat_sn = self.next_stat_sn();
+        self.fill_sequence(&mut h, stat_sn);
+        h.set_u32(36, data_sn.max(task.r2t_sn));
+        h.set_u32(44, residual);
+        let mut body = Vec::new();
+        if let Some(sense) = outcome.sense {
+            let encoded = sense.encode(descriptor);
+            body.extend_from_slice(&u16::try_from(encoded.len()).unwrap_or(0).to_be_bytes());
+            body.extend_from_slice(&encoded);
+        }
+        self.send(&h, &body);
+    }
+
+    fn handle_task_management(&mut self, header: &Header) {
+        if !self.accept_cmdsn(header) {
+            return;
+        }
+        let function = header.flags() & 0x7f;
+        let lun_id = decode_lun(header.lun()).unwrap_or(u64::MAX);
+        let referenced = header.u32_at(20);
+        let ref_cmdsn = header.u32_at(32);
+        let cmdsn = header.u32_at(24);
+        let lun = self.find_lun(lun_id);
+        let response = match function {
+            1 => {
+                let exp_cmdsn = self.window().0;
+                if self.tasks.remove(&referenced).is_some() {
+                    0
+                } else if !serial_lt(ref_cmdsn, exp_cmdsn) && serial_lt(ref_cmdsn, cmdsn) {
+                    // RFC 7143 §11.5.1: a command not received yet counts as received and
+                    // aborted. One that already completed does not exist any more.
+                    0
+                } else {
+                    1
+                }
+            }
+            2 | 4 => {
+                if lun.is_none() {
+                    2
+                } else {
+                    self.tasks.retain(|_, t| t.lun_id != lun_id);
+                    0
+                }
+            }
+            3 => 5,
+            5 => match lun {
+                None => 2,
+                Some(lun) => {
+                    self.tasks.retain(|_, t| t.lun_id != lun_id);
+                    self.reset_lun(&lun);
+                    0
+                }
+            },
+            6 | 7 => {
+                self.tasks.clear();
+                if let State::FullFeature(s) = &self.state
+                    && let Some(t) = s.target
+                {
+                    let luns = self.config.targets[t].luns.clone();
+                    for lun in &luns {
+                        self.reset_lun(lun);
+                    }
+                }
+                0
+            }
+            8 => 4,
+            _ => 255,
+        };
+        let mut h = Header::new(opcode::TASK_MANAGEMENT_RESPONSE);
+        h.set_flags(0x80);
+        h.0[2] = response;
+        h.set_itt(header.itt());
+        let stat_sn = self.next_stat_sn();
+        self.fill_sequence(&mut h, stat_sn);
+        self.send(&h, &[]);
+        if function == 7 && response == 0 {
+            // A cold reset ends every connection of the initiator to the target.
+            self.close();
+        }
+    }
+
+    fn reset_lun(&mut self, lun: &Arc<LogicalUnit<D>>) {
+        let nexuses = self.config.nexuses(&lun.identity.target_name);
+        let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.reset(&nexuses);
+    }
+}
+
+/// Bytes of a BHS, re-exported for drivers.
+pub const HEADER_BYTES: usize = BHS_BYTES;

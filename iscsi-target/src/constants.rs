@@ -1,0 +1,73 @@
+//! Every limit of the target, in one place, with compile-time checks on how they relate.
+//!
+//! Values the initiator negotiates are clamped to these; values the initiator sends beyond
+//! them are refused (login failure, reject or check condition), never trusted.
+
+/// Bytes of a Basic Header Segment (RFC 7143 §11.2.1).
+pub const BHS_BYTES: usize = 48;
+/// Largest additional header segment we accept: the field counts 4-byte words in one byte.
+pub const AHS_BYTES_MAX: usize = 255 * 4;
+/// Data segment we declare as our MaxRecvDataSegmentLength: the largest PDU payload we read.
+pub const RECV_DATA_SEGMENT_BYTES_MAX: u32 = 256 * 1024;
+/// Largest data segment we ever send, whatever the initiator declares.
+pub const SEND_DATA_SEGMENT_BYTES_MAX: u32 = 256 * 1024;
+/// Largest data segment accepted during login and text negotiation (RFC 7143: 8192 default).
+pub const LOGIN_DATA_SEGMENT_BYTES_MAX: u32 = 8192;
+/// Largest text accumulated over continued (C bit) login or text PDUs.
+pub const TEXT_BYTES_MAX: usize = 64 * 1024;
+/// MaxBurstLength we offer (RFC 7143 allows up to 2^24 - 1).
+pub const BURST_BYTES_MAX: u32 = 16 * 1024 * 1024 - 512;
+/// FirstBurstLength we offer.
+pub const FIRST_BURST_BYTES_MAX: u32 = 256 * 1024;
+/// Largest transfer of one SCSI command (ExpectedDataTransferLength), also reported in the
+/// Block Limits VPD page as the maximum transfer length. libiscsi's conformance suite writes
+/// 32 MiB in one command regardless of the reported limit.
+pub const TRANSFER_BYTES_MAX: u32 = 32 * 1024 * 1024;
+/// R2Ts outstanding per task (MaxOutstandingR2T we offer).
+pub const OUTSTANDING_R2T_MAX: u32 = 8;
+/// Commands in flight per session: the CmdSN window.
+pub const COMMANDS_MAX: u32 = 128;
+/// Immediate commands (I bit) in flight beyond the window, such as NOP-Out and task management.
+pub const IMMEDIATE_COMMANDS_MAX: u32 = 16;
+/// Sessions per target process.
+pub const SESSIONS_MAX: usize = 1024;
+/// Connections per session (we do not support MC/S).
+pub const CONNECTIONS_PER_SESSION_MAX: u32 = 1;
+/// Login PDUs per login phase: a login that loops longer than this is dropped.
+pub const LOGIN_PDUS_MAX: u32 = 32;
+/// Logical units per target.
+pub const LUNS_MAX: usize = 256;
+/// Blocks one UNMAP or WRITE SAME may cover (Block Limits VPD).
+pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
+/// UNMAP block descriptors per command.
+pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
+/// Blocks WRITE SAME may cover.
+pub const WRITE_SAME_BLOCKS_MAX: u32 = 1 << 22;
+/// Blocks COMPARE AND WRITE may cover.
+pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 128;
+/// Persistent-reservation registrations per logical unit.
+pub const PR_REGISTRATIONS_MAX: usize = 256;
+/// Pending unit attentions kept per I_T nexus.
+pub const UNIT_ATTENTIONS_MAX: usize = 16;
+/// Bytes of a CHAP challenge we send.
+pub const CHAP_CHALLENGE_BYTES: usize = 32;
+/// Largest CHAP challenge or response we accept from the initiator, in bytes.
+pub const CHAP_VALUE_BYTES_MAX: usize = 1024;
+/// Shortest CHAP challenge from the initiator we accept for mutual CHAP.
+pub const CHAP_CHALLENGE_BYTES_MIN: usize = 16;
+/// PDUs queued for transmission per connection before the core stops reading input.
+pub const TRANSMIT_PDUS_MAX: usize = 4096;
+/// Bytes buffered for one socket write: writes are batched up to this.
+pub const TRANSMIT_BATCH_BYTES_MAX: usize = 1024 * 1024;
+
+const _: () = assert!(FIRST_BURST_BYTES_MAX <= BURST_BYTES_MAX);
+const _: () = assert!(TRANSFER_BYTES_MAX >= FIRST_BURST_BYTES_MAX);
+const _: () = assert!(BURST_BYTES_MAX < (1 << 24));
+const _: () = assert!(RECV_DATA_SEGMENT_BYTES_MAX < (1 << 24));
+const _: () = assert!(LOGIN_DATA_SEGMENT_BYTES_MAX <= RECV_DATA_SEGMENT_BYTES_MAX);
+const _: () = assert!(SEND_DATA_SEGMENT_BYTES_MAX >= 512);
+const _: () = assert!(RECV_DATA_SEGMENT_BYTES_MAX >= 8192);
+const _: () = assert!(COMMANDS_MAX >= 32 && COMMANDS_MAX < (1 << 30));
+const _: () = assert!(OUTSTANDING_R2T_MAX >= 1);
+const _: () = assert!((TRANSMIT_BATCH_BYTES_MAX as u64) >= RECV_DATA_SEGMENT_BYTES_MAX as u64);
+const _: () = assert!(CHAP_CHALLENGE_BYTES >= CHAP_CHALLENGE_BYTES_MIN);

@@ -1,0 +1,132 @@
+//! The seam between the SCSI emulation and storage: [`BlockDevice`], implemented by a file
+//! through the backing-store layer and later by the replicated device.
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+/// ALUA access state of the LUN through this target (SPC-4 §5.16.2.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AluaState {
+    ActiveOptimized,
+    Standby,
+}
+
+impl AluaState {
+    /// The ASYMMETRIC ACCESS STATE code reported by REPORT TARGET PORT GROUPS.
+    pub fn code(self) -> u8 {
+        match self {
+            Self::ActiveOptimized => 0x0,
+            Self::Standby => 0x2,
+        }
+    }
+}
+
+/// Kinds of device failure, mapped to sense data at the SCSI boundary.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("access beyond the end of the device")]
+    OutOfRange,
+    #[error("no space left on the backing store")]
+    NoSpace,
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("the device is in ALUA standby")]
+    Standby,
+}
+
+/// A range of the device and whether it holds data (mapped) or reads as zeroes (deallocated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappedRange {
+    pub offset_bytes: u64,
+    pub length_bytes: u64,
+    pub mapped: bool,
+}
+
+/// A block device as the SCSI layer sees it. Offsets and lengths are in bytes and always
+/// multiples of [`BlockDevice::block_size_bytes`] inside [`BlockDevice::size_bytes`]: the SCSI
+/// layer checks them before calling, so an implementation may treat violations as bugs.
+pub trait BlockDevice: Send + Sync + 'static {
+    fn size_bytes(&self) -> u64;
+    fn block_size_bytes(&self) -> u32 {
+        512
+    }
+    /// Whether UNMAP and hole punching are supported (thin provisioning).
+    fn thin_provisioned(&self) -> bool {
+        true
+    }
+    fn alua_state(&self) -> AluaState {
+        AluaState::ActiveOptimized
+    }
+    fn read(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u32,
+    ) -> impl Future<Output = Result<Bytes, DeviceError>> + Send;
+    /// With `fua`, the data is on stable storage when the future completes.
+    fn write(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Deallocates the range; later reads return zeroes.
+    fn unmap(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    fn write_zeroes(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Mapped/deallocated status from `offset_bytes` on, in order, covering at least the first byte.
+    fn mapped_ranges(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> impl Future<Output = Result<Vec<MappedRange>, DeviceError>> + Send;
+}
+
+/// One block I/O the SCSI layer asks the driver to perform.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    Read { offset_bytes: u64, length_bytes: u32 },
+    Write { offset_bytes: u64, data: Bytes, fua: bool },
+    Flush,
+    Unmap { offset_bytes: u64, length_bytes: u64 },
+    WriteZeroes { offset_bytes: u64, length_bytes: u64 },
+    MappedRanges { offset_bytes: u64, length_bytes: u64 },
+}
+
+/// What a completed [`IoOp`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IoData {
+    None,
+    Read(Bytes),
+    Ranges(Vec<MappedRange>),
+}
+
+/// Runs one [`IoOp`] against a device: the driver's whole job for block I/O.
+pub async fn perform<D: BlockDevice>(device: &D, op: IoOp) -> Result<IoData, DeviceError> {
+    match op {
+        IoOp::Read { offset_bytes, length_bytes } => {
+            device.read(offset_bytes, length_bytes).await.map(IoData::Read)
+        }
+        IoOp::Write { offset_bytes, data, fua } => {
+            device.write(offset_bytes, data, fua).await.map(|()| IoData::None)
+        }
+        IoOp::Flush => device.flush().await.map(|()| IoData::None),
+        IoOp::Unmap { offset_bytes, length_bytes } => {
+            device.unmap(offset_bytes, length_bytes).await.map(|()| IoData::None)
+        }
+        IoOp::WriteZeroes { offset_bytes, length_bytes } => {
+            device.write_zeroes(offset_bytes, length_bytes).await.map(|()| IoData::None)
+        }
+        IoOp::MappedRanges { offset_bytes, length_bytes } => {
+            device.mapped_ranges(offset_bytes, length_bytes).await.map(IoData::Ranges)
+        }
+    }
+}

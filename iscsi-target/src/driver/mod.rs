@@ -1,0 +1,238 @@
+//! The tokio driver: accepts connections on portals, runs one task per connection around the
+//! pure [`Connection`], performs block I/O and writes the encoded PDUs. Nothing here decides
+//! anything about the protocol.
+
+pub mod store;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc};
+
+use crate::connection::{Config, Connection, Event};
+use crate::constants::{BHS_BYTES, CHAP_CHALLENGE_BYTES, TRANSMIT_BATCH_BYTES_MAX};
+use crate::device::{BlockDevice, DeviceError, IoData, perform};
+use crate::pdu;
+
+/// Live connections by id, so a reinstated session can close the old one.
+#[derive(Default)]
+struct Registry {
+    connections: Mutex<HashMap<u64, Arc<Notify>>>,
+    next_id: AtomicU64,
+}
+
+/// Serves the configured targets on already-bound listeners, one per portal, each with its
+/// relative target port identifier. Runs until every listener fails.
+pub async fn serve<D: BlockDevice>(
+    config: Arc<Config<D>>,
+    listeners: Vec<(TcpListener, u16)>,
+) -> std::io::Result<()> {
+    let registry = Arc::new(Registry::default());
+    let mut accept_tasks = Vec::new();
+    for (listener, relative_port) in listeners {
+        let config = config.clone();
+        let registry = registry.clone();
+        accept_tasks.push(tokio::spawn(async move {
+            loop {
+                let (stream, peer) = listener.accept().await?;
+                let id = registry.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+                let kill = Arc::new(Notify::new());
+                registry
+                    .connections
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, kill.clone());
+                let config = config.clone();
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    if let Err(error) =
+                        run_connection(stream, config, id, relative_port, kill, &registry).await
+                    {
+                        eprintln!("tandem-iscsi: connection from {peer}: {error}");
+                    }
+                    registry.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                });
+            }
+            #[allow(unreachable_code)]
+            Ok::<(), std::io::Error>(())
+        }));
+    }
+    for task in accept_tasks {
+        match task.await {
+            Ok(result) => result?,
+            Err(error) => return Err(std::io::Error::other(error)),
+        }
+    }
+    Ok(())
+}
+
+/// Binds every portal address; returns listeners with 1-based relative port identifiers.
+pub async fn bind(portals: &[SocketAddr]) -> std::io::Result<Vec<(TcpListener, u16)>> {
+    let mut out = Vec::new();
+    for (i, addr) in portals.iter().enumerate() {
+        let listener = TcpListener::bind(addr).await?;
+        out.push((listener, u16::try_from(i + 1).unwrap_or(u16::MAX)));
+    }
+    Ok(out)
+}
+
+type Completion = (u32, u64, Result<IoData, DeviceError>);
+
+async fn run_connection<D: BlockDevice>(
+    stream: TcpStream,
+    config: Arc<Config<D>>,
+    id: u64,
+    relative_port: u16,
+    kill: Arc<Notify>,
+    registry: &Registry,
+) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let (mut reader, mut writer) = stream.into_split();
+    let challenge: [u8; CHAP_CHALLENGE_BYTES] = rand::random();
+    let identifier: u8 = rand::random();
+    let mut connection = Connection::new(id, config, relative_port, challenge, identifier);
+    let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
+    let mut input = BytesMut::with_capacity(512 * 1024);
+    let mut out = Vec::with_capacity(256 * 1024);
+    // Debugging aid: one line per received PDU on stderr.
+    let trace = std::env::var_os("TANDEM_ISCSI_TRACE").is_some();
+    let result = loop {
+        // Parse every complete PDU already buffered.
+        let mut failed = false;
+        loop {
+            if input.len() < BHS_BYTES {
+                break;
+            }
+            let mut bhs = [0u8; BHS_BYTES];
+            bhs.copy_from_slice(&input[..BHS_BYTES]);
+            let digests = connection.digests();
+            let limit = connection.data_segment_limit_bytes();
+            let total = match pdu::frame_bytes(&bhs, digests, limit) {
+                Ok(total) => total,
+                Err(error) => {
+                    connection.handle_decode_error(&error);
+                    failed = true;
+                    break;
+                }
+            };
+            if input.len() < total {
+                input.reserve(total - input.len());
+                break;
+            }
+            let frame = input.split_to(total).freeze();
+            match pdu::decode(frame, digests, limit) {
+                Ok(pdu) => {
+                    if trace {
+                        let h = &pdu.header;
+                        eprintln!(
+                            "conn {id}: op={:#04x} flags={:#04x} itt={:#x} ttt/edtl={:#x} sn={:#x} exp={:#x} datasn={:#x} offset={:#x} len={} cdb0={:#04x}",
+                            h.opcode(),
+                            h.flags(),
+                            h.itt(),
+                            h.u32_at(20),
+                            h.u32_at(24),
+                            h.u32_at(28),
+                            h.u32_at(36),
+                            h.u32_at(40),
+                            pdu.data.len(),
+                            h.0[32]
+                        );
+                    }
+                    connection.handle_pdu(pdu)
+                }
+                Err(error) => {
+                    connection.handle_decode_error(&error);
+                    failed = true;
+                    break;
+                }
+            }
+            dispatch_io(&mut connection, &completions_tx);
+            if connection.transmit_buffer().len() >= TRANSMIT_BATCH_BYTES_MAX {
+                write_out(&mut connection, &mut out, &mut writer).await?;
+            }
+        }
+        dispatch_io(&mut connection, &completions_tx);
+        write_out(&mut connection, &mut out, &mut writer).await?;
+        let mut close = failed;
+        while let Some(event) = connection.poll_event() {
+            match event {
+                Event::Close => close = true,
+                Event::Reinstated { old_connection_id } => {
+                    let old = registry
+                        .connections
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&old_connection_id)
+                        .cloned();
+                    if let Some(old) = old {
+                        old.notify_one();
+                    }
+                }
+            }
+        }
+        if close || connection.is_closed() {
+            break Ok(());
+        }
+        if input.capacity() - input.len() < 64 * 1024 {
+            input.reserve(256 * 1024);
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut input) => {
+                match read {
+                    Ok(0) => break Ok(()),
+                    Ok(_) => {}
+                    Err(error) => break Err(error),
+                }
+            }
+            Some((itt, tag, result)) = completions.recv() => {
+                if trace {
+                    eprintln!("conn {id}: completion itt={itt:#x} ok={}", result.is_ok());
+                }
+                connection.handle_io_completion(itt, tag, result);
+                // Batch: take every completion that is already here before writing.
+                while let Ok((itt, tag, result)) = completions.try_recv() {
+                    connection.handle_io_completion(itt, tag, result);
+                }
+            }
+            () = kill.notified() => break Ok(()),
+        }
+    };
+    if trace {
+        eprintln!("conn {id}: closing ({result:?})");
+    }
+    connection.handle_disconnect();
+    let _ = writer.shutdown().await;
+    result
+}
+
+fn dispatch_io<D: BlockDevice>(
+    connection: &mut Connection<D>,
+    completions: &mpsc::UnboundedSender<Completion>,
+) {
+    while let Some(request) = connection.poll_io() {
+        let completions = completions.clone();
+        tokio::spawn(async move {
+            let result = perform(&*request.device, request.op).await;
+            let _ = completions.send((request.itt, request.tag, result));
+        });
+    }
+}
+
+async fn write_out<D: BlockDevice>(
+    connection: &mut Connection<D>,
+    out: &mut Vec<u8>,
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    if connection.transmit_buffer().is_empty() {
+        return Ok(());
+    }
+    std::mem::swap(out, connection.transmit_buffer());
+    let result = writer.write_all(out).await;
+    out.clear();
+    result
+}

@@ -1,0 +1,96 @@
+//! [`BlockDevice`] over a backing-store file: what the standalone binary serves.
+
+use bytes::{Bytes, BytesMut};
+
+use backing_store::constants::IO_SIZE_BYTES_MAX;
+use backing_store::{BackingStore, ErrorKind};
+
+use crate::device::{BlockDevice, DeviceError, MappedRange};
+
+/// A backing file served as a LUN with 512-byte blocks.
+pub struct StoreDevice {
+    store: BackingStore,
+    size_bytes: u64,
+}
+
+impl StoreDevice {
+    pub fn new(store: BackingStore) -> Self {
+        // The LUN ends at the last whole block.
+        let size_bytes = store.size_bytes() / 512 * 512;
+        Self { store, size_bytes }
+    }
+}
+
+fn convert(error: backing_store::Error) -> DeviceError {
+    match error.kind() {
+        ErrorKind::OutOfRange => DeviceError::OutOfRange,
+        ErrorKind::NoSpace => DeviceError::NoSpace,
+        _ => DeviceError::Io(error.to_string()),
+    }
+}
+
+impl BlockDevice for StoreDevice {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {
+        let length = usize::try_from(length_bytes).map_err(|_| DeviceError::OutOfRange)?;
+        if length <= IO_SIZE_BYTES_MAX {
+            return self.store.read(offset_bytes, length).await.map_err(convert);
+        }
+        // The store bounds one request; larger SCSI transfers are split.
+        let mut out = BytesMut::with_capacity(length);
+        while out.len() < length {
+            let chunk = (length - out.len()).min(IO_SIZE_BYTES_MAX);
+            let data =
+                self.store.read(offset_bytes + out.len() as u64, chunk).await.map_err(convert)?;
+            out.extend_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        if data.len() <= IO_SIZE_BYTES_MAX {
+            return self.store.write(offset_bytes, data, fua).await.map_err(convert);
+        }
+        let mut done = 0usize;
+        while done < data.len() {
+            let chunk = (data.len() - done).min(IO_SIZE_BYTES_MAX);
+            self.store
+                .write(offset_bytes + done as u64, data.slice(done..done + chunk), fua)
+                .await
+                .map_err(convert)?;
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.store.flush().await.map_err(convert)
+    }
+
+    async fn unmap(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        self.store.discard(offset_bytes, length_bytes).await.map_err(convert)
+    }
+
+    async fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        self.store.write_zeroes(offset_bytes, length_bytes).await.map_err(convert)
+    }
+
+    async fn mapped_ranges(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<Vec<MappedRange>, DeviceError> {
+        let ranges = self.store.mapped_ranges(offset_bytes, length_bytes).map_err(convert)?;
+        Ok(ranges
+            .into_iter()
+            .map(|(offset_bytes, length_bytes, mapped)| MappedRange {
+                offset_bytes,
+                length_bytes,
+                mapped,
+            })
+            .collect())
+    }
+}
