@@ -84,7 +84,16 @@ pub fn parse_file(path: &Path) -> Result<Config, ConfigError> {
     let statements = reader.read_file(path, 0)?;
     let mut config = resolve::resolve(&statements)?;
     config.files = reader.files_read;
+    sort_warnings(&mut config, &path.display().to_string());
     Ok(config)
+}
+
+/// Warnings in reading order: by file (in the order files were read), then line.
+fn sort_warnings(config: &mut Config, main_file: &str) {
+    let mut order: Vec<String> = vec![main_file.to_owned()];
+    order.extend(config.files.iter().map(|file| file.display().to_string()));
+    let rank = |file: &str| order.iter().position(|known| known == file).unwrap_or(order.len());
+    config.warnings.sort_by_key(|warning| (rank(&warning.location.file), warning.location.line));
 }
 
 /// Parses configuration text; `name` labels error locations and relative `include` patterns
@@ -94,6 +103,7 @@ pub fn parse_str(name: &str, text: &str, include_directory: &Path) -> Result<Con
     let statements = reader.parse_text(name, text, include_directory, 0)?;
     let mut config = resolve::resolve(&statements)?;
     config.files = reader.files_read;
+    sort_warnings(&mut config, name);
     Ok(config)
 }
 

@@ -649,26 +649,20 @@ impl Resolver {
                     ));
                 }
             };
-            let Some(address) = host.address else {
-                return Err(error(
-                    &host.location,
-                    format!(
-                        "in resource {name}, on {} {{ ... }}: 'address' keyword missing.",
-                        host.names[0]
-                    ),
-                ));
-            };
-            if let Some(first) = addresses.get(&address.address) {
-                return Err(error(
-                    &host.location,
-                    format!(
-                        "in resource {name} {}:{} is used for both endpoints (first at {first})",
-                        address.family.as_str(),
-                        address.address
-                    ),
-                ));
+            // Nodes may leave their address to the connections (LINSTOR writes files so).
+            if let Some(address) = host.address {
+                if let Some(first) = addresses.get(&address.address) {
+                    return Err(error(
+                        &host.location,
+                        format!(
+                            "in resource {name} {}:{} is used for both endpoints (first at {first})",
+                            address.family.as_str(),
+                            address.address
+                        ),
+                    ));
+                }
+                addresses.insert(address.address, host.location.clone());
             }
-            addresses.insert(address.address, host.location.clone());
             for other in &nodes {
                 if let Some(clash) = host.names.iter().find(|candidate| {
                     other.name == **candidate || other.aliases.contains(candidate)
@@ -685,7 +679,7 @@ impl Resolver {
                 name: host.names[0].clone(),
                 aliases: host.names[1..].to_vec(),
                 node_id,
-                address: Some(address),
+                address: host.address,
                 volumes,
                 floating: host.floating,
                 location: host.location.clone(),
@@ -710,6 +704,16 @@ impl Resolver {
                 let mut address = host.address.or(node.address);
                 if let (Some(port), Some(endpoint)) = (host.port, address.as_mut()) {
                     endpoint.address.set_port(port);
+                }
+                if address.is_none() {
+                    return Err(error(
+                        &host.location,
+                        format!(
+                            "in resource {name}, connection: host '{}' has no address (give \
+                             'host {} address IP:PORT' or an address in its 'on' section)",
+                            host.name, host.name
+                        ),
+                    ));
                 }
                 ends.push(ConnectionHost {
                     name: node.name.clone(),
@@ -775,7 +779,7 @@ impl Resolver {
                     }
                     resolved_connections.push(Connection {
                         name: None,
-                        hosts: [connection_end(first), connection_end(second)],
+                        hosts: [connection_end(first, name)?, connection_end(second, name)?],
                         net: net_options(&net),
                         disk: disk_options(&disk_list),
                         location: mesh_location.clone(),
@@ -787,7 +791,7 @@ impl Resolver {
             if nodes.len() == 2 {
                 resolved_connections.push(Connection {
                     name: None,
-                    hosts: [connection_end(&nodes[0]), connection_end(&nodes[1])],
+                    hosts: [connection_end(&nodes[0], name)?, connection_end(&nodes[1], name)?],
                     net: net_options(&net_list),
                     disk: disk_options(&disk_list),
                     location: location.clone(),
@@ -919,8 +923,17 @@ fn push_connection(
     Ok(())
 }
 
-fn connection_end(node: &Node) -> ConnectionHost {
-    ConnectionHost { name: node.name.clone(), node_id: node.node_id, address: node.address }
+fn connection_end(node: &Node, resource: &str) -> Result<ConnectionHost, ConfigError> {
+    if node.address.is_none() {
+        return Err(error(
+            &node.location,
+            format!(
+                "in resource {resource}, on {} {{ ... }}: 'address' keyword missing.",
+                node.name
+            ),
+        ));
+    }
+    Ok(ConnectionHost { name: node.name.clone(), node_id: node.node_id, address: node.address })
 }
 
 /// `host NAME [address [FAMILY] IP:PORT] [port PORT] [via proxy ...]`.
