@@ -633,3 +633,96 @@ fn three_bitmaps_interleave_as_dump_md_reads_them() {
     let dump = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
     assert_eq!(dump, expected_dump(&sb, &layout, bitmaps));
 }
+
+/// Executes a plan against a file, flushing after every step as a driver must.
+fn execute(path: &Path, plan: &drbd_engine::meta::WritePlan) {
+    let file = File::options().write(true).open(path).unwrap();
+    for step in &plan.steps {
+        for write in step {
+            file.write_all_at(&write.bytes[..], write.offset_bytes).unwrap();
+        }
+        file.sync_data().unwrap();
+    }
+}
+
+fn load_image(
+    path: &Path,
+    size: u64,
+    node: u8,
+) -> (drbd_engine::meta::MetaImage, drbd_engine::meta::LoadedMetadata) {
+    use drbd_engine::meta::{MetaImage, MetaPlacement};
+    let offset = MetaImage::superblock_offset_bytes(MetaPlacement::Internal, size).unwrap();
+    let opened =
+        MetaImage::open(MetaPlacement::Internal, size, &read_at(path, offset, 4096)).unwrap();
+    let al = opened.al_range();
+    let bm = opened.bitmap_range();
+    let ring = read_at(path, al.start, al.end - al.start);
+    let area = read_at(path, bm.start, bm.end - bm.start);
+    MetaImage::load(opened, node, &ring, &area).unwrap()
+}
+
+#[test]
+fn meta_image_attaches_to_create_md_output_and_drbdmeta_reads_its_changes() {
+    let Some(program) = drbdmeta() else { return };
+    let drbdmeta = Drbdmeta { program };
+    let dir = tempfile::tempdir().unwrap();
+    let size = 2 * GIB;
+    let path = sparse_file(dir.path(), "image.img", size);
+    drbdmeta.run(&path, "internal", &["create-md", "3"]);
+
+    // Attach as node 2: adopts the node id and the full data size, which the repair writes.
+    let (mut image, loaded) = load_image(&path, size, 2);
+    assert_eq!(loaded.superblock.node_id, 2);
+    assert_eq!(loaded.size_blocks, image.layout().data_blocks());
+    assert!(loaded.hot_extents.is_empty());
+    execute(&path, &loaded.repair);
+
+    // Become primary with a new current UUID, write while node 0 is away, track the AL.
+    execute(
+        &path,
+        &image
+            .update_superblock(|sb| {
+                sb.current_uuid = 0x0BAD_CAFE_0000_1001;
+                sb.peers[0].bitmap_uuid = 0x0BAD_CAFE_0000_1000;
+                sb.history_uuids[0] = 0x0000_0000_0000_0004;
+                sb.flags = md_flags::CONSISTENT | md_flags::WAS_UP_TO_DATE | md_flags::PRIMARY_IND;
+            })
+            .unwrap(),
+    );
+    execute(&path, &image.al_change(&[2, 300], &[]).unwrap());
+    let words = usize::try_from(image.size_blocks().div_ceil(64)).unwrap();
+    let mut node0 = vec![0u64; words];
+    let first_block = 2 * AL_EXTENT_BLOCKS + 10;
+    for block in first_block..first_block + 70 {
+        node0[usize::try_from(block / 64).unwrap()] |= 1 << (block % 64);
+    }
+    let by_node: Vec<&[u64]> = vec![&node0];
+    execute(&path, &image.bitmap_writes(0, first_block, 70, &by_node).unwrap());
+
+    // drbdmeta sees it all.
+    let dump = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
+    assert_eq!(dump.node_id, 2);
+    assert_eq!(dump.current_uuid, 0x0BAD_CAFE_0000_1001);
+    assert_eq!(dump.peers[0].0, 0, "node 0 got bitmap slot 0");
+    assert_eq!(dump.peers[0].1, 0x0BAD_CAFE_0000_1000);
+    assert_eq!(dump.la_size_sect, image.size_blocks() * 8);
+    let dumped = dumped_words_per_peer(dump.la_size_sect, 3);
+    let mut expected0 = node0.clone();
+    expected0.resize(dumped, 0);
+    assert_eq!(dump.bitmaps[0], expected0);
+    assert!(dump.bitmaps[1].iter().all(|&w| w == 0));
+
+    // A crash as primary: drbdmeta's apply-al and Tandem's reload agree on what to resync.
+    let (_, reloaded) = load_image(&path, size, 2);
+    assert_eq!(reloaded.hot_extents, vec![2, 300]);
+    assert_eq!(reloaded.bitmaps[0].as_deref(), Some(&node0[..]));
+    drbdmeta.run(&path, "internal", &["apply-al"]);
+    let after = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
+    for bitmap in after.bitmaps.iter().take(1) {
+        for extent in [2usize, 300] {
+            assert!(bitmap[extent * 16..extent * 16 + 16].iter().all(|&w| w == u64::MAX));
+        }
+        let set: u32 = bitmap.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set, 2 * 1024, "only the two hot extents (which cover node 0's bits)");
+    }
+}

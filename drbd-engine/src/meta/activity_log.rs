@@ -555,6 +555,98 @@ impl ActivityLog {
         }))
     }
 
+    /// Membership decided by the caller (a state machine that keeps its own hot set): drop
+    /// `removed`, add `added`, and return the transactions recording that, to be written in
+    /// order, each durable before the next. Unknown removals and known additions are no-ops.
+    /// Do not mix with [`ActivityLog::handle_write_start`] on the same log: this mode ignores
+    /// references and assumes no transaction is in flight.
+    pub fn handle_set_change(
+        &mut self,
+        added: &[u32],
+        removed: &[u32],
+    ) -> Result<Vec<AlTransactionPlan>, MetaError> {
+        if let Some(tr_number) = self.in_flight {
+            return Err(MetaError::UnexpectedTransaction { tr_number });
+        }
+        let mut changes: Vec<AlSlotUpdate> = Vec::new();
+        for &extent in removed {
+            if let Some(slot) = self.extent_slot.remove(&extent) {
+                self.slots[slot] = AL_EXTENT_FREE;
+                self.references[slot] = 0;
+                changes.push(AlSlotUpdate {
+                    slot: u16::try_from(slot).expect("al-extents <= 65534"),
+                    extent: AL_EXTENT_FREE,
+                });
+            }
+        }
+        let mut free = (0..self.slots.len()).filter(|&s| self.slots[s] == AL_EXTENT_FREE);
+        for &extent in added {
+            if extent >= self.device_extents {
+                return Err(MetaError::ExtentRange { first: extent, last: extent });
+            }
+            if self.extent_slot.contains_key(&extent) {
+                continue;
+            }
+            let Some(slot) = free.next() else {
+                return Err(MetaError::AlExtents {
+                    al_extents: u32::try_from(self.slots.len()).expect("<= 65534"),
+                    max: u32::try_from(self.slots.len()).expect("<= 65534"),
+                });
+            };
+            changes.push(AlSlotUpdate {
+                slot: u16::try_from(slot).expect("al-extents <= 65534"),
+                extent,
+            });
+        }
+        // Slots freed above may be reused right away: their FREE update precedes the reuse in
+        // `changes`, and replay applies updates in order. The context of every transaction
+        // shows the final table; a crash between the transactions of one call can therefore
+        // show this call's changes early, which is safe both ways: an early addition costs a
+        // resync too many, and the caller removes an extent only once its bitmap is durable.
+        for update in &changes {
+            if update.extent != AL_EXTENT_FREE {
+                let slot = usize::from(update.slot);
+                self.slots[slot] = update.extent;
+                self.extent_slot.insert(update.extent, slot);
+            }
+        }
+        let mut plans = Vec::new();
+        for chunk in changes.chunks(AL_UPDATES_PER_TRANSACTION) {
+            plans.push(self.committed_transaction(chunk.to_vec())?);
+        }
+        Ok(plans)
+    }
+
+    /// Builds the next transaction over the current table; the caller writes it before the
+    /// next one.
+    fn committed_transaction(
+        &mut self,
+        updates: Vec<AlSlotUpdate>,
+    ) -> Result<AlTransactionPlan, MetaError> {
+        let n = self.slots.len();
+        let start = self.context_cursor;
+        let window = AL_CONTEXT_PER_TRANSACTION.min(n - start);
+        self.context_cursor = if start + window >= n { 0 } else { start + window };
+        let tr_number = self.next_tr_number;
+        self.next_tr_number = self.geometry.next_tr_number(tr_number);
+        let transaction = AlTransaction {
+            tr_number,
+            kind: AlTransactionKind::Update,
+            updates,
+            context_size: u16::try_from(n).expect("al-extents <= 65534"),
+            context_start_slot: u16::try_from(start).expect("< al-extents"),
+            context: self.slots[start..start + window].to_vec(),
+        };
+        let block = transaction.encode()?;
+        Ok(AlTransactionPlan {
+            tr_number,
+            ring_block: self.geometry.block_for_transaction(tr_number),
+            block,
+            evicted: Vec::new(),
+            transaction,
+        })
+    }
+
     /// Transaction `tr_number` is on stable storage: writes waiting for it may start.
     pub fn handle_transaction_durable(&mut self, tr_number: u32) -> Result<(), MetaError> {
         if self.in_flight != Some(tr_number) {
@@ -815,6 +907,29 @@ mod tests {
         assert_eq!(recovery.hot_extents, log.hot_extents());
         assert_eq!(recovery.next_tr_number, log.next_tr_number());
         assert_eq!(recovery.replayed, 48);
+    }
+
+    #[test]
+    fn caller_decided_membership_round_trips_in_batches_of_64() {
+        let mut log = ActivityLog::new(geometry(), 1237, 64 * GIB_BLOCKS, 1).unwrap();
+        let mut ring = Ring::new();
+        let added: Vec<u32> = (0..150).map(|i| i * 3).collect();
+        let plans = log.handle_set_change(&added, &[]).unwrap();
+        assert_eq!(plans.len(), 3, "150 updates need three transactions");
+        for plan in &plans {
+            ring.write(plan);
+        }
+        let removed: Vec<u32> = (0..100).map(|i| i * 3).collect();
+        for plan in log.handle_set_change(&[1000, 1001], &removed).unwrap() {
+            ring.write(&plan);
+        }
+        let recovery = recover_ring(&ring.bytes, geometry(), 1237).unwrap();
+        assert_eq!(recovery.hot_extents, log.hot_extents());
+        assert_eq!(log.hot_extents().len(), 52);
+        let full = ActivityLog::new(geometry(), 2, GIB_BLOCKS, 1)
+            .unwrap()
+            .handle_set_change(&[1, 2, 3], &[]);
+        assert!(full.is_err(), "more extents than slots");
     }
 
     #[test]

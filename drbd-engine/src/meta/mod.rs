@@ -18,6 +18,8 @@
 //! - [`activity_log`]: the LRU of hot 4 MiB extents, the on-disk transaction format, and crash
 //!   recovery from the ring.
 //! - [`create`]: everything a fresh metadata area needs (Tandem's `create-md`).
+//! - [`store`]: the whole area as one value ([`MetaImage`]): load from the blocks read, and
+//!   turn UUID/flag/bitmap/AL changes into ordered block writes ([`WritePlan`]).
 //! - [`bitmap_area`]: the per-peer bitmaps as DRBD interleaves them (32-bit words, peer-major
 //!   inside each word position), and which 4 KiB pages a block range touches.
 
@@ -26,6 +28,7 @@ pub mod bitmap_area;
 pub mod constants;
 pub mod create;
 pub mod layout;
+pub mod store;
 pub mod superblock;
 
 pub use activity_log::{
@@ -38,6 +41,7 @@ pub use bitmap_area::{
 };
 pub use create::{NewMetadata, create_md};
 pub use layout::{AlGeometry, MetaLayout, MetaPlacement, bitmap_area_bytes_for_sectors};
+pub use store::{BlockWrite, LoadedMetadata, MetaImage, OpenedSuperblock, WritePlan};
 pub use superblock::{
     PeerSlot, Superblock, SuperblockCopy, SuperblockRead, SuperblockUpdate, SuperblockWriter,
     md_flags, peer_flags, read_superblock_block,
