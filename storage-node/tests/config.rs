@@ -195,6 +195,16 @@ fn render(config: &Config) -> String {
                 connection.disk.resync_rate_kib_per_s()
             )
             .unwrap();
+            for (number, disk) in &connection.volume_disk {
+                writeln!(
+                    out,
+                    "    volume {number} resync-rate={}KiB/s c-plan-ahead={} c-max-rate={}",
+                    disk.resync_rate_kib_per_s(),
+                    disk.c_plan_ahead_ds(),
+                    disk.c_max_rate_kib_per_s()
+                )
+                .unwrap();
+            }
         }
     }
     for warning in &config.warnings {
@@ -639,6 +649,24 @@ struct LocalView {
     paths: Vec<(u32, String, String)>,
     /// (minor, backing disk)
     attached: Vec<(u32, String)>,
+    /// (peer id, volume, [resync-rate KiB/s, c-plan-ahead, c-fill-target sectors, c-max-rate,
+    /// c-min-rate]) for the options set in the file
+    peer_devices: Vec<(u32, u32, [Option<u64>; 5])>,
+}
+
+/// drbdadm echoes values as written ("50M"); scale them like drbdsetup (bare = default unit).
+fn scale(value: &str, unit_bytes: u64) -> u64 {
+    let split = value.find(|character: char| !character.is_ascii_digit()).unwrap_or(value.len());
+    let number: u64 = value[..split].parse().expect("number");
+    let suffix_bytes = match &value[split..] {
+        "" => return number,
+        "k" | "K" => 1 << 10,
+        "m" | "M" => 1 << 20,
+        "g" | "G" => 1 << 30,
+        "s" => 512,
+        other => panic!("unknown suffix {other}"),
+    };
+    number * suffix_bytes / unit_bytes
 }
 
 fn view_from_dry_run(output: &str) -> LocalView {
@@ -673,6 +701,20 @@ fn view_from_dry_run(output: &str) -> LocalView {
                     (*peer).to_owned(),
                 ));
             }
+            ["drbdsetup", "peer-device-options", _, peer, volume, ..] => {
+                let kib = |name: &str| option(name).map(|value| scale(&value, 1024));
+                view.peer_devices.push((
+                    peer.parse().expect("peer"),
+                    volume.parse().expect("volume"),
+                    [
+                        kib("resync-rate"),
+                        option("c-plan-ahead").map(|value| scale(&value, 1)),
+                        option("c-fill-target").map(|value| scale(&value, 512)),
+                        kib("c-max-rate"),
+                        kib("c-min-rate"),
+                    ],
+                ));
+            }
             ["drbdsetup", "attach", minor, disk, ..] => {
                 view.attached.push((minor.parse().expect("minor"), (*disk).to_owned()));
             }
@@ -683,6 +725,7 @@ fn view_from_dry_run(output: &str) -> LocalView {
     view.peers.sort();
     view.paths.sort();
     view.attached.sort();
+    view.peer_devices.sort();
     view
 }
 
@@ -705,11 +748,26 @@ fn tandem_view(resource: &config::Resource, node_name: &str) -> LocalView {
         let local =
             connection.hosts.iter().find(|host| host.node_id == node.node_id).expect("local end");
         view.paths.push((peer.node_id, endpoint(local.address), endpoint(peer.address)));
+        for volume in &node.volumes {
+            let disk = connection.disk_for_volume(volume.number);
+            let set = [
+                disk.resync_rate_kib_per_s,
+                disk.c_plan_ahead_ds.map(u64::from),
+                disk.c_fill_target_sectors,
+                disk.c_max_rate_kib_per_s,
+                disk.c_min_rate_kib_per_s,
+            ];
+            // drbdadm prints peer-device-options only when some option is set.
+            if set.iter().any(Option::is_some) {
+                view.peer_devices.push((peer.node_id, volume.number, set));
+            }
+        }
     }
     view.minors.sort();
     view.peers.sort();
     view.paths.sort();
     view.attached.sort();
+    view.peer_devices.sort();
     view
 }
 

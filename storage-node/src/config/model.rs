@@ -209,6 +209,9 @@ pub struct Connection {
     pub net: NetOptions,
     /// Resource disk (with common's) plus the connection's own (peer-device options).
     pub disk: DiskOptions,
+    /// Per-volume peer-device options of this connection (`volume N { disk { } }`), merged
+    /// over `disk`; volumes not listed use `disk`.
+    pub volume_disk: BTreeMap<u32, DiskOptions>,
     pub location: Location,
 }
 
@@ -433,5 +436,12 @@ impl ResourceOptions {
     }
     pub fn on_no_quorum(&self) -> OnNoQuorum {
         self.on_no_quorum.unwrap_or(OnNoQuorum::SuspendIo)
+    }
+}
+
+impl Connection {
+    /// The peer-device options for one volume of this connection.
+    pub fn disk_for_volume(&self, number: u32) -> &DiskOptions {
+        self.volume_disk.get(&number).unwrap_or(&self.disk)
     }
 }

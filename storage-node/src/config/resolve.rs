@@ -88,6 +88,7 @@ struct RawConnection {
     hosts: Vec<RawConnectionHost>,
     net: OptionList,
     disk: OptionList,
+    volume_disk: BTreeMap<u32, OptionList>,
     location: Location,
 }
 
@@ -327,6 +328,12 @@ impl Resolver {
                 "connection" => connections.push(self.connection(item)?),
                 "connection-mesh" => meshes.push(self.mesh(item)?),
                 "skip" => {}
+                "proxy" if item.block.is_some() => {
+                    self.warn(
+                        &item.location,
+                        "'proxy' (DRBD Proxy) settings are ignored by Tandem",
+                    );
+                }
                 "stacked-on-top-of" => {
                     return Err(error(
                         &item.location,
@@ -478,6 +485,7 @@ impl Resolver {
             hosts: Vec::new(),
             net: Vec::new(),
             disk: Vec::new(),
+            volume_disk: BTreeMap::new(),
             location: statement.location.clone(),
         };
         let mut paths = 0;
@@ -528,11 +536,33 @@ impl Resolver {
                         connection.disk.push(checked);
                     }
                 }
-                ("volume", Some(_)) => {
-                    self.warn(
-                        &item.location,
-                        "per-volume options inside a connection are ignored by Tandem",
-                    );
+                ("volume", Some(items)) => {
+                    // Peer-device options for one volume of this connection.
+                    let number_word = one_argument(item, "a volume number")?;
+                    let number: u32 =
+                        parse_number(number_word, "a volume number", VOLUME_NUMBER_MAX)?;
+                    let mut list = Vec::new();
+                    for volume_item in items {
+                        let Some(options) = volume_item
+                            .block
+                            .as_deref()
+                            .filter(|_| volume_item.keyword() == "disk")
+                        else {
+                            return Err(error(
+                                &volume_item.location,
+                                format!(
+                                    "Parse error: 'disk' expected, but got '{}'",
+                                    volume_item.keyword()
+                                ),
+                            ));
+                        };
+                        for option in options {
+                            let checked = options::check(Section::Disk, option)?;
+                            self.warn_ignored(Section::Disk, &checked);
+                            list.push(checked);
+                        }
+                    }
+                    connection.volume_disk.insert(number, list);
                 }
                 ("skip", _) => {}
                 (other, _) => {
@@ -736,6 +766,15 @@ impl Resolver {
             net.extend(connection.net.iter().cloned());
             let mut disk = disk_list.clone();
             disk.extend(connection.disk.iter().cloned());
+            let volume_disk = connection
+                .volume_disk
+                .iter()
+                .map(|(number, options)| {
+                    let mut merged = disk.clone();
+                    merged.extend(options.iter().cloned());
+                    (*number, disk_options(&merged))
+                })
+                .collect();
             push_connection(
                 &mut resolved_connections,
                 Connection {
@@ -743,6 +782,7 @@ impl Resolver {
                     hosts: [first, second],
                     net: net_options(&net),
                     disk: disk_options(&disk),
+                    volume_disk,
                     location: connection.location.clone(),
                 },
                 name,
@@ -769,21 +809,20 @@ impl Resolver {
             net.extend(mesh_net.iter().cloned());
             for (index, first) in members.iter().enumerate() {
                 for second in &members[index + 1..] {
-                    let exists = resolved_connections.iter().any(|connection: &Connection| {
-                        let ids = [connection.hosts[0].node_id, connection.hosts[1].node_id];
-                        ids.contains(&first.node_id) && ids.contains(&second.node_id)
-                    });
-                    // An explicit connection section for the pair takes precedence.
-                    if exists {
-                        continue;
-                    }
-                    resolved_connections.push(Connection {
-                        name: None,
-                        hosts: [connection_end(first, name)?, connection_end(second, name)?],
-                        net: net_options(&net),
-                        disk: disk_options(&disk_list),
-                        location: mesh_location.clone(),
-                    });
+                    // A pair both in a mesh and in a connection section would make drbdadm
+                    // create the same peer twice, which the kernel refuses: reject it here.
+                    push_connection(
+                        &mut resolved_connections,
+                        Connection {
+                            name: None,
+                            hosts: [connection_end(first, name)?, connection_end(second, name)?],
+                            net: net_options(&net),
+                            disk: disk_options(&disk_list),
+                            volume_disk: BTreeMap::new(),
+                            location: mesh_location.clone(),
+                        },
+                        name,
+                    )?;
                 }
             }
         }
@@ -794,6 +833,7 @@ impl Resolver {
                     hosts: [connection_end(&nodes[0], name)?, connection_end(&nodes[1], name)?],
                     net: net_options(&net_list),
                     disk: disk_options(&disk_list),
+                    volume_disk: BTreeMap::new(),
                     location: location.clone(),
                 });
             } else if nodes.len() > 2 {
