@@ -584,7 +584,9 @@ impl ActivityLog {
             if extent >= self.device_extents {
                 return Err(MetaError::ExtentRange { first: extent, last: extent });
             }
-            if self.extent_slot.contains_key(&extent) {
+            // Already hot, or listed twice in `added`.
+            if self.extent_slot.contains_key(&extent) || changes.iter().any(|c| c.extent == extent)
+            {
                 continue;
             }
             let Some(slot) = free.next() else {
