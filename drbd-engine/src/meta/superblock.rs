@@ -292,9 +292,17 @@ impl Superblock {
             return invalid("md_size_sectors", 0);
         }
         let bitmap_index_max = i32::try_from(self.max_peers).expect("max_peers <= 31") - 1;
+        let mut owners = 0u32;
         for peer in &self.peers {
             if !(-1..=bitmap_index_max).contains(&peer.bitmap_index) {
                 return invalid("bitmap_index", i64::from(peer.bitmap_index));
+            }
+            // Two nodes sharing a bitmap would each see the other's out-of-sync blocks.
+            if let Ok(index) = u32::try_from(peer.bitmap_index) {
+                if owners & (1 << index) != 0 {
+                    return invalid("bitmap_index (shared by two nodes)", i64::from(index));
+                }
+                owners |= 1 << index;
             }
         }
         Ok(())
@@ -664,6 +672,12 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         assert!(matches!(Superblock::decode(&[0u8; 4096]), Err(MetaError::BadMagic { .. })));
         assert!(matches!(Superblock::decode(&[0u8; 10]), Err(MetaError::BufferSize { .. })));
+        let mut shared = sample(1);
+        shared.peers[5].bitmap_index = 0;
+        assert!(matches!(
+            Superblock::decode(&shared.encode()),
+            Err(MetaError::InvalidField { .. })
+        ));
         let mut bytes = sample(1).encode();
         put_be_u32(&mut bytes, 0x58, 40);
         assert!(matches!(
@@ -774,7 +788,16 @@ mod tests {
                 sb.flags = flags;
                 sb.node_id = node_id;
                 sb.effective_size_sectors = size;
+                let mut taken = [false; 2];
                 for (slot, (uuid, dagtag, flags, index)) in sb.peers.iter_mut().zip(peers) {
+                    // Each bitmap index belongs to at most one node.
+                    let index = match usize::try_from(index) {
+                        Ok(i) if !taken[i] => {
+                            taken[i] = true;
+                            index
+                        }
+                        _ => -1,
+                    };
                     *slot = PeerSlot {
                         bitmap_uuid: uuid,
                         bitmap_dagtag: dagtag,
