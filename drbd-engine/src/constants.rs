@@ -1,1 +1,86 @@
 //! Every limit of the replication engine, in one place.
+//!
+//! Limits are named `*_max`; the compile-time asserts at the bottom state how they relate, so a
+//! change that breaks an assumption fails the build instead of a run.
+
+/// The replication unit: one bit of an out-of-sync bitmap covers one block (DRBD's 4 KiB).
+pub const BLOCK_SIZE_BYTES: u64 = 4096;
+/// Blocks covered by one activity-log extent (DRBD's 4 MiB extents).
+pub const AL_EXTENT_BLOCKS: u64 = 1024;
+/// Sectors are the unit of a torn write: a power loss may persist a prefix of a 4 KiB write.
+pub const SECTOR_SIZE_BYTES: u64 = 512;
+/// The same sizes as `usize`, for buffer arithmetic.
+pub const BLOCK_BYTES: usize = 4096;
+pub const SECTOR_BYTES: usize = 512;
+
+/// Node ids are 0..NODE_ID_MAX; DRBD 9 allows 32 nodes per resource.
+pub const NODE_ID_MAX: u8 = 31;
+/// Peers a node replicates to (a full mesh of 32 nodes has 31 peers).
+pub const PEERS_MAX: usize = 31;
+/// Older generation UUIDs kept per node (DRBD keeps two history slots per peer).
+pub const HISTORY_UUIDS_MAX: usize = 2;
+
+/// Largest application request, in blocks (1 MiB, the usual iSCSI MaxBurstLength ceiling).
+pub const REQUEST_BLOCKS_MAX: u64 = 256;
+/// Application requests accepted but not yet completed.
+pub const APP_REQUESTS_MAX: usize = 1024;
+/// Completed writes waiting for stable storage on every replica (DRBD's transfer log).
+pub const TRANSFER_LOG_ENTRIES_MAX: usize = 8192;
+/// Outstanding barriers (flush epochs) per node.
+pub const BARRIERS_MAX: usize = 256;
+/// Hot extents in the activity log; DRBD's default `al-extents` is 1237.
+pub const AL_EXTENTS_MAX: usize = 1237;
+/// Local I/O submitted on behalf of one peer's incoming frames.
+pub const PEER_WRITES_IN_FLIGHT_MAX: usize = 1024;
+/// Frames a peer may queue behind an unfinished earlier overlapping write or barrier.
+pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
+/// Resync requests (read on the source, write on the target) in flight per peer.
+pub const RESYNC_REQUESTS_MAX: usize = 64;
+/// Blocks per resync request.
+pub const RESYNC_REQUEST_BLOCKS_MAX: u64 = 32;
+/// Frames that may arrive ahead of a missing one before the connection is declared broken.
+pub const REORDER_FRAMES_MAX: usize = 256;
+/// Bitmap words per bitmap frame of the handshake.
+pub const BITMAP_CHUNK_WORDS_MAX: usize = 4096;
+/// Largest frame payload: a full request of data plus headers.
+pub const FRAME_PAYLOAD_BYTES_MAX: usize = 1024 * 1024 + 4096;
+/// Largest device the engine accepts, in blocks (64 TiB).
+pub const DEVICE_BLOCKS_MAX: u64 = 16 * 1024 * 1024 * 1024;
+
+/// A connection with nothing received for this long is declared dead (DRBD's ping-timeout).
+pub const PING_TIMEOUT_MS: u64 = 2_000;
+/// An idle connection sends a ping this often.
+pub const PING_INTERVAL_MS: u64 = 500;
+/// A handshake that has not completed by then is abandoned and retried.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 4_000;
+/// Completed writes are closed into an epoch (barrier + flush) at least this often.
+pub const BARRIER_INTERVAL_MS: u64 = 100;
+/// The resync controller runs once per step (DRBD's SLEEP_TIME of 100 ms).
+pub const RESYNC_STEP_MS: u64 = 100;
+/// Steps in the dynamic controller's plan (c-plan-ahead in 100 ms units; DRBD allows 300).
+pub const RESYNC_PLAN_STEPS_MAX: usize = 300;
+
+const _: () = assert!(BLOCK_SIZE_BYTES.is_multiple_of(SECTOR_SIZE_BYTES));
+const _: () =
+    assert!(BLOCK_BYTES as u64 == BLOCK_SIZE_BYTES && SECTOR_BYTES as u64 == SECTOR_SIZE_BYTES);
+const _: () = assert!(AL_EXTENT_BLOCKS * BLOCK_SIZE_BYTES == 4 * 1024 * 1024);
+const _: () = assert!(PEERS_MAX == NODE_ID_MAX as usize);
+const _: () = assert!(PEERS_MAX < 64, "peer sets are u64 masks");
+const _: () = assert!(
+    REQUEST_BLOCKS_MAX * BLOCK_SIZE_BYTES + 4096 <= FRAME_PAYLOAD_BYTES_MAX as u64,
+    "a full request fits one data frame"
+);
+const _: () = assert!(
+    RESYNC_REQUEST_BLOCKS_MAX <= REQUEST_BLOCKS_MAX,
+    "a resync request fits one data frame"
+);
+const _: () = assert!(
+    BITMAP_CHUNK_WORDS_MAX * 8 + 64 <= FRAME_PAYLOAD_BYTES_MAX,
+    "a bitmap chunk fits one frame"
+);
+const _: () = assert!(PING_INTERVAL_MS * 2 <= PING_TIMEOUT_MS);
+const _: () = assert!(PING_TIMEOUT_MS < HANDSHAKE_TIMEOUT_MS);
+const _: () =
+    assert!(REQUEST_BLOCKS_MAX <= AL_EXTENT_BLOCKS, "a request spans at most two extents");
+const _: () = assert!(PEER_WRITES_IN_FLIGHT_MAX <= PEER_QUEUE_FRAMES_MAX);
+const _: () = assert!(APP_REQUESTS_MAX <= TRANSFER_LOG_ENTRIES_MAX);

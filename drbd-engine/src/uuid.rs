@@ -1,1 +1,421 @@
 //! Generation identifiers and the decision table that compares them on connect.
+//!
+//! Every node keeps a *current* UUID naming its data generation, one *bitmap* UUID per peer
+//! (the generation at which it started tracking changes the peer lacks, zero when it tracks
+//! nothing) and a short history of older generations. When two nodes connect, comparing these
+//! decides whether they already hold the same data, which one resyncs which and whether a
+//! bitmap suffices or everything must be copied, or whether they diverged (split brain) or never
+//! shared data. The decision is a pure function so that both ends, computing it independently
+//! from the same two views, always agree; `decide(a, b) == decide(b, a).mirrored()` is tested.
+
+use crate::NodeId;
+use crate::constants::{HISTORY_UUIDS_MAX, NODE_ID_MAX};
+
+/// DRBD's marker for freshly created metadata: "never held data". Real generation UUIDs always
+/// have the lowest bit clear and are never this value.
+pub const UUID_JUST_CREATED: u64 = 4;
+
+/// The generation identifiers of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationUuids {
+    pub current: u64,
+    /// Indexed by peer node id; zero means "no changes tracked for that peer".
+    pub bitmap: [u64; NODE_ID_MAX as usize + 1],
+    pub history: [u64; HISTORY_UUIDS_MAX],
+}
+
+impl GenerationUuids {
+    /// The identifiers `create-md` writes.
+    pub fn just_created() -> Self {
+        Self {
+            current: UUID_JUST_CREATED,
+            bitmap: [0; NODE_ID_MAX as usize + 1],
+            history: [0; HISTORY_UUIDS_MAX],
+        }
+    }
+
+    pub fn bitmap_uuid(&self, peer: NodeId) -> u64 {
+        self.bitmap[peer.index()]
+    }
+
+    fn push_history(&mut self, uuid: u64) {
+        if uuid == 0 || self.history.contains(&uuid) {
+            return;
+        }
+        self.history.rotate_right(1);
+        self.history[0] = uuid;
+    }
+
+    /// Starts a new data generation: every listed peer that was not already tracked starts
+    /// tracking from the old current generation. Called before the first write a peer misses.
+    pub fn new_current(&mut self, fresh: u64, untracked_peers: impl IntoIterator<Item = NodeId>) {
+        assert!(is_valid_fresh(fresh), "generation UUIDs have the low bit clear");
+        let old = self.current;
+        for peer in untracked_peers {
+            if self.bitmap[peer.index()] == 0 {
+                self.bitmap[peer.index()] = old;
+            }
+        }
+        self.push_history(old);
+        self.current = fresh;
+    }
+
+    /// `new-current-uuid --clear-bitmap`: a fresh generation that every connected peer adopts
+    /// without a sync (the data is declared identical, e.g. a new, all-zero volume).
+    pub fn new_current_clear_bitmap(&mut self, fresh: u64) {
+        assert!(is_valid_fresh(fresh));
+        self.current = fresh;
+        self.bitmap = [0; NODE_ID_MAX as usize + 1];
+    }
+
+    /// The sync source finished a resync to `peer`: nothing is tracked for it any more.
+    pub fn resync_finished_as_source(&mut self, peer: NodeId) {
+        let base = std::mem::take(&mut self.bitmap[peer.index()]);
+        self.push_history(base);
+    }
+
+    /// The sync target finished: it now holds the source's generation.
+    pub fn resync_finished_as_target(&mut self, source: NodeId, source_current: u64) {
+        let old = self.current;
+        if old != source_current && old != UUID_JUST_CREATED {
+            self.push_history(old);
+        }
+        self.current = source_current;
+        self.bitmap[source.index()] = 0;
+    }
+
+    /// Connected with identical generations: a leftover bitmap UUID for that peer is stale.
+    pub fn settled_in_sync(&mut self, peer: NodeId) {
+        let base = std::mem::take(&mut self.bitmap[peer.index()]);
+        self.push_history(base);
+    }
+}
+
+fn is_valid_fresh(uuid: u64) -> bool {
+    uuid & 1 == 0 && uuid != 0 && uuid != UUID_JUST_CREATED
+}
+
+/// Turns random bits into a valid generation UUID.
+pub fn fresh_uuid(random: u64) -> u64 {
+    let uuid = random & !1;
+    if uuid == 0 || uuid == UUID_JUST_CREATED { 0x5eed_0000_0000_0002 } else { uuid }
+}
+
+/// What one side tells the other in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeView {
+    pub node_id: NodeId,
+    pub uuids: GenerationUuids,
+    /// This node was primary when it went down; its activity log extents are out of sync.
+    pub crashed_primary: bool,
+    /// The operator asked this node to give up its changes (`--discard-my-data`).
+    pub discard_my_data: bool,
+}
+
+/// The outcome of comparing generations, from the local node's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncDecision {
+    NoSync,
+    BitmapSource,
+    BitmapTarget,
+    FullSource,
+    FullTarget,
+    SplitBrain,
+    Unrelated,
+}
+
+impl SyncDecision {
+    /// The same decision seen from the other end.
+    pub fn mirrored(self) -> Self {
+        match self {
+            Self::BitmapSource => Self::BitmapTarget,
+            Self::BitmapTarget => Self::BitmapSource,
+            Self::FullSource => Self::FullTarget,
+            Self::FullTarget => Self::FullSource,
+            other => other,
+        }
+    }
+}
+
+/// Nonzero generations a node knows as its past: history and bitmap bases.
+fn past(view: &HandshakeView) -> impl Iterator<Item = u64> + '_ {
+    view.uuids.history.iter().chain(view.uuids.bitmap.iter()).copied().filter(|u| *u != 0)
+}
+
+/// DRBD's connect-time decision (in the spirit of drbd_uuid_compare), as a pure function.
+pub fn decide(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
+    use SyncDecision::*;
+    let (mine, theirs) = (&local.uuids, &remote.uuids);
+    let local_fresh = mine.current == UUID_JUST_CREATED;
+    let remote_fresh = theirs.current == UUID_JUST_CREATED;
+    match (local_fresh, remote_fresh) {
+        (true, true) => return NoSync,
+        (true, false) => return FullTarget,
+        (false, true) => return FullSource,
+        (false, false) => {}
+    }
+    if mine.current == theirs.current {
+        return match (local.crashed_primary, remote.crashed_primary) {
+            (false, false) => NoSync,
+            (true, false) => BitmapSource,
+            (false, true) => BitmapTarget,
+            // Both went down as primary (one after the other): both activity logs are merged
+            // into the bitmap, so either direction is correct; the lower node id wins.
+            (true, true) if local.node_id < remote.node_id => BitmapSource,
+            (true, true) => BitmapTarget,
+        };
+    }
+    let mine_base = mine.bitmap_uuid(remote.node_id);
+    let their_base = theirs.bitmap_uuid(local.node_id);
+    // Both started tracking changes against each other from the same generation: both wrote.
+    let both_moved_on = mine_base != 0 && mine_base == their_base;
+    let i_am_behind = their_base == mine.current;
+    let they_are_behind = mine_base == theirs.current;
+    let decision = if both_moved_on || (i_am_behind && they_are_behind) {
+        SplitBrain
+    } else if i_am_behind {
+        BitmapTarget
+    } else if they_are_behind {
+        BitmapSource
+    } else {
+        let i_am_in_their_past = past(remote).any(|u| u == mine.current);
+        let they_are_in_my_past = past(local).any(|u| u == theirs.current);
+        let shared_past = past(local).any(|u| past(remote).any(|v| v == u));
+        match (i_am_in_their_past, they_are_in_my_past) {
+            (true, false) => FullTarget,
+            (false, true) => FullSource,
+            (true, true) => SplitBrain,
+            (false, false) if shared_past => SplitBrain,
+            (false, false) => Unrelated,
+        }
+    };
+    if decision == SplitBrain {
+        // Manual recovery: the victim resyncs from the survivor. With a common bitmap base both
+        // bitmaps together cover every change since the split; otherwise copy everything.
+        let bitmaps_cover = both_moved_on;
+        return match (local.discard_my_data, remote.discard_my_data) {
+            (true, false) if bitmaps_cover => BitmapTarget,
+            (true, false) => FullTarget,
+            (false, true) if bitmaps_cover => BitmapSource,
+            (false, true) => FullSource,
+            _ => SplitBrain,
+        };
+    }
+    // `--discard-my-data` also wins when the generations alone would make this node the source
+    // (a forced primary with older data than a returning node): the operator chose the victim.
+    match (local.discard_my_data, remote.discard_my_data, decision) {
+        (true, false, BitmapSource) => BitmapTarget,
+        (true, false, FullSource) => FullTarget,
+        (false, true, BitmapTarget) => BitmapSource,
+        (false, true, FullTarget) => FullSource,
+        _ => decision,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SyncDecision::*;
+
+    const A: NodeId = NodeId(0);
+    const B: NodeId = NodeId(1);
+
+    struct Row {
+        name: &'static str,
+        local: (u64, u64, [u64; 2], bool, bool),
+        remote: (u64, u64, [u64; 2], bool, bool),
+        expected: SyncDecision,
+    }
+
+    /// (current, bitmap uuid for the other node, history, crashed primary, discard-my-data)
+    fn view(id: NodeId, other: NodeId, v: (u64, u64, [u64; 2], bool, bool)) -> HandshakeView {
+        let mut uuids = GenerationUuids::just_created();
+        uuids.current = v.0;
+        uuids.bitmap[other.index()] = v.1;
+        uuids.history = v.2;
+        HandshakeView { node_id: id, uuids, crashed_primary: v.3, discard_my_data: v.4 }
+    }
+
+    const JC: u64 = UUID_JUST_CREATED;
+
+    #[test]
+    fn decision_table() {
+        let rows = [
+            Row {
+                name: "both just created",
+                local: (JC, 0, [0, 0], false, false),
+                remote: (JC, 0, [0, 0], false, false),
+                expected: NoSync,
+            },
+            Row {
+                name: "local just created: full sync target",
+                local: (JC, 0, [0, 0], false, false),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: FullTarget,
+            },
+            Row {
+                name: "remote just created: full sync source",
+                local: (0x10, 0, [0, 0], false, false),
+                remote: (JC, 0, [0, 0], false, false),
+                expected: FullSource,
+            },
+            Row {
+                name: "same generation: nothing to do",
+                local: (0x10, 0, [0, 0], false, false),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: NoSync,
+            },
+            Row {
+                name: "same generation, local crashed primary: bitmap source (AL)",
+                local: (0x10, 0, [0, 0], true, false),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: BitmapSource,
+            },
+            Row {
+                name: "same generation, remote crashed primary: bitmap target",
+                local: (0x10, 0, [0, 0], false, false),
+                remote: (0x10, 0, [0, 0], true, false),
+                expected: BitmapTarget,
+            },
+            Row {
+                name: "same generation, both crashed primaries: lower node id is source",
+                local: (0x10, 0, [0, 0], true, false),
+                remote: (0x10, 0, [0, 0], true, false),
+                expected: BitmapSource,
+            },
+            Row {
+                name: "local wrote while apart: bitmap source",
+                local: (0x20, 0x10, [0x10, 0], false, false),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: BitmapSource,
+            },
+            Row {
+                name: "remote wrote while apart: bitmap target",
+                local: (0x10, 0, [0, 0], false, false),
+                remote: (0x20, 0x10, [0x10, 0], false, false),
+                expected: BitmapTarget,
+            },
+            Row {
+                name: "remote moved on twice, base lost: full sync target",
+                local: (0x10, 0, [0, 0], false, false),
+                remote: (0x30, 0, [0x20, 0x10], false, false),
+                expected: FullTarget,
+            },
+            Row {
+                name: "local moved on twice, base lost: full sync source",
+                local: (0x30, 0, [0x20, 0x10], false, false),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: FullSource,
+            },
+            Row {
+                name: "both wrote while apart from the same base: split brain",
+                local: (0x20, 0x10, [0x10, 0], false, false),
+                remote: (0x30, 0x10, [0x10, 0], false, false),
+                expected: SplitBrain,
+            },
+            Row {
+                name: "diverged with only shared history: split brain",
+                local: (0x20, 0, [0x10, 0], false, false),
+                remote: (0x30, 0, [0x10, 0], false, false),
+                expected: SplitBrain,
+            },
+            Row {
+                name: "split brain, local discards its data: bitmap target",
+                local: (0x20, 0x10, [0x10, 0], false, true),
+                remote: (0x30, 0x10, [0x10, 0], false, false),
+                expected: BitmapTarget,
+            },
+            Row {
+                name: "split brain, remote discards its data: bitmap source",
+                local: (0x20, 0x10, [0x10, 0], false, false),
+                remote: (0x30, 0x10, [0x10, 0], false, true),
+                expected: BitmapSource,
+            },
+            Row {
+                name: "split brain without common base, local discards: full target",
+                local: (0x20, 0, [0x10, 0], false, true),
+                remote: (0x30, 0, [0x10, 0], false, false),
+                expected: FullTarget,
+            },
+            Row {
+                name: "split brain, both discard: still split brain",
+                local: (0x20, 0x10, [0x10, 0], false, true),
+                remote: (0x30, 0x10, [0x10, 0], false, true),
+                expected: SplitBrain,
+            },
+            Row {
+                name: "local newer but discards its data: bitmap target",
+                local: (0x20, 0x10, [0x10, 0], false, true),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: BitmapTarget,
+            },
+            Row {
+                name: "no common generation at all: unrelated data",
+                local: (0x20, 0, [0x18, 0], false, false),
+                remote: (0x30, 0, [0x28, 0], false, false),
+                expected: Unrelated,
+            },
+        ];
+        for row in &rows {
+            let local = view(A, B, row.local);
+            let remote = view(B, A, row.remote);
+            assert_eq!(decide(&local, &remote), row.expected, "{}", row.name);
+            assert_eq!(
+                decide(&remote, &local),
+                row.expected.mirrored(),
+                "{} (seen from the peer)",
+                row.name
+            );
+        }
+    }
+
+    /// Both ends always reach mirrored decisions, whatever the generations look like.
+    #[test]
+    fn decisions_are_antisymmetric() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pool = [0, JC, 0x10, 0x20, 0x30, 0x40];
+        let mut pick = || pool[usize::try_from(next() % 6).unwrap()];
+        for _ in 0..20_000 {
+            let a = view(A, B, (pick(), pick(), [pick(), pick()], pick() > 0x20, pick() == 0x10));
+            let b = view(B, A, (pick(), pick(), [pick(), pick()], pick() > 0x20, pick() == 0x10));
+            assert_eq!(decide(&a, &b), decide(&b, &a).mirrored(), "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn generation_lifecycle() {
+        let mut primary = GenerationUuids::just_created();
+        let mut secondary = GenerationUuids::just_created();
+        // new-current-uuid --clear-bitmap on a fresh pair: both adopt one generation.
+        primary.new_current_clear_bitmap(0x100);
+        secondary.new_current_clear_bitmap(0x100);
+        let views = |p: &GenerationUuids, s: &GenerationUuids| {
+            let mk = |id, uuids: &GenerationUuids| HandshakeView {
+                node_id: id,
+                uuids: uuids.clone(),
+                crashed_primary: false,
+                discard_my_data: false,
+            };
+            decide(&mk(A, p), &mk(B, s))
+        };
+        assert_eq!(views(&primary, &secondary), NoSync);
+        // The primary writes while the secondary is away.
+        primary.new_current(0x200, [B]);
+        assert_eq!(primary.bitmap_uuid(B), 0x100);
+        assert_eq!(views(&primary, &secondary), BitmapSource);
+        // A second generation while still apart keeps the original bitmap base.
+        primary.new_current(0x300, [B]);
+        assert_eq!(primary.bitmap_uuid(B), 0x100);
+        assert_eq!(views(&primary, &secondary), BitmapSource);
+        primary.resync_finished_as_source(B);
+        secondary.resync_finished_as_target(A, primary.current);
+        assert_eq!(views(&primary, &secondary), NoSync);
+        assert_eq!(primary.bitmap_uuid(B), 0);
+    }
+}

@@ -1,0 +1,247 @@
+//! The checker's model of what every block may contain.
+//!
+//! Every simulated write fills each 512-byte sector with its write id and block number, so any
+//! sector read back names the write it came from (id 0: never written, or discarded). For each
+//! block the model keeps the writes issued to it in order (the engine serializes overlapping
+//! writes, so issue order is apply order). A sector may legally hold the newest *guaranteed*
+//! write or anything issued after it (pending, failed or unguaranteed writes may or may not
+//! have landed), never anything older.
+//!
+//! A write is guaranteed once it completed successfully and either reached stable storage (FUA,
+//! or an application flush issued after it completed) or no crash that could lose a volatile
+//! cache happened since: under protocol C, a power loss anywhere; under A and B, any crash.
+
+use crate::constants::{BLOCK_BYTES as BLOCK, SECTOR_BYTES as SECTOR};
+
+const SECTORS: usize = BLOCK / SECTOR;
+
+/// Fills one block of a write's payload so every sector identifies the write.
+pub fn fill_block(buffer: &mut [u8], write_id: u64, block: u64) {
+    assert_eq!(buffer.len(), BLOCK);
+    for (s, sector) in buffer.chunks_mut(SECTOR).enumerate() {
+        sector[0..8].copy_from_slice(&write_id.to_le_bytes());
+        sector[8..16].copy_from_slice(&block.to_le_bytes());
+        let tag = write_id.wrapping_mul(31).wrapping_add(s as u64);
+        for (i, byte) in sector[16..].iter_mut().enumerate() {
+            *byte = (tag.wrapping_add(i as u64) & 0xff) as u8;
+        }
+    }
+}
+
+/// The write id a sector carries, or None if the sector is not a well-formed sector of a
+/// write to this block (misplaced or corrupted data).
+fn decode_sector(sector: &[u8], block: u64, s: usize) -> Option<u64> {
+    let id = u64::from_le_bytes(sector[0..8].try_into().expect("8 bytes"));
+    if id == 0 {
+        return sector.iter().all(|b| *b == 0).then_some(0);
+    }
+    let mut expected = vec![0u8; SECTOR];
+    let placed = u64::from_le_bytes(sector[8..16].try_into().expect("8 bytes"));
+    if placed != block {
+        return None;
+    }
+    expected[0..16].copy_from_slice(&sector[0..16]);
+    let tag = id.wrapping_mul(31).wrapping_add(s as u64);
+    for (i, byte) in expected[16..].iter_mut().enumerate() {
+        *byte = (tag.wrapping_add(i as u64) & 0xff) as u8;
+    }
+    (expected == sector).then_some(id)
+}
+
+#[derive(Debug, Clone)]
+struct WriteRecord {
+    content: u64,
+    acked_at_ms: Option<u64>,
+    failed: bool,
+    stable: bool,
+    maybe_lost: bool,
+}
+
+#[derive(Debug, Clone)]
+struct BlockModel {
+    baseline: [u64; SECTORS],
+    writes: Vec<usize>,
+}
+
+pub struct Model {
+    blocks: Vec<BlockModel>,
+    writes: Vec<WriteRecord>,
+    unstable: Vec<usize>,
+}
+
+impl Model {
+    pub fn new(size_blocks: u64) -> Self {
+        let n = usize::try_from(size_blocks).expect("small sim disk");
+        Self {
+            blocks: vec![BlockModel { baseline: [0; SECTORS], writes: Vec::new() }; n],
+            writes: Vec::new(),
+            unstable: Vec::new(),
+        }
+    }
+
+    /// Registers a write and returns its id (content ids start at 1; discards write id 0).
+    pub fn issue_write(&mut self, first: u64, blocks: u64, discard: bool) -> u64 {
+        let index = self.writes.len();
+        let content = if discard { 0 } else { index as u64 + 1 };
+        self.writes.push(WriteRecord {
+            content,
+            acked_at_ms: None,
+            failed: false,
+            stable: false,
+            maybe_lost: false,
+        });
+        for b in first..first + blocks {
+            self.blocks[usize::try_from(b).expect("small")].writes.push(index);
+        }
+        self.unstable.push(index);
+        index as u64 + 1
+    }
+
+    fn record(&mut self, id: u64) -> &mut WriteRecord {
+        &mut self.writes[usize::try_from(id - 1).expect("small")]
+    }
+
+    pub fn complete_write(&mut self, id: u64, ok: bool, fua: bool, now_ms: u64) {
+        let w = self.record(id);
+        if ok {
+            w.acked_at_ms = Some(now_ms);
+            w.stable = fua && !w.maybe_lost;
+        } else {
+            w.failed = true;
+        }
+    }
+
+    /// An application flush issued at `issued_ms` completed successfully.
+    pub fn complete_flush(&mut self, issued_ms: u64) {
+        let writes = &mut self.writes;
+        self.unstable.retain(|&i| {
+            let w = &mut writes[i];
+            if w.stable {
+                return false;
+            }
+            if !w.maybe_lost && w.acked_at_ms.is_some_and(|t| t < issued_ms) {
+                w.stable = true;
+                return false;
+            }
+            !w.failed
+        });
+    }
+
+    /// A crash that may have lost volatile data somewhere.
+    pub fn volatile_loss(&mut self) {
+        for &i in &self.unstable {
+            // Only completed writes sit in a volatile cache; pending ones complete later from
+            // a disk that did not lose them, or never (their node went down).
+            if !self.writes[i].stable && self.writes[i].acked_at_ms.is_some() {
+                self.writes[i].maybe_lost = true;
+            }
+        }
+    }
+
+    fn guaranteed(w: &WriteRecord) -> bool {
+        w.acked_at_ms.is_some() && !w.failed && (w.stable || !w.maybe_lost)
+    }
+
+    fn allowed(&self, block: usize, sector: usize, id: u64) -> bool {
+        let b = &self.blocks[block];
+        for &i in b.writes.iter().rev() {
+            let w = &self.writes[i];
+            if w.content == id {
+                return true;
+            }
+            if Self::guaranteed(w) {
+                return false;
+            }
+        }
+        b.baseline[sector] == id
+    }
+
+    /// Checks a whole device image; returns the first problem found.
+    pub fn check_image(&self, image: &[u8]) -> Result<(), String> {
+        for (block, data) in image.chunks(BLOCK).enumerate() {
+            for (s, sector) in data.chunks(SECTOR).enumerate() {
+                let Some(id) = decode_sector(sector, block as u64, s) else {
+                    return Err(format!("block {block} sector {s}: corrupt or misplaced data"));
+                };
+                if !self.allowed(block, s, id) {
+                    let last = self.blocks[block]
+                        .writes
+                        .iter()
+                        .rev()
+                        .find(|&&i| Self::guaranteed(&self.writes[i]))
+                        .map(|&i| self.writes[i].content);
+                    return Err(format!(
+                        "block {block} sector {s}: holds write {id}, but acknowledged write {last:?} is newer"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks blocks `first..first+blocks` of data returned by a read.
+    pub fn check_read(&self, first: u64, data: &[u8]) -> Result<(), String> {
+        for (i, block) in data.chunks(BLOCK).enumerate() {
+            let b = usize::try_from(first).expect("small") + i;
+            for (s, sector) in block.chunks(SECTOR).enumerate() {
+                let id = decode_sector(sector, b as u64, s).ok_or_else(|| {
+                    format!("read block {b} sector {s}: corrupt or misplaced data")
+                })?;
+                if !self.allowed(b, s, id) {
+                    return Err(format!("read block {b} sector {s}: stale write {id}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A forced promotion declared this image the truth: forget everything before it.
+    pub fn rebase(&mut self, image: &[u8]) {
+        for (block, data) in image.chunks(BLOCK).enumerate() {
+            let b = &mut self.blocks[block];
+            b.writes.clear();
+            for (s, sector) in data.chunks(SECTOR).enumerate() {
+                b.baseline[s] = decode_sector(sector, block as u64, s).unwrap_or(u64::MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(ids: &[u64]) -> Vec<u8> {
+        let mut out = vec![0u8; ids.len() * BLOCK];
+        for (b, id) in ids.iter().enumerate() {
+            if *id != 0 {
+                fill_block(&mut out[b * BLOCK..(b + 1) * BLOCK], *id, b as u64);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn acknowledged_writes_must_survive_and_unacknowledged_may_not() {
+        let mut m = Model::new(2);
+        let w1 = m.issue_write(0, 1, false);
+        m.complete_write(w1, true, false, 10);
+        let w2 = m.issue_write(0, 1, false);
+        assert!(m.check_image(&image(&[w1, 0])).is_ok());
+        assert!(m.check_image(&image(&[w2, 0])).is_ok(), "pending write may have landed");
+        assert!(m.check_image(&image(&[0, 0])).is_err(), "acked write lost");
+        // After a power loss an unflushed acknowledged write may vanish ...
+        m.volatile_loss();
+        assert!(m.check_image(&image(&[0, 0])).is_ok());
+        // ... but not once a flush made a later write stable.
+        m.complete_write(w2, true, false, 20);
+        let w3 = m.issue_write(0, 1, false);
+        m.complete_write(w3, true, false, 30);
+        m.complete_flush(31);
+        assert!(m.check_image(&image(&[w2, 0])).is_err());
+        assert!(m.check_image(&image(&[w3, 0])).is_ok());
+        let mut corrupt = image(&[w3, 0]);
+        corrupt[100] ^= 1;
+        assert!(m.check_image(&corrupt).is_err());
+    }
+}

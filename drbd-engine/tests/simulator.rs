@@ -1,0 +1,41 @@
+//! Runs the deterministic simulator over a few hundred seeds (a longer soak is slow-gated).
+//! A failure prints each failing seed's violation and its one-line reproducer.
+
+use drbd_engine::sim;
+
+fn run(first: u64, count: u64) {
+    let mut failures = Vec::new();
+    for seed in first..first + count {
+        let report = sim::run_seed(seed, 2);
+        if !report.violations.is_empty() {
+            failures.push(format!(
+                "seed {seed}: {}\n  reproduce: {}",
+                report.violations.join("; "),
+                sim::reproduce_command(seed)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {count} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn three_hundred_seeds_without_violations() {
+    run(1, 300);
+}
+
+/// `TANDEM_SLOW_TESTS=1 cargo test -p drbd-engine --test simulator -- soak`
+#[test]
+fn soak_five_thousand_seeds() {
+    if std::env::var("TANDEM_SLOW_TESTS").as_deref() != Ok("1") {
+        println!("skipped: set TANDEM_SLOW_TESTS=1");
+        return;
+    }
+    let first =
+        std::env::var("TANDEM_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    run(first, 5_000);
+}
