@@ -49,7 +49,7 @@ pub(crate) type OperationResult = Result<Output, Error>;
 pub(crate) struct Completion {
     sender: oneshot::Sender<OperationResult>,
     /// Released when the engine is done with the request, not when the caller stops waiting.
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 impl Completion {
@@ -57,12 +57,16 @@ impl Completion {
         permit: OwnedSemaphorePermit,
     ) -> (Completion, oneshot::Receiver<OperationResult>) {
         let (sender, receiver) = oneshot::channel();
-        (Completion { sender, _permit: permit }, receiver)
+        (Completion { sender, permit }, receiver)
     }
 
     pub(crate) fn complete(self, result: OperationResult) {
+        let Completion { sender, permit } = self;
+        // The engine is done with the request: free its slot before waking the caller, so a
+        // caller that sees the result also sees the slot free.
+        drop(permit);
         // The caller may have dropped its future; the result is then discarded on purpose.
-        let _ = self.sender.send(result);
+        let _ = sender.send(result);
     }
 }
 
