@@ -50,6 +50,12 @@ struct Inner {
     permits: Arc<Semaphore>,
 }
 
+// Callers share one store between tasks and threads; keep that true at compile time.
+const _: fn() = || {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<BackingStore>();
+};
+
 impl fmt::Debug for BackingStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BackingStore")
