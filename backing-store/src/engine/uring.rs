@@ -209,8 +209,15 @@ impl Drop for RingThread {
     fn drop(&mut self) {
         if self.in_flight > 0 || self.eventfd_armed {
             // Only after a panic: the kernel may still write into these buffers after the ring
-            // is closed, so they must never be freed. Crash-safe beats memory-safe-looking.
-            std::mem::forget(std::mem::take(&mut self.slots));
+            // is closed, so they are leaked, never freed. Their callers still get an answer.
+            for slot in std::mem::take(&mut self.slots).into_iter().flatten() {
+                let Slot { operation, completion } = slot;
+                std::mem::forget(operation);
+                completion.complete(Err(Error::new(
+                    ErrorKind::EngineStopped,
+                    "the io_uring thread stopped with this request in flight",
+                )));
+            }
             std::mem::forget(std::mem::replace(&mut self.eventfd_buffer, Box::new(0)));
         }
     }
