@@ -1,7 +1,8 @@
 //! Side-by-side benchmark of the backing-store engines.
 //!
 //! Run with: `cargo run --release -p backing-store --example backing_bench -- [--dir DIR]
-//! [--size-mib N] [--seconds S] [--rounds R]`
+//! [--size-mib N] [--seconds S] [--rounds R] [--workloads 4k-randwrite-qd1,...]
+//! [--io buffered|direct|both]`
 //!
 //! For each workload it runs every (engine, O_DIRECT) combination back to back, `--rounds`
 //! times alternating the order, so noise from a shared machine hits all engines alike. The
@@ -66,6 +67,10 @@ struct Arguments {
     size_bytes: u64,
     duration: Duration,
     rounds: usize,
+    /// Workload names to run (all when empty).
+    workloads: Vec<String>,
+    /// Run buffered, O_DIRECT, or both.
+    direct_modes: Vec<bool>,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -74,6 +79,8 @@ fn parse_arguments() -> Result<Arguments, String> {
         size_bytes: 1 << 30,
         duration: Duration::from_secs(2),
         rounds: 2,
+        workloads: Vec::new(),
+        direct_modes: vec![false, true],
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -85,6 +92,19 @@ fn parse_arguments() -> Result<Arguments, String> {
             "--seconds" => arguments.duration = Duration::from_secs(number()?),
             "--rounds" => {
                 arguments.rounds = usize::try_from(number()?).map_err(|error| error.to_string())?;
+            }
+            "--workloads" => {
+                arguments.workloads = value.split(',').map(str::to_owned).collect();
+            }
+            "--io" => {
+                arguments.direct_modes = match value.as_str() {
+                    "buffered" => vec![false],
+                    "direct" => vec![true],
+                    "both" => vec![false, true],
+                    other => {
+                        return Err(format!("--io {other}: expected buffered, direct or both"));
+                    }
+                };
             }
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -191,13 +211,16 @@ fn main() -> Result<(), String> {
         "{:<18} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10}",
         "workload", "engine", "io", "IOPS", "MiB/s", "avg_us", "cpu_us/op"
     );
-    let mut configurations = vec![
-        (EngineKind::Sync, false),
-        (EngineKind::Uring, false),
-        (EngineKind::Sync, true),
-        (EngineKind::Uring, true),
-    ];
-    for workload in WORKLOADS {
+    let mut configurations: Vec<(EngineKind, bool)> = arguments
+        .direct_modes
+        .iter()
+        .flat_map(|direct_io| [(EngineKind::Sync, *direct_io), (EngineKind::Uring, *direct_io)])
+        .collect();
+    let selected = WORKLOADS.into_iter().filter(|workload| {
+        arguments.workloads.is_empty()
+            || arguments.workloads.iter().any(|name| name == workload.name)
+    });
+    for workload in selected {
         for round in 0..arguments.rounds {
             if round % 2 == 1 {
                 configurations.reverse();
