@@ -726,3 +726,85 @@ fn meta_image_attaches_to_create_md_output_and_drbdmeta_reads_its_changes() {
         assert_eq!(set, 2 * 1024, "only the two hot extents (which cover node 0's bits)");
     }
 }
+
+#[test]
+fn torn_activity_log_transaction_is_skipped_by_drbdmeta_and_tandem_alike() {
+    let Some(program) = drbdmeta() else { return };
+    let drbdmeta = Drbdmeta { program };
+    let dir = tempfile::tempdir().unwrap();
+    let size = GIB;
+    let layout = MetaLayout::internal(size, 1, AlGeometry::default()).unwrap();
+    for torn_sectors in [1usize, 2, 7] {
+        let path = sparse_file(dir.path(), &format!("torn-al-{torn_sectors}.img"), size);
+        let (mut image, plan) =
+            drbd_engine::meta::MetaImage::create(layout, 0, layout.data_blocks(), 61).unwrap();
+        execute(&path, &plan);
+        execute(
+            &path,
+            &image
+                .update_superblock(|sb| {
+                    sb.flags = md_flags::CONSISTENT | md_flags::PRIMARY_IND;
+                    sb.peers[1].bitmap_index = 0;
+                })
+                .unwrap(),
+        );
+        // Thirty transactions (the ring wraps) filling slots 0..=29, then one more that
+        // swaps the extent in slot 29: it changes the update list in sector 0 and the context
+        // entry of slot 29 in sector 1, so a tear after sector 0 leaves a mixed block.
+        for i in 0..30u32 {
+            execute(&path, &image.al_change(&[i * 5], &[]).unwrap());
+        }
+        let before: Vec<u32> = (0..30).map(|i| i * 5).collect();
+        let mut after: Vec<u32> = (0..29).map(|i| i * 5).collect();
+        after.push(200);
+        let last = image.al_change(&[200], &[145]).unwrap();
+        let write = &last.steps[0][0];
+        write_at(&path, write.offset_bytes, &write.bytes[..torn_sectors * 512]);
+        let on_disk = read_at(&path, write.offset_bytes, 4096);
+        let expected = if on_disk[..] == write.bytes[..] { &after } else { &before };
+        if torn_sectors == 1 {
+            assert_eq!(expected, &before, "a one-sector tear leaves a mixed block");
+        }
+        let (_, loaded) = load_image(&path, size, 0);
+        assert_eq!(&loaded.hot_extents, expected, "{torn_sectors} sectors");
+        drbdmeta.run(&path, "internal", &["apply-al"]);
+        let dump = parse_dump(&drbdmeta.run(&path, "internal", &["dump-md"]));
+        let marked: Vec<u32> = (0..u32::try_from(dump.bitmaps[0].len() / 16).unwrap())
+            .filter(|&e| {
+                let first = usize::try_from(e).unwrap() * 16;
+                dump.bitmaps[0][first..first + 16].iter().all(|&w| w == u64::MAX)
+            })
+            .collect();
+        assert_eq!(&marked, expected, "{torn_sectors} sectors: drbdmeta agrees");
+    }
+}
+
+#[test]
+fn flex_external_metadata_written_by_tandem_is_read_by_dump_md() {
+    let Some(program) = drbdmeta() else { return };
+    let drbdmeta = Drbdmeta { program };
+    let dir = tempfile::tempdir().unwrap();
+    let md_size = 8 << 20;
+    let path = sparse_file(dir.path(), "external.img", md_size);
+    let layout = MetaLayout::flex_external(md_size, 2, AlGeometry::default()).unwrap();
+    // A 10 GiB data device described by an 8 MiB metadata device.
+    let size_blocks = (10u64 << 30) / 4096;
+    assert!(size_blocks <= layout.data_blocks());
+    let (mut image, plan) =
+        drbd_engine::meta::MetaImage::create(layout, 0, size_blocks, 1237).unwrap();
+    execute(&path, &plan);
+    let words = usize::try_from(size_blocks.div_ceil(64)).unwrap();
+    let mut node1 = vec![0u64; words];
+    node1[words - 1] = 1 << 63;
+    node1[7] = 0x5555;
+    let empty: &[u64] = &[];
+    let by_node: Vec<&[u64]> = vec![empty, &node1];
+    execute(&path, &image.bitmap_writes(1, 0, size_blocks, &by_node).unwrap());
+    let dump = parse_dump(&drbdmeta.run(&path, "flex-external", &["dump-md"]));
+    assert_eq!((dump.md_size_sect, dump.al_offset, dump.bm_offset), (md_size / 512, 4096, 36864));
+    assert_eq!(dump.la_size_sect, size_blocks * 8);
+    assert_eq!(dump.peers[1].0, 0);
+    let mut expected = node1;
+    expected.resize(dumped_words_per_peer(dump.la_size_sect, 2), 0);
+    assert_eq!(dump.bitmaps[0], expected);
+}
