@@ -99,13 +99,19 @@ pub fn binary(name: &str) -> PathBuf {
     let built = BUILT.get_or_init(|| Mutex::new(HashSet::new()));
     let mut built = built.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if !built.contains(name) {
-        let package = package_of_binary(name)
-            .unwrap_or_else(|| panic!("unknown workspace binary `{name}`: add it to package_of_binary"));
+        let package = package_of_binary(name).unwrap_or_else(|| {
+            panic!("unknown workspace binary `{name}`: add it to package_of_binary")
+        });
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
-        command
-            .current_dir(workspace_root())
-            .args(["build", "--quiet", "--package", package, "--bin", name]);
+        command.current_dir(workspace_root()).args([
+            "build",
+            "--quiet",
+            "--package",
+            package,
+            "--bin",
+            name,
+        ]);
         if profile_dir.file_name().is_some_and(|profile| profile == "release") {
             command.arg("--release");
         }
@@ -224,7 +230,11 @@ impl Daemon {
 
     fn assert_running_before(&mut self, deadline: Instant, waiting_for: &str) {
         if let Some(status) = self.try_wait() {
-            panic!("{} exited ({status}) while waiting for {waiting_for}\n{}", self.name, self.log());
+            panic!(
+                "{} exited ({status}) while waiting for {waiting_for}\n{}",
+                self.name,
+                self.log()
+            );
         }
         if Instant::now() >= deadline {
             panic!("{} timed out waiting for {waiting_for}\n{}", self.name, self.log());
@@ -279,7 +289,11 @@ impl Drop for Daemon {
                 Some(status) => format!("exit {status}"),
                 None => "unknown exit".to_owned(),
             };
-            eprintln!("----- log of {} ({how}) -----\n{}\n----- end of log -----", self.name, self.log());
+            eprintln!(
+                "----- log of {} ({how}) -----\n{}\n----- end of log -----",
+                self.name,
+                self.log()
+            );
         }
         self.child = None;
     }
@@ -392,8 +406,8 @@ impl NetNs {
         let a_if = format!("veth{serial}a");
         let b_if = format!("veth{serial}b");
         run_ip(&[
-            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if,
-            "netns", &b.name,
+            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
+            &b.name,
         ]);
         a.ip(&["addr", "add", a_cidr, "dev", &a_if]);
         b.ip(&["addr", "add", b_cidr, "dev", &b_if]);
@@ -424,7 +438,8 @@ fn run_ip(args: &[&str]) {
 
 /// Creates a sparse file of `size_bytes` at `path`.
 pub fn sparse_file(path: &Path, size_bytes: u64) {
-    let file = File::create(path).unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
+    let file =
+        File::create(path).unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
     file.set_len(size_bytes).expect("sizing a sparse file");
 }
 

@@ -23,10 +23,8 @@ fn every_documented_binary_prints_its_usage() {
     let binaries = documented_binaries(&readme);
     assert!(!binaries.is_empty(), "the Binaries table lists binaries");
     for name in binaries {
-        let output = run_with_timeout(
-            Command::new(binary(&name)).arg("--help"),
-            Duration::from_secs(10),
-        );
+        let output =
+            run_with_timeout(Command::new(binary(&name)).arg("--help"), Duration::from_secs(10));
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&output.stdout),
@@ -41,8 +39,10 @@ fn every_documented_binary_prints_its_usage() {
 fn the_two_setup_commands_exist_and_are_executable() {
     use std::os::unix::fs::PermissionsExt;
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
-    let getting_started =
-        readme.split("## Getting started").nth(1).expect("the README has a Getting started section");
+    let getting_started = readme
+        .split("## Getting started")
+        .nth(1)
+        .expect("the README has a Getting started section");
     let block = getting_started.split("```sh").nth(1).expect("a shell block").split("```").next();
     let commands: Vec<&str> = block
         .expect("a closed shell block")
