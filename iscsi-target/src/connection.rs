@@ -21,6 +21,9 @@ use crate::scsi::sense::{self, Sense, codes};
 use crate::scsi::{self, Context, DeviceInfo, LunIdentity, LunShared, Outcome, Pending, Step};
 use crate::text::{self, SessionParams};
 
+/// Data-In segments at least this long are handed to the socket without a copy.
+const ZERO_COPY_BYTES_MIN: usize = 16 * 1024;
+
 /// A logical unit: its device, identity and the state shared by every session.
 pub struct LogicalUnit<D> {
     pub identity: LunIdentity,
@@ -226,6 +229,8 @@ pub struct Connection<D> {
     next_tag: u64,
     next_ttt: u32,
     transmit: Vec<u8>,
+    /// Large data segments sent without copying: (position in `transmit` where each goes, data).
+    transmit_segments: Vec<(usize, Bytes)>,
     io: VecDeque<IoRequest<D>>,
     events: VecDeque<Event>,
 }
@@ -258,6 +263,7 @@ impl<D: BlockDevice> Connection<D> {
             next_tag: 1,
             next_ttt: 1,
             transmit: Vec::with_capacity(64 * 1024),
+            transmit_segments: Vec::new(),
             io: VecDeque::new(),
             events: VecDeque::new(),
         }
@@ -276,9 +282,18 @@ impl<D: BlockDevice> Connection<D> {
         }
     }
 
-    /// Encoded bytes waiting to be written; the driver writes them and clears the buffer.
-    pub fn transmit_buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.transmit
+    /// Takes everything waiting to be sent: the encoded bytes and the large data segments
+    /// that go between them, each at its position in the bytes.
+    pub fn poll_transmit(&mut self, bytes: &mut Vec<u8>, segments: &mut Vec<(usize, Bytes)>) {
+        std::mem::swap(bytes, &mut self.transmit);
+        std::mem::swap(segments, &mut self.transmit_segments);
+        self.transmit.clear();
+        self.transmit_segments.clear();
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn transmit_bytes(&self) -> usize {
+        self.transmit.len() + self.transmit_segments.iter().map(|(_, d)| d.len()).sum::<usize>()
     }
 
     pub fn poll_io(&mut self) -> Option<IoRequest<D>> {
@@ -986,8 +1001,20 @@ impl<D: BlockDevice> Connection<D> {
                 h.set_u32(36, data_sn);
                 h.set_u32(40, u32::try_from(offset).unwrap_or(0));
                 data_sn += 1;
-                let chunk = &data[offset..offset + length];
-                pdu::encode(&mut self.transmit, &h, chunk, self.digests);
+                if length >= ZERO_COPY_BYTES_MIN {
+                    let chunk = data.slice(offset..offset + length);
+                    pdu::encode_header(&mut self.transmit, &h, length, self.digests);
+                    let at = self.transmit.len();
+                    pdu::encode_trailer(&mut self.transmit, &chunk, self.digests);
+                    self.transmit_segments.push((at, chunk));
+                } else {
+                    pdu::encode(
+                        &mut self.transmit,
+                        &h,
+                        &data[offset..offset + length],
+                        self.digests,
+                    );
+                }
                 offset += length;
             }
             if status_in_data {

@@ -261,6 +261,31 @@ pub fn encode(out: &mut Vec<u8>, header: &Header, data: &[u8], digests: Digests)
     }
 }
 
+/// Appends the header (with digest) of a PDU whose data segment the caller sends separately,
+/// followed by [`encode_trailer`]. Lets large data go out without being copied.
+pub fn encode_header(out: &mut Vec<u8>, header: &Header, data_length: usize, digests: Digests) {
+    let mut header = header.clone();
+    header.set_data_segment_bytes(data_length);
+    header.0[4] = 0;
+    out.extend_from_slice(&header.0);
+    if digests.header {
+        out.extend_from_slice(&crc32c::crc32c(&header.0).to_le_bytes());
+    }
+}
+
+/// Appends the padding and data digest that follow a data segment sent on its own.
+pub fn encode_trailer(out: &mut Vec<u8>, data: &[u8], digests: Digests) {
+    if data.is_empty() {
+        return;
+    }
+    let pad = padded(data.len()) - data.len();
+    out.extend_from_slice(&[0u8; 3][..pad]);
+    if digests.data {
+        let crc = crc32c::crc32c_append(crc32c::crc32c(data), &[0u8; 3][..pad]);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+}
+
 /// Serial number arithmetic (RFC 1982) on 32-bit sequence numbers: is `a` before `b`?
 pub fn serial_lt(a: u32, b: u32) -> bool {
     a != b && b.wrapping_sub(a) < (1 << 31)

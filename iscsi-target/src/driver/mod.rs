@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -98,7 +98,7 @@ async fn run_connection<D: BlockDevice>(
     let mut connection = Connection::new(id, config, relative_port, challenge, identifier);
     let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
     let mut input = BytesMut::with_capacity(512 * 1024);
-    let mut out = Vec::with_capacity(256 * 1024);
+    let mut out = Outgoing::default();
     // Debugging aid: one line per received PDU on stderr.
     let trace = std::env::var_os("TANDEM_ISCSI_TRACE").is_some();
     let result = loop {
@@ -152,7 +152,7 @@ async fn run_connection<D: BlockDevice>(
                 }
             }
             dispatch_io(&mut connection, &completions_tx);
-            if connection.transmit_buffer().len() >= TRANSMIT_BATCH_BYTES_MAX {
+            if connection.transmit_bytes() >= TRANSMIT_BATCH_BYTES_MAX {
                 write_out(&mut connection, &mut out, &mut writer).await?;
             }
         }
@@ -225,14 +225,74 @@ fn dispatch_io<D: BlockDevice>(
 
 async fn write_out<D: BlockDevice>(
     connection: &mut Connection<D>,
-    out: &mut Vec<u8>,
+    out: &mut Outgoing,
     writer: &mut tokio::net::tcp::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    if connection.transmit_buffer().is_empty() {
+    if connection.transmit_bytes() == 0 {
         return Ok(());
     }
-    std::mem::swap(out, connection.transmit_buffer());
-    let result = writer.write_all(out).await;
-    out.clear();
+    connection.poll_transmit(&mut out.bytes, &mut out.segments);
+    let result = write_vectored_all(writer, &out.bytes, &out.segments).await;
+    out.bytes.clear();
+    out.segments.clear();
     result
+}
+
+/// Buffers moved out of the connection for one batched socket write.
+#[derive(Default)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    segments: Vec<(usize, Bytes)>,
+}
+
+/// I/O vectors per writev call.
+const IOVECS_MAX: usize = 64;
+
+/// Writes `bytes` with each segment inserted at its position, with writev and no copy.
+async fn write_vectored_all(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    bytes: &[u8],
+    segments: &[(usize, Bytes)],
+) -> std::io::Result<()> {
+    if segments.is_empty() {
+        return writer.write_all(bytes).await;
+    }
+    // The stream as a list of slices, then written front to back.
+    let mut pieces: Vec<&[u8]> = Vec::with_capacity(segments.len() * 2 + 1);
+    let mut at = 0;
+    for (position, data) in segments {
+        if *position > at {
+            pieces.push(&bytes[at..*position]);
+        }
+        pieces.push(data);
+        at = *position;
+    }
+    if at < bytes.len() {
+        pieces.push(&bytes[at..]);
+    }
+    let mut index = 0;
+    let mut skip = 0;
+    while index < pieces.len() {
+        let mut vectors = Vec::with_capacity(IOVECS_MAX);
+        vectors.push(std::io::IoSlice::new(&pieces[index][skip..]));
+        for piece in pieces.iter().skip(index + 1).take(IOVECS_MAX - 1) {
+            vectors.push(std::io::IoSlice::new(piece));
+        }
+        let mut written = writer.write_vectored(&vectors).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let left = pieces[index].len() - skip;
+            if written >= left {
+                written -= left;
+                index += 1;
+                skip = 0;
+            } else {
+                skip += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }

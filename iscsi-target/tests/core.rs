@@ -1,0 +1,843 @@
+//! The pure protocol core driven through its public boundary (PDUs and I/O completions in,
+//! bytes and I/O requests out) with an in-memory device: login and CHAP, R2T flows, digests,
+//! task management, ALUA and malformed input.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use iscsi_target::chap::{self, Algorithm};
+use iscsi_target::connection::{Config, Connection, Event, LogicalUnit, PortalAddress, TargetNode};
+use iscsi_target::device::{AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange};
+use iscsi_target::login::{AuthConfig, Credentials};
+use iscsi_target::pdu::{self, Digests, Header, Pdu, opcode};
+use proptest::prelude::*;
+
+const TARGET: &str = "iqn.2026-11.org.tandem:test";
+const INITIATOR: &str = "iqn.2026-11.org.tandem:initiator";
+const BLOCKS: u64 = 2048;
+
+struct MemoryDevice {
+    data: Mutex<Vec<u8>>,
+    alua: Mutex<AluaState>,
+}
+
+impl MemoryDevice {
+    fn new() -> Self {
+        Self {
+            data: Mutex::new(vec![0; usize::try_from(BLOCKS * 512).unwrap()]),
+            alua: Mutex::new(AluaState::ActiveOptimized),
+        }
+    }
+    /// Performs an I/O synchronously, the way a driver would asynchronously.
+    fn perform(&self, op: IoOp) -> Result<IoData, DeviceError> {
+        let mut data = self.data.lock().unwrap();
+        let range = |offset: u64, length: u64| {
+            let start = usize::try_from(offset).unwrap();
+            start..start + usize::try_from(length).unwrap()
+        };
+        match op {
+            IoOp::Read { offset_bytes, length_bytes } => Ok(IoData::Read(Bytes::copy_from_slice(
+                &data[range(offset_bytes, u64::from(length_bytes))],
+            ))),
+            IoOp::Write { offset_bytes, data: bytes, .. } => {
+                data[range(offset_bytes, bytes.len() as u64)].copy_from_slice(&bytes);
+                Ok(IoData::None)
+            }
+            IoOp::Flush => Ok(IoData::None),
+            IoOp::Unmap { offset_bytes, length_bytes }
+            | IoOp::WriteZeroes { offset_bytes, length_bytes } => {
+                data[range(offset_bytes, length_bytes)].fill(0);
+                Ok(IoData::None)
+            }
+            IoOp::MappedRanges { offset_bytes, length_bytes } => {
+                Ok(IoData::Ranges(vec![MappedRange { offset_bytes, length_bytes, mapped: true }]))
+            }
+        }
+    }
+}
+
+impl BlockDevice for MemoryDevice {
+    fn size_bytes(&self) -> u64 {
+        BLOCKS * 512
+    }
+    fn alua_state(&self) -> AluaState {
+        *self.alua.lock().unwrap()
+    }
+    async fn read(&self, _: u64, _: u32) -> Result<Bytes, DeviceError> {
+        unreachable!("the tests perform I/O synchronously")
+    }
+    async fn write(&self, _: u64, _: Bytes, _: bool) -> Result<(), DeviceError> {
+        unreachable!()
+    }
+    async fn flush(&self) -> Result<(), DeviceError> {
+        unreachable!()
+    }
+    async fn unmap(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+        unreachable!()
+    }
+    async fn write_zeroes(&self, _: u64, _: u64) -> Result<(), DeviceError> {
+        unreachable!()
+    }
+    async fn mapped_ranges(&self, _: u64, _: u64) -> Result<Vec<MappedRange>, DeviceError> {
+        unreachable!()
+    }
+}
+
+/// A scripted initiator around one [`Connection`].
+struct Initiator {
+    connection: Connection<MemoryDevice>,
+    device: Arc<MemoryDevice>,
+    digests: Digests,
+    cmdsn: u32,
+    itt: u32,
+    /// Hold I/O requests instead of completing them at once.
+    hold_io: bool,
+    held: Vec<iscsi_target::IoRequest<MemoryDevice>>,
+}
+
+fn config(auth: AuthConfig) -> (Arc<Config<MemoryDevice>>, Arc<MemoryDevice>) {
+    let device = Arc::new(MemoryDevice::new());
+    let lun = Arc::new(LogicalUnit::new(TARGET, 0, device.clone()));
+    let portals = vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
+    (
+        Arc::new(Config::new(
+            vec![TargetNode { name: TARGET.into(), luns: vec![lun] }],
+            auth,
+            portals,
+        )),
+        device,
+    )
+}
+
+fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in pairs {
+        iscsi_target::text::push(&mut out, k, v);
+    }
+    out
+}
+
+fn keys(data: &[u8]) -> Vec<(String, String)> {
+    iscsi_target::text::parse(data)
+}
+
+fn key<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+impl Initiator {
+    fn new(config: Arc<Config<MemoryDevice>>, device: Arc<MemoryDevice>) -> Self {
+        Self {
+            connection: Connection::new(1, config, 1, [7u8; 32], 9),
+            device,
+            digests: Digests::default(),
+            cmdsn: 1,
+            itt: 1,
+            hold_io: false,
+            held: Vec::new(),
+        }
+    }
+
+    /// Sends one PDU (as wire bytes, through the framing code) and returns every PDU sent back.
+    fn send(&mut self, header: Header, data: &[u8]) -> Vec<Pdu> {
+        let mut wire = Vec::new();
+        pdu::encode(&mut wire, &header, data, self.digests);
+        self.send_wire(&wire)
+    }
+
+    fn send_wire(&mut self, wire: &[u8]) -> Vec<Pdu> {
+        let digests = self.connection.digests();
+        let limit = self.connection.data_segment_limit_bytes();
+        let mut bhs = [0u8; 48];
+        bhs.copy_from_slice(&wire[..48]);
+        match pdu::frame_bytes(&bhs, digests, limit)
+            .and_then(|n| pdu::decode(Bytes::copy_from_slice(&wire[..n]), digests, limit))
+        {
+            Ok(p) => self.connection.handle_pdu(p),
+            Err(e) => self.connection.handle_decode_error(&e),
+        }
+        self.run_io();
+        self.receive()
+    }
+
+    fn run_io(&mut self) {
+        while let Some(request) = self.connection.poll_io() {
+            if self.hold_io {
+                self.held.push(request);
+                continue;
+            }
+            let result = self.device.perform(request.op.clone());
+            self.connection.handle_io_completion(request.itt, request.tag, result);
+        }
+    }
+
+    fn release_io(&mut self) -> Vec<Pdu> {
+        self.hold_io = false;
+        for request in std::mem::take(&mut self.held) {
+            let result = self.device.perform(request.op.clone());
+            self.connection.handle_io_completion(request.itt, request.tag, result);
+        }
+        self.run_io();
+        self.receive()
+    }
+
+    fn receive(&mut self) -> Vec<Pdu> {
+        let (mut bytes, mut segments) = (Vec::new(), Vec::new());
+        self.connection.poll_transmit(&mut bytes, &mut segments);
+        let mut wire = Vec::new();
+        let mut at = 0;
+        for (position, data) in &segments {
+            wire.extend_from_slice(&bytes[at..*position]);
+            wire.extend_from_slice(data);
+            at = *position;
+        }
+        wire.extend_from_slice(&bytes[at..]);
+        let mut out = Vec::new();
+        let mut rest = &wire[..];
+        while rest.len() >= 48 {
+            let mut bhs = [0u8; 48];
+            bhs.copy_from_slice(&rest[..48]);
+            // Responses carry digests only once the session is in full feature phase.
+            let digests = if Header(bhs).opcode() == opcode::LOGIN_RESPONSE {
+                Digests::default()
+            } else {
+                self.digests
+            };
+            let n = pdu::frame_bytes(&bhs, digests, 1 << 24).unwrap();
+            out.push(
+                pdu::decode(Bytes::copy_from_slice(&rest[..n]), digests, 1 << 24)
+                    .expect("target PDUs decode"),
+            );
+            rest = &rest[n..];
+        }
+        out
+    }
+
+    fn login_pdu(&mut self, csg: u8, nsg: u8, transit: bool, data: &[u8]) -> Pdu {
+        let mut h = Header::new(opcode::LOGIN_REQUEST);
+        h.0[0] |= 0x40;
+        h.set_flags((if transit { 0x80 } else { 0 }) | (csg << 2) | nsg);
+        h.set_u64(8, 0x0002_3d00_0001_0000);
+        h.set_itt(0);
+        h.set_u32(24, self.cmdsn);
+        let mut responses = self.send(h, data);
+        assert_eq!(responses.len(), 1, "one login response per request");
+        responses.remove(0)
+    }
+
+    fn login_status(p: &Pdu) -> u16 {
+        p.header.u16_at(36)
+    }
+
+    /// Logs in without authentication, negotiating `extra` keys.
+    fn login(&mut self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            ("InitiatorName", INITIATOR),
+            ("TargetName", TARGET),
+            ("SessionType", "Normal"),
+            ("AuthMethod", "None"),
+        ];
+        pairs.extend_from_slice(extra);
+        let response = self.login_pdu(0, 3, true, &text(&pairs));
+        assert_eq!(Self::login_status(&response), 0, "login succeeds");
+        assert!(response.header.final_bit(), "transits to full feature phase");
+        let negotiated = keys(&response.data);
+        self.digests = Digests {
+            header: key(&negotiated, "HeaderDigest") == Some("CRC32C"),
+            data: key(&negotiated, "DataDigest") == Some("CRC32C"),
+        };
+        negotiated
+    }
+
+    fn command(
+        &mut self,
+        cdb: &[u8],
+        read: bool,
+        write: bool,
+        edtl: u32,
+        immediate: &[u8],
+        final_bit: bool,
+    ) -> (u32, Vec<Pdu>) {
+        let mut h = Header::new(opcode::SCSI_COMMAND);
+        let mut flags = 0x01;
+        if final_bit {
+            flags |= 0x80;
+        }
+        if read {
+            flags |= 0x40;
+        }
+        if write {
+            flags |= 0x20;
+        }
+        h.set_flags(flags);
+        let itt = self.itt;
+        self.itt += 1;
+        h.set_itt(itt);
+        h.set_u32(20, edtl);
+        h.set_u32(24, self.cmdsn);
+        self.cmdsn += 1;
+        h.0[32..32 + cdb.len()].copy_from_slice(cdb);
+        (itt, self.send(h, immediate))
+    }
+
+    fn data_out(
+        &mut self,
+        itt: u32,
+        ttt: u32,
+        data_sn: u32,
+        offset: u32,
+        data: &[u8],
+        final_bit: bool,
+    ) -> Vec<Pdu> {
+        let mut h = Header::new(opcode::DATA_OUT);
+        h.set_flags(if final_bit { 0x80 } else { 0 });
+        h.set_itt(itt);
+        h.set_u32(20, ttt);
+        h.set_u32(36, data_sn);
+        h.set_u32(40, offset);
+        self.send(h, data)
+    }
+
+    fn write10(&mut self, lba: u32, data: &[u8], immediate: usize) -> (u32, Vec<Pdu>) {
+        let blocks = u16::try_from(data.len() / 512).unwrap();
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x2a;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let edtl = u32::try_from(data.len()).unwrap();
+        self.command(&cdb, false, true, edtl, &data[..immediate], true)
+    }
+
+    fn read10(&mut self, lba: u32, blocks: u16) -> Vec<u8> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x28;
+        cdb[2..6].copy_from_slice(&lba.to_be_bytes());
+        cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+        let (_, responses) = self.command(&cdb, true, false, u32::from(blocks) * 512, &[], true);
+        let mut out = Vec::new();
+        for p in &responses {
+            assert_eq!(
+                p.header.opcode(),
+                opcode::DATA_IN,
+                "reads answer with Data-In: {responses:?}"
+            );
+            assert_eq!(p.header.u32_at(40) as usize, out.len(), "buffer offsets are in order");
+            out.extend_from_slice(&p.data);
+        }
+        let last = responses.last().expect("data");
+        assert_eq!(last.header.flags() & 0x81, 0x81, "status rides on the last Data-In");
+        assert_eq!(last.header.0[3], 0, "GOOD");
+        out
+    }
+}
+
+fn status_of(p: &Pdu) -> (u8, Option<(u8, u8, u8)>) {
+    assert_eq!(p.header.opcode(), opcode::SCSI_RESPONSE, "a SCSI response: {p:?}");
+    let sense =
+        (p.data.len() >= 2 + 14).then(|| (p.data[2 + 2] & 0xf, p.data[2 + 12], p.data[2 + 13]));
+    (p.header.0[3], sense)
+}
+
+fn pattern(length: usize, seed: u8) -> Vec<u8> {
+    (0..length).map(|i| u8::try_from(i % 251).unwrap() ^ seed).collect()
+}
+
+#[test]
+fn login_without_auth_negotiates_operational_keys() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    let negotiated = i.login(&[
+        ("HeaderDigest", "CRC32C,None"),
+        ("MaxBurstLength", "16776192"),
+        ("FirstBurstLength", "999999"),
+        ("MaxOutstandingR2T", "1"),
+        ("X-Vendor-Key", "1"),
+    ]);
+    assert_eq!(key(&negotiated, "HeaderDigest"), Some("CRC32C"));
+    assert_eq!(key(&negotiated, "FirstBurstLength"), Some("262144"));
+    assert_eq!(key(&negotiated, "X-Vendor-Key"), Some("NotUnderstood"));
+    assert_eq!(key(&negotiated, "TargetPortalGroupTag"), Some("1"));
+    // With a header digest in force, a command still works.
+    let data = pattern(4096, 1);
+    let (_, responses) = i.write10(0, &data, 4096);
+    assert_eq!(status_of(&responses[0]).0, 0);
+    assert_eq!(i.read10(0, 8), data);
+}
+
+fn chap_login(
+    auth: AuthConfig,
+    user: &str,
+    secret: &str,
+    initiator: &str,
+    mutual: Option<&[u8]>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let (config, device) = config(auth);
+    let mut i = Initiator::new(config, device);
+    let first = i.login_pdu(
+        0,
+        1,
+        false,
+        &text(&[("InitiatorName", initiator), ("TargetName", TARGET), ("AuthMethod", "CHAP,None")]),
+    );
+    if Initiator::login_status(&first) != 0 {
+        return (Initiator::login_status(&first), Vec::new(), Vec::new());
+    }
+    assert_eq!(key(&keys(&first.data), "AuthMethod"), Some("CHAP"));
+    let second = i.login_pdu(0, 1, false, &text(&[("CHAP_A", "7,5")]));
+    let offered = keys(&second.data);
+    let algorithm = Algorithm::from_number(key(&offered, "CHAP_A").unwrap()).unwrap();
+    let identifier: u8 = key(&offered, "CHAP_I").unwrap().parse().unwrap();
+    let challenge = chap::decode_binary(key(&offered, "CHAP_C").unwrap()).unwrap();
+    let response =
+        chap::encode_hex(&chap::response(algorithm, identifier, secret.as_bytes(), &challenge));
+    let mut pairs = vec![("CHAP_N", user.to_string()), ("CHAP_R", response)];
+    if let Some(challenge) = mutual {
+        pairs.push(("CHAP_I", "77".into()));
+        pairs.push(("CHAP_C", chap::encode_hex(challenge)));
+    }
+    let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let third = i.login_pdu(0, 1, true, &text(&pairs));
+    (Initiator::login_status(&third), keys(&third.data), Vec::new())
+}
+
+fn chap_auth(mutual: bool) -> AuthConfig {
+    AuthConfig {
+        chap: Some(Credentials { user: "alice".into(), secret: "alice-secret-12".into() }),
+        mutual_chap: mutual
+            .then(|| Credentials { user: "target".into(), secret: "target-secret-1".into() }),
+        allowed_initiators: vec![INITIATOR.into()],
+    }
+}
+
+#[test]
+fn chap_accepts_the_right_secret_and_refuses_wrong_ones() {
+    let cases: &[(&str, &str, &str, u16)] = &[
+        ("alice", "alice-secret-12", INITIATOR, 0x0000),
+        ("alice", "wrong-secret-00", INITIATOR, 0x0201),
+        ("mallory", "alice-secret-12", INITIATOR, 0x0201),
+        ("alice", "alice-secret-12", "iqn.2026-11.org.evil:host", 0x0202),
+    ];
+    for &(user, secret, initiator, expected) in cases {
+        let (status, _, _) = chap_login(chap_auth(false), user, secret, initiator, None);
+        assert_eq!(status, expected, "user {user} secret {secret} initiator {initiator}");
+    }
+}
+
+#[test]
+fn mutual_chap_proves_the_target() {
+    let challenge = [0x5au8; 16];
+    let (status, answer, _) =
+        chap_login(chap_auth(true), "alice", "alice-secret-12", INITIATOR, Some(&challenge));
+    assert_eq!(status, 0);
+    assert_eq!(key(&answer, "CHAP_N"), Some("target"));
+    let expected = chap::response(Algorithm::Sha256, 77, b"target-secret-1", &challenge);
+    assert_eq!(chap::decode_binary(key(&answer, "CHAP_R").unwrap()).unwrap(), expected);
+}
+
+#[test]
+fn chap_required_refuses_skipping_security() {
+    let (config, device) = config(chap_auth(false));
+    let mut i = Initiator::new(config, device);
+    let response =
+        i.login_pdu(1, 3, true, &text(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]));
+    assert_eq!(Initiator::login_status(&response), 0x0201);
+    assert_eq!(i.connection.poll_event(), Some(Event::Close));
+}
+
+#[test]
+fn login_errors_name_the_problem() {
+    let cases: &[(&[(&str, &str)], u16)] = &[
+        (&[("TargetName", TARGET)], 0x0207),
+        (&[("InitiatorName", INITIATOR), ("TargetName", "iqn.nope:x")], 0x0203),
+        (&[("InitiatorName", INITIATOR)], 0x0207),
+        (&[("InitiatorName", INITIATOR), ("SessionType", "Bogus")], 0x0200),
+    ];
+    for (pairs, expected) in cases {
+        let (config, device) = config(AuthConfig::default());
+        let mut i = Initiator::new(config, device);
+        let response = i.login_pdu(1, 3, true, &text(pairs));
+        assert_eq!(Initiator::login_status(&response), *expected, "{pairs:?}");
+    }
+}
+
+#[test]
+fn discovery_session_lists_targets() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    let response = i.login_pdu(
+        1,
+        3,
+        true,
+        &text(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]),
+    );
+    assert_eq!(Initiator::login_status(&response), 0);
+    let mut h = Header::new(opcode::TEXT_REQUEST);
+    h.set_flags(0x80);
+    h.set_itt(5);
+    h.set_u32(20, 0xffff_ffff);
+    h.set_u32(24, 1);
+    let responses = i.send(h, &text(&[("SendTargets", "All")]));
+    let listed = keys(&responses[0].data);
+    assert_eq!(key(&listed, "TargetName"), Some(TARGET));
+    assert_eq!(key(&listed, "TargetAddress"), Some("127.0.0.1:3260,1"));
+    // SCSI commands are not allowed in a discovery session.
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(responses[0].header.opcode(), opcode::REJECT);
+}
+
+/// Writes 64 KiB through every combination of ImmediateData, InitialR2T and burst sizes,
+/// then reads it back.
+#[test]
+fn r2t_flows_with_and_without_immediate_data_and_initial_r2t() {
+    for immediate_data in ["Yes", "No"] {
+        for initial_r2t in ["Yes", "No"] {
+            for max_burst in ["8192", "262144"] {
+                let (config, device) = config(AuthConfig::default());
+                let mut i = Initiator::new(config, device);
+                i.login(&[
+                    ("ImmediateData", immediate_data),
+                    ("InitialR2T", initial_r2t),
+                    ("MaxBurstLength", max_burst),
+                    ("FirstBurstLength", "8192"),
+                    ("MaxOutstandingR2T", "2"),
+                ]);
+                let data = pattern(65536, 3);
+                let immediate = if immediate_data == "Yes" { 4096 } else { 0 };
+                let unsolicited_end = if initial_r2t == "No" { 8192 } else { immediate };
+                let final_on_command = unsolicited_end == immediate;
+                let (itt, mut responses) = {
+                    let blocks = 128u16;
+                    let mut cdb = [0u8; 10];
+                    cdb[0] = 0x2a;
+                    cdb[7..9].copy_from_slice(&blocks.to_be_bytes());
+                    i.command(&cdb, false, true, 65536, &data[..immediate], final_on_command)
+                };
+                let mut sent = immediate;
+                let mut data_sn = 0;
+                while sent < unsolicited_end {
+                    let end = (sent + 4096).min(unsolicited_end);
+                    responses.extend(i.data_out(
+                        itt,
+                        0xffff_ffff,
+                        data_sn,
+                        u32::try_from(sent).unwrap(),
+                        &data[sent..end],
+                        end == unsolicited_end,
+                    ));
+                    data_sn += 1;
+                    sent = end;
+                }
+                let mut guard = 0;
+                loop {
+                    guard += 1;
+                    assert!(guard < 100, "R2T loop does not end");
+                    let Some(position) =
+                        responses.iter().position(|p| p.header.opcode() == opcode::R2T)
+                    else {
+                        break;
+                    };
+                    let r2t = responses.remove(position);
+                    let ttt = r2t.header.u32_at(20);
+                    let offset = r2t.header.u32_at(40) as usize;
+                    let length = r2t.header.u32_at(44) as usize;
+                    assert!(
+                        length <= max_burst.parse::<usize>().unwrap(),
+                        "R2T within MaxBurstLength"
+                    );
+                    assert_eq!(offset, sent, "R2Ts solicit data in order");
+                    let mut sn = 0;
+                    let mut at = offset;
+                    while at < offset + length {
+                        let end = (at + 8192).min(offset + length);
+                        responses.extend(i.data_out(
+                            itt,
+                            ttt,
+                            sn,
+                            u32::try_from(at).unwrap(),
+                            &data[at..end],
+                            end == offset + length,
+                        ));
+                        sn += 1;
+                        at = end;
+                    }
+                    sent = offset + length;
+                }
+                let status = responses
+                    .iter()
+                    .find(|p| p.header.opcode() == opcode::SCSI_RESPONSE)
+                    .expect("status");
+                assert_eq!(status_of(status).0, 0, "{immediate_data} {initial_r2t} {max_burst}");
+                assert_eq!(i.read10(0, 128), data, "{immediate_data} {initial_r2t} {max_burst}");
+            }
+        }
+    }
+}
+
+#[test]
+fn out_of_sequence_data_sn_fails_the_task_not_the_connection() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[("ImmediateData", "No"), ("InitialR2T", "No")]);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 2;
+    let (itt, responses) = i.command(&cdb, false, true, 1024, &[], false);
+    assert!(responses.is_empty());
+    let responses = i.data_out(itt, 0xffff_ffff, 5, 0, &[1u8; 512], false);
+    let (status, sense) = status_of(&responses[0]);
+    assert_eq!((status, sense), (2, Some((0xb, 0x4b, 0))));
+    assert!(!i.connection.is_closed());
+    assert_eq!(i.read10(0, 1), vec![0u8; 512]);
+}
+
+#[test]
+fn data_digest_errors_are_rejected_and_close_the_connection() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[("DataDigest", "CRC32C"), ("HeaderDigest", "CRC32C")]);
+    let mut h = Header::new(opcode::SCSI_COMMAND);
+    h.set_flags(0xa1);
+    h.set_itt(1);
+    h.set_u32(20, 512);
+    h.set_u32(24, 1);
+    h.0[32] = 0x2a;
+    h.0[40] = 1;
+    let mut wire = Vec::new();
+    pdu::encode(&mut wire, &h, &[9u8; 512], i.digests);
+    let last = wire.len() - 1;
+    wire[last] ^= 0xff;
+    let responses = i.send_wire(&wire);
+    assert_eq!(responses[0].header.opcode(), opcode::REJECT);
+    assert_eq!(responses[0].header.0[2], pdu::reject_reason::DATA_DIGEST_ERROR);
+    assert!(i.connection.is_closed());
+}
+
+#[test]
+fn abort_task_and_lun_reset() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 1;
+    let (itt, responses) = i.command(&cdb, false, true, 512, &[], true);
+    assert_eq!(responses[0].header.opcode(), opcode::R2T);
+    let ttt = responses[0].header.u32_at(20);
+    let tmf = |function: u8, referenced: u32, cmdsn: u32| {
+        let mut h = Header::new(opcode::TASK_MANAGEMENT_REQUEST);
+        h.0[0] |= 0x40;
+        h.set_flags(0x80 | function);
+        h.set_itt(100 + u32::from(function));
+        h.set_u32(20, referenced);
+        h.set_u32(24, cmdsn);
+        h.set_u32(32, cmdsn - 1);
+        h
+    };
+    let responses = i.send(tmf(1, itt, i.cmdsn), &[]);
+    assert_eq!(
+        (responses[0].header.opcode(), responses[0].header.0[2]),
+        (opcode::TASK_MANAGEMENT_RESPONSE, 0)
+    );
+    // Data for the aborted task is ignored, and nothing was written.
+    assert!(i.data_out(itt, ttt, 0, 0, &[1u8; 512], true).is_empty());
+    assert_eq!(i.read10(0, 1), vec![0u8; 512]);
+    // Aborting a task that completed reports that it does not exist.
+    let responses = i.send(tmf(1, 0x999, i.cmdsn), &[]);
+    assert_eq!(responses[0].header.0[2], 1);
+    // A LUN reset leaves a unit attention for the nexus.
+    let responses = i.send(tmf(5, 0xffff_ffff, i.cmdsn), &[]);
+    assert_eq!(responses[0].header.0[2], 0);
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]), (2, Some((6, 0x29, 0x03))));
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0);
+}
+
+#[test]
+fn commands_outside_the_cmdsn_window_are_ignored() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    i.cmdsn += 1000;
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert!(responses.is_empty(), "too high");
+    i.cmdsn -= 1002;
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert!(responses.is_empty(), "too low");
+    assert_eq!(i.cmdsn, 1, "the next command carries the expected CmdSN again");
+    let (_, responses) = i.command(&[0, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0);
+    // MaxCmdSN leaves room for the whole window.
+    let max = responses[0].header.u32_at(32);
+    let exp = responses[0].header.u32_at(28);
+    assert_eq!(max.wrapping_sub(exp) + 1, iscsi_target::constants::COMMANDS_MAX);
+}
+
+#[test]
+fn bad_commands_get_check_conditions_with_the_right_sense() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    let beyond = u32::try_from(BLOCKS).unwrap();
+    // (CDB, is a read, EDTL, expected sense key / ASC / ASCQ)
+    type Case = (Vec<u8>, bool, u32, (u8, u8, u8));
+    let cases: Vec<Case> = vec![
+        (vec![0xff, 0, 0, 0, 0, 0], false, 0, (5, 0x20, 0)),
+        (
+            {
+                let mut c = vec![0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+                c[2..6].copy_from_slice(&beyond.to_be_bytes());
+                c
+            },
+            true,
+            512,
+            (5, 0x21, 0),
+        ),
+        (vec![0x28, 0xe0, 0, 0, 0, 0, 0, 0, 1, 0], true, 512, (5, 0x24, 0)),
+        (vec![0x12, 0, 0x80, 0, 0xff, 0], true, 255, (5, 0x24, 0)),
+    ];
+    for (cdb, read, edtl, expected) in cases {
+        let (_, responses) = i.command(&cdb, read, false, edtl, &[], true);
+        assert_eq!(status_of(responses.last().unwrap()), (2, Some(expected)), "{cdb:02x?}");
+    }
+    // An unknown opcode at the iSCSI level is rejected, not fatal.
+    let responses = i.send(Header::new(0x1c), &[]);
+    assert_eq!(responses[0].header.opcode(), opcode::REJECT);
+    assert!(!i.connection.is_closed());
+}
+
+#[test]
+fn read_residuals_follow_the_expected_transfer_length() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    // READ(10) of 2 blocks with EDTL of 1 block: overflow of 512, one block of data.
+    let (_, responses) = i.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 2, 0], true, false, 512, &[], true);
+    let last = responses.last().unwrap();
+    assert_eq!(last.header.flags() & 0x06, 0x04);
+    assert_eq!(last.header.u32_at(44), 512);
+    assert_eq!(responses.iter().map(|p| p.data.len()).sum::<usize>(), 512);
+    // EDTL above the transfer: underflow.
+    let (_, responses) =
+        i.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], true, false, 4096, &[], true);
+    let last = responses.last().unwrap();
+    assert_eq!((last.header.flags() & 0x06, last.header.u32_at(44)), (0x02, 3584));
+}
+
+#[test]
+fn alua_standby_refuses_io_and_reports_its_state() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device.clone());
+    i.login(&[]);
+    *device.alua.lock().unwrap() = AluaState::Standby;
+    let (_, responses) = i.command(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], true, false, 512, &[], true);
+    assert_eq!(status_of(&responses[0]), (2, Some((2, 0x04, 0x0b))));
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa3;
+    cdb[1] = 0x0a;
+    cdb[9] = 0xff;
+    let (_, responses) = i.command(&cdb, true, false, 255, &[], true);
+    assert_eq!(responses[0].data[4] & 0x0f, 0x02, "standby state in REPORT TARGET PORT GROUPS");
+    *device.alua.lock().unwrap() = AluaState::ActiveOptimized;
+    assert_eq!(i.read10(0, 1), vec![0u8; 512]);
+}
+
+#[test]
+fn compare_and_write_compares_then_writes() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    let old = pattern(512, 1);
+    let new = pattern(512, 2);
+    i.write10(5, &old, 512);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x89;
+    cdb[9] = 5;
+    cdb[13] = 1;
+    let mut data = new.clone();
+    data.extend_from_slice(&new);
+    let (_, responses) = i.command(&cdb, false, true, 1024, &data, true);
+    assert_eq!(status_of(&responses[0]).1.map(|s| s.0), Some(0xe), "miscompare");
+    let mut data = old.clone();
+    data.extend_from_slice(&new);
+    let (_, responses) = i.command(&cdb, false, true, 1024, &data, true);
+    assert_eq!(status_of(&responses[0]).0, 0);
+    assert_eq!(i.read10(5, 1), new);
+}
+
+#[test]
+fn pipelined_commands_complete_out_of_order() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    i.hold_io = true;
+    let mut itts = Vec::new();
+    for n in 0..32u32 {
+        let (itt, responses) = i.write10(n * 8, &pattern(4096, u8::try_from(n).unwrap()), 4096);
+        assert!(responses.is_empty());
+        itts.push(itt);
+    }
+    assert_eq!(i.held.len(), 32, "all 32 writes are in flight at once");
+    i.held.reverse();
+    let responses = i.release_io();
+    let mut done: Vec<u32> = responses.iter().map(|p| p.header.itt()).collect();
+    done.sort_unstable();
+    assert_eq!(done, itts);
+}
+
+fn logged_in() -> Initiator {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    i
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    /// Arbitrary bytes as PDUs never panic the framing code or the connection, in login or
+    /// in full feature phase, and any I/O they cause stays inside the device.
+    #[test]
+    fn arbitrary_pdus_never_panic(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 48..600), 1..8), logged in any::<bool>()) {
+        let mut i = if logged { logged_in() } else {
+            let (config, device) = config(AuthConfig::default());
+            Initiator::new(config, device)
+        };
+        for mut frame in frames {
+            // Keep lengths consistent half of the time so the PDU reaches the state machine.
+            if frame[1] & 1 == 0 {
+                let data = frame.len() - 48;
+                frame[4] = 0;
+                frame[5] = 0;
+                frame[6..8].copy_from_slice(&u16::try_from(data).unwrap().to_be_bytes());
+                frame.truncate(48 + data / 4 * 4);
+                let d = frame.len() - 48;
+                frame[6..8].copy_from_slice(&u16::try_from(d).unwrap().to_be_bytes());
+            }
+            let digests = i.connection.digests();
+            let limit = i.connection.data_segment_limit_bytes();
+            let mut bhs = [0u8; 48];
+            bhs.copy_from_slice(&frame[..48]);
+            match pdu::frame_bytes(&bhs, digests, limit) {
+                Ok(n) if n <= frame.len() => match pdu::decode(Bytes::copy_from_slice(&frame[..n]), digests, limit) {
+                    Ok(p) => i.connection.handle_pdu(p),
+                    Err(e) => i.connection.handle_decode_error(&e),
+                },
+                Ok(_) => {}
+                Err(e) => i.connection.handle_decode_error(&e),
+            }
+            while let Some(request) = i.connection.poll_io() {
+                let inside = match &request.op {
+                    IoOp::Read { offset_bytes, length_bytes } => offset_bytes + u64::from(*length_bytes) <= BLOCKS * 512,
+                    IoOp::Write { offset_bytes, data, .. } => offset_bytes + data.len() as u64 <= BLOCKS * 512,
+                    IoOp::Unmap { offset_bytes, length_bytes } | IoOp::WriteZeroes { offset_bytes, length_bytes } | IoOp::MappedRanges { offset_bytes, length_bytes } => offset_bytes + length_bytes <= BLOCKS * 512,
+                    IoOp::Flush => true,
+                };
+                prop_assert!(inside, "I/O outside the LUN: {:?}", request.op);
+                let result = i.device.perform(request.op.clone());
+                i.connection.handle_io_completion(request.itt, request.tag, result);
+            }
+            let _ = i.receive();
+        }
+    }
+}
