@@ -496,18 +496,27 @@ impl ActivityLog {
         if self.in_flight.is_some() {
             return Ok(AlAdmission::Busy);
         }
-        // Free slots first, then the least recently used idle ones.
-        let mut candidates: Vec<usize> = (0..self.slots.len())
-            .filter(|&s| self.references[s] == 0)
-            .filter(|&s| {
+        // Free slots first, then the least recently used idle ones; one linear scan per
+        // missing extent (at most two for a request), no sorting on the write path.
+        let mut chosen: Vec<usize> = Vec::with_capacity(missing.len());
+        for _ in &missing {
+            let eligible = |s: usize| {
                 let extent = self.slots[s];
-                extent == AL_EXTENT_FREE || !(first..=last).contains(&extent)
-            })
-            .collect();
-        candidates.sort_by_key(|&s| (self.slots[s] != AL_EXTENT_FREE, self.last_used[s], s));
-        if candidates.len() < missing.len() {
-            return Ok(AlAdmission::Busy);
+                self.references[s] == 0
+                    && !chosen.contains(&s)
+                    && (extent == AL_EXTENT_FREE || !(first..=last).contains(&extent))
+            };
+            let free =
+                (0..self.slots.len()).find(|&s| self.slots[s] == AL_EXTENT_FREE && eligible(s));
+            let pick = free.or_else(|| {
+                (0..self.slots.len()).filter(|&s| eligible(s)).min_by_key(|&s| self.last_used[s])
+            });
+            match pick {
+                Some(slot) => chosen.push(slot),
+                None => return Ok(AlAdmission::Busy),
+            }
         }
+        let candidates = chosen;
         let mut updates = Vec::with_capacity(missing.len());
         let mut evicted = Vec::new();
         for (&extent, &slot) in missing.iter().zip(&candidates) {
