@@ -19,8 +19,11 @@ pub const SYNC_WORKER_THREADS_MAX: usize = 16;
 /// ring (resize, and discard/write-zeroes fallbacks when the file system refuses fallocate).
 pub const URING_HELPER_THREADS_MAX: usize = 1;
 
-/// Submission queue entries of the io_uring engine: every admitted request plus the
-/// always-armed eventfd read that wakes the ring thread.
+/// Rings (each with its own thread) of one io_uring engine; requests are spread round-robin.
+pub const URING_RINGS_MAX: usize = 2;
+
+/// Submission queue entries of each ring: every admitted request (all may land on one ring)
+/// plus the always-armed eventfd read that wakes the ring thread.
 pub const URING_ENTRIES_MAX: u32 = 256;
 
 /// Memory alignment of every buffer the layer allocates: satisfies O_DIRECT on any device
@@ -34,6 +37,7 @@ pub const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
 const _: () = assert!(IN_FLIGHT_MAX > 0);
 const _: () = assert!(SYNC_WORKER_THREADS_MAX > 0 && SYNC_WORKER_THREADS_MAX <= IN_FLIGHT_MAX);
 const _: () = assert!(URING_HELPER_THREADS_MAX > 0);
+const _: () = assert!(URING_RINGS_MAX > 0 && URING_RINGS_MAX <= IN_FLIGHT_MAX);
 // One SQE per admitted request plus the eventfd read; the completion queue is twice the
 // submission queue, so completions can never overflow.
 const _: () = assert!(URING_ENTRIES_MAX as usize > IN_FLIGHT_MAX);

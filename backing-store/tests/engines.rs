@@ -237,12 +237,16 @@ fn concurrent_io_up_to_the_bound() {
             let requests = IN_FLIGHT_MAX * 2;
             let block_bytes = 4096;
             let mut tasks = Vec::new();
+            let overlap_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for index in 0..requests {
                 let store = store.clone();
+                let overlap_seen = std::sync::Arc::clone(&overlap_seen);
                 tasks.push(tokio::spawn(async move {
                     let offset = u64::try_from(index * block_bytes).expect("offset");
                     store.write(offset, pattern(index as u64, block_bytes), index % 7 == 0).await?;
-                    assert!(store.in_flight() <= IN_FLIGHT_MAX);
+                    let in_flight = store.in_flight();
+                    assert!(in_flight <= IN_FLIGHT_MAX);
+                    overlap_seen.fetch_max(in_flight, std::sync::atomic::Ordering::Relaxed);
                     let read = store.read(offset, block_bytes).await?;
                     assert!(read == pattern(index as u64, block_bytes), "block {index}");
                     Ok::<(), backing_store::Error>(())
@@ -257,7 +261,9 @@ fn concurrent_io_up_to_the_bound() {
                 task.await.expect("task").expect("I/O");
             }
             assert!(in_flight_max_seen <= IN_FLIGHT_MAX);
-            assert!(in_flight_max_seen >= 2, "engine={engine}: requests never overlapped");
+            // Seen from inside the tasks: others were still in flight when one completed.
+            let overlap = overlap_seen.load(std::sync::atomic::Ordering::Relaxed);
+            assert!(overlap >= 1, "engine={engine}: requests never overlapped");
             assert_eq!(store.in_flight(), 0, "engine={engine}: every request released its slot");
         });
     }
@@ -280,7 +286,7 @@ fn dropped_futures_release_their_slots() {
                 }
             }
             // The engine finishes abandoned requests on its own; wait for the slots to return.
-            for _ in 0..2000 {
+            for _ in 0..10_000 {
                 if store.in_flight() == 0 {
                     break;
                 }

@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -18,7 +18,9 @@ use bytes::Bytes;
 use io_uring::{IoUring, opcode, squeue, types};
 
 use crate::buffer::AlignedBuffer;
-use crate::constants::{IN_FLIGHT_MAX, URING_ENTRIES_MAX, URING_HELPER_THREADS_MAX};
+use crate::constants::{
+    IN_FLIGHT_MAX, URING_ENTRIES_MAX, URING_HELPER_THREADS_MAX, URING_RINGS_MAX,
+};
 use crate::error::{Error, ErrorKind};
 use crate::file::{BackingFile, WriteData, ZeroingKind, is_fallocate_unsupported, u64_from};
 use crate::options::EngineKind;
@@ -39,8 +41,9 @@ struct Shared {
     /// Set on drop: the ring thread finishes everything in flight, then exits.
     closing: AtomicBool,
     eventfd: OwnedFd,
-    /// Runs what the ring does not: resize, and zeroing when fallocate is refused.
-    helper: SyncEngine,
+    /// Runs what the ring does not: resize, and zeroing when fallocate is refused. Shared by
+    /// all rings of the engine.
+    helper: Arc<SyncEngine>,
 }
 
 impl Shared {
@@ -58,16 +61,39 @@ impl Shared {
     }
 }
 
+/// The engine: `URING_RINGS_MAX` rings, each on its own thread; requests go round-robin.
+/// More than one ring lets completions be processed on more than one core and keeps the engine
+/// from starving when the CPU is contended (one thread gets one thread's share).
 #[derive(Debug)]
 pub(crate) struct UringEngine {
+    // Declared first: the rings are joined before the helper they forward to is dropped.
+    rings: Vec<Ring>,
+    next_ring: AtomicUsize,
+}
+
+/// One ring and the thread driving it.
+#[derive(Debug)]
+struct Ring {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl UringEngine {
-    /// Sets up the ring; fails (and the caller falls back to the sync engine) when the kernel
+    /// Sets up the rings; fails (and the caller falls back to the sync engine) when the kernel
     /// refuses io_uring or lacks what this engine needs.
     pub(crate) fn new(file: Arc<BackingFile>) -> io::Result<UringEngine> {
+        let helper = Arc::new(SyncEngine::new(Arc::clone(&file), URING_HELPER_THREADS_MAX)?);
+        let mut rings = Vec::with_capacity(URING_RINGS_MAX);
+        for index in 0..URING_RINGS_MAX {
+            // On failure, the rings already started are dropped (joined) here.
+            rings.push(Ring::start(Arc::clone(&file), Arc::clone(&helper), index)?);
+        }
+        Ok(UringEngine { rings, next_ring: AtomicUsize::new(0) })
+    }
+}
+
+impl Ring {
+    fn start(file: Arc<BackingFile>, helper: Arc<SyncEngine>, index: usize) -> io::Result<Ring> {
         // SAFETY: eventfd takes no pointers.
         let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if raw < 0 {
@@ -75,7 +101,6 @@ impl UringEngine {
         }
         // SAFETY: `raw` is a fresh descriptor that nothing else owns.
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let helper = SyncEngine::new(Arc::clone(&file), URING_HELPER_THREADS_MAX)?;
         let shared = Arc::new(Shared {
             file,
             queue: Mutex::new(VecDeque::with_capacity(IN_FLIGHT_MAX)),
@@ -88,8 +113,8 @@ impl UringEngine {
         // thread is the only one allowed to submit.
         let (ready_sender, ready_receiver) = std::sync::mpsc::sync_channel(1);
         let thread_shared = Arc::clone(&shared);
-        let thread =
-            std::thread::Builder::new().name("backing-uring".to_owned()).spawn(move || {
+        let thread = std::thread::Builder::new().name(format!("backing-uring-{index}")).spawn(
+            move || {
                 let ring = match build_ring() {
                     Ok(ring) => ring,
                     Err(error) => {
@@ -109,16 +134,26 @@ impl UringEngine {
                     shared: thread_shared,
                 };
                 ring_thread.run();
-            })?;
+            },
+        )?;
         let ready = ready_receiver
             .recv()
             .unwrap_or_else(|_| Err(io::Error::other("the io_uring thread exited during setup")));
         match ready {
-            Ok(()) => Ok(UringEngine { shared, thread: Some(thread) }),
+            Ok(()) => Ok(Ring { shared, thread: Some(thread) }),
             Err(error) => {
                 let _ = thread.join();
                 Err(error)
             }
+        }
+    }
+
+    fn submit(&self, request: Request) {
+        self.shared.lock().push_back(request);
+        // Pairs with the ring thread's store(true) + queue check: either it sees this request
+        // in the queue, or this swap sees its announcement and wakes it.
+        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            self.shared.wake();
         }
     }
 }
@@ -154,23 +189,19 @@ impl Engine for UringEngine {
     }
 
     fn submit(&self, request: Request) {
-        self.shared.lock().push_back(request);
-        // Pairs with the ring thread's store(true) + queue check: either it sees this request
-        // in the queue, or this swap sees its announcement and wakes it.
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
-            self.shared.wake();
-        }
+        let index = self.next_ring.fetch_add(1, Ordering::Relaxed) % self.rings.len();
+        self.rings[index].submit(request);
     }
 }
 
-impl Drop for UringEngine {
+impl Drop for Ring {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::SeqCst);
         self.shared.wake();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
-            tracing::error!("the io_uring thread panicked; its buffers in flight were leaked");
+            tracing::error!("an io_uring thread panicked; its buffers in flight were leaked");
         }
         // Requests the thread never took (only possible after a panic) fail as EngineStopped
         // when their Completions drop with the queue.
