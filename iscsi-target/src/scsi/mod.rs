@@ -124,6 +124,7 @@ pub enum Pending {
     ReadData,
     Written,
     CompareThenWrite { offset_bytes: u64, compare: Bytes, write: Bytes, fua: bool },
+    OrThenWrite { offset_bytes: u64, mask: Bytes, fua: bool },
     Verify { compare: Bytes, repeat_block: bool, block_size_bytes: u32 },
     WriteChunks { offset_bytes: u64, remaining_bytes: u64, pattern: Bytes, fua: bool },
     Unmap { ranges: Vec<(u64, u64)> },
@@ -188,6 +189,7 @@ pub mod op {
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8a;
+    pub const ORWRITE_16: u8 = 0x8b;
     pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const PRE_FETCH_16: u8 = 0x90;
@@ -243,6 +245,7 @@ const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (op::READ_16, None, 16),
     (op::COMPARE_AND_WRITE, None, 16),
     (op::WRITE_16, None, 16),
+    (op::ORWRITE_16, None, 16),
     (op::WRITE_AND_VERIFY_16, None, 16),
     (op::VERIFY_16, None, 16),
     (op::PRE_FETCH_16, None, 16),
@@ -330,6 +333,7 @@ fn access_of(opcode: u8) -> Access {
         | op::WRITE_SAME_16
         | op::UNMAP
         | op::COMPARE_AND_WRITE
+        | op::ORWRITE_16
         | op::SYNCHRONIZE_CACHE_10
         | op::SYNCHRONIZE_CACHE_16
         | op::MODE_SELECT_6
@@ -348,7 +352,9 @@ pub fn transfer_bytes(cdb: &[u8], block_size_bytes: u32) -> Option<u64> {
         op::READ_6 | op::WRITE_6 => blocks(if cdb[4] == 0 { 256 } else { u64::from(cdb[4]) }),
         op::READ_10 | op::WRITE_10 | op::WRITE_AND_VERIFY_10 => blocks(u64::from(be16(&cdb[7..]))),
         op::READ_12 | op::WRITE_12 | op::WRITE_AND_VERIFY_12 => blocks(u64::from(be32(&cdb[6..]))),
-        op::READ_16 | op::WRITE_16 | op::WRITE_AND_VERIFY_16 => blocks(u64::from(be32(&cdb[10..]))),
+        op::READ_16 | op::WRITE_16 | op::WRITE_AND_VERIFY_16 | op::ORWRITE_16 => {
+            blocks(u64::from(be32(&cdb[10..])))
+        }
         op::COMPARE_AND_WRITE => blocks(u64::from(cdb[13]) * 2),
         _ => None,
     }
@@ -480,6 +486,7 @@ pub fn execute(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
         }
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => verify(ctx, cdb, data_out),
         op::COMPARE_AND_WRITE => compare_and_write(ctx, cdb, data_out),
+        op::ORWRITE_16 => or_write(ctx, cdb, data_out),
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => write_same(ctx, cdb, data_out),
         op::UNMAP => unmap(ctx, cdb, &data_out),
         op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => Step::Done(read_defect_data(cdb)),
@@ -526,6 +533,16 @@ pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, Device
                 ));
             }
             Step::Io(IoOp::Write { offset_bytes, data: write, fua }, Pending::Written)
+        }
+        Pending::OrThenWrite { offset_bytes, mask, fua } => {
+            let IoData::Read(current) = data else {
+                return Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
+            };
+            let mut merged = BytesMut::from(&current[..]);
+            for (byte, m) in merged.iter_mut().zip(mask.iter()) {
+                *byte |= m;
+            }
+            Step::Io(IoOp::Write { offset_bytes, data: merged.freeze(), fua }, Pending::Written)
         }
         Pending::Verify { compare, repeat_block, block_size_bytes } => {
             let IoData::Read(current) = data else {
@@ -737,6 +754,41 @@ fn compare_and_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step
     )
 }
 
+/// ORWRITE(16) (SBC-4): reads the blocks, ORs the data-out into them and writes them back.
+fn or_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
+    let lba = be64(&cdb[2..]);
+    let blocks = u64::from(be32(&cdb[10..]));
+    if cdb[1] & 0xe0 != 0 {
+        // ORPROTECT without protection information.
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(1)));
+    }
+    if let Some(sense) = check_range(ctx, lba, blocks) {
+        return Step::Done(Outcome::check(sense));
+    }
+    if blocks == 0 {
+        return Step::Done(Outcome::good());
+    }
+    let block_size = u64::from(ctx.info.block_size_bytes);
+    let length = blocks * block_size;
+    if data_out.len() as u64 != length {
+        return Step::Done(Outcome::check(Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03)));
+    }
+    let Ok(length_bytes) = u32::try_from(length) else {
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(10)));
+    };
+    if length_bytes > TRANSFER_BYTES_MAX {
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(10)));
+    }
+    Step::Io(
+        IoOp::Read { offset_bytes: lba * block_size, length_bytes },
+        Pending::OrThenWrite {
+            offset_bytes: lba * block_size,
+            mask: data_out,
+            fua: cdb[1] & 0x08 != 0,
+        },
+    )
+}
+
 /// Bytes written per WRITE SAME chunk: big enough to be efficient, small enough to bound memory.
 const WRITE_SAME_CHUNK_BYTES: u64 = 1024 * 1024;
 
@@ -763,11 +815,15 @@ fn write_chunks(offset_bytes: u64, remaining_bytes: u64, pattern: Bytes, fua: bo
 
 fn write_same(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
     let sixteen = cdb[0] == op::WRITE_SAME_16;
-    let (lba, blocks) = if sixteen {
+    let (lba, mut blocks) = if sixteen {
         (be64(&cdb[2..]), u64::from(be32(&cdb[10..])))
     } else {
         (u64::from(be32(&cdb[2..])), u64::from(be16(&cdb[7..])))
     };
+    if blocks == 0 && lba <= ctx.info.blocks() {
+        // WSNZ is clear: a zero count means "up to the last block".
+        blocks = ctx.info.blocks() - lba;
+    }
     let flags = cdb[1];
     let unmap = flags & 0x08 != 0;
     let anchor = flags & 0x10 != 0;
@@ -781,23 +837,15 @@ fn write_same(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
     if unmap && !ctx.info.thin {
         return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(1)));
     }
-    if blocks == 0 {
-        // WSNZ is set in the Block Limits page: a zero count is not supported.
-        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(if sixteen {
-            10
-        } else {
-            7
-        })));
-    }
-    if blocks > u64::from(WRITE_SAME_BLOCKS_MAX) {
-        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(if sixteen {
-            10
-        } else {
-            7
-        })));
-    }
     if let Some(sense) = check_range(ctx, lba, blocks) {
         return Step::Done(Outcome::check(sense));
+    }
+    if blocks > u64::from(WRITE_SAME_BLOCKS_MAX) {
+        let byte = if sixteen { 10 } else { 7 };
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(byte)));
+    }
+    if blocks == 0 {
+        return Step::Done(Outcome::good());
     }
     let block_size = u64::from(ctx.info.block_size_bytes);
     let pattern = if ndob {
@@ -811,7 +859,9 @@ fn write_same(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
     let offset_bytes = lba * block_size;
     let length_bytes = blocks * block_size;
     let zero = pattern.iter().all(|&b| b == 0);
-    if zero && unmap {
+    // With UNMAP set the blocks are deallocated whatever the data says (as Linux LIO does and
+    // libiscsi expects); LBPRZ then makes them read as zeroes.
+    if unmap {
         return Step::Io(IoOp::Unmap { offset_bytes, length_bytes }, Pending::Written);
     }
     if zero {
@@ -1002,7 +1052,7 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
         }
         0xb0 => {
             let mut p = [0u8; 60];
-            p[0] = 0x01; // WSNZ
+            p[0] = 0x00; // WSNZ clear: WRITE SAME with a zero count runs to the end.
             p[1] = COMPARE_AND_WRITE_BLOCKS_MAX;
             p[2..4].copy_from_slice(&8u16.to_be_bytes()); // Optimal transfer granularity: 4 KiB.
             let max_blocks = TRANSFER_BYTES_MAX / ctx.info.block_size_bytes;
