@@ -30,6 +30,8 @@ pub const TRANSFER_LOG_ENTRIES_MAX: usize = 8192;
 pub const BARRIERS_MAX: usize = 256;
 /// Hot extents in the activity log; DRBD's default `al-extents` is 1237.
 pub const AL_EXTENTS_MAX: usize = 1237;
+/// A request may span two extents, and both must be hot at once.
+pub const AL_EXTENTS_MIN: usize = 2;
 /// Local I/O submitted on behalf of one peer's incoming frames.
 pub const PEER_WRITES_IN_FLIGHT_MAX: usize = 1024;
 /// Frames a peer may queue behind an unfinished earlier overlapping write or barrier.
@@ -84,3 +86,4 @@ const _: () =
     assert!(REQUEST_BLOCKS_MAX <= AL_EXTENT_BLOCKS, "a request spans at most two extents");
 const _: () = assert!(PEER_WRITES_IN_FLIGHT_MAX <= PEER_QUEUE_FRAMES_MAX);
 const _: () = assert!(APP_REQUESTS_MAX <= TRANSFER_LOG_ENTRIES_MAX);
+const _: () = assert!(AL_EXTENTS_MIN >= 2 && AL_EXTENTS_MIN <= AL_EXTENTS_MAX);

@@ -6,6 +6,7 @@
 
 pub mod bitmap;
 pub mod constants;
+pub mod driver;
 pub mod meta;
 pub mod protocol;
 pub mod sim;

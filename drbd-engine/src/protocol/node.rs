@@ -17,11 +17,11 @@
 use crate::NodeId;
 use crate::bitmap::Bitmap;
 use crate::constants::{
-    AL_EXTENT_BLOCKS, AL_EXTENTS_MAX, APP_REQUESTS_MAX, BARRIER_INTERVAL_MS, BARRIERS_MAX,
-    BITMAP_CHUNK_WORDS_MAX, BLOCK_SIZE_BYTES, HANDSHAKE_TIMEOUT_MS, PEER_QUEUE_FRAMES_MAX,
-    PEER_WRITES_IN_FLIGHT_MAX, PEERS_MAX, PING_INTERVAL_MS, PING_TIMEOUT_MS, REORDER_FRAMES_MAX,
-    REQUEST_BLOCKS_MAX, RESYNC_REQUEST_BLOCKS_MAX, RESYNC_REQUESTS_MAX, RESYNC_STEP_MS,
-    TRANSFER_LOG_ENTRIES_MAX,
+    AL_EXTENT_BLOCKS, AL_EXTENTS_MAX, AL_EXTENTS_MIN, APP_REQUESTS_MAX, BARRIER_INTERVAL_MS,
+    BARRIERS_MAX, BITMAP_CHUNK_WORDS_MAX, BLOCK_SIZE_BYTES, HANDSHAKE_TIMEOUT_MS,
+    PEER_QUEUE_FRAMES_MAX, PEER_WRITES_IN_FLIGHT_MAX, PEERS_MAX, PING_INTERVAL_MS, PING_TIMEOUT_MS,
+    REORDER_FRAMES_MAX, REQUEST_BLOCKS_MAX, RESYNC_REQUEST_BLOCKS_MAX, RESYNC_REQUESTS_MAX,
+    RESYNC_STEP_MS, TRANSFER_LOG_ENTRIES_MAX,
 };
 use crate::protocol::frame::{self, Envelope, Frame, Hello, PROTOCOL_VERSION};
 use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
@@ -425,7 +425,7 @@ impl Node {
     /// Attaches to persisted metadata (after `create-md`, a clean stop or a crash).
     pub fn new(config: Config, mut meta: Metadata, now_ms: u64) -> Self {
         assert!(config.peers.len() <= PEERS_MAX);
-        assert!(config.al_extents > 0 && config.al_extents <= AL_EXTENTS_MAX);
+        assert!((AL_EXTENTS_MIN..=AL_EXTENTS_MAX).contains(&config.al_extents));
         assert!(!config.peers.contains(&meta.node_id));
         let id = meta.node_id;
         let mut outputs = VecDeque::new();
@@ -538,6 +538,28 @@ impl Node {
         self.peer(peer).is_some_and(|p| p.connection != ConnectionState::StandAlone)
             && self.disk != DiskState::Diskless
     }
+    /// Internal queue lengths, for diagnostics.
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "ios={} writes={} queued={} reads={} flushes={} tl={} fence={:#x} demote_pending={} al={:?} peer_writes={} al_refs={:?} first_queued={:?} al_extents={}",
+            self.ios.len(),
+            self.app_writes.len(),
+            self.queued_writes.len(),
+            self.app_reads,
+            self.app_flushes.len(),
+            self.transfer_log.len(),
+            self.fence_pending,
+            self.demote_pending,
+            self.al_order,
+            self.peer_writes.len(),
+            self.al_refs,
+            self.queued_writes
+                .front()
+                .map(|id| (self.app_writes[id].first, self.app_writes[id].blocks)),
+            self.config.al_extents
+        )
+    }
+
     /// Nothing in flight: no local I/O, no queued peer frames, nothing awaiting stability.
     pub fn is_quiescent(&self) -> bool {
         self.ios.is_empty()
@@ -842,10 +864,11 @@ impl Node {
             extents.iter().copied().filter(|e| !self.al_order.contains(e)).collect();
         let mut removed = Vec::new();
         while self.al_order.len() - removed.len() + missing.len() > self.config.al_extents {
-            let victim =
-                self.al_order.iter().copied().find(|e| {
-                    !removed.contains(e) && self.al_refs.get(e).copied().unwrap_or(0) == 0
-                });
+            let victim = self.al_order.iter().copied().find(|e| {
+                !removed.contains(e)
+                    && !extents.contains(e)
+                    && self.al_refs.get(e).copied().unwrap_or(0) == 0
+            });
             match victim {
                 Some(v) => removed.push(v),
                 None => return false,
@@ -2115,11 +2138,17 @@ fn decide_with_disks(
     (their_disk, their_full, their_bits): (DiskState, bool, bool),
 ) -> SyncDecision {
     use SyncDecision::*;
-    if matches!(decision, SplitBrain | Unrelated) {
-        return decision;
-    }
     let mine = my_disk.has_data() && !my_full;
     let theirs = their_disk.has_data() && !their_full;
+    if matches!(decision, SplitBrain | Unrelated) {
+        // Data that is not consistent has nothing to lose: a node that missed the end of its
+        // resync (and so fell out of the peer's short history) is simply copied again.
+        return match (mine, theirs) {
+            (false, true) => FullTarget,
+            (true, false) => FullSource,
+            _ => decision,
+        };
+    }
     match (mine, theirs) {
         (false, false) => NoSync,
         (false, true) => {

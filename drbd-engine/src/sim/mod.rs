@@ -90,7 +90,7 @@ impl Swarm {
             nodes,
             size_blocks: pick(rng, &[64, 512, 2048, 3000]),
             protocol,
-            al_extents: usize::try_from(rng.range(1, 4)).expect("small"),
+            al_extents: usize::try_from(rng.range(2, 4)).expect("small"),
             resync_rate,
             net_delay_ms_max: pick(rng, &[1, 5, 20]),
             loss_ppm: pick(rng, &[0, 0, 100, 2_000]),
@@ -621,6 +621,36 @@ impl World {
             return;
         }
         let i = candidates[self.rng.index(candidates.len())];
+        if force {
+            // An operator forces a primary only when no UpToDate node is reachable, and then
+            // outdates the others (their disks, if down) so that none of them is later promoted
+            // as UpToDate with a different history: that would be two forced lineages, an
+            // operator error no engine can repair.
+            let up_to_date_up = (0..self.swarm.nodes).any(|j| {
+                self.nodes[j].node.as_ref().is_some_and(|n| n.disk_state() == DiskState::UpToDate)
+            });
+            if up_to_date_up {
+                return;
+            }
+            for j in 0..self.swarm.nodes {
+                if j == i {
+                    continue;
+                }
+                match self.nodes[j].node.as_mut() {
+                    Some(n) => {
+                        let _ = n.handle_outdate(self.now_ms);
+                        self.drain(j, false);
+                    }
+                    None => {
+                        if self.nodes[j].meta.flags.disk == PersistedDisk::UpToDate {
+                            let mut flags = self.nodes[j].meta.flags.clone();
+                            flags.disk = PersistedDisk::Outdated;
+                            self.nodes[j].meta.apply(&MetaUpdate::Flags(flags));
+                        }
+                    }
+                }
+            }
+        }
         let result = self.nodes[i].node.as_mut().expect("up").handle_promote(self.now_ms, force);
         self.log(|| format!("node {i} promote force={force}: {result:?}"));
         if result.is_ok() {
@@ -1041,7 +1071,12 @@ impl World {
             match &n.node {
                 None => out.push_str(&format!("[node {i} down] ")),
                 Some(node) => {
-                    out.push_str(&format!("[node {i} {} {}", node.role(), node.disk_state()));
+                    out.push_str(&format!(
+                        "[node {i} {} {} {}",
+                        node.role(),
+                        node.disk_state(),
+                        node.debug_summary()
+                    ));
                     for p in node.peer_ids() {
                         out.push_str(&format!(
                             " peer {p}: {:?}/{:?}/{:?} oos={}",

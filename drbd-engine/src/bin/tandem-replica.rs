@@ -1,0 +1,264 @@
+//! `tandem-replica`: one replication engine instance over TCP with a file as its disk, driven
+//! by line commands on stdin (one reply line each), for end-to-end tests and measurements.
+//!
+//! ```text
+//! tandem-replica --node-id 0 --listen 127.0.0.1:7789 --peer 1=127.0.0.1:7790 \
+//!     --backing /tmp/a.img --meta /tmp/a.tmeta --size-bytes 67108864 [--protocol C]
+//!     [--engine sync|uring] [--al-extents 64] [--resync-rate-kib 0 (dynamic)]
+//! commands: primary [--force] | secondary | new-current-uuid | status | flush
+//!           wait-connected MS | wait-synced MS
+//!           stream FIRST COUNT GEN QD   (prints "acked BLOCK" per completed write, then "done")
+//!           check FIRST COUNT GEN       (prints "ok" or "mismatch BLOCK")
+//!           write FIRST COUNT GEN       (one write per block, sequential)
+//! ```
+
+use anyhow::{Context, Result, bail};
+use backing_store::EngineKind;
+use bytes::Bytes;
+use drbd_engine::NodeId;
+use drbd_engine::constants::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
+use drbd_engine::driver::{DriverConfig, ReplicatedDevice, Status};
+use drbd_engine::protocol::{
+    DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol, ReplicationState, ResyncRate,
+};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The content every test block gets: its number and a generation, then bytes derived from both.
+pub fn fill_block(block: u64, generation: u64) -> Vec<u8> {
+    let mut out = vec![0u8; BLOCK_BYTES];
+    out[0..8].copy_from_slice(&block.to_le_bytes());
+    out[8..16].copy_from_slice(&generation.to_le_bytes());
+    let mut x = block.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ generation;
+    for chunk in out[16..].chunks_mut(8) {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let bytes = (z ^ (z >> 31)).to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
+    }
+    out
+}
+
+fn parse_args() -> Result<DriverConfig> {
+    let mut node_id = None;
+    let mut listen = None;
+    let mut peers = Vec::new();
+    let mut backing = None;
+    let mut meta = None;
+    let mut size_bytes = 64 * 1024 * 1024;
+    let mut protocol = ReplicationProtocol::C;
+    let mut engine = EngineKind::Sync;
+    let mut al_extents = 64;
+    let mut resync_rate_kib = 0u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--node-id" => {
+                node_id = Some(NodeId::new(value()?.parse()?).context("node id 0..=31")?)
+            }
+            "--listen" => listen = Some(value()?.parse::<SocketAddr>()?),
+            "--peer" => {
+                let v = value()?;
+                let (id, addr) = v.split_once('=').context("--peer ID=ADDR")?;
+                peers.push((NodeId::new(id.parse()?).context("peer id 0..=31")?, addr.parse()?));
+            }
+            "--backing" => backing = Some(PathBuf::from(value()?)),
+            "--meta" => meta = Some(PathBuf::from(value()?)),
+            "--size-bytes" => size_bytes = value()?.parse()?,
+            "--protocol" => {
+                protocol = match value()?.as_str() {
+                    "A" => ReplicationProtocol::A,
+                    "B" => ReplicationProtocol::B,
+                    "C" => ReplicationProtocol::C,
+                    other => bail!("unknown protocol {other:?}"),
+                }
+            }
+            "--engine" => engine = value()?.parse()?,
+            "--al-extents" => al_extents = value()?.parse()?,
+            "--resync-rate-kib" => resync_rate_kib = value()?.parse()?,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let resync_rate = if resync_rate_kib == 0 {
+        ResyncRate::Dynamic(DynamicControllerConfig {
+            plan_ahead_steps: 20,
+            fill_target_kib: 16 * 1024,
+            max_rate_kib_per_s: 4 * 1024 * 1024,
+            min_rate_kib_per_s: 0,
+        })
+    } else {
+        ResyncRate::Fixed { rate_kib_per_s: resync_rate_kib }
+    };
+    Ok(DriverConfig {
+        node_id: node_id.context("--node-id is required")?,
+        listen: listen.context("--listen is required")?,
+        peers,
+        backing_path: backing.context("--backing is required")?,
+        size_bytes,
+        engine,
+        direct_io: false,
+        meta_path: meta.context("--meta is required")?,
+        protocol,
+        fencing: Fencing::DontCare,
+        resync_rate,
+        al_extents,
+    })
+}
+
+fn say(line: impl AsRef<str>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.as_ref());
+    let _ = out.flush();
+}
+
+fn describe(s: &Status) -> String {
+    let mut line = format!("role={} disk={}", s.role, s.disk);
+    for p in &s.peers {
+        line.push_str(&format!(
+            " peer{}={}/{}/{} oos={}",
+            p.node_id, p.connection, p.replication, p.disk, p.out_of_sync_blocks
+        ));
+    }
+    line.push_str(&format!(
+        " resync_received={} resync_sent={} split_brain={}",
+        s.resync_blocks_received, s.resync_blocks_sent, s.split_brain
+    ));
+    line
+}
+
+async fn wait_until(
+    device: &ReplicatedDevice,
+    timeout_ms: u64,
+    done: impl Fn(&Status) -> bool,
+) -> Result<u64> {
+    let start = Instant::now();
+    loop {
+        let status = device.status().await?;
+        if done(&status) {
+            return Ok(u64::try_from(start.elapsed().as_millis())?);
+        }
+        if start.elapsed() > Duration::from_millis(timeout_ms) {
+            bail!("timeout: {}", describe(&status));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64> { Ok(words.get(i).context("missing argument")?.parse()?) };
+    match words.first().copied() {
+        Some("primary") => {
+            device.promote(words.get(1) == Some(&"--force")).await?;
+            Ok("ok".into())
+        }
+        Some("secondary") => {
+            device.demote().await?;
+            Ok("ok".into())
+        }
+        Some("new-current-uuid") => {
+            device.new_current_uuid_clear_bitmap().await?;
+            Ok("ok".into())
+        }
+        Some("status") => Ok(describe(&device.status().await?)),
+        Some("flush") => {
+            device.flush().await?;
+            Ok("ok".into())
+        }
+        Some("wait-connected") => {
+            let ms = wait_until(device, num(1)?, |s| {
+                s.peers.iter().all(|p| p.replication != ReplicationState::Off)
+            })
+            .await?;
+            Ok(format!("ok {ms}"))
+        }
+        Some("wait-synced") => {
+            let ms = wait_until(device, num(1)?, |s| {
+                s.disk == DiskState::UpToDate
+                    && s.peers.iter().all(|p| {
+                        p.replication == ReplicationState::Established
+                            && p.disk == DiskState::UpToDate
+                    })
+            })
+            .await?;
+            Ok(format!("ok {ms}"))
+        }
+        Some("write") => {
+            let (first, count, generation) = (num(1)?, num(2)?, num(3)?);
+            for block in first..first + count {
+                let data = Bytes::from(fill_block(block, generation));
+                device.write(block * BLOCK_SIZE_BYTES, data, false).await?;
+            }
+            Ok("ok".into())
+        }
+        Some("stream") => {
+            let (first, count, generation, depth) = (num(1)?, num(2)?, num(3)?, num(4)?.max(1));
+            let semaphore =
+                std::sync::Arc::new(tokio::sync::Semaphore::new(usize::try_from(depth)?));
+            let mut tasks = Vec::new();
+            for block in first..first + count {
+                let permit = semaphore.clone().acquire_owned().await?;
+                let device = device.clone();
+                tasks.push(tokio::spawn(async move {
+                    let data = Bytes::from(fill_block(block, generation));
+                    match device.write(block * BLOCK_SIZE_BYTES, data, false).await {
+                        Ok(()) => say(format!("acked {block}")),
+                        Err(e) => say(format!("failed {block} {e}")),
+                    }
+                    drop(permit);
+                }));
+            }
+            for task in tasks {
+                task.await?;
+            }
+            Ok("done".into())
+        }
+        Some("check") => {
+            let (first, count, generation) = (num(1)?, num(2)?, num(3)?);
+            for block in first..first + count {
+                let data = device.read(block * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES).await?;
+                if data.as_ref() != fill_block(block, generation).as_slice() {
+                    return Ok(format!("mismatch {block}"));
+                }
+            }
+            Ok("ok".into())
+        }
+        Some(other) => bail!("unknown command {other:?}"),
+        None => Ok(String::new()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let config = parse_args()?;
+    let (device, _task) = ReplicatedDevice::start(config).await.context("starting the replica")?;
+    say("ready");
+    // Stdin is read on a plain thread (the workspace's tokio has no io-std feature).
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = lines.recv().await {
+        match command(&device, &line).await {
+            Ok(reply) => say(reply),
+            Err(error) => say(format!("error {error:#}")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,632 @@
+//! The thin tokio driver: owns the TCP connections to peers, the backing store and the
+//! metadata file, and runs the pure state machine (`protocol::Node`) between them.
+//!
+//! One task owns the `Node`; everything else talks to it through channels: application
+//! requests (`ReplicatedDevice`), frames and connection changes from per-connection reader
+//! tasks, and local I/O completions from per-request tasks. Outputs are carried out in order;
+//! metadata updates are written and fsynced before the next output, as `Output::Persist`
+//! requires.
+
+pub mod meta_file;
+
+use crate::NodeId;
+use crate::constants::BLOCK_SIZE_BYTES;
+use crate::protocol::frame::{HEADER_BYTES, frame_len};
+use crate::protocol::node::{
+    AppRequest, Config, DiskOp, Event, Fencing, IoFailed, IoId, Node, Output, ReplicationProtocol,
+    RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
+};
+use crate::protocol::{
+    ConnectionState, DiskState, Metadata, MetadataStore, ReplicationState, ResyncRate, Role,
+};
+use backing_store::{BackingStore, EngineKind, OpenOptions};
+use bytes::Bytes;
+use meta_file::MetaFile;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Connection preamble: magic, node id, connection id.
+const PREAMBLE_MAGIC: u32 = 0x5444_4e43; // "TDNC"
+const PREAMBLE_BYTES: usize = 16;
+/// How often a missing connection is retried (DRBD's connect-int is 10 s; loopback wants less).
+const CONNECT_RETRY_MS: u64 = 300;
+/// Application commands queued towards the state machine.
+const COMMAND_QUEUE_MAX: usize = 1024;
+
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    #[error("request failed: {0}")]
+    Request(#[from] RequestError),
+    #[error("state change refused: {0}")]
+    State(#[from] StateError),
+    #[error("offset {offset} or length {len} is not a multiple of 4096")]
+    Misaligned { offset: u64, len: u64 },
+    #[error("the replication engine stopped")]
+    Stopped,
+    #[error("backing store: {0}")]
+    Backing(#[from] backing_store::Error),
+    #[error("metadata: {0}")]
+    Meta(#[from] meta_file::MetaFileError),
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub peers: Vec<(NodeId, SocketAddr)>,
+    pub backing_path: PathBuf,
+    /// Created with this size when missing.
+    pub size_bytes: u64,
+    pub engine: EngineKind,
+    pub direct_io: bool,
+    /// External metadata file (created by `create-md` semantics when missing).
+    pub meta_path: PathBuf,
+    pub protocol: ReplicationProtocol,
+    pub fencing: Fencing,
+    pub resync_rate: ResyncRate,
+    pub al_extents: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub node_id: NodeId,
+    pub connection: ConnectionState,
+    pub replication: ReplicationState,
+    pub disk: DiskState,
+    pub out_of_sync_blocks: u64,
+    pub resync: Option<ResyncProgress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub node_id: NodeId,
+    pub role: Role,
+    pub disk: DiskState,
+    pub size_bytes: u64,
+    pub peers: Vec<PeerStatus>,
+    /// Blocks written here by resync (as SyncTarget) since start.
+    pub resync_blocks_received: u64,
+    /// Blocks sent by finished resyncs (as SyncSource) since start.
+    pub resync_blocks_sent: u64,
+    pub split_brain: bool,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
+
+enum Command {
+    Request(AppRequest, Reply<Option<Vec<u8>>>),
+    Promote(bool, Reply<()>),
+    Demote(Reply<()>),
+    NewCurrentUuid(Reply<()>),
+    Connect(NodeId, bool, Reply<()>),
+    Disconnect(NodeId, Reply<()>),
+    Status(oneshot::Sender<Status>),
+}
+
+enum Input {
+    Connected { peer: NodeId, conn_id: u64, writer: mpsc::UnboundedSender<Vec<u8>> },
+    Frame { peer: NodeId, conn_id: u64, bytes: Vec<u8> },
+    Closed { peer: NodeId, conn_id: u64 },
+    Disk { id: IoId, result: Result<Option<Vec<u8>>, IoFailed> },
+}
+
+/// The handle the storage node and the iSCSI layer use.
+#[derive(Clone)]
+pub struct ReplicatedDevice {
+    commands: mpsc::Sender<Command>,
+    size_bytes: u64,
+}
+
+fn check_aligned(offset: u64, len: u64) -> Result<(), DeviceError> {
+    if !offset.is_multiple_of(BLOCK_SIZE_BYTES) || !len.is_multiple_of(BLOCK_SIZE_BYTES) || len == 0
+    {
+        return Err(DeviceError::Misaligned { offset, len });
+    }
+    Ok(())
+}
+
+impl ReplicatedDevice {
+    /// Opens the backing store and metadata, starts listening and connecting, and returns the
+    /// handle plus the driver task.
+    pub async fn start(
+        config: DriverConfig,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), DeviceError> {
+        let options = OpenOptions {
+            engine: config.engine,
+            direct_io: config.direct_io,
+            create_size_bytes: Some(config.size_bytes),
+            read_only: false,
+        };
+        let store = BackingStore::open(&config.backing_path, &options)?;
+        let size_blocks = store.size_bytes() / BLOCK_SIZE_BYTES;
+        let (meta_file, meta) =
+            MetaFile::open_or_create(&config.meta_path, config.node_id, size_blocks)?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let size_bytes = meta.size_blocks * BLOCK_SIZE_BYTES;
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+        let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
+        let mut random = [0u8; 8];
+        getrandom_fallback(&mut random);
+        let node_config = Config {
+            peers: config.peers.iter().map(|(id, _)| *id).collect(),
+            protocol: config.protocol,
+            fencing: config.fencing,
+            resync_rate: config.resync_rate,
+            al_extents: config.al_extents,
+            random_seed: u64::from_le_bytes(random),
+        };
+        let node = Node::new(node_config, meta, now_ms());
+        let mut driver = Driver {
+            config,
+            node,
+            store,
+            meta_file,
+            inputs_tx: inputs_tx.clone(),
+            writers: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            next_request: 1,
+            pending_demote: None,
+            last_dial: BTreeMap::new(),
+            resync_blocks_received: 0,
+            resync_blocks_sent: 0,
+            split_brain: false,
+        };
+        let accept_inputs = inputs_tx.clone();
+        let my_id = driver.config.node_id;
+        let known: Vec<NodeId> = driver.config.peers.iter().map(|(id, _)| *id).collect();
+        tokio::spawn(accept_loop(listener, my_id, known, accept_inputs));
+        let task = tokio::spawn(async move { driver.run(commands_rx, inputs_rx).await });
+        Ok((Self { commands: commands_tx, size_bytes }, task))
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| DeviceError::Stopped)?;
+        rx.await.map_err(|_| DeviceError::Stopped)?
+    }
+
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Bytes, DeviceError> {
+        check_aligned(offset, len)?;
+        let req = AppRequest::Read {
+            offset_blocks: offset / BLOCK_SIZE_BYTES,
+            blocks: len / BLOCK_SIZE_BYTES,
+        };
+        let data = self.call(|r| Command::Request(req, r)).await?;
+        Ok(Bytes::from(data.unwrap_or_default()))
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        check_aligned(offset, data.len() as u64)?;
+        let req = AppRequest::Write {
+            offset_blocks: offset / BLOCK_SIZE_BYTES,
+            data: data.to_vec(),
+            fua,
+        };
+        self.call(|r| Command::Request(req, r)).await.map(|_| ())
+    }
+
+    pub async fn flush(&self) -> Result<(), DeviceError> {
+        self.call(|r| Command::Request(AppRequest::Flush, r)).await.map(|_| ())
+    }
+
+    /// Discards (and zeroes, on every replica) a block-aligned range.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        check_aligned(offset, len)?;
+        let req = AppRequest::Discard {
+            offset_blocks: offset / BLOCK_SIZE_BYTES,
+            blocks: len / BLOCK_SIZE_BYTES,
+        };
+        self.call(|r| Command::Request(req, r)).await.map(|_| ())
+    }
+
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.discard(offset, len).await
+    }
+
+    pub async fn promote(&self, force: bool) -> Result<(), DeviceError> {
+        self.call(|r| Command::Promote(force, r)).await
+    }
+
+    /// Waits until every request drained and every write is stable on all replicas.
+    pub async fn demote(&self) -> Result<(), DeviceError> {
+        self.call(Command::Demote).await
+    }
+
+    pub async fn new_current_uuid_clear_bitmap(&self) -> Result<(), DeviceError> {
+        self.call(Command::NewCurrentUuid).await
+    }
+
+    pub async fn connect(&self, peer: NodeId, discard_my_data: bool) -> Result<(), DeviceError> {
+        self.call(|r| Command::Connect(peer, discard_my_data, r)).await
+    }
+
+    pub async fn disconnect(&self, peer: NodeId) -> Result<(), DeviceError> {
+        self.call(|r| Command::Disconnect(peer, r)).await
+    }
+
+    pub async fn status(&self) -> Result<Status, DeviceError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Status(tx)).await.map_err(|_| DeviceError::Stopped)?;
+        rx.await.map_err(|_| DeviceError::Stopped)
+    }
+
+    pub async fn role(&self) -> Result<Role, DeviceError> {
+        Ok(self.status().await?.role)
+    }
+}
+
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let start = START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Random bits for generation UUIDs: the kernel's entropy via /dev/urandom, or the clock.
+fn getrandom_fallback(out: &mut [u8; 8]) {
+    use std::io::Read;
+    let ok = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(out)).is_ok();
+    if !ok {
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        // Truncating the nanosecond count keeps its fast-changing low bits, which is the point.
+        let nanos = u64::try_from(t.as_nanos() & u128::from(u64::MAX)).unwrap_or(0);
+        *out = (nanos ^ u64::from(std::process::id())).to_le_bytes();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    my_id: NodeId,
+    known: Vec<NodeId>,
+    inputs: mpsc::UnboundedSender<Input>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let inputs = inputs.clone();
+        let known = known.clone();
+        tokio::spawn(async move {
+            let mut preamble = [0u8; PREAMBLE_BYTES];
+            if stream.read_exact(&mut preamble).await.is_err() {
+                return;
+            }
+            let magic = u32::from_le_bytes(preamble[0..4].try_into().expect("4 bytes"));
+            let Some(peer) = NodeId::new(preamble[4]) else { return };
+            if magic != PREAMBLE_MAGIC || !known.contains(&peer) {
+                tracing::warn!(%peer, "rejected connection with a bad preamble");
+                return;
+            }
+            let conn_id = u64::from_le_bytes(preamble[8..16].try_into().expect("8 bytes"));
+            let mut reply = [0u8; PREAMBLE_BYTES];
+            reply[0..4].copy_from_slice(&PREAMBLE_MAGIC.to_le_bytes());
+            reply[4] = my_id.0;
+            reply[8..16].copy_from_slice(&conn_id.to_le_bytes());
+            if stream.write_all(&reply).await.is_err() {
+                return;
+            }
+            run_connection(stream, peer, conn_id, inputs);
+        });
+    }
+}
+
+async fn dial(
+    my_id: NodeId,
+    peer: NodeId,
+    addr: SocketAddr,
+    conn_id: u64,
+    inputs: mpsc::UnboundedSender<Input>,
+) {
+    let Ok(Ok(mut stream)) =
+        tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+    else {
+        return;
+    };
+    let mut preamble = [0u8; PREAMBLE_BYTES];
+    preamble[0..4].copy_from_slice(&PREAMBLE_MAGIC.to_le_bytes());
+    preamble[4] = my_id.0;
+    preamble[8..16].copy_from_slice(&conn_id.to_le_bytes());
+    if stream.write_all(&preamble).await.is_err() {
+        return;
+    }
+    let mut reply = [0u8; PREAMBLE_BYTES];
+    if stream.read_exact(&mut reply).await.is_err()
+        || reply[4] != peer.0
+        || reply[8..16] != preamble[8..16]
+    {
+        return;
+    }
+    run_connection(stream, peer, conn_id, inputs);
+}
+
+fn run_connection(
+    stream: TcpStream,
+    peer: NodeId,
+    conn_id: u64,
+    inputs: mpsc::UnboundedSender<Input>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut reader, mut writer) = stream.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    if inputs.send(Input::Connected { peer, conn_id, writer: tx }).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            if writer.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    tokio::spawn(async move {
+        loop {
+            let mut header = [0u8; HEADER_BYTES];
+            if reader.read_exact(&mut header).await.is_err() {
+                break;
+            }
+            let Ok(total) = frame_len(&header) else { break };
+            let mut bytes = vec![0u8; total];
+            bytes[..HEADER_BYTES].copy_from_slice(&header);
+            if reader.read_exact(&mut bytes[HEADER_BYTES..]).await.is_err() {
+                break;
+            }
+            if inputs.send(Input::Frame { peer, conn_id, bytes }).is_err() {
+                return;
+            }
+        }
+        let _ = inputs.send(Input::Closed { peer, conn_id });
+    });
+}
+
+struct Driver {
+    config: DriverConfig,
+    node: Node,
+    store: BackingStore,
+    meta_file: MetaFile,
+    inputs_tx: mpsc::UnboundedSender<Input>,
+    writers: BTreeMap<NodeId, (u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
+    next_request: u64,
+    pending_demote: Option<Reply<()>>,
+    last_dial: BTreeMap<NodeId, u64>,
+    resync_blocks_received: u64,
+    resync_blocks_sent: u64,
+    split_brain: bool,
+}
+
+impl Driver {
+    async fn run(
+        &mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inputs: mpsc::UnboundedReceiver<Input>,
+    ) {
+        self.process_outputs();
+        loop {
+            self.dial_missing();
+            let deadline = self.node.poll_timeout();
+            let sleep_ms = deadline
+                .map_or(CONNECT_RETRY_MS, |d| d.saturating_sub(now_ms()).min(CONNECT_RETRY_MS));
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    None => return,
+                },
+                input = inputs.recv() => {
+                    if let Some(input) = input {
+                        self.handle_input(input);
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {
+                    if deadline.is_some_and(|d| d <= now_ms()) {
+                        self.node.handle_timeout(now_ms());
+                    }
+                }
+            }
+            self.process_outputs();
+        }
+    }
+
+    fn dial_missing(&mut self) {
+        let me = self.config.node_id;
+        let now = now_ms();
+        for (peer, addr) in self.config.peers.clone() {
+            // One connection per pair: the higher node id dials.
+            if me < peer || !self.node.wants_connection(peer) || self.writers.contains_key(&peer) {
+                continue;
+            }
+            if self.node.connection_state(peer) == Some(ConnectionState::Connected) {
+                continue;
+            }
+            let last = self.last_dial.get(&peer).copied().unwrap_or(0);
+            if last != 0 && last + CONNECT_RETRY_MS > now {
+                continue;
+            }
+            self.last_dial.insert(peer, now.max(1));
+            let mut random = [0u8; 8];
+            getrandom_fallback(&mut random);
+            let conn_id = u64::from_le_bytes(random) | 1;
+            tokio::spawn(dial(me, peer, addr, conn_id, self.inputs_tx.clone()));
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        let now = now_ms();
+        match command {
+            Command::Request(req, reply) => {
+                let id = self.next_request;
+                self.next_request += 1;
+                self.requests.insert(id, reply);
+                self.node.handle_request(now, RequestId(id), req);
+            }
+            Command::Promote(force, reply) => {
+                let _ = reply.send(self.node.handle_promote(now, force).map_err(DeviceError::from));
+            }
+            Command::Demote(reply) => match self.node.handle_demote(now) {
+                Ok(()) => self.pending_demote = Some(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Command::NewCurrentUuid(reply) => {
+                let _ = reply.send(
+                    self.node.handle_new_current_uuid_clear_bitmap(now).map_err(DeviceError::from),
+                );
+            }
+            Command::Connect(peer, discard, reply) => {
+                let _ = reply
+                    .send(self.node.handle_connect(now, peer, discard).map_err(DeviceError::from));
+            }
+            Command::Disconnect(peer, reply) => {
+                let _ =
+                    reply.send(self.node.handle_disconnect(now, peer).map_err(DeviceError::from));
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let n = &self.node;
+        Status {
+            node_id: n.node_id(),
+            role: n.role(),
+            disk: n.disk_state(),
+            size_bytes: n.size_blocks() * BLOCK_SIZE_BYTES,
+            peers: n
+                .peer_ids()
+                .into_iter()
+                .map(|p| PeerStatus {
+                    node_id: p,
+                    connection: n.connection_state(p).unwrap_or(ConnectionState::StandAlone),
+                    replication: n.replication_state(p).unwrap_or(ReplicationState::Off),
+                    disk: n.peer_disk_state(p).unwrap_or(DiskState::DUnknown),
+                    out_of_sync_blocks: n.out_of_sync_blocks(p),
+                    resync: n.resync_progress(p),
+                })
+                .collect(),
+            resync_blocks_received: self.resync_blocks_received,
+            resync_blocks_sent: self.resync_blocks_sent,
+            split_brain: self.split_brain,
+        }
+    }
+
+    fn handle_input(&mut self, input: Input) {
+        let now = now_ms();
+        match input {
+            Input::Connected { peer, conn_id, writer } => {
+                self.writers.insert(peer, (conn_id, writer));
+                self.node.handle_connected(now, peer, conn_id);
+            }
+            Input::Frame { peer, bytes, conn_id } => {
+                if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
+                    self.node.handle_receive(now, peer, &bytes);
+                }
+            }
+            Input::Closed { peer, conn_id } => {
+                if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
+                    self.writers.remove(&peer);
+                }
+                self.node.handle_transport_closed(now, peer, conn_id);
+            }
+            Input::Disk { id, result } => self.node.handle_disk_completion(now, id, result),
+        }
+    }
+
+    fn process_outputs(&mut self) {
+        while let Some(output) = self.node.poll_output() {
+            match output {
+                Output::Transmit { peer, bytes } => {
+                    if let Some((_, writer)) = self.writers.get(&peer) {
+                        let _ = writer.send(bytes);
+                    }
+                }
+                Output::Disconnect { peer, conn_id } => {
+                    if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
+                        // Dropping the sender ends the writer task, which shuts the socket.
+                        self.writers.remove(&peer);
+                    }
+                }
+                Output::DiskIo { id, op } => self.submit_disk(id, op),
+                Output::Persist(update) => {
+                    // Durable before anything after it happens: the state machine relies on it.
+                    if let Err(error) = self.meta_file.apply(&update) {
+                        tracing::error!(%error, "metadata update failed; stopping to avoid corruption");
+                        panic!("metadata update failed: {error}");
+                    }
+                }
+                Output::Complete { request, result } => {
+                    if let Some(reply) = self.requests.remove(&request.0) {
+                        let _ = reply.send(result.map_err(DeviceError::from));
+                    }
+                }
+                Output::Event(event) => self.handle_event(event),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        tracing::info!(node = %self.config.node_id, ?event, "event");
+        match event {
+            Event::RoleChanged(Role::Secondary) => {
+                if let Some(reply) = self.pending_demote.take() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,
+            Event::SplitBrain { .. } => self.split_brain = true,
+            Event::FencePeer { peer } => {
+                // No fence handler is configured in this driver yet: with fencing
+                // resource-only, writes stay frozen until the peer is back (DRBD does the same
+                // when its handler fails). Say so loudly.
+                tracing::warn!(%peer, "fence-peer requested; I/O frozen until the peer reconnects");
+            }
+            _ => {}
+        }
+    }
+
+    fn submit_disk(&mut self, id: IoId, op: DiskOp) {
+        let store = self.store.clone();
+        let inputs = self.inputs_tx.clone();
+        if let DiskOp::Write { origin: WriteOrigin::Resync, data, .. } = &op {
+            self.resync_blocks_received += data.len() as u64 / BLOCK_SIZE_BYTES;
+        }
+        tokio::spawn(async move {
+            let result = match op {
+                DiskOp::Read { offset_blocks, blocks } => {
+                    let len = usize::try_from(blocks * BLOCK_SIZE_BYTES).unwrap_or(usize::MAX);
+                    store
+                        .read(offset_blocks * BLOCK_SIZE_BYTES, len)
+                        .await
+                        .map(|b| Some(b.to_vec()))
+                }
+                DiskOp::Write { offset_blocks, data, fua, .. } => store
+                    .write(offset_blocks * BLOCK_SIZE_BYTES, Bytes::from(data), fua)
+                    .await
+                    .map(|()| None),
+                DiskOp::Flush => store.flush().await.map(|()| None),
+            };
+            let result = result.map_err(|error| {
+                tracing::error!(%error, "local I/O failed");
+                IoFailed
+            });
+            let _ = inputs.send(Input::Disk { id, result });
+        });
+    }
+}
+
+/// Loads `Metadata` for tests and tools without starting a driver.
+pub fn load_metadata(path: &std::path::Path) -> Result<Metadata, DeviceError> {
+    Ok(MetaFile::load(path)?)
+}
