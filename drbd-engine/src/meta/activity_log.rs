@@ -479,9 +479,7 @@ impl ActivityLog {
         blocks: u64,
     ) -> Result<AlAdmission, MetaError> {
         let (first, last) = self.extent_range(first_block, blocks)?;
-        let missing: Vec<u32> =
-            (first..=last).filter(|e| !self.extent_slot.contains_key(e)).collect();
-        if missing.is_empty() {
+        if (first..=last).all(|e| self.extent_slot.contains_key(&e)) {
             let mut waits = false;
             for extent in first..=last {
                 let slot = self.extent_slot[&extent];
@@ -496,6 +494,8 @@ impl ActivityLog {
         if self.in_flight.is_some() {
             return Ok(AlAdmission::Busy);
         }
+        let missing: Vec<u32> =
+            (first..=last).filter(|e| !self.extent_slot.contains_key(e)).collect();
         // Free slots first, then the least recently used idle ones; one linear scan per
         // missing extent (at most two for a request), no sorting on the write path.
         let mut chosen: Vec<usize> = Vec::with_capacity(missing.len());
