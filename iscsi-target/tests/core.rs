@@ -841,3 +841,17 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_login_with_a_reused_isid_reinstates_the_session() {
+    let (config, device) = config(AuthConfig::default());
+    let mut first = Initiator::new(config.clone(), device.clone());
+    first.login(&[]);
+    assert_eq!(first.connection.poll_event(), None);
+    let mut second = Initiator {
+        connection: Connection::new(2, config.clone(), 1, [8u8; 32], 3),
+        ..Initiator::new(config, device)
+    };
+    second.login(&[]);
+    assert_eq!(second.connection.poll_event(), Some(Event::Reinstated { old_connection_id: 1 }));
+}
