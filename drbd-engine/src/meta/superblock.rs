@@ -410,8 +410,11 @@ fn trailer_crc(copy: &[u8], trailer: &[u8]) -> u32 {
 fn read_copy(block: &[u8], copy_offset: usize, trailer_offset: usize) -> CopyState {
     let copy = &block[copy_offset..copy_offset + SUPERBLOCK_STRUCT_BYTES];
     let trailer = &block[trailer_offset..trailer_offset + TANDEM_TRAILER_BYTES];
-    let trailer_zero = trailer.iter().all(|&b| b == 0);
-    if trailer_zero {
+    // Tandem only ever leaves its own trailer or zeros here. Anything else came from another
+    // writer (drbdmeta and the kernel zero the padding; a future DRBD might use it): then the
+    // copy stands or falls by its DRBD structure alone.
+    let tandem_trailer = be_u32(trailer, 0) == TANDEM_TRAILER_MAGIC;
+    if !tandem_trailer {
         if copy.iter().all(|&b| b == 0) {
             return CopyState::Absent;
         }
@@ -420,10 +423,9 @@ fn read_copy(block: &[u8], copy_offset: usize, trailer_offset: usize) -> CopySta
             Err(_) => CopyState::Damaged,
         };
     }
-    if be_u32(trailer, 0) != TANDEM_TRAILER_MAGIC || be_u32(trailer, 4) != TANDEM_TRAILER_VERSION {
-        return CopyState::Damaged;
-    }
-    if be_u32(trailer, 16) != trailer_crc(copy, trailer) {
+    if be_u32(trailer, 4) != TANDEM_TRAILER_VERSION
+        || be_u32(trailer, 16) != trailer_crc(copy, trailer)
+    {
         return CopyState::Damaged;
     }
     match Superblock::decode(copy) {
@@ -461,8 +463,10 @@ pub fn read_superblock_block(block: &[u8]) -> Result<SuperblockRead, MetaError> 
             pick(backup, SuperblockCopy::Backup, Some(b), true)
         }
         (Foreign(primary), Absent) => pick(primary, SuperblockCopy::Primary, None, false),
+        // The backup is damaged only by a torn first write over a foreign block, which left the
+        // primary intact; nothing needs rewriting (and the padding may not even be ours).
         (Foreign(primary), Damaged | Foreign(_)) => {
-            pick(primary, SuperblockCopy::Primary, None, true)
+            pick(primary, SuperblockCopy::Primary, None, false)
         }
         (Damaged | Absent, Damaged | Absent | Foreign(_)) => {
             // The primary copy alone decides the error: its magic tells "no metadata here"
@@ -695,6 +699,19 @@ mod tests {
         assert_eq!(read.superblock, sb);
         assert_eq!(read.sequence, None);
         assert!(!read.needs_repair);
+    }
+
+    #[test]
+    fn foreign_data_in_the_padding_does_not_hide_the_drbd_structure() {
+        let sb = sample(4);
+        let mut block = sb.encode_drbd_block();
+        block[0x570..].fill(0xa5);
+        let read = read_superblock_block(&block[..]).unwrap();
+        assert_eq!(read.superblock, sb);
+        assert_eq!(
+            (read.copy, read.sequence, read.needs_repair),
+            (SuperblockCopy::Primary, None, false)
+        );
     }
 
     /// Every way a 4 KiB write can tear at sector boundaries: any subset of the eight sectors
