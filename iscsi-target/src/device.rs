@@ -93,12 +93,73 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// One block I/O the SCSI layer asks the driver to perform.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum IoOp {
-    Read { offset_bytes: u64, length_bytes: u32 },
-    Write { offset_bytes: u64, data: Bytes, fua: bool },
+    Read {
+        offset_bytes: u64,
+        length_bytes: u32,
+    },
+    Write {
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Unmap { offset_bytes: u64, length_bytes: u64 },
-    WriteZeroes { offset_bytes: u64, length_bytes: u64 },
-    MappedRanges { offset_bytes: u64, length_bytes: u64 },
+    Unmap {
+        offset_bytes: u64,
+        length_bytes: u64,
+    },
+    WriteZeroes {
+        offset_bytes: u64,
+        length_bytes: u64,
+    },
+    MappedRanges {
+        offset_bytes: u64,
+        length_bytes: u64,
+    },
+    /// Reads the range; if it equals `compare`, writes `data` there. Atomic with respect to
+    /// every other write to the device: the driver runs it under an exclusive lock.
+    CompareAndWrite {
+        offset_bytes: u64,
+        compare: Bytes,
+        data: Bytes,
+        fua: bool,
+    },
+    /// Reads the range, ORs `mask` into it and writes it back, atomically like CompareAndWrite.
+    OrWrite {
+        offset_bytes: u64,
+        mask: Bytes,
+        fua: bool,
+    },
+}
+
+impl IoOp {
+    /// Whether the op reads and then writes the same blocks, so no other write may run
+    /// between its two halves.
+    pub fn is_read_modify_write(&self) -> bool {
+        matches!(self, Self::CompareAndWrite { .. } | Self::OrWrite { .. })
+    }
+    /// Whether the op changes the device.
+    pub fn is_write(&self) -> bool {
+        matches!(self, Self::Write { .. } | Self::Unmap { .. } | Self::WriteZeroes { .. })
+            || self.is_read_modify_write()
+    }
+}
+
+/// Offset of the first byte where `a` and `b` differ.
+pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.iter().zip(b).position(|(x, y)| x != y)
+}
+
+/// `current | mask`, byte by byte.
+pub fn or_bytes(current: &[u8], mask: &[u8]) -> Bytes {
+    current
+        .iter()
+        .zip(mask.iter().chain(std::iter::repeat(&0)))
+        .map(|(c, m)| c | m)
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// What a completed [`IoOp`] returns.
@@ -107,6 +168,8 @@ pub enum IoData {
     None,
     Read(Bytes),
     Ranges(Vec<MappedRange>),
+    /// COMPARE AND WRITE found different data at this byte offset of the range.
+    Miscompare(u64),
 }
 
 /// Runs one [`IoOp`] against a device: the driver's whole job for block I/O.
@@ -127,6 +190,19 @@ pub async fn perform<D: BlockDevice>(device: &D, op: IoOp) -> Result<IoData, Dev
         }
         IoOp::MappedRanges { offset_bytes, length_bytes } => {
             device.mapped_ranges(offset_bytes, length_bytes).await.map(IoData::Ranges)
+        }
+        IoOp::CompareAndWrite { offset_bytes, compare, data, fua } => {
+            let length = u32::try_from(compare.len()).map_err(|_| DeviceError::OutOfRange)?;
+            let current = device.read(offset_bytes, length).await?;
+            if let Some(at) = first_difference(&current, &compare) {
+                return Ok(IoData::Miscompare(at as u64));
+            }
+            device.write(offset_bytes, data, fua).await.map(|()| IoData::None)
+        }
+        IoOp::OrWrite { offset_bytes, mask, fua } => {
+            let length = u32::try_from(mask.len()).map_err(|_| DeviceError::OutOfRange)?;
+            let current = device.read(offset_bytes, length).await?;
+            device.write(offset_bytes, or_bytes(&current, &mask), fua).await.map(|()| IoData::None)
         }
     }
 }

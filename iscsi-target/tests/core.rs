@@ -52,6 +52,21 @@ impl MemoryDevice {
             IoOp::MappedRanges { offset_bytes, length_bytes } => {
                 Ok(IoData::Ranges(vec![MappedRange { offset_bytes, length_bytes, mapped: true }]))
             }
+            IoOp::CompareAndWrite { offset_bytes, compare, data: bytes, .. } => {
+                let r = range(offset_bytes, compare.len() as u64);
+                if let Some(at) = iscsi_target::device::first_difference(&data[r.clone()], &compare)
+                {
+                    return Ok(IoData::Miscompare(at as u64));
+                }
+                data[r].copy_from_slice(&bytes);
+                Ok(IoData::None)
+            }
+            IoOp::OrWrite { offset_bytes, mask, .. } => {
+                let r = range(offset_bytes, mask.len() as u64);
+                let merged = iscsi_target::device::or_bytes(&data[r.clone()], &mask);
+                data[r].copy_from_slice(&merged);
+                Ok(IoData::None)
+            }
         }
     }
 }
@@ -831,6 +846,8 @@ proptest! {
                     IoOp::Read { offset_bytes, length_bytes } => offset_bytes + u64::from(*length_bytes) <= BLOCKS * 512,
                     IoOp::Write { offset_bytes, data, .. } => offset_bytes + data.len() as u64 <= BLOCKS * 512,
                     IoOp::Unmap { offset_bytes, length_bytes } | IoOp::WriteZeroes { offset_bytes, length_bytes } | IoOp::MappedRanges { offset_bytes, length_bytes } => offset_bytes + length_bytes <= BLOCKS * 512,
+                    IoOp::CompareAndWrite { offset_bytes, compare, .. } => offset_bytes + compare.len() as u64 <= BLOCKS * 512,
+                    IoOp::OrWrite { offset_bytes, mask, .. } => offset_bytes + mask.len() as u64 <= BLOCKS * 512,
                     IoOp::Flush => true,
                 };
                 prop_assert!(inside, "I/O outside the LUN: {:?}", request.op);

@@ -12,18 +12,30 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, RwLock, mpsc};
 
 use crate::connection::{Config, Connection, Event};
 use crate::constants::{BHS_BYTES, CHAP_CHALLENGE_BYTES, TRANSMIT_BATCH_BYTES_MAX};
 use crate::device::{BlockDevice, DeviceError, IoData, perform};
 use crate::pdu;
 
-/// Live connections by id, so a reinstated session can close the old one.
+/// Live connections by id, so a reinstated session can close the old one; and one write lock
+/// per device, shared by every connection (multipath included).
 #[derive(Default)]
 struct Registry {
     connections: Mutex<HashMap<u64, Arc<Notify>>>,
     next_id: AtomicU64,
+    device_locks: Mutex<HashMap<usize, Arc<RwLock<()>>>>,
+}
+
+impl Registry {
+    /// The lock of the device behind `device`. Plain writes share it; read-modify-write ops
+    /// (COMPARE AND WRITE, ORWRITE) hold it alone, which makes them atomic.
+    fn device_lock<D>(&self, device: &Arc<D>) -> Arc<RwLock<()>> {
+        let key = Arc::as_ptr(device) as *const () as usize;
+        let mut locks = self.device_locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.entry(key).or_default().clone()
+    }
 }
 
 /// Serves the configured targets on already-bound listeners, one per portal, each with its
@@ -99,6 +111,7 @@ async fn run_connection<D: BlockDevice>(
     let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
     let mut input = BytesMut::with_capacity(512 * 1024);
     let mut out = Outgoing::default();
+    let mut locks: HashMap<usize, Arc<RwLock<()>>> = HashMap::new();
     // Debugging aid: one line per received PDU on stderr.
     let trace = std::env::var_os("TANDEM_ISCSI_TRACE").is_some();
     let result = loop {
@@ -151,12 +164,12 @@ async fn run_connection<D: BlockDevice>(
                     break;
                 }
             }
-            dispatch_io(&mut connection, &completions_tx);
+            dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
             if connection.transmit_bytes() >= TRANSMIT_BATCH_BYTES_MAX {
                 write_out(&mut connection, &mut out, &mut writer).await?;
             }
         }
-        dispatch_io(&mut connection, &completions_tx);
+        dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
         write_out(&mut connection, &mut out, &mut writer).await?;
         let mut close = failed;
         while let Some(event) = connection.poll_event() {
@@ -213,11 +226,29 @@ async fn run_connection<D: BlockDevice>(
 fn dispatch_io<D: BlockDevice>(
     connection: &mut Connection<D>,
     completions: &mpsc::UnboundedSender<Completion>,
+    registry: &Registry,
+    locks: &mut HashMap<usize, Arc<RwLock<()>>>,
 ) {
     while let Some(request) = connection.poll_io() {
         let completions = completions.clone();
+        let lock = if request.op.is_write() {
+            let key = Arc::as_ptr(&request.device) as *const () as usize;
+            Some(locks.entry(key).or_insert_with(|| registry.device_lock(&request.device)).clone())
+        } else {
+            None
+        };
         tokio::spawn(async move {
-            let result = perform(&*request.device, request.op).await;
+            let result = match lock {
+                Some(lock) if request.op.is_read_modify_write() => {
+                    let _exclusive = lock.write().await;
+                    perform(&*request.device, request.op).await
+                }
+                Some(lock) => {
+                    let _shared = lock.read().await;
+                    perform(&*request.device, request.op).await
+                }
+                None => perform(&*request.device, request.op).await,
+            };
             let _ = completions.send((request.itt, request.tag, result));
         });
     }

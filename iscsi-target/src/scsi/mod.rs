@@ -13,7 +13,7 @@ use crate::constants::{
     COMPARE_AND_WRITE_BLOCKS_MAX, TRANSFER_BYTES_MAX, UNIT_ATTENTIONS_MAX, UNMAP_BLOCKS_MAX,
     UNMAP_DESCRIPTORS_MAX, WRITE_SAME_BLOCKS_MAX,
 };
-use crate::device::{AluaState, DeviceError, IoData, IoOp, MappedRange};
+use crate::device::{AluaState, DeviceError, IoData, IoOp, MappedRange, first_difference};
 use pr::{Access, Nexus, ProutResult, ReservationState};
 use sense::{Sense, codes, status};
 
@@ -123,8 +123,7 @@ pub enum Step {
 pub enum Pending {
     ReadData,
     Written,
-    CompareThenWrite { offset_bytes: u64, compare: Bytes, write: Bytes, fua: bool },
-    OrThenWrite { offset_bytes: u64, mask: Bytes, fua: bool },
+    Compared,
     Verify { compare: Bytes, repeat_block: bool, block_size_bytes: u32 },
     WriteChunks { offset_bytes: u64, remaining_bytes: u64, pattern: Bytes, fua: bool },
     Unmap { ranges: Vec<(u64, u64)> },
@@ -523,27 +522,12 @@ pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, Device
             _ => Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE)),
         },
         Pending::Written => Step::Done(Outcome::good()),
-        Pending::CompareThenWrite { offset_bytes, compare, write, fua } => {
-            let IoData::Read(current) = data else {
-                return Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
-            };
-            if let Some(at) = first_difference(&current, &compare) {
-                return Step::Done(Outcome::check(
-                    Sense::new(sense::key::MISCOMPARE, 0x1d, 0x00).with_information(at as u64),
-                ));
-            }
-            Step::Io(IoOp::Write { offset_bytes, data: write, fua }, Pending::Written)
-        }
-        Pending::OrThenWrite { offset_bytes, mask, fua } => {
-            let IoData::Read(current) = data else {
-                return Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
-            };
-            let mut merged = BytesMut::from(&current[..]);
-            for (byte, m) in merged.iter_mut().zip(mask.iter()) {
-                *byte |= m;
-            }
-            Step::Io(IoOp::Write { offset_bytes, data: merged.freeze(), fua }, Pending::Written)
-        }
+        Pending::Compared => match data {
+            IoData::Miscompare(at) => Step::Done(Outcome::check(
+                Sense::new(sense::key::MISCOMPARE, 0x1d, 0x00).with_information(at),
+            )),
+            _ => Step::Done(Outcome::good()),
+        },
         Pending::Verify { compare, repeat_block, block_size_bytes } => {
             let IoData::Read(current) = data else {
                 return Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
@@ -586,13 +570,6 @@ pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, Device
             ))
         }
     }
-}
-
-fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    if a.len() != b.len() {
-        return Some(a.len().min(b.len()));
-    }
-    a.iter().zip(b).position(|(x, y)| x != y)
 }
 
 fn check_range(ctx: &Context<'_>, lba: u64, blocks: u64) -> Option<Sense> {
@@ -740,17 +717,14 @@ fn compare_and_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step
     let half = usize::try_from(length).unwrap_or(0);
     let compare = data_out.slice(..half);
     let write = data_out.slice(half..);
-    let Ok(length_bytes) = u32::try_from(length) else {
-        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(13)));
-    };
     Step::Io(
-        IoOp::Read { offset_bytes: lba * block_size, length_bytes },
-        Pending::CompareThenWrite {
+        IoOp::CompareAndWrite {
             offset_bytes: lba * block_size,
             compare,
-            write,
+            data: write,
             fua: cdb[1] & 0x08 != 0,
         },
+        Pending::Compared,
     )
 }
 
@@ -780,12 +754,8 @@ fn or_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
         return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(10)));
     }
     Step::Io(
-        IoOp::Read { offset_bytes: lba * block_size, length_bytes },
-        Pending::OrThenWrite {
-            offset_bytes: lba * block_size,
-            mask: data_out,
-            fua: cdb[1] & 0x08 != 0,
-        },
+        IoOp::OrWrite { offset_bytes: lba * block_size, mask: data_out, fua: cdb[1] & 0x08 != 0 },
+        Pending::Written,
     )
 }
 
