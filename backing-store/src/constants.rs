@@ -30,6 +30,9 @@ pub const URING_ENTRIES_MAX: u32 = 256;
 /// (logical blocks are 512 or 4096 bytes) and keeps reads page-aligned.
 pub const BUFFER_ALIGNMENT_BYTES: usize = 4096;
 
+/// Bytes of freed I/O buffers kept for reuse, process-wide (see buffer.rs for why).
+pub const BUFFER_POOL_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// Chunk of zeroes written when neither fallocate mode is supported (last-resort fallback of
 /// discard and write_zeroes).
 pub const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
@@ -46,5 +49,7 @@ const _: () = assert!(URING_ENTRIES_MAX.is_power_of_two());
 const _: () = assert!(IO_SIZE_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(IO_SIZE_BYTES_MAX.is_multiple_of(BUFFER_ALIGNMENT_BYTES));
 const _: () = assert!(BUFFER_ALIGNMENT_BYTES.is_power_of_two());
+const _: () = assert!(IO_SIZE_BYTES_MAX.is_power_of_two());
+const _: () = assert!(BUFFER_POOL_BYTES_MAX >= IO_SIZE_BYTES_MAX);
 const _: () = assert!(ZERO_CHUNK_BYTES.is_multiple_of(BUFFER_ALIGNMENT_BYTES));
 const _: () = assert!(ZERO_CHUNK_BYTES <= IO_SIZE_BYTES_MAX);

@@ -230,7 +230,7 @@ impl BackingFile {
             }
             _ => &self.buffered,
         };
-        (file, AlignedBuffer::zeroed(len))
+        (file, AlignedBuffer::for_overwrite(len))
     }
 
     /// The descriptor for a write, and its data (copied only when O_DIRECT demands an
