@@ -145,6 +145,21 @@ fn past(view: &HandshakeView) -> impl Iterator<Item = u64> + '_ {
 /// DRBD's connect-time decision (in the spirit of drbd_uuid_compare), as a pure function.
 pub fn decide(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
     use SyncDecision::*;
+    let decision = compare(local, remote);
+    // `--discard-my-data` also wins when the generations alone would make this node the source
+    // (a crashed primary, or a forced primary with older data than a returning node): the
+    // operator chose the victim.
+    match (local.discard_my_data, remote.discard_my_data, decision) {
+        (true, false, BitmapSource) => BitmapTarget,
+        (true, false, FullSource) => FullTarget,
+        (false, true, BitmapTarget) => BitmapSource,
+        (false, true, FullTarget) => FullSource,
+        _ => decision,
+    }
+}
+
+fn compare(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
+    use SyncDecision::*;
     let (mine, theirs) = (&local.uuids, &remote.uuids);
     let local_fresh = mine.current == UUID_JUST_CREATED;
     let remote_fresh = theirs.current == UUID_JUST_CREATED;
@@ -201,15 +216,7 @@ pub fn decide(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
             _ => SplitBrain,
         };
     }
-    // `--discard-my-data` also wins when the generations alone would make this node the source
-    // (a forced primary with older data than a returning node): the operator chose the victim.
-    match (local.discard_my_data, remote.discard_my_data, decision) {
-        (true, false, BitmapSource) => BitmapTarget,
-        (true, false, FullSource) => FullTarget,
-        (false, true, BitmapTarget) => BitmapSource,
-        (false, true, FullTarget) => FullSource,
-        _ => decision,
-    }
+    decision
 }
 
 #[cfg(test)]
@@ -346,6 +353,12 @@ mod tests {
             Row {
                 name: "local newer but discards its data: bitmap target",
                 local: (0x20, 0x10, [0x10, 0], false, true),
+                remote: (0x10, 0, [0, 0], false, false),
+                expected: BitmapTarget,
+            },
+            Row {
+                name: "same generation, local crashed primary but discards: bitmap target",
+                local: (0x10, 0, [0, 0], true, true),
                 remote: (0x10, 0, [0, 0], false, false),
                 expected: BitmapTarget,
             },

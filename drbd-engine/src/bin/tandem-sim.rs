@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     for s in seed..seed.saturating_add(count) {
         let report = sim::run_seed(s, nodes);
         if verbose {
+            println!("seed {s}: {:?}", sim::World::new(s, nodes).swarm());
             println!(
                 "seed {s}: {} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains, {} ms simulated",
                 report.writes_acked,

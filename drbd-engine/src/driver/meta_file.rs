@@ -65,7 +65,16 @@ fn encode(meta: &Metadata) -> Vec<u8> {
     for e in &meta.activity_log {
         out.extend_from_slice(&e.to_le_bytes());
     }
-    for bitmap in &meta.bitmaps {
+    // Only bitmaps with bits set are stored (a presence mask first): a clean 1 GiB volume's
+    // file stays small, so rewriting it per update stays cheap.
+    let present = meta
+        .bitmaps
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| !b.is_clear())
+        .fold(0u64, |mask, (i, _)| mask | (1u64 << i));
+    out.extend_from_slice(&present.to_le_bytes());
+    for bitmap in meta.bitmaps.iter().filter(|b| !b.is_clear()) {
         for w in bitmap.words() {
             out.extend_from_slice(&w.to_le_bytes());
         }
@@ -121,7 +130,11 @@ fn decode(bytes: &[u8]) -> Option<Metadata> {
         meta.activity_log.push(u64_at(take(8)?));
     }
     let words = usize::try_from(size_blocks.div_ceil(64)).ok()?;
+    let present = u64_at(take(8)?);
     for slot in 0..=usize::from(NODE_ID_MAX) {
+        if present & (1u64 << slot) == 0 {
+            continue;
+        }
         let raw = take(words * 8)?;
         let ws = raw.chunks(8).map(u64_at).collect();
         meta.bitmaps[slot] = Bitmap::from_words(size_blocks, ws).ok()?;
@@ -176,6 +189,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), MetaFileError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
     Ok(())
+}
+
+impl MetaFile {
+    /// Applies several updates with one durable write (the driver batches consecutive
+    /// `Output::Persist`s: all are durable before any later output is acted upon).
+    pub fn apply_all(&mut self, updates: &[MetaUpdate]) -> Result<(), MetaFileError> {
+        for update in updates {
+            self.state.apply(update);
+        }
+        write_atomically(&self.path, &encode(&self.state))
+    }
 }
 
 impl MetadataStore for MetaFile {

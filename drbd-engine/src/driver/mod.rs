@@ -16,9 +16,7 @@ use crate::protocol::node::{
     AppRequest, Config, DiskOp, Event, Fencing, IoFailed, IoId, Node, Output, ReplicationProtocol,
     RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
-use crate::protocol::{
-    ConnectionState, DiskState, Metadata, MetadataStore, ReplicationState, ResyncRate, Role,
-};
+use crate::protocol::{ConnectionState, DiskState, Metadata, ReplicationState, ResyncRate, Role};
 use backing_store::{BackingStore, EngineKind, OpenOptions};
 use bytes::Bytes;
 use meta_file::MetaFile;
@@ -545,7 +543,22 @@ impl Driver {
     }
 
     fn process_outputs(&mut self) {
-        while let Some(output) = self.node.poll_output() {
+        let mut persists = Vec::new();
+        loop {
+            let output = self.node.poll_output();
+            if let Some(Output::Persist(update)) = output {
+                persists.push(update);
+                continue;
+            }
+            if !persists.is_empty() {
+                // Durable before anything after it happens: the state machine relies on it.
+                if let Err(error) = self.meta_file.apply_all(&persists) {
+                    tracing::error!(%error, "metadata update failed; stopping to avoid corruption");
+                    panic!("metadata update failed: {error}");
+                }
+                persists.clear();
+            }
+            let Some(output) = output else { break };
             match output {
                 Output::Transmit { peer, bytes } => {
                     if let Some((_, writer)) = self.writers.get(&peer) {
@@ -559,13 +572,7 @@ impl Driver {
                     }
                 }
                 Output::DiskIo { id, op } => self.submit_disk(id, op),
-                Output::Persist(update) => {
-                    // Durable before anything after it happens: the state machine relies on it.
-                    if let Err(error) = self.meta_file.apply(&update) {
-                        tracing::error!(%error, "metadata update failed; stopping to avoid corruption");
-                        panic!("metadata update failed: {error}");
-                    }
-                }
+                Output::Persist(_) => unreachable!("batched above"),
                 Output::Complete { request, result } => {
                     if let Some(reply) = self.requests.remove(&request.0) {
                         let _ = reply.send(result.map_err(DeviceError::from));

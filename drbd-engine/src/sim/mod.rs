@@ -175,6 +175,10 @@ pub struct World {
     next_request: u64,
     /// dirty[a][b]: a holds changes b may lack (ghost record for the split-brain checker).
     dirty: Vec<Vec<bool>>,
+    /// The ghost record when each pair's current connection started: both handshake decisions
+    /// are made from the state exchanged then (writes wait while a handshake runs), even if
+    /// one side finishes first and writes again.
+    dirty_at_connect: BTreeMap<(usize, usize), Vec<Vec<bool>>>,
     discard_requested: Vec<Vec<bool>>,
     last_primary: Option<usize>,
     healing: bool,
@@ -224,6 +228,7 @@ impl World {
             pending: BTreeMap::new(),
             next_request: 1,
             dirty: vec![vec![false; nodes]; nodes],
+            dirty_at_connect: BTreeMap::new(),
             discard_requested: vec![vec![false; nodes]; nodes],
             last_primary: None,
             healing: false,
@@ -443,6 +448,7 @@ impl World {
         self.log(|| format!("connect {a}-{b} conn {conn}"));
         self.next_conn += 1;
         self.conns.insert(pair(a, b), conn);
+        self.dirty_at_connect.insert(pair(a, b), self.dirty.clone());
         for (x, y) in [(a, b), (b, a)] {
             if let Some(node) = self.nodes[x].node.as_mut() {
                 node.handle_connected(self.now_ms, nid(y), conn);
@@ -750,6 +756,7 @@ impl World {
                         && role == Role::Primary
                     {
                         self.dirty[i][peer.index()] = true;
+                        self.log(|| format!("node {i} dirty for {peer} via {update:?}"));
                     }
                     self.nodes[i].meta.apply(&update);
                 }
@@ -863,7 +870,10 @@ impl World {
                 if result.is_ok() {
                     self.report.writes_acked += 1;
                 }
-                self.model.complete_write(id, result.is_ok(), fua, self.now_ms);
+                // Under protocols A and B a FUA write is acknowledged before the peer has it:
+                // only protocol C's FUA is stable on every replica at completion.
+                let stable = fua && self.swarm.protocol == ReplicationProtocol::C;
+                self.model.complete_write(id, result.is_ok(), stable, self.now_ms);
             }
             (Pending::Flush { issued_ms }, Ok(_)) => self.model.complete_flush(issued_ms),
             (Pending::Flush { .. }, Err(_)) => {}
@@ -927,8 +937,9 @@ impl World {
 
     fn check_decision(&mut self, i: usize, j: usize, decision: SyncDecision) {
         use SyncDecision::*;
-        let mine = self.dirty[i][j];
-        let theirs = self.dirty[j][i];
+        let snapshot = self.dirty_at_connect.get(&pair(i, j)).unwrap_or(&self.dirty);
+        let mine = snapshot[i][j];
+        let theirs = snapshot[j][i];
         let discarding = self.discard_requested[i][j] || self.discard_requested[j][i];
         let ok = match decision {
             SplitBrain => mine && theirs,
