@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use crate::constants::{
-    BHS_BYTES, CHAP_CHALLENGE_BYTES, COMMANDS_MAX, IMMEDIATE_COMMANDS_MAX,
-    LOGIN_DATA_SEGMENT_BYTES_MAX, LUNS_MAX, RECV_DATA_SEGMENT_BYTES_MAX,
+    BHS_BYTES, CHAP_CHALLENGE_BYTES, COMMANDS_MAX, CONNECTION_TRANSFER_BYTES_MAX,
+    IMMEDIATE_COMMANDS_MAX, LOGIN_DATA_SEGMENT_BYTES_MAX, LUNS_MAX, RECV_DATA_SEGMENT_BYTES_MAX,
     SEND_DATA_SEGMENT_BYTES_MAX, SESSIONS_MAX, TRANSFER_BYTES_MAX,
 };
 use crate::device::{BlockDevice, DeviceError, IoData, IoOp};
@@ -645,6 +645,8 @@ impl<D: BlockDevice> Connection<D> {
             self.reject(header, reject_reason::PROTOCOL_ERROR);
             return;
         }
+        let in_flight: u64 = self.tasks.values().map(|t| u64::from(t.edtl)).sum();
+        let over_budget = in_flight + u64::from(edtl) > CONNECTION_TRANSFER_BYTES_MAX;
         let lun = self.find_lun(lun_id);
         let too_big = edtl > TRANSFER_BYTES_MAX;
         let unsolicited_limit = if write {
@@ -658,7 +660,7 @@ impl<D: BlockDevice> Connection<D> {
         };
         let mut data = BytesMut::new();
         let mut immediate = Bytes::new();
-        if write && !too_big {
+        if write && !too_big && !over_budget {
             if pdu.data.len() == usize::try_from(edtl).unwrap_or(0) {
                 // The whole transfer arrived as immediate data: hand its buffer on without a copy.
                 immediate = pdu.data.clone();
@@ -687,6 +689,10 @@ impl<D: BlockDevice> Connection<D> {
         self.tasks.insert(itt, task);
         if too_big {
             self.finish(itt, Outcome::check(Sense::invalid_field_in_cdb(0)));
+            return;
+        }
+        if over_budget {
+            self.finish(itt, Outcome::status(sense::status::TASK_SET_FULL));
             return;
         }
         if !write || received >= edtl {

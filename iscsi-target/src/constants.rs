@@ -23,6 +23,10 @@ pub const FIRST_BURST_BYTES_MAX: u32 = 256 * 1024;
 /// Block Limits VPD page as the maximum transfer length. libiscsi's conformance suite writes
 /// 32 MiB in one command regardless of the reported limit.
 pub const TRANSFER_BYTES_MAX: u32 = 32 * 1024 * 1024;
+/// Bytes of data transfers (ExpectedDataTransferLength summed over tasks) one connection may
+/// have in flight: bounds the memory an initiator can make us hold. Commands beyond it get
+/// TASK SET FULL and are retried by the initiator.
+pub const CONNECTION_TRANSFER_BYTES_MAX: u64 = 256 * 1024 * 1024;
 /// R2Ts outstanding per task (MaxOutstandingR2T we offer).
 pub const OUTSTANDING_R2T_MAX: u32 = 8;
 /// Commands in flight per session: the CmdSN window.
@@ -69,5 +73,6 @@ const _: () = assert!(SEND_DATA_SEGMENT_BYTES_MAX >= 512);
 const _: () = assert!(RECV_DATA_SEGMENT_BYTES_MAX >= 8192);
 const _: () = assert!(COMMANDS_MAX >= 32 && COMMANDS_MAX < (1 << 30));
 const _: () = assert!(OUTSTANDING_R2T_MAX >= 1);
+const _: () = assert!(CONNECTION_TRANSFER_BYTES_MAX >= 4 * TRANSFER_BYTES_MAX as u64);
 const _: () = assert!((TRANSMIT_BATCH_BYTES_MAX as u64) >= RECV_DATA_SEGMENT_BYTES_MAX as u64);
 const _: () = assert!(CHAP_CHALLENGE_BYTES >= CHAP_CHALLENGE_BYTES_MIN);

@@ -872,3 +872,20 @@ fn a_login_with_a_reused_isid_reinstates_the_session() {
     second.login(&[]);
     assert_eq!(second.connection.poll_event(), Some(Event::Reinstated { old_connection_id: 1 }));
 }
+
+#[test]
+fn transfers_beyond_the_connection_budget_get_task_set_full() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[("ImmediateData", "No"), ("InitialR2T", "Yes")]);
+    let edtl = iscsi_target::constants::TRANSFER_BYTES_MAX;
+    let fit = iscsi_target::constants::CONNECTION_TRANSFER_BYTES_MAX / u64::from(edtl);
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    for _ in 0..fit {
+        let (_, responses) = i.command(&cdb, false, true, edtl, &[], true);
+        assert_eq!(responses[0].header.opcode(), opcode::R2T, "within budget: data is solicited");
+    }
+    let (_, responses) = i.command(&cdb, false, true, edtl, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0x28, "TASK SET FULL");
+}
