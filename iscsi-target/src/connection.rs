@@ -133,6 +133,16 @@ impl<D: BlockDevice> TargetDirectory for Config<D> {
     }
 }
 
+/// Hands out target transfer tags, never the reserved 0xffffffff.
+fn allocate_ttt(next: &mut u32) -> u32 {
+    let ttt = *next;
+    *next = next.wrapping_add(1);
+    if *next == TAG_NONE {
+        *next = 1;
+    }
+    ttt
+}
+
 /// SAM LUN encoding: peripheral addressing below 256, flat space addressing above.
 pub fn encode_lun(lun: u64) -> u64 {
     if lun < 256 { lun << 48 } else { (0x4000 | (lun & 0x3fff)) << 48 }
@@ -233,6 +243,8 @@ pub struct Connection<D> {
     transmit_segments: Vec<(usize, Bytes)>,
     io: VecDeque<IoRequest<D>>,
     events: VecDeque<Event>,
+    /// Target transfer tag of an unanswered keepalive NOP-In.
+    ping_outstanding: Option<u32>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -266,6 +278,7 @@ impl<D: BlockDevice> Connection<D> {
             transmit_segments: Vec::new(),
             io: VecDeque::new(),
             events: VecDeque::new(),
+            ping_outstanding: None,
         }
     }
 
@@ -380,6 +393,10 @@ impl<D: BlockDevice> Connection<D> {
         header.set_u32(32, max);
     }
 
+    fn allocate_ttt(&mut self) -> u32 {
+        allocate_ttt(&mut self.next_ttt)
+    }
+
     fn next_stat_sn(&mut self) -> u32 {
         let s = self.stat_sn;
         self.stat_sn = self.stat_sn.wrapping_add(1);
@@ -397,8 +414,36 @@ impl<D: BlockDevice> Connection<D> {
         self.send(&h, &body);
     }
 
+    /// The driver calls this after `KEEPALIVE_INTERVAL_MS` without input. The first silence
+    /// sends a NOP-In ping (RFC 7143 §11.19); a second one, or a stalled login, closes the
+    /// connection so a dead initiator's tasks and reservations do not linger.
+    pub fn handle_idle(&mut self) {
+        match self.state {
+            State::Closed => {}
+            State::Login(_) => self.close(),
+            State::FullFeature(_) => {
+                if self.ping_outstanding.is_some() {
+                    self.close();
+                    return;
+                }
+                let ttt = self.allocate_ttt();
+                let mut h = Header::new(opcode::NOP_IN);
+                h.set_flags(0x80);
+                h.set_itt(TAG_NONE);
+                h.set_u32(20, ttt);
+                // A ping carries the current StatSN without consuming it.
+                let stat_sn = self.stat_sn;
+                self.fill_sequence(&mut h, stat_sn);
+                self.send(&h, &[]);
+                self.ping_outstanding = Some(ttt);
+            }
+        }
+    }
+
     /// Handles one received PDU.
     pub fn handle_pdu(&mut self, pdu: Pdu) {
+        // Anything from the initiator proves it alive.
+        self.ping_outstanding = None;
         match &mut self.state {
             State::Closed => {}
             State::Login(_) => self.handle_login(&pdu),
@@ -715,11 +760,7 @@ impl<D: BlockDevice> Connection<D> {
                 && u32::try_from(task.r2ts.len()).unwrap_or(u32::MAX) < params.max_outstanding_r2t
             {
                 let length = (task.edtl - task.next_r2t_offset).min(params.max_burst_bytes);
-                let ttt = self.next_ttt;
-                self.next_ttt = self.next_ttt.wrapping_add(1);
-                if self.next_ttt == TAG_NONE {
-                    self.next_ttt = 1;
-                }
+                let ttt = allocate_ttt(&mut self.next_ttt);
                 task.r2ts.push(R2tInFlight {
                     ttt,
                     offset: task.next_r2t_offset,

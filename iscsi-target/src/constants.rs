@@ -59,6 +59,9 @@ pub const CHAP_CHALLENGE_BYTES: usize = 32;
 pub const CHAP_VALUE_BYTES_MAX: usize = 1024;
 /// Shortest CHAP challenge from the initiator we accept for mutual CHAP.
 pub const CHAP_CHALLENGE_BYTES_MIN: usize = 16;
+/// A connection silent this long gets a NOP-In ping; silent for another interval, it is closed.
+/// A login that makes no progress for one interval is dropped.
+pub const KEEPALIVE_INTERVAL_MS: u64 = 15_000;
 /// PDUs queued for transmission per connection before the core stops reading input.
 pub const TRANSMIT_PDUS_MAX: usize = 4096;
 /// Bytes buffered for one socket write: writes are batched up to this.

@@ -889,3 +889,25 @@ fn transfers_beyond_the_connection_budget_get_task_set_full() {
     let (_, responses) = i.command(&cdb, false, true, edtl, &[], true);
     assert_eq!(status_of(&responses[0]).0, 0x28, "TASK SET FULL");
 }
+
+#[test]
+fn silent_initiators_get_a_ping_and_then_the_door() {
+    let mut i = logged_in();
+    i.connection.handle_idle();
+    let ping = i.receive();
+    assert_eq!(ping[0].header.opcode(), opcode::NOP_IN);
+    assert_ne!(ping[0].header.u32_at(20), 0xffff_ffff, "a ping asks for an answer");
+    // The answer keeps the connection.
+    let mut h = Header::new(opcode::NOP_OUT);
+    h.0[0] |= 0x40;
+    h.set_flags(0x80);
+    h.set_itt(0xffff_ffff);
+    h.set_u32(20, ping[0].header.u32_at(20));
+    h.set_u32(24, i.cmdsn);
+    assert!(i.send(h, &[]).is_empty());
+    i.connection.handle_idle();
+    assert!(!i.connection.is_closed());
+    // No answer: closed.
+    i.connection.handle_idle();
+    assert!(i.connection.is_closed());
+}

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +16,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, RwLock, mpsc};
 
 use crate::connection::{Config, Connection, Event};
-use crate::constants::{BHS_BYTES, CHAP_CHALLENGE_BYTES, TRANSMIT_BATCH_BYTES_MAX};
+use crate::constants::{
+    BHS_BYTES, CHAP_CHALLENGE_BYTES, KEEPALIVE_INTERVAL_MS, TRANSMIT_BATCH_BYTES_MAX,
+};
 use crate::device::{BlockDevice, DeviceError, IoData, perform};
 use crate::pdu;
 
@@ -112,6 +115,10 @@ async fn run_connection<D: BlockDevice>(
     let mut input = BytesMut::with_capacity(512 * 1024);
     let mut out = Outgoing::default();
     let mut locks: HashMap<usize, Arc<RwLock<()>>> = HashMap::new();
+    // Checked on a coarse tick rather than a timer per read: reads are the hot path.
+    let mut keepalive = tokio::time::interval(Duration::from_millis(KEEPALIVE_INTERVAL_MS / 4));
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_input = Instant::now();
     // Debugging aid: one line per received PDU on stderr.
     let trace = std::env::var_os("TANDEM_ISCSI_TRACE").is_some();
     let result = loop {
@@ -195,7 +202,14 @@ async fn run_connection<D: BlockDevice>(
             input.reserve(256 * 1024);
         }
         tokio::select! {
+            _ = keepalive.tick() => {
+                if last_input.elapsed() >= Duration::from_millis(KEEPALIVE_INTERVAL_MS) {
+                    connection.handle_idle();
+                    last_input = Instant::now();
+                }
+            }
             read = reader.read_buf(&mut input) => {
+                last_input = Instant::now();
                 match read {
                     Ok(0) => break Ok(()),
                     Ok(_) => {}
