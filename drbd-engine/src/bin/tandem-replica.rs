@@ -6,6 +6,7 @@
 //!     --backing /tmp/a.img --meta /tmp/a.tmeta --size-bytes 67108864 [--protocol C]
 //!     [--engine sync|uring] [--al-extents 64] [--resync-rate-kib 0 (dynamic)]
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush
+//!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
 //!           stream FIRST COUNT GEN QD   (prints "acked BLOCK" per completed write, then "done")
 //!           check FIRST COUNT GEN       (prints "ok" or "mismatch BLOCK")
@@ -123,6 +124,15 @@ fn describe(s: &Status) -> String {
             " peer{}={}/{}/{} oos={}",
             p.node_id, p.connection, p.replication, p.disk, p.out_of_sync_blocks
         ));
+        if let Some(r) = &p.resync {
+            line.push_str(&format!(
+                " resync_total={} resync_remaining={} resync_kib_per_s={} resync_eta_s={}",
+                r.blocks_total,
+                r.blocks_remaining,
+                r.rate_kib_per_s,
+                r.eta_s.map_or("-".to_owned(), |e| e.to_string())
+            ));
+        }
     }
     line.push_str(&format!(
         " resync_received={} resync_sent={} split_brain={}",
@@ -166,6 +176,16 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
             Ok("ok".into())
         }
         Some("status") => Ok(describe(&device.status().await?)),
+        Some("connect") => {
+            let peer = NodeId::new(u8::try_from(num(1)?)?).context("peer id 0..=31")?;
+            device.connect(peer, words.get(2) == Some(&"--discard-my-data")).await?;
+            Ok("ok".into())
+        }
+        Some("disconnect") => {
+            let peer = NodeId::new(u8::try_from(num(1)?)?).context("peer id 0..=31")?;
+            device.disconnect(peer).await?;
+            Ok("ok".into())
+        }
         Some("flush") => {
             device.flush().await?;
             Ok("ok".into())
