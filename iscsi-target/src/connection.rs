@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
@@ -23,6 +23,9 @@ use crate::text::{self, SessionParams};
 
 /// Data-In segments at least this long are handed to the socket without a copy.
 const ZERO_COPY_BYTES_MIN: usize = 16 * 1024;
+
+/// The nexus, target and configuration a command runs against.
+type ContextParts<D> = (Arc<Nexus>, Option<Arc<TargetNode<D>>>, Arc<Config<D>>);
 
 /// A logical unit: its device, identity and the state shared by every session.
 pub struct LogicalUnit<D> {
@@ -47,6 +50,14 @@ impl<D: BlockDevice> LogicalUnit<D> {
         };
         Self { identity, device, shared: Mutex::new(LunShared::new()) }
     }
+    /// A copy of the persistent-reservation state, for replicating it to peers.
+    pub fn reservations(&self) -> crate::scsi::pr::ReservationState {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).reservations.clone()
+    }
+    /// Installs reservation state received from a peer (e.g. on the node that became primary).
+    pub fn restore_reservations(&self, state: crate::scsi::pr::ReservationState) {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).reservations = state;
+    }
     pub fn info(&self) -> DeviceInfo {
         DeviceInfo {
             size_bytes: self.device.size_bytes(),
@@ -57,9 +68,23 @@ impl<D: BlockDevice> LogicalUnit<D> {
     }
 }
 
+/// A target and its logical units. Immutable: to change its LUNs, build a new one and
+/// [`Config::add_target`] it; sessions keep the node they logged in to.
 pub struct TargetNode<D> {
     pub name: String,
     pub luns: Vec<Arc<LogicalUnit<D>>>,
+    lun_ids: Vec<u64>,
+}
+
+impl<D: BlockDevice> TargetNode<D> {
+    pub fn new(name: impl Into<String>, luns: Vec<Arc<LogicalUnit<D>>>) -> Self {
+        assert!(luns.len() <= LUNS_MAX, "too many LUNs for one target");
+        let lun_ids = luns.iter().map(|l| l.identity.lun).collect();
+        Self { name: name.into(), luns, lun_ids }
+    }
+    fn lun(&self, lun_id: u64) -> Option<&Arc<LogicalUnit<D>>> {
+        self.luns.iter().find(|l| l.identity.lun == lun_id)
+    }
 }
 
 /// A portal as SendTargets reports it.
@@ -72,9 +97,10 @@ pub struct PortalAddress {
 
 /// The target configuration plus process-wide registries (TSIHs, sessions, nexuses).
 pub struct Config<D> {
-    pub targets: Vec<TargetNode<D>>,
+    targets: RwLock<Vec<Arc<TargetNode<D>>>>,
     pub auth: AuthConfig,
     pub portals: Vec<PortalAddress>,
+    ports: Vec<u16>,
     /// Target portal group tag we report; all portals share one group.
     pub portal_group_tag: u16,
     next_tsih: AtomicU16,
@@ -91,18 +117,39 @@ pub struct SessionKey {
 
 impl<D: BlockDevice> Config<D> {
     pub fn new(targets: Vec<TargetNode<D>>, auth: AuthConfig, portals: Vec<PortalAddress>) -> Self {
-        assert!(targets.iter().all(|t| t.luns.len() <= LUNS_MAX), "too many LUNs for one target");
+        let ports = portals.iter().map(|p| p.relative_port).collect();
         Self {
-            targets,
+            targets: RwLock::new(targets.into_iter().map(Arc::new).collect()),
             auth,
             portals,
+            ports,
             portal_group_tag: 1,
             next_tsih: AtomicU16::new(1),
             sessions: Mutex::new(HashMap::new()),
         }
     }
-    fn target(&self, name: &str) -> Option<usize> {
-        self.targets.iter().position(|t| t.name == name)
+    /// The target called `name`.
+    pub fn target(&self, name: &str) -> Option<Arc<TargetNode<D>>> {
+        let targets = self.targets.read().unwrap_or_else(|p| p.into_inner());
+        targets.iter().find(|t| t.name == name).cloned()
+    }
+    /// Every target, in the order they were added.
+    pub fn targets(&self) -> Vec<Arc<TargetNode<D>>> {
+        self.targets.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Exports a target, replacing one of the same name (new logins see the new LUNs). A node
+    /// that becomes primary exports its LUN before it accepts logins for it.
+    pub fn add_target(&self, target: TargetNode<D>) {
+        let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        targets.retain(|t| t.name != target.name);
+        targets.push(Arc::new(target));
+    }
+    /// Stops exporting a target to new logins; returns whether it existed.
+    pub fn remove_target(&self, name: &str) -> bool {
+        let mut targets = self.targets.write().unwrap_or_else(|p| p.into_inner());
+        let before = targets.len();
+        targets.retain(|t| t.name != name);
+        targets.len() != before
     }
     /// Every nexus with a session on `target`, for unit attentions.
     fn nexuses(&self, target: &str) -> Vec<Nexus> {
@@ -213,18 +260,18 @@ struct Task<D> {
     phase: Phase,
 }
 
-struct Session {
+struct Session<D> {
     kind: SessionType,
-    target: Option<usize>,
+    target: Option<Arc<TargetNode<D>>>,
     params: SessionParams,
     exp_cmdsn: u32,
-    nexus: Nexus,
+    nexus: Arc<Nexus>,
     key: Option<SessionKey>,
 }
 
-enum State {
+enum State<D> {
     Login(Box<Login>),
-    FullFeature(Box<Session>),
+    FullFeature(Box<Session<D>>),
     Closed,
 }
 
@@ -232,7 +279,7 @@ pub struct Connection<D> {
     id: u64,
     config: Arc<Config<D>>,
     relative_port: u16,
-    state: State,
+    state: State<D>,
     stat_sn: u32,
     digests: Digests,
     tasks: HashMap<u32, Task<D>>,
@@ -338,8 +385,8 @@ impl<D: BlockDevice> Connection<D> {
                     sessions.remove(key);
                 }
             }
-            if let Some(t) = session.target {
-                for lun in &self.config.targets[t].luns {
+            if let Some(t) = &session.target {
+                for lun in &t.luns {
                     let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
                     shared.reservations.nexus_lost(&session.nexus);
                     shared.prevent_removal.remove(&session.nexus);
@@ -370,7 +417,7 @@ impl<D: BlockDevice> Connection<D> {
         self.close();
     }
 
-    fn session_mut(&mut self) -> Option<&mut Session> {
+    fn session_mut(&mut self) -> Option<&mut Session<D>> {
         match &mut self.state {
             State::FullFeature(s) => Some(s),
             _ => None,
@@ -471,11 +518,11 @@ impl<D: BlockDevice> Connection<D> {
         self.stat_sn = e.stat_sn;
         self.digests = Digests { header: e.params.header_digest, data: e.params.data_digest };
         let target = e.target_name.as_deref().and_then(|n| self.config.target(n));
-        let nexus = Nexus {
+        let nexus = Arc::new(Nexus {
             initiator_name: e.initiator_name.clone(),
             isid: e.isid,
             relative_port: self.relative_port,
-        };
+        });
         let mut key = None;
         if let (SessionType::Normal, Some(name)) = (e.session_type, &e.target_name) {
             let k = SessionKey {
@@ -494,8 +541,8 @@ impl<D: BlockDevice> Connection<D> {
             }
             key = Some(k);
             // A new I_T nexus starts without stale unit attentions from an earlier session.
-            if let Some(t) = target {
-                for lun in &self.config.targets[t].luns {
+            if let Some(t) = &target {
+                for lun in &t.luns {
                     let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
                     shared.unit_attentions.remove(&nexus);
                 }
@@ -590,15 +637,15 @@ impl<D: BlockDevice> Connection<D> {
         let keys = text::parse(&pdu.data);
         let mut out = Vec::new();
         let (kind, target) = match &self.state {
-            State::FullFeature(s) => (s.kind, s.target),
+            State::FullFeature(s) => (s.kind, s.target.as_ref().map(|t| t.name.clone())),
             _ => return,
         };
         for (key, value) in &keys {
             if key == "SendTargets" {
-                for (i, t) in self.config.targets.iter().enumerate() {
+                for t in self.config.targets() {
                     let wanted = match value.as_str() {
                         "All" => kind == SessionType::Discovery,
-                        "" => target == Some(i),
+                        "" => target.as_deref() == Some(t.name.as_str()),
                         name => name == t.name,
                     };
                     if !wanted {
@@ -647,8 +694,7 @@ impl<D: BlockDevice> Connection<D> {
 
     fn find_lun(&self, lun_id: u64) -> Option<Arc<LogicalUnit<D>>> {
         let State::FullFeature(s) = &self.state else { return None };
-        let t = s.target?;
-        self.config.targets[t].luns.iter().find(|l| l.identity.lun == lun_id).cloned()
+        s.target.as_ref()?.lun(lun_id).cloned()
     }
 
     fn handle_scsi_command(&mut self, pdu: Pdu) {
@@ -860,20 +906,18 @@ impl<D: BlockDevice> Connection<D> {
         }
     }
 
-    fn context_parts(&self) -> Option<(Nexus, Vec<u64>, Vec<u16>)> {
+    /// What a SCSI [`Context`] borrows, as cheap clones (no allocation per command).
+    fn context_parts(&self) -> Option<ContextParts<D>> {
         let State::FullFeature(s) = &self.state else { return None };
-        let luns = s
-            .target
-            .map(|t| self.config.targets[t].luns.iter().map(|l| l.identity.lun).collect())
-            .unwrap_or_default();
-        let ports = self.config.portals.iter().map(|p| p.relative_port).collect();
-        Some((s.nexus.clone(), luns, ports))
+        Some((s.nexus.clone(), s.target.clone(), self.config.clone()))
     }
 
     /// Runs the SCSI command once all its data is here. `immediate` carries the data when it
     /// arrived whole with the command.
     fn start(&mut self, itt: u32, immediate: Bytes) {
-        let Some((nexus, luns, ports)) = self.context_parts() else { return };
+        let Some((nexus, target, config)) = self.context_parts() else { return };
+        let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
+        let ports = config.ports.as_slice();
         let Some(task) = self.tasks.get_mut(&itt) else { return };
         let mut data_out =
             if immediate.is_empty() { std::mem::take(&mut task.data).freeze() } else { immediate };
@@ -886,7 +930,7 @@ impl<D: BlockDevice> Connection<D> {
                 Outcome::data(d)
             } else if task.cdb[0] == scsi::op::REPORT_LUNS {
                 let mut d = vec![0u8; 8];
-                for l in &luns {
+                for l in luns {
                     d.extend_from_slice(&encode_lun(*l).to_be_bytes());
                 }
                 let length = u32::try_from(d.len() - 8).unwrap_or(0);
@@ -912,8 +956,8 @@ impl<D: BlockDevice> Connection<D> {
             info,
             shared: &lun.shared,
             nexus: &nexus,
-            luns: &luns,
-            ports: &ports,
+            luns,
+            ports,
         };
         let cdb = task.cdb;
         let step = scsi::execute(&ctx, &cdb, data_out);
@@ -950,14 +994,16 @@ impl<D: BlockDevice> Connection<D> {
             return;
         };
         let Some(lun) = task.lun.clone() else { return };
-        let Some((nexus, luns, ports)) = self.context_parts() else { return };
+        let Some((nexus, target, config)) = self.context_parts() else { return };
+        let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
+        let ports = config.ports.as_slice();
         let ctx = Context {
             identity: &lun.identity,
             info: lun.info(),
             shared: &lun.shared,
             nexus: &nexus,
-            luns: &luns,
-            ports: &ports,
+            luns,
+            ports,
         };
         let step = scsi::resume(&ctx, pending, result);
         self.advance(itt, step, &lun);
@@ -1134,9 +1180,9 @@ impl<D: BlockDevice> Connection<D> {
             6 | 7 => {
                 self.tasks.clear();
                 if let State::FullFeature(s) = &self.state
-                    && let Some(t) = s.target
+                    && let Some(t) = &s.target
                 {
-                    let luns = self.config.targets[t].luns.clone();
+                    let luns = t.luns.clone();
                     for lun in &luns {
                         self.reset_lun(lun);
                     }

@@ -114,14 +114,7 @@ fn config(auth: AuthConfig) -> (Arc<Config<MemoryDevice>>, Arc<MemoryDevice>) {
     let device = Arc::new(MemoryDevice::new());
     let lun = Arc::new(LogicalUnit::new(TARGET, 0, device.clone()));
     let portals = vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
-    (
-        Arc::new(Config::new(
-            vec![TargetNode { name: TARGET.into(), luns: vec![lun] }],
-            auth,
-            portals,
-        )),
-        device,
-    )
+    (Arc::new(Config::new(vec![TargetNode::new(TARGET, vec![lun])], auth, portals)), device)
 }
 
 fn text(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -910,4 +903,24 @@ fn silent_initiators_get_a_ping_and_then_the_door() {
     // No answer: closed.
     i.connection.handle_idle();
     assert!(i.connection.is_closed());
+}
+
+#[test]
+fn targets_can_be_exported_and_withdrawn_at_run_time() {
+    let (config, device) = config(AuthConfig::default());
+    assert!(config.remove_target(TARGET));
+    let mut i = Initiator::new(config.clone(), device.clone());
+    let response =
+        i.login_pdu(1, 3, true, &text(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]));
+    assert_eq!(Initiator::login_status(&response), 0x0203, "withdrawn target is not found");
+    let lun = Arc::new(LogicalUnit::new(TARGET, 0, device.clone()));
+    config.add_target(TargetNode::new(TARGET, vec![lun.clone()]));
+    let mut i = Initiator::new(config, device);
+    i.login(&[]);
+    assert_eq!(i.read10(0, 1), vec![0u8; 512]);
+    // Reservation state can be copied out (to replicate it) and back in.
+    let mut state = lun.reservations();
+    state.generation = 7;
+    lun.restore_reservations(state.clone());
+    assert_eq!(lun.reservations(), state);
 }

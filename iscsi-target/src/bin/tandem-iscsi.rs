@@ -173,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let device = Arc::new(StoreDevice::new(store));
             luns.push(Arc::new(LogicalUnit::new(&t.name, *n, device)));
         }
-        targets.push(TargetNode { name: t.name.clone(), luns });
+        targets.push(TargetNode::new(t.name.clone(), luns));
     }
     let listeners = iscsi_target::driver::bind(&args.portals).await.context("binding portals")?;
     let portals = listeners
