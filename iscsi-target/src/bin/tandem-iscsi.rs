@@ -3,7 +3,7 @@
 //! tandem-iscsi --portal 127.0.0.1:3260 --target iqn.2026-11.org.tandem:demo --lun 0=/var/lib/tandem/demo.img
 //!   [--portal ADDR]... [--target IQN [--lun N=PATH]...]... [--create-size SIZE]
 //!   [--chap USER:SECRET] [--mutual-chap USER:SECRET] [--allow-initiator IQN]...
-//!   [--engine sync|uring] [--direct-io]            (default engine: sync)
+//!   [--engine sync|uring] [--read-engine sync|uring] [--direct-io]   (default engine: sync)
 //! A --lun belongs to the --target before it. --create-size creates missing files sparse.
 
 use std::net::SocketAddr;
@@ -17,7 +17,7 @@ use iscsi_target::{AuthConfig, Config, Credentials, LogicalUnit, PortalAddress, 
 
 const USAGE: &str = "usage: tandem-iscsi --portal ADDR:PORT --target IQN --lun N=PATH \
 [--portal ...] [--target IQN --lun N=PATH ...] [--create-size SIZE] [--chap USER:SECRET] \
-[--mutual-chap USER:SECRET] [--allow-initiator IQN]... [--engine sync|uring] [--direct-io]";
+[--mutual-chap USER:SECRET] [--allow-initiator IQN]... [--engine sync|uring] [--read-engine sync|uring] [--direct-io]";
 
 struct TargetArgs {
     name: String,
@@ -30,6 +30,8 @@ struct Args {
     create_size_bytes: Option<u64>,
     auth: AuthConfig,
     engine: EngineKind,
+    /// Engine for reads when it differs from `engine`.
+    read_engine: Option<EngineKind>,
     direct_io: bool,
 }
 
@@ -70,6 +72,7 @@ fn parse_args() -> anyhow::Result<Args> {
         // Measured with bench/vs-tgt on buffered files: the pread/pwrite engine beat io_uring
         // (which punts buffered writes to its worker pool) on every case.
         engine: EngineKind::Sync,
+        read_engine: None,
         direct_io: false,
     };
     let mut argv = std::env::args().skip(1);
@@ -114,6 +117,7 @@ fn parse_args() -> anyhow::Result<Args> {
             }
             "--allow-initiator" => args.auth.allowed_initiators.push(value),
             "--engine" => args.engine = value.parse()?,
+            "--read-engine" => args.read_engine = Some(value.parse()?),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -170,7 +174,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             let store = BackingStore::open(path, &options)
                 .with_context(|| format!("opening LUN {n} of {}: {}", t.name, path.display()))?;
-            let device = Arc::new(StoreDevice::new(store));
+            let device = match args.read_engine {
+                Some(engine) => {
+                    let reader_options = OpenOptions { engine, create_size_bytes: None, ..options };
+                    let reader = BackingStore::open(path, &reader_options)
+                        .with_context(|| format!("opening LUN {n} of {} for reads", t.name))?;
+                    StoreDevice::with_reader(store, reader)
+                }
+                None => StoreDevice::new(store),
+            };
+            let device = Arc::new(device);
             luns.push(Arc::new(LogicalUnit::new(&t.name, *n, device)));
         }
         targets.push(TargetNode::new(t.name.clone(), luns));

@@ -10,6 +10,9 @@ use crate::device::{BlockDevice, DeviceError, MappedRange};
 /// A backing file served as a LUN with 512-byte blocks.
 pub struct StoreDevice {
     store: BackingStore,
+    /// Serves reads when set: a second handle on the same file with another engine (both
+    /// buffered, so they share the page cache and see each other's writes at once).
+    reader: Option<BackingStore>,
     size_bytes: u64,
 }
 
@@ -17,7 +20,13 @@ impl StoreDevice {
     pub fn new(store: BackingStore) -> Self {
         // The LUN ends at the last whole block.
         let size_bytes = store.size_bytes() / 512 * 512;
-        Self { store, size_bytes }
+        Self { store, reader: None, size_bytes }
+    }
+
+    /// Reads go to `reader`, everything else to `store`.
+    pub fn with_reader(store: BackingStore, reader: BackingStore) -> Self {
+        assert_eq!(store.size_bytes(), reader.size_bytes(), "both handles open the same file");
+        Self { reader: Some(reader), ..Self::new(store) }
     }
 }
 
@@ -36,15 +45,15 @@ impl BlockDevice for StoreDevice {
 
     async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {
         let length = usize::try_from(length_bytes).map_err(|_| DeviceError::OutOfRange)?;
+        let store = self.reader.as_ref().unwrap_or(&self.store);
         if length <= IO_SIZE_BYTES_MAX {
-            return self.store.read(offset_bytes, length).await.map_err(convert);
+            return store.read(offset_bytes, length).await.map_err(convert);
         }
         // The store bounds one request; larger SCSI transfers are split.
         let mut out = BytesMut::with_capacity(length);
         while out.len() < length {
             let chunk = (length - out.len()).min(IO_SIZE_BYTES_MAX);
-            let data =
-                self.store.read(offset_bytes + out.len() as u64, chunk).await.map_err(convert)?;
+            let data = store.read(offset_bytes + out.len() as u64, chunk).await.map_err(convert)?;
             out.extend_from_slice(&data);
         }
         Ok(out.freeze())
