@@ -801,7 +801,11 @@ fn logged_in() -> Initiator {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+    // TANDEM_FUZZ_CASES raises the count for a longer fuzzing run.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("TANDEM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512),
+        .. ProptestConfig::default()
+    })]
 
     /// Arbitrary bytes as PDUs never panic the framing code or the connection, in login or
     /// in full feature phase, and any I/O they cause stays inside the device.
