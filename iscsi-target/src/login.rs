@@ -174,7 +174,9 @@ impl Login {
         h.set_u32(24, self.stat_sn);
         let cmdsn = request.u32_at(24);
         h.set_u32(28, cmdsn);
-        h.set_u32(32, cmdsn);
+        // Open the whole command window at once, so the initiator can pipeline from its very
+        // first command instead of waiting for a response to widen it.
+        h.set_u32(32, cmdsn.wrapping_add(crate::constants::COMMANDS_MAX - 1));
         h.set_u16(36, status);
         h
     }
