@@ -859,7 +859,7 @@ impl<D: BlockDevice> Connection<D> {
             } else if data_sn != task.unsolicited_next_data_sn {
                 error = Some("Data-Out DataSN out of sequence");
             } else {
-                task.unsolicited_next_data_sn += 1;
+                task.unsolicited_next_data_sn = task.unsolicited_next_data_sn.wrapping_add(1);
                 task.data.extend_from_slice(&pdu.data);
                 if final_bit {
                     task.unsolicited_done = true;
@@ -880,7 +880,7 @@ impl<D: BlockDevice> Connection<D> {
                     } else if offset < r2t.offset || offset + length > r2t.offset + r2t.length {
                         error = Some("Data-Out outside its R2T");
                     } else {
-                        r2t.next_data_sn += 1;
+                        r2t.next_data_sn = r2t.next_data_sn.wrapping_add(1);
                         r2t.received += length;
                         task.data.extend_from_slice(&pdu.data);
                         if final_bit || r2t.received >= r2t.length {
