@@ -1,0 +1,748 @@
+//! The instance supervisor: QEMU processes, their QMP monitors, hot-plug plans executed with
+//! rollback, and the resume watcher driven from QMP events. Decisions come from [`crate::attach`]
+//! and [`crate::resume`]; this module only acts on them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::attach::{
+    AttachmentEvent, AttachmentNames, AttachmentStatus, SlotTable, Step, Undo, plan_attach,
+    rollback,
+};
+use crate::connection_info::{IscsiConnection, Portal, check_name};
+use crate::constants::{
+    INSTANCES_MAX, QEMU_START_TIMEOUT_MS, QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
+};
+use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
+use crate::qmp::{Event, Qmp, QmpError};
+use crate::resume::{Action, ResumeWatcher};
+
+/// Errors with the small kind the API maps to status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("QMP: {0}")]
+    Qmp(#[from] QmpError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Which accelerator to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoice {
+    /// KVM when a probe shows it runs guests, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The supervisor's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub state_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub accel: AccelChoice,
+    /// The initiator name QEMU logs in with (Nova's connector `initiator`).
+    pub initiator_iqn: String,
+}
+
+/// Nova's server status words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ServerStatus {
+    Active,
+    Paused,
+    Shutoff,
+    Error,
+}
+
+/// One volume attachment of an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Attachment {
+    pub volume_id: String,
+    pub status: AttachmentStatus,
+    pub names: AttachmentNames,
+    pub portal: String,
+    pub target_iqn: String,
+    pub lun: u32,
+    pub attach_ms: u64,
+    #[serde(skip)]
+    steps: Vec<Step>,
+    #[serde(skip)]
+    connection_info: Value,
+    #[serde(skip)]
+    slot: usize,
+}
+
+struct Running {
+    child: tokio::process::Child,
+    qmp: Arc<Qmp>,
+    watcher: tokio::task::JoinHandle<()>,
+}
+
+struct InstanceState {
+    running: Option<Running>,
+    attachments: BTreeMap<String, Attachment>,
+    slots: SlotTable,
+    last_error: Option<String>,
+}
+
+/// Node name -> the portals of its volume, for the resume watcher's probes.
+type PortalMap = Arc<Mutex<HashMap<String, Vec<Portal>>>>;
+
+/// A supervised instance.
+pub struct Instance {
+    pub id: String,
+    pub spec: InstanceSpec,
+    pub paths: InstancePaths,
+    pub accel: Accel,
+    created_unix_s: u64,
+    state: tokio::sync::Mutex<InstanceState>,
+    watcher: Arc<Mutex<ResumeWatcher>>,
+    portals: PortalMap,
+}
+
+/// The supervisor of every instance on this host.
+pub struct Supervisor {
+    config: Config,
+    accel: Accel,
+    instances: tokio::sync::Mutex<BTreeMap<String, Arc<Instance>>>,
+    serial: AtomicU64,
+}
+
+fn now_unix_s() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A random UUID (version 4) for instance ids, from the kernel's generator.
+fn new_uuid() -> String {
+    let mut bytes = [0u8; 16];
+    if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = file.read_exact(&mut bytes);
+    }
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
+impl Supervisor {
+    /// Creates the state directory and settles the accelerator (probing KVM when asked to).
+    pub async fn new(config: Config) -> Result<Supervisor, Error> {
+        std::fs::create_dir_all(config.state_dir.join("instances")).map_err(|error| {
+            Error::Internal(format!("creating {}: {error}", config.state_dir.display()))
+        })?;
+        let accel = match config.accel {
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Auto => {
+                if probe_kvm(&config.qemu, &config.state_dir).await {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }
+        };
+        tracing::info!("accelerator: {}", accel.as_str());
+        Ok(Supervisor {
+            config,
+            accel,
+            instances: tokio::sync::Mutex::new(BTreeMap::new()),
+            serial: AtomicU64::new(1),
+        })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    pub fn initiator_iqn(&self) -> &str {
+        &self.config.initiator_iqn
+    }
+
+    /// Creates and boots an instance.
+    pub async fn create(&self, id: Option<String>, spec: InstanceSpec) -> Result<Value, Error> {
+        spec.validate().map_err(|error| Error::BadRequest(error.to_string()))?;
+        let id = id.unwrap_or_else(new_uuid);
+        check_name("id", &id).map_err(|error| Error::BadRequest(error.to_string()))?;
+        let instance = {
+            let mut instances = self.instances.lock().await;
+            if instances.contains_key(&id) {
+                return Err(Error::Conflict(format!("server {id} exists")));
+            }
+            if instances.len() >= INSTANCES_MAX {
+                return Err(Error::Conflict(format!("at most {INSTANCES_MAX} servers")));
+            }
+            let dir = self.config.state_dir.join("instances").join(&id);
+            std::fs::create_dir_all(&dir)
+                .map_err(|error| Error::Internal(format!("creating {}: {error}", dir.display())))?;
+            let spec_text = serde_json::to_string_pretty(&spec).unwrap_or_default();
+            let _ = std::fs::write(dir.join("spec.json"), spec_text);
+            let slots = SlotTable::new(spec.hotplug_slots);
+            let instance = Arc::new(Instance {
+                id: id.clone(),
+                spec,
+                paths: InstancePaths::new(&dir),
+                accel: self.accel,
+                created_unix_s: now_unix_s(),
+                state: tokio::sync::Mutex::new(InstanceState {
+                    running: None,
+                    attachments: BTreeMap::new(),
+                    slots,
+                    last_error: None,
+                }),
+                watcher: Arc::new(Mutex::new(ResumeWatcher::default())),
+                portals: Arc::new(Mutex::new(HashMap::new())),
+            });
+            instances.insert(id.clone(), instance.clone());
+            instance
+        };
+        let mut state = instance.state.lock().await;
+        if let Err(error) = self.launch(&instance, &mut state).await {
+            state.last_error = Some(error.to_string());
+            drop(state);
+            self.instances.lock().await.remove(&id);
+            return Err(error);
+        }
+        drop(state);
+        Ok(self.show_instance(&instance).await)
+    }
+
+    async fn launch(
+        &self,
+        instance: &Arc<Instance>,
+        state: &mut InstanceState,
+    ) -> Result<(), Error> {
+        assert!(state.running.is_none(), "launch only a stopped instance");
+        let paths = &instance.paths;
+        for socket in [&paths.qmp_socket, &paths.operator_qmp_socket, &paths.channel_socket] {
+            let _ = std::fs::remove_file(socket);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&paths.qemu_log)
+            .map_err(|error| Error::Internal(format!("opening the QEMU log: {error}")))?;
+        let log_err = log.try_clone().map_err(|error| Error::Internal(error.to_string()))?;
+        let args = qemu_args(&instance.spec, paths, instance.accel);
+        let mut child = tokio::process::Command::new(&self.config.qemu)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| {
+                Error::Internal(format!("starting {}: {error}", self.config.qemu.display()))
+            })?;
+        let started = Instant::now();
+        let qmp = loop {
+            if paths.qmp_socket.exists() {
+                match Qmp::connect(&paths.qmp_socket).await {
+                    Ok(qmp) => break qmp,
+                    Err(error)
+                        if started.elapsed() > Duration::from_millis(QEMU_START_TIMEOUT_MS) =>
+                    {
+                        let _ = child.kill().await;
+                        return Err(Error::Internal(format!("QMP did not come up: {error}")));
+                    }
+                    Err(_) => {}
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&paths.qemu_log).unwrap_or_default();
+                let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+                return Err(Error::Internal(format!("QEMU exited at start ({status}): {tail}")));
+            }
+            if started.elapsed() > Duration::from_millis(QEMU_START_TIMEOUT_MS) {
+                let _ = child.kill().await;
+                return Err(Error::Internal("QEMU did not create its QMP socket in time".into()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let qmp = Arc::new(qmp);
+        *lock(&instance.watcher) = ResumeWatcher::default();
+        let watcher = tokio::spawn(watch(
+            instance.id.clone(),
+            qmp.clone(),
+            instance.watcher.clone(),
+            instance.portals.clone(),
+        ));
+        tracing::info!(
+            "server {} started (pid {:?}, accel {}, QEMU {}) in {} ms",
+            instance.id,
+            child.id(),
+            instance.accel.as_str(),
+            qmp.version(),
+            started.elapsed().as_millis()
+        );
+        state.running = Some(Running { child, qmp, watcher });
+        Ok(())
+    }
+
+    async fn get(&self, id: &str) -> Result<Arc<Instance>, Error> {
+        self.instances
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("server {id} not found")))
+    }
+
+    /// Every instance, shown.
+    pub async fn list(&self) -> Vec<Value> {
+        let instances: Vec<_> = self.instances.lock().await.values().cloned().collect();
+        let mut shown = Vec::new();
+        for instance in instances {
+            shown.push(self.show_instance(&instance).await);
+        }
+        shown
+    }
+
+    pub async fn show(&self, id: &str) -> Result<Value, Error> {
+        let instance = self.get(id).await?;
+        Ok(self.show_instance(&instance).await)
+    }
+
+    async fn show_instance(&self, instance: &Arc<Instance>) -> Value {
+        let mut state = instance.state.lock().await;
+        let status = status_of(&mut state).await;
+        let watcher = lock(&instance.watcher).clone();
+        let attachments: Vec<_> = state.attachments.values().cloned().collect();
+        json!({
+            "id": instance.id,
+            "name": instance.spec.name,
+            "status": status,
+            "accel": instance.accel.as_str(),
+            "created_unix_s": instance.created_unix_s,
+            "spec": instance.spec,
+            "paths": instance.paths,
+            "pid": state.running.as_ref().and_then(|running| running.child.id()),
+            "hotplug_slots_free": state.slots.free_count(),
+            "volume_attachments": attachments,
+            "last_error": state.last_error,
+            "io_error_resumes": watcher.resumes_total,
+            "io_error_pause_ms_max": watcher.pause_ms_max,
+            "paused_on_io_error": watcher.is_paused_on_io_error(),
+        })
+    }
+
+    /// Stops the QEMU process (attachments stay recorded and come back on start).
+    pub async fn stop(&self, id: &str) -> Result<(), Error> {
+        let instance = self.get(id).await?;
+        let mut state = instance.state.lock().await;
+        stop_process(&instance, &mut state).await;
+        Ok(())
+    }
+
+    /// Boots a stopped instance again and re-attaches its recorded volumes.
+    pub async fn start(&self, id: &str) -> Result<(), Error> {
+        let instance = self.get(id).await?;
+        let mut state = instance.state.lock().await;
+        if status_of(&mut state).await != ServerStatus::Shutoff {
+            return Err(Error::Conflict(format!("server {id} is not SHUTOFF")));
+        }
+        state.running = None;
+        self.launch(&instance, &mut state).await?;
+        let volumes: Vec<(String, Value)> = state
+            .attachments
+            .values()
+            .map(|attachment| (attachment.volume_id.clone(), attachment.connection_info.clone()))
+            .collect();
+        for (volume_id, connection_info) in volumes {
+            if let Some(old) = state.attachments.remove(&volume_id) {
+                state.slots.release(&volume_id);
+                lock(&instance.portals).remove(&old.names.node_name);
+            }
+            if let Err(error) =
+                self.attach_locked(&instance, &mut state, &volume_id, &connection_info).await
+            {
+                state.last_error = Some(format!("re-attaching {volume_id}: {error}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Resumes a paused instance (`cont`), e.g. after the resume watcher gave up.
+    pub async fn unpause(&self, id: &str) -> Result<(), Error> {
+        let instance = self.get(id).await?;
+        let state = instance.state.lock().await;
+        let running = state
+            .running
+            .as_ref()
+            .ok_or_else(|| Error::Conflict(format!("server {id} is not running")))?;
+        running.qmp.execute("cont", None).await?;
+        Ok(())
+    }
+
+    /// Stops and forgets an instance, removing its state directory.
+    pub async fn delete(&self, id: &str) -> Result<(), Error> {
+        let instance = self.get(id).await?;
+        {
+            let mut state = instance.state.lock().await;
+            stop_process(&instance, &mut state).await;
+        }
+        self.instances.lock().await.remove(id);
+        let _ = std::fs::remove_dir_all(&instance.paths.dir);
+        Ok(())
+    }
+
+    /// Stops every instance (daemon shutdown).
+    pub async fn shutdown(&self) {
+        let instances: Vec<_> = self.instances.lock().await.values().cloned().collect();
+        for instance in instances {
+            let mut state = instance.state.lock().await;
+            stop_process(&instance, &mut state).await;
+        }
+    }
+
+    /// Hot-plugs a volume given its Cinder connection_info.
+    pub async fn attach(
+        &self,
+        id: &str,
+        volume_id: Option<String>,
+        connection_info: &Value,
+    ) -> Result<Attachment, Error> {
+        let instance = self.get(id).await?;
+        let connection = IscsiConnection::parse(connection_info)
+            .map_err(|error| Error::BadRequest(error.to_string()))?;
+        let volume_id = volume_id
+            .or(connection.volume_id.clone())
+            .ok_or_else(|| Error::BadRequest("volumeId is required".into()))?;
+        check_name("volumeId", &volume_id).map_err(|error| Error::BadRequest(error.to_string()))?;
+        let mut state = instance.state.lock().await;
+        self.attach_locked(&instance, &mut state, &volume_id, connection_info).await
+    }
+
+    async fn attach_locked(
+        &self,
+        instance: &Arc<Instance>,
+        state: &mut InstanceState,
+        volume_id: &str,
+        connection_info: &Value,
+    ) -> Result<Attachment, Error> {
+        let connection = IscsiConnection::parse(connection_info)
+            .map_err(|error| Error::BadRequest(error.to_string()))?;
+        let qmp = match &state.running {
+            Some(running) if !running.qmp.is_closed() => running.qmp.clone(),
+            _ => return Err(Error::Conflict(format!("server {} is not running", instance.id))),
+        };
+        if state.attachments.contains_key(volume_id) {
+            return Err(Error::Conflict(format!("volume {volume_id} is already attached")));
+        }
+        let slot = state
+            .slots
+            .allocate(volume_id)
+            .ok_or_else(|| Error::Conflict("no free hot-plug slot".into()))?;
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let names = AttachmentNames::new(
+            serial,
+            instance.spec.hotplug_bus(slot),
+            connection.chap.is_some(),
+        );
+        let steps = plan_attach(&connection, &names, &self.config.initiator_iqn);
+        let started = Instant::now();
+        for (index, step) in steps.iter().enumerate() {
+            let result = qmp
+                .execute_with_timeout(
+                    step.call.command,
+                    Some(step.call.arguments.clone()),
+                    step.call.timeout_ms,
+                )
+                .await;
+            if let Err(error) = result {
+                let undo_errors = run_undos(&qmp, &rollback(&steps, index), true).await;
+                state.slots.release(volume_id);
+                let mut message =
+                    format!("attaching {volume_id} failed at {}: {error}", step.call.command);
+                if !undo_errors.is_empty() {
+                    message.push_str(&format!("; rollback: {}", undo_errors.join("; ")));
+                }
+                tracing::warn!("server {}: {message}", instance.id);
+                return Err(match error {
+                    QmpError::Command { .. } => Error::BadRequest(message),
+                    _ => Error::Internal(message),
+                });
+            }
+        }
+        let status = AttachmentStatus::Attaching
+            .next(AttachmentEvent::AttachSucceeded)
+            .map_err(|error| Error::Internal(error.to_string()))?;
+        let attachment = Attachment {
+            volume_id: volume_id.to_owned(),
+            status,
+            portal: connection.primary.portal.to_string(),
+            target_iqn: connection.primary.iqn.clone(),
+            lun: connection.primary.lun,
+            attach_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            names: names.clone(),
+            steps,
+            connection_info: connection_info.clone(),
+            slot,
+        };
+        assert_eq!(state.slots.slot_of(volume_id), Some(attachment.slot));
+        lock(&instance.portals).insert(
+            names.node_name.clone(),
+            connection.paths.iter().map(|path| path.portal.clone()).collect(),
+        );
+        state.attachments.insert(volume_id.to_owned(), attachment.clone());
+        tracing::info!(
+            "server {}: attached {volume_id} on {} in {} ms",
+            instance.id,
+            names.bus,
+            attachment.attach_ms
+        );
+        Ok(attachment)
+    }
+
+    /// Hot-unplugs a volume: device_del (waiting for the guest), blockdev-del, object-del.
+    pub async fn detach(&self, id: &str, volume_id: &str) -> Result<(), Error> {
+        let instance = self.get(id).await?;
+        let mut state = instance.state.lock().await;
+        let attachment = state.attachments.get(volume_id).cloned().ok_or_else(|| {
+            Error::NotFound(format!("volume {volume_id} is not attached to {id}"))
+        })?;
+        let detaching = attachment
+            .status
+            .next(AttachmentEvent::DetachRequested)
+            .map_err(|error| Error::Conflict(error.to_string()))?;
+        let qmp = state
+            .running
+            .as_ref()
+            .filter(|running| !running.qmp.is_closed())
+            .map(|running| running.qmp.clone());
+        let Some(qmp) = qmp else {
+            // No QEMU: nothing is plugged in, only the record remains.
+            state.attachments.remove(volume_id);
+            state.slots.release(volume_id);
+            lock(&instance.portals).remove(&attachment.names.node_name);
+            return Ok(());
+        };
+        if let Some(record) = state.attachments.get_mut(volume_id) {
+            record.status = detaching;
+        }
+        let undos = rollback(&attachment.steps, attachment.steps.len());
+        let errors = run_undos(&qmp, &undos, false).await;
+        if !errors.is_empty() {
+            let failed = detaching
+                .next(AttachmentEvent::DetachFailed)
+                .map_err(|error| Error::Internal(error.to_string()))?;
+            if let Some(record) = state.attachments.get_mut(volume_id) {
+                record.status = failed;
+            }
+            return Err(Error::Internal(format!("detaching {volume_id}: {}", errors.join("; "))));
+        }
+        state.attachments.remove(volume_id);
+        state.slots.release(volume_id);
+        lock(&instance.portals).remove(&attachment.names.node_name);
+        tracing::info!("server {id}: detached {volume_id}");
+        Ok(())
+    }
+
+    /// The attachments of an instance.
+    pub async fn attachments(&self, id: &str) -> Result<Vec<Attachment>, Error> {
+        let instance = self.get(id).await?;
+        let state = instance.state.lock().await;
+        Ok(state.attachments.values().cloned().collect())
+    }
+}
+
+async fn status_of(state: &mut InstanceState) -> ServerStatus {
+    let Some(running) = state.running.as_mut() else {
+        return ServerStatus::Shutoff;
+    };
+    if let Ok(Some(_)) = running.child.try_wait() {
+        return ServerStatus::Shutoff;
+    }
+    match running.qmp.execute("query-status", None).await {
+        Ok(reply) if reply["running"].as_bool() == Some(true) => ServerStatus::Active,
+        Ok(reply) if reply["status"] == "shutdown" => ServerStatus::Shutoff,
+        Ok(_) => ServerStatus::Paused,
+        Err(_) => ServerStatus::Error,
+    }
+}
+
+async fn stop_process(instance: &Instance, state: &mut InstanceState) {
+    let Some(mut running) = state.running.take() else {
+        return;
+    };
+    // `quit` is a hard stop, like Nova's destroy; the guest's page cache is lost, the
+    // volume's acknowledged writes are not (cache=none, flushes go to the target).
+    let _ = running.qmp.execute("quit", None).await;
+    let exited =
+        tokio::time::timeout(Duration::from_millis(QEMU_STOP_TIMEOUT_MS), running.child.wait())
+            .await;
+    if exited.is_err() {
+        let _ = running.child.kill().await;
+    }
+    running.watcher.abort();
+    tracing::info!("server {} stopped", instance.id);
+}
+
+/// Runs undo steps in order. `best_effort` keeps going after a failure (rollback of a failed
+/// attach); otherwise the first failure stops the detach so nothing is deleted under a device
+/// the guest still holds. Returns the failures.
+async fn run_undos(qmp: &Qmp, undos: &[Undo], best_effort: bool) -> Vec<String> {
+    let mut errors = Vec::new();
+    for undo in undos {
+        let result = match undo {
+            Undo::Call(call) => qmp
+                .execute_with_timeout(call.command, Some(call.arguments.clone()), call.timeout_ms)
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string()),
+            Undo::DeleteDevice { device_id, timeout_ms } => {
+                delete_device(qmp, device_id, *timeout_ms).await
+            }
+        };
+        if let Err(error) = result {
+            errors.push(error);
+            if !best_effort {
+                break;
+            }
+        }
+    }
+    errors
+}
+
+/// `device_del` and wait for the guest to let go (DEVICE_DELETED for this device).
+async fn delete_device(qmp: &Qmp, device_id: &str, timeout_ms: u64) -> Result<(), String> {
+    let mut events = qmp.subscribe();
+    match qmp.execute("device_del", Some(json!({ "id": device_id }))).await {
+        Ok(_) => {}
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => return Ok(()),
+        Err(error) => return Err(error.to_string()),
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => {
+                return Err(format!(
+                    "the guest did not release {device_id} within {timeout_ms} ms"
+                ));
+            }
+            Ok(Ok(Event::DeviceDeleted { device: Some(device), .. })) if device == device_id => {
+                return Ok(());
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(RecvError::Lagged(_))) => {
+                // Events were lost: ask QEMU whether the device still exists.
+                let listing = qmp
+                    .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let present = listing
+                    .as_array()
+                    .is_some_and(|entries| entries.iter().any(|entry| entry["name"] == device_id));
+                if !present {
+                    return Ok(());
+                }
+            }
+            Ok(Err(RecvError::Closed)) => return Err("QMP closed while detaching".into()),
+        }
+    }
+}
+
+/// The resume watcher's driver: feeds QMP events into [`ResumeWatcher`] and carries out its
+/// actions (probe portals, `cont`).
+async fn watch(id: String, qmp: Arc<Qmp>, watcher: Arc<Mutex<ResumeWatcher>>, portals: PortalMap) {
+    let mut events = qmp.subscribe();
+    let epoch = Instant::now();
+    let now_ms = || u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let next_poll_ms = lock(&watcher).next_poll_ms();
+        let sleep_ms = next_poll_ms.map(|at| at.saturating_sub(now_ms())).unwrap_or(60_000);
+        let event = tokio::select! {
+            event = events.recv() => Some(event),
+            () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => None,
+        };
+        match event {
+            Some(Ok(Event::BlockIoError { node_name, device, reason, operation, .. })) => {
+                tracing::warn!(
+                    "server {id}: I/O error on {node_name}{device} ({operation}: {reason})"
+                );
+                lock(&watcher).handle_io_error(&node_name);
+            }
+            Some(Ok(Event::Stop)) => {
+                let io_error = match qmp.execute("query-status", None).await {
+                    Ok(reply) => reply["status"] == "io-error",
+                    Err(_) => false,
+                };
+                tracing::info!("server {id}: stopped (io-error: {io_error})");
+                lock(&watcher).handle_stopped(io_error, now_ms());
+            }
+            Some(Ok(Event::Resume)) => {
+                tracing::info!("server {id}: running");
+                lock(&watcher).handle_resumed(now_ms());
+            }
+            Some(Ok(Event::Other { name, .. })) if name == "QMP_DISCONNECTED" => return,
+            Some(Ok(_)) | Some(Err(RecvError::Lagged(_))) | None => {}
+            Some(Err(RecvError::Closed)) => return,
+        }
+        loop {
+            let action = lock(&watcher).poll(now_ms());
+            match action {
+                Action::Wait => break,
+                Action::Probe => {
+                    let targets: Vec<Portal> = {
+                        let watcher = lock(&watcher);
+                        let portals = lock(&portals);
+                        let failing = watcher.failing_nodes();
+                        portals
+                            .iter()
+                            .filter(|(node, _)| failing.is_empty() || failing.contains(*node))
+                            .flat_map(|(_, list)| list.iter().take(1).cloned())
+                            .collect()
+                    };
+                    let mut reachable = true;
+                    for portal in &targets {
+                        reachable &= probe_portal(portal).await;
+                    }
+                    lock(&watcher).handle_probe(reachable, now_ms());
+                }
+                Action::Cont => {
+                    tracing::info!("server {id}: volumes reachable again, resuming");
+                    if let Err(error) = qmp.execute("cont", None).await {
+                        tracing::warn!("server {id}: cont failed: {error}");
+                        lock(&watcher).handle_cont_failed(now_ms());
+                    }
+                }
+                Action::GiveUp => {
+                    tracing::warn!(
+                        "server {id}: volumes keep failing; left paused for an operator"
+                    );
+                }
+            }
+        }
+        lock(&watcher).clear_failing_if_stable(now_ms());
+    }
+}
+
+async fn probe_portal(portal: &Portal) -> bool {
+    let address = format!("{}:{}", portal.host, portal.port);
+    matches!(
+        tokio::time::timeout(
+            Duration::from_millis(RESUME_PROBE_CONNECT_TIMEOUT_MS),
+            tokio::net::TcpStream::connect(address)
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
