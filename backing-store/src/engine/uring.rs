@@ -1,9 +1,10 @@
-//! The io_uring engine: one ring per store, driven by a dedicated thread.
+//! The io_uring engine: rings driven by dedicated threads.
 //!
-//! Callers push requests onto a queue and wake the ring thread through an eventfd whose read
-//! is always armed on the ring, so a single `io_uring_enter` both waits for I/O completions and
-//! for new work. The eventfd is written only when the ring thread announced it is going to
-//! sleep, so a busy ring costs submitters no system call. Every buffer belongs to its in-flight
+//! Callers push requests onto a queue. A ring thread with nothing in flight parks on a condition
+//! variable, so a request arriving at an idle ring costs one futex wake, like the thread pool.
+//! With I/O in flight it waits in `io_uring_enter`, and an eventfd whose read is always armed
+//! on the ring wakes it for new work; the eventfd is written only when the ring thread
+//! announced it is going to sleep there, so a busy ring costs submitters no system call. Every buffer belongs to its in-flight
 //! slot until the kernel posts the completion (tokio-uring's ownership rule); if the thread
 //! dies with I/O in flight, the buffers are leaked rather than freed under the kernel.
 
@@ -11,7 +12,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -37,7 +38,9 @@ struct Shared {
     file: Arc<BackingFile>,
     /// Requests prepared by the submitting thread (buffers allocated, data copied), waiting
     /// for the ring thread.
-    queue: Mutex<VecDeque<Slot>>,
+    queue: Mutex<RingQueue>,
+    /// Signalled when a request arrives for a parked ring thread (or at shutdown).
+    arrived: Condvar,
     /// Set by the ring thread just before it may block in io_uring_enter.
     sleeping: AtomicBool,
     /// Set on drop: the ring thread finishes everything in flight, then exits.
@@ -48,8 +51,15 @@ struct Shared {
     helper: Arc<SyncEngine>,
 }
 
+#[derive(Debug, Default)]
+struct RingQueue {
+    slots: VecDeque<Slot>,
+    /// The ring thread waits on `arrived` (nothing in flight).
+    parked: bool,
+}
+
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Slot>> {
+    fn lock(&self) -> MutexGuard<'_, RingQueue> {
         // Push and drain are single calls, so a poisoned queue is still consistent.
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -105,7 +115,11 @@ impl Ring {
         let eventfd = unsafe { OwnedFd::from_raw_fd(raw) };
         let shared = Arc::new(Shared {
             file,
-            queue: Mutex::new(VecDeque::with_capacity(IN_FLIGHT_MAX)),
+            queue: Mutex::new(RingQueue {
+                slots: VecDeque::with_capacity(IN_FLIGHT_MAX),
+                parked: false,
+            }),
+            arrived: Condvar::new(),
             sleeping: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             eventfd,
@@ -161,10 +175,16 @@ impl Ring {
                 return;
             }
         };
-        self.shared.lock().push_back(slot);
-        // Pairs with the ring thread's store(true) + queue check: either it sees this request
-        // in the queue, or this swap sees its announcement and wakes it.
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+        let parked = {
+            let mut queue = self.shared.lock();
+            queue.slots.push_back(slot);
+            queue.parked
+        };
+        if parked {
+            self.shared.arrived.notify_one();
+        } else if self.shared.sleeping.swap(false, Ordering::SeqCst) {
+            // Pairs with the ring thread's store(true) + queue check: either it sees this
+            // request in the queue, or this swap sees its announcement and wakes it.
             self.shared.wake();
         }
     }
@@ -209,6 +229,9 @@ impl Engine for UringEngine {
 impl Drop for Ring {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::SeqCst);
+        // Taking the lock orders the store before a parked thread's re-check.
+        drop(self.shared.lock());
+        self.shared.arrived.notify_all();
         self.shared.wake();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
@@ -300,11 +323,25 @@ impl RingThread {
         let mut completed = Vec::with_capacity(URING_ENTRIES_MAX as usize);
         self.arm_eventfd();
         loop {
-            std::mem::swap(&mut *self.shared.lock(), &mut incoming);
+            std::mem::swap(&mut self.shared.lock().slots, &mut incoming);
             for slot in incoming.drain(..) {
                 self.start(slot);
             }
             let closing = self.shared.closing.load(Ordering::SeqCst);
+            if self.in_flight == 0 && !closing {
+                // Nothing for the kernel to finish: park until a request (or shutdown) comes.
+                let mut queue = self.shared.lock();
+                queue.parked = true;
+                while queue.slots.is_empty() && !self.shared.closing.load(Ordering::SeqCst) {
+                    queue = self
+                        .shared
+                        .arrived
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                queue.parked = false;
+                continue;
+            }
             if closing && self.in_flight == 0 {
                 if !self.eventfd_armed {
                     break;
@@ -315,7 +352,7 @@ impl RingThread {
                 }
             }
             self.shared.sleeping.store(true, Ordering::SeqCst);
-            let want = if self.shared.lock().is_empty() {
+            let want = if self.shared.lock().slots.is_empty() {
                 1
             } else {
                 self.shared.sleeping.store(false, Ordering::SeqCst);
