@@ -1,3 +1,11 @@
 //! The storage node: `tandemd` and `tandemadm`.
 
 pub mod config;
+pub mod constants;
+pub mod control;
+pub mod dump;
+pub mod host;
+pub mod loader;
+pub mod lun;
+pub mod node_settings;
+pub mod status;

@@ -1,0 +1,89 @@
+//! tandemadm: drbdadm's verbs for tandemd, over its Unix control socket.
+//!
+//! ```text
+//! tandemadm [-c FILE] [-s SOCKET] VERB [OPTIONS] RESOURCE|all
+//! ```
+//! The socket comes from `-s`, else `$TANDEM_CONTROL_SOCKET`, else /run/tandem/tandemd.sock.
+//! `-c FILE` is accepted for drbdadm compatibility (tandemd reads the configuration it was
+//! started with). Output and exit codes follow drbdadm's.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use storage_node::constants::{CONTROL_SOCKET_DEFAULT, CONTROL_SOCKET_ENV};
+use storage_node::control::{self, Reply, exit};
+
+const USAGE: &str = "usage: tandemadm [-c FILE] [-s SOCKET] VERB [OPTIONS] RESOURCE|all
+verbs: create-md [--force], up, down, attach, detach, connect [--discard-my-data], disconnect,
+       primary [--force], secondary, adjust, invalidate, invalidate-remote, pause-sync,
+       resume-sync, new-current-uuid [--clear-bitmap], outdate, wait-connect [--timeout S],
+       wait-sync [--timeout S], role, cstate, dstate, show-gi, dump,
+       status [--verbose] [--statistics], events2 [--now] [--statistics]";
+
+fn main() {
+    std::process::exit(run());
+}
+
+fn run() -> i32 {
+    let mut socket =
+        std::env::var(CONTROL_SOCKET_ENV).unwrap_or_else(|_| CONTROL_SOCKET_DEFAULT.into());
+    let mut words = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return exit::SUCCESS;
+            }
+            "-c" | "--config" | "-s" | "--socket" => {
+                let Some(value) = argv.next() else {
+                    eprintln!("{arg} needs a value\n{USAGE}");
+                    return exit::USAGE;
+                };
+                if arg == "-s" || arg == "--socket" {
+                    socket = value;
+                }
+            }
+            _ => words.push(arg),
+        }
+    }
+    let request = match control::parse_command(&words) {
+        Ok(request) => request,
+        Err(error) => {
+            eprintln!("{error}\n{USAGE}");
+            return exit::USAGE;
+        }
+    };
+    let mut stream = match UnixStream::connect(&socket) {
+        Ok(stream) => stream,
+        Err(error) => {
+            eprintln!(
+                "cannot reach tandemd at {socket}: {error}; is it running? (start tandemd, or \
+                 point -s / ${CONTROL_SOCKET_ENV} at its control socket)"
+            );
+            return exit::EXEC_ERROR;
+        }
+    };
+    if let Err(error) = stream.write_all(control::encode_request(&request).as_bytes()) {
+        eprintln!("sending to tandemd: {error}");
+        return exit::EXEC_ERROR;
+    }
+    let stdout = std::io::stdout();
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { break };
+        match control::decode_reply(&line) {
+            Ok(Reply::Line { text }) => {
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "{text}");
+                let _ = out.flush();
+            }
+            Ok(Reply::Error { text }) => eprintln!("{text}"),
+            Ok(Reply::Done { exit_code }) => return exit_code,
+            Err(error) => {
+                eprintln!("tandemd sent a bad reply: {error}");
+                return exit::EXEC_ERROR;
+            }
+        }
+    }
+    eprintln!("tandemd closed the connection before answering (did it crash?)");
+    exit::EXEC_ERROR
+}

@@ -1,0 +1,234 @@
+//! tandemd: hosts replicated resources (DRBD configuration syntax) and exports each over iSCSI.
+//!
+//! ```text
+//! tandemd [-c /etc/drbd.conf] [--node NAME] [--node-file /etc/tandem/node.conf]
+//!         [--portal 0.0.0.0:3260] [--control-socket /run/tandem/tandemd.sock]
+//!         [--state-dir /var/lib/tandem] [--iqn-prefix iqn.2026-11.org.tandem]
+//!         [--chap USER:SECRET] [--mutual-chap USER:SECRET]
+//! ```
+//! Prints `tandemd: ready ...` on stdout once the control socket and the portal are up.
+
+use anyhow::{Context, bail};
+use std::path::PathBuf;
+use std::sync::Arc;
+use storage_node::constants::{CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX};
+use storage_node::control::{self, Reply, exit};
+use storage_node::host::Host;
+use storage_node::lun::ResourceLun;
+use storage_node::node_settings::NodeSettings;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
+[--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
+[--mutual-chap USER:SECRET]";
+
+struct Args {
+    config_path: PathBuf,
+    settings: NodeSettings,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut config_path = PathBuf::from("/etc/drbd.conf");
+    let mut node_file = None;
+    let mut flags: Vec<(String, String)> = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(flag) = argv.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{USAGE}");
+            std::process::exit(0);
+        }
+        let (flag, value) = match flag.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), v.to_owned()),
+            _ => {
+                let value =
+                    argv.next().with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+                (flag, value)
+            }
+        };
+        match flag.as_str() {
+            "-c" | "--config" => config_path = value.into(),
+            "--node-file" => node_file = Some(PathBuf::from(value)),
+            "--node" | "--portal" | "--control-socket" | "--state-dir" | "--iqn-prefix"
+            | "--chap" | "--mutual-chap" => flags.push((flag[2..].to_owned(), value)),
+            _ => bail!("unknown option {flag}\n{USAGE}"),
+        }
+    }
+    let mut settings = NodeSettings::default();
+    if let Some(path) = node_file {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading node file {}", path.display()))?;
+        settings.apply_file(&path.display().to_string(), &text).map_err(anyhow::Error::msg)?;
+    }
+    for (key, value) in flags {
+        settings.set(&key, &value).map_err(|e| anyhow::anyhow!("--{key}: {e}"))?;
+    }
+    if settings.mutual_chap.is_some() && settings.chap.is_none() {
+        bail!("--mutual-chap needs --chap");
+    }
+    Ok(Args { config_path, settings })
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,drbd_engine=warn".into()),
+        )
+        .init();
+    let args = parse_args()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting tokio")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let node_name = match &args.settings.node {
+        Some(name) => name.clone(),
+        None => storage_node::config::local_node_name().context("reading the host name")?,
+    };
+    let loaded = storage_node::loader::load(&args.config_path)
+        .with_context(|| format!("reading {}", args.config_path.display()))?;
+    for warning in &loaded.config.warnings {
+        tracing::warn!("{warning}");
+    }
+    for (file, error) in &loaded.broken {
+        tracing::error!(file = %file.display(), "resource file skipped, its resources are not served: {error}");
+    }
+    let host = Host::new(
+        args.settings.clone(),
+        node_name.clone(),
+        args.config_path.clone(),
+        loaded.config,
+    )
+    .map_err(anyhow::Error::msg)?;
+    for slot in host.slots.values() {
+        if let Err(error) = slot.plan() {
+            tracing::error!(resource = %slot.name, "resource not served: {error}");
+        }
+    }
+    if host.slots.is_empty() {
+        tracing::warn!(node = %node_name, "no resource in {} names this node", args.config_path.display());
+    }
+
+    // iSCSI: one target per resource (the set is fixed while tandemd runs), LUN = volume.
+    let mut targets = Vec::new();
+    for slot in host.slots.values() {
+        let Some(volume) = slot.volume() else { continue };
+        let name = args.settings.target_name(&slot.name);
+        let device = Arc::new(ResourceLun::new(slot.clone()));
+        let lun = Arc::new(iscsi_target::LogicalUnit::new(&name, u64::from(volume), device));
+        targets.push(iscsi_target::TargetNode::new(name, vec![lun]));
+    }
+    let credentials = |c: &Option<(String, String)>| {
+        c.as_ref().map(|(user, secret)| iscsi_target::Credentials {
+            user: user.clone(),
+            secret: secret.clone(),
+        })
+    };
+    let auth = iscsi_target::AuthConfig {
+        chap: credentials(&args.settings.chap),
+        mutual_chap: credentials(&args.settings.mutual_chap),
+        allowed_initiators: Vec::new(),
+    };
+    let listeners = iscsi_target::driver::bind(&[args.settings.portal])
+        .await
+        .with_context(|| format!("binding the iSCSI portal {}", args.settings.portal))?;
+    let portals = listeners
+        .iter()
+        .map(|(l, port)| iscsi_target::PortalAddress {
+            address: l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            relative_port: *port,
+        })
+        .collect::<Vec<_>>();
+    let portal_text = portals.first().map(|p| p.address.clone()).unwrap_or_default();
+    let iscsi_config = Arc::new(iscsi_target::Config::new(targets, auth, portals));
+    tokio::spawn(async move {
+        if let Err(error) = iscsi_target::driver::serve(iscsi_config, listeners).await {
+            tracing::error!(%error, "iSCSI portal stopped");
+        }
+    });
+
+    // Control socket.
+    let socket = &args.settings.control_socket;
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    if UnixStream::connect(socket).await.is_ok() {
+        bail!("another tandemd answers on {}", socket.display());
+    }
+    let _ = std::fs::remove_file(socket);
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+
+    host.restore().await;
+    tokio::spawn(host.clone().watch());
+    println!(
+        "tandemd: ready node={node_name} control={} portal={portal_text} resources={}",
+        socket.display(),
+        host.slots.len()
+    );
+    let permits = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
+    loop {
+        let (stream, _) = listener.accept().await.context("accepting on the control socket")?;
+        let Ok(permit) = permits.clone().acquire_owned().await else { continue };
+        let host = host.clone();
+        tokio::spawn(async move {
+            serve_client(host, stream).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_client(host: Arc<Host>, stream: UnixStream) {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader =
+        BufReader::new(reader.take(u64::try_from(CONTROL_REQUEST_BYTES_MAX).unwrap_or(u64::MAX)));
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    match control::decode_request(&line) {
+        Ok(request) => {
+            tracing::info!(verb = %request.verb, resource = %request.resource, "tandemadm");
+            let host = host.clone();
+            tokio::spawn(async move {
+                let code = host.handle(request, &tx).await;
+                let _ = tx.send(Reply::Done { exit_code: code });
+            });
+        }
+        Err(error) => {
+            let _ = tx.send(Reply::Error { text: error.to_string() });
+            let _ = tx.send(Reply::Done { exit_code: exit::USAGE });
+        }
+    }
+    // Detect a client that went away (events2, waits) by watching the read half.
+    let mut closed = Box::pin(async move {
+        let mut sink = [0u8; 64];
+        loop {
+            match reader.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            reply = rx.recv() => {
+                let Some(reply) = reply else { return };
+                let done = matches!(reply, Reply::Done { .. });
+                if writer.write_all(control::encode_reply(&reply).as_bytes()).await.is_err() || done {
+                    return;
+                }
+            }
+            () = &mut closed => return,
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Limits and defaults of the storage node (tandemd/tandemadm). Every bound a client or the
+//! configuration could push on is named here.
+
+/// The IQN prefix a resource's target name derives from: `PREFIX:NAME`.
+pub const IQN_PREFIX_DEFAULT: &str = "iqn.2026-11.org.tandem";
+/// Where tandemd listens for tandemadm when neither the node file nor a flag says otherwise.
+pub const CONTROL_SOCKET_DEFAULT: &str = "/run/tandem/tandemd.sock";
+/// Where tandemd keeps per-resource state (up markers, metadata for `meta-disk internal`).
+pub const STATE_DIRECTORY_DEFAULT: &str = "/var/lib/tandem";
+/// iSCSI's well-known port.
+pub const PORTAL_DEFAULT: &str = "0.0.0.0:3260";
+/// The environment variable tandemadm reads the control socket path from.
+pub const CONTROL_SOCKET_ENV: &str = "TANDEM_CONTROL_SOCKET";
+
+/// One control request line: verbs and resource names are short, so anything longer is abuse.
+pub const CONTROL_REQUEST_BYTES_MAX: usize = 64 * 1024;
+/// tandemadm connections served at once; more wait in the kernel's accept backlog.
+pub const CONTROL_CONNECTIONS_MAX: usize = 64;
+/// Resources one tandemd hosts (each has a TCP listener, an engine task and a LUN).
+pub const RESOURCES_MAX: usize = 1024;
+/// events2 lines buffered per subscriber before a slow reader is told it lost lines.
+pub const EVENTS_BUFFER_MAX: usize = 4096;
+/// How often the state watcher samples each resource to log and broadcast changes.
+pub const STATE_POLL_INTERVAL_MS: u64 = 50;
+/// How often wait-connect / wait-sync re-check.
+pub const WAIT_POLL_INTERVAL_MS: u64 = 50;
+/// Include files one configuration may name after glob expansion.
+pub const INCLUDE_FILES_MAX: usize = 4096;
+/// Attempts to isolate broken include files (one more file dropped per attempt).
+pub const BROKEN_FILE_RETRIES_MAX: usize = 64;
+
+const _: () = assert!(CONTROL_CONNECTIONS_MAX >= 2, "tandemadm events2 must not block others");
+const _: () = assert!(BROKEN_FILE_RETRIES_MAX <= INCLUDE_FILES_MAX);
+const _: () = assert!(WAIT_POLL_INTERVAL_MS <= 1000 && STATE_POLL_INTERVAL_MS <= 1000);
+const _: () = assert!(RESOURCES_MAX <= 65_535, "resources become iSCSI targets; keep the set sane");

@@ -1,0 +1,842 @@
+//! The daemon's core: the resources this node hosts, their replicated devices, and the
+//! tandemadm verbs acting on them. The tokio plumbing (control socket, portal) lives in
+//! `bin/tandemd.rs`; the text formats in `status`; the wire protocol in `control`.
+
+use crate::config::{Config, Disk, MetaDisk, Protocol, Resource};
+use crate::constants::{
+    EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS, WAIT_POLL_INTERVAL_MS,
+};
+use crate::control::{Reply, Request, Verb, exit};
+use crate::node_settings::NodeSettings;
+use crate::status::{self, PeerView, PeerVolumeView, ResourceView, VolumeView};
+use backing_store::EngineKind;
+use drbd_engine::NodeId;
+use drbd_engine::constants::BLOCK_SIZE_BYTES;
+use drbd_engine::driver::meta_file::MetaFile;
+use drbd_engine::driver::{DeviceError, DriverConfig, ReplicatedDevice, Status};
+use drbd_engine::protocol::node::StateError;
+use drbd_engine::protocol::{
+    ConnectionState, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
+    ReplicationState, ResyncRate, Role,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc};
+
+/// What the configuration says about one resource on this node, ready for the engine.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub driver: DriverConfig,
+    pub volume: u32,
+    pub minor: u32,
+    pub peer_names: BTreeMap<u8, String>,
+}
+
+struct Running {
+    device: ReplicatedDevice,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// One hosted resource. Lives as long as tandemd (its LUN is part of the fixed target set).
+pub struct Slot {
+    pub name: String,
+    plan: Mutex<Result<Plan, String>>,
+    running: Mutex<Option<Running>>,
+    /// Serialises state-changing verbs on this resource (up/down/primary/secondary ...).
+    verb_lock: tokio::sync::Mutex<()>,
+    pub primary: AtomicBool,
+    pub size_bytes: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub written_bytes: AtomicU64,
+    last_view: Mutex<Option<ResourceView>>,
+    split_brain_logged: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Slot {
+    pub fn device(&self) -> Option<ReplicatedDevice> {
+        lock(&self.running).as_ref().map(|r| r.device.clone())
+    }
+
+    pub fn plan(&self) -> Result<Plan, String> {
+        lock(&self.plan).clone()
+    }
+
+    pub fn volume(&self) -> Option<u32> {
+        lock(&self.plan).as_ref().ok().map(|p| p.volume)
+    }
+}
+
+/// A verb's failure: exit code and the message (which says what to do).
+type VerbResult = Result<(), (i32, String)>;
+
+fn fail(code: i32, message: impl Into<String>) -> VerbResult {
+    Err((code, message.into()))
+}
+
+fn protocol_of(protocol: Protocol) -> ReplicationProtocol {
+    match protocol {
+        Protocol::A => ReplicationProtocol::A,
+        Protocol::B => ReplicationProtocol::B,
+        Protocol::C => ReplicationProtocol::C,
+    }
+}
+
+fn metadata_path(
+    settings: &NodeSettings,
+    resource: &str,
+    volume: u32,
+    meta: &Option<MetaDisk>,
+) -> PathBuf {
+    match meta {
+        Some(MetaDisk::External { path, .. }) => path.clone(),
+        // The engine keeps metadata in a separate file for now; `internal` puts it in the
+        // state directory rather than at the end of the disk.
+        _ => settings.state_directory.join(format!("{resource}.{volume}.tmeta")),
+    }
+}
+
+/// Turns a resource of the configuration into the engine's settings for this node.
+pub fn plan_resource(
+    settings: &NodeSettings,
+    node_name: &str,
+    resource: &Resource,
+) -> Result<Plan, String> {
+    let name = &resource.name;
+    let node = resource.local_node(node_name).map_err(|e| e.to_string())?;
+    let node_id = u8::try_from(node.node_id)
+        .ok()
+        .and_then(NodeId::new)
+        .ok_or_else(|| format!("{name}: node-id {} is out of range", node.node_id))?;
+    let [volume] = node.volumes.as_slice() else {
+        return Err(format!(
+            "{name}: {} volumes; the engine replicates one volume per resource so far \
+             (split the volumes into resources of one volume each)",
+            node.volumes.len()
+        ));
+    };
+    let backing_path = match &volume.disk {
+        Disk::Path(path) => path.clone(),
+        Disk::None => {
+            return Err(format!(
+                "{name}: 'disk none' (diskless) is not supported by the engine yet"
+            ));
+        }
+    };
+    let listen = node
+        .address
+        .as_ref()
+        .map(|e| e.address)
+        .ok_or_else(|| format!("{name}: on {node_name}: no address to listen on"))?;
+    let mut peers = Vec::new();
+    let mut peer_names = BTreeMap::new();
+    let mut protocol = resource.net.protocol();
+    for (connection, host) in resource.peers_of(&node.name) {
+        let peer = u8::try_from(host.node_id)
+            .ok()
+            .and_then(NodeId::new)
+            .ok_or_else(|| format!("{name}: peer node-id {} is out of range", host.node_id))?;
+        let address = host
+            .address
+            .as_ref()
+            .map(|e| e.address)
+            .ok_or_else(|| format!("{name}: peer {} has no address", host.name))?;
+        peers.push((peer, address));
+        peer_names.insert(peer.0, host.name.clone());
+        protocol = connection.net.protocol();
+    }
+    let disk = &volume.disk_options;
+    let resync_rate = if disk.c_plan_ahead_ds() == 0 {
+        ResyncRate::Fixed { rate_kib_per_s: disk.resync_rate_kib_per_s() }
+    } else {
+        ResyncRate::Dynamic(DynamicControllerConfig {
+            plan_ahead_steps: disk.c_plan_ahead_ds(),
+            fill_target_kib: disk.c_fill_target_sectors() / 2,
+            max_rate_kib_per_s: disk.c_max_rate_kib_per_s(),
+            min_rate_kib_per_s: disk.c_min_rate_kib_per_s(),
+        })
+    };
+    let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
+    Ok(Plan {
+        driver: DriverConfig {
+            node_id,
+            listen,
+            peers,
+            backing_path,
+            size_bytes,
+            engine: EngineKind::Sync,
+            direct_io: false,
+            meta_path: metadata_path(settings, name, volume.number, &volume.meta_disk),
+            protocol: protocol_of(protocol),
+            fencing: Fencing::DontCare,
+            resync_rate,
+            al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
+        },
+        volume: volume.number,
+        minor: volume.device.minor,
+        peer_names,
+    })
+}
+
+pub struct Host {
+    pub settings: NodeSettings,
+    pub node_name: String,
+    pub config_path: PathBuf,
+    config: Mutex<Config>,
+    pub slots: BTreeMap<String, Arc<Slot>>,
+    events: broadcast::Sender<String>,
+}
+
+fn marker(settings: &NodeSettings, name: &str) -> PathBuf {
+    settings.state_directory.join(format!("{name}.up"))
+}
+
+impl Host {
+    /// Builds the slots for every resource of `config` that names this node.
+    pub fn new(
+        settings: NodeSettings,
+        node_name: String,
+        config_path: PathBuf,
+        config: Config,
+    ) -> Result<Arc<Host>, String> {
+        let mut slots = BTreeMap::new();
+        for resource in &config.resources {
+            if resource.node(&node_name).is_none() {
+                continue;
+            }
+            if slots.len() >= RESOURCES_MAX {
+                return Err(format!("more than {RESOURCES_MAX} resources on this node"));
+            }
+            let plan = plan_resource(&settings, &node_name, resource);
+            let size_bytes = match &plan {
+                Ok(plan) => drbd_engine::driver::load_metadata(&plan.driver.meta_path)
+                    .map(|m| m.size_blocks * BLOCK_SIZE_BYTES)
+                    .unwrap_or(plan.driver.size_bytes),
+                Err(_) => 0,
+            };
+            let slot = Slot {
+                name: resource.name.clone(),
+                plan: Mutex::new(plan),
+                running: Mutex::new(None),
+                verb_lock: tokio::sync::Mutex::new(()),
+                primary: AtomicBool::new(false),
+                size_bytes: AtomicU64::new(size_bytes),
+                read_bytes: AtomicU64::new(0),
+                written_bytes: AtomicU64::new(0),
+                last_view: Mutex::new(None),
+                split_brain_logged: AtomicBool::new(false),
+            };
+            slots.insert(resource.name.clone(), Arc::new(slot));
+        }
+        let (events, _) = broadcast::channel(EVENTS_BUFFER_MAX);
+        Ok(Arc::new(Host {
+            settings,
+            node_name,
+            config_path,
+            config: Mutex::new(config),
+            slots,
+            events,
+        }))
+    }
+
+    /// Brings up every resource that was up when tandemd last ran (restart safety: the
+    /// engine reads its metadata and resyncs what the bitmaps and activity log say).
+    pub async fn restore(self: &Arc<Self>) {
+        for slot in self.slots.values() {
+            if !marker(&self.settings, &slot.name).exists() {
+                continue;
+            }
+            let _guard = slot.verb_lock.lock().await;
+            match self.up(slot).await {
+                Ok(()) => tracing::info!(resource = %slot.name, "resumed: was up before restart"),
+                Err((_, message)) => {
+                    tracing::error!(resource = %slot.name, "cannot resume: {message}")
+                }
+            }
+        }
+    }
+
+    fn publish(&self, resource: &str, line: String) {
+        tracing::info!(resource = %resource, "{line}");
+        let _ = self.events.send(line);
+    }
+
+    fn view_of(&self, slot: &Slot, plan: &Plan, status: &Status) -> ResourceView {
+        let role = status.role;
+        let peers = status
+            .peers
+            .iter()
+            .map(|p| {
+                let connected = p.connection == ConnectionState::Connected;
+                let done_percent = p.resync.as_ref().map(|r| {
+                    if r.blocks_total == 0 {
+                        100.0
+                    } else {
+                        let done = r.blocks_total.saturating_sub(r.blocks_remaining);
+                        // Display only: two decimals of a percentage.
+                        (done as f64) * 100.0 / (r.blocks_total as f64)
+                    }
+                });
+                PeerView {
+                    name: plan
+                        .peer_names
+                        .get(&p.node_id.0)
+                        .cloned()
+                        .unwrap_or_else(|| format!("node-{}", p.node_id.0)),
+                    node_id: u32::from(p.node_id.0),
+                    connection: p.connection,
+                    // The engine does not report the peer's role yet; while connected to this
+                    // primary it can only be Secondary (the engine allows one primary).
+                    role: if connected && role == Role::Primary {
+                        Role::Secondary
+                    } else {
+                        Role::Unknown
+                    },
+                    volumes: vec![PeerVolumeView {
+                        number: plan.volume,
+                        replication: p.replication,
+                        peer_disk: p.disk,
+                        out_of_sync_kib: p.out_of_sync_blocks * (BLOCK_SIZE_BYTES / 1024),
+                        done_percent,
+                        received_kib: status.resync_blocks_received * (BLOCK_SIZE_BYTES / 1024),
+                        sent_kib: status.resync_blocks_sent * (BLOCK_SIZE_BYTES / 1024),
+                    }],
+                }
+            })
+            .collect();
+        ResourceView {
+            name: slot.name.clone(),
+            node_id: u32::from(status.node_id.0),
+            role,
+            suspended: false,
+            volumes: vec![VolumeView {
+                number: plan.volume,
+                minor: plan.minor,
+                disk: status.disk,
+                backing_dev: plan.driver.backing_path.display().to_string(),
+                size_kib: status.size_bytes / 1024,
+                read_kib: slot.read_bytes.load(Ordering::Relaxed) / 1024,
+                written_kib: slot.written_bytes.load(Ordering::Relaxed) / 1024,
+            }],
+            peers,
+        }
+    }
+
+    async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
+        let device = slot.device()?;
+        let plan = slot.plan().ok()?;
+        let status = device.status().await.ok()?;
+        Some((self.view_of(slot, &plan, &status), status))
+    }
+
+    /// Samples every resource, logs and broadcasts what changed (events2 `change` lines).
+    pub async fn watch(self: Arc<Self>) {
+        loop {
+            for slot in self.slots.values() {
+                let Some((view, status)) = self.sample(slot).await else { continue };
+                let previous = lock(&slot.last_view).replace(view.clone());
+                if let Some(previous) = previous {
+                    for line in status::change_lines(&previous, &view) {
+                        self.publish(&slot.name, line);
+                    }
+                }
+                if status.split_brain && !slot.split_brain_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        resource = %slot.name,
+                        "Split-Brain detected but unresolved, dropping connection! Resolve with \
+                         'tandemadm secondary' + 'tandemadm connect --discard-my-data' on the \
+                         node whose changes to throw away"
+                    );
+                }
+                // Keep the LUN's ALUA state in step with the engine's role.
+                slot.primary.store(view.role == Role::Primary, Ordering::Release);
+            }
+            tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
+        }
+    }
+
+    fn reload(&self) -> Option<String> {
+        match crate::loader::load(&self.config_path) {
+            Ok(loaded) => {
+                for (file, error) in &loaded.broken {
+                    tracing::error!(file = %file.display(), "resource file skipped: {error}");
+                }
+                for slot in self.slots.values() {
+                    let plan = match loaded.config.resource(&slot.name) {
+                        Some(resource) => plan_resource(&self.settings, &self.node_name, resource),
+                        None => Err(format!(
+                            "{}: no longer in {} (or its file is broken)",
+                            slot.name,
+                            self.config_path.display()
+                        )),
+                    };
+                    *lock(&slot.plan) = plan;
+                }
+                *lock(&self.config) = loaded.config;
+                None
+            }
+            Err(error) => Some(error.to_string()),
+        }
+    }
+
+    fn targets(&self, resource: &str) -> Result<Vec<Arc<Slot>>, (i32, String)> {
+        if resource == "all" {
+            return Ok(self.slots.values().cloned().collect());
+        }
+        match self.slots.get(resource) {
+            Some(slot) => Ok(vec![slot.clone()]),
+            None => {
+                let known = lock(&self.config).resource(resource).is_some();
+                Err((
+                    exit::CONFIG_INVALID,
+                    if known {
+                        format!(
+                            "'{resource}' not defined for this host ({}) or added after tandemd \
+                             started; restart tandemd to host it",
+                            self.node_name
+                        )
+                    } else {
+                        format!("'{resource}' not defined in your config (for this host).")
+                    },
+                ))
+            }
+        }
+    }
+
+    /// Runs one tandemadm request; replies go to `out`. Returns the exit code.
+    pub async fn handle(
+        self: &Arc<Self>,
+        request: Request,
+        out: &mpsc::UnboundedSender<Reply>,
+    ) -> i32 {
+        let line = |text: String| {
+            let _ = out.send(Reply::Line { text });
+        };
+        if matches!(request.verb, Verb::Up | Verb::Adjust | Verb::CreateMd)
+            && let Some(error) = self.reload()
+        {
+            let _ = out.send(Reply::Error { text: error });
+            return exit::CONFIG_INVALID;
+        }
+        let slots = match self.targets(&request.resource) {
+            Ok(slots) => slots,
+            Err((code, message)) => {
+                let _ = out.send(Reply::Error { text: message });
+                return code;
+            }
+        };
+        if request.verb == Verb::Events2 {
+            return self.events2(&slots, &request, out).await;
+        }
+        if request.verb == Verb::Dump {
+            let config = lock(&self.config).clone();
+            for slot in &slots {
+                if let Some(resource) = config.resource(&slot.name) {
+                    line(crate::dump::render(resource));
+                }
+            }
+            return exit::SUCCESS;
+        }
+        let mut code = exit::SUCCESS;
+        for slot in slots {
+            let result = {
+                let _guard = slot.verb_lock.lock().await;
+                self.verb(&slot, &request, out).await
+            };
+            if let Err((failure, message)) = result {
+                let _ = out.send(Reply::Error { text: format!("{}: {message}", slot.name) });
+                code = code.max(failure);
+            }
+        }
+        code
+    }
+
+    async fn events2(
+        &self,
+        slots: &[Arc<Slot>],
+        request: &Request,
+        out: &mpsc::UnboundedSender<Reply>,
+    ) -> i32 {
+        let mut subscription = self.events.subscribe();
+        for slot in slots {
+            if let Some((view, _)) = self.sample(slot).await {
+                for text in status::events2_lines(&view, "exists", request.options.statistics) {
+                    let _ = out.send(Reply::Line { text });
+                }
+            }
+        }
+        let _ = out.send(Reply::Line { text: "exists -".into() });
+        if request.options.now {
+            return exit::SUCCESS;
+        }
+        let names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
+        loop {
+            match subscription.recv().await {
+                Ok(text) => {
+                    let wanted = names.iter().any(|n| {
+                        text.contains(&format!(" name:{n} "))
+                            || text.ends_with(&format!(" name:{n}"))
+                    });
+                    if wanted && out.send(Reply::Line { text }).is_err() {
+                        return exit::SUCCESS;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(lost)) => {
+                    let _ = out.send(Reply::Error {
+                        text: format!("events2: {lost} events lost (reader too slow)"),
+                    });
+                }
+                Err(broadcast::error::RecvError::Closed) => return exit::SUCCESS,
+            }
+            if out.is_closed() {
+                return exit::SUCCESS;
+            }
+        }
+    }
+
+    fn require_running(&self, slot: &Slot) -> Result<ReplicatedDevice, (i32, String)> {
+        slot.device().ok_or_else(|| {
+            (
+                exit::CONFIG_INVALID,
+                format!("resource is down; run 'tandemadm up {}' first", slot.name),
+            )
+        })
+    }
+
+    async fn verb(
+        &self,
+        slot: &Arc<Slot>,
+        request: &Request,
+        out: &mpsc::UnboundedSender<Reply>,
+    ) -> VerbResult {
+        let line = |text: String| {
+            let _ = out.send(Reply::Line { text });
+        };
+        let options = &request.options;
+        match request.verb {
+            Verb::CreateMd => self.create_md(slot, options.force, out),
+            Verb::Up => self.up(slot).await,
+            Verb::Adjust => {
+                if slot.device().is_none() {
+                    return self.up(slot).await;
+                }
+                Ok(())
+            }
+            Verb::Down => self.down(slot).await,
+            Verb::Primary => {
+                let device = self.require_running(slot)?;
+                match device.promote(options.force).await {
+                    Ok(()) | Err(DeviceError::State(StateError::Already(Role::Primary))) => {
+                        slot.primary.store(true, Ordering::Release);
+                        Ok(())
+                    }
+                    Err(error) => Err(explain_state_error(&slot.name, "primary", error)),
+                }
+            }
+            Verb::Secondary => {
+                let device = self.require_running(slot)?;
+                // Refuse new I/O first (ALUA standby), then let the engine drain what is in
+                // flight and demote.
+                let was_primary = slot.primary.swap(false, Ordering::AcqRel);
+                match device.demote().await {
+                    Ok(()) => Ok(()),
+                    Err(DeviceError::State(StateError::Already(Role::Secondary))) => Ok(()),
+                    Err(error) => {
+                        slot.primary.store(was_primary, Ordering::Release);
+                        Err(explain_state_error(&slot.name, "secondary", error))
+                    }
+                }
+            }
+            Verb::Connect | Verb::Disconnect => {
+                let device = self.require_running(slot)?;
+                let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+                for (peer, _) in &plan.driver.peers {
+                    let result = if request.verb == Verb::Connect {
+                        device.connect(*peer, options.discard_my_data).await
+                    } else {
+                        device.disconnect(*peer).await
+                    };
+                    result
+                        .map_err(|e| explain_state_error(&slot.name, request.verb.as_str(), e))?;
+                }
+                Ok(())
+            }
+            Verb::NewCurrentUuid => {
+                let device = self.require_running(slot)?;
+                if !options.clear_bitmap {
+                    return fail(
+                        exit::EXEC_ERROR,
+                        "new-current-uuid without --clear-bitmap is not supported by the \
+                         engine yet; only 'new-current-uuid --clear-bitmap' (skip the initial \
+                         sync of a fresh resource) is",
+                    );
+                }
+                device.new_current_uuid_clear_bitmap().await.map_err(|e| {
+                    explain_state_error(&slot.name, "new-current-uuid --clear-bitmap", e)
+                })
+            }
+            Verb::WaitConnect | Verb::WaitSync => {
+                let device = self.require_running(slot)?;
+                let deadline = options
+                    .timeout_s
+                    .filter(|t| *t > 0)
+                    .map(|t| Instant::now() + Duration::from_secs(t));
+                loop {
+                    let status =
+                        device.status().await.map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
+                    let connected =
+                        status.peers.iter().all(|p| p.connection == ConnectionState::Connected);
+                    let synced = status.disk == DiskState::UpToDate
+                        && status.peers.iter().all(|p| {
+                            p.connection == ConnectionState::Connected
+                                && p.replication == ReplicationState::Established
+                                && p.disk == DiskState::UpToDate
+                        });
+                    if (request.verb == Verb::WaitConnect && connected) || synced {
+                        return Ok(());
+                    }
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return fail(exit::TIMEOUT, format!("{} timed out", request.verb));
+                    }
+                    if out.is_closed() {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(WAIT_POLL_INTERVAL_MS)).await;
+                }
+            }
+            Verb::Role | Verb::Cstate | Verb::Dstate | Verb::Status => {
+                let Some((view, _)) = self.sample(slot).await else {
+                    return match request.verb {
+                        Verb::Status => {
+                            line(format!("{}: No such resource (it is down)\n", slot.name));
+                            Ok(())
+                        }
+                        _ => fail(exit::CONFIG_INVALID, "No such resource (it is down)"),
+                    };
+                };
+                match request.verb {
+                    Verb::Role => line(view.role.to_string()),
+                    Verb::Cstate => {
+                        for peer in &view.peers {
+                            line(peer.connection.to_string());
+                        }
+                    }
+                    Verb::Dstate => {
+                        let mut text = view.volumes[0].disk.to_string();
+                        for peer in &view.peers {
+                            for v in &peer.volumes {
+                                text.push('/');
+                                text.push_str(&v.peer_disk.to_string());
+                            }
+                        }
+                        line(text);
+                    }
+                    _ => {
+                        let text =
+                            status::format_status(&view, options.verbose, options.statistics);
+                        line(text.trim_end_matches('\n').to_owned() + "\n");
+                    }
+                }
+                Ok(())
+            }
+            Verb::ShowGi => {
+                let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+                let meta = drbd_engine::driver::load_metadata(&plan.driver.meta_path)
+                    .map_err(|e| (exit::CONFIG_INVALID, e.to_string()))?;
+                let u = &meta.uuids;
+                for (peer, name) in &plan.peer_names {
+                    line(format!(
+                        "{:016X}:{:016X}:{:016X}:{:016X}  (current:bitmap-for-{name}:history1:history2)",
+                        u.current,
+                        u.bitmap[usize::from(*peer)],
+                        u.history[0],
+                        u.history.get(1).copied().unwrap_or(0)
+                    ));
+                }
+                Ok(())
+            }
+            Verb::Attach
+            | Verb::Detach
+            | Verb::Invalidate
+            | Verb::InvalidateRemote
+            | Verb::PauseSync
+            | Verb::ResumeSync
+            | Verb::Outdate => fail(
+                exit::EXEC_ERROR,
+                format!(
+                    "'{}' is not supported by the replication engine yet (drbd-engine's \
+                     ReplicatedDevice has no such operation); nothing was changed",
+                    request.verb
+                ),
+            ),
+            Verb::Events2 | Verb::Dump => unreachable!("handled for all resources at once"),
+        }
+    }
+
+    fn create_md(
+        &self,
+        slot: &Slot,
+        force: bool,
+        out: &mpsc::UnboundedSender<Reply>,
+    ) -> VerbResult {
+        let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+        let driver = &plan.driver;
+        if slot.device().is_some() {
+            return fail(
+                exit::STATE_CHANGE_FAILED,
+                "resource is up; run 'tandemadm down' before create-md",
+            );
+        }
+        if driver.size_bytes == 0 || driver.size_bytes % BLOCK_SIZE_BYTES != 0 {
+            return fail(
+                exit::CONFIG_INVALID,
+                format!(
+                    "disk {} is missing, empty or not a multiple of 4 KiB; create it first (e.g. \
+                     truncate -s 1G {})",
+                    driver.backing_path.display(),
+                    driver.backing_path.display()
+                ),
+            );
+        }
+        if driver.meta_path.exists() {
+            if !force {
+                return fail(
+                    exit::CONFIG_INVALID,
+                    format!(
+                        "valid meta data exists at {}; refusing to overwrite it (use create-md \
+                         --force to start over with empty, Inconsistent metadata)",
+                        driver.meta_path.display()
+                    ),
+                );
+            }
+            std::fs::remove_file(&driver.meta_path)
+                .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", driver.meta_path.display())))?;
+        }
+        if let Some(parent) = driver.meta_path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", parent.display())))?;
+        }
+        MetaFile::open_or_create(
+            &driver.meta_path,
+            driver.node_id,
+            driver.size_bytes / BLOCK_SIZE_BYTES,
+        )
+        .map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
+        slot.size_bytes.store(driver.size_bytes, Ordering::Release);
+        let _ = out.send(Reply::Line { text: "initializing activity log".into() });
+        let _ = out.send(Reply::Line {
+            text: format!(
+                "initializing bitmap ({} KB) to all zero",
+                driver.size_bytes / BLOCK_SIZE_BYTES / 8 / 1024
+            ),
+        });
+        let _ =
+            out.send(Reply::Line { text: "New drbd meta data block successfully created.".into() });
+        Ok(())
+    }
+
+    async fn up(&self, slot: &Arc<Slot>) -> VerbResult {
+        if slot.device().is_some() {
+            return Ok(());
+        }
+        let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+        let driver = plan.driver.clone();
+        if !driver.backing_path.exists() {
+            return fail(
+                exit::CONFIG_INVALID,
+                format!("disk {} does not exist; create it first", driver.backing_path.display()),
+            );
+        }
+        if !driver.meta_path.exists() {
+            return fail(
+                exit::CONFIG_INVALID,
+                format!(
+                    "no valid meta data found at {}; run 'tandemadm create-md {}' first",
+                    driver.meta_path.display(),
+                    slot.name
+                ),
+            );
+        }
+        let listen = driver.listen;
+        let (device, task) = ReplicatedDevice::start(driver).await.map_err(|e| match e {
+            DeviceError::Io(io) if io.kind() == std::io::ErrorKind::AddrInUse => (
+                exit::EXEC_ERROR,
+                format!(
+                    "cannot listen on {listen}: address in use (another process, or this \
+                     resource was taken down in this tandemd: the engine keeps its listener \
+                     until tandemd restarts)"
+                ),
+            ),
+            other => (exit::EXEC_ERROR, other.to_string()),
+        })?;
+        slot.size_bytes.store(device.size_bytes(), Ordering::Release);
+        *lock(&slot.running) = Some(Running { device, task });
+        slot.split_brain_logged.store(false, Ordering::Relaxed);
+        std::fs::create_dir_all(&self.settings.state_directory)
+            .and_then(|()| std::fs::write(marker(&self.settings, &slot.name), b"up\n"))
+            .map_err(|e| (exit::EXEC_ERROR, format!("state directory: {e}")))?;
+        if let Some((view, _)) = self.sample(slot).await {
+            for line in status::events2_lines(&view, "create", false) {
+                self.publish(&slot.name, line);
+            }
+            *lock(&slot.last_view) = Some(view);
+        }
+        Ok(())
+    }
+
+    async fn down(&self, slot: &Arc<Slot>) -> VerbResult {
+        let Some(device) = slot.device() else {
+            let _ = std::fs::remove_file(marker(&self.settings, &slot.name));
+            return Ok(());
+        };
+        if slot.primary.swap(false, Ordering::AcqRel)
+            && let Err(error) = device.demote().await
+        {
+            slot.primary.store(true, Ordering::Release);
+            return Err(explain_state_error(&slot.name, "down", error));
+        }
+        let view = lock(&slot.last_view).take();
+        if let Some(running) = lock(&slot.running).take() {
+            running.task.abort();
+        }
+        let _ = std::fs::remove_file(marker(&self.settings, &slot.name));
+        if let Some(view) = view {
+            for line in status::destroy_lines(&view) {
+                self.publish(&slot.name, line);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Turns an engine refusal into drbdsetup's exit code and a message that says what to do.
+fn explain_state_error(resource: &str, verb: &str, error: DeviceError) -> (i32, String) {
+    let message = match &error {
+        DeviceError::State(StateError::NoUpToDateData(disk)) => format!(
+            "refusing to become primary: disk is {disk}, no UpToDate data; use 'tandemadm \
+             primary --force {resource}' only if you know this node's data is the newest (it \
+             becomes the sync source and overwrites the peers)"
+        ),
+        DeviceError::State(StateError::PeerIsPrimary(peer)) => format!(
+            "refusing to become primary: peer node-id {peer} is Primary; run 'tandemadm \
+             secondary {resource}' there first"
+        ),
+        DeviceError::State(StateError::SyncTarget) => format!(
+            "refusing to become primary while SyncTarget; wait for the resync ('tandemadm \
+             wait-sync {resource}')"
+        ),
+        DeviceError::State(StateError::Already(role)) => format!("{verb}: already {role}"),
+        other => format!("{verb}: {other}"),
+    };
+    let code = match error {
+        DeviceError::State(_) => exit::STATE_CHANGE_FAILED,
+        _ => exit::EXEC_ERROR,
+    };
+    (code, message)
+}

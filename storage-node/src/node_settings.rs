@@ -1,0 +1,152 @@
+//! Node settings DRBD has no words for, kept out of the resource files so those stay pure DRBD:
+//! the iSCSI portal, the control socket, the state directory, the IQN prefix, CHAP, and the
+//! node name override. They come from a small node file (`tandemd --node-file FILE`) and/or
+//! flags; flags win.
+//!
+//! ```text
+//! # /etc/tandem/node.conf
+//! portal          192.0.2.10:3260
+//! control-socket  /run/tandem/tandemd.sock
+//! state-dir       /var/lib/tandem
+//! iqn-prefix      iqn.2026-11.org.tandem
+//! chap            initiator-user:secret
+//! mutual-chap     target-user:secret
+//! node            node-a
+//! ```
+
+use crate::constants::{
+    CONTROL_SOCKET_DEFAULT, IQN_PREFIX_DEFAULT, PORTAL_DEFAULT, STATE_DIRECTORY_DEFAULT,
+};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    pub portal: SocketAddr,
+    pub control_socket: PathBuf,
+    pub state_directory: PathBuf,
+    pub iqn_prefix: String,
+    /// CHAP the initiator must answer: (user, secret).
+    pub chap: Option<(String, String)>,
+    /// Mutual CHAP: what the target answers with.
+    pub mutual_chap: Option<(String, String)>,
+    /// Overrides `__DRBD_NODE__` and the host name.
+    pub node: Option<String>,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        NodeSettings {
+            portal: PORTAL_DEFAULT.parse().expect("the default portal parses"),
+            control_socket: CONTROL_SOCKET_DEFAULT.into(),
+            state_directory: STATE_DIRECTORY_DEFAULT.into(),
+            iqn_prefix: IQN_PREFIX_DEFAULT.into(),
+            chap: None,
+            mutual_chap: None,
+            node: None,
+        }
+    }
+}
+
+impl NodeSettings {
+    /// The target name of a resource: `PREFIX:NAME`.
+    pub fn target_name(&self, resource: &str) -> String {
+        format!("{}:{}", self.iqn_prefix, resource)
+    }
+
+    /// Applies one setting (from a file line or a flag).
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let credentials = |value: &str| -> Result<(String, String), String> {
+            match value.split_once(':') {
+                Some((user, secret)) if !user.is_empty() && !secret.is_empty() => {
+                    Ok((user.to_owned(), secret.to_owned()))
+                }
+                _ => Err(format!("{key} wants USER:SECRET")),
+            }
+        };
+        match key {
+            "portal" => {
+                self.portal = value
+                    .parse()
+                    .map_err(|_| format!("portal wants ADDRESS:PORT, got '{value}'"))?;
+            }
+            "control-socket" => self.control_socket = value.into(),
+            "state-dir" => self.state_directory = value.into(),
+            "iqn-prefix" => {
+                if !value.starts_with("iqn.") && !value.starts_with("eui.") {
+                    return Err(format!("iqn-prefix must start with iqn. or eui., got '{value}'"));
+                }
+                self.iqn_prefix = value.to_owned();
+            }
+            "chap" => self.chap = Some(credentials(value)?),
+            "mutual-chap" => self.mutual_chap = Some(credentials(value)?),
+            "node" => self.node = Some(value.to_owned()),
+            _ => {
+                return Err(format!(
+                    "unknown setting '{key}' (known: portal, control-socket, state-dir, \
+                     iqn-prefix, chap, mutual-chap, node)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a node file's text; errors name `name:line`.
+    pub fn apply_file(&mut self, name: &str, text: &str) -> Result<(), String> {
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (key, value) = match line.split_once(char::is_whitespace) {
+                Some((key, value)) => (key, value.trim().trim_end_matches(';').trim()),
+                None => return Err(format!("{name}:{}: '{line}' has no value", index + 1)),
+            };
+            self.set(key, value).map_err(|e| format!("{name}:{}: {e}", index + 1))?;
+        }
+        if self.mutual_chap.is_some() && self.chap.is_none() {
+            return Err(format!("{name}: mutual-chap needs chap"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_file_sets_everything_and_defaults_stay() {
+        let mut settings = NodeSettings::default();
+        assert_eq!(settings.target_name("r0"), "iqn.2026-11.org.tandem:r0");
+        settings
+            .apply_file(
+                "node.conf",
+                "# comment\nportal 127.0.0.1:3261\ncontrol-socket /tmp/t.sock  # why\n\
+                 state-dir /tmp/state;\niqn-prefix iqn.2030-01.com.example\nchap u:s\nnode a\n",
+            )
+            .expect("valid");
+        assert_eq!(settings.portal, "127.0.0.1:3261".parse().expect("addr"));
+        assert_eq!(settings.control_socket, PathBuf::from("/tmp/t.sock"));
+        assert_eq!(settings.state_directory, PathBuf::from("/tmp/state"));
+        assert_eq!(settings.target_name("r1"), "iqn.2030-01.com.example:r1");
+        assert_eq!(settings.chap, Some(("u".into(), "s".into())));
+        assert_eq!(settings.node.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn bad_node_files_name_the_line() {
+        let cases = [
+            ("portal nowhere", "node.conf:1: portal wants ADDRESS:PORT"),
+            ("\nbogus 1", "node.conf:2: unknown setting 'bogus'"),
+            ("chap user", "node.conf:1: chap wants USER:SECRET"),
+            ("portal", "node.conf:1: 'portal' has no value"),
+            ("iqn-prefix foo", "node.conf:1: iqn-prefix must start with iqn."),
+            ("mutual-chap a:b", "node.conf: mutual-chap needs chap"),
+        ];
+        for (text, expected) in cases {
+            let error = NodeSettings::default().apply_file("node.conf", text).expect_err(text);
+            assert!(error.starts_with(expected), "{text}: {error}");
+        }
+    }
+}
