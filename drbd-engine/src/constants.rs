@@ -39,7 +39,7 @@ pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
 /// Resync requests (read on the source, write on the target) in flight per peer.
 pub const RESYNC_REQUESTS_MAX: usize = 64;
 /// Blocks per resync request.
-pub const RESYNC_REQUEST_BLOCKS_MAX: u64 = 32;
+pub const RESYNC_REQUEST_BLOCKS_MAX: u64 = 256;
 /// Frames that may arrive ahead of a missing one before the connection is declared broken.
 pub const REORDER_FRAMES_MAX: usize = 256;
 /// Bitmap words per bitmap frame of the handshake.

@@ -1,8 +1,25 @@
 //! A DRBD-style replicated block device in userspace.
 //!
-//! The peer protocol (`protocol`) is a pure state machine; the on-disk metadata (`meta`) is pure
-//! encoding and decoding; `driver` is the thin tokio layer that owns sockets and the backing
-//! store; `sim` drives the same state machine over a simulated network and simulated disks.
+//! Code map:
+//! - `bitmap`: per-peer out-of-sync bitmaps, 1 bit per 4 KiB block (`words`/`from_words` for
+//!   persistence).
+//! - `uuid`: generation identifiers and the connect-time decision table (pure, tested per row
+//!   and for antisymmetry).
+//! - `protocol`: the peer protocol as a pure state machine (`Node`: `handle_*` inputs, one
+//!   ordered `poll_output` queue, `poll_timeout`), frame encoding with crc32c (`frame`), the
+//!   logical metadata and its updates (`persist`, `MetadataStore`), the resync rate controller,
+//!   DRBD's state names (`states`).
+//! - `meta`: DRBD v09 on-disk metadata encoding (pure).
+//! - `sim`: the deterministic simulator and its checkers (`tandem-sim`).
+//! - `driver`: the tokio driver (`ReplicatedDevice`) over TCP and `backing_store`.
+//!
+//! Architecture invariant: `protocol`, `uuid`, `bitmap`, `meta` and `sim` do no I/O and read no
+//! clock; only `driver` touches sockets, files and time.
+//!
+//! Architecture invariant: a write is acknowledged only when every replica that might later be
+//! promoted as UpToDate has it (protocol C) or has been fenced (outdated) first; every block a
+//! peer may lack is in that peer's bitmap or, after a crash as primary, in a hot activity-log
+//! extent.
 
 pub mod bitmap;
 pub mod constants;
