@@ -40,7 +40,8 @@ struct Node {
 impl Replica {
     fn start(name: &str, node: &Node, dir: &Path) -> Replica {
         let log = dir.join(format!("{name}.log"));
-        let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let mut child = Command::new(tests::binary("tandem-replica"))
             .args(["--node-id", &node.id.to_string()])
             .args(["--listen", &format!("127.0.0.1:{}", node.port)])
@@ -100,7 +101,12 @@ impl Replica {
 
     fn ok(&mut self, line: &str, timeout: Duration) -> String {
         let reply = self.cmd(line, timeout);
-        assert!(reply.starts_with("ok"), "{}: `{line}` answered `{reply}`\nlog:\n{}", self.name, self.log_text());
+        assert!(
+            reply.starts_with("ok"),
+            "{}: `{line}` answered `{reply}`\nlog:\n{}",
+            self.name,
+            self.log_text()
+        );
         reply
     }
 
@@ -156,7 +162,7 @@ fn pair(dir: &Path, size_bytes: u64) -> (Node, Node) {
         peer_id,
         peer_port,
         backing: dir.join(format!("{name}.img")),
-        meta: dir.join(format!("{name}.tmeta")),
+        meta: dir.join(format!("{name}.md")),
         size_bytes,
     };
     (node(0, pa, 1, pb, "a"), node(1, pb, 0, pa, "b"))
@@ -190,6 +196,24 @@ fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_di
     a.kill9();
     println!("killed the primary after {} acknowledged writes", acked.len());
 
+    // Its metadata is DRBD 9 v09 (flex-external): drbdmeta reads it and sees a primary that
+    // went down with its activity log hot.
+    let drbdmeta = tests::require_tool("drbdmeta", "drbd-utils");
+    let dump = tests::run_with_timeout(
+        Command::new(drbdmeta)
+            .args(["--force", "-", "v09"])
+            .arg(&node_a.meta)
+            .args(["flex-external", "dump-md"]),
+        Duration::from_secs(30),
+    );
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("node-id 0;"), "drbdmeta dump-md:\n{dump}");
+    let flags_line = dump.lines().find(|l| l.starts_with("flags ")).expect("a flags line");
+    let flags =
+        u32::from_str_radix(flags_line.trim_start_matches("flags 0x").trim_end_matches(';'), 16)
+            .expect("hex flags");
+    assert!(flags & 0x2 != 0, "primary indicator set after a crash as primary: {flags_line}");
+
     // The secondary holds every acknowledged write and can take over.
     b.promote();
     for block in &acked {
@@ -215,7 +239,11 @@ fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_di
     a.promote();
     a.ok("check 10000 100 2", long);
     for block in acked.iter().filter(|b| **b < 10000) {
-        assert_eq!(a.cmd(&format!("check {block} 1 1"), long), "ok", "block {block} on the old primary");
+        assert_eq!(
+            a.cmd(&format!("check {block} 1 1"), long),
+            "ok",
+            "block {block} on the old primary"
+        );
     }
 
     // Exact count: a secondary killed while idle misses exactly the blocks written meanwhile.
@@ -253,5 +281,8 @@ fn one_gib_bitmap_resync_throughput() {
     let received = b.status_field("resync_received");
     assert_eq!(received * BLOCK, size_bytes, "the whole device was resynced");
     let mib_per_s = (size_bytes as f64 / (1024.0 * 1024.0)) / elapsed.as_secs_f64();
-    println!("1 GiB resync over loopback: {:.2} s, {mib_per_s:.0} MiB/s ({reply})", elapsed.as_secs_f64());
+    println!(
+        "1 GiB resync over loopback: {:.2} s, {mib_per_s:.0} MiB/s ({reply})",
+        elapsed.as_secs_f64()
+    );
 }

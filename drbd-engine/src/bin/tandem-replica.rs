@@ -5,6 +5,7 @@
 //! tandem-replica --node-id 0 --listen 127.0.0.1:7789 --peer 1=127.0.0.1:7790 \
 //!     --backing /tmp/a.img --meta /tmp/a.tmeta --size-bytes 67108864 [--protocol C]
 //!     [--engine sync|uring] [--al-extents 64] [--resync-rate-kib 0 (dynamic)]
+//!     [--meta-format v09|sidecar]   (v09: DRBD 9 flex-external metadata, drbdmeta reads it)
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
@@ -18,7 +19,7 @@ use backing_store::EngineKind;
 use bytes::Bytes;
 use drbd_engine::NodeId;
 use drbd_engine::constants::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
-use drbd_engine::driver::{DriverConfig, ReplicatedDevice, Status};
+use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::{
     DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol, ReplicationState, ResyncRate,
 };
@@ -55,6 +56,7 @@ fn parse_args() -> Result<DriverConfig> {
     let mut engine = EngineKind::Sync;
     let mut al_extents = 64;
     let mut resync_rate_kib = 0u64;
+    let mut meta_format = MetaFormat::V09External;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -82,6 +84,13 @@ fn parse_args() -> Result<DriverConfig> {
             "--engine" => engine = value()?.parse()?,
             "--al-extents" => al_extents = value()?.parse()?,
             "--resync-rate-kib" => resync_rate_kib = value()?.parse()?,
+            "--meta-format" => {
+                meta_format = match value()?.as_str() {
+                    "v09" => MetaFormat::V09External,
+                    "sidecar" => MetaFormat::Sidecar,
+                    other => bail!("unknown metadata format {other:?} (v09 or sidecar)"),
+                }
+            }
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -104,6 +113,7 @@ fn parse_args() -> Result<DriverConfig> {
         engine,
         direct_io: false,
         meta_path: meta.context("--meta is required")?,
+        meta_format,
         protocol,
         fencing: Fencing::DontCare,
         resync_rate,

@@ -8,6 +8,7 @@
 //! requires.
 
 pub mod meta_file;
+pub mod meta_v09;
 
 use crate::NodeId;
 use crate::constants::BLOCK_SIZE_BYTES;
@@ -51,6 +52,8 @@ pub enum DeviceError {
     Backing(#[from] backing_store::Error),
     #[error("metadata: {0}")]
     Meta(#[from] meta_file::MetaFileError),
+    #[error("metadata: {0}")]
+    MetaV09(#[from] meta_v09::V09Error),
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -67,10 +70,34 @@ pub struct DriverConfig {
     pub direct_io: bool,
     /// External metadata file (created by `create-md` semantics when missing).
     pub meta_path: PathBuf,
+    pub meta_format: MetaFormat,
     pub protocol: ReplicationProtocol,
     pub fencing: Fencing,
     pub resync_rate: ResyncRate,
     pub al_extents: usize,
+}
+
+/// How the metadata file is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaFormat {
+    /// DRBD 9's v09 layout on an external file (`drbdmeta ... flex-external dump-md` reads it).
+    V09External,
+    /// The interim whole-state file (`meta_file`).
+    Sidecar,
+}
+
+enum Store {
+    Sidecar(Box<MetaFile>),
+    V09(Box<meta_v09::V09File>),
+}
+
+impl Store {
+    fn apply_all(&mut self, updates: &[crate::protocol::MetaUpdate]) -> Result<(), String> {
+        match self {
+            Store::Sidecar(f) => f.apply_all(updates).map_err(|e| e.to_string()),
+            Store::V09(f) => f.apply_all(updates).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,8 +172,26 @@ impl ReplicatedDevice {
         };
         let store = BackingStore::open(&config.backing_path, &options)?;
         let size_blocks = store.size_bytes() / BLOCK_SIZE_BYTES;
-        let (meta_file, meta) =
-            MetaFile::open_or_create(&config.meta_path, config.node_id, size_blocks)?;
+        let (meta_file, meta) = match config.meta_format {
+            MetaFormat::Sidecar => {
+                let (file, meta) =
+                    MetaFile::open_or_create(&config.meta_path, config.node_id, size_blocks)?;
+                (Store::Sidecar(Box::new(file)), meta)
+            }
+            MetaFormat::V09External => {
+                let max_peers = u32::try_from(config.peers.len().max(1)).expect("at most 31 peers");
+                let al_extents =
+                    u32::try_from(config.al_extents).expect("bounded by AL_EXTENTS_MAX");
+                let (file, meta) = meta_v09::V09File::open_or_create(
+                    &config.meta_path,
+                    config.node_id,
+                    size_blocks,
+                    max_peers,
+                    al_extents,
+                )?;
+                (Store::V09(Box::new(file)), meta)
+            }
+        };
         let listener = TcpListener::bind(config.listen).await?;
         let size_bytes = meta.size_blocks * BLOCK_SIZE_BYTES;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -391,7 +436,7 @@ struct Driver {
     config: DriverConfig,
     node: Node,
     store: BackingStore,
-    meta_file: MetaFile,
+    meta_file: Store,
     inputs_tx: mpsc::UnboundedSender<Input>,
     writers: BTreeMap<NodeId, (u64, mpsc::UnboundedSender<Vec<u8>>)>,
     requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
