@@ -104,11 +104,24 @@ pub struct Step {
 /// retries the failed requests) once the volume is reachable again.
 pub const ERROR_POLICY: &str = "stop";
 
+/// Whether an attachment gets a guest device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Frontend {
+    /// A virtio-blk device on `names.bus`: what a guest sees.
+    VirtioBlk,
+    /// The block node only. An instance with no OS cannot answer a hot-unplug request, so its
+    /// volumes are attached as QEMU block nodes (reachable with `qemu-io` through QMP's
+    /// human-monitor-command) that detach without the guest.
+    NodeOnly,
+}
+
 /// The QMP steps that attach `connection` on `names.bus`, in order.
 pub fn plan_attach(
     connection: &IscsiConnection,
     names: &AttachmentNames,
     initiator_iqn: &str,
+    frontend: Frontend,
 ) -> Vec<Step> {
     assert_eq!(connection.chap.is_some(), names.secret_id.is_some(), "a secret exactly with CHAP");
     let mut steps = Vec::new();
@@ -155,6 +168,9 @@ pub fn plan_attach(
             timeout_ms: QMP_COMMAND_TIMEOUT_MS,
         }),
     });
+    if frontend == Frontend::NodeOnly {
+        return steps;
+    }
     let mut device = json!({
         "driver": "virtio-blk-pci",
         "id": names.device_id,
@@ -268,7 +284,12 @@ mod tests {
     #[test]
     fn chap_attach_adds_secret_node_device_and_detach_undoes_them_in_reverse() {
         let names = AttachmentNames::new(7, root_port_id(2), true);
-        let steps = plan_attach(&connection(true), &names, "iqn.2026-11.org.tandem:host");
+        let steps = plan_attach(
+            &connection(true),
+            &names,
+            "iqn.2026-11.org.tandem:host",
+            Frontend::VirtioBlk,
+        );
         let commands: Vec<_> = steps.iter().map(|step| step.call.command).collect();
         assert_eq!(commands, ["object-add", "blockdev-add", "device_add"]);
         let blockdev = &steps[1].call.arguments;
@@ -301,12 +322,25 @@ mod tests {
         assert_eq!(rollback(&steps, 2), detach[1..].to_vec());
     }
 
+    fn names_with_secret() -> AttachmentNames {
+        AttachmentNames::new(2, root_port_id(1), true)
+    }
+
     #[test]
     fn without_chap_there_is_no_secret() {
         let names = AttachmentNames::new(1, root_port_id(0), false);
-        let steps = plan_attach(&connection(false), &names, "iqn.x:y");
+        let steps = plan_attach(&connection(false), &names, "iqn.x:y", Frontend::VirtioBlk);
         assert_eq!(steps.len(), 2);
         assert!(steps[0].call.arguments.get("user").is_none());
+        let node_only =
+            plan_attach(&connection(true), &names_with_secret(), "iqn.x:y", Frontend::NodeOnly);
+        let commands: Vec<_> = node_only.iter().map(|step| step.call.command).collect();
+        assert_eq!(
+            commands,
+            ["object-add", "blockdev-add"],
+            "no device for an instance without an OS"
+        );
+        assert!(rollback(&node_only, 2).iter().all(|undo| matches!(undo, Undo::Call(_))));
     }
 
     #[test]

@@ -102,6 +102,11 @@ impl InstanceSpec {
         Ok(())
     }
 
+    /// True when the instance boots an OS (a kernel or an image), which can answer hot-unplug.
+    pub fn has_os(&self) -> bool {
+        self.kernel.is_some() || self.image.is_some()
+    }
+
     /// The bus a hot-plugged disk in `slot` goes on.
     pub fn hotplug_bus(&self, slot: usize) -> String {
         match self.machine {

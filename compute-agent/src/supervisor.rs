@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::attach::{
-    AttachmentEvent, AttachmentNames, AttachmentStatus, SlotTable, Step, Undo, plan_attach,
-    rollback,
+    AttachmentEvent, AttachmentNames, AttachmentStatus, Frontend, SlotTable, Step, Undo,
+    plan_attach, rollback,
 };
 use crate::connection_info::{IscsiConnection, Portal, check_name};
 use crate::constants::{
@@ -73,6 +73,7 @@ pub enum ServerStatus {
 pub struct Attachment {
     pub volume_id: String,
     pub status: AttachmentStatus,
+    pub frontend: Frontend,
     pub names: AttachmentNames,
     pub portal: String,
     pub target_iqn: String,
@@ -457,7 +458,9 @@ impl Supervisor {
             instance.spec.hotplug_bus(slot),
             connection.chap.is_some(),
         );
-        let steps = plan_attach(&connection, &names, &self.config.initiator_iqn);
+        let frontend =
+            if instance.spec.has_os() { Frontend::VirtioBlk } else { Frontend::NodeOnly };
+        let steps = plan_attach(&connection, &names, &self.config.initiator_iqn, frontend);
         let started = Instant::now();
         for (index, step) in steps.iter().enumerate() {
             let result = qmp
@@ -488,6 +491,7 @@ impl Supervisor {
         let attachment = Attachment {
             volume_id: volume_id.to_owned(),
             status,
+            frontend,
             portal: connection.primary.portal.to_string(),
             target_iqn: connection.primary.iqn.clone(),
             lun: connection.primary.lun,

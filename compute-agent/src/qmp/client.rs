@@ -250,3 +250,112 @@ async fn read_loop<R: tokio::io::AsyncBufRead + Unpin>(
     pending.lock().unwrap_or_else(|poison| poison.into_inner()).take();
     let _ = events.send(Event::Other { name: "QMP_DISCONNECTED".into(), data: Value::Null });
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": ""}, "capabilities": []}}"#;
+
+    /// A scripted QMP server: answers each command by name, out of order when asked to.
+    async fn fake_qemu(listener: UnixListener) {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read_half, mut write_half) = stream.into_split();
+        let mut lines = BufReader::new(read_half).lines();
+        write_half.write_all(format!("{GREETING}\n").as_bytes()).await.expect("greeting");
+        let mut held: Option<Value> = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let command: Value = serde_json::from_str(&line).expect("client sends JSON");
+            let id = command["id"].clone();
+            let reply = match command["execute"].as_str().unwrap_or("") {
+                "qmp_capabilities" => json!({ "return": {}, "id": id }),
+                "slow" => {
+                    // Answered only after the next command, to check routing by id.
+                    held = Some(json!({ "return": "slow-done", "id": id }));
+                    continue;
+                }
+                "fast" => json!({ "return": "fast-done", "id": id }),
+                "fail" => {
+                    json!({ "error": { "class": "DeviceNotFound", "desc": "no such device" }, "id": id })
+                }
+                "emit" => {
+                    let event = json!({ "event": "DEVICE_DELETED", "data": { "device": "d1", "path": "/machine/peripheral/d1" }, "timestamp": {} });
+                    write_half.write_all(format!("{event}\n").as_bytes()).await.expect("event");
+                    json!({ "return": {}, "id": id })
+                }
+                "never" => continue,
+                "quit" => return,
+                other => panic!("unexpected command {other}"),
+            };
+            write_half.write_all(format!("{reply}\n").as_bytes()).await.expect("reply");
+            if let Some(held) = held.take() {
+                write_half.write_all(format!("{held}\n").as_bytes()).await.expect("held");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_replies_by_id_types_errors_streams_events_and_times_out() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(fake_qemu(listener));
+        let qmp = Arc::new(Qmp::connect(&path).await.expect("connect"));
+        assert_eq!(qmp.version(), "7.2.0");
+
+        let slow = tokio::spawn({
+            let qmp = qmp.clone();
+            async move { qmp.execute("slow", None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(qmp.execute("fast", None).await.expect("fast"), json!("fast-done"));
+        assert_eq!(slow.await.expect("join").expect("slow"), json!("slow-done"));
+
+        match qmp.execute("fail", Some(json!({"id": "x"}))).await {
+            Err(QmpError::Command { command, class, description }) => {
+                assert_eq!((command.as_str(), class.as_str()), ("fail", "DeviceNotFound"));
+                assert_eq!(description, "no such device");
+            }
+            other => panic!("expected a typed command error, got {other:?}"),
+        }
+
+        let mut events = qmp.subscribe();
+        qmp.execute("emit", None).await.expect("emit");
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert!(matches!(
+            event,
+            Ok(Ok(Event::DeviceDeleted { device: Some(ref device), .. })) if device == "d1"
+        ));
+
+        match qmp.execute_with_timeout("never", None, 100).await {
+            Err(QmpError::Timeout { command, timeout_ms: 100 }) => assert_eq!(command, "never"),
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+        // The connection still works after a timed-out command.
+        assert_eq!(qmp.execute("fast", None).await.expect("fast"), json!("fast-done"));
+
+        // QEMU going away fails pending and later calls with Disconnected.
+        let result = qmp.execute_with_timeout("quit", None, 2_000).await;
+        assert!(matches!(result, Err(QmpError::Disconnected)), "{result:?}");
+        server.await.expect("server");
+        assert!(qmp.is_closed());
+        assert!(matches!(qmp.execute("fast", None).await, Err(QmpError::Disconnected)));
+    }
+
+    #[tokio::test]
+    async fn a_non_qmp_peer_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("not-qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            stream.write_all(b"{\"hello\": 1}\n").await.expect("write");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        });
+        assert!(matches!(Qmp::connect(&path).await, Err(QmpError::Protocol(_))));
+    }
+}
