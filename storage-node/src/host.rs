@@ -7,13 +7,14 @@ use crate::constants::{
     EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS, WAIT_POLL_INTERVAL_MS,
 };
 use crate::control::{Reply, Request, Verb, exit};
+use crate::lun::ResourceLun;
 use crate::node_settings::NodeSettings;
 use crate::status::{self, PeerView, PeerVolumeView, ResourceView, VolumeView};
 use backing_store::EngineKind;
 use drbd_engine::NodeId;
 use drbd_engine::constants::BLOCK_SIZE_BYTES;
 use drbd_engine::driver::meta_file::MetaFile;
-use drbd_engine::driver::{DeviceError, DriverConfig, ReplicatedDevice, Status};
+use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
 use drbd_engine::protocol::{
     ConnectionState, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
@@ -173,6 +174,9 @@ pub fn plan_resource(
             engine: EngineKind::Sync,
             direct_io: false,
             meta_path: metadata_path(settings, name, volume.number, &volume.meta_disk),
+            // create-md, show-gi and restart sizing read this format today; the engine's v09
+            // layout (drbdmeta-readable) replaces it once it offers create/load for it too.
+            meta_format: MetaFormat::Sidecar,
             protocol: protocol_of(protocol),
             fencing: Fencing::DontCare,
             resync_rate,
@@ -189,8 +193,15 @@ pub struct Host {
     pub node_name: String,
     pub config_path: PathBuf,
     config: Mutex<Config>,
-    pub slots: BTreeMap<String, Arc<Slot>>,
+    slots: Mutex<BTreeMap<String, Arc<Slot>>>,
     events: broadcast::Sender<String>,
+    /// The portal's target set, once the portal is up; resources found later are added.
+    portal: std::sync::OnceLock<Arc<iscsi_target::Config<ResourceLun>>>,
+}
+
+/// Where resources created through the HTTP API keep their (DRBD syntax) files.
+pub fn api_resource_directory(settings: &NodeSettings) -> PathBuf {
+    settings.state_directory.join("resources")
 }
 
 fn marker(settings: &NodeSettings, name: &str) -> PathBuf {
@@ -205,50 +216,116 @@ impl Host {
         config_path: PathBuf,
         config: Config,
     ) -> Result<Arc<Host>, String> {
-        let mut slots = BTreeMap::new();
-        for resource in &config.resources {
-            if resource.node(&node_name).is_none() {
-                continue;
-            }
-            if slots.len() >= RESOURCES_MAX {
-                return Err(format!("more than {RESOURCES_MAX} resources on this node"));
-            }
-            let plan = plan_resource(&settings, &node_name, resource);
-            let size_bytes = match &plan {
-                Ok(plan) => drbd_engine::driver::load_metadata(&plan.driver.meta_path)
-                    .map(|m| m.size_blocks * BLOCK_SIZE_BYTES)
-                    .unwrap_or(plan.driver.size_bytes),
-                Err(_) => 0,
-            };
-            let slot = Slot {
-                name: resource.name.clone(),
-                plan: Mutex::new(plan),
-                running: Mutex::new(None),
-                verb_lock: tokio::sync::Mutex::new(()),
-                primary: AtomicBool::new(false),
-                size_bytes: AtomicU64::new(size_bytes),
-                read_bytes: AtomicU64::new(0),
-                written_bytes: AtomicU64::new(0),
-                last_view: Mutex::new(None),
-                split_brain_logged: AtomicBool::new(false),
-            };
-            slots.insert(resource.name.clone(), Arc::new(slot));
-        }
         let (events, _) = broadcast::channel(EVENTS_BUFFER_MAX);
-        Ok(Arc::new(Host {
+        let host = Arc::new(Host {
             settings,
             node_name,
             config_path,
-            config: Mutex::new(config),
-            slots,
+            config: Mutex::new(Config::default()),
+            slots: Mutex::new(BTreeMap::new()),
             events,
-        }))
+            portal: std::sync::OnceLock::new(),
+        });
+        host.adopt(config)?;
+        Ok(host)
+    }
+
+    /// Every hosted resource, by name.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        lock(&self.slots).values().cloned().collect()
+    }
+
+    pub fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        lock(&self.slots).get(name).cloned()
+    }
+
+    /// Takes a (re)loaded configuration: new resources for this node get a slot (and a target
+    /// once the portal runs), existing ones get their settings refreshed.
+    fn adopt(&self, config: Config) -> Result<(), String> {
+        let mut added = Vec::new();
+        {
+            let mut slots = lock(&self.slots);
+            for slot in slots.values() {
+                let plan = match config.resource(&slot.name) {
+                    Some(resource) => plan_resource(&self.settings, &self.node_name, resource),
+                    None => Err(format!(
+                        "{}: no longer in the configuration (or its file is broken)",
+                        slot.name
+                    )),
+                };
+                *lock(&slot.plan) = plan;
+            }
+            for resource in &config.resources {
+                if resource.node(&self.node_name).is_none() || slots.contains_key(&resource.name) {
+                    continue;
+                }
+                if slots.len() >= RESOURCES_MAX {
+                    return Err(format!("more than {RESOURCES_MAX} resources on this node"));
+                }
+                let plan = plan_resource(&self.settings, &self.node_name, resource);
+                let size_bytes = match &plan {
+                    Ok(plan) => drbd_engine::driver::load_metadata(&plan.driver.meta_path)
+                        .map(|m| m.size_blocks * BLOCK_SIZE_BYTES)
+                        .unwrap_or(plan.driver.size_bytes),
+                    Err(_) => 0,
+                };
+                let slot = Arc::new(Slot {
+                    name: resource.name.clone(),
+                    plan: Mutex::new(plan),
+                    running: Mutex::new(None),
+                    verb_lock: tokio::sync::Mutex::new(()),
+                    primary: AtomicBool::new(false),
+                    size_bytes: AtomicU64::new(size_bytes),
+                    read_bytes: AtomicU64::new(0),
+                    written_bytes: AtomicU64::new(0),
+                    last_view: Mutex::new(None),
+                    split_brain_logged: AtomicBool::new(false),
+                });
+                slots.insert(resource.name.clone(), slot.clone());
+                added.push(slot);
+            }
+        }
+        *lock(&self.config) = config;
+        if self.portal.get().is_some() {
+            for slot in added {
+                self.export(&slot);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts exporting every resource on the portal's target set (called once it runs).
+    pub fn attach_portal(&self, portal: Arc<iscsi_target::Config<ResourceLun>>) {
+        if self.portal.set(portal).is_ok() {
+            for slot in self.slots() {
+                self.export(&slot);
+            }
+        }
+    }
+
+    fn export(&self, slot: &Arc<Slot>) {
+        let (Some(portal), Some(volume)) = (self.portal.get(), slot.volume()) else { return };
+        let name = self.settings.target_name(&slot.name);
+        if portal.target(&name).is_some() {
+            return;
+        }
+        let device = Arc::new(ResourceLun::new(slot.clone()));
+        let lun = Arc::new(iscsi_target::LogicalUnit::new(&name, u64::from(volume), device));
+        portal.add_target(iscsi_target::TargetNode::new(name, vec![lun]));
+    }
+
+    /// Forgets a resource that is down (HTTP delete): its target and its slot.
+    pub fn forget(&self, name: &str) {
+        if let Some(portal) = self.portal.get() {
+            portal.remove_target(&self.settings.target_name(name));
+        }
+        lock(&self.slots).remove(name);
     }
 
     /// Brings up every resource that was up when tandemd last ran (restart safety: the
     /// engine reads its metadata and resyncs what the bitmaps and activity log say).
     pub async fn restore(self: &Arc<Self>) {
-        for slot in self.slots.values() {
+        for slot in &self.slots() {
             if !marker(&self.settings, &slot.name).exists() {
                 continue;
             }
@@ -328,6 +405,33 @@ impl Host {
         }
     }
 
+    /// The resource's current state, when it is up.
+    pub async fn view(&self, slot: &Slot) -> Option<ResourceView> {
+        self.sample(slot).await.map(|(view, _)| view)
+    }
+
+    /// Runs a verb and collects its output: (exit code, stdout lines, stderr lines).
+    pub async fn run(
+        self: &Arc<Self>,
+        verb: Verb,
+        resource: &str,
+        options: crate::control::Options,
+    ) -> (i32, Vec<String>, Vec<String>) {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let request = Request { verb, resource: resource.to_owned(), options };
+        let code = self.handle(request, &tx).await;
+        drop(tx);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(reply) = rx.recv().await {
+            match reply {
+                Reply::Line { text } => out.push(text),
+                Reply::Error { text } => err.push(text),
+                Reply::Done { .. } => {}
+            }
+        }
+        (code, out, err)
+    }
+
     async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
         let device = slot.device()?;
         let plan = slot.plan().ok()?;
@@ -338,7 +442,7 @@ impl Host {
     /// Samples every resource, logs and broadcasts what changed (events2 `change` lines).
     pub async fn watch(self: Arc<Self>) {
         loop {
-            for slot in self.slots.values() {
+            for slot in &self.slots() {
                 let Some((view, status)) = self.sample(slot).await else { continue };
                 let previous = lock(&slot.last_view).replace(view.clone());
                 if let Some(previous) = previous {
@@ -361,25 +465,14 @@ impl Host {
         }
     }
 
-    fn reload(&self) -> Option<String> {
-        match crate::loader::load(&self.config_path) {
+    /// Re-reads the configuration (and the API's resource files).
+    pub fn reload(&self) -> Option<String> {
+        match crate::loader::load_with(&self.config_path, &api_resource_directory(&self.settings)) {
             Ok(loaded) => {
                 for (file, error) in &loaded.broken {
                     tracing::error!(file = %file.display(), "resource file skipped: {error}");
                 }
-                for slot in self.slots.values() {
-                    let plan = match loaded.config.resource(&slot.name) {
-                        Some(resource) => plan_resource(&self.settings, &self.node_name, resource),
-                        None => Err(format!(
-                            "{}: no longer in {} (or its file is broken)",
-                            slot.name,
-                            self.config_path.display()
-                        )),
-                    };
-                    *lock(&slot.plan) = plan;
-                }
-                *lock(&self.config) = loaded.config;
-                None
+                self.adopt(loaded.config).err()
             }
             Err(error) => Some(error.to_string()),
         }
@@ -387,20 +480,16 @@ impl Host {
 
     fn targets(&self, resource: &str) -> Result<Vec<Arc<Slot>>, (i32, String)> {
         if resource == "all" {
-            return Ok(self.slots.values().cloned().collect());
+            return Ok(self.slots());
         }
-        match self.slots.get(resource) {
-            Some(slot) => Ok(vec![slot.clone()]),
+        match self.slot(resource) {
+            Some(slot) => Ok(vec![slot]),
             None => {
                 let known = lock(&self.config).resource(resource).is_some();
                 Err((
                     exit::CONFIG_INVALID,
                     if known {
-                        format!(
-                            "'{resource}' not defined for this host ({}) or added after tandemd \
-                             started; restart tandemd to host it",
-                            self.node_name
-                        )
+                        format!("'{resource}' not defined for this host ({})", self.node_name)
                     } else {
                         format!("'{resource}' not defined in your config (for this host).")
                     },

@@ -1,5 +1,6 @@
 //! The storage node: `tandemd` and `tandemadm`.
 
+pub mod api;
 pub mod config;
 pub mod constants;
 pub mod control;

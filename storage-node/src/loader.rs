@@ -109,6 +109,31 @@ pub fn load(main: &Path) -> Result<Loaded, ConfigError> {
     Err(error)
 }
 
+/// [`load`] plus every `*.res` file of `extra_directory` (resources created through the HTTP
+/// API), each parsed alone so a broken one costs only itself.
+pub fn load_with(main: &Path, extra_directory: &Path) -> Result<Loaded, ConfigError> {
+    let mut loaded = load(main)?;
+    for file in expand(&extra_directory.join("*.res")) {
+        match config::parse_file(&file) {
+            Ok(extra) => {
+                for resource in extra.resources {
+                    if loaded.config.resource(&resource.name).is_some() {
+                        let error = ConfigError {
+                            location: resource.location.clone(),
+                            message: format!("resource {} is defined twice", resource.name),
+                        };
+                        loaded.broken.push((file.clone(), error));
+                        continue;
+                    }
+                    loaded.config.resources.push(resource);
+                }
+            }
+            Err(error) => loaded.broken.push((file, error)),
+        }
+    }
+    Ok(loaded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

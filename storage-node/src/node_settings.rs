@@ -12,6 +12,8 @@
 //! chap            initiator-user:secret
 //! mutual-chap     target-user:secret
 //! node            node-a
+//! api-listen      127.0.0.1:8780
+//! api-token       a-long-random-secret
 //! ```
 
 use crate::constants::{
@@ -32,6 +34,10 @@ pub struct NodeSettings {
     pub mutual_chap: Option<(String, String)>,
     /// Overrides `__DRBD_NODE__` and the host name.
     pub node: Option<String>,
+    /// Where the HTTP control API listens (off when absent).
+    pub api_listen: Option<SocketAddr>,
+    /// The bearer token the HTTP control API requires.
+    pub api_token: Option<String>,
 }
 
 impl Default for NodeSettings {
@@ -44,6 +50,8 @@ impl Default for NodeSettings {
             chap: None,
             mutual_chap: None,
             node: None,
+            api_listen: None,
+            api_token: None,
         }
     }
 }
@@ -81,10 +89,23 @@ impl NodeSettings {
             "chap" => self.chap = Some(credentials(value)?),
             "mutual-chap" => self.mutual_chap = Some(credentials(value)?),
             "node" => self.node = Some(value.to_owned()),
+            "api-listen" => {
+                self.api_listen = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("api-listen wants ADDRESS:PORT, got '{value}'"))?,
+                );
+            }
+            "api-token" => {
+                if value.len() < 16 {
+                    return Err("api-token must be at least 16 characters".into());
+                }
+                self.api_token = Some(value.to_owned());
+            }
             _ => {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
-                     iqn-prefix, chap, mutual-chap, node)"
+                     iqn-prefix, chap, mutual-chap, node, api-listen, api-token)"
                 ));
             }
         }

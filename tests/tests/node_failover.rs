@@ -268,9 +268,37 @@ fn status_statistics(cluster: &Cluster, index: usize) -> String {
     cluster.adm_ok(index, &["status", "--statistics", "r0"])
 }
 
+/// Runs of the failover test (each with a fresh pair and its own kill point); the soak sets
+/// TANDEM_FAILOVER_RUNS=20.
+fn failover_runs() -> u64 {
+    std::env::var("TANDEM_FAILOVER_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
+}
+
 #[test]
 fn failover_keeps_every_acknowledged_write_and_resyncs_only_changes() {
     tests::require_slow!();
+    let seed: u64 = std::env::var("TANDEM_FAILOVER_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos().into())
+                .unwrap_or(7)
+        });
+    println!("failover seed {seed} (TANDEM_FAILOVER_SEED={seed} repeats these kill points)");
+    for run in 0..failover_runs() {
+        // Kill after 20..=299 acknowledgements: early, in the first extent, or later.
+        let stop_after = 20
+            + (seed.wrapping_mul(6364136223846793005).wrapping_add(run * 1442695040888963407)
+                >> 33)
+                % 280;
+        println!("run {run}: kill -9 after {stop_after} acknowledged writes");
+        failover_run(usize::try_from(stop_after).expect("small"));
+    }
+}
+
+fn failover_run(stop_after: usize) {
     let cluster = Cluster::new();
     let mut alpha = cluster.start(0);
     let _beta = cluster.start(1);
@@ -279,7 +307,7 @@ fn failover_keeps_every_acknowledged_write_and_resyncs_only_changes() {
     // Stream writes through alpha; kill it -9 after 150 acknowledgements.
     let chunks = 400;
     let alpha_pid = alpha.pid();
-    let acked = write_until_killed(&cluster.url(0), chunks, 1, 150, || {
+    let acked = write_until_killed(&cluster.url(0), chunks, 1, stop_after, || {
         // Killed by the PID the harness gave us, as `kill -9 PID` would.
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(i32::try_from(alpha_pid).expect("pid")),

@@ -5,6 +5,7 @@
 //!         [--portal 0.0.0.0:3260] [--control-socket /run/tandem/tandemd.sock]
 //!         [--state-dir /var/lib/tandem] [--iqn-prefix iqn.2026-11.org.tandem]
 //!         [--chap USER:SECRET] [--mutual-chap USER:SECRET]
+//!         [--api-listen ADDR:PORT --api-token TOKEN]
 //! ```
 //! Prints `tandemd: ready ...` on stdout once the control socket and the portal are up.
 
@@ -14,14 +15,13 @@ use std::sync::Arc;
 use storage_node::constants::{CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX};
 use storage_node::control::{self, Reply, exit};
 use storage_node::host::Host;
-use storage_node::lun::ResourceLun;
 use storage_node::node_settings::NodeSettings;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
 [--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
-[--mutual-chap USER:SECRET]";
+[--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN]";
 
 struct Args {
     config_path: PathBuf,
@@ -50,7 +50,9 @@ fn parse_args() -> anyhow::Result<Args> {
             "-c" | "--config" => config_path = value.into(),
             "--node-file" => node_file = Some(PathBuf::from(value)),
             "--node" | "--portal" | "--control-socket" | "--state-dir" | "--iqn-prefix"
-            | "--chap" | "--mutual-chap" => flags.push((flag[2..].to_owned(), value)),
+            | "--chap" | "--mutual-chap" | "--api-listen" | "--api-token" => {
+                flags.push((flag[2..].to_owned(), value))
+            }
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -65,6 +67,9 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if settings.mutual_chap.is_some() && settings.chap.is_none() {
         bail!("--mutual-chap needs --chap");
+    }
+    if settings.api_listen.is_some() && settings.api_token.is_none() {
+        bail!("--api-listen needs --api-token (the HTTP API never runs without a bearer token)");
     }
     Ok(Args { config_path, settings })
 }
@@ -92,7 +97,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(name) => name.clone(),
         None => storage_node::config::local_node_name().context("reading the host name")?,
     };
-    let loaded = storage_node::loader::load(&args.config_path)
+    let api_directory = storage_node::host::api_resource_directory(&args.settings);
+    let loaded = storage_node::loader::load_with(&args.config_path, &api_directory)
         .with_context(|| format!("reading {}", args.config_path.display()))?;
     for warning in &loaded.config.warnings {
         tracing::warn!("{warning}");
@@ -107,24 +113,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         loaded.config,
     )
     .map_err(anyhow::Error::msg)?;
-    for slot in host.slots.values() {
+    for slot in host.slots() {
         if let Err(error) = slot.plan() {
             tracing::error!(resource = %slot.name, "resource not served: {error}");
         }
     }
-    if host.slots.is_empty() {
+    if host.slots().is_empty() {
         tracing::warn!(node = %node_name, "no resource in {} names this node", args.config_path.display());
     }
 
-    // iSCSI: one target per resource (the set is fixed while tandemd runs), LUN = volume.
-    let mut targets = Vec::new();
-    for slot in host.slots.values() {
-        let Some(volume) = slot.volume() else { continue };
-        let name = args.settings.target_name(&slot.name);
-        let device = Arc::new(ResourceLun::new(slot.clone()));
-        let lun = Arc::new(iscsi_target::LogicalUnit::new(&name, u64::from(volume), device));
-        targets.push(iscsi_target::TargetNode::new(name, vec![lun]));
-    }
+    // iSCSI: one target per resource (`PREFIX:NAME`), LUN = volume number.
     let credentials = |c: &Option<(String, String)>| {
         c.as_ref().map(|(user, secret)| iscsi_target::Credentials {
             user: user.clone(),
@@ -147,7 +145,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect::<Vec<_>>();
     let portal_text = portals.first().map(|p| p.address.clone()).unwrap_or_default();
-    let iscsi_config = Arc::new(iscsi_target::Config::new(targets, auth, portals));
+    let iscsi_config = Arc::new(iscsi_target::Config::new(Vec::new(), auth, portals));
+    host.attach_portal(iscsi_config.clone());
     tokio::spawn(async move {
         if let Err(error) = iscsi_target::driver::serve(iscsi_config, listeners).await {
             tracing::error!(%error, "iSCSI portal stopped");
@@ -167,12 +166,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener =
         UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
 
+    let mut api_text = String::new();
+    if let (Some(address), Some(token)) =
+        (args.settings.api_listen, args.settings.api_token.clone())
+    {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the HTTP API on {address}"))?;
+        api_text =
+            format!(" api={}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        let router =
+            storage_node::api::router(storage_node::api::ApiState { host: host.clone(), token });
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "HTTP API stopped");
+            }
+        });
+    }
+
     host.restore().await;
     tokio::spawn(host.clone().watch());
     println!(
-        "tandemd: ready node={node_name} control={} portal={portal_text} resources={}",
+        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text} resources={}",
         socket.display(),
-        host.slots.len()
+        host.slots().len()
     );
     let permits = Arc::new(tokio::sync::Semaphore::new(CONTROL_CONNECTIONS_MAX));
     loop {
