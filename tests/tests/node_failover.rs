@@ -186,9 +186,44 @@ fn tandemadm_drives_two_nodes() {
     let unknown = cluster.adm(0, &["up", "nope"]);
     assert_eq!(unknown.status.code(), Some(10));
 
-    // Demote and promote the other way round.
+    // Demote and promote the other way round, with an events2 stream watching beta.
+    let mut events = Command::new(binary("tandemadm"))
+        .arg("-s")
+        .arg(&cluster.nodes[1].socket)
+        .args(["events2", "r0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting tandemadm events2");
+    let events_out = events.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(events_out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     cluster.adm_ok(0, &["secondary", "r0"]);
     cluster.adm_ok(1, &["primary", "r0"]);
+    let wanted = "change resource name:r0 role:Primary may_promote:no";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline && !seen.iter().any(|l: &String| l.starts_with(wanted)) {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push(line);
+        }
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    let _ = reader.join();
+    assert!(seen.iter().any(|l| l == "exists -"), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with(wanted)),
+        "events2 stream missed the promotion: {seen:?}"
+    );
     assert_eq!(cluster.adm_ok(1, &["role", "r0"]), "Primary\n");
     assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Secondary\n");
 }
@@ -396,4 +431,51 @@ fn split_brain_is_shown_and_resolved_with_discard_my_data() {
     cluster.adm_ok(1, &["primary", "r0"]);
     let out = qemu_io(&cluster.url(1), &["read -P 11 0 1M".into(), "read -P 0 1M 1M".into()]);
     assert!(!text(&out).contains("failed"), "beta must hold alpha's data only: {}", text(&out));
+}
+
+#[test]
+fn a_broken_resource_file_costs_only_its_resources() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let res = dir.path().join("res");
+    std::fs::create_dir_all(&res).expect("mkdir");
+    let disk = dir.path().join("r0.img");
+    sparse_file(&disk, VOLUME_BYTES);
+    std::fs::write(
+        res.join("r0.res"),
+        format!(
+            "resource r0 {{\n  on alpha {{ node-id 0; address 127.0.0.1:{}; volume 0 {{ device \
+             minor 0; disk {}; meta-disk internal; }} }}\n  on beta {{ node-id 1; address \
+             127.0.0.1:{}; volume 0 {{ device minor 0; disk /nonexistent; meta-disk internal; \
+             }} }}\n}}\n",
+            free_port(),
+            disk.display(),
+            free_port()
+        ),
+    )
+    .expect("r0.res");
+    std::fs::write(res.join("r1.res"), "resource r1 {\n  on alpha {\n    bogus-option 1;\n")
+        .expect("r1");
+    let config = dir.path().join("drbd.conf");
+    std::fs::write(&config, "include \"res/*.res\";\n").expect("drbd.conf");
+    let socket = dir.path().join("alpha.sock");
+    let mut command = Command::new(binary("tandemd"));
+    command
+        .arg("-c")
+        .arg(&config)
+        .args(["--node", "alpha", "--portal", &format!("127.0.0.1:{}", free_port())])
+        .arg("--control-socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
+    let mut daemon = Daemon::spawn("alpha", command);
+    daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
+    let log = daemon.log();
+    assert!(log.contains("resource file skipped") && log.contains("r1.res:"), "{log}");
+    assert!(log.contains("resources=1"), "r0 is still hosted: {log}");
+    let adm = |args: &[&str]| {
+        run_ok(Command::new(binary("tandemadm")).arg("-s").arg(&socket).args(args), COMMAND_TIMEOUT)
+    };
+    adm(&["create-md", "r0"]);
+    adm(&["up", "r0"]);
+    assert_eq!(adm(&["dstate", "r0"]), "Inconsistent/DUnknown\n");
 }
