@@ -98,10 +98,12 @@ pub struct Step {
     pub undo: Undo,
 }
 
-/// The guest-visible error policy of hot-plugged disks. QEMU's iSCSI driver turns a target
-/// that stays away longer than its `timeout` into failed requests; `stop` pauses the VM
-/// instead of handing the guest an I/O error, so the resume watcher can `cont` (and QEMU
-/// retries the failed requests) once the volume is reachable again.
+/// The guest-visible error policy of hot-plugged disks. A target that merely goes away raises no
+/// error (measured: libiscsi blocks the I/O and reconnects, even with `timeout` set, and the
+/// guest's write completes once the target is back), but SCSI errors do, e.g. from a promoted
+/// node that accepts logins before it exports the LUN. `stop` pauses the VM instead of handing
+/// the guest an I/O error, so the resume watcher can `cont` (QEMU retries the failed requests)
+/// once the volume answers again.
 pub const ERROR_POLICY: &str = "stop";
 
 /// Whether an attachment gets a guest device.
@@ -133,8 +135,7 @@ pub fn plan_attach(
         "target": connection.primary.iqn,
         "lun": connection.primary.lun,
         "initiator-name": initiator_iqn,
-        // Bounds the login that blockdev-add waits for (QMP is blocked meanwhile) and turns a
-        // target that stays away into failed requests the error policy can act on.
+        // Bounds the login that blockdev-add waits for: QMP is blocked meanwhile.
         "timeout": ISCSI_TIMEOUT_S,
         "cache": { "direct": true, "no-flush": false },
         "read-only": connection.read_only,

@@ -8,9 +8,10 @@ pub const QMP_GREETING_TIMEOUT_MS: u64 = 5_000;
 /// takes longer than this means QEMU's main loop is stuck.
 pub const QMP_COMMAND_TIMEOUT_MS: u64 = 10_000;
 
-/// QEMU's iSCSI driver option `timeout` (seconds): how long libiscsi waits for a login or a
-/// SCSI command before it fails it. `blockdev-add` blocks QMP until the login completes, so this
-/// bounds how long an unreachable portal can hold the monitor.
+/// QEMU's iSCSI driver option `timeout` (seconds): how long libiscsi waits for the login.
+/// `blockdev-add` blocks QMP until the login completes, so this bounds how long an unreachable
+/// portal can hold the monitor. (It does not fail I/O while libiscsi reconnects to a target
+/// that went away: that I/O waits.)
 pub const ISCSI_TIMEOUT_S: u64 = 5;
 
 /// The time limit of `blockdev-add` for an iSCSI node: the driver's own timeout plus headroom.
