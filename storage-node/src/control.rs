@@ -180,6 +180,8 @@ pub enum Reply {
     Line { text: String },
     /// A line for stderr.
     Error { text: String },
+    /// Resync progress (wait-sync): a redrawn bar on a terminal, a plain stderr line otherwise.
+    Progress { text: String },
     /// The last reply: the process exit code.
     Done { exit_code: i32 },
 }
@@ -390,6 +392,7 @@ mod tests {
         for reply in [
             Reply::Line { text: "r0 role:Primary".into() },
             Reply::Error { text: "multi\nline".into() },
+            Reply::Progress { text: "r0: SyncTarget 50.00%".into() },
             Reply::Done { exit_code: exit::STATE_CHANGE_FAILED },
         ] {
             let line = encode_reply(&reply);

@@ -27,6 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc};
 
+/// How often wait-sync reports resync progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// What the configuration says about one resource on this node, ready for the engine.
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -426,6 +429,7 @@ impl Host {
             match reply {
                 Reply::Line { text } => out.push(text),
                 Reply::Error { text } => err.push(text),
+                Reply::Progress { .. } => {}
                 Reply::Done { .. } => {}
             }
         }
@@ -676,6 +680,7 @@ impl Host {
                     .timeout_s
                     .filter(|t| *t > 0)
                     .map(|t| Instant::now() + Duration::from_secs(t));
+                let mut last_progress = None;
                 loop {
                     let status =
                         device.status().await.map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
@@ -689,6 +694,29 @@ impl Host {
                         });
                     if (request.verb == Verb::WaitConnect && connected) || synced {
                         return Ok(());
+                    }
+                    if request.verb == Verb::WaitSync
+                        && last_progress.is_none_or(|t: Instant| t.elapsed() >= PROGRESS_INTERVAL)
+                    {
+                        let plan = slot.plan().ok();
+                        for peer in &status.peers {
+                            let Some(progress) = &peer.resync else { continue };
+                            let name = plan
+                                .as_ref()
+                                .and_then(|p| p.peer_names.get(&peer.node_id.0).cloned())
+                                .unwrap_or_else(|| format!("node-{}", peer.node_id.0));
+                            let text = status::progress_line(
+                                &slot.name,
+                                &name,
+                                peer.replication,
+                                progress.blocks_total,
+                                progress.blocks_remaining,
+                                progress.rate_kib_per_s,
+                                progress.eta_s,
+                            );
+                            let _ = out.send(Reply::Progress { text });
+                            last_progress = Some(Instant::now());
+                        }
                     }
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return fail(exit::TIMEOUT, format!("{} timed out", request.verb));

@@ -397,6 +397,33 @@ pub fn change_lines(before: &ResourceView, after: &ResourceView) -> Vec<String> 
     lines
 }
 
+/// Width of the resync progress bar, in characters.
+const PROGRESS_BAR_WIDTH: u64 = 20;
+
+/// One resync progress line: `r0 beta: SyncTarget 45.20% [#########...........] 10240 KiB/s eta 0:05`.
+pub fn progress_line(
+    resource: &str,
+    peer: &str,
+    replication: ReplicationState,
+    blocks_total: u64,
+    blocks_remaining: u64,
+    rate_kib_per_s: u64,
+    eta_s: Option<u64>,
+) -> String {
+    let done = blocks_total.saturating_sub(blocks_remaining);
+    let percent = if blocks_total == 0 { 100.0 } else { done as f64 * 100.0 / blocks_total as f64 };
+    let filled =
+        (done * PROGRESS_BAR_WIDTH).checked_div(blocks_total).unwrap_or(PROGRESS_BAR_WIDTH);
+    let bar: String = (0..PROGRESS_BAR_WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
+    let eta = match eta_s {
+        Some(s) => format!("{}:{:02}", s / 60, s % 60),
+        None => "?".into(),
+    };
+    format!(
+        "{resource} {peer}: {replication} {percent:.2}% [{bar}] {rate_kib_per_s} KiB/s eta {eta}"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,6 +560,18 @@ mod tests {
         assert_eq!(
             destroy_lines(&primary).last().map(String::as_str),
             Some("destroy resource name:r0")
+        );
+    }
+
+    #[test]
+    fn progress_lines_show_bar_rate_and_eta() {
+        assert_eq!(
+            progress_line("r0", "beta", ReplicationState::SyncTarget, 1000, 548, 10240, Some(65)),
+            "r0 beta: SyncTarget 45.20% [#########...........] 10240 KiB/s eta 1:05"
+        );
+        assert_eq!(
+            progress_line("r0", "beta", ReplicationState::SyncSource, 0, 0, 0, None),
+            "r0 beta: SyncSource 100.00% [####################] 0 KiB/s eta ?"
         );
     }
 

@@ -325,7 +325,9 @@ fn failover_keeps_every_acknowledged_write_and_resyncs_only_changes() {
     for run in 0..failover_runs() {
         // Kill after 20..=299 acknowledgements: early, in the first extent, or later.
         let stop_after = 20
-            + (seed.wrapping_mul(6364136223846793005).wrapping_add(run * 1442695040888963407)
+            + (seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(run.wrapping_mul(1442695040888963407))
                 >> 33)
                 % 280;
         println!("run {run}: kill -9 after {stop_after} acknowledged writes");

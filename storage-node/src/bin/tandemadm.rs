@@ -19,6 +19,13 @@ verbs: create-md [--force], up, down, attach, detach, connect [--discard-my-data
        wait-sync [--timeout S], role, cstate, dstate, show-gi, dump,
        status [--verbose] [--statistics], events2 [--now] [--statistics]";
 
+/// Ends a progress bar drawn in place, so the next line starts on its own.
+fn end_progress(shown: &mut bool) {
+    if std::mem::take(shown) {
+        eprintln!();
+    }
+}
+
 fn main() {
     std::process::exit(run());
 }
@@ -68,6 +75,7 @@ fn run() -> i32 {
         return exit::EXEC_ERROR;
     }
     let stdout = std::io::stdout();
+    let mut progress_shown = false;
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { break };
         match control::decode_reply(&line) {
@@ -76,8 +84,23 @@ fn run() -> i32 {
                 let _ = writeln!(out, "{text}");
                 let _ = out.flush();
             }
-            Ok(Reply::Error { text }) => eprintln!("{text}"),
-            Ok(Reply::Done { exit_code }) => return exit_code,
+            Ok(Reply::Error { text }) => {
+                end_progress(&mut progress_shown);
+                eprintln!("{text}");
+            }
+            Ok(Reply::Progress { text }) => {
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    // Redraw in place on a terminal.
+                    eprint!("\r{text}\x1b[K");
+                    progress_shown = true;
+                } else {
+                    eprintln!("{text}");
+                }
+            }
+            Ok(Reply::Done { exit_code }) => {
+                end_progress(&mut progress_shown);
+                return exit_code;
+            }
             Err(error) => {
                 eprintln!("tandemd sent a bad reply: {error}");
                 return exit::EXEC_ERROR;
