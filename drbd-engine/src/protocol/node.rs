@@ -1419,6 +1419,15 @@ impl Node {
         if self.role == Role::Primary {
             return Err(StateError::Already(Role::Primary));
         }
+        // As DRBD: a node replicating from a peer is not outdated behind its back (the fence
+        // handler of a primary that lost us must fail, and the reconnect settles it).
+        if self
+            .peers
+            .iter()
+            .any(|p| p.connection == ConnectionState::Connected && p.handshake.is_none())
+        {
+            return Err(StateError::Precondition("refusing to be Outdated while Connected"));
+        }
         if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
             self.set_disk(DiskState::Outdated);
         }
