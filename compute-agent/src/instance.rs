@@ -40,7 +40,8 @@ pub struct InstanceSpec {
     pub initrd: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmdline: Option<String>,
-    /// ... or an image file as the first virtio disk (raw, or qcow2 by extension) ...
+    /// ... and/or an image file as the first virtio disk (raw, or qcow2 by extension): booted by
+    /// the firmware alone, or the root disk of a directly booted kernel ...
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<PathBuf>,
     // ... or neither: no OS (firmware only), for storage-only tests.
@@ -80,9 +81,6 @@ impl InstanceSpec {
                 "hotplug_slots {} is over {HOTPLUG_SLOTS_MAX}",
                 self.hotplug_slots
             )));
-        }
-        if self.image.is_some() && self.kernel.is_some() {
-            return Err(SpecError("give either kernel or image, not both".into()));
         }
         if self.kernel.is_none() && (self.initrd.is_some() || self.cmdline.is_some()) {
             return Err(SpecError("initrd and cmdline need a kernel".into()));
@@ -303,6 +301,12 @@ mod tests {
         let pc = qemu_args(&spec, &paths, Accel::Tcg).join(" ");
         assert!(!pc.contains("pcie-root-port"));
         assert_eq!(spec.hotplug_bus(3), "pci.0");
+        spec.image = Some("/images/root.qcow2".into());
+        spec.validate().expect("a kernel with a root image is valid");
+        let with_image = qemu_args(&spec, &paths, Accel::Tcg).join(" ");
+        assert!(
+            with_image.contains("-drive file=/images/root.qcow2,format=qcow2,if=virtio,cache=none")
+        );
     }
 
     #[test]
@@ -313,13 +317,6 @@ mod tests {
             ("memory_mib", Box::new(|s| s.memory_mib = 1)),
             ("vcpus", Box::new(|s| s.vcpus = 0)),
             ("hotplug_slots", Box::new(|s| s.hotplug_slots = HOTPLUG_SLOTS_MAX + 1)),
-            (
-                "not both",
-                Box::new(|s| {
-                    s.kernel = Some("/k".into());
-                    s.image = Some("/i".into());
-                }),
-            ),
             ("need a kernel", Box::new(|s| s.initrd = Some("/i".into()))),
             ("commas", Box::new(|s| s.image = Some("/a,b".into()))),
         ];

@@ -843,3 +843,50 @@ fn instance_without_os_gets_block_nodes_that_qemu_io_writes_through() {
     agent.cli(&["delete", "storage-only"]);
     target.stop();
 }
+
+#[test]
+fn guest_with_a_root_image_gets_the_volume_as_its_second_disk() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let mut target = start_target(port, &dir.path().join("volume.img"), 0);
+    let agent = Agent::start(&dir.path().join("state"), "tcg");
+    // A 4 MiB raw image of 0xc3 bytes as the instance's first disk.
+    let image = dir.path().join("root.img");
+    std::fs::write(&image, vec![0xc3u8; 4 << 20]).expect("image");
+    let image_sum = hex::encode(Sha256::digest(std::fs::read(&image).expect("read image")));
+    let guest = guest_dir();
+    let server = agent.cli(&[
+        "boot",
+        "with-image",
+        "--id",
+        "with-image",
+        "--kernel",
+        guest.join("vmlinuz").to_str().expect("utf-8"),
+        "--initrd",
+        guest.join("initrd.img").to_str().expect("utf-8"),
+        "--cmdline",
+        "console=ttyS0 quiet panic=-1 tandem.channel",
+        "--image",
+        image.to_str().expect("utf-8"),
+    ])["server"]
+        .clone();
+    let mut channel = Channel::open(&server);
+    let lines =
+        channel.run_ok("dd if=/dev/vda bs=1M 2>/dev/null | sha256sum", Duration::from_secs(60));
+    assert_eq!(sha256_from_guest(&lines), image_sum, "the guest's vda is the image");
+    let connection_info = connection_info_file(dir.path(), port);
+    agent.cli(&[
+        "attach",
+        "with-image",
+        "--connection-info",
+        connection_info.to_str().expect("utf-8"),
+    ]);
+    wait_guest_disk_count(&mut channel, 1);
+    assert_eq!(guest_disk(&mut channel), "vdb", "the volume follows the image disk");
+    agent.cli(&["detach", "with-image", VOLUME_ID]);
+    wait_guest_disk_count(&mut channel, 0);
+    agent.cli(&["delete", "with-image"]);
+    target.stop();
+}
