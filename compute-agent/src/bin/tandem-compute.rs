@@ -1,7 +1,7 @@
 //! `tandem-compute`: the compute agent daemon and the CLI that talks to it.
 //!
 //!   tandem-compute daemon [--listen 127.0.0.1:8774] [--state-dir DIR] [--accel auto|kvm|tcg]
-//!   tandem-compute boot NAME [--kernel K --initrd I --cmdline C | --image FILE] ...
+//!   tandem-compute boot NAME [--kernel K --initrd I --cmdline C] [--image FILE] ...
 //!   tandem-compute list | show ID | stop ID | start ID | unpause ID | delete ID
 //!   tandem-compute attach ID --connection-info FILE|- [--volume-id V]
 //!   tandem-compute detach ID VOLUME_ID | attachments ID
