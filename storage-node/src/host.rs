@@ -13,7 +13,7 @@ use crate::status::{self, PeerView, PeerVolumeView, ResourceView, VolumeView};
 use backing_store::EngineKind;
 use drbd_engine::NodeId;
 use drbd_engine::constants::BLOCK_SIZE_BYTES;
-use drbd_engine::driver::meta_file::MetaFile;
+use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
 use drbd_engine::protocol::{
@@ -100,9 +100,9 @@ fn metadata_path(
 ) -> PathBuf {
     match meta {
         Some(MetaDisk::External { path, .. }) => path.clone(),
-        // The engine keeps metadata in a separate file for now; `internal` puts it in the
-        // state directory rather than at the end of the disk.
-        _ => settings.state_directory.join(format!("{resource}.{volume}.tmeta")),
+        // The engine keeps metadata on a separate (flex-external) file for now; `internal`
+        // puts it in the state directory rather than at the end of the disk.
+        _ => settings.state_directory.join(format!("{resource}.{volume}.md")),
     }
 }
 
@@ -177,9 +177,8 @@ pub fn plan_resource(
             engine: EngineKind::Sync,
             direct_io: false,
             meta_path: metadata_path(settings, name, volume.number, &volume.meta_disk),
-            // create-md, show-gi and restart sizing read this format today; the engine's v09
-            // layout (drbdmeta-readable) replaces it once it offers create/load for it too.
-            meta_format: MetaFormat::Sidecar,
+            // DRBD 9's v09 layout on a flex-external file: drbdmeta dump-md reads it.
+            meta_format: MetaFormat::V09External,
             protocol: protocol_of(protocol),
             fencing: Fencing::DontCare,
             resync_rate,
@@ -266,12 +265,8 @@ impl Host {
                     return Err(format!("more than {RESOURCES_MAX} resources on this node"));
                 }
                 let plan = plan_resource(&self.settings, &self.node_name, resource);
-                let size_bytes = match &plan {
-                    Ok(plan) => drbd_engine::driver::load_metadata(&plan.driver.meta_path)
-                        .map(|m| m.size_blocks * BLOCK_SIZE_BYTES)
-                        .unwrap_or(plan.driver.size_bytes),
-                    Err(_) => 0,
-                };
+                // The engine uses the whole backing file (metadata lives elsewhere).
+                let size_bytes = plan.as_ref().map_or(0, |p| p.driver.size_bytes);
                 let slot = Arc::new(Slot {
                     name: resource.name.clone(),
                     plan: Mutex::new(plan),
@@ -764,8 +759,7 @@ impl Host {
             }
             Verb::ShowGi => {
                 let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
-                let meta = drbd_engine::driver::load_metadata(&plan.driver.meta_path)
-                    .map_err(|e| (exit::CONFIG_INVALID, e.to_string()))?;
+                let meta = open_metadata(&plan.driver)?;
                 let u = &meta.uuids;
                 for (peer, name) in &plan.peer_names {
                     line(format!(
@@ -839,10 +833,12 @@ impl Host {
             std::fs::create_dir_all(parent)
                 .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", parent.display())))?;
         }
-        MetaFile::open_or_create(
+        V09File::open_or_create(
             &driver.meta_path,
             driver.node_id,
             driver.size_bytes / BLOCK_SIZE_BYTES,
+            max_peers(driver),
+            u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
         )
         .map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
         slot.size_bytes.store(driver.size_bytes, Ordering::Release);
@@ -930,6 +926,31 @@ impl Host {
         }
         Ok(())
     }
+}
+
+/// Peer slots in the metadata: as many as the configuration names (at least one), like
+/// drbdadm create-md's default.
+fn max_peers(driver: &DriverConfig) -> u32 {
+    u32::try_from(driver.peers.len().max(1)).unwrap_or(u32::MAX)
+}
+
+/// Reads a resource's metadata (never creates it).
+fn open_metadata(driver: &DriverConfig) -> Result<drbd_engine::protocol::Metadata, (i32, String)> {
+    if !driver.meta_path.exists() {
+        return Err((
+            exit::CONFIG_INVALID,
+            format!("no meta data at {}; run create-md first", driver.meta_path.display()),
+        ));
+    }
+    V09File::open_or_create(
+        &driver.meta_path,
+        driver.node_id,
+        driver.size_bytes / BLOCK_SIZE_BYTES,
+        max_peers(driver),
+        u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
+    )
+    .map(|(_, meta)| meta)
+    .map_err(|e| (exit::CONFIG_INVALID, e.to_string()))
 }
 
 /// Turns an engine refusal into drbdsetup's exit code and a message that says what to do.

@@ -151,6 +151,19 @@ fn tandemadm_drives_two_nodes() {
     assert!(text(&refused).contains("tandemadm create-md r0"), "{}", text(&refused));
 
     cluster.bring_up(0);
+    // The metadata is DRBD 9's v09 layout: drbdmeta reads what tandemd wrote.
+    if let Some(drbdmeta) = tests::find_in_path("drbdmeta") {
+        for (index, node) in cluster.nodes.iter().enumerate() {
+            let dump = run_ok(
+                Command::new(&drbdmeta)
+                    .args(["--force", "-", "v09"])
+                    .arg(node.state.join("r0.0.md"))
+                    .args(["flex-external", "dump-md"]),
+                COMMAND_TIMEOUT,
+            );
+            assert!(dump.contains(&format!("node-id {index};")), "drbdmeta dump-md:\n{dump}");
+        }
+    }
     assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Primary\n");
     assert_eq!(cluster.adm_ok(0, &["cstate", "r0"]), "Connected\n");
     assert_eq!(cluster.adm_ok(0, &["dstate", "r0"]), "UpToDate/UpToDate\n");
