@@ -42,6 +42,8 @@ pub struct Plan {
 struct Running {
     device: ReplicatedDevice,
     task: tokio::task::JoinHandle<()>,
+    /// The engine settings it was started with, for `adjust`.
+    started_with: String,
 }
 
 /// One hosted resource. Lives as long as tandemd (its LUN is part of the fixed target set).
@@ -614,6 +616,18 @@ impl Host {
                 if slot.device().is_none() {
                     return self.up(slot).await;
                 }
+                let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+                let changed = lock(&slot.running)
+                    .as_ref()
+                    .is_some_and(|r| r.started_with != format!("{:?}", plan.driver));
+                if changed {
+                    return fail(
+                        exit::EXEC_ERROR,
+                        "the configuration changed, but the engine cannot apply new settings to \
+                         a running resource yet; they take effect when tandemd restarts (or \
+                         after 'tandemadm down' and a restart)",
+                    );
+                }
                 Ok(())
             }
             Verb::Down => self.down(slot).await,
@@ -679,8 +693,12 @@ impl Host {
                 loop {
                     let status =
                         device.status().await.map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
-                    let connected =
-                        status.peers.iter().all(|p| p.connection == ConnectionState::Connected);
+                    // DRBD's wait-connect returns once the handshake is done; the engine says
+                    // Connected before that, so also wait for a replication state.
+                    let connected = status.peers.iter().all(|p| {
+                        p.connection == ConnectionState::Connected
+                            && p.replication != ReplicationState::Off
+                    });
                     let synced = status.disk == DiskState::UpToDate
                         && status.peers.iter().all(|p| {
                             p.connection == ConnectionState::Connected
@@ -877,6 +895,7 @@ impl Host {
             );
         }
         let listen = driver.listen;
+        let started_with = format!("{driver:?}");
         let (device, task) = ReplicatedDevice::start(driver).await.map_err(|e| match e {
             DeviceError::Io(io) if io.kind() == std::io::ErrorKind::AddrInUse => (
                 exit::EXEC_ERROR,
@@ -889,7 +908,7 @@ impl Host {
             other => (exit::EXEC_ERROR, other.to_string()),
         })?;
         slot.size_bytes.store(device.size_bytes(), Ordering::Release);
-        *lock(&slot.running) = Some(Running { device, task });
+        *lock(&slot.running) = Some(Running { device, task, started_with });
         slot.split_brain_logged.store(false, Ordering::Relaxed);
         std::fs::create_dir_all(&self.settings.state_directory)
             .and_then(|()| std::fs::write(marker(&self.settings, &slot.name), b"up\n"))

@@ -233,6 +233,17 @@ fn tandemadm_drives_two_nodes() {
     let _ = events.wait();
     let _ = reader.join();
     assert!(seen.iter().any(|l| l == "exists -"), "{seen:?}");
+
+    // adjust: nothing to do while the file is unchanged; a changed setting is named, not faked.
+    cluster.adm_ok(0, &["adjust", "r0"]);
+    let text_before = std::fs::read_to_string(&cluster.config).expect("r0.res");
+    std::fs::write(&cluster.config, text_before.replace("protocol C;", "protocol B;"))
+        .expect("edit");
+    let adjust = cluster.adm(0, &["adjust", "r0"]);
+    assert_eq!(adjust.status.code(), Some(20), "{}", text(&adjust));
+    assert!(text(&adjust).contains("cannot apply new settings"), "{}", text(&adjust));
+    std::fs::write(&cluster.config, text_before).expect("restore");
+    cluster.adm_ok(0, &["adjust", "r0"]);
     assert!(
         seen.iter().any(|l| l.starts_with(wanted)),
         "events2 stream missed the promotion: {seen:?}"
