@@ -783,7 +783,15 @@ fn instance_without_os_gets_block_nodes_that_qemu_io_writes_through() {
     let port = free_port();
     let mut target = start_target(port, &dir.path().join("volume.img"), 0);
     let agent = Agent::start(&dir.path().join("state"), "tcg");
-    let server = agent.cli(&["boot", "storage-only", "--id", "storage-only"])["server"].clone();
+    let server = agent.cli(&[
+        "boot",
+        "storage-only",
+        "--id",
+        "storage-only",
+        "--hotplug-slots",
+        "1",
+    ])["server"]
+        .clone();
     assert_eq!(server["status"], "ACTIVE", "{server}");
     let mut monitor = Monitor::open(&server);
     let connection_info = connection_info_file(dir.path(), port);
@@ -798,6 +806,19 @@ fn instance_without_os_gets_block_nodes_that_qemu_io_writes_through() {
     let node = attached["names"]["node_name"].as_str().expect("node name").to_owned();
     assert_eq!(monitor.tandem_block_nodes(), vec![node.clone()]);
     assert!(monitor.tandem_devices().is_empty(), "no guest device without an OS");
+    assert_eq!(established_connections_to(port), 1);
+    // The same volume twice, and a second volume with the only slot taken, are refused and
+    // leave nothing behind.
+    let info = connection_info.to_str().expect("utf-8");
+    let twice = cli_error(&agent, &["attach", "storage-only", "--connection-info", info]);
+    assert!(twice.contains("409") && twice.contains("already attached"), "{twice}");
+    let full = cli_error(
+        &agent,
+        &["attach", "storage-only", "--connection-info", info, "--volume-id", "another-volume"],
+    );
+    assert!(full.contains("409") && full.contains("no free hot-plug slot"), "{full}");
+    assert_eq!(monitor.tandem_block_nodes(), vec![node.clone()]);
+    assert_eq!(monitor.tandem_secrets().len(), 1);
     assert_eq!(established_connections_to(port), 1);
 
     // QEMU's own initiator writes a pattern (qemu-io prints to QEMU's stdout, the instance's
