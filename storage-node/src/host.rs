@@ -742,13 +742,15 @@ impl Host {
             }
             Verb::Role | Verb::Cstate | Verb::Dstate | Verb::Status => {
                 let Some((view, _)) = self.sample(slot).await else {
-                    return match request.verb {
-                        Verb::Status => {
-                            line(format!("{}: No such resource (it is down)\n", slot.name));
-                            Ok(())
-                        }
-                        _ => fail(exit::CONFIG_INVALID, "No such resource (it is down)"),
-                    };
+                    // Like drbdsetup: `status` of everything lists what is up; naming a
+                    // resource that is down is an error.
+                    if request.verb == Verb::Status && request.resource == "all" {
+                        return Ok(());
+                    }
+                    return fail(
+                        exit::CONFIG_INVALID,
+                        format!("No such resource (it is down; 'tandemadm up {}')", slot.name),
+                    );
                 };
                 match request.verb {
                     Verb::Role => line(view.role.to_string()),

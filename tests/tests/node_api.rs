@@ -36,6 +36,7 @@ fn http(
 struct Node {
     name: &'static str,
     api: SocketAddr,
+    portal: SocketAddr,
     socket: std::path::PathBuf,
     _daemon: Daemon,
 }
@@ -46,12 +47,13 @@ fn start(dir: &Path, name: &'static str) -> Node {
         std::fs::write(&config, "global { usage-count no; }\n").expect("config");
     }
     let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let portal = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let socket = dir.join(format!("{name}.sock"));
     let mut command = Command::new(binary("tandemd"));
     command
         .arg("-c")
         .arg(&config)
-        .args(["--node", name, "--portal", &format!("127.0.0.1:{}", free_port())])
+        .args(["--node", name, "--portal", &portal.to_string()])
         .arg("--control-socket")
         .arg(&socket)
         .arg("--state-dir")
@@ -59,7 +61,7 @@ fn start(dir: &Path, name: &'static str) -> Node {
         .args(["--api-listen", &api.to_string(), "--api-token", TOKEN]);
     let mut daemon = Daemon::spawn(name, command);
     daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-    Node { name, api, socket, _daemon: daemon }
+    Node { name, api, portal, socket, _daemon: daemon }
 }
 
 #[test]
@@ -93,6 +95,30 @@ fn http_api_creates_promotes_and_deletes_a_replicated_volume() {
     }
     let (status, body) = http(a.api, "POST", "/v1/resources", Some(TOKEN), &create);
     assert_eq!(status, 409, "{body}");
+    // A second resource on the same portal, added while tandemd runs.
+    let ports2 = [free_port(), free_port()];
+    let create2 = create
+        .replace("vol1", "vol2")
+        .replace(&ports[0].to_string(), &ports2[0].to_string())
+        .replace(&ports[1].to_string(), &ports2[1].to_string());
+    for node in &nodes {
+        let (status, body) = http(node.api, "POST", "/v1/resources", Some(TOKEN), &create2);
+        assert_eq!(status, 201, "create vol2 on {}: {body}", node.name);
+    }
+    if let Some(iscsi_ls) = tests::find_in_path("iscsi-ls") {
+        let listing = run_ok(
+            Command::new(iscsi_ls).arg(format!("iscsi://{}", a.portal)),
+            Duration::from_secs(20),
+        );
+        assert!(
+            listing.contains("iqn.2026-11.org.tandem:vol1")
+                && listing.contains("iqn.2026-11.org.tandem:vol2"),
+            "both targets on one portal: {listing}"
+        );
+    }
+    let (status, body) = http(a.api, "GET", "/v1/resources", Some(TOKEN), "");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"name\":\"vol1\"") && body.contains("\"name\":\"vol2\""), "{body}");
     let (status, body) = http(
         a.api,
         "POST",
