@@ -49,6 +49,11 @@ impl SimDisk {
         data
     }
 
+    /// What survives a power loss that drops every volatile write.
+    pub fn read_stable(&self) -> Vec<u8> {
+        self.stable.clone()
+    }
+
     pub fn size_blocks(&self) -> u64 {
         (self.stable.len() / BLOCK) as u64
     }

@@ -178,7 +178,7 @@ pub struct World {
     /// The ghost record when each pair's current connection started: both handshake decisions
     /// are made from the state exchanged then (writes wait while a handshake runs), even if
     /// one side finishes first and writes again.
-    dirty_at_connect: BTreeMap<(usize, usize), Vec<Vec<bool>>>,
+    dirty_at_connect: BTreeMap<(usize, usize), (Vec<Vec<bool>>, Vec<Vec<bool>>)>,
     discard_requested: Vec<Vec<bool>>,
     last_primary: Option<usize>,
     healing: bool,
@@ -448,7 +448,8 @@ impl World {
         self.log(|| format!("connect {a}-{b} conn {conn}"));
         self.next_conn += 1;
         self.conns.insert(pair(a, b), conn);
-        self.dirty_at_connect.insert(pair(a, b), self.dirty.clone());
+        self.dirty_at_connect
+            .insert(pair(a, b), (self.dirty.clone(), self.discard_requested.clone()));
         for (x, y) in [(a, b), (b, a)] {
             if let Some(node) = self.nodes[x].node.as_mut() {
                 node.handle_connected(self.now_ms, nid(y), conn);
@@ -666,7 +667,8 @@ impl World {
             if force {
                 // The operator declared this data the truth; writes it lacks are forgiven, and
                 // every other node now lacks our new generation.
-                self.model.rebase(&image);
+                let stable = self.nodes[i].disk.read_stable();
+                self.model.rebase(&image, &stable);
                 for j in 0..self.swarm.nodes {
                     if j != i {
                         self.dirty[i][j] = true;
@@ -937,10 +939,14 @@ impl World {
 
     fn check_decision(&mut self, i: usize, j: usize, decision: SyncDecision) {
         use SyncDecision::*;
-        let snapshot = self.dirty_at_connect.get(&pair(i, j)).unwrap_or(&self.dirty);
-        let mine = snapshot[i][j];
-        let theirs = snapshot[j][i];
-        let discarding = self.discard_requested[i][j] || self.discard_requested[j][i];
+        let (dirty, discard) = self
+            .dirty_at_connect
+            .get(&pair(i, j))
+            .cloned()
+            .unwrap_or_else(|| (self.dirty.clone(), self.discard_requested.clone()));
+        let mine = dirty[i][j];
+        let theirs = dirty[j][i];
+        let discarding = discard[i][j] || discard[j][i];
         let ok = match decision {
             SplitBrain => mine && theirs,
             Unrelated => false,

@@ -60,6 +60,8 @@ struct WriteRecord {
 #[derive(Debug, Clone)]
 struct BlockModel {
     baseline: [u64; SECTORS],
+    /// After a forced promotion: what the disk held stably then (a power loss may revert to it).
+    baseline_stable: [u64; SECTORS],
     writes: Vec<usize>,
 }
 
@@ -73,7 +75,14 @@ impl Model {
     pub fn new(size_blocks: u64) -> Self {
         let n = usize::try_from(size_blocks).expect("small sim disk");
         Self {
-            blocks: vec![BlockModel { baseline: [0; SECTORS], writes: Vec::new() }; n],
+            blocks: vec![
+                BlockModel {
+                    baseline: [0; SECTORS],
+                    baseline_stable: [0; SECTORS],
+                    writes: Vec::new()
+                };
+                n
+            ],
             writes: Vec::new(),
             unstable: Vec::new(),
         }
@@ -153,7 +162,7 @@ impl Model {
                 return false;
             }
         }
-        b.baseline[sector] == id
+        b.baseline[sector] == id || b.baseline_stable[sector] == id
     }
 
     /// Checks a whole device image; returns the first problem found.
@@ -196,12 +205,18 @@ impl Model {
     }
 
     /// A forced promotion declared this image the truth: forget everything before it.
-    pub fn rebase(&mut self, image: &[u8]) {
-        for (block, data) in image.chunks(BLOCK).enumerate() {
+    /// A forced promotion declared this image the truth: forget everything before it. The
+    /// image's volatile part may still be lost, so its stable content stays allowed too.
+    pub fn rebase(&mut self, image: &[u8], stable: &[u8]) {
+        for (block, (data, stable)) in image.chunks(BLOCK).zip(stable.chunks(BLOCK)).enumerate() {
             let b = &mut self.blocks[block];
             b.writes.clear();
-            for (s, sector) in data.chunks(SECTOR).enumerate() {
+            for (s, (sector, stable_sector)) in
+                data.chunks(SECTOR).zip(stable.chunks(SECTOR)).enumerate()
+            {
                 b.baseline[s] = decode_sector(sector, block as u64, s).unwrap_or(u64::MAX);
+                b.baseline_stable[s] =
+                    decode_sector(stable_sector, block as u64, s).unwrap_or(u64::MAX);
             }
         }
     }
