@@ -178,7 +178,7 @@ pub struct World {
     /// The ghost record when each pair's current connection started: both handshake decisions
     /// are made from the state exchanged then (writes wait while a handshake runs), even if
     /// one side finishes first and writes again.
-    dirty_at_connect: BTreeMap<(usize, usize), (Vec<Vec<bool>>, Vec<Vec<bool>>)>,
+    dirty_at_connect: BTreeMap<(usize, usize), (PairMatrix, PairMatrix)>,
     discard_requested: Vec<Vec<bool>>,
     last_primary: Option<usize>,
     healing: bool,
@@ -186,6 +186,9 @@ pub struct World {
     violations: Vec<String>,
     report: Report,
 }
+
+/// A per-ordered-pair flag: `m[a][b]`.
+type PairMatrix = Vec<Vec<bool>>;
 
 fn pair(a: usize, b: usize) -> (usize, usize) {
     (a.min(b), a.max(b))
