@@ -535,7 +535,21 @@ impl Host {
         }
         let mut code = exit::SUCCESS;
         for slot in slots {
-            let result = {
+            // Waits and queries never hold the resource's lock: a `wait-sync` in one
+            // terminal must not block `primary` in another.
+            let read_only = matches!(
+                request.verb,
+                Verb::WaitConnect
+                    | Verb::WaitSync
+                    | Verb::Role
+                    | Verb::Cstate
+                    | Verb::Dstate
+                    | Verb::Status
+                    | Verb::ShowGi
+            );
+            let result = if read_only {
+                self.verb(&slot, &request, out).await
+            } else {
                 let _guard = slot.verb_lock.lock().await;
                 self.verb(&slot, &request, out).await
             };

@@ -176,6 +176,22 @@ fn tandemadm_drives_two_nodes() {
     let status = cluster.adm_ok(1, &["status"]);
     assert!(status.starts_with("r0 role:Secondary\n  disk:UpToDate\n  alpha "), "{status}");
 
+    // A waiting tandemadm does not block verbs on the same resource: wait-connect on a
+    // disconnected beta returns once `connect` (from another tandemadm) got through.
+    cluster.adm_ok(1, &["disconnect", "r0"]);
+    assert_eq!(cluster.adm_ok(1, &["cstate", "r0"]), "StandAlone\n");
+    let mut waiter = Command::new(binary("tandemadm"))
+        .arg("-s")
+        .arg(&cluster.nodes[1].socket)
+        .args(["wait-connect", "--timeout", "60", "r0"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("wait-connect");
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.adm_ok(1, &["connect", "r0"]);
+    let waited = waiter.wait().expect("wait-connect exits");
+    assert!(waited.success(), "wait-connect: {waited}");
+    cluster.adm_ok(0, &["wait-sync", "--timeout", "20", "r0"]);
     let refused = cluster.adm(1, &["primary", "r0"]);
     assert_eq!(refused.status.code(), Some(11), "{}", text(&refused));
     assert!(text(&refused).contains("refusing to become primary"), "{}", text(&refused));
