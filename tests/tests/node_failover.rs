@@ -249,6 +249,10 @@ fn tandemadm_drives_two_nodes() {
     let _ = events.wait();
     let _ = reader.join();
     assert!(seen.iter().any(|l| l == "exists -"), "{seen:?}");
+    assert!(
+        seen.iter().any(|l| l.starts_with(wanted)),
+        "events2 stream missed the promotion: {seen:?}"
+    );
 
     // adjust: nothing to do while the file is unchanged; a changed setting is named, not faked.
     cluster.adm_ok(0, &["adjust", "r0"]);
@@ -260,12 +264,27 @@ fn tandemadm_drives_two_nodes() {
     assert!(text(&adjust).contains("cannot apply new settings"), "{}", text(&adjust));
     std::fs::write(&cluster.config, text_before).expect("restore");
     cluster.adm_ok(0, &["adjust", "r0"]);
-    assert!(
-        seen.iter().any(|l| l.starts_with(wanted)),
-        "events2 stream missed the promotion: {seen:?}"
-    );
+
     assert_eq!(cluster.adm_ok(1, &["role", "r0"]), "Primary\n");
     assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Secondary\n");
+
+    // create-md never overwrites metadata silently.
+    let again = cluster.adm(0, &["create-md", "r0"]);
+    assert_eq!(again.status.code(), Some(11), "{}", text(&again));
+    assert!(text(&again).contains("resource is up"), "{}", text(&again));
+
+    // down: alpha leaves; beta (Primary) keeps serving and sees the peer gone.
+    cluster.adm_ok(0, &["down", "r0"]);
+    let gone = cluster.adm(0, &["status", "r0"]);
+    assert_eq!(gone.status.code(), Some(10), "{}", text(&gone));
+    assert_eq!(cluster.adm_ok(0, &["status"]), "", "status of everything lists what is up");
+    assert!(
+        tests::wait_until(Duration::from_secs(10), || {
+            cluster.adm_ok(1, &["status", "r0"]).contains("alpha connection:Connecting")
+        }),
+        "{}",
+        cluster.adm_ok(1, &["status", "r0"])
+    );
 }
 
 /// Writes chunks in order through qemu-io, one command per chunk, and returns the offsets it
