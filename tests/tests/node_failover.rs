@@ -134,7 +134,7 @@ fn tandemadm_drives_two_nodes() {
     let cluster = Cluster::new();
     if let Some(drbdadm) = tests::find_in_path("drbdadm") {
         let output = run_with_timeout(
-            Command::new(drbdadm)
+            Command::new(&drbdadm)
                 .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
                 .arg("-c")
                 .arg(&cluster.config)
@@ -142,6 +142,26 @@ fn tandemadm_drives_two_nodes() {
             COMMAND_TIMEOUT,
         );
         assert!(output.status.success(), "drbdadm refuses the test's file: {}", text(&output));
+        // tandemadm -c FILE dump reads the file itself (no daemon); drbdadm accepts the result.
+        let dumped = run_ok(
+            Command::new(binary("tandemadm")).arg("-c").arg(&cluster.config).args(["dump", "all"]),
+            COMMAND_TIMEOUT,
+        );
+        let dump_file = cluster.dir.path().join("dumped.res");
+        std::fs::write(&dump_file, &dumped).expect("writing the dump");
+        let output = run_with_timeout(
+            Command::new(drbdadm)
+                .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
+                .arg("-c")
+                .arg(&dump_file)
+                .args(["dump", "all"]),
+            COMMAND_TIMEOUT,
+        );
+        assert!(
+            output.status.success(),
+            "drbdadm refuses tandemadm's dump: {}\n{dumped}",
+            text(&output)
+        );
     }
     let _alpha = cluster.start(0);
     let _beta = cluster.start(1);

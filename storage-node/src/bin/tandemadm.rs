@@ -26,6 +26,31 @@ fn end_progress(shown: &mut bool) {
     }
 }
 
+fn dump_local(file: &str, resource: &str) -> i32 {
+    let loaded = match storage_node::loader::load(std::path::Path::new(file)) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("{error}");
+            return exit::CONFIG_INVALID;
+        }
+    };
+    for (path, error) in &loaded.broken {
+        eprintln!("{error} (skipped {})", path.display());
+    }
+    let mut found = false;
+    for r in &loaded.config.resources {
+        if resource == "all" || r.name == resource {
+            found = true;
+            print!("{}", storage_node::dump::render(r));
+        }
+    }
+    if !found && resource != "all" {
+        eprintln!("'{resource}' not defined in your config.");
+        return exit::CONFIG_INVALID;
+    }
+    if loaded.broken.is_empty() { exit::SUCCESS } else { exit::CONFIG_INVALID }
+}
+
 fn main() {
     std::process::exit(run());
 }
@@ -33,6 +58,7 @@ fn main() {
 fn run() -> i32 {
     let mut socket =
         std::env::var(CONTROL_SOCKET_ENV).unwrap_or_else(|_| CONTROL_SOCKET_DEFAULT.into());
+    let mut config_file: Option<String> = None;
     let mut words = Vec::new();
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -48,6 +74,8 @@ fn run() -> i32 {
                 };
                 if arg == "-s" || arg == "--socket" {
                     socket = value;
+                } else {
+                    config_file = Some(value);
                 }
             }
             _ => words.push(arg),
@@ -60,6 +88,12 @@ fn run() -> i32 {
             return exit::USAGE;
         }
     };
+    // `dump` with -c reads the file here, like drbdadm, without asking tandemd.
+    if request.verb == storage_node::control::Verb::Dump
+        && let Some(file) = config_file
+    {
+        return dump_local(&file, &request.resource);
+    }
     let mut stream = match UnixStream::connect(&socket) {
         Ok(stream) => stream,
         Err(error) => {
