@@ -1,6 +1,6 @@
 //! The agent's HTTP API (a nova-like subset) and the small client the CLI uses.
 //!
-//! - `GET /` : agent info (accelerator, initiator IQN)
+//! - `GET /` : agent info (accelerator, initiator IQN, the Cinder connector of this host)
 //! - `GET|POST /v2.1/servers`, `GET /v2.1/servers/detail`, `GET|DELETE /v2.1/servers/{id}`
 //! - `POST /v2.1/servers/{id}/action` with `{"os-stop": null}`, `{"os-start": null}` or
 //!   `{"unpause": null}`
@@ -68,7 +68,26 @@ async fn info(State(supervisor): State<Shared>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "accel": supervisor.accel().as_str(),
         "initiator": supervisor.initiator_iqn(),
+        "connector": connector(supervisor.initiator_iqn(), supervisor.my_ip()),
     }))
+}
+
+/// The connector this host hands to Cinder's `attachment-create`/`os-initialize_connection`,
+/// in the shape nova-compute sends (os-brick's): QEMU's own initiator, no multipath (QEMU's
+/// iSCSI driver uses one portal; failover goes through the service IP).
+pub fn connector(initiator_iqn: &str, my_ip: &str) -> Value {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    json!({
+        "initiator": initiator_iqn,
+        "host": host,
+        "ip": my_ip,
+        "platform": std::env::consts::ARCH,
+        "os_type": std::env::consts::OS,
+        "multipath": false,
+        "do_local_attach": false,
+    })
 }
 
 async fn list_servers(State(supervisor): State<Shared>) -> Json<Value> {

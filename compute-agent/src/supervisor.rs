@@ -56,6 +56,8 @@ pub struct Config {
     pub accel: AccelChoice,
     /// The initiator name QEMU logs in with (Nova's connector `initiator`).
     pub initiator_iqn: String,
+    /// This host's address as the storage side sees it (Nova's `my_ip`, the connector's `ip`).
+    pub my_ip: String,
 }
 
 /// Nova's server status words.
@@ -176,6 +178,10 @@ impl Supervisor {
 
     pub fn initiator_iqn(&self) -> &str {
         &self.config.initiator_iqn
+    }
+
+    pub fn my_ip(&self) -> &str {
+        &self.config.my_ip
     }
 
     /// Creates and boots an instance.

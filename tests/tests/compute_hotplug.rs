@@ -747,6 +747,10 @@ fn api_answers_bad_requests_with_nova_faults() {
     let dir = tempfile::tempdir().expect("temp dir");
     let agent = Agent::start(&dir.path().join("state"), "tcg");
     assert_eq!(agent.cli(&["list"])["servers"], json!([]));
+    let info = agent.cli(&["info"]);
+    assert_eq!(info["accel"], "tcg");
+    assert_eq!(info["connector"]["initiator"], "iqn.2026-11.org.tandem:compute", "{info}");
+    assert_eq!(info["connector"]["multipath"], false);
     let cases: &[(&[&str], &str)] = &[
         (&["show", "no-such-server"], "HTTP 404"),
         (&["detach", "no-such-server", "vol"], "itemNotFound"),

@@ -2,7 +2,7 @@
 //!
 //!   tandem-compute daemon [--listen 127.0.0.1:8774] [--state-dir DIR] [--accel auto|kvm|tcg]
 //!   tandem-compute boot NAME [--kernel K --initrd I --cmdline C] [--image FILE] ...
-//!   tandem-compute list | show ID | stop ID | start ID | unpause ID | delete ID
+//!   tandem-compute info | list | show ID | stop ID | start ID | unpause ID | delete ID
 //!   tandem-compute attach ID --connection-info FILE|- [--volume-id V]
 //!   tandem-compute detach ID VOLUME_ID | attachments ID
 //!   tandem-compute libvirt-xml --connection-info FILE|- [--target-dev vdb] [--domain|--secret]
@@ -57,6 +57,9 @@ enum Command {
         /// The iSCSI initiator name QEMU logs in with.
         #[arg(long, default_value = "iqn.2026-11.org.tandem:compute")]
         initiator_iqn: String,
+        /// This host's address as storage nodes see it (the connector's `ip`).
+        #[arg(long, default_value = "127.0.0.1")]
+        my_ip: std::net::IpAddr,
     },
     /// Boot a new instance.
     Boot {
@@ -84,6 +87,8 @@ enum Command {
         #[arg(long)]
         hotplug_slots: Option<usize>,
     },
+    /// Show the agent: accelerator in use, initiator IQN and the Cinder connector of this host.
+    Info,
     /// List instances.
     List,
     /// Show one instance.
@@ -156,16 +161,8 @@ fn print(value: &Value) {
     }
 }
 
-async fn daemon(
-    listen: SocketAddr,
-    state_dir: PathBuf,
-    qemu: PathBuf,
-    accel: AccelChoice,
-    initiator_iqn: String,
-) -> Result<()> {
-    let supervisor = Supervisor::new(Config { state_dir, qemu, accel, initiator_iqn })
-        .await
-        .context("starting the supervisor")?;
+async fn daemon(listen: SocketAddr, config: Config) -> Result<()> {
+    let supervisor = Supervisor::new(config).await.context("starting the supervisor")?;
     let accel = supervisor.accel();
     let supervisor = Arc::new(supervisor);
     let listener =
@@ -218,8 +215,9 @@ async fn run() -> Result<()> {
     let cli = Cli::parse();
     let endpoint = cli.endpoint.as_str();
     match cli.command {
-        Command::Daemon { listen, state_dir, qemu, accel, initiator_iqn } => {
-            daemon(listen, state_dir, qemu, accel, initiator_iqn).await?;
+        Command::Daemon { listen, state_dir, qemu, accel, initiator_iqn, my_ip } => {
+            let config = Config { state_dir, qemu, accel, initiator_iqn, my_ip: my_ip.to_string() };
+            daemon(listen, config).await?;
         }
         Command::Boot {
             name,
@@ -256,6 +254,7 @@ async fn run() -> Result<()> {
                 &call(endpoint, "POST", "/v2.1/servers", Some(json!({ "server": server }))).await?,
             );
         }
+        Command::Info => print(&call(endpoint, "GET", "/", None).await?),
         Command::List => print(&call(endpoint, "GET", "/v2.1/servers", None).await?),
         Command::Show { id } => {
             print(&call(endpoint, "GET", &format!("/v2.1/servers/{id}"), None).await?)
