@@ -34,6 +34,8 @@ struct FixtureResource {
 
 struct FixtureState {
     name: String,
+    /// When set, resource creation fails with 507, as a full or broken node would.
+    fail_creates: bool,
     dir: PathBuf,
     resources: HashMap<String, FixtureResource>,
 }
@@ -76,6 +78,7 @@ impl FixtureNode {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let state = Arc::new(Mutex::new(FixtureState {
             name: name.into(),
+            fail_creates: false,
             dir: dir.into(),
             resources: HashMap::new(),
         }));
@@ -87,6 +90,21 @@ impl FixtureNode {
             }
         });
         FixtureNode { url, state }
+    }
+
+    pub fn fail_creates(&self, fail: bool) {
+        self.state.lock().unwrap().fail_creates = fail;
+    }
+
+    /// Files the node holds for resources and snapshots.
+    pub fn images(&self) -> Vec<PathBuf> {
+        let dir = self.state.lock().unwrap().dir.clone();
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "img"))
+            .collect()
     }
 }
 
@@ -168,6 +186,9 @@ fn handle(state: &mut FixtureState, method: &str, path: &str, request: &Value) -
                     200,
                     json!({"portal": format!("127.0.0.1:{}", r.port), "target_iqn": r.iqn, "lun": 0}),
                 );
+            }
+            if state.fail_creates {
+                return (507, json!({"error": "fixture told to fail"}));
             }
             let file = state.dir.join(format!("{name}.img"));
             let size_bytes = request["size_bytes"].as_u64().unwrap();
@@ -384,7 +405,7 @@ fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
 pub struct Api {
     pub addr: SocketAddr,
     pub daemon: Daemon,
-    _nodes: Vec<FixtureNode>,
+    pub nodes: Vec<FixtureNode>,
     pub dir: tempfile::TempDir,
 }
 
@@ -418,7 +439,7 @@ pub fn start_api() -> Api {
             s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 2
         })
     });
-    Api { addr, daemon, _nodes: nodes, dir }
+    Api { addr, daemon, nodes, dir }
 }
 
 fn volume_status(addr: SocketAddr, id: &str) -> Value {
@@ -634,4 +655,43 @@ fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle() {
             .collect();
         assert!(left.is_empty(), "{node} still holds {left:?}");
     }
+}
+
+#[test]
+fn a_failed_replica_leaves_no_piece_behind() {
+    tests::require_slow!();
+    let api = start_api();
+    let addr = api.addr;
+    // The secondary refuses: the primary's piece, already made, must be removed again.
+    api.nodes[1].fail_creates(true);
+    let admin = [("X-Auth-Token", "admin:demo")];
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v3/demo/volumes",
+        &admin,
+        Some(r#"{"volume": {"size": 1, "name": "doomed"}}"#),
+    );
+    assert_eq!(status, 202, "{body}");
+    let id = body["volume"]["id"].as_str().unwrap().to_string();
+    wait_for("volume in error", Duration::from_secs(60), || {
+        volume_status(addr, &id)["status"] == "error"
+    });
+    for node in &api.nodes {
+        assert!(node.images().is_empty(), "a failed create left {:?}", node.images());
+    }
+    // Healthy again: the next volume gets a replica on both nodes, and the error one deletes.
+    api.nodes[1].fail_creates(false);
+    let (_, body) =
+        http(addr, "POST", "/v3/demo/volumes", &admin, Some(r#"{"volume": {"size": 1}}"#));
+    let ok = body["volume"]["id"].as_str().unwrap().to_string();
+    wait_for("volume available", Duration::from_secs(60), || {
+        volume_status(addr, &ok)["status"] == "available"
+    });
+    assert!(api.nodes.iter().all(|n| n.images().len() == 1));
+    let (status, body) = http(addr, "DELETE", &format!("/v3/demo/volumes/{id}"), &admin, None);
+    assert_eq!(status, 202, "{body}");
+    wait_for("error volume gone", Duration::from_secs(60), || {
+        http(addr, "GET", &format!("/v3/demo/volumes/{id}"), &admin, None).0 == 404
+    });
 }
