@@ -695,3 +695,41 @@ fn a_failed_replica_leaves_no_piece_behind() {
         http(addr, "GET", &format!("/v3/demo/volumes/{id}"), &admin, None).0 == 404
     });
 }
+
+#[test]
+fn schemathesis_finds_no_server_error_and_no_schema_violation() {
+    tests::require_slow!();
+    let venv = openstack_venv();
+    if !venv.join("bin/st").is_file() {
+        let out = run_with_timeout(
+            Command::new(venv.join("bin/pip")).args(["install", "-q", "schemathesis"]),
+            Duration::from_secs(900),
+        );
+        assert!(
+            out.status.success(),
+            "pip install schemathesis failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let api = start_api();
+    let spec = workspace_root().join("volume-api/openapi.yaml");
+    // The coverage phase trips an internal hypothesis error in schemathesis 4.32 (not a finding
+    // against the API), so the fuzzing and stateful phases run.
+    let mut command = Command::new(venv.join("bin/st"));
+    command
+        .arg("run")
+        .arg(&spec)
+        .args(["--url", &format!("http://{}", api.addr), "-H", "X-Auth-Token: admin:demo"])
+        .args(["--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"])
+        .args(["--max-examples", "15", "--workers", "2", "--phases", "fuzzing,stateful"])
+        .env("HOME", venv.parent().unwrap());
+    let out = run_with_timeout(&mut command, Duration::from_secs(600));
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        out.status.success(),
+        "schemathesis found problems:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!api.daemon.log().contains("panicked"), "tandem-api panicked under fuzzing");
+}
