@@ -43,6 +43,8 @@ struct FixtureState {
 pub struct FixtureNode {
     pub url: String,
     state: Arc<Mutex<FixtureState>>,
+    /// Milliseconds every resource creation waits before starting: a slow node.
+    create_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn start_iscsi(r: &mut FixtureResource) {
@@ -83,13 +85,21 @@ impl FixtureNode {
             resources: HashMap::new(),
         }));
         let shared = state.clone();
+        let create_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = create_delay_ms.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let shared = shared.clone();
-                std::thread::spawn(move || serve_one(stream, &shared));
+                let delay = delay.clone();
+                std::thread::spawn(move || serve_one(stream, &shared, &delay));
             }
         });
-        FixtureNode { url, state }
+        FixtureNode { url, state, create_delay_ms }
+    }
+
+    pub fn delay_creates(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap();
+        self.create_delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn fail_creates(&self, fail: bool) {
@@ -117,7 +127,11 @@ impl Drop for FixtureNode {
     }
 }
 
-fn serve_one(stream: TcpStream, shared: &Mutex<FixtureState>) {
+fn serve_one(
+    stream: TcpStream,
+    shared: &Mutex<FixtureState>,
+    create_delay_ms: &std::sync::atomic::AtomicU64,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     if reader.read_line(&mut line).unwrap_or(0) == 0 {
@@ -143,6 +157,10 @@ fn serve_one(stream: TcpStream, shared: &Mutex<FixtureState>) {
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
+    if method == "PUT" && path.starts_with("/v1/resources/") && !path.contains("/snapshots/") {
+        let delay = create_delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(delay));
+    }
     let (status, reply) = if authorized {
         let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         let mut state = shared.lock().unwrap();
@@ -416,12 +434,18 @@ pub fn start_api() -> Api {
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<FixtureNode> =
         ["node-a", "node-b"].iter().map(|n| FixtureNode::start(n, &dir.path().join(n))).collect();
+    let (daemon, addr) = spawn_api(dir.path(), &nodes);
+    Api { addr, daemon, nodes, dir }
+}
+
+/// tandem-api on `dir`'s database with `nodes` registered; returns once both nodes are up.
+fn spawn_api(dir: &Path, nodes: &[FixtureNode]) -> (Daemon, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut command = Command::new(binary("tandem-api"));
     command
         .args(["--listen", &addr.to_string(), "--database"])
-        .arg(dir.path().join("api.sqlite"))
+        .arg(dir.join("api.sqlite"))
         .args(["--node-token", NODE_TOKEN])
         .args([
             "--node",
@@ -439,7 +463,7 @@ pub fn start_api() -> Api {
             s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 2
         })
     });
-    Api { addr, daemon, nodes, dir }
+    (daemon, addr)
 }
 
 fn volume_status(addr: SocketAddr, id: &str) -> Value {
@@ -732,4 +756,49 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!api.daemon.log().contains("panicked"), "tandem-api panicked under fuzzing");
+}
+
+#[test]
+fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
+    tests::require_slow!();
+    let Api { addr, mut daemon, nodes, dir } = start_api();
+    let admin = [("X-Auth-Token", "admin:demo")];
+    // The API never waits for a slow node: the create answers at once.
+    nodes[0].delay_creates(Duration::from_secs(3));
+    let started = Instant::now();
+    let (status, body) = http(
+        addr,
+        "POST",
+        "/v3/demo/volumes",
+        &admin,
+        Some(r#"{"volume": {"size": 1, "name": "survivor"}}"#),
+    );
+    assert_eq!(status, 202, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(2), "create blocked on the slow node");
+    let id = body["volume"]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(volume_status(addr, &id)["status"], "creating");
+    daemon.kill9();
+    drop(daemon);
+    nodes[0].delay_creates(Duration::ZERO);
+    // Restarted on the same database: the record is there and the create is run again.
+    let (_daemon, addr) = spawn_api(dir.path(), &nodes);
+    wait_for("volume available after restart", Duration::from_secs(60), || {
+        let v = volume_status(addr, &id);
+        assert_ne!(v["status"], "error", "{v}");
+        v["status"] == "available"
+    });
+    // Exactly one piece per node once the killed request's late create has landed too.
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &nodes {
+        assert_eq!(node.images().len(), 1, "{:?}", node.images());
+    }
+    let (status, _) = http(addr, "DELETE", &format!("/v3/demo/volumes/{id}"), &admin, None);
+    assert_eq!(status, 202);
+    wait_for("volume gone", Duration::from_secs(60), || {
+        http(addr, "GET", &format!("/v3/demo/volumes/{id}"), &admin, None).0 == 404
+    });
+    for node in &nodes {
+        assert!(node.images().is_empty(), "orphan left: {:?}", node.images());
+    }
 }
