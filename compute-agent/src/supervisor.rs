@@ -115,6 +115,9 @@ pub struct Instance {
     state: tokio::sync::Mutex<InstanceState>,
     watcher: Arc<Mutex<ResumeWatcher>>,
     portals: PortalMap,
+    /// The last full view, served while an operation (a login that may take seconds) holds
+    /// the instance, so listing servers never waits for an attach.
+    last_shown: Mutex<Option<Value>>,
 }
 
 /// The supervisor of every instance on this host.
@@ -217,6 +220,7 @@ impl Supervisor {
                 }),
                 watcher: Arc::new(Mutex::new(ResumeWatcher::default())),
                 portals: Arc::new(Mutex::new(HashMap::new())),
+                last_shown: Mutex::new(None),
             });
             instances.insert(id.clone(), instance.clone());
             instance
@@ -329,14 +333,24 @@ impl Supervisor {
     }
 
     async fn show_instance(&self, instance: &Arc<Instance>) -> Value {
-        let mut state = instance.state.lock().await;
-        let status = status_of(&mut state).await;
         let watcher = lock(&instance.watcher).clone();
+        let Ok(mut state) = instance.state.try_lock() else {
+            // Busy: the last full view, marked, with the watcher's live figures.
+            let mut shown = lock(&instance.last_shown)
+                .clone()
+                .unwrap_or_else(|| json!({ "id": instance.id, "name": instance.spec.name }));
+            shown["task_state"] = json!("busy");
+            shown["io_error_resumes"] = json!(watcher.resumes_total);
+            shown["paused_on_io_error"] = json!(watcher.is_paused_on_io_error());
+            return shown;
+        };
+        let status = status_of(&mut state).await;
         let attachments: Vec<_> = state.attachments.values().cloned().collect();
-        json!({
+        let shown = json!({
             "id": instance.id,
             "name": instance.spec.name,
             "status": status,
+            "task_state": null,
             "accel": instance.accel.as_str(),
             "created_unix_s": instance.created_unix_s,
             "spec": instance.spec,
@@ -348,7 +362,9 @@ impl Supervisor {
             "io_error_resumes": watcher.resumes_total,
             "io_error_pause_ms_max": watcher.pause_ms_max,
             "paused_on_io_error": watcher.is_paused_on_io_error(),
-        })
+        });
+        *lock(&instance.last_shown) = Some(shown.clone());
+        shown
     }
 
     /// Stops the QEMU process (attachments stay recorded and come back on start).
