@@ -802,3 +802,78 @@ fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
         assert!(node.images().is_empty(), "orphan left: {:?}", node.images());
     }
 }
+
+/// Nova's 3.44 flow over HTTP: reserve (no connector), update with a connector, complete,
+/// extend online while attached, delete; with the statuses Cinder shows at each step.
+#[test]
+fn nova_attachment_flow_with_online_extend() {
+    tests::require_slow!();
+    let api = start_api();
+    let addr = api.addr;
+    let h = [("X-Auth-Token", "admin:demo"), ("OpenStack-API-Version", "volume 3.67")];
+    let (_, body) = http(addr, "POST", "/v3/demo/volumes", &h, Some(r#"{"volume": {"size": 1}}"#));
+    let id = body["volume"]["id"].as_str().unwrap().to_string();
+    wait_for("available", Duration::from_secs(60), || {
+        volume_status(addr, &id)["status"] == "available"
+    });
+
+    let create = json!({"attachment": {"volume_uuid": id, "instance_uuid": "0b9e2a4e-5cde-4b38-9c1d-1e0d3f0c2a11"}});
+    let (status, body) = http(addr, "POST", "/v3/demo/attachments", &h, Some(&create.to_string()));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["attachment"]["status"], "reserved");
+    assert_eq!(
+        body["attachment"]["connection_info"],
+        Value::Null,
+        "no connector, no connection_info"
+    );
+    let att = body["attachment"]["id"].as_str().unwrap().to_string();
+    assert_eq!(volume_status(addr, &id)["status"], "reserved");
+
+    let connector = r#"{"attachment": {"connector": {"initiator": "iqn.1994-05.com.example:n1", "ip": "127.0.0.1",
+        "host": "n1", "platform": "x86_64", "os_type": "linux", "multipath": "False", "mountpoint": "/dev/vdb"}}}"#;
+    let (status, body) =
+        http(addr, "PUT", &format!("/v3/demo/attachments/{att}"), &h, Some(connector));
+    assert_eq!(status, 200, "{body}");
+    let info = &body["attachment"]["connection_info"];
+    assert_eq!(info["driver_volume_type"], "iscsi", "{body}");
+    assert_eq!(info["attachment_id"], att.as_str());
+    assert!(info["data"].is_null(), "attachments API flattens connection_info: {info}");
+    assert_eq!(volume_status(addr, &id)["status"], "attaching");
+
+    let (status, _) = http(
+        addr,
+        "POST",
+        &format!("/v3/demo/attachments/{att}/action"),
+        &h,
+        Some(r#"{"os-complete": null}"#),
+    );
+    assert_eq!(status, 204);
+    let v = volume_status(addr, &id);
+    assert_eq!(v["status"], "in-use");
+    assert_eq!(v["attachments"][0]["attachment_id"], att.as_str(), "{v}");
+
+    // Online extend needs 3.42; older microversions refuse it on an in-use volume.
+    let old = [("X-Auth-Token", "admin:demo"), ("OpenStack-API-Version", "volume 3.41")];
+    let extend = r#"{"os-extend": {"new_size": 2}}"#;
+    let (status, _) =
+        http(addr, "POST", &format!("/v3/demo/volumes/{id}/action"), &old, Some(extend));
+    assert_eq!(status, 400);
+    let (status, _) =
+        http(addr, "POST", &format!("/v3/demo/volumes/{id}/action"), &h, Some(extend));
+    assert_eq!(status, 202);
+    wait_for("extended, still in-use", Duration::from_secs(60), || {
+        let v = volume_status(addr, &id);
+        v["status"] == "in-use" && v["size"] == 2
+    });
+
+    let (status, body) = http(addr, "DELETE", &format!("/v3/demo/attachments/{att}"), &h, None);
+    assert_eq!(status, 200, "{body}");
+    let v = volume_status(addr, &id);
+    assert_eq!(v["status"], "available");
+    assert_eq!(v["attachments"], json!([]));
+    // Another project cannot see the attachment or the volume.
+    let other = [("X-Auth-Token", "eve:evil"), ("OpenStack-API-Version", "volume 3.67")];
+    assert_eq!(http(addr, "GET", &format!("/v3/evil/volumes/{id}"), &other, None).0, 404);
+    let (status, _) = http(addr, "POST", "/v3/evil/attachments", &other, Some(&create.to_string()));
+    assert_eq!(status, 404);
+}
