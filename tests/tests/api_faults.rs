@@ -48,9 +48,17 @@ fn http(
 }
 
 fn start(db: &std::path::Path) -> (Daemon, SocketAddr) {
+    start_with(db, &[])
+}
+
+fn start_with(db: &std::path::Path, extra: &[&str]) -> (Daemon, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new(binary("tandem-api"));
-    command.args(["--listen", &addr.to_string(), "--database"]).arg(db).stdin(Stdio::null());
+    command
+        .args(["--listen", &addr.to_string(), "--database"])
+        .arg(db)
+        .args(extra)
+        .stdin(Stdio::null());
     let mut daemon = Daemon::spawn("tandem-api", command);
     daemon.wait_for_port(addr, Duration::from_secs(60));
     (daemon, addr)
@@ -439,4 +447,63 @@ fn discovery_faults_isolation_status_machine_and_restart() {
     assert_eq!(shown["volume"]["status"], "available", "{shown}");
     assert_eq!(shown["volume"]["bootable"], "true", "{shown}");
     assert_eq!(shown["volume"]["metadata"], json!({"k": "v"}));
+}
+
+#[test]
+fn static_tokens_scope_members_and_let_admins_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("tokens.json");
+    std::fs::write(
+        &config,
+        r#"{"tokens": [
+            {"token": "member-token", "user_id": "alice", "project_id": "demo", "roles": ["member"]},
+            {"token": "admin-token", "user_id": "ops", "project_id": "ops", "roles": ["admin"]}]}"#,
+    )
+    .unwrap();
+    let (_daemon, addr) =
+        start_with(&dir.path().join("api.sqlite"), &["--auth-config", config.to_str().unwrap()]);
+    let member = [("X-Auth-Token", "member-token")];
+    let bearer = [("Authorization", "Bearer member-token")];
+    let admin = [("X-Auth-Token", "admin-token")];
+    assert_fault(
+        &http(addr, "GET", "/v3/demo/volumes", &[], None),
+        401,
+        "unauthorized",
+        "no token",
+    );
+    assert_fault(
+        &http(addr, "GET", "/v3/demo/volumes", &[("X-Auth-Token", "admin:demo")], None),
+        401,
+        "unauthorized",
+        "noauth token",
+    );
+    assert_eq!(http(addr, "GET", "/v3/demo/volumes", &member, None).status, 200);
+    assert_eq!(
+        http(addr, "GET", "/v3/volumes", &bearer, None).status,
+        200,
+        "project from the token"
+    );
+    assert_fault(
+        &http(addr, "GET", "/v3/ops/volumes", &member, None),
+        403,
+        "forbidden",
+        "member in another project's URL",
+    );
+    let r = http(addr, "POST", "/v3/volumes", &member, Some(r#"{"volume": {"size": 1}}"#));
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["volume"]["os-vol-tenant-attr:tenant_id"], "demo");
+    assert_fault(
+        &http(addr, "POST", "/v3/demo/types", &member, Some(r#"{"volume_type": {"name": "t"}}"#)),
+        403,
+        "forbidden",
+        "member type-create",
+    );
+    assert_eq!(
+        http(addr, "POST", "/v3/ops/types", &admin, Some(r#"{"volume_type": {"name": "t"}}"#))
+            .status,
+        200
+    );
+    // An admin acts on any project named in the URL.
+    let listed = http(addr, "GET", "/v3/demo/volumes", &admin, None);
+    assert_eq!(listed.body["volumes"].as_array().map(Vec::len), Some(1), "{}", listed.body);
 }

@@ -2,8 +2,9 @@
 //! config file, each with its project and roles.
 //!
 //! Config file (JSON):
-//! `{"tokens": [{"token": "s3cret", "user_id": "alice", "project_id": "demo", "roles": ["member"]}],
-//!   "node_token": "t0ken"}`
+//! `{"tokens": [{"token": "s3cret", "user_id": "alice", "project_id": "demo", "roles": ["member"]},
+//!              {"token": "r00t", "user_id": "ops", "project_id": "admin", "roles": ["admin"]}]}`
+//! Tokens arrive as `X-Auth-Token: TOKEN` or `Authorization: Bearer TOKEN`.
 
 use crate::fault::Fault;
 use axum::http::HeaderMap;
