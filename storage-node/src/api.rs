@@ -66,12 +66,24 @@ pub struct PeerJson {
 }
 
 #[derive(Debug, Serialize)]
+pub struct ExportJson {
+    pub portal: String,
+    pub target_iqn: String,
+    pub lun: u32,
+}
+
+/// A resource as tandem-api's node contract (volume-api/node-control-api.yaml, ResourceStatus)
+/// describes it, plus DRBD detail: `role` is `primary`/`secondary`, `export` is set where this
+/// node serves I/O (Primary).
+#[derive(Debug, Serialize)]
 pub struct ResourceJson {
     pub name: String,
     pub up: bool,
     pub role: String,
-    pub disk: String,
+    /// DRBD's disk state word (UpToDate, Inconsistent, ...; Diskless while down).
+    pub disk_state: String,
     pub size_bytes: u64,
+    pub export: Option<ExportJson>,
     pub target_iqn: String,
     pub lun: Option<u32>,
     pub portal: String,
@@ -111,45 +123,44 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> ResourceJson {
-    let (role, disk, peers) = match &view {
+    let primary = view.as_ref().is_some_and(|v| v.role == drbd_engine::protocol::Role::Primary);
+    let (disk_state, peers) = match &view {
         Some(v) => (
-            v.role.to_string(),
             v.volumes.first().map(|d| d.disk.to_string()).unwrap_or_default(),
             v.peers
                 .iter()
-                .map(|p| PeerJson {
-                    name: p.name.clone(),
-                    node_id: p.node_id,
-                    connection: p.connection.to_string(),
-                    replication: p
-                        .volumes
-                        .first()
-                        .map(|x| x.replication.to_string())
-                        .unwrap_or_default(),
-                    peer_disk: p
-                        .volumes
-                        .first()
-                        .map(|x| x.peer_disk.to_string())
-                        .unwrap_or_default(),
-                    out_of_sync_bytes: p
-                        .volumes
-                        .first()
-                        .map(|x| x.out_of_sync_kib * 1024)
-                        .unwrap_or(0),
+                .map(|p| {
+                    let volume = p.volumes.first();
+                    PeerJson {
+                        name: p.name.clone(),
+                        node_id: p.node_id,
+                        connection: p.connection.to_string(),
+                        replication: volume.map(|x| x.replication.to_string()).unwrap_or_default(),
+                        peer_disk: volume.map(|x| x.peer_disk.to_string()).unwrap_or_default(),
+                        out_of_sync_bytes: volume.map_or(0, |x| x.out_of_sync_kib * 1024),
+                    }
                 })
                 .collect(),
         ),
-        None => ("Unconfigured".into(), "Diskless".into(), Vec::new()),
+        None => ("Diskless".into(), Vec::new()),
     };
+    let target_iqn = host.settings.target_name(&slot.name);
+    let portal = host.settings.portal.to_string();
     ResourceJson {
         name: slot.name.clone(),
         up: view.is_some(),
-        role,
-        disk,
+        role: if primary { "primary" } else { "secondary" }.into(),
+        disk_state,
         size_bytes: slot.size_bytes.load(std::sync::atomic::Ordering::Acquire),
-        target_iqn: host.settings.target_name(&slot.name),
+        export: match (primary, slot.volume()) {
+            (true, Some(lun)) => {
+                Some(ExportJson { portal: portal.clone(), target_iqn: target_iqn.clone(), lun })
+            }
+            _ => None,
+        },
+        target_iqn,
         lun: slot.volume(),
-        portal: host.settings.portal.to_string(),
+        portal,
         peers,
     }
 }
@@ -220,7 +231,16 @@ async fn promote(
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad promote body: {e}")),
         }
     };
-    verb(&state, Verb::Primary, &name, Options { force, ..Default::default() }).await
+    no_content(verb(&state, Verb::Primary, &name, Options { force, ..Default::default() }).await)
+}
+
+/// Promote and demote answer 204 on success, as tandem-api's node contract says.
+fn no_content(response: Response) -> Response {
+    if response.status() == StatusCode::OK {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        response
+    }
 }
 
 async fn demote(
@@ -231,7 +251,29 @@ async fn demote(
     if let Some(r) = unauthorized(&state, &headers) {
         return r;
     }
-    verb(&state, Verb::Secondary, &name, Options::default()).await
+    no_content(verb(&state, Verb::Secondary, &name, Options::default()).await)
+}
+
+/// tandem-api's `PUT /v1/resources/{name}` (peers as control-API URLs, per-volume target IQN
+/// and CHAP) needs two things this node does not have yet: an agreement between nodes on
+/// node ids and replication ports, and per-target CHAP in the iSCSI target. Say so.
+async fn put_resource(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Some(r) = unauthorized(&state, &headers) {
+        return r;
+    }
+    error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!(
+            "PUT /v1/resources/{name} (peers by URL, per-volume IQN and CHAP) is not supported \
+             yet: node ids and replication ports are not negotiated between nodes and the iSCSI \
+             target has one CHAP identity per portal; create with POST /v1/resources (explicit \
+             nodes, ids, addresses and disks), see /v1/openapi.json"
+        ),
+    )
 }
 
 async fn skip_initial_sync(
@@ -405,7 +447,13 @@ async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
             "free_bytes": s.blocks_available() * fragment,
         })
     });
+    let total = capacity.as_ref().map_or(0, |c| c["total_bytes"].as_u64().unwrap_or(0));
+    let free = capacity.as_ref().map_or(0, |c| c["free_bytes"].as_u64().unwrap_or(0));
     Json(json!({
+        "name": host.node_name,
+        "availability_zone": host.settings.availability_zone,
+        "total_bytes": total,
+        "free_bytes": free,
         "node": host.node_name,
         "portal": host.settings.portal.to_string(),
         "resources": host.slots().len(),
@@ -424,7 +472,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/resources", get(list).post(create))
-        .route("/v1/resources/{name}", get(show).delete(delete))
+        .route("/v1/resources/{name}", get(show).delete(delete).put(put_resource))
         .route("/v1/resources/{name}/promote", post(promote))
         .route("/v1/resources/{name}/demote", post(demote))
         .route("/v1/resources/{name}/skip-initial-sync", post(skip_initial_sync))

@@ -38,6 +38,8 @@ pub struct NodeSettings {
     pub api_listen: Option<SocketAddr>,
     /// The bearer token the HTTP control API requires.
     pub api_token: Option<String>,
+    /// Reported to tandem-api (Cinder's availability zone); "nova" like Cinder's default.
+    pub availability_zone: String,
 }
 
 impl Default for NodeSettings {
@@ -52,6 +54,7 @@ impl Default for NodeSettings {
             node: None,
             api_listen: None,
             api_token: None,
+            availability_zone: "nova".into(),
         }
     }
 }
@@ -96,6 +99,7 @@ impl NodeSettings {
                         .map_err(|_| format!("api-listen wants ADDRESS:PORT, got '{value}'"))?,
                 );
             }
+            "availability-zone" => self.availability_zone = value.to_owned(),
             "api-token" => {
                 if value.len() < 16 {
                     return Err("api-token must be at least 16 characters".into());
@@ -105,7 +109,7 @@ impl NodeSettings {
             _ => {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
-                     iqn-prefix, chap, mutual-chap, node, api-listen, api-token)"
+                     iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone)"
                 ));
             }
         }

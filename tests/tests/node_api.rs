@@ -132,11 +132,23 @@ fn http_api_creates_promotes_and_deletes_a_replicated_volume() {
         http(a.api, "POST", "/v1/resources/vol1/skip-initial-sync", Some(TOKEN), "");
     assert_eq!(status, 200, "{body}");
     let (status, body) = http(a.api, "POST", "/v1/resources/vol1/promote", Some(TOKEN), "{}");
+    assert_eq!(status, 204, "{body}");
+    // tandem-api's ResourceStatus fields (volume-api/node-control-api.yaml).
+    let (status, body) = http(a.api, "GET", "/v1/resources/vol1", Some(TOKEN), "");
     assert_eq!(status, 200, "{body}");
-    assert!(
-        body.contains("\"role\":\"Primary\"") && body.contains("\"disk\":\"UpToDate\""),
-        "{body}"
-    );
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["role"], "primary", "{body}");
+    assert_eq!(json["disk_state"], "UpToDate", "{body}");
+    assert_eq!(json["size_bytes"], 16_777_216, "{body}");
+    assert_eq!(json["export"]["target_iqn"], "iqn.2026-11.org.tandem:vol1", "{body}");
+    assert_eq!(json["export"]["portal"], a.portal.to_string(), "{body}");
+    assert_eq!(json["export"]["lun"], 0, "{body}");
+    let (_, body) = http(b.api, "GET", "/v1/resources/vol1", Some(TOKEN), "");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["role"], "secondary", "{body}");
+    assert!(json["export"].is_null(), "a secondary does not export: {body}");
+    let (status, body) = http(a.api, "PUT", "/v1/resources/vol9", Some(TOKEN), "{}");
+    assert_eq!(status, 501, "{body}");
     let (status, body) = http(b.api, "POST", "/v1/resources/vol1/promote", Some(TOKEN), "");
     assert_eq!(status, 409, "the peer is primary: {body}");
     assert!(body.contains("refusing to become primary"), "{body}");
@@ -144,7 +156,11 @@ fn http_api_creates_promotes_and_deletes_a_replicated_volume() {
     assert_eq!(status, 501);
     let (status, body) = http(a.api, "GET", "/v1/node", Some(TOKEN), "");
     assert_eq!(status, 200);
-    assert!(body.contains("\"free_bytes\"") && body.contains("\"node\":\"alpha\""), "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["name"], "alpha", "{body}");
+    assert_eq!(json["availability_zone"], "nova", "{body}");
+    assert!(json["total_bytes"].as_u64().unwrap_or(0) > 0, "{body}");
+    assert!(json["free_bytes"].as_u64().is_some(), "{body}");
 
     // tandemadm sees the same resource.
     let status_text = run_ok(

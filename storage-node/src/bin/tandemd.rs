@@ -49,10 +49,16 @@ fn parse_args() -> anyhow::Result<Args> {
         match flag.as_str() {
             "-c" | "--config" => config_path = value.into(),
             "--node-file" => node_file = Some(PathBuf::from(value)),
-            "--node" | "--portal" | "--control-socket" | "--state-dir" | "--iqn-prefix"
-            | "--chap" | "--mutual-chap" | "--api-listen" | "--api-token" => {
-                flags.push((flag[2..].to_owned(), value))
-            }
+            "--node"
+            | "--portal"
+            | "--control-socket"
+            | "--state-dir"
+            | "--iqn-prefix"
+            | "--chap"
+            | "--mutual-chap"
+            | "--api-listen"
+            | "--api-token"
+            | "--availability-zone" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
