@@ -365,8 +365,19 @@ async fn create(
             format!("no node named {} (this node)", host.node_name),
         );
     };
-    if host.slot(&request.name).is_some() {
-        return error(StatusCode::CONFLICT, format!("resource {} exists", request.name));
+    if let Some(slot) = host.slot(&request.name) {
+        // Idempotent like tandem-api's contract: the same resource again answers 200.
+        let file = api_resource_directory(&host.settings).join(format!("{}.res", request.name));
+        let same = std::fs::read_to_string(&file).is_ok_and(|existing| existing == text)
+            && slot.size_bytes.load(std::sync::atomic::Ordering::Acquire) == request.size_bytes;
+        if same && slot.device().is_some() {
+            let view = host.view(&slot).await;
+            return Json(resource_json(host, &slot, view)).into_response();
+        }
+        return error(
+            StatusCode::CONFLICT,
+            format!("resource {} exists with other settings", request.name),
+        );
     }
     let directory = api_resource_directory(&host.settings);
     let disk = std::path::PathBuf::from(&me.disk);

@@ -94,7 +94,10 @@ fn http_api_creates_promotes_and_deletes_a_replicated_volume() {
         assert!(body.contains("\"target_iqn\":\"iqn.2026-11.org.tandem:vol1\""), "{body}");
     }
     let (status, body) = http(a.api, "POST", "/v1/resources", Some(TOKEN), &create);
-    assert_eq!(status, 409, "{body}");
+    assert_eq!(status, 200, "creating the same resource again is idempotent: {body}");
+    let (status, body) =
+        http(a.api, "POST", "/v1/resources", Some(TOKEN), &create.replace("16777216", "33554432"));
+    assert_eq!(status, 409, "same name, other size: {body}");
     // A second resource on the same portal, added while tandemd runs.
     let ports2 = [free_port(), free_port()];
     let create2 = create
