@@ -39,6 +39,28 @@ pub fn update_volume(
     Ok(Some(v))
 }
 
+/// Like `update_volume`, but only when the volume is still in `expected`, the status the caller
+/// checked its transition against: two racing requests cannot both move the same volume.
+pub fn update_volume_from(
+    state: &AppState,
+    id: &str,
+    expected: VolumeStatus,
+    change: impl FnOnce(&mut Volume),
+) -> Result<Volume, Fault> {
+    let db = state.db();
+    let mut v = db.get::<Volume>(Table::Volumes, id)?.ok_or_else(|| Fault::volume_not_found(id))?;
+    if v.status != expected {
+        return Err(Fault::invalid_volume(format!(
+            "Volume status changed from {expected} to {} while the request ran; retry.",
+            v.status
+        )));
+    }
+    change(&mut v);
+    v.updated_at = Some(now_text());
+    db.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
+    Ok(v)
+}
+
 pub fn update_snapshot(
     state: &AppState,
     id: &str,

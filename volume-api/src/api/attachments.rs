@@ -11,7 +11,7 @@ use crate::db::Table;
 use crate::fault::Fault;
 use crate::model::{self, Attachment, Volume};
 use crate::status::{self, Action, Facts};
-use crate::worker::{now_text, update_volume};
+use crate::worker::{now_text, update_volume, update_volume_from};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -84,7 +84,7 @@ fn connect(
         Facts { other_attachments: others, snapshots: 0 },
     )
     .map_err(|e| Fault::invalid_volume(e.0))?;
-    update_volume(state, &v.id, |v| v.status = next)?;
+    update_volume_from(state, &v.id, v.status, |v| v.status = next)?;
     a.connector = Some(connector);
     a.attach_status = "attaching".into();
     a.attached_host = a
@@ -147,14 +147,13 @@ pub async fn create(
     if let Some(c) = connector {
         // Check the whole step before writing anything.
         require_exported(&v)?;
-        let v = update_volume(&state, &v.id, |v| v.status = next)?
-            .ok_or_else(|| Fault::volume_not_found(&volume_id))?;
+        let v = update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
         if let Err(e) = connect(&state, &v, &mut a, c) {
             update_volume(&state, &v.id, |v| v.status = status::VolumeStatus::Available)?;
             return Err(e);
         }
     } else {
-        update_volume(&state, &v.id, |v| v.status = next)?;
+        update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
     }
     state.db().put(
         Table::Attachments,
@@ -223,7 +222,7 @@ pub async fn action(
             Facts { other_attachments: others, snapshots: 0 },
         )
         .map_err(|e| Fault::invalid_volume(e.0))?;
-        update_volume(&state, &v.id, |v| {
+        update_volume_from(&state, &v.id, v.status, |v| {
             v.status = next;
             v.attach_status = status::AttachStatus::Attached;
         })?;
@@ -253,7 +252,7 @@ pub async fn delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
             Facts { other_attachments: others, snapshots: 0 },
         )
         .map_err(|e| Fault::invalid_volume(e.0))?;
-        update_volume(&state, &v.id, |v| {
+        update_volume_from(&state, &v.id, v.status, |v| {
             v.status = next;
             v.attach_status = status::attach_status_for(next, others);
         })?;

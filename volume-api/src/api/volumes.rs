@@ -11,7 +11,7 @@ use crate::fault::Fault;
 use crate::model::{self, Attachment, Snapshot, Volume, VolumeType};
 use crate::quota;
 use crate::status::{self, Action, AttachStatus, Facts, VolumeStatus};
-use crate::worker::{self, now_text, update_volume};
+use crate::worker::{self, now_text, update_volume, update_volume_from};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -476,7 +476,7 @@ pub async fn delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
         }
         Err(e) => return Err(Fault::invalid_volume(e.0)),
     };
-    update_volume(&state, &v.id, |v| v.status = next)?;
+    update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
     if cascade {
         for s in &snaps {
             worker::update_snapshot(&state, &s.id, |s| s.status = "deleting".into())?;
@@ -584,11 +584,10 @@ fn apply(state: &AppState, v: &Volume, action: Action, facts: Facts) -> Result<V
     let next =
         status::transition(v.status, action, facts).map_err(|e| Fault::invalid_volume(e.0))?;
     let live = facts.other_attachments;
-    update_volume(state, &v.id, |v| {
+    update_volume_from(state, &v.id, v.status, |v| {
         v.status = next;
         v.attach_status = status::attach_status_for(next, live);
-    })?
-    .ok_or_else(|| Fault::volume_not_found(&v.id))
+    })
 }
 
 fn connector_of(args: &Value) -> Result<Map<String, Value>, Fault> {
@@ -663,7 +662,7 @@ pub async fn action(
                 },
             )?;
             let before = v.status;
-            update_volume(&state, &v.id, |v| {
+            update_volume_from(&state, &v.id, before, |v| {
                 v.status = next;
                 v.status_before = Some(before);
             })?;
