@@ -5,7 +5,7 @@
 //! tandem-replica --node-id 0 --listen 127.0.0.1:7789 --peer 1=127.0.0.1:7790 \
 //!     --backing /tmp/a.img --meta /tmp/a.tmeta --size-bytes 67108864 [--protocol C]
 //!     [--engine sync|uring] [--al-extents 64] [--resync-rate-kib 0 (dynamic)]
-//!     [--meta-format v09|sidecar]   (v09: DRBD 9 flex-external metadata, drbdmeta reads it)
+//!     [--meta-format v09|sidecar] [--direct-io]   (v09: DRBD 9 flex-external metadata, drbdmeta reads it)
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
@@ -57,6 +57,7 @@ fn parse_args() -> Result<DriverConfig> {
     let mut al_extents = 64;
     let mut resync_rate_kib = 0u64;
     let mut meta_format = MetaFormat::V09External;
+    let mut direct_io = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -84,6 +85,7 @@ fn parse_args() -> Result<DriverConfig> {
             "--engine" => engine = value()?.parse()?,
             "--al-extents" => al_extents = value()?.parse()?,
             "--resync-rate-kib" => resync_rate_kib = value()?.parse()?,
+            "--direct-io" => direct_io = true,
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
                     "v09" => MetaFormat::V09External,
@@ -111,7 +113,7 @@ fn parse_args() -> Result<DriverConfig> {
         backing_path: backing.context("--backing is required")?,
         size_bytes,
         engine,
-        direct_io: false,
+        direct_io,
         meta_path: meta.context("--meta is required")?,
         meta_format,
         protocol,
