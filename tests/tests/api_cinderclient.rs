@@ -43,7 +43,7 @@ struct FixtureState {
 pub struct FixtureNode {
     pub url: String,
     state: Arc<Mutex<FixtureState>>,
-    /// Milliseconds every resource creation waits before starting: a slow node.
+    /// Milliseconds every resource creation or resize waits before starting: a slow node.
     create_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -157,7 +157,9 @@ fn serve_one(
     }
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
-    if method == "PUT" && path.starts_with("/v1/resources/") && !path.contains("/snapshots/") {
+    let creating =
+        method == "PUT" && path.starts_with("/v1/resources/") && !path.contains("/snapshots/");
+    if creating || path.ends_with("/resize") {
         let delay = create_delay_ms.load(std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(delay));
     }
@@ -792,6 +794,33 @@ fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
     std::thread::sleep(Duration::from_secs(3));
     for node in &nodes {
         assert_eq!(node.images().len(), 1, "{:?}", node.images());
+    }
+    // Killed mid-extend: the restarted API finishes the extend to the recorded size.
+    nodes[0].delay_creates(Duration::from_secs(3));
+    let (status, _) = http(
+        addr,
+        "POST",
+        &format!("/v3/demo/volumes/{id}/action"),
+        &admin,
+        Some(r#"{"os-extend": {"new_size": 2}}"#),
+    );
+    assert_eq!(status, 202);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(volume_status(addr, &id)["status"], "extending");
+    let mut daemon = _daemon;
+    daemon.kill9();
+    drop(daemon);
+    nodes[0].delay_creates(Duration::ZERO);
+    let (_daemon, addr) = spawn_api(dir.path(), &nodes);
+    wait_for("extend finished after restart", Duration::from_secs(60), || {
+        let v = volume_status(addr, &id);
+        assert_ne!(v["status"], "error_extending", "{v}");
+        v["status"] == "available" && v["size"] == 2
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    for node in &nodes {
+        let len = std::fs::metadata(&node.images()[0]).unwrap().len();
+        assert_eq!(len, 2 * GIB, "every replica grown");
     }
     let (status, _) = http(addr, "DELETE", &format!("/v3/demo/volumes/{id}"), &admin, None);
     assert_eq!(status, 202);

@@ -39,6 +39,10 @@ pub struct Volume {
     /// The status a long operation started from (an extend of an attached volume returns to
     /// in-use).
     pub status_before: Option<VolumeStatus>,
+    /// The size an extend in progress grows to, recorded before the nodes are asked so a
+    /// restart can finish it (resizing is idempotent on the nodes).
+    #[serde(default)]
+    pub extend_to_gib: Option<u64>,
     /// Why the last operation failed, for the operator.
     pub error: Option<String>,
 }

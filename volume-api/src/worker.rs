@@ -267,6 +267,7 @@ pub fn extend_volume(state: &Arc<AppState>, id: String, new_size_gib: u64) {
         .await;
         let _ = update_volume(&s, &id, |v| {
             let before = v.status_before.take().unwrap_or(VolumeStatus::Available);
+            v.extend_to_gib = None;
             match result {
                 Ok(()) => {
                     v.size_gib = new_size_gib;
@@ -397,14 +398,16 @@ pub fn reconcile(state: &Arc<AppState>) -> Result<(), Fault> {
         match v.status {
             VolumeStatus::Creating => create_volume(state, v.id),
             VolumeStatus::Deleting => delete_volume(state, v.id),
-            VolumeStatus::Extending => {
-                // The new size was not recorded yet; the old size is what the nodes may still
-                // have, so the extend is rolled back to an error the operator can see.
-                update_volume(state, &v.id, |v| {
-                    v.status = VolumeStatus::ErrorExtending;
-                    v.error = Some("interrupted by a restart of tandem-api".into());
-                })?;
-            }
+            VolumeStatus::Extending => match v.extend_to_gib {
+                Some(size) => extend_volume(state, v.id, size),
+                // Without the target size there is nothing to replay: the operator sees it.
+                None => {
+                    update_volume(state, &v.id, |v| {
+                        v.status = VolumeStatus::ErrorExtending;
+                        v.error = Some("extend interrupted by a restart of tandem-api".into());
+                    })?;
+                }
+            },
             _ => {}
         }
     }

@@ -224,6 +224,7 @@ pub async fn create(
         chap_secret: model::new_secret(16),
         portals: Vec::new(),
         status_before: None,
+        extend_to_gib: None,
         error: None,
     };
     {
@@ -665,6 +666,7 @@ pub async fn action(
             update_volume_from(&state, &v.id, before, |v| {
                 v.status = next;
                 v.status_before = Some(before);
+                v.extend_to_gib = Some(new_size);
             })?;
             worker::extend_volume(&state, v.id, new_size);
             reply_empty(202)
