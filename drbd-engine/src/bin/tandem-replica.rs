@@ -45,6 +45,13 @@ pub fn fill_block(block: u64, generation: u64) -> Vec<u8> {
     out
 }
 
+const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=ADDR... \
+--backing FILE --meta FILE [--size-bytes N] [--protocol A|B|C] [--engine sync|uring] \
+[--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io]
+then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush |
+connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
+stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN";
+
 fn parse_args() -> Result<DriverConfig> {
     let mut node_id = None;
     let mut listen = None;
@@ -93,7 +100,11 @@ fn parse_args() -> Result<DriverConfig> {
                     other => bail!("unknown metadata format {other:?} (v09 or sidecar)"),
                 }
             }
-            other => bail!("unknown argument {other:?}"),
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
     let resync_rate = if resync_rate_kib == 0 {

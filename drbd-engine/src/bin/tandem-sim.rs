@@ -5,6 +5,10 @@
 use drbd_engine::sim;
 use std::process::ExitCode;
 
+const USAGE: &str = "usage: tandem-sim --seed S --count N [--nodes 2] [--verbose]
+runs seeds S..S+N-1; the last line is `N seeds, V violations` (exit 1 when V > 0);
+a failing seed is reproduced with `tandem-sim --seed S --count 1` (TANDEM_SIM_TRACE=1 traces it)";
+
 fn parse_args() -> Result<(u64, u64, usize, bool), String> {
     let mut seed = None;
     let mut count = 1u64;
@@ -19,9 +23,10 @@ fn parse_args() -> Result<(u64, u64, usize, bool), String> {
             "--nodes" => nodes = value("--nodes")?.parse().map_err(|e| format!("--nodes: {e}"))?,
             "--verbose" => verbose = true,
             "--help" | "-h" => {
-                return Err("usage: tandem-sim --seed S --count N [--nodes 2] [--verbose]".into());
+                println!("{USAGE}");
+                std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other:?}")),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
     let seed = seed.ok_or("--seed S is required")?;
