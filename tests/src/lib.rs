@@ -178,6 +178,9 @@ impl Daemon {
         let log_clone = log.try_clone().expect("duplicating the log file handle");
         command.stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(log_clone));
         command.env("RUST_BACKTRACE", "1");
+        // A process group of its own, so that dropping the handle also reaps what the daemon
+        // started (QEMU under tandem-compute, say) even when the daemon had to be SIGKILLed.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command.spawn().unwrap_or_else(|error| {
             panic!("starting {name} ({:?}): {error}", command.get_program())
         });
@@ -255,6 +258,18 @@ impl Daemon {
         }
     }
 
+    /// SIGKILLs whatever is left of the daemon's process group (its own children), by the group
+    /// id the daemon was started with.
+    fn kill_process_group(&self) {
+        let Some(child) = self.child.as_ref() else { return };
+        if let Ok(pgid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
     /// Stops the process with SIGTERM and waits for its exit, escalating to SIGKILL after the
     /// grace period. Returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
@@ -283,6 +298,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let status = self.stop();
+        self.kill_process_group();
         if thread::panicking() {
             let how = match status {
                 Some(status) if status.signal().is_some() => format!("{status}"),
@@ -509,6 +525,28 @@ mod unit {
                 .map(|stat| !stat.contains(") Z "))
                 .unwrap_or(false);
         assert!(!alive, "the daemon's process is gone after drop");
+    }
+
+    #[test]
+    fn dropping_a_daemon_reaps_its_children_too() {
+        let mut command = Command::new("sh");
+        // The child ignores SIGTERM, so only the group kill on drop can stop it.
+        command.args(["-c", "trap '' TERM; sleep 60 & echo child $!; wait"]);
+        let mut daemon = Daemon::spawn("parent", command);
+        daemon.wait_for_log("child ", Duration::from_secs(5));
+        let pid: i32 = daemon
+            .log()
+            .split_whitespace()
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .expect("the child's pid");
+        drop(daemon);
+        let gone = wait_until(Duration::from_secs(5), || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|stat| stat.contains(") Z "))
+                .unwrap_or(true)
+        });
+        assert!(gone, "the daemon's child {pid} is gone after drop");
     }
 
     #[test]
