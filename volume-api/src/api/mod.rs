@@ -2,6 +2,7 @@
 //! of `Fault` into Cinder's fault responses. Handlers live in the submodules by resource.
 
 mod attachments;
+mod metadata_body;
 mod misc;
 mod snapshots;
 mod types;

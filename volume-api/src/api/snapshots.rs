@@ -2,8 +2,8 @@
 
 use super::volumes::{check_quota, load as load_volume};
 use super::{
-    ApiResult, AppState, Ctx, body_object, boolish, metadata, only_keys, opt_string, reply,
-    reply_empty, take_object, views,
+    ApiResult, AppState, Ctx, body_object, boolish, metadata, metadata_body, only_keys, opt_string,
+    reply, reply_empty, take_object, views,
 };
 use crate::constants::{DESCRIPTION_BYTES_MAX, NAME_BYTES_MAX, PAGE_SIZE_MAX};
 use crate::db::Table;
@@ -220,16 +220,7 @@ async fn metadata_set(
     replace: bool,
 ) -> ApiResult {
     let s = load(&state, &ctx, ctx.param("snapshot_id"))?;
-    let mut body = body_object(body)?;
-    only_keys(&body, &["metadata"])?;
-    let meta = metadata(body.remove("metadata").as_ref(), "metadata")?.ok_or_else(|| {
-        Fault::BadRequest("Missing required element 'metadata' in request body.".into())
-    })?;
-    let mut merged = if replace { model::Metadata::new() } else { s.metadata.clone() };
-    merged.extend(meta);
-    if merged.len() > crate::constants::METADATA_ITEMS_MAX {
-        return Err(Fault::OverLimit("Maximum number of metadata items exceeded.".into()));
-    }
+    let merged = metadata_body::merged(&s.metadata, body, replace)?;
     let s = update_snapshot(&state, &s.id, |s| s.metadata = merged)?
         .ok_or_else(|| Fault::snapshot_not_found(&s.id))?;
     reply(200, json!({ "metadata": s.metadata }))
@@ -254,10 +245,7 @@ pub async fn metadata_replace(
 pub async fn metadata_item_show(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
     let s = load(&state, &ctx, ctx.param("snapshot_id"))?;
     let key = ctx.param("key");
-    let value = s
-        .metadata
-        .get(key)
-        .ok_or_else(|| Fault::NotFound(format!("Metadata item was not found with key {key}.")))?;
+    let value = metadata_body::existing(&s.metadata, key)?;
     reply(200, json!({ "meta": { key: value } }))
 }
 
@@ -268,18 +256,7 @@ pub async fn metadata_item_put(
 ) -> ApiResult {
     let s = load(&state, &ctx, ctx.param("snapshot_id"))?;
     let key = ctx.param("key").to_string();
-    let mut body = body_object(body)?;
-    only_keys(&body, &["meta"])?;
-    let meta = metadata(body.remove("meta").as_ref(), "meta")?.ok_or_else(|| {
-        Fault::BadRequest("Missing required element 'meta' in request body.".into())
-    })?;
-    if meta.len() != 1 || !meta.contains_key(&key) {
-        return Err(Fault::BadRequest("Request body and URI mismatch".into()));
-    }
-    let value = meta[&key].clone();
-    if !s.metadata.contains_key(&key) && s.metadata.len() >= crate::constants::METADATA_ITEMS_MAX {
-        return Err(Fault::OverLimit("Maximum number of metadata items exceeded.".into()));
-    }
+    let value = metadata_body::item_value(&s.metadata, &key, body)?;
     update_snapshot(&state, &s.id, |s| {
         s.metadata.insert(key.clone(), value.clone());
     })?;
@@ -289,9 +266,7 @@ pub async fn metadata_item_put(
 pub async fn metadata_item_delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
     let s = load(&state, &ctx, ctx.param("snapshot_id"))?;
     let key = ctx.param("key").to_string();
-    if !s.metadata.contains_key(&key) {
-        return Err(Fault::NotFound(format!("Metadata item was not found with key {key}.")));
-    }
+    metadata_body::existing(&s.metadata, &key)?;
     update_snapshot(&state, &s.id, |s| {
         s.metadata.remove(&key);
     })?;

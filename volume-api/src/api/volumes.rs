@@ -2,8 +2,8 @@
 
 use super::views;
 use super::{
-    ApiResult, AppState, Ctx, body_object, boolish, metadata, only_keys, opt_string, reply,
-    reply_empty, size_gib, take_object,
+    ApiResult, AppState, Ctx, body_object, boolish, metadata, metadata_body, only_keys, opt_string,
+    reply, reply_empty, size_gib, take_object,
 };
 use crate::constants::{DESCRIPTION_BYTES_MAX, NAME_BYTES_MAX, PAGE_SIZE_MAX};
 use crate::db::{Db, Table};
@@ -501,16 +501,7 @@ async fn metadata_set(
     replace: bool,
 ) -> ApiResult {
     let v = load(&state, &ctx, ctx.param("volume_id"))?;
-    let mut body = body_object(body)?;
-    only_keys(&body, &["metadata"])?;
-    let meta = metadata(body.remove("metadata").as_ref(), "metadata")?.ok_or_else(|| {
-        Fault::BadRequest("Missing required element 'metadata' in request body.".into())
-    })?;
-    let mut merged = if replace { model::Metadata::new() } else { v.metadata.clone() };
-    merged.extend(meta);
-    if merged.len() > crate::constants::METADATA_ITEMS_MAX {
-        return Err(Fault::OverLimit("Maximum number of metadata items exceeded.".into()));
-    }
+    let merged = metadata_body::merged(&v.metadata, body, replace)?;
     let v = update_volume(&state, &v.id, |v| v.metadata = merged)?
         .ok_or_else(|| Fault::volume_not_found(&v.id))?;
     reply(200, json!({ "metadata": v.metadata }))
@@ -535,10 +526,7 @@ pub async fn metadata_replace(
 pub async fn metadata_item_show(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
     let v = load(&state, &ctx, ctx.param("volume_id"))?;
     let key = ctx.param("key");
-    let value = v
-        .metadata
-        .get(key)
-        .ok_or_else(|| Fault::NotFound(format!("Metadata item was not found with key {key}.")))?;
+    let value = metadata_body::existing(&v.metadata, key)?;
     reply(200, json!({ "meta": { key: value } }))
 }
 
@@ -549,18 +537,7 @@ pub async fn metadata_item_put(
 ) -> ApiResult {
     let v = load(&state, &ctx, ctx.param("volume_id"))?;
     let key = ctx.param("key").to_string();
-    let mut body = body_object(body)?;
-    only_keys(&body, &["meta"])?;
-    let meta = metadata(body.remove("meta").as_ref(), "meta")?.ok_or_else(|| {
-        Fault::BadRequest("Missing required element 'meta' in request body.".into())
-    })?;
-    if meta.len() != 1 || !meta.contains_key(&key) {
-        return Err(Fault::BadRequest("Request body and URI mismatch".into()));
-    }
-    let value = meta[&key].clone();
-    if !v.metadata.contains_key(&key) && v.metadata.len() >= crate::constants::METADATA_ITEMS_MAX {
-        return Err(Fault::OverLimit("Maximum number of metadata items exceeded.".into()));
-    }
+    let value = metadata_body::item_value(&v.metadata, &key, body)?;
     update_volume(&state, &v.id, |v| {
         v.metadata.insert(key.clone(), value.clone());
     })?;
@@ -570,9 +547,7 @@ pub async fn metadata_item_put(
 pub async fn metadata_item_delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
     let v = load(&state, &ctx, ctx.param("volume_id"))?;
     let key = ctx.param("key").to_string();
-    if !v.metadata.contains_key(&key) {
-        return Err(Fault::NotFound(format!("Metadata item was not found with key {key}.")));
-    }
+    metadata_body::existing(&v.metadata, &key)?;
     update_volume(&state, &v.id, |v| {
         v.metadata.remove(&key);
     })?;
