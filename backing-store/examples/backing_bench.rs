@@ -2,9 +2,10 @@
 //!
 //! Run with: `cargo run --release -p backing-store --example backing_bench -- [--dir DIR]
 //! [--size-mib N] [--seconds S] [--rounds R] [--workloads 4k-randwrite-qd1,...]
-//! [--io buffered|direct|both]`
+//! [--io buffered|direct|both] [--inline on|off|both]`
 //!
-//! For each workload it runs every (engine, O_DIRECT) combination back to back, `--rounds`
+//! For each workload it runs every (engine, O_DIRECT, inline fast path) combination back to
+//! back, `--rounds`
 //! times alternating the order, so noise from a shared machine hits all engines alike. The
 //! file is filled with data first so reads hit allocated extents. Buffered reads mostly come
 //! from the page cache: they measure the engine's overhead, not the disk.
@@ -71,6 +72,8 @@ struct Arguments {
     workloads: Vec<String>,
     /// Run buffered, O_DIRECT, or both.
     direct_modes: Vec<bool>,
+    /// Inline fast path on, off, or both.
+    inline_modes: Vec<bool>,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -81,6 +84,7 @@ fn parse_arguments() -> Result<Arguments, String> {
         rounds: 2,
         workloads: Vec::new(),
         direct_modes: vec![false, true],
+        inline_modes: vec![false, true],
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -104,6 +108,14 @@ fn parse_arguments() -> Result<Arguments, String> {
                     other => {
                         return Err(format!("--io {other}: expected buffered, direct or both"));
                     }
+                };
+            }
+            "--inline" => {
+                arguments.inline_modes = match value.as_str() {
+                    "on" => vec![true],
+                    "off" => vec![false],
+                    "both" => vec![false, true],
+                    other => return Err(format!("--inline {other}: expected on, off or both")),
                 };
             }
             _ => return Err(format!("unknown flag {flag}")),
@@ -208,14 +220,17 @@ fn main() -> Result<(), String> {
         arguments.rounds
     );
     println!(
-        "{:<18} {:<6} {:<9} {:>10} {:>10} {:>10} {:>10}",
-        "workload", "engine", "io", "IOPS", "MiB/s", "avg_us", "cpu_us/op"
+        "{:<18} {:<6} {:<9} {:<6} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "workload", "engine", "io", "inline", "IOPS", "MiB/s", "avg_us", "cpu_us/op", "inline%"
     );
-    let mut configurations: Vec<(EngineKind, bool)> = arguments
-        .direct_modes
-        .iter()
-        .flat_map(|direct_io| [(EngineKind::Sync, *direct_io), (EngineKind::Uring, *direct_io)])
-        .collect();
+    let mut configurations: Vec<(EngineKind, bool, bool)> = Vec::new();
+    for &direct_io in &arguments.direct_modes {
+        for &inline in &arguments.inline_modes {
+            for engine in [EngineKind::Sync, EngineKind::Uring] {
+                configurations.push((engine, direct_io, inline));
+            }
+        }
+    }
     let selected = WORKLOADS.into_iter().filter(|workload| {
         arguments.workloads.is_empty()
             || arguments.workloads.iter().any(|name| name == workload.name)
@@ -225,13 +240,17 @@ fn main() -> Result<(), String> {
             if round % 2 == 1 {
                 configurations.reverse();
             }
-            for &(engine, direct_io) in &configurations {
+            for &(engine, direct_io, inline) in &configurations {
                 let options =
                     OpenOptions { engine, direct_io, create_size_bytes: None, read_only: false };
                 let store =
                     BackingStore::open(&path, &options).map_err(|error| error.to_string())?;
+                store.set_inline_io(inline);
                 let outcome = runtime.block_on(run(&store, workload, arguments.duration));
+                let counters = store.io_counters();
                 drop(store);
+                let inline_percent = 100.0 * counters.inline_served as f64
+                    / (counters.inline_served + counters.engine_served).max(1) as f64;
                 let seconds = outcome.elapsed.as_secs_f64();
                 let iops = outcome.operations as f64 / seconds;
                 let mib_per_s = iops * workload.block_bytes as f64 / f64::from(1u32 << 20);
@@ -239,14 +258,16 @@ fn main() -> Result<(), String> {
                     seconds * 1e6 * workload.queue_depth as f64 / outcome.operations.max(1) as f64;
                 let io = if direct_io { "O_DIRECT" } else { "buffered" };
                 println!(
-                    "{:<18} {:<6} {:<9} {:>10.0} {:>10.1} {:>10.1} {:>10.2}",
+                    "{:<18} {:<6} {:<9} {:<6} {:>10.0} {:>10.1} {:>10.1} {:>10.2} {:>8.1}",
                     workload.name,
                     engine,
                     io,
+                    if inline { "on" } else { "off" },
                     iops,
                     mib_per_s,
                     average_us,
-                    outcome.cpu.as_secs_f64() * 1e6 / outcome.operations.max(1) as f64
+                    outcome.cpu.as_secs_f64() * 1e6 / outcome.operations.max(1) as f64,
+                    inline_percent
                 );
             }
             if round % 2 == 1 {

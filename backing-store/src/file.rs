@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -71,6 +71,29 @@ impl WriteData {
 impl std::fmt::Debug for AlignedBuffer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AlignedBuffer({} bytes)", self.len())
+    }
+}
+
+/// Why a read or write stopped before transferring everything.
+#[derive(Debug)]
+pub(crate) enum Stop {
+    /// The request failed; the same error whichever path ran it.
+    Failed(Error),
+    /// RWF_NOWAIT: the data is not in the page cache, or the write would have to wait.
+    WouldBlock,
+    /// RWF_NOWAIT is refused by this file system for this kind of request.
+    NoWaitUnsupported,
+}
+
+impl Stop {
+    /// For transfers without RWF_NOWAIT, which can only fail.
+    fn into_error(self) -> Error {
+        match self {
+            Stop::Failed(error) => error,
+            Stop::WouldBlock | Stop::NoWaitUnsupported => {
+                panic!("a blocking transfer reported {self:?}")
+            }
+        }
     }
 }
 
@@ -276,62 +299,122 @@ impl BackingFile {
     }
 
     fn read_blocking(&self, offset: u64, len: usize) -> Result<Bytes, Error> {
-        let (file, mut buffer) = self.prepare_read(offset, len);
+        let (file, buffer) = self.prepare_read(offset, len);
+        self.read_transfer(file, buffer, offset, 0).map_err(Stop::into_error)
+    }
+
+    fn write_blocking(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Error> {
+        let (file, data) = self.prepare_write(offset, data);
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        self.write_transfer(file, data.as_slice(), offset, flags).map_err(Stop::into_error)
+    }
+
+    /// Whether a request on this range goes through the buffered descriptor (always, unless
+    /// O_DIRECT is in use and the range is aligned for it). Only those can be served inline:
+    /// an O_DIRECT read or write waits for the device whatever the flags.
+    pub(crate) fn uses_buffered(&self, offset: u64, len: usize) -> bool {
+        match &self.direct {
+            Some((_, alignment)) => !range_aligned(offset, len, alignment.offset_bytes),
+            None => true,
+        }
+    }
+
+    /// The inline fast path's read: preadv2(RWF_NOWAIT) on the buffered descriptor, which
+    /// succeeds only from the page cache. The caller checked `uses_buffered`.
+    pub(crate) fn read_nowait(&self, offset: u64, len: usize) -> Result<Bytes, Stop> {
+        assert!(self.uses_buffered(offset, len), "inline read on the O_DIRECT descriptor");
+        let buffer = AlignedBuffer::for_overwrite(len);
+        self.read_transfer(&self.buffered, buffer, offset, libc::RWF_NOWAIT)
+    }
+
+    /// The inline fast path's write: pwritev2(RWF_NOWAIT) on the buffered descriptor. The
+    /// caller checked `uses_buffered`.
+    pub(crate) fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<(), Stop> {
+        assert!(self.uses_buffered(offset, data.len()), "inline write on the O_DIRECT descriptor");
+        self.write_transfer(&self.buffered, data, offset, libc::RWF_NOWAIT)
+    }
+
+    /// Reads until `buffer` is full. Shared by the blocking and the inline path so both report
+    /// errors with the same kinds and messages. A short read is continued; under RWF_NOWAIT
+    /// the continuation may then stop with `WouldBlock`.
+    fn read_transfer(
+        &self,
+        file: &File,
+        mut buffer: AlignedBuffer,
+        offset: u64,
+        flags: i32,
+    ) -> Result<Bytes, Stop> {
+        let len = buffer.len();
         let mut done = 0;
         while done < len {
             let position = offset + u64_from(done);
-            match file.read_at(&mut buffer.as_mut_slice()[done..], position) {
+            match preadv2(file, &mut buffer.as_mut_slice()[done..], position, flags) {
                 Ok(0) => {
-                    return Err(Error::new(
+                    return Err(Stop::Failed(Error::new(
                         ErrorKind::Io,
                         format!(
                             "{}: unexpected end of file at {position}",
                             self.error_message("read", offset, u64_from(len))
                         ),
-                    ));
+                    )));
                 }
                 Ok(count) => done += count,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    return Err(Error::io(
-                        self.error_message("read", offset, u64_from(len)),
-                        error,
-                    ));
-                }
+                Err(error) => self.transfer_error("read", offset, len, flags, error)?,
             }
         }
         Ok(Bytes::from_owner(buffer))
     }
 
-    fn write_blocking(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), Error> {
+    /// Writes all of `data`; see `read_transfer`.
+    fn write_transfer(
+        &self,
+        file: &File,
+        data: &[u8],
+        offset: u64,
+        flags: i32,
+    ) -> Result<(), Stop> {
         let len = data.len();
-        let (file, data) = self.prepare_write(offset, data);
-        let slice = data.as_slice();
-        let flags = if fua { libc::RWF_DSYNC } else { 0 };
         let mut done = 0;
         while done < len {
             let position = offset + u64_from(done);
-            match pwritev2(file, &slice[done..], position, flags) {
+            match pwritev2(file, &data[done..], position, flags) {
                 Ok(0) => {
-                    return Err(Error::new(
+                    return Err(Stop::Failed(Error::new(
                         ErrorKind::Io,
                         format!(
                             "{}: the kernel wrote nothing at {position}",
                             self.error_message("write", offset, u64_from(len))
                         ),
-                    ));
+                    )));
                 }
                 Ok(count) => done += count,
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => {
-                    return Err(Error::io(
-                        self.error_message("write", offset, u64_from(len)),
-                        error,
-                    ));
-                }
+                Err(error) => self.transfer_error("write", offset, len, flags, error)?,
             }
         }
         Ok(())
+    }
+
+    /// Classifies a failed transfer call: `Ok` means retry (EINTR).
+    fn transfer_error(
+        &self,
+        operation: &str,
+        offset: u64,
+        len: usize,
+        flags: i32,
+        error: io::Error,
+    ) -> Result<(), Stop> {
+        let nowait = flags & libc::RWF_NOWAIT != 0;
+        match error.raw_os_error() {
+            Some(libc::EINTR) => Ok(()),
+            Some(libc::EAGAIN) if nowait => Err(Stop::WouldBlock),
+            // The file system cannot do this without blocking at all (ext4 and tmpfs writes,
+            // tmpfs reads on this 6.18 kernel).
+            Some(libc::EOPNOTSUPP) if nowait => Err(Stop::NoWaitUnsupported),
+            _ => Err(Stop::Failed(Error::io(
+                self.error_message(operation, offset, u64_from(len)),
+                error,
+            ))),
+        }
     }
 
     fn flush_blocking(&self) -> Result<(), Error> {
@@ -576,6 +659,19 @@ fn range_aligned(offset: u64, len: usize, alignment_bytes: usize) -> bool {
 pub(crate) fn u64_from(value: usize) -> u64 {
     // usize is at most 64 bits on every target Tandem builds for.
     u64::try_from(value).unwrap_or(u64::MAX)
+}
+
+fn preadv2(file: &File, buffer: &mut [u8], offset: u64, flags: i32) -> io::Result<usize> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let iovec = libc::iovec { iov_base: buffer.as_mut_ptr().cast(), iov_len: buffer.len() };
+    // SAFETY: one iovec describing `buffer`, which stays exclusively borrowed (alive, not
+    // otherwise accessed) for the whole call; preadv2 writes at most iov_len bytes into it.
+    let result = unsafe { libc::preadv2(file.as_raw_fd(), &iovec, 1, offset, flags) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(result).unwrap_or(0))
 }
 
 fn pwritev2(file: &File, data: &[u8], offset: u64, flags: i32) -> io::Result<usize> {

@@ -8,6 +8,16 @@
 //! at once per store; a request keeps its slot until the engine is done with it, even if the
 //! caller dropped the future.
 //!
+//! Inline fast path (`inline.rs`): before a request reaches the engine, small buffered reads
+//! and non-FUA writes (up to `constants::INLINE_IO_BYTES_MAX`) are tried on the caller's
+//! thread with preadv2/pwritev2(RWF_NOWAIT). The kernel does them only when it can without
+//! waiting (page-cache hits; writes where the file system supports it), so the caller's
+//! runtime thread never waits for the disk; otherwise (EAGAIN) the request goes to the engine
+//! unchanged. This saves the thread hop and both wake-ups, which were about half of the CPU of
+//! a 4 KiB request. An inline request holds an in-flight slot and ends through the same
+//! `Completion::complete` as an engine's, so the invariant above holds for both paths.
+//! `BackingStore::set_inline_io` turns it off; `io_counters` says which path served what.
+//!
 //! Requests are checked (range, size, read-only) before they are built, so a rejected request
 //! never touches the file.
 
@@ -16,6 +26,7 @@ pub mod constants;
 mod engine;
 mod error;
 mod file;
+mod inline;
 mod options;
 mod request;
 
@@ -27,6 +38,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 pub use crate::error::{Error, ErrorKind};
+pub use crate::inline::IoCounters;
 pub use crate::options::{EngineKind, OpenOptions, ParseEngineKindError};
 
 use crate::constants::{IN_FLIGHT_MAX, SYNC_WORKER_THREADS_MAX};
@@ -34,6 +46,7 @@ use crate::engine::Engine;
 use crate::engine::sync::SyncEngine;
 use crate::engine::uring::UringEngine;
 use crate::file::{BackingFile, u64_from};
+use crate::inline::{Attempt, InlinePath};
 use crate::request::{Completion, Operation, Output, Request};
 
 /// An open backing file or block device. Cheap to clone; all clones share one engine. The
@@ -48,6 +61,7 @@ struct Inner {
     engine: Box<dyn Engine>,
     file: Arc<BackingFile>,
     permits: Arc<Semaphore>,
+    inline: InlinePath,
 }
 
 // Callers share one store between tasks and threads; keep that true at compile time.
@@ -62,6 +76,7 @@ impl fmt::Debug for BackingStore {
             .field("path", &self.inner.file.path())
             .field("engine", &self.inner.engine.kind())
             .field("direct_io", &self.inner.file.is_direct())
+            .field("inline_io", &self.inner.inline.is_enabled())
             .field("size_bytes", &self.size_bytes())
             .finish()
     }
@@ -96,7 +111,10 @@ impl BackingStore {
             ),
         };
         let permits = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
-        Ok(BackingStore { inner: Arc::new(Inner { engine, file, permits }) })
+        // On by default: measured to cut CPU per I/O and QD1 latency (README, "Inline fast
+        // path"); it only ever applies to buffered requests.
+        let inline = InlinePath::new(true);
+        Ok(BackingStore { inner: Arc::new(Inner { engine, file, permits, inline }) })
     }
 
     pub fn path(&self) -> &Path {
@@ -125,7 +143,23 @@ impl BackingStore {
         self.inner.file.size_bytes()
     }
 
-    /// Requests admitted and not yet completed by the engine (at most `IN_FLIGHT_MAX`).
+    /// Turns the inline fast path on (the default) or off for this store and all its clones;
+    /// requests already running are not affected. Off, every request goes to the engine.
+    pub fn set_inline_io(&self, enabled: bool) {
+        self.inner.inline.set_enabled(enabled);
+    }
+
+    /// Whether the inline fast path is on (it still only serves buffered requests).
+    pub fn is_inline_io(&self) -> bool {
+        self.inner.inline.is_enabled()
+    }
+
+    /// Requests served inline and by the engine so far (for tests and metrics).
+    pub fn io_counters(&self) -> IoCounters {
+        self.inner.inline.counters()
+    }
+
+    /// Requests admitted and not yet completed (at most `IN_FLIGHT_MAX`).
     pub fn in_flight(&self) -> usize {
         IN_FLIGHT_MAX - self.inner.permits.available_permits()
     }
@@ -217,7 +251,15 @@ impl BackingStore {
             Error::new(ErrorKind::EngineStopped, format!("{name}: the store is shutting down"))
         })?;
         let (completion, receiver) = Completion::new(permit);
-        self.inner.engine.submit(Request { operation, completion });
+        // Both paths end in `completion.complete`: an inline result is delivered through the
+        // oneshot exactly like an engine's (the receiver is then ready at its first poll).
+        match self.inner.inline.attempt(&self.inner.file, operation) {
+            Attempt::Served(result) => completion.complete(result),
+            Attempt::Declined(operation) => {
+                self.inner.inline.count_engine();
+                self.inner.engine.submit(Request { operation, completion });
+            }
+        }
         receiver.await.unwrap_or_else(|_| {
             Err(Error::new(
                 ErrorKind::EngineStopped,

@@ -1,5 +1,6 @@
-//! One behaviour suite, run against every engine with and without O_DIRECT: the engines must be
-//! interchangeable. Cases are tables; each table row names what it checks.
+//! One behaviour suite, run against every engine with and without O_DIRECT, with the inline
+//! fast path on and off: the engines and paths must be interchangeable. Cases are tables; each
+//! table row names what it checks.
 
 use std::path::{Path, PathBuf};
 
@@ -9,12 +10,16 @@ use bytes::Bytes;
 
 const SIZE_BYTES: u64 = 4 * 1024 * 1024;
 
-/// Every configuration the suite runs under.
-const CONFIGURATIONS: [(EngineKind, bool); 4] = [
-    (EngineKind::Sync, false),
-    (EngineKind::Sync, true),
-    (EngineKind::Uring, false),
-    (EngineKind::Uring, true),
+/// Every configuration the suite runs under: (engine, O_DIRECT, inline fast path).
+const CONFIGURATIONS: [(EngineKind, bool, bool); 8] = [
+    (EngineKind::Sync, false, false),
+    (EngineKind::Sync, false, true),
+    (EngineKind::Sync, true, false),
+    (EngineKind::Sync, true, true),
+    (EngineKind::Uring, false, false),
+    (EngineKind::Uring, false, true),
+    (EngineKind::Uring, true, false),
+    (EngineKind::Uring, true, true),
 ];
 
 fn scratch_dir() -> tempfile::TempDir {
@@ -23,10 +28,13 @@ fn scratch_dir() -> tempfile::TempDir {
     tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("create scratch directory")
 }
 
-fn open(path: &Path, engine: EngineKind, direct_io: bool) -> BackingStore {
+fn open(path: &Path, engine: EngineKind, direct_io: bool, inline: bool) -> BackingStore {
     let options =
         OpenOptions { engine, direct_io, create_size_bytes: Some(SIZE_BYTES), read_only: false };
     let store = BackingStore::open(path, &options).expect("open backing store");
+    assert!(store.is_inline_io(), "the inline fast path is on by default");
+    store.set_inline_io(inline);
+    assert_eq!(store.is_inline_io(), inline);
     assert_eq!(store.engine(), engine, "engine fell back unexpectedly");
     // The scratch directory is on a disk file system, so O_DIRECT must really be in use.
     assert_eq!(store.is_direct_io(), direct_io, "O_DIRECT fell back unexpectedly");
@@ -52,15 +60,20 @@ fn pattern(seed: u64, len: usize) -> Bytes {
 
 /// Runs `check` once per configuration on a fresh file, naming the configuration on failure.
 fn for_each_configuration(check: impl Fn(&BackingStore, &Path, &str)) {
-    for (engine, direct_io) in CONFIGURATIONS {
+    for (engine, direct_io, inline) in CONFIGURATIONS {
         let directory = scratch_dir();
         let path = directory.path().join("backing.img");
-        let store = open(&path, engine, direct_io);
+        let store = open(&path, engine, direct_io, inline);
         let label = format!(
-            "engine={engine} direct_io={direct_io} (O_DIRECT in use: {})",
+            "engine={engine} direct_io={direct_io} inline={inline} (O_DIRECT in use: {})",
             store.is_direct_io()
         );
         check(&store, &path, &label);
+        let counters = store.io_counters();
+        if !inline {
+            assert_eq!(counters.inline_served, 0, "{label}: inline path used while off");
+            assert_eq!(counters.inline_fallbacks, 0, "{label}: inline path tried while off");
+        }
     }
 }
 
@@ -94,6 +107,11 @@ fn read_after_write() {
             store.flush().await.expect("flush");
             let on_disk = std::fs::read(path).expect("read file");
             assert!(on_disk == model, "{label}: file content differs from the model");
+            if store.is_inline_io() && !store.is_direct_io() {
+                // Every read above follows a write of the same range, so it is in the page
+                // cache: the small ones must have been served inline.
+                assert!(store.io_counters().inline_served > 0, "{label}: fast path unused");
+            }
         });
     });
 }
@@ -226,10 +244,10 @@ fn out_of_range_is_rejected_before_io() {
 
 #[test]
 fn concurrent_io_up_to_the_bound() {
-    for (engine, direct_io) in CONFIGURATIONS {
+    for (engine, direct_io, inline) in CONFIGURATIONS {
         let directory = scratch_dir();
         let path = directory.path().join("backing.img");
-        let store = open(&path, engine, direct_io);
+        let store = open(&path, engine, direct_io, inline);
         let runtime =
             tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().expect("runtime");
         runtime.block_on(async {
@@ -271,10 +289,10 @@ fn concurrent_io_up_to_the_bound() {
 
 #[test]
 fn dropped_futures_release_their_slots() {
-    for (engine, direct_io) in CONFIGURATIONS {
+    for (engine, direct_io, inline) in CONFIGURATIONS {
         let directory = scratch_dir();
         let path = directory.path().join("backing.img");
-        let store = open(&path, engine, direct_io);
+        let store = open(&path, engine, direct_io, inline);
         runtime().block_on(async {
             for index in 0..IN_FLIGHT_MAX * 2 {
                 // Start a write and abandon it after the first poll.
@@ -399,11 +417,115 @@ fn futures_run_without_a_tokio_runtime() {
         }
     }
 
-    for (engine, direct_io) in CONFIGURATIONS {
+    for (engine, direct_io, inline) in CONFIGURATIONS {
         let directory = scratch_dir();
-        let store = open(&directory.path().join("backing.img"), engine, direct_io);
+        let store = open(&directory.path().join("backing.img"), engine, direct_io, inline);
         block_on(store.write(8192, pattern(5, 8192), true)).expect("write");
         assert!(block_on(store.read(8192, 8192)).expect("read") == pattern(5, 8192));
         block_on(store.flush()).expect("flush");
+    }
+}
+
+/// Drops `[offset, offset + len)` of the file from the page cache (the pages must be clean).
+fn evict_from_page_cache(path: &Path, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open for fadvise");
+    let offset = libc::off_t::try_from(offset).expect("offset");
+    let len = libc::off_t::try_from(len).expect("len");
+    // SAFETY: posix_fadvise takes no pointers; the descriptor is open for the call.
+    let result =
+        unsafe { libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(result, 0, "posix_fadvise(DONTNEED) failed");
+}
+
+/// A read the page cache cannot serve makes the inline attempt answer EAGAIN; the request must
+/// then go to the engine and still return the right bytes.
+#[test]
+fn page_cache_cold_reads_fall_back_to_the_engine() {
+    for engine in [EngineKind::Sync, EngineKind::Uring] {
+        let directory = scratch_dir();
+        let path = directory.path().join("backing.img");
+        let store = open(&path, engine, false, true);
+        runtime().block_on(async {
+            let data = pattern(11, 1 << 20);
+            store.write(1 << 20, data.clone(), false).await.expect("write");
+            store.flush().await.expect("flush");
+            // (offset within the written MiB, len): aligned, unaligned, the largest inline size.
+            let cases: &[(usize, usize)] = &[
+                (0, 4096),
+                (300_000, 777),
+                (512 * 1024, backing_store::constants::INLINE_IO_BYTES_MAX),
+            ];
+            for &(start, len) in cases {
+                let offset = (1 << 20) + u64::try_from(start).expect("offset");
+                evict_from_page_cache(&path, 0, SIZE_BYTES);
+                let before = store.io_counters();
+                let read = store.read(offset, len).await.expect("cold read");
+                assert!(read == data.slice(start..start + len), "engine={engine}: {offset}+{len}");
+                let after = store.io_counters();
+                assert_eq!(
+                    after.inline_fallbacks,
+                    before.inline_fallbacks + 1,
+                    "engine={engine}: the cold read at {offset}+{len} did not fall back"
+                );
+                assert_eq!(after.engine_served, before.engine_served + 1, "engine={engine}");
+                assert_eq!(after.inline_served, before.inline_served, "engine={engine}");
+                // The engine's read brought the pages in: the same read is now served inline.
+                let again = store.read(offset, len).await.expect("warm read");
+                assert!(again == read, "engine={engine}");
+                assert_eq!(store.io_counters().inline_served, after.inline_served + 1);
+            }
+        });
+    }
+}
+
+/// What never takes the fast path: FUA writes (RWF_DSYNC waits for the device), requests over
+/// INLINE_IO_BYTES_MAX, O_DIRECT-aligned requests, and everything but reads and writes.
+#[test]
+fn fast_path_eligibility() {
+    let inline_max = backing_store::constants::INLINE_IO_BYTES_MAX;
+    // (what, direct_io, expected to be served inline when warm)
+    type Case = (&'static str, bool, bool);
+    let cases: &[Case] = &[
+        ("small read", false, true),
+        ("largest inline read", false, true),
+        ("read over the inline limit", false, false),
+        ("FUA write", false, false),
+        ("flush", false, false),
+        ("discard", false, false),
+        ("aligned O_DIRECT read", true, false),
+        ("unaligned read on an O_DIRECT store", true, true),
+    ];
+    for engine in [EngineKind::Sync, EngineKind::Uring] {
+        for &(what, direct_io, expect_inline) in cases {
+            let directory = scratch_dir();
+            let store = open(&directory.path().join("backing.img"), engine, direct_io, true);
+            runtime().block_on(async {
+                store.write(0, pattern(2, 1 << 20), false).await.expect("fill");
+                // Warm the page cache for the buffered descriptor.
+                drop(std::fs::read(store.path()).expect("read file"));
+                let before = store.io_counters();
+                match what {
+                    "small read" => drop(store.read(4096, 4096).await.expect("read")),
+                    "largest inline read" => drop(store.read(0, inline_max).await.expect("read")),
+                    "read over the inline limit" => {
+                        drop(store.read(0, inline_max + 4096).await.expect("read"));
+                    }
+                    "FUA write" => store.write(0, pattern(3, 4096), true).await.expect("write"),
+                    "flush" => store.flush().await.expect("flush"),
+                    "discard" => store.discard(0, 4096).await.expect("discard"),
+                    "aligned O_DIRECT read" => drop(store.read(8192, 4096).await.expect("read")),
+                    _ => drop(store.read(8193, 100).await.expect("read")),
+                }
+                let after = store.io_counters();
+                let served_inline = after.inline_served == before.inline_served + 1;
+                let served_by_engine = after.engine_served == before.engine_served + 1;
+                assert!(
+                    served_inline != served_by_engine,
+                    "engine={engine}: {what}: counted once: {before:?} -> {after:?}"
+                );
+                assert_eq!(served_inline, expect_inline, "engine={engine}: {what}: {after:?}");
+            });
+        }
     }
 }

@@ -144,14 +144,22 @@ proptest! {
 
     #[test]
     fn engines_match_the_model(ops in prop::collection::vec(op(), 1..40)) {
-        for (engine, direct_io) in [(EngineKind::Sync, false), (EngineKind::Sync, true), (EngineKind::Uring, false), (EngineKind::Uring, true)] {
+        for (engine, direct_io, inline) in [
+            (EngineKind::Sync, false, false),
+            (EngineKind::Sync, false, true),
+            (EngineKind::Sync, true, true),
+            (EngineKind::Uring, false, false),
+            (EngineKind::Uring, false, true),
+            (EngineKind::Uring, true, true),
+        ] {
             let directory = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("scratch");
             let path = directory.path().join("model.img");
             let options = OpenOptions { engine, direct_io, create_size_bytes: Some(SIZE_BYTES), read_only: false };
             let store = BackingStore::open(&path, &options).expect("open");
+            store.set_inline_io(inline);
             let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
             let outcome = runtime.block_on(check(&store, &ops));
-            prop_assert!(outcome.is_ok(), "engine={} direct_io={}: {}", engine, direct_io, outcome.unwrap_err());
+            prop_assert!(outcome.is_ok(), "engine={} direct_io={} inline={}: {}", engine, direct_io, inline, outcome.unwrap_err());
         }
     }
 }

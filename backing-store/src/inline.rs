@@ -1,0 +1,157 @@
+//! The inline fast path: small buffered reads and writes tried on the caller's thread with
+//! preadv2/pwritev2(RWF_NOWAIT) before any engine sees them.
+//!
+//! Why: a 4 KiB page-cache read or write costs the kernel a few microseconds, while handing it
+//! to an engine thread and back (queue, futex or eventfd wake, oneshot wake of the caller's
+//! runtime) cost about as much again in CPU and more in latency. RWF_NOWAIT makes the attempt
+//! safe for an async caller: the kernel answers EAGAIN instead of waiting for the disk (data
+//! not cached, a write that would wait for locks, allocation or writeback), and the request
+//! then goes to the engine unchanged. A request is only ever re-run whole: re-reading or
+//! re-writing the same bytes at the same offset while the request is still in flight is
+//! harmless, so no partial state leaks from a failed attempt into the engine's run.
+//!
+//! What stays off this path: O_DIRECT (it always waits for the device), FUA writes (RWF_DSYNC
+//! waits for the device by definition), requests over `INLINE_IO_BYTES_MAX`, and everything
+//! but reads and writes. A file system that refuses RWF_NOWAIT for reads or for writes
+//! (EOPNOTSUPP: buffered writes on ext4 and everything on tmpfs, on this 6.18 kernel) is
+//! remembered per store, so it costs one failed system call, not one per request.
+//!
+//! The path decides and runs; it never completes anything itself: `BackingStore::execute`
+//! completes an inline result through the same `Completion` an engine would use.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::constants::INLINE_IO_BYTES_MAX;
+use crate::file::{BackingFile, Stop};
+use crate::request::{Operation, OperationResult, Output};
+
+/// How many requests were served where, since the store was opened. Requests rejected before
+/// any I/O (out of range, read-only, oversized) and zero-length ones are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoCounters {
+    /// Completed on the caller's thread by the inline fast path (successes and failures).
+    pub inline_served: u64,
+    /// Handed to the engine, including the inline attempts that would have blocked.
+    pub engine_served: u64,
+    /// Inline attempts that would have blocked (EAGAIN, e.g. a read not in the page cache) and
+    /// went to the engine; a subset of `engine_served`.
+    pub inline_fallbacks: u64,
+}
+
+/// What the fast path did with a request.
+pub(crate) enum Attempt {
+    /// Ran inline; complete the request with this result.
+    Served(OperationResult),
+    /// Not for the fast path, or it would have blocked: give it to the engine.
+    Declined(Operation),
+}
+
+#[derive(Debug)]
+pub(crate) struct InlinePath {
+    enabled: AtomicBool,
+    /// Cleared the first time the file system answers EOPNOTSUPP to RWF_NOWAIT.
+    reads_supported: AtomicBool,
+    writes_supported: AtomicBool,
+    inline_served: AtomicU64,
+    engine_served: AtomicU64,
+    inline_fallbacks: AtomicU64,
+}
+
+impl InlinePath {
+    pub(crate) fn new(enabled: bool) -> InlinePath {
+        InlinePath {
+            enabled: AtomicBool::new(enabled),
+            reads_supported: AtomicBool::new(true),
+            writes_supported: AtomicBool::new(true),
+            inline_served: AtomicU64::new(0),
+            engine_served: AtomicU64::new(0),
+            inline_fallbacks: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn counters(&self) -> IoCounters {
+        IoCounters {
+            inline_served: self.inline_served.load(Ordering::Relaxed),
+            engine_served: self.engine_served.load(Ordering::Relaxed),
+            inline_fallbacks: self.inline_fallbacks.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a request handed to the engine (called once per submitted request).
+    pub(crate) fn count_engine(&self) {
+        self.engine_served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `operation` inline when it qualifies and the kernel can do it without waiting.
+    pub(crate) fn attempt(&self, file: &BackingFile, operation: Operation) -> Attempt {
+        if !self.is_enabled() {
+            return Attempt::Declined(operation);
+        }
+        let stop = match &operation {
+            Operation::Read { offset, len } => {
+                let (offset, len) = (*offset, *len);
+                if len > INLINE_IO_BYTES_MAX
+                    || !file.uses_buffered(offset, len)
+                    || !self.reads_supported.load(Ordering::Relaxed)
+                {
+                    return Attempt::Declined(operation);
+                }
+                match file.read_nowait(offset, len) {
+                    Ok(data) => return self.served(Ok(Output::Data(data))),
+                    Err(stop) => stop,
+                }
+            }
+            Operation::Write { offset, data, fua } => {
+                if *fua
+                    || data.len() > INLINE_IO_BYTES_MAX
+                    || !file.uses_buffered(*offset, data.len())
+                    || !self.writes_supported.load(Ordering::Relaxed)
+                {
+                    return Attempt::Declined(operation);
+                }
+                match file.write_nowait(*offset, data) {
+                    Ok(()) => return self.served(Ok(Output::Done)),
+                    Err(stop) => stop,
+                }
+            }
+            Operation::Flush
+            | Operation::Discard { .. }
+            | Operation::WriteZeroes { .. }
+            | Operation::Resize { .. } => return Attempt::Declined(operation),
+        };
+        match stop {
+            Stop::Failed(error) => self.served(Err(error)),
+            Stop::WouldBlock => {
+                self.inline_fallbacks.fetch_add(1, Ordering::Relaxed);
+                Attempt::Declined(operation)
+            }
+            Stop::NoWaitUnsupported => {
+                let (supported, kind) = match operation {
+                    Operation::Read { .. } => (&self.reads_supported, "reads"),
+                    _ => (&self.writes_supported, "writes"),
+                };
+                if supported.swap(false, Ordering::Relaxed) {
+                    tracing::debug!(
+                        path = %file.path().display(),
+                        "the file system refuses RWF_NOWAIT for buffered {kind}; they go to the \
+                         engine from now on"
+                    );
+                }
+                Attempt::Declined(operation)
+            }
+        }
+    }
+
+    fn served(&self, result: OperationResult) -> Attempt {
+        self.inline_served.fetch_add(1, Ordering::Relaxed);
+        Attempt::Served(result)
+    }
+}
