@@ -36,18 +36,7 @@ pub struct LogicalUnit<D> {
 
 impl<D: BlockDevice> LogicalUnit<D> {
     pub fn new(target_name: &str, lun: u64, device: Arc<D>) -> Self {
-        // FNV-1a over the target name and LUN: a stable identifier without a registry.
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in target_name.bytes().chain(lun.to_be_bytes()) {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
-        let identity = LunIdentity {
-            lun,
-            serial: format!("{:016x}", hash),
-            naa_id: hash,
-            target_name: target_name.to_string(),
-        };
+        let identity = LunIdentity::new(target_name, lun);
         Self { identity, device, shared: Mutex::new(LunShared::new()) }
     }
     /// A copy of the persistent-reservation state, for replicating it to peers.
@@ -188,6 +177,11 @@ fn allocate_ttt(next: &mut u32) -> u32 {
         *next = 1;
     }
     ttt
+}
+
+/// Geometry of LUN `id` of `target`, for commands that reach other LUNs.
+fn lun_info<D: BlockDevice>(target: Option<&TargetNode<D>>, id: u64) -> Option<DeviceInfo> {
+    target.and_then(|t| t.lun(id)).map(|l| l.info())
 }
 
 /// SAM LUN encoding: peripheral addressing below 256, flat space addressing above.
@@ -391,6 +385,8 @@ impl<D: BlockDevice> Connection<D> {
                     shared.reservations.nexus_lost(&session.nexus);
                     shared.prevent_removal.remove(&session.nexus);
                     shared.unit_attentions.remove(&session.nexus);
+                    // SPC-4: held copy results die with the I_T nexus.
+                    shared.copy_results.retain(|r| r.nexus != *session.nexus);
                 }
             }
         }
@@ -951,6 +947,19 @@ impl<D: BlockDevice> Connection<D> {
         {
             data_out.truncate(usize::try_from(spdtl).unwrap_or(0));
         }
+        let cdb = task.cdb;
+        // An ALUA state change since the previous command is announced to every nexus. The
+        // session registry is only consulted when the state did change.
+        let changed =
+            lun.shared.lock().unwrap_or_else(|p| p.into_inner()).alua_seen != Some(info.alua);
+        if changed {
+            let nexuses = config.nexuses(&lun.identity.target_name);
+            let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.observe_alua(info.alua, &nexuses);
+        }
+        let lun_info = |id: u64| lun_info(target.as_deref(), id);
+        let device = lun.device.clone();
+        let port_groups = move || device.alua_port_groups();
         let ctx = Context {
             identity: &lun.identity,
             info,
@@ -958,23 +967,40 @@ impl<D: BlockDevice> Connection<D> {
             nexus: &nexus,
             luns,
             ports,
+            lun_info: &lun_info,
+            port_groups: &port_groups,
         };
-        let cdb = task.cdb;
         let step = scsi::execute(&ctx, &cdb, data_out);
-        self.advance(itt, step, &lun);
+        self.advance(itt, step, &lun, target.as_deref());
     }
 
-    fn advance(&mut self, itt: u32, step: Step, lun: &Arc<LogicalUnit<D>>) {
-        match step {
-            Step::Done(outcome) => self.finish(itt, outcome),
-            Step::Io(op, pending) => {
-                let tag = self.next_tag;
-                self.next_tag += 1;
-                let Some(task) = self.tasks.get_mut(&itt) else { return };
-                task.phase = Phase::Io { tag, pending };
-                self.io.push_back(IoRequest { itt, tag, device: lun.device.clone(), op });
+    fn advance(
+        &mut self,
+        itt: u32,
+        step: Step,
+        lun: &Arc<LogicalUnit<D>>,
+        target: Option<&TargetNode<D>>,
+    ) {
+        let (device, op, pending) = match step {
+            Step::Done(outcome) => return self.finish(itt, outcome),
+            Step::Io(op, pending) => (lun.device.clone(), op, pending),
+            Step::IoAt(lun_id, op, pending) => {
+                match target.and_then(|t| t.lun(lun_id)) {
+                    Some(other) => (other.device.clone(), op, pending),
+                    // The LUN was resolved when the command started; a target replaced since
+                    // then may have lost it.
+                    None => {
+                        let sense = scsi::copy::sense_codes::UNREACHABLE_COPY_TARGET;
+                        return self.finish(itt, Outcome::check(sense));
+                    }
+                }
             }
-        }
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let Some(task) = self.tasks.get_mut(&itt) else { return };
+        task.phase = Phase::Io { tag, pending };
+        self.io.push_back(IoRequest { itt, tag, device, op });
     }
 
     /// Feeds back the result of an [`IoRequest`].
@@ -997,6 +1023,9 @@ impl<D: BlockDevice> Connection<D> {
         let Some((nexus, target, config)) = self.context_parts() else { return };
         let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
         let ports = config.ports.as_slice();
+        let lun_info = |id: u64| lun_info(target.as_deref(), id);
+        let device = lun.device.clone();
+        let port_groups = move || device.alua_port_groups();
         let ctx = Context {
             identity: &lun.identity,
             info: lun.info(),
@@ -1004,9 +1033,11 @@ impl<D: BlockDevice> Connection<D> {
             nexus: &nexus,
             luns,
             ports,
+            lun_info: &lun_info,
+            port_groups: &port_groups,
         };
         let step = scsi::resume(&ctx, pending, result);
-        self.advance(itt, step, &lun);
+        self.advance(itt, step, &lun, target.as_deref());
     }
 
     /// Sends the data and status of a finished task and forgets it.

@@ -49,6 +49,33 @@ pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 pub const WRITE_SAME_BLOCKS_MAX: u32 = 1 << 22;
 /// Blocks COMPARE AND WRITE may cover.
 pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 128;
+/// Bytes one WRITE ATOMIC(16) may write, reported in the Block Limits VPD page as the maximum
+/// atomic transfer length and (in blocks) as the atomic alignment.
+///
+/// Why one 4 KiB aligned block and not more: the driver runs an atomic write under the device
+/// lock held exclusively, so no other command through the target ever sees it half done,
+/// whatever its length. A crash is another matter. A buffered `pwritev2` is copied into the
+/// page cache page by page (a killed process can leave a prefix of pages written) and written
+/// back page by page; a power loss can tear anything longer than what the disk itself writes
+/// atomically, and a 4 KiB aligned page is the largest unit the file systems and disks here
+/// write as one. Replication does not widen that: after a primary crash, resync makes the
+/// replicas equal, copying whatever the survivor holds, and a survivor that crashed too holds a
+/// torn write of its own. So the promise we can keep in every case is one aligned 4 KiB block.
+pub const ATOMIC_WRITE_BYTES_MAX: u32 = 4096;
+/// Bytes EXTENDED COPY reads and writes per step: bounds the memory one copy holds.
+pub const COPY_CHUNK_BYTES_MAX: u32 = 1024 * 1024;
+/// CSCD (copy source/destination) descriptors per EXTENDED COPY parameter list.
+pub const COPY_CSCD_DESCRIPTORS_MAX: u16 = 4;
+/// Segment descriptors per EXTENDED COPY parameter list.
+pub const COPY_SEGMENT_DESCRIPTORS_MAX: u16 = 16;
+/// Bytes of the CSCD and segment descriptor lists together (OPERATING PARAMETERS' maximum
+/// descriptor list length). It binds before both counts do together: one CSCD descriptor too
+/// many fits with one segment and one segment too many with one CSCD (checked below).
+pub const COPY_DESCRIPTOR_LIST_BYTES_MAX: u32 = 512;
+/// Bytes one segment descriptor may copy (OPERATING PARAMETERS' maximum segment length).
+pub const COPY_SEGMENT_BYTES_MAX: u32 = 64 * 1024 * 1024;
+/// Copy results held for RECEIVE COPY RESULTS per logical unit; the oldest are dropped.
+pub const COPY_RESULTS_HELD_MAX: usize = 64;
 /// Persistent-reservation registrations per logical unit.
 pub const PR_REGISTRATIONS_MAX: usize = 256;
 /// Pending unit attentions kept per I_T nexus.
@@ -79,3 +106,15 @@ const _: () = assert!(OUTSTANDING_R2T_MAX >= 1);
 const _: () = assert!(CONNECTION_TRANSFER_BYTES_MAX >= 4 * TRANSFER_BYTES_MAX as u64);
 const _: () = assert!((TRANSMIT_BATCH_BYTES_MAX as u64) >= RECV_DATA_SEGMENT_BYTES_MAX as u64);
 const _: () = assert!(CHAP_CHALLENGE_BYTES >= CHAP_CHALLENGE_BYTES_MIN);
+const _: () = assert!(ATOMIC_WRITE_BYTES_MAX >= 512 && ATOMIC_WRITE_BYTES_MAX.is_power_of_two());
+const _: () = assert!(ATOMIC_WRITE_BYTES_MAX <= TRANSFER_BYTES_MAX);
+const _: () = assert!(COPY_CHUNK_BYTES_MAX <= TRANSFER_BYTES_MAX);
+const _: () = assert!(COPY_SEGMENT_BYTES_MAX >= COPY_CHUNK_BYTES_MAX);
+// Descriptor sizes: 32-byte identification CSCD descriptors, 28-byte block-to-block segments.
+// One descriptor too many of either kind still fits the list length, so it is reported as
+// TOO MANY ... DESCRIPTORS rather than as a parameter list length error.
+const _: () = assert!(
+    COPY_DESCRIPTOR_LIST_BYTES_MAX >= (COPY_CSCD_DESCRIPTORS_MAX as u32 + 1) * 32 + 28
+        && COPY_DESCRIPTOR_LIST_BYTES_MAX >= 32 + (COPY_SEGMENT_DESCRIPTORS_MAX as u32 + 1) * 28
+);
+const _: () = assert!(COPY_CSCD_DESCRIPTORS_MAX >= 2 && COPY_SEGMENT_DESCRIPTORS_MAX >= 1);

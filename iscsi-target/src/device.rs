@@ -22,6 +22,29 @@ impl AluaState {
     }
 }
 
+/// Target port group id of this target's own ports unless a device says otherwise.
+pub const LOCAL_PORT_GROUP_ID: u16 = 1;
+
+/// One target port group as REPORT TARGET PORT GROUPS lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AluaPortGroup {
+    pub group_id: u16,
+    pub state: AluaState,
+    /// The group holding this target's own ports: the SCSI layer lists the target's relative
+    /// port identifiers for it (the device does not know them) and names it in VPD page 83h.
+    pub local: bool,
+    /// Relative target port identifiers of a remote group (e.g. the peer node's portal);
+    /// ignored for the local group. They must not collide with this target's own.
+    pub relative_ports: Vec<u16>,
+}
+
+impl AluaPortGroup {
+    /// The group of this target's own ports, in `state`.
+    pub fn local(state: AluaState) -> Self {
+        Self { group_id: LOCAL_PORT_GROUP_ID, state, local: true, relative_ports: Vec::new() }
+    }
+}
+
 /// Kinds of device failure, mapped to sense data at the SCSI boundary.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceError {
@@ -57,6 +80,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     fn alua_state(&self) -> AluaState {
         AluaState::ActiveOptimized
+    }
+    /// Every target port group of the logical unit, ours included (exactly one `local` group,
+    /// in [`BlockDevice::alua_state`]). A storage node lists its peer's group too, so an
+    /// initiator learns where the active/optimized path is. The default: our group alone.
+    fn alua_port_groups(&self) -> Vec<AluaPortGroup> {
+        vec![AluaPortGroup::local(self.alua_state())]
     }
     fn read(
         &self,
@@ -129,18 +158,28 @@ pub enum IoOp {
         mask: Bytes,
         fua: bool,
     },
+    /// WRITE ATOMIC(16): a plain write that no other command may observe half done. The driver
+    /// runs it under the device lock held exclusively, so overlapping reads and writes wait.
+    AtomicWrite {
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    },
 }
 
 impl IoOp {
-    /// Whether the op reads and then writes the same blocks, so no other write may run
-    /// between its two halves.
-    pub fn is_read_modify_write(&self) -> bool {
-        matches!(self, Self::CompareAndWrite { .. } | Self::OrWrite { .. })
+    /// Whether the op must run alone on the device: read-modify-write ops (no other write
+    /// between their two halves) and atomic writes (no reader or writer sees them half done).
+    pub fn is_exclusive(&self) -> bool {
+        matches!(
+            self,
+            Self::CompareAndWrite { .. } | Self::OrWrite { .. } | Self::AtomicWrite { .. }
+        )
     }
     /// Whether the op changes the device.
     pub fn is_write(&self) -> bool {
         matches!(self, Self::Write { .. } | Self::Unmap { .. } | Self::WriteZeroes { .. })
-            || self.is_read_modify_write()
+            || self.is_exclusive()
     }
 }
 
@@ -178,7 +217,7 @@ pub async fn perform<D: BlockDevice>(device: &D, op: IoOp) -> Result<IoData, Dev
         IoOp::Read { offset_bytes, length_bytes } => {
             device.read(offset_bytes, length_bytes).await.map(IoData::Read)
         }
-        IoOp::Write { offset_bytes, data, fua } => {
+        IoOp::Write { offset_bytes, data, fua } | IoOp::AtomicWrite { offset_bytes, data, fua } => {
             device.write(offset_bytes, data, fua).await.map(|()| IoData::None)
         }
         IoOp::Flush => device.flush().await.map(|()| IoData::None),

@@ -16,5 +16,5 @@ pub mod text;
 pub use connection::{
     Config, Connection, Event, IoRequest, LogicalUnit, PortalAddress, TargetNode,
 };
-pub use device::{AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange};
+pub use device::{AluaPortGroup, AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange};
 pub use login::{AuthConfig, Credentials};

@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use iscsi_target::chap::{self, Algorithm};
 use iscsi_target::connection::{Config, Connection, Event, LogicalUnit, PortalAddress, TargetNode};
-use iscsi_target::device::{AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange};
+use iscsi_target::device::{
+    AluaPortGroup, AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange,
+};
 use iscsi_target::login::{AuthConfig, Credentials};
 use iscsi_target::pdu::{self, Digests, Header, Pdu, opcode};
+use iscsi_target::scsi::LunIdentity;
 use proptest::prelude::*;
 
 const TARGET: &str = "iqn.2026-11.org.tandem:test";
@@ -19,6 +22,8 @@ const BLOCKS: u64 = 2048;
 struct MemoryDevice {
     data: Mutex<Vec<u8>>,
     alua: Mutex<AluaState>,
+    /// A peer node's port group to report besides ours.
+    peer_group: Mutex<Option<AluaPortGroup>>,
 }
 
 impl MemoryDevice {
@@ -26,6 +31,7 @@ impl MemoryDevice {
         Self {
             data: Mutex::new(vec![0; usize::try_from(BLOCKS * 512).unwrap()]),
             alua: Mutex::new(AluaState::ActiveOptimized),
+            peer_group: Mutex::new(None),
         }
     }
     /// Performs an I/O synchronously, the way a driver would asynchronously.
@@ -39,7 +45,8 @@ impl MemoryDevice {
             IoOp::Read { offset_bytes, length_bytes } => Ok(IoData::Read(Bytes::copy_from_slice(
                 &data[range(offset_bytes, u64::from(length_bytes))],
             ))),
-            IoOp::Write { offset_bytes, data: bytes, .. } => {
+            IoOp::Write { offset_bytes, data: bytes, .. }
+            | IoOp::AtomicWrite { offset_bytes, data: bytes, .. } => {
                 data[range(offset_bytes, bytes.len() as u64)].copy_from_slice(&bytes);
                 Ok(IoData::None)
             }
@@ -77,6 +84,11 @@ impl BlockDevice for MemoryDevice {
     }
     fn alua_state(&self) -> AluaState {
         *self.alua.lock().unwrap()
+    }
+    fn alua_port_groups(&self) -> Vec<AluaPortGroup> {
+        let mut groups = vec![AluaPortGroup::local(self.alua_state())];
+        groups.extend(self.peer_group.lock().unwrap().clone());
+        groups
     }
     async fn read(&self, _: u64, _: u32) -> Result<Bytes, DeviceError> {
         unreachable!("the tests perform I/O synchronously")
@@ -174,7 +186,8 @@ impl Initiator {
                 self.held.push(request);
                 continue;
             }
-            let result = self.device.perform(request.op.clone());
+            // The request names its device: EXTENDED COPY reaches other LUNs.
+            let result = request.device.perform(request.op.clone());
             self.connection.handle_io_completion(request.itt, request.tag, result);
         }
     }
@@ -182,7 +195,7 @@ impl Initiator {
     fn release_io(&mut self) -> Vec<Pdu> {
         self.hold_io = false;
         for request in std::mem::take(&mut self.held) {
-            let result = self.device.perform(request.op.clone());
+            let result = request.device.perform(request.op.clone());
             self.connection.handle_io_completion(request.itt, request.tag, result);
         }
         self.run_io();
@@ -746,7 +759,17 @@ fn alua_standby_refuses_io_and_reports_its_state() {
     cdb[9] = 0xff;
     let (_, responses) = i.command(&cdb, true, false, 255, &[], true);
     assert_eq!(responses[0].data[4] & 0x0f, 0x02, "standby state in REPORT TARGET PORT GROUPS");
+    // A promotion between commands: INQUIRY still answers, the next other command reports
+    // ASYMMETRIC ACCESS STATE CHANGED once, then I/O works.
     *device.alua.lock().unwrap() = AluaState::ActiveOptimized;
+    let (_, responses) = i.command(&[0x12, 0, 0, 0, 96, 0], true, false, 96, &[], true);
+    let last = responses.last().unwrap();
+    assert_eq!(last.header.0[3], 0, "INQUIRY is not held up by the unit attention");
+    let tur = [0u8; 6];
+    let (_, responses) = i.command(&tur, false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]), (2, Some((6, 0x2a, 0x06))));
+    let (_, responses) = i.command(&tur, false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]), (0, None), "the unit attention is reported once");
     assert_eq!(i.read10(0, 1), vec![0u8; 512]);
 }
 
@@ -841,7 +864,7 @@ proptest! {
             while let Some(request) = i.connection.poll_io() {
                 let inside = match &request.op {
                     IoOp::Read { offset_bytes, length_bytes } => offset_bytes + u64::from(*length_bytes) <= BLOCKS * 512,
-                    IoOp::Write { offset_bytes, data, .. } => offset_bytes + data.len() as u64 <= BLOCKS * 512,
+                    IoOp::Write { offset_bytes, data, .. } | IoOp::AtomicWrite { offset_bytes, data, .. } => offset_bytes + data.len() as u64 <= BLOCKS * 512,
                     IoOp::Unmap { offset_bytes, length_bytes } | IoOp::WriteZeroes { offset_bytes, length_bytes } | IoOp::MappedRanges { offset_bytes, length_bytes } => offset_bytes + length_bytes <= BLOCKS * 512,
                     IoOp::CompareAndWrite { offset_bytes, compare, .. } => offset_bytes + compare.len() as u64 <= BLOCKS * 512,
                     IoOp::OrWrite { offset_bytes, mask, .. } => offset_bytes + mask.len() as u64 <= BLOCKS * 512,
@@ -927,4 +950,324 @@ fn targets_can_be_exported_and_withdrawn_at_run_time() {
     state.generation = 7;
     lun.restore_reservations(state.clone());
     assert_eq!(lun.reservations(), state);
+}
+
+/// Sense key, ASC, ASCQ.
+type Sense3 = (u8, u8, u8);
+/// (what, flags, LBA, atomic boundary, blocks, data bytes, expected status and sense)
+type AtomicCase = (&'static str, u8, u64, u16, u16, usize, (u8, Option<Sense3>));
+
+/// A target with two LUNs (0 and 1), each on its own memory device.
+fn two_luns() -> (Initiator, Arc<MemoryDevice>) {
+    let first = Arc::new(MemoryDevice::new());
+    let second = Arc::new(MemoryDevice::new());
+    let luns = vec![
+        Arc::new(LogicalUnit::new(TARGET, 0, first.clone())),
+        Arc::new(LogicalUnit::new(TARGET, 1, second.clone())),
+    ];
+    let portals = vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
+    let targets = vec![TargetNode::new(TARGET, luns)];
+    let config = Arc::new(Config::new(targets, AuthConfig::default(), portals));
+    let mut i = Initiator::new(config, first);
+    i.login(&[]);
+    (i, second)
+}
+
+/// An identification CSCD descriptor naming `lun` of the test target by its NAA designator.
+fn cscd(lun: u64) -> Vec<u8> {
+    let mut d = vec![0u8; 32];
+    d[0] = 0xe4;
+    d[4] = 0x01; // Binary code set.
+    d[5] = 0x03; // Logical unit association, NAA designator.
+    d[7] = 16;
+    d[8..24].copy_from_slice(&LunIdentity::new(TARGET, lun).naa_designator());
+    d[29..32].copy_from_slice(&[0, 2, 0]); // 512-byte blocks.
+    d
+}
+
+/// A block-to-block segment descriptor.
+fn segment(
+    source: u16,
+    destination: u16,
+    blocks: u16,
+    source_lba: u64,
+    destination_lba: u64,
+) -> Vec<u8> {
+    let mut d = vec![0u8; 28];
+    d[0] = 0x02;
+    d[2..4].copy_from_slice(&24u16.to_be_bytes());
+    d[4..6].copy_from_slice(&source.to_be_bytes());
+    d[6..8].copy_from_slice(&destination.to_be_bytes());
+    d[10..12].copy_from_slice(&blocks.to_be_bytes());
+    d[12..20].copy_from_slice(&source_lba.to_be_bytes());
+    d[20..28].copy_from_slice(&destination_lba.to_be_bytes());
+    d
+}
+
+/// An EXTENDED COPY parameter list: header, CSCD descriptors, segment descriptors.
+fn copy_list(list_id: u8, usage: u8, cscds: &[Vec<u8>], segments: &[Vec<u8>]) -> Vec<u8> {
+    let cscd_bytes: usize = cscds.iter().map(Vec::len).sum();
+    let segment_bytes: usize = segments.iter().map(Vec::len).sum();
+    let mut d = vec![0u8; 16];
+    d[0] = list_id;
+    d[1] = usage << 3;
+    d[2..4].copy_from_slice(&u16::try_from(cscd_bytes).unwrap().to_be_bytes());
+    d[8..12].copy_from_slice(&u32::try_from(segment_bytes).unwrap().to_be_bytes());
+    cscds.iter().chain(segments).for_each(|x| d.extend_from_slice(x));
+    d
+}
+
+impl Initiator {
+    /// EXTENDED COPY (LID1) with `list` as its parameter data; returns (status, sense).
+    fn extended_copy(&mut self, list: &[u8]) -> (u8, Option<(u8, u8, u8)>) {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x83;
+        cdb[10..14].copy_from_slice(&u32::try_from(list.len()).unwrap().to_be_bytes());
+        let (_, responses) = self.command(
+            &cdb,
+            false,
+            !list.is_empty(),
+            u32::try_from(list.len()).unwrap(),
+            list,
+            true,
+        );
+        status_of(responses.last().unwrap())
+    }
+    /// RECEIVE COPY RESULTS; returns the data (on GOOD) or the sense.
+    fn receive_copy_results(&mut self, action: u8, list_id: u8) -> Result<Vec<u8>, (u8, u8, u8)> {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x84;
+        cdb[1] = action;
+        cdb[2] = list_id;
+        cdb[10..14].copy_from_slice(&1024u32.to_be_bytes());
+        let (_, responses) = self.command(&cdb, true, false, 1024, &[], true);
+        let last = responses.last().unwrap();
+        if last.header.opcode() == opcode::DATA_IN {
+            return Ok(responses.iter().flat_map(|p| p.data.to_vec()).collect());
+        }
+        match status_of(last) {
+            (0, _) => Ok(Vec::new()),
+            (_, sense) => Err(sense.unwrap()),
+        }
+    }
+    fn inquiry_vpd(&mut self, page: u8) -> Vec<u8> {
+        let (_, responses) =
+            self.command(&[0x12, 1, page, 0x04, 0, 0], true, false, 1024, &[], true);
+        responses.iter().flat_map(|p| p.data.to_vec()).collect()
+    }
+}
+
+#[test]
+fn extended_copy_copies_between_and_within_luns_and_reports_its_status() {
+    let (mut i, second) = two_luns();
+    let original = pattern(8 * 512, 3);
+    i.write10(0, &original, original.len());
+    // LUN 0 blocks 0-7 to LUN 1 blocks 100-107, then LUN 0 blocks 0-7 onto 4-11 (overlapping,
+    // so it must copy from the end), with results held under list identifier 7.
+    let list = copy_list(
+        7,
+        0b00,
+        &[cscd(0), cscd(1)],
+        &[segment(0, 1, 8, 0, 100), segment(0, 0, 8, 0, 4)],
+    );
+    assert_eq!(i.extended_copy(&list), (0, None));
+    assert_eq!(&second.data.lock().unwrap()[100 * 512..108 * 512], &original[..]);
+    assert_eq!(i.read10(4, 8), original, "the overlapping copy reads before it overwrites");
+    let status = i.receive_copy_results(0x00, 7).expect("copy status");
+    assert_eq!(&status[..4], &8u32.to_be_bytes(), "available data");
+    assert_eq!(status[4], 0x01, "completed without errors");
+    assert_eq!(&status[5..7], &2u16.to_be_bytes(), "segments processed");
+    assert_eq!(status[7], 0, "transfer count in bytes");
+    assert_eq!(&status[8..12], &(16u32 * 512).to_be_bytes());
+    assert_eq!(
+        i.receive_copy_results(0x00, 7),
+        Err((5, 0x24, 0x00)),
+        "a finished copy's status is returned once"
+    );
+    // LIST ID USAGE 11b holds nothing.
+    assert_eq!(
+        i.extended_copy(&copy_list(9, 0b11, &[cscd(0)], &[segment(0, 0, 1, 0, 50)])),
+        (0, None)
+    );
+    assert_eq!(i.receive_copy_results(0x00, 9), Err((5, 0x24, 0x00)));
+}
+
+#[test]
+fn extended_copy_refuses_bad_parameter_lists_without_writing() {
+    let good_segment = || segment(0, 1, 8, 0, 100);
+    let mut inline = copy_list(1, 0, &[cscd(0), cscd(1)], &[good_segment()]);
+    inline[12..16].copy_from_slice(&512u32.to_be_bytes());
+    inline.extend_from_slice(&[0u8; 512]);
+    let mut foreign = cscd(1);
+    foreign[8] ^= 0xff;
+    let mut fibre_channel = cscd(0);
+    fibre_channel[0] = 0xe0;
+    let mut stream = good_segment();
+    stream[0] = 0x03;
+    let mut big_blocks = cscd(1);
+    big_blocks[29..32].copy_from_slice(&[0, 0x10, 0]);
+    let mut reserved_usage = copy_list(1, 0, &[cscd(0), cscd(1)], &[good_segment()]);
+    reserved_usage[1] = 0b01 << 3;
+    let full = copy_list(1, 0, &[cscd(0), cscd(1)], &[good_segment()]);
+    // (what is wrong, parameter list, expected sense key / ASC / ASCQ)
+    let cases: Vec<(&str, Vec<u8>, Sense3)> = vec![
+        ("list cut inside a CSCD descriptor", full[..16 + 31].to_vec(), (5, 0x1a, 0)),
+        ("list cut inside a segment descriptor", full[..full.len() - 1].to_vec(), (5, 0x1a, 0)),
+        ("header alone, shorter than 16 bytes", full[..8].to_vec(), (5, 0x1a, 0)),
+        ("inline data", inline, (5, 0x26, 0)),
+        ("reserved LIST ID USAGE", reserved_usage, (5, 0x26, 0)),
+        (
+            "Fibre Channel CSCD",
+            copy_list(1, 0, &[fibre_channel], &[good_segment()]),
+            (5, 0x26, 0x07),
+        ),
+        (
+            "stream-to-stream segment",
+            copy_list(1, 0, &[cscd(0), cscd(1)], &[stream]),
+            (5, 0x26, 0x09),
+        ),
+        ("too many CSCDs", copy_list(1, 0, &vec![cscd(0); 5], &[good_segment()]), (5, 0x26, 0x06)),
+        (
+            "too many segments (one CSCD: the list length fits)",
+            copy_list(1, 0, &[cscd(0)], &vec![segment(0, 0, 8, 0, 100); 17]),
+            (5, 0x26, 0x08),
+        ),
+        (
+            "descriptor lists too long",
+            copy_list(1, 0, &vec![cscd(0); 5], &vec![good_segment(); 17]),
+            (5, 0x1a, 0),
+        ),
+        (
+            "CSCD naming no LUN of ours",
+            copy_list(1, 0, &[cscd(0), foreign], &[good_segment()]),
+            (0xa, 0x08, 0x04),
+        ),
+        (
+            "segment naming a missing CSCD",
+            copy_list(1, 0, &[cscd(0)], &[good_segment()]),
+            (0xa, 0x08, 0x04),
+        ),
+        (
+            "block length unlike the LUN's",
+            copy_list(1, 0, &[cscd(0), big_blocks], &[good_segment()]),
+            (5, 0x26, 0),
+        ),
+        (
+            "beyond the destination's end",
+            copy_list(1, 0, &[cscd(0), cscd(1)], &[segment(0, 1, 8, 0, BLOCKS - 4)]),
+            (0xa, 0, 0),
+        ),
+    ];
+    let (mut i, second) = two_luns();
+    i.write10(0, &pattern(8 * 512, 5), 8 * 512);
+    for (what, list, expected) in cases {
+        assert_eq!(i.extended_copy(&list), (2, Some(expected)), "{what}");
+        assert!(second.data.lock().unwrap().iter().all(|&b| b == 0), "{what}: nothing written");
+    }
+    assert_eq!(i.extended_copy(&[]), (0, None), "an empty parameter list is no copy");
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x83;
+    cdb[1] = 0x01; // LID4
+    let (_, responses) = i.command(&cdb, false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]), (2, Some((5, 0x24, 0))));
+}
+
+#[test]
+fn receive_copy_results_reports_the_copy_managers_limits() {
+    let mut i = logged_in();
+    let p = i.receive_copy_results(0x03, 0).expect("operating parameters");
+    let be16 = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
+    let be32 = |at: usize| u32::from_be_bytes([p[at], p[at + 1], p[at + 2], p[at + 3]]);
+    assert_eq!(usize::try_from(be32(0)).unwrap(), p.len() - 4, "available data");
+    assert_eq!(u32::from(be16(8)), 4, "maximum CSCD descriptor count");
+    assert_eq!(u32::from(be16(10)), 16, "maximum segment descriptor count");
+    assert_eq!(be32(12), 512, "maximum descriptor list length");
+    assert_eq!(be32(20), 0, "no inline data");
+    assert_eq!(&p[44..], &[0x02, 0xe4], "implemented descriptor type codes");
+    assert_eq!(i.receive_copy_results(0x01, 0), Err((5, 0x24, 0)), "RECEIVE DATA is not offered");
+    // The Third-party Copy VPD page lists both commands and is itself listed.
+    assert!(i.inquiry_vpd(0x00)[4..].contains(&0x8f));
+    let page = i.inquiry_vpd(0x8f);
+    assert_eq!((page[1], &page[4..6]), (0x8f, &[0u8, 1][..]), "a Supported Commands descriptor");
+    assert_eq!(&page[9..16], &[0x83, 1, 0x00, 0x84, 2, 0x00, 0x03]);
+}
+
+#[test]
+fn write_atomic_honours_its_advertised_limits() {
+    let mut i = logged_in();
+    let limits = i.inquiry_vpd(0xb0);
+    let field = |at: usize| {
+        u32::from_be_bytes([limits[at], limits[at + 1], limits[at + 2], limits[at + 3]])
+    };
+    assert_eq!(field(44), 8, "maximum atomic transfer length: one 4 KiB block");
+    assert_eq!(field(48), 8, "atomic alignment: 4 KiB");
+    assert_eq!(field(52), 0, "no atomic granularity requirement");
+    let atomic =
+        |i: &mut Initiator, flags: u8, lba: u64, boundary: u16, blocks: u16, data: &[u8]| {
+            let mut cdb = [0u8; 16];
+            cdb[0] = 0x9c;
+            cdb[1] = flags;
+            cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+            cdb[10..12].copy_from_slice(&boundary.to_be_bytes());
+            cdb[12..14].copy_from_slice(&blocks.to_be_bytes());
+            let edtl = u32::try_from(data.len()).unwrap();
+            let (_, responses) = i.command(&cdb, false, !data.is_empty(), edtl, data, true);
+            status_of(&responses[0])
+        };
+    let block = pattern(4096, 9);
+    // (what, flags, LBA, atomic boundary, blocks, data bytes, expected status and sense)
+    let cases: Vec<AtomicCase> = vec![
+        ("one aligned 4 KiB block with DPO and FUA", 0x18, 8, 0, 8, 4096, (0, None)),
+        ("one 512-byte block", 0, 16, 0, 1, 512, (0, None)),
+        ("zero blocks", 0, 0, 0, 0, 0, (0, None)),
+        ("misaligned", 0, 1, 0, 1, 512, (2, Some((5, 0x24, 0)))),
+        ("longer than the maximum", 0, 0, 0, 16, 8192, (2, Some((5, 0x24, 0)))),
+        ("atomic boundary", 0, 0, 4, 8, 4096, (2, Some((5, 0x24, 0)))),
+        ("WRPROTECT", 0x20, 0, 0, 8, 4096, (2, Some((5, 0x24, 0)))),
+        ("beyond the end", 0, BLOCKS - 8, 0, 16, 8192, (2, Some((5, 0x21, 0)))),
+        ("zero blocks past the end", 0, BLOCKS + 8, 0, 0, 0, (2, Some((5, 0x21, 0)))),
+    ];
+    for (what, flags, lba, boundary, blocks, bytes, expected) in cases {
+        let data = &pattern(bytes, 9)[..];
+        assert_eq!(atomic(&mut i, flags, lba, boundary, blocks, data), expected, "{what}");
+    }
+    assert_eq!(i.read10(8, 8), block);
+    // The write reaches the driver as an exclusive op, so nothing overlaps it.
+    i.hold_io = true;
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x9c;
+    cdb[13] = 8;
+    i.command(&cdb, false, true, 4096, &block, true);
+    assert!(matches!(i.held[0].op, IoOp::AtomicWrite { .. }) && i.held[0].op.is_exclusive());
+    assert_eq!(status_of(&i.release_io()[0]), (0, None));
+}
+
+#[test]
+fn report_target_port_groups_lists_the_peer_group_too() {
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device.clone());
+    i.login(&[]);
+    *device.alua.lock().unwrap() = AluaState::Standby;
+    *device.peer_group.lock().unwrap() = Some(AluaPortGroup {
+        group_id: 2,
+        state: AluaState::ActiveOptimized,
+        local: false,
+        relative_ports: vec![17],
+    });
+    let mut cdb = [0u8; 12];
+    cdb[0] = 0xa3;
+    cdb[1] = 0x0a;
+    cdb[9] = 0xff;
+    let (_, responses) = i.command(&cdb, true, false, 255, &[], true);
+    let d = &responses[0].data;
+    assert_eq!(&d[..4], &24u32.to_be_bytes(), "two groups of one port each");
+    // Ours: standby, not preferred, group 1, relative port 1.
+    assert_eq!((d[4], &d[6..8], d[11], &d[14..16]), (0x02, &[0u8, 1][..], 1, &[0u8, 1][..]));
+    // The peer's: active/optimized and preferred, group 2, relative port 17.
+    assert_eq!((d[16], &d[18..20], d[23], &d[26..28]), (0x80, &[0u8, 2][..], 1, &[0u8, 17][..]));
+    // VPD page 83h names our group.
+    let page = i.inquiry_vpd(0x83);
+    let group =
+        page.windows(4).position(|w| w == [0x51, 0x95, 0x00, 0x04]).expect("group designator");
+    assert_eq!(&page[group + 6..group + 8], &[0, 1]);
 }

@@ -32,8 +32,8 @@ struct Registry {
 }
 
 impl Registry {
-    /// The lock of the device behind `device`. Plain writes share it; read-modify-write ops
-    /// (COMPARE AND WRITE, ORWRITE) hold it alone, which makes them atomic.
+    /// The lock of the device behind `device`. Reads and plain writes share it; exclusive ops
+    /// (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC) hold it alone, which makes them atomic.
     fn device_lock<D>(&self, device: &Arc<D>) -> Arc<RwLock<()>> {
         let key = Arc::as_ptr(device) as *const () as usize;
         let mut locks = self.device_locks.lock().unwrap_or_else(|p| p.into_inner());
@@ -245,23 +245,20 @@ fn dispatch_io<D: BlockDevice>(
 ) {
     while let Some(request) = connection.poll_io() {
         let completions = completions.clone();
-        let lock = if request.op.is_write() {
-            let key = Arc::as_ptr(&request.device) as *const () as usize;
-            Some(locks.entry(key).or_insert_with(|| registry.device_lock(&request.device)).clone())
-        } else {
-            None
-        };
+        // Every op takes the device lock: reads and plain writes share it, exclusive ops
+        // (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC) hold it alone. Reads must take it too, or
+        // a read could see an atomic write half done (ext4 copies buffered writes into the
+        // page cache without excluding readers).
+        let key = Arc::as_ptr(&request.device) as *const () as usize;
+        let lock =
+            locks.entry(key).or_insert_with(|| registry.device_lock(&request.device)).clone();
         tokio::spawn(async move {
-            let result = match lock {
-                Some(lock) if request.op.is_read_modify_write() => {
-                    let _exclusive = lock.write().await;
-                    perform(&*request.device, request.op).await
-                }
-                Some(lock) => {
-                    let _shared = lock.read().await;
-                    perform(&*request.device, request.op).await
-                }
-                None => perform(&*request.device, request.op).await,
+            let result = if request.op.is_exclusive() {
+                let _exclusive = lock.write().await;
+                perform(&*request.device, request.op).await
+            } else {
+                let _shared = lock.read().await;
+                perform(&*request.device, request.op).await
             };
             let _ = completions.send((request.itt, request.tag, result));
         });

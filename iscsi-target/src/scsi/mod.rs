@@ -1,6 +1,7 @@
 //! SCSI disk emulation (SPC-4 / SBC-3): CDBs and data-out in, block I/O requests and status,
 //! sense and data-in out. Pure: the caller performs the [`IoOp`]s and feeds completions back.
 
+pub mod copy;
 pub mod pr;
 pub mod sense;
 
@@ -10,10 +11,13 @@ use std::sync::Mutex;
 use bytes::{Bytes, BytesMut};
 
 use crate::constants::{
-    COMPARE_AND_WRITE_BLOCKS_MAX, TRANSFER_BYTES_MAX, UNIT_ATTENTIONS_MAX, UNMAP_BLOCKS_MAX,
-    UNMAP_DESCRIPTORS_MAX, WRITE_SAME_BLOCKS_MAX,
+    ATOMIC_WRITE_BYTES_MAX, COMPARE_AND_WRITE_BLOCKS_MAX, TRANSFER_BYTES_MAX, UNIT_ATTENTIONS_MAX,
+    UNMAP_BLOCKS_MAX, UNMAP_DESCRIPTORS_MAX, WRITE_SAME_BLOCKS_MAX,
 };
-use crate::device::{AluaState, DeviceError, IoData, IoOp, MappedRange, first_difference};
+use crate::device::{
+    AluaPortGroup, AluaState, DeviceError, IoData, IoOp, LOCAL_PORT_GROUP_ID, MappedRange,
+    first_difference,
+};
 use pr::{Access, Nexus, ProutResult, ReservationState};
 use sense::{Sense, codes, status};
 
@@ -43,6 +47,33 @@ pub struct LunIdentity {
     pub target_name: String,
 }
 
+impl LunIdentity {
+    /// The identity of LUN `lun` of target `target_name`: names derived from both with
+    /// FNV-1a, stable across restarts and nodes without a registry. Any LUN's designators can
+    /// be recomputed from its target and number (EXTENDED COPY resolves CSCDs that way).
+    pub fn new(target_name: &str, lun: u64) -> Self {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in target_name.bytes().chain(lun.to_be_bytes()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self {
+            lun,
+            serial: format!("{:016x}", hash),
+            naa_id: hash,
+            target_name: target_name.to_string(),
+        }
+    }
+    /// The 16-byte NAA registered extended designator (NAA 6) of VPD page 83h.
+    pub fn naa_designator(&self) -> [u8; 16] {
+        let naa = (0x6u64 << 60) | (self.naa_id & 0x0fff_ffff_ffff_ffff);
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&naa.to_be_bytes());
+        d[8..].copy_from_slice(&self.naa_id.to_be_bytes());
+        d
+    }
+}
+
 /// State a logical unit shares between all sessions, behind one mutex.
 #[derive(Debug, Default)]
 pub struct LunShared {
@@ -51,6 +82,11 @@ pub struct LunShared {
     pub write_cache_enabled: bool,
     pub descriptor_sense: bool,
     pub prevent_removal: HashSet<Nexus>,
+    /// Results of finished EXTENDED COPY commands held for RECEIVE COPY RESULTS.
+    pub copy_results: VecDeque<copy::CopyResult>,
+    /// The ALUA state the last command saw: a change queues ASYMMETRIC ACCESS STATE CHANGED
+    /// for every I_T nexus. `None` until the first command.
+    pub alua_seen: Option<AluaState>,
 }
 
 impl LunShared {
@@ -65,11 +101,25 @@ impl LunShared {
         }
         queue.push_back(sense);
     }
+    /// Compares the ALUA state a command sees with the one the previous command saw; on a
+    /// change (a promotion or demotion between commands) every I_T nexus in `nexuses` gets
+    /// ASYMMETRIC ACCESS STATE CHANGED before its next command (SPC-4 §5.16.2.4). Pure: the
+    /// caller passes the state in, no timer is involved.
+    pub fn observe_alua(&mut self, state: AluaState, nexuses: &[Nexus]) {
+        let previous = self.alua_seen.replace(state);
+        if previous.is_some_and(|p| p != state) {
+            for n in nexuses {
+                self.queue_unit_attention(n, codes::ASYMMETRIC_ACCESS_STATE_CHANGED);
+            }
+        }
+    }
     /// Clears per-nexus state after a LUN reset and, as SAM-5 requires, tells every I_T
     /// nexus, the one that asked for the reset included.
     pub fn reset(&mut self, nexuses: &[Nexus]) {
         self.reservations.reserve6 = None;
         self.prevent_removal.clear();
+        // SPC-4: a logical unit reset discards held copy results.
+        self.copy_results.clear();
         for n in nexuses {
             self.queue_unit_attention(n, codes::BUS_DEVICE_RESET);
         }
@@ -86,6 +136,10 @@ pub struct Context<'a> {
     pub luns: &'a [u64],
     /// Relative port identifiers of all target ports, for REPORT TARGET PORT GROUPS.
     pub ports: &'a [u16],
+    /// Geometry of another LUN of the same target (EXTENDED COPY between LUNs).
+    pub lun_info: &'a dyn Fn(u64) -> Option<DeviceInfo>,
+    /// The logical unit's target port groups (REPORT TARGET PORT GROUPS, VPD page 83h).
+    pub port_groups: &'a dyn Fn() -> Vec<AluaPortGroup>,
 }
 
 /// The final result of a command.
@@ -115,7 +169,10 @@ impl Outcome {
 #[derive(Debug)]
 pub enum Step {
     Done(Outcome),
+    /// An I/O on the command's own logical unit.
     Io(IoOp, Pending),
+    /// An I/O on another logical unit of the same target, by LUN (EXTENDED COPY).
+    IoAt(u64, IoOp, Pending),
 }
 
 /// What to do when the I/O of a [`Step::Io`] completes.
@@ -124,10 +181,35 @@ pub enum Pending {
     ReadData,
     Written,
     Compared,
-    Verify { compare: Bytes, repeat_block: bool, block_size_bytes: u32 },
-    WriteChunks { offset_bytes: u64, remaining_bytes: u64, pattern: Bytes, fua: bool },
-    Unmap { ranges: Vec<(u64, u64)> },
-    LbaStatus { start_lba: u64, allocation_length: usize, block_size_bytes: u32 },
+    Verify {
+        compare: Bytes,
+        repeat_block: bool,
+        block_size_bytes: u32,
+    },
+    WriteChunks {
+        offset_bytes: u64,
+        remaining_bytes: u64,
+        pattern: Bytes,
+        fua: bool,
+    },
+    Unmap {
+        ranges: Vec<(u64, u64)>,
+    },
+    LbaStatus {
+        start_lba: u64,
+        allocation_length: usize,
+        block_size_bytes: u32,
+    },
+    /// EXTENDED COPY read a chunk, to be written at `relative_bytes` into the segment.
+    CopyRead {
+        job: Box<copy::CopyJob>,
+        relative_bytes: u64,
+    },
+    /// EXTENDED COPY wrote a chunk of `written_bytes`.
+    CopyWritten {
+        job: Box<copy::CopyJob>,
+        written_bytes: u64,
+    },
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -192,8 +274,11 @@ pub mod op {
     pub const WRITE_AND_VERIFY_16: u8 = 0x8e;
     pub const VERIFY_16: u8 = 0x8f;
     pub const PRE_FETCH_16: u8 = 0x90;
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const SYNCHRONIZE_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9c;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
     pub const REPORT_LUNS: u8 = 0xa0;
     pub const MAINTENANCE_IN: u8 = 0xa3;
@@ -241,6 +326,9 @@ const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (op::PERSISTENT_RESERVE_OUT, Some(4), 10),
     (op::PERSISTENT_RESERVE_OUT, Some(5), 10),
     (op::PERSISTENT_RESERVE_OUT, Some(6), 10),
+    (op::EXTENDED_COPY, Some(0x00), 16),
+    (op::RECEIVE_COPY_RESULTS, Some(0x00), 16),
+    (op::RECEIVE_COPY_RESULTS, Some(0x03), 16),
     (op::READ_16, None, 16),
     (op::COMPARE_AND_WRITE, None, 16),
     (op::WRITE_16, None, 16),
@@ -250,6 +338,7 @@ const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (op::PRE_FETCH_16, None, 16),
     (op::SYNCHRONIZE_CACHE_16, None, 16),
     (op::WRITE_SAME_16, None, 16),
+    (op::WRITE_ATOMIC_16, None, 16),
     (op::SERVICE_ACTION_IN_16, Some(0x10), 16),
     (op::SERVICE_ACTION_IN_16, Some(0x12), 16),
     (op::REPORT_LUNS, None, 12),
@@ -282,10 +371,21 @@ fn cdb_usage(opcode: u8, service_action: Option<u16>, length: usize) -> Vec<u8> 
             usage[1] = 0xfe;
             usage[14] = 0x1f;
         }
+        op::WRITE_ATOMIC_16 => {
+            // WRPROTECT, DPO, FUA; GROUP NUMBER.
+            usage[1] = 0xf8;
+            usage[14] = 0x3f;
+        }
         _ => {}
     }
     if let Some(sa) = service_action {
-        if opcode == op::SERVICE_ACTION_IN_16 || opcode == op::MAINTENANCE_IN {
+        if matches!(
+            opcode,
+            op::SERVICE_ACTION_IN_16
+                | op::MAINTENANCE_IN
+                | op::EXTENDED_COPY
+                | op::RECEIVE_COPY_RESULTS
+        ) {
             usage[1] = 0x1f;
         } else {
             usage[1] = u8::try_from(sa & 0x1f).unwrap_or(0) | 0x1f;
@@ -320,7 +420,8 @@ fn access_of(opcode: u8) -> Access {
         | op::READ_DEFECT_DATA_10
         | op::READ_DEFECT_DATA_12
         | op::MODE_SENSE_6
-        | op::MODE_SENSE_10 => Access::Read,
+        | op::MODE_SENSE_10
+        | op::RECEIVE_COPY_RESULTS => Access::Read,
         op::WRITE_6
         | op::WRITE_10
         | op::WRITE_12
@@ -333,6 +434,8 @@ fn access_of(opcode: u8) -> Access {
         | op::UNMAP
         | op::COMPARE_AND_WRITE
         | op::ORWRITE_16
+        | op::WRITE_ATOMIC_16
+        | op::EXTENDED_COPY
         | op::SYNCHRONIZE_CACHE_10
         | op::SYNCHRONIZE_CACHE_16
         | op::MODE_SELECT_6
@@ -355,6 +458,7 @@ pub fn transfer_bytes(cdb: &[u8], block_size_bytes: u32) -> Option<u64> {
             blocks(u64::from(be32(&cdb[10..])))
         }
         op::COMPARE_AND_WRITE => blocks(u64::from(cdb[13]) * 2),
+        op::WRITE_ATOMIC_16 => blocks(u64::from(be16(&cdb[12..]))),
         _ => None,
     }
 }
@@ -485,6 +589,17 @@ pub fn execute(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
         }
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => verify(ctx, cdb, data_out),
         op::COMPARE_AND_WRITE => compare_and_write(ctx, cdb, data_out),
+        op::WRITE_ATOMIC_16 => {
+            let write_back = shared.write_cache_enabled;
+            drop(shared);
+            write_atomic(ctx, cdb, data_out, write_back)
+        }
+        op::EXTENDED_COPY => {
+            let write_back = shared.write_cache_enabled;
+            drop(shared);
+            copy::extended_copy(ctx, cdb, &data_out, write_back)
+        }
+        op::RECEIVE_COPY_RESULTS => Step::Done(copy::receive_copy_results(ctx, cdb, &mut shared)),
         op::ORWRITE_16 => or_write(ctx, cdb, data_out),
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => write_same(ctx, cdb, data_out),
         op::UNMAP => unmap(ctx, cdb, &data_out),
@@ -510,6 +625,16 @@ pub fn execute(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
 
 /// Continues a command after its I/O completed.
 pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, DeviceError>) -> Step {
+    // A copy turns device errors into COPY ABORTED and records its results itself.
+    let pending = match pending {
+        Pending::CopyRead { job, relative_bytes } => {
+            return copy::resume_read(ctx, job, relative_bytes, result);
+        }
+        Pending::CopyWritten { job, written_bytes } => {
+            return copy::resume_written(ctx, job, written_bytes, result);
+        }
+        other => other,
+    };
     let writing =
         !matches!(pending, Pending::ReadData | Pending::Verify { .. } | Pending::LbaStatus { .. });
     let data = match result {
@@ -557,6 +682,9 @@ pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, Device
             }
             None => Step::Done(Outcome::good()),
         },
+        Pending::CopyRead { .. } | Pending::CopyWritten { .. } => {
+            Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE))
+        }
         Pending::LbaStatus { start_lba, allocation_length, block_size_bytes } => {
             let IoData::Ranges(ranges) = data else {
                 return Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
@@ -757,6 +885,54 @@ fn or_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
         IoOp::OrWrite { offset_bytes: lba * block_size, mask: data_out, fua: cdb[1] & 0x08 != 0 },
         Pending::Written,
     )
+}
+
+/// WRITE ATOMIC(16) (SBC-4): a write of at most [`ATOMIC_WRITE_BYTES_MAX`] inside one aligned
+/// block of that size, run exclusively on the device (see [`IoOp::AtomicWrite`]).
+fn write_atomic(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes, write_back: bool) -> Step {
+    let lba = be64(&cdb[2..]);
+    let atomic_boundary = be16(&cdb[10..]);
+    let blocks = u64::from(be16(&cdb[12..]));
+    if cdb[1] & 0xe0 != 0 {
+        // WRPROTECT without protection information.
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(1)));
+    }
+    // Range first: a write beyond the end is LBA OUT OF RANGE whatever its length.
+    if let Some(sense) = check_range(ctx, lba, blocks) {
+        return Step::Done(Outcome::check(sense));
+    }
+    if atomic_boundary != 0 {
+        // MAXIMUM ATOMIC BOUNDARY SIZE is zero: one atomic operation per command only.
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(10)));
+    }
+    if blocks == 0 {
+        return Step::Done(Outcome::good());
+    }
+    let (max_blocks, alignment_blocks) = atomic_limits_blocks(ctx.info.block_size_bytes);
+    if blocks > u64::from(max_blocks) {
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(12)));
+    }
+    if !lba.is_multiple_of(u64::from(alignment_blocks)) {
+        return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(2)));
+    }
+    let block_size = u64::from(ctx.info.block_size_bytes);
+    let length = blocks * block_size;
+    if data_out.len() as u64 != length {
+        // Unlike WRITE, a short Data-Out cannot be honoured partially: all or nothing.
+        return Step::Done(Outcome::check(Sense::new(sense::key::ILLEGAL_REQUEST, 0x0e, 0x03)));
+    }
+    let fua = cdb[1] & 0x08 != 0 || !write_back;
+    Step::Io(
+        IoOp::AtomicWrite { offset_bytes: lba * block_size, data: data_out, fua },
+        Pending::Written,
+    )
+}
+
+/// (MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT) in logical blocks: one aligned
+/// [`ATOMIC_WRITE_BYTES_MAX`] block, or one logical block when blocks are larger.
+pub fn atomic_limits_blocks(block_size_bytes: u32) -> (u32, u32) {
+    let blocks = (ATOMIC_WRITE_BYTES_MAX / block_size_bytes.max(1)).max(1);
+    (blocks, blocks)
 }
 
 /// Bytes written per WRITE SAME chunk: big enough to be efficient, small enough to bound memory.
@@ -972,7 +1148,7 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
         d[1] = 0x00; // Not removable.
         d[2] = 0x06; // SPC-4.
         d[3] = 0x12; // HiSup, response data format 2.
-        d[5] = 0x10 | 0x08; // TPGS = implicit ALUA; 3PC off; PROTECT off.
+        d[5] = 0x10 | 0x08; // TPGS = implicit ALUA; 3PC: EXTENDED COPY; PROTECT off.
         d[6] = 0x00;
         d[7] = 0x02; // CmdQue.
         pad_ascii(&mut d, "TANDEM", 8);
@@ -985,21 +1161,18 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
         }
         d.resize(96, 0);
         d[4] = u8::try_from(d.len() - 5).unwrap_or(0);
-        // TPGS bits only: clear the stray ACC bit.
-        d[5] = 0x10;
         return truncated(d, allocation_length);
     }
     let mut d = vec![0u8; 4];
     d[1] = page;
     match page {
-        0x00 => d.extend_from_slice(&[0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2]),
+        0x00 => d.extend_from_slice(&[0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2]),
+        0x8f => d.extend_from_slice(&copy::third_party_copy_vpd()),
         0x80 => d.extend_from_slice(ctx.identity.serial.as_bytes()),
         0x83 => {
             // NAA registered extended (type 3), logical unit.
             d.extend_from_slice(&[0x01, 0x03, 0x00, 0x10]);
-            let naa = (0x6u64 << 60) | (ctx.identity.naa_id & 0x0fff_ffff_ffff_ffff);
-            d.extend_from_slice(&naa.to_be_bytes());
-            d.extend_from_slice(&ctx.identity.naa_id.to_be_bytes());
+            d.extend_from_slice(&ctx.identity.naa_designator());
             // T10 vendor ID, logical unit.
             let mut t10 = Vec::new();
             pad_ascii(&mut t10, "TANDEM", 8);
@@ -1010,7 +1183,8 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
             d.extend_from_slice(&[0x51, 0x94, 0x00, 0x04, 0, 0]);
             d.extend_from_slice(&ctx.nexus.relative_port.to_be_bytes());
             // Target port group (type 5).
-            d.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0, 0, 1]);
+            d.extend_from_slice(&[0x51, 0x95, 0x00, 0x04, 0, 0]);
+            d.extend_from_slice(&local_port_group_id(ctx).to_be_bytes());
             // SCSI name string of the target device (type 8, association 2).
             let mut name = ctx.identity.target_name.clone().into_bytes();
             name.push(0);
@@ -1035,6 +1209,11 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
                 p[24..28].copy_from_slice(&8u32.to_be_bytes());
             }
             p[32..40].copy_from_slice(&u64::from(WRITE_SAME_BLOCKS_MAX).to_be_bytes());
+            // WRITE ATOMIC(16): maximum atomic transfer length and atomic alignment; no
+            // granularity requirement and no atomic boundaries.
+            let (atomic_blocks, alignment_blocks) = atomic_limits_blocks(ctx.info.block_size_bytes);
+            p[40..44].copy_from_slice(&atomic_blocks.to_be_bytes());
+            p[44..48].copy_from_slice(&alignment_blocks.to_be_bytes());
             d.extend_from_slice(&p);
         }
         0xb1 => {
@@ -1105,24 +1284,35 @@ fn read_capacity_16(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
 fn report_target_port_groups(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
     let allocation_length = usize::try_from(be32(&cdb[6..])).unwrap_or(0);
     let extended = (cdb[1] >> 5) == 1;
+    let groups = (ctx.port_groups)();
     let mut d = vec![0u8; 4];
     if extended {
         d.extend_from_slice(&[0x10, 0x00, 0x00, 0x00]);
     }
-    d.push(0x80 | ctx.info.alua.code()); // PREF set: this is the only group.
-    d.push(0x80 | 0x04 | 0x01); // T_SUP, S_SUP, AO_SUP
-    d.extend_from_slice(&1u16.to_be_bytes());
-    d.push(0);
-    d.push(0x02); // Implicit change.
-    d.push(0);
-    d.push(u8::try_from(ctx.ports.len()).unwrap_or(u8::MAX));
-    for port in ctx.ports {
-        d.extend_from_slice(&[0, 0]);
-        d.extend_from_slice(&port.to_be_bytes());
+    for group in &groups {
+        // PREF marks the group to use: the only one, or the active/optimized one.
+        let preferred = groups.len() == 1 || group.state == AluaState::ActiveOptimized;
+        d.push(if preferred { 0x80 } else { 0 } | group.state.code());
+        d.push(0x80 | 0x04 | 0x01); // T_SUP, S_SUP, AO_SUP
+        d.extend_from_slice(&group.group_id.to_be_bytes());
+        d.push(0);
+        d.push(0x02); // Implicit change.
+        d.push(0);
+        let ports = if group.local { ctx.ports } else { group.relative_ports.as_slice() };
+        d.push(u8::try_from(ports.len()).unwrap_or(u8::MAX));
+        for port in ports.iter().take(usize::from(u8::MAX)) {
+            d.extend_from_slice(&[0, 0]);
+            d.extend_from_slice(&port.to_be_bytes());
+        }
     }
     let length = u32::try_from(d.len() - 4).unwrap_or(0);
     d[..4].copy_from_slice(&length.to_be_bytes());
     truncated(d, allocation_length)
+}
+
+/// The id of the group holding this target's ports, for VPD page 83h.
+fn local_port_group_id(ctx: &Context<'_>) -> u16 {
+    (ctx.port_groups)().iter().find(|g| g.local).map_or(LOCAL_PORT_GROUP_ID, |g| g.group_id)
 }
 
 fn report_supported_opcodes(cdb: &[u8; 16]) -> Outcome {
