@@ -2,7 +2,11 @@
 //!
 //! Run with: `cargo run --release -p backing-store --example backing_bench -- [--dir DIR]
 //! [--size-mib N] [--seconds S] [--rounds R] [--workloads 4k-randwrite-qd1,...]
-//! [--io buffered|direct|both] [--inline on|off|both]`
+//! [--io buffered|direct|both] [--inline off,on,blocking]`
+//!
+//! `--inline` lists the fast-path modes to compare (default `off,on`): `off` sends every
+//! request to the engine, `on` is the default inline fast path (RWF_NOWAIT), `blocking` adds
+//! blocking inline writes (`set_inline_blocking_writes`).
 //!
 //! For each workload it runs every (engine, O_DIRECT, inline fast path) combination back to
 //! back, `--rounds`
@@ -72,8 +76,25 @@ struct Arguments {
     workloads: Vec<String>,
     /// Run buffered, O_DIRECT, or both.
     direct_modes: Vec<bool>,
-    /// Inline fast path on, off, or both.
-    inline_modes: Vec<bool>,
+    /// Inline fast-path modes to compare.
+    inline_modes: Vec<InlineMode>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InlineMode {
+    Off,
+    On,
+    Blocking,
+}
+
+impl InlineMode {
+    fn name(self) -> &'static str {
+        match self {
+            InlineMode::Off => "off",
+            InlineMode::On => "on",
+            InlineMode::Blocking => "block",
+        }
+    }
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -84,7 +105,7 @@ fn parse_arguments() -> Result<Arguments, String> {
         rounds: 2,
         workloads: Vec::new(),
         direct_modes: vec![false, true],
-        inline_modes: vec![false, true],
+        inline_modes: vec![InlineMode::Off, InlineMode::On],
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
@@ -111,12 +132,15 @@ fn parse_arguments() -> Result<Arguments, String> {
                 };
             }
             "--inline" => {
-                arguments.inline_modes = match value.as_str() {
-                    "on" => vec![true],
-                    "off" => vec![false],
-                    "both" => vec![false, true],
-                    other => return Err(format!("--inline {other}: expected on, off or both")),
-                };
+                arguments.inline_modes = value
+                    .split(',')
+                    .map(|mode| match mode {
+                        "off" => Ok(InlineMode::Off),
+                        "on" => Ok(InlineMode::On),
+                        "blocking" => Ok(InlineMode::Blocking),
+                        other => Err(format!("--inline {other}: expected off, on or blocking")),
+                    })
+                    .collect::<Result<_, _>>()?;
             }
             _ => return Err(format!("unknown flag {flag}")),
         }
@@ -126,6 +150,8 @@ fn parse_arguments() -> Result<Arguments, String> {
 
 struct Outcome {
     operations: u64,
+    /// Slowest single request (a stall of the inline path shows here).
+    max_latency: Duration,
     elapsed: Duration,
     cpu: Duration,
 }
@@ -159,7 +185,9 @@ async fn run(store: &BackingStore, workload: Workload, duration: Duration) -> Ou
                 0x2545_F491_4F6C_DD1Du64 ^ (worker as u64 + 1).wrapping_mul(0x9E37_79B9);
             let mut next_sequential = worker as u64;
             let mut operations = 0u64;
+            let mut max_latency = Duration::ZERO;
             while Instant::now() < deadline {
+                let issued = Instant::now();
                 let block = if workload.sequential {
                     let block = next_sequential % blocks;
                     next_sequential += workload.queue_depth as u64;
@@ -177,15 +205,20 @@ async fn run(store: &BackingStore, workload: Workload, duration: Duration) -> Ou
                     store.read(offset, workload.block_bytes).await.expect("read");
                 }
                 operations += 1;
+                max_latency = max_latency.max(issued.elapsed());
             }
-            operations
+            (operations, max_latency)
         });
     }
     let mut operations = 0;
+    let mut max_latency = Duration::ZERO;
     while let Some(result) = tasks.join_next().await {
-        operations += result.expect("worker");
+        let (worker_operations, worker_max) = result.expect("worker");
+        operations += worker_operations;
+        max_latency = max_latency.max(worker_max);
     }
-    Outcome { operations, elapsed: started.elapsed(), cpu: process_cpu_time() - cpu_started }
+    let cpu = process_cpu_time() - cpu_started;
+    Outcome { operations, max_latency, elapsed: started.elapsed(), cpu }
 }
 
 fn main() -> Result<(), String> {
@@ -220,10 +253,19 @@ fn main() -> Result<(), String> {
         arguments.rounds
     );
     println!(
-        "{:<18} {:<6} {:<9} {:<6} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "workload", "engine", "io", "inline", "IOPS", "MiB/s", "avg_us", "cpu_us/op", "inline%"
+        "{:<18} {:<6} {:<9} {:<6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8}",
+        "workload",
+        "engine",
+        "io",
+        "inline",
+        "IOPS",
+        "MiB/s",
+        "avg_us",
+        "max_us",
+        "cpu_us/op",
+        "inline%"
     );
-    let mut configurations: Vec<(EngineKind, bool, bool)> = Vec::new();
+    let mut configurations: Vec<(EngineKind, bool, InlineMode)> = Vec::new();
     for &direct_io in &arguments.direct_modes {
         for &inline in &arguments.inline_modes {
             for engine in [EngineKind::Sync, EngineKind::Uring] {
@@ -245,7 +287,8 @@ fn main() -> Result<(), String> {
                     OpenOptions { engine, direct_io, create_size_bytes: None, read_only: false };
                 let store =
                     BackingStore::open(&path, &options).map_err(|error| error.to_string())?;
-                store.set_inline_io(inline);
+                store.set_inline_io(inline != InlineMode::Off);
+                store.set_inline_blocking_writes(inline == InlineMode::Blocking);
                 let outcome = runtime.block_on(run(&store, workload, arguments.duration));
                 let counters = store.io_counters();
                 drop(store);
@@ -258,14 +301,15 @@ fn main() -> Result<(), String> {
                     seconds * 1e6 * workload.queue_depth as f64 / outcome.operations.max(1) as f64;
                 let io = if direct_io { "O_DIRECT" } else { "buffered" };
                 println!(
-                    "{:<18} {:<6} {:<9} {:<6} {:>10.0} {:>10.1} {:>10.1} {:>10.2} {:>8.1}",
+                    "{:<18} {:<6} {:<9} {:<6} {:>10.0} {:>10.1} {:>10.1} {:>10} {:>10.2} {:>8.1}",
                     workload.name,
                     engine,
                     io,
-                    if inline { "on" } else { "off" },
+                    inline.name(),
                     iops,
                     mib_per_s,
                     average_us,
+                    outcome.max_latency.as_micros(),
                     outcome.cpu.as_secs_f64() * 1e6 / outcome.operations.max(1) as f64,
                     inline_percent
                 );

@@ -18,6 +18,18 @@ pub const IO_SIZE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Chosen by measurement (README, "Inline fast path").
 pub const INLINE_IO_BYTES_MAX: usize = 64 * 1024;
 
+/// Alignment (the page size) an inline write needs when it is done blocking because the file
+/// system refuses RWF_NOWAIT writes: whole pages never read the old page from the disk first.
+pub const INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES: usize = 4096;
+
+/// An inline blocking write slower than this counts as a stall (the kernel waited, e.g. for
+/// dirty-page throttling or the journal) and suspends inline blocking writes for a while.
+pub const INLINE_WRITE_STALL_US_MAX: u64 = 1_000;
+
+/// How long inline blocking writes stay suspended after a stall: at most one stall of the
+/// caller's thread per period, whatever the kernel does.
+pub const INLINE_WRITE_BACKOFF_MS: u64 = 1_000;
+
 /// Worker threads of the portable engine. More threads than cores still pay because the
 /// threads mostly sleep in the kernel waiting for the device; this is the portable engine's
 /// effective queue depth.
@@ -64,3 +76,7 @@ const _: () = assert!(ZERO_CHUNK_BYTES <= IO_SIZE_BYTES_MAX);
 const _: () = assert!(INLINE_IO_BYTES_MAX > 0 && INLINE_IO_BYTES_MAX <= IO_SIZE_BYTES_MAX);
 // Inline reads take their buffers from the same pool as the engines' reads.
 const _: () = assert!(INLINE_IO_BYTES_MAX.is_multiple_of(BUFFER_ALIGNMENT_BYTES));
+const _: () = assert!(INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES.is_power_of_two());
+const _: () = assert!(INLINE_IO_BYTES_MAX.is_multiple_of(INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES));
+// The back-off period is long against one stall, so stalls stay a small share of the time.
+const _: () = assert!(INLINE_WRITE_BACKOFF_MS * 1000 >= 100 * INLINE_WRITE_STALL_US_MAX);

@@ -334,6 +334,13 @@ impl BackingFile {
         self.write_transfer(&self.buffered, data, offset, libc::RWF_NOWAIT)
     }
 
+    /// The inline fast path's write where the file system refuses RWF_NOWAIT: a plain
+    /// pwritev2 on the buffered descriptor, which may wait (the caller bounds how often).
+    pub(crate) fn write_buffered_blocking(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        assert!(self.uses_buffered(offset, data.len()), "inline write on the O_DIRECT descriptor");
+        self.write_transfer(&self.buffered, data, offset, 0).map_err(Stop::into_error)
+    }
+
     /// Reads until `buffer` is full. Shared by the blocking and the inline path so both report
     /// errors with the same kinds and messages. A short read is continued; under RWF_NOWAIT
     /// the continuation may then stop with `WouldBlock`.

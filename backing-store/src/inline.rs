@@ -16,18 +16,33 @@
 //! (EOPNOTSUPP: buffered writes on ext4 and everything on tmpfs, on this 6.18 kernel) is
 //! remembered per store, so it costs one failed system call, not one per request.
 //!
+//! Blocking inline writes (opt-in, `BackingStore::set_inline_blocking_writes`): where the file
+//! system refuses RWF_NOWAIT writes (ext4), small page-aligned non-FUA writes are done with a
+//! plain pwritev2 on the caller's thread. A page-cache write normally returns in microseconds
+//! without touching the disk, but it can wait (dirty-page throttling, the journal, memory
+//! reclaim), so this breaks the "never waits" rule above in exchange for removing the thread
+//! hop from every write. The damage is bounded: a write slower than
+//! `INLINE_WRITE_STALL_US_MAX` suspends blocking writes for `INLINE_WRITE_BACKOFF_MS`, so
+//! the caller's thread stalls at most once per period.
+//!
 //! The path decides and runs; it never completes anything itself: `BackingStore::execute`
 //! completes an inline result through the same `Completion` an engine would use.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::constants::INLINE_IO_BYTES_MAX;
+use crate::constants::{
+    INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES, INLINE_IO_BYTES_MAX, INLINE_WRITE_BACKOFF_MS,
+    INLINE_WRITE_STALL_US_MAX,
+};
+use crate::file::u64_from;
 use crate::file::{BackingFile, Stop};
 use crate::request::{Operation, OperationResult, Output};
 
 /// How many requests were served where, since the store was opened. Requests rejected before
 /// any I/O (out of range, read-only, oversized) and zero-length ones are not counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct IoCounters {
     /// Completed on the caller's thread by the inline fast path (successes and failures).
     pub inline_served: u64,
@@ -36,6 +51,9 @@ pub struct IoCounters {
     /// Inline attempts that would have blocked (EAGAIN, e.g. a read not in the page cache) and
     /// went to the engine; a subset of `engine_served`.
     pub inline_fallbacks: u64,
+    /// Blocking inline writes slower than `INLINE_WRITE_STALL_US_MAX` (each suspended blocking
+    /// writes for `INLINE_WRITE_BACKOFF_MS`); a subset of `inline_served`.
+    pub inline_write_stalls: u64,
 }
 
 /// What the fast path did with a request.
@@ -52,9 +70,15 @@ pub(crate) struct InlinePath {
     /// Cleared the first time the file system answers EOPNOTSUPP to RWF_NOWAIT.
     reads_supported: AtomicBool,
     writes_supported: AtomicBool,
+    /// Blocking inline writes asked for (used only where RWF_NOWAIT writes are refused).
+    blocking_writes: AtomicBool,
+    /// Nanoseconds after `created` until which blocking inline writes are suspended.
+    blocking_suspended_until_ns: AtomicU64,
+    created: Instant,
     inline_served: AtomicU64,
     engine_served: AtomicU64,
     inline_fallbacks: AtomicU64,
+    inline_write_stalls: AtomicU64,
 }
 
 impl InlinePath {
@@ -63,10 +87,22 @@ impl InlinePath {
             enabled: AtomicBool::new(enabled),
             reads_supported: AtomicBool::new(true),
             writes_supported: AtomicBool::new(true),
+            blocking_writes: AtomicBool::new(false),
+            blocking_suspended_until_ns: AtomicU64::new(0),
+            created: Instant::now(),
             inline_served: AtomicU64::new(0),
             engine_served: AtomicU64::new(0),
             inline_fallbacks: AtomicU64::new(0),
+            inline_write_stalls: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn set_blocking_writes(&self, enabled: bool) {
+        self.blocking_writes.store(enabled, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_blocking_writes(&self) -> bool {
+        self.blocking_writes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_enabled(&self, enabled: bool) {
@@ -82,6 +118,7 @@ impl InlinePath {
             inline_served: self.inline_served.load(Ordering::Relaxed),
             engine_served: self.engine_served.load(Ordering::Relaxed),
             inline_fallbacks: self.inline_fallbacks.load(Ordering::Relaxed),
+            inline_write_stalls: self.inline_write_stalls.load(Ordering::Relaxed),
         }
     }
 
@@ -113,9 +150,15 @@ impl InlinePath {
                 if *fua
                     || data.len() > INLINE_IO_BYTES_MAX
                     || !file.uses_buffered(*offset, data.len())
-                    || !self.writes_supported.load(Ordering::Relaxed)
                 {
                     return Attempt::Declined(operation);
+                }
+                if !self.writes_supported.load(Ordering::Relaxed) {
+                    if !self.blocking_write_allowed(*offset, data.len()) {
+                        return Attempt::Declined(operation);
+                    }
+                    let result = self.write_blocking(file, *offset, data);
+                    return self.served(result.map(|()| Output::Done));
                 }
                 match file.write_nowait(*offset, data) {
                     Ok(()) => return self.served(Ok(Output::Done)),
@@ -142,12 +185,54 @@ impl InlinePath {
                     tracing::debug!(
                         path = %file.path().display(),
                         "the file system refuses RWF_NOWAIT for buffered {kind}; they go to the \
-                         engine from now on"
+                         engine (or, when enabled, are written blocking) from now on"
                     );
+                }
+                if let Operation::Write { offset, data, .. } = &operation
+                    && self.blocking_write_allowed(*offset, data.len())
+                {
+                    let result = self.write_blocking(file, *offset, data);
+                    return self.served(result.map(|()| Output::Done));
                 }
                 Attempt::Declined(operation)
             }
         }
+    }
+
+    /// Whether a write may be done blocking inline now: asked for, whole pages, not suspended.
+    fn blocking_write_allowed(&self, offset: u64, len: usize) -> bool {
+        let alignment = INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES;
+        self.is_blocking_writes()
+            && offset.is_multiple_of(u64_from(alignment))
+            && len.is_multiple_of(alignment)
+            && self.elapsed_ns() >= self.blocking_suspended_until_ns.load(Ordering::Relaxed)
+    }
+
+    fn write_blocking(
+        &self,
+        file: &BackingFile,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), crate::error::Error> {
+        let started = Instant::now();
+        let result = file.write_buffered_blocking(offset, data);
+        let took = started.elapsed();
+        if took > Duration::from_micros(INLINE_WRITE_STALL_US_MAX) {
+            self.inline_write_stalls.fetch_add(1, Ordering::Relaxed);
+            let until = self.elapsed_ns().saturating_add(INLINE_WRITE_BACKOFF_MS * 1_000_000);
+            self.blocking_suspended_until_ns.fetch_max(until, Ordering::Relaxed);
+            tracing::debug!(
+                path = %file.path().display(),
+                took_us = took.as_micros(),
+                backoff_ms = INLINE_WRITE_BACKOFF_MS,
+                "an inline write waited in the kernel; writes go to the engine for a while"
+            );
+        }
+        result
+    }
+
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     fn served(&self, result: OperationResult) -> Attempt {

@@ -154,6 +154,19 @@ impl BackingStore {
         self.inner.inline.is_enabled()
     }
 
+    /// Where the file system refuses RWF_NOWAIT for buffered writes (ext4, tmpfs), do small
+    /// page-aligned non-FUA writes with a plain blocking pwritev2 on the caller's thread
+    /// (off by default). Removes the thread hop from every such write, but the caller's thread
+    /// may then wait in the kernel (dirty throttling, journal); a stall suspends it for
+    /// `constants::INLINE_WRITE_BACKOFF_MS`. Needs the inline fast path on.
+    pub fn set_inline_blocking_writes(&self, enabled: bool) {
+        self.inner.inline.set_blocking_writes(enabled);
+    }
+
+    pub fn is_inline_blocking_writes(&self) -> bool {
+        self.inner.inline.is_blocking_writes()
+    }
+
     /// Requests served inline and by the engine so far (for tests and metrics).
     pub fn io_counters(&self) -> IoCounters {
         self.inner.inline.counters()

@@ -1,5 +1,6 @@
 //! Errors are the same whichever path serves a request: every scenario runs with the inline
-//! fast path on and off, on both engines, and must end with the same `ErrorKind` and errno.
+//! fast path off, on, and on with blocking inline writes, on both engines, and must end with
+//! the same `ErrorKind` and errno.
 //! The failures are real ones from a small ext4 file system on a loop device: full (ENOSPC)
 //! and shut down (EIO, from the FS_IOC_SHUTDOWN ioctl). Needs root, loop devices, mkfs.ext4
 //! and mount; skipped with a message otherwise.
@@ -90,7 +91,17 @@ fn summary<T>(result: &Result<T, Error>) -> Option<(ErrorKind, Option<i32>)> {
     result.as_ref().err().map(|error| (error.kind(), error.raw_os_error()))
 }
 
-fn open(path: &Path, engine: EngineKind, inline: bool) -> BackingStore {
+/// Which paths may serve requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paths {
+    EngineOnly,
+    Inline,
+    InlineWithBlockingWrites,
+}
+
+const PATHS: [Paths; 3] = [Paths::EngineOnly, Paths::Inline, Paths::InlineWithBlockingWrites];
+
+fn open(path: &Path, engine: EngineKind, paths: Paths) -> BackingStore {
     let options = OpenOptions {
         engine,
         direct_io: false,
@@ -98,16 +109,17 @@ fn open(path: &Path, engine: EngineKind, inline: bool) -> BackingStore {
         read_only: false,
     };
     let store = BackingStore::open(path, &options).expect("open");
-    store.set_inline_io(inline);
+    store.set_inline_io(paths != Paths::EngineOnly);
+    store.set_inline_blocking_writes(paths == Paths::InlineWithBlockingWrites);
     store
 }
 
 type Outcomes = Vec<(&'static str, Option<(ErrorKind, Option<i32>)>)>;
 
 /// Fills the sparse volume with 64 KiB writes until the file system is full.
-fn no_space(engine: EngineKind, inline: bool) -> Outcomes {
+fn no_space(engine: EngineKind, paths: Paths) -> (Outcomes, u64) {
     let file_system = Ext4::create().expect("ext4 on a loop device");
-    let store = open(&file_system.mount_point.join("volume.img"), engine, inline);
+    let store = open(&file_system.mount_point.join("volume.img"), engine, paths);
     let chunk = Bytes::from(vec![0x6Bu8; 64 * 1024]);
     let outcome =
         tokio::runtime::Builder::new_current_thread().build().expect("runtime").block_on(async {
@@ -118,13 +130,14 @@ fn no_space(engine: EngineKind, inline: bool) -> Outcomes {
             }
             Ok(())
         });
-    vec![("write into a full file system", summary(&outcome))]
+    (vec![("write into a full file system", summary(&outcome))], store.io_counters().inline_served)
 }
 
 /// Reads (of cached and uncached data), writes and a flush after the file system died.
-fn shut_down(engine: EngineKind, inline: bool) -> (Outcomes, backing_store::IoCounters) {
+/// Returns the outcomes and how many of them the inline path served.
+fn shut_down(engine: EngineKind, paths: Paths) -> (Outcomes, u64) {
     let file_system = Ext4::create().expect("ext4 on a loop device");
-    let store = open(&file_system.mount_point.join("volume.img"), engine, inline);
+    let store = open(&file_system.mount_point.join("volume.img"), engine, paths);
     let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     runtime.block_on(async {
         store.write(0, Bytes::from(vec![1u8; 1 << 20]), false).await.expect("write");
@@ -143,13 +156,7 @@ fn shut_down(engine: EngineKind, inline: bool) -> (Outcomes, backing_store::IoCo
             ("flush", summary(&store.flush().await)),
         ]
     });
-    let after = store.io_counters();
-    let counters = backing_store::IoCounters {
-        inline_served: after.inline_served - before.inline_served,
-        engine_served: after.engine_served - before.engine_served,
-        inline_fallbacks: after.inline_fallbacks - before.inline_fallbacks,
-    };
-    (outcomes, counters)
+    (outcomes, store.io_counters().inline_served - before.inline_served)
 }
 
 #[test]
@@ -159,30 +166,39 @@ fn errors_are_the_same_on_both_paths() {
         return;
     }
     for engine in [EngineKind::Sync, EngineKind::Uring] {
-        let full_engine = no_space(engine, false);
-        let full_inline = no_space(engine, true);
-        assert_eq!(full_engine, full_inline, "engine={engine}: ENOSPC differs between paths");
+        let (full_reference, _) = no_space(engine, Paths::EngineOnly);
         assert_eq!(
-            full_engine[0].1,
+            full_reference[0].1,
             Some((ErrorKind::NoSpace, Some(libc::ENOSPC))),
             "engine={engine}: filling the file system"
         );
-
-        let (dead_engine, counters_engine) = shut_down(engine, false);
-        let (dead_inline, counters_inline) = shut_down(engine, true);
-        assert_eq!(dead_engine, dead_inline, "engine={engine}: EIO differs between paths");
-        for (what, outcome) in &dead_engine {
+        let (dead_reference, _) = shut_down(engine, Paths::EngineOnly);
+        for (what, outcome) in &dead_reference {
             assert_eq!(
                 *outcome,
                 Some((ErrorKind::Io, Some(libc::EIO))),
                 "engine={engine}: {what} on a shut-down file system"
             );
         }
-        // The comparison is only worth something if the fast path really produced errors.
-        assert_eq!(counters_engine.inline_served, 0, "engine={engine}");
-        assert!(
-            counters_inline.inline_served >= 2,
-            "engine={engine}: the reads should have failed inline: {counters_inline:?}"
-        );
+        for paths in PATHS {
+            let label = format!("engine={engine} paths={paths:?}");
+            let (full, full_inline_served) = no_space(engine, paths);
+            assert_eq!(full, full_reference, "{label}: ENOSPC differs between paths");
+            let (dead, dead_inline_served) = shut_down(engine, paths);
+            assert_eq!(dead, dead_reference, "{label}: EIO differs between paths");
+            // The comparison is only worth something if the fast path really produced the
+            // errors: the reads fail inline (ext4 checks for shutdown before the page cache),
+            // and with blocking writes so do the plain writes, ENOSPC included.
+            match paths {
+                Paths::EngineOnly => {
+                    assert_eq!(full_inline_served + dead_inline_served, 0, "{label}");
+                }
+                Paths::Inline => assert!(dead_inline_served >= 2, "{label}: {dead_inline_served}"),
+                Paths::InlineWithBlockingWrites => {
+                    assert!(dead_inline_served >= 3, "{label}: {dead_inline_served}");
+                    assert!(full_inline_served > 0, "{label}: no inline write before ENOSPC");
+                }
+            }
+        }
     }
 }
