@@ -24,6 +24,9 @@ pub const EVENTS_BUFFER_MAX: usize = 4096;
 pub const STATE_POLL_INTERVAL_MS: u64 = 50;
 /// How often wait-connect / wait-sync re-check.
 pub const WAIT_POLL_INTERVAL_MS: u64 = 50;
+/// How long `down` waits for a resource's engine to release its listener, connections and
+/// files (its runtime winds down; in-flight backing I/O finishes first).
+pub const ENGINE_STOP_TIMEOUT_MS_MAX: u64 = 10_000;
 /// Include files one configuration may name after glob expansion.
 pub const INCLUDE_FILES_MAX: usize = 4096;
 /// Attempts to isolate broken include files (one more file dropped per attempt).

@@ -4,9 +4,11 @@
 
 use crate::config::{Config, Disk, MetaDisk, Protocol, Resource};
 use crate::constants::{
-    EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS, WAIT_POLL_INTERVAL_MS,
+    ENGINE_STOP_TIMEOUT_MS_MAX, EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS,
+    WAIT_POLL_INTERVAL_MS,
 };
 use crate::control::{Reply, Request, Verb, exit};
+use crate::engine_runtime::{EngineRuntime, StartError};
 use crate::lun::ResourceLun;
 use crate::node_settings::NodeSettings;
 use crate::status::{self, PeerView, PeerVolumeView, ResourceView, VolumeView};
@@ -41,7 +43,8 @@ pub struct Plan {
 
 struct Running {
     device: ReplicatedDevice,
-    task: tokio::task::JoinHandle<()>,
+    /// Owns every task, socket and file of the engine; stopping it releases them all.
+    engine: EngineRuntime,
     /// The engine settings it was started with, for `adjust`.
     started_with: String,
 }
@@ -912,19 +915,20 @@ impl Host {
         }
         let listen = driver.listen;
         let started_with = format!("{driver:?}");
-        let (device, task) = ReplicatedDevice::start(driver).await.map_err(|e| match e {
-            DeviceError::Io(io) if io.kind() == std::io::ErrorKind::AddrInUse => (
-                exit::EXEC_ERROR,
-                format!(
-                    "cannot listen on {listen}: address in use (another process, or this \
-                     resource was taken down in this tandemd: the engine keeps its listener \
-                     until tandemd restarts)"
-                ),
-            ),
-            other => (exit::EXEC_ERROR, other.to_string()),
-        })?;
+        let (device, engine) =
+            EngineRuntime::start(&slot.name, driver).await.map_err(|e| match e {
+                StartError::Device(DeviceError::Io(io))
+                    if io.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    (
+                        exit::EXEC_ERROR,
+                        format!("cannot listen on {listen}: address in use (another process)"),
+                    )
+                }
+                other => (exit::EXEC_ERROR, other.to_string()),
+            })?;
         slot.size_bytes.store(device.size_bytes(), Ordering::Release);
-        *lock(&slot.running) = Some(Running { device, task, started_with });
+        *lock(&slot.running) = Some(Running { device, engine, started_with });
         slot.split_brain_logged.store(false, Ordering::Relaxed);
         std::fs::create_dir_all(&self.settings.state_directory)
             .and_then(|()| std::fs::write(marker(&self.settings, &slot.name), b"up\n"))
@@ -950,8 +954,16 @@ impl Host {
             return Err(explain_state_error(&slot.name, "down", error));
         }
         let view = lock(&slot.last_view).take();
-        if let Some(running) = lock(&slot.running).take() {
-            running.task.abort();
+        let running = lock(&slot.running).take();
+        if let Some(running) = running {
+            drop(running.device);
+            if !running.engine.stop().await {
+                tracing::warn!(
+                    resource = %slot.name,
+                    "the engine took over {ENGINE_STOP_TIMEOUT_MS_MAX} ms to release its \
+                     listener and files; a quick 'up' may still find the port taken"
+                );
+            }
         }
         let _ = std::fs::remove_file(marker(&self.settings, &slot.name));
         if let Some(view) = view {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod constants;
 pub mod control;
 pub mod dump;
+pub mod engine_runtime;
 pub mod host;
 pub mod loader;
 pub mod lun;
