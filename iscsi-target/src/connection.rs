@@ -16,9 +16,11 @@ use crate::constants::{
 use crate::device::{BlockDevice, DeviceError, IoData, IoOp};
 use crate::login::{AuthConfig, Established, Login, LoginOutcome, SessionType, TargetDirectory};
 use crate::pdu::{self, Digests, Header, Pdu, TAG_NONE, opcode, reject_reason, serial_lt};
-use crate::scsi::pr::Nexus;
+use crate::scsi::pr::{Access, Nexus};
 use crate::scsi::sense::{self, Sense, codes};
-use crate::scsi::{self, Context, DeviceInfo, LunIdentity, LunShared, Outcome, Pending, Step};
+use crate::scsi::{
+    self, Context, DeviceInfo, LunIdentity, LunShared, OtherLun, Outcome, Pending, Step,
+};
 use crate::text::{self, SessionParams};
 
 /// Data-In segments at least this long are handed to the socket without a copy.
@@ -179,9 +181,19 @@ fn allocate_ttt(next: &mut u32) -> u32 {
     ttt
 }
 
-/// Geometry of LUN `id` of `target`, for commands that reach other LUNs.
-fn lun_info<D: BlockDevice>(target: Option<&TargetNode<D>>, id: u64) -> Option<DeviceInfo> {
-    target.and_then(|t| t.lun(id)).map(|l| l.info())
+/// LUN `id` of `target` as `nexus` may use it, for commands that reach other LUNs.
+fn lun_info<D: BlockDevice>(
+    target: Option<&TargetNode<D>>,
+    nexus: &Nexus,
+    id: u64,
+) -> Option<OtherLun> {
+    let lun = target.and_then(|t| t.lun(id))?;
+    let shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+    Some(OtherLun {
+        info: lun.info(),
+        readable: shared.reservations.allows(nexus, Access::Read),
+        writable: shared.reservations.allows(nexus, Access::Write),
+    })
 }
 
 /// SAM LUN encoding: peripheral addressing below 256, flat space addressing above.
@@ -957,7 +969,7 @@ impl<D: BlockDevice> Connection<D> {
             let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
             shared.observe_alua(info.alua, &nexuses);
         }
-        let lun_info = |id: u64| lun_info(target.as_deref(), id);
+        let lun_info = |id: u64| lun_info(target.as_deref(), &nexus, id);
         let device = lun.device.clone();
         let port_groups = move || device.alua_port_groups();
         let ctx = Context {
@@ -1023,7 +1035,7 @@ impl<D: BlockDevice> Connection<D> {
         let Some((nexus, target, config)) = self.context_parts() else { return };
         let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
         let ports = config.ports.as_slice();
-        let lun_info = |id: u64| lun_info(target.as_deref(), id);
+        let lun_info = |id: u64| lun_info(target.as_deref(), &nexus, id);
         let device = lun.device.clone();
         let port_groups = move || device.alua_port_groups();
         let ctx = Context {

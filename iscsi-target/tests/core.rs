@@ -119,6 +119,10 @@ struct Initiator {
     itt: u32,
     /// Hold I/O requests instead of completing them at once.
     hold_io: bool,
+    /// ISID this initiator logs in with (another ISID is another I_T nexus).
+    isid: u64,
+    /// LUN commands address.
+    lun: u64,
     held: Vec<iscsi_target::IoRequest<MemoryDevice>>,
 }
 
@@ -155,6 +159,8 @@ impl Initiator {
             itt: 1,
             hold_io: false,
             held: Vec::new(),
+            isid: 0x0002_3d00_0001,
+            lun: 0,
         }
     }
 
@@ -238,7 +244,7 @@ impl Initiator {
         let mut h = Header::new(opcode::LOGIN_REQUEST);
         h.0[0] |= 0x40;
         h.set_flags((if transit { 0x80 } else { 0 }) | (csg << 2) | nsg);
-        h.set_u64(8, 0x0002_3d00_0001_0000);
+        h.set_u64(8, self.isid << 16);
         h.set_itt(0);
         h.set_u32(24, self.cmdsn);
         let mut responses = self.send(h, data);
@@ -294,6 +300,7 @@ impl Initiator {
         let itt = self.itt;
         self.itt += 1;
         h.set_itt(itt);
+        h.set_lun(iscsi_target::connection::encode_lun(self.lun));
         h.set_u32(20, edtl);
         h.set_u32(24, self.cmdsn);
         self.cmdsn += 1;
@@ -957,8 +964,8 @@ type Sense3 = (u8, u8, u8);
 /// (what, flags, LBA, atomic boundary, blocks, data bytes, expected status and sense)
 type AtomicCase = (&'static str, u8, u64, u16, u16, usize, (u8, Option<Sense3>));
 
-/// A target with two LUNs (0 and 1), each on its own memory device.
-fn two_luns() -> (Initiator, Arc<MemoryDevice>) {
+/// A target with two LUNs (0 and 1), each on its own memory device: (config, LUN 0, LUN 1).
+fn two_lun_config() -> (Arc<Config<MemoryDevice>>, Arc<MemoryDevice>, Arc<MemoryDevice>) {
     let first = Arc::new(MemoryDevice::new());
     let second = Arc::new(MemoryDevice::new());
     let luns = vec![
@@ -967,7 +974,12 @@ fn two_luns() -> (Initiator, Arc<MemoryDevice>) {
     ];
     let portals = vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
     let targets = vec![TargetNode::new(TARGET, luns)];
-    let config = Arc::new(Config::new(targets, AuthConfig::default(), portals));
+    (Arc::new(Config::new(targets, AuthConfig::default(), portals)), first, second)
+}
+
+/// An initiator logged in to a two-LUN target, and the device of LUN 1.
+fn two_luns() -> (Initiator, Arc<MemoryDevice>) {
+    let (config, first, second) = two_lun_config();
     let mut i = Initiator::new(config, first);
     i.login(&[]);
     (i, second)
@@ -1270,4 +1282,63 @@ fn report_target_port_groups_lists_the_peer_group_too() {
     let group =
         page.windows(4).position(|w| w == [0x51, 0x95, 0x00, 0x04]).expect("group designator");
     assert_eq!(&page[group + 6..group + 8], &[0, 1]);
+}
+
+#[test]
+fn extended_copy_respects_reservations_on_the_luns_it_reaches() {
+    let (config, first, second) = two_lun_config();
+    let mut owner = Initiator::new(config.clone(), first);
+    owner.login(&[]);
+    // Another initiator port (ISID) registers and takes a Write Exclusive reservation on LUN 1.
+    let mut other = Initiator {
+        connection: Connection::new(2, config.clone(), 1, [8u8; 32], 3),
+        isid: 0x0002_3d00_0002,
+        lun: 1,
+        ..Initiator::new(config, second.clone())
+    };
+    other.login(&[]);
+    let prout = |i: &mut Initiator, action: u8, pr_type: u8, key: u64, service_key: u64| {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = action;
+        cdb[2] = pr_type;
+        cdb[8] = 24;
+        let mut data = vec![0u8; 24];
+        data[..8].copy_from_slice(&key.to_be_bytes());
+        data[8..16].copy_from_slice(&service_key.to_be_bytes());
+        let (_, responses) = i.command(&cdb, false, true, 24, &data, true);
+        status_of(&responses[0])
+    };
+    assert_eq!(prout(&mut other, 0x00, 0, 0, 0xabc), (0, None), "REGISTER");
+    assert_eq!(prout(&mut other, 0x01, 0x01, 0xabc, 0), (0, None), "RESERVE write exclusive");
+    let list = copy_list(1, 0b11, &[cscd(0), cscd(1)], &[segment(0, 1, 8, 0, 100)]);
+    assert_eq!(owner.extended_copy(&list), (0x18, None), "RESERVATION CONFLICT on LUN 1");
+    assert!(second.data.lock().unwrap().iter().all(|&b| b == 0), "nothing written");
+    // The other direction only reads LUN 1, which Write Exclusive allows.
+    let list = copy_list(1, 0b11, &[cscd(0), cscd(1)], &[segment(1, 0, 8, 0, 100)]);
+    assert_eq!(owner.extended_copy(&list), (0, None));
+}
+
+#[test]
+fn an_alua_change_is_announced_once_to_every_nexus() {
+    let (config, device) = config(AuthConfig::default());
+    let mut first = Initiator::new(config.clone(), device.clone());
+    first.login(&[]);
+    let mut second = Initiator {
+        connection: Connection::new(2, config.clone(), 1, [8u8; 32], 3),
+        isid: 0x0002_3d00_0002,
+        ..Initiator::new(config, device.clone())
+    };
+    second.login(&[]);
+    let tur = |i: &mut Initiator| {
+        let (_, responses) = i.command(&[0u8; 6], false, false, 0, &[], true);
+        status_of(&responses[0])
+    };
+    assert_eq!(tur(&mut first), (0, None));
+    // Demotion: whichever nexus comes first detects it; both are told, once each.
+    *device.alua.lock().unwrap() = AluaState::Standby;
+    for i in [&mut second, &mut first] {
+        assert_eq!(tur(i), (2, Some((6, 0x2a, 0x06))));
+        assert_eq!(tur(i), (0, None));
+    }
 }

@@ -241,11 +241,17 @@ pub fn extended_copy(ctx: &Context<'_>, cdb: &[u8; 16], data: &[u8], write_back:
         let (Some(source_lun), Some(destination_lun)) = (source.lun, destination.lun) else {
             return check(UNREACHABLE_COPY_TARGET);
         };
-        let (Some(source_info), Some(destination_info)) =
+        let (Some(source_lun_state), Some(destination_lun_state)) =
             ((ctx.lun_info)(source_lun), (ctx.lun_info)(destination_lun))
         else {
             return check(UNREACHABLE_COPY_TARGET);
         };
+        // The copy acts for this nexus: another initiator's reservation on a copy target
+        // keeps it out just as it would keep out a READ or WRITE.
+        if !source_lun_state.readable || !destination_lun_state.writable {
+            return Step::Done(Outcome::status(super::sense::status::RESERVATION_CONFLICT));
+        }
+        let (source_info, destination_info) = (source_lun_state.info, destination_lun_state.info);
         for (cscd, info) in [(source, &source_info), (destination, &destination_info)] {
             if cscd.block_length_bytes != 0 && cscd.block_length_bytes != info.block_size_bytes {
                 return parameter_error(cscd.at + 29);

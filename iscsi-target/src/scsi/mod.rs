@@ -36,6 +36,15 @@ impl DeviceInfo {
     }
 }
 
+/// Another logical unit of the target as a command that reaches it sees it: its geometry and
+/// whether its reservations let this I_T nexus read and write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OtherLun {
+    pub info: DeviceInfo,
+    pub readable: bool,
+    pub writable: bool,
+}
+
 /// Names that identify a logical unit in INQUIRY data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LunIdentity {
@@ -136,8 +145,8 @@ pub struct Context<'a> {
     pub luns: &'a [u64],
     /// Relative port identifiers of all target ports, for REPORT TARGET PORT GROUPS.
     pub ports: &'a [u16],
-    /// Geometry of another LUN of the same target (EXTENDED COPY between LUNs).
-    pub lun_info: &'a dyn Fn(u64) -> Option<DeviceInfo>,
+    /// Another LUN of the same target as this nexus may use it (EXTENDED COPY between LUNs).
+    pub lun_info: &'a dyn Fn(u64) -> Option<OtherLun>,
     /// The logical unit's target port groups (REPORT TARGET PORT GROUPS, VPD page 83h).
     pub port_groups: &'a dyn Fn() -> Vec<AluaPortGroup>,
 }
