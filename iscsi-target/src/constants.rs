@@ -74,6 +74,9 @@ pub const COPY_SEGMENT_DESCRIPTORS_MAX: u16 = 16;
 pub const COPY_DESCRIPTOR_LIST_BYTES_MAX: u32 = 512;
 /// Bytes one segment descriptor may copy (OPERATING PARAMETERS' maximum segment length).
 pub const COPY_SEGMENT_BYTES_MAX: u32 = 64 * 1024 * 1024;
+/// Bytes one EXTENDED COPY moves at most: follows from the segment count and length limits
+/// OPERATING PARAMETERS reports (it has no field of its own).
+pub const COPY_BYTES_MAX: u64 = COPY_SEGMENT_DESCRIPTORS_MAX as u64 * COPY_SEGMENT_BYTES_MAX as u64;
 /// Copy results held for RECEIVE COPY RESULTS per logical unit; the oldest are dropped.
 pub const COPY_RESULTS_HELD_MAX: usize = 64;
 /// Persistent-reservation registrations per logical unit.
