@@ -6,13 +6,13 @@
 //!   `{"unpause": null}`
 //! - `GET|POST /v2.1/servers/{id}/os-volume_attachments`,
 //!   `GET|DELETE /v2.1/servers/{id}/os-volume_attachments/{volume_id}`; the POST body is
-//!   `{"volumeAttachment": {"volumeId": ..., "connection_info": {...}}}` (until tandem-api
-//!   exists, the caller brings the connection_info).
+//!   Nova's `{"volumeAttachment": {"volumeId": ...}}` (the agent gets the connection_info from
+//!   tandem-api), or, without tandem-api, `{"volumeAttachment": {"volumeId": ...,
+//!   "connection_info": {...}}}` with the caller's connection_info.
 //!
 //! Errors use Nova's fault bodies: `{"badRequest": {"code": 400, "message": ...}}`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
@@ -21,7 +21,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::constants::{HTTP_BODY_BYTES_MAX, HTTP_CLIENT_TIMEOUT_MS};
+use crate::constants::{
+    HTTP_BODY_BYTES_MAX, HTTP_CLIENT_CONNECT_TIMEOUT_MS, HTTP_CLIENT_TIMEOUT_MS,
+};
+use crate::http_client::{Endpoint, HttpClient, HttpError, Idempotency, Policy};
 use crate::instance::InstanceSpec;
 use crate::supervisor::{Attachment, Error, Supervisor};
 
@@ -33,6 +36,7 @@ impl IntoResponse for Error {
             Error::BadRequest(_) => (StatusCode::BAD_REQUEST, "badRequest"),
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "itemNotFound"),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflictingRequest"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "serviceUnavailable"),
             Error::Qmp(_) | Error::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "computeFault")
             }
@@ -68,26 +72,9 @@ async fn info(State(supervisor): State<Shared>) -> Json<Value> {
         "version": env!("CARGO_PKG_VERSION"),
         "accel": supervisor.accel().as_str(),
         "initiator": supervisor.initiator_iqn(),
-        "connector": connector(supervisor.initiator_iqn(), supervisor.my_ip()),
+        "connector": supervisor.connector(),
+        "volume_api": supervisor.volume_api_endpoint(),
     }))
-}
-
-/// The connector this host hands to Cinder's `attachment-create`/`os-initialize_connection`,
-/// in the shape nova-compute sends (os-brick's): QEMU's own initiator, no multipath (QEMU's
-/// iSCSI driver uses one portal; failover goes through the service IP).
-pub fn connector(initiator_iqn: &str, my_ip: &str) -> Value {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|name| name.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into());
-    json!({
-        "initiator": initiator_iqn,
-        "host": host,
-        "ip": my_ip,
-        "platform": std::env::consts::ARCH,
-        "os_type": std::env::consts::OS,
-        "multipath": false,
-        "do_local_attach": false,
-    })
 }
 
 async fn list_servers(State(supervisor): State<Shared>) -> Json<Value> {
@@ -185,11 +172,18 @@ async fn create_attachment(
     let request = body
         .get("volumeAttachment")
         .ok_or_else(|| bad_request("body needs \"volumeAttachment\""))?;
-    let volume_id = request.get("volumeId").and_then(Value::as_str).map(str::to_owned);
-    let connection_info = request
-        .get("connection_info")
-        .ok_or_else(|| bad_request("volumeAttachment needs connection_info (no tandem-api yet)"))?;
-    let attachment = supervisor.attach(&id, volume_id, connection_info).await?;
+    let volume_id = match request.get("volumeId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(volume_id)) => Some(volume_id.clone()),
+        Some(_) => return Err(bad_request("volumeId must be a string")),
+    };
+    let attachment = match (request.get("connection_info"), volume_id) {
+        (Some(connection_info), volume_id) => {
+            supervisor.attach(&id, volume_id, connection_info).await?
+        }
+        (None, Some(volume_id)) => supervisor.attach_volume(&id, &volume_id).await?,
+        (None, None) => return Err(bad_request("volumeAttachment needs volumeId")),
+    };
     Ok(Json(json!({ "volumeAttachment": attachment_json(&id, &attachment) })))
 }
 
@@ -201,17 +195,23 @@ async fn delete_attachment(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// The CLI's policy towards the daemon: an attach can take [`crate::constants::ATTACH_MS_MAX`];
+/// a request is repeated only when the daemon could not be reached at all.
+pub const CLI_POLICY: Policy = Policy {
+    connect_timeout_ms: HTTP_CLIENT_CONNECT_TIMEOUT_MS,
+    request_timeout_ms: HTTP_CLIENT_TIMEOUT_MS,
+    attempts_max: 2,
+    backoff_ms: 200,
+    backoff_ms_max: 200,
+};
+
 /// Why a client request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("bad endpoint {0:?}: use http://HOST:PORT")]
+    #[error("bad endpoint: {0}")]
     Endpoint(String),
-    #[error("connecting to {0}: {1}")]
-    Connect(String, String),
-    #[error("HTTP: {0}")]
-    Http(String),
-    #[error("no answer within {0} ms")]
-    Timeout(u64),
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// One request to the agent: the status code and the JSON body (Null when empty).
@@ -221,48 +221,10 @@ pub async fn request(
     path: &str,
     body: Option<&Value>,
 ) -> Result<(u16, Value), ClientError> {
-    let authority = endpoint
-        .strip_prefix("http://")
-        .map(|rest| rest.trim_end_matches('/'))
-        .filter(|rest| !rest.is_empty() && !rest.contains('/'))
-        .ok_or_else(|| ClientError::Endpoint(endpoint.to_owned()))?
-        .to_owned();
-    let exchange = async {
-        let stream = tokio::net::TcpStream::connect(&authority)
-            .await
-            .map_err(|error| ClientError::Connect(authority.clone(), error.to_string()))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|error| ClientError::Http(error.to_string()))?;
-        tokio::spawn(connection);
-        let payload = body.map(Value::to_string).unwrap_or_default();
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", &authority)
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(payload)))
-            .map_err(|error| ClientError::Http(error.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|error| ClientError::Http(error.to_string()))?;
-        let status = response.status().as_u16();
-        let bytes = http_body_util::BodyExt::collect(response.into_body())
-            .await
-            .map_err(|error| ClientError::Http(error.to_string()))?
-            .to_bytes();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        Ok((status, value))
-    };
-    tokio::time::timeout(Duration::from_millis(HTTP_CLIENT_TIMEOUT_MS), exchange)
-        .await
-        .map_err(|_| ClientError::Timeout(HTTP_CLIENT_TIMEOUT_MS))?
+    let endpoint = Endpoint::parse(endpoint).map_err(ClientError::Endpoint)?;
+    let client = HttpClient::new(endpoint, CLI_POLICY, vec![]);
+    let idempotency =
+        if method == "POST" { Idempotency::NotIdempotent } else { Idempotency::Idempotent };
+    let response = client.send(method, path, body, idempotency).await?;
+    Ok((response.status, response.body))
 }

@@ -248,6 +248,40 @@ impl AttachmentStatus {
     }
 }
 
+/// How far an attach by volume id got (nova's order: the attachment in tandem-api first, then
+/// the hot-plug, then `os-complete`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VolumeAttachStage {
+    /// Nothing exists yet.
+    Nothing,
+    /// tandem-api holds an attachment (the volume is `attaching`).
+    AttachmentCreated,
+    /// The volume is plugged into QEMU as well.
+    Plugged,
+    /// `os-complete` succeeded: the volume is `in-use`; nothing to take back.
+    Completed,
+}
+
+/// What takes back a partial attach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compensation {
+    /// Run the QMP undo list of the plugged volume.
+    Unplug,
+    /// Delete the attachment in tandem-api (the volume returns to `available`).
+    DeleteAttachment,
+}
+
+/// The compensations of an attach that failed after reaching `stage`, in order: QEMU lets go
+/// of the volume before tandem-api hands it to anyone else, so a volume is never written by two
+/// hosts, and the attachment is always deleted, so a volume never stays `attaching`/`reserved`.
+pub fn compensations(stage: VolumeAttachStage) -> Vec<Compensation> {
+    match stage {
+        VolumeAttachStage::Nothing | VolumeAttachStage::Completed => vec![],
+        VolumeAttachStage::AttachmentCreated => vec![Compensation::DeleteAttachment],
+        VolumeAttachStage::Plugged => vec![Compensation::Unplug, Compensation::DeleteAttachment],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -342,6 +376,21 @@ mod tests {
             "no device for an instance without an OS"
         );
         assert!(rollback(&node_only, 2).iter().all(|undo| matches!(undo, Undo::Call(_))));
+    }
+
+    #[test]
+    fn a_failed_attach_unplugs_before_it_gives_the_volume_back() {
+        use Compensation::{DeleteAttachment, Unplug};
+        use VolumeAttachStage as S;
+        let cases = [
+            (S::Nothing, vec![]),
+            (S::AttachmentCreated, vec![DeleteAttachment]),
+            (S::Plugged, vec![Unplug, DeleteAttachment]),
+            (S::Completed, vec![]),
+        ];
+        for (stage, expected) in cases {
+            assert_eq!(compensations(stage), expected, "{stage:?}");
+        }
     }
 
     #[test]

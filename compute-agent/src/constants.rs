@@ -71,8 +71,44 @@ pub const RESUME_STABLE_MS: u64 = 5_000;
 /// Largest HTTP request body the API accepts.
 pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
 
-/// How long the CLI waits for the daemon to answer one request (attach can take a login).
-pub const HTTP_CLIENT_TIMEOUT_MS: u64 = QMP_BLOCKDEV_ADD_TIMEOUT_MS + DEVICE_DELETED_TIMEOUT_MS;
+/// The largest HTTP answer body the agent's clients accept (tandem-api's, the daemon's).
+pub const HTTP_RESPONSE_BYTES_MAX: usize = 4 << 20;
+
+/// TCP connect limit towards tandem-api (one attempt).
+pub const VOLUME_API_CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// Limit of one tandem-api request (one attempt). Attachment calls only touch its database.
+pub const VOLUME_API_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+/// Attempts per tandem-api call: a create is repeated only when it never got sent, a
+/// delete/complete/update also after a timeout or a 502/503/504.
+pub const VOLUME_API_ATTEMPTS_MAX: u32 = 3;
+
+/// Wait before the first retry towards tandem-api, doubled per retry up to the max.
+pub const VOLUME_API_RETRY_BACKOFF_MS: u64 = 250;
+pub const VOLUME_API_RETRY_BACKOFF_MS_MAX: u64 = 2_000;
+
+/// The longest one tandem-api call can take, every attempt timing out (see
+/// `http_client::Policy::worst_case_ms`; checked against it in a test).
+pub const VOLUME_API_CALL_MS_MAX: u64 = VOLUME_API_ATTEMPTS_MAX as u64
+    * VOLUME_API_REQUEST_TIMEOUT_MS
+    + (VOLUME_API_ATTEMPTS_MAX as u64 - 1) * VOLUME_API_RETRY_BACKOFF_MS_MAX;
+
+/// The longest an attach by volume id can take: attachment create, the QMP steps
+/// (object-add, blockdev-add, device_add), os-complete, and after a failure the rollback
+/// (device_del, blockdev-del, object-del) and the attachment delete.
+pub const ATTACH_MS_MAX: u64 = 3 * VOLUME_API_CALL_MS_MAX
+    + QMP_COMMAND_TIMEOUT_MS
+    + QMP_BLOCKDEV_ADD_TIMEOUT_MS
+    + QMP_COMMAND_TIMEOUT_MS
+    + DEVICE_DELETED_TIMEOUT_MS
+    + 2 * QMP_COMMAND_TIMEOUT_MS;
+
+/// How long the CLI waits for the daemon to answer one request: the longest attach.
+pub const HTTP_CLIENT_TIMEOUT_MS: u64 = ATTACH_MS_MAX + 5_000;
+
+/// Connect limit of the CLI towards the daemon.
+pub const HTTP_CLIENT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 
 /// Longest accepted names and identifiers (instance ids, volume ids, IQNs).
 pub const NAME_BYTES_MAX: usize = 223;
@@ -91,5 +127,10 @@ const _: () = assert!(RESUME_BACKOFF_MS_MAX >= RESUME_PROBE_INTERVAL_MS);
 const _: () = assert!(RESUME_BACKOFF_MS_MAX < RESUME_STABLE_MS);
 const _: () = assert!(RESUME_PROBE_CONNECT_TIMEOUT_MS <= RESUME_PROBE_INTERVAL_MS * 4);
 const _: () = assert!(MEMORY_MIB_MIN <= MEMORY_MIB_DEFAULT && MEMORY_MIB_DEFAULT <= MEMORY_MIB_MAX);
-const _: () = assert!(HTTP_CLIENT_TIMEOUT_MS > QMP_BLOCKDEV_ADD_TIMEOUT_MS);
+const _: () = assert!(HTTP_CLIENT_TIMEOUT_MS > ATTACH_MS_MAX);
+const _: () = assert!(VOLUME_API_CONNECT_TIMEOUT_MS < VOLUME_API_REQUEST_TIMEOUT_MS);
+const _: () = assert!(VOLUME_API_RETRY_BACKOFF_MS <= VOLUME_API_RETRY_BACKOFF_MS_MAX);
+const _: () = assert!(VOLUME_API_ATTEMPTS_MAX >= 1 && VOLUME_API_ATTEMPTS_MAX <= 10);
+// An unreachable tandem-api must fail an attach well within the CLI's patience.
+const _: () = assert!(VOLUME_API_CALL_MS_MAX < HTTP_CLIENT_TIMEOUT_MS / 2);
 const _: () = assert!(QMP_IN_FLIGHT_MAX <= QMP_EVENT_QUEUE_MAX);

@@ -13,16 +13,18 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::attach::{
-    AttachmentEvent, AttachmentNames, AttachmentStatus, Frontend, SlotTable, Step, Undo,
-    plan_attach, rollback,
+    AttachmentEvent, AttachmentNames, AttachmentStatus, Compensation, Frontend, SlotTable, Step,
+    Undo, VolumeAttachStage, compensations, plan_attach, rollback,
 };
 use crate::connection_info::{IscsiConnection, Portal, check_name};
+use crate::connector::{HostIdentity, connector, generate_initiator_iqn, is_valid_initiator_iqn};
 use crate::constants::{
     INSTANCES_MAX, QEMU_START_TIMEOUT_MS, QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
 };
 use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
 use crate::qmp::{Event, Qmp, QmpError};
 use crate::resume::{Action, ResumeWatcher};
+use crate::volume_api::{VolumeApi, VolumeApiConfig, VolumeApiError, VolumeApiErrorKind};
 
 /// Errors with the small kind the API maps to status codes.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +37,26 @@ pub enum Error {
     Conflict(String),
     #[error("QMP: {0}")]
     Qmp(#[from] QmpError),
+    /// tandem-api is unreachable or failing (perhaps temporarily).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
+}
+
+impl From<VolumeApiError> for Error {
+    fn from(error: VolumeApiError) -> Error {
+        let message = error.to_string();
+        match error.kind {
+            VolumeApiErrorKind::NotFound => Error::NotFound(message),
+            VolumeApiErrorKind::BadRequest => Error::BadRequest(message),
+            VolumeApiErrorKind::Conflict => Error::Conflict(message),
+            VolumeApiErrorKind::Unavailable => Error::Unavailable(message),
+            // The agent's own configuration or tandem-api's answers are wrong: an operator's
+            // matter, not the caller's.
+            VolumeApiErrorKind::Auth | VolumeApiErrorKind::Protocol => Error::Internal(message),
+        }
+    }
 }
 
 /// Which accelerator to use.
@@ -54,10 +74,51 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub qemu: PathBuf,
     pub accel: AccelChoice,
-    /// The initiator name QEMU logs in with (Nova's connector `initiator`).
-    pub initiator_iqn: String,
+    /// The initiator name QEMU logs in with (Nova's connector `initiator`); `None` uses the
+    /// one generated for this host on first start and kept in `STATE_DIR/initiator-iqn`.
+    pub initiator_iqn: Option<String>,
     /// This host's address as the storage side sees it (Nova's `my_ip`, the connector's `ip`).
     pub my_ip: String,
+    /// This host's name in the connector (Nova's `CONF.host`).
+    pub host: String,
+    /// tandem-api, for attaching by volume id; `None`: callers bring the connection_info.
+    pub volume_api: Option<VolumeApiConfig>,
+}
+
+/// This machine's host name (the kernel's), `localhost` when unreadable.
+pub fn system_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The initiator name kept in the state directory, created on first use.
+fn host_initiator_iqn(state_dir: &std::path::Path, host: &str) -> Result<String, Error> {
+    let path = state_dir.join("initiator-iqn");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let iqn = text.trim().to_owned();
+            if is_valid_initiator_iqn(&iqn) {
+                return Ok(iqn);
+            }
+            Err(Error::Internal(format!(
+                "{} holds {iqn:?}, not an initiator name: fix or remove it",
+                path.display()
+            )))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut random = [0u8; 6];
+            random.copy_from_slice(&random_bytes()[..6]);
+            let iqn = generate_initiator_iqn(host, random);
+            std::fs::write(&path, format!("{iqn}\n"))
+                .map_err(|error| Error::Internal(format!("writing {}: {error}", path.display())))?;
+            tracing::info!("generated the initiator name {iqn} (kept in {})", path.display());
+            Ok(iqn)
+        }
+        Err(error) => Err(Error::Internal(format!("reading {}: {error}", path.display()))),
+    }
 }
 
 /// Nova's server status words.
@@ -81,6 +142,8 @@ pub struct Attachment {
     pub target_iqn: String,
     pub lun: u32,
     pub attach_ms: u64,
+    /// The attachment in tandem-api (attached by volume id), deleted on detach.
+    pub attachment_id: Option<String>,
     #[serde(skip)]
     steps: Vec<Step>,
     #[serde(skip)]
@@ -123,6 +186,8 @@ pub struct Instance {
 /// The supervisor of every instance on this host.
 pub struct Supervisor {
     config: Config,
+    identity: HostIdentity,
+    volume_api: Option<VolumeApi>,
     accel: Accel,
     instances: tokio::sync::Mutex<BTreeMap<String, Arc<Instance>>>,
     serial: AtomicU64,
@@ -136,13 +201,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
 
-/// A random UUID (version 4) for instance ids, from the kernel's generator.
-fn new_uuid() -> String {
+/// 16 bytes from the kernel's generator.
+fn random_bytes() -> [u8; 16] {
     let mut bytes = [0u8; 16];
     if let Ok(mut file) = std::fs::File::open("/dev/urandom") {
         use std::io::Read;
         let _ = file.read_exact(&mut bytes);
     }
+    bytes
+}
+
+/// A random UUID (version 4) for instance ids.
+fn new_uuid() -> String {
+    let mut bytes = random_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
     let hex: String = bytes.iter().map(|byte| format!("{byte:02x}")).collect();
@@ -167,8 +238,29 @@ impl Supervisor {
             }
         };
         tracing::info!("accelerator: {}", accel.as_str());
+        let initiator_iqn = match &config.initiator_iqn {
+            Some(iqn) if is_valid_initiator_iqn(iqn) => iqn.clone(),
+            Some(iqn) => {
+                return Err(Error::BadRequest(format!("{iqn:?} is not an iqn./eui./naa. name")));
+            }
+            None => host_initiator_iqn(&config.state_dir, &config.host)?,
+        };
+        let identity =
+            HostIdentity { initiator_iqn, host: config.host.clone(), ip: config.my_ip.clone() };
+        let volume_api = match &config.volume_api {
+            Some(volume_api) => Some(
+                VolumeApi::new(volume_api)
+                    .map_err(|error| Error::BadRequest(format!("tandem-api: {error}")))?,
+            ),
+            None => None,
+        };
+        if let Some(volume_api) = &volume_api {
+            tracing::info!("tandem-api: {}", volume_api.endpoint_url());
+        }
         Ok(Supervisor {
             config,
+            identity,
+            volume_api,
             accel,
             instances: tokio::sync::Mutex::new(BTreeMap::new()),
             serial: AtomicU64::new(1),
@@ -180,11 +272,17 @@ impl Supervisor {
     }
 
     pub fn initiator_iqn(&self) -> &str {
-        &self.config.initiator_iqn
+        &self.identity.initiator_iqn
     }
 
-    pub fn my_ip(&self) -> &str {
-        &self.config.my_ip
+    /// The connector this host hands to tandem-api.
+    pub fn connector(&self) -> Value {
+        connector(&self.identity)
+    }
+
+    /// tandem-api's endpoint, when the agent attaches by volume id.
+    pub fn volume_api_endpoint(&self) -> Option<String> {
+        self.volume_api.as_ref().map(VolumeApi::endpoint_url)
     }
 
     /// Creates and boots an instance.
@@ -384,18 +482,25 @@ impl Supervisor {
         }
         state.running = None;
         self.launch(&instance, &mut state).await?;
-        let volumes: Vec<(String, Value)> = state
+        let volumes: Vec<(String, Value, Option<String>)> = state
             .attachments
             .values()
-            .map(|attachment| (attachment.volume_id.clone(), attachment.connection_info.clone()))
+            .map(|attachment| {
+                (
+                    attachment.volume_id.clone(),
+                    attachment.connection_info.clone(),
+                    attachment.attachment_id.clone(),
+                )
+            })
             .collect();
-        for (volume_id, connection_info) in volumes {
+        for (volume_id, connection_info, attachment_id) in volumes {
             if let Some(old) = state.attachments.remove(&volume_id) {
                 state.slots.release(&volume_id);
                 lock(&instance.portals).remove(&old.names.node_name);
             }
-            if let Err(error) =
-                self.attach_locked(&instance, &mut state, &volume_id, &connection_info).await
+            if let Err(error) = self
+                .attach_locked(&instance, &mut state, &volume_id, &connection_info, attachment_id)
+                .await
             {
                 state.last_error = Some(format!("re-attaching {volume_id}: {error}"));
             }
@@ -421,10 +526,39 @@ impl Supervisor {
         {
             let mut state = instance.state.lock().await;
             stop_process(&instance, &mut state).await;
+            self.release_volumes(&instance, &mut state).await;
         }
         self.instances.lock().await.remove(id);
         let _ = std::fs::remove_dir_all(&instance.paths.dir);
         Ok(())
+    }
+
+    /// Deletes the tandem-api attachments of a stopped instance that is going away, as Nova
+    /// does when it deletes a server; a failure is logged, the rest carry on.
+    async fn release_volumes(&self, instance: &Instance, state: &mut InstanceState) {
+        assert!(state.running.is_none(), "release the volumes of a stopped instance only");
+        let attachments = std::mem::take(&mut state.attachments);
+        for attachment in attachments.values() {
+            state.slots.release(&attachment.volume_id);
+            let Some(attachment_id) = &attachment.attachment_id else { continue };
+            if let Err(error) = self.delete_attachment(attachment_id).await {
+                tracing::warn!(
+                    "server {}: volume {} stays attached in tandem-api: {error}",
+                    instance.id,
+                    attachment.volume_id
+                );
+            }
+        }
+        lock(&instance.portals).clear();
+    }
+
+    async fn delete_attachment(&self, attachment_id: &str) -> Result<(), Error> {
+        let volume_api = self.volume_api.as_ref().ok_or_else(|| {
+            Error::Internal(format!(
+                "attachment {attachment_id} belongs to tandem-api but the agent has none"
+            ))
+        })?;
+        volume_api.attachment_delete(attachment_id).await.map_err(Error::from)
     }
 
     /// Stops every instance (daemon shutdown).
@@ -433,6 +567,8 @@ impl Supervisor {
         for instance in instances {
             let mut state = instance.state.lock().await;
             stop_process(&instance, &mut state).await;
+            // The agent keeps no instance across a restart, so their volumes go back.
+            self.release_volumes(&instance, &mut state).await;
         }
     }
 
@@ -451,7 +587,97 @@ impl Supervisor {
             .ok_or_else(|| Error::BadRequest("volumeId is required".into()))?;
         check_name("volumeId", &volume_id).map_err(|error| Error::BadRequest(error.to_string()))?;
         let mut state = instance.state.lock().await;
-        self.attach_locked(&instance, &mut state, &volume_id, connection_info).await
+        self.attach_locked(&instance, &mut state, &volume_id, connection_info, None).await
+    }
+
+    /// Attaches a volume by its id, nova's way: an attachment in tandem-api with this host's
+    /// connector (the volume goes `attaching`), the connection_info from its answer (or from an
+    /// update with the connector), the hot-plug, then `os-complete` (`in-use`). A failure at any
+    /// step takes back the steps before it, so the volume returns to `available`.
+    pub async fn attach_volume(&self, id: &str, volume_id: &str) -> Result<Attachment, Error> {
+        let Some(volume_api) = &self.volume_api else {
+            return Err(Error::BadRequest(
+                "volumeAttachment needs connection_info: this agent has no tandem-api \
+                 (start the daemon with --volume-api)"
+                    .into(),
+            ));
+        };
+        check_name("volumeId", volume_id).map_err(|error| Error::BadRequest(error.to_string()))?;
+        let instance = self.get(id).await?;
+        let mut state = instance.state.lock().await;
+        // Refuse what the hot-plug would refuse before tandem-api changes the volume's status.
+        if state.running.as_ref().is_none_or(|running| running.qmp.is_closed()) {
+            return Err(Error::Conflict(format!("server {id} is not running")));
+        }
+        if state.attachments.contains_key(volume_id) {
+            return Err(Error::Conflict(format!("volume {volume_id} is already attached")));
+        }
+        if state.slots.free_count() == 0 {
+            return Err(Error::Conflict("no free hot-plug slot".into()));
+        }
+        let connector = self.connector();
+        let created = volume_api.attachment_create(volume_id, id, &connector).await?;
+        let attachment_id = created.id.clone();
+        let mut stage = VolumeAttachStage::AttachmentCreated;
+        let result: Result<Attachment, Error> = async {
+            let connection_info = match created.connection_info {
+                Some(info) => info,
+                None => volume_api.attachment_update(&attachment_id, &connector).await?,
+            };
+            let attachment = self
+                .attach_locked(
+                    &instance,
+                    &mut state,
+                    volume_id,
+                    &connection_info,
+                    Some(attachment_id.clone()),
+                )
+                .await?;
+            stage = VolumeAttachStage::Plugged;
+            volume_api.attachment_complete(&attachment_id).await?;
+            stage = VolumeAttachStage::Completed;
+            Ok(attachment)
+        }
+        .await;
+        let error = match result {
+            Ok(attachment) => return Ok(attachment),
+            Err(error) => error,
+        };
+        let mut problems = Vec::new();
+        for compensation in compensations(stage) {
+            match compensation {
+                Compensation::Unplug => {
+                    if let Some(attachment) = state.attachments.remove(volume_id) {
+                        state.slots.release(volume_id);
+                        lock(&instance.portals).remove(&attachment.names.node_name);
+                        if let Some(running) = &state.running {
+                            let undos = rollback(&attachment.steps, attachment.steps.len());
+                            problems.extend(run_undos(&running.qmp, &undos, true).await);
+                        }
+                    }
+                }
+                Compensation::DeleteAttachment => {
+                    if let Err(delete_error) = volume_api.attachment_delete(&attachment_id).await {
+                        problems.push(format!(
+                            "{delete_error}; the attachment {attachment_id} is left in \
+                             tandem-api: delete it with `cinder attachment-delete`"
+                        ));
+                    }
+                }
+            }
+        }
+        tracing::warn!(
+            "server {id}: attaching {volume_id} failed ({error}); rolled back{}",
+            if problems.is_empty() {
+                String::new()
+            } else {
+                format!(" with: {}", problems.join("; "))
+            }
+        );
+        if problems.is_empty() {
+            return Err(error);
+        }
+        Err(Error::Internal(format!("{error}; rollback: {}", problems.join("; "))))
     }
 
     async fn attach_locked(
@@ -460,6 +686,7 @@ impl Supervisor {
         state: &mut InstanceState,
         volume_id: &str,
         connection_info: &Value,
+        attachment_id: Option<String>,
     ) -> Result<Attachment, Error> {
         let connection = IscsiConnection::parse(connection_info)
             .map_err(|error| Error::BadRequest(error.to_string()))?;
@@ -482,7 +709,7 @@ impl Supervisor {
         );
         let frontend =
             if instance.spec.has_os() { Frontend::VirtioBlk } else { Frontend::NodeOnly };
-        let steps = plan_attach(&connection, &names, &self.config.initiator_iqn, frontend);
+        let steps = plan_attach(&connection, &names, &self.identity.initiator_iqn, frontend);
         let started = Instant::now();
         for (index, step) in steps.iter().enumerate() {
             let result = qmp
@@ -518,6 +745,7 @@ impl Supervisor {
             target_iqn: connection.primary.iqn.clone(),
             lun: connection.primary.lun,
             attach_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            attachment_id,
             names: names.clone(),
             steps,
             connection_info: connection_info.clone(),
@@ -549,35 +777,53 @@ impl Supervisor {
             .status
             .next(AttachmentEvent::DetachRequested)
             .map_err(|error| Error::Conflict(error.to_string()))?;
+        let failed = detaching
+            .next(AttachmentEvent::DetachFailed)
+            .map_err(|error| Error::Internal(error.to_string()))?;
         let qmp = state
             .running
             .as_ref()
             .filter(|running| !running.qmp.is_closed())
             .map(|running| running.qmp.clone());
-        let Some(qmp) = qmp else {
-            // No QEMU: nothing is plugged in, only the record remains.
-            state.attachments.remove(volume_id);
-            state.slots.release(volume_id);
-            lock(&instance.portals).remove(&attachment.names.node_name);
-            return Ok(());
-        };
         if let Some(record) = state.attachments.get_mut(volume_id) {
             record.status = detaching;
         }
-        let undos = rollback(&attachment.steps, attachment.steps.len());
-        let errors = run_undos(&qmp, &undos, false).await;
-        if !errors.is_empty() {
-            let failed = detaching
-                .next(AttachmentEvent::DetachFailed)
-                .map_err(|error| Error::Internal(error.to_string()))?;
-            if let Some(record) = state.attachments.get_mut(volume_id) {
-                record.status = failed;
+        // Without QEMU nothing is plugged in, only the record remains.
+        if let Some(qmp) = qmp {
+            let undos = rollback(&attachment.steps, attachment.steps.len());
+            let errors = run_undos(&qmp, &undos, false).await;
+            if !errors.is_empty() {
+                if let Some(record) = state.attachments.get_mut(volume_id) {
+                    record.status = failed;
+                }
+                return Err(Error::Internal(format!(
+                    "detaching {volume_id}: {}",
+                    errors.join("; ")
+                )));
             }
-            return Err(Error::Internal(format!("detaching {volume_id}: {}", errors.join("; "))));
         }
-        state.attachments.remove(volume_id);
+        // QEMU holds nothing of the volume any more.
         state.slots.release(volume_id);
         lock(&instance.portals).remove(&attachment.names.node_name);
+        let deleted = match &attachment.attachment_id {
+            Some(attachment_id) => self.delete_attachment(attachment_id).await,
+            None => Ok(()),
+        };
+        if let Err(error) = deleted {
+            // Unplugged, but tandem-api still has it attached: keep the record with nothing
+            // left to unplug, so a repeated DELETE only repeats the tandem-api call.
+            if let Some(record) = state.attachments.get_mut(volume_id) {
+                record.steps.clear();
+                record.status = failed;
+            }
+            return Err(match error {
+                Error::Unavailable(message) => Error::Unavailable(format!(
+                    "{volume_id} is unplugged but {message}; repeat the detach"
+                )),
+                other => other,
+            });
+        }
+        state.attachments.remove(volume_id);
         tracing::info!("server {id}: detached {volume_id}");
         Ok(())
     }

@@ -749,8 +749,15 @@ fn api_answers_bad_requests_with_nova_faults() {
     assert_eq!(agent.cli(&["list"])["servers"], json!([]));
     let info = agent.cli(&["info"]);
     assert_eq!(info["accel"], "tcg");
-    assert_eq!(info["connector"]["initiator"], "iqn.2026-11.org.tandem:compute", "{info}");
-    assert_eq!(info["connector"]["multipath"], false);
+    let initiator = info["connector"]["initiator"].as_str().unwrap_or("");
+    assert!(initiator.starts_with("iqn.2026-11.org.tandem:compute:"), "generated per host: {info}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/initiator-iqn")).ok().as_deref(),
+        Some(format!("{initiator}\n").as_str()),
+        "kept in the state dir"
+    );
+    assert_eq!(info["connector"]["multipath"], true);
+    assert_eq!(info["volume_api"], Value::Null, "no tandem-api configured");
     let cases: &[(&[&str], &str)] = &[
         (&["show", "no-such-server"], "HTTP 404"),
         (&["detach", "no-such-server", "vol"], "itemNotFound"),
@@ -758,6 +765,8 @@ fn api_answers_bad_requests_with_nova_faults() {
         (&["boot", "vm", "--memory-mib", "1"], "memory_mib"),
         (&["boot", "vm", "--initrd", "/x"], "need a kernel"),
         (&["boot", "vm", "--machine", "sparc"], "q35 or pc"),
+        (&["attach", "vm"], "--connection-info"),
+        (&["attach", "vm", "--volume-id", "v"], "--volume-api"),
     ];
     for (args, needle) in cases {
         let error = cli_error(&agent, args);

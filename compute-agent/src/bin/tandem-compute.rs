@@ -1,9 +1,10 @@
 //! `tandem-compute`: the compute agent daemon and the CLI that talks to it.
 //!
 //!   tandem-compute daemon [--listen 127.0.0.1:8774] [--state-dir DIR] [--accel auto|kvm|tcg]
+//!                         [--volume-api http://HOST:8776/v3/PROJECT --volume-api-token T]
 //!   tandem-compute boot NAME [--kernel K --initrd I --cmdline C] [--image FILE] ...
 //!   tandem-compute info | list | show ID | stop ID | start ID | unpause ID | delete ID
-//!   tandem-compute attach ID --connection-info FILE|- [--volume-id V]
+//!   tandem-compute attach ID --volume-id V | attach ID --connection-info FILE|- [--volume-id V]
 //!   tandem-compute detach ID VOLUME_ID | attachments ID
 //!   tandem-compute libvirt-xml --connection-info FILE|- [--target-dev vdb] [--domain|--secret]
 
@@ -19,7 +20,8 @@ use compute_agent::connection_info::IscsiConnection;
 use compute_agent::constants::API_PORT_DEFAULT;
 use compute_agent::instance::Machine;
 use compute_agent::libvirt::{self, DiskOptions, SecretRef};
-use compute_agent::supervisor::{AccelChoice, Config, Supervisor};
+use compute_agent::supervisor::{AccelChoice, Config, Supervisor, system_host_name};
+use compute_agent::volume_api::VolumeApiConfig;
 use serde_json::{Value, json};
 
 #[derive(Parser)]
@@ -28,7 +30,11 @@ use serde_json::{Value, json};
     version,
     about = "Runs QEMU instances and hot-plugs Tandem (iSCSI) volumes into them",
     after_help = "Start the agent with `tandem-compute daemon`; the other subcommands talk to it \
-                  over HTTP (--endpoint, default http://127.0.0.1:8774)."
+                  over HTTP (--endpoint, default http://127.0.0.1:8774).\n\n\
+                  With --volume-api (tandem-api's project endpoint) and a token, \
+                  `attach ID --volume-id V` attaches nova's way: attachment create with this \
+                  host's connector, hot-plug with the connection_info tandem-api returns, \
+                  os-complete; any failure rolls back and the volume returns to available."
 )]
 struct Cli {
     /// The agent's HTTP endpoint (for the client subcommands).
@@ -54,12 +60,33 @@ enum Command {
         /// Accelerator: auto probes whether KVM runs guests and falls back to TCG.
         #[arg(long, value_enum, default_value_t = AccelChoice::Auto)]
         accel: AccelChoice,
-        /// The iSCSI initiator name QEMU logs in with.
-        #[arg(long, default_value = "iqn.2026-11.org.tandem:compute")]
-        initiator_iqn: String,
+        /// The iSCSI initiator name QEMU logs in with [default: one generated for this host on
+        /// first start, iqn.2026-11.org.tandem:compute:HOST:RANDOM, kept in
+        /// STATE_DIR/initiator-iqn].
+        #[arg(long)]
+        initiator_iqn: Option<String>,
         /// This host's address as storage nodes see it (the connector's `ip`).
         #[arg(long, default_value = "127.0.0.1")]
         my_ip: std::net::IpAddr,
+        /// This host's name in the connector (Nova's `host`) [default: the system host name].
+        #[arg(long)]
+        host: Option<String>,
+        /// tandem-api's project endpoint, as Cinder clients take it
+        /// (http://HOST:8776/v3/PROJECT); enables attach by volume id.
+        #[arg(long, env = "TANDEM_VOLUME_API", value_name = "URL")]
+        volume_api: Option<String>,
+        /// The token for tandem-api, sent as X-Auth-Token: `user:project` with its noauth
+        /// (`--auth noauth`), or a bearer token of its `--auth-config`.
+        #[arg(
+            long,
+            env = "TANDEM_VOLUME_API_TOKEN",
+            hide_env_values = true,
+            conflicts_with = "volume_api_token_file"
+        )]
+        volume_api_token: Option<String>,
+        /// Read the tandem-api token from a file (keeps it out of the process list).
+        #[arg(long, value_name = "FILE")]
+        volume_api_token_file: Option<PathBuf>,
     },
     /// Boot a new instance.
     Boot {
@@ -101,11 +128,13 @@ enum Command {
     Unpause { id: String },
     /// Stop and remove an instance.
     Delete { id: String },
-    /// Hot-plug a volume, given Cinder connection_info as JSON (a file or - for stdin).
+    /// Hot-plug a volume: by id through tandem-api (`--volume-id V`, the daemon needs
+    /// --volume-api), or given Cinder connection_info as JSON (a file or - for stdin).
+    #[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["connection_info", "volume_id"])))]
     Attach {
         id: String,
         #[arg(long)]
-        connection_info: PathBuf,
+        connection_info: Option<PathBuf>,
         #[arg(long)]
         volume_id: Option<String>,
     },
@@ -215,8 +244,46 @@ async fn run() -> Result<()> {
     let cli = Cli::parse();
     let endpoint = cli.endpoint.as_str();
     match cli.command {
-        Command::Daemon { listen, state_dir, qemu, accel, initiator_iqn, my_ip } => {
-            let config = Config { state_dir, qemu, accel, initiator_iqn, my_ip: my_ip.to_string() };
+        Command::Daemon {
+            listen,
+            state_dir,
+            qemu,
+            accel,
+            initiator_iqn,
+            my_ip,
+            host,
+            volume_api,
+            volume_api_token,
+            volume_api_token_file,
+        } => {
+            let token = match (volume_api_token, volume_api_token_file) {
+                (Some(token), _) => Some(token),
+                (None, Some(file)) => Some(
+                    std::fs::read_to_string(&file)
+                        .with_context(|| format!("reading {}", file.display()))?
+                        .trim()
+                        .to_owned(),
+                ),
+                (None, None) => None,
+            };
+            let volume_api = match (volume_api, token) {
+                (Some(endpoint), Some(token)) => Some(VolumeApiConfig { endpoint, token }),
+                (Some(_), None) => bail!(
+                    "--volume-api needs a token: --volume-api-token USER:PROJECT (tandem-api's \
+                     noauth) or a bearer token, or --volume-api-token-file"
+                ),
+                (None, Some(_)) => bail!("a tandem-api token without --volume-api"),
+                (None, None) => None,
+            };
+            let config = Config {
+                state_dir,
+                qemu,
+                accel,
+                initiator_iqn,
+                my_ip: my_ip.to_string(),
+                host: host.unwrap_or_else(system_host_name),
+                volume_api,
+            };
             daemon(listen, config).await?;
         }
         Command::Boot {
@@ -290,8 +357,11 @@ async fn run() -> Result<()> {
             call(endpoint, "DELETE", &format!("/v2.1/servers/{id}"), None).await?;
         }
         Command::Attach { id, connection_info, volume_id } => {
-            let connection_info = read_json(&connection_info)?;
-            let body = json!({ "volumeAttachment": { "volumeId": volume_id, "connection_info": connection_info } });
+            let mut request = json!({ "volumeId": volume_id });
+            if let Some(path) = &connection_info {
+                request["connection_info"] = read_json(path)?;
+            }
+            let body = json!({ "volumeAttachment": request });
             print(
                 &call(
                     endpoint,

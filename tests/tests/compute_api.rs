@@ -1,0 +1,729 @@
+//! The compute agent attaching nova's way: `tandem-compute daemon --volume-api` gets the
+//! connection_info from tandem-api itself. A volume created through tandem-api's REST API is
+//! attached to an instance by its id only (`{"volumeAttachment": {"volumeId": V}}`): tandem-api
+//! shows it `in-use` with an attachment for the instance and this host's connector, QEMU's
+//! initiator writes through it (`qemu-io` over QMP) and the host reads the bytes back over iSCSI;
+//! detach gives it back `available`. Hot-plugs that fail (a wrong CHAP secret on the target, an
+//! export that is down, tandem-api itself down) leave the volume `available` with no attachment
+//! and no QEMU block node. Attach/detach cycles by volume id leak no attachment record, QEMU
+//! node, secret or iSCSI session.
+//!
+//! TEST FIXTURE, NOT THE PRODUCT: `FixtureNode` stands in for tandemd's node control API (as in
+//! `api_cinderclient.rs`, whose approach it follows): each resource is a sparse file exported by
+//! the real `tandem-iscsi` binary; it can re-export a resource with a wrong CHAP secret or take
+//! the export down, which is how the failure cases are made.
+//!
+//! `TANDEM_COMPUTE_API_CYCLES=N` sets the number of attach/detach cycles (default 20).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{
+    Daemon, binary, free_port, require_slow, require_tool, run_ok, run_with_timeout, wait_until,
+};
+
+const NODE_TOKEN: &str = "fixture-node-token";
+const GIB: u64 = 1 << 30;
+/// What the agent authenticates with: tandem-api's noauth token `user:project`.
+const AGENT_TOKEN: &str = "nova:demo";
+const ADMIN: (&str, &str) = ("X-Auth-Token", "admin:demo");
+const MICROVERSION: (&str, &str) = ("OpenStack-API-Version", "volume 3.44");
+
+// ---------------------------------------------------------------------------------------------
+// Test fixture node (stand-in for tandemd's control API).
+
+/// How the fixture exports a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Export {
+    /// With the CHAP secret tandem-api chose.
+    Normal,
+    /// With another secret: every login with tandem-api's credentials fails.
+    WrongChap,
+    /// Not at all: the portal refuses connections.
+    Down,
+}
+
+struct FixtureResource {
+    file: PathBuf,
+    size_bytes: u64,
+    iqn: String,
+    chap: (String, String),
+    port: u16,
+    child: Option<Child>,
+}
+
+impl FixtureResource {
+    fn export(&mut self, export: Export) {
+        self.unexport();
+        if export == Export::Down {
+            return;
+        }
+        let secret = if export == Export::WrongChap {
+            "not-the-secret-0000".into()
+        } else {
+            self.chap.1.clone()
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.file.with_extension("log"))
+            .expect("fixture log");
+        let child = Command::new(binary("tandem-iscsi"))
+            .args(["--portal", &format!("127.0.0.1:{}", self.port), "--target", &self.iqn])
+            .arg("--lun")
+            .arg(format!("0={}", self.file.display()))
+            .args(["--chap", &format!("{}:{secret}", self.chap.0)])
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting tandem-iscsi");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "tandem-iscsi did not listen on {}", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn unexport(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn export_json(&self) -> Value {
+        json!({"portal": format!("127.0.0.1:{}", self.port), "target_iqn": self.iqn, "lun": 0})
+    }
+}
+
+struct FixtureNode {
+    url: String,
+    state: Arc<Mutex<(PathBuf, HashMap<String, FixtureResource>)>>,
+}
+
+impl FixtureNode {
+    fn start(dir: &Path) -> FixtureNode {
+        std::fs::create_dir_all(dir).expect("fixture dir");
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = Arc::new(Mutex::new((dir.to_path_buf(), HashMap::new())));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = shared.clone();
+                std::thread::spawn(move || serve_one(stream, &shared));
+            }
+        });
+        FixtureNode { url, state }
+    }
+
+    /// Re-exports the resource of `volume_id` as `export` says.
+    fn set_export(&self, volume_id: &str, export: Export) {
+        let mut state = self.state.lock().expect("fixture lock");
+        let resource =
+            state.1.get_mut(&format!("volume-{volume_id}")).expect("the volume's resource");
+        resource.export(export);
+    }
+}
+
+impl Drop for FixtureNode {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap_or_else(|error| error.into_inner());
+        for resource in state.1.values_mut() {
+            resource.unexport();
+        }
+    }
+}
+
+type FixtureState = Mutex<(PathBuf, HashMap<String, FixtureResource>)>;
+
+fn serve_one(stream: TcpStream, shared: &FixtureState) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let path = parts.next().unwrap_or("").to_owned();
+    let mut length = 0usize;
+    let mut authorized = false;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            break;
+        }
+        let lower = header.to_ascii_lowercase();
+        if let Some(value) = lower.strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+        authorized |= lower.trim_end() == format!("authorization: bearer {NODE_TOKEN}");
+    }
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let (status, reply) = if authorized {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let mut state = shared.lock().expect("fixture lock");
+        let (dir, resources) = &mut *state;
+        handle(dir, resources, &method, &path, &request)
+    } else {
+        (401, json!({"error": "bad token"}))
+    };
+    let text = if status == 204 { String::new() } else { reply.to_string() };
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+}
+
+fn handle(
+    dir: &Path,
+    resources: &mut HashMap<String, FixtureResource>,
+    method: &str,
+    path: &str,
+    request: &Value,
+) -> (u16, Value) {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let capacity = 100 * GIB;
+    match (method, segments.as_slice()) {
+        ("GET", ["v1", "node"]) => {
+            let used: u64 = resources.values().map(|r| r.size_bytes).sum();
+            (
+                200,
+                json!({"name": "node-a", "availability_zone": "nova", "total_bytes": capacity,
+                       "free_bytes": capacity - used}),
+            )
+        }
+        ("PUT", ["v1", "resources", name]) => {
+            if let Some(resource) = resources.get(*name) {
+                return (200, resource.export_json());
+            }
+            let (Some(size_bytes), Some(iqn), Some(user), Some(secret)) = (
+                request["size_bytes"].as_u64(),
+                request["target_iqn"].as_str(),
+                request["chap"]["username"].as_str(),
+                request["chap"]["secret"].as_str(),
+            ) else {
+                return (400, json!({"error": "fixture: incomplete create"}));
+            };
+            let file = dir.join(format!("{name}.img"));
+            tests::sparse_file(&file, size_bytes);
+            let mut resource = FixtureResource {
+                file,
+                size_bytes,
+                iqn: iqn.to_owned(),
+                chap: (user.to_owned(), secret.to_owned()),
+                port: free_port(),
+                child: None,
+            };
+            resource.export(Export::Normal);
+            let reply = resource.export_json();
+            resources.insert((*name).to_owned(), resource);
+            (201, reply)
+        }
+        ("GET", ["v1", "resources", name]) => match resources.get(*name) {
+            Some(resource) => (
+                200,
+                json!({"name": name, "role": "primary", "disk_state": "UpToDate",
+                       "size_bytes": resource.size_bytes, "export": resource.export_json()}),
+            ),
+            None => (404, json!({"error": "no such resource"})),
+        },
+        ("DELETE", ["v1", "resources", name]) => match resources.remove(*name) {
+            Some(mut resource) => {
+                resource.unexport();
+                let _ = std::fs::remove_file(&resource.file);
+                (204, Value::Null)
+            }
+            None => (404, json!({"error": "no such resource"})),
+        },
+        ("POST", ["v1", "resources", _, "promote" | "demote"]) => (204, Value::Null),
+        _ => (404, json!({"error": format!("fixture: no route {method} {path}")})),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// tandem-api.
+
+/// A plain HTTP/1.1 request; returns (status, JSON body or Null).
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).expect("connecting to tandem-api");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream.write_all(request.as_bytes()).expect("sending to tandem-api");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("reading from tandem-api");
+    let text = String::from_utf8_lossy(&response);
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body_text = text.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or("");
+    (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
+}
+
+struct Api {
+    addr: SocketAddr,
+    daemon: Daemon,
+    node: FixtureNode,
+    dir: tempfile::TempDir,
+}
+
+impl Api {
+    /// tandem-api on SQLite with one fixture node and one replica per volume.
+    fn start() -> Api {
+        // Built before any node call: a build inside a node request would outlast the API's
+        // timeout.
+        binary("tandem-iscsi");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = FixtureNode::start(&dir.path().join("node-a"));
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let daemon = Api::spawn(dir.path(), &node, addr);
+        Api { addr, daemon, node, dir }
+    }
+
+    fn spawn(dir: &Path, node: &FixtureNode, addr: SocketAddr) -> Daemon {
+        let mut command = Command::new(binary("tandem-api"));
+        command
+            .args(["--listen", &addr.to_string(), "--database"])
+            .arg(dir.join("api.sqlite"))
+            .args(["--node-token", NODE_TOKEN, "--replica-count", "1"])
+            .args(["--node", &format!("node-a={}", node.url)])
+            .stdin(Stdio::null());
+        let mut daemon = Daemon::spawn("tandem-api", command);
+        daemon.wait_for_port(addr, Duration::from_secs(60));
+        let up = wait_until(Duration::from_secs(30), || {
+            let (_, body) = http(addr, "GET", "/v3/demo/os-services", &[ADMIN], None);
+            body["services"].as_array().is_some_and(|services| {
+                services.iter().any(|s| s["binary"] == "cinder-volume" && s["state"] == "up")
+            })
+        });
+        assert!(up, "the fixture node came up in tandem-api: {}", daemon.log());
+        daemon
+    }
+
+    /// Stops tandem-api (the agent then cannot reach it).
+    fn stop(&mut self) {
+        self.daemon.stop();
+    }
+
+    /// Starts tandem-api again on the same address and database.
+    fn restart(&mut self) {
+        self.daemon = Api::spawn(self.dir.path(), &self.node, self.addr);
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}/v3/demo", self.addr)
+    }
+
+    /// Creates a volume through the REST API and waits until it is available.
+    fn create_volume(&self, name: &str) -> String {
+        let body = json!({"volume": {"size": 1, "name": name}});
+        let (status, created) = http(self.addr, "POST", "/v3/demo/volumes", &[ADMIN], Some(&body));
+        assert_eq!(status, 202, "volume create: {created}");
+        let id = created["volume"]["id"].as_str().expect("volume id").to_owned();
+        let available = wait_until(Duration::from_secs(60), || {
+            let volume = self.volume(&id);
+            assert_ne!(volume["status"], "error", "{volume}");
+            volume["status"] == "available"
+        });
+        assert!(available, "volume {id} became available: {}", self.volume(&id));
+        id
+    }
+
+    fn volume(&self, id: &str) -> Value {
+        let (status, body) =
+            http(self.addr, "GET", &format!("/v3/demo/volumes/{id}"), &[ADMIN], None);
+        assert_eq!(status, 200, "{body}");
+        body["volume"].clone()
+    }
+
+    /// Every attachment record of the project (any status), with details.
+    fn attachments(&self) -> Vec<Value> {
+        let (status, body) =
+            http(self.addr, "GET", "/v3/demo/attachments/detail", &[ADMIN, MICROVERSION], None);
+        assert_eq!(status, 200, "{body}");
+        body["attachments"].as_array().expect("list").clone()
+    }
+
+    /// Asserts the volume is back: available, no attachment in the volume or in the list.
+    fn assert_available_and_unattached(&self, id: &str) {
+        let volume = self.volume(id);
+        assert_eq!(volume["status"], "available", "{volume}");
+        assert_eq!(volume["attachments"], json!([]), "{volume}");
+        let records: Vec<_> =
+            self.attachments().into_iter().filter(|a| a["volume_id"] == id).collect();
+        assert!(records.is_empty(), "no attachment record is left: {records:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The agent and QEMU.
+
+struct Agent {
+    daemon: Daemon,
+    endpoint: String,
+}
+
+impl Agent {
+    fn start(state_dir: &Path, volume_api: &str) -> Agent {
+        let port = free_port();
+        let mut command = Command::new(binary("tandem-compute"));
+        command
+            .args(["daemon", "--listen", &format!("127.0.0.1:{port}"), "--accel", "tcg"])
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--host", "compute-test", "--volume-api", volume_api])
+            .env("TANDEM_VOLUME_API_TOKEN", AGENT_TOKEN);
+        let mut daemon = Daemon::spawn("tandem-compute", command);
+        daemon.wait_for_log("tandem-compute: listening on", Duration::from_secs(30));
+        Agent { daemon, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// Runs a CLI subcommand; returns whether it succeeded, its JSON output (Null when empty)
+    /// and its stderr.
+    fn try_cli(&self, args: &[&str]) -> (bool, Value, String) {
+        let output = run_with_timeout(
+            Command::new(binary("tandem-compute")).arg("--endpoint").arg(&self.endpoint).args(args),
+            Duration::from_secs(120),
+        );
+        let text = String::from_utf8_lossy(&output.stdout);
+        let value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).expect("JSON")
+        };
+        (output.status.success(), value, String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let (ok, value, stderr) = self.try_cli(args);
+        assert!(ok, "tandem-compute {args:?} failed: {stderr}\n{}", self.daemon.log());
+        value
+    }
+
+    fn cli_error(&self, args: &[&str]) -> String {
+        let (ok, value, stderr) = self.try_cli(args);
+        assert!(!ok, "tandem-compute {args:?} should fail: {value}");
+        stderr
+    }
+
+    /// Boots an instance with no OS (firmware only) and `slots` hot-plug slots.
+    fn boot_without_os(&self, id: &str, slots: usize) -> Value {
+        let server =
+            self.cli(&["boot", id, "--id", id, "--hotplug-slots", &slots.to_string()])["server"]
+                .clone();
+        assert_eq!(server["status"], "ACTIVE", "{server}");
+        server
+    }
+}
+
+/// A synchronous QMP client on the instance's operator monitor, to inspect QEMU independently
+/// of the agent.
+struct Monitor {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Monitor {
+    fn open(server: &Value) -> Monitor {
+        let path = server["paths"]["operator_qmp_socket"].as_str().expect("operator QMP path");
+        let stream = UnixStream::connect(path).expect("connecting to the operator monitor");
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let writer = stream.try_clone().expect("clone");
+        let mut monitor = Monitor { reader: BufReader::new(stream), writer };
+        let mut greeting = String::new();
+        monitor.reader.read_line(&mut greeting).expect("greeting");
+        assert!(greeting.contains("QMP"), "{greeting}");
+        monitor.execute("qmp_capabilities", json!({}));
+        monitor
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Value {
+        let message = json!({ "execute": command, "arguments": arguments });
+        self.writer.write_all(format!("{message}\n").as_bytes()).expect("QMP write");
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("QMP read");
+            let reply: Value = serde_json::from_str(&line).expect("QMP JSON");
+            if let Some(value) = reply.get("return") {
+                return value.clone();
+            }
+            assert!(reply.get("error").is_none(), "{command}: {reply}");
+        }
+    }
+
+    fn names_under(&mut self, path: &str, prefix: &str) -> Vec<String> {
+        let listing = self.execute("qom-list", json!({ "path": path }));
+        listing
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|entry| entry["name"].as_str())
+            .filter(|name| name.starts_with(prefix))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What the agent created in QEMU: block nodes, secrets and disk devices.
+    fn tandem_objects(&mut self) -> Vec<String> {
+        let nodes = self.execute("query-named-block-nodes", json!({}));
+        let mut names: Vec<String> = nodes
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|node| node["node-name"].as_str())
+            .filter(|name| name.starts_with("tandem-"))
+            .map(str::to_owned)
+            .collect();
+        names.extend(self.names_under("/objects", "tandem-secret"));
+        names.extend(self.names_under("/machine/peripheral", "tandem-disk"));
+        names
+    }
+}
+
+/// Established TCP connections to `port` on this host (/proc/net/tcp{,6}): iSCSI sessions.
+fn established_connections_to(port: u16) -> usize {
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 4 {
+                continue;
+            }
+            let remote_port =
+                fields[2].rsplit(':').next().and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if remote_port == Some(port) && fields[3] == "01" {
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// The port of a `host:port` portal.
+fn portal_port(portal: &str) -> u16 {
+    portal.rsplit(':').next().and_then(|port| port.parse().ok()).expect("portal with a port")
+}
+
+/// Attaches `volume_id` by id only; returns the agent's view of the attachment.
+fn attach_by_id(agent: &Agent, server: &str, volume_id: &str) -> Value {
+    agent.cli(&["attach", server, "--volume-id", volume_id])["volumeAttachment"].clone()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn attach_by_volume_id_goes_through_tandem_api_and_every_failure_gives_the_volume_back() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let qemu_img = require_tool("qemu-img", "qemu-utils");
+    let mut api = Api::start();
+    let agent = Agent::start(&api.dir.path().join("compute"), &api.endpoint());
+    let info = agent.cli(&["info"]);
+    let initiator = info["connector"]["initiator"].as_str().expect("initiator").to_owned();
+    assert!(
+        initiator.starts_with("iqn.2026-11.org.tandem:compute:compute-test:"),
+        "a per-host initiator name: {info}"
+    );
+    assert_eq!(info["connector"]["multipath"], true, "{info}");
+    assert_eq!(info["volume_api"], api.endpoint(), "{info}");
+
+    let volume = api.create_volume("c1");
+    let server = agent.boot_without_os("srv-1", 1);
+    let mut monitor = Monitor::open(&server);
+
+    // Attach by id only: in-use in tandem-api, with an attachment for this instance and host.
+    let started = Instant::now();
+    let attached = attach_by_id(&agent, "srv-1", &volume);
+    println!("attach by volume id took {} ms", started.elapsed().as_millis());
+    let attachment_id = attached["attachment_id"].as_str().expect("attachment id").to_owned();
+    assert_eq!(attached["volumeId"], volume.as_str());
+    let shown = api.volume(&volume);
+    assert_eq!(shown["status"], "in-use", "{shown}");
+    assert_eq!(shown["attachments"][0]["server_id"], "srv-1", "{shown}");
+    assert_eq!(shown["attachments"][0]["attachment_id"], attachment_id.as_str(), "{shown}");
+    assert_eq!(shown["attachments"][0]["host_name"], "compute-test", "{shown}");
+    let records = api.attachments();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!(record["status"], "attached", "{record}");
+    assert_eq!(record["instance"], "srv-1", "{record}");
+    assert_eq!(record["connector"]["initiator"], initiator.as_str(), "{record}");
+    assert_eq!(record["connector"]["host"], "compute-test", "{record}");
+    let info = &record["connection_info"];
+    let port = portal_port(info["target_portal"].as_str().expect("portal"));
+    assert_eq!(established_connections_to(port), 1, "one iSCSI session");
+
+    // QEMU's initiator (logged in with the CHAP credentials from tandem-api) writes a pattern;
+    // the host reads it back over iSCSI with the same credentials.
+    let node = attached["names"]["node_name"].as_str().expect("node name").to_owned();
+    monitor.execute(
+        "human-monitor-command",
+        json!({ "command-line": format!("qemu-io {node} \"write -P 0xa5 2M 1M\"") }),
+    );
+    let qemu_log = PathBuf::from(server["paths"]["qemu_log"].as_str().expect("qemu log"));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read_to_string(&qemu_log).is_ok_and(|t| t.contains("wrote 1048576/1048576"))
+        }),
+        "qemu-io wrote through the attached volume: {}",
+        std::fs::read_to_string(&qemu_log).unwrap_or_default()
+    );
+    let url = format!(
+        "iscsi://{}%{}@{}/{}/0",
+        info["auth_username"].as_str().expect("CHAP user"),
+        info["auth_password"].as_str().expect("CHAP secret"),
+        info["target_portal"].as_str().expect("portal"),
+        info["target_iqn"].as_str().expect("iqn"),
+    );
+    let readback = api.dir.path().join("readback.img");
+    run_ok(
+        Command::new(&qemu_img).args([
+            "dd",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &format!("if={url}"),
+            &format!("of={}", readback.display()),
+            "bs=1M",
+            "skip=2",
+            "count=3",
+        ]),
+        Duration::from_secs(60),
+    );
+    let bytes = std::fs::read(&readback).expect("read back");
+    assert_eq!(bytes.len(), 1 << 20);
+    assert!(bytes.iter().all(|&byte| byte == 0xa5), "the host reads QEMU's pattern");
+
+    // The same volume twice is refused by the agent before tandem-api is asked.
+    let twice = agent.cli_error(&["attach", "srv-1", "--volume-id", &volume]);
+    assert!(twice.contains("409"), "{twice}");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+
+    // Detach: unplugged, attachment deleted, available.
+    agent.cli(&["detach", "srv-1", &volume]);
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
+    assert!(wait_until(Duration::from_secs(5), || established_connections_to(port) == 0));
+
+    // An unknown volume: tandem-api's 404, nothing plugged.
+    let unknown = agent.cli_error(&["attach", "srv-1", "--volume-id", "no-such-volume"]);
+    assert!(unknown.contains("404"), "{unknown}");
+
+    // Failures in the hot-plug: the target refuses tandem-api's CHAP secret, or is down.
+    for (export, needle) in [(Export::WrongChap, "blockdev-add"), (Export::Down, "blockdev-add")] {
+        api.node.set_export(&volume, export);
+        let error = agent.cli_error(&["attach", "srv-1", "--volume-id", &volume]);
+        assert!(error.contains(needle), "{export:?}: {error}");
+        api.assert_available_and_unattached(&volume);
+        assert_eq!(monitor.tandem_objects(), Vec::<String>::new(), "{export:?}");
+        assert_eq!(agent.cli(&["attachments", "srv-1"])["volumeAttachments"], json!([]));
+        assert!(
+            wait_until(Duration::from_secs(5), || established_connections_to(port) == 0),
+            "{export:?}: no session is left"
+        );
+        println!("{export:?}: rolled back: {}", error.trim());
+    }
+    api.node.set_export(&volume, Export::Normal);
+
+    // tandem-api down: a clear 503 after bounded retries, nothing plugged; back up, the same
+    // attach works.
+    api.stop();
+    let started = Instant::now();
+    let error = agent.cli_error(&["attach", "srv-1", "--volume-id", &volume]);
+    println!("attach with tandem-api down failed in {} ms", started.elapsed().as_millis());
+    assert!(error.contains("503") && error.contains("serviceUnavailable"), "{error}");
+    assert!(error.contains("3 attempts"), "the error says how often it tried: {error}");
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
+    api.restart();
+    api.assert_available_and_unattached(&volume);
+    attach_by_id(&agent, "srv-1", &volume);
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+
+    // Deleting the server gives its volumes back, as Nova does.
+    agent.cli(&["delete", "srv-1"]);
+    api.assert_available_and_unattached(&volume);
+    assert!(wait_until(Duration::from_secs(5), || established_connections_to(port) == 0));
+}
+
+#[test]
+fn attach_detach_cycles_by_volume_id_leak_nothing() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let cycles: usize = std::env::var("TANDEM_COMPUTE_API_CYCLES")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(20);
+    let api = Api::start();
+    let agent = Agent::start(&api.dir.path().join("compute"), &api.endpoint());
+    let volume = api.create_volume("cycled");
+    let server = agent.boot_without_os("srv-cycles", 1);
+    let mut monitor = Monitor::open(&server);
+    let objects_before = monitor.tandem_objects();
+    let records_before = api.attachments().len();
+    assert_eq!(records_before, 0);
+
+    let mut port = None;
+    let mut attach_ms = Vec::new();
+    for cycle in 0..cycles {
+        let started = Instant::now();
+        let attached = attach_by_id(&agent, "srv-cycles", &volume);
+        attach_ms.push(u64::try_from(started.elapsed().as_millis()).expect("ms"));
+        assert!(attached["attachment_id"].is_string(), "{attached}");
+        let record = api.attachments();
+        assert_eq!(record.len(), 1, "cycle {cycle}: one record while attached: {record:?}");
+        let this_port =
+            portal_port(record[0]["connection_info"]["target_portal"].as_str().expect("portal"));
+        port = Some(this_port);
+        assert_eq!(established_connections_to(this_port), 1, "cycle {cycle}: one session");
+        assert_eq!(api.volume(&volume)["status"], "in-use", "cycle {cycle}");
+        assert_eq!(monitor.tandem_objects().len(), objects_before.len() + 2, "node + secret");
+
+        agent.cli(&["detach", "srv-cycles", &volume]);
+        assert_eq!(api.volume(&volume)["status"], "available", "cycle {cycle}");
+        assert_eq!(monitor.tandem_objects(), objects_before, "cycle {cycle}: nothing in QEMU");
+        assert!(
+            wait_until(Duration::from_secs(5), || established_connections_to(this_port) == 0),
+            "cycle {cycle}: the iSCSI session is gone"
+        );
+    }
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(api.attachments().len(), records_before, "no attachment record leaked");
+    assert_eq!(monitor.tandem_objects(), objects_before, "no QEMU node or secret leaked");
+    assert_eq!(established_connections_to(port.expect("at least one cycle")), 0);
+    assert_eq!(agent.cli(&["attachments", "srv-cycles"])["volumeAttachments"], json!([]));
+    attach_ms.sort_unstable();
+    println!(
+        "{cycles} attach/detach cycles by volume id: attach median {} ms, max {} ms",
+        attach_ms[attach_ms.len() / 2],
+        attach_ms[attach_ms.len() - 1]
+    );
+    agent.cli(&["delete", "srv-cycles"]);
+}
