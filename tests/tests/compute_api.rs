@@ -382,6 +382,107 @@ impl Api {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A fault-injecting proxy in front of tandem-api.
+
+/// What the proxy does to the agent's requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Forwards everything.
+    None,
+    /// Answers `os-complete` with 503 (tandem-api failing after the hot-plug).
+    FailComplete,
+    /// Drops connection_info from the answer of an attachment create (a Cinder that answers a
+    /// create like a reserve), so the agent must update the attachment with its connector.
+    StripConnectionInfo,
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    fault: Arc<Mutex<Fault>>,
+    /// `METHOD PATH` of every request the agent sent, in order.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fault = Arc::new(Mutex::new(Fault::None));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (shared_fault, shared_seen) = (fault.clone(), seen.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let fault = *shared_fault.lock().expect("lock");
+                proxy_one(stream, upstream, fault, &shared_seen);
+            }
+        });
+        Proxy { addr, fault, seen }
+    }
+
+    fn set_fault(&self, fault: Fault) {
+        *self.fault.lock().expect("lock") = fault;
+        self.seen.lock().expect("lock").clear();
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+fn proxy_one(stream: TcpStream, upstream: SocketAddr, fault: Fault, seen: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let path = parts.next().unwrap_or("").to_owned();
+    let mut headers: Vec<(String, String)> = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = header.trim_end().split_once(':') {
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_owned());
+            if name == "content-length" {
+                length = value.parse().unwrap_or(0);
+            }
+            if name == "x-auth-token" || name == "openstack-api-version" {
+                headers.push((name, value));
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    seen.lock().expect("lock").push(format!("{method} {path}"));
+    let body: Option<Value> = serde_json::from_slice(&body).ok();
+    let (status, mut reply) = if fault == Fault::FailComplete
+        && body.as_ref().is_some_and(|b| b.get("os-complete").is_some())
+    {
+        (503, json!({"serviceUnavailable": {"code": 503, "message": "injected by the test"}}))
+    } else {
+        let headers: Vec<(&str, &str)> =
+            headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        http(upstream, &method, &path, &headers, body.as_ref())
+    };
+    if fault == Fault::StripConnectionInfo && method == "POST" && path.ends_with("/attachments") {
+        reply["attachment"]["connection_info"] = Value::Null;
+    }
+    let text = if reply.is_null() { String::new() } else { reply.to_string() };
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // The agent and QEMU.
 
 struct Agent {
@@ -726,4 +827,46 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
         attach_ms[attach_ms.len() - 1]
     );
     agent.cli(&["delete", "srv-cycles"]);
+}
+
+#[test]
+fn a_failure_after_the_hot_plug_unplugs_before_the_volume_goes_back() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let api = Api::start();
+    let proxy = Proxy::start(api.addr);
+    let agent =
+        Agent::start(&api.dir.path().join("compute"), &format!("http://{}/v3/demo", proxy.addr));
+    let volume = api.create_volume("faulty");
+    let server = agent.boot_without_os("srv-faults", 1);
+    let mut monitor = Monitor::open(&server);
+
+    // os-complete fails (503, repeated up to the bound): the agent unplugs, then deletes the
+    // attachment, and the volume is available again.
+    proxy.set_fault(Fault::FailComplete);
+    let error = agent.cli_error(&["attach", "srv-faults", "--volume-id", &volume]);
+    assert!(error.contains("attachment complete") && error.contains("503"), "{error}");
+    let seen = proxy.seen();
+    let completes = seen.iter().filter(|r| r.starts_with("POST") && r.ends_with("/action")).count();
+    assert_eq!(completes, 3, "os-complete is repeatable, tried up to the bound: {seen:?}");
+    assert!(seen.last().is_some_and(|r| r.starts_with("DELETE /v3/demo/attachments/")), "{seen:?}");
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new(), "unplugged");
+    assert_eq!(agent.cli(&["attachments", "srv-faults"])["volumeAttachments"], json!([]));
+
+    // A create answered without connection_info: the agent updates the attachment with its
+    // connector (nova's two-step flow) and attaches with what that returns.
+    proxy.set_fault(Fault::StripConnectionInfo);
+    let attached = attach_by_id(&agent, "srv-faults", &volume);
+    let seen = proxy.seen();
+    assert!(seen.iter().any(|r| r.starts_with("PUT /v3/demo/attachments/")), "{seen:?}");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+    assert_eq!(monitor.tandem_objects().len(), 2, "node and secret");
+    assert!(attached["attachment_id"].is_string(), "{attached}");
+
+    proxy.set_fault(Fault::None);
+    agent.cli(&["detach", "srv-faults", &volume]);
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
+    agent.cli(&["delete", "srv-faults"]);
 }
