@@ -1342,3 +1342,59 @@ fn an_alua_change_is_announced_once_to_every_nexus() {
         assert_eq!(tur(i), (0, None));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("TANDEM_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256),
+        .. ProptestConfig::default()
+    })]
+
+    /// EXTENDED COPY parameter lists built from arbitrary descriptors (valid ones mixed with
+    /// garbage) never panic the copy manager, and every I/O it asks for stays inside a LUN.
+    #[test]
+    fn arbitrary_copy_parameter_lists_never_escape_the_luns(
+        cscd_lun in proptest::collection::vec((0u64..3, any::<bool>(), any::<[u8; 32]>()), 0..6),
+        segments in proptest::collection::vec(
+            (0u16..4, 0u16..4, 0u16..64, 0u64..BLOCKS + 8, 0u64..BLOCKS + 8, any::<bool>(), any::<[u8; 28]>()),
+            0..18,
+        ),
+        usage in 0u8..4,
+        cut in any::<u16>(),
+    ) {
+        let (mut i, _) = two_luns();
+        let cscds: Vec<Vec<u8>> = cscd_lun
+            .iter()
+            .map(|(lun, garbage, bytes)| if *garbage { bytes.to_vec() } else { cscd(*lun) })
+            .collect();
+        let segments: Vec<Vec<u8>> = segments
+            .iter()
+            .map(|(s, d, blocks, from, to, garbage, bytes)| {
+                if *garbage { bytes.to_vec() } else { segment(*s, *d, *blocks, *from, *to) }
+            })
+            .collect();
+        let mut list = copy_list(1, usage, &cscds, &segments);
+        if cut % 4 == 0 {
+            list.truncate(usize::from(cut) % (list.len() + 1));
+        }
+        i.hold_io = true;
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x83;
+        cdb[10..14].copy_from_slice(&u32::try_from(list.len()).unwrap().to_be_bytes());
+        i.command(&cdb, false, !list.is_empty(), u32::try_from(list.len()).unwrap(), &list, true);
+        for _ in 0..64 {
+            let Some(request) = i.held.pop() else { break };
+            let inside = match &request.op {
+                IoOp::Read { offset_bytes, length_bytes } => offset_bytes + u64::from(*length_bytes) <= BLOCKS * 512,
+                IoOp::Write { offset_bytes, data, .. } => offset_bytes + data.len() as u64 <= BLOCKS * 512,
+                other => { prop_assert!(false, "a copy asked for {other:?}"); false }
+            };
+            prop_assert!(inside, "I/O outside the LUN: {:?}", request.op);
+            let result = request.device.perform(request.op.clone());
+            i.connection.handle_io_completion(request.itt, request.tag, result);
+            while let Some(next) = i.connection.poll_io() {
+                i.held.push(next);
+            }
+        }
+        let _ = i.receive();
+    }
+}
