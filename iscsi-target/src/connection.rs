@@ -264,6 +264,8 @@ struct Task<D> {
     r2ts: Vec<R2tInFlight>,
     r2t_sn: u32,
     phase: Phase,
+    /// The list identifier of a running EXTENDED COPY that holds its results.
+    copy_list_id: Option<u8>,
 }
 
 struct Session<D> {
@@ -784,6 +786,7 @@ impl<D: BlockDevice> Connection<D> {
             r2ts: Vec::new(),
             r2t_sn: 0,
             phase: Phase::Collecting,
+            copy_list_id: None,
         };
         self.tasks.insert(itt, task);
         if too_big {
@@ -960,6 +963,24 @@ impl<D: BlockDevice> Connection<D> {
             data_out.truncate(usize::try_from(spdtl).unwrap_or(0));
         }
         let cdb = task.cdb;
+        if cdb[0] == scsi::op::EXTENDED_COPY
+            && let Some(list_id) = scsi::copy::list_id(&data_out)
+        {
+            // A nexus is one connection here (no MC/S), so a copy still running under the
+            // same list identifier is one of this connection's tasks; an aborted one is gone.
+            let running = self
+                .tasks
+                .iter()
+                .any(|(t, other)| *t != itt && other.copy_list_id == Some(list_id));
+            if running {
+                let sense = scsi::copy::sense_codes::OPERATION_IN_PROGRESS;
+                self.finish(itt, Outcome::check(sense));
+                return;
+            }
+            if let Some(task) = self.tasks.get_mut(&itt) {
+                task.copy_list_id = Some(list_id);
+            }
+        }
         // An ALUA state change since the previous command is announced to every nexus. The
         // session registry is only consulted when the state did change.
         let changed =

@@ -1398,3 +1398,31 @@ proptest! {
         let _ = i.receive();
     }
 }
+
+#[test]
+fn a_second_copy_under_a_running_list_identifier_is_refused() {
+    let (mut i, _) = two_luns();
+    let list = |id: u8| copy_list(id, 0b00, &[cscd(0), cscd(1)], &[segment(0, 1, 8, 0, 100)]);
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x83;
+    cdb[13] = u8::try_from(list(1).len()).unwrap();
+    let edtl = u32::from(cdb[13]);
+    i.hold_io = true;
+    let (first, responses) = i.command(&cdb, false, true, edtl, &list(1), true);
+    assert!(responses.is_empty(), "the first copy waits for its read");
+    let (_, responses) = i.command(&cdb, false, true, edtl, &list(1), true);
+    assert_eq!(status_of(&responses[0]), (2, Some((5, 0x00, 0x16))), "OPERATION IN PROGRESS");
+    let (second, responses) = i.command(&cdb, false, true, edtl, &list(2), true);
+    assert!(responses.is_empty(), "another list identifier runs");
+    // Reads, then writes: two rounds of I/O finish both copies.
+    let mut done = i.release_io();
+    done.extend(i.release_io());
+    let mut finished: Vec<u32> = done.iter().map(|p| p.header.itt()).collect();
+    finished.sort_unstable();
+    assert_eq!(finished, vec![first, second]);
+    assert!(done.iter().all(|p| status_of(p) == (0, None)));
+    // Finished, the list identifier is free again.
+    i.hold_io = false;
+    let (_, responses) = i.command(&cdb, false, true, edtl, &list(1), true);
+    assert_eq!(status_of(&responses[0]), (0, None));
+}

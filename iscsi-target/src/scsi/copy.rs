@@ -93,12 +93,20 @@ pub mod sense_codes {
     /// A CSCD descriptor that names no logical unit we serve, or a segment naming a CSCD
     /// descriptor that does not exist.
     pub const UNREACHABLE_COPY_TARGET: Sense = Sense::new(COPY_ABORTED, 0x08, 0x04);
+    /// A copy with the same list identifier is still running for the I_T nexus.
+    pub const OPERATION_IN_PROGRESS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x00, 0x16);
     /// A segment the copy target cannot carry out (beyond its capacity); the copy target's
     /// own condition has no ASC of its own under COPY ABORTED.
     pub const SEGMENT_REFUSED: Sense = Sense::new(COPY_ABORTED, 0x00, 0x00);
 }
 
 use sense_codes::*;
+
+/// The list identifier an EXTENDED COPY parameter list uses, unless LIST ID USAGE says there
+/// is none (11b). Two copies of one I_T nexus may not run under the same one.
+pub fn list_id(data: &[u8]) -> Option<u8> {
+    (data.len() >= HEADER_BYTES && (data[1] >> 3) & 0x3 != 0b11).then(|| data[0])
+}
 
 /// The designators VPD page 83h reports for `identity` with logical-unit association:
 /// (designator type, designator). What a CSCD descriptor may name us by.
