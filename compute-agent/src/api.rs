@@ -74,6 +74,7 @@ async fn info(State(supervisor): State<Shared>) -> Json<Value> {
         "initiator": supervisor.initiator_iqn(),
         "connector": supervisor.connector(),
         "volume_api": supervisor.volume_api_endpoint(),
+        "pending_attachment_deletes": supervisor.pending_deletes(),
     }))
 }
 

@@ -88,6 +88,13 @@ pub const VOLUME_API_ATTEMPTS_MAX: u32 = 3;
 pub const VOLUME_API_RETRY_BACKOFF_MS: u64 = 250;
 pub const VOLUME_API_RETRY_BACKOFF_MS_MAX: u64 = 2_000;
 
+/// Attachments whose delete the agent keeps retrying in the background after tandem-api was
+/// unreachable during a rollback or a server delete.
+pub const PENDING_DELETES_MAX: usize = 256;
+
+/// How often those deletes are retried.
+pub const PENDING_DELETE_RETRY_INTERVAL_MS: u64 = 5_000;
+
 /// The longest one tandem-api call can take, every attempt timing out (see
 /// `http_client::Policy::worst_case_ms`; checked against it in a test).
 pub const VOLUME_API_CALL_MS_MAX: u64 = VOLUME_API_ATTEMPTS_MAX as u64
@@ -130,6 +137,8 @@ const _: () = assert!(MEMORY_MIB_MIN <= MEMORY_MIB_DEFAULT && MEMORY_MIB_DEFAULT
 const _: () = assert!(HTTP_CLIENT_TIMEOUT_MS > ATTACH_MS_MAX);
 const _: () = assert!(VOLUME_API_CONNECT_TIMEOUT_MS < VOLUME_API_REQUEST_TIMEOUT_MS);
 const _: () = assert!(VOLUME_API_RETRY_BACKOFF_MS <= VOLUME_API_RETRY_BACKOFF_MS_MAX);
+// A background retry round never overlaps a call's own back-off much.
+const _: () = assert!(PENDING_DELETE_RETRY_INTERVAL_MS >= VOLUME_API_RETRY_BACKOFF_MS_MAX);
 const _: () = assert!(VOLUME_API_ATTEMPTS_MAX >= 1 && VOLUME_API_ATTEMPTS_MAX <= 10);
 // An unreachable tandem-api must fail an attach well within the CLI's patience.
 const _: () = assert!(VOLUME_API_CALL_MS_MAX < HTTP_CLIENT_TIMEOUT_MS / 2);

@@ -2,7 +2,7 @@
 //! rollback, and the resume watcher driven from QMP events. Decisions come from [`crate::attach`]
 //! and [`crate::resume`]; this module only acts on them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,8 @@ use crate::attach::{
 use crate::connection_info::{IscsiConnection, Portal, check_name};
 use crate::connector::{HostIdentity, connector, generate_initiator_iqn, is_valid_initiator_iqn};
 use crate::constants::{
-    INSTANCES_MAX, QEMU_START_TIMEOUT_MS, QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
+    INSTANCES_MAX, PENDING_DELETE_RETRY_INTERVAL_MS, PENDING_DELETES_MAX, QEMU_START_TIMEOUT_MS,
+    QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
 };
 use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
 use crate::qmp::{Event, Qmp, QmpError};
@@ -165,6 +166,10 @@ struct InstanceState {
     last_error: Option<String>,
 }
 
+/// tandem-api attachments the agent gave up but could not delete yet (tandem-api was down):
+/// a background task repeats the deletes, so their volumes do not stay `attaching`.
+type PendingDeletes = Arc<Mutex<BTreeSet<String>>>;
+
 /// Node name -> the portals of its volume, for the resume watcher's probes.
 type PortalMap = Arc<Mutex<HashMap<String, Vec<Portal>>>>;
 
@@ -188,6 +193,7 @@ pub struct Supervisor {
     config: Config,
     identity: HostIdentity,
     volume_api: Option<VolumeApi>,
+    pending_deletes: PendingDeletes,
     accel: Accel,
     instances: tokio::sync::Mutex<BTreeMap<String, Arc<Instance>>>,
     serial: AtomicU64,
@@ -254,13 +260,16 @@ impl Supervisor {
             ),
             None => None,
         };
+        let pending_deletes = PendingDeletes::default();
         if let Some(volume_api) = &volume_api {
             tracing::info!("tandem-api: {}", volume_api.endpoint_url());
+            tokio::spawn(retry_pending_deletes(volume_api.clone(), pending_deletes.clone()));
         }
         Ok(Supervisor {
             config,
             identity,
             volume_api,
+            pending_deletes,
             accel,
             instances: tokio::sync::Mutex::new(BTreeMap::new()),
             serial: AtomicU64::new(1),
@@ -278,6 +287,30 @@ impl Supervisor {
     /// The connector this host hands to tandem-api.
     pub fn connector(&self) -> Value {
         connector(&self.identity)
+    }
+
+    /// Attachments whose delete in tandem-api is still being retried.
+    pub fn pending_deletes(&self) -> Vec<String> {
+        lock(&self.pending_deletes).iter().cloned().collect()
+    }
+
+    /// Hands an attachment whose delete failed to the retry task.
+    fn retry_delete_later(&self, attachment_id: &str) -> String {
+        let mut pending = lock(&self.pending_deletes);
+        if pending.len() >= PENDING_DELETES_MAX {
+            tracing::error!(
+                "too many attachments to delete; {attachment_id} is left in tandem-api"
+            );
+            return format!(
+                "the attachment {attachment_id} is left in tandem-api: delete it with \
+                 `cinder attachment-delete`"
+            );
+        }
+        pending.insert(attachment_id.to_owned());
+        format!(
+            "the agent keeps retrying to delete the attachment {attachment_id} every \
+             {PENDING_DELETE_RETRY_INTERVAL_MS} ms"
+        )
     }
 
     /// tandem-api's endpoint, when the agent attaches by volume id.
@@ -542,8 +575,9 @@ impl Supervisor {
             state.slots.release(&attachment.volume_id);
             let Some(attachment_id) = &attachment.attachment_id else { continue };
             if let Err(error) = self.delete_attachment(attachment_id).await {
+                let later = self.retry_delete_later(attachment_id);
                 tracing::warn!(
-                    "server {}: volume {} stays attached in tandem-api: {error}",
+                    "server {}: volume {} stays attached in tandem-api: {error}; {later}",
                     instance.id,
                     attachment.volume_id
                 );
@@ -658,10 +692,8 @@ impl Supervisor {
                 }
                 Compensation::DeleteAttachment => {
                     if let Err(delete_error) = volume_api.attachment_delete(&attachment_id).await {
-                        problems.push(format!(
-                            "{delete_error}; the attachment {attachment_id} is left in \
-                             tandem-api: delete it with `cinder attachment-delete`"
-                        ));
+                        let later = self.retry_delete_later(&attachment_id);
+                        problems.push(format!("{delete_error}; {later}"));
                     }
                 }
             }
@@ -833,6 +865,30 @@ impl Supervisor {
         let instance = self.get(id).await?;
         let state = instance.state.lock().await;
         Ok(state.attachments.values().cloned().collect())
+    }
+}
+
+/// Repeats the deletes of attachments the agent gave up, until tandem-api takes them. Only an
+/// unavailable tandem-api is worth waiting for; any other refusal is logged and dropped.
+async fn retry_pending_deletes(volume_api: VolumeApi, pending: PendingDeletes) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(PENDING_DELETE_RETRY_INTERVAL_MS)).await;
+        let attachment_ids: Vec<String> = lock(&pending).iter().cloned().collect();
+        for attachment_id in attachment_ids {
+            match volume_api.attachment_delete(&attachment_id).await {
+                Ok(()) => {
+                    tracing::info!("deleted the attachment {attachment_id} in tandem-api");
+                    lock(&pending).remove(&attachment_id);
+                }
+                Err(error) if error.kind == VolumeApiErrorKind::Unavailable => {
+                    tracing::debug!("attachment {attachment_id}: {error}; retrying later");
+                }
+                Err(error) => {
+                    tracing::error!("attachment {attachment_id} cannot be deleted: {error}");
+                    lock(&pending).remove(&attachment_id);
+                }
+            }
+        }
     }
 }
 

@@ -391,6 +391,8 @@ enum Fault {
     None,
     /// Answers `os-complete` with 503 (tandem-api failing after the hot-plug).
     FailComplete,
+    /// Answers `os-complete` and attachment deletes with 503 (tandem-api going away mid-attach).
+    FailCompleteAndDeletes,
     /// Drops connection_info from the answer of an attachment create (a Cinder that answers a
     /// create like a reserve), so the agent must update the attachment with its connector.
     StripConnectionInfo,
@@ -461,9 +463,13 @@ fn proxy_one(stream: TcpStream, upstream: SocketAddr, fault: Fault, seen: &Mutex
     }
     seen.lock().expect("lock").push(format!("{method} {path}"));
     let body: Option<Value> = serde_json::from_slice(&body).ok();
-    let (status, mut reply) = if fault == Fault::FailComplete
-        && body.as_ref().is_some_and(|b| b.get("os-complete").is_some())
-    {
+    let complete = body.as_ref().is_some_and(|b| b.get("os-complete").is_some());
+    let fail = match fault {
+        Fault::FailComplete => complete,
+        Fault::FailCompleteAndDeletes => complete || method == "DELETE",
+        Fault::None | Fault::StripConnectionInfo => false,
+    };
+    let (status, mut reply) = if fail {
         (503, json!({"serviceUnavailable": {"code": 503, "message": "injected by the test"}}))
     } else {
         let headers: Vec<(&str, &str)> =
@@ -853,6 +859,27 @@ fn a_failure_after_the_hot_plug_unplugs_before_the_volume_goes_back() {
     api.assert_available_and_unattached(&volume);
     assert_eq!(monitor.tandem_objects(), Vec::<String>::new(), "unplugged");
     assert_eq!(agent.cli(&["attachments", "srv-faults"])["volumeAttachments"], json!([]));
+
+    // os-complete fails and so does the rollback's delete (tandem-api going away): the attach
+    // fails with QEMU holding nothing, and the agent deletes the attachment in the background
+    // once tandem-api answers again.
+    proxy.set_fault(Fault::FailCompleteAndDeletes);
+    let error = agent.cli_error(&["attach", "srv-faults", "--volume-id", &volume]);
+    assert!(error.contains("keeps retrying"), "{error}");
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new(), "unplugged");
+    assert_eq!(api.volume(&volume)["status"], "attaching", "until the delete gets through");
+    let pending = agent.cli(&["info"])["pending_attachment_deletes"].clone();
+    assert_eq!(pending.as_array().map(Vec::len), Some(1), "{pending}");
+    proxy.set_fault(Fault::None);
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || api.volume(&volume)["status"] == "available"),
+        "the agent deleted the attachment once tandem-api answered: {}",
+        agent.daemon.log()
+    );
+    println!("the background delete got through after {} ms", started.elapsed().as_millis());
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(agent.cli(&["info"])["pending_attachment_deletes"], json!([]));
 
     // A create answered without connection_info: the agent updates the attachment with its
     // connector (nova's two-step flow) and attaches with what that returns.
