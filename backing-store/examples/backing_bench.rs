@@ -29,7 +29,7 @@ struct Workload {
     sequential: bool,
 }
 
-const WORKLOADS: [Workload; 5] = [
+const WORKLOADS: [Workload; 8] = [
     Workload {
         name: "4k-randwrite-qd1",
         block_bytes: 4096,
@@ -48,6 +48,28 @@ const WORKLOADS: [Workload; 5] = [
         name: "4k-randread-qd32",
         block_bytes: 4096,
         queue_depth: 32,
+        write: false,
+        sequential: false,
+    },
+    // 64 KiB and 256 KiB: either side of INLINE_IO_BYTES_MAX, to check the inline limit.
+    Workload {
+        name: "64k-randread-qd8",
+        block_bytes: 64 << 10,
+        queue_depth: 8,
+        write: false,
+        sequential: false,
+    },
+    Workload {
+        name: "64k-randwrite-qd8",
+        block_bytes: 64 << 10,
+        queue_depth: 8,
+        write: true,
+        sequential: false,
+    },
+    Workload {
+        name: "256k-randread-qd8",
+        block_bytes: 256 << 10,
+        queue_depth: 8,
         write: false,
         sequential: false,
     },

@@ -18,12 +18,19 @@ pub const IO_SIZE_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Chosen by measurement (README, "Inline fast path").
 pub const INLINE_IO_BYTES_MAX: usize = 64 * 1024;
 
+/// Whether a new store does blocking inline writes where the file system refuses RWF_NOWAIT
+/// writes (`BackingStore::set_inline_blocking_writes`). Off: they may sleep in the kernel
+/// (dirty throttling, journal), and the layer promises callers that it never waits on their
+/// thread unless asked to. Measured gain when on, and the trade-off: README "Inline fast path".
+pub const INLINE_BLOCKING_WRITES_DEFAULT: bool = false;
+
 /// Alignment (the page size) an inline write needs when it is done blocking because the file
 /// system refuses RWF_NOWAIT writes: whole pages never read the old page from the disk first.
 pub const INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES: usize = 4096;
 
-/// An inline blocking write slower than this counts as a stall (the kernel waited, e.g. for
-/// dirty-page throttling or the journal) and suspends inline blocking writes for a while.
+/// An inline blocking write that slept in the kernel (e.g. dirty-page throttling, the journal)
+/// and took longer than this counts as a stall and suspends inline blocking writes for a
+/// while. Preemption alone (a busy machine) does not count: it is not a voluntary switch.
 pub const INLINE_WRITE_STALL_US_MAX: u64 = 1_000;
 
 /// How long inline blocking writes stay suspended after a stall: at most one stall of the

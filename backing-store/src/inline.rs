@@ -21,7 +21,7 @@
 //! plain pwritev2 on the caller's thread. A page-cache write normally returns in microseconds
 //! without touching the disk, but it can wait (dirty-page throttling, the journal, memory
 //! reclaim), so this breaks the "never waits" rule above in exchange for removing the thread
-//! hop from every write. The damage is bounded: a write slower than
+//! hop from every write. The damage is bounded: a write that slept in the kernel longer than
 //! `INLINE_WRITE_STALL_US_MAX` suspends blocking writes for `INLINE_WRITE_BACKOFF_MS`, so
 //! the caller's thread stalls at most once per period.
 //!
@@ -32,8 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::constants::{
-    INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES, INLINE_IO_BYTES_MAX, INLINE_WRITE_BACKOFF_MS,
-    INLINE_WRITE_STALL_US_MAX,
+    INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES, INLINE_BLOCKING_WRITES_DEFAULT, INLINE_IO_BYTES_MAX,
+    INLINE_WRITE_BACKOFF_MS, INLINE_WRITE_STALL_US_MAX,
 };
 use crate::file::u64_from;
 use crate::file::{BackingFile, Stop};
@@ -51,7 +51,8 @@ pub struct IoCounters {
     /// Inline attempts that would have blocked (EAGAIN, e.g. a read not in the page cache) and
     /// went to the engine; a subset of `engine_served`.
     pub inline_fallbacks: u64,
-    /// Blocking inline writes slower than `INLINE_WRITE_STALL_US_MAX` (each suspended blocking
+    /// Blocking inline writes that slept in the kernel for longer than
+    /// `INLINE_WRITE_STALL_US_MAX` (each suspended blocking
     /// writes for `INLINE_WRITE_BACKOFF_MS`); a subset of `inline_served`.
     pub inline_write_stalls: u64,
 }
@@ -87,7 +88,7 @@ impl InlinePath {
             enabled: AtomicBool::new(enabled),
             reads_supported: AtomicBool::new(true),
             writes_supported: AtomicBool::new(true),
-            blocking_writes: AtomicBool::new(false),
+            blocking_writes: AtomicBool::new(INLINE_BLOCKING_WRITES_DEFAULT),
             blocking_suspended_until_ns: AtomicU64::new(0),
             created: Instant::now(),
             inline_served: AtomicU64::new(0),
@@ -215,9 +216,18 @@ impl InlinePath {
         data: &[u8],
     ) -> Result<(), crate::error::Error> {
         let started = Instant::now();
+        let sleeps_before = voluntary_context_switches();
         let result = file.write_buffered_blocking(offset, data);
         let took = started.elapsed();
-        if took > Duration::from_micros(INLINE_WRITE_STALL_US_MAX) {
+        // A stall is a write that slept in the kernel (a voluntary context switch: throttling,
+        // journal, locks, reclaim) for long. Merely being preempted on a busy machine is not
+        // the write's doing and does not count.
+        let slept = match (sleeps_before, voluntary_context_switches()) {
+            (Some(before), Some(after)) => after != before,
+            // Cannot tell: a slow write then counts as a stall.
+            _ => true,
+        };
+        if took > Duration::from_micros(INLINE_WRITE_STALL_US_MAX) && slept {
             self.inline_write_stalls.fetch_add(1, Ordering::Relaxed);
             let until = self.elapsed_ns().saturating_add(INLINE_WRITE_BACKOFF_MS * 1_000_000);
             self.blocking_suspended_until_ns.fetch_max(until, Ordering::Relaxed);
@@ -239,4 +249,13 @@ impl InlinePath {
         self.inline_served.fetch_add(1, Ordering::Relaxed);
         Attempt::Served(result)
     }
+}
+
+/// Voluntary context switches of the calling thread so far (it slept in the kernel that often).
+fn voluntary_context_switches() -> Option<i64> {
+    // SAFETY: rusage is plain old data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one rusage through the valid, exclusively borrowed pointer.
+    let result = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    (result == 0).then_some(usage.ru_nvcsw)
 }

@@ -17,6 +17,9 @@
 //! a 4 KiB request. An inline request holds an in-flight slot and ends through the same
 //! `Completion::complete` as an engine's, so the invariant above holds for both paths.
 //! `BackingStore::set_inline_io` turns it off; `io_counters` says which path served what.
+//! ext4 refuses RWF_NOWAIT for buffered writes, so there only reads take the fast path unless
+//! `set_inline_blocking_writes` (off by default) lets small page-aligned writes block on the
+//! caller's thread, suspended for a while after any write that slept in the kernel.
 //!
 //! Requests are checked (range, size, read-only) before they are built, so a rejected request
 //! never touches the file.
