@@ -25,6 +25,15 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 pub const NODE_CALL_TIMEOUT_MS_MAX: u64 = 30_000;
 /// Background operations (create, extend, delete, snapshot) running at once; more wait.
 pub const OPERATIONS_IN_FLIGHT_MAX: usize = 64;
+/// A writer of the SQLite file waits this long for another process's write transaction.
+pub const SQLITE_BUSY_TIMEOUT_MS_MAX: u64 = 5_000;
+/// A background operation owns its volume or snapshot row through a lease this long; the
+/// instance running it renews the lease every `OPERATION_LEASE_RENEW_INTERVAL_MS`. When an
+/// instance dies, another one resumes its operations once their leases expired.
+pub const OPERATION_LEASE_MS: u64 = 10_000;
+pub const OPERATION_LEASE_RENEW_INTERVAL_MS: u64 = 2_000;
+/// How often every instance looks for operations nobody runs (free or expired leases).
+pub const RECONCILE_INTERVAL_MS: u64 = 2_000;
 /// Storage nodes the registry accepts.
 pub const NODES_MAX: usize = 1024;
 
@@ -33,3 +42,6 @@ const _: () = assert!(NODE_CALL_TIMEOUT_MS_MAX <= HEARTBEAT_TIMEOUT_MS_MAX);
 const _: () = assert!(REPLICA_COUNT_MAX >= 1);
 const _: () = assert!(VOLUME_SIZE_GIB_MAX.checked_mul(1 << 30).is_some());
 const _: () = assert!(METADATA_KEY_BYTES_MAX <= REQUEST_BODY_BYTES_MAX);
+// A lease survives two missed renewals, so a busy instance never loses what it runs.
+const _: () = assert!(OPERATION_LEASE_RENEW_INTERVAL_MS * 3 <= OPERATION_LEASE_MS);
+const _: () = assert!(RECONCILE_INTERVAL_MS <= OPERATION_LEASE_MS);

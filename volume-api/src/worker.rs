@@ -1,10 +1,15 @@
 //! Long operations run here, off the request path: the API answers 202 at once and the status
 //! moves when the nodes are done. Each operation records where its pieces go *before* asking
 //! the nodes, and the node contract is idempotent, so an operation cut short by a crash is
-//! simply run again at start-up (`reconcile`), and a failure removes the pieces it made.
+//! simply run again (`reconcile`), and a failure removes the pieces it made.
+//!
+//! Several instances may share one database: an operation runs only in the instance holding
+//! its row's lease (taken in the same transaction that moved the record into the background
+//! status, renewed while it runs, released at the end), and every instance's reconciler
+//! resumes rows whose lease expired, so a killed instance's work is finished by another.
 
 use crate::api::AppState;
-use crate::db::Table;
+use crate::db::{Table, Tx};
 use crate::fault::Fault;
 use crate::model::{Node, Snapshot, Volume, format_timestamp};
 use crate::node_client::{Chap, CreateResource, NodeError, Peer, Role, Source};
@@ -24,58 +29,119 @@ pub fn now_text() -> String {
     format_timestamp(now_ms())
 }
 
-/// Reads, changes and writes back one volume under the database lock. Returns the new record,
-/// or None when the volume is gone.
-pub fn update_volume(
-    state: &AppState,
-    id: &str,
-    change: impl FnOnce(&mut Volume),
-) -> Result<Option<Volume>, Fault> {
-    let db = state.db();
-    let Some(mut v) = db.get::<Volume>(Table::Volumes, id)? else { return Ok(None) };
-    change(&mut v);
-    v.updated_at = Some(now_text());
-    db.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
-    Ok(Some(v))
+/// Statuses a background operation owns: entering one takes the row's lease for this
+/// instance, and a reconciler resumes a row left in one with no live lease.
+pub fn volume_status_is_background(status: VolumeStatus) -> bool {
+    matches!(status, VolumeStatus::Creating | VolumeStatus::Deleting | VolumeStatus::Extending)
 }
 
-/// Like `update_volume`, but only when the volume is still in `expected`, the status the caller
-/// checked its transition against: two racing requests cannot both move the same volume.
-pub fn update_volume_from(
+pub fn snapshot_status_is_background(status: &str) -> bool {
+    matches!(status, "creating" | "deleting")
+}
+
+/// Takes the lease of a row that just entered a background status. Forced: the record was
+/// in a status no operation owns (checked under the row lock), so a lease still on the row
+/// is a finished operation's that was not released yet.
+pub fn take_lease(tx: &mut Tx<'_>, state: &AppState, table: Table, id: &str) -> Result<(), Fault> {
+    let now = now_ms();
+    let until = now + crate::constants::OPERATION_LEASE_MS;
+    tx.claim(table, id, &state.instance_id, now, until, true)?;
+    Ok(())
+}
+
+/// Reads, changes and writes back one volume in the caller's transaction, the row locked
+/// from the read to the commit. `expected`, when given, is the status the caller checked its
+/// transition against: when the volume moved meanwhile, nothing is written and the request
+/// fails, so two racing requests (in this process or another) cannot both move it.
+pub fn change_volume(
+    tx: &mut Tx<'_>,
     state: &AppState,
     id: &str,
-    expected: VolumeStatus,
+    expected: Option<VolumeStatus>,
     change: impl FnOnce(&mut Volume),
-) -> Result<Volume, Fault> {
-    let db = state.db();
-    let mut v = db.get::<Volume>(Table::Volumes, id)?.ok_or_else(|| Fault::volume_not_found(id))?;
-    if v.status != expected {
+) -> Result<Option<Volume>, Fault> {
+    let Some(mut v) = tx.get_for_update::<Volume>(Table::Volumes, id)? else { return Ok(None) };
+    if let Some(expected) = expected
+        && v.status != expected
+    {
         return Err(Fault::invalid_volume(format!(
             "Volume status changed from {expected} to {} while the request ran; retry.",
             v.status
         )));
     }
+    let before = v.status;
     change(&mut v);
     v.updated_at = Some(now_text());
-    db.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
-    Ok(v)
+    tx.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
+    if v.status != before && volume_status_is_background(v.status) {
+        take_lease(tx, state, Table::Volumes, id)?;
+    }
+    Ok(Some(v))
+}
+
+/// `change_volume` as its own transaction. Returns the new record, or None when the volume
+/// is gone.
+pub fn update_volume(
+    state: &AppState,
+    id: &str,
+    change: impl FnOnce(&mut Volume) + Send,
+) -> Result<Option<Volume>, Fault> {
+    state.transaction(|tx| change_volume(tx, state, id, None, change))
+}
+
+/// `change_volume` with compare-and-set against `expected`, as its own transaction.
+pub fn update_volume_from(
+    state: &AppState,
+    id: &str,
+    expected: VolumeStatus,
+    change: impl FnOnce(&mut Volume) + Send,
+) -> Result<Volume, Fault> {
+    state
+        .transaction(|tx| change_volume(tx, state, id, Some(expected), change))?
+        .ok_or_else(|| Fault::volume_not_found(id))
+}
+
+/// The snapshot counterpart of `change_volume`: `expected` lists the statuses the caller
+/// checked against; entering a background status takes the lease.
+pub fn change_snapshot(
+    tx: &mut Tx<'_>,
+    state: &AppState,
+    id: &str,
+    expected: Option<&[&str]>,
+    change: impl FnOnce(&mut Snapshot),
+) -> Result<Option<Snapshot>, Fault> {
+    let Some(mut s) = tx.get_for_update::<Snapshot>(Table::Snapshots, id)? else {
+        return Ok(None);
+    };
+    if let Some(expected) = expected
+        && !expected.contains(&s.status.as_str())
+    {
+        return Err(Fault::BadRequest(format!(
+            "Invalid snapshot: Snapshot status must be {}, but is {}.",
+            expected.join(" or "),
+            s.status
+        )));
+    }
+    let before = s.status.clone();
+    change(&mut s);
+    s.updated_at = Some(now_text());
+    tx.put(Table::Snapshots, &s.id, &s.project_id, Some(&s.volume_id), &s.created_at, &s)?;
+    if s.status != before && snapshot_status_is_background(&s.status) {
+        take_lease(tx, state, Table::Snapshots, id)?;
+    }
+    Ok(Some(s))
 }
 
 pub fn update_snapshot(
     state: &AppState,
     id: &str,
-    change: impl FnOnce(&mut Snapshot),
+    change: impl FnOnce(&mut Snapshot) + Send,
 ) -> Result<Option<Snapshot>, Fault> {
-    let db = state.db();
-    let Some(mut s) = db.get::<Snapshot>(Table::Snapshots, id)? else { return Ok(None) };
-    change(&mut s);
-    s.updated_at = Some(now_text());
-    db.put(Table::Snapshots, &s.id, &s.project_id, Some(&s.volume_id), &s.created_at, &s)?;
-    Ok(Some(s))
+    state.transaction(|tx| change_snapshot(tx, state, id, None, change))
 }
 
 fn nodes_named(state: &AppState, names: &[String]) -> Result<Vec<Node>, String> {
-    let db = state.db();
+    let mut db = state.db();
     names
         .iter()
         .map(|n| match db.get::<Node>(Table::Nodes, n) {
@@ -86,19 +152,64 @@ fn nodes_named(state: &AppState, names: &[String]) -> Result<Vec<Node>, String> 
         .collect()
 }
 
-fn spawn(state: &Arc<AppState>, what: String, job: impl Future<Output = ()> + Send + 'static) {
+/// Runs a background operation on a row whose lease this instance holds: renews the lease
+/// while the operation waits for a slot and runs, and gives it back at the end.
+fn spawn(
+    state: &Arc<AppState>,
+    table: Table,
+    id: &str,
+    what: String,
+    job: impl Future<Output = ()> + Send + 'static,
+) {
     let permits = state.operations.clone();
+    let s = state.clone();
+    let id = id.to_string();
     tokio::spawn(async move {
-        let Ok(_permit) = permits.acquire_owned().await else { return };
-        tracing::info!("operation started: {what}");
-        job.await;
-        tracing::info!("operation finished: {what}");
+        let work = async {
+            let Ok(_permit) = permits.acquire_owned().await else { return };
+            tracing::info!("operation started: {what}");
+            job.await;
+            tracing::info!("operation finished: {what}");
+        };
+        tokio::select! {
+            () = work => {}
+            () = renew_lease(&s, table, &id) => {}
+        }
+        let me = s.instance_id.clone();
+        if let Err(e) = s.transaction(|tx| Ok(tx.release(table, &id, &me)?)) {
+            tracing::warn!("releasing the lease on {id}: {e}");
+        }
     });
+}
+
+/// Keeps this instance's lease on a row alive; never returns.
+async fn renew_lease(state: &AppState, table: Table, id: &str) {
+    let mut ticker = tokio::time::interval(Duration::from_millis(
+        crate::constants::OPERATION_LEASE_RENEW_INTERVAL_MS,
+    ));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let now = now_ms();
+        let until = now + crate::constants::OPERATION_LEASE_MS;
+        match state
+            .transaction(|tx| Ok(tx.claim(table, id, &state.instance_id, now, until, false)?))
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Gone (deleted) or taken over after this instance stalled past the lease:
+                // the operation finishes anyway, and every node call it makes is idempotent.
+                tracing::info!("lease on {id} no longer held by this instance");
+                std::future::pending::<()>().await;
+            }
+            Err(e) => tracing::warn!("renewing the lease on {id}: {e}"),
+        }
+    }
 }
 
 pub fn create_volume(state: &Arc<AppState>, id: String) {
     let s = state.clone();
-    spawn(state, format!("create volume {id}"), async move {
+    spawn(state, Table::Volumes, &id.clone(), format!("create volume {id}"), async move {
         match run_create(&s, &id).await {
             Ok(()) => {}
             Err(message) => {
@@ -250,42 +361,51 @@ async fn cleanup_volume(state: &Arc<AppState>, id: &str) {
 
 pub fn extend_volume(state: &Arc<AppState>, id: String, new_size_gib: u64) {
     let s = state.clone();
-    spawn(state, format!("extend volume {id} to {new_size_gib} GiB"), async move {
-        let result = async {
-            let v = s
-                .db()
-                .get::<Volume>(Table::Volumes, &id)
-                .map_err(|e| e.to_string())?
-                .ok_or("volume vanished")?;
-            let nodes = nodes_named(&s, &v.nodes)?;
-            let size_bytes = new_size_gib.checked_mul(1 << 30).ok_or("size overflows")?;
-            for node in &nodes {
-                s.nodes.resize(node, &v.resource, size_bytes).await.map_err(|e| e.to_string())?;
-            }
-            Ok::<(), String>(())
-        }
-        .await;
-        let _ = update_volume(&s, &id, |v| {
-            let before = v.status_before.take().unwrap_or(VolumeStatus::Available);
-            v.extend_to_gib = None;
-            match result {
-                Ok(()) => {
-                    v.size_gib = new_size_gib;
-                    v.status = status::complete(VolumeStatus::Extending, before, true);
+    spawn(
+        state,
+        Table::Volumes,
+        &id.clone(),
+        format!("extend volume {id} to {new_size_gib} GiB"),
+        async move {
+            let result = async {
+                let v = s
+                    .db()
+                    .get::<Volume>(Table::Volumes, &id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or("volume vanished")?;
+                let nodes = nodes_named(&s, &v.nodes)?;
+                let size_bytes = new_size_gib.checked_mul(1 << 30).ok_or("size overflows")?;
+                for node in &nodes {
+                    s.nodes
+                        .resize(node, &v.resource, size_bytes)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
-                Err(message) => {
-                    v.status = status::complete(VolumeStatus::Extending, before, false);
-                    v.error = Some(message);
-                }
+                Ok::<(), String>(())
             }
-        });
-    });
+            .await;
+            let _ = update_volume(&s, &id, |v| {
+                let before = v.status_before.take().unwrap_or(VolumeStatus::Available);
+                v.extend_to_gib = None;
+                match result {
+                    Ok(()) => {
+                        v.size_gib = new_size_gib;
+                        v.status = status::complete(VolumeStatus::Extending, before, true);
+                    }
+                    Err(message) => {
+                        v.status = status::complete(VolumeStatus::Extending, before, false);
+                        v.error = Some(message);
+                    }
+                }
+            });
+        },
+    );
 }
 
 /// Deletes the volume's pieces (and, with cascade, its snapshots'), then its record.
 pub fn delete_volume(state: &Arc<AppState>, id: String) {
     let s = state.clone();
-    spawn(state, format!("delete volume {id}"), async move {
+    spawn(state, Table::Volumes, &id.clone(), format!("delete volume {id}"), async move {
         let result = async {
             let v = s
                 .db()
@@ -297,17 +417,19 @@ pub fn delete_volume(state: &Arc<AppState>, id: String) {
             let names: Vec<String> = snaps.iter().map(|sn| format!("snapshot-{}", sn.id)).collect();
             let nodes = nodes_named(&s, &v.nodes)?;
             delete_pieces(&s, &v.resource, &nodes, &names).await.map_err(|e| e.to_string())?;
-            let db = s.db();
-            for sn in &snaps {
-                db.delete(Table::Snapshots, &sn.id).map_err(|e| e.to_string())?;
-            }
-            for a in db
-                .list_by_parent::<crate::model::Attachment>(Table::Attachments, &id)
-                .map_err(|e| e.to_string())?
-            {
-                db.delete(Table::Attachments, &a.id).map_err(|e| e.to_string())?;
-            }
-            db.delete(Table::Volumes, &id).map_err(|e| e.to_string())?;
+            // The records go in one step: no reader sees a volume without its snapshots.
+            s.transaction(|tx| {
+                tx.get_for_update::<Volume>(Table::Volumes, &id)?;
+                for sn in &snaps {
+                    tx.delete(Table::Snapshots, &sn.id)?;
+                }
+                for a in tx.list_by_parent::<crate::model::Attachment>(Table::Attachments, &id)? {
+                    tx.delete(Table::Attachments, &a.id)?;
+                }
+                tx.delete(Table::Volumes, &id)?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?;
             Ok::<(), String>(())
         }
         .await;
@@ -323,7 +445,7 @@ pub fn delete_volume(state: &Arc<AppState>, id: String) {
 
 pub fn create_snapshot(state: &Arc<AppState>, id: String) {
     let s = state.clone();
-    spawn(state, format!("create snapshot {id}"), async move {
+    spawn(state, Table::Snapshots, &id.clone(), format!("create snapshot {id}"), async move {
         let name = format!("snapshot-{id}");
         let result = async {
             let snap = s
@@ -361,7 +483,7 @@ pub fn create_snapshot(state: &Arc<AppState>, id: String) {
 
 pub fn delete_snapshot(state: &Arc<AppState>, id: String) {
     let s = state.clone();
-    spawn(state, format!("delete snapshot {id}"), async move {
+    spawn(state, Table::Snapshots, &id.clone(), format!("delete snapshot {id}"), async move {
         let result = async {
             let snap = s
                 .db()
@@ -390,11 +512,26 @@ pub fn delete_snapshot(state: &Arc<AppState>, id: String) {
     });
 }
 
-/// Resumes what a previous run left half done: every contract call is idempotent, so the
-/// operation is simply run again.
+/// Resumes operations nobody runs: rows in a background status whose lease is free or
+/// expired (their instance died, or this is the first start after a crash). Every contract
+/// call is idempotent, so the operation is simply run again. Each row is claimed under its
+/// lock first, so of several instances reconciling at once exactly one resumes it.
 pub fn reconcile(state: &Arc<AppState>) -> Result<(), Fault> {
-    let volumes: Vec<Volume> = state.db().list(Table::Volumes, None)?;
-    for v in volumes {
+    let now = now_ms();
+    let until = now + crate::constants::OPERATION_LEASE_MS;
+    let me = state.instance_id.clone();
+    let volumes: Vec<Volume> = state.read(|tx| Ok(tx.list_unleased(Table::Volumes, now)?))?;
+    for v in volumes.into_iter().filter(|v| volume_status_is_background(v.status)) {
+        let claimed = state.transaction(|tx| {
+            let Some(current) = tx.get_for_update::<Volume>(Table::Volumes, &v.id)? else {
+                return Ok(None);
+            };
+            let ours = volume_status_is_background(current.status)
+                && tx.claim(Table::Volumes, &v.id, &me, now, until, false)?;
+            Ok(ours.then_some(current))
+        })?;
+        let Some(v) = claimed else { continue };
+        tracing::info!("resuming {} of volume {} (no live lease)", v.status, v.id);
         match v.status {
             VolumeStatus::Creating => create_volume(state, v.id),
             VolumeStatus::Deleting => delete_volume(state, v.id),
@@ -406,20 +543,49 @@ pub fn reconcile(state: &Arc<AppState>) -> Result<(), Fault> {
                         v.status = VolumeStatus::ErrorExtending;
                         v.error = Some("extend interrupted by a restart of tandem-api".into());
                     })?;
+                    state.transaction(|tx| Ok(tx.release(Table::Volumes, &v.id, &me)?))?;
                 }
             },
             _ => {}
         }
     }
-    let snaps: Vec<Snapshot> = state.db().list(Table::Snapshots, None)?;
-    for s in snaps {
-        match s.status.as_str() {
-            "creating" => create_snapshot(state, s.id),
-            "deleting" => delete_snapshot(state, s.id),
+    let snaps: Vec<Snapshot> = state.read(|tx| Ok(tx.list_unleased(Table::Snapshots, now)?))?;
+    for sn in snaps.into_iter().filter(|s| snapshot_status_is_background(&s.status)) {
+        let claimed = state.transaction(|tx| {
+            let Some(current) = tx.get_for_update::<Snapshot>(Table::Snapshots, &sn.id)? else {
+                return Ok(None);
+            };
+            // A cascading volume delete removes its snapshots itself.
+            let parent_deleting = tx
+                .get::<Volume>(Table::Volumes, &current.volume_id)?
+                .is_some_and(|v| v.status == VolumeStatus::Deleting);
+            let ours = snapshot_status_is_background(&current.status)
+                && !(current.status == "deleting" && parent_deleting)
+                && tx.claim(Table::Snapshots, &sn.id, &me, now, until, false)?;
+            Ok(ours.then_some(current))
+        })?;
+        let Some(sn) = claimed else { continue };
+        tracing::info!("resuming {} of snapshot {} (no live lease)", sn.status, sn.id);
+        match sn.status.as_str() {
+            "creating" => create_snapshot(state, sn.id),
+            "deleting" => delete_snapshot(state, sn.id),
             _ => {}
         }
     }
     Ok(())
+}
+
+/// Runs `reconcile` now and then every `RECONCILE_INTERVAL_MS`, so operations of an instance
+/// that died are finished by the survivors.
+pub async fn reconcile_loop(state: Arc<AppState>) {
+    let mut ticker =
+        tokio::time::interval(Duration::from_millis(crate::constants::RECONCILE_INTERVAL_MS));
+    loop {
+        ticker.tick().await;
+        if let Err(e) = reconcile(&state) {
+            tracing::warn!("reconciling: {e}");
+        }
+    }
 }
 
 /// Asks every registered node for its capacity; an answer is its heartbeat.
@@ -441,13 +607,22 @@ pub async fn heartbeat_loop(state: Arc<AppState>) {
             tokio::spawn(async move {
                 match s.nodes.info(&node).await {
                     Ok(info) => {
-                        let db = s.db();
-                        if let Ok(Some(mut n)) = db.get::<Node>(Table::Nodes, &node.name) {
-                            n.total_bytes = info.total_bytes;
-                            n.free_bytes = info.free_bytes;
-                            n.availability_zone = info.availability_zone;
-                            n.heartbeat_ms = now_ms();
-                            let _ = db.put(Table::Nodes, &n.name, "", None, "", &n);
+                        // Every instance polls; the last answer wins, which is what a
+                        // heartbeat means.
+                        let stored = s.transaction(|tx| {
+                            if let Some(mut n) =
+                                tx.get_for_update::<Node>(Table::Nodes, &node.name)?
+                            {
+                                n.total_bytes = info.total_bytes;
+                                n.free_bytes = info.free_bytes;
+                                n.availability_zone = info.availability_zone;
+                                n.heartbeat_ms = now_ms();
+                                tx.put(Table::Nodes, &n.name, "", None, "", &n)?;
+                            }
+                            Ok(())
+                        });
+                        if let Err(e) = stored {
+                            tracing::warn!("storing heartbeat of {}: {e}", node.name);
                         }
                     }
                     Err(e) => tracing::debug!("heartbeat of {}: {e}", node.name),

@@ -7,11 +7,11 @@ use super::{
     ApiResult, AppState, Ctx, body_object, boolish, only_keys, opt_string, reply, reply_empty,
     take_object, views,
 };
-use crate::db::Table;
+use crate::db::{Table, Tx};
 use crate::fault::Fault;
 use crate::model::{self, Attachment, Volume};
 use crate::status::{self, Action, Facts};
-use crate::worker::{now_text, update_volume, update_volume_from};
+use crate::worker::{change_volume, now_text};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
@@ -69,22 +69,23 @@ fn detail(state: &AppState, a: &Attachment) -> Result<Value, Fault> {
     Ok(views::attachment_detail(a, info))
 }
 
-/// Moves the volume to attaching and records the connector.
+/// Moves the volume to attaching and records the connector, in the caller's transaction.
 fn connect(
+    tx: &mut Tx<'_>,
     state: &AppState,
     v: &Volume,
     a: &mut Attachment,
     connector: Value,
 ) -> Result<(), Fault> {
     require_exported(v)?;
-    let others = live_attachments(state, &v.id)?.iter().filter(|x| x.id != a.id).count();
+    let others = live_in(tx, &v.id)?.iter().filter(|x| x.id != a.id).count();
     let next = status::transition(
         v.status,
         Action::BeginAttaching,
         Facts { other_attachments: others, snapshots: 0 },
     )
     .map_err(|e| Fault::invalid_volume(e.0))?;
-    update_volume_from(state, &v.id, v.status, |v| v.status = next)?;
+    change_volume(tx, state, &v.id, Some(v.status), |v| v.status = next)?;
     a.connector = Some(connector);
     a.attach_status = "attaching".into();
     a.attached_host = a
@@ -100,6 +101,16 @@ fn connect(
         .and_then(|h| h.as_str())
         .map(str::to_string);
     Ok(())
+}
+
+/// Attachments of a volume that still hold it, read in the caller's transaction.
+fn live_in(tx: &mut Tx<'_>, volume_id: &str) -> Result<Vec<Attachment>, Fault> {
+    let all: Vec<Attachment> = tx.list_by_parent(Table::Attachments, volume_id)?;
+    Ok(all.into_iter().filter(|a| a.attach_status != "detached").collect())
+}
+
+fn put_attachment(tx: &mut Tx<'_>, a: &Attachment) -> Result<(), Fault> {
+    Ok(tx.put(Table::Attachments, &a.id, &a.project_id, Some(&a.volume_id), &a.created_at, a)?)
 }
 
 pub async fn create(
@@ -120,15 +131,6 @@ pub async fn create(
     }
     let connector = connector_arg(&fields)?;
     let v = load(&state, &ctx, &volume_id)?;
-    let live = live_attachments(&state, &v.id)?;
-    if !live.is_empty() {
-        return Err(Fault::invalid_volume(format!(
-            "Volume {} is already attached and multiattach is not supported.",
-            v.id
-        )));
-    }
-    let next = status::transition(v.status, Action::Reserve, Facts::default())
-        .map_err(|e| Fault::invalid_volume(e.0))?;
     let now = now_text();
     let mut a = Attachment {
         id: model::new_uuid(),
@@ -144,25 +146,31 @@ pub async fn create(
         detach_time: None,
         created_at: now,
     };
-    if let Some(c) = connector {
-        // Check the whole step before writing anything.
-        require_exported(&v)?;
-        let v = update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
-        if let Err(e) = connect(&state, &v, &mut a, c) {
-            update_volume(&state, &v.id, |v| v.status = status::VolumeStatus::Available)?;
-            return Err(e);
+    // Reserve, connect and record in one transaction: any failure leaves the volume as it was,
+    // and a racing reserve (in any instance) finds the volume moved and fails.
+    let a = state.transaction(|tx| {
+        let v = tx
+            .get_for_update::<Volume>(Table::Volumes, &v.id)?
+            .ok_or_else(|| Fault::volume_not_found(&v.id))?;
+        if !live_in(tx, &v.id)?.is_empty() {
+            return Err(Fault::invalid_volume(format!(
+                "Volume {} is already attached and multiattach is not supported.",
+                v.id
+            )));
         }
-    } else {
-        update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
-    }
-    state.db().put(
-        Table::Attachments,
-        &a.id,
-        &a.project_id,
-        Some(&a.volume_id),
-        &a.created_at,
-        &a,
-    )?;
+        let next = status::transition(v.status, Action::Reserve, Facts::default())
+            .map_err(|e| Fault::invalid_volume(e.0))?;
+        if connector.is_some() {
+            require_exported(&v)?;
+        }
+        let v = change_volume(tx, &state, &v.id, Some(v.status), |v| v.status = next)?
+            .ok_or_else(|| Fault::volume_not_found(&v.id))?;
+        if let Some(c) = connector {
+            connect(tx, &state, &v, &mut a, c)?;
+        }
+        put_attachment(tx, &a)?;
+        Ok(a)
+    })?;
     reply(200, json!({ "attachment": detail(&state, &a)? }))
 }
 
@@ -181,21 +189,17 @@ pub async fn update(
         return Err(Fault::BadRequest(format!("Invalid attachment status {}.", a.attach_status)));
     }
     let v = load(&state, &ctx, &a.volume_id)?;
-    let was_attached = a.attach_status == "attached";
-    if was_attached {
-        // Refreshing the connection of an attached volume changes nothing but the connector.
-        a.connector = Some(connector);
-    } else {
-        connect(&state, &v, &mut a, connector)?;
-    }
-    state.db().put(
-        Table::Attachments,
-        &a.id,
-        &a.project_id,
-        Some(&a.volume_id),
-        &a.created_at,
-        &a,
-    )?;
+    let a = state.transaction(|tx| {
+        let was_attached = a.attach_status == "attached";
+        if was_attached {
+            // Refreshing the connection of an attached volume changes nothing but the connector.
+            a.connector = Some(connector);
+        } else {
+            connect(tx, &state, &v, &mut a, connector)?;
+        }
+        put_attachment(tx, &a)?;
+        Ok(a)
+    })?;
     reply(200, json!({ "attachment": detail(&state, &a)? }))
 }
 
@@ -222,20 +226,15 @@ pub async fn action(
             Facts { other_attachments: others, snapshots: 0 },
         )
         .map_err(|e| Fault::invalid_volume(e.0))?;
-        update_volume_from(&state, &v.id, v.status, |v| {
-            v.status = next;
-            v.attach_status = status::AttachStatus::Attached;
+        state.transaction(|tx| {
+            change_volume(tx, &state, &v.id, Some(v.status), |v| {
+                v.status = next;
+                v.attach_status = status::AttachStatus::Attached;
+            })?;
+            a.attach_status = "attached".into();
+            a.attach_time = Some(now_text());
+            put_attachment(tx, &a)
         })?;
-        a.attach_status = "attached".into();
-        a.attach_time = Some(now_text());
-        state.db().put(
-            Table::Attachments,
-            &a.id,
-            &a.project_id,
-            Some(&a.volume_id),
-            &a.created_at,
-            &a,
-        )?;
     }
     reply_empty(204)
 }
@@ -243,21 +242,23 @@ pub async fn action(
 pub async fn delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
     require_version(&ctx, 27)?;
     let a = load_attachment(&state, &ctx, ctx.param("attachment_id"))?;
-    let v = state.db().get::<Volume>(Table::Volumes, &a.volume_id)?;
-    if let Some(v) = v {
-        let others = live_attachments(&state, &v.id)?.iter().filter(|x| x.id != a.id).count();
-        let next = status::transition(
-            v.status,
-            Action::Detach,
-            Facts { other_attachments: others, snapshots: 0 },
-        )
-        .map_err(|e| Fault::invalid_volume(e.0))?;
-        update_volume_from(&state, &v.id, v.status, |v| {
-            v.status = next;
-            v.attach_status = status::attach_status_for(next, others);
-        })?;
-    }
-    state.db().delete(Table::Attachments, &a.id)?;
+    // The volume's move and the attachment's removal in one step, checked under the lock.
+    state.transaction(|tx| {
+        if let Some(v) = tx.get_for_update::<Volume>(Table::Volumes, &a.volume_id)? {
+            let others = live_in(tx, &v.id)?.iter().filter(|x| x.id != a.id).count();
+            let next = status::transition(
+                v.status,
+                Action::Detach,
+                Facts { other_attachments: others, snapshots: 0 },
+            )
+            .map_err(|e| Fault::invalid_volume(e.0))?;
+            change_volume(tx, &state, &v.id, Some(v.status), |v| {
+                v.status = next;
+                v.attach_status = status::attach_status_for(next, others);
+            })?;
+        }
+        Ok(tx.delete(Table::Attachments, &a.id)?)
+    })?;
     let rest: Vec<Attachment> = state.db().list_by_parent(Table::Attachments, &a.volume_id)?;
     reply(
         200,

@@ -35,9 +35,8 @@ pub async fn quota_show(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResu
             boolish(&json!(v)).ok_or_else(|| Fault::invalid_input("usage must be a boolean"))?
         }
     };
-    let db = state.db();
-    let limits = quota::limits(&db.quota_overrides(&target)?);
-    let used = usage(&db, &target)?;
+    let (limits, used) =
+        state.read(|tx| Ok((quota::limits(&tx.quota_overrides(&target)?), usage(tx, &target)?)))?;
     let mut set = Map::new();
     set.insert("id".into(), json!(target));
     for (name, limit) in &limits {
@@ -88,11 +87,12 @@ pub async fn quota_update(
         })?;
         updates.push((k.clone(), n));
     }
-    let db = state.db();
-    for (k, n) in &updates {
-        db.set_quota(&target, k, *n)?;
-    }
-    let limits = quota::limits(&db.quota_overrides(&target)?);
+    let limits = state.transaction(|tx| {
+        for (k, n) in &updates {
+            tx.set_quota(&target, k, *n)?;
+        }
+        Ok(quota::limits(&tx.quota_overrides(&target)?))
+    })?;
     reply(200, json!({ "quota_set": limits }))
 }
 
@@ -103,9 +103,9 @@ pub async fn quota_delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiRe
 }
 
 pub async fn limits(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
-    let db = state.db();
-    let limits = quota::limits(&db.quota_overrides(ctx.project())?);
-    let used = usage(&db, ctx.project())?;
+    let (limits, used) = state.read(|tx| {
+        Ok((quota::limits(&tx.quota_overrides(ctx.project())?), usage(tx, ctx.project())?))
+    })?;
     let l = |k: &str| limits.get(k).copied().unwrap_or(-1);
     reply(
         200,
@@ -235,12 +235,13 @@ pub async fn node_register(
         heartbeat_ms: now,
         enabled,
     };
-    let db = state.db();
-    if db.get::<Node>(Table::Nodes, &name)?.is_none()
-        && db.list::<Node>(Table::Nodes, None)?.len() >= NODES_MAX
-    {
-        return Err(Fault::OverLimit(format!("At most {NODES_MAX} nodes can be registered.")));
-    }
-    db.put(Table::Nodes, &name, "", None, "", &node)?;
+    state.transaction(|tx| {
+        if tx.get_for_update::<Node>(Table::Nodes, &name)?.is_none()
+            && tx.list::<Node>(Table::Nodes, None)?.len() >= NODES_MAX
+        {
+            return Err(Fault::OverLimit(format!("At most {NODES_MAX} nodes can be registered.")));
+        }
+        Ok(tx.put(Table::Nodes, &name, "", None, "", &node)?)
+    })?;
     reply(200, json!({ "node": node_view(&node, now) }))
 }

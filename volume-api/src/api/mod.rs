@@ -11,7 +11,7 @@ pub mod views;
 mod volumes;
 
 use crate::auth::{Auth, Principal};
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, Tx};
 use crate::fault::Fault;
 use crate::microversion::{self, Microversion};
 use crate::node_client::NodeClient;
@@ -43,6 +43,9 @@ pub struct AppState {
     pub settings: Settings,
     /// Bounds the background operations running at once.
     pub operations: Arc<tokio::sync::Semaphore>,
+    /// This process's name in operation leases: unique per process, so a restarted instance
+    /// never mistakes a dead process's lease for its own.
+    pub instance_id: String,
 }
 
 impl AppState {
@@ -52,7 +55,10 @@ impl AppState {
         auth: Auth,
         settings: Settings,
     ) -> Arc<AppState> {
+        let instance_id =
+            format!("{}:{}:{}", settings.host, std::process::id(), crate::model::new_secret(8));
         Arc::new(AppState {
+            instance_id,
             db: Mutex::new(db),
             nodes,
             auth,
@@ -63,12 +69,30 @@ impl AppState {
         })
     }
 
-    /// The database, held only for the few statements of one request step: every access is a
-    /// short local SQLite call, and holding the lock makes check-then-write steps atomic.
+    /// The database connection, held only for the statements of one request step (one
+    /// connection per process: SQLite serialises writers anyway, and PostgreSQL round trips
+    /// on a local network are short). Read-check-write steps go through `transaction`, which
+    /// makes them atomic against other processes too, not only against this one's tasks.
     pub fn db(&self) -> MutexGuard<'_, Db> {
-        // A panic while holding the lock leaves no half-written row (SQLite statements are
-        // atomic), so a poisoned lock is safe to keep using.
+        // A panic while holding the lock leaves no half-written row (an open transaction is
+        // rolled back when it drops), so a poisoned lock is safe to keep using.
         self.db.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` as one database transaction; see `db::Db::transaction`.
+    pub fn transaction<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, Fault> + Send,
+    ) -> Result<T, Fault> {
+        self.db().transaction(f)
+    }
+
+    /// Runs `f` as one consistent read.
+    pub fn read<T: Send>(
+        &self,
+        f: impl FnOnce(&mut Tx<'_>) -> Result<T, Fault> + Send,
+    ) -> Result<T, Fault> {
+        self.db().read(f)
     }
 }
 

@@ -8,6 +8,7 @@ use super::{
 use crate::constants::{DESCRIPTION_BYTES_MAX, NAME_BYTES_MAX, PAGE_SIZE_MAX};
 use crate::db::Table;
 use crate::fault::Fault;
+use crate::model::Volume;
 use crate::model::{self, Snapshot};
 use crate::quota;
 use crate::status::{self, Action, Facts, VolumeStatus};
@@ -66,13 +67,6 @@ pub async fn create(
     )?);
     let meta = metadata(fields.get("metadata"), "metadata")?.unwrap_or_default();
     let v = load_volume(&state, &ctx, &volume_id)?;
-    status::transition(v.status, Action::Snapshot, Facts::default())
-        .map_err(|e| Fault::invalid_volume(e.0))?;
-    if v.status == VolumeStatus::InUse && !force {
-        return Err(Fault::invalid_volume(
-            "Volume status must be available to create a snapshot without force, but current status is: in-use.",
-        ));
-    }
     let size = i64::try_from(v.size_gib).unwrap_or(i64::MAX);
     let s = Snapshot {
         id: model::new_uuid(),
@@ -87,15 +81,28 @@ pub async fn create(
         created_at: now_text(),
         updated_at: None,
     };
-    {
-        let db = state.db();
+    // Quota, the volume's status (locked: no delete or extend slips in) and the insert with
+    // its operation's lease, in one transaction.
+    state.transaction(|tx| {
+        tx.lock_project(ctx.project())?;
+        let v = tx
+            .get_for_update::<Volume>(Table::Volumes, &volume_id)?
+            .ok_or_else(|| Fault::volume_not_found(&volume_id))?;
+        status::transition(v.status, Action::Snapshot, Facts::default())
+            .map_err(|e| Fault::invalid_volume(e.0))?;
+        if v.status == VolumeStatus::InUse && !force {
+            return Err(Fault::invalid_volume(
+                "Volume status must be available to create a snapshot without force, but current status is: in-use.",
+            ));
+        }
         check_quota(
-            &db,
+            tx,
             ctx.project(),
             quota::Delta { snapshots: 1, gigabytes: size, ..quota::Delta::default() },
         )?;
-        db.put(Table::Snapshots, &s.id, &s.project_id, Some(&s.volume_id), &s.created_at, &s)?;
-    }
+        tx.put(Table::Snapshots, &s.id, &s.project_id, Some(&s.volume_id), &s.created_at, &s)?;
+        worker::take_lease(tx, &state, Table::Snapshots, &s.id)
+    })?;
     worker::create_snapshot(&state, s.id.clone());
     reply(202, json!({ "snapshot": views::snapshot(&s, ctx.version) }))
 }
@@ -194,16 +201,27 @@ pub async fn delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
             s.status
         )));
     }
-    // A volume being created from this snapshot still needs it.
-    let vols: Vec<model::Volume> = state.db().list(Table::Volumes, Some(&s.project_id))?;
-    if vols.iter().any(|v| {
-        v.snapshot_id.as_deref() == Some(s.id.as_str()) && v.status == VolumeStatus::Creating
-    }) {
-        return Err(Fault::BadRequest(
-            "Invalid snapshot: a volume is being created from it.".into(),
-        ));
-    }
-    update_snapshot(&state, &s.id, |s| s.status = "deleting".into())?;
+    state.transaction(|tx| {
+        // Locked first: a create from this snapshot either committed (and is seen below) or
+        // waits and then finds it deleting.
+        worker::change_snapshot(
+            tx,
+            &state,
+            &s.id,
+            Some(&["available", "error", "error_deleting"]),
+            |s| s.status = "deleting".into(),
+        )?;
+        // A volume being created from this snapshot still needs it.
+        let vols: Vec<Volume> = tx.list(Table::Volumes, Some(&s.project_id))?;
+        if vols.iter().any(|v| {
+            v.snapshot_id.as_deref() == Some(s.id.as_str()) && v.status == VolumeStatus::Creating
+        }) {
+            return Err(Fault::BadRequest(
+                "Invalid snapshot: a volume is being created from it.".into(),
+            ));
+        }
+        Ok(())
+    })?;
     worker::delete_snapshot(&state, s.id);
     reply_empty(202)
 }

@@ -6,7 +6,7 @@ use super::{
     reply, reply_empty, size_gib, take_object,
 };
 use crate::constants::{DESCRIPTION_BYTES_MAX, NAME_BYTES_MAX, PAGE_SIZE_MAX};
-use crate::db::{Db, Table};
+use crate::db::{Table, Tx};
 use crate::fault::Fault;
 use crate::model::{self, Attachment, Snapshot, Volume, VolumeType};
 use crate::quota;
@@ -65,9 +65,9 @@ pub fn detail(state: &AppState, ctx: &Ctx, v: &Volume) -> Result<Value, Fault> {
 }
 
 /// Usage of a project for quota checks: every volume and snapshot record counts.
-pub fn usage(db: &Db, project: &str) -> Result<quota::Usage, Fault> {
-    let volumes: Vec<Volume> = db.list(Table::Volumes, Some(project))?;
-    let snaps: Vec<Snapshot> = db.list(Table::Snapshots, Some(project))?;
+pub fn usage(tx: &mut Tx<'_>, project: &str) -> Result<quota::Usage, Fault> {
+    let volumes: Vec<Volume> = tx.list(Table::Volumes, Some(project))?;
+    let snaps: Vec<Snapshot> = tx.list(Table::Snapshots, Some(project))?;
     let size = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     Ok(quota::Usage {
         volumes: i64::try_from(volumes.len()).unwrap_or(i64::MAX),
@@ -77,9 +77,12 @@ pub fn usage(db: &Db, project: &str) -> Result<quota::Usage, Fault> {
     })
 }
 
-pub fn check_quota(db: &Db, project: &str, delta: quota::Delta) -> Result<(), Fault> {
-    let limits = quota::limits(&db.quota_overrides(project)?);
-    quota::check(&limits, usage(db, project)?, delta).map_err(|e| Fault::OverLimit(e.to_string()))
+/// Checks that `delta` fits the project's quota. Call it in the transaction that writes the
+/// change, after `Tx::lock_project`, so concurrent requests (in any instance) cannot both fit
+/// into the last free unit.
+pub fn check_quota(tx: &mut Tx<'_>, project: &str, delta: quota::Delta) -> Result<(), Fault> {
+    let limits = quota::limits(&tx.quota_overrides(project)?);
+    quota::check(&limits, usage(tx, project)?, delta).map_err(|e| Fault::OverLimit(e.to_string()))
 }
 
 pub fn availability_zones(state: &AppState) -> Result<Vec<String>, Fault> {
@@ -227,12 +230,23 @@ pub async fn create(
         extend_to_gib: None,
         error: None,
     };
-    {
-        // Quota check and insert under one lock: two racing creates cannot both pass.
-        let size_i64 = i64::try_from(size).unwrap_or(i64::MAX);
-        let db = state.db();
+    // Quota check, insert and the create operation's lease in one transaction: racing
+    // creates in any instance cannot both take the last unit of quota, and no reconciler
+    // can start the operation before this instance does.
+    let size_i64 = i64::try_from(size).unwrap_or(i64::MAX);
+    state.transaction(|tx| {
+        tx.lock_project(ctx.project())?;
+        if let Some(sid) = &v.snapshot_id {
+            // Locked and checked again: a concurrent delete of the snapshot waits or wins.
+            let snap = tx.get_for_update::<Snapshot>(Table::Snapshots, sid)?;
+            if snap.is_none_or(|s| s.status != "available") {
+                return Err(Fault::BadRequest(
+                    "Invalid snapshot: Originating snapshot status must be available.".into(),
+                ));
+            }
+        }
         check_quota(
-            &db,
+            tx,
             ctx.project(),
             quota::Delta {
                 volumes: 1,
@@ -241,8 +255,9 @@ pub async fn create(
                 volume_size_gib: size_i64,
             },
         )?;
-        db.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
-    }
+        tx.put(Table::Volumes, &v.id, &v.project_id, None, &v.created_at, &v)?;
+        worker::take_lease(tx, &state, Table::Volumes, &v.id)
+    })?;
     worker::create_volume(&state, id);
     reply(202, json!({ "volume": detail(&state, &ctx, &v)? }))
 }
@@ -477,12 +492,20 @@ pub async fn delete(State(state): State<Arc<AppState>>, ctx: Ctx) -> ApiResult {
         }
         Err(e) => return Err(Fault::invalid_volume(e.0)),
     };
-    update_volume_from(&state, &v.id, v.status, |v| v.status = next)?;
-    if cascade {
-        for s in &snaps {
-            worker::update_snapshot(&state, &s.id, |s| s.status = "deleting".into())?;
+    // The volume's move and its snapshots' in one step; the volume's delete operation owns
+    // them all (a cascading delete removes the snapshots itself).
+    state.transaction(|tx| {
+        worker::change_volume(tx, &state, &v.id, Some(v.status), |v| v.status = next)?;
+        if cascade {
+            for s in &snaps {
+                worker::change_snapshot(tx, &state, &s.id, None, |s| s.status = "deleting".into())?;
+                tx.release(Table::Snapshots, &s.id, &state.instance_id)?;
+            }
+        } else if tx.count_by_parent(Table::Snapshots, &v.id)? > 0 {
+            return Err(Fault::invalid_volume("Volume still has dependent snapshots."));
         }
-    }
+        Ok(())
+    })?;
     worker::delete_volume(&state, v.id);
     reply_empty(202)
 }
@@ -628,20 +651,23 @@ pub async fn action(
             let next = status::transition(v.status, Action::Extend, Facts::default())
                 .map_err(|e| Fault::invalid_volume(e.0))?;
             let add = i64::try_from(new_size - v.size_gib).unwrap_or(i64::MAX);
-            check_quota(
-                &state.db(),
-                &v.project_id,
-                quota::Delta {
-                    gigabytes: add,
-                    volume_size_gib: i64::try_from(new_size).unwrap_or(i64::MAX),
-                    ..quota::Delta::default()
-                },
-            )?;
             let before = v.status;
-            update_volume_from(&state, &v.id, before, |v| {
-                v.status = next;
-                v.status_before = Some(before);
-                v.extend_to_gib = Some(new_size);
+            state.transaction(|tx| {
+                tx.lock_project(&v.project_id)?;
+                check_quota(
+                    tx,
+                    &v.project_id,
+                    quota::Delta {
+                        gigabytes: add,
+                        volume_size_gib: i64::try_from(new_size).unwrap_or(i64::MAX),
+                        ..quota::Delta::default()
+                    },
+                )?;
+                worker::change_volume(tx, &state, &v.id, Some(before), |v| {
+                    v.status = next;
+                    v.status_before = Some(before);
+                    v.extend_to_gib = Some(new_size);
+                })
             })?;
             worker::extend_volume(&state, v.id, new_size);
             reply_empty(202)
@@ -755,12 +781,13 @@ pub async fn action(
                 return Err(Fault::invalid_input("instance_uuid or host_name must be given"));
             }
             let mountpoint = opt_string(&a, "mountpoint", NAME_BYTES_MAX)?;
-            apply(
-                &state,
-                &v,
+            let live_count = live.len();
+            let next = status::transition(
+                v.status,
                 Action::Attach,
-                Facts { other_attachments: live.len(), snapshots: 0 },
-            )?;
+                Facts { other_attachments: live_count, snapshots: 0 },
+            )
+            .map_err(|e| Fault::invalid_volume(e.0))?;
             let now = now_text();
             let attachment = Attachment {
                 id: model::new_uuid(),
@@ -776,15 +803,21 @@ pub async fn action(
                 detach_time: None,
                 created_at: now,
             };
-            state.db().put(
-                Table::Attachments,
-                &attachment.id,
-                &attachment.project_id,
-                Some(&v.id),
-                &attachment.created_at,
-                &attachment,
-            )?;
-            update_volume(&state, &v.id, |v| v.attach_status = AttachStatus::Attached)?;
+            // The status move and the attachment record in one step.
+            state.transaction(|tx| {
+                worker::change_volume(tx, &state, &v.id, Some(v.status), |v| {
+                    v.status = next;
+                    v.attach_status = AttachStatus::Attached;
+                })?;
+                Ok(tx.put(
+                    Table::Attachments,
+                    &attachment.id,
+                    &attachment.project_id,
+                    Some(&v.id),
+                    &attachment.created_at,
+                    &attachment,
+                )?)
+            })?;
             reply_empty(202)
         }
         "os-detach" => {
@@ -806,13 +839,20 @@ pub async fn action(
                     ));
                 }
             };
-            apply(
-                &state,
-                &v,
+            let others = live.len() - 1;
+            let next = status::transition(
+                v.status,
                 Action::Detach,
-                Facts { other_attachments: live.len() - 1, snapshots: 0 },
-            )?;
-            state.db().delete(Table::Attachments, &target.id)?;
+                Facts { other_attachments: others, snapshots: 0 },
+            )
+            .map_err(|e| Fault::invalid_volume(e.0))?;
+            state.transaction(|tx| {
+                worker::change_volume(tx, &state, &v.id, Some(v.status), |v| {
+                    v.status = next;
+                    v.attach_status = status::attach_status_for(next, others);
+                })?;
+                Ok(tx.delete(Table::Attachments, &target.id)?)
+            })?;
             reply_empty(202)
         }
         "os-set_bootable" => {

@@ -1,6 +1,7 @@
 //! tandem-api: the Cinder v3 compatible volume service.
 //!
-//! tandem-api [--listen 127.0.0.1:8776] [--database /var/lib/tandem/api.sqlite]
+//! tandem-api [--listen 127.0.0.1:8776]
+//!   [--database /var/lib/tandem/api.sqlite | --database postgres://USER@HOST:PORT/DB]
 //!   [--auth noauth | --auth-config tokens.json] [--node NAME=http://HOST:PORT]...
 //!   [--node-token TOKEN] [--availability-zone nova] [--replica-count 2]
 
@@ -15,13 +16,19 @@ use volume_api::db::{Db, Table};
 use volume_api::model::Node;
 use volume_api::node_client::HttpNodeClient;
 
-const USAGE: &str = "usage: tandem-api [--listen ADDR:PORT] [--database FILE] \
+const USAGE: &str = "usage: tandem-api [--listen ADDR:PORT] \
+[--database FILE | --database postgres://USER[:PASSWORD]@HOST:PORT/DB] \
 [--auth noauth | --auth-config FILE] [--node NAME=URL]... [--node-token TOKEN] \
-[--availability-zone AZ] [--replica-count N]";
+[--availability-zone AZ] [--replica-count N]
+
+  --database    an SQLite file (default tandem-api.sqlite; one instance, or several on one
+                host), or a PostgreSQL URL (--database-url is a synonym) for several instances
+                behind a load balancer on one database. Migrations run at start.";
 
 struct Args {
     listen: SocketAddr,
-    database: PathBuf,
+    /// An SQLite file path, or a `postgres://` URL.
+    database: String,
     auth_config: Option<PathBuf>,
     nodes: Vec<(String, String)>,
     node_token: String,
@@ -32,7 +39,7 @@ struct Args {
 fn parse_args() -> anyhow::Result<Args> {
     let mut args = Args {
         listen: "127.0.0.1:8776".parse()?,
-        database: PathBuf::from("tandem-api.sqlite"),
+        database: "tandem-api.sqlite".into(),
         auth_config: None,
         nodes: Vec::new(),
         node_token: std::env::var("TANDEM_NODE_TOKEN").unwrap_or_default(),
@@ -50,7 +57,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--listen" => {
                 args.listen = value.parse().with_context(|| format!("bad --listen {value:?}"))?
             }
-            "--database" => args.database = PathBuf::from(value),
+            "--database" | "--database-url" => args.database = value,
             "--auth" if value == "noauth" => args.auth_config = None,
             "--auth" => bail!("--auth takes only noauth; use --auth-config FILE for tokens"),
             "--auth-config" => args.auth_config = Some(PathBuf::from(value)),
@@ -101,8 +108,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Auth::Tokens(config)
         }
     };
-    let db = Db::open(&args.database)
-        .with_context(|| format!("opening database {}", args.database.display()))?;
+    let db = Db::open_location(&args.database)
+        .with_context(|| format!("opening database {}", redacted(&args.database)))?;
     let settings = Settings {
         default_availability_zone: args.availability_zone.clone(),
         default_replica_count: args.replica_count,
@@ -111,31 +118,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let state =
         AppState::new(db, Arc::new(HttpNodeClient::new(args.node_token.clone())), auth, settings);
     volume_api::api::ensure_default_type(&state).map_err(|e| anyhow::anyhow!("{e}"))?;
-    {
-        let db = state.db();
-        for (name, url) in &args.nodes {
-            let existing: Option<Node> = db.get(Table::Nodes, name).context("reading nodes")?;
-            let node = Node {
-                name: name.clone(),
-                url: url.clone(),
-                availability_zone: existing
-                    .as_ref()
-                    .map_or(args.availability_zone.clone(), |n| n.availability_zone.clone()),
-                total_bytes: existing.as_ref().map_or(0, |n| n.total_bytes),
-                free_bytes: existing.as_ref().map_or(0, |n| n.free_bytes),
-                heartbeat_ms: existing.as_ref().map_or(0, |n| n.heartbeat_ms),
-                enabled: true,
-            };
-            db.put(Table::Nodes, name, "", None, "", &node).context("registering node")?;
-        }
+    for (name, url) in &args.nodes {
+        state
+            .transaction(|tx| {
+                let existing: Option<Node> = tx.get_for_update(Table::Nodes, name)?;
+                let node = Node {
+                    name: name.clone(),
+                    url: url.clone(),
+                    availability_zone: existing
+                        .as_ref()
+                        .map_or(args.availability_zone.clone(), |n| n.availability_zone.clone()),
+                    total_bytes: existing.as_ref().map_or(0, |n| n.total_bytes),
+                    free_bytes: existing.as_ref().map_or(0, |n| n.free_bytes),
+                    heartbeat_ms: existing.as_ref().map_or(0, |n| n.heartbeat_ms),
+                    enabled: true,
+                };
+                Ok(tx.put(Table::Nodes, name, "", None, "", &node)?)
+            })
+            .map_err(|e| anyhow::anyhow!("registering node {name}: {e}"))?;
     }
-    volume_api::worker::reconcile(&state).map_err(|e| anyhow::anyhow!("reconciling: {e}"))?;
+    // Resumes what a crashed run left (once its leases expired) and, every few seconds, what
+    // another instance on the same database left when it died.
+    tokio::spawn(volume_api::worker::reconcile_loop(state.clone()));
     tokio::spawn(volume_api::worker::heartbeat_loop(state.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    tracing::info!("tandem-api listening on http://{local} (database {})", args.database.display());
+    tracing::info!(
+        "tandem-api listening on http://{local} (database: {}, instance {})",
+        redacted(&args.database),
+        state.instance_id
+    );
     println!("tandem-api listening on http://{local}");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async {
@@ -150,4 +164,16 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The database location for logs, without a password.
+fn redacted(location: &str) -> String {
+    match location.split_once("://").and_then(|(scheme, rest)| {
+        let (credentials, host) = rest.rsplit_once('@')?;
+        let user = credentials.split(':').next().unwrap_or("");
+        Some(format!("{scheme}://{user}@{host}"))
+    }) {
+        Some(clean) => clean,
+        None => location.to_string(),
+    }
 }
