@@ -226,6 +226,15 @@ impl Response {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A client for one endpoint.
 #[derive(Debug, Clone)]
 pub struct HttpClient {
@@ -312,7 +321,9 @@ impl HttpClient {
                 hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                     .await
                     .map_err(|error| HttpErrorKind::Transport(error.to_string()))?;
-            let driver = tokio::spawn(connection);
+            // The connection task ends with this attempt, whichever way it ends (a timed-out
+            // attempt must not leave a task holding a socket to a silent server).
+            let _driver = AbortOnDrop(tokio::spawn(connection));
             let mut builder = hyper::Request::builder()
                 .method(method)
                 .uri(if full_path.is_empty() { "/" } else { full_path })
@@ -341,7 +352,6 @@ impl HttpClient {
                 }
                 Err(error) => return Err(HttpErrorKind::Transport(error.to_string())),
             };
-            driver.abort();
             let body = if bytes.is_empty() {
                 Value::Null
             } else {
