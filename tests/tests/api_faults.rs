@@ -1,6 +1,8 @@
 //! tandem-api over HTTP without storage nodes: version discovery, microversion negotiation,
 //! Cinder's fault bodies for bad input (never a 5xx), project isolation, admin-only actions,
 //! the volume status machine through the action endpoint, and records surviving a kill -9.
+//! Every test runs on both database backends: SQLite (a file) and PostgreSQL (a private
+//! cluster started by the test, with TANDEM_SLOW_TESTS=1).
 
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -47,16 +49,40 @@ fn http(
     }
 }
 
-fn start(db: &std::path::Path) -> (Daemon, SocketAddr) {
+/// The database a test's tandem-api runs on; dropping it removes the file or stops the
+/// cluster.
+enum Database {
+    Sqlite(tempfile::TempDir),
+    Postgres(volume_api::pg_cluster::PgCluster),
+}
+
+impl Database {
+    fn sqlite() -> Database {
+        Database::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Database {
+        Database::Postgres(volume_api::pg_cluster::PgCluster::start().unwrap())
+    }
+
+    /// What `--database` takes.
+    fn location(&self) -> String {
+        match self {
+            Database::Sqlite(dir) => dir.path().join("api.sqlite").display().to_string(),
+            Database::Postgres(cluster) => cluster.url(),
+        }
+    }
+}
+
+fn start(db: &Database) -> (Daemon, SocketAddr) {
     start_with(db, &[])
 }
 
-fn start_with(db: &std::path::Path, extra: &[&str]) -> (Daemon, SocketAddr) {
+fn start_with(db: &Database, extra: &[&str]) -> (Daemon, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new(binary("tandem-api"));
     command
-        .args(["--listen", &addr.to_string(), "--database"])
-        .arg(db)
+        .args(["--listen", &addr.to_string(), "--database", &db.location()])
         .args(extra)
         .stdin(Stdio::null());
     let mut daemon = Daemon::spawn("tandem-api", command);
@@ -88,10 +114,29 @@ fn wait_status(addr: SocketAddr, id: &str, status: &str) {
 }
 
 #[test]
-fn discovery_faults_isolation_status_machine_and_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("api.sqlite");
-    let (mut daemon, addr) = start(&db);
+fn discovery_faults_isolation_status_machine_and_restart_on_sqlite() {
+    discovery_faults_isolation_status_machine_and_restart(&Database::sqlite());
+}
+
+#[test]
+fn discovery_faults_isolation_status_machine_and_restart_on_postgres() {
+    tests::require_slow!();
+    discovery_faults_isolation_status_machine_and_restart(&Database::postgres());
+}
+
+#[test]
+fn static_tokens_scope_members_and_let_admins_act_on_sqlite() {
+    static_tokens_scope_members_and_let_admins_act(&Database::sqlite());
+}
+
+#[test]
+fn static_tokens_scope_members_and_let_admins_act_on_postgres() {
+    tests::require_slow!();
+    static_tokens_scope_members_and_let_admins_act(&Database::postgres());
+}
+
+fn discovery_faults_isolation_status_machine_and_restart(db: &Database) {
+    let (mut daemon, addr) = start(db);
 
     // Version discovery.
     let r = http(addr, "GET", "/", &[], None);
@@ -442,15 +487,14 @@ fn discovery_faults_isolation_status_machine_and_restart() {
     // kill -9 and restart on the same database: the record is still there.
     daemon.kill9();
     drop(daemon);
-    let (_daemon, addr) = start(&db);
+    let (_daemon, addr) = start(db);
     let shown = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), &[ADMIN], None).body;
     assert_eq!(shown["volume"]["status"], "available", "{shown}");
     assert_eq!(shown["volume"]["bootable"], "true", "{shown}");
     assert_eq!(shown["volume"]["metadata"], json!({"k": "v"}));
 }
 
-#[test]
-fn static_tokens_scope_members_and_let_admins_act() {
+fn static_tokens_scope_members_and_let_admins_act(db: &Database) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tokens.json");
     std::fs::write(
@@ -460,8 +504,7 @@ fn static_tokens_scope_members_and_let_admins_act() {
             {"token": "admin-token", "user_id": "ops", "project_id": "ops", "roles": ["admin"]}]}"#,
     )
     .unwrap();
-    let (_daemon, addr) =
-        start_with(&dir.path().join("api.sqlite"), &["--auth-config", config.to_str().unwrap()]);
+    let (_daemon, addr) = start_with(db, &["--auth-config", config.to_str().unwrap()]);
     let member = [("X-Auth-Token", "member-token")];
     let bearer = [("Authorization", "Bearer member-token")];
     let admin = [("X-Auth-Token", "admin-token")];
