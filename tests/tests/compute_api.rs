@@ -33,7 +33,12 @@ const NODE_TOKEN: &str = "fixture-node-token";
 const GIB: u64 = 1 << 30;
 /// What the agent authenticates with: tandem-api's noauth token `user:project`.
 const AGENT_TOKEN: &str = "nova:demo";
-const ADMIN: (&str, &str) = ("X-Auth-Token", "admin:demo");
+/// The test's own token with tandem-api's noauth.
+const ADMIN_TOKEN: &str = "admin:demo";
+/// Bearer tokens for tandem-api's `--auth-config`: the agent is a project member, the test an
+/// admin.
+const AGENT_BEARER_TOKEN: &str = "compute-host-token-7f3a";
+const ADMIN_BEARER_TOKEN: &str = "ops-token-19c2";
 const MICROVERSION: (&str, &str) = ("OpenStack-API-Version", "volume 3.44");
 
 // ---------------------------------------------------------------------------------------------
@@ -286,27 +291,66 @@ fn http(
     (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
 }
 
+/// How tandem-api authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Auth {
+    /// `--auth noauth`: tokens are `user:project`.
+    NoAuth,
+    /// `--auth-config`: static bearer tokens.
+    Bearer,
+}
+
 struct Api {
     addr: SocketAddr,
     daemon: Daemon,
     node: FixtureNode,
     dir: tempfile::TempDir,
+    auth: Auth,
 }
 
 impl Api {
     /// tandem-api on SQLite with one fixture node and one replica per volume.
-    fn start() -> Api {
+    fn start(auth: Auth) -> Api {
         // Built before any node call: a build inside a node request would outlast the API's
         // timeout.
         binary("tandem-iscsi");
         let dir = tempfile::tempdir().expect("temp dir");
         let node = FixtureNode::start(&dir.path().join("node-a"));
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let daemon = Api::spawn(dir.path(), &node, addr);
-        Api { addr, daemon, node, dir }
+        if auth == Auth::Bearer {
+            let tokens = json!({"tokens": [
+                {"token": AGENT_BEARER_TOKEN, "user_id": "nova", "project_id": "demo",
+                 "roles": ["member"]},
+                {"token": ADMIN_BEARER_TOKEN, "user_id": "ops", "project_id": "demo",
+                 "roles": ["admin"]},
+            ]});
+            std::fs::write(dir.path().join("tokens.json"), tokens.to_string()).expect("tokens");
+        }
+        let daemon = Api::spawn(dir.path(), &node, addr, auth);
+        Api { addr, daemon, node, dir, auth }
     }
 
-    fn spawn(dir: &Path, node: &FixtureNode, addr: SocketAddr) -> Daemon {
+    /// The test's admin credentials for `auth`.
+    fn admin_header(auth: Auth) -> (&'static str, &'static str) {
+        match auth {
+            Auth::NoAuth => ("X-Auth-Token", ADMIN_TOKEN),
+            Auth::Bearer => ("X-Auth-Token", ADMIN_BEARER_TOKEN),
+        }
+    }
+
+    fn admin(&self) -> (&'static str, &'static str) {
+        Api::admin_header(self.auth)
+    }
+
+    /// The token file the agent reads (bearer) or the noauth token (in the environment).
+    fn agent_token(&self) -> &'static str {
+        match self.auth {
+            Auth::NoAuth => AGENT_TOKEN,
+            Auth::Bearer => AGENT_BEARER_TOKEN,
+        }
+    }
+
+    fn spawn(dir: &Path, node: &FixtureNode, addr: SocketAddr, auth: Auth) -> Daemon {
         let mut command = Command::new(binary("tandem-api"));
         command
             .args(["--listen", &addr.to_string(), "--database"])
@@ -314,10 +358,14 @@ impl Api {
             .args(["--node-token", NODE_TOKEN, "--replica-count", "1"])
             .args(["--node", &format!("node-a={}", node.url)])
             .stdin(Stdio::null());
+        if auth == Auth::Bearer {
+            command.arg("--auth-config").arg(dir.join("tokens.json"));
+        }
+        let admin = Api::admin_header(auth);
         let mut daemon = Daemon::spawn("tandem-api", command);
         daemon.wait_for_port(addr, Duration::from_secs(60));
         let up = wait_until(Duration::from_secs(30), || {
-            let (_, body) = http(addr, "GET", "/v3/demo/os-services", &[ADMIN], None);
+            let (_, body) = http(addr, "GET", "/v3/demo/os-services", &[admin], None);
             body["services"].as_array().is_some_and(|services| {
                 services.iter().any(|s| s["binary"] == "cinder-volume" && s["state"] == "up")
             })
@@ -333,7 +381,7 @@ impl Api {
 
     /// Starts tandem-api again on the same address and database.
     fn restart(&mut self) {
-        self.daemon = Api::spawn(self.dir.path(), &self.node, self.addr);
+        self.daemon = Api::spawn(self.dir.path(), &self.node, self.addr, self.auth);
     }
 
     fn endpoint(&self) -> String {
@@ -343,7 +391,8 @@ impl Api {
     /// Creates a volume through the REST API and waits until it is available.
     fn create_volume(&self, name: &str) -> String {
         let body = json!({"volume": {"size": 1, "name": name}});
-        let (status, created) = http(self.addr, "POST", "/v3/demo/volumes", &[ADMIN], Some(&body));
+        let (status, created) =
+            http(self.addr, "POST", "/v3/demo/volumes", &[self.admin()], Some(&body));
         assert_eq!(status, 202, "volume create: {created}");
         let id = created["volume"]["id"].as_str().expect("volume id").to_owned();
         let available = wait_until(Duration::from_secs(60), || {
@@ -357,15 +406,20 @@ impl Api {
 
     fn volume(&self, id: &str) -> Value {
         let (status, body) =
-            http(self.addr, "GET", &format!("/v3/demo/volumes/{id}"), &[ADMIN], None);
+            http(self.addr, "GET", &format!("/v3/demo/volumes/{id}"), &[self.admin()], None);
         assert_eq!(status, 200, "{body}");
         body["volume"].clone()
     }
 
     /// Every attachment record of the project (any status), with details.
     fn attachments(&self) -> Vec<Value> {
-        let (status, body) =
-            http(self.addr, "GET", "/v3/demo/attachments/detail", &[ADMIN, MICROVERSION], None);
+        let (status, body) = http(
+            self.addr,
+            "GET",
+            "/v3/demo/attachments/detail",
+            &[self.admin(), MICROVERSION],
+            None,
+        );
         assert_eq!(status, 200, "{body}");
         body["attachments"].as_array().expect("list").clone()
     }
@@ -497,15 +551,28 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(state_dir: &Path, volume_api: &str) -> Agent {
+    /// The agent with tandem-api at `volume_api`; the noauth token goes in the environment, a
+    /// bearer token in a file.
+    fn start(api: &Api, volume_api: &str) -> Agent {
+        let state_dir = api.dir.path().join("compute");
         let port = free_port();
         let mut command = Command::new(binary("tandem-compute"));
         command
             .args(["daemon", "--listen", &format!("127.0.0.1:{port}"), "--accel", "tcg"])
             .arg("--state-dir")
-            .arg(state_dir)
+            .arg(&state_dir)
             .args(["--host", "compute-test", "--volume-api", volume_api])
-            .env("TANDEM_VOLUME_API_TOKEN", AGENT_TOKEN);
+            .env_remove("TANDEM_VOLUME_API_TOKEN");
+        match api.auth {
+            Auth::NoAuth => {
+                command.env("TANDEM_VOLUME_API_TOKEN", api.agent_token());
+            }
+            Auth::Bearer => {
+                let file = api.dir.path().join("agent-token");
+                std::fs::write(&file, format!("{}\n", api.agent_token())).expect("token file");
+                command.arg("--volume-api-token-file").arg(file);
+            }
+        }
         let mut daemon = Daemon::spawn("tandem-compute", command);
         daemon.wait_for_log("tandem-compute: listening on", Duration::from_secs(30));
         Agent { daemon, endpoint: format!("http://127.0.0.1:{port}") }
@@ -650,8 +717,8 @@ fn attach_by_volume_id_goes_through_tandem_api_and_every_failure_gives_the_volum
     require_slow!();
     require_tool("qemu-system-x86_64", "qemu-system-x86");
     let qemu_img = require_tool("qemu-img", "qemu-utils");
-    let mut api = Api::start();
-    let agent = Agent::start(&api.dir.path().join("compute"), &api.endpoint());
+    let mut api = Api::start(Auth::NoAuth);
+    let agent = Agent::start(&api, &api.endpoint());
     let info = agent.cli(&["info"]);
     let initiator = info["connector"]["initiator"].as_str().expect("initiator").to_owned();
     assert!(
@@ -788,8 +855,9 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(20);
-    let api = Api::start();
-    let agent = Agent::start(&api.dir.path().join("compute"), &api.endpoint());
+    // This time tandem-api takes static bearer tokens, the agent's read from a file.
+    let api = Api::start(Auth::Bearer);
+    let agent = Agent::start(&api, &api.endpoint());
     let volume = api.create_volume("cycled");
     let server = agent.boot_without_os("srv-cycles", 1);
     let mut monitor = Monitor::open(&server);
@@ -839,10 +907,9 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
 fn a_failure_after_the_hot_plug_unplugs_before_the_volume_goes_back() {
     require_slow!();
     require_tool("qemu-system-x86_64", "qemu-system-x86");
-    let api = Api::start();
+    let api = Api::start(Auth::NoAuth);
     let proxy = Proxy::start(api.addr);
-    let agent =
-        Agent::start(&api.dir.path().join("compute"), &format!("http://{}/v3/demo", proxy.addr));
+    let agent = Agent::start(&api, &format!("http://{}/v3/demo", proxy.addr));
     let volume = api.create_volume("faulty");
     let server = agent.boot_without_os("srv-faults", 1);
     let mut monitor = Monitor::open(&server);
