@@ -55,6 +55,8 @@ impl<D: BlockDevice> LogicalUnit<D> {
             block_size_bytes: self.device.block_size_bytes(),
             thin: self.device.thin_provisioned(),
             alua: self.device.alua_state(),
+            atomic_write_max_bytes: self.device.atomic_write_max_bytes(),
+            atomic_write_alignment_bytes: self.device.atomic_write_alignment_bytes(),
         }
     }
 }

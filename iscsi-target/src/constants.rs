@@ -49,19 +49,27 @@ pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 pub const WRITE_SAME_BLOCKS_MAX: u32 = 1 << 22;
 /// Blocks COMPARE AND WRITE may cover.
 pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 128;
-/// Bytes one WRITE ATOMIC(16) may write, reported in the Block Limits VPD page as the maximum
-/// atomic transfer length and (in blocks) as the atomic alignment.
+/// Bytes one WRITE ATOMIC(16) may write on a device that keeps it whole across a crash without
+/// help: the default of [`crate::device::BlockDevice::atomic_write_max_bytes`] and its
+/// alignment, reported in the Block Limits VPD page as the maximum atomic transfer length and
+/// (in blocks) as the atomic alignment.
 ///
-/// Why one 4 KiB aligned block and not more: the driver runs an atomic write under the device
-/// lock held exclusively, so no other command through the target ever sees it half done,
-/// whatever its length. A crash is another matter. A buffered `pwritev2` is copied into the
-/// page cache page by page (a killed process can leave a prefix of pages written) and written
-/// back page by page; a power loss can tear anything longer than what the disk itself writes
-/// atomically, and a 4 KiB aligned page is the largest unit the file systems and disks here
-/// write as one. Replication does not widen that: after a primary crash, resync makes the
-/// replicas equal, copying whatever the survivor holds, and a survivor that crashed too holds a
-/// torn write of its own. So the promise we can keep in every case is one aligned 4 KiB block.
-pub const ATOMIC_WRITE_BYTES_MAX: u32 = 4096;
+/// Why one 4 KiB aligned block: the driver runs an atomic write under the device lock held
+/// exclusively, so no other command through the target ever sees it half done, whatever its
+/// length. A crash is another matter. A buffered `pwritev2` is copied into the page cache page
+/// by page (a killed process can leave a prefix of pages written) and written back page by
+/// page; a power loss can tear anything longer than what the disk itself writes atomically,
+/// and a 4 KiB aligned page is the largest unit the file systems and disks here write as one.
+/// Replication does not widen that: after a primary crash, resync makes the replicas equal,
+/// copying whatever the survivor holds, and a survivor that crashed too holds a torn write of
+/// its own. A device that journals its atomic writes (the standalone file device,
+/// `driver::atomic_journal`) claims up to [`ATOMIC_WRITE_BYTES_MAX`] instead.
+pub const PAGE_ATOMIC_WRITE_BYTES: u32 = 4096;
+/// The most bytes one WRITE ATOMIC(16) may write on any device: what the atomic-write journal
+/// of the standalone file device keeps whole across a crash (its one slot has this size). The
+/// SCSI layer clamps a device's claim to it. 128 KiB is 256 blocks of 512 bytes, the most
+/// libiscsi's conformance suite writes atomically.
+pub const ATOMIC_WRITE_BYTES_MAX: u32 = 128 * 1024;
 /// Bytes EXTENDED COPY reads and writes per step: bounds the memory one copy holds.
 pub const COPY_CHUNK_BYTES_MAX: u32 = 1024 * 1024;
 /// CSCD (copy source/destination) descriptors per EXTENDED COPY parameter list.
@@ -109,7 +117,9 @@ const _: () = assert!(OUTSTANDING_R2T_MAX >= 1);
 const _: () = assert!(CONNECTION_TRANSFER_BYTES_MAX >= 4 * TRANSFER_BYTES_MAX as u64);
 const _: () = assert!((TRANSMIT_BATCH_BYTES_MAX as u64) >= RECV_DATA_SEGMENT_BYTES_MAX as u64);
 const _: () = assert!(CHAP_CHALLENGE_BYTES >= CHAP_CHALLENGE_BYTES_MIN);
-const _: () = assert!(ATOMIC_WRITE_BYTES_MAX >= 512 && ATOMIC_WRITE_BYTES_MAX.is_power_of_two());
+const _: () = assert!(PAGE_ATOMIC_WRITE_BYTES >= 512 && PAGE_ATOMIC_WRITE_BYTES.is_power_of_two());
+const _: () = assert!(PAGE_ATOMIC_WRITE_BYTES <= ATOMIC_WRITE_BYTES_MAX);
+const _: () = assert!(ATOMIC_WRITE_BYTES_MAX.is_multiple_of(512));
 const _: () = assert!(ATOMIC_WRITE_BYTES_MAX <= TRANSFER_BYTES_MAX);
 const _: () = assert!(COPY_CHUNK_BYTES_MAX <= TRANSFER_BYTES_MAX);
 const _: () = assert!(COPY_SEGMENT_BYTES_MAX >= COPY_CHUNK_BYTES_MAX);

@@ -5,6 +5,10 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+#[cfg(doc)]
+use crate::constants::ATOMIC_WRITE_BYTES_MAX;
+use crate::constants::PAGE_ATOMIC_WRITE_BYTES;
+
 /// ALUA access state of the LUN through this target (SPC-4 §5.16.2.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AluaState {
@@ -87,6 +91,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn alua_port_groups(&self) -> Vec<AluaPortGroup> {
         vec![AluaPortGroup::local(self.alua_state())]
     }
+    /// The longest WRITE ATOMIC the device keeps whole across a crash (not only against other
+    /// commands, which the driver's exclusive lock guarantees for any length). The default is
+    /// one page, the most a buffered write is known to leave whole; a device that journals its
+    /// atomic writes claims more (the SCSI layer clamps it to [`ATOMIC_WRITE_BYTES_MAX`]).
+    fn atomic_write_max_bytes(&self) -> u32 {
+        PAGE_ATOMIC_WRITE_BYTES
+    }
+    /// The alignment atomic writes need, in bytes (a block size: none). The default page
+    /// guarantee holds only for an aligned page.
+    fn atomic_write_alignment_bytes(&self) -> u32 {
+        PAGE_ATOMIC_WRITE_BYTES
+    }
     fn read(
         &self,
         offset_bytes: u64,
@@ -99,6 +115,18 @@ pub trait BlockDevice: Send + Sync + 'static {
         data: Bytes,
         fua: bool,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// WRITE ATOMIC: after a crash the range holds all of `data` or none of it, for writes
+    /// within [`BlockDevice::atomic_write_max_bytes`] and its alignment. The caller runs it
+    /// alone on the device (the driver holds the device lock exclusively). The default is a
+    /// plain write, whole across a crash for the default one-page limit.
+    fn write_atomic(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
+        self.write(offset_bytes, data, fua)
+    }
     fn flush(&self) -> impl Future<Output = Result<(), DeviceError>> + Send;
     /// Deallocates the range; later reads return zeroes.
     fn unmap(
@@ -217,8 +245,11 @@ pub async fn perform<D: BlockDevice>(device: &D, op: IoOp) -> Result<IoData, Dev
         IoOp::Read { offset_bytes, length_bytes } => {
             device.read(offset_bytes, length_bytes).await.map(IoData::Read)
         }
-        IoOp::Write { offset_bytes, data, fua } | IoOp::AtomicWrite { offset_bytes, data, fua } => {
+        IoOp::Write { offset_bytes, data, fua } => {
             device.write(offset_bytes, data, fua).await.map(|()| IoData::None)
+        }
+        IoOp::AtomicWrite { offset_bytes, data, fua } => {
+            device.write_atomic(offset_bytes, data, fua).await.map(|()| IoData::None)
         }
         IoOp::Flush => device.flush().await.map(|()| IoData::None),
         IoOp::Unmap { offset_bytes, length_bytes } => {

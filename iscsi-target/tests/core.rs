@@ -24,6 +24,9 @@ struct MemoryDevice {
     alua: Mutex<AluaState>,
     /// A peer node's port group to report besides ours.
     peer_group: Mutex<Option<AluaPortGroup>>,
+    /// (atomic_write_max_bytes, atomic_write_alignment_bytes) to claim; the trait defaults
+    /// when unset.
+    atomic_limits_bytes: Mutex<Option<(u32, u32)>>,
 }
 
 impl MemoryDevice {
@@ -32,6 +35,7 @@ impl MemoryDevice {
             data: Mutex::new(vec![0; usize::try_from(BLOCKS * 512).unwrap()]),
             alua: Mutex::new(AluaState::ActiveOptimized),
             peer_group: Mutex::new(None),
+            atomic_limits_bytes: Mutex::new(None),
         }
     }
     /// Performs an I/O synchronously, the way a driver would asynchronously.
@@ -89,6 +93,12 @@ impl BlockDevice for MemoryDevice {
         let mut groups = vec![AluaPortGroup::local(self.alua_state())];
         groups.extend(self.peer_group.lock().unwrap().clone());
         groups
+    }
+    fn atomic_write_max_bytes(&self) -> u32 {
+        self.atomic_limits_bytes.lock().unwrap().map_or(4096, |(max, _)| max)
+    }
+    fn atomic_write_alignment_bytes(&self) -> u32 {
+        self.atomic_limits_bytes.lock().unwrap().map_or(4096, |(_, alignment)| alignment)
     }
     async fn read(&self, _: u64, _: u32) -> Result<Bytes, DeviceError> {
         unreachable!("the tests perform I/O synchronously")
@@ -1252,6 +1262,53 @@ fn write_atomic_honours_its_advertised_limits() {
     i.command(&cdb, false, true, 4096, &block, true);
     assert!(matches!(i.held[0].op, IoOp::AtomicWrite { .. }) && i.held[0].op.is_exclusive());
     assert_eq!(status_of(&i.release_io()[0]), (0, None));
+}
+
+#[test]
+fn write_atomic_follows_what_the_device_claims() {
+    // (claimed max and alignment in bytes, reported max and alignment in blocks)
+    let claims = [
+        ((128 * 1024, 512), (256, 1)),
+        // Clamped to ATOMIC_WRITE_BYTES_MAX, and at least one block.
+        ((1024 * 1024, 512), (256, 1)),
+        ((100, 100), (1, 1)),
+        ((8192, 8192), (16, 16)),
+    ];
+    for ((max_bytes, alignment_bytes), (max_blocks, alignment_blocks)) in claims {
+        let mut i = logged_in();
+        *i.device.atomic_limits_bytes.lock().unwrap() = Some((max_bytes, alignment_bytes));
+        let limits = i.inquiry_vpd(0xb0);
+        let field = |at: usize| {
+            u32::from_be_bytes([limits[at], limits[at + 1], limits[at + 2], limits[at + 3]])
+        };
+        assert_eq!((field(44), field(48)), (max_blocks, alignment_blocks), "{max_bytes}");
+    }
+    // A journaled device: 1..=256 blocks anywhere, as libiscsi's WriteAtomic16.Simple writes.
+    // Data goes as immediate data, so the first burst must hold 128 KiB.
+    let (config, device) = config(AuthConfig::default());
+    let mut i = Initiator::new(config, device);
+    i.login(&[("FirstBurstLength", "262144"), ("MaxBurstLength", "262144")]);
+    *i.device.atomic_limits_bytes.lock().unwrap() = Some((128 * 1024, 512));
+    let atomic = |i: &mut Initiator, lba: u64, blocks: u16| {
+        let mut cdb = [0u8; 16];
+        cdb[0] = 0x9c;
+        cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+        cdb[12..14].copy_from_slice(&blocks.to_be_bytes());
+        let data = pattern(usize::from(blocks) * 512, 5);
+        let edtl = u32::try_from(data.len()).unwrap();
+        let (_, responses) = i.command(&cdb, false, true, edtl, &data, true);
+        status_of(&responses[0])
+    };
+    for (lba, blocks, expected) in [
+        (0, 256, (0, None)),
+        (BLOCKS - 3, 3, (0, None)),
+        (7, 1, (0, None)),
+        (0, 257, (2, Some((5, 0x24, 0)))),
+        (BLOCKS - 256, 256, (0, None)),
+    ] {
+        assert_eq!(atomic(&mut i, lba, blocks), expected, "{blocks} blocks at {lba}");
+    }
+    assert_eq!(i.read10(u32::try_from(BLOCKS - 256).unwrap(), 256), pattern(256 * 512, 5));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use backing_store::{BackingStore, EngineKind, OpenOptions};
+use iscsi_target::driver::atomic_journal::{AtomicJournal, journal_path};
 use iscsi_target::driver::store::StoreDevice;
 use iscsi_target::{AuthConfig, Config, Credentials, LogicalUnit, PortalAddress, TargetNode};
 
@@ -182,6 +183,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     StoreDevice::with_reader(store, reader)
                 }
                 None => StoreDevice::new(store),
+            };
+            // Atomic writes of a file LUN go through a journal next to it; a block device has
+            // no place for one that survives a reboot, so it keeps the one-page guarantee.
+            // The journal is recovered here, before the LUN serves any I/O.
+            let device = if device.store().is_block_device() {
+                device
+            } else {
+                let (journal, recovery) = AtomicJournal::open(device.store(), &options)
+                    .await
+                    .with_context(|| format!("atomic-write journal of {}", path.display()))?;
+                eprintln!(
+                    "tandem-iscsi: atomic-write journal {}: {recovery}",
+                    journal_path(path).display()
+                );
+                device.with_journal(journal)
             };
             let device = Arc::new(device);
             luns.push(Arc::new(LogicalUnit::new(&t.name, *n, device)));

@@ -2,6 +2,7 @@
 //! pure [`Connection`], performs block I/O and writes the encoded PDUs. Nothing here decides
 //! anything about the protocol.
 
+pub mod atomic_journal;
 pub mod store;
 
 use std::collections::HashMap;
@@ -253,15 +254,25 @@ fn dispatch_io<D: BlockDevice>(
         let lock =
             locks.entry(key).or_insert_with(|| registry.device_lock(&request.device)).clone();
         tokio::spawn(async move {
-            let result = if request.op.is_exclusive() {
-                let _exclusive = lock.write().await;
-                perform(&*request.device, request.op).await
-            } else {
-                let _shared = lock.read().await;
-                perform(&*request.device, request.op).await
-            };
+            let result = perform_locked(&lock, &*request.device, request.op).await;
             let _ = completions.send((request.itt, request.tag, result));
         });
+    }
+}
+
+/// Runs `op` under the device lock: shared for reads and plain writes, exclusive for COMPARE
+/// AND WRITE, ORWRITE and WRITE ATOMIC.
+pub async fn perform_locked<D: BlockDevice>(
+    lock: &RwLock<()>,
+    device: &D,
+    op: crate::device::IoOp,
+) -> Result<IoData, DeviceError> {
+    if op.is_exclusive() {
+        let _exclusive = lock.write().await;
+        perform(device, op).await
+    } else {
+        let _shared = lock.read().await;
+        perform(device, op).await
     }
 }
 

@@ -5,7 +5,9 @@ use bytes::{Bytes, BytesMut};
 use backing_store::constants::IO_SIZE_BYTES_MAX;
 use backing_store::{BackingStore, ErrorKind};
 
+use crate::constants::ATOMIC_WRITE_BYTES_MAX;
 use crate::device::{BlockDevice, DeviceError, MappedRange};
+use crate::driver::atomic_journal::{AtomicJournal, JournalError};
 
 /// A backing file served as a LUN with 512-byte blocks.
 pub struct StoreDevice {
@@ -14,19 +16,40 @@ pub struct StoreDevice {
     /// buffered, so they share the page cache and see each other's writes at once).
     reader: Option<BackingStore>,
     size_bytes: u64,
+    /// Makes atomic writes whole across a crash up to `ATOMIC_WRITE_BYTES_MAX`; without it
+    /// the device keeps the one-page default.
+    journal: Option<AtomicJournal>,
 }
 
 impl StoreDevice {
     pub fn new(store: BackingStore) -> Self {
         // The LUN ends at the last whole block.
         let size_bytes = store.size_bytes() / 512 * 512;
-        Self { store, reader: None, size_bytes }
+        Self { store, reader: None, size_bytes, journal: None }
     }
 
     /// Reads go to `reader`, everything else to `store`.
     pub fn with_reader(store: BackingStore, reader: BackingStore) -> Self {
         assert_eq!(store.size_bytes(), reader.size_bytes(), "both handles open the same file");
         Self { reader: Some(reader), ..Self::new(store) }
+    }
+
+    /// Journals atomic writes through `journal` (opened, and recovered, on this device's
+    /// image by [`AtomicJournal::open`] before any I/O).
+    pub fn with_journal(self, journal: AtomicJournal) -> Self {
+        Self { journal: Some(journal), ..self }
+    }
+
+    /// The backing store writes go to.
+    pub fn store(&self) -> &BackingStore {
+        &self.store
+    }
+}
+
+fn convert_journal(error: JournalError) -> DeviceError {
+    match error {
+        JournalError::Io { source, .. } => convert(source),
+        other => DeviceError::Io(other.to_string()),
     }
 }
 
@@ -41,6 +64,36 @@ fn convert(error: backing_store::Error) -> DeviceError {
 impl BlockDevice for StoreDevice {
     fn size_bytes(&self) -> u64 {
         self.size_bytes
+    }
+
+    fn atomic_write_max_bytes(&self) -> u32 {
+        match self.journal {
+            Some(_) => ATOMIC_WRITE_BYTES_MAX,
+            None => crate::constants::PAGE_ATOMIC_WRITE_BYTES,
+        }
+    }
+
+    fn atomic_write_alignment_bytes(&self) -> u32 {
+        match self.journal {
+            // The journal keeps any run of whole blocks whole.
+            Some(_) => self.block_size_bytes(),
+            None => crate::constants::PAGE_ATOMIC_WRITE_BYTES,
+        }
+    }
+
+    async fn write_atomic(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        match &self.journal {
+            // Journaled writes are durable when they complete, FUA or not.
+            Some(journal) => {
+                journal.write(&self.store, offset_bytes, data).await.map_err(convert_journal)
+            }
+            None => self.write(offset_bytes, data, fua).await,
+        }
     }
 
     async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {

@@ -28,6 +28,10 @@ pub struct DeviceInfo {
     pub block_size_bytes: u32,
     pub thin: bool,
     pub alua: AluaState,
+    /// [`crate::device::BlockDevice::atomic_write_max_bytes`].
+    pub atomic_write_max_bytes: u32,
+    /// [`crate::device::BlockDevice::atomic_write_alignment_bytes`].
+    pub atomic_write_alignment_bytes: u32,
 }
 
 impl DeviceInfo {
@@ -896,8 +900,8 @@ fn or_write(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
     )
 }
 
-/// WRITE ATOMIC(16) (SBC-4): a write of at most [`ATOMIC_WRITE_BYTES_MAX`] inside one aligned
-/// block of that size, run exclusively on the device (see [`IoOp::AtomicWrite`]).
+/// WRITE ATOMIC(16) (SBC-4): a write within the device's atomic limits ([`atomic_limits_blocks`]),
+/// run exclusively on the device (see [`IoOp::AtomicWrite`]).
 fn write_atomic(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes, write_back: bool) -> Step {
     let lba = be64(&cdb[2..]);
     let atomic_boundary = be16(&cdb[10..]);
@@ -917,7 +921,7 @@ fn write_atomic(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes, write_back: 
     if blocks == 0 {
         return Step::Done(Outcome::good());
     }
-    let (max_blocks, alignment_blocks) = atomic_limits_blocks(ctx.info.block_size_bytes);
+    let (max_blocks, alignment_blocks) = atomic_limits_blocks(&ctx.info);
     if blocks > u64::from(max_blocks) {
         return Step::Done(Outcome::check(Sense::invalid_field_in_cdb(12)));
     }
@@ -937,11 +941,14 @@ fn write_atomic(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes, write_back: 
     )
 }
 
-/// (MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT) in logical blocks: one aligned
-/// [`ATOMIC_WRITE_BYTES_MAX`] block, or one logical block when blocks are larger.
-pub fn atomic_limits_blocks(block_size_bytes: u32) -> (u32, u32) {
-    let blocks = (ATOMIC_WRITE_BYTES_MAX / block_size_bytes.max(1)).max(1);
-    (blocks, blocks)
+/// (MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT) in logical blocks: what the device
+/// claims, clamped to [`ATOMIC_WRITE_BYTES_MAX`], and at least one logical block each (a
+/// device cannot tear less than one block as the initiator sees it).
+pub fn atomic_limits_blocks(info: &DeviceInfo) -> (u32, u32) {
+    let block = info.block_size_bytes.max(1);
+    let max_blocks = (info.atomic_write_max_bytes.min(ATOMIC_WRITE_BYTES_MAX) / block).max(1);
+    let alignment_blocks = (info.atomic_write_alignment_bytes / block).clamp(1, max_blocks);
+    (max_blocks, alignment_blocks)
 }
 
 /// Bytes written per WRITE SAME chunk: big enough to be efficient, small enough to bound memory.
@@ -1220,7 +1227,7 @@ fn inquiry(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
             p[32..40].copy_from_slice(&u64::from(WRITE_SAME_BLOCKS_MAX).to_be_bytes());
             // WRITE ATOMIC(16): maximum atomic transfer length and atomic alignment; no
             // granularity requirement and no atomic boundaries.
-            let (atomic_blocks, alignment_blocks) = atomic_limits_blocks(ctx.info.block_size_bytes);
+            let (atomic_blocks, alignment_blocks) = atomic_limits_blocks(&ctx.info);
             p[40..44].copy_from_slice(&atomic_blocks.to_be_bytes());
             p[44..48].copy_from_slice(&alignment_blocks.to_be_bytes());
             d.extend_from_slice(&p);
