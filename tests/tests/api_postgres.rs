@@ -1,0 +1,340 @@
+//! Two tandem-api instances on one PostgreSQL database, as behind a load balancer: racing
+//! requests through both never break the volume status machine or a quota, a background
+//! operation runs in one instance only, and when one instance is killed with SIGKILL in the
+//! middle of an operation, the other one finishes it.
+//!
+//! PostgreSQL is a private cluster the test starts (Debian's initdb/pg_ctl on a free port).
+//! The storage nodes are `FakeNode`s: in-memory stand-ins for the node control contract
+//! (volume-api/node-control-api.yaml) that count every call, so a test can tell whether an
+//! operation ran once or twice.
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tests::{Daemon, binary, free_port};
+use volume_api::pg_cluster::PgCluster;
+
+const NODE_TOKEN: &str = "fake-node-token";
+const ADMIN: (&str, &str) = ("X-Auth-Token", "admin:demo");
+
+// ---------------------------------------------------------------------------------------------
+// A storage node stand-in that counts calls.
+
+struct FakeNode {
+    url: String,
+    /// `"PUT /v1/resources/volume-..."` -> how many times it was called.
+    calls: Arc<Mutex<HashMap<String, u32>>>,
+    /// Milliseconds every resource create, resize and delete waits before answering: a slow
+    /// node.
+    create_delay_ms: Arc<AtomicU64>,
+}
+
+impl FakeNode {
+    fn start(name: &str) -> FakeNode {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let calls = Arc::new(Mutex::new(HashMap::new()));
+        let create_delay_ms = Arc::new(AtomicU64::new(0));
+        let (c, d, name) = (calls.clone(), create_delay_ms.clone(), name.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let (c, d, name) = (c.clone(), d.clone(), name.clone());
+                std::thread::spawn(move || serve(stream, &name, &c, &d));
+            }
+        });
+        FakeNode { url, calls, create_delay_ms }
+    }
+
+    fn delay_operations(&self, delay: Duration) {
+        self.create_delay_ms.store(u64::try_from(delay.as_millis()).unwrap(), Ordering::SeqCst);
+    }
+
+    /// How often `PUT /v1/resources/{resource}` (create) was called.
+    fn creates_of(&self, resource: &str) -> u32 {
+        let key = format!("PUT /v1/resources/{resource}");
+        self.calls.lock().unwrap().get(&key).copied().unwrap_or(0)
+    }
+}
+
+fn serve(stream: TcpStream, name: &str, calls: &Mutex<HashMap<String, u32>>, delay: &AtomicU64) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let path = parts.next().unwrap_or("").to_string();
+    let mut length = 0usize;
+    let mut authorized = false;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+            break;
+        }
+        let lower = h.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.trim_end() == format!("authorization: bearer {NODE_TOKEN}") {
+            authorized = true;
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    *calls.lock().unwrap().entry(format!("{method} {path}")).or_insert(0) += 1;
+    let resource_path = path.starts_with("/v1/resources/") && !path.contains("/snapshots/");
+    let (status, reply) = if !authorized {
+        (401, json!({"error": "bad token"}))
+    } else if method == "GET" && path == "/v1/node" {
+        let tib: u64 = 1 << 40;
+        (
+            200,
+            json!({"name": name, "availability_zone": "nova", "total_bytes": tib, "free_bytes": tib}),
+        )
+    } else if method == "PUT" && resource_path {
+        std::thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
+        (200, json!({"portal": "127.0.0.1:3260", "target_iqn": request["target_iqn"], "lun": 0}))
+    } else if method == "DELETE" {
+        if resource_path {
+            std::thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
+        }
+        (204, Value::Null)
+    } else {
+        (200, json!({}))
+    };
+    let text = if status == 204 { String::new() } else { reply.to_string() };
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
+        text.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// tandem-api instances.
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body_text = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One tandem-api on the cluster's database with both fake nodes registered; returns once it
+/// sees both nodes up.
+fn start_api(db: &PgCluster, nodes: &[FakeNode]) -> (Daemon, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut command = Command::new(binary("tandem-api"));
+    command
+        .args(["--listen", &addr.to_string(), "--database", &db.url()])
+        .args(["--node-token", NODE_TOKEN])
+        .args(["--node", &format!("node-a={}", nodes[0].url)])
+        .args(["--node", &format!("node-b={}", nodes[1].url)]);
+    let mut daemon = Daemon::spawn("tandem-api", command);
+    daemon.wait_for_port(addr, Duration::from_secs(60));
+    wait_for("both nodes up", Duration::from_secs(30), || {
+        let (_, body) = http(addr, "GET", "/v3/demo/os-services", &[ADMIN], None);
+        body["services"].as_array().is_some_and(|s| {
+            s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 2
+        })
+    });
+    (daemon, addr)
+}
+
+fn volume(addr: SocketAddr, id: &str) -> Value {
+    http(addr, "GET", &format!("/v3/demo/volumes/{id}"), &[ADMIN], None).1["volume"].clone()
+}
+
+fn create_volume(addr: SocketAddr, project: &str, token: &str) -> (u16, Value) {
+    http(
+        addr,
+        "POST",
+        &format!("/v3/{project}/volumes"),
+        &[("X-Auth-Token", token)],
+        Some(r#"{"volume": {"size": 1}}"#),
+    )
+}
+
+fn wait_available(addr: SocketAddr, id: &str, timeout: Duration) {
+    wait_for(&format!("volume {id} available"), timeout, || {
+        let v = volume(addr, id);
+        assert_ne!(v["status"], "error", "{v}");
+        v["status"] == "available"
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn two_instances_serialise_conflicting_requests_and_run_each_operation_once() {
+    tests::require_slow!();
+    let db = PgCluster::start().unwrap();
+    let nodes = [FakeNode::start("node-a"), FakeNode::start("node-b")];
+    let (_api1, addr1) = start_api(&db, &nodes);
+    let (_api2, addr2) = start_api(&db, &nodes);
+    let both = [addr1, addr2];
+
+    // A slow create through instance 1: instance 2 reconciles every 2 s meanwhile and must not
+    // run it too (the lease is instance 1's and renewed).
+    nodes.iter().for_each(|n| n.delay_operations(Duration::from_secs(5)));
+    let (status, body) = create_volume(addr1, "demo", "admin:demo");
+    assert_eq!(status, 202, "{body}");
+    let id = body["volume"]["id"].as_str().unwrap().to_string();
+    assert_eq!(volume(addr2, &id)["status"], "creating", "both instances share the record");
+    wait_available(addr2, &id, Duration::from_secs(30));
+    nodes.iter().for_each(|n| n.delay_operations(Duration::ZERO));
+    for node in &nodes {
+        assert_eq!(node.creates_of(&format!("volume-{id}")), 1, "create ran more than once");
+    }
+
+    // 50 concurrent os-reserve on that volume, alternating between the instances: exactly one
+    // wins, the others get Cinder's 400, nobody a 5xx.
+    let started = Instant::now();
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let (addr, id) = (both[i % 2], &id);
+                s.spawn(move || {
+                    http(
+                        addr,
+                        "POST",
+                        &format!("/v3/demo/volumes/{id}/action"),
+                        &[ADMIN],
+                        Some(r#"{"os-reserve": null}"#),
+                    )
+                    .0
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("50 concurrent os-reserve through 2 instances: {:?}", started.elapsed());
+    assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 49, "{statuses:?}");
+    assert_eq!(volume(addr1, &id)["status"], "reserved");
+
+    // A quota of 5 volumes and 20 concurrent creates through both instances: exactly 5 pass.
+    let (status, body) = http(
+        addr2,
+        "PUT",
+        "/v3/demo/os-quota-sets/quota",
+        &[ADMIN],
+        Some(r#"{"quota_set": {"volumes": 5}}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    let replies: Vec<(u16, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let addr = both[i % 2];
+                s.spawn(move || create_volume(addr, "quota", "alice:quota"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("20 concurrent creates against a quota of 5: {:?}", started.elapsed());
+    let accepted: Vec<String> = replies
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, b)| b["volume"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(accepted.len(), 5, "{replies:?}");
+    assert!(replies.iter().all(|(s, _)| *s == 202 || *s == 413), "{replies:?}");
+    let (_, listed) =
+        http(addr1, "GET", "/v3/quota/volumes", &[("X-Auth-Token", "alice:quota")], None);
+    assert_eq!(listed["volumes"].as_array().map(Vec::len), Some(5), "{listed}");
+    // Each accepted create ran exactly once on each node, whichever instance took it.
+    for id in &accepted {
+        wait_available(addr1, id, Duration::from_secs(30));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    for id in &accepted {
+        for node in &nodes {
+            assert_eq!(node.creates_of(&format!("volume-{id}")), 1, "volume {id}");
+        }
+    }
+}
+
+#[test]
+fn an_instance_killed_mid_operation_is_finished_by_the_other() {
+    tests::require_slow!();
+    let db = PgCluster::start().unwrap();
+    let nodes = [FakeNode::start("node-a"), FakeNode::start("node-b")];
+    let (mut api1, addr1) = start_api(&db, &nodes);
+    let (api2, addr2) = start_api(&db, &nodes);
+
+    // Killed mid-create: instance 2 resumes the create once instance 1's lease expired.
+    nodes.iter().for_each(|n| n.delay_operations(Duration::from_secs(3)));
+    let (status, body) = create_volume(addr1, "demo", "admin:demo");
+    assert_eq!(status, 202, "{body}");
+    let id = body["volume"]["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(500));
+    api1.kill9();
+    drop(api1);
+    let killed_at = Instant::now();
+    nodes.iter().for_each(|n| n.delay_operations(Duration::ZERO));
+    wait_available(addr2, &id, Duration::from_secs(60));
+    eprintln!("create finished by the surviving instance {:?} after the kill", killed_at.elapsed());
+    assert!(api2.log().contains(&format!("resuming creating of volume {id}")), "{}", api2.log());
+
+    // Killed mid-delete: the same, and the record goes.
+    let (mut api1, addr1) = start_api(&db, &nodes);
+    let (status, body) = create_volume(addr1, "demo", "admin:demo");
+    assert_eq!(status, 202, "{body}");
+    let second = body["volume"]["id"].as_str().unwrap().to_string();
+    wait_available(addr1, &second, Duration::from_secs(30));
+    nodes.iter().for_each(|n| n.delay_operations(Duration::from_secs(3)));
+    let (status, body) =
+        http(addr1, "DELETE", &format!("/v3/demo/volumes/{second}"), &[ADMIN], None);
+    assert_eq!(status, 202, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    api1.kill9();
+    drop(api1);
+    nodes.iter().for_each(|n| n.delay_operations(Duration::ZERO));
+    assert_eq!(volume(addr2, &second)["status"], "deleting");
+    wait_for("volume deleted by the surviving instance", Duration::from_secs(60), || {
+        http(addr2, "GET", &format!("/v3/demo/volumes/{second}"), &[ADMIN], None).0 == 404
+    });
+    assert!(
+        api2.log().contains(&format!("resuming deleting of volume {second}")),
+        "{}",
+        api2.log()
+    );
+}
