@@ -678,18 +678,48 @@ impl Supervisor {
             Err(error) => error,
         };
         let mut problems = Vec::new();
+        let mut still_plugged = false;
         for compensation in compensations(stage) {
             match compensation {
                 Compensation::Unplug => {
-                    if let Some(attachment) = state.attachments.remove(volume_id) {
+                    let Some(attachment) = state.attachments.get(volume_id).cloned() else {
+                        continue;
+                    };
+                    let qmp = state.running.as_ref().map(|running| running.qmp.clone());
+                    let errors = match qmp {
+                        // As in a detach: stop at the first failure, so nothing is deleted
+                        // under a device the guest still holds.
+                        Some(qmp) => {
+                            let undos = rollback(&attachment.steps, attachment.steps.len());
+                            run_undos(&qmp, &undos, false).await
+                        }
+                        None => Vec::new(),
+                    };
+                    if errors.is_empty() {
+                        state.attachments.remove(volume_id);
                         state.slots.release(volume_id);
                         lock(&instance.portals).remove(&attachment.names.node_name);
-                        if let Some(running) = &state.running {
-                            let undos = rollback(&attachment.steps, attachment.steps.len());
-                            problems.extend(run_undos(&running.qmp, &undos, true).await);
+                    } else {
+                        // QEMU may still use the volume: it stays attached in tandem-api and
+                        // recorded here as `error`; a detach finishes the job.
+                        still_plugged = true;
+                        let failed = attachment
+                            .status
+                            .next(AttachmentEvent::DetachRequested)
+                            .and_then(|status| status.next(AttachmentEvent::DetachFailed));
+                        if let (Some(record), Ok(failed)) =
+                            (state.attachments.get_mut(volume_id), failed)
+                        {
+                            record.status = failed;
                         }
+                        problems.push(format!(
+                            "unplugging: {}; {volume_id} stays attached (status error): \
+                             detach it to finish",
+                            errors.join("; ")
+                        ));
                     }
                 }
+                Compensation::DeleteAttachment if still_plugged => {}
                 Compensation::DeleteAttachment => {
                     if let Err(delete_error) = volume_api.attachment_delete(&attachment_id).await {
                         let later = self.retry_delete_later(&attachment_id);
