@@ -40,6 +40,14 @@ impl StoreDevice {
         Self { journal: Some(journal), ..self }
     }
 
+    /// Refuses writes after an atomic write failed half way (see `AtomicJournal::write`).
+    fn check_not_fenced(&self) -> Result<(), DeviceError> {
+        match &self.journal {
+            Some(journal) => journal.check_not_fenced().map_err(convert_journal),
+            None => Ok(()),
+        }
+    }
+
     /// The backing store writes go to.
     pub fn store(&self) -> &BackingStore {
         &self.store
@@ -113,6 +121,7 @@ impl BlockDevice for StoreDevice {
     }
 
     async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        self.check_not_fenced()?;
         if data.len() <= IO_SIZE_BYTES_MAX {
             return self.store.write(offset_bytes, data, fua).await.map_err(convert);
         }
@@ -133,10 +142,12 @@ impl BlockDevice for StoreDevice {
     }
 
     async fn unmap(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        self.check_not_fenced()?;
         self.store.discard(offset_bytes, length_bytes).await.map_err(convert)
     }
 
     async fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        self.check_not_fenced()?;
         self.store.write_zeroes(offset_bytes, length_bytes).await.map_err(convert)
     }
 
