@@ -900,7 +900,15 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
         attach_ms[attach_ms.len() / 2],
         attach_ms[attach_ms.len() - 1]
     );
-    agent.cli(&["delete", "srv-cycles"]);
+
+    // Stopping the agent (SIGTERM) stops its instances, which it keeps no record of across a
+    // restart, so it gives their volumes back.
+    attach_by_id(&agent, "srv-cycles", &volume);
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+    let mut agent = agent;
+    let status = agent.daemon.stop();
+    assert!(status.is_some_and(|status| status.success()), "clean exit: {status:?}");
+    api.assert_available_and_unattached(&volume);
 }
 
 #[test]
