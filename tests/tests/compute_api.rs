@@ -5,8 +5,9 @@
 //! initiator writes through it (`qemu-io` over QMP) and the host reads the bytes back over iSCSI;
 //! detach gives it back `available`. Hot-plugs that fail (a wrong CHAP secret on the target, an
 //! export that is down, tandem-api itself down) leave the volume `available` with no attachment
-//! and no QEMU block node. Attach/detach cycles by volume id leak no attachment record, QEMU
-//! node, secret or iSCSI session.
+//! and no QEMU block node; so does an `os-complete` that fails after the hot-plug. Attach/detach
+//! cycles by volume id leak no attachment record, QEMU node, secret or iSCSI session. A booted
+//! guest gets the volume as a virtio disk whose serial is the volume id, and releases it.
 //!
 //! TEST FIXTURE, NOT THE PRODUCT: `FixtureNode` stands in for tandemd's node control API (as in
 //! `api_cinderclient.rs`, whose approach it follows): each resource is a sparse file exported by
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tests::{
     Daemon, binary, free_port, require_slow, require_tool, run_ok, run_with_timeout, wait_until,
+    workspace_root,
 };
 
 const NODE_TOKEN: &str = "fixture-node-token";
@@ -971,4 +973,57 @@ fn a_failure_after_the_hot_plug_unplugs_before_the_volume_goes_back() {
     api.assert_available_and_unattached(&volume);
     assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
     agent.cli(&["delete", "srv-faults"]);
+}
+
+#[test]
+fn a_guest_gets_the_volume_as_a_virtio_disk_with_its_id_as_serial_and_releases_it() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("cpio", "cpio");
+    let guest = workspace_root().join("target/guest");
+    run_ok(
+        Command::new(workspace_root().join("scripts/build-guest")).arg(&guest),
+        Duration::from_secs(300),
+    );
+    let api = Api::start(Auth::NoAuth);
+    let agent = Agent::start(&api, &api.endpoint());
+    let volume = api.create_volume("guest-disk");
+    let server = agent.cli(&[
+        "boot",
+        "guest",
+        "--id",
+        "guest",
+        "--kernel",
+        guest.join("vmlinuz").to_str().expect("utf-8"),
+        "--initrd",
+        guest.join("initrd.img").to_str().expect("utf-8"),
+        "--cmdline",
+        "console=ttyS0 quiet panic=-1 tandem.channel",
+    ])["server"]
+        .clone();
+    let console = PathBuf::from(server["paths"]["console_log"].as_str().expect("console"));
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            std::fs::read_to_string(&console).is_ok_and(|t| t.contains("tandem-guest: ready"))
+        }),
+        "the guest booted: {}",
+        std::fs::read_to_string(&console).unwrap_or_default()
+    );
+    let mut monitor = Monitor::open(&server);
+
+    let attached = attach_by_id(&agent, "guest", &volume);
+    assert_eq!(attached["frontend"], "virtioblk", "{attached}");
+    let device = attached["names"]["device_id"].as_str().expect("device id").to_owned();
+    let serial = monitor.execute(
+        "qom-get",
+        json!({"path": format!("/machine/peripheral/{device}"), "property": "serial"}),
+    );
+    assert_eq!(serial, json!(volume), "Nova's disk serial is the volume id");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+
+    // device_del completes only when the guest lets go (DEVICE_DELETED).
+    agent.cli(&["detach", "guest", &volume]);
+    api.assert_available_and_unattached(&volume);
+    assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
+    agent.cli(&["delete", "guest"]);
 }
