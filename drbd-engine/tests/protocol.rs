@@ -107,3 +107,242 @@ fn a_disconnected_primary_fences_then_writes_and_marks_the_bitmap() {
     assert!(al < write && bits < write, "metadata is persisted before the data write: {out:?}");
     assert_eq!(node.out_of_sync_blocks(NodeId(1)), 2);
 }
+
+type RequestResult = Result<Option<Vec<u8>>, RequestError>;
+
+/// The other node of the pair, by index.
+fn other(i: usize) -> NodeId {
+    NodeId(u8::from(i == 0))
+}
+
+/// Two nodes wired back to back: frames go straight across, disk I/O completes at once
+/// (reads return zeroes), persisted metadata is applied inside the nodes already.
+struct Pair {
+    nodes: [drbd_engine::protocol::Node; 2],
+    now_ms: u64,
+    /// deliver[i]: frames to node i arrive (false: lost, as in a one-way partition).
+    deliver: [bool; 2],
+    completions: Vec<(usize, RequestId, RequestResult)>,
+    events: Vec<(usize, drbd_engine::protocol::Event)>,
+}
+
+impl Pair {
+    fn new(fencing: Fencing) -> Self {
+        let node = |id: u8, peer: u8| {
+            let config = Config { peers: vec![NodeId(peer)], fencing, ..config() };
+            drbd_engine::protocol::Node::new(config, Metadata::create(NodeId(id), 1024), 0)
+        };
+        Self {
+            nodes: [node(0, 1), node(1, 0)],
+            now_ms: 0,
+            deliver: [true; 2],
+            completions: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Runs until neither node has output left.
+    fn run(&mut self) {
+        loop {
+            let mut progress = false;
+            for i in 0..2 {
+                while let Some(output) = self.nodes[i].poll_output() {
+                    progress = true;
+                    let now = self.now_ms;
+                    match output {
+                        Output::Transmit { bytes, .. } if self.deliver[1 - i] => {
+                            self.nodes[1 - i].handle_receive(now, other(1 - i), &bytes)
+                        }
+                        Output::DiskIo { id, op } => {
+                            let result = match op {
+                                DiskOp::Read { blocks, .. } => {
+                                    Ok(Some(vec![0; usize::try_from(blocks).unwrap() * 4096]))
+                                }
+                                _ => Ok(None),
+                            };
+                            self.nodes[i].handle_disk_completion(now, id, result);
+                        }
+                        Output::Complete { request, result } => {
+                            self.completions.push((i, request, result))
+                        }
+                        Output::Event(event) => self.events.push((i, event)),
+                        _ => {}
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn connect(&mut self, conn_id: u64) {
+        self.deliver = [true; 2];
+        self.connect_with(conn_id);
+    }
+
+    /// A new transport whose frames arrive as `deliver` says.
+    fn connect_with(&mut self, conn_id: u64) {
+        self.now_ms += 1;
+        for i in 0..2 {
+            self.nodes[i].handle_connected(self.now_ms, other(i), conn_id);
+        }
+        self.run();
+    }
+
+    /// Both ends notice the link is gone (a partition both sides timed out on).
+    fn cut(&mut self, conn_id: u64) {
+        self.deliver = [false; 2];
+        self.now_ms += 1;
+        for i in 0..2 {
+            self.nodes[i].handle_transport_closed(self.now_ms, other(i), conn_id);
+        }
+        self.run();
+    }
+
+    /// Node 0 primary over two identical UpToDate replicas, then the link cut.
+    fn primary_cut_off(fencing: Fencing) -> Self {
+        let mut pair = Self::new(fencing);
+        pair.connect(1);
+        pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+        pair.run();
+        pair.nodes[0].handle_promote(3, false).unwrap();
+        pair.run();
+        assert_eq!(pair.nodes[1].disk_state(), DiskState::UpToDate);
+        pair.cut(1);
+        pair
+    }
+
+    fn request(&mut self, i: usize, id: u64, req: AppRequest) {
+        self.now_ms += 1;
+        self.nodes[i].handle_request(self.now_ms, RequestId(id), req);
+        self.run();
+    }
+
+    fn result(&self, id: u64) -> Option<&RequestResult> {
+        self.completions.iter().find(|(_, r, _)| *r == RequestId(id)).map(|(_, _, result)| result)
+    }
+}
+
+#[test]
+fn a_primary_that_lost_its_peer_holds_reads_and_writes_until_the_fence_handler_answers() {
+    for fencing in [Fencing::ResourceOnly, Fencing::ResourceAndStonith] {
+        let mut pair = Pair::primary_cut_off(fencing);
+        assert!(pair.nodes[0].fence_pending(NodeId(1)), "{fencing:?}: fence-peer requested");
+        pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+        pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
+        // The read's data may be stale if the peer is promoted meanwhile: it waits too.
+        assert!(pair.result(1).is_none() && pair.result(2).is_none(), "{fencing:?}");
+        pair.nodes[0].handle_fence_outcome(
+            10,
+            NodeId(1),
+            drbd_engine::protocol::FenceOutcome::PeerOutdated,
+        );
+        pair.run();
+        assert_eq!(pair.result(1), Some(&Ok(None)), "{fencing:?}");
+        assert!(matches!(pair.result(2), Some(Ok(Some(_)))), "{fencing:?}");
+    }
+}
+
+#[test]
+fn fence_exit_code_6_outdates_the_old_primary_and_fails_what_it_froze() {
+    let mut pair = Pair::primary_cut_off(Fencing::ResourceOnly);
+    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
+    // The cluster manager promotes the cut-off secondary before the handler reaches it.
+    pair.nodes[1].handle_promote(20, false).unwrap();
+    pair.run();
+    pair.nodes[0].handle_fence_outcome(
+        21,
+        NodeId(1),
+        drbd_engine::protocol::FenceOutcome::PeerIsPrimary,
+    );
+    pair.run();
+    // Never acknowledged: the new primary does not have the write.
+    assert_eq!(pair.result(1), Some(&Err(RequestError::NoUpToDateData)));
+    assert_eq!(pair.result(2), Some(&Err(RequestError::NoUpToDateData)));
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::Outdated);
+    assert!(!pair.nodes[0].fence_pending(NodeId(1)));
+    pair.request(0, 3, AppRequest::Write { offset_blocks: 0, data: vec![8; 4096], fua: false });
+    assert_eq!(pair.result(3), Some(&Err(RequestError::NoUpToDateData)));
+    // The cluster manager can demote it now: nothing is left in flight.
+    pair.nodes[0].handle_demote(22).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[0].role(), Role::Secondary);
+}
+
+#[test]
+fn a_peer_promoted_apart_is_refused_on_reconnect_and_does_not_settle_the_fence() {
+    let mut pair = Pair::primary_cut_off(Fencing::ResourceOnly);
+    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.nodes[1].handle_promote(20, false).unwrap();
+    pair.run();
+    // The link comes back before the handler answered: nobody wrote, the generations match,
+    // but two primaries must not connect (DRBD: SS_TWO_PRIMARIES), and the old primary must
+    // not take the handshake as the end of its fence.
+    pair.connect(2);
+    assert!(pair.events.iter().any(|(i, e)| *i == 0
+        && matches!(e, drbd_engine::protocol::Event::SyncRefused { reason, .. }
+            if reason.contains("both nodes are primary"))));
+    assert!(pair.nodes[0].fence_pending(NodeId(1)));
+    assert!(pair.result(1).is_none(), "the frozen write stays frozen");
+}
+
+#[test]
+fn fence_exit_code_5_resumes_only_a_node_with_up_to_date_data() {
+    let mut pair = Pair::primary_cut_off(Fencing::ResourceAndStonith);
+    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.nodes[0].handle_fence_outcome(10, NodeId(1), drbd_engine::protocol::FenceOutcome::Failed);
+    pair.run();
+    assert!(pair.result(1).is_none(), "a broken handler leaves I/O frozen");
+    pair.nodes[0].handle_fence_outcome(
+        11,
+        NodeId(1),
+        drbd_engine::protocol::FenceOutcome::PeerUnreachable,
+    );
+    pair.run();
+    assert_eq!(pair.result(1), Some(&Ok(None)), "peer unreachable, assumed dead");
+}
+
+#[test]
+fn a_one_sided_handshake_as_sync_source_does_not_end_the_fence() {
+    // A write the peer never acknowledged is cut off with the link: the fence is pending.
+    // The link comes back one way only: the primary hears the peer's whole handshake and
+    // decides to be its sync source, but the peer never hears ours and stays UpToDate.
+    let mut pair = Pair::new(Fencing::ResourceOnly);
+    pair.connect(1);
+    pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+    pair.run();
+    pair.nodes[0].handle_promote(3, false).unwrap();
+    pair.run();
+    pair.deliver = [true, false];
+    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.cut(1);
+    assert!(pair.nodes[0].fence_pending(NodeId(1)));
+    assert!(pair.result(1).is_none());
+    pair.deliver = [true, false];
+    pair.connect_with(2);
+    assert!(pair.events.iter().any(|(i, e)| *i == 0
+        && matches!(e, drbd_engine::protocol::Event::HandshakeDecided { decision, .. }
+            if *decision == drbd_engine::uuid::SyncDecision::BitmapSource)));
+    assert_eq!(pair.nodes[1].disk_state(), DiskState::UpToDate, "the peer never became target");
+    assert!(pair.result(1).is_none(), "not acknowledged before the peer confirmed");
+    pair.cut(2);
+    assert!(pair.nodes[0].fence_pending(NodeId(1)), "losing the peer again fences it again");
+    assert!(pair.result(1).is_none());
+}
+
+#[test]
+fn promotion_waits_for_a_connection_handshake_in_progress() {
+    let mut pair = Pair::primary_cut_off(Fencing::ResourceOnly);
+    // The transport is back but no handshake frame has arrived yet: the peer's role is
+    // unknown and our Hello already announced Secondary.
+    pair.deliver = [false, false];
+    pair.connect_with(2);
+    assert_eq!(
+        pair.nodes[1].handle_promote(30, false),
+        Err(drbd_engine::protocol::StateError::Precondition("connection handshake in progress"))
+    );
+    pair.cut(2);
+    pair.nodes[1].handle_promote(31, false).unwrap();
+}

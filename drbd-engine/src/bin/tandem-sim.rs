@@ -1,6 +1,7 @@
 //! `tandem-sim --seed S --count N [--nodes K]`: runs seeds S..S+N-1 of the deterministic
 //! simulator. Each failing seed prints its violation and a one-line reproducer; the last line
-//! is always `N seeds, V violations`, and the exit code is 1 when V > 0.
+//! is always `N seeds, V violations`, preceded by the counters summed over all seeds (`total:`),
+//! and the exit code is 1 when V > 0. `--verbose` prints each seed's swarm and counters.
 
 use drbd_engine::sim;
 use std::process::ExitCode;
@@ -47,19 +48,13 @@ fn main() -> ExitCode {
     // Panics are reported as violations of their seed; keep the default hook quiet.
     std::panic::set_hook(Box::new(|_| {}));
     let mut violations = 0u64;
+    let mut total = sim::Report::default();
     for s in seed..seed.saturating_add(count) {
         let report = sim::run_seed(s, nodes);
+        total.add(&report);
         if verbose {
             println!("seed {s}: {:?}", sim::World::new(s, nodes).swarm());
-            println!(
-                "seed {s}: {} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains, {} ms simulated",
-                report.writes_acked,
-                report.crashes,
-                report.promotions,
-                report.resyncs,
-                report.split_brains,
-                report.sim_ms
-            );
+            println!("seed {s}: {}", report.summary());
         }
         if !report.violations.is_empty() {
             violations += 1;
@@ -69,6 +64,7 @@ fn main() -> ExitCode {
             println!("reproduce: {}", sim::reproduce_command(s));
         }
     }
+    println!("total: {}", total.summary());
     println!("{count} seeds, {violations} violations");
     if violations > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }

@@ -15,8 +15,8 @@ pub mod resync_controller;
 pub mod states;
 
 pub use node::{
-    AppRequest, Config, DiskOp, Event, Fencing, IoFailed, IoId, Node, Output, ReplicationProtocol,
-    RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
+    AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
+    ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
 pub use persist::{MetaFlags, MetaUpdate, Metadata, MetadataStore, PersistedDisk};
 pub use resync_controller::{DynamicControllerConfig, ResyncController, ResyncRate};

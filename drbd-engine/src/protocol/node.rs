@@ -5,7 +5,10 @@
 //! extents hot in the activity log; start a new generation if a peer will miss the write; mark
 //! the write in the bitmap of every peer it cannot reach; then submit it locally and send it to
 //! every replicating peer at once. It completes when the local disk and every replicating
-//! peer acknowledged it, and never while the fencing of a lost peer is unresolved.
+//! peer acknowledged it, and never while the fencing of a lost peer is unresolved (with fencing
+//! resource-only or resource-and-stonith, reads that finished meanwhile wait too: a peer
+//! promoted behind our back may have newer data). If the fence-peer handler answers that the
+//! peer is primary (exit code 6), this node outdates itself and fails what it froze.
 //!
 //! A completed write stays in the transfer log until it is on stable storage everywhere: the
 //! primary closes epochs with barriers (a local flush plus a Barrier frame the peer answers
@@ -55,11 +58,47 @@ impl ReplicationProtocol {
 /// DRBD's `fencing` policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fencing {
-    /// Keep writing when a peer is lost; a promoted stale peer can lose acknowledged writes.
+    /// Keep writing when a peer is lost; a promoted stale peer can lose acknowledged writes,
+    /// and a peer promoted behind our back makes two primaries (split brain on reconnect).
     DontCare,
-    /// Freeze write completion when a possibly UpToDate peer is lost until the fence handler
-    /// confirmed it outdated (`Event::FencePeer` -> `Node::handle_fence_result`).
+    /// Freeze application I/O completion when a possibly UpToDate peer is lost until the fence
+    /// handler answered (`Event::FencePeer` -> `Node::handle_fence_outcome`). DRBD itself
+    /// freezes only with resource-and-stonith (`susp-fen`); Tandem freezes with both, because
+    /// without the freeze a write acknowledged in the handler's window can be missing on a
+    /// peer promoted meanwhile.
     ResourceOnly,
+    /// As `ResourceOnly`; the handler may also shoot the peer (exit code 7), and the cluster
+    /// shoots a primary that lost the race to a promoted peer.
+    ResourceAndStonith,
+}
+
+impl Fencing {
+    /// Whether losing a possibly UpToDate peer freezes I/O until the fence handler answered.
+    pub fn freezes(self) -> bool {
+        matches!(self, Self::ResourceOnly | Self::ResourceAndStonith)
+    }
+}
+
+/// What the `fence-peer` handler reported, by its exit code (DRBD user guide, "The peer
+/// fencing interface").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceOutcome {
+    /// Exit code 3: the peer's disk was already Inconsistent (it cannot be promoted).
+    PeerInconsistent,
+    /// Exit code 4: the peer's disk is now Outdated (or was already).
+    PeerOutdated,
+    /// Exit code 5: the peer could not be reached. As DRBD, a node with UpToDate data takes
+    /// the peer for dead and resumes; otherwise I/O stays frozen.
+    PeerUnreachable,
+    /// Exit code 6: the peer refused to be outdated because it is primary. As DRBD ("peer is
+    /// primary, outdating myself"), this node outdates its own disk: its frozen requests fail
+    /// and it serves nothing more, so it never acknowledges a write the new primary lacks.
+    PeerIsPrimary,
+    /// Exit code 7: the peer was fenced off the cluster (STONITH).
+    PeerStonithed,
+    /// Any other exit code: the handler is broken; I/O stays frozen (DRBD: until
+    /// `drbdadm resume-io`, here until the peer reconnects in sync or as our sync target).
+    Failed,
 }
 
 #[derive(Debug, Clone)]
@@ -415,6 +454,9 @@ pub struct Node {
     app_flushes: Vec<AppFlush>,
     last_barrier_ms: u64,
     fence_pending: u64,
+    /// Application reads finished on disk while a fence was pending: their data may be stale
+    /// if the peer was promoted meanwhile, so they complete only after the handler answered.
+    held_reads: Vec<(RequestId, Vec<u8>)>,
     demote_pending: bool,
     /// Local writes on behalf of peers (any connection, old ones too) still in flight.
     peer_writes: BTreeMap<(u8, u64, u64, bool), (u64, u64)>,
@@ -489,6 +531,7 @@ impl Node {
             app_flushes: Vec::new(),
             last_barrier_ms: now_ms,
             fence_pending: 0,
+            held_reads: Vec::new(),
             demote_pending: false,
             peer_writes: BTreeMap::new(),
             last_app_write_ms: 0,
@@ -904,7 +947,7 @@ impl Node {
         if self.handshake_in_progress() || self.fence_pending != 0 {
             return;
         }
-        if self.config.fencing == Fencing::ResourceOnly && !self.queued_writes.is_empty() {
+        if self.config.fencing.freezes() && !self.queued_writes.is_empty() {
             // A peer we cannot reach may still be promoted with UpToDate data: have it fenced
             // before any write it misses is acknowledged.
             for i in 0..self.peers.len() {
@@ -1011,8 +1054,37 @@ impl Node {
             .collect();
         for id in done {
             let w = self.app_writes.remove(&id).expect("listed");
-            let result = if w.local == LocalState::Done { Ok(None) } else { Err(RequestError::Io) };
+            let result = if self.lost_to_peer() {
+                // A peer was promoted while this write was frozen: it may lack the write.
+                Err(RequestError::NoUpToDateData)
+            } else if w.local == LocalState::Done {
+                Ok(None)
+            } else {
+                Err(RequestError::Io)
+            };
             self.outputs.push_back(Output::Complete { request: w.request, result });
+        }
+    }
+
+    /// A primary whose disk is Outdated outdated itself on fence-peer exit code 6: another
+    /// node is primary with data it may lack, so it acknowledges nothing any more.
+    fn lost_to_peer(&self) -> bool {
+        self.role == Role::Primary && self.disk == DiskState::Outdated
+    }
+
+    /// Completes reads held while a fence was pending, once none is.
+    fn release_held_reads(&mut self) {
+        if self.fence_pending != 0 {
+            return;
+        }
+        for (request, data) in std::mem::take(&mut self.held_reads) {
+            self.app_reads -= 1;
+            let result = if self.lost_to_peer() {
+                Err(RequestError::NoUpToDateData)
+            } else {
+                Ok(Some(data))
+            };
+            self.outputs.push_back(Output::Complete { request, result });
         }
     }
 
@@ -1083,7 +1155,13 @@ impl Node {
             });
             if local_done && peers_done {
                 let f = self.app_flushes.remove(i);
-                let result = if f.failed { Err(RequestError::Io) } else { Ok(None) };
+                let result = if self.lost_to_peer() {
+                    Err(RequestError::NoUpToDateData)
+                } else if f.failed {
+                    Err(RequestError::Io)
+                } else {
+                    Ok(None)
+                };
                 self.outputs.push_back(Output::Complete { request: f.request, result });
             } else {
                 i += 1;
@@ -1106,14 +1184,20 @@ impl Node {
         };
         match purpose {
             IoPurpose::AppRead { request } => {
-                self.app_reads -= 1;
                 let result = match result {
+                    Ok(Some(data)) if self.fence_pending != 0 => {
+                        // Still counted in app_reads: it completes when the fence is settled.
+                        self.held_reads.push((request, data));
+                        self.pump();
+                        return;
+                    }
                     Ok(Some(data)) => Ok(Some(data)),
                     _ => {
                         self.detach();
                         Err(RequestError::Io)
                     }
                 };
+                self.app_reads -= 1;
                 self.outputs.push_back(Output::Complete { request, result });
             }
             IoPurpose::AppWrite { write } => {
@@ -1386,7 +1470,7 @@ impl Node {
         }
         if was_replicating
             && self.role == Role::Primary
-            && self.config.fencing == Fencing::ResourceOnly
+            && self.config.fencing.freezes()
             && self.meta.flags.peer_outdated & peer.bit() == 0
         {
             self.start_fence(i);
@@ -1401,15 +1485,47 @@ impl Node {
         }
     }
 
-    /// The fence handler's verdict: `outdated` when the peer's disk is now Outdated (or it is
-    /// known down and marked so). A failed fence keeps I/O frozen, as DRBD does.
+    /// The fence handler's verdict as a yes/no: `outdated` is exit code 4 (the peer's disk is
+    /// now Outdated), anything else a broken handler (I/O stays frozen). Kept for drivers that
+    /// only know success or failure; `handle_fence_outcome` takes every exit code.
     pub fn handle_fence_result(&mut self, now_ms: u64, peer: NodeId, outdated: bool) {
+        let outcome = if outdated { FenceOutcome::PeerOutdated } else { FenceOutcome::Failed };
+        self.handle_fence_outcome(now_ms, peer, outcome);
+    }
+
+    /// The fence-peer handler for `peer` finished with `outcome` (its exit code).
+    pub fn handle_fence_outcome(&mut self, now_ms: u64, peer: NodeId, outcome: FenceOutcome) {
         self.advance(now_ms);
-        if self.fence_pending & peer.bit() == 0 || !outdated {
+        if self.fence_pending & peer.bit() == 0 {
             return;
         }
-        self.fence_pending &= !peer.bit();
-        self.persist_flags(|f| f.peer_outdated |= peer.bit());
+        match outcome {
+            FenceOutcome::Failed => return,
+            // DRBD: "peer unreachable, doing nothing since disk != UpToDate".
+            FenceOutcome::PeerUnreachable if self.disk != DiskState::UpToDate => return,
+            FenceOutcome::PeerIsPrimary => {
+                self.fence_pending &= !peer.bit();
+                // "Peer is primary, outdating myself": the frozen requests fail (pump) and
+                // new ones are refused for want of UpToDate data; the operator demotes us.
+                if self.disk.has_data() {
+                    self.set_disk(DiskState::Outdated);
+                }
+                for id in std::mem::take(&mut self.queued_writes) {
+                    let w = self.app_writes.remove(&id).expect("queued");
+                    self.outputs.push_back(Output::Complete {
+                        request: w.request,
+                        result: Err(RequestError::NoUpToDateData),
+                    });
+                }
+            }
+            FenceOutcome::PeerInconsistent
+            | FenceOutcome::PeerOutdated
+            | FenceOutcome::PeerUnreachable
+            | FenceOutcome::PeerStonithed => {
+                self.fence_pending &= !peer.bit();
+                self.persist_flags(|f| f.peer_outdated |= peer.bit());
+            }
+        }
         self.pump();
     }
 
@@ -1452,6 +1568,12 @@ impl Node {
         }
         if self.peers.iter().any(|p| p.replication == ReplicationState::SyncTarget) {
             return Err(StateError::SyncTarget);
+        }
+        if self.handshake_in_progress() {
+            // The peer decides from the role our Hello announced, and its own role is not
+            // known yet: promoting now could make two primaries that each take the other for
+            // a secondary. DRBD serializes state changes with the handshake the same way.
+            return Err(StateError::Precondition("connection handshake in progress"));
         }
         let allowed = self.disk == DiskState::UpToDate
             || (force && (self.disk.has_data() || self.disk == DiskState::Inconsistent));
@@ -1646,6 +1768,13 @@ impl Node {
             Frame::State { role, disk } => {
                 self.peers[i].role = role;
                 self.set_peer_disk(i, disk);
+                if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
+                    // The peer itself says it cannot be promoted (it became our SyncTarget):
+                    // losing it needs no fence, and a pending one is settled.
+                    let peer = self.peers[i].id;
+                    self.persist_flags(|f| f.peer_outdated |= peer.bit());
+                    self.fence_pending &= !peer.bit();
+                }
                 if role == Role::Primary && self.role == Role::Primary {
                     self.protocol_error(i, "two primaries".into());
                 }
@@ -1893,13 +2022,6 @@ impl Node {
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.emit(Event::HandshakeDecided { peer, decision });
-        if matches!(
-            decision,
-            SyncDecision::NoSync | SyncDecision::BitmapSource | SyncDecision::FullSource
-        ) {
-            // Connected again and either in sync or our sync target: no fence needed any more.
-            self.fence_pending &= !peer.bit();
-        }
         use SyncDecision::*;
         let target = matches!(decision, BitmapTarget | FullTarget);
         let source = matches!(decision, BitmapSource | FullSource);
@@ -1927,6 +2049,20 @@ impl Node {
         if (source && !self.disk.has_data()) || (target && !hello.disk.has_data()) {
             self.refuse(i, "the sync source has no consistent data");
             return;
+        }
+        if self.role == Role::Primary && hello.role == Role::Primary {
+            // DRBD refuses the connection (SS_TWO_PRIMARIES): a peer promoted while we were
+            // apart must not start receiving our writes, and a fence pending for it must not
+            // be settled by this handshake.
+            self.refuse(i, "both nodes are primary");
+            return;
+        }
+        if decision == NoSync {
+            // Connected again and in sync: whatever we write from now on reaches the peer or
+            // is fenced again when the connection breaks. (As sync source the fence ends only
+            // when the peer's State confirms it became Inconsistent: its side of the
+            // handshake may still fail, leaving it UpToDate without our newer writes.)
+            self.fence_pending &= !peer.bit();
         }
         if decision == NoSync {
             if self.meta.uuids.bitmap_uuid(peer) != 0 {
@@ -1959,7 +2095,6 @@ impl Node {
             if self.disk != DiskState::UpToDate {
                 self.set_disk(DiskState::UpToDate);
             }
-            self.persist_flags(|f| f.peer_outdated |= peer.bit());
             self.set_peer_disk(i, DiskState::Inconsistent);
             let blocks_total = self.meta.bitmaps[peer.index()].count();
             self.peers[i].resync = Some(ResyncSource {
@@ -2134,6 +2269,7 @@ impl Node {
         self.collect_transfer_log();
         self.try_complete_writes();
         self.try_complete_flushes();
+        self.release_held_reads();
         self.try_finish_demote();
     }
 }

@@ -3,17 +3,39 @@
 //! One seed decides everything: the fault rates of this run (swarm testing), the workload, the
 //! network (loss, delay and so reordering, duplication, corruption, partitions), the disks
 //! (latency, I/O errors, power loss that drops or tears volatile writes, kill -9 that keeps
-//! them), crashes and restarts, promote/demote (forced too), disconnect/reconnect. A safety
+//! them), crashes and restarts, promote/demote (forced too), disconnect/reconnect, and the
+//! resource's fencing policy (dont-care, resource-only or resource-and-stonith). A safety
 //! phase with faults is followed by a liveness phase in which the cluster is healed and must
-//! converge. Checkers:
+//! converge.
+//!
+//! Promotion apart: once a live primary and an UpToDate secondary have both noticed that they
+//! lost each other (a partition or a disconnect), the cluster manager may promote the
+//! secondary (not forced) after a delay that races the old primary's fence-peer handler. The
+//! handler is simulated as an out-of-band channel plus the cluster manager's knowledge (see
+//! `World::fence_done` for the DRBD exit code of each outcome): it outdates the secondary
+//! first (the promotion is then refused: Outdated), or finds it promoted (exit code 6: the old
+//! primary outdates itself and fails what it froze, or, with resource-and-stonith, is shot).
+//! Under dont-care nothing stops the promotion: two primaries write apart.
+//!
+//! Checkers:
 //! - acknowledged writes: whenever a node is promoted with UpToDate data, every block on it
-//!   holds the newest guaranteed write or a later one (`model`); every read is checked too;
+//!   holds the newest guaranteed write or a later one (`model`); every read is checked too.
+//!   Under resource-only and resource-and-stonith one model holds the writes every primary
+//!   acknowledged: all of them must be on whichever node is promoted next. Under dont-care
+//!   the model forks into lineages when a primary writes without a peer that is later
+//!   promoted (or two primaries write apart): a write is required only on the lineage that
+//!   acknowledged it, and a split-brain recovery (discard-my-data on the victim) makes the
+//!   victim adopt the survivor's lineage, forgiving the victim's writes;
 //! - convergence: after healing, all replicas are connected, UpToDate and byte-identical, and
 //!   that image satisfies the model;
 //! - split brain: every handshake decision agrees with a ghost record of which node holds
-//!   changes the other may lack (split brain iff both do); unrelated data never happens;
+//!   changes the other may lack (split brain iff both do, as two primaries under dont-care
+//!   make it: expected, and counted); unrelated data never happens;
 //! - no assertion fires (a panic anywhere is a violation);
 //! - liveness: the healed cluster finishes its resync within a deadline.
+//!
+//! `Report` counts what a run exercised (promotions, promotions apart and how they ended,
+//! fence-peer exit codes, old primaries shot, split brains, lineage forks).
 
 pub mod disk;
 pub mod model;
@@ -22,12 +44,12 @@ pub mod rng;
 use crate::NodeId;
 use crate::constants::BLOCK_BYTES as BLOCK;
 use crate::protocol::node::{
-    AppRequest, Config, DiskOp, Event, Fencing, IoFailed, IoId, Node, Output, ReplicationProtocol,
-    RequestId,
+    AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
+    ReplicationProtocol, RequestId, StateError,
 };
 use crate::protocol::{
-    DiskState, DynamicControllerConfig, MetaUpdate, Metadata, PersistedDisk, ReplicationState,
-    ResyncRate, Role,
+    ConnectionState, DiskState, DynamicControllerConfig, MetaUpdate, Metadata, PersistedDisk,
+    ReplicationState, ResyncRate, Role,
 };
 use crate::uuid::SyncDecision;
 use disk::SimDisk;
@@ -66,6 +88,14 @@ pub struct Swarm {
     pub flush_ppm: u64,
     pub initial_full_sync: bool,
     pub safety_ms: u64,
+    /// The resource's fencing policy (DRBD's `fencing`).
+    pub fencing: Fencing,
+    /// Chance that the cluster manager promotes a secondary cut off from a live primary, per
+    /// such episode (partition or disconnect noticed by both).
+    pub split_promote_ppm: u64,
+    /// How long after both noticed the loss that promotion comes (races the fence handler).
+    pub split_promote_delay_ms_max: u64,
+    pub fence_delay_ms_max: u64,
 }
 
 impl Swarm {
@@ -110,6 +140,14 @@ impl Swarm {
             flush_ppm: pick(rng, &[20_000, 100_000]),
             initial_full_sync: rng.below(3) == 0,
             safety_ms: pick(rng, &[3_000, 8_000, 15_000]),
+            fencing: match rng.below(3) {
+                0 => Fencing::DontCare,
+                1 => Fencing::ResourceOnly,
+                _ => Fencing::ResourceAndStonith,
+            },
+            split_promote_ppm: pick(rng, &[0, 300_000, 1_000_000]),
+            split_promote_delay_ms_max: pick(rng, &[50, 400, 1_500]),
+            fence_delay_ms_max: pick(rng, &[20, 200, 600]),
         }
     }
 }
@@ -117,14 +155,51 @@ impl Swarm {
 #[derive(Debug)]
 enum Ev {
     Tick,
-    Deliver { to: usize, from: usize, bytes: Vec<u8> },
-    Closed { to: usize, from: usize, conn: u64 },
-    DiskDone { node: usize, incarnation: u64, io: IoId, op: DiskOp, error: bool, flush_point: u64 },
-    Timer { node: usize, incarnation: u64, at: u64 },
-    Connect { a: usize, b: usize },
-    Restart { node: usize },
-    FenceDone { node: usize, incarnation: u64, peer: usize },
-    Reconnect { node: usize, peer: usize, discard: bool },
+    Deliver {
+        to: usize,
+        from: usize,
+        bytes: Vec<u8>,
+    },
+    Closed {
+        to: usize,
+        from: usize,
+        conn: u64,
+    },
+    DiskDone {
+        node: usize,
+        incarnation: u64,
+        io: IoId,
+        op: DiskOp,
+        error: bool,
+        flush_point: u64,
+    },
+    Timer {
+        node: usize,
+        incarnation: u64,
+        at: u64,
+    },
+    Connect {
+        a: usize,
+        b: usize,
+    },
+    Restart {
+        node: usize,
+    },
+    FenceDone {
+        node: usize,
+        incarnation: u64,
+        peer: usize,
+    },
+    /// The cluster manager promotes `node` while `old` (a live primary) is cut off from it.
+    SplitPromote {
+        node: usize,
+        old: usize,
+    },
+    Reconnect {
+        node: usize,
+        peer: usize,
+        discard: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -143,8 +218,11 @@ struct SimNode {
     /// Writes submitted and not completed: (io, first block, data, fua).
     in_flight_writes: BTreeMap<u64, (u64, Vec<u8>, bool)>,
     restart_scheduled: bool,
+    /// The role as of the last output drained (see `drain`).
+    role_seen: Role,
 }
 
+#[derive(Debug, Default, Clone)]
 pub struct Report {
     pub seed: u64,
     pub violations: Vec<String>,
@@ -154,6 +232,73 @@ pub struct Report {
     pub resyncs: u64,
     pub promotions: u64,
     pub sim_ms: u64,
+    /// Episodes in which the cluster manager tried to promote a secondary cut off from a live
+    /// primary, and how they ended.
+    pub split_promotions: u64,
+    pub split_promotions_done: u64,
+    /// Refused because the old primary's fence handler had outdated the secondary first.
+    pub split_promotions_refused: u64,
+    /// Done while the old primary was still primary (two primaries, dont-care only).
+    pub dual_primaries: u64,
+    /// fence-peer handler results by exit code: index 0..=4 is exit code 3..=7.
+    pub fence_exit_codes: [u64; 5],
+    /// Handler attempts that found the peer still connected and tried again.
+    pub fence_retries: u64,
+    /// Old primaries shot by the cluster (resource-and-stonith, peer already promoted).
+    pub old_primaries_shot: u64,
+    /// Lineages forked because two nodes wrote apart under dont-care.
+    pub lineage_forks: u64,
+}
+
+impl Report {
+    /// Adds another run's counters (violations are not summed).
+    pub fn add(&mut self, other: &Report) {
+        self.writes_acked += other.writes_acked;
+        self.crashes += other.crashes;
+        self.split_brains += other.split_brains;
+        self.resyncs += other.resyncs;
+        self.promotions += other.promotions;
+        self.sim_ms += other.sim_ms;
+        self.split_promotions += other.split_promotions;
+        self.split_promotions_done += other.split_promotions_done;
+        self.split_promotions_refused += other.split_promotions_refused;
+        self.dual_primaries += other.dual_primaries;
+        for (a, b) in self.fence_exit_codes.iter_mut().zip(other.fence_exit_codes) {
+            *a += b;
+        }
+        self.fence_retries += other.fence_retries;
+        self.old_primaries_shot += other.old_primaries_shot;
+        self.lineage_forks += other.lineage_forks;
+    }
+
+    /// One line of counters.
+    pub fn summary(&self) -> String {
+        let f = self.fence_exit_codes;
+        format!(
+            "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected, \
+             {} partitions with promotion ({} promoted, {} refused Outdated, {} two primaries), \
+             fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
+             {} lineage forks, {} ms simulated",
+            self.writes_acked,
+            self.crashes,
+            self.promotions,
+            self.resyncs,
+            self.split_brains,
+            self.split_promotions,
+            self.split_promotions_done,
+            self.split_promotions_refused,
+            self.dual_primaries,
+            f[0],
+            f[1],
+            f[2],
+            f[3],
+            f[4],
+            self.fence_retries,
+            self.old_primaries_shot,
+            self.lineage_forks,
+            self.sim_ms
+        )
+    }
 }
 
 pub struct World {
@@ -170,7 +315,23 @@ pub struct World {
     connecting: BTreeMap<(usize, usize), bool>,
     partitioned: BTreeMap<(usize, usize), bool>,
     next_conn: u64,
-    model: Model,
+    /// One model per lineage (see `Model`); `lineage[i]` is the one node i's data belongs to.
+    /// Under fencing resource-only/resource-and-stonith there is only ever lineage 0: every
+    /// write any primary acknowledged must be on whichever node is promoted next.
+    models: Vec<Model>,
+    lineage: Vec<usize>,
+    /// Under dont-care: what node b is guaranteed to hold since a primary of its lineage
+    /// started writing without it (a copy of that lineage's model at that moment).
+    stale: Vec<Option<Model>>,
+    /// Write ids issued so far, over all lineages.
+    write_count: usize,
+    /// promoted_apart[a][b]: the cluster manager promoted a while it was not in sync with b
+    /// (what a fence handler asking the cluster manager learns: a's data is the newer one).
+    promoted_apart: PairMatrix,
+    /// fenced[b]: a fence handler outdated (or shot) b, so it must not be promoted.
+    fenced: Vec<bool>,
+    /// split_planned[p][s]: this episode of s being cut off from primary p was decided on.
+    split_planned: PairMatrix,
     pending: BTreeMap<u64, (usize, u64, Pending)>,
     next_request: u64,
     /// dirty[a][b]: a holds changes b may lack (ghost record for the split-brain checker).
@@ -212,6 +373,7 @@ impl World {
                 timer_at: None,
                 in_flight_writes: BTreeMap::new(),
                 restart_scheduled: false,
+                role_seen: Role::Secondary,
             })
             .collect();
         Self {
@@ -227,7 +389,13 @@ impl World {
             connecting: BTreeMap::new(),
             partitioned: BTreeMap::new(),
             next_conn: 1,
-            model: Model::new(size),
+            models: vec![Model::new(size)],
+            lineage: vec![0; nodes],
+            stale: vec![None; nodes],
+            write_count: 0,
+            promoted_apart: vec![vec![false; nodes]; nodes],
+            fenced: vec![false; nodes],
+            split_planned: vec![vec![false; nodes]; nodes],
             pending: BTreeMap::new(),
             next_request: 1,
             dirty: vec![vec![false; nodes]; nodes],
@@ -237,16 +405,7 @@ impl World {
             healing: false,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == "1"),
             violations: Vec::new(),
-            report: Report {
-                seed,
-                violations: Vec::new(),
-                writes_acked: 0,
-                crashes: 0,
-                split_brains: 0,
-                resyncs: 0,
-                promotions: 0,
-                sim_ms: 0,
-            },
+            report: Report { seed, ..Report::default() },
         }
     }
 
@@ -275,7 +434,7 @@ impl World {
         Config {
             peers: (0..self.swarm.nodes).filter(|j| *j != i).map(nid).collect(),
             protocol: self.swarm.protocol,
-            fencing: Fencing::ResourceOnly,
+            fencing: self.swarm.fencing,
             resync_rate: self.swarm.resync_rate,
             al_extents: self.swarm.al_extents,
             random_seed: self.seed ^ ((i as u64) << 40) ^ (self.nodes[i].incarnation << 48),
@@ -288,6 +447,7 @@ impl World {
         let node = Node::new(config, self.nodes[i].meta.clone(), self.now_ms);
         self.nodes[i].node = Some(node);
         self.nodes[i].restart_scheduled = false;
+        self.nodes[i].role_seen = Role::Secondary;
         self.drain(i, true);
     }
 
@@ -434,6 +594,7 @@ impl World {
                 }
             }
             Ev::FenceDone { node, incarnation, peer } => self.fence_done(node, incarnation, peer),
+            Ev::SplitPromote { node, old } => self.split_promote(node, old),
             Ev::Reconnect { node, peer, discard } => {
                 if let Some(n) = self.nodes[node].node.as_mut() {
                     if discard {
@@ -525,7 +686,7 @@ impl World {
             };
             let discard = self.rng.below(50) == 0;
             let fua = !discard && self.rng.chance(self.swarm.fua_ppm);
-            let id = self.model.issue_write(first, blocks, discard);
+            let id = self.issue_write(p, first, blocks, discard);
             if discard {
                 (AppRequest::Discard { offset_blocks: first, blocks }, Pending::Write { id, fua })
             } else {
@@ -577,6 +738,7 @@ impl World {
                 }
             }
         }
+        self.plan_split_promotions();
         if self.rng.chance(self.swarm.promote_demote_ppm_per_tick) {
             match self.primary() {
                 Some(p) => {
@@ -608,6 +770,46 @@ impl World {
             {
                 let _ = self.nodes[i].node.as_mut().expect("up").handle_demote(self.now_ms);
                 self.drain(i, false);
+            }
+        }
+    }
+
+    /// Once both a primary p and an UpToDate secondary s noticed that they lost each other
+    /// (a partition or a disconnect), the cluster manager may promote s after a while. It
+    /// waits for both to notice, as a cluster manager's membership timeout is longer than
+    /// DRBD's ping timeout; until then the old primary is still replicating to s, or blocked.
+    fn plan_split_promotions(&mut self) {
+        let n = self.swarm.nodes;
+        for p in 0..n {
+            for s in 0..n {
+                if p == s {
+                    continue;
+                }
+                let (Some(a), Some(b)) = (self.nodes[p].node.as_ref(), self.nodes[s].node.as_ref())
+                else {
+                    continue;
+                };
+                let connected = a.connection_state(nid(s)) == Some(ConnectionState::Connected)
+                    || b.connection_state(nid(p)) == Some(ConnectionState::Connected);
+                if a.role() != Role::Primary || (connected && !self.split_planned[p][s]) {
+                    continue;
+                }
+                if connected {
+                    // Connected again: the next loss is a new episode.
+                    self.split_planned[p][s] = false;
+                    continue;
+                }
+                let candidate =
+                    b.role() == Role::Secondary && b.disk_state() == DiskState::UpToDate;
+                if self.split_planned[p][s] || !candidate {
+                    continue;
+                }
+                self.split_planned[p][s] = true;
+                if self.rng.chance(self.swarm.split_promote_ppm) {
+                    self.report.split_promotions += 1;
+                    let delay = self.rng.range(0, self.swarm.split_promote_delay_ms_max);
+                    self.schedule(self.now_ms + delay, Ev::SplitPromote { node: s, old: p });
+                }
             }
         }
     }
@@ -664,26 +866,123 @@ impl World {
         let result = self.nodes[i].node.as_mut().expect("up").handle_promote(self.now_ms, force);
         self.log(|| format!("node {i} promote force={force}: {result:?}"));
         if result.is_ok() {
-            self.report.promotions += 1;
-            self.last_primary = Some(i);
-            let image = self.nodes[i].disk.read(0, self.swarm.size_blocks);
-            if force {
-                // The operator declared this data the truth; writes it lacks are forgiven, and
-                // every other node now lacks our new generation.
-                let stable = self.nodes[i].disk.read_stable();
-                self.model.rebase(&image, &stable);
-                for j in 0..self.swarm.nodes {
-                    if j != i {
-                        self.dirty[i][j] = true;
-                    }
-                }
-            } else if let Err(problem) = self.model.check_image(&image) {
-                self.violation(format!(
-                    "node {i} promoted with UpToDate data missing an acknowledged write: {problem}"
-                ));
-            }
+            self.promoted(i, force);
         }
         self.drain(i, false);
+    }
+
+    /// Bookkeeping and checks after node i was promoted.
+    fn promoted(&mut self, i: usize, force: bool) {
+        self.report.promotions += 1;
+        self.last_primary = Some(i);
+        let mut apart_from_primary = false;
+        for j in 0..self.swarm.nodes {
+            if j == i {
+                continue;
+            }
+            let in_sync = self.nodes[i].node.as_ref().is_some_and(|n| {
+                n.replication_state(nid(j)) == Some(ReplicationState::Established)
+                    && n.peer_disk_state(nid(j)) == Some(DiskState::UpToDate)
+            });
+            if !in_sync {
+                self.promoted_apart[i][j] = true;
+                apart_from_primary |=
+                    self.nodes[j].node.as_ref().is_some_and(|n| n.role() == Role::Primary);
+            }
+        }
+        let image = self.nodes[i].disk.read(0, self.swarm.size_blocks);
+        if force {
+            // The operator declared this data the truth; writes it lacks are forgiven, and
+            // every other node now lacks our new generation.
+            let stable = self.nodes[i].disk.read_stable();
+            self.models[self.lineage[i]].rebase(&image, &stable);
+            self.stale[i] = None;
+            for j in 0..self.swarm.nodes {
+                if j != i {
+                    self.set_dirty(i, j);
+                }
+            }
+            return;
+        }
+        if self.swarm.fencing == Fencing::DontCare {
+            // Nothing stops a primary from writing without its peer: a node promoted while it
+            // lacks such writes, or while another primary writes apart from it, starts a
+            // lineage of its own. Writes acknowledged on one lineage are required only there;
+            // the split-brain recovery decides which lineage survives.
+            let base = self.stale[i].take();
+            if base.is_some() || apart_from_primary {
+                let mut fork = base.unwrap_or_else(|| self.models[self.lineage[i]].clone());
+                fork.sync_ids(self.write_count);
+                if self.swarm.protocol != ReplicationProtocol::C {
+                    // Writes in flight to us were acknowledged without reaching our disk.
+                    fork.volatile_loss();
+                }
+                self.models.push(fork);
+                self.lineage[i] = self.models.len() - 1;
+                self.report.lineage_forks += 1;
+                self.log(|| format!("node {i} forks lineage {}", self.lineage[i]));
+            }
+        }
+        if let Err(problem) = self.models[self.lineage[i]].check_image(&image) {
+            self.violation(format!(
+                "node {i} promoted with UpToDate data missing an acknowledged write: {problem}"
+            ));
+        }
+    }
+
+    /// Ghost record: a holds changes b may lack. Under dont-care, b's lineage copy is taken
+    /// when a starts writing without it, so b stays checked against what it must hold.
+    fn set_dirty(&mut self, a: usize, b: usize) {
+        if !self.dirty[a][b]
+            && self.swarm.fencing == Fencing::DontCare
+            && self.lineage[a] == self.lineage[b]
+            && self.stale[b].is_none()
+        {
+            let mut snapshot = self.models[self.lineage[a]].clone();
+            if self.swarm.protocol != ReplicationProtocol::C {
+                // Under A and B acknowledged writes may still have been on their way to b.
+                snapshot.volatile_loss();
+            }
+            self.stale[b] = Some(snapshot);
+        }
+        self.dirty[a][b] = true;
+    }
+
+    /// a and b hold the same data again (a resync finished or the handshake found no
+    /// difference): forget everything recorded about their separation.
+    fn in_sync(&mut self, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            self.dirty[x][y] = false;
+            self.discard_requested[x][y] = false;
+            self.promoted_apart[x][y] = false;
+            self.stale[x] = None;
+            self.fenced[x] = false;
+        }
+    }
+
+    /// Registers a write issued on node `p` in its lineage's model; every other model
+    /// reserves the id.
+    fn issue_write(&mut self, p: usize, first: u64, blocks: u64, discard: bool) -> u64 {
+        let count = self.write_count;
+        for m in self.models.iter_mut().chain(self.stale.iter_mut().flatten()) {
+            m.sync_ids(count);
+        }
+        let id = self.models[self.lineage[p]].issue_write(first, blocks, discard);
+        self.write_count += 1;
+        assert_eq!(id, self.write_count as u64, "one write-id space over all lineages");
+        for (l, m) in self.models.iter_mut().enumerate() {
+            if l != self.lineage[p] {
+                m.sync_ids(self.write_count);
+            }
+        }
+        id
+    }
+
+    /// A crash that may have lost volatile data: every lineage may be affected.
+    fn volatile_loss(&mut self) {
+        for m in self.models.iter_mut().chain(self.stale.iter_mut().flatten()) {
+            m.volatile_loss();
+        }
     }
 
     fn crash(&mut self, i: usize, power_loss: bool) {
@@ -706,7 +1005,7 @@ impl World {
             self.nodes[i].disk.power_loss(&mut self.rng, torn);
         }
         if power_loss || self.swarm.protocol != ReplicationProtocol::C {
-            self.model.volatile_loss();
+            self.volatile_loss();
         }
         // Its application requests die with it (their writes stay "maybe landed").
         self.pending.retain(|_, (node, _, _)| *node != i);
@@ -724,7 +1023,10 @@ impl World {
         loop {
             let Some(node) = self.nodes[i].node.as_mut() else { return };
             let Some(output) = node.poll_output() else { break };
-            let role = node.role();
+            // The role as of this output, from the ordered RoleChanged events: a demotion that
+            // finishes in the same input (the connection broke, the last write completed) comes
+            // after the bitmap bits that input set as primary.
+            let role = self.nodes[i].role_seen;
             match output {
                 Output::Transmit { peer, bytes } => self.transmit(i, peer.index(), bytes),
                 Output::Disconnect { peer, conn_id } => {
@@ -760,14 +1062,22 @@ impl World {
                         && !constructing
                         && role == Role::Primary
                     {
-                        self.dirty[i][peer.index()] = true;
+                        self.set_dirty(i, peer.index());
                         self.log(|| format!("node {i} dirty for {peer} via {update:?}"));
+                    } else if !matches!(update, MetaUpdate::ActivityLog { .. }) {
+                        self.log(|| format!("node {i} persist {update:?}"));
                     }
                     self.nodes[i].meta.apply(&update);
                 }
-                Output::Complete { request, result } => self.complete(i, request.0, result),
+                Output::Complete { request, result } => {
+                    self.log(|| format!("node {i} complete {request:?} ok={}", result.is_ok()));
+                    self.complete(i, request.0, result)
+                }
                 Output::Event(event) => {
                     self.log(|| format!("node {i} event {event:?}"));
+                    if let Event::RoleChanged(role) = event {
+                        self.nodes[i].role_seen = role;
+                    }
                     self.event(i, event)
                 }
             }
@@ -878,12 +1188,16 @@ impl World {
                 // Under protocols A and B a FUA write is acknowledged before the peer has it:
                 // only protocol C's FUA is stable on every replica at completion.
                 let stable = fua && self.swarm.protocol == ReplicationProtocol::C;
-                self.model.complete_write(id, result.is_ok(), stable, self.now_ms);
+                let l = self.lineage[i];
+                self.models[l].complete_write(id, result.is_ok(), stable, self.now_ms);
             }
-            (Pending::Flush { issued_ms }, Ok(_)) => self.model.complete_flush(issued_ms),
+            (Pending::Flush { issued_ms }, Ok(_)) => {
+                let l = self.lineage[i];
+                self.models[l].complete_flush(issued_ms);
+            }
             (Pending::Flush { .. }, Err(_)) => {}
             (Pending::Read { first }, Ok(Some(data))) => {
-                if let Err(problem) = self.model.check_read(first, &data) {
+                if let Err(problem) = self.models[self.lineage[i]].check_read(first, &data) {
                     self.violation(format!("node {i}: {problem}"));
                 }
             }
@@ -914,11 +1228,27 @@ impl World {
             }
             Event::ResyncFinished { peer, .. } => {
                 self.report.resyncs += 1;
+                self.in_sync(i, peer.index());
+            }
+            Event::ReplicationStateChanged { peer, state } => {
                 let j = peer.index();
-                self.dirty[i][j] = false;
-                self.dirty[j][i] = false;
-                self.discard_requested[i][j] = false;
-                self.discard_requested[j][i] = false;
+                if state == ReplicationState::SyncTarget {
+                    // Our data becomes a copy of the source's: its lineage is ours now (after
+                    // a split brain this is where the victim's writes are forgiven).
+                    self.lineage[i] = self.lineage[j];
+                    self.stale[i] = None;
+                    // Whatever we wrote apart is discarded: the source lacks nothing of ours.
+                    self.stale[j] = None;
+                } else if state == ReplicationState::Established
+                    && self.lineage[i] != self.lineage[j]
+                {
+                    // In sync without a resync: neither wrote since the lineages forked, so
+                    // they hold the same requirements; keep the latest primary's.
+                    let keep = if self.last_primary == Some(i) { i } else { j };
+                    let l = self.lineage[keep];
+                    self.lineage[i] = l;
+                    self.lineage[j] = l;
+                }
             }
             _ => {}
         }
@@ -929,6 +1259,14 @@ impl World {
     fn resolve_standalone(&mut self, i: usize, j: usize) {
         let victim = if self.last_primary == Some(i) { j } else { i };
         let survivor = if victim == i { j } else { i };
+        // `drbdadm secondary` first: a primary cannot discard its data (two primaries meet
+        // here after a promotion apart under dont-care).
+        if let Some(n) = self.nodes[victim].node.as_mut()
+            && n.role() == Role::Primary
+        {
+            let _ = n.handle_demote(self.now_ms);
+            self.drain(victim, false);
+        }
         let delay = self.rng.range(10, 500);
         self.schedule(
             self.now_ms + delay,
@@ -963,36 +1301,161 @@ impl World {
             ));
         }
         if decision == NoSync {
-            self.dirty[i][j] = false;
-            self.dirty[j][i] = false;
+            self.in_sync(i, j);
         }
     }
 
+    /// The simulated fence-peer handler of node i for `peer` returns. It reaches the peer
+    /// over an out-of-band channel (and asks the cluster manager, which knows whom it
+    /// promoted), as crm-fence-peer.sh or drbd-peer-outdater do. Each result is one of the
+    /// handler exit codes of the DRBD user guide ("The peer fencing interface"):
+    /// - 3, peer already Inconsistent: `drbdadm outdate` there left it Inconsistent;
+    /// - 4, peer outdated: `drbdadm outdate` there succeeded (it is a secondary that noticed
+    ///   the loss); a later promotion of it must be refused;
+    /// - 5, peer unreachable: the peer node is down; the cluster manager's constraint marks
+    ///   its disk Outdated so it is not promoted when it returns;
+    /// - 6, peer is primary: the peer is primary, or was promoted while apart from us (its
+    ///   data is the newer); under resource-and-stonith the cluster then shoots this old
+    ///   primary instead of returning; under resource-only this node outdates itself and the
+    ///   cluster manager demotes it;
+    /// - 7, peer stonithed (resource-and-stonith only): the peer is alive but cannot be
+    ///   outdated (it has not noticed the loss yet); the handler shoots it and marks its disk
+    ///   Outdated. Under resource-only the handler waits and tries again instead.
     fn fence_done(&mut self, i: usize, incarnation: u64, peer: usize) {
         let still_pending = self.nodes[i].incarnation == incarnation
             && self.nodes[i].node.as_ref().is_some_and(|n| n.fence_pending(nid(peer)));
         if !still_pending {
             return;
         }
-        // The fence handler reaches the peer out of band (or its disk, when it is down).
-        let ok = match self.nodes[peer].node.as_mut() {
-            Some(n) => n.handle_outdate(self.now_ms).is_ok(),
-            None => {
-                if self.nodes[peer].meta.flags.disk == PersistedDisk::UpToDate {
-                    let mut flags = self.nodes[peer].meta.flags.clone();
-                    flags.disk = PersistedDisk::Outdated;
-                    self.nodes[peer].meta.apply(&MetaUpdate::Flags(flags));
+        let stonith = self.swarm.fencing == Fencing::ResourceAndStonith;
+        let promoted = self.promoted_apart[peer][i];
+        let now_ms = self.now_ms;
+        let answer = self.nodes[peer].node.as_mut().map(|n| {
+            if n.role() == Role::Primary || promoted {
+                Ok(FenceOutcome::PeerIsPrimary)
+            } else {
+                n.handle_outdate(now_ms).map(|()| {
+                    if n.disk_state() == DiskState::Inconsistent {
+                        FenceOutcome::PeerInconsistent
+                    } else {
+                        FenceOutcome::PeerOutdated
+                    }
+                })
+            }
+        });
+        let outcome = match answer {
+            Some(Ok(outcome)) => outcome,
+            Some(Err(_)) => {
+                if stonith {
+                    let power_loss = self.rng.below(2) == 0;
+                    self.crash(peer, power_loss);
+                    self.schedule_restart(peer);
+                    self.outdate_down_node(peer);
+                    FenceOutcome::PeerStonithed
+                } else {
+                    self.report.fence_retries += 1;
+                    let delay = self.rng.range(10, self.swarm.fence_delay_ms_max.max(10));
+                    self.schedule(
+                        self.now_ms + delay,
+                        Ev::FenceDone { node: i, incarnation, peer },
+                    );
+                    return;
                 }
-                true
+            }
+            None if promoted => FenceOutcome::PeerIsPrimary,
+            None => {
+                self.outdate_down_node(peer);
+                FenceOutcome::PeerUnreachable
             }
         };
+        self.log(|| format!("node {i} fence-peer {peer}: {outcome:?}"));
+        let code = match outcome {
+            FenceOutcome::PeerInconsistent => 3,
+            FenceOutcome::PeerOutdated => 4,
+            FenceOutcome::PeerUnreachable => 5,
+            FenceOutcome::PeerIsPrimary => 6,
+            FenceOutcome::PeerStonithed => 7,
+            FenceOutcome::Failed => unreachable!("the simulated handler always answers"),
+        };
+        self.report.fence_exit_codes[code - 3] += 1;
+        if code != 6 {
+            self.fenced[peer] = true;
+        }
         if self.nodes[peer].node.is_some() {
             self.drain(peer, false);
         }
+        if outcome == FenceOutcome::PeerIsPrimary && stonith {
+            // The cluster sides with the node it promoted and shoots the one that lost.
+            self.report.old_primaries_shot += 1;
+            let power_loss = self.rng.below(2) == 0;
+            self.crash(i, power_loss);
+            self.schedule_restart(i);
+            return;
+        }
         if let Some(n) = self.nodes[i].node.as_mut() {
-            n.handle_fence_result(self.now_ms, nid(peer), ok);
+            n.handle_fence_outcome(self.now_ms, nid(peer), outcome);
             self.drain(i, false);
         }
+        if outcome == FenceOutcome::PeerIsPrimary
+            && let Some(n) = self.nodes[i].node.as_mut()
+        {
+            // The cluster manager demotes the primary that lost the race.
+            let _ = n.handle_demote(self.now_ms);
+            self.drain(i, false);
+        }
+    }
+
+    /// What a fence handler (or an operator) does to a node that is down: mark its disk
+    /// Outdated so that it cannot be promoted with data it may lack.
+    fn outdate_down_node(&mut self, j: usize) {
+        if self.nodes[j].node.is_none() && self.nodes[j].meta.flags.disk == PersistedDisk::UpToDate
+        {
+            let mut flags = self.nodes[j].meta.flags.clone();
+            flags.disk = PersistedDisk::Outdated;
+            self.nodes[j].meta.apply(&MetaUpdate::Flags(flags));
+        }
+    }
+
+    fn schedule_restart(&mut self, i: usize) {
+        let delay = self.rng.range(10, 3_000);
+        self.nodes[i].restart_scheduled = true;
+        self.schedule(self.now_ms + delay, Ev::Restart { node: i });
+    }
+
+    /// The cluster manager promotes `s` (not forced) while `old`, a live primary, is cut off
+    /// from it: the classic failure fencing exists for.
+    fn split_promote(&mut self, s: usize, old: usize) {
+        if self.nodes[s].node.as_ref().is_none_or(|n| n.role() == Role::Primary) {
+            return;
+        }
+        let result = self.nodes[s].node.as_mut().expect("up").handle_promote(self.now_ms, false);
+        self.log(|| format!("node {s} split promote (old primary {old}): {result:?}"));
+        match result {
+            Ok(()) => {
+                self.report.split_promotions_done += 1;
+                if self.fenced[s] {
+                    self.violation(format!(
+                        "node {s} was promoted although the fence handler had outdated it"
+                    ));
+                }
+                let old_is_primary =
+                    self.nodes[old].node.as_ref().is_some_and(|n| n.role() == Role::Primary);
+                if old_is_primary {
+                    self.report.dual_primaries += 1;
+                }
+                if self.swarm.protocol != ReplicationProtocol::C {
+                    // Under A and B the old primary acknowledged writes that may not have
+                    // reached us; DRBD documents that such a failover can lose them.
+                    self.volatile_loss();
+                }
+                self.promoted(s, false);
+            }
+            Err(StateError::NoUpToDateData(DiskState::Outdated)) => {
+                self.report.split_promotions_refused += 1;
+            }
+            Err(_) => {}
+        }
+        self.drain(s, false);
     }
 
     fn start_healing(&mut self) {
@@ -1080,7 +1543,7 @@ impl World {
                 return;
             }
         }
-        if let Err(problem) = self.model.check_image(&first) {
+        if let Err(problem) = self.models[self.lineage[0]].check_image(&first) {
             self.violation(format!("after healing: {problem}"));
         }
     }
@@ -1128,12 +1591,7 @@ pub fn run_seed(seed: u64, nodes: usize) -> Report {
             Report {
                 seed,
                 violations: vec![format!("assertion fired: {text}")],
-                writes_acked: 0,
-                crashes: 0,
-                split_brains: 0,
-                resyncs: 0,
-                promotions: 0,
-                sim_ms: 0,
+                ..Report::default()
             }
         }
     }

@@ -65,6 +65,10 @@ struct BlockModel {
     writes: Vec<usize>,
 }
 
+/// One lineage's model. Under fencing dont-care two primaries can write apart; each lineage
+/// (the data one node holds) then has its own model, all sharing one write-id space so that a
+/// sector's id names the same write everywhere (`sync_ids`).
+#[derive(Debug, Clone)]
 pub struct Model {
     blocks: Vec<BlockModel>,
     writes: Vec<WriteRecord>,
@@ -85,6 +89,26 @@ impl Model {
             ],
             writes: Vec::new(),
             unstable: Vec::new(),
+        }
+    }
+
+    /// Number of write ids this model knows (issued here or reserved for another lineage).
+    pub fn ids(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Reserves the ids other lineages issued, as writes that never reach this lineage: a
+    /// sector holding one of them is a violation here (no block lists it).
+    pub fn sync_ids(&mut self, count: usize) {
+        while self.writes.len() < count {
+            let content = self.writes.len() as u64 + 1;
+            self.writes.push(WriteRecord {
+                content,
+                acked_at_ms: None,
+                failed: true,
+                stable: false,
+                maybe_lost: false,
+            });
         }
     }
 
