@@ -2,31 +2,64 @@
 //! demote and inspect resources, node capacity and health. JSON over HTTP/1.1 with a bearer
 //! token; `GET /v1/openapi.json` serves the OpenAPI description. Every route maps onto the
 //! same verbs tandemadm uses (`Host::run`), so both see one behaviour.
+//!
+//! Two create forms: `PUT /v1/resources/{name}` is tandem-api's (peers by node name and
+//! control-API URL; the nodes number themselves and reserve their replication endpoints among
+//! themselves, see `provision`), `POST /v1/resources` the explicit one (node ids, addresses and
+//! disks given). Both write the resource as a DRBD file into the API's include directory
+//! (`STATE/resources/NAME.res`), create the metadata and a sparse backing file, and bring the
+//! resource up.
 
+use crate::constants::{
+    CREATE_SETTLE_MS_MAX, INITIAL_PROMOTION_WAIT_MS_MAX, WAIT_POLL_INTERVAL_MS,
+};
 use crate::control::{Options, Verb, exit};
-use crate::host::{Host, Slot, api_resource_directory};
+use crate::host::{Host, Slot, api_request_path, api_resource_directory};
+use crate::peer_client::{self, PeerError};
+use crate::provision::{self, Endpoint, NODES_MAX, PutRequest, Refusal};
 use crate::status::ResourceView;
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use drbd_engine::protocol::{ConnectionState, DiskState, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::sync::Arc;
-
-/// Resource names: what DRBD allows in practice and a file name can hold.
-const RESOURCE_NAME_BYTES_MAX: usize = 64;
-/// Nodes one create request may name (DRBD 9: 32 nodes per resource).
-const NODES_MAX: usize = 32;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub host: Arc<Host>,
     pub token: String,
+    /// Serialises create/delete per resource name, and endpoint reservations node-wide.
+    locks: Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    reservations: Arc<tokio::sync::Mutex<()>>,
 }
 
-#[derive(Debug, Deserialize)]
+impl ApiState {
+    pub fn new(host: Arc<Host>, token: String) -> ApiState {
+        ApiState {
+            host,
+            token,
+            locks: Arc::default(),
+            reservations: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    fn lock_for(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        // Names whose lock nobody holds any more are dropped, so the map stays small.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(name.to_owned()).or_default().clone()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
 pub struct CreateNode {
     pub name: String,
     pub node_id: u32,
@@ -36,7 +69,7 @@ pub struct CreateNode {
     pub disk: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct CreateRequest {
     pub name: String,
     pub size_bytes: u64,
@@ -60,6 +93,8 @@ pub struct PeerJson {
     pub name: String,
     pub node_id: u32,
     pub connection: String,
+    /// The peer's role as this node knows it (Primary, Secondary, Unknown).
+    pub role: String,
     pub replication: String,
     pub peer_disk: String,
     pub out_of_sync_bytes: u64,
@@ -94,13 +129,31 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// The 401 answer, unless the request carries the bearer token.
-fn unauthorized(state: &ApiState, headers: &HeaderMap) -> Option<Response> {
-    let expected = format!("Bearer {}", state.token);
-    match headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        Some(value) if value == expected => None,
-        _ => Some(error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")),
+/// A failed step of a handler: the status and the message, answered as the JSON error.
+struct Failure {
+    status: StatusCode,
+    message: String,
+}
+
+fn fail(status: StatusCode, message: impl Into<String>) -> Failure {
+    Failure { status, message: message.into() }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        error(self.status, self.message)
     }
+}
+
+/// The bearer token, checked once for every route but the OpenAPI document.
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let expected = format!("Bearer {}", state.token);
+    let given =
+        request.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if given != Some(expected.as_str()) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    next.run(request).await
 }
 
 /// Maps tandemadm's exit codes to HTTP statuses.
@@ -116,14 +169,28 @@ fn status_of(code: i32) -> StatusCode {
 }
 
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= RESOURCE_NAME_BYTES_MAX
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !name.starts_with('.')
+    provision::valid_name(name)
+}
+
+fn not_found(name: &str) -> Response {
+    error(StatusCode::NOT_FOUND, format!("no resource {name} on this node"))
+}
+
+/// A JSON body, or a 400 that says what is wrong with it (an empty body is `T::default()`
+/// where `empty` allows it).
+fn parse_body<T: serde::de::DeserializeOwned + Default>(
+    body: &[u8],
+    empty: bool,
+) -> Result<T, Failure> {
+    if empty && body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))
 }
 
 fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> ResourceJson {
-    let primary = view.as_ref().is_some_and(|v| v.role == drbd_engine::protocol::Role::Primary);
+    let primary = view.as_ref().is_some_and(|v| v.role == Role::Primary);
     let (disk_state, peers) = match &view {
         Some(v) => (
             v.volumes.first().map(|d| d.disk.to_string()).unwrap_or_default(),
@@ -135,6 +202,7 @@ fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> Resour
                         name: p.name.clone(),
                         node_id: p.node_id,
                         connection: p.connection.to_string(),
+                        role: p.role.to_string(),
                         replication: volume.map(|x| x.replication.to_string()).unwrap_or_default(),
                         peer_disk: volume.map(|x| x.peer_disk.to_string()).unwrap_or_default(),
                         out_of_sync_bytes: volume.map_or(0, |x| x.out_of_sync_kib * 1024),
@@ -144,7 +212,7 @@ fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> Resour
         ),
         None => ("Diskless".into(), Vec::new()),
     };
-    let target_iqn = host.settings.target_name(&slot.name);
+    let target_iqn = host.target_name(&slot.name);
     let portal = host.settings.portal.to_string();
     ResourceJson {
         name: slot.name.clone(),
@@ -165,10 +233,18 @@ fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> Resour
     }
 }
 
-async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
+/// The resource's JSON with `status`, or 404 when this node does not host it.
+async fn resource_response(host: &Host, name: &str, status: StatusCode) -> Response {
+    match host.slot(name) {
+        Some(slot) => {
+            let view = host.view(&slot).await;
+            (status, Json(resource_json(host, &slot, view))).into_response()
+        }
+        None => not_found(name),
     }
+}
+
+async fn list(State(state): State<ApiState>) -> Response {
     let mut out = Vec::new();
     for slot in state.host.slots() {
         let view = state.host.view(&slot).await;
@@ -177,61 +253,21 @@ async fn list(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     Json(out).into_response()
 }
 
-async fn show(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
-    match state.host.slot(&name) {
-        Some(slot) => {
-            let view = state.host.view(&slot).await;
-            Json(resource_json(&state.host, &slot, view)).into_response()
-        }
-        None => error(StatusCode::NOT_FOUND, format!("no resource {name} on this node")),
-    }
+async fn show(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    resource_response(&state.host, &name, StatusCode::OK).await
 }
 
-async fn verb(state: &ApiState, verb: Verb, name: &str, options: Options) -> Response {
-    if state.host.slot(name).is_none() {
-        return error(StatusCode::NOT_FOUND, format!("no resource {name} on this node"));
+/// Runs a tandemadm verb on a hosted resource: its JSON on success, the mapped error else.
+async fn verb(host: &Arc<Host>, verb: Verb, name: &str, options: Options) -> Response {
+    if host.slot(name).is_none() {
+        return not_found(name);
     }
-    let (code, _, err) = state.host.run(verb, name, options).await;
+    let (code, _, err) = host.run(verb, name, options).await;
     if code == exit::SUCCESS {
-        let slot = state.host.slot(name);
-        match slot {
-            Some(slot) => {
-                let view = state.host.view(&slot).await;
-                Json(resource_json(&state.host, &slot, view)).into_response()
-            }
-            None => StatusCode::NO_CONTENT.into_response(),
-        }
+        resource_response(host, name, StatusCode::OK).await
     } else {
         error(status_of(code), err.join("; "))
     }
-}
-
-async fn promote(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
-    // An empty body means no options.
-    let force = if body.iter().all(u8::is_ascii_whitespace) {
-        false
-    } else {
-        match serde_json::from_slice::<PromoteRequest>(&body) {
-            Ok(request) => request.force,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad promote body: {e}")),
-        }
-    };
-    no_content(verb(&state, Verb::Primary, &name, Options { force, ..Default::default() }).await)
 }
 
 /// Promote and demote answer 204 on success, as tandem-api's node contract says.
@@ -243,64 +279,34 @@ fn no_content(response: Response) -> Response {
     }
 }
 
-async fn demote(
+async fn promote(
     State(state): State<ApiState>,
-    headers: HeaderMap,
     Path(name): Path<String>,
+    body: axum::body::Bytes,
 ) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
-    no_content(verb(&state, Verb::Secondary, &name, Options::default()).await)
+    let request: PromoteRequest = match parse_body(&body, true) {
+        Ok(request) => request,
+        Err(failure) => return failure.into_response(),
+    };
+    let options = Options { force: request.force, ..Default::default() };
+    no_content(verb(&state.host, Verb::Primary, &name, options).await)
 }
 
-/// tandem-api's `PUT /v1/resources/{name}` (peers as control-API URLs, per-volume target IQN
-/// and CHAP) needs two things this node does not have yet: an agreement between nodes on
-/// node ids and replication ports, and per-target CHAP in the iSCSI target. Say so.
-async fn put_resource(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
-    error(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "PUT /v1/resources/{name} (peers by URL, per-volume IQN and CHAP) is not supported \
-             yet: node ids and replication ports are not negotiated between nodes and the iSCSI \
-             target has one CHAP identity per portal; create with POST /v1/resources (explicit \
-             nodes, ids, addresses and disks), see /v1/openapi.json"
-        ),
-    )
+async fn demote(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    no_content(verb(&state.host, Verb::Secondary, &name, Options::default()).await)
 }
 
-async fn skip_initial_sync(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
+async fn skip_initial_sync(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
     let wait = Options { timeout_s: Some(30), ..Default::default() };
     let (code, _, err) = state.host.run(Verb::WaitConnect, &name, wait).await;
     if code != exit::SUCCESS {
         return error(status_of(code), err.join("; "));
     }
-    verb(&state, Verb::NewCurrentUuid, &name, Options { clear_bitmap: true, ..Default::default() })
-        .await
+    let clear = Options { clear_bitmap: true, ..Default::default() };
+    verb(&state.host, Verb::NewCurrentUuid, &name, clear).await
 }
 
-async fn resize(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(_): Path<String>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
+async fn resize() -> Response {
     error(StatusCode::NOT_IMPLEMENTED, "resize is not supported by the replication engine yet")
 }
 
@@ -346,14 +352,11 @@ pub fn render_resource(request: &CreateRequest) -> Result<String, String> {
     Ok(text)
 }
 
-async fn create(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Json(request): Json<CreateRequest>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
-    }
+async fn create(State(state): State<ApiState>, body: axum::body::Bytes) -> Response {
+    let request: CreateRequest = match parse_body(&body, false) {
+        Ok(request) => request,
+        Err(failure) => return failure.into_response(),
+    };
     let host = &state.host;
     let text = match render_resource(&request) {
         Ok(text) => text,
@@ -365,91 +368,456 @@ async fn create(
             format!("no node named {} (this node)", host.node_name),
         );
     };
+    let lock = state.lock_for(&request.name);
+    let _guard = lock.lock().await;
     if let Some(slot) = host.slot(&request.name) {
         // Idempotent like tandem-api's contract: the same resource again answers 200.
         let file = api_resource_directory(&host.settings).join(format!("{}.res", request.name));
         let same = std::fs::read_to_string(&file).is_ok_and(|existing| existing == text)
             && slot.size_bytes.load(std::sync::atomic::Ordering::Acquire) == request.size_bytes;
         if same && slot.device().is_some() {
-            let view = host.view(&slot).await;
-            return Json(resource_json(host, &slot, view)).into_response();
+            return resource_response(host, &request.name, StatusCode::OK).await;
         }
         return error(
             StatusCode::CONFLICT,
             format!("resource {} exists with other settings", request.name),
         );
     }
+    let disk = PathBuf::from(&me.disk);
+    if let Err(failure) =
+        prepare_files(host, &request.name, &text, &disk, request.size_bytes, false)
+    {
+        return failure.into_response();
+    }
+    if let Err(failure) = bring_up(host, &request.name).await {
+        return failure.into_response();
+    }
+    resource_response(host, &request.name, StatusCode::CREATED).await
+}
+
+/// Writes `text` atomically to `path` (a crash leaves the old file or the new one).
+fn write_atomically(path: &std::path::Path, text: &[u8]) -> std::io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
+}
+
+/// The resource file, and the backing file sparse at `size_bytes` when missing (or, with
+/// `fresh`, replacing whatever an earlier, abandoned attempt left: the new replica must read
+/// as zeros, which the initial promotion relies on).
+fn prepare_files(
+    host: &Host,
+    name: &str,
+    text: &str,
+    disk: &std::path::Path,
+    size_bytes: u64,
+    fresh: bool,
+) -> Result<(), Failure> {
     let directory = api_resource_directory(&host.settings);
-    let disk = std::path::PathBuf::from(&me.disk);
     let prepared = std::fs::create_dir_all(&directory)
-        .and_then(|()| std::fs::write(directory.join(format!("{}.res", request.name)), &text))
+        .and_then(|()| write_atomically(&directory.join(format!("{name}.res")), text.as_bytes()))
         .and_then(|()| {
-            if disk.exists() {
-                return Ok(());
-            }
             if let Some(parent) = disk.parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            std::fs::File::create(&disk)?.set_len(request.size_bytes)
+            if fresh || !disk.exists() {
+                let file = std::fs::File::create(disk)?;
+                file.set_len(0)?;
+                file.set_len(size_bytes)?;
+            }
+            Ok(())
         });
-    if let Err(e) = prepared {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("preparing {}: {e}", request.name),
-        );
-    }
-    for verb_name in [Verb::CreateMd, Verb::Up] {
-        let (code, _, err) = host.run(verb_name, &request.name, Options::default()).await;
+    prepared.map_err(|e| fail(StatusCode::INSUFFICIENT_STORAGE, format!("preparing {name}: {e}")))
+}
+
+/// create-md when there is no metadata yet, then up (both re-read the configuration, which
+/// gives the resource its slot and its target).
+async fn bring_up(host: &Arc<Host>, name: &str) -> Result<(), Failure> {
+    let has_metadata = host
+        .slot(name)
+        .and_then(|slot| slot.plan().ok())
+        .is_some_and(|plan| plan.driver.meta_path.exists());
+    let verbs: &[Verb] = if has_metadata { &[Verb::Up] } else { &[Verb::CreateMd, Verb::Up] };
+    for verb_name in verbs {
+        let (code, _, err) = host.run(*verb_name, name, Options::default()).await;
         if code != exit::SUCCESS {
-            return error(status_of(code), format!("{verb_name}: {}", err.join("; ")));
+            let status = match status_of(code) {
+                // A resource this node was just told to create is not "not found": its
+                // configuration is what is wrong.
+                StatusCode::NOT_FOUND => StatusCode::CONFLICT,
+                other => other,
+            };
+            return Err(fail(status, format!("{verb_name}: {}", err.join("; "))));
         }
     }
-    match host.slot(&request.name) {
-        Some(slot) => {
-            let view = host.view(&slot).await;
-            (StatusCode::CREATED, Json(resource_json(host, &slot, view))).into_response()
+    Ok(())
+}
+
+/// This node's replication endpoint for `name`, reserved on first use and kept in
+/// `STATE/endpoints/NAME.json` until the resource is deleted.
+async fn reserve_endpoint(state: &ApiState, name: &str) -> Result<Endpoint, Failure> {
+    let host = &state.host;
+    let _guard = state.reservations.lock().await;
+    let path = endpoint_path(host, name);
+    if let Ok(bytes) = std::fs::read(&path)
+        && let Ok(endpoint) = serde_json::from_slice::<Endpoint>(&bytes)
+    {
+        return Ok(endpoint);
+    }
+    let ip = host.settings.replication_ip().map_err(|e| fail(StatusCode::CONFLICT, e))?;
+    // Ports of every resource this node hosts, and of every reservation.
+    let mut taken = std::collections::BTreeSet::new();
+    for slot in host.slots() {
+        if let Ok(plan) = slot.plan() {
+            taken.insert(plan.driver.listen.port());
         }
-        None => error(StatusCode::INTERNAL_SERVER_ERROR, "created but not hosted"),
+    }
+    if let Ok(entries) = std::fs::read_dir(endpoint_directory(host)) {
+        for entry in entries.filter_map(Result::ok) {
+            let endpoint = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Endpoint>(&b).ok());
+            if let Some(endpoint) = endpoint {
+                taken.insert(endpoint.address.port());
+            }
+        }
+    }
+    let range = host.settings.replication_ports;
+    let port = provision::choose_port(range, &taken, |port| {
+        std::net::TcpListener::bind((ip, port)).is_ok()
+    })
+    .ok_or_else(|| {
+        fail(
+            StatusCode::INSUFFICIENT_STORAGE,
+            format!("no free replication port in {}-{} on {ip}", range.0, range.1),
+        )
+    })?;
+    let endpoint = Endpoint {
+        node: host.node_name.clone(),
+        address: std::net::SocketAddr::new(ip, port),
+        disk: host.settings.state_directory.join("volumes").join(format!("{name}.img")),
+        minor: u32::from(port - range.0),
+    };
+    let stored = std::fs::create_dir_all(endpoint_directory(host))
+        .and_then(|()| write_atomically(&path, &serde_json::to_vec(&endpoint).unwrap_or_default()));
+    stored.map_err(|e| {
+        fail(StatusCode::INSUFFICIENT_STORAGE, format!("recording the endpoint: {e}"))
+    })?;
+    Ok(endpoint)
+}
+
+fn endpoint_directory(host: &Host) -> PathBuf {
+    host.settings.state_directory.join("endpoints")
+}
+
+fn endpoint_path(host: &Host, name: &str) -> PathBuf {
+    endpoint_directory(host).join(format!("{name}.json"))
+}
+
+/// `POST /v1/resources/{name}/replication-endpoint`: what a peer asks while creating `name`.
+async fn replication_endpoint(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    if !provision::valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, format!("bad resource name {name:?}"));
+    }
+    if let Err(failure) = config_resource_conflict(&state.host, &name) {
+        return failure.into_response();
+    }
+    match reserve_endpoint(&state, &name).await {
+        Ok(endpoint) => Json(endpoint).into_response(),
+        Err(failure) => failure.into_response(),
     }
 }
 
-async fn delete(
-    State(state): State<ApiState>,
-    headers: HeaderMap,
-    Path(name): Path<String>,
-) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
+/// The 409 for a resource the administrator's configuration defines: the API neither
+/// creates, reserves for, nor deletes it.
+fn config_resource_conflict(host: &Host, name: &str) -> Result<(), Failure> {
+    let hosted = host.slot(name).is_some();
+    if hosted && !api_resource_directory(&host.settings).join(format!("{name}.res")).exists() {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is defined in {}, not through the API; change it there",
+                host.config_path.display()
+            ),
+        ));
     }
-    let host = &state.host;
-    let Some(slot) = host.slot(&name) else {
-        return error(StatusCode::NOT_FOUND, format!("no resource {name} on this node"));
+    Ok(())
+}
+
+fn peer_failure(error_value: PeerError) -> Response {
+    match &error_value {
+        PeerError::Unreachable { .. } => {
+            error(StatusCode::SERVICE_UNAVAILABLE, error_value.to_string())
+        }
+        PeerError::Refused { status: 409, .. } => {
+            error(StatusCode::CONFLICT, error_value.to_string())
+        }
+        _ => error(StatusCode::BAD_GATEWAY, error_value.to_string()),
+    }
+}
+
+/// tandem-api's create (`PUT /v1/resources/{name}`, volume-api/node-control-api.yaml):
+/// idempotent (the same request again answers 200 with the export, another one 409).
+async fn put_resource(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: PutRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
     };
-    let file = api_resource_directory(&host.settings).join(format!("{name}.res"));
-    if !file.exists() {
+    let host = &state.host;
+    match provision::check(&name, &host.node_name, &request) {
+        Ok(()) => {}
+        Err(Refusal::BadRequest(message)) => return error(StatusCode::BAD_REQUEST, message),
+        Err(Refusal::NotImplemented(message)) => {
+            return error(StatusCode::NOT_IMPLEMENTED, message);
+        }
+    }
+    let lock = state.lock_for(&name);
+    let _guard = lock.lock().await;
+    if let Err(failure) = config_resource_conflict(host, &name) {
+        return failure.into_response();
+    }
+    let request_path = api_request_path(&host.settings, &name);
+    let earlier = std::fs::read(&request_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<PutRequest>(&b).ok());
+    if earlier.as_ref().is_some_and(|earlier| *earlier != request) {
         return error(
             StatusCode::CONFLICT,
-            format!("{name} comes from {}; remove it there", host.config_path.display()),
+            format!("resource {name} exists with other settings (size, role, peers, IQN or CHAP)"),
         );
     }
-    let (code, _, err) = host.run(Verb::Down, &name, Options::default()).await;
-    if code != exit::SUCCESS {
-        return error(status_of(code), err.join("; "));
+    // Endpoints: this node's, then each peer's (the peer reserves it when asked).
+    let mut endpoints = match reserve_endpoint(&state, &name).await {
+        Ok(endpoint) => vec![endpoint],
+        Err(failure) => return failure.into_response(),
+    };
+    for peer in &request.peers {
+        let path = format!("/v1/resources/{name}/replication-endpoint");
+        match peer_client::call::<Endpoint>(&peer.url, &state.token, "POST", &path, None).await {
+            Ok(endpoint) if endpoint.node == peer.node => endpoints.push(endpoint),
+            Ok(endpoint) => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "peer {} at {} answers as node {}; check tandem-api's node list",
+                        peer.node, peer.url, endpoint.node
+                    ),
+                );
+            }
+            Err(e) => return peer_failure(e),
+        }
     }
-    let plan = slot.plan();
-    let _ = std::fs::remove_file(&file);
-    if let Ok(plan) = plan {
-        let _ = std::fs::remove_file(&plan.driver.meta_path);
-        let _ = std::fs::remove_file(&plan.driver.backing_path);
+    let ids = provision::node_ids(endpoints.iter().map(|e| e.node.as_str()));
+    let text = match provision::render(&name, &request.protocol, &endpoints, &ids) {
+        Ok(text) => text,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let res_path = api_resource_directory(&host.settings).join(format!("{name}.res"));
+    let running = host.slot(&name).is_some_and(|slot| slot.device().is_some());
+    if running && std::fs::read_to_string(&res_path).ok().as_deref() != Some(text.as_str()) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("resource {name} is up with other endpoints; delete it and create it again"),
+        );
     }
-    host.forget(&name);
-    StatusCode::NO_CONTENT.into_response()
+    let fresh = earlier.is_none();
+    if fresh {
+        // The request is recorded first: a retry after a crash from here on resumes.
+        let recorded =
+            std::fs::create_dir_all(api_resource_directory(&host.settings)).and_then(|()| {
+                write_atomically(&request_path, &serde_json::to_vec(&request).unwrap_or_default())
+            });
+        if let Err(e) = recorded {
+            return error(StatusCode::INSUFFICIENT_STORAGE, format!("recording {name}: {e}"));
+        }
+        // Metadata an abandoned attempt left would not match the fresh disk.
+        let _ = std::fs::remove_file(host.settings.state_directory.join(format!("{name}.0.md")));
+    }
+    host.set_target_name(&name, Some(request.target_iqn.clone()));
+    if let Err(failure) =
+        prepare_files(host, &name, &text, &endpoints[0].disk, request.size_bytes, fresh)
+    {
+        return failure.into_response();
+    }
+    if let Err(failure) = bring_up(host, &name).await {
+        return failure.into_response();
+    }
+    tracing::warn!(
+        resource = %name,
+        "CHAP for {} recorded but not enforced per target: the iSCSI target has one CHAP \
+         identity per portal (tandemd --chap)",
+        request.target_iqn
+    );
+    match request.role {
+        provision::Role::Primary => {
+            let inconsistent = match host.slot(&name) {
+                Some(slot) => host.view(&slot).await.is_some_and(|v| {
+                    v.role != Role::Primary
+                        && v.volumes.iter().all(|d| d.disk == DiskState::Inconsistent)
+                }),
+                None => false,
+            };
+            // Only a replica that never held data is promoted here: a retried create of a
+            // volume that failed over since must not take the primary role back.
+            if fresh || inconsistent {
+                tokio::spawn(initial_promotion(host.clone(), name.clone()));
+            }
+        }
+        provision::Role::Secondary => settle_secondary(&state, &name, &request).await,
+    }
+    let export = ExportJson {
+        portal: host.settings.portal.to_string(),
+        target_iqn: request.target_iqn.clone(),
+        lun: 0,
+    };
+    let status = if fresh { StatusCode::CREATED } else { StatusCode::OK };
+    (status, Json(export)).into_response()
 }
 
-async fn node(State(state): State<ApiState>, headers: HeaderMap) -> Response {
-    if let Some(r) = unauthorized(&state, &headers) {
-        return r;
+/// The primary of a new resource: once every peer is connected, a resource that never held
+/// data (every replica Inconsistent: no node was ever UpToDate, so no write was ever
+/// acknowledged and every replica still reads as the zeros it was created with) skips the
+/// initial sync (`new-current-uuid --clear-bitmap`); then it is promoted. tandem-api creates
+/// the replicas one after another, so this waits for the peers in the background.
+async fn initial_promotion(host: Arc<Host>, name: String) {
+    let deadline = Instant::now() + Duration::from_millis(INITIAL_PROMOTION_WAIT_MS_MAX);
+    while Instant::now() < deadline {
+        let Some(slot) = host.slot(&name) else { return };
+        let Some(view) = host.view(&slot).await else { return };
+        if view.role == Role::Primary {
+            return;
+        }
+        let connected = !view.peers.is_empty()
+            && view.peers.iter().all(|p| {
+                p.connection == ConnectionState::Connected
+                    && p.volumes
+                        .iter()
+                        .all(|v| v.replication != drbd_engine::protocol::ReplicationState::Off)
+            });
+        if connected {
+            let never_written = view.volumes.iter().all(|v| v.disk == DiskState::Inconsistent)
+                && view
+                    .peers
+                    .iter()
+                    .all(|p| p.volumes.iter().all(|v| v.peer_disk == DiskState::Inconsistent));
+            if never_written {
+                let clear = Options { clear_bitmap: true, ..Default::default() };
+                let (code, _, err) = host.run(Verb::NewCurrentUuid, &name, clear).await;
+                if code != exit::SUCCESS {
+                    tracing::warn!(resource = %name, "skipping the initial sync: {}", err.join("; "));
+                }
+            }
+            let (code, _, err) = host.run(Verb::Primary, &name, Options::default()).await;
+            if code == exit::SUCCESS {
+                tracing::info!(resource = %name, "promoted: initial primary of a new resource");
+                return;
+            }
+            if err.iter().any(|e| e.contains("is Primary")) {
+                tracing::warn!(resource = %name, "not promoted: a peer is Primary already");
+                return;
+            }
+            tracing::debug!(resource = %name, "initial promotion not yet: {}", err.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(WAIT_POLL_INTERVAL_MS)).await;
     }
+    tracing::warn!(
+        resource = %name,
+        "not promoted: the peers did not come up within {INITIAL_PROMOTION_WAIT_MS_MAX} ms"
+    );
+}
+
+/// A new secondary answers once it is connected with UpToDate data and a peer reports itself
+/// primary (so the volume serves I/O when tandem-api calls it available), or after
+/// `CREATE_SETTLE_MS_MAX` (the resource exists either way; the primary promotes on its own).
+async fn settle_secondary(state: &ApiState, name: &str, request: &PutRequest) {
+    let deadline = Instant::now() + Duration::from_millis(CREATE_SETTLE_MS_MAX);
+    let host = &state.host;
+    while Instant::now() < deadline {
+        let ready = match host.slot(name) {
+            Some(slot) => host.view(&slot).await.is_some_and(|view| {
+                view.volumes.iter().all(|v| v.disk == DiskState::UpToDate)
+                    && view.peers.iter().all(|p| p.connection == ConnectionState::Connected)
+            }),
+            None => return,
+        };
+        if ready {
+            for peer in &request.peers {
+                let path = format!("/v1/resources/{name}");
+                let status = peer_client::call::<serde_json::Value>(
+                    &peer.url,
+                    &state.token,
+                    "GET",
+                    &path,
+                    None,
+                )
+                .await;
+                if status.is_ok_and(|s| s["role"] == "primary") {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(WAIT_POLL_INTERVAL_MS * 2)).await;
+    }
+    tracing::warn!(resource = %name, "answering before a primary was seen");
+}
+
+/// `DELETE /v1/resources/{name}`: down, then the resource file, tandem-api's settings, the
+/// metadata, the backing file and the endpoint reservation. A missing resource is 404 (its
+/// leftovers, such as a reservation a peer made, are removed all the same).
+async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+    let host = &state.host;
+    if !provision::valid_name(&name) {
+        return error(StatusCode::BAD_REQUEST, format!("bad resource name {name:?}"));
+    }
+    let lock = state.lock_for(&name);
+    let _guard = lock.lock().await;
+    if let Err(failure) = config_resource_conflict(host, &name) {
+        return failure.into_response();
+    }
+    let slot = host.slot(&name);
+    if slot.is_some() {
+        let (code, _, err) = host.run(Verb::Down, &name, Options::default()).await;
+        if code != exit::SUCCESS {
+            return error(status_of(code), err.join("; "));
+        }
+    }
+    let mut files = vec![
+        api_resource_directory(&host.settings).join(format!("{name}.res")),
+        api_request_path(&host.settings, &name),
+        host.settings.state_directory.join(format!("{name}.0.md")),
+    ];
+    if let Some(Ok(plan)) = slot.as_ref().map(|s| s.plan()) {
+        files.push(plan.driver.meta_path.clone());
+        files.push(plan.driver.backing_path.clone());
+    }
+    let endpoint = std::fs::read(endpoint_path(host, &name))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Endpoint>(&b).ok());
+    if let Some(endpoint) = endpoint {
+        files.push(endpoint.disk);
+    }
+    // The reservation goes last: while it exists, its port stays taken.
+    files.push(endpoint_path(host, &name));
+    let existed = slot.is_some() || files.iter().any(|f| f.exists());
+    for file in &files {
+        let _ = std::fs::remove_file(file);
+    }
+    host.forget(&name);
+    if slot.is_some() {
+        StatusCode::NO_CONTENT.into_response()
+    } else if existed {
+        // Leftovers of an unfinished create, now gone.
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        not_found(&name)
+    }
+}
+
+async fn node(State(state): State<ApiState>) -> Response {
     let host = &state.host;
     let capacity = nix::sys::statvfs::statvfs(&host.settings.state_directory).ok().map(|s| {
         let fragment = s.fragment_size();
@@ -479,8 +847,8 @@ async fn openapi() -> Response {
 }
 
 pub fn router(state: ApiState) -> axum::Router {
+    let public = axum::Router::new().route("/v1/openapi.json", get(openapi));
     axum::Router::new()
-        .route("/v1/openapi.json", get(openapi))
         .route("/v1/node", get(node))
         .route("/v1/resources", get(list).post(create))
         .route("/v1/resources/{name}", get(show).delete(delete).put(put_resource))
@@ -488,6 +856,9 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/resources/{name}/demote", post(demote))
         .route("/v1/resources/{name}/skip-initial-sync", post(skip_initial_sync))
         .route("/v1/resources/{name}/resize", post(resize))
+        .route("/v1/resources/{name}/replication-endpoint", post(replication_endpoint))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
+        .merge(public)
         .with_state(state)
 }
 
@@ -553,6 +924,7 @@ mod tests {
             "/v1/resources/{name}/demote",
             "/v1/resources/{name}/skip-initial-sync",
             "/v1/resources/{name}/resize",
+            "/v1/resources/{name}/replication-endpoint",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing from openapi.json");
         }

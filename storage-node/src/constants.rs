@@ -9,6 +9,19 @@ pub const CONTROL_SOCKET_DEFAULT: &str = "/run/tandem/tandemd.sock";
 pub const STATE_DIRECTORY_DEFAULT: &str = "/var/lib/tandem";
 /// iSCSI's well-known port.
 pub const PORTAL_DEFAULT: &str = "0.0.0.0:3260";
+/// The replication ports resources created through the HTTP API take (inclusive): DRBD's
+/// habit of 7789 upward, one per resource.
+pub const REPLICATION_PORTS_DEFAULT: (u16, u16) = (7789, 8788);
+/// How long a tandemd waits for a peer tandemd's HTTP API (endpoint reservation, status).
+pub const PEER_CALL_TIMEOUT_MS_MAX: u64 = 10_000;
+/// Response bodies read from a peer tandemd's API.
+pub const PEER_RESPONSE_BYTES_MAX: usize = 64 * 1024;
+/// How long a PUT on the secondary waits for the peers and a primary before it answers (the
+/// resource is created either way; tandem-api's node calls time out after 30 s).
+pub const CREATE_SETTLE_MS_MAX: u64 = 20_000;
+/// How long the primary of a new resource keeps waiting for its peers to come up for the
+/// initial promotion (tandem-api creates the replicas one after the other).
+pub const INITIAL_PROMOTION_WAIT_MS_MAX: u64 = 600_000;
 /// The environment variable tandemadm reads the control socket path from.
 pub const CONTROL_SOCKET_ENV: &str = "TANDEM_CONTROL_SOCKET";
 
@@ -35,4 +48,7 @@ pub const BROKEN_FILE_RETRIES_MAX: usize = 64;
 const _: () = assert!(CONTROL_CONNECTIONS_MAX >= 2, "tandemadm events2 must not block others");
 const _: () = assert!(BROKEN_FILE_RETRIES_MAX <= INCLUDE_FILES_MAX);
 const _: () = assert!(WAIT_POLL_INTERVAL_MS <= 1000 && STATE_POLL_INTERVAL_MS <= 1000);
+const _: () = assert!(CREATE_SETTLE_MS_MAX < 30_000, "answer before tandem-api gives up");
+const _: () = assert!(PEER_CALL_TIMEOUT_MS_MAX <= CREATE_SETTLE_MS_MAX);
+const _: () = assert!(REPLICATION_PORTS_DEFAULT.0 <= REPLICATION_PORTS_DEFAULT.1);
 const _: () = assert!(RESOURCES_MAX <= 65_535, "resources become iSCSI targets; keep the set sane");

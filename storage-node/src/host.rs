@@ -204,6 +204,37 @@ pub struct Host {
     events: broadcast::Sender<String>,
     /// The portal's target set, once the portal is up; resources found later are added.
     portal: std::sync::OnceLock<Arc<iscsi_target::Config<ResourceLun>>>,
+    /// Target names given per resource by tandem-api (`PUT`), instead of `PREFIX:NAME`.
+    target_names: Mutex<BTreeMap<String, String>>,
+}
+
+/// The tandem-api settings of an API-created resource, beside its `.res` file.
+pub fn api_request_path(settings: &NodeSettings, name: &str) -> PathBuf {
+    api_resource_directory(settings).join(format!("{name}.json"))
+}
+
+/// Target names recorded by earlier `PUT`s (`NAME.json` beside `NAME.res`).
+fn stored_target_names(settings: &NodeSettings) -> BTreeMap<String, String> {
+    let mut names = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(api_resource_directory(settings)) else { return names };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let (Some(stem), Some("json")) =
+            (path.file_stem().and_then(|s| s.to_str()), path.extension().and_then(|e| e.to_str()))
+        else {
+            continue;
+        };
+        let request = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<crate::provision::PutRequest>(&b).ok());
+        match request {
+            Some(request) => {
+                names.insert(stem.to_owned(), request.target_iqn);
+            }
+            None => tracing::error!(file = %path.display(), "unreadable API request file"),
+        }
+    }
+    names
 }
 
 /// Where resources created through the HTTP API keep their (DRBD syntax) files.
@@ -232,7 +263,9 @@ impl Host {
             slots: Mutex::new(BTreeMap::new()),
             events,
             portal: std::sync::OnceLock::new(),
+            target_names: Mutex::new(BTreeMap::new()),
         });
+        *lock(&host.target_names) = stored_target_names(&host.settings);
         host.adopt(config)?;
         Ok(host)
     }
@@ -306,9 +339,27 @@ impl Host {
         }
     }
 
+    /// The iSCSI target name of a resource: tandem-api's when it gave one, else `PREFIX:NAME`.
+    pub fn target_name(&self, resource: &str) -> String {
+        lock(&self.target_names)
+            .get(resource)
+            .cloned()
+            .unwrap_or_else(|| self.settings.target_name(resource))
+    }
+
+    /// Records (or with `None` forgets) tandem-api's target name for a resource; takes effect
+    /// when the resource's target is (re)created.
+    pub fn set_target_name(&self, resource: &str, iqn: Option<String>) {
+        let mut names = lock(&self.target_names);
+        match iqn {
+            Some(iqn) => names.insert(resource.to_owned(), iqn),
+            None => names.remove(resource),
+        };
+    }
+
     fn export(&self, slot: &Arc<Slot>) {
         let (Some(portal), Some(volume)) = (self.portal.get(), slot.volume()) else { return };
-        let name = self.settings.target_name(&slot.name);
+        let name = self.target_name(&slot.name);
         if portal.target(&name).is_some() {
             return;
         }
@@ -320,9 +371,10 @@ impl Host {
     /// Forgets a resource that is down (HTTP delete): its target and its slot.
     pub fn forget(&self, name: &str) {
         if let Some(portal) = self.portal.get() {
-            portal.remove_target(&self.settings.target_name(name));
+            portal.remove_target(&self.target_name(name));
         }
         lock(&self.slots).remove(name);
+        self.set_target_name(name, None);
     }
 
     /// Brings up every resource that was up when tandemd last ran (restart safety: the
@@ -870,14 +922,7 @@ impl Host {
             std::fs::create_dir_all(parent)
                 .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", parent.display())))?;
         }
-        V09File::open_or_create(
-            &driver.meta_path,
-            driver.node_id,
-            driver.size_bytes / BLOCK_SIZE_BYTES,
-            max_peers(driver),
-            u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
-        )
-        .map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
+        open_or_create_metadata(driver).map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
         slot.size_bytes.store(driver.size_bytes, Ordering::Release);
         let _ = out.send(Reply::Line { text: "initializing activity log".into() });
         let _ = out.send(Reply::Line {
@@ -981,6 +1026,19 @@ fn max_peers(driver: &DriverConfig) -> u32 {
     u32::try_from(driver.peers.len().max(1)).unwrap_or(u32::MAX)
 }
 
+/// The resource's v09 metadata file with the sizes its configuration gives.
+fn open_or_create_metadata(
+    driver: &DriverConfig,
+) -> Result<(V09File, drbd_engine::protocol::Metadata), drbd_engine::driver::meta_v09::V09Error> {
+    V09File::open_or_create(
+        &driver.meta_path,
+        driver.node_id,
+        driver.size_bytes / BLOCK_SIZE_BYTES,
+        max_peers(driver),
+        u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
+    )
+}
+
 /// Reads a resource's metadata (never creates it).
 fn open_metadata(driver: &DriverConfig) -> Result<drbd_engine::protocol::Metadata, (i32, String)> {
     if !driver.meta_path.exists() {
@@ -989,15 +1047,9 @@ fn open_metadata(driver: &DriverConfig) -> Result<drbd_engine::protocol::Metadat
             format!("no meta data at {}; run create-md first", driver.meta_path.display()),
         ));
     }
-    V09File::open_or_create(
-        &driver.meta_path,
-        driver.node_id,
-        driver.size_bytes / BLOCK_SIZE_BYTES,
-        max_peers(driver),
-        u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
-    )
-    .map(|(_, meta)| meta)
-    .map_err(|e| (exit::CONFIG_INVALID, e.to_string()))
+    open_or_create_metadata(driver)
+        .map(|(_, meta)| meta)
+        .map_err(|e| (exit::CONFIG_INVALID, e.to_string()))
 }
 
 /// Turns an engine refusal into drbdsetup's exit code and a message that says what to do.

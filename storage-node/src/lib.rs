@@ -10,4 +10,6 @@ pub mod host;
 pub mod loader;
 pub mod lun;
 pub mod node_settings;
+pub mod peer_client;
+pub mod provision;
 pub mod status;

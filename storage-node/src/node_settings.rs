@@ -14,10 +14,13 @@
 //! node            node-a
 //! api-listen      127.0.0.1:8780
 //! api-token       a-long-random-secret
+//! replication-address 192.0.2.10   # where resources created through the API listen
+//! replication-ports   7789-8788    # ports they take, one per resource
 //! ```
 
 use crate::constants::{
-    CONTROL_SOCKET_DEFAULT, IQN_PREFIX_DEFAULT, PORTAL_DEFAULT, STATE_DIRECTORY_DEFAULT,
+    CONTROL_SOCKET_DEFAULT, IQN_PREFIX_DEFAULT, PORTAL_DEFAULT, REPLICATION_PORTS_DEFAULT,
+    STATE_DIRECTORY_DEFAULT,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,6 +43,11 @@ pub struct NodeSettings {
     pub api_token: Option<String>,
     /// Reported to tandem-api (Cinder's availability zone); "nova" like Cinder's default.
     pub availability_zone: String,
+    /// The IP resources created through the HTTP API replicate on (their DRBD `address`);
+    /// the API's own IP when absent and specific.
+    pub replication_address: Option<std::net::IpAddr>,
+    /// The ports (inclusive) those resources take, one each; DRBD's habit is 7789 upward.
+    pub replication_ports: (u16, u16),
 }
 
 impl Default for NodeSettings {
@@ -55,6 +63,8 @@ impl Default for NodeSettings {
             api_listen: None,
             api_token: None,
             availability_zone: "nova".into(),
+            replication_address: None,
+            replication_ports: REPLICATION_PORTS_DEFAULT,
         }
     }
 }
@@ -100,6 +110,22 @@ impl NodeSettings {
                 );
             }
             "availability-zone" => self.availability_zone = value.to_owned(),
+            "replication-address" => {
+                self.replication_address = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("replication-address wants an IP, got '{value}'"))?,
+                );
+            }
+            "replication-ports" => {
+                let range = value
+                    .split_once('-')
+                    .and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)))
+                    .filter(|(a, b): &(u16, u16)| *a > 0 && a <= b);
+                self.replication_ports = range.ok_or_else(|| {
+                    format!("replication-ports wants MIN-MAX (1-65535), got '{value}'")
+                })?;
+            }
             "api-token" => {
                 if value.len() < 16 {
                     return Err("api-token must be at least 16 characters".into());
@@ -109,11 +135,25 @@ impl NodeSettings {
             _ => {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
-                     iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone)"
+                     iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone, replication-address, \
+                     replication-ports)"
                 ));
             }
         }
         Ok(())
+    }
+
+    /// The IP API-created resources replicate on: `replication-address`, else the API's IP.
+    pub fn replication_ip(&self) -> Result<std::net::IpAddr, String> {
+        if let Some(ip) = self.replication_address {
+            return Ok(ip);
+        }
+        match self.api_listen {
+            Some(api) if !api.ip().is_unspecified() => Ok(api.ip()),
+            _ => Err("no replication address: set replication-address in the node file (or \
+                      --replication-address), or give --api-listen a specific IP"
+                .into()),
+        }
     }
 
     /// Applies a node file's text; errors name `name:line`.
@@ -168,6 +208,9 @@ mod tests {
             ("portal", "node.conf:1: 'portal' has no value"),
             ("iqn-prefix foo", "node.conf:1: iqn-prefix must start with iqn."),
             ("mutual-chap a:b", "node.conf: mutual-chap needs chap"),
+            ("replication-ports 9-3", "node.conf:1: replication-ports wants MIN-MAX"),
+            ("replication-ports 0-3", "node.conf:1: replication-ports wants MIN-MAX"),
+            ("replication-address x", "node.conf:1: replication-address wants an IP"),
         ];
         for (text, expected) in cases {
             let error = NodeSettings::default().apply_file("node.conf", text).expect_err(text);

@@ -6,6 +6,7 @@
 //!         [--state-dir /var/lib/tandem] [--iqn-prefix iqn.2026-11.org.tandem]
 //!         [--chap USER:SECRET] [--mutual-chap USER:SECRET]
 //!         [--api-listen ADDR:PORT --api-token TOKEN]
+//!         [--replication-address IP] [--replication-ports MIN-MAX]
 //! ```
 //! Prints `tandemd: ready ...` on stdout once the control socket and the portal are up.
 
@@ -21,7 +22,8 @@ use tokio::net::{UnixListener, UnixStream};
 
 const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
 [--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
-[--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN]";
+[--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN] \
+[--replication-address IP] [--replication-ports MIN-MAX]";
 
 struct Args {
     config_path: PathBuf,
@@ -58,7 +60,9 @@ fn parse_args() -> anyhow::Result<Args> {
             | "--mutual-chap"
             | "--api-listen"
             | "--api-token"
-            | "--availability-zone" => flags.push((flag[2..].to_owned(), value)),
+            | "--availability-zone"
+            | "--replication-address"
+            | "--replication-ports" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -182,7 +186,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         api_text =
             format!(" api={}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
         let router =
-            storage_node::api::router(storage_node::api::ApiState { host: host.clone(), token });
+            storage_node::api::router(storage_node::api::ApiState::new(host.clone(), token));
         tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, router).await {
                 tracing::error!(%error, "HTTP API stopped");
