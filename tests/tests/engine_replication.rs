@@ -5,7 +5,10 @@
 //!    copied (the new primary's changes plus the crashed primary's activity-log extents);
 //! 2. kill -9 a secondary, write N blocks on the primary, restart the secondary: exactly N
 //!    blocks travel;
-//! 3. (measurement) a 1 GiB full-bitmap resync over loopback.
+//! 3. (measurement) a 1 GiB full-bitmap resync over loopback;
+//! 4. fencing resource-only with a fence-peer shell handler: a primary that loses its peer
+//!    freezes writes until the handler answers, the handler gets DRBD's environment, and exit
+//!    code 4 (peer outdated) resumes I/O.
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_replication -- --nocapture`
 
@@ -39,6 +42,10 @@ struct Node {
 
 impl Replica {
     fn start(name: &str, node: &Node, dir: &Path) -> Replica {
+        Replica::start_with(name, node, dir, &[])
+    }
+
+    fn start_with(name: &str, node: &Node, dir: &Path, extra: &[&str]) -> Replica {
         let log = dir.join(format!("{name}.log"));
         let stderr =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
@@ -51,6 +58,7 @@ impl Replica {
             .arg("--meta")
             .arg(&node.meta)
             .args(["--size-bytes", &node.size_bytes.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -285,4 +293,100 @@ fn one_gib_bitmap_resync_throughput() {
         "1 GiB resync over loopback: {:.2} s, {mib_per_s:.0} MiB/s ({reply})",
         elapsed.as_secs_f64()
     );
+}
+
+/// Waits for a file to appear (the fence handler's signs of life).
+fn wait_for_file(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The fence-peer handler: records its environment, says it was called, waits for the exit
+/// code to give (the test stands in for the cluster manager that would reach the peer's control
+/// path), and exits with it.
+const FENCE_HANDLER: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+env | grep '^DRBD_' | sort > "$dir/fence-env.tmp" && mv "$dir/fence-env.tmp" "$dir/fence-env"
+echo called >> "$dir/fence-calls"
+i=0
+while [ ! -f "$dir/fence-answer" ]; do
+  sleep 0.05
+  i=$((i + 1))
+  [ "$i" -gt 1200 ] && exit 1
+done
+code=$(cat "$dir/fence-answer")
+rm -f "$dir/fence-answer"
+exit "$code"
+"#;
+
+#[test]
+fn fence_peer_handler_freezes_writes_until_it_outdates_the_peer() {
+    tests::require_slow!();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (node_a, node_b) = pair(dir.path(), 64 * 1024 * 1024);
+    let handler = dir.path().join("fence-peer.sh");
+    std::fs::write(&handler, FENCE_HANDLER).expect("writing the handler");
+    let status = Command::new("chmod").arg("+x").arg(&handler).status().expect("chmod");
+    assert!(status.success());
+    let handler_text = handler.display().to_string();
+    let fencing = ["--fencing", "resource-only", "--fence-peer", &handler_text, "--resource", "r7"];
+    let mut a = Replica::start_with("a", &node_a, dir.path(), &fencing);
+    let mut b = Replica::start("b", &node_b, dir.path());
+    let long = Duration::from_secs(30);
+    a.ok("wait-connected 20000", long);
+    a.ok("new-current-uuid", long);
+    a.ok("primary", long);
+    a.ok("write 0 10 1", long);
+
+    // The peer goes away (it stays up, so the handler can have it outdated).
+    b.ok("disconnect 0", long);
+    let calls = dir.path().join("fence-calls");
+    a.send("write 100 5 2");
+    assert!(wait_for_file(&calls, Duration::from_secs(10)), "the fence-peer handler never ran");
+    // Frozen: the write is not acknowledged while the handler has not answered.
+    match a.lines.recv_timeout(Duration::from_millis(1500)) {
+        Err(RecvTimeoutError::Timeout) => {}
+        other => panic!("a write completed while the fence handler was running: {other:?}"),
+    }
+    let env = std::fs::read_to_string(dir.path().join("fence-env")).expect("handler env");
+    for expected in [
+        "DRBD_RESOURCE=r7",
+        "DRBD_PEER_NODE_ID=1",
+        "DRBD_MY_NODE_ID=0",
+        "DRBD_PEER_ADDRESS=127.0.0.1",
+        "DRBD_PEER_AF=ipv4",
+    ] {
+        assert!(env.lines().any(|l| l == expected), "handler env lacks {expected}:\n{env}");
+    }
+
+    // What the handler's cluster manager does: outdate the peer through its control path.
+    b.ok("outdate", long);
+    let status = b.cmd("status", long);
+    assert!(status.contains("disk=Outdated"), "peer not outdated: {status}");
+    std::fs::write(dir.path().join("fence-answer.tmp"), "4").expect("answer");
+    std::fs::rename(dir.path().join("fence-answer.tmp"), dir.path().join("fence-answer"))
+        .expect("answer");
+    assert_eq!(a.next_line(long), "ok", "the frozen write did not complete after exit code 4");
+
+    // The fenced peer cannot take over, and the primary writes on without asking again.
+    let refused = b.cmd("primary", long);
+    assert!(refused.starts_with("error"), "an Outdated peer was promoted: {refused}");
+    a.ok("write 200 5 3", long);
+    let called = std::fs::read_to_string(&calls).expect("calls").lines().count();
+    assert_eq!(called, 1, "the handler runs once per lost peer");
+
+    // The peer comes back, resyncs what it missed and holds the frozen write.
+    b.ok("connect 0", long);
+    a.ok("wait-synced 60000", long);
+    a.ok("secondary", long);
+    b.promote();
+    b.ok("check 100 5 2", long);
+    b.ok("check 200 5 3", long);
+    b.ok("check 0 10 1", long);
 }

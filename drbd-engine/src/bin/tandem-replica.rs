@@ -6,12 +6,19 @@
 //!     --backing /tmp/a.img --meta /tmp/a.tmeta --size-bytes 67108864 [--protocol C]
 //!     [--engine sync|uring] [--al-extents 64] [--resync-rate-kib 0 (dynamic)]
 //!     [--meta-format v09|sidecar] [--direct-io]   (v09: DRBD 9 flex-external metadata, drbdmeta reads it)
-//! commands: primary [--force] | secondary | new-current-uuid | status | flush
+//!     [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD]
+//!     [--fence-timeout-ms N] [--resource NAME]   (DRBD's fence-peer handler; NAME is DRBD_RESOURCE)
+//! commands: primary [--force] | secondary | new-current-uuid | status | flush | outdate
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
 //!           stream FIRST COUNT GEN QD   (prints "acked BLOCK" per completed write, then "done")
 //!           check FIRST COUNT GEN       (prints "ok" or "mismatch BLOCK")
 //!           write FIRST COUNT GEN       (one write per block, sequential)
+//!
+//! tandem-replica tcp-rtt [COUNT] [BYTES]
+//!     measures the loopback TCP round trip the way replication sees it: BYTES of frame
+//!     (default 4096 + the 49-byte Data header) one way, a 40-byte WriteAck back, TCP_NODELAY,
+//!     blocking sockets on two threads; prints the median and 99th percentile in microseconds.
 //! ```
 
 use anyhow::{Context, Result, bail};
@@ -19,6 +26,8 @@ use backing_store::EngineKind;
 use bytes::Bytes;
 use drbd_engine::NodeId;
 use drbd_engine::constants::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
+use drbd_engine::driver::constants::FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
+use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::{
     DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol, ReplicationState, ResyncRate,
@@ -47,12 +56,15 @@ pub fn fill_block(block: u64, generation: u64) -> Vec<u8> {
 
 const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=ADDR... \
 --backing FILE --meta FILE [--size-bytes N] [--protocol A|B|C] [--engine sync|uring] \
-[--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io]
-then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush |
+[--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io] \
+[--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD] [--fence-timeout-ms N] \
+[--resource NAME]
+then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
-stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN";
+stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN
+or: tandem-replica tcp-rtt [COUNT] [BYTES]   (loopback TCP round trip, frame-sized)";
 
-fn parse_args() -> Result<DriverConfig> {
+fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut node_id = None;
     let mut listen = None;
     let mut peers = Vec::new();
@@ -65,6 +77,10 @@ fn parse_args() -> Result<DriverConfig> {
     let mut resync_rate_kib = 0u64;
     let mut meta_format = MetaFormat::V09External;
     let mut direct_io = false;
+    let mut fencing = Fencing::DontCare;
+    let mut fence_peer = None;
+    let mut fence_timeout_ms = FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
+    let mut resource = "r0".to_owned();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -93,6 +109,17 @@ fn parse_args() -> Result<DriverConfig> {
             "--al-extents" => al_extents = value()?.parse()?,
             "--resync-rate-kib" => resync_rate_kib = value()?.parse()?,
             "--direct-io" => direct_io = true,
+            "--fencing" => {
+                fencing = match value()?.as_str() {
+                    "dont-care" => Fencing::DontCare,
+                    "resource-only" => Fencing::ResourceOnly,
+                    "resource-and-stonith" => Fencing::ResourceAndStonith,
+                    other => bail!("unknown fencing policy {other:?}"),
+                }
+            }
+            "--fence-peer" => fence_peer = Some(value()?),
+            "--fence-timeout-ms" => fence_timeout_ms = value()?.parse()?,
+            "--resource" => resource = value()?,
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
                     "v09" => MetaFormat::V09External,
@@ -117,7 +144,13 @@ fn parse_args() -> Result<DriverConfig> {
     } else {
         ResyncRate::Fixed { rate_kib_per_s: resync_rate_kib }
     };
-    Ok(DriverConfig {
+    let handler = fence_peer.map(|command| FenceHandler {
+        command,
+        resource,
+        volume: 0,
+        timeout_ms: fence_timeout_ms,
+    });
+    let config = DriverConfig {
         node_id: node_id.context("--node-id is required")?,
         listen: listen.context("--listen is required")?,
         peers,
@@ -128,10 +161,11 @@ fn parse_args() -> Result<DriverConfig> {
         meta_path: meta.context("--meta is required")?,
         meta_format,
         protocol,
-        fencing: Fencing::DontCare,
+        fencing,
         resync_rate,
         al_extents,
-    })
+    };
+    Ok((config, handler))
 }
 
 fn say(line: impl AsRef<str>) {
@@ -209,6 +243,10 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
             device.disconnect(peer).await?;
             Ok("ok".into())
         }
+        Some("outdate") => {
+            device.outdate().await?;
+            Ok("ok".into())
+        }
         Some("flush") => {
             device.flush().await?;
             Ok("ok".into())
@@ -276,16 +314,74 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
     }
 }
 
+/// A Data frame for one 4 KiB block: header, id, offset, fua, payload.
+const RTT_REQUEST_BYTES_DEFAULT: usize = 32 + 17 + 4096;
+/// A WriteAck frame: header and id.
+const RTT_REPLY_BYTES: usize = 32 + 8;
+/// Round trips measured by default (plus a tenth as warm-up).
+const RTT_COUNT_DEFAULT: usize = 20_000;
+
+/// `tcp-rtt [COUNT] [BYTES]`: a ping-pong over loopback TCP between two threads.
+fn tcp_rtt(args: &[String]) -> Result<()> {
+    use std::io::Read;
+    let count: usize = args.first().map_or(Ok(RTT_COUNT_DEFAULT), |a| a.parse())?;
+    let request_bytes: usize = args.get(1).map_or(Ok(RTT_REQUEST_BYTES_DEFAULT), |a| a.parse())?;
+    let warmup = count / 10;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut stream, _) = listener.accept()?;
+        stream.set_nodelay(true)?;
+        let mut request = vec![0u8; request_bytes];
+        let reply = [0u8; RTT_REPLY_BYTES];
+        while stream.read_exact(&mut request).is_ok() {
+            stream.write_all(&reply)?;
+        }
+        Ok(())
+    });
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let request = vec![0x5au8; request_bytes];
+    let mut reply = [0u8; RTT_REPLY_BYTES];
+    let mut samples_ns = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let start = Instant::now();
+        stream.write_all(&request)?;
+        stream.read_exact(&mut reply)?;
+        if i >= warmup {
+            samples_ns.push(start.elapsed().as_nanos());
+        }
+    }
+    drop(stream);
+    echo.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    samples_ns.sort_unstable();
+    let at = |q: usize| samples_ns[(samples_ns.len() - 1) * q / 100] as f64 / 1000.0;
+    say(format!(
+        "tcp-rtt loopback: {count} round trips of {request_bytes} bytes out, {RTT_REPLY_BYTES} \
+         back: median {:.1} us, p99 {:.1} us",
+        at(50),
+        at(99)
+    ));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("tcp-rtt") {
+        return tcp_rtt(&argv[1..]);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let config = parse_args()?;
+    let (config, handler) = parse_args()?;
     let (device, _task) = ReplicatedDevice::start(config).await.context("starting the replica")?;
+    if handler.is_some() {
+        device.set_fence_handler(handler).await.context("setting the fence-peer handler")?;
+    }
     say("ready");
     // Stdin is read on a plain thread (the workspace's tokio has no io-std feature).
     let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
