@@ -186,8 +186,9 @@ pub enum IoOp {
         mask: Bytes,
         fua: bool,
     },
-    /// WRITE ATOMIC(16): a plain write that no other command may observe half done. The driver
-    /// runs it under the device lock held exclusively, so overlapping reads and writes wait.
+    /// WRITE ATOMIC(16): a write that no other command may observe half done (the driver runs
+    /// it under the device lock held exclusively, so overlapping reads and writes wait) and
+    /// that a crash leaves whole ([`BlockDevice::write_atomic`]).
     AtomicWrite {
         offset_bytes: u64,
         data: Bytes,
