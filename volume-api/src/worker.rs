@@ -175,8 +175,26 @@ fn spawn(
             () = work => {}
             () = renew_lease(&s, table, &id) => {}
         }
+        // Given back only when the record left its background status: if it is still in one,
+        // another operation took the row over meanwhile (a forced delete of a volume being
+        // created, say) and runs under this instance's lease, or this one failed without
+        // recording it, and the lease's expiry lets a reconciler run it again.
         let me = s.instance_id.clone();
-        if let Err(e) = s.transaction(|tx| Ok(tx.release(table, &id, &me)?)) {
+        let released = s.transaction(|tx| {
+            let busy = match table {
+                Table::Volumes => tx
+                    .get::<Volume>(table, &id)?
+                    .is_some_and(|v| volume_status_is_background(v.status)),
+                _ => tx
+                    .get::<Snapshot>(table, &id)?
+                    .is_some_and(|sn| snapshot_status_is_background(&sn.status)),
+            };
+            if !busy {
+                tx.release(table, &id, &me)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = released {
             tracing::warn!("releasing the lease on {id}: {e}");
         }
     });
