@@ -346,3 +346,29 @@ fn promotion_waits_for_a_connection_handshake_in_progress() {
     pair.cut(2);
     pair.nodes[1].handle_promote(31, false).unwrap();
 }
+
+#[test]
+fn held_reads_complete_before_the_writes_released_with_them() {
+    // A write the peer never acknowledged is cut off (the fence freezes it), then a read is
+    // held too. When the handler answers, the read's data predates the write's
+    // acknowledgement, so it must complete first.
+    let mut pair = Pair::new(Fencing::ResourceOnly);
+    pair.connect(1);
+    pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+    pair.run();
+    pair.nodes[0].handle_promote(3, false).unwrap();
+    pair.run();
+    pair.deliver = [true, false];
+    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.cut(1);
+    pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
+    assert!(pair.result(1).is_none() && pair.result(2).is_none());
+    pair.nodes[0].handle_fence_outcome(
+        10,
+        NodeId(1),
+        drbd_engine::protocol::FenceOutcome::PeerOutdated,
+    );
+    pair.run();
+    let position = |id| pair.completions.iter().position(|(_, r, _)| *r == RequestId(id));
+    assert!(position(2).expect("read done") < position(1).expect("write done"));
+}

@@ -2267,9 +2267,11 @@ impl Node {
         }
         self.start_queued_writes();
         self.collect_transfer_log();
+        // Held reads first: their data was read before the writes released with them were
+        // acknowledged, so they must not complete after those acknowledgements.
+        self.release_held_reads();
         self.try_complete_writes();
         self.try_complete_flushes();
-        self.release_held_reads();
         self.try_finish_demote();
     }
 }
