@@ -3,7 +3,8 @@
 //! operation runs in one instance only, and when one instance is killed with SIGKILL in the
 //! middle of an operation, the other one finishes it.
 //!
-//! PostgreSQL is a private cluster the test starts (Debian's initdb/pg_ctl on a free port).
+//! The racing-requests test also runs with two instances on one SQLite file. PostgreSQL is a
+//! private cluster the test starts (Debian's initdb/pg_ctl on a free port).
 //! The storage nodes are `FakeNode`s: in-memory stand-ins for the node control contract
 //! (volume-api/node-control-api.yaml) that count every call, so a test can tell whether an
 //! operation ran once or twice.
@@ -157,13 +158,13 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-/// One tandem-api on the cluster's database with both fake nodes registered; returns once it
-/// sees both nodes up.
-fn start_api(db: &PgCluster, nodes: &[FakeNode]) -> (Daemon, SocketAddr) {
+/// One tandem-api on `database` (what `--database` takes) with both fake nodes registered;
+/// returns once it sees both nodes up.
+fn start_api(database: &str, nodes: &[FakeNode]) -> (Daemon, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut command = Command::new(binary("tandem-api"));
     command
-        .args(["--listen", &addr.to_string(), "--database", &db.url()])
+        .args(["--listen", &addr.to_string(), "--database", database])
         .args(["--node-token", NODE_TOKEN])
         .args(["--node", &format!("node-a={}", nodes[0].url)])
         .args(["--node", &format!("node-b={}", nodes[1].url)]);
@@ -206,9 +207,21 @@ fn wait_available(addr: SocketAddr, id: &str, timeout: Duration) {
 fn two_instances_serialise_conflicting_requests_and_run_each_operation_once() {
     tests::require_slow!();
     let db = PgCluster::start().unwrap();
+    two_instances_on_one_database(&db.url());
+}
+
+/// The same with two instances on one SQLite file (several processes on one host).
+#[test]
+fn two_instances_on_one_sqlite_file_behave_the_same() {
+    tests::require_slow!();
+    let dir = tempfile::tempdir().unwrap();
+    two_instances_on_one_database(&dir.path().join("api.sqlite").display().to_string());
+}
+
+fn two_instances_on_one_database(database: &str) {
     let nodes = [FakeNode::start("node-a"), FakeNode::start("node-b")];
-    let (_api1, addr1) = start_api(&db, &nodes);
-    let (_api2, addr2) = start_api(&db, &nodes);
+    let (_api1, addr1) = start_api(database, &nodes);
+    let (_api2, addr2) = start_api(database, &nodes);
     let both = [addr1, addr2];
 
     // A slow create through instance 1: instance 2 reconciles every 2 s meanwhile and must not
@@ -245,7 +258,7 @@ fn two_instances_serialise_conflicting_requests_and_run_each_operation_once() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    eprintln!("50 concurrent os-reserve through 2 instances: {:?}", started.elapsed());
+    eprintln!("{database}: 50 concurrent os-reserve through 2 instances: {:?}", started.elapsed());
     assert_eq!(statuses.iter().filter(|s| **s == 202).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 49, "{statuses:?}");
     assert_eq!(volume(addr1, &id)["status"], "reserved");
@@ -269,7 +282,7 @@ fn two_instances_serialise_conflicting_requests_and_run_each_operation_once() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    eprintln!("20 concurrent creates against a quota of 5: {:?}", started.elapsed());
+    eprintln!("{database}: 20 concurrent creates against a quota of 5: {:?}", started.elapsed());
     let accepted: Vec<String> = replies
         .iter()
         .filter(|(s, _)| *s == 202)
@@ -297,8 +310,8 @@ fn an_instance_killed_mid_operation_is_finished_by_the_other() {
     tests::require_slow!();
     let db = PgCluster::start().unwrap();
     let nodes = [FakeNode::start("node-a"), FakeNode::start("node-b")];
-    let (mut api1, addr1) = start_api(&db, &nodes);
-    let (api2, addr2) = start_api(&db, &nodes);
+    let (mut api1, addr1) = start_api(&db.url(), &nodes);
+    let (api2, addr2) = start_api(&db.url(), &nodes);
 
     // Killed mid-create: instance 2 resumes the create once instance 1's lease expired.
     nodes.iter().for_each(|n| n.delay_operations(Duration::from_secs(3)));
@@ -315,7 +328,7 @@ fn an_instance_killed_mid_operation_is_finished_by_the_other() {
     assert!(api2.log().contains(&format!("resuming creating of volume {id}")), "{}", api2.log());
 
     // Killed mid-delete: the same, and the record goes.
-    let (mut api1, addr1) = start_api(&db, &nodes);
+    let (mut api1, addr1) = start_api(&db.url(), &nodes);
     let (status, body) = create_volume(addr1, "demo", "admin:demo");
     assert_eq!(status, 202, "{body}");
     let second = body["volume"]["id"].as_str().unwrap().to_string();
