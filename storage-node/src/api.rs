@@ -819,7 +819,9 @@ async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Resp
 
 async fn node(State(state): State<ApiState>) -> Response {
     let host = &state.host;
-    let capacity = nix::sys::statvfs::statvfs(&host.settings.state_directory).ok().map(|s| {
+    // The state directory may not exist before the first resource; its file system does.
+    let measured = host.settings.state_directory.ancestors().find(|p| p.exists());
+    let capacity = measured.and_then(|p| nix::sys::statvfs::statvfs(p).ok()).map(|s| {
         let fragment = s.fragment_size();
         json!({
             "total_bytes": s.blocks() * fragment,
