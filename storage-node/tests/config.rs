@@ -829,3 +829,77 @@ fn drbdadm_dry_run_up_agrees_on_each_nodes_view() {
     assert!(views_checked >= 4, "too few loopback nodes to compare ({views_checked})");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The fence-peer plumbing the engine's handler support will read: `net { fencing ...; }`
+/// (common, resource and connection level) and `handlers { fence-peer "..."; }` reach the
+/// model, typed, with the command line as written.
+#[test]
+fn fencing_policy_and_fence_peer_handler_reach_the_model() {
+    let text = r#"
+common {
+  net { fencing resource-only; }
+  handlers {
+    fence-peer "/usr/lib/drbd/crm-fence-peer.9.sh --timeout 30";
+    unfence-peer "/usr/lib/drbd/crm-unfence-peer.9.sh";
+  }
+}
+resource r0 {
+  on a { node-id 0; address 127.0.0.1:7789; volume 0 { device minor 0; disk /dev/x; meta-disk internal; } }
+  on b { node-id 1; address 127.0.0.2:7789; volume 0 { device minor 0; disk /dev/x; meta-disk internal; } }
+}
+resource r1 {
+  net { fencing resource-and-stonith; }
+  on a { node-id 0; address 127.0.0.1:7790; volume 0 { device minor 1; disk /dev/y; meta-disk internal; } }
+  on b { node-id 1; address 127.0.0.2:7790; volume 0 { device minor 1; disk /dev/y; meta-disk internal; } }
+}
+resource r2 {
+  net { fencing dont-care; }
+  on a { node-id 0; address 127.0.0.1:7791; volume 0 { device minor 2; disk /dev/z; meta-disk internal; } }
+  on b { node-id 1; address 127.0.0.2:7791; volume 0 { device minor 2; disk /dev/z; meta-disk internal; } }
+}
+"#;
+    let config = config::parse_str("fencing.res", text, Path::new("/")).expect("parses");
+    let expected = [
+        ("r0", config::FencingPolicy::ResourceOnly),
+        ("r1", config::FencingPolicy::ResourceAndStonith),
+        ("r2", config::FencingPolicy::DontCare),
+    ];
+    for (name, policy) in expected {
+        let resource = config.resource(name).expect("resource");
+        assert_eq!(resource.net.fencing(), policy, "{name}");
+        for (connection, _) in resource.peers_of("a") {
+            assert_eq!(connection.net.fencing(), policy, "{name}: the connection inherits it");
+        }
+        assert_eq!(
+            resource.fence_peer_handler(),
+            Some("/usr/lib/drbd/crm-fence-peer.9.sh --timeout 30"),
+            "{name}: common's handler"
+        );
+    }
+    let bare = config::parse_str(
+        "bare.res",
+        "resource r { on a { node-id 0; address 127.0.0.1:7789; volume 0 { device minor 0; \
+         disk /dev/x; meta-disk internal; } }\n on b { node-id 1; address 127.0.0.2:7789; \
+         volume 0 { device minor 0; disk /dev/x; meta-disk internal; } } }\n",
+        Path::new("/"),
+    )
+    .expect("parses");
+    assert_eq!(bare.resources[0].net.fencing(), config::FencingPolicy::DontCare);
+    assert_eq!(bare.resources[0].fence_peer_handler(), None);
+    if let Some(drbdadm) =
+        ["/usr/sbin/drbdadm", "/sbin/drbdadm"].iter().find(|p| Path::new(p).exists())
+    {
+        let file = std::env::temp_dir().join(format!("tandem-fencing-{}.res", std::process::id()));
+        std::fs::write(&file, text).expect("writing");
+        let output = Command::new(drbdadm)
+            .arg("-c")
+            .arg(&file)
+            .args(["dump", "all"])
+            .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
+            .env_remove(config::NODE_NAME_ENV)
+            .output()
+            .expect("drbdadm");
+        let _ = std::fs::remove_file(&file);
+        assert!(output.status.success(), "drbdadm: {}", String::from_utf8_lossy(&output.stderr));
+    }
+}

@@ -62,6 +62,11 @@ impl Resource {
             .find(|node| node.name == name || node.aliases.iter().any(|alias| alias == name))
     }
 
+    /// The `handlers { fence-peer "COMMAND"; }` command line, as written (unquoted).
+    pub fn fence_peer_handler(&self) -> Option<&str> {
+        self.handlers.get("fence-peer").map(String::as_str)
+    }
+
     pub fn node_by_id(&self, node_id: u32) -> Option<&Node> {
         self.nodes.iter().find(|node| node.node_id == node_id)
     }
@@ -369,7 +374,25 @@ pub struct NetOptions {
     pub ignored: BTreeMap<String, String>,
 }
 
+/// DRBD's `net { fencing ...; }` policy (what the engine's fence handling acts on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FencingPolicy {
+    DontCare,
+    ResourceOnly,
+    ResourceAndStonith,
+}
+
 impl NetOptions {
+    /// `fencing`, DRBD 9's default `dont-care` when absent. The option table admits only the
+    /// three words, so any other text cannot reach here; it reads as the default all the same.
+    pub fn fencing(&self) -> FencingPolicy {
+        match self.ignored.get("fencing").map(String::as_str) {
+            Some("resource-only") => FencingPolicy::ResourceOnly,
+            Some("resource-and-stonith") => FencingPolicy::ResourceAndStonith,
+            _ => FencingPolicy::DontCare,
+        }
+    }
+
     pub fn protocol(&self) -> Protocol {
         self.protocol.unwrap_or(Protocol::C)
     }
