@@ -16,7 +16,9 @@
 //! the old data or all of the new, never a mix.
 //!
 //! One slot suffices: an atomic write holds the device lock exclusively (no other atomic write,
-//! nor any other write, runs meanwhile), which [`AtomicJournal::write`] asserts.
+//! nor any other write, runs meanwhile); [`AtomicJournal::write`] asserts the first half. An
+//! atomic write that fails after step 1 began fences every later write until a restart has
+//! replayed its record (see `AtomicJournal::fenced`).
 //!
 //! The journal is a second [`BackingStore`] on the side file rather than `std::fs` in
 //! `spawn_blocking`: it gets the engine, O_DIRECT handling, range checks and error kinds of the
