@@ -19,6 +19,9 @@
 //!     measures the loopback TCP round trip the way replication sees it: BYTES of frame
 //!     (default 4096 + the 49-byte Data header) one way, a 40-byte WriteAck back, TCP_NODELAY,
 //!     blocking sockets on two threads; prints the median and 99th percentile in microseconds.
+//! tandem-replica tcp-stream [MIB]
+//!     one-way loopback TCP throughput: MIB MiB (default 4096) in 1 MiB writes, read by a second
+//!     thread in 1 MiB reads (what a resync's frame stream can get at most); prints MiB/s.
 //! ```
 
 use anyhow::{Context, Result, bail};
@@ -62,7 +65,8 @@ const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=A
 then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
 stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN
-or: tandem-replica tcp-rtt [COUNT] [BYTES]   (loopback TCP round trip, frame-sized)";
+or: tandem-replica tcp-rtt [COUNT] [BYTES]   (loopback TCP round trip, frame-sized)
+or: tandem-replica tcp-stream [MIB]          (one-way loopback TCP throughput)";
 
 fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut node_id = None;
@@ -365,11 +369,49 @@ fn tcp_rtt(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// `tcp-stream [MIB]`: one-way loopback TCP throughput between two threads.
+fn tcp_stream(args: &[String]) -> Result<()> {
+    use std::io::Read;
+    const CHUNK_BYTES: usize = 1024 * 1024;
+    let mib: usize = args.first().map_or(Ok(4096), |a| a.parse())?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let sink = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut stream, _) = listener.accept()?;
+        let mut buffer = vec![0u8; CHUNK_BYTES];
+        let mut total = 0;
+        loop {
+            match stream.read(&mut buffer)? {
+                0 => return Ok(total),
+                n => total += n,
+            }
+        }
+    });
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    let chunk = vec![0x5au8; CHUNK_BYTES];
+    let start = Instant::now();
+    for _ in 0..mib {
+        stream.write_all(&chunk)?;
+    }
+    drop(stream);
+    let received = sink.join().map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
+    let seconds = start.elapsed().as_secs_f64();
+    assert_eq!(received, mib * CHUNK_BYTES, "every byte arrived");
+    say(format!(
+        "tcp-stream loopback: {mib} MiB in {seconds:.2} s, {:.0} MiB/s",
+        mib as f64 / seconds
+    ));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("tcp-rtt") {
         return tcp_rtt(&argv[1..]);
+    }
+    if argv.first().map(String::as_str) == Some("tcp-stream") {
+        return tcp_stream(&argv[1..]);
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
