@@ -404,7 +404,9 @@ fn tcp_stream(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-#[tokio::main]
+// One thread, as tandemd runs each engine (storage-node engine_runtime.rs): every hand-off
+// between the driver, the connection tasks and the command loop stays on it.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     if argv.first().map(String::as_str) == Some("tcp-rtt") {
