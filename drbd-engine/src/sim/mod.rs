@@ -276,7 +276,7 @@ impl Report {
         let f = self.fence_exit_codes;
         format!(
             "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected, \
-             {} partitions with promotion ({} promoted, {} refused Outdated, {} two primaries), \
+             {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {} ms simulated",
             self.writes_acked,
