@@ -2,7 +2,7 @@
 //! tandemadm verbs acting on them. The tokio plumbing (control socket, portal) lives in
 //! `bin/tandemd.rs`; the text formats in `status`; the wire protocol in `control`.
 
-use crate::config::{Config, Disk, MetaDisk, Protocol, Resource};
+use crate::config::{Config, Disk, FencingPolicy, MetaDisk, Protocol, Resource};
 use crate::constants::{
     ENGINE_STOP_TIMEOUT_MS_MAX, EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS,
     WAIT_POLL_INTERVAL_MS,
@@ -15,6 +15,8 @@ use crate::status::{self, PeerView, PeerVolumeView, ResourceView, VolumeView};
 use backing_store::EngineKind;
 use drbd_engine::NodeId;
 use drbd_engine::constants::BLOCK_SIZE_BYTES;
+use drbd_engine::driver::constants::FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
+use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
@@ -39,6 +41,8 @@ pub struct Plan {
     pub volume: u32,
     pub minor: u32,
     pub peer_names: BTreeMap<u8, String>,
+    /// The resource's `handlers { fence-peer }`, run when fencing asks for it.
+    pub fence_handler: Option<FenceHandler>,
 }
 
 struct Running {
@@ -146,6 +150,7 @@ pub fn plan_resource(
     let mut peers = Vec::new();
     let mut peer_names = BTreeMap::new();
     let mut protocol = resource.net.protocol();
+    let mut fencing = resource.net.fencing();
     for (connection, host) in resource.peers_of(&node.name) {
         let peer = u8::try_from(host.node_id)
             .ok()
@@ -159,6 +164,7 @@ pub fn plan_resource(
         peers.push((peer, address));
         peer_names.insert(peer.0, host.name.clone());
         protocol = connection.net.protocol();
+        fencing = connection.net.fencing();
     }
     let disk = &volume.disk_options;
     let resync_rate = if disk.c_plan_ahead_ds() == 0 {
@@ -185,14 +191,28 @@ pub fn plan_resource(
             // DRBD 9's v09 layout on a flex-external file: drbdmeta dump-md reads it.
             meta_format: MetaFormat::V09External,
             protocol: protocol_of(protocol),
-            fencing: Fencing::DontCare,
+            fencing: fencing_of(fencing),
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
         },
         volume: volume.number,
         minor: volume.device.minor,
         peer_names,
+        fence_handler: resource.fence_peer_handler().map(|command| FenceHandler {
+            command: command.to_owned(),
+            resource: name.clone(),
+            volume: volume.number,
+            timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
+        }),
     })
+}
+
+fn fencing_of(policy: FencingPolicy) -> Fencing {
+    match policy {
+        FencingPolicy::DontCare => Fencing::DontCare,
+        FencingPolicy::ResourceOnly => Fencing::ResourceOnly,
+        FencingPolicy::ResourceAndStonith => Fencing::ResourceAndStonith,
+    }
 }
 
 pub struct Host {
@@ -423,13 +443,8 @@ impl Host {
                         .unwrap_or_else(|| format!("node-{}", p.node_id.0)),
                     node_id: u32::from(p.node_id.0),
                     connection: p.connection,
-                    // The engine does not report the peer's role yet; while connected to this
-                    // primary it can only be Secondary (the engine allows one primary).
-                    role: if connected && role == Role::Primary {
-                        Role::Secondary
-                    } else {
-                        Role::Unknown
-                    },
+                    // As drbdsetup shows it: the role the peer announced, Unknown when apart.
+                    role: if connected { p.role } else { Role::Unknown },
                     volumes: vec![PeerVolumeView {
                         number: plan.volume,
                         replication: p.replication,
@@ -972,6 +987,13 @@ impl Host {
                 }
                 other => (exit::EXEC_ERROR, other.to_string()),
             })?;
+        // Set before any peer connects, so a fence request always finds its handler.
+        if let Some(handler) = plan.fence_handler.clone() {
+            device
+                .set_fence_handler(Some(handler))
+                .await
+                .map_err(|e| (exit::EXEC_ERROR, format!("fence-peer handler: {e}")))?;
+        }
         slot.size_bytes.store(device.size_bytes(), Ordering::Release);
         *lock(&slot.running) = Some(Running { device, engine, started_with });
         slot.split_brain_logged.store(false, Ordering::Relaxed);
@@ -1076,4 +1098,48 @@ fn explain_state_error(resource: &str, verb: &str, error: DeviceError) -> (i32, 
         _ => exit::EXEC_ERROR,
     };
     (code, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn plan_of(net: &str, handlers: &str) -> Plan {
+        let text = format!(
+            "resource r0 {{
+               net {{ protocol C; {net} }}
+               {handlers}
+               volume 0 {{ device minor 0; disk /tmp/r0.img; meta-disk internal; }}
+               on alpha {{ node-id 0; address 127.0.0.1:7789; }}
+               on beta {{ node-id 1; address 127.0.0.1:7790; }}
+             }}"
+        );
+        let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).expect("parses");
+        let resource = config.resource("r0").expect("r0");
+        plan_resource(&NodeSettings::default(), "alpha", resource).expect("plans")
+    }
+
+    #[test]
+    fn fencing_policy_and_handler_reach_the_engine() {
+        let handler = r#"handlers { fence-peer "/usr/lib/drbd/crm-fence-peer.9.sh"; }"#;
+        for (net, handlers, fencing, command) in [
+            ("", "", Fencing::DontCare, None),
+            ("fencing dont-care;", "", Fencing::DontCare, None),
+            ("fencing resource-only;", handler, Fencing::ResourceOnly, Some("crm-fence-peer")),
+            ("fencing resource-and-stonith;", handler, Fencing::ResourceAndStonith, Some("crm")),
+        ] {
+            let plan = plan_of(net, handlers);
+            assert_eq!(plan.driver.fencing, fencing, "{net}");
+            match (plan.fence_handler, command) {
+                (None, None) => {}
+                (Some(h), Some(part)) => {
+                    assert!(h.command.contains(part), "{net}: {}", h.command);
+                    assert_eq!((h.resource.as_str(), h.volume), ("r0", 0));
+                    assert_eq!(h.timeout_ms, FENCE_HANDLER_TIMEOUT_MS_DEFAULT);
+                }
+                (got, want) => panic!("{net}: handler {got:?}, wanted {want:?}"),
+            }
+        }
+    }
 }

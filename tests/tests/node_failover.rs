@@ -194,7 +194,11 @@ fn tandemadm_drives_two_nodes() {
     );
     println!("tandemadm status on alpha:\n{status}");
     let status = cluster.adm_ok(1, &["status"]);
-    assert!(status.starts_with("r0 role:Secondary\n  disk:UpToDate\n  alpha "), "{status}");
+    assert_eq!(
+        status,
+        "r0 role:Secondary\n  disk:UpToDate\n  alpha role:Primary\n    peer-disk:UpToDate\n\n",
+        "the secondary shows the primary's role"
+    );
 
     // A waiting tandemadm does not block verbs on the same resource: wait-connect on a
     // disconnected beta returns once `connect` (from another tandemadm) got through.

@@ -119,6 +119,8 @@ impl Store {
 pub struct PeerStatus {
     pub node_id: NodeId,
     pub connection: ConnectionState,
+    /// The peer's role as it last announced it; `Unknown` while not connected.
+    pub role: Role,
     pub replication: ReplicationState,
     pub disk: DiskState,
     pub out_of_sync_blocks: u64,
@@ -705,6 +707,7 @@ impl Driver {
                 .map(|p| PeerStatus {
                     node_id: p,
                     connection: n.connection_state(p).unwrap_or(ConnectionState::StandAlone),
+                    role: n.peer_role(p).unwrap_or(Role::Unknown),
                     replication: n.replication_state(p).unwrap_or(ReplicationState::Off),
                     disk: n.peer_disk_state(p).unwrap_or(DiskState::DUnknown),
                     out_of_sync_blocks: n.out_of_sync_blocks(p),

@@ -576,6 +576,10 @@ impl Node {
     pub fn peer_disk_state(&self, peer: NodeId) -> Option<DiskState> {
         self.peer(peer).map(|p| p.disk)
     }
+    /// The role the peer last announced (`Unknown` while not connected).
+    pub fn peer_role(&self, peer: NodeId) -> Option<Role> {
+        self.peer(peer).map(|p| p.role)
+    }
     /// The driver should hold (or keep trying to establish) a transport to this peer.
     pub fn wants_connection(&self, peer: NodeId) -> bool {
         self.peer(peer).is_some_and(|p| p.connection != ConnectionState::StandAlone)
