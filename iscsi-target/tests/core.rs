@@ -1483,3 +1483,451 @@ fn a_second_copy_under_a_running_list_identifier_is_refused() {
     let (_, responses) = i.command(&cdb, false, true, edtl, &list(1), true);
     assert_eq!(status_of(&responses[0]), (0, None));
 }
+
+mod persistent_reservations {
+    //! PERSISTENT RESERVE OUT REGISTER AND MOVE and REGISTER with SPEC_I_PT / ALL_TG_PT,
+    //! through the replicable reservation state and through a logged-in connection.
+
+    use super::*;
+    use iscsi_target::scsi::pr::{
+        self, Nexus, ProutResult, ReservationState, TransportId, parse_transport_id,
+    };
+
+    const ILLEGAL_REQUEST: u8 = 0x05;
+    /// Relative target ports of the target under test (two portals).
+    const PORTS: &[u16] = &[1, 2];
+
+    fn port(name: &str, isid: u64, relative_port: u16) -> Nexus {
+        Nexus { initiator_name: name.into(), isid, relative_port }
+    }
+
+    /// A format 00h (device name) iSCSI TransportID.
+    fn device_id(name: &str) -> Vec<u8> {
+        let mut body = name.as_bytes().to_vec();
+        body.push(0);
+        while body.len() < 20 || !body.len().is_multiple_of(4) {
+            body.push(0);
+        }
+        let mut out = vec![0x05, 0];
+        out.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// A format 01h TransportID with `text` as the body (for malformed ones).
+    fn raw_port_id(text: &str) -> Vec<u8> {
+        let mut id = device_id(text);
+        id[0] = 0x45;
+        id
+    }
+
+    fn move_params(key: u64, service_key: u64, flags: u8, port: u16, id: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&service_key.to_be_bytes());
+        p[17] = flags;
+        p[18..20].copy_from_slice(&port.to_be_bytes());
+        p[20..24].copy_from_slice(&u32::try_from(id.len()).unwrap().to_be_bytes());
+        p.extend_from_slice(id);
+        p
+    }
+
+    fn register_params(key: u64, service_key: u64, flags: u8, ids: &[Vec<u8>]) -> Vec<u8> {
+        let mut p = vec![0u8; 24];
+        p[..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&service_key.to_be_bytes());
+        p[20] = flags;
+        if flags & 0x08 != 0 {
+            let all: Vec<u8> = ids.concat();
+            p.extend_from_slice(&u32::try_from(all.len()).unwrap().to_be_bytes());
+            p.extend_from_slice(&all);
+        }
+        p
+    }
+
+    fn check(result: ProutResult) -> Option<(u8, u8, u8)> {
+        match result {
+            ProutResult::Check(sense) => Some((sense.key, sense.asc, sense.ascq)),
+            other => panic!("expected CHECK CONDITION, got {other:?}"),
+        }
+    }
+
+    /// `a` registered with key 0xa holding a reservation of `reservation_type`; `b`
+    /// registered with key 0xb.
+    fn reserved(reservation_type: u8) -> (ReservationState, Nexus, Nexus) {
+        let mut s = ReservationState::default();
+        let a = port("iqn.2026-11.org.test:a", 0x23d000001, 1);
+        let b = port("iqn.2026-11.org.test:b", 0x23d000002, 1);
+        assert_eq!(s.prout(&a, 0, 0, 0, 0xa), ProutResult::Good(vec![]));
+        assert_eq!(s.prout(&b, 0, 0, 0, 0xb), ProutResult::Good(vec![]));
+        assert_eq!(s.prout(&a, 1, reservation_type, 0xa, 0), ProutResult::Good(vec![]));
+        (s, a, b)
+    }
+
+    #[test]
+    fn transport_ids_parse_both_iscsi_formats_and_refuse_bad_ones() {
+        let n = port("iqn.2026-11.org.test:host", 0x0002_3d00_00ff, 1);
+        let id = n.transport_id();
+        assert_eq!(
+            parse_transport_id(&id),
+            Some((
+                TransportId::Port { initiator_name: n.initiator_name.clone(), isid: n.isid },
+                id.len()
+            ))
+        );
+        let dev = device_id("iqn.2026-11.org.test:host");
+        assert_eq!(
+            parse_transport_id(&dev),
+            Some((TransportId::Device("iqn.2026-11.org.test:host".into()), dev.len()))
+        );
+        let mut fibre = id.clone();
+        fibre[0] = 0x40; // protocol 0: Fibre Channel
+        let mut long = id.clone();
+        long[2..4].copy_from_slice(&4000u16.to_be_bytes());
+        let mut odd = id.clone();
+        odd[3] += 1;
+        let mut short = id.clone();
+        short.truncate(id.len() - 4);
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("other protocol", fibre),
+            ("format 10b", {
+                let mut x = id.clone();
+                x[0] = 0x85;
+                x
+            }),
+            ("length over the limit", long),
+            ("length not a multiple of 4", odd),
+            ("truncated", short),
+            ("no ISID", raw_port_id("iqn.2026-11.org.test:host")),
+            ("ISID not hex", raw_port_id("iqn.2026-11.org.test:host,i,0xzz")),
+            ("ISID too long", raw_port_id("iqn.x:h,i,0x1234567890abc")),
+            ("empty name", raw_port_id(",i,0x1")),
+            ("comma in a device name", device_id("iqn.x:a,b")),
+            ("name too long", device_id(&"a".repeat(224))),
+            ("not NUL-terminated", {
+                let mut x = raw_port_id("iqn.x:h,i,0x1");
+                let last = x.len() - 1;
+                x[5..].fill(b'a');
+                x[last] = b'a';
+                x
+            }),
+        ];
+        for (what, bytes) in bad {
+            assert_eq!(parse_transport_id(&bytes), None, "{what}");
+        }
+    }
+
+    #[test]
+    fn register_and_move_moves_the_reservation_and_registers_the_destination() {
+        let (mut s, a, _) = reserved(pr::pr_type::EXCLUSIVE_ACCESS);
+        let c = port("iqn.2026-11.org.test:c", 0x23d000003, 2);
+        let generation = s.generation;
+        let p = move_params(0xa, 0xc, 0, 2, &c.transport_id());
+        assert_eq!(s.register_and_move(&a, &p, PORTS), ProutResult::Good(vec![]));
+        let r = s.reservation.clone().expect("still reserved");
+        assert_eq!((r.holder, r.reservation_type), (c.clone(), pr::pr_type::EXCLUSIVE_ACCESS));
+        assert_eq!(s.key_of(&c), Some(0xc));
+        assert_eq!(s.key_of(&a), Some(0xa), "without UNREG the source stays registered");
+        assert_eq!(s.generation, generation.wrapping_add(1));
+        assert!(s.allows(&c, pr::Access::Write));
+        assert!(!s.allows(&a, pr::Access::Read));
+
+        // Moving back with UNREG unregisters the source; a registered destination gets the
+        // service action key.
+        let p = move_params(0xc, 0xaa, 0x02, 1, &a.transport_id());
+        assert_eq!(s.register_and_move(&c, &p, PORTS), ProutResult::Good(vec![]));
+        assert_eq!(s.reservation.as_ref().map(|r| r.holder.clone()), Some(a.clone()));
+        assert_eq!(s.key_of(&a), Some(0xaa));
+        assert_eq!(s.key_of(&c), None);
+    }
+
+    #[test]
+    fn register_and_move_refuses_what_spc4_refuses() {
+        let c = port("iqn.2026-11.org.test:c", 0x23d000003, 1);
+        let good = || move_params(0xa, 0xc, 0, 1, &c.transport_id());
+        // (what, reservation type, sender is b, parameter list, expected)
+        type Case = (&'static str, u8, bool, Vec<u8>, Option<Option<(u8, u8, u8)>>);
+        let we = pr::pr_type::WRITE_EXCLUSIVE;
+        let ipl = Some(Some((ILLEGAL_REQUEST, 0x26, 0x00)));
+        let length = Some(Some((ILLEGAL_REQUEST, 0x1a, 0x00)));
+        let conflict = None;
+        let mut wrong_length = good();
+        wrong_length.pop();
+        let mut big_length = good();
+        big_length[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let mut mismatched_id_length = good();
+        mismatched_id_length[20..24].copy_from_slice(&28u32.to_be_bytes());
+        mismatched_id_length.truncate(24 + 28);
+        let cases: Vec<Case> = vec![
+            (
+                "wrong reservation key",
+                we,
+                false,
+                move_params(0xbad, 0xc, 0, 1, &c.transport_id()),
+                conflict,
+            ),
+            (
+                "sender registered but not the holder",
+                we,
+                true,
+                move_params(0xb, 0xc, 0, 1, &c.transport_id()),
+                conflict,
+            ),
+            (
+                "all-registrants reservation",
+                pr::pr_type::WRITE_EXCLUSIVE_ALL_REGISTRANTS,
+                false,
+                good(),
+                conflict,
+            ),
+            (
+                "zero service action key",
+                we,
+                false,
+                move_params(0xa, 0, 0, 1, &c.transport_id()),
+                ipl,
+            ),
+            ("APTPL", we, false, move_params(0xa, 0xc, 0x01, 1, &c.transport_id()), ipl),
+            (
+                "reserved flag bits",
+                we,
+                false,
+                move_params(0xa, 0xc, 0x10, 1, &c.transport_id()),
+                ipl,
+            ),
+            (
+                "unknown relative target port",
+                we,
+                false,
+                move_params(0xa, 0xc, 0, 9, &c.transport_id()),
+                ipl,
+            ),
+            (
+                "moving to the source I_T nexus",
+                we,
+                false,
+                move_params(
+                    0xa,
+                    0xc,
+                    0,
+                    1,
+                    &port("iqn.2026-11.org.test:a", 0x23d000001, 1).transport_id(),
+                ),
+                ipl,
+            ),
+            (
+                "device-name TransportID",
+                we,
+                false,
+                move_params(0xa, 0xc, 0, 1, &device_id("iqn.2026-11.org.test:c")),
+                ipl,
+            ),
+            (
+                "malformed TransportID",
+                we,
+                false,
+                move_params(0xa, 0xc, 0, 1, &raw_port_id("iqn.x:c,i,0xq")),
+                ipl,
+            ),
+            ("TransportID shorter than its length field", we, false, mismatched_id_length, ipl),
+            ("list shorter than the TransportID length", we, false, wrong_length, length),
+            ("TransportID length over the limit", we, false, big_length, ipl),
+            ("list shorter than 24 bytes", we, false, vec![0u8; 20], length),
+        ];
+        for (what, reservation_type, from_b, params, expected) in cases {
+            let (mut s, a, b) = reserved(reservation_type);
+            let before = s.clone();
+            let sender = if from_b { b } else { a };
+            let result = s.register_and_move(&sender, &params, PORTS);
+            match expected {
+                None => assert_eq!(result, ProutResult::Conflict, "{what}"),
+                Some(sense) => assert_eq!(check(result), sense, "{what}"),
+            }
+            assert_eq!(s, before, "{what}: nothing changes");
+        }
+        // Without any reservation there is nothing to move.
+        let mut s = ReservationState::default();
+        let a = port("iqn.2026-11.org.test:a", 0x23d000001, 1);
+        assert_eq!(s.prout(&a, 0, 0, 0, 0xa), ProutResult::Good(vec![]));
+        assert_eq!(s.register_and_move(&a, &good(), PORTS), ProutResult::Conflict);
+    }
+
+    #[test]
+    fn register_with_spec_i_pt_and_all_tg_pt_registers_every_named_port_or_none() {
+        let a = port("iqn.2026-11.org.test:a", 0x23d000001, 1);
+        let b = port("iqn.2026-11.org.test:b", 0x23d000002, 1);
+        let c = port("iqn.2026-11.org.test:c", 0x23d000003, 1);
+        // SPEC_I_PT: the sender and each TransportID on the sender's target port.
+        let mut s = ReservationState::default();
+        let p = register_params(0, 0x77, 0x08, &[b.transport_id(), c.transport_id()]);
+        assert_eq!(s.register(&a, 0, &p, PORTS), ProutResult::Good(vec![]));
+        for n in [&a, &b, &c] {
+            assert_eq!(s.key_of(n), Some(0x77), "{n:?}");
+        }
+        assert_eq!(s.registrations.len(), 3);
+        assert_eq!(s.generation, 1);
+        // ALL_TG_PT: every target port, flagged.
+        let mut s = ReservationState::default();
+        let p = register_params(0, 0x55, 0x04 | 0x08, &[b.transport_id()]);
+        assert_eq!(s.register(&a, 0, &p, PORTS), ProutResult::Good(vec![]));
+        for n in [&a, &b] {
+            for relative_port in PORTS {
+                let on = Nexus { relative_port: *relative_port, ..n.clone() };
+                assert_eq!(s.key_of(&on), Some(0x55), "{on:?}");
+            }
+        }
+        assert!(s.registrations.iter().all(|r| r.all_tg_pt));
+        assert_eq!(s.registrations.len(), 4);
+        // ALL_TG_PT is ignored for an already registered sender: only its key changes.
+        let p = register_params(0x55, 0x56, 0x04, &[]);
+        assert_eq!(s.register(&a, 0, &p, PORTS), ProutResult::Good(vec![]));
+        assert_eq!(s.key_of(&a), Some(0x56));
+        assert_eq!(s.registrations.len(), 4);
+    }
+
+    #[test]
+    fn register_with_spec_i_pt_refuses_bad_lists_atomically() {
+        let a = port("iqn.2026-11.org.test:a", 0x23d000001, 1);
+        let b = port("iqn.2026-11.org.test:b", 0x23d000002, 1);
+        let c = port("iqn.2026-11.org.test:c", 0x23d000003, 1);
+        let ipl = Some((ILLEGAL_REQUEST, 0x26, 0x00));
+        let length = Some((ILLEGAL_REQUEST, 0x1a, 0x00));
+        let mut truncated = register_params(0, 0x77, 0x08, &[b.transport_id()]);
+        truncated.pop();
+        let mut overlong = register_params(0, 0x77, 0x08, &[b.transport_id()]);
+        overlong[24..28].copy_from_slice(&u32::MAX.to_be_bytes());
+        let too_many: Vec<Vec<u8>> = (0..=pr::PR_SPEC_I_PT_TRANSPORT_IDS_MAX as u64)
+            .map(|i| port("iqn.2026-11.org.test:many", i, 1).transport_id())
+            .collect();
+        // (what, action, parameter list, expected sense)
+        let cases: Vec<(&str, u8, Vec<u8>, Option<Sense3>)> = vec![
+            (
+                "second TransportID malformed",
+                0,
+                register_params(0, 0x77, 0x08, &[b.transport_id(), raw_port_id("iqn.x:c")]),
+                ipl,
+            ),
+            (
+                "device-name TransportID",
+                0,
+                register_params(0, 0x77, 0x08, &[device_id("iqn.x:c")]),
+                ipl,
+            ),
+            (
+                "already registered I_T nexus",
+                0,
+                register_params(0, 0x77, 0x08, &[c.transport_id(), b.transport_id()]),
+                ipl,
+            ),
+            (
+                "SPEC_I_PT with REGISTER AND IGNORE EXISTING KEY",
+                6,
+                register_params(0, 0x77, 0x08, &[c.transport_id()]),
+                ipl,
+            ),
+            ("APTPL", 0, register_params(0, 0x77, 0x01, &[]), ipl),
+            ("list shorter than its TransportID length", 0, truncated, length),
+            ("TransportID length over the limit", 0, overlong, length),
+            (
+                "SPEC_I_PT without the length field",
+                0,
+                register_params(0, 0x77, 0x00, &[]).into_iter().chain([0]).collect(),
+                length,
+            ),
+            (
+                "more TransportIDs than we keep",
+                0,
+                register_params(0, 0x77, 0x08, &too_many),
+                Some((ILLEGAL_REQUEST, 0x55, 0x04)),
+            ),
+        ];
+        for (what, action, params, expected) in cases {
+            let mut s = ReservationState::default();
+            assert_eq!(s.prout(&b, 0, 0, 0, 0xb), ProutResult::Good(vec![]));
+            let before = s.clone();
+            assert_eq!(check(s.register(&a, action, &params, PORTS)), expected, "{what}");
+            assert_eq!(s, before, "{what}: nothing registered");
+        }
+        // A registered sender may not use SPEC_I_PT; a wrong key still conflicts first.
+        let mut s = ReservationState::default();
+        assert_eq!(s.prout(&a, 0, 0, 0, 0xa), ProutResult::Good(vec![]));
+        let p = register_params(0xa, 0x77, 0x08, &[c.transport_id()]);
+        assert_eq!(check(s.register(&a, 0, &p, PORTS)), ipl);
+        let p = register_params(0xbad, 0x77, 0x08, &[c.transport_id()]);
+        assert_eq!(s.register(&a, 0, &p, PORTS), ProutResult::Conflict);
+    }
+
+    /// PERSISTENT RESERVE OUT / IN through a logged-in connection.
+    fn prout(i: &mut Initiator, action: u8, pr_type: u8, params: &[u8]) -> (u8, Option<Sense3>) {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = action;
+        cdb[2] = pr_type;
+        let length = u32::try_from(params.len()).unwrap();
+        cdb[5..9].copy_from_slice(&length.to_be_bytes());
+        let (_, responses) = i.command(&cdb, false, true, length, params, true);
+        status_of(responses.last().expect("a response"))
+    }
+
+    fn prin(i: &mut Initiator, action: u8) -> Vec<u8> {
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5e;
+        cdb[1] = action;
+        cdb[7..9].copy_from_slice(&1024u16.to_be_bytes());
+        let (_, responses) = i.command(&cdb, true, false, 1024, &[], true);
+        responses
+            .iter()
+            .filter(|p| p.header.opcode() == opcode::DATA_IN)
+            .flat_map(|p| p.data.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn register_and_move_over_the_wire_hands_the_reservation_to_another_port() {
+        let (config, device) = super::config(AuthConfig::default());
+        let mut owner = Initiator::new(config.clone(), device.clone());
+        owner.login(&[]);
+        let mut other = Initiator {
+            connection: Connection::new(2, config.clone(), 1, [8u8; 32], 3),
+            isid: 0x0002_3d00_0002,
+            ..Initiator::new(config, device)
+        };
+        other.login(&[]);
+        // REPORT CAPABILITIES: CRH, SIP_C and ATP_C; PTPL_C clear.
+        assert_eq!(prin(&mut owner, 2)[2], 0x1c);
+        let register = register_params(0, 0xa, 0, &[]);
+        assert_eq!(prout(&mut owner, 0, 0, &register), (0, None));
+        assert_eq!(
+            prout(&mut owner, 1, pr::pr_type::EXCLUSIVE_ACCESS, &register_params(0xa, 0, 0, &[])),
+            (0, None)
+        );
+        let destination = port(INITIATOR, other.isid, 1);
+        let p = move_params(0xa, 0xb, 0x02, 1, &destination.transport_id());
+        assert_eq!(prout(&mut owner, 7, 0, &p), (0, None), "REGISTER AND MOVE with UNREG");
+        // Moving again from the old holder: it is no longer registered.
+        assert_eq!(prout(&mut owner, 7, 0, &p), (0x18, None));
+        // READ RESERVATION: the destination's key and the same type.
+        let r = prin(&mut other, 1);
+        assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 16);
+        assert_eq!(u64::from_be_bytes(r[8..16].try_into().unwrap()), 0xb);
+        assert_eq!(r[21] & 0x0f, pr::pr_type::EXCLUSIVE_ACCESS);
+        // READ FULL STATUS: one registration, the holder, with its TransportID.
+        let f = prin(&mut other, 3);
+        let descriptors = u32::from_be_bytes(f[4..8].try_into().unwrap()) as usize;
+        let d = &f[8..8 + descriptors];
+        assert_eq!(u64::from_be_bytes(d[..8].try_into().unwrap()), 0xb);
+        assert_eq!(d[12] & 0x03, 0x01, "R_HOLDER, not ALL_TG_PT");
+        assert_eq!(d[13] & 0x0f, pr::pr_type::EXCLUSIVE_ACCESS);
+        let id = destination.transport_id();
+        assert_eq!(&d[24..24 + id.len()], id.as_slice());
+        assert_eq!(descriptors, 24 + id.len(), "only the destination is registered");
+        // The old holder is locked out, the new one may write.
+        let mut w = [0u8; 10];
+        w[0] = 0x2a;
+        w[8] = 1;
+        let (_, responses) = owner.command(&w, false, true, 512, &[1u8; 512], true);
+        assert_eq!(status_of(responses.last().unwrap()).0, 0x18);
+        let (_, responses) = other.command(&w, false, true, 512, &[1u8; 512], true);
+        assert_eq!(status_of(responses.last().unwrap()).0, 0);
+    }
+}

@@ -339,6 +339,7 @@ const SUPPORTED: &[(u8, Option<u16>, usize)] = &[
     (op::PERSISTENT_RESERVE_OUT, Some(4), 10),
     (op::PERSISTENT_RESERVE_OUT, Some(5), 10),
     (op::PERSISTENT_RESERVE_OUT, Some(6), 10),
+    (op::PERSISTENT_RESERVE_OUT, Some(7), 10),
     (op::EXTENDED_COPY, Some(0x00), 16),
     (op::RECEIVE_COPY_RESULTS, Some(0x00), 16),
     (op::RECEIVE_COPY_RESULTS, Some(0x03), 16),
@@ -1573,7 +1574,9 @@ fn persistent_reserve_in(cdb: &[u8; 16], shared: &LunShared) -> Outcome {
         }
         2 => {
             d.extend_from_slice(&8u16.to_be_bytes());
-            d.push(0x10); // CRH: RESERVE/RELEASE(6) handled as SPC-4 describes.
+            // CRH: RESERVE/RELEASE(6) handled as SPC-4 describes; SIP_C and ATP_C: REGISTER
+            // takes SPEC_I_PT and ALL_TG_PT. PTPL_C stays 0: nothing survives power loss.
+            d.push(0x10 | 0x08 | 0x04);
             d.push(0x80); // TMV: the type mask is valid.
             d.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
             d.push(0x01);
@@ -1593,7 +1596,8 @@ fn persistent_reserve_in(cdb: &[u8; 16], shared: &LunShared) -> Outcome {
                     Some(res) if res.holder == r.nexus => Some(res.reservation_type),
                     _ => None,
                 };
-                e.push(if holder.is_some() { 0x01 } else { 0 });
+                let all_tg_pt = if r.all_tg_pt { 0x02 } else { 0 };
+                e.push(all_tg_pt | if holder.is_some() { 0x01 } else { 0 });
                 e.push(holder.unwrap_or(0) & 0xf);
                 e.extend_from_slice(&[0, 0, 0, 0]);
                 e.extend_from_slice(&r.nexus.relative_port.to_be_bytes());
@@ -1618,24 +1622,42 @@ fn persistent_reserve_out(
 ) -> Outcome {
     let action = cdb[1] & 0x1f;
     let parameter_length = usize::try_from(be32(&cdb[5..])).unwrap_or(0);
-    if action > 6 {
+    if action > pr::REGISTER_AND_MOVE {
         return Outcome::check(Sense::invalid_field_in_cdb(1));
     }
-    if parameter_length != 24 || data.len() < 24 {
+    // The list is read whole; anything longer than the most we accept is refused unread.
+    if parameter_length > pr::PROUT_PARAMETER_LIST_BYTES_MAX || data.len() < parameter_length {
+        return Outcome::check(codes::PARAMETER_LIST_LENGTH_ERROR);
+    }
+    let params = &data[..parameter_length];
+    if action == pr::REGISTER_AND_MOVE {
+        let result = shared.reservations.register_and_move(ctx.nexus, params, ctx.ports);
+        return prout_outcome(result, shared);
+    }
+    if action == 0 || action == 6 {
+        let result = shared.reservations.register(ctx.nexus, action, params, ctx.ports);
+        return prout_outcome(result, shared);
+    }
+    if parameter_length != pr::PROUT_PARAMETER_BYTES {
         return Outcome::check(codes::PARAMETER_LIST_LENGTH_ERROR);
     }
     let key = be64(data);
     let service_key = be64(&data[8..]);
     let flags = data[20];
-    if flags & 0x08 != 0 || flags & 0x04 != 0 {
-        // SPEC_I_PT and ALL_TG_PT are not supported.
+    if flags & 0x08 != 0 {
+        // SPEC_I_PT is valid for REGISTER only; ALL_TG_PT is ignored here (SPC-4 §6.16.3).
         return Outcome::check(Sense::invalid_field_in_parameter_list(20));
     }
     if flags & 0x01 != 0 {
         // APTPL: persisting through power loss is not supported.
         return Outcome::check(Sense::invalid_field_in_parameter_list(20));
     }
-    match shared.reservations.prout(ctx.nexus, action, cdb[2], key, service_key) {
+    let result = shared.reservations.prout(ctx.nexus, action, cdb[2], key, service_key);
+    prout_outcome(result, shared)
+}
+
+fn prout_outcome(result: ProutResult, shared: &mut LunShared) -> Outcome {
+    match result {
         ProutResult::Good(notices) => {
             for (nexus, sense) in notices {
                 shared.queue_unit_attention(&nexus, sense);

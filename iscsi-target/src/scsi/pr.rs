@@ -4,6 +4,103 @@
 use super::sense::{Sense, codes};
 use crate::constants::PR_REGISTRATIONS_MAX;
 
+/// Longest iSCSI name (RFC 7143 §4.2.7.1).
+pub const ISCSI_NAME_BYTES_MAX: usize = 223;
+/// Longest iSCSI TransportID we accept: a 4-byte header and the longest format 01h body
+/// ("name,i,0x" + 12 hex ISID digits + NUL) padded to a multiple of 4.
+pub const PR_TRANSPORT_ID_BYTES_MAX: usize = 252;
+/// Fixed part of a PERSISTENT RESERVE OUT parameter list.
+pub const PROUT_PARAMETER_BYTES: usize = 24;
+/// Shortest TransportID: SPC-4 requires an iSCSI TransportID of at least 24 bytes.
+pub const PR_TRANSPORT_ID_BYTES_MIN: usize = 24;
+const ISID_SEPARATOR: &str = ",i,0x";
+const ISID_HEX_DIGITS_MAX: usize = 12;
+const _: () = assert!(
+    PR_TRANSPORT_ID_BYTES_MAX
+        >= 4 + (ISCSI_NAME_BYTES_MAX + ISID_SEPARATOR.len() + ISID_HEX_DIGITS_MAX + 1).div_ceil(4)
+            * 4
+);
+const _: () = assert!(PR_TRANSPORT_ID_BYTES_MIN <= PR_TRANSPORT_ID_BYTES_MAX);
+/// Most TransportIDs one REGISTER with SPEC_I_PT may name.
+pub const PR_SPEC_I_PT_TRANSPORT_IDS_MAX: usize = 64;
+/// Longest PERSISTENT RESERVE OUT parameter list we read: the fixed part, the TransportID
+/// parameter data length and the most TransportIDs SPEC_I_PT may carry.
+pub const PROUT_PARAMETER_LIST_BYTES_MAX: usize =
+    PROUT_PARAMETER_BYTES + 4 + PR_SPEC_I_PT_TRANSPORT_IDS_MAX * PR_TRANSPORT_ID_BYTES_MAX;
+const _: () = assert!(PR_SPEC_I_PT_TRANSPORT_IDS_MAX <= PR_REGISTRATIONS_MAX);
+const _: () =
+    assert!(PROUT_PARAMETER_LIST_BYTES_MAX >= PROUT_PARAMETER_BYTES + PR_TRANSPORT_ID_BYTES_MAX);
+const _: () = assert!(PR_TRANSPORT_ID_BYTES_MAX.is_multiple_of(4));
+
+/// SCSI transport protocol identifier of iSCSI (SPC-4 §7.6.1).
+const PROTOCOL_ISCSI: u8 = 0x5;
+/// PERSISTENT RESERVE OUT service action REGISTER AND MOVE.
+pub const REGISTER_AND_MOVE: u8 = 0x07;
+
+/// An iSCSI TransportID, decoded (SPC-4 §7.6.4.6).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportId {
+    /// Format 00h: an initiator device (all its ports), by iSCSI name.
+    Device(String),
+    /// Format 01h: one initiator port, by iSCSI name and ISID.
+    Port { initiator_name: String, isid: u64 },
+}
+
+/// Decodes one iSCSI TransportID from the start of `bytes`; returns it and its length.
+/// `None` for anything malformed or of another protocol, which callers answer with INVALID
+/// FIELD IN PARAMETER LIST.
+pub fn parse_transport_id(bytes: &[u8]) -> Option<(TransportId, usize)> {
+    let header = bytes.get(..4)?;
+    let format = header[0] >> 6;
+    if header[0] & 0x0f != PROTOCOL_ISCSI || header[0] & 0x30 != 0 {
+        return None;
+    }
+    let additional = usize::from(u16::from_be_bytes([header[2], header[3]]));
+    let total = 4 + additional;
+    if !additional.is_multiple_of(4)
+        || !(PR_TRANSPORT_ID_BYTES_MIN..=PR_TRANSPORT_ID_BYTES_MAX).contains(&total)
+    {
+        return None;
+    }
+    let body = bytes.get(4..total)?;
+    // The name is NUL-terminated; only NUL padding may follow.
+    let end = body.iter().position(|&b| b == 0)?;
+    if body[end..].iter().any(|&b| b != 0) {
+        return None;
+    }
+    let text = std::str::from_utf8(&body[..end]).ok()?;
+    let id = match format {
+        0 => {
+            if text.contains(',') {
+                return None;
+            }
+            TransportId::Device(valid_name(text)?.to_owned())
+        }
+        1 => {
+            let lower = text.to_ascii_lowercase();
+            let at = lower.rfind(ISID_SEPARATOR)?;
+            let digits = &text[at + ISID_SEPARATOR.len()..];
+            if digits.is_empty()
+                || digits.len() > ISID_HEX_DIGITS_MAX
+                || !digits.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return None;
+            }
+            let isid = u64::from_str_radix(digits, 16).ok()?;
+            TransportId::Port { initiator_name: valid_name(&text[..at])?.to_owned(), isid }
+        }
+        _ => return None,
+    };
+    Some((id, total))
+}
+
+fn valid_name(name: &str) -> Option<&str> {
+    let ok = !name.is_empty()
+        && name.len() <= ISCSI_NAME_BYTES_MAX
+        && name.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+    ok.then_some(name)
+}
+
 /// An I_T nexus: the initiator port (name + ISID) and the target port it logged in through.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Nexus {
@@ -49,6 +146,9 @@ pub mod pr_type {
 pub struct Registration {
     pub nexus: Nexus,
     pub key: u64,
+    /// Made by a REGISTER with ALL_TG_PT (one such registration per target port), reported
+    /// by READ FULL STATUS.
+    pub all_tg_pt: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,8 +284,11 @@ impl ReservationState {
                                     codes::INSUFFICIENT_REGISTRATION_RESOURCES,
                                 );
                             }
-                            self.registrations
-                                .push(Registration { nexus: nexus.clone(), key: service_key });
+                            self.registrations.push(Registration {
+                                nexus: nexus.clone(),
+                                key: service_key,
+                                all_tg_pt: false,
+                            });
                         }
                         self.generation = self.generation.wrapping_add(1);
                         ProutResult::Good(Vec::new())
@@ -331,6 +434,212 @@ impl ReservationState {
             }
             _ => ProutResult::Check(Sense::invalid_field_in_cdb(1)),
         }
+    }
+
+    /// PERSISTENT RESERVE OUT REGISTER (`action` 0) or REGISTER AND IGNORE EXISTING KEY (6)
+    /// with the whole parameter list, so the SPEC_I_PT, ALL_TG_PT and APTPL bits apply
+    /// (SPC-4 §5.12.7, §6.16.3). `ports` are the relative identifiers of this target's ports.
+    /// SPEC_I_PT and ALL_TG_PT only matter when the sender is not registered yet; the new
+    /// registrations are made all together or not at all.
+    pub fn register(
+        &mut self,
+        nexus: &Nexus,
+        action: u8,
+        params: &[u8],
+        ports: &[u16],
+    ) -> ProutResult {
+        assert!(action == 0 || action == 6, "register() handles REGISTER service actions only");
+        let Some(fixed) = params.get(..PROUT_PARAMETER_BYTES) else {
+            return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+        };
+        let key = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or_default());
+        let service_key = u64::from_be_bytes(fixed[8..16].try_into().unwrap_or_default());
+        let flags = fixed[20];
+        let spec_i_pt = flags & 0x08 != 0;
+        let all_tg_pt = flags & 0x04 != 0;
+        let ids = if spec_i_pt {
+            let Some(length) = params.get(PROUT_PARAMETER_BYTES..PROUT_PARAMETER_BYTES + 4) else {
+                return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+            };
+            let length = usize::try_from(u32::from_be_bytes(length.try_into().unwrap_or_default()))
+                .unwrap_or(usize::MAX);
+            if length > PROUT_PARAMETER_LIST_BYTES_MAX
+                || params.len() != PROUT_PARAMETER_BYTES + 4 + length
+            {
+                return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            &params[PROUT_PARAMETER_BYTES + 4..]
+        } else {
+            if params.len() != PROUT_PARAMETER_BYTES {
+                return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+            }
+            &[][..]
+        };
+        let registered = self.key_of(nexus);
+        let ignore = action == 6;
+        // Key checks first: a wrong key is a RESERVATION CONFLICT whatever else is asked.
+        match registered {
+            Some(current) if !ignore && key != current => return ProutResult::Conflict,
+            None if !ignore && key != 0 => return ProutResult::Conflict,
+            _ => {}
+        }
+        if flags & 0x01 != 0 {
+            // APTPL: persisting through power loss is not supported (PTPL_C = 0).
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(20));
+        }
+        // SPEC_I_PT is valid for REGISTER only, and only from an unregistered I_T nexus.
+        if spec_i_pt && (ignore || registered.is_some()) {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(20));
+        }
+        if registered.is_some() || service_key == 0 {
+            return self.prout(nexus, action, 0, key, service_key);
+        }
+        let ports_for = |port: u16| -> Vec<u16> {
+            if all_tg_pt {
+                let mut all = ports.to_vec();
+                if !all.contains(&port) {
+                    all.push(port);
+                }
+                all
+            } else {
+                vec![port]
+            }
+        };
+        let mut new: Vec<Nexus> = ports_for(nexus.relative_port)
+            .into_iter()
+            .map(|p| Nexus { relative_port: p, ..nexus.clone() })
+            .collect();
+        let mut at = 0;
+        let mut count = 0;
+        while at < ids.len() {
+            count += 1;
+            if count > PR_SPEC_I_PT_TRANSPORT_IDS_MAX {
+                return ProutResult::Check(codes::INSUFFICIENT_REGISTRATION_RESOURCES);
+            }
+            let field = u16::try_from(PROUT_PARAMETER_BYTES + 4 + at).unwrap_or(u16::MAX);
+            let Some((id, used)) = parse_transport_id(&ids[at..]) else {
+                return ProutResult::Check(Sense::invalid_field_in_parameter_list(field));
+            };
+            // Format 00h names every port of a device; we cannot know the ports of an
+            // initiator that has not logged in, so only format 01h (one port) is accepted.
+            let TransportId::Port { initiator_name, isid } = id else {
+                return ProutResult::Check(Sense::invalid_field_in_parameter_list(field));
+            };
+            for p in ports_for(nexus.relative_port) {
+                let target =
+                    Nexus { initiator_name: initiator_name.clone(), isid, relative_port: p };
+                if self.key_of(&target).is_some() {
+                    // SPC-4: naming an already registered I_T nexus is an error.
+                    return ProutResult::Check(Sense::invalid_field_in_parameter_list(field));
+                }
+                if !new.contains(&target) {
+                    new.push(target);
+                }
+            }
+            at += used;
+        }
+        if self.registrations.len() + new.len() > PR_REGISTRATIONS_MAX {
+            return ProutResult::Check(codes::INSUFFICIENT_REGISTRATION_RESOURCES);
+        }
+        for n in new {
+            self.registrations.push(Registration { nexus: n, key: service_key, all_tg_pt });
+        }
+        self.generation = self.generation.wrapping_add(1);
+        ProutResult::Good(Vec::new())
+    }
+
+    /// PERSISTENT RESERVE OUT REGISTER AND MOVE (SPC-4 §5.12.8, §6.16.4): `params` is the
+    /// whole parameter list the initiator sent (the CDB's length already applied) and
+    /// `ports` the relative identifiers of this target's ports. The caller must hold the
+    /// reservation; the reservation moves, same type and scope, to the I_T nexus named by the
+    /// TransportID and RELATIVE TARGET PORT IDENTIFIER, which is registered with the service
+    /// action reservation key; with UNREG the caller is unregistered.
+    pub fn register_and_move(
+        &mut self,
+        nexus: &Nexus,
+        params: &[u8],
+        ports: &[u16],
+    ) -> ProutResult {
+        let Some(fixed) = params.get(..PROUT_PARAMETER_BYTES) else {
+            return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+        };
+        let key = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or_default());
+        let service_key = u64::from_be_bytes(fixed[8..16].try_into().unwrap_or_default());
+        let flags = fixed[17];
+        let relative_port = u16::from_be_bytes([fixed[18], fixed[19]]);
+        let id_length =
+            usize::try_from(u32::from_be_bytes(fixed[20..24].try_into().unwrap_or_default()))
+                .unwrap_or(usize::MAX);
+        if id_length > PR_TRANSPORT_ID_BYTES_MAX {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(20));
+        }
+        if params.len() != PROUT_PARAMETER_BYTES + id_length {
+            return ProutResult::Check(codes::PARAMETER_LIST_LENGTH_ERROR);
+        }
+        // Only the holder may move the reservation, and only with its own key.
+        if self.key_of(nexus) != Some(key) {
+            return ProutResult::Conflict;
+        }
+        let Some(reservation) = self.reservation.clone() else {
+            return ProutResult::Conflict;
+        };
+        // All-registrants reservations have no single holder to move (SPC-4 §5.12.8 answers
+        // RESERVATION CONFLICT).
+        if pr_type::all_registrants(reservation.reservation_type) || reservation.holder != *nexus {
+            return ProutResult::Conflict;
+        }
+        if flags & 0xfc != 0 || fixed[16] != 0 {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(17));
+        }
+        if flags & 0x01 != 0 {
+            // APTPL: persisting through power loss is not supported (PTPL_C = 0).
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(17));
+        }
+        if service_key == 0 {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(8));
+        }
+        let id_field = u16::try_from(PROUT_PARAMETER_BYTES).unwrap_or(0);
+        let Some((id, used)) = parse_transport_id(&params[PROUT_PARAMETER_BYTES..]) else {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(id_field));
+        };
+        if used != id_length {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(20));
+        }
+        // Format 00h names a device, not the single initiator port a reservation moves to.
+        let TransportId::Port { initiator_name, isid } = id else {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(id_field));
+        };
+        if !ports.contains(&relative_port) {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(18));
+        }
+        let destination = Nexus { initiator_name, isid, relative_port };
+        if destination == *nexus {
+            return ProutResult::Check(Sense::invalid_field_in_parameter_list(id_field));
+        }
+        match self.registrations.iter_mut().find(|r| r.nexus == destination) {
+            Some(r) => r.key = service_key,
+            None => {
+                // UNREG frees the caller's slot, so a full table can still move.
+                let unreg = flags & 0x02 != 0;
+                if self.registrations.len() >= PR_REGISTRATIONS_MAX && !unreg {
+                    return ProutResult::Check(codes::INSUFFICIENT_REGISTRATION_RESOURCES);
+                }
+                self.registrations.push(Registration {
+                    nexus: destination.clone(),
+                    key: service_key,
+                    all_tg_pt: false,
+                });
+            }
+        }
+        self.reservation = Some(Reservation {
+            holder: destination,
+            reservation_type: reservation.reservation_type,
+        });
+        if flags & 0x02 != 0 {
+            self.registrations.retain(|r| &r.nexus != nexus);
+        }
+        self.generation = self.generation.wrapping_add(1);
+        ProutResult::Good(Vec::new())
     }
 
     /// Removes registrations with `key` other than the caller's own; returns the removed nexuses.
