@@ -1893,8 +1893,10 @@ mod persistent_reservations {
             ..Initiator::new(config, device)
         };
         other.login(&[]);
-        // REPORT CAPABILITIES: CRH, SIP_C and ATP_C; PTPL_C clear.
-        assert_eq!(prin(&mut owner, 2)[2], 0x1c);
+        // REPORT CAPABILITIES: CRH, SIP_C and ATP_C; PTPL_C clear;
+        // TMV and ALLOW COMMANDS 001b.
+        let caps = prin(&mut owner, 2);
+        assert_eq!((caps[2], caps[3]), (0x1c, 0x90));
         let register = register_params(0, 0xa, 0, &[]);
         assert_eq!(prout(&mut owner, 0, 0, &register), (0, None));
         assert_eq!(

@@ -1577,7 +1577,9 @@ fn persistent_reserve_in(cdb: &[u8; 16], shared: &LunShared) -> Outcome {
             // CRH: RESERVE/RELEASE(6) handled as SPC-4 describes; SIP_C and ATP_C: REGISTER
             // takes SPEC_I_PT and ALL_TG_PT. PTPL_C stays 0: nothing survives power loss.
             d.push(0x10 | 0x08 | 0x04);
-            d.push(0x80); // TMV: the type mask is valid.
+            // TMV: the type mask is valid. ALLOW COMMANDS 001b: TEST UNIT READY passes Write
+            // Exclusive and Exclusive Access reservations (it is `Access::Free`).
+            d.push(0x80 | 0x10);
             d.push(0x80 | 0x40 | 0x20 | 0x08 | 0x02);
             d.push(0x01);
             d.extend_from_slice(&[0, 0]);
