@@ -233,7 +233,9 @@ pub async fn probe_kvm(qemu: &Path, scratch_dir: &Path) -> bool {
     let log = scratch_dir.join("kvm-probe.log");
     let _ = std::fs::remove_file(&log);
     let mut child = match tokio::process::Command::new(qemu)
-        .args(["-accel", "kvm", "-machine", "pc", "-nodefaults", "-no-user-config"])
+        // The same CPU model instances get: here plain `-accel kvm` has run SeaBIOS while
+        // `-cpu host` aborted at vCPU setup (failed to set MSR 0x10a), so probe what we use.
+        .args(["-accel", "kvm", "-cpu", "host", "-machine", "pc", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-m", "64"])
         .args(["-chardev", &format!("file,id=probe,path={}", log.display())])
         .args(["-device", "isa-debugcon,iobase=0x402,chardev=probe"])
