@@ -21,6 +21,11 @@ use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod api_db;
+pub mod fixture_node;
+pub mod http;
+pub mod openstack;
+
 /// The environment variable that enables slow tests.
 pub const SLOW_TESTS_VARIABLE: &str = "TANDEM_SLOW_TESTS";
 
@@ -457,6 +462,11 @@ pub fn sparse_file(path: &Path, size_bytes: u64) {
     let file =
         File::create(path).unwrap_or_else(|error| panic!("creating {}: {error}", path.display()));
     file.set_len(size_bytes).expect("sizing a sparse file");
+}
+
+/// Polls `condition` until it holds; panics naming `what` when `timeout` passes first.
+pub fn wait_for(what: &str, timeout: Duration, condition: impl FnMut() -> bool) {
+    assert!(wait_until(timeout, condition), "timed out after {timeout:?} waiting for {what}");
 }
 
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.

@@ -2,370 +2,24 @@
 //! from PyPI in a venv cached under target/), with connection_info checked by QEMU's iSCSI
 //! initiator logging in with the CHAP credentials it carries.
 //!
-//! TEST FIXTURE, NOT THE PRODUCT: `FixtureNode` below stands in for tandemd until tandemd serves
-//! the node control API (volume-api/node-control-api.yaml). It implements that contract by
-//! creating sparse files and exporting each resource with the real `tandem-iscsi` binary; it
-//! does no replication (each "replica" is an independent file).
+//! The storage nodes here are `tests::fixture_node` stand-ins (sparse files exported by the real
+//! `tandem-iscsi`, no replication), so the whole lifecycle runs quickly and node faults can be
+//! injected; `api_tandemd.rs` covers real tandemd nodes.
 
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::{Daemon, binary, free_port, require_tool, run_with_timeout, workspace_root};
+use tests::api_db::Database;
+use tests::fixture_node::{FixtureNode, NODE_TOKEN};
+use tests::http::json as http;
+use tests::{Daemon, binary, free_port, require_tool, run_with_timeout, wait_for, workspace_root};
 
-const NODE_TOKEN: &str = "fixture-node-token";
 const GIB: u64 = 1 << 30;
 
 // ---------------------------------------------------------------------------------------------
-// Test fixture node (stand-in for tandemd's control API).
-
-struct FixtureResource {
-    file: PathBuf,
-    size_bytes: u64,
-    iqn: String,
-    chap: (String, String),
-    port: u16,
-    child: Option<Child>,
-}
-
-struct FixtureState {
-    name: String,
-    /// When set, resource creation fails with 507, as a full or broken node would.
-    fail_creates: bool,
-    dir: PathBuf,
-    resources: HashMap<String, FixtureResource>,
-}
-
-pub struct FixtureNode {
-    pub url: String,
-    state: Arc<Mutex<FixtureState>>,
-    /// Milliseconds every resource creation or resize waits before starting: a slow node.
-    create_delay_ms: Arc<std::sync::atomic::AtomicU64>,
-}
-
-fn start_iscsi(r: &mut FixtureResource) {
-    let log = std::fs::File::create(r.file.with_extension("log")).unwrap();
-    let child = Command::new(binary("tandem-iscsi"))
-        .args(["--portal", &format!("127.0.0.1:{}", r.port), "--target", &r.iqn])
-        .arg("--lun")
-        .arg(format!("0={}", r.file.display()))
-        .args(["--chap", &format!("{}:{}", r.chap.0, r.chap.1)])
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .expect("starting tandem-iscsi");
-    r.child = Some(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", r.port)).is_err() {
-        assert!(Instant::now() < deadline, "tandem-iscsi did not listen on {}", r.port);
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stop_iscsi(r: &mut FixtureResource) {
-    if let Some(mut child) = r.child.take() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl FixtureNode {
-    pub fn start(name: &str, dir: &Path) -> FixtureNode {
-        std::fs::create_dir_all(dir).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let state = Arc::new(Mutex::new(FixtureState {
-            name: name.into(),
-            fail_creates: false,
-            dir: dir.into(),
-            resources: HashMap::new(),
-        }));
-        let shared = state.clone();
-        let create_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let delay = create_delay_ms.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let shared = shared.clone();
-                let delay = delay.clone();
-                std::thread::spawn(move || serve_one(stream, &shared, &delay));
-            }
-        });
-        FixtureNode { url, state, create_delay_ms }
-    }
-
-    pub fn delay_creates(&self, delay: Duration) {
-        let ms = u64::try_from(delay.as_millis()).unwrap();
-        self.create_delay_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    pub fn fail_creates(&self, fail: bool) {
-        self.state.lock().unwrap().fail_creates = fail;
-    }
-
-    /// Files the node holds for resources and snapshots.
-    pub fn images(&self) -> Vec<PathBuf> {
-        let dir = self.state.lock().unwrap().dir.clone();
-        std::fs::read_dir(dir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "img"))
-            .collect()
-    }
-}
-
-impl Drop for FixtureNode {
-    fn drop(&mut self) {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        for r in state.resources.values_mut() {
-            stop_iscsi(r);
-        }
-    }
-}
-
-fn serve_one(
-    stream: TcpStream,
-    shared: &Mutex<FixtureState>,
-    create_delay_ms: &std::sync::atomic::AtomicU64,
-) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let mut length = 0usize;
-    let mut authorized = false;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if lower.trim_end() == format!("authorization: bearer {NODE_TOKEN}") {
-            authorized = true;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).unwrap();
-    let creating =
-        method == "PUT" && path.starts_with("/v1/resources/") && !path.contains("/snapshots/");
-    if creating || path.ends_with("/resize") {
-        let delay = create_delay_ms.load(std::sync::atomic::Ordering::SeqCst);
-        std::thread::sleep(Duration::from_millis(delay));
-    }
-    let (status, reply) = if authorized {
-        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let mut state = shared.lock().unwrap();
-        handle(&mut state, &method, &path, &request)
-    } else {
-        (401, json!({"error": "bad token"}))
-    };
-    let text = if status == 204 { String::new() } else { reply.to_string() };
-    let mut stream = stream;
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-}
-
-/// Copies keeping holes: a plain copy of a sparse multi-GiB file would write every zero.
-fn sparse_copy(from: &Path, to: &Path) -> std::io::Result<()> {
-    let status = Command::new("cp").arg("--sparse=always").arg(from).arg(to).status()?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("cp failed: {status}")))
-    }
-}
-
-fn handle(state: &mut FixtureState, method: &str, path: &str, request: &Value) -> (u16, Value) {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let capacity = 100 * GIB;
-    match (method, segments.as_slice()) {
-        ("GET", ["v1", "node"]) => {
-            let used: u64 = state.resources.values().map(|r| r.size_bytes).sum();
-            (
-                200,
-                json!({"name": state.name, "availability_zone": "nova", "total_bytes": capacity, "free_bytes": capacity - used}),
-            )
-        }
-        ("PUT", ["v1", "resources", name]) => {
-            if let Some(r) = state.resources.get(*name) {
-                return (
-                    200,
-                    json!({"portal": format!("127.0.0.1:{}", r.port), "target_iqn": r.iqn, "lun": 0}),
-                );
-            }
-            if state.fail_creates {
-                return (507, json!({"error": "fixture told to fail"}));
-            }
-            let file = state.dir.join(format!("{name}.img"));
-            let size_bytes = request["size_bytes"].as_u64().unwrap();
-            match &request["source"] {
-                Value::Object(src) if src.contains_key("snapshot") => {
-                    let snap = &src["snapshot"];
-                    let from = state.dir.join(format!(
-                        "{}.{}.img",
-                        snap["resource"].as_str().unwrap(),
-                        snap["snapshot"].as_str().unwrap()
-                    ));
-                    sparse_copy(&from, &file).unwrap();
-                }
-                Value::Object(src) if src.contains_key("resource") => {
-                    let from = state
-                        .dir
-                        .join(format!("{}.img", src["resource"]["resource"].as_str().unwrap()));
-                    sparse_copy(&from, &file).unwrap();
-                }
-                _ => {}
-            }
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&file)
-                .unwrap();
-            f.set_len(size_bytes.max(f.metadata().unwrap().len())).unwrap();
-            let mut r = FixtureResource {
-                file,
-                size_bytes,
-                iqn: request["target_iqn"].as_str().unwrap().into(),
-                chap: (
-                    request["chap"]["username"].as_str().unwrap().into(),
-                    request["chap"]["secret"].as_str().unwrap().into(),
-                ),
-                port: free_port(),
-                child: None,
-            };
-            start_iscsi(&mut r);
-            let reply =
-                json!({"portal": format!("127.0.0.1:{}", r.port), "target_iqn": r.iqn, "lun": 0});
-            state.resources.insert(name.to_string(), r);
-            (201, reply)
-        }
-        ("GET", ["v1", "resources", name]) => match state.resources.get(*name) {
-            Some(r) => (
-                200,
-                json!({"name": name, "role": "primary", "disk_state": "UpToDate", "size_bytes": r.size_bytes,
-                "export": {"portal": format!("127.0.0.1:{}", r.port), "target_iqn": r.iqn, "lun": 0}}),
-            ),
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("DELETE", ["v1", "resources", name]) => match state.resources.remove(*name) {
-            Some(mut r) => {
-                stop_iscsi(&mut r);
-                let _ = std::fs::remove_file(&r.file);
-                (204, Value::Null)
-            }
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("POST", ["v1", "resources", name, "resize"]) => match state.resources.get_mut(*name) {
-            Some(r) => {
-                let size = request["size_bytes"].as_u64().unwrap();
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&r.file)
-                    .unwrap()
-                    .set_len(size)
-                    .unwrap();
-                r.size_bytes = size;
-                // tandem-iscsi reads the size at start: re-export.
-                stop_iscsi(r);
-                start_iscsi(r);
-                (204, Value::Null)
-            }
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("POST", ["v1", "resources", _, "promote" | "demote"]) => (204, Value::Null),
-        ("PUT", ["v1", "resources", name, "snapshots", snap]) => match state.resources.get(*name) {
-            Some(r) => {
-                sparse_copy(&r.file, &state.dir.join(format!("{name}.{snap}.img"))).unwrap();
-                (201, json!({}))
-            }
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("DELETE", ["v1", "resources", name, "snapshots", snap]) => {
-            let _ = std::fs::remove_file(state.dir.join(format!("{name}.{snap}.img")));
-            (204, Value::Null)
-        }
-        _ => (404, json!({"error": format!("no route {method} {path}")})),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Helpers.
-
-/// A plain HTTP/1.1 request to tandem-api; returns (status, JSON body or Null).
-pub fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response);
-    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body_text = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
-}
-
-/// The venv with the OpenStack clients, created once and reused between runs.
-fn openstack_venv() -> PathBuf {
-    let venv = workspace_root().join("target/openstack-venv");
-    let python = require_tool("python3", "python3");
-    if !venv.join("bin/cinder").is_file() || !venv.join("bin/openstack").is_file() {
-        let out = run_with_timeout(
-            Command::new(&python).args(["-m", "venv"]).arg(&venv),
-            Duration::from_secs(120),
-        );
-        assert!(
-            out.status.success(),
-            "python3 -m venv failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = run_with_timeout(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "-q",
-                "python-cinderclient",
-                "python-openstackclient",
-            ]),
-            Duration::from_secs(900),
-        );
-        assert!(
-            out.status.success(),
-            "pip install failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    venv
-}
 
 struct Clients {
     venv: PathBuf,
@@ -414,40 +68,39 @@ fn table_field(table: &str, field: &str) -> Option<String> {
     })
 }
 
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-pub struct Api {
-    pub addr: SocketAddr,
-    pub daemon: Daemon,
-    pub nodes: Vec<FixtureNode>,
-    pub dir: tempfile::TempDir,
+struct Api {
+    addr: SocketAddr,
+    daemon: Daemon,
+    nodes: Vec<FixtureNode>,
+    /// Holds the fixture nodes' files.
+    dir: tempfile::TempDir,
+    /// Dropped after the daemon (fields drop in order), so a PostgreSQL cluster outlives it.
+    db: Database,
 }
 
 /// tandem-api with two fixture nodes registered, both up.
-pub fn start_api() -> Api {
+fn start_api() -> Api {
+    start_api_on(Database::sqlite())
+}
+
+/// tandem-api on `db` with two fixture nodes registered, both up.
+fn start_api_on(db: Database) -> Api {
     // Built before any node call: a build inside a node request would outlast the API's timeout.
     binary("tandem-iscsi");
     let dir = tempfile::tempdir().unwrap();
     let nodes: Vec<FixtureNode> =
         ["node-a", "node-b"].iter().map(|n| FixtureNode::start(n, &dir.path().join(n))).collect();
-    let (daemon, addr) = spawn_api(dir.path(), &nodes);
-    Api { addr, daemon, nodes, dir }
+    let (daemon, addr) = spawn_api(&db, &nodes);
+    Api { addr, daemon, nodes, dir, db }
 }
 
-/// tandem-api on `dir`'s database with `nodes` registered; returns once both nodes are up.
-fn spawn_api(dir: &Path, nodes: &[FixtureNode]) -> (Daemon, SocketAddr) {
+/// tandem-api on `db` with `nodes` registered; returns once both nodes are up.
+fn spawn_api(db: &Database, nodes: &[FixtureNode]) -> (Daemon, SocketAddr) {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut command = Command::new(binary("tandem-api"));
     command
-        .args(["--listen", &addr.to_string(), "--database"])
-        .arg(dir.join("api.sqlite"))
+        .args(["--listen", &addr.to_string(), "--database", &db.location()])
         .args(["--node-token", NODE_TOKEN])
         .args([
             "--node",
@@ -477,11 +130,21 @@ fn volume_status(addr: SocketAddr, id: &str) -> Value {
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle() {
+fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle_on_sqlite() {
     tests::require_slow!();
+    whole_volume_lifecycle(Database::sqlite());
+}
+
+#[test]
+fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle_on_postgres() {
+    tests::require_slow!();
+    whole_volume_lifecycle(Database::postgres());
+}
+
+fn whole_volume_lifecycle(db: Database) {
     let qemu_img = require_tool("qemu-img", "qemu-utils");
-    let venv = openstack_venv();
-    let api = start_api();
+    let venv = tests::openstack::venv();
+    let api = start_api_on(db);
     let addr = api.addr;
     let clients = Clients { venv, endpoint: format!("http://{addr}/v3/demo") };
     let available = |id: &str, size: u64| {
@@ -725,7 +388,7 @@ fn a_failed_replica_leaves_no_piece_behind() {
 #[test]
 fn schemathesis_finds_no_server_error_and_no_schema_violation() {
     tests::require_slow!();
-    let venv = openstack_venv();
+    let venv = tests::openstack::venv();
     if !venv.join("bin/st").is_file() {
         let out = run_with_timeout(
             Command::new(venv.join("bin/pip")).args(["install", "-q", "schemathesis"]),
@@ -763,7 +426,7 @@ fn schemathesis_finds_no_server_error_and_no_schema_violation() {
 #[test]
 fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
     tests::require_slow!();
-    let Api { addr, mut daemon, nodes, dir } = start_api();
+    let Api { addr, mut daemon, nodes, db, dir: _dir } = start_api();
     let admin = [("X-Auth-Token", "admin:demo")];
     // The API never waits for a slow node: the create answers at once.
     nodes[0].delay_creates(Duration::from_secs(3));
@@ -784,7 +447,7 @@ fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
     drop(daemon);
     nodes[0].delay_creates(Duration::ZERO);
     // Restarted on the same database: the record is there and the create is run again.
-    let (_daemon, addr) = spawn_api(dir.path(), &nodes);
+    let (_daemon, addr) = spawn_api(&db, &nodes);
     wait_for("volume available after restart", Duration::from_secs(60), || {
         let v = volume_status(addr, &id);
         assert_ne!(v["status"], "error", "{v}");
@@ -811,7 +474,7 @@ fn tandem_api_killed_mid_create_finishes_the_volume_after_restart() {
     daemon.kill9();
     drop(daemon);
     nodes[0].delay_creates(Duration::ZERO);
-    let (_daemon, addr) = spawn_api(dir.path(), &nodes);
+    let (_daemon, addr) = spawn_api(&db, &nodes);
     wait_for("extend finished after restart", Duration::from_secs(60), || {
         let v = volume_status(addr, &id);
         assert_ne!(v["status"], "error_extending", "{v}");

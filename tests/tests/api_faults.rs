@@ -4,75 +4,13 @@
 //! Every test runs on both database backends: SQLite (a file) and PostgreSQL (a private
 //! cluster started by the test, with TANDEM_SLOW_TESTS=1).
 
-use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use serde_json::json;
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::api_db::Database;
+use tests::http::{Reply, request as http};
 use tests::{Daemon, binary, free_port};
-
-struct Reply {
-    status: u16,
-    headers: String,
-    body: Value,
-}
-
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> Reply {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let (headers, body_text) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    Reply {
-        status,
-        headers: headers.to_ascii_lowercase(),
-        body: serde_json::from_str(body_text).unwrap_or(Value::Null),
-    }
-}
-
-/// The database a test's tandem-api runs on; dropping it removes the file or stops the
-/// cluster.
-enum Database {
-    Sqlite(tempfile::TempDir),
-    Postgres(volume_api::pg_cluster::PgCluster),
-}
-
-impl Database {
-    fn sqlite() -> Database {
-        Database::Sqlite(tempfile::tempdir().unwrap())
-    }
-
-    fn postgres() -> Database {
-        Database::Postgres(volume_api::pg_cluster::PgCluster::start().unwrap())
-    }
-
-    /// What `--database` takes.
-    fn location(&self) -> String {
-        match self {
-            Database::Sqlite(dir) => dir.path().join("api.sqlite").display().to_string(),
-            Database::Postgres(cluster) => cluster.url(),
-        }
-    }
-}
 
 fn start(db: &Database) -> (Daemon, SocketAddr) {
     start_with(db, &[])

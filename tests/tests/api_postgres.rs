@@ -11,13 +11,13 @@
 
 use serde_json::{Value, json};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tests::{Daemon, binary, free_port};
+use tests::http::json as http;
+use tests::{Daemon, binary, free_port, wait_for};
 use volume_api::pg_cluster::PgCluster;
 
 const NODE_TOKEN: &str = "fake-node-token";
@@ -41,12 +41,11 @@ impl FakeNode {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let calls = Arc::new(Mutex::new(HashMap::new()));
         let create_delay_ms = Arc::new(AtomicU64::new(0));
-        let (c, d, name) = (calls.clone(), create_delay_ms.clone(), name.to_string());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let (c, d, name) = (c.clone(), d.clone(), name.clone());
-                std::thread::spawn(move || serve(stream, &name, &c, &d));
-            }
+        let (calls_seen, delay, name) = (calls.clone(), create_delay_ms.clone(), name.to_owned());
+        tests::http::serve(listener, move |request| {
+            let key = format!("{} {}", request.method, request.path);
+            *calls_seen.lock().unwrap().entry(key).or_insert(0) += 1;
+            answer(request, &name, &delay)
         });
         FakeNode { url, calls, create_delay_ms }
     }
@@ -62,36 +61,11 @@ impl FakeNode {
     }
 }
 
-fn serve(stream: TcpStream, name: &str, calls: &Mutex<HashMap<String, u32>>, delay: &AtomicU64) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_string();
-    let path = parts.next().unwrap_or("").to_string();
-    let mut length = 0usize;
-    let mut authorized = false;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        let lower = h.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if lower.trim_end() == format!("authorization: bearer {NODE_TOKEN}") {
-            authorized = true;
-        }
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    *calls.lock().unwrap().entry(format!("{method} {path}")).or_insert(0) += 1;
+/// The fake node's reply: creates and deletes succeed after the configured delay.
+fn answer(request: &tests::http::Request, name: &str, delay: &AtomicU64) -> (u16, Value) {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
     let resource_path = path.starts_with("/v1/resources/") && !path.contains("/snapshots/");
-    let (status, reply) = if !authorized {
+    if request.bearer.as_deref() != Some(NODE_TOKEN) {
         (401, json!({"error": "bad token"}))
     } else if method == "GET" && path == "/v1/node" {
         let tib: u64 = 1 << 40;
@@ -101,7 +75,8 @@ fn serve(stream: TcpStream, name: &str, calls: &Mutex<HashMap<String, u32>>, del
         )
     } else if method == "PUT" && resource_path {
         std::thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
-        (200, json!({"portal": "127.0.0.1:3260", "target_iqn": request["target_iqn"], "lun": 0}))
+        let iqn = &request.body["target_iqn"];
+        (200, json!({"portal": "127.0.0.1:3260", "target_iqn": iqn, "lun": 0}))
     } else if method == "DELETE" {
         if resource_path {
             std::thread::sleep(Duration::from_millis(delay.load(Ordering::SeqCst)));
@@ -109,54 +84,11 @@ fn serve(stream: TcpStream, name: &str, calls: &Mutex<HashMap<String, u32>>, del
         (204, Value::Null)
     } else {
         (200, json!({}))
-    };
-    let text = if status == 204 { String::new() } else { reply.to_string() };
-    let mut stream = stream;
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // tandem-api instances.
-
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&str>,
-) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body_text = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// One tandem-api on `database` (what `--database` takes) with both fake nodes registered;
 /// returns once it sees both nodes up.

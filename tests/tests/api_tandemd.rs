@@ -4,39 +4,20 @@
 //! the connection_info tandem-api hands out; `openstack volume delete` removes both replicas.
 
 use serde_json::Value;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use tests::{Daemon, binary, free_port, require_tool, run_with_timeout, workspace_root};
+use std::time::Duration;
+use tests::{Daemon, binary, free_port, require_tool, run_with_timeout, wait_for};
 
 const NODE_TOKEN: &str = "node-token-0123456789";
 
+/// A request carrying `token` both ways tandem-api and tandemd take one.
 fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).expect("connecting");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nX-Auth-Token: {token}\r\n\
-         Authorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("sending");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("reading");
-    let text = String::from_utf8_lossy(&response);
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let bearer = format!("Bearer {token}");
+    let headers =
+        [("X-Auth-Token", token), ("Authorization", &bearer), ("Content-Type", "application/json")];
+    tests::http::json(addr, method, path, &headers, Some(body))
 }
 
 struct Node {
@@ -68,28 +49,9 @@ fn start_node(dir: &Path, name: &'static str, replication_ip: &str) -> Node {
     Node { name, api, state, _daemon: daemon }
 }
 
-/// The venv with the OpenStack clients (shared with api_cinderclient, cached under target/).
+/// The openstack CLI from the shared venv.
 fn openstack() -> PathBuf {
-    let venv = workspace_root().join("target/openstack-venv");
-    if !venv.join("bin/openstack").is_file() {
-        let python = require_tool("python3", "python3");
-        let out = run_with_timeout(
-            Command::new(&python).args(["-m", "venv"]).arg(&venv),
-            Duration::from_secs(120),
-        );
-        assert!(out.status.success(), "python3 -m venv: {}", String::from_utf8_lossy(&out.stderr));
-        let out = run_with_timeout(
-            Command::new(venv.join("bin/pip")).args([
-                "install",
-                "-q",
-                "python-cinderclient",
-                "python-openstackclient",
-            ]),
-            Duration::from_secs(900),
-        );
-        assert!(out.status.success(), "pip install: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    venv.join("bin/openstack")
+    tests::openstack::venv().join("bin/openstack")
 }
 
 fn run_openstack(program: &Path, endpoint: &str, args: &[&str]) -> String {

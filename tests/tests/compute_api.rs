@@ -9,30 +9,27 @@
 //! cycles by volume id leak no attachment record, QEMU node, secret or iSCSI session. A booted
 //! guest gets the volume as a virtio disk whose serial is the volume id, and releases it.
 //!
-//! TEST FIXTURE, NOT THE PRODUCT: `FixtureNode` stands in for tandemd's node control API (as in
-//! `api_cinderclient.rs`, whose approach it follows): each resource is a sparse file exported by
-//! the real `tandem-iscsi` binary; it can re-export a resource with a wrong CHAP secret or take
-//! the export down, which is how the failure cases are made.
+//! The storage node is a `tests::fixture_node` stand-in (a sparse file exported by the real
+//! `tandem-iscsi`): it can re-export a resource with a wrong CHAP secret or take the export
+//! down, which is how the failure cases are made.
 //!
 //! `TANDEM_COMPUTE_API_CYCLES=N` sets the number of attach/detach cycles (default 20).
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tests::fixture_node::{Export, FixtureNode, NODE_TOKEN};
 use tests::{
     Daemon, binary, free_port, require_slow, require_tool, run_ok, run_with_timeout, wait_until,
     workspace_root,
 };
 
-const NODE_TOKEN: &str = "fixture-node-token";
-const GIB: u64 = 1 << 30;
 /// What the agent authenticates with: tandem-api's noauth token `user:project`.
 const AGENT_TOKEN: &str = "nova:demo";
 /// The test's own token with tandem-api's noauth.
@@ -44,227 +41,9 @@ const ADMIN_BEARER_TOKEN: &str = "ops-token-19c2";
 const MICROVERSION: (&str, &str) = ("OpenStack-API-Version", "volume 3.44");
 
 // ---------------------------------------------------------------------------------------------
-// Test fixture node (stand-in for tandemd's control API).
-
-/// How the fixture exports a resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Export {
-    /// With the CHAP secret tandem-api chose.
-    Normal,
-    /// With another secret: every login with tandem-api's credentials fails.
-    WrongChap,
-    /// Not at all: the portal refuses connections.
-    Down,
-}
-
-struct FixtureResource {
-    file: PathBuf,
-    size_bytes: u64,
-    iqn: String,
-    chap: (String, String),
-    port: u16,
-    child: Option<Child>,
-}
-
-impl FixtureResource {
-    fn export(&mut self, export: Export) {
-        self.unexport();
-        if export == Export::Down {
-            return;
-        }
-        let secret = if export == Export::WrongChap {
-            "not-the-secret-0000".into()
-        } else {
-            self.chap.1.clone()
-        };
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.file.with_extension("log"))
-            .expect("fixture log");
-        let child = Command::new(binary("tandem-iscsi"))
-            .args(["--portal", &format!("127.0.0.1:{}", self.port), "--target", &self.iqn])
-            .arg("--lun")
-            .arg(format!("0={}", self.file.display()))
-            .args(["--chap", &format!("{}:{secret}", self.chap.0)])
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("starting tandem-iscsi");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "tandem-iscsi did not listen on {}", self.port);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn unexport(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn export_json(&self) -> Value {
-        json!({"portal": format!("127.0.0.1:{}", self.port), "target_iqn": self.iqn, "lun": 0})
-    }
-}
-
-struct FixtureNode {
-    url: String,
-    state: Arc<Mutex<(PathBuf, HashMap<String, FixtureResource>)>>,
-}
-
-impl FixtureNode {
-    fn start(dir: &Path) -> FixtureNode {
-        std::fs::create_dir_all(dir).expect("fixture dir");
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let state = Arc::new(Mutex::new((dir.to_path_buf(), HashMap::new())));
-        let shared = state.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let shared = shared.clone();
-                std::thread::spawn(move || serve_one(stream, &shared));
-            }
-        });
-        FixtureNode { url, state }
-    }
-
-    /// Re-exports the resource of `volume_id` as `export` says.
-    fn set_export(&self, volume_id: &str, export: Export) {
-        let mut state = self.state.lock().expect("fixture lock");
-        let resource =
-            state.1.get_mut(&format!("volume-{volume_id}")).expect("the volume's resource");
-        resource.export(export);
-    }
-}
-
-impl Drop for FixtureNode {
-    fn drop(&mut self) {
-        let mut state = self.state.lock().unwrap_or_else(|error| error.into_inner());
-        for resource in state.1.values_mut() {
-            resource.unexport();
-        }
-    }
-}
-
-type FixtureState = Mutex<(PathBuf, HashMap<String, FixtureResource>)>;
-
-fn serve_one(stream: TcpStream, shared: &FixtureState) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_owned();
-    let path = parts.next().unwrap_or("").to_owned();
-    let mut length = 0usize;
-    let mut authorized = false;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-            break;
-        }
-        let lower = header.to_ascii_lowercase();
-        if let Some(value) = lower.strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap_or(0);
-        }
-        authorized |= lower.trim_end() == format!("authorization: bearer {NODE_TOKEN}");
-    }
-    let mut body = vec![0; length];
-    if reader.read_exact(&mut body).is_err() {
-        return;
-    }
-    let (status, reply) = if authorized {
-        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let mut state = shared.lock().expect("fixture lock");
-        let (dir, resources) = &mut *state;
-        handle(dir, resources, &method, &path, &request)
-    } else {
-        (401, json!({"error": "bad token"}))
-    };
-    let text = if status == 204 { String::new() } else { reply.to_string() };
-    let mut stream = stream;
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
-}
-
-fn handle(
-    dir: &Path,
-    resources: &mut HashMap<String, FixtureResource>,
-    method: &str,
-    path: &str,
-    request: &Value,
-) -> (u16, Value) {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    let capacity = 100 * GIB;
-    match (method, segments.as_slice()) {
-        ("GET", ["v1", "node"]) => {
-            let used: u64 = resources.values().map(|r| r.size_bytes).sum();
-            (
-                200,
-                json!({"name": "node-a", "availability_zone": "nova", "total_bytes": capacity,
-                       "free_bytes": capacity - used}),
-            )
-        }
-        ("PUT", ["v1", "resources", name]) => {
-            if let Some(resource) = resources.get(*name) {
-                return (200, resource.export_json());
-            }
-            let (Some(size_bytes), Some(iqn), Some(user), Some(secret)) = (
-                request["size_bytes"].as_u64(),
-                request["target_iqn"].as_str(),
-                request["chap"]["username"].as_str(),
-                request["chap"]["secret"].as_str(),
-            ) else {
-                return (400, json!({"error": "fixture: incomplete create"}));
-            };
-            let file = dir.join(format!("{name}.img"));
-            tests::sparse_file(&file, size_bytes);
-            let mut resource = FixtureResource {
-                file,
-                size_bytes,
-                iqn: iqn.to_owned(),
-                chap: (user.to_owned(), secret.to_owned()),
-                port: free_port(),
-                child: None,
-            };
-            resource.export(Export::Normal);
-            let reply = resource.export_json();
-            resources.insert((*name).to_owned(), resource);
-            (201, reply)
-        }
-        ("GET", ["v1", "resources", name]) => match resources.get(*name) {
-            Some(resource) => (
-                200,
-                json!({"name": name, "role": "primary", "disk_state": "UpToDate",
-                       "size_bytes": resource.size_bytes, "export": resource.export_json()}),
-            ),
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("DELETE", ["v1", "resources", name]) => match resources.remove(*name) {
-            Some(mut resource) => {
-                resource.unexport();
-                let _ = std::fs::remove_file(&resource.file);
-                (204, Value::Null)
-            }
-            None => (404, json!({"error": "no such resource"})),
-        },
-        ("POST", ["v1", "resources", _, "promote" | "demote"]) => (204, Value::Null),
-        _ => (404, json!({"error": format!("fixture: no route {method} {path}")})),
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // tandem-api.
 
-/// A plain HTTP/1.1 request; returns (status, JSON body or Null).
+/// A request with a JSON body; returns (status, JSON body or Null).
 fn http(
     addr: SocketAddr,
     method: &str,
@@ -272,25 +51,10 @@ fn http(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> (u16, Value) {
-    let mut stream = TcpStream::connect(addr).expect("connecting to tandem-api");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(&body);
-    stream.write_all(request.as_bytes()).expect("sending to tandem-api");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).expect("reading from tandem-api");
-    let text = String::from_utf8_lossy(&response);
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body_text = text.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or("");
-    (status, serde_json::from_str(body_text).unwrap_or(Value::Null))
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    let body = body.map(Value::to_string);
+    tests::http::json(addr, method, path, &all, body.as_deref())
 }
 
 /// How tandem-api authenticates.
@@ -317,7 +81,7 @@ impl Api {
         // timeout.
         binary("tandem-iscsi");
         let dir = tempfile::tempdir().expect("temp dir");
-        let node = FixtureNode::start(&dir.path().join("node-a"));
+        let node = FixtureNode::start("node-a", &dir.path().join("node-a"));
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         if auth == Auth::Bearer {
             let tokens = json!({"tokens": [
@@ -468,11 +232,9 @@ impl Proxy {
         let fault = Arc::new(Mutex::new(Fault::None));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let (shared_fault, shared_seen) = (fault.clone(), seen.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let fault = *shared_fault.lock().expect("lock");
-                proxy_one(stream, upstream, fault, &shared_seen);
-            }
+        tests::http::serve(listener, move |request| {
+            let fault = *shared_fault.lock().expect("lock");
+            proxy_one(request, upstream, fault, &shared_seen)
         });
         Proxy { addr, fault, seen }
     }
@@ -487,61 +249,40 @@ impl Proxy {
     }
 }
 
-fn proxy_one(stream: TcpStream, upstream: SocketAddr, fault: Fault, seen: &Mutex<Vec<String>>) {
-    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return;
-    }
-    let mut parts = line.split_whitespace();
-    let method = parts.next().unwrap_or("").to_owned();
-    let path = parts.next().unwrap_or("").to_owned();
-    let mut headers: Vec<(String, String)> = Vec::new();
-    let mut length = 0usize;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = header.trim_end().split_once(':') {
-            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_owned());
-            if name == "content-length" {
-                length = value.parse().unwrap_or(0);
-            }
-            if name == "x-auth-token" || name == "openstack-api-version" {
-                headers.push((name, value));
-            }
-        }
-    }
-    let mut body = vec![0; length];
-    if reader.read_exact(&mut body).is_err() {
-        return;
-    }
+/// Forwards one request to tandem-api (the token and microversion headers only), unless
+/// `fault` says to fail it.
+fn proxy_one(
+    request: &tests::http::Request,
+    upstream: SocketAddr,
+    fault: Fault,
+    seen: &Mutex<Vec<String>>,
+) -> (u16, Value) {
+    let (method, path) = (request.method.as_str(), request.path.as_str());
     seen.lock().expect("lock").push(format!("{method} {path}"));
-    let body: Option<Value> = serde_json::from_slice(&body).ok();
-    let complete = body.as_ref().is_some_and(|b| b.get("os-complete").is_some());
+    let body = Some(&request.body).filter(|b| !b.is_null());
+    let complete = body.is_some_and(|b| b.get("os-complete").is_some());
     let fail = match fault {
         Fault::FailComplete => complete,
         Fault::FailCompleteAndDeletes => complete || method == "DELETE",
         Fault::None | Fault::StripConnectionInfo => false,
     };
-    let (status, mut reply) = if fail {
-        (503, json!({"serviceUnavailable": {"code": 503, "message": "injected by the test"}}))
-    } else {
-        let headers: Vec<(&str, &str)> =
-            headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
-        http(upstream, &method, &path, &headers, body.as_ref())
-    };
+    if fail {
+        return (
+            503,
+            json!({"serviceUnavailable": {"code": 503, "message": "injected by the test"}}),
+        );
+    }
+    let headers: Vec<(&str, &str)> = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "x-auth-token" || name == "openstack-api-version")
+        .map(|(name, value)| (name.as_str(), value.as_str()))
+        .collect();
+    let (status, mut reply) = http(upstream, method, path, &headers, body);
     if fault == Fault::StripConnectionInfo && method == "POST" && path.ends_with("/attachments") {
         reply["attachment"]["connection_info"] = Value::Null;
     }
-    let text = if reply.is_null() { String::new() } else { reply.to_string() };
-    let mut stream = stream;
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-        text.len()
-    );
+    (status, reply)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,8 +5,7 @@
 //! metadata and sparse disks, connect, skip the initial sync and promote; qemu-io writes and
 //! reads through the returned export; retries, conflicts, bad input and delete.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +14,7 @@ use tests::{Daemon, binary, free_port, run_ok, run_with_timeout};
 const TOKEN: &str = "test-token-0123456789";
 const SIZE_BYTES: u64 = 16 * 1024 * 1024;
 
+/// A request with an optional bearer token; returns (status, body text).
 fn http(
     address: SocketAddr,
     method: &str,
@@ -22,20 +22,13 @@ fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).expect("connecting to the API");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("sending");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("reading");
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (status, body)
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(bearer) = &bearer {
+        headers.push(("Authorization", bearer));
+    }
+    let reply = tests::http::request(address, method, path, &headers, Some(body));
+    (reply.status, reply.text)
 }
 
 struct Node {
