@@ -11,5 +11,6 @@ pub mod loader;
 pub mod lun;
 pub mod node_settings;
 pub mod peer_client;
+pub mod promoter;
 pub mod provision;
 pub mod status;
