@@ -2,7 +2,7 @@
 //! attach a volume and which undo each of them, and how an attachment's status may change.
 //! The supervisor executes these plans; nothing here touches QEMU.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::connection_info::IscsiConnection;
@@ -36,6 +36,19 @@ impl SlotTable {
         Some(index)
     }
 
+    /// Takes slot `index` for `owner` (an attachment found again after a restart); false when
+    /// the slot does not exist or is held.
+    pub fn claim(&mut self, index: usize, owner: &str) -> bool {
+        assert!(self.slot_of(owner).is_none(), "an attachment holds at most one slot");
+        match self.owners.get_mut(index) {
+            Some(held @ None) => {
+                *held = Some(owner.to_owned());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Frees the slot `owner` holds (no-op when it holds none).
     pub fn release(&mut self, owner: &str) {
         if let Some(index) = self.slot_of(owner) {
@@ -54,7 +67,7 @@ impl SlotTable {
 
 /// The QEMU object names of one attachment; unique per attachment serial so a late
 /// DEVICE_DELETED of an old attachment can never be taken for a new one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttachmentNames {
     pub secret_id: Option<String>,
     pub node_name: String,
@@ -107,7 +120,7 @@ pub struct Step {
 pub const ERROR_POLICY: &str = "stop";
 
 /// Whether an attachment gets a guest device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Frontend {
     /// A virtio-blk device on `names.bus`: what a guest sees.

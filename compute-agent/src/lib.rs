@@ -4,7 +4,7 @@
 //! Pure decisions ([`connection_info`], [`connector`], [`attach`], [`resume`], [`libvirt`], the
 //! command line in [`instance`], the wire format in [`qmp::protocol`], tandem-api's bodies and
 //! answers in [`volume_api`], the retry rule in [`http_client`]) are kept apart from the code
-//! that acts ([`qmp::client`], [`supervisor`], [`api`], the senders in [`http_client`] and
+//! that acts ([`qmp::client`], [`supervisor`], [`process`], [`record`], [`api`], the senders in [`http_client`] and
 //! [`volume_api`]).
 
 pub mod api;
@@ -15,7 +15,9 @@ pub mod constants;
 pub mod http_client;
 pub mod instance;
 pub mod libvirt;
+pub mod process;
 pub mod qmp;
+pub mod record;
 pub mod resume;
 pub mod supervisor;
 pub mod volume_api;

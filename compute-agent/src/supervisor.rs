@@ -23,7 +23,9 @@ use crate::constants::{
     QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
 };
 use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
+use crate::process::{Process, is_instance_process};
 use crate::qmp::{Event, Qmp, QmpError};
+use crate::record::{self, AttachmentRecord, InstanceRecord};
 use crate::resume::{Action, ResumeWatcher};
 use crate::volume_api::{VolumeApi, VolumeApiConfig, VolumeApiError, VolumeApiErrorKind};
 
@@ -154,7 +156,7 @@ pub struct Attachment {
 }
 
 struct Running {
-    child: tokio::process::Child,
+    process: Process,
     qmp: Arc<Qmp>,
     watcher: tokio::task::JoinHandle<()>,
 }
@@ -186,6 +188,35 @@ pub struct Instance {
     /// The last full view, served while an operation (a login that may take seconds) holds
     /// the instance, so listing servers never waits for an attach.
     last_shown: Mutex<Option<Value>>,
+}
+
+impl Instance {
+    /// A stopped instance with nothing attached, keeping its files in `dir`.
+    fn new(
+        id: String,
+        spec: InstanceSpec,
+        dir: &std::path::Path,
+        accel: Accel,
+        created_unix_s: u64,
+    ) -> Instance {
+        let slots = SlotTable::new(spec.hotplug_slots);
+        Instance {
+            id,
+            spec,
+            paths: InstancePaths::new(dir),
+            accel,
+            created_unix_s,
+            state: tokio::sync::Mutex::new(InstanceState {
+                running: None,
+                attachments: BTreeMap::new(),
+                slots,
+                last_error: None,
+            }),
+            watcher: Arc::new(Mutex::new(ResumeWatcher::default())),
+            portals: Arc::new(Mutex::new(HashMap::new())),
+            last_shown: Mutex::new(None),
+        }
+    }
 }
 
 /// The supervisor of every instance on this host.
@@ -265,7 +296,7 @@ impl Supervisor {
             tracing::info!("tandem-api: {}", volume_api.endpoint_url());
             tokio::spawn(retry_pending_deletes(volume_api.clone(), pending_deletes.clone()));
         }
-        Ok(Supervisor {
+        let supervisor = Supervisor {
             config,
             identity,
             volume_api,
@@ -273,7 +304,182 @@ impl Supervisor {
             accel,
             instances: tokio::sync::Mutex::new(BTreeMap::new()),
             serial: AtomicU64::new(1),
-        })
+        };
+        supervisor.restore().await;
+        Ok(supervisor)
+    }
+
+    /// Takes back the instances an earlier run of the agent left behind when it crashed: a
+    /// QEMU still running is adopted through its QMP socket with the volumes still plugged into
+    /// it (a recorded volume QEMU no longer holds goes back to tandem-api); an instance whose
+    /// QEMU is gone comes back SHUTOFF with its volumes recorded, as after `stop`.
+    async fn restore(&self) {
+        let root = self.config.state_dir.join("instances");
+        let Ok(entries) = std::fs::read_dir(&root) else { return };
+        let mut serial_max = 0;
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let id = entry.file_name().to_string_lossy().into_owned();
+            let record = match record::load(&dir) {
+                Ok(Some(record)) => record,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::error!("server {id} not restored: {error}");
+                    continue;
+                }
+            };
+            let spec: InstanceSpec = match std::fs::read(dir.join("spec.json"))
+                .map_err(|error| error.to_string())
+                .and_then(|text| serde_json::from_slice(&text).map_err(|e| e.to_string()))
+            {
+                Ok(spec) => spec,
+                Err(error) => {
+                    tracing::error!("server {id} not restored: its spec.json: {error}");
+                    continue;
+                }
+            };
+            if check_name("id", &id).is_err() || spec.validate().is_err() {
+                tracing::error!("server {id} not restored: its id or spec is invalid");
+                continue;
+            }
+            let instance =
+                Arc::new(Instance::new(id.clone(), spec, &dir, self.accel, record.created_unix_s));
+            let mut state = instance.state.lock().await;
+            let plugged = self.adopt_process(&instance, &mut state, record.pid).await;
+            let mut kept = 0;
+            for attachment in record.attachments {
+                serial_max = serial_max.max(serial_of(&attachment.names).unwrap_or(0));
+                let in_qemu = plugged
+                    .as_ref()
+                    .is_none_or(|nodes| nodes.contains(&attachment.names.node_name));
+                if in_qemu && self.restore_attachment(&instance, &mut state, &attachment) {
+                    kept += 1;
+                    // The crash may have come between the hot-plug and `os-complete`; completing
+                    // twice is harmless (Cinder answers 204 for an attached attachment).
+                    if let (Some(_), Some(attachment_id), Some(volume_api)) =
+                        (&plugged, &attachment.attachment_id, &self.volume_api)
+                        && let Err(error) = volume_api.attachment_complete(attachment_id).await
+                    {
+                        tracing::warn!(
+                            "server {id}: completing the attachment of {} in tandem-api: {error}",
+                            attachment.volume_id
+                        );
+                    }
+                    continue;
+                }
+                tracing::warn!(
+                    "server {id}: volume {} is no longer plugged in; giving it back",
+                    attachment.volume_id
+                );
+                if let Some(attachment_id) = &attachment.attachment_id
+                    && let Err(error) = self.delete_attachment(attachment_id).await
+                {
+                    let later = self.retry_delete_later(attachment_id);
+                    tracing::warn!("server {id}: {error}; {later}");
+                }
+            }
+            match (&state.running, &plugged) {
+                (Some(running), Some(_)) => tracing::info!(
+                    "server {id}: took back QEMU pid {:?} with {kept} volume(s) attached",
+                    running.process.pid()
+                ),
+                _ => tracing::info!("server {id}: restored SHUTOFF with {kept} volume(s) recorded"),
+            }
+            save_record(&instance, &state);
+            drop(state);
+            self.instances.lock().await.insert(id, instance);
+        }
+        self.serial.store(serial_max + 1, Ordering::Relaxed);
+    }
+
+    /// Adopts the recorded QEMU process if it is still this instance's and answers on QMP;
+    /// returns the block nodes it holds. A process that does not answer is killed.
+    async fn adopt_process(
+        &self,
+        instance: &Arc<Instance>,
+        state: &mut InstanceState,
+        pid: Option<u32>,
+    ) -> Option<BTreeSet<String>> {
+        let pid = pid.filter(|pid| is_instance_process(*pid, &instance.paths.qmp_socket))?;
+        let qmp = match Qmp::connect(&instance.paths.qmp_socket).await {
+            Ok(qmp) => Arc::new(qmp),
+            Err(error) => {
+                tracing::error!(
+                    "server {}: QEMU pid {pid} runs but its QMP does not answer ({error});                      killing it",
+                    instance.id
+                );
+                Process::Adopted { pid }.kill().await;
+                return None;
+            }
+        };
+        let nodes: BTreeSet<String> = match qmp.execute("query-named-block-nodes", None).await {
+            Ok(Value::Array(nodes)) => nodes
+                .iter()
+                .filter_map(|node| node["node-name"].as_str().map(str::to_owned))
+                .collect(),
+            other => {
+                tracing::error!(
+                    "server {}: listing QEMU's block nodes failed ({other:?}); killing it",
+                    instance.id
+                );
+                Process::Adopted { pid }.kill().await;
+                return None;
+            }
+        };
+        let watcher = tokio::spawn(watch(
+            instance.id.clone(),
+            qmp.clone(),
+            instance.watcher.clone(),
+            instance.portals.clone(),
+        ));
+        state.running = Some(Running { process: Process::Adopted { pid }, qmp, watcher });
+        Some(nodes)
+    }
+
+    /// Puts a recorded attachment back; false when its record no longer makes sense.
+    fn restore_attachment(
+        &self,
+        instance: &Instance,
+        state: &mut InstanceState,
+        recorded: &AttachmentRecord,
+    ) -> bool {
+        let Ok(connection) = IscsiConnection::parse(&recorded.connection_info) else {
+            return false;
+        };
+        if state.attachments.contains_key(&recorded.volume_id)
+            || !state.slots.claim(recorded.slot, &recorded.volume_id)
+        {
+            return false;
+        }
+        // The same names give the same plan, so a later detach undoes exactly what exists.
+        let steps = plan_attach(
+            &connection,
+            &recorded.names,
+            &self.identity.initiator_iqn,
+            recorded.frontend,
+        );
+        lock(&instance.portals).insert(
+            recorded.names.node_name.clone(),
+            connection.paths.iter().map(|path| path.portal.clone()).collect(),
+        );
+        state.attachments.insert(
+            recorded.volume_id.clone(),
+            Attachment {
+                volume_id: recorded.volume_id.clone(),
+                status: AttachmentStatus::Attached,
+                frontend: recorded.frontend,
+                names: recorded.names.clone(),
+                portal: connection.primary.portal.to_string(),
+                target_iqn: connection.primary.iqn.clone(),
+                lun: connection.primary.lun,
+                attach_ms: recorded.attach_ms,
+                attachment_id: recorded.attachment_id.clone(),
+                steps,
+                connection_info: recorded.connection_info.clone(),
+                slot: recorded.slot,
+            },
+        );
+        true
     }
 
     pub fn accel(&self) -> Accel {
@@ -336,23 +542,8 @@ impl Supervisor {
                 .map_err(|error| Error::Internal(format!("creating {}: {error}", dir.display())))?;
             let spec_text = serde_json::to_string_pretty(&spec).unwrap_or_default();
             let _ = std::fs::write(dir.join("spec.json"), spec_text);
-            let slots = SlotTable::new(spec.hotplug_slots);
-            let instance = Arc::new(Instance {
-                id: id.clone(),
-                spec,
-                paths: InstancePaths::new(&dir),
-                accel: self.accel,
-                created_unix_s: now_unix_s(),
-                state: tokio::sync::Mutex::new(InstanceState {
-                    running: None,
-                    attachments: BTreeMap::new(),
-                    slots,
-                    last_error: None,
-                }),
-                watcher: Arc::new(Mutex::new(ResumeWatcher::default())),
-                portals: Arc::new(Mutex::new(HashMap::new())),
-                last_shown: Mutex::new(None),
-            });
+            let instance =
+                Arc::new(Instance::new(id.clone(), spec, &dir, self.accel, now_unix_s()));
             instances.insert(id.clone(), instance.clone());
             instance
         };
@@ -435,7 +626,8 @@ impl Supervisor {
             qmp.version(),
             started.elapsed().as_millis()
         );
-        state.running = Some(Running { child, qmp, watcher });
+        state.running = Some(Running { process: Process::Owned(child), qmp, watcher });
+        save_record(instance, state);
         Ok(())
     }
 
@@ -486,7 +678,7 @@ impl Supervisor {
             "created_unix_s": instance.created_unix_s,
             "spec": instance.spec,
             "paths": instance.paths,
-            "pid": state.running.as_ref().and_then(|running| running.child.id()),
+            "pid": state.running.as_ref().and_then(|running| running.process.pid()),
             "hotplug_slots_free": state.slots.free_count(),
             "volume_attachments": attachments,
             "last_error": state.last_error,
@@ -538,6 +730,7 @@ impl Supervisor {
                 state.last_error = Some(format!("re-attaching {volume_id}: {error}"));
             }
         }
+        save_record(&instance, &state);
         Ok(())
     }
 
@@ -584,6 +777,7 @@ impl Supervisor {
             }
         }
         lock(&instance.portals).clear();
+        save_record(instance, state);
     }
 
     async fn delete_attachment(&self, attachment_id: &str) -> Result<(), Error> {
@@ -601,8 +795,10 @@ impl Supervisor {
         for instance in instances {
             let mut state = instance.state.lock().await;
             stop_process(&instance, &mut state).await;
-            // The agent keeps no instance across a restart, so their volumes go back.
+            // A stopped agent keeps no instance (their volumes go back), unlike one that
+            // crashed: its running instances are taken back by the next start.
             self.release_volumes(&instance, &mut state).await;
+            record::remove(&instance.paths.dir);
         }
     }
 
@@ -728,6 +924,7 @@ impl Supervisor {
                 }
             }
         }
+        save_record(&instance, &state);
         tracing::warn!(
             "server {id}: attaching {volume_id} failed ({error}); rolled back{}",
             if problems.is_empty() {
@@ -819,6 +1016,7 @@ impl Supervisor {
             connection.paths.iter().map(|path| path.portal.clone()).collect(),
         );
         state.attachments.insert(volume_id.to_owned(), attachment.clone());
+        save_record(instance, state);
         tracing::info!(
             "server {}: attached {volume_id} on {} in {} ms",
             instance.id,
@@ -832,6 +1030,18 @@ impl Supervisor {
     pub async fn detach(&self, id: &str, volume_id: &str) -> Result<(), Error> {
         let instance = self.get(id).await?;
         let mut state = instance.state.lock().await;
+        let result = self.detach_locked(&instance, &mut state, volume_id).await;
+        save_record(&instance, &state);
+        result
+    }
+
+    async fn detach_locked(
+        &self,
+        instance: &Instance,
+        state: &mut InstanceState,
+        volume_id: &str,
+    ) -> Result<(), Error> {
+        let id = &instance.id;
         let attachment = state.attachments.get(volume_id).cloned().ok_or_else(|| {
             Error::NotFound(format!("volume {volume_id} is not attached to {id}"))
         })?;
@@ -922,11 +1132,41 @@ async fn retry_pending_deletes(volume_api: VolumeApi, pending: PendingDeletes) {
     }
 }
 
+/// Writes what a restarted agent needs to take the instance back; a failure is logged (the
+/// instance keeps running, only its recovery after a crash would be incomplete).
+fn save_record(instance: &Instance, state: &InstanceState) {
+    let record = InstanceRecord {
+        created_unix_s: instance.created_unix_s,
+        pid: state.running.as_ref().and_then(|running| running.process.pid()),
+        attachments: state
+            .attachments
+            .values()
+            .map(|attachment| AttachmentRecord {
+                volume_id: attachment.volume_id.clone(),
+                attachment_id: attachment.attachment_id.clone(),
+                connection_info: attachment.connection_info.clone(),
+                names: attachment.names.clone(),
+                slot: attachment.slot,
+                frontend: attachment.frontend,
+                attach_ms: attachment.attach_ms,
+            })
+            .collect(),
+    };
+    if let Err(error) = record::save(&instance.paths.dir, &record) {
+        tracing::error!("server {}: recording its state: {error}", instance.id);
+    }
+}
+
+/// The serial in an attachment's node name (`tandem-node{serial}`).
+fn serial_of(names: &AttachmentNames) -> Option<u64> {
+    names.node_name.strip_prefix("tandem-node")?.parse().ok()
+}
+
 async fn status_of(state: &mut InstanceState) -> ServerStatus {
     let Some(running) = state.running.as_mut() else {
         return ServerStatus::Shutoff;
     };
-    if let Ok(Some(_)) = running.child.try_wait() {
+    if running.process.has_exited() {
         return ServerStatus::Shutoff;
     }
     match running.qmp.execute("query-status", None).await {
@@ -944,13 +1184,11 @@ async fn stop_process(instance: &Instance, state: &mut InstanceState) {
     // `quit` is a hard stop, like Nova's destroy; the guest's page cache is lost, the
     // volume's acknowledged writes are not (cache=none, flushes go to the target).
     let _ = running.qmp.execute("quit", None).await;
-    let exited =
-        tokio::time::timeout(Duration::from_millis(QEMU_STOP_TIMEOUT_MS), running.child.wait())
-            .await;
-    if exited.is_err() {
-        let _ = running.child.kill().await;
+    if !running.process.wait_for_exit(QEMU_STOP_TIMEOUT_MS).await {
+        running.process.kill().await;
     }
     running.watcher.abort();
+    save_record(instance, state);
     tracing::info!("server {} stopped", instance.id);
 }
 

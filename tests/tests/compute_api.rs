@@ -768,3 +768,90 @@ fn a_guest_gets_the_volume_as_a_virtio_disk_with_its_id_as_serial_and_releases_i
     assert_eq!(monitor.tandem_objects(), Vec::<String>::new());
     agent.cli(&["delete", "guest"]);
 }
+
+/// Whether `pid` is a live process (not a zombie).
+fn process_alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.starts_with(" Z")))
+}
+
+/// Runs qemu-io on `node` through the operator monitor and waits for `expect` to appear once
+/// more in QEMU's log, where qemu-io prints; false when it never does.
+fn qemu_io(monitor: &mut Monitor, server: &Value, node: &str, command: &str, expect: &str) -> bool {
+    let log = PathBuf::from(server["paths"]["qemu_log"].as_str().expect("qemu log"));
+    let count = || std::fs::read_to_string(&log).map_or(0, |text| text.matches(expect).count());
+    let before = count();
+    monitor.execute(
+        "human-monitor-command",
+        json!({ "command-line": format!("qemu-io {node} \"{command}\"") }),
+    );
+    wait_until(Duration::from_secs(10), || count() > before)
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_takes_its_running_instances_back() {
+    require_slow!();
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let api = Api::start(Auth::NoAuth);
+    let mut agent = Agent::start(&api, &api.endpoint());
+    let volume = api.create_volume("survivor");
+    let server = agent.boot_without_os("srv-adopt", 2);
+    let pid = server["pid"].as_u64().expect("pid");
+    let attached = attach_by_id(&agent, "srv-adopt", &volume);
+    let node = attached["names"]["node_name"].as_str().expect("node name").to_owned();
+    let mut monitor = Monitor::open(&server);
+    let objects = monitor.tandem_objects();
+    assert!(qemu_io(&mut monitor, &server, &node, "write -P 0x5a 0 1M", "wrote 1048576/1048576"));
+
+    // A crash of the agent alone: QEMU runs on, and the next agent takes it back as it is.
+    agent.daemon.kill9();
+    assert!(process_alive(pid), "QEMU outlives the agent");
+    let mut agent = Agent::start(&api, &api.endpoint());
+    let shown = agent.cli(&["show", "srv-adopt"])["server"].clone();
+    assert_eq!(shown["status"], "ACTIVE", "{shown}");
+    assert_eq!(shown["pid"].as_u64(), Some(pid), "the same QEMU, not a new one: {shown}");
+    let volumes = shown["volume_attachments"].as_array().expect("attachments").clone();
+    assert_eq!(volumes.len(), 1, "{shown}");
+    assert_eq!(volumes[0]["volume_id"], volume.as_str());
+    assert_eq!(volumes[0]["status"], "attached");
+    assert_eq!(monitor.tandem_objects(), objects, "nothing plugged in twice");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+    assert!(
+        qemu_io(&mut monitor, &server, &node, "read -P 0x5a 0 1M", "read 1048576/1048576"),
+        "the data is still there"
+    );
+    // The adopted attachment detaches like any other, and a new one gets fresh names.
+    agent.cli(&["detach", "srv-adopt", &volume]);
+    api.assert_available_and_unattached(&volume);
+    let again = attach_by_id(&agent, "srv-adopt", &volume);
+    assert_ne!(again["names"]["node_name"], node.as_str(), "no name is reused: {again}");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+
+    // A crash that takes QEMU down too: the instance comes back SHUTOFF with its volume still
+    // recorded (and in-use in tandem-api, as Nova keeps a stopped server's volumes); start
+    // plugs it in again and delete gives it back.
+    drop(monitor);
+    agent.daemon.kill9();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    assert!(wait_until(Duration::from_secs(10), || !process_alive(pid)), "QEMU is gone");
+    let agent = Agent::start(&api, &api.endpoint());
+    let shown = agent.cli(&["show", "srv-adopt"])["server"].clone();
+    assert_eq!(shown["status"], "SHUTOFF", "{shown}");
+    assert_eq!(shown["volume_attachments"].as_array().map(Vec::len), Some(1), "{shown}");
+    assert_eq!(api.volume(&volume)["status"], "in-use");
+    agent.cli(&["start", "srv-adopt"]);
+    let shown = agent.cli(&["show", "srv-adopt"])["server"].clone();
+    assert_eq!(shown["status"], "ACTIVE", "{shown}");
+    let mut monitor = Monitor::open(&shown);
+    let node = shown["volume_attachments"][0]["names"]["node_name"].as_str().expect("node");
+    assert!(
+        qemu_io(&mut monitor, &shown, node, "read -P 0x5a 0 1M", "read 1048576/1048576"),
+        "re-attached with its data"
+    );
+    drop(monitor);
+    agent.cli(&["delete", "srv-adopt"]);
+    api.assert_available_and_unattached(&volume);
+}
