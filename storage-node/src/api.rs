@@ -23,7 +23,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use drbd_engine::protocol::{ConnectionState, DiskState, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -31,6 +31,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod snapshots;
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -571,9 +573,9 @@ async fn put_resource(
     match provision::check(&name, &host.node_name, &request) {
         Ok(()) => {}
         Err(Refusal::BadRequest(message)) => return error(StatusCode::BAD_REQUEST, message),
-        Err(Refusal::NotImplemented(message)) => {
-            return error(StatusCode::NOT_IMPLEMENTED, message);
-        }
+    }
+    if let Err(failure) = snapshots::check_source(&state, &request) {
+        return failure.into_response();
     }
     let lock = state.lock_for(&name);
     let _guard = lock.lock().await;
@@ -638,9 +640,17 @@ async fn put_resource(
         let _ = std::fs::remove_file(host.settings.state_directory.join(format!("{name}.0.md")));
     }
     host.set_target_name(&name, Some(request.target_iqn.clone()));
-    if let Err(failure) =
-        prepare_files(host, &name, &text, &endpoints[0].disk, request.size_bytes, fresh)
+    let source = provision::source_of(&request).ok().flatten();
+    let disk = &endpoints[0].disk;
+    if let Some(source) = &source
+        && (fresh || !disk.exists())
+        && let Err(failure) =
+            snapshots::fill_from_source(&state, &name, source, disk, request.size_bytes).await
     {
+        return failure.into_response();
+    }
+    let blank = fresh && source.is_none();
+    if let Err(failure) = prepare_files(host, &name, &text, disk, request.size_bytes, blank) {
         return failure.into_response();
     }
     if let Err(failure) = bring_up(host, &name).await {
@@ -793,11 +803,13 @@ async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Resp
     if let Some(Ok(plan)) = slot.as_ref().map(|s| s.plan()) {
         files.push(plan.driver.meta_path.clone());
         files.push(plan.driver.backing_path.clone());
+        snapshots::remove_all(&plan.driver.backing_path);
     }
     let endpoint = std::fs::read(endpoint_path(host, &name))
         .ok()
         .and_then(|b| serde_json::from_slice::<Endpoint>(&b).ok());
     if let Some(endpoint) = endpoint {
+        snapshots::remove_all(&endpoint.disk);
         files.push(endpoint.disk);
     }
     // The reservation goes last: while it exists, its port stays taken.
@@ -858,6 +870,10 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/resources/{name}/demote", post(demote))
         .route("/v1/resources/{name}/skip-initial-sync", post(skip_initial_sync))
         .route("/v1/resources/{name}/resize", post(resize))
+        .route(
+            "/v1/resources/{name}/snapshots/{snapshot}",
+            put(snapshots::put).delete(snapshots::delete),
+        )
         .route("/v1/resources/{name}/replication-endpoint", post(replication_endpoint))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
         .merge(public)
@@ -927,6 +943,7 @@ mod tests {
             "/v1/resources/{name}/skip-initial-sync",
             "/v1/resources/{name}/resize",
             "/v1/resources/{name}/replication-endpoint",
+            "/v1/resources/{name}/snapshots/{snapshot}",
         ] {
             assert!(doc["paths"].get(path).is_some(), "{path} missing from openapi.json");
         }

@@ -35,6 +35,10 @@ pub const RESOURCES_MAX: usize = 1024;
 pub const EVENTS_BUFFER_MAX: usize = 4096;
 /// How often the state watcher samples each resource to log and broadcast changes.
 pub const STATE_POLL_INTERVAL_MS: u64 = 50;
+
+/// How long a snapshot waits for the writes in flight to finish before it holds new ones; a
+/// LUN whose writes do not finish in that time (a dead peer under protocol C) gets no snapshot.
+pub const SNAPSHOT_WRITE_HOLD_WAIT_MS_MAX: u64 = 30_000;
 /// How often wait-connect / wait-sync re-check.
 pub const WAIT_POLL_INTERVAL_MS: u64 = 50;
 /// How long `down` waits for a resource's engine to release its listener, connections and

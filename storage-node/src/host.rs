@@ -66,6 +66,9 @@ pub struct Slot {
     pub written_bytes: AtomicU64,
     last_view: Mutex<Option<ResourceView>>,
     split_brain_logged: AtomicBool,
+    /// Writes through the LUN hold it shared; a snapshot holds it exclusively, so no write is
+    /// in flight while the replicas are copied.
+    pub write_gate: tokio::sync::RwLock<()>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -336,6 +339,7 @@ impl Host {
                     written_bytes: AtomicU64::new(0),
                     last_view: Mutex::new(None),
                     split_brain_logged: AtomicBool::new(false),
+                    write_gate: tokio::sync::RwLock::new(()),
                 });
                 slots.insert(resource.name.clone(), slot.clone());
                 added.push(slot);

@@ -13,4 +13,5 @@ pub mod node_settings;
 pub mod peer_client;
 pub mod promoter;
 pub mod provision;
+pub mod snapshot;
 pub mod status;

@@ -99,6 +99,7 @@ impl BlockDevice for ResourceLun {
     }
 
     async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
+        let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
         let length = data.len() as u64;
         if length <= REQUEST_BYTES_MAX {
@@ -127,6 +128,7 @@ impl BlockDevice for ResourceLun {
     }
 
     async fn unmap(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.discard(offset, piece).await.map_err(map_error)?;
@@ -135,6 +137,7 @@ impl BlockDevice for ResourceLun {
     }
 
     async fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
+        let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.write_zeroes(offset, piece).await.map_err(map_error)?;

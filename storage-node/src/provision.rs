@@ -74,8 +74,6 @@ pub struct Endpoint {
 pub enum Refusal {
     /// 400: the request itself is wrong.
     BadRequest(String),
-    /// 501: well-formed, but not something this node can do yet.
-    NotImplemented(String),
 }
 
 pub fn valid_name(name: &str) -> bool {
@@ -157,14 +155,47 @@ pub fn check(name: &str, me: &str, request: &PutRequest) -> Result<(), Refusal> 
             ));
         }
     }
-    if request.source.as_ref().is_some_and(|s| !s.is_null()) {
-        return Err(Refusal::NotImplemented(
-            "creating from a snapshot or another volume (source) is not supported yet: the \
-             engine has no snapshots"
-                .into(),
-        ));
-    }
+    source_of(request)?;
     Ok(())
+}
+
+/// Where a new resource's data comes from (tandem-api's `source`); the node holding a replica
+/// of the new resource holds one of the source too (tandem-api places them so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A snapshot of another resource.
+    Snapshot { resource: String, snapshot: String },
+    /// Another resource, as it is now: copied through a snapshot taken for the purpose
+    /// ([`clone_snapshot_name`]), so that every replica of the copy is the same point in time.
+    Resource { resource: String },
+}
+
+/// The source of a create request, checked.
+pub fn source_of(request: &PutRequest) -> Result<Option<Source>, Refusal> {
+    let bad = |what: &str| Err(Refusal::BadRequest(format!("bad source: {what}")));
+    let Some(source) = request.source.as_ref().filter(|s| !s.is_null()) else { return Ok(None) };
+    let text = |value: &serde_json::Value, field: &str| -> Option<String> {
+        value.get(field)?.as_str().filter(|name| valid_name(name)).map(str::to_owned)
+    };
+    if let Some(snapshot) = source.get("snapshot") {
+        return match (text(snapshot, "resource"), text(snapshot, "snapshot")) {
+            (Some(resource), Some(snapshot)) => Ok(Some(Source::Snapshot { resource, snapshot })),
+            _ => bad("snapshot needs a valid resource and snapshot name"),
+        };
+    }
+    if let Some(resource) = source.get("resource") {
+        return match text(resource, "resource") {
+            Some(resource) => Ok(Some(Source::Resource { resource })),
+            None => bad("resource needs a valid resource name"),
+        };
+    }
+    bad("expected {\"snapshot\": {...}} or {\"resource\": {...}}")
+}
+
+/// The snapshot through which resource `name` is cloned from another resource. Each node
+/// removes its copy once it has made the new replica from it.
+pub fn clone_snapshot_name(name: &str) -> String {
+    format!("clone-for-{name}")
 }
 
 /// Node ids by node name: the sorted names numbered from 0, so every node of the resource
@@ -274,10 +305,32 @@ mod tests {
             }
         }
         let mut clone = request();
-        clone.source = Some(serde_json::json!({"resource": {"resource": "volume-0"}}));
-        assert!(matches!(check("v", "alpha", &clone), Err(Refusal::NotImplemented(_))));
-        clone.source = Some(serde_json::Value::Null);
-        assert_eq!(check("v", "alpha", &clone), Ok(()));
+        let cases = [
+            (
+                serde_json::json!({"resource": {"resource": "volume-0"}}),
+                Ok(Some(Source::Resource { resource: "volume-0".into() })),
+            ),
+            (
+                serde_json::json!({"snapshot": {"resource": "volume-0", "snapshot": "snapshot-1"}}),
+                Ok(Some(Source::Snapshot {
+                    resource: "volume-0".into(),
+                    snapshot: "snapshot-1".into(),
+                })),
+            ),
+            (serde_json::Value::Null, Ok(None)),
+            (serde_json::json!({"resource": {"resource": "../etc"}}), Err(())),
+            (serde_json::json!({"snapshot": {"resource": "volume-0"}}), Err(())),
+            (serde_json::json!({"image": "x"}), Err(())),
+        ];
+        for (source, expected) in cases {
+            clone.source = Some(source.clone());
+            let got = source_of(&clone).map_err(|refusal| {
+                assert!(matches!(refusal, Refusal::BadRequest(_)), "{source}: {refusal:?}");
+            });
+            assert_eq!(got, expected, "{source}");
+            assert_eq!(check("v", "alpha", &clone).is_ok(), expected.is_ok(), "{source}");
+        }
+        assert!(valid_name(&clone_snapshot_name(&"v".repeat(NAME_BYTES_MAX - 10))));
     }
 
     #[test]

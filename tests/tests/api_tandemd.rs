@@ -129,6 +129,114 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
     assert_eq!(roles, ["primary", "secondary"]);
 
     // connection_info from tandem-api; QEMU writes and reads through it.
+    qemu_io_on(
+        &qemu_io,
+        addr,
+        &id,
+        &[
+            "write -P 0x3c 0 4M",
+            "read -P 0x3c 0 4M",
+            "write -P 0x7e 1020M 4M",
+            "read -P 0x7e 1020M 4M",
+        ],
+    );
+
+    // Replicated: the secondary is in sync with what was written.
+    for node in &nodes {
+        let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+        assert_eq!(list[0]["peers"][0]["out_of_sync_bytes"], 0, "{list}");
+        assert_eq!(list[0]["disk_state"], "UpToDate", "{list}");
+    }
+
+    // A snapshot is one point in time on both replicas; a volume made from it holds that data
+    // on both replicas (no initial sync needed), and so does a clone of a live volume.
+    let out = run_openstack(
+        &openstack,
+        &endpoint,
+        &["volume", "snapshot", "create", "--volume", &id, "-f", "value", "-c", "id", "s1"],
+    );
+    let snapshot_id = out.trim().to_owned();
+    wait_for("snapshot available", Duration::from_secs(90), || {
+        let path = format!("/v3/demo/snapshots/{snapshot_id}");
+        let (_, body) = http(addr, "GET", &path, "admin:demo", "");
+        assert_ne!(body["snapshot"]["status"], "error", "{body}");
+        body["snapshot"]["status"] == "available"
+    });
+    let snapshot_files: Vec<PathBuf> = nodes
+        .iter()
+        .filter_map(|node| file_named(&node.state, &format!("@snapshot-{snapshot_id}")))
+        .collect();
+    assert_eq!(snapshot_files.len(), 2, "a copy on each replica: {snapshot_files:?}");
+    assert_same_content(&snapshot_files[0], &snapshot_files[1]);
+    qemu_io_on(&qemu_io, addr, &id, &["write -P 0x99 0 4M"]);
+    let from_snapshot = create_volume(
+        &openstack,
+        &endpoint,
+        addr,
+        &["--snapshot", &snapshot_id, "--size", "1", "v2"],
+    );
+    qemu_io_on(&qemu_io, addr, &from_snapshot, &["read -P 0x3c 0 4M", "read -P 0x7e 1020M 4M"]);
+    let clone = create_volume(&openstack, &endpoint, addr, &["--source", &id, "--size", "1", "v3"]);
+    qemu_io_on(&qemu_io, addr, &clone, &["read -P 0x99 0 4M", "read -P 0x7e 1020M 4M"]);
+    for node in &nodes {
+        let left = file_named(&node.state, "@clone-for-");
+        assert!(left.is_none(), "the snapshot a clone was made through is removed: {left:?}");
+    }
+    for volume in [&from_snapshot, &clone] {
+        let replicas: Vec<PathBuf> = nodes
+            .iter()
+            .filter_map(|node| file_named(&node.state, &format!("volume-{volume}.img")))
+            .collect();
+        assert_eq!(replicas.len(), 2, "{replicas:?}");
+        assert_same_content(&replicas[0], &replicas[1]);
+        for node in &nodes {
+            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+            let resource = list
+                .as_array()
+                .and_then(|l| l.iter().find(|r| r["name"] == format!("volume-{volume}")).cloned())
+                .expect("the resource");
+            assert_eq!(resource["peers"][0]["out_of_sync_bytes"], 0, "{resource}");
+        }
+    }
+    for volume in [&from_snapshot, &clone] {
+        run_openstack(&openstack, &endpoint, &["volume", "delete", volume]);
+    }
+    run_openstack(&openstack, &endpoint, &["volume", "snapshot", "delete", &snapshot_id]);
+    wait_for("snapshot gone", Duration::from_secs(60), || {
+        nodes.iter().all(|node| file_named(&node.state, "@snapshot-").is_none())
+    });
+    wait_for("the copies gone", Duration::from_secs(60), || {
+        nodes.iter().all(|node| {
+            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+            list.as_array().is_some_and(|l| l.len() == 1)
+        })
+    });
+
+    run_openstack(&openstack, &endpoint, &["volume", "delete", &id]);
+    wait_for("the volume gone from both nodes", Duration::from_secs(60), || {
+        nodes.iter().all(|node| {
+            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+            list.as_array().is_some_and(Vec::is_empty)
+        })
+    });
+}
+
+/// Creates a volume with `args` (after `volume create`) and waits until it is available.
+fn create_volume(openstack: &Path, endpoint: &str, addr: SocketAddr, args: &[&str]) -> String {
+    let mut all = vec!["volume", "create", "-f", "value", "-c", "id"];
+    all.extend_from_slice(args);
+    let id = run_openstack(openstack, endpoint, &all).trim().to_owned();
+    wait_for("volume available", Duration::from_secs(120), || {
+        let (_, body) = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+        assert_ne!(body["volume"]["status"], "error", "{body}");
+        body["volume"]["status"] == "available"
+    });
+    id
+}
+
+/// Runs qemu-io `commands` on volume `id` through the connection_info tandem-api gives out;
+/// fails the test when any of them fails (a pattern read back differently included).
+fn qemu_io_on(qemu_io: &Path, addr: SocketAddr, id: &str, commands: &[&str]) {
     let (status, body) = http(
         addr,
         "POST",
@@ -138,7 +246,6 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
     );
     assert_eq!(status, 200, "{body}");
     let data = &body["connection_info"]["data"];
-    println!("connection_info.data: {data:#}");
     let url = format!(
         "iscsi://{}%{}@{}/{}/{}",
         data["auth_username"].as_str().expect("auth_username"),
@@ -147,39 +254,74 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
         data["target_iqn"].as_str().expect("target_iqn"),
         data["target_lun"]
     );
-    let output = run_with_timeout(
-        Command::new(&qemu_io).args([
-            "-f",
-            "raw",
-            "-c",
-            "write -P 0x3c 0 4M",
-            "-c",
-            "read -P 0x3c 0 4M",
-            "-c",
-            "write -P 0x7e 1020M 4M",
-            "-c",
-            "read -P 0x7e 1020M 4M",
-            &url,
-        ]),
-        Duration::from_secs(120),
-    );
+    let mut command = Command::new(qemu_io);
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = run_with_timeout(command.arg(&url), Duration::from_secs(120));
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
-    println!("$ qemu-io ... iscsi://USER%PASS@{}/...\n{text}", data["target_portal"]);
+    println!("$ qemu-io {commands:?} iscsi://USER%PASS@{}/...\n{text}", data["target_portal"]);
     assert!(output.status.success() && !text.contains("fail"), "qemu-io: {text}");
+}
 
-    // Replicated: the secondary is in sync with what was written.
-    for node in &nodes {
-        let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
-        assert_eq!(list[0]["peers"][0]["out_of_sync_bytes"], 0, "{list}");
-        assert_eq!(list[0]["disk_state"], "UpToDate", "{list}");
+/// The first file under `dir` (recursively) whose name contains `needle`.
+fn file_named(dir: &Path, needle: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = file_named(&path, needle) {
+                return Some(found);
+            }
+        } else if entry.file_name().to_string_lossy().contains(needle) {
+            return Some(path);
+        }
     }
+    None
+}
 
-    run_openstack(&openstack, &endpoint, &["volume", "delete", &id]);
-    wait_for("the volume gone from both nodes", Duration::from_secs(60), || {
-        nodes.iter().all(|node| {
-            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
-            list.as_array().is_some_and(Vec::is_empty)
-        })
-    });
+/// The data extents of `file` (SEEK_DATA/SEEK_HOLE): everything else reads as zeros.
+fn data_extents(file: &std::fs::File) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let length = file.metadata().expect("meta").len();
+    let seek = |offset: u64, whence: i32| -> Option<u64> {
+        // SAFETY: lseek on an open descriptor only moves its offset.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), i64::try_from(offset).ok()?, whence) };
+        u64::try_from(at).ok()
+    };
+    let mut extents = Vec::new();
+    let mut offset = 0;
+    while offset < length {
+        let Some(start) = seek(offset, libc::SEEK_DATA) else { break };
+        let end = seek(start, libc::SEEK_HOLE).unwrap_or(length).min(length);
+        extents.push((start, end));
+        offset = end;
+    }
+    extents
+}
+
+/// Fails unless the two files hold the same bytes: same length, and the same bytes wherever
+/// either has data (holes read as zeros), so two sparse 1 GiB replicas compare in moments.
+fn assert_same_content(a: &Path, b: &Path) {
+    use std::os::unix::fs::FileExt;
+    let (fa, fb) = (std::fs::File::open(a).expect("open"), std::fs::File::open(b).expect("open"));
+    let length = fa.metadata().expect("meta").len();
+    assert_eq!(length, fb.metadata().expect("meta").len(), "{} and {}", a.display(), b.display());
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    for (start, end) in data_extents(&fa).into_iter().chain(data_extents(&fb)) {
+        let mut offset = start;
+        while offset < end {
+            let n = usize::try_from((end - offset).min(1 << 20)).expect("chunk");
+            fa.read_exact_at(&mut ba[..n], offset).expect("read");
+            fb.read_exact_at(&mut bb[..n], offset).expect("read");
+            assert!(
+                ba[..n] == bb[..n],
+                "{} and {} differ near byte {offset}",
+                a.display(),
+                b.display()
+            );
+            offset += n as u64;
+        }
+    }
 }

@@ -280,8 +280,8 @@ fn put_creates_a_replicated_volume_on_two_tandemd() {
             path.as_str(),
             &put_body("primary", &beta, iqn, SIZE_BYTES)
                 .replace(r#""source":null"#, r#""source":{"resource":{"resource":"volume-1"}}"#)[..],
-            501,
-            "source",
+            409,
+            "no replica on this node",
         ),
     ] {
         let (status, body) = http(alpha.api, "PUT", bad_path, Some(TOKEN), bad_body);
