@@ -269,6 +269,12 @@ impl World {
         }
         match self.verify.stage {
             Stage::Safety => {
+                // A promotion the cluster manager planned during the safety phase may still be
+                // due; it must not land on the flipped node (its data is silently wrong until
+                // the resync, which nothing in DRBD's model can know): wait until none is.
+                if self.payloads.values().any(|e| matches!(e, Ev::SplitPromote { .. })) {
+                    return false;
+                }
                 let n = self.swarm.nodes;
                 let s = self.primary().unwrap_or_else(|| self.verify.rng.index(n));
                 let t = (s + 1 + self.verify.rng.index(n - 1)) % n;
