@@ -40,6 +40,9 @@ pub const PEER_QUEUE_FRAMES_MAX: usize = 4096;
 pub const RESYNC_REQUESTS_MAX: usize = 64;
 /// Blocks per resync request.
 pub const RESYNC_REQUEST_BLOCKS_MAX: u64 = 256;
+/// Times online verify checks again a range that writes changed while it was compared (each
+/// time in halves, down to single blocks) before it reports the range as skipped.
+pub const VERIFY_RECHECKS_MAX: u32 = 12;
 /// Frames that may arrive ahead of a missing one before the connection is declared broken.
 pub const REORDER_FRAMES_MAX: usize = 256;
 /// Bitmap words per bitmap frame of the handshake.

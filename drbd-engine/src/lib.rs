@@ -8,7 +8,8 @@
 //! - `protocol`: the peer protocol as a pure state machine (`Node`: `handle_*` inputs, one
 //!   ordered `poll_output` queue, `poll_timeout`), frame encoding with crc32c (`frame`), the
 //!   logical metadata and its updates (`persist`, `MetadataStore`), the resync rate controller,
-//!   DRBD's state names (`states`).
+//!   DRBD's state names (`states`), block digests (`digest`) and checksum-based resync plus
+//!   online verify (`node::verify`).
 //! - `meta`: DRBD v09 on-disk metadata encoding (pure).
 //! - `sim`: the deterministic simulator and its checkers (`tandem-sim`).
 //! - `driver`: the tokio driver (`ReplicatedDevice`) over TCP and `backing_store`.

@@ -54,6 +54,7 @@ pub enum Verb {
     Dump,
     Status,
     Events2,
+    Verify,
 }
 
 impl Verb {
@@ -83,6 +84,7 @@ impl Verb {
         Verb::Dump,
         Verb::Status,
         Verb::Events2,
+        Verb::Verify,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -112,6 +114,7 @@ impl Verb {
             Verb::Dump => "dump",
             Verb::Status => "status",
             Verb::Events2 => "events2",
+            Verb::Verify => "verify",
         }
     }
 
@@ -130,6 +133,7 @@ impl Verb {
                 | (Verb::Status, "verbose" | "statistics")
                 | (Verb::Events2, "now" | "statistics")
                 | (Verb::WaitConnect | Verb::WaitSync, "timeout")
+                | (Verb::Verify, "start")
         )
     }
 }
@@ -157,6 +161,9 @@ pub struct Options {
     /// wait-connect / wait-sync: give up after this many seconds (0 or absent: wait forever).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,
+    /// verify: the first sector to verify (DRBD's `--start`, rounded down to 4 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_sector: Option<u64>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -240,6 +247,19 @@ pub fn parse_command(words: &[String]) -> Result<Request, ControlError> {
                     })?;
                     options.timeout_s = Some(seconds);
                 }
+                "start" => {
+                    let value = match inline_value {
+                        Some(value) => value,
+                        None => rest
+                            .next()
+                            .cloned()
+                            .ok_or_else(|| usage(format!("{verb}: --start needs a sector")))?,
+                    };
+                    let sector = value.parse::<u64>().map_err(|_| {
+                        usage(format!("{verb}: --start wants a sector number, got '{value}'"))
+                    })?;
+                    options.start_sector = Some(sector);
+                }
                 _ => unreachable!("accepts() lists only the options handled here"),
             }
         } else if resource.is_none() {
@@ -312,6 +332,19 @@ mod tests {
                 Verb::Primary,
                 "r0",
                 Options { force: true, ..Default::default() },
+            ),
+            ("verify r0", Verb::Verify, "r0", Options::default()),
+            (
+                "verify --start 2048 r0",
+                Verb::Verify,
+                "r0",
+                Options { start_sector: Some(2048), ..Default::default() },
+            ),
+            (
+                "verify --start=8 r0",
+                Verb::Verify,
+                "r0",
+                Options { start_sector: Some(8), ..Default::default() },
             ),
             (
                 "connect --discard-my-data r0",

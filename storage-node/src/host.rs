@@ -2,7 +2,7 @@
 //! tandemadm verbs acting on them. The tokio plumbing (control socket, portal) lives in
 //! `bin/tandemd.rs`; the text formats in `status`; the wire protocol in `control`.
 
-use crate::config::{Config, Disk, FencingPolicy, MetaDisk, Protocol, Resource};
+use crate::config::{Config, Disk, FencingPolicy, MetaDisk, NetOptions, Protocol, Resource};
 use crate::constants::{
     ENGINE_STOP_TIMEOUT_MS_MAX, EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS,
     WAIT_POLL_INTERVAL_MS,
@@ -21,8 +21,8 @@ use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
 use drbd_engine::protocol::{
-    ConnectionState, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
-    ReplicationState, ResyncRate, Role,
+    ConnectionState, DigestAlg, DigestSettings, DiskState, DynamicControllerConfig, Fencing,
+    ReplicationProtocol, ReplicationState, ResyncRate, Role,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -154,6 +154,8 @@ pub fn plan_resource(
     let mut peer_names = BTreeMap::new();
     let mut protocol = resource.net.protocol();
     let mut fencing = resource.net.fencing();
+    let mut net_digests =
+        digest_settings(&resource.net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
     for (connection, host) in resource.peers_of(&node.name) {
         let peer = u8::try_from(host.node_id)
             .ok()
@@ -168,6 +170,8 @@ pub fn plan_resource(
         peer_names.insert(peer.0, host.name.clone());
         protocol = connection.net.protocol();
         fencing = connection.net.fencing();
+        net_digests =
+            digest_settings(&connection.net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
     }
     let disk = &volume.disk_options;
     let resync_rate = if disk.c_plan_ahead_ds() == 0 {
@@ -197,6 +201,7 @@ pub fn plan_resource(
             fencing: fencing_of(fencing),
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
+            digests: net_digests,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -207,6 +212,24 @@ pub fn plan_resource(
             volume: volume.number,
             timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
         }),
+    })
+}
+
+/// `net { csums-alg; csums-after-crash-only; verify-alg; }` for the engine. The engine has
+/// crc32c and sha256; any other algorithm (DRBD also takes md5, sha1, ...) is refused by name
+/// rather than replaced behind the operator's back.
+fn digest_settings(net: &NetOptions) -> Result<DigestSettings, String> {
+    let alg = |option: &str, value: &Option<String>| -> Result<Option<DigestAlg>, String> {
+        value
+            .as_deref()
+            .map(|text| text.parse::<DigestAlg>().map_err(|e| format!("{option}: {e}")))
+            .transpose()
+    };
+    Ok(DigestSettings {
+        csums_alg: alg("csums-alg", &net.csums_alg)?,
+        csums_after_crash_only: net.ignored.get("csums-after-crash-only").map(String::as_str)
+            == Some("yes"),
+        verify_alg: alg("verify-alg", &net.verify_alg)?,
     })
 }
 
@@ -430,15 +453,19 @@ impl Host {
             .iter()
             .map(|p| {
                 let connected = p.connection == ConnectionState::Connected;
-                let done_percent = p.resync.as_ref().map(|r| {
-                    if r.blocks_total == 0 {
-                        100.0
-                    } else {
-                        let done = r.blocks_total.saturating_sub(r.blocks_remaining);
-                        // Display only: two decimals of a percentage.
-                        (done as f64) * 100.0 / (r.blocks_total as f64)
-                    }
-                });
+                let done_percent = p
+                    .resync
+                    .as_ref()
+                    .map(|r| {
+                        if r.blocks_total == 0 {
+                            100.0
+                        } else {
+                            let done = r.blocks_total.saturating_sub(r.blocks_remaining);
+                            // Display only: two decimals of a percentage.
+                            (done as f64) * 100.0 / (r.blocks_total as f64)
+                        }
+                    })
+                    .or_else(|| p.verify.as_ref().map(|v| v.percent_done()));
                 PeerView {
                     name: plan
                         .peer_names
@@ -754,6 +781,21 @@ impl Host {
                     };
                     result
                         .map_err(|e| explain_state_error(&slot.name, request.verb.as_str(), e))?;
+                }
+                Ok(())
+            }
+            Verb::Verify => {
+                // drbdadm verify: this node becomes VerifyS towards every peer; the run goes
+                // on in the engine (status shows replication:VerifyS done:NN.NN, and
+                // out-of-sync blocks found are marked; disconnect/connect resyncs them).
+                let device = self.require_running(slot)?;
+                let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
+                let first_block = options.start_sector.unwrap_or(0) / (BLOCK_SIZE_BYTES / 512);
+                for (peer, _) in &plan.driver.peers {
+                    device
+                        .verify(*peer, first_block)
+                        .await
+                        .map_err(|e| explain_state_error(&slot.name, "verify", e))?;
                 }
                 Ok(())
             }
@@ -1122,6 +1164,31 @@ mod tests {
         let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).expect("parses");
         let resource = config.resource("r0").expect("r0");
         plan_resource(&NodeSettings::default(), "alpha", resource).expect("plans")
+    }
+
+    #[test]
+    fn csums_and_verify_algorithms_reach_the_engine() {
+        let plan = plan_of("csums-alg sha256; csums-after-crash-only yes; verify-alg crc32c;", "");
+        assert_eq!(
+            plan.driver.digests,
+            DigestSettings {
+                csums_alg: Some(DigestAlg::Sha256),
+                csums_after_crash_only: true,
+                verify_alg: Some(DigestAlg::Crc32c),
+            }
+        );
+        assert_eq!(plan_of("", "").driver.digests, DigestSettings::default());
+        let text = "resource r0 {
+               net { verify-alg md5; }
+               volume 0 { device minor 0; disk /tmp/r0.img; meta-disk internal; }
+               on alpha { node-id 0; address 127.0.0.1:7789; }
+               on beta { node-id 1; address 127.0.0.1:7790; }
+             }";
+        let config = crate::config::parse_str("r0.res", text, Path::new("/tmp")).expect("parses");
+        let error =
+            plan_resource(&NodeSettings::default(), "alpha", config.resource("r0").unwrap())
+                .expect_err("md5 is not built in");
+        assert!(error.contains("verify-alg") && error.contains("md5"), "{error}");
     }
 
     #[test]

@@ -507,6 +507,17 @@ mod tests {
                 "r0 role:Secondary\n  volume:1 disk:UpToDate\n  node-b role:Secondary\n    \
                  volume:1 peer-disk:UpToDate\n\n",
             ),
+            (
+                {
+                    let mut v =
+                        view(Role::Primary, DiskState::UpToDate, ConnectionState::Connected);
+                    v.peers[0].volumes[0].replication = ReplicationState::VerifyS;
+                    v.peers[0].volumes[0].done_percent = Some(12.345);
+                    v
+                },
+                "r0 role:Primary\n  disk:UpToDate\n  node-b role:Secondary\n    \
+                 replication:VerifyS peer-disk:UpToDate done:12.35\n\n",
+            ),
         ];
         for (view, expected) in cases {
             assert_eq!(format_status(&view, false, false), expected);

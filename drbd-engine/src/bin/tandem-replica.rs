@@ -8,9 +8,13 @@
 //!     [--meta-format v09|sidecar] [--direct-io]   (v09: DRBD 9 flex-external metadata, drbdmeta reads it)
 //!     [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD]
 //!     [--fence-timeout-ms N] [--resource NAME]   (DRBD's fence-peer handler; NAME is DRBD_RESOURCE)
+//!     [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256]
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush | outdate
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
+//!           verify PEER [FIRST_BLOCK]   (online verify; this node becomes VerifyS)
+//!           wait-verified MS   (waits for the verify started here to end; prints
+//!                               "ok MS completed=B blocks=N oos=N skipped=N runs=FIRST+BLOCKS,...")
 //!           stream FIRST COUNT GEN QD   (prints "acked BLOCK" per completed write, then "done")
 //!           check FIRST COUNT GEN       (prints "ok" or "mismatch BLOCK")
 //!           write FIRST COUNT GEN       (one write per block, sequential)
@@ -33,7 +37,8 @@ use drbd_engine::driver::constants::FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
 use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::{
-    DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol, ReplicationState, ResyncRate,
+    DigestSettings, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
+    ReplicationState, ResyncRate,
 };
 use std::io::Write;
 use std::net::SocketAddr;
@@ -61,9 +66,10 @@ const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=A
 --backing FILE --meta FILE [--size-bytes N] [--protocol A|B|C] [--engine sync|uring] \
 [--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io] \
 [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD] [--fence-timeout-ms N] \
-[--resource NAME]
+[--resource NAME] [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256]
 then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
+verify PEER [FIRST_BLOCK] | wait-verified MS |
 stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN
 or: tandem-replica tcp-rtt [COUNT] [BYTES]   (loopback TCP round trip, frame-sized)
 or: tandem-replica tcp-stream [MIB]          (one-way loopback TCP throughput)";
@@ -85,6 +91,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut fence_peer = None;
     let mut fence_timeout_ms = FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
     let mut resource = "r0".to_owned();
+    let mut digests = DigestSettings::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -124,6 +131,9 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
             "--fence-peer" => fence_peer = Some(value()?),
             "--fence-timeout-ms" => fence_timeout_ms = value()?.parse()?,
             "--resource" => resource = value()?,
+            "--csums-alg" => digests.csums_alg = Some(value()?.parse()?),
+            "--csums-after-crash-only" => digests.csums_after_crash_only = true,
+            "--verify-alg" => digests.verify_alg = Some(value()?.parse()?),
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
                     "v09" => MetaFormat::V09External,
@@ -168,6 +178,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         fencing,
         resync_rate,
         al_extents,
+        digests,
     };
     Ok((config, handler))
 }
@@ -192,6 +203,14 @@ fn describe(s: &Status) -> String {
                 r.blocks_remaining,
                 r.rate_kib_per_s,
                 r.eta_s.map_or("-".to_owned(), |e| e.to_string())
+            ));
+        }
+        if let Some(v) = &p.verify {
+            line.push_str(&format!(
+                " verify_done={:.2} verify_oos={} verify_kib_per_s={}",
+                v.percent_done(),
+                v.out_of_sync_blocks,
+                v.rate_kib_per_s
             ));
         }
     }
@@ -272,6 +291,37 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
             })
             .await?;
             Ok(format!("ok {ms}"))
+        }
+        Some("verify") => {
+            let peer = NodeId::new(u8::try_from(num(1)?)?).context("peer id 0..=31")?;
+            let first = if words.len() > 2 { num(2)? } else { 0 };
+            device.verify(peer, first).await?;
+            Ok("ok".into())
+        }
+        Some("wait-verified") => {
+            let verifying = |s: &Status| {
+                s.peers.iter().any(|p| {
+                    matches!(p.replication, ReplicationState::VerifyS | ReplicationState::VerifyT)
+                })
+            };
+            let ms =
+                wait_until(device, num(1)?, |s| !verifying(s) && s.verify_last.is_some()).await?;
+            let s = device.status().await?;
+            let Some(last) = s.verify_last else { bail!("no verify ran from this node") };
+            let runs: Vec<String> = s
+                .verify_out_of_sync
+                .iter()
+                .filter(|(peer, _, _)| *peer == last.peer)
+                .map(|(_, first, blocks)| format!("{first}+{blocks}"))
+                .collect();
+            Ok(format!(
+                "ok {ms} completed={} blocks={} oos={} skipped={} runs={}",
+                last.completed,
+                last.blocks_verified,
+                last.out_of_sync_blocks,
+                last.skipped_blocks,
+                runs.join(",")
+            ))
         }
         Some("write") => {
             let (first, count, generation) = (num(1)?, num(2)?, num(3)?);

@@ -25,3 +25,5 @@ const _: () = assert!(INPUT_BATCH_MAX > 0 && INPUT_BATCH_MAX <= COMMAND_QUEUE_MA
 const _: () = assert!(COALESCE_FRAME_BYTES_MAX <= SEND_BATCH_BYTES_MAX);
 const _: () = assert!(RECEIVE_BUFFER_BYTES_MAX >= HEADER_BYTES);
 const _: () = assert!(COALESCE_FRAME_BYTES_MAX <= FRAME_PAYLOAD_BYTES_MAX + HEADER_BYTES);
+/// Out-of-sync runs verify reported that `Status` keeps (the oldest go first).
+pub const VERIFY_REPORT_RUNS_MAX: usize = 4096;

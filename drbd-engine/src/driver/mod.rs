@@ -90,6 +90,8 @@ pub struct DriverConfig {
     pub fencing: Fencing,
     pub resync_rate: ResyncRate,
     pub al_extents: usize,
+    /// `net { csums-alg; csums-after-crash-only; verify-alg; }`.
+    pub digests: crate::protocol::DigestSettings,
 }
 
 /// How the metadata file is laid out.
@@ -125,6 +127,8 @@ pub struct PeerStatus {
     pub disk: DiskState,
     pub out_of_sync_blocks: u64,
     pub resync: Option<ResyncProgress>,
+    /// The verify run with this peer, while one runs (VerifyS or VerifyT).
+    pub verify: Option<crate::protocol::VerifyProgress>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +143,23 @@ pub struct Status {
     /// Blocks sent by finished resyncs (as SyncSource) since start.
     pub resync_blocks_sent: u64,
     pub split_brain: bool,
+    /// Verify runs this node ran as VerifyS that finished (completed or not) since start.
+    pub verifies_finished: u64,
+    /// The last finished verify this node ran as VerifyS.
+    pub verify_last: Option<VerifyOutcome>,
+    /// Out-of-sync runs the current (or last) verify with each peer reported here, as VerifyS
+    /// or VerifyT, oldest first, at most `VERIFY_REPORT_RUNS_MAX`: (peer, first block, blocks).
+    pub verify_out_of_sync: Vec<(NodeId, u64, u64)>,
+}
+
+/// How a verify run ended, as `Event::VerifyFinished` told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyOutcome {
+    pub peer: NodeId,
+    pub blocks_verified: u64,
+    pub out_of_sync_blocks: u64,
+    pub skipped_blocks: u64,
+    pub completed: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
@@ -151,6 +172,7 @@ enum Command {
     Connect(NodeId, bool, Reply<()>),
     Disconnect(NodeId, Reply<()>),
     Outdate(Reply<()>),
+    Verify(NodeId, u64, Reply<()>),
     SetFenceHandler(Option<FenceHandler>, Reply<()>),
     Status(oneshot::Sender<Status>),
 }
@@ -272,6 +294,7 @@ impl ReplicatedDevice {
             resync_rate: config.resync_rate,
             al_extents: config.al_extents,
             random_seed: u64::from_le_bytes(random),
+            digests: config.digests,
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {
@@ -288,6 +311,9 @@ impl ReplicatedDevice {
             resync_blocks_received: 0,
             resync_blocks_sent: 0,
             split_brain: false,
+            verifies_finished: 0,
+            verify_last: None,
+            verify_out_of_sync: Vec::new(),
             disk_queue: Vec::new(),
             send_buffers: BTreeMap::new(),
             fence_handler: None,
@@ -383,6 +409,12 @@ impl ReplicatedDevice {
         handler: Option<FenceHandler>,
     ) -> Result<(), DeviceError> {
         self.call(|r| Command::SetFenceHandler(handler, r)).await
+    }
+
+    /// `drbdadm verify`: online verify against `peer` from `first_block` on; progress and
+    /// results show in `status` (the run ends on its own).
+    pub async fn verify(&self, peer: NodeId, first_block: u64) -> Result<(), DeviceError> {
+        self.call(|r| Command::Verify(peer, first_block, r)).await
     }
 
     pub async fn status(&self) -> Result<Status, DeviceError> {
@@ -573,6 +605,9 @@ struct Driver {
     resync_blocks_received: u64,
     resync_blocks_sent: u64,
     split_brain: bool,
+    verifies_finished: u64,
+    verify_last: Option<VerifyOutcome>,
+    verify_out_of_sync: Vec<(NodeId, u64, u64)>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
     disk_queue: Vec<DiskFuture>,
     /// Small frames of the current round, per peer, sent as one write at the round's end.
@@ -684,6 +719,10 @@ impl Driver {
             Command::Outdate(reply) => {
                 let _ = reply.send(self.node.handle_outdate(now).map_err(DeviceError::from));
             }
+            Command::Verify(peer, first_block, reply) => {
+                let result = self.node.handle_verify(now, peer, first_block);
+                let _ = reply.send(result.map_err(DeviceError::from));
+            }
             Command::SetFenceHandler(handler, reply) => {
                 self.fence_handler = handler;
                 let _ = reply.send(Ok(()));
@@ -712,11 +751,15 @@ impl Driver {
                     disk: n.peer_disk_state(p).unwrap_or(DiskState::DUnknown),
                     out_of_sync_blocks: n.out_of_sync_blocks(p),
                     resync: n.resync_progress(p),
+                    verify: n.verify_progress(p),
                 })
                 .collect(),
             resync_blocks_received: self.resync_blocks_received,
             resync_blocks_sent: self.resync_blocks_sent,
             split_brain: self.split_brain,
+            verifies_finished: self.verifies_finished,
+            verify_last: self.verify_last,
+            verify_out_of_sync: self.verify_out_of_sync.clone(),
         }
     }
 
@@ -837,6 +880,36 @@ impl Driver {
             Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,
             Event::SplitBrain { .. } => self.split_brain = true,
             Event::FencePeer { peer } => self.start_fence_handler(peer),
+            Event::ReplicationStateChanged {
+                peer,
+                state: ReplicationState::VerifyS | ReplicationState::VerifyT,
+            } => {
+                // A new run: the list shows the runs of the current (or last) one.
+                self.verify_out_of_sync.retain(|(p, _, _)| *p != peer);
+            }
+            Event::VerifyOutOfSync { peer, first_block, blocks } => {
+                if self.verify_out_of_sync.len() >= constants::VERIFY_REPORT_RUNS_MAX {
+                    self.verify_out_of_sync.remove(0);
+                }
+                self.verify_out_of_sync.push((peer, first_block, blocks));
+            }
+            Event::VerifyFinished {
+                peer,
+                blocks_verified,
+                out_of_sync_blocks,
+                skipped_blocks,
+                completed,
+                source: true,
+            } => {
+                self.verifies_finished += 1;
+                self.verify_last = Some(VerifyOutcome {
+                    peer,
+                    blocks_verified,
+                    out_of_sync_blocks,
+                    skipped_blocks,
+                    completed,
+                });
+            }
             _ => {}
         }
     }

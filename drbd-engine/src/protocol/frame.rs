@@ -7,6 +7,7 @@
 //! receiver drops it, and the blocks whose writes were not acknowledged are resynced.
 
 use crate::constants::{BITMAP_CHUNK_WORDS_MAX, FRAME_PAYLOAD_BYTES_MAX, NODE_ID_MAX};
+use crate::protocol::digest::DigestAlg;
 use crate::protocol::states::{DiskState, Role};
 use crate::uuid::GenerationUuids;
 use crate::{NodeId, constants::HISTORY_UUIDS_MAX};
@@ -15,6 +16,12 @@ use thiserror::Error;
 pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const HEADER_BYTES: usize = 32;
+/// Mask words of one VerifyResult: one bit per block of the largest request.
+pub const VERIFY_MASK_WORDS_MAX: usize = 4;
+const _: () = assert!(
+    crate::constants::RESYNC_REQUEST_BLOCKS_MAX <= VERIFY_MASK_WORDS_MAX as u64 * 64,
+    "a verify request's mask fits one VerifyResult"
+);
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -105,6 +112,42 @@ pub enum Frame {
     NewCurrentUuid {
         uuid: u64,
     },
+    // Checksum-based resync and online verify (`protocol::node::verify`). Kinds 40 and up, so
+    // frames other work appends after 16 do not collide with these.
+    /// The sender becomes VerifyS for `first_block..end_block`; the receiver VerifyT.
+    VerifyStart {
+        first_block: u64,
+        end_block: u64,
+    },
+    /// Read these blocks and answer with their digests (DRBD's P_OV_REQUEST when `verify`,
+    /// else the sync source asking for the target's P_CSUM_RS_REQUEST digests).
+    DigestRequest {
+        id: u64,
+        offset_blocks: u64,
+        blocks: u64,
+        alg: DigestAlg,
+        verify: bool,
+    },
+    /// One digest per block; `reliable` is false when a write to the range was in flight while
+    /// it was read (the verifier checks the range again) or the read failed.
+    DigestReply {
+        id: u64,
+        reliable: bool,
+        digests: Vec<u8>,
+    },
+    /// VerifyS to VerifyT: which blocks of a verified range differ (one bit per block), and
+    /// whether the receiver keeps them in its bitmap (so one side only becomes sync source).
+    VerifyResult {
+        offset_blocks: u64,
+        blocks: u64,
+        differing: Vec<u64>,
+        receiver_marks: bool,
+    },
+    /// Ends a verify: sent by VerifyS when done or by either side to refuse or stop it.
+    VerifyDone {
+        out_of_sync_blocks: u64,
+        completed: bool,
+    },
 }
 
 impl Frame {
@@ -126,6 +169,11 @@ impl Frame {
             Frame::PingAck => 14,
             Frame::ResyncDone { .. } => 15,
             Frame::NewCurrentUuid { .. } => 16,
+            Frame::VerifyStart { .. } => 40,
+            Frame::DigestRequest { .. } => 41,
+            Frame::DigestReply { .. } => 42,
+            Frame::VerifyResult { .. } => 43,
+            Frame::VerifyDone { .. } => 44,
         }
     }
 }
@@ -251,6 +299,35 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Frame::Barrier { epoch } | Frame::BarrierAck { epoch } => w.u64(*epoch),
         Frame::ResyncDone { current_uuid } => w.u64(*current_uuid),
         Frame::NewCurrentUuid { uuid } => w.u64(*uuid),
+        Frame::VerifyStart { first_block, end_block } => {
+            w.u64(*first_block);
+            w.u64(*end_block);
+        }
+        Frame::DigestRequest { id, offset_blocks, blocks, alg, verify } => {
+            w.u64(*id);
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+            w.u8(alg.to_wire());
+            w.u8(u8::from(*verify));
+        }
+        Frame::DigestReply { id, reliable, digests } => {
+            w.u64(*id);
+            w.u8(u8::from(*reliable));
+            w.0.extend_from_slice(digests);
+        }
+        Frame::VerifyResult { offset_blocks, blocks, differing, receiver_marks } => {
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+            w.u8(u8::from(*receiver_marks));
+            w.u32(u32::try_from(differing.len()).expect("a mask of one request"));
+            for word in differing {
+                w.u64(*word);
+            }
+        }
+        Frame::VerifyDone { out_of_sync_blocks, completed } => {
+            w.u64(*out_of_sync_blocks);
+            w.u8(u8::from(*completed));
+        }
     }
     let payload = w.0.len() - HEADER_BYTES;
     assert!(payload <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -374,6 +451,42 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
         14 => Frame::PingAck,
         15 => Frame::ResyncDone { current_uuid: r.u64()? },
         16 => Frame::NewCurrentUuid { uuid: r.u64()? },
+        40 => {
+            r.what = "VerifyStart";
+            Frame::VerifyStart { first_block: r.u64()?, end_block: r.u64()? }
+        }
+        41 => {
+            r.what = "DigestRequest";
+            let id = r.u64()?;
+            let offset_blocks = r.u64()?;
+            let blocks = r.u64()?;
+            let alg =
+                DigestAlg::from_wire(r.u8()?).ok_or(FrameError::Malformed("DigestRequest"))?;
+            Frame::DigestRequest { id, offset_blocks, blocks, alg, verify: r.bool()? }
+        }
+        42 => {
+            r.what = "DigestReply";
+            let id = r.u64()?;
+            let reliable = r.bool()?;
+            Frame::DigestReply { id, reliable, digests: r.rest() }
+        }
+        43 => {
+            r.what = "VerifyResult";
+            let offset_blocks = r.u64()?;
+            let blocks = r.u64()?;
+            let receiver_marks = r.bool()?;
+            let count =
+                usize::try_from(r.u32()?).map_err(|_| FrameError::Malformed("VerifyResult"))?;
+            if count > VERIFY_MASK_WORDS_MAX {
+                return Err(FrameError::Malformed("VerifyResult"));
+            }
+            let differing = (0..count).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+            Frame::VerifyResult { offset_blocks, blocks, differing, receiver_marks }
+        }
+        44 => {
+            r.what = "VerifyDone";
+            Frame::VerifyDone { out_of_sync_blocks: r.u64()?, completed: r.bool()? }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -417,6 +530,22 @@ mod tests {
             Frame::PingAck,
             Frame::ResyncDone { current_uuid: 0x42 },
             Frame::NewCurrentUuid { uuid: 0x4242 },
+            Frame::VerifyStart { first_block: 8, end_block: 4096 },
+            Frame::DigestRequest {
+                id: 11,
+                offset_blocks: 12,
+                blocks: 256,
+                alg: DigestAlg::Sha256,
+                verify: true,
+            },
+            Frame::DigestReply { id: 11, reliable: true, digests: vec![3; 64] },
+            Frame::VerifyResult {
+                offset_blocks: 12,
+                blocks: 130,
+                differing: vec![1, 0, 2],
+                receiver_marks: true,
+            },
+            Frame::VerifyDone { out_of_sync_blocks: 3, completed: false },
         ]
     }
 

@@ -34,6 +34,8 @@ use crate::uuid::{self, GenerationUuids, HandshakeView, SyncDecision};
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+pub mod verify;
+
 /// DRBD's replication protocols: when a write counts as complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplicationProtocol {
@@ -111,6 +113,8 @@ pub struct Config {
     pub al_extents: usize,
     /// Seeds generation UUIDs; the driver passes random bits, the simulator its seed.
     pub random_seed: u64,
+    /// `net { csums-alg; csums-after-crash-only; verify-alg; }` (see `verify`).
+    pub digests: crate::protocol::digest::DigestSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -232,6 +236,23 @@ pub enum Event {
     },
     /// The local disk failed and was detached.
     Detached,
+    /// Online verify found these blocks different on the peer (DRBD logs "Out of sync").
+    VerifyOutOfSync {
+        peer: NodeId,
+        first_block: u64,
+        blocks: u64,
+    },
+    /// A verify run with `peer` ended (`completed` false: stopped, refused or cut off).
+    VerifyFinished {
+        peer: NodeId,
+        blocks_verified: u64,
+        out_of_sync_blocks: u64,
+        /// Blocks writes kept changing while they were compared (not verified).
+        skipped_blocks: u64,
+        completed: bool,
+        /// This node was VerifyS (it compared and counted); false: VerifyT.
+        source: bool,
+    },
 }
 
 // Outputs are short-lived queue entries (see MetaUpdate).
@@ -276,6 +297,7 @@ enum IoPurpose {
     PeerWrite { peer: NodeId, conn_id: u64, id: u64, resync: bool },
     PeerFlush { peer: NodeId, conn_id: u64, epoch: u64 },
     ResyncRead { peer: NodeId, conn_id: u64, id: u64 },
+    Digest(verify::DigestRead),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -346,6 +368,8 @@ struct ResyncSource {
     budget_kib: u64,
     acked_kib_step: u64,
     acked_blocks_total: u64,
+    /// Checksum-based resync: ask for the target's digests before sending data.
+    csums: Option<verify::CsumResync>,
 }
 
 #[derive(Debug)]
@@ -373,6 +397,7 @@ struct Peer {
     barrier_in_flight: bool,
     resync: Option<ResyncSource>,
     next_resync_id: u64,
+    verify: verify::PeerVerify,
 }
 
 impl Peer {
@@ -398,6 +423,7 @@ impl Peer {
             barrier_in_flight: false,
             resync: None,
             next_resync_id: 1,
+            verify: verify::PeerVerify::default(),
         }
     }
 
@@ -571,7 +597,7 @@ impl Node {
         self.peer(peer).map(|p| p.connection)
     }
     pub fn replication_state(&self, peer: NodeId) -> Option<ReplicationState> {
-        self.peer(peer).map(|p| p.replication)
+        self.peer(peer).map(|p| p.verify.shown(p.replication))
     }
     pub fn peer_disk_state(&self, peer: NodeId) -> Option<DiskState> {
         self.peer(peer).map(|p| p.disk)
@@ -660,6 +686,9 @@ impl Node {
                 }
                 if let Some(r) = &p.resync {
                     consider(r.last_step_ms + RESYNC_STEP_MS);
+                }
+                if let Some(t) = p.verify.deadline_ms() {
+                    consider(t);
                 }
             }
         }
@@ -756,6 +785,9 @@ impl Node {
     }
 
     fn submit(&mut self, op: DiskOp, purpose: IoPurpose) -> u64 {
+        if let DiskOp::Write { offset_blocks, data, .. } = &op {
+            self.note_write_submitted(*offset_blocks, blocks_of(data.len()).unwrap_or(0));
+        }
         let id = self.next_io;
         self.next_io += 1;
         self.ios.insert(id, purpose);
@@ -1292,6 +1324,7 @@ impl Node {
                     Err(IoFailed) => self.detach(),
                 }
             }
+            IoPurpose::Digest(read) => self.handle_digest_read(read, result),
         }
         self.pump();
     }
@@ -1439,6 +1472,7 @@ impl Node {
         p.barrier_in_flight = false;
         p.resync = None;
         p.role = Role::Unknown;
+        self.verify_connection_lost(i);
         self.set_connection(i, next);
         self.set_replication(i, ReplicationState::Off);
         self.set_peer_disk(i, DiskState::DUnknown);
@@ -1851,6 +1885,11 @@ impl Node {
             Frame::Hello(_) | Frame::BitmapChunk { .. } | Frame::HandshakeDone => {
                 self.protocol_error(i, "handshake frame after the handshake".into());
             }
+            frame @ (Frame::VerifyStart { .. }
+            | Frame::DigestRequest { .. }
+            | Frame::DigestReply { .. }
+            | Frame::VerifyResult { .. }
+            | Frame::VerifyDone { .. }) => self.handle_digest_frame(i, frame),
         }
     }
 
@@ -2111,6 +2150,11 @@ impl Node {
                 budget_kib: 0,
                 acked_kib_step: 0,
                 acked_blocks_total: 0,
+                csums: self
+                    .config
+                    .digests
+                    .csums_for_resync(self.meta.flags.crashed_primary || hello.crashed_primary)
+                    .map(verify::CsumResync::new),
             });
             self.set_replication(i, ReplicationState::SyncSource);
         } else {
@@ -2159,9 +2203,15 @@ impl Node {
             let id = self.peers[i].next_resync_id;
             self.peers[i].next_resync_id += 1;
             let r = self.peers[i].resync.as_mut().expect("checked");
-            r.in_flight.insert(id, (start, blocks, false, 0));
+            let csums = r.csums.as_ref().map(verify::CsumResync::alg);
+            // A checksum request reads nothing here yet: it holds no write back ("sent").
+            r.in_flight.insert(id, (start, blocks, csums.is_some(), 0));
             r.cursor = end;
             r.budget_kib = r.budget_kib.saturating_sub(kib(blocks));
+            if let Some(alg) = csums {
+                self.send_csum_request(i, id, start, blocks, alg);
+                continue;
+            }
             self.submit(
                 DiskOp::Read { offset_blocks: start, blocks },
                 IoPurpose::ResyncRead { peer, conn_id, id },
@@ -2267,6 +2317,7 @@ impl Node {
                 if self.peers[i].resync.is_some() {
                     self.pump_resync(i);
                 }
+                self.pump_verify(i);
             }
         }
         self.start_queued_writes();

@@ -40,6 +40,7 @@
 pub mod disk;
 pub mod model;
 pub mod rng;
+pub mod verify;
 
 use crate::NodeId;
 use crate::constants::BLOCK_BYTES as BLOCK;
@@ -248,6 +249,7 @@ pub struct Report {
     pub old_primaries_shot: u64,
     /// Lineages forked because two nodes wrote apart under dont-care.
     pub lineage_forks: u64,
+    pub verify: verify::VerifyReport,
 }
 
 impl Report {
@@ -269,6 +271,7 @@ impl Report {
         self.fence_retries += other.fence_retries;
         self.old_primaries_shot += other.old_primaries_shot;
         self.lineage_forks += other.lineage_forks;
+        self.verify.add(&other.verify);
     }
 
     /// One line of counters.
@@ -278,7 +281,7 @@ impl Report {
             "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected, \
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
-             {} lineage forks, {} ms simulated",
+             {} lineage forks, {}, {} ms simulated",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -296,6 +299,7 @@ impl Report {
             self.fence_retries,
             self.old_primaries_shot,
             self.lineage_forks,
+            self.verify.summary(),
             self.sim_ms
         )
     }
@@ -346,6 +350,7 @@ pub struct World {
     trace: bool,
     violations: Vec<String>,
     report: Report,
+    verify: verify::VerifyState,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -406,6 +411,7 @@ impl World {
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == "1"),
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
+            verify: verify::VerifyState::new(seed),
         }
     }
 
@@ -438,6 +444,7 @@ impl World {
             resync_rate: self.swarm.resync_rate,
             al_extents: self.swarm.al_extents,
             random_seed: self.seed ^ ((i as u64) << 40) ^ (self.nodes[i].incarnation << 48),
+            digests: self.digest_settings(),
         }
     }
 
@@ -476,7 +483,7 @@ impl World {
                 break;
             }
             self.dispatch(ev);
-            if heal_started && self.converged() {
+            if heal_started && self.converged() && self.verify_epilogue() {
                 self.final_checks();
                 break;
             }
@@ -752,6 +759,7 @@ impl World {
         if self.primary().is_none() && self.rng.chance(self.swarm.force_promote_ppm_per_tick) {
             self.try_promote(true);
         }
+        self.verify_faults();
         // A detached node gets its disk re-attached (a restart) after a while.
         for i in 0..n {
             if !self.nodes[i].restart_scheduled
@@ -881,7 +889,7 @@ impl World {
                 continue;
             }
             let in_sync = self.nodes[i].node.as_ref().is_some_and(|n| {
-                n.replication_state(nid(j)) == Some(ReplicationState::Established)
+                verify::in_sync_state(n.replication_state(nid(j)))
                     && n.peer_disk_state(nid(j)) == Some(DiskState::UpToDate)
             });
             if !in_sync {
@@ -1206,6 +1214,7 @@ impl World {
     }
 
     fn event(&mut self, i: usize, event: Event) {
+        self.verify_event(i, &event);
         match event {
             Event::FencePeer { peer } => {
                 let delay = self.rng.range(1, 200);

@@ -17,7 +17,8 @@ verbs: create-md [--force], up, down, attach, detach, connect [--discard-my-data
        primary [--force], secondary, adjust, invalidate, invalidate-remote, pause-sync,
        resume-sync, new-current-uuid [--clear-bitmap], outdate, wait-connect [--timeout S],
        wait-sync [--timeout S], role, cstate, dstate, show-gi, dump,
-       status [--verbose] [--statistics], events2 [--now] [--statistics]";
+       status [--verbose] [--statistics], events2 [--now] [--statistics],
+       verify [--start SECTOR]";
 
 /// Ends a progress bar drawn in place, so the next line starts on its own.
 fn end_progress(shown: &mut bool) {
