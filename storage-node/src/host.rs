@@ -20,6 +20,7 @@ use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
+use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
     ConnectionState, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
     ReplicationState, ResyncRate, Role,
@@ -151,6 +152,7 @@ pub fn plan_resource(
     let mut peer_names = BTreeMap::new();
     let mut protocol = resource.net.protocol();
     let mut fencing = resource.net.fencing();
+    let mut diskless_peers = Vec::new();
     for (connection, host) in resource.peers_of(&node.name) {
         let peer = u8::try_from(host.node_id)
             .ok()
@@ -163,6 +165,13 @@ pub fn plan_resource(
             .ok_or_else(|| format!("{name}: peer {} has no address", host.name))?;
         peers.push((peer, address));
         peer_names.insert(peer.0, host.name.clone());
+        // A peer with `disk none` for this volume is a diskless tiebreaker (it votes only).
+        let peer_volume = resource
+            .node(&host.name)
+            .and_then(|n| n.volumes.iter().find(|v| v.number == volume.number));
+        if peer_volume.is_some_and(|v| matches!(v.disk, Disk::None)) {
+            diskless_peers.push(peer);
+        }
         protocol = connection.net.protocol();
         fencing = connection.net.fencing();
     }
@@ -194,6 +203,7 @@ pub fn plan_resource(
             fencing: fencing_of(fencing),
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
+            quorum: quorum_of(&resource.options, diskless_peers)?,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -204,6 +214,34 @@ pub fn plan_resource(
             volume: volume.number,
             timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
         }),
+    })
+}
+
+/// `options { quorum ...; on-no-quorum ...; }` as the engine's settings.
+fn quorum_of(
+    options: &crate::config::ResourceOptions,
+    diskless_peers: Vec<NodeId>,
+) -> Result<QuorumConfig, String> {
+    let quorum = match options.quorum() {
+        crate::config::Quorum::Off => QuorumPolicy::Off,
+        crate::config::Quorum::Majority => QuorumPolicy::Majority,
+        crate::config::Quorum::All => QuorumPolicy::All,
+        crate::config::Quorum::Count(n) => u8::try_from(n)
+            .ok()
+            .filter(|n| (1..=32).contains(n))
+            .map(QuorumPolicy::Count)
+            .ok_or_else(|| format!("quorum {n}: not in 1..32"))?,
+    };
+    let on_no_quorum = match options.on_no_quorum() {
+        crate::config::OnNoQuorum::SuspendIo => OnNoQuorum::SuspendIo,
+        crate::config::OnNoQuorum::IoError => OnNoQuorum::IoError,
+    };
+    Ok(QuorumConfig {
+        quorum,
+        on_no_quorum,
+        minimum_redundancy: QuorumPolicy::Off,
+        diskless: false,
+        diskless_peers,
     })
 }
 
@@ -470,6 +508,7 @@ impl Host {
                 size_kib: status.size_bytes / 1024,
                 read_kib: slot.read_bytes.load(Ordering::Relaxed) / 1024,
                 written_kib: slot.written_bytes.load(Ordering::Relaxed) / 1024,
+                quorum: status.quorum,
             }],
             peers,
         }

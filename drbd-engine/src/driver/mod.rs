@@ -90,6 +90,8 @@ pub struct DriverConfig {
     pub fencing: Fencing,
     pub resync_rate: ResyncRate,
     pub al_extents: usize,
+    /// Quorum settings; `quorum.diskless` runs this node without using its disk.
+    pub quorum: crate::protocol::quorum::QuorumConfig,
 }
 
 /// How the metadata file is laid out.
@@ -139,6 +141,8 @@ pub struct Status {
     /// Blocks sent by finished resyncs (as SyncSource) since start.
     pub resync_blocks_sent: u64,
     pub split_brain: bool,
+    /// DRBD's `quorum:` (always true with quorum off).
+    pub quorum: bool,
 }
 
 type Reply<T> = oneshot::Sender<Result<T, DeviceError>>;
@@ -272,6 +276,7 @@ impl ReplicatedDevice {
             resync_rate: config.resync_rate,
             al_extents: config.al_extents,
             random_seed: u64::from_le_bytes(random),
+            quorum: config.quorum.clone(),
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {
@@ -717,6 +722,7 @@ impl Driver {
             resync_blocks_received: self.resync_blocks_received,
             resync_blocks_sent: self.resync_blocks_sent,
             split_brain: self.split_brain,
+            quorum: n.has_quorum(),
         }
     }
 

@@ -105,6 +105,12 @@ pub enum Frame {
     NewCurrentUuid {
         uuid: u64,
     },
+    /// The primaries the sender accepts (node id bits) and the term that confirms (see
+    /// `protocol::quorum`). Sent only when quorum is enabled.
+    Quorum {
+        primaries: u64,
+        term: u64,
+    },
 }
 
 impl Frame {
@@ -126,6 +132,7 @@ impl Frame {
             Frame::PingAck => 14,
             Frame::ResyncDone { .. } => 15,
             Frame::NewCurrentUuid { .. } => 16,
+            Frame::Quorum { .. } => 40,
         }
     }
 }
@@ -251,6 +258,10 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Frame::Barrier { epoch } | Frame::BarrierAck { epoch } => w.u64(*epoch),
         Frame::ResyncDone { current_uuid } => w.u64(*current_uuid),
         Frame::NewCurrentUuid { uuid } => w.u64(*uuid),
+        Frame::Quorum { primaries, term } => {
+            w.u64(*primaries);
+            w.u64(*term);
+        }
     }
     let payload = w.0.len() - HEADER_BYTES;
     assert!(payload <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -374,6 +385,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
         14 => Frame::PingAck,
         15 => Frame::ResyncDone { current_uuid: r.u64()? },
         16 => Frame::NewCurrentUuid { uuid: r.u64()? },
+        40 => Frame::Quorum { primaries: r.u64()?, term: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -417,6 +429,7 @@ mod tests {
             Frame::PingAck,
             Frame::ResyncDone { current_uuid: 0x42 },
             Frame::NewCurrentUuid { uuid: 0x4242 },
+            Frame::Quorum { primaries: 0b101, term: 7 },
         ]
     }
 

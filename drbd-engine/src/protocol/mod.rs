@@ -11,6 +11,7 @@
 pub mod frame;
 pub mod node;
 pub mod persist;
+pub mod quorum;
 pub mod resync_controller;
 pub mod states;
 
