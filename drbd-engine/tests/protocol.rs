@@ -16,6 +16,7 @@ fn config() -> Config {
         al_extents: 4,
         random_seed: 7,
         digests: Default::default(),
+        quorum: Default::default(),
     }
 }
 

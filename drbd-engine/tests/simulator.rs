@@ -3,15 +3,15 @@
 
 use drbd_engine::sim;
 
-fn run(first: u64, count: u64) {
+fn run(first: u64, count: u64, nodes: usize) {
     let mut failures = Vec::new();
     for seed in first..first + count {
-        let report = sim::run_seed(seed, 2);
+        let report = sim::run_seed(seed, nodes);
         if !report.violations.is_empty() {
             failures.push(format!(
                 "seed {seed}: {}\n  reproduce: {}",
                 report.violations.join("; "),
-                sim::reproduce_command(seed)
+                sim::reproduce_command(seed, nodes)
             ));
         }
     }
@@ -25,7 +25,14 @@ fn run(first: u64, count: u64) {
 
 #[test]
 fn three_hundred_seeds_without_violations() {
-    run(1, 300);
+    run(1, 300, 2);
+}
+
+/// Two diskful nodes and a diskless tiebreaker with quorum majority: partitions that
+/// isolate the primary, quorum loss and return, crashes.
+#[test]
+fn three_hundred_three_node_seeds_without_violations() {
+    run(1, 300, 3);
 }
 
 /// A further batch of seeds with the slow tests (1,000 by default, which keeps CI short); the
@@ -42,5 +49,6 @@ fn soak_seeds() {
         std::env::var("TANDEM_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let count =
         std::env::var("TANDEM_SIM_SOAK_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000);
-    run(first, count);
+    run(first, count, 2);
+    run(first, count, 3);
 }

@@ -37,6 +37,7 @@ fn config(peer: u8, digests: DigestSettings) -> Config {
         al_extents: 8,
         random_seed: 3,
         digests,
+        quorum: Default::default(),
     }
 }
 

@@ -20,6 +20,7 @@ use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::node::StateError;
+use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
     ConnectionState, DigestAlg, DigestSettings, DiskState, DynamicControllerConfig, Fencing,
     ReplicationProtocol, ReplicationState, ResyncRate, Role,
@@ -156,6 +157,7 @@ pub fn plan_resource(
     let mut fencing = resource.net.fencing();
     let mut net_digests =
         digest_settings(&resource.net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
+    let mut diskless_peers = Vec::new();
     for (connection, host) in resource.peers_of(&node.name) {
         let peer = u8::try_from(host.node_id)
             .ok()
@@ -168,6 +170,13 @@ pub fn plan_resource(
             .ok_or_else(|| format!("{name}: peer {} has no address", host.name))?;
         peers.push((peer, address));
         peer_names.insert(peer.0, host.name.clone());
+        // A peer with `disk none` for this volume is a diskless tiebreaker (it votes only).
+        let peer_volume = resource
+            .node(&host.name)
+            .and_then(|n| n.volumes.iter().find(|v| v.number == volume.number));
+        if peer_volume.is_some_and(|v| matches!(v.disk, Disk::None)) {
+            diskless_peers.push(peer);
+        }
         protocol = connection.net.protocol();
         fencing = connection.net.fencing();
         net_digests =
@@ -202,6 +211,7 @@ pub fn plan_resource(
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
             digests: net_digests,
+            quorum: quorum_of(&resource.options, diskless_peers)?,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -230,6 +240,34 @@ fn digest_settings(net: &NetOptions) -> Result<DigestSettings, String> {
         csums_after_crash_only: net.ignored.get("csums-after-crash-only").map(String::as_str)
             == Some("yes"),
         verify_alg: alg("verify-alg", &net.verify_alg)?,
+    })
+}
+
+/// `options { quorum ...; on-no-quorum ...; }` as the engine's settings.
+fn quorum_of(
+    options: &crate::config::ResourceOptions,
+    diskless_peers: Vec<NodeId>,
+) -> Result<QuorumConfig, String> {
+    let quorum = match options.quorum() {
+        crate::config::Quorum::Off => QuorumPolicy::Off,
+        crate::config::Quorum::Majority => QuorumPolicy::Majority,
+        crate::config::Quorum::All => QuorumPolicy::All,
+        crate::config::Quorum::Count(n) => u8::try_from(n)
+            .ok()
+            .filter(|n| (1..=32).contains(n))
+            .map(QuorumPolicy::Count)
+            .ok_or_else(|| format!("quorum {n}: not in 1..32"))?,
+    };
+    let on_no_quorum = match options.on_no_quorum() {
+        crate::config::OnNoQuorum::SuspendIo => OnNoQuorum::SuspendIo,
+        crate::config::OnNoQuorum::IoError => OnNoQuorum::IoError,
+    };
+    Ok(QuorumConfig {
+        quorum,
+        on_no_quorum,
+        minimum_redundancy: QuorumPolicy::Off,
+        diskless: false,
+        diskless_peers,
     })
 }
 
@@ -501,6 +539,7 @@ impl Host {
                 size_kib: status.size_bytes / 1024,
                 read_kib: slot.read_bytes.load(Ordering::Relaxed) / 1024,
                 written_kib: slot.written_bytes.load(Ordering::Relaxed) / 1024,
+                quorum: status.quorum,
             }],
             peers,
         }

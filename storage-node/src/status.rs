@@ -29,6 +29,8 @@ pub struct VolumeView {
     pub size_kib: u64,
     pub read_kib: u64,
     pub written_kib: u64,
+    /// DRBD's `quorum:` (yes also with quorum off).
+    pub quorum: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +148,10 @@ pub fn format_status(view: &ResourceView, verbose: bool, statistics: bool) -> St
             let _ = write!(out, "minor:{} ", volume.minor);
         }
         let _ = write!(out, "disk:{}", volume.disk);
-        if verbose {
+        // As drbdsetup: `quorum:no` whenever it is lost, `quorum:yes` only when verbose.
+        if !volume.quorum {
+            out.push_str(" quorum:no");
+        } else if verbose {
             out.push_str(" quorum:yes");
         }
         out.push('\n');
@@ -263,10 +268,11 @@ pub fn events2_lines(view: &ResourceView, kind: &str, statistics: bool) -> Vec<S
     }
     for volume in &view.volumes {
         let mut line = format!(
-            "{kind} device {} backing_dev:{} disk:{} client:no quorum:yes",
+            "{kind} device {} backing_dev:{} disk:{} client:no quorum:{}",
             device_prefix(view, volume),
             volume.backing_dev,
-            volume.disk
+            volume.disk,
+            if volume.quorum { "yes" } else { "no" }
         );
         if statistics {
             line.push_str(&device_statistics(volume));
@@ -442,6 +448,7 @@ mod tests {
                 size_kib: 65_536,
                 read_kib: 8,
                 written_kib: 12,
+                quorum: true,
             }],
             peers: vec![PeerView {
                 name: "node-b".into(),

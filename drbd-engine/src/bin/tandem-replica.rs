@@ -9,6 +9,9 @@
 //!     [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD]
 //!     [--fence-timeout-ms N] [--resource NAME]   (DRBD's fence-peer handler; NAME is DRBD_RESOURCE)
 //!     [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256]
+//!     [--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error]
+//!     [--diskless] [--diskless-peer ID]...   (DRBD's `disk none`: a tiebreaker that stores nothing;
+//!                                             its --backing and --meta files are opened, never used)
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush | outdate
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
@@ -66,7 +69,8 @@ const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=A
 --backing FILE --meta FILE [--size-bytes N] [--protocol A|B|C] [--engine sync|uring] \
 [--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io] \
 [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD] [--fence-timeout-ms N] \
-[--resource NAME] [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256]
+[--resource NAME] [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256] \
+[--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error] [--diskless] [--diskless-peer ID]...
 then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
 verify PEER [FIRST_BLOCK] | wait-verified MS |
@@ -92,6 +96,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut fence_timeout_ms = FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
     let mut resource = "r0".to_owned();
     let mut digests = DigestSettings::default();
+    let mut quorum = drbd_engine::protocol::quorum::QuorumConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -134,6 +139,12 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
             "--csums-alg" => digests.csums_alg = Some(value()?.parse()?),
             "--csums-after-crash-only" => digests.csums_after_crash_only = true,
             "--verify-alg" => digests.verify_alg = Some(value()?.parse()?),
+            "--quorum" => quorum.quorum = value()?.parse()?,
+            "--on-no-quorum" => quorum.on_no_quorum = value()?.parse()?,
+            "--diskless" => quorum.diskless = true,
+            "--diskless-peer" => quorum
+                .diskless_peers
+                .push(NodeId::new(value()?.parse()?).context("peer id 0..=31")?),
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
                     "v09" => MetaFormat::V09External,
@@ -179,6 +190,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         resync_rate,
         al_extents,
         digests,
+        quorum,
     };
     Ok((config, handler))
 }
@@ -190,7 +202,8 @@ fn say(line: impl AsRef<str>) {
 }
 
 fn describe(s: &Status) -> String {
-    let mut line = format!("role={} disk={}", s.role, s.disk);
+    let mut line =
+        format!("role={} disk={} quorum={}", s.role, s.disk, if s.quorum { "yes" } else { "no" });
     for p in &s.peers {
         line.push_str(&format!(
             " peer{}={}/{}/{} oos={}",

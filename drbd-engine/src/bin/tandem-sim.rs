@@ -6,7 +6,8 @@
 use drbd_engine::sim;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: tandem-sim --seed S --count N [--nodes 2] [--verbose]
+const USAGE: &str = "usage: tandem-sim --seed S --count N [--nodes 2|3] [--verbose]
+--nodes 3: two diskful nodes and a diskless tiebreaker, quorum majority, on-no-quorum drawn per seed;
 runs seeds S..S+N-1; the last line is `N seeds, V violations` (exit 1 when V > 0);
 a failing seed is reproduced with `tandem-sim --seed S --count 1` (TANDEM_SIM_TRACE=1 traces it)";
 
@@ -31,8 +32,10 @@ fn parse_args() -> Result<(u64, u64, usize, bool), String> {
         }
     }
     let seed = seed.ok_or("--seed S is required")?;
-    if nodes != 2 {
-        return Err("only --nodes 2 is simulated so far".into());
+    if !(2..=3).contains(&nodes) {
+        return Err("--nodes is 2 (two diskful nodes, no quorum) or 3 (two diskful nodes and a \
+             diskless tiebreaker, quorum majority)"
+            .into());
     }
     Ok((seed, count, nodes, verbose))
 }
@@ -61,7 +64,7 @@ fn main() -> ExitCode {
             for v in &report.violations {
                 println!("seed {s}: {v}");
             }
-            println!("reproduce: {}", sim::reproduce_command(s));
+            println!("reproduce: {}", sim::reproduce_command(s, nodes));
         }
     }
     println!("total: {}", total.summary());

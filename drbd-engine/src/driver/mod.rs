@@ -92,6 +92,8 @@ pub struct DriverConfig {
     pub al_extents: usize,
     /// `net { csums-alg; csums-after-crash-only; verify-alg; }`.
     pub digests: crate::protocol::DigestSettings,
+    /// Quorum settings; `quorum.diskless` runs this node without using its disk.
+    pub quorum: crate::protocol::quorum::QuorumConfig,
 }
 
 /// How the metadata file is laid out.
@@ -150,6 +152,8 @@ pub struct Status {
     /// Out-of-sync runs the current (or last) verify with each peer reported here, as VerifyS
     /// or VerifyT, oldest first, at most `VERIFY_REPORT_RUNS_MAX`: (peer, first block, blocks).
     pub verify_out_of_sync: Vec<(NodeId, u64, u64)>,
+    /// DRBD's `quorum:` (always true with quorum off).
+    pub quorum: bool,
 }
 
 /// How a verify run ended, as `Event::VerifyFinished` told.
@@ -295,6 +299,7 @@ impl ReplicatedDevice {
             al_extents: config.al_extents,
             random_seed: u64::from_le_bytes(random),
             digests: config.digests,
+            quorum: config.quorum.clone(),
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {
@@ -760,6 +765,7 @@ impl Driver {
             verifies_finished: self.verifies_finished,
             verify_last: self.verify_last,
             verify_out_of_sync: self.verify_out_of_sync.clone(),
+            quorum: n.has_quorum(),
         }
     }
 

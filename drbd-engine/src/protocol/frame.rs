@@ -148,6 +148,12 @@ pub enum Frame {
         out_of_sync_blocks: u64,
         completed: bool,
     },
+    /// The primaries the sender accepts (node id bits) and the term that confirms (see
+    /// `protocol::quorum`). Sent only when quorum is enabled.
+    Quorum {
+        primaries: u64,
+        term: u64,
+    },
 }
 
 impl Frame {
@@ -174,6 +180,7 @@ impl Frame {
             Frame::DigestReply { .. } => 42,
             Frame::VerifyResult { .. } => 43,
             Frame::VerifyDone { .. } => 44,
+            Frame::Quorum { .. } => 17,
         }
     }
 }
@@ -327,6 +334,10 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Frame::VerifyDone { out_of_sync_blocks, completed } => {
             w.u64(*out_of_sync_blocks);
             w.u8(u8::from(*completed));
+        }
+        Frame::Quorum { primaries, term } => {
+            w.u64(*primaries);
+            w.u64(*term);
         }
     }
     let payload = w.0.len() - HEADER_BYTES;
@@ -487,6 +498,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
             r.what = "VerifyDone";
             Frame::VerifyDone { out_of_sync_blocks: r.u64()?, completed: r.bool()? }
         }
+        17 => Frame::Quorum { primaries: r.u64()?, term: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -546,6 +558,7 @@ mod tests {
                 receiver_marks: true,
             },
             Frame::VerifyDone { out_of_sync_blocks: 3, completed: false },
+            Frame::Quorum { primaries: 0b101, term: 7 },
         ]
     }
 

@@ -12,6 +12,7 @@ pub mod digest;
 pub mod frame;
 pub mod node;
 pub mod persist;
+pub mod quorum;
 pub mod resync_controller;
 pub mod states;
 

@@ -28,12 +28,15 @@ use crate::constants::{
 };
 use crate::protocol::frame::{self, Envelope, Frame, Hello, PROTOCOL_VERSION};
 use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
+use crate::protocol::quorum::{QuorumConfig, QuorumState};
 use crate::protocol::resync_controller::{ResyncController, ResyncRate};
 use crate::protocol::states::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::uuid::{self, GenerationUuids, HandshakeView, SyncDecision};
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+#[path = "quorum_node.rs"]
+mod quorum_node;
 pub mod verify;
 
 /// DRBD's replication protocols: when a write counts as complete.
@@ -115,6 +118,8 @@ pub struct Config {
     pub random_seed: u64,
     /// `net { csums-alg; csums-after-crash-only; verify-alg; }` (see `verify`).
     pub digests: crate::protocol::digest::DigestSettings,
+    /// Quorum settings and the diskless nodes (`protocol::quorum`).
+    pub quorum: QuorumConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -156,6 +161,8 @@ pub enum RequestError {
     Busy,
     #[error("I/O error")]
     Io,
+    #[error("no quorum")]
+    NoQuorum,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -172,6 +179,8 @@ pub enum StateError {
     UnknownPeer(NodeId),
     #[error("precondition failed: {0}")]
     Precondition(&'static str),
+    #[error("no quorum: {0}")]
+    NoQuorum(String),
 }
 
 /// Why a local I/O failed (the driver maps its error to this).
@@ -253,6 +262,8 @@ pub enum Event {
         /// This node was VerifyS (it compared and counted); false: VerifyT.
         source: bool,
     },
+    /// Quorum was gained (true) or lost (false); only with quorum enabled.
+    QuorumChanged(bool),
 }
 
 // Outputs are short-lived queue entries (see MetaUpdate).
@@ -487,6 +498,7 @@ pub struct Node {
     /// Local writes on behalf of peers (any connection, old ones too) still in flight.
     peer_writes: BTreeMap<(u8, u64, u64, bool), (u64, u64)>,
     last_app_write_ms: u64,
+    quorum_state: QuorumState,
 }
 
 impl Node {
@@ -530,6 +542,8 @@ impl Node {
             PersistedDisk::UpToDate if all_peers_outdated => DiskState::UpToDate,
             PersistedDisk::UpToDate => DiskState::Consistent,
         };
+        let disk = if config.quorum.diskless { DiskState::Diskless } else { disk };
+        let quorum_state = QuorumState::new(&config.quorum);
         let peers = config.peers.iter().map(|p| Peer::new(*p)).collect();
         let random = config.random_seed ^ (u64::from(id.0) << 56) ^ 0x2545_f491_4f6c_dd1d;
         Self {
@@ -561,6 +575,7 @@ impl Node {
             demote_pending: false,
             peer_writes: BTreeMap::new(),
             last_app_write_ms: 0,
+            quorum_state,
         }
     }
 
@@ -609,7 +624,7 @@ impl Node {
     /// The driver should hold (or keep trying to establish) a transport to this peer.
     pub fn wants_connection(&self, peer: NodeId) -> bool {
         self.peer(peer).is_some_and(|p| p.connection != ConnectionState::StandAlone)
-            && self.disk != DiskState::Diskless
+            && (self.disk != DiskState::Diskless || self.config.quorum.diskless)
     }
     /// Internal queue lengths, for diagnostics.
     pub fn debug_summary(&self) -> String {
@@ -694,6 +709,9 @@ impl Node {
         }
         if !self.transfer_log.is_empty() {
             consider(self.last_barrier_ms + BARRIER_INTERVAL_MS);
+        }
+        if let Some(t) = self.quorum_next_deadline() {
+            consider(t);
         }
         deadline
     }
@@ -812,7 +830,10 @@ impl Node {
     /// Marks blocks out of sync for a peer, starting a new generation first if that peer was
     /// not being tracked yet (so the UUIDs tell on reconnect that we hold newer data).
     fn mark_out_of_sync(&mut self, peer: NodeId, first: u64, blocks: u64) {
-        if self.meta.uuids.bitmap_uuid(peer) == 0 {
+        if self.is_diskless_peer(peer) {
+            return;
+        }
+        if self.meta.uuids.bitmap_uuid(peer) == 0 && self.quorum_allows_new_generation() {
             let fresh = self.fresh_uuid();
             let mut uuids = self.meta.uuids.clone();
             let untracked: Vec<NodeId> = self
@@ -855,6 +876,9 @@ impl Node {
     fn accept_request(&mut self, request: RequestId, req: AppRequest) -> Result<(), RequestError> {
         if self.role != Role::Primary || self.demote_pending {
             return Err(RequestError::NotPrimary);
+        }
+        if self.quorum_fails_io() {
+            return Err(RequestError::NoQuorum);
         }
         if self.disk != DiskState::UpToDate {
             return Err(RequestError::NoUpToDateData);
@@ -980,7 +1004,7 @@ impl Node {
 
     /// Starts every queued write that may start, in order.
     fn start_queued_writes(&mut self) {
-        if self.handshake_in_progress() || self.fence_pending != 0 {
+        if self.handshake_in_progress() || self.fence_pending != 0 || self.quorum_holds_io() {
             return;
         }
         if self.config.fencing.freezes() && !self.queued_writes.is_empty() {
@@ -988,7 +1012,10 @@ impl Node {
             // before any write it misses is acknowledged.
             for i in 0..self.peers.len() {
                 let p = &self.peers[i];
-                if !p.replicating() && self.meta.flags.peer_outdated & p.id.bit() == 0 {
+                if !p.replicating()
+                    && self.meta.flags.peer_outdated & p.id.bit() == 0
+                    && !self.is_diskless_peer(p.id)
+                {
                     self.start_fence(i);
                 }
             }
@@ -1079,7 +1106,7 @@ impl Node {
     }
 
     fn try_complete_writes(&mut self) {
-        if self.fence_pending != 0 {
+        if self.fence_pending != 0 || self.quorum_holds_io() {
             return;
         }
         let done: Vec<u64> = self
@@ -1093,6 +1120,8 @@ impl Node {
             let result = if self.lost_to_peer() {
                 // A peer was promoted while this write was frozen: it may lack the write.
                 Err(RequestError::NoUpToDateData)
+            } else if self.quorum_fails_request(w.request) {
+                Err(RequestError::NoQuorum)
             } else if w.local == LocalState::Done {
                 Ok(None)
             } else {
@@ -1110,13 +1139,15 @@ impl Node {
 
     /// Completes reads held while a fence was pending, once none is.
     fn release_held_reads(&mut self) {
-        if self.fence_pending != 0 {
+        if self.fence_pending != 0 || self.quorum_holds_io() {
             return;
         }
         for (request, data) in std::mem::take(&mut self.held_reads) {
             self.app_reads -= 1;
             let result = if self.lost_to_peer() {
                 Err(RequestError::NoUpToDateData)
+            } else if self.quorum_fails_request(request) {
+                Err(RequestError::NoQuorum)
             } else {
                 Ok(Some(data))
             };
@@ -1178,7 +1209,7 @@ impl Node {
     }
 
     fn try_complete_flushes(&mut self) {
-        if self.fence_pending != 0 {
+        if self.fence_pending != 0 || self.quorum_holds_io() {
             return;
         }
         let mut i = 0;
@@ -1193,6 +1224,8 @@ impl Node {
                 let f = self.app_flushes.remove(i);
                 let result = if self.lost_to_peer() {
                     Err(RequestError::NoUpToDateData)
+                } else if self.quorum_fails_request(f.request) {
+                    Err(RequestError::NoQuorum)
                 } else if f.failed {
                     Err(RequestError::Io)
                 } else {
@@ -1221,7 +1254,9 @@ impl Node {
         match purpose {
             IoPurpose::AppRead { request } => {
                 let result = match result {
-                    Ok(Some(data)) if self.fence_pending != 0 => {
+                    Ok(Some(data))
+                        if self.fence_pending != 0 || self.quorum_holds_read(request) =>
+                    {
                         // Still counted in app_reads: it completes when the fence is settled.
                         self.held_reads.push((request, data));
                         self.pump();
@@ -1613,6 +1648,7 @@ impl Node {
             // a secondary. DRBD serializes state changes with the handshake the same way.
             return Err(StateError::Precondition("connection handshake in progress"));
         }
+        self.quorum_check_promote()?;
         let allowed = self.disk == DiskState::UpToDate
             || (force && (self.disk.has_data() || self.disk == DiskState::Inconsistent));
         if !allowed {
@@ -1629,6 +1665,7 @@ impl Node {
                 .peers
                 .iter()
                 .filter(|p| !p.replicating() || p.disk != DiskState::UpToDate)
+                .filter(|p| !self.config.quorum.is_diskless_peer(p.id))
                 .map(|p| p.id)
                 .collect();
             uuids.new_current(fresh, behind.iter().copied());
@@ -1645,6 +1682,7 @@ impl Node {
         self.persist_flags(|f| f.primary_indicator = true);
         self.role = Role::Primary;
         self.demote_pending = false;
+        self.quorum_promoted();
         self.emit(Event::RoleChanged(Role::Primary));
         self.broadcast_state();
         self.pump();
@@ -1687,11 +1725,10 @@ impl Node {
         if self.meta.uuids.current != uuid::UUID_JUST_CREATED {
             return Err(StateError::Precondition("only on freshly created metadata"));
         }
-        if !self
-            .peers
-            .iter()
-            .all(|p| p.replicating() && p.replication == ReplicationState::Established)
-        {
+        if !self.peers.iter().all(|p| {
+            self.is_diskless_peer(p.id)
+                || (p.replicating() && p.replication == ReplicationState::Established)
+        }) {
             return Err(StateError::Precondition("every peer must be connected and Established"));
         }
         let fresh = self.fresh_uuid();
@@ -1700,6 +1737,9 @@ impl Node {
         self.persist(MetaUpdate::Uuids(uuids));
         self.persist_flags(|f| f.full_sync_required = false);
         for i in 0..self.peers.len() {
+            if self.is_diskless_peer(self.peers[i].id) {
+                continue;
+            }
             self.send(i, Frame::NewCurrentUuid { uuid: fresh });
             self.set_peer_disk(i, DiskState::UpToDate);
         }
@@ -1804,6 +1844,9 @@ impl Node {
             Frame::Ping => self.send(i, Frame::PingAck),
             Frame::PingAck => {}
             Frame::State { role, disk } => {
+                if role == Role::Primary && self.quorum_reject_second_primary(i) {
+                    return;
+                }
                 self.peers[i].role = role;
                 self.set_peer_disk(i, disk);
                 if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
@@ -1882,6 +1925,7 @@ impl Node {
                 self.set_peer_disk(i, DiskState::UpToDate);
                 self.set_disk(DiskState::UpToDate);
             }
+            Frame::Quorum { primaries, term } => self.quorum_handle_frame(i, primaries, term),
             Frame::Hello(_) | Frame::BitmapChunk { .. } | Frame::HandshakeDone => {
                 self.protocol_error(i, "handshake frame after the handshake".into());
             }
@@ -2042,6 +2086,9 @@ impl Node {
         let peer = self.peers[i].id;
         let handshake = self.peers[i].handshake.take().expect("in handshake");
         let hello = handshake.hello.expect("checked");
+        if self.quorum_handshake_start(i, &hello) {
+            return;
+        }
         let mine = HandshakeView {
             node_id: self.id,
             uuids: self.meta.uuids.clone(),
@@ -2080,6 +2127,9 @@ impl Node {
                 return;
             }
             _ => {}
+        }
+        if self.quorum_after_decision(i, &hello, source, target) {
+            return;
         }
         if target && (self.role == Role::Primary || self.disk == DiskState::Diskless) {
             self.refuse(i, "would become SyncTarget while primary or diskless");
@@ -2309,6 +2359,7 @@ impl Node {
 
     /// Runs everything that may have become possible after an input.
     fn pump(&mut self) {
+        self.quorum_update();
         for i in 0..self.peers.len() {
             if self.peers[i].connection == ConnectionState::Connected
                 && self.peers[i].handshake.is_none()

@@ -48,6 +48,7 @@ use crate::protocol::node::{
     AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
     ReplicationProtocol, RequestId, StateError,
 };
+use crate::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use crate::protocol::{
     ConnectionState, DiskState, DynamicControllerConfig, MetaUpdate, Metadata, PersistedDisk,
     ReplicationState, ResyncRate, Role,
@@ -97,6 +98,14 @@ pub struct Swarm {
     /// How long after both noticed the loss that promotion comes (races the fence handler).
     pub split_promote_delay_ms_max: u64,
     pub fence_delay_ms_max: u64,
+    /// Three or more nodes: the last one is a diskless tiebreaker.
+    pub tiebreaker: bool,
+    /// DRBD's `quorum` (off with two nodes) and `on-no-quorum`.
+    pub quorum: QuorumPolicy,
+    pub on_no_quorum: OnNoQuorum,
+    /// Chance per tick that the primary is cut off from every other node, and for how long.
+    pub isolate_primary_ppm_per_tick: u64,
+    pub isolate_ms_max: u64,
 }
 
 impl Swarm {
@@ -149,7 +158,36 @@ impl Swarm {
             split_promote_ppm: pick(rng, &[0, 300_000, 1_000_000]),
             split_promote_delay_ms_max: pick(rng, &[50, 400, 1_500]),
             fence_delay_ms_max: pick(rng, &[20, 200, 600]),
+            tiebreaker: false,
+            quorum: QuorumPolicy::Off,
+            on_no_quorum: OnNoQuorum::SuspendIo,
+            isolate_primary_ppm_per_tick: 0,
+            isolate_ms_max: 0,
         }
+        .with_quorum(rng, nodes)
+    }
+
+    /// Three nodes and more: quorum majority with a diskless tiebreaker, and partitions that
+    /// isolate the primary. Drawn after everything else, so two-node seeds run as before.
+    /// Quorum replaces fencing here, as DRBD recommends (dont-care, but a strict model: every
+    /// acknowledged write must be on whoever is promoted next).
+    fn with_quorum(mut self, rng: &mut Rng, nodes: usize) -> Self {
+        if nodes < 3 {
+            return self;
+        }
+        self.tiebreaker = true;
+        self.quorum = QuorumPolicy::Majority;
+        self.fencing = Fencing::DontCare;
+        self.on_no_quorum =
+            if rng.below(2) == 0 { OnNoQuorum::SuspendIo } else { OnNoQuorum::IoError };
+        self.isolate_primary_ppm_per_tick = [0, 200, 1_000][rng.index(3)];
+        self.isolate_ms_max = [300, 3_000, 8_000][rng.index(3)];
+        self
+    }
+
+    /// The node with no disk, if any.
+    pub fn diskless_node(&self) -> Option<usize> {
+        self.tiebreaker.then(|| self.nodes - 1)
     }
 }
 
@@ -201,6 +239,10 @@ enum Ev {
         peer: usize,
         discard: bool,
     },
+    /// Ends a partition that isolated `node`.
+    HealIsolation {
+        node: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -250,6 +292,17 @@ pub struct Report {
     /// Lineages forked because two nodes wrote apart under dont-care.
     pub lineage_forks: u64,
     pub verify: verify::VerifyReport,
+    /// Runs with quorum enabled (the summary names the quorum counters only then).
+    pub quorum_runs: u64,
+    /// Primaries that lost quorum, and got it back.
+    pub quorum_losses: u64,
+    pub quorum_regains: u64,
+    /// Promotions refused for want of quorum (or because a peer reported another primary).
+    pub promotions_refused_no_quorum: u64,
+    /// Partitions that isolated the primary.
+    pub primary_isolations: u64,
+    /// Requests failed with no quorum (io-error, or force-secondary).
+    pub requests_failed_no_quorum: u64,
 }
 
 impl Report {
@@ -272,6 +325,12 @@ impl Report {
         self.old_primaries_shot += other.old_primaries_shot;
         self.lineage_forks += other.lineage_forks;
         self.verify.add(&other.verify);
+        self.quorum_runs += other.quorum_runs;
+        self.quorum_losses += other.quorum_losses;
+        self.quorum_regains += other.quorum_regains;
+        self.promotions_refused_no_quorum += other.promotions_refused_no_quorum;
+        self.primary_isolations += other.primary_isolations;
+        self.requests_failed_no_quorum += other.requests_failed_no_quorum;
     }
 
     /// One line of counters.
@@ -301,6 +360,22 @@ impl Report {
             self.lineage_forks,
             self.verify.summary(),
             self.sim_ms
+        ) + &self.quorum_summary()
+    }
+
+    fn quorum_summary(&self) -> String {
+        if self.quorum_runs == 0 {
+            return String::new();
+        }
+        format!(
+            "; quorum ({} runs): {} primary isolations, {} quorum losses by a primary, {} regained, \
+             {} promotions refused without quorum, {} requests failed without quorum",
+            self.quorum_runs,
+            self.primary_isolations,
+            self.quorum_losses,
+            self.quorum_regains,
+            self.promotions_refused_no_quorum,
+            self.requests_failed_no_quorum
         )
     }
 }
@@ -347,6 +422,14 @@ pub struct World {
     discard_requested: Vec<Vec<bool>>,
     last_primary: Option<usize>,
     healing: bool,
+    /// Quorum checkers: when each node was last promoted and last acknowledged a write
+    /// (any two primaries interleaving acknowledgements is a violation), whether its last
+    /// quorum event said it has quorum, and since when each node has been cut off from all.
+    promoted_at: Vec<Option<u64>>,
+    last_ack_at: Vec<Option<u64>>,
+    quorum_seen: Vec<bool>,
+    isolated_since: Vec<Option<u64>>,
+    check_on_first_completion: Vec<bool>,
     trace: bool,
     violations: Vec<String>,
     report: Report,
@@ -408,11 +491,41 @@ impl World {
             discard_requested: vec![vec![false; nodes]; nodes],
             last_primary: None,
             healing: false,
+            promoted_at: vec![None; nodes],
+            last_ack_at: vec![None; nodes],
+            quorum_seen: vec![true; nodes],
+            isolated_since: vec![None; nodes],
+            check_on_first_completion: vec![false; nodes],
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == "1"),
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
             verify: verify::VerifyState::new(seed),
         }
+    }
+
+    fn quorum_config(&self, i: usize) -> QuorumConfig {
+        let diskless = self.swarm.diskless_node();
+        QuorumConfig {
+            quorum: self.swarm.quorum,
+            on_no_quorum: self.swarm.on_no_quorum,
+            minimum_redundancy: QuorumPolicy::Off,
+            diskless: diskless == Some(i),
+            diskless_peers: diskless.filter(|d| *d != i).map(nid).into_iter().collect(),
+        }
+    }
+
+    fn is_diskless(&self, i: usize) -> bool {
+        self.swarm.diskless_node() == Some(i)
+    }
+
+    fn quorum_on(&self) -> bool {
+        self.swarm.quorum != QuorumPolicy::Off
+    }
+
+    /// Under dont-care without quorum, two primaries may write apart (lineages fork); with
+    /// quorum that must never happen, so the one strict model applies.
+    fn forks_lineages(&self) -> bool {
+        self.swarm.fencing == Fencing::DontCare && !self.quorum_on()
     }
 
     pub fn swarm(&self) -> &Swarm {
@@ -445,6 +558,7 @@ impl World {
             al_extents: self.swarm.al_extents,
             random_seed: self.seed ^ ((i as u64) << 40) ^ (self.nodes[i].incarnation << 48),
             digests: self.digest_settings(),
+            quorum: self.quorum_config(i),
         }
     }
 
@@ -464,6 +578,9 @@ impl World {
             self.start_node(i);
         }
         self.schedule(0, Ev::Tick);
+        if self.quorum_on() {
+            self.report.quorum_runs = 1;
+        }
         self.setup_initial_state();
         let safety_end = self.swarm.safety_ms;
         let mut heal_started = false;
@@ -496,8 +613,9 @@ impl World {
     fn setup_initial_state(&mut self) {
         // Bring the fresh replicas up the two ways an operator does: declare them identical
         // (new-current-uuid --clear-bitmap) or force one primary and run the initial full sync.
-        if !self.swarm.initial_full_sync {
-            // Connect everyone first, synchronously, so the clear-bitmap precondition holds.
+        if !self.swarm.initial_full_sync || self.quorum_on() {
+            // Connect everyone first, synchronously, so the clear-bitmap precondition holds
+            // (and, with quorum, so that the first promotion has it).
             // Setup runs without faults: the volume is created on a healthy cluster.
             self.healing = true;
             for a in 0..self.swarm.nodes {
@@ -519,6 +637,8 @@ impl World {
                 self.settle(100);
             }
             self.healing = false;
+        }
+        if !self.swarm.initial_full_sync {
             let result = self.nodes[0]
                 .node
                 .as_mut()
@@ -537,6 +657,7 @@ impl World {
         match result {
             Ok(()) => {
                 self.last_primary = Some(0);
+                self.promoted_at[0] = Some(self.now_ms);
                 self.report.promotions += 1;
             }
             Err(e) => self.violation(format!("initial promotion refused: {e}")),
@@ -602,6 +723,14 @@ impl World {
             }
             Ev::FenceDone { node, incarnation, peer } => self.fence_done(node, incarnation, peer),
             Ev::SplitPromote { node, old } => self.split_promote(node, old),
+            Ev::HealIsolation { node } => {
+                for j in 0..self.swarm.nodes {
+                    if j != node {
+                        self.partitioned.insert(pair(node, j), false);
+                    }
+                }
+                self.log(|| format!("node {node} isolation healed"));
+            }
             Ev::Reconnect { node, peer, discard } => {
                 if let Some(n) = self.nodes[node].node.as_mut() {
                     if discard {
@@ -651,6 +780,9 @@ impl World {
                     self.schedule(self.now_ms + delay, Ev::Connect { a, b });
                 }
             }
+        }
+        if self.quorum_on() {
+            self.track_isolation();
         }
         if self.healing {
             return;
@@ -746,6 +878,12 @@ impl World {
             }
         }
         self.plan_split_promotions();
+        if self.swarm.isolate_primary_ppm_per_tick > 0
+            && self.rng.chance(self.swarm.isolate_primary_ppm_per_tick)
+            && let Some(p) = self.primary()
+        {
+            self.isolate(p);
+        }
         if self.rng.chance(self.swarm.promote_demote_ppm_per_tick) {
             match self.primary() {
                 Some(p) => {
@@ -762,6 +900,9 @@ impl World {
         self.verify_faults();
         // A detached node gets its disk re-attached (a restart) after a while.
         for i in 0..n {
+            if self.is_diskless(i) {
+                continue;
+            }
             if !self.nodes[i].restart_scheduled
                 && self.nodes[i].node.as_ref().is_some_and(|x| {
                     x.disk_state() == DiskState::Diskless && x.role() == Role::Secondary
@@ -875,6 +1016,8 @@ impl World {
         self.log(|| format!("node {i} promote force={force}: {result:?}"));
         if result.is_ok() {
             self.promoted(i, force);
+        } else if matches!(result, Err(StateError::NoQuorum(_))) {
+            self.report.promotions_refused_no_quorum += 1;
         }
         self.drain(i, false);
     }
@@ -882,6 +1025,7 @@ impl World {
     /// Bookkeeping and checks after node i was promoted.
     fn promoted(&mut self, i: usize, force: bool) {
         self.report.promotions += 1;
+        self.promoted_at[i] = Some(self.now_ms);
         self.last_primary = Some(i);
         let mut apart_from_primary = false;
         for j in 0..self.swarm.nodes {
@@ -912,7 +1056,7 @@ impl World {
             }
             return;
         }
-        if self.swarm.fencing == Fencing::DontCare {
+        if self.forks_lineages() {
             // Nothing stops a primary from writing without its peer: a node promoted while it
             // lacks such writes, or while another primary writes apart from it, starts a
             // lineage of its own. Writes acknowledged on one lineage are required only there;
@@ -931,6 +1075,13 @@ impl World {
                 self.log(|| format!("node {i} forks lineage {}", self.lineage[i]));
             }
         }
+        if self.quorum_on() {
+            // With quorum a promotion on a stale view can succeed, but that primary serves
+            // nothing until its peers confirm it (and never, if they follow another): check
+            // its data when it completes its first request.
+            self.check_on_first_completion[i] = true;
+            return;
+        }
         if let Err(problem) = self.models[self.lineage[i]].check_image(&image) {
             self.violation(format!(
                 "node {i} promoted with UpToDate data missing an acknowledged write: {problem}"
@@ -942,7 +1093,7 @@ impl World {
     /// when a starts writing without it, so b stays checked against what it must hold.
     fn set_dirty(&mut self, a: usize, b: usize) {
         if !self.dirty[a][b]
-            && self.swarm.fencing == Fencing::DontCare
+            && self.forks_lineages()
             && self.lineage[a] == self.lineage[b]
             && self.stale[b].is_none()
         {
@@ -1188,10 +1339,12 @@ impl World {
             self.violation(format!("request {request} of node {node} completed by node {i}"));
             return;
         }
+        self.check_quorum_completion(i, &result);
         match (pending, result) {
             (Pending::Write { id, fua }, result) => {
                 if result.is_ok() {
                     self.report.writes_acked += 1;
+                    self.check_single_writer(i);
                 }
                 // Under protocols A and B a FUA write is acknowledged before the peer has it:
                 // only protocol C's FUA is stable on every replica at completion.
@@ -1216,6 +1369,15 @@ impl World {
     fn event(&mut self, i: usize, event: Event) {
         self.verify_event(i, &event);
         match event {
+            Event::QuorumChanged(have) => {
+                self.quorum_seen[i] = have;
+                let primary = self.nodes[i].role_seen == Role::Primary;
+                if primary && !have {
+                    self.report.quorum_losses += 1;
+                } else if primary {
+                    self.report.quorum_regains += 1;
+                }
+            }
             Event::FencePeer { peer } => {
                 let delay = self.rng.range(1, 200);
                 let incarnation = self.nodes[i].incarnation;
@@ -1296,7 +1458,10 @@ impl World {
             .unwrap_or_else(|| (self.dirty.clone(), self.discard_requested.clone()));
         let mine = dirty[i][j];
         let theirs = dirty[j][i];
-        let discarding = discard[i][j] || discard[j][i];
+        // With quorum, a primary that lost it marks the writes it could not replicate without
+        // having acknowledged them; the peer promoted meanwhile overwrites them (the model
+        // checks that no acknowledged write is lost), so either direction may be right.
+        let discarding = discard[i][j] || discard[j][i] || self.quorum_on();
         let ok = match decision {
             SplitBrain => mine && theirs,
             Unrelated => false,
@@ -1462,6 +1627,9 @@ impl World {
             Err(StateError::NoUpToDateData(DiskState::Outdated)) => {
                 self.report.split_promotions_refused += 1;
             }
+            Err(StateError::NoQuorum(_) | StateError::PeerIsPrimary(_)) if self.quorum_on() => {
+                self.report.promotions_refused_no_quorum += 1;
+            }
             Err(_) => {}
         }
         self.drain(s, false);
@@ -1494,11 +1662,119 @@ impl World {
         }
     }
 
+    /// Cuts `p` off from every other node for a while (a partition that isolates it).
+    fn isolate(&mut self, p: usize) {
+        if (0..self.swarm.nodes)
+            .all(|j| j == p || self.partitioned.get(&pair(p, j)).copied().unwrap_or(false))
+        {
+            return;
+        }
+        self.report.primary_isolations += 1;
+        self.log(|| format!("node {p} isolated"));
+        for j in 0..self.swarm.nodes {
+            if j != p {
+                self.partitioned.insert(pair(p, j), true);
+            }
+        }
+        let duration = self.rng.range(10, self.swarm.isolate_ms_max.max(10));
+        self.schedule(self.now_ms + duration, Ev::HealIsolation { node: p });
+    }
+
+    /// Ground truth for the isolation checker: since when each node reaches no live node.
+    fn track_isolation(&mut self) {
+        for i in 0..self.swarm.nodes {
+            let reaches_someone = (0..self.swarm.nodes).any(|j| {
+                j != i
+                    && self.nodes[j].node.is_some()
+                    && !self.partitioned.get(&pair(i, j)).copied().unwrap_or(false)
+            });
+            if reaches_someone || self.nodes[i].node.is_none() {
+                self.isolated_since[i] = None;
+            } else if self.isolated_since[i].is_none() {
+                self.isolated_since[i] = Some(self.now_ms);
+            }
+        }
+    }
+
+    /// Quorum checkers on every completion: nothing completes successfully on a node whose
+    /// last quorum event said it lost quorum, nor on a primary isolated for longer than it
+    /// takes to notice (two ping timeouts).
+    fn check_quorum_completion(
+        &mut self,
+        i: usize,
+        result: &Result<Option<Vec<u8>>, crate::protocol::RequestError>,
+    ) {
+        if !self.quorum_on() {
+            return;
+        }
+        match result {
+            Err(crate::protocol::RequestError::NoQuorum) => {
+                self.report.requests_failed_no_quorum += 1;
+            }
+            Err(_) => {}
+            Ok(_) => {
+                if std::mem::take(&mut self.check_on_first_completion[i]) {
+                    let image = self.nodes[i].disk.read(0, self.swarm.size_blocks);
+                    if let Err(problem) = self.models[self.lineage[i]].check_image(&image) {
+                        self.violation(format!(
+                            "node {i}, promoted, served with UpToDate data missing an \
+                             acknowledged write: {problem}"
+                        ));
+                    }
+                }
+                if !self.quorum_seen[i] {
+                    self.violation(format!(
+                        "node {i} completed a request successfully after it lost quorum"
+                    ));
+                }
+                let notice_ms = 2 * crate::constants::PING_TIMEOUT_MS;
+                // DRBD's last man standing: with every other diskful node unable to become
+                // primary (not UpToDate), the isolated node rightly keeps quorum.
+                let rival = (0..self.swarm.nodes).any(|j| {
+                    j != i
+                        && !self.is_diskless(j)
+                        && match &self.nodes[j].node {
+                            Some(n) => n.disk_state() == DiskState::UpToDate,
+                            None => self.nodes[j].meta.flags.disk == PersistedDisk::UpToDate,
+                        }
+                });
+                if let Some(since) = self.isolated_since[i]
+                    && rival
+                    && since + notice_ms < self.now_ms
+                {
+                    self.violation(format!(
+                        "node {i}, isolated since t={since}ms, completed a request successfully"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// No two primaries acknowledge writes interleaved: once another node acknowledged a
+    /// write after this node's promotion, this node must acknowledge nothing more.
+    fn check_single_writer(&mut self, i: usize) {
+        if self.quorum_on() {
+            let promoted = self.promoted_at[i].unwrap_or(0);
+            for j in 0..self.swarm.nodes {
+                if j != i
+                    && let Some(t) = self.last_ack_at[j]
+                    && t > promoted
+                {
+                    self.violation(format!(
+                        "two writers: node {j} acknowledged a write at t={t}ms, after node {i} \
+                         was promoted (t={promoted}ms), and node {i} acknowledges one now"
+                    ));
+                }
+            }
+        }
+        self.last_ack_at[i] = Some(self.now_ms);
+    }
+
     fn converged(&mut self) -> bool {
         // Detached nodes are re-attached; stuck Outdated pairs get a forced primary.
         for i in 0..self.swarm.nodes {
             let Some(n) = self.nodes[i].node.as_ref() else { return false };
-            if n.disk_state() == DiskState::Diskless {
+            if n.disk_state() == DiskState::Diskless && !self.is_diskless(i) {
                 if n.role() == Role::Primary {
                     let _ = self.nodes[i].node.as_mut().expect("up").handle_demote(self.now_ms);
                     self.drain(i, false);
@@ -1509,18 +1785,22 @@ impl World {
                 return false;
             }
         }
+        // The diskless tiebreaker has no data: Diskless is its converged state.
+        let good_disk = |i: usize| {
+            if self.is_diskless(i) { DiskState::Diskless } else { DiskState::UpToDate }
+        };
         let all_established = (0..self.swarm.nodes).all(|i| {
             let n = self.nodes[i].node.as_ref().expect("checked");
-            n.disk_state() == DiskState::UpToDate
+            n.disk_state() == good_disk(i)
                 && n.requests_in_flight() == 0
                 && n.is_quiescent()
                 && n.peer_ids().iter().all(|p| {
                     n.replication_state(*p) == Some(ReplicationState::Established)
-                        && n.peer_disk_state(*p) == Some(DiskState::UpToDate)
+                        && n.peer_disk_state(*p) == Some(good_disk(p.index()))
                 })
         });
         if !all_established {
-            let stuck_outdated = (0..self.swarm.nodes).all(|i| {
+            let stuck_outdated = (0..self.swarm.nodes).filter(|i| !self.is_diskless(*i)).all(|i| {
                 let n = self.nodes[i].node.as_ref().expect("checked");
                 n.disk_state() == DiskState::Outdated
                     && n.peer_ids()
@@ -1539,6 +1819,9 @@ impl World {
         let size = self.swarm.size_blocks;
         let first = self.nodes[0].disk.read(0, size);
         for i in 1..self.swarm.nodes {
+            if self.is_diskless(i) {
+                continue;
+            }
             let other = self.nodes[i].disk.read(0, size);
             if other != first {
                 let block = first
@@ -1607,6 +1890,7 @@ pub fn run_seed(seed: u64, nodes: usize) -> Report {
 }
 
 /// The one-line reproducer for a seed.
-pub fn reproduce_command(seed: u64) -> String {
-    format!("cargo run -p drbd-engine --bin tandem-sim -- --seed {seed} --count 1")
+pub fn reproduce_command(seed: u64, nodes: usize) -> String {
+    let nodes = if nodes == 2 { String::new() } else { format!(" --nodes {nodes}") };
+    format!("cargo run -p drbd-engine --bin tandem-sim -- --seed {seed} --count 1{nodes}")
 }

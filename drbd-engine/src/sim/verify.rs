@@ -275,9 +275,19 @@ impl World {
                 if self.payloads.values().any(|e| matches!(e, Ev::SplitPromote { .. })) {
                     return false;
                 }
-                let n = self.swarm.nodes;
-                let s = self.primary().unwrap_or_else(|| self.verify.rng.index(n));
-                let t = (s + 1 + self.verify.rng.index(n - 1)) % n;
+                // Verify compares two disks: a diskless tiebreaker has none.
+                let diskful: Vec<usize> =
+                    (0..self.swarm.nodes).filter(|i| !self.is_diskless(*i)).collect();
+                if diskful.len() < 2 {
+                    self.verify.stage = Stage::Done;
+                    return true;
+                }
+                let s = self
+                    .primary()
+                    .filter(|p| diskful.contains(p))
+                    .unwrap_or_else(|| diskful[self.verify.rng.index(diskful.len())]);
+                let others: Vec<usize> = diskful.iter().copied().filter(|i| *i != s).collect();
+                let t = others[self.verify.rng.index(others.len())];
                 let size = self.swarm.size_blocks;
                 for _ in 0..self.verify.swarm.flipped_blocks {
                     let block = self.verify.rng.below(size);

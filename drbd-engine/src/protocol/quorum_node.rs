@@ -1,0 +1,365 @@
+//! The state machine's side of quorum and of diskless nodes (a child module of `node`, so
+//! that `node.rs` carries only one-line hooks). The decisions themselves are the pure
+//! functions of `protocol::quorum`; this file feeds them the node's view and acts on them.
+//!
+//! What a primary does with quorum (DRBD 9's semantics):
+//! - quorum lost, `on-no-quorum suspend-io`: no request completes and no new write starts
+//!   until quorum returns; `io-error`: every request fails (`RequestError::NoQuorum`), new
+//!   ones at once. Either way nothing is acknowledged from the moment the connection loss is
+//!   noticed (quorum is re-evaluated before any completion of the same input).
+//! - without quorum a primary starts no new data generation: the blocks of writes it could
+//!   not replicate are marked in the bitmap only, so that a peer promoted meanwhile is found
+//!   *newer* on reconnect (not split brain) and overwrites them.
+//! - a primary without quorum that meets a peer with newer data, or another primary, steps
+//!   down (DRBD's `on-suspended-primary-outdated force-secondary`): what it held fails, it
+//!   becomes Secondary and reconnects, and resyncs from the peer.
+//! - right after a promotion, and while the peers that confirmed the new term (see
+//!   `protocol::quorum`) do not give quorum, requests wait (they neither complete nor fail).
+
+use super::*;
+use crate::protocol::quorum::{self, OnNoQuorum, PeerReport, PeerView, Verdict};
+
+/// How long a node keeps reporting a primary it lost (see `quorum_send_reports`).
+pub(super) const PRIMARY_LOST_GRACE_MS: u64 = crate::constants::PING_TIMEOUT_MS;
+const _: () = assert!(
+    PRIMARY_LOST_GRACE_MS >= crate::constants::PING_INTERVAL_MS * 2,
+    "longer than the primary may take to notice the same loss"
+);
+
+impl Node {
+    /// Whether this node has quorum (always true with `quorum off`).
+    pub fn has_quorum(&self) -> bool {
+        self.quorum_state.have
+    }
+
+    pub(super) fn is_diskless_peer(&self, peer: NodeId) -> bool {
+        self.config.quorum.is_diskless_peer(peer)
+    }
+
+    /// Handshake done on the current connection: the peer votes.
+    fn peer_sees_us(&self, i: usize) -> bool {
+        let p = &self.peers[i];
+        p.connection == ConnectionState::Connected
+            && p.handshake.is_none()
+            && p.replication != ReplicationState::Off
+    }
+
+    /// The verdict now; with `confirmed_only`, peers that have not confirmed our current term
+    /// as primary count as absent.
+    fn quorum_verdict(&self, confirmed_only: bool, had: bool) -> Verdict {
+        let views: Vec<PeerView> = (0..self.peers.len())
+            .map(|i| {
+                let p = &self.peers[i];
+                let mut connected = self.peer_sees_us(i);
+                if confirmed_only && connected {
+                    connected = self.quorum_state.confirms(self.id, p.id, p.conn_id);
+                }
+                PeerView {
+                    connected,
+                    disk: p.disk,
+                    known_outdated: self.meta.flags.peer_outdated & p.id.bit() != 0,
+                    diskless: self.is_diskless_peer(p.id),
+                }
+            })
+            .collect();
+        let tally = quorum::tally(self.disk, self.config.quorum.diskless, &views);
+        quorum::evaluate(&self.config.quorum, &tally, had)
+    }
+
+    /// A new data generation may start (see the module comment).
+    pub(super) fn quorum_allows_new_generation(&self) -> bool {
+        if !self.config.quorum.enabled() || self.role != Role::Primary {
+            return true;
+        }
+        // Only writes this primary may still acknowledge start a generation: with quorum
+        // among the peers that confirmed its term.
+        let have = self.quorum_verdict(false, self.quorum_state.have).have;
+        have && self.quorum_verdict(true, have).have
+    }
+
+    /// When `handle_timeout` must run for quorum: the end of a lost primary's grace period.
+    pub(super) fn quorum_next_deadline(&self) -> Option<u64> {
+        self.quorum_state.lost_primaries.values().map(|t| t + PRIMARY_LOST_GRACE_MS).min()
+    }
+
+    /// Application I/O of this primary waits.
+    pub(super) fn quorum_holds_io(&self) -> bool {
+        let q = &self.quorum_state;
+        self.config.quorum.enabled()
+            && self.role == Role::Primary
+            && ((!q.have && self.config.quorum.on_no_quorum == OnNoQuorum::SuspendIo)
+                || (q.have && !q.confirmed))
+    }
+
+    /// Application I/O of this primary fails.
+    pub(super) fn quorum_fails_io(&self) -> bool {
+        self.config.quorum.enabled()
+            && self.role == Role::Primary
+            && !self.quorum_state.have
+            && self.config.quorum.on_no_quorum == OnNoQuorum::IoError
+    }
+
+    /// Whether this request must fail now (io-error, or doomed by a force-secondary).
+    pub(super) fn quorum_fails_request(&mut self, request: RequestId) -> bool {
+        let doomed = self.quorum_state.doomed.remove(&request.0);
+        doomed || self.quorum_fails_io()
+    }
+
+    /// A finished read waits in `held_reads` (released or failed by `release_held_reads`).
+    pub(super) fn quorum_holds_read(&self, request: RequestId) -> bool {
+        self.quorum_holds_io()
+            || self.quorum_fails_io()
+            || self.quorum_state.doomed.contains(&request.0)
+    }
+
+    /// `drbdadm primary` needs quorum, and no peer may report another primary.
+    pub(super) fn quorum_check_promote(&self) -> Result<(), StateError> {
+        if !self.config.quorum.enabled() {
+            return Ok(());
+        }
+        if self.config.quorum.diskless {
+            return Err(StateError::NoUpToDateData(DiskState::Diskless));
+        }
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if self.peer_sees_us(i)
+                && let Some(other) = self.quorum_state.primary_reported(self.id, p.id, p.conn_id)
+            {
+                return Err(StateError::PeerIsPrimary(other));
+            }
+        }
+        let v = self.quorum_verdict(false, self.quorum_state.have);
+        if v.have {
+            return Ok(());
+        }
+        // DRBD's wording (drbd_state.c).
+        Err(StateError::NoQuorum(if v.visible < v.quorum_at {
+            format!("{} of {} nodes visible, need {} for quorum", v.visible, v.voters, v.quorum_at)
+        } else {
+            format!(
+                "{} of {} nodes up_to_date, need {} for quorum-minimum-redundancy",
+                v.up_to_date, v.voters, v.min_redundancy_at
+            )
+        }))
+    }
+
+    /// Called when a promotion succeeded: a new term, which the peers must confirm.
+    pub(super) fn quorum_promoted(&mut self) {
+        if !self.config.quorum.enabled() {
+            return;
+        }
+        self.quorum_state.term += 1;
+        self.quorum_state.confirmed = false;
+        self.quorum_state.generation_pending = true;
+    }
+
+    /// Once the peers confirmed a new primary: a new generation at once when a diskful peer
+    /// is not replicating. A primary that lost quorum over there may hold writes it never
+    /// acknowledged; our newer generation makes it the sync target on reconnect, even if we
+    /// write nothing. (Not at promotion: a primary promoted on a stale view is never
+    /// confirmed, steps down, and must then be found *older*, not split.)
+    fn quorum_confirmed_generation(&mut self) {
+        self.quorum_state.generation_pending = false;
+        let missing: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|p| {
+                !p.replicating()
+                    && !self.is_diskless_peer(p.id)
+                    && self.meta.uuids.bitmap_uuid(p.id) == 0
+            })
+            .map(|p| p.id)
+            .collect();
+        if !missing.is_empty() {
+            let fresh = self.fresh_uuid();
+            let mut uuids = self.meta.uuids.clone();
+            uuids.new_current(fresh, missing);
+            self.persist(MetaUpdate::Uuids(uuids));
+        }
+    }
+
+    /// Re-evaluates quorum (first thing in every `pump`), reports changes as events, fails
+    /// queued writes under io-error and sends `Frame::Quorum` where it changed.
+    pub(super) fn quorum_update(&mut self) {
+        if !self.config.quorum.enabled() {
+            return;
+        }
+        let have = self.quorum_verdict(false, self.quorum_state.have).have;
+        if have != self.quorum_state.have {
+            self.quorum_state.have = have;
+            self.emit(Event::QuorumChanged(have));
+        }
+        self.quorum_state.confirmed =
+            self.role != Role::Primary || (have && self.quorum_verdict(true, have).have);
+        if self.role == Role::Primary
+            && self.quorum_state.confirmed
+            && self.quorum_state.generation_pending
+        {
+            self.quorum_confirmed_generation();
+        }
+        if self.quorum_fails_io() {
+            for id in std::mem::take(&mut self.queued_writes) {
+                let w = self.app_writes.remove(&id).expect("queued");
+                self.outputs.push_back(Output::Complete {
+                    request: w.request,
+                    result: Err(RequestError::NoQuorum),
+                });
+            }
+        }
+        self.quorum_send_reports();
+    }
+
+    /// Tells every connected peer which primary this node accepts, when that changed. A
+    /// primary this node lost stays in the report for `PRIMARY_LOST_GRACE_MS`: the primary
+    /// may notice the loss up to a ping interval (plus network delay) later than we do, and
+    /// keeps acknowledging writes until then, so no peer may promote before.
+    fn quorum_send_reports(&mut self) {
+        let mut accepted = 0u64;
+        for i in 0..self.peers.len() {
+            if self.peer_sees_us(i) && self.peers[i].role == Role::Primary {
+                accepted |= self.peers[i].id.bit();
+            }
+        }
+        let now = self.now_ms;
+        let previous = std::mem::replace(&mut self.quorum_state.accepted, accepted);
+        for p in &self.peers {
+            if previous & !accepted & p.id.bit() != 0 {
+                self.quorum_state.lost_primaries.insert(p.id, now);
+            }
+            if accepted & p.id.bit() != 0 {
+                self.quorum_state.lost_primaries.remove(&p.id);
+            }
+        }
+        self.quorum_state.lost_primaries.retain(|_, t| *t + PRIMARY_LOST_GRACE_MS > now);
+        let lingering: u64 = self.quorum_state.lost_primaries.keys().map(|p| p.bit()).sum();
+        let (primaries, term) = if self.role == Role::Primary {
+            (self.id.bit(), self.quorum_state.term)
+        } else {
+            let mut primaries = 0;
+            let mut term = 0;
+            for i in 0..self.peers.len() {
+                let p = &self.peers[i];
+                if self.peer_sees_us(i) && p.role == Role::Primary {
+                    primaries |= p.id.bit();
+                    if let Some(r) = self.quorum_state.reports.get(&p.id)
+                        && r.conn_id == p.conn_id
+                        && r.primaries & p.id.bit() != 0
+                    {
+                        term = r.term;
+                    }
+                }
+            }
+            (primaries | lingering, term)
+        };
+        for i in 0..self.peers.len() {
+            if !self.peer_sees_us(i) {
+                continue;
+            }
+            let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+            if self.quorum_state.sent.get(&peer) != Some(&(conn_id, primaries, term)) {
+                self.quorum_state.sent.insert(peer, (conn_id, primaries, term));
+                self.send(i, Frame::Quorum { primaries, term });
+            }
+        }
+    }
+
+    pub(super) fn quorum_handle_frame(&mut self, i: usize, primaries: u64, term: u64) {
+        let p = &self.peers[i];
+        self.quorum_state.reports.insert(p.id, PeerReport { conn_id: p.conn_id, primaries, term });
+    }
+
+    /// Another connected peer is primary already: this node accepts one primary at a time.
+    fn other_primary_connected(&self, except: usize) -> bool {
+        (0..self.peers.len())
+            .any(|j| j != except && self.peer_sees_us(j) && self.peers[j].role == Role::Primary)
+    }
+
+    /// A peer announced itself primary (`Frame::State`): with quorum, a second primary is
+    /// disconnected (it then lacks this node's vote and confirmation). True when it was.
+    pub(super) fn quorum_reject_second_primary(&mut self, i: usize) -> bool {
+        if self.config.quorum.enabled()
+            && self.role != Role::Primary
+            && self.other_primary_connected(i)
+        {
+            self.protocol_error(i, "a second primary announced itself".into());
+            return true;
+        }
+        false
+    }
+
+    /// Start of `finish_handshake`: refuses a second primary, and completes the handshake of a
+    /// diskless node at once (it stores nothing: no generations to compare, nothing to sync).
+    pub(super) fn quorum_handshake_start(&mut self, i: usize, hello: &Hello) -> bool {
+        if self.config.quorum.enabled()
+            && hello.role == Role::Primary
+            && self.role != Role::Primary
+            && self.other_primary_connected(i)
+        {
+            self.disconnect(i, ConnectionState::Connecting);
+            return true;
+        }
+        if !(self.config.quorum.diskless || self.is_diskless_peer(self.peers[i].id)) {
+            return false;
+        }
+        self.peers[i].role = hello.role;
+        self.peers[i].discard_my_data = false;
+        self.set_peer_disk(i, hello.disk);
+        self.set_replication(i, ReplicationState::Established);
+        self.broadcast_state();
+        true
+    }
+
+    /// After the sync decision: a primary without quorum that meets newer data or another
+    /// primary steps down and reconnects; the other side waits for that instead of refusing
+    /// for good. True when the handshake was ended here.
+    pub(super) fn quorum_after_decision(
+        &mut self,
+        i: usize,
+        hello: &Hello,
+        source: bool,
+        target: bool,
+    ) -> bool {
+        if !self.config.quorum.enabled() {
+            return false;
+        }
+        let peer_primary = hello.role == Role::Primary;
+        if self.role == Role::Primary && (target || peer_primary) {
+            if !self.quorum_verdict(false, self.quorum_state.have).have {
+                self.quorum_force_secondary();
+            }
+            self.disconnect(i, ConnectionState::Connecting);
+            return true;
+        }
+        if peer_primary && source {
+            // A primary behind us has no quorum (we or a primary we follow hold it): it steps
+            // down on its side of this handshake and comes back as a secondary.
+            self.disconnect(i, ConnectionState::Connecting);
+            return true;
+        }
+        false
+    }
+
+    /// DRBD's force-secondary: everything this primary holds fails, it becomes Secondary.
+    fn quorum_force_secondary(&mut self) {
+        for id in std::mem::take(&mut self.queued_writes) {
+            let w = self.app_writes.remove(&id).expect("queued");
+            self.outputs.push_back(Output::Complete {
+                request: w.request,
+                result: Err(RequestError::NoQuorum),
+            });
+        }
+        let doomed = &mut self.quorum_state.doomed;
+        doomed.extend(self.app_writes.values().map(|w| w.request.0));
+        doomed.extend(self.app_flushes.iter().map(|f| f.request.0));
+        doomed.extend(self.held_reads.iter().map(|(r, _)| r.0));
+        doomed.extend(self.ios.values().filter_map(|p| match p {
+            IoPurpose::AppRead { request } => Some(request.0),
+            _ => None,
+        }));
+        self.role = Role::Secondary;
+        self.demote_pending = false;
+        self.persist_flags(|f| f.primary_indicator = false);
+        self.emit(Event::RoleChanged(Role::Secondary));
+        self.broadcast_state();
+    }
+}
