@@ -26,6 +26,7 @@ use crate::constants::{
     REORDER_FRAMES_MAX, REQUEST_BLOCKS_MAX, RESYNC_REQUEST_BLOCKS_MAX, RESYNC_REQUESTS_MAX,
     RESYNC_STEP_MS, TRANSFER_LOG_ENTRIES_MAX,
 };
+use crate::protocol::candidates::Candidates;
 use crate::protocol::frame::{self, Envelope, Frame, Hello, PROTOCOL_VERSION};
 use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
 use crate::protocol::resync_controller::{ResyncController, ResyncRate};
@@ -299,6 +300,13 @@ struct AppWrite {
     tl: u64,
 }
 
+impl AppWrite {
+    /// Done locally and acknowledged by every peer it waits for.
+    fn completable(&self) -> bool {
+        self.submitted && self.local != LocalState::Pending && self.waiting == 0
+    }
+}
+
 #[derive(Debug)]
 struct TlEntry {
     first: u64,
@@ -310,6 +318,13 @@ struct TlEntry {
     flush_generation: Option<u64>,
     /// (peer, epoch it was sent in): not yet confirmed stable there.
     peers: Vec<(NodeId, u64)>,
+}
+
+impl TlEntry {
+    /// Stable locally and confirmed stable by every peer it went to.
+    fn collectable(&self) -> bool {
+        self.local_stable && self.peers.is_empty()
+    }
 }
 
 #[derive(Debug)]
@@ -461,6 +476,10 @@ pub struct Node {
     /// Local writes on behalf of peers (any connection, old ones too) still in flight.
     peer_writes: BTreeMap<(u8, u64, u64, bool), (u64, u64)>,
     last_app_write_ms: u64,
+    /// Application writes that may have become completable since the last pump, and
+    /// transfer-log entries that may have become collectable: each pump looks at these only,
+    /// not at every write and entry (see `write_may_complete`).
+    completion_candidates: Candidates,
 }
 
 impl Node {
@@ -535,6 +554,7 @@ impl Node {
             demote_pending: false,
             peer_writes: BTreeMap::new(),
             last_app_write_ms: 0,
+            completion_candidates: Candidates::default(),
         }
     }
 
@@ -881,15 +901,12 @@ impl Node {
 
     /// Whether a new write to the range must wait for something already in flight.
     fn write_conflicts(&self, first: u64, blocks: u64) -> bool {
+        // One pass: a submitted write not yet done locally or not yet acknowledged everywhere.
         self.app_writes.values().any(|w| {
             w.submitted
-                && w.local == LocalState::Pending
+                && (w.local == LocalState::Pending || w.waiting != 0)
                 && overlaps(w.first, w.blocks, first, blocks)
-        }) || self
-            .app_writes
-            .values()
-            .any(|w| w.submitted && w.waiting != 0 && overlaps(w.first, w.blocks, first, blocks))
-            || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
+        }) || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
             || self.peers.iter().any(|p| {
                 p.resync.as_ref().is_some_and(|r| {
                     r.in_flight
@@ -1048,16 +1065,14 @@ impl Node {
 
     fn try_complete_writes(&mut self) {
         if self.fence_pending != 0 {
+            // The candidates stay recorded: they complete once the fence is settled.
             return;
         }
-        let done: Vec<u64> = self
-            .app_writes
-            .iter()
-            .filter(|(_, w)| w.submitted && w.local != LocalState::Pending && w.waiting == 0)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            let w = self.app_writes.remove(&id).expect("listed");
+        for id in self.completion_candidates.take_writes() {
+            if !self.app_writes.get(&id).is_some_and(AppWrite::completable) {
+                continue;
+            }
+            let w = self.app_writes.remove(&id).expect("checked");
             let result = if self.lost_to_peer() {
                 // A peer was promoted while this write was frozen: it may lack the write.
                 Err(RequestError::NoUpToDateData)
@@ -1067,6 +1082,25 @@ impl Node {
                 Err(RequestError::Io)
             };
             self.outputs.push_back(Output::Complete { request: w.request, result });
+        }
+    }
+
+    /// A full pass over the writes and the transfer log, on timer ticks only: records anything
+    /// completable or collectable that no change recorded. Every change in this file records
+    /// its ids, so in debug builds (the simulator's tests) a miss is a bug and panics; in
+    /// release a miss costs latency, never safety, so it is only mended here.
+    fn sweep_completion_candidates(&mut self) {
+        for (id, w) in &self.app_writes {
+            if w.completable() && !self.completion_candidates.has_write(*id) {
+                debug_assert!(false, "write {id} completable but not recorded");
+                self.completion_candidates.write(*id);
+            }
+        }
+        for (id, entry) in &self.transfer_log {
+            if entry.collectable() && !self.completion_candidates.has_transfer_log(*id) {
+                debug_assert!(false, "transfer-log entry {id} collectable but not recorded");
+                self.completion_candidates.transfer_log(*id);
+            }
         }
     }
 
@@ -1131,14 +1165,11 @@ impl Node {
     }
 
     fn collect_transfer_log(&mut self) {
-        let done: Vec<u64> = self
-            .transfer_log
-            .iter()
-            .filter(|(_, e)| e.local_stable && e.peers.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            let entry = self.transfer_log.remove(&id).expect("listed");
+        for id in self.completion_candidates.take_transfer_log() {
+            if !self.transfer_log.get(&id).is_some_and(TlEntry::collectable) {
+                continue;
+            }
+            let entry = self.transfer_log.remove(&id).expect("checked");
             if !entry.resync {
                 self.al_ref(entry.first, entry.blocks, -1);
             }
@@ -1209,9 +1240,11 @@ impl Node {
                 let w = self.app_writes.get_mut(&write).expect("app write in flight");
                 w.local = if ok { LocalState::Done } else { LocalState::Failed };
                 let (tl, fua) = (w.tl, w.fua);
+                self.completion_candidates.write(write);
                 if let Some(entry) = self.transfer_log.get_mut(&tl) {
                     entry.local_done = true;
                     entry.local_stable = fua || !ok;
+                    self.completion_candidates.transfer_log(tl);
                 }
                 if !ok {
                     self.detach();
@@ -1220,9 +1253,10 @@ impl Node {
             IoPurpose::LocalFlush { generation } => {
                 if result.is_ok() {
                     self.flush_generation_done = self.flush_generation_done.max(generation);
-                    for entry in self.transfer_log.values_mut() {
+                    for (id, entry) in self.transfer_log.iter_mut() {
                         if entry.flush_generation.is_some_and(|g| g <= generation) {
                             entry.local_stable = true;
+                            self.completion_candidates.transfer_log(*id);
                         }
                     }
                 } else {
@@ -1319,8 +1353,9 @@ impl Node {
                 .push_back(Output::Complete { request: w.request, result: Err(RequestError::Io) });
         }
         // Nothing in the transfer log can become locally stable any more.
-        for entry in self.transfer_log.values_mut() {
+        for (id, entry) in self.transfer_log.iter_mut() {
             entry.local_stable = true;
+            self.completion_candidates.transfer_log(*id);
         }
         for f in &mut self.app_flushes {
             f.failed = true;
@@ -1448,6 +1483,7 @@ impl Node {
         for (id, entry) in self.transfer_log.iter_mut() {
             if let Some(pos) = entry.peers.iter().position(|(p, _)| *p == peer) {
                 entry.peers.remove(pos);
+                self.completion_candidates.transfer_log(*id);
                 if !entry.resync {
                     marks.push((entry.first, entry.blocks));
                 }
@@ -1463,9 +1499,10 @@ impl Node {
             self.mark_out_of_sync(peer, first, blocks);
         }
         let mut unacked = Vec::new();
-        for w in self.app_writes.values_mut() {
+        for (id, w) in self.app_writes.iter_mut() {
             if w.waiting & peer.bit() != 0 {
                 w.waiting &= !peer.bit();
+                self.completion_candidates.write(*id);
                 unacked.push((w.first, w.blocks));
             }
         }
@@ -1678,6 +1715,7 @@ impl Node {
 
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.advance(now_ms);
+        self.sweep_completion_candidates();
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
             if p.connection != ConnectionState::Connected {
@@ -1817,10 +1855,12 @@ impl Node {
                 let fua_stable = matches!(frame, Frame::WriteAck { .. });
                 if let Some(w) = self.app_writes.get_mut(&id) {
                     w.waiting &= !peer.bit();
+                    self.completion_candidates.write(id);
                     if w.fua && fua_stable {
                         let tl = w.tl;
                         if let Some(entry) = self.transfer_log.get_mut(&tl) {
                             entry.peers.retain(|(p, _)| *p != peer);
+                            self.completion_candidates.transfer_log(tl);
                         }
                     }
                 }
@@ -1828,6 +1868,7 @@ impl Node {
             Frame::NegAck { id } => {
                 if let Some(w) = self.app_writes.get_mut(&id) {
                     w.waiting &= !peer.bit();
+                    self.completion_candidates.write(id);
                     let (first, blocks) = (w.first, w.blocks);
                     self.mark_out_of_sync(peer, first, blocks);
                 }
@@ -1929,11 +1970,14 @@ impl Node {
     fn handle_barrier_ack(&mut self, i: usize, epoch: u64) {
         let peer = self.peers[i].id;
         let mut cleared = Vec::new();
-        for entry in self.transfer_log.values_mut() {
+        for (id, entry) in self.transfer_log.iter_mut() {
             let before = entry.peers.len();
             entry.peers.retain(|(p, e)| !(*p == peer && *e <= epoch));
-            if entry.resync && entry.peers.len() != before {
-                cleared.push((entry.first, entry.blocks));
+            if entry.peers.len() != before {
+                self.completion_candidates.transfer_log(*id);
+                if entry.resync {
+                    cleared.push((entry.first, entry.blocks));
+                }
             }
         }
         for (first, blocks) in cleared {
