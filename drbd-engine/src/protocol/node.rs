@@ -32,6 +32,7 @@ use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
 use crate::protocol::resync_controller::{ResyncController, ResyncRate};
 use crate::protocol::states::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::uuid::{self, GenerationUuids, HandshakeView, SyncDecision};
+use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
@@ -128,7 +129,8 @@ pub enum AppRequest {
     },
     Write {
         offset_blocks: u64,
-        data: Vec<u8>,
+        /// Shared with the Data frames and the local write: never copied on the way.
+        data: Bytes,
         fua: bool,
     },
     Flush,
@@ -185,7 +187,7 @@ pub enum WriteOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskOp {
     Read { offset_blocks: u64, blocks: u64 },
-    Write { offset_blocks: u64, data: Vec<u8>, fua: bool, origin: WriteOrigin },
+    Write { offset_blocks: u64, data: Bytes, fua: bool, origin: WriteOrigin },
     Flush,
 }
 
@@ -239,9 +241,11 @@ pub enum Event {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
+    /// One frame for the peer, in two parts so a Data payload is not copied
+    /// (`frame.to_vec()` joins them).
     Transmit {
         peer: NodeId,
-        bytes: Vec<u8>,
+        frame: frame::EncodedFrame,
     },
     /// Close this transport to the peer (the driver reconnects while the peer is Connecting).
     Disconnect {
@@ -291,7 +295,7 @@ struct AppWrite {
     request: RequestId,
     first: u64,
     blocks: u64,
-    data: Vec<u8>,
+    data: Bytes,
     fua: bool,
     submitted: bool,
     local: LocalState,
@@ -337,7 +341,7 @@ struct AppFlush {
 
 #[derive(Debug)]
 enum Incoming {
-    Write { id: u64, first: u64, data: Vec<u8>, fua: bool, resync: bool },
+    Write { id: u64, first: u64, data: Bytes, fua: bool, resync: bool },
     Barrier { epoch: u64 },
 }
 
@@ -770,9 +774,9 @@ impl Node {
         let envelope = Envelope { conn_id: p.conn_id, seq: p.send_seq, frame };
         p.send_seq += 1;
         p.last_sent_ms = self.now_ms;
-        let bytes = frame::encode(&envelope);
+        let frame = frame::encode_parts(&envelope);
         let peer = p.id;
-        self.outputs.push_back(Output::Transmit { peer, bytes });
+        self.outputs.push_back(Output::Transmit { peer, frame });
     }
 
     fn submit(&mut self, op: DiskOp, purpose: IoPurpose) -> u64 {
@@ -865,7 +869,7 @@ impl Node {
                 self.check_range(offset_blocks, blocks)?;
                 let len =
                     usize::try_from(blocks * BLOCK_SIZE_BYTES).map_err(|_| RequestError::Busy)?;
-                self.queue_write(request, offset_blocks, vec![0; len], false);
+                self.queue_write(request, offset_blocks, Bytes::from(vec![0; len]), false);
             }
             AppRequest::Flush => {
                 if self.app_flushes.len() >= BARRIERS_MAX {
@@ -877,7 +881,7 @@ impl Node {
         Ok(())
     }
 
-    fn queue_write(&mut self, request: RequestId, first: u64, data: Vec<u8>, fua: bool) {
+    fn queue_write(&mut self, request: RequestId, first: u64, data: Bytes, fua: bool) {
         let blocks = blocks_of(data.len()).expect("validated");
         let id = self.next_write;
         self.next_write += 1;
@@ -1744,12 +1748,27 @@ impl Node {
     // ----- frames -----
 
     pub fn handle_receive(&mut self, now_ms: u64, peer: NodeId, bytes: &[u8]) {
+        self.receive(now_ms, peer, || frame::decode(bytes));
+    }
+
+    /// As `handle_receive`, for a frame the driver holds as `Bytes`: a Data payload is kept
+    /// as a slice of it, not copied.
+    pub fn handle_receive_shared(&mut self, now_ms: u64, peer: NodeId, bytes: &Bytes) {
+        self.receive(now_ms, peer, || frame::decode_shared(bytes));
+    }
+
+    fn receive(
+        &mut self,
+        now_ms: u64,
+        peer: NodeId,
+        decode: impl FnOnce() -> Result<Envelope, frame::FrameError>,
+    ) {
         self.advance(now_ms);
         let Some(i) = self.peer_index(peer) else { return };
         if self.peers[i].connection != ConnectionState::Connected {
             return;
         }
-        let envelope = match frame::decode(bytes) {
+        let envelope = match decode() {
             Ok(envelope) => envelope,
             Err(error) => {
                 // A frame from an older connection may be damaged too; only the current one
@@ -1842,7 +1861,7 @@ impl Node {
                     self.protocol_error(i, "unexpected ResyncData".into());
                     return;
                 }
-                self.enqueue_incoming(i, id, offset_blocks, data, false, true);
+                self.enqueue_incoming(i, id, offset_blocks, Bytes::from(data), false, true);
             }
             Frame::Barrier { epoch } => {
                 if self.peers[i].queue.len() >= PEER_QUEUE_FRAMES_MAX {
@@ -1900,7 +1919,7 @@ impl Node {
         i: usize,
         id: u64,
         first: u64,
-        data: Vec<u8>,
+        data: Bytes,
         fua: bool,
         resync: bool,
     ) {
