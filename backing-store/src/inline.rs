@@ -75,6 +75,8 @@ pub(crate) struct InlinePath {
     blocking_writes: AtomicBool,
     /// Nanoseconds after `created` until which blocking inline writes are suspended.
     blocking_suspended_until_ns: AtomicU64,
+    /// How long a stall suspends blocking inline writes (0: never suspended).
+    backoff_ms: AtomicU64,
     created: Instant,
     inline_served: AtomicU64,
     engine_served: AtomicU64,
@@ -90,6 +92,7 @@ impl InlinePath {
             writes_supported: AtomicBool::new(true),
             blocking_writes: AtomicBool::new(INLINE_BLOCKING_WRITES_DEFAULT),
             blocking_suspended_until_ns: AtomicU64::new(0),
+            backoff_ms: AtomicU64::new(INLINE_WRITE_BACKOFF_MS),
             created: Instant::now(),
             inline_served: AtomicU64::new(0),
             engine_served: AtomicU64::new(0),
@@ -100,6 +103,10 @@ impl InlinePath {
 
     pub(crate) fn set_blocking_writes(&self, enabled: bool) {
         self.blocking_writes.store(enabled, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_backoff_ms(&self, backoff_ms: u64) {
+        self.backoff_ms.store(backoff_ms, Ordering::Relaxed);
     }
 
     pub(crate) fn is_blocking_writes(&self) -> bool {
@@ -229,12 +236,13 @@ impl InlinePath {
         };
         if took > Duration::from_micros(INLINE_WRITE_STALL_US_MAX) && slept {
             self.inline_write_stalls.fetch_add(1, Ordering::Relaxed);
-            let until = self.elapsed_ns().saturating_add(INLINE_WRITE_BACKOFF_MS * 1_000_000);
+            let backoff_ms = self.backoff_ms.load(Ordering::Relaxed);
+            let until = self.elapsed_ns().saturating_add(backoff_ms.saturating_mul(1_000_000));
             self.blocking_suspended_until_ns.fetch_max(until, Ordering::Relaxed);
             tracing::debug!(
                 path = %file.path().display(),
                 took_us = took.as_micros(),
-                backoff_ms = INLINE_WRITE_BACKOFF_MS,
+                backoff_ms,
                 "an inline write waited in the kernel; writes go to the engine for a while"
             );
         }

@@ -166,6 +166,15 @@ impl BackingStore {
         self.inner.inline.set_blocking_writes(enabled);
     }
 
+    /// How long a blocking inline write that stalled suspends blocking inline writes
+    /// (default `constants::INLINE_WRITE_BACKOFF_MS`; 0: never). A caller whose thread does
+    /// nothing but this store's I/O (the replication engine) gains nothing from the back-off:
+    /// the stall is a lock the file system holds (ext4 allocating blocks for writeback), which
+    /// the engine's threads would wait for too, at the price of two thread hops per write.
+    pub fn set_inline_write_backoff_ms(&self, backoff_ms: u64) {
+        self.inner.inline.set_backoff_ms(backoff_ms);
+    }
+
     pub fn is_inline_blocking_writes(&self) -> bool {
         self.inner.inline.is_blocking_writes()
     }

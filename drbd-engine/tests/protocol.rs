@@ -44,7 +44,7 @@ fn secondary_refuses_io_and_bad_requests_get_errors_not_panics() {
     node.handle_request(
         1,
         RequestId(1),
-        AppRequest::Write { offset_blocks: 0, data: vec![0; 4096], fua: false },
+        AppRequest::Write { offset_blocks: 0, data: vec![0; 4096].into(), fua: false },
     );
     let done = drain(&mut node);
     assert!(done.contains(&Output::Complete {
@@ -54,8 +54,8 @@ fn secondary_refuses_io_and_bad_requests_get_errors_not_panics() {
     node.handle_promote(2, true).unwrap();
     drain(&mut node);
     let cases = [
-        AppRequest::Write { offset_blocks: 0, data: vec![0; 100], fua: false },
-        AppRequest::Write { offset_blocks: 1024, data: vec![0; 4096], fua: false },
+        AppRequest::Write { offset_blocks: 0, data: vec![0; 100].into(), fua: false },
+        AppRequest::Write { offset_blocks: 1024, data: vec![0; 4096].into(), fua: false },
         AppRequest::Read { offset_blocks: u64::MAX, blocks: 2 },
         AppRequest::Read { offset_blocks: 0, blocks: 0 },
         AppRequest::Discard { offset_blocks: 1020, blocks: 8 },
@@ -81,7 +81,7 @@ fn a_disconnected_primary_fences_then_writes_and_marks_the_bitmap() {
     node.handle_request(
         2,
         RequestId(1),
-        AppRequest::Write { offset_blocks: 8, data: vec![1; 8192], fua: false },
+        AppRequest::Write { offset_blocks: 8, data: vec![1; 8192].into(), fua: false },
     );
     let out = drain(&mut node);
     // The peer may still be UpToDate: nothing is written before the fence handler answers.
@@ -152,8 +152,8 @@ impl Pair {
                     progress = true;
                     let now = self.now_ms;
                     match output {
-                        Output::Transmit { bytes, .. } if self.deliver[1 - i] => {
-                            self.nodes[1 - i].handle_receive(now, other(1 - i), &bytes)
+                        Output::Transmit { frame, .. } if self.deliver[1 - i] => {
+                            self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec())
                         }
                         Output::DiskIo { id, op } => {
                             let result = match op {
@@ -231,7 +231,11 @@ fn a_primary_that_lost_its_peer_holds_reads_and_writes_until_the_fence_handler_a
     for fencing in [Fencing::ResourceOnly, Fencing::ResourceAndStonith] {
         let mut pair = Pair::primary_cut_off(fencing);
         assert!(pair.nodes[0].fence_pending(NodeId(1)), "{fencing:?}: fence-peer requested");
-        pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+        pair.request(
+            0,
+            1,
+            AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+        );
         pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
         // The read's data may be stale if the peer is promoted meanwhile: it waits too.
         assert!(pair.result(1).is_none() && pair.result(2).is_none(), "{fencing:?}");
@@ -249,7 +253,11 @@ fn a_primary_that_lost_its_peer_holds_reads_and_writes_until_the_fence_handler_a
 #[test]
 fn fence_exit_code_6_outdates_the_old_primary_and_fails_what_it_froze() {
     let mut pair = Pair::primary_cut_off(Fencing::ResourceOnly);
-    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(
+        0,
+        1,
+        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+    );
     pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
     // The cluster manager promotes the cut-off secondary before the handler reaches it.
     pair.nodes[1].handle_promote(20, false).unwrap();
@@ -265,7 +273,11 @@ fn fence_exit_code_6_outdates_the_old_primary_and_fails_what_it_froze() {
     assert_eq!(pair.result(2), Some(&Err(RequestError::NoUpToDateData)));
     assert_eq!(pair.nodes[0].disk_state(), DiskState::Outdated);
     assert!(!pair.nodes[0].fence_pending(NodeId(1)));
-    pair.request(0, 3, AppRequest::Write { offset_blocks: 0, data: vec![8; 4096], fua: false });
+    pair.request(
+        0,
+        3,
+        AppRequest::Write { offset_blocks: 0, data: vec![8; 4096].into(), fua: false },
+    );
     assert_eq!(pair.result(3), Some(&Err(RequestError::NoUpToDateData)));
     // The cluster manager can demote it now: nothing is left in flight.
     pair.nodes[0].handle_demote(22).unwrap();
@@ -276,7 +288,11 @@ fn fence_exit_code_6_outdates_the_old_primary_and_fails_what_it_froze() {
 #[test]
 fn a_peer_promoted_apart_is_refused_on_reconnect_and_does_not_settle_the_fence() {
     let mut pair = Pair::primary_cut_off(Fencing::ResourceOnly);
-    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(
+        0,
+        1,
+        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+    );
     pair.nodes[1].handle_promote(20, false).unwrap();
     pair.run();
     // The link comes back before the handler answered: nobody wrote, the generations match,
@@ -293,7 +309,11 @@ fn a_peer_promoted_apart_is_refused_on_reconnect_and_does_not_settle_the_fence()
 #[test]
 fn fence_exit_code_5_resumes_only_a_node_with_up_to_date_data() {
     let mut pair = Pair::primary_cut_off(Fencing::ResourceAndStonith);
-    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(
+        0,
+        1,
+        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+    );
     pair.nodes[0].handle_fence_outcome(10, NodeId(1), drbd_engine::protocol::FenceOutcome::Failed);
     pair.run();
     assert!(pair.result(1).is_none(), "a broken handler leaves I/O frozen");
@@ -318,7 +338,11 @@ fn a_one_sided_handshake_as_sync_source_does_not_end_the_fence() {
     pair.nodes[0].handle_promote(3, false).unwrap();
     pair.run();
     pair.deliver = [true, false];
-    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(
+        0,
+        1,
+        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+    );
     pair.cut(1);
     assert!(pair.nodes[0].fence_pending(NodeId(1)));
     assert!(pair.result(1).is_none());
@@ -361,7 +385,11 @@ fn held_reads_complete_before_the_writes_released_with_them() {
     pair.nodes[0].handle_promote(3, false).unwrap();
     pair.run();
     pair.deliver = [true, false];
-    pair.request(0, 1, AppRequest::Write { offset_blocks: 0, data: vec![7; 4096], fua: false });
+    pair.request(
+        0,
+        1,
+        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+    );
     pair.cut(1);
     pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
     assert!(pair.result(1).is_none() && pair.result(2).is_none());

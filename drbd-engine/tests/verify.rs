@@ -118,7 +118,8 @@ impl Pair {
     fn act(&mut self, i: usize, output: Output) {
         let now = self.now_ms;
         match output {
-            Output::Transmit { bytes, .. } => {
+            Output::Transmit { frame, .. } => {
+                let bytes = frame.to_vec();
                 self.frames.push((i, frame::decode(&bytes).expect("valid frame").frame));
                 self.nodes[1 - i].handle_receive(now, NodeId(u8::try_from(i).unwrap()), &bytes);
             }
@@ -199,7 +200,7 @@ fn verify_reports_marks_and_a_checksum_resync_repairs_exactly_the_differing_bloc
         pair.nodes[0].handle_request(
             pair.now_ms,
             RequestId(1),
-            AppRequest::Write { offset_blocks: 10, data: vec![5; BLOCK], fua: false },
+            AppRequest::Write { offset_blocks: 10, data: vec![5; BLOCK].into(), fua: false },
         );
         pair.settle();
 
@@ -244,7 +245,7 @@ fn csums_resync_sends_only_blocks_whose_digests_differ() {
         pair.nodes[0].handle_request(
             pair.now_ms,
             RequestId(n as u64),
-            AppRequest::Write { offset_blocks: block, data, fua: false },
+            AppRequest::Write { offset_blocks: block, data: data.into(), fua: false },
         );
         pair.settle();
     }
@@ -274,7 +275,7 @@ fn csums_after_crash_only_leaves_a_resync_after_a_disconnect_plain() {
     pair.nodes[0].handle_request(
         pair.now_ms,
         RequestId(1),
-        AppRequest::Write { offset_blocks: 5, data: vec![1; BLOCK], fua: false },
+        AppRequest::Write { offset_blocks: 5, data: vec![1; BLOCK].into(), fua: false },
     );
     pair.settle();
     pair.frames.clear();

@@ -9,21 +9,32 @@ pub const COMMAND_QUEUE_MAX: usize = 1024;
 /// round's transmits to a peer leave in one TCP write, so bigger rounds mean fewer system calls,
 /// while a bound keeps the latency of the first input of a round low.
 pub const INPUT_BATCH_MAX: usize = 64;
-/// Frames up to this size are copied into the peer's per-round send buffer; larger ones go to
-/// the socket on their own (copying a 1 MiB frame costs more than the system call it saves).
-pub const COALESCE_FRAME_BYTES_MAX: usize = 64 * 1024;
-/// Bytes a per-round send buffer holds before it is handed to the connection's writer.
+/// Bytes of frames a per-round send batch holds before it is handed to the connection's
+/// writer (headers and small frames are copied into one buffer, Data payloads are not).
 pub const SEND_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// I/O vectors per vectored socket write (Linux's IOV_MAX is 1024).
+pub const SEND_IOVECS_MAX: usize = 64;
 /// The connection reader's buffer: one read system call takes in every frame that has arrived,
-/// up to this much; a single larger frame grows the buffer to the frame's size.
+/// up to this much; a single larger frame gets room for all of it at once.
 pub const RECEIVE_BUFFER_BYTES_MAX: usize = 256 * 1024;
+/// Room a read gets at least; with less left, the reader's buffer is renewed (the frames split
+/// off it live on, shared, until their writes are done).
+pub const RECEIVE_READ_BYTES_MIN: usize = 64 * 1024;
+/// How long a blocking inline write that stalled in the kernel sends the following writes to
+/// the backing store's threads. None: the driver's thread does nothing but this resource's
+/// I/O, the stall is a file-system lock (ext4's block allocation for writeback, measured with
+/// sched_switch) that those threads wait for too, and with backing-store's default of 1 s a
+/// 4k QD32 run spent 4 of its 7 s on the thread pool (16 threads contending for the inode lock).
+pub const INLINE_WRITE_BACKOFF_MS: u64 = 0;
 /// A fence-peer handler that has not answered by then counts as failed (DRBD waits for its
 /// handler indefinitely; a bound keeps a hung script from freezing I/O for ever).
 pub const FENCE_HANDLER_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
 const _: () = assert!(INPUT_BATCH_MAX > 0 && INPUT_BATCH_MAX <= COMMAND_QUEUE_MAX);
-const _: () = assert!(COALESCE_FRAME_BYTES_MAX <= SEND_BATCH_BYTES_MAX);
 const _: () = assert!(RECEIVE_BUFFER_BYTES_MAX >= HEADER_BYTES);
-const _: () = assert!(COALESCE_FRAME_BYTES_MAX <= FRAME_PAYLOAD_BYTES_MAX + HEADER_BYTES);
 /// Out-of-sync runs verify reported that `Status` keeps (the oldest go first).
 pub const VERIFY_REPORT_RUNS_MAX: usize = 4096;
+const _: () = assert!(RECEIVE_READ_BYTES_MIN >= HEADER_BYTES);
+const _: () = assert!(RECEIVE_READ_BYTES_MIN <= RECEIVE_BUFFER_BYTES_MAX);
+const _: () = assert!(SEND_BATCH_BYTES_MAX <= FRAME_PAYLOAD_BYTES_MAX + HEADER_BYTES);
+const _: () = assert!(SEND_IOVECS_MAX >= 2 && SEND_IOVECS_MAX <= 1024);

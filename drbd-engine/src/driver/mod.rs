@@ -20,17 +20,17 @@ pub mod meta_v09;
 
 use crate::NodeId;
 use crate::constants::BLOCK_SIZE_BYTES;
-use crate::protocol::frame::{HEADER_BYTES, frame_len};
+use crate::protocol::frame::{EncodedFrame, HEADER_BYTES, frame_len};
 use crate::protocol::node::{
     AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
     ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
 use crate::protocol::{ConnectionState, DiskState, Metadata, ReplicationState, ResyncRate, Role};
 use backing_store::{BackingStore, EngineKind, OpenOptions};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use constants::{
-    COALESCE_FRAME_BYTES_MAX, COMMAND_QUEUE_MAX, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX,
-    SEND_BATCH_BYTES_MAX,
+    COMMAND_QUEUE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX,
+    RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX,
 };
 use fence::FenceHandler;
 use meta_file::MetaFile;
@@ -185,13 +185,14 @@ enum Input {
     Connected {
         peer: NodeId,
         conn_id: u64,
-        writer: mpsc::UnboundedSender<Vec<u8>>,
+        writer: mpsc::UnboundedSender<Vec<Bytes>>,
     },
-    /// One or more whole frames, back to back, as they arrived.
+    /// One or more whole frames, back to back, as they arrived (a slice of the reader's
+    /// buffer: Data payloads reach the disk without a copy).
     Frames {
         peer: NodeId,
         conn_id: u64,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
     Closed {
         peer: NodeId,
@@ -263,6 +264,7 @@ impl ReplicatedDevice {
             // Small buffered writes go to the page cache on the driver's thread: a thread hop
             // per write cost about as much CPU as the write itself (see the README's figures).
             store.set_inline_blocking_writes(true);
+            store.set_inline_write_backoff_ms(INLINE_WRITE_BACKOFF_MS);
         }
         let size_blocks = store.size_bytes() / BLOCK_SIZE_BYTES;
         let (meta_file, meta) = match config.meta_format {
@@ -353,12 +355,8 @@ impl ReplicatedDevice {
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         check_aligned(offset, data.len() as u64)?;
-        let req = AppRequest::Write {
-            offset_blocks: offset / BLOCK_SIZE_BYTES,
-            // Takes the buffer over without a copy when the caller holds the only reference.
-            data: Vec::from(data),
-            fua,
-        };
+        // The caller's buffer goes to the peers' sockets and the local disk as it is.
+        let req = AppRequest::Write { offset_blocks: offset / BLOCK_SIZE_BYTES, data, fua };
         self.call(|r| Command::Request(req, r)).await.map(|_| ())
     }
 
@@ -523,13 +521,13 @@ fn run_connection(
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
     if inputs.send(Input::Connected { peer, conn_id, writer: tx }).is_err() {
         return;
     }
     tokio::spawn(async move {
-        while let Some(bytes) = rx.recv().await {
-            if writer.write_all(&bytes).await.is_err() {
+        while let Some(pieces) = rx.recv().await {
+            if write_pieces(&mut writer, &pieces).await.is_err() {
                 break;
             }
         }
@@ -542,56 +540,80 @@ fn run_connection(
     });
 }
 
+/// Writes `pieces` in order with vectored writes (a Data payload is one piece: never copied).
+async fn write_pieces(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    pieces: &[Bytes],
+) -> std::io::Result<()> {
+    let (mut index, mut offset) = (0usize, 0usize);
+    loop {
+        while index < pieces.len() && offset == pieces[index].len() {
+            index += 1;
+            offset = 0;
+        }
+        if index == pieces.len() {
+            return Ok(());
+        }
+        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&pieces[index][offset..])
+            .chain(pieces[index + 1..].iter().map(|piece| &piece[..]))
+            .take(SEND_IOVECS_MAX)
+            .map(std::io::IoSlice::new)
+            .collect();
+        let mut written = writer.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let left = pieces[index].len() - offset;
+            if written >= left {
+                written -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += written;
+                written = 0;
+            }
+        }
+    }
+}
+
 /// Reads frames until the connection ends or sends garbage (`Ok`), or the driver is gone
-/// (`Err`). Every read takes in whatever has arrived, up to `RECEIVE_BUFFER_BYTES_MAX`, and the
-/// whole frames in it go to the driver as one input; a frame too large for the buffer is read
-/// straight into a buffer of its own size, so its payload is copied once, by the kernel.
+/// (`Err`). Every read takes in whatever has arrived (at least `RECEIVE_READ_BYTES_MIN` of
+/// room), and the whole frames in it go to the driver as one input, split off the buffer
+/// without a copy; room for a frame larger than that is reserved at once, so its payload is
+/// copied once, by the kernel.
 async fn read_frames(
     reader: &mut OwnedReadHalf,
     peer: NodeId,
     conn_id: u64,
     inputs: &mpsc::UnboundedSender<Input>,
 ) -> Result<(), ()> {
-    let mut buffer = vec![0u8; RECEIVE_BUFFER_BYTES_MAX];
-    let mut filled = 0usize;
+    let mut buffer = BytesMut::with_capacity(RECEIVE_BUFFER_BYTES_MAX);
     loop {
-        match reader.read(&mut buffer[filled..]).await {
+        match reader.read_buf(&mut buffer).await {
             Ok(0) | Err(_) => return Ok(()),
-            Ok(n) => filled += n,
+            Ok(_) => {}
         }
         let mut complete = 0usize;
-        let mut large_frame_bytes = None;
-        while filled - complete >= HEADER_BYTES {
+        let mut next_frame_bytes = 0usize;
+        while buffer.len() - complete >= HEADER_BYTES {
             let header: &[u8; HEADER_BYTES] =
                 buffer[complete..complete + HEADER_BYTES].try_into().expect("header-sized slice");
             let Ok(total) = frame_len(header) else { return Ok(()) };
-            if filled - complete >= total {
+            if buffer.len() - complete >= total {
                 complete += total;
             } else {
-                if total > buffer.len() {
-                    large_frame_bytes = Some(total);
-                }
+                next_frame_bytes = total - (buffer.len() - complete);
                 break;
             }
         }
         if complete > 0 {
-            let bytes = buffer[..complete].to_vec();
+            let bytes = buffer.split_to(complete).freeze();
             inputs.send(Input::Frames { peer, conn_id, bytes }).map_err(|_| ())?;
-            buffer.copy_within(complete..filled, 0);
-            filled -= complete;
         }
-        if let Some(total) = large_frame_bytes {
-            let mut bytes = Vec::with_capacity(total);
-            bytes.extend_from_slice(&buffer[..filled]);
-            filled = 0;
-            while bytes.len() < total {
-                match reader.read_buf(&mut bytes).await {
-                    Ok(0) | Err(_) => return Ok(()),
-                    Ok(_) => {}
-                }
-            }
-            assert_eq!(bytes.len(), total, "read past the frame into its own buffer");
-            inputs.send(Input::Frames { peer, conn_id, bytes }).map_err(|_| ())?;
+        let room = next_frame_bytes.max(RECEIVE_READ_BYTES_MIN);
+        if buffer.capacity() - buffer.len() < room {
+            buffer.reserve(room.max(RECEIVE_BUFFER_BYTES_MAX));
         }
     }
 }
@@ -602,7 +624,7 @@ struct Driver {
     store: BackingStore,
     meta_file: Store,
     inputs_tx: mpsc::UnboundedSender<Input>,
-    writers: BTreeMap<NodeId, (u64, mpsc::UnboundedSender<Vec<u8>>)>,
+    writers: BTreeMap<NodeId, (u64, mpsc::UnboundedSender<Vec<Bytes>>)>,
     requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
     next_request: u64,
     pending_demote: Option<Reply<()>>,
@@ -615,8 +637,8 @@ struct Driver {
     verify_out_of_sync: Vec<(NodeId, u64, u64)>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
     disk_queue: Vec<DiskFuture>,
-    /// Small frames of the current round, per peer, sent as one write at the round's end.
-    send_buffers: BTreeMap<NodeId, Vec<u8>>,
+    /// The frames of the current round, per peer, sent as one vectored write at its end.
+    send_buffers: BTreeMap<NodeId, SendBatch>,
     fence_handler: Option<FenceHandler>,
 }
 
@@ -777,15 +799,17 @@ impl Driver {
                 self.node.handle_connected(now, peer, conn_id);
             }
             Input::Frames { peer, bytes, conn_id } => {
-                let mut rest = bytes.as_slice();
+                let mut at = 0usize;
                 while self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
                     // The reader cut the chunk at frame boundaries it checked with `frame_len`.
-                    let Some(header) = rest.get(..HEADER_BYTES) else { break };
+                    let Some(header) = bytes.get(at..at + HEADER_BYTES) else { break };
                     let header: &[u8; HEADER_BYTES] = header.try_into().expect("header-sized");
                     let Ok(total) = frame_len(header) else { break };
-                    let Some(frame) = rest.get(..total) else { break };
-                    self.node.handle_receive(now, peer, frame);
-                    rest = &rest[total..];
+                    if bytes.len() - at < total {
+                        break;
+                    }
+                    self.node.handle_receive_shared(now, peer, &bytes.slice(at..at + total));
+                    at += total;
                 }
             }
             Input::Closed { peer, conn_id } => {
@@ -816,7 +840,7 @@ impl Driver {
             }
             let Some(output) = output else { break };
             match output {
-                Output::Transmit { peer, bytes } => self.transmit(peer, bytes),
+                Output::Transmit { peer, frame } => self.transmit(peer, frame),
                 Output::Disconnect { peer, conn_id } => {
                     self.flush_sends(Some(peer));
                     if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
@@ -837,40 +861,28 @@ impl Driver {
         self.flush_sends(None);
     }
 
-    /// Queues a frame for a peer: small frames gather in the round's send buffer, a large one
-    /// goes out on its own after what was gathered before it (frames keep their order).
-    fn transmit(&mut self, peer: NodeId, bytes: Vec<u8>) {
+    /// Queues a frame for a peer: headers and small frames gather in one buffer, a Data
+    /// payload joins the batch as a piece of its own (frames keep their order).
+    fn transmit(&mut self, peer: NodeId, frame: EncodedFrame) {
         if !self.writers.contains_key(&peer) {
             return;
         }
-        if bytes.len() > COALESCE_FRAME_BYTES_MAX {
-            self.flush_sends(Some(peer));
-            if let Some((_, writer)) = self.writers.get(&peer) {
-                let _ = writer.send(bytes);
-            }
-            return;
-        }
-        let buffer = self.send_buffers.entry(peer).or_default();
-        if buffer.is_empty() {
-            // The first frame of a round is sent without a copy if no other follows it.
-            *buffer = bytes;
-        } else {
-            buffer.extend_from_slice(&bytes);
-        }
-        if buffer.len() >= SEND_BATCH_BYTES_MAX {
+        let batch = self.send_buffers.entry(peer).or_default();
+        batch.push(frame);
+        if batch.bytes >= SEND_BATCH_BYTES_MAX {
             self.flush_sends(Some(peer));
         }
     }
 
     /// Hands the gathered frames of one peer (or of every peer) to the connection writers.
     fn flush_sends(&mut self, only: Option<NodeId>) {
-        for (peer, buffer) in &mut self.send_buffers {
-            if only.is_some_and(|o| o != *peer) || buffer.is_empty() {
+        for (peer, batch) in &mut self.send_buffers {
+            if only.is_some_and(|o| o != *peer) || batch.bytes == 0 {
                 continue;
             }
-            let bytes = std::mem::take(buffer);
+            let pieces = batch.take();
             if let Some((_, writer)) = self.writers.get(peer) {
-                let _ = writer.send(bytes);
+                let _ = writer.send(pieces);
             }
         }
     }
@@ -955,10 +967,9 @@ impl Driver {
                         .await
                         .map(|b| Some(Vec::from(b)))
                 }
-                DiskOp::Write { offset_blocks, data, fua, .. } => store
-                    .write(offset_blocks * BLOCK_SIZE_BYTES, Bytes::from(data), fua)
-                    .await
-                    .map(|()| None),
+                DiskOp::Write { offset_blocks, data, fua, .. } => {
+                    store.write(offset_blocks * BLOCK_SIZE_BYTES, data, fua).await.map(|()| None)
+                }
                 DiskOp::Flush => store.flush().await.map(|()| None),
             };
             let result = result.map_err(|error| {
@@ -967,6 +978,39 @@ impl Driver {
             });
             (id, result)
         }));
+    }
+}
+
+/// One peer's frames of the current round, in order: the pieces so far, then `small`, where
+/// headers and payload-less frames gather until a payload needs a piece of its own.
+#[derive(Default)]
+struct SendBatch {
+    pieces: Vec<Bytes>,
+    small: Vec<u8>,
+    bytes: usize,
+}
+
+impl SendBatch {
+    fn push(&mut self, frame: EncodedFrame) {
+        self.bytes += frame.len();
+        if self.small.is_empty() {
+            // The first frame after a piece is taken over without a copy.
+            self.small = frame.head;
+        } else {
+            self.small.extend_from_slice(&frame.head);
+        }
+        if !frame.payload.is_empty() {
+            self.pieces.push(Bytes::from(std::mem::take(&mut self.small)));
+            self.pieces.push(frame.payload);
+        }
+    }
+
+    fn take(&mut self) -> Vec<Bytes> {
+        if !self.small.is_empty() {
+            self.pieces.push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+        self.bytes = 0;
+        std::mem::take(&mut self.pieces)
     }
 }
 

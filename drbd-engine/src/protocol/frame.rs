@@ -11,6 +11,7 @@ use crate::protocol::digest::DigestAlg;
 use crate::protocol::states::{DiskState, Role};
 use crate::uuid::GenerationUuids;
 use crate::{NodeId, constants::HISTORY_UUIDS_MAX};
+use bytes::Bytes;
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
@@ -75,7 +76,9 @@ pub enum Frame {
         id: u64,
         offset_blocks: u64,
         fua: bool,
-        data: Vec<u8>,
+        /// Shared, not copied: the application's buffer goes to the socket as it is, and a
+        /// received payload is a slice of the receive buffer.
+        data: Bytes,
     },
     WriteAck {
         id: u64,
@@ -244,9 +247,41 @@ impl Reader<'_> {
     }
 }
 
-/// Encodes a frame with its header and checksum.
+/// An encoded frame in two parts, so that a Data frame's payload reaches the socket without
+/// being copied: `head` (header and fields) then `payload` (empty for every other frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedFrame {
+    pub head: Vec<u8>,
+    pub payload: Bytes,
+}
+
+impl EncodedFrame {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The whole frame in one buffer (a copy of the payload; for tests and the simulator).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(self.len());
+        bytes.extend_from_slice(&self.head);
+        bytes.extend_from_slice(&self.payload);
+        bytes
+    }
+}
+
+/// Encodes a frame with its header and checksum, in one buffer.
 pub fn encode(envelope: &Envelope) -> Vec<u8> {
+    encode_parts(envelope).to_vec()
+}
+
+/// Encodes a frame with its header and checksum; a Data payload stays shared.
+pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
     let mut w = Writer(Vec::with_capacity(HEADER_BYTES + 64));
+    let mut payload = Bytes::new();
     w.u32(FRAME_MAGIC);
     w.u8(envelope.frame.kind());
     w.u8(0);
@@ -291,7 +326,7 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             w.u64(*id);
             w.u64(*offset_blocks);
             w.u8(u8::from(*fua));
-            w.0.extend_from_slice(data);
+            payload = data.clone();
         }
         Frame::ResyncData { id, offset_blocks, data } => {
             w.u64(*id);
@@ -340,13 +375,13 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
             w.u64(*term);
         }
     }
-    let payload = w.0.len() - HEADER_BYTES;
-    assert!(payload <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
-    let payload = u32::try_from(payload).expect("bounded by FRAME_PAYLOAD_BYTES_MAX");
-    w.0[24..28].copy_from_slice(&payload.to_le_bytes());
-    let crc = crc32c::crc32c(&w.0);
+    let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
+    assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
+    let payload_bytes = u32::try_from(payload_bytes).expect("bounded by FRAME_PAYLOAD_BYTES_MAX");
+    w.0[24..28].copy_from_slice(&payload_bytes.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&w.0), &payload);
     w.0[28..32].copy_from_slice(&crc.to_le_bytes());
-    w.0
+    EncodedFrame { head: w.0, payload }
 }
 
 /// The total frame length announced by a header, for stream transports.
@@ -363,8 +398,18 @@ pub fn frame_len(header: &[u8; HEADER_BYTES]) -> Result<usize, FrameError> {
     Ok(HEADER_BYTES + payload)
 }
 
-/// Decodes and verifies one whole frame.
+/// Decodes and verifies one whole frame (a Data payload is copied out of `bytes`).
 pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
+    decode_with(bytes, |start| Bytes::copy_from_slice(&bytes[start..]))
+}
+
+/// Decodes and verifies one whole frame; a Data payload is a slice of `bytes`, not a copy.
+pub fn decode_shared(bytes: &Bytes) -> Result<Envelope, FrameError> {
+    decode_with(bytes, |start| bytes.slice(start..))
+}
+
+/// `payload(start)` hands out the Data payload that runs from `start` to the end of the frame.
+fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Envelope, FrameError> {
     let header: &[u8; HEADER_BYTES] = bytes
         .get(..HEADER_BYTES)
         .and_then(|h| h.try_into().ok())
@@ -440,7 +485,9 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
             let id = r.u64()?;
             let offset_blocks = r.u64()?;
             let fua = r.bool()?;
-            Frame::Data { id, offset_blocks, fua, data: r.rest() }
+            let start = bytes.len() - r.bytes.len();
+            r.bytes = &[];
+            Frame::Data { id, offset_blocks, fua, data: payload(start) }
         }
         6 => Frame::WriteAck { id: r.u64()? },
         7 => Frame::RecvAck { id: r.u64()? },
@@ -530,7 +577,7 @@ mod tests {
             Frame::BitmapChunk { word_offset: 7, words: vec![1, u64::MAX, 0] },
             Frame::HandshakeDone,
             Frame::State { role: Role::Secondary, disk: DiskState::Outdated },
-            Frame::Data { id: 9, offset_blocks: 77, fua: true, data: vec![0xab; 4096] },
+            Frame::Data { id: 9, offset_blocks: 77, fua: true, data: vec![0xab; 4096].into() },
             Frame::WriteAck { id: 1 },
             Frame::RecvAck { id: 2 },
             Frame::NegAck { id: 3 },
@@ -569,8 +616,30 @@ mod tests {
             let bytes = encode(&envelope);
             let header: &[u8; HEADER_BYTES] = bytes[..HEADER_BYTES].try_into().unwrap();
             assert_eq!(frame_len(header), Ok(bytes.len()));
-            assert_eq!(decode(&bytes), Ok(envelope));
+            assert_eq!(decode(&bytes), Ok(envelope.clone()));
+            assert_eq!(decode_shared(&Bytes::from(bytes)), Ok(envelope));
         }
+    }
+
+    /// The two-part encoding sends exactly the bytes of the one-buffer encoding, and a shared
+    /// decode hands out the payload as a slice of the received buffer.
+    #[test]
+    fn data_payload_is_shared_not_copied() {
+        let data = Bytes::from(vec![0x5a; 8192]);
+        let envelope = Envelope {
+            conn_id: 4,
+            seq: 5,
+            frame: Frame::Data { id: 6, offset_blocks: 7, fua: false, data: data.clone() },
+        };
+        let parts = encode_parts(&envelope);
+        assert_eq!(parts.payload.as_ptr(), data.as_ptr());
+        assert_eq!(parts.to_vec(), encode(&envelope));
+        let received = Bytes::from(parts.to_vec());
+        let Frame::Data { data: payload, .. } = decode_shared(&received).unwrap().frame else {
+            panic!("not a Data frame")
+        };
+        assert_eq!(payload, data);
+        assert_eq!(payload.as_ptr(), received[parts.head.len()..].as_ptr());
     }
 
     /// Any single flipped bit anywhere in a frame is caught (crc32c detects all 1-bit errors).
@@ -579,7 +648,7 @@ mod tests {
         let bytes = encode(&Envelope {
             conn_id: 1,
             seq: 2,
-            frame: Frame::Data { id: 3, offset_blocks: 4, fua: false, data: vec![7; 64] },
+            frame: Frame::Data { id: 3, offset_blocks: 4, fua: false, data: vec![7; 64].into() },
         });
         for bit in 0..bytes.len() * 8 {
             let mut damaged = bytes.clone();

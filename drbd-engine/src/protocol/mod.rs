@@ -8,6 +8,7 @@
 //! transaction, a new generation UUID, bitmap bits) must be durable before the data write that
 //! follows it is submitted. Nothing here reads a clock, touches a socket or opens a file.
 
+mod candidates;
 pub mod digest;
 pub mod frame;
 pub mod node;

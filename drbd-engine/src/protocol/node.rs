@@ -26,12 +26,14 @@ use crate::constants::{
     REORDER_FRAMES_MAX, REQUEST_BLOCKS_MAX, RESYNC_REQUEST_BLOCKS_MAX, RESYNC_REQUESTS_MAX,
     RESYNC_STEP_MS, TRANSFER_LOG_ENTRIES_MAX,
 };
+use crate::protocol::candidates::Candidates;
 use crate::protocol::frame::{self, Envelope, Frame, Hello, PROTOCOL_VERSION};
 use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
 use crate::protocol::quorum::{QuorumConfig, QuorumState};
 use crate::protocol::resync_controller::{ResyncController, ResyncRate};
 use crate::protocol::states::{ConnectionState, DiskState, ReplicationState, Role};
 use crate::uuid::{self, GenerationUuids, HandshakeView, SyncDecision};
+use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
@@ -136,7 +138,8 @@ pub enum AppRequest {
     },
     Write {
         offset_blocks: u64,
-        data: Vec<u8>,
+        /// Shared with the Data frames and the local write: never copied on the way.
+        data: Bytes,
         fua: bool,
     },
     Flush,
@@ -197,7 +200,7 @@ pub enum WriteOrigin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskOp {
     Read { offset_blocks: u64, blocks: u64 },
-    Write { offset_blocks: u64, data: Vec<u8>, fua: bool, origin: WriteOrigin },
+    Write { offset_blocks: u64, data: Bytes, fua: bool, origin: WriteOrigin },
     Flush,
 }
 
@@ -270,9 +273,11 @@ pub enum Event {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
+    /// One frame for the peer, in two parts so a Data payload is not copied
+    /// (`frame.to_vec()` joins them).
     Transmit {
         peer: NodeId,
-        bytes: Vec<u8>,
+        frame: frame::EncodedFrame,
     },
     /// Close this transport to the peer (the driver reconnects while the peer is Connecting).
     Disconnect {
@@ -323,13 +328,20 @@ struct AppWrite {
     request: RequestId,
     first: u64,
     blocks: u64,
-    data: Vec<u8>,
+    data: Bytes,
     fua: bool,
     submitted: bool,
     local: LocalState,
     /// Peers whose acknowledgement completion waits for.
     waiting: u64,
     tl: u64,
+}
+
+impl AppWrite {
+    /// Done locally and acknowledged by every peer it waits for.
+    fn completable(&self) -> bool {
+        self.submitted && self.local != LocalState::Pending && self.waiting == 0
+    }
 }
 
 #[derive(Debug)]
@@ -345,6 +357,13 @@ struct TlEntry {
     peers: Vec<(NodeId, u64)>,
 }
 
+impl TlEntry {
+    /// Stable locally and confirmed stable by every peer it went to.
+    fn collectable(&self) -> bool {
+        self.local_stable && self.peers.is_empty()
+    }
+}
+
 #[derive(Debug)]
 struct AppFlush {
     request: RequestId,
@@ -355,7 +374,7 @@ struct AppFlush {
 
 #[derive(Debug)]
 enum Incoming {
-    Write { id: u64, first: u64, data: Vec<u8>, fua: bool, resync: bool },
+    Write { id: u64, first: u64, data: Bytes, fua: bool, resync: bool },
     Barrier { epoch: u64 },
 }
 
@@ -499,6 +518,10 @@ pub struct Node {
     peer_writes: BTreeMap<(u8, u64, u64, bool), (u64, u64)>,
     last_app_write_ms: u64,
     quorum_state: QuorumState,
+    /// Application writes that may have become completable since the last pump, and
+    /// transfer-log entries that may have become collectable: each pump looks at these only,
+    /// not at every write and entry (see `write_may_complete`).
+    completion_candidates: Candidates,
 }
 
 impl Node {
@@ -576,6 +599,7 @@ impl Node {
             peer_writes: BTreeMap::new(),
             last_app_write_ms: 0,
             quorum_state,
+            completion_candidates: Candidates::default(),
         }
     }
 
@@ -797,9 +821,9 @@ impl Node {
         let envelope = Envelope { conn_id: p.conn_id, seq: p.send_seq, frame };
         p.send_seq += 1;
         p.last_sent_ms = self.now_ms;
-        let bytes = frame::encode(&envelope);
+        let frame = frame::encode_parts(&envelope);
         let peer = p.id;
-        self.outputs.push_back(Output::Transmit { peer, bytes });
+        self.outputs.push_back(Output::Transmit { peer, frame });
     }
 
     fn submit(&mut self, op: DiskOp, purpose: IoPurpose) -> u64 {
@@ -901,7 +925,7 @@ impl Node {
                 self.check_range(offset_blocks, blocks)?;
                 let len =
                     usize::try_from(blocks * BLOCK_SIZE_BYTES).map_err(|_| RequestError::Busy)?;
-                self.queue_write(request, offset_blocks, vec![0; len], false);
+                self.queue_write(request, offset_blocks, Bytes::from(vec![0; len]), false);
             }
             AppRequest::Flush => {
                 if self.app_flushes.len() >= BARRIERS_MAX {
@@ -913,7 +937,7 @@ impl Node {
         Ok(())
     }
 
-    fn queue_write(&mut self, request: RequestId, first: u64, data: Vec<u8>, fua: bool) {
+    fn queue_write(&mut self, request: RequestId, first: u64, data: Bytes, fua: bool) {
         let blocks = blocks_of(data.len()).expect("validated");
         let id = self.next_write;
         self.next_write += 1;
@@ -937,15 +961,12 @@ impl Node {
 
     /// Whether a new write to the range must wait for something already in flight.
     fn write_conflicts(&self, first: u64, blocks: u64) -> bool {
+        // One pass: a submitted write not yet done locally or not yet acknowledged everywhere.
         self.app_writes.values().any(|w| {
             w.submitted
-                && w.local == LocalState::Pending
+                && (w.local == LocalState::Pending || w.waiting != 0)
                 && overlaps(w.first, w.blocks, first, blocks)
-        }) || self
-            .app_writes
-            .values()
-            .any(|w| w.submitted && w.waiting != 0 && overlaps(w.first, w.blocks, first, blocks))
-            || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
+        }) || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
             || self.peers.iter().any(|p| {
                 p.resync.as_ref().is_some_and(|r| {
                     r.in_flight
@@ -1107,16 +1128,15 @@ impl Node {
 
     fn try_complete_writes(&mut self) {
         if self.fence_pending != 0 || self.quorum_holds_io() {
+            // The candidates stay recorded: they complete once the fence is settled or quorum
+            // is back.
             return;
         }
-        let done: Vec<u64> = self
-            .app_writes
-            .iter()
-            .filter(|(_, w)| w.submitted && w.local != LocalState::Pending && w.waiting == 0)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            let w = self.app_writes.remove(&id).expect("listed");
+        for id in self.completion_candidates.take_writes() {
+            if !self.app_writes.get(&id).is_some_and(AppWrite::completable) {
+                continue;
+            }
+            let w = self.app_writes.remove(&id).expect("checked");
             let result = if self.lost_to_peer() {
                 // A peer was promoted while this write was frozen: it may lack the write.
                 Err(RequestError::NoUpToDateData)
@@ -1128,6 +1148,25 @@ impl Node {
                 Err(RequestError::Io)
             };
             self.outputs.push_back(Output::Complete { request: w.request, result });
+        }
+    }
+
+    /// A full pass over the writes and the transfer log, on timer ticks only: records anything
+    /// completable or collectable that no change recorded. Every change in this file records
+    /// its ids, so in debug builds (the simulator's tests) a miss is a bug and panics; in
+    /// release a miss costs latency, never safety, so it is only mended here.
+    fn sweep_completion_candidates(&mut self) {
+        for (id, w) in &self.app_writes {
+            if w.completable() && !self.completion_candidates.has_write(*id) {
+                debug_assert!(false, "write {id} completable but not recorded");
+                self.completion_candidates.write(*id);
+            }
+        }
+        for (id, entry) in &self.transfer_log {
+            if entry.collectable() && !self.completion_candidates.has_transfer_log(*id) {
+                debug_assert!(false, "transfer-log entry {id} collectable but not recorded");
+                self.completion_candidates.transfer_log(*id);
+            }
         }
     }
 
@@ -1194,14 +1233,11 @@ impl Node {
     }
 
     fn collect_transfer_log(&mut self) {
-        let done: Vec<u64> = self
-            .transfer_log
-            .iter()
-            .filter(|(_, e)| e.local_stable && e.peers.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in done {
-            let entry = self.transfer_log.remove(&id).expect("listed");
+        for id in self.completion_candidates.take_transfer_log() {
+            if !self.transfer_log.get(&id).is_some_and(TlEntry::collectable) {
+                continue;
+            }
+            let entry = self.transfer_log.remove(&id).expect("checked");
             if !entry.resync {
                 self.al_ref(entry.first, entry.blocks, -1);
             }
@@ -1276,9 +1312,11 @@ impl Node {
                 let w = self.app_writes.get_mut(&write).expect("app write in flight");
                 w.local = if ok { LocalState::Done } else { LocalState::Failed };
                 let (tl, fua) = (w.tl, w.fua);
+                self.completion_candidates.write(write);
                 if let Some(entry) = self.transfer_log.get_mut(&tl) {
                     entry.local_done = true;
                     entry.local_stable = fua || !ok;
+                    self.completion_candidates.transfer_log(tl);
                 }
                 if !ok {
                     self.detach();
@@ -1287,9 +1325,10 @@ impl Node {
             IoPurpose::LocalFlush { generation } => {
                 if result.is_ok() {
                     self.flush_generation_done = self.flush_generation_done.max(generation);
-                    for entry in self.transfer_log.values_mut() {
+                    for (id, entry) in self.transfer_log.iter_mut() {
                         if entry.flush_generation.is_some_and(|g| g <= generation) {
                             entry.local_stable = true;
+                            self.completion_candidates.transfer_log(*id);
                         }
                     }
                 } else {
@@ -1387,8 +1426,9 @@ impl Node {
                 .push_back(Output::Complete { request: w.request, result: Err(RequestError::Io) });
         }
         // Nothing in the transfer log can become locally stable any more.
-        for entry in self.transfer_log.values_mut() {
+        for (id, entry) in self.transfer_log.iter_mut() {
             entry.local_stable = true;
+            self.completion_candidates.transfer_log(*id);
         }
         for f in &mut self.app_flushes {
             f.failed = true;
@@ -1517,6 +1557,7 @@ impl Node {
         for (id, entry) in self.transfer_log.iter_mut() {
             if let Some(pos) = entry.peers.iter().position(|(p, _)| *p == peer) {
                 entry.peers.remove(pos);
+                self.completion_candidates.transfer_log(*id);
                 if !entry.resync {
                     marks.push((entry.first, entry.blocks));
                 }
@@ -1532,9 +1573,10 @@ impl Node {
             self.mark_out_of_sync(peer, first, blocks);
         }
         let mut unacked = Vec::new();
-        for w in self.app_writes.values_mut() {
+        for (id, w) in self.app_writes.iter_mut() {
             if w.waiting & peer.bit() != 0 {
                 w.waiting &= !peer.bit();
+                self.completion_candidates.write(*id);
                 unacked.push((w.first, w.blocks));
             }
         }
@@ -1752,6 +1794,7 @@ impl Node {
 
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.advance(now_ms);
+        self.sweep_completion_candidates();
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
             if p.connection != ConnectionState::Connected {
@@ -1780,12 +1823,27 @@ impl Node {
     // ----- frames -----
 
     pub fn handle_receive(&mut self, now_ms: u64, peer: NodeId, bytes: &[u8]) {
+        self.receive(now_ms, peer, || frame::decode(bytes));
+    }
+
+    /// As `handle_receive`, for a frame the driver holds as `Bytes`: a Data payload is kept
+    /// as a slice of it, not copied.
+    pub fn handle_receive_shared(&mut self, now_ms: u64, peer: NodeId, bytes: &Bytes) {
+        self.receive(now_ms, peer, || frame::decode_shared(bytes));
+    }
+
+    fn receive(
+        &mut self,
+        now_ms: u64,
+        peer: NodeId,
+        decode: impl FnOnce() -> Result<Envelope, frame::FrameError>,
+    ) {
         self.advance(now_ms);
         let Some(i) = self.peer_index(peer) else { return };
         if self.peers[i].connection != ConnectionState::Connected {
             return;
         }
-        let envelope = match frame::decode(bytes) {
+        let envelope = match decode() {
             Ok(envelope) => envelope,
             Err(error) => {
                 // A frame from an older connection may be damaged too; only the current one
@@ -1881,7 +1939,7 @@ impl Node {
                     self.protocol_error(i, "unexpected ResyncData".into());
                     return;
                 }
-                self.enqueue_incoming(i, id, offset_blocks, data, false, true);
+                self.enqueue_incoming(i, id, offset_blocks, Bytes::from(data), false, true);
             }
             Frame::Barrier { epoch } => {
                 if self.peers[i].queue.len() >= PEER_QUEUE_FRAMES_MAX {
@@ -1894,10 +1952,12 @@ impl Node {
                 let fua_stable = matches!(frame, Frame::WriteAck { .. });
                 if let Some(w) = self.app_writes.get_mut(&id) {
                     w.waiting &= !peer.bit();
+                    self.completion_candidates.write(id);
                     if w.fua && fua_stable {
                         let tl = w.tl;
                         if let Some(entry) = self.transfer_log.get_mut(&tl) {
                             entry.peers.retain(|(p, _)| *p != peer);
+                            self.completion_candidates.transfer_log(tl);
                         }
                     }
                 }
@@ -1905,6 +1965,7 @@ impl Node {
             Frame::NegAck { id } => {
                 if let Some(w) = self.app_writes.get_mut(&id) {
                     w.waiting &= !peer.bit();
+                    self.completion_candidates.write(id);
                     let (first, blocks) = (w.first, w.blocks);
                     self.mark_out_of_sync(peer, first, blocks);
                 }
@@ -1942,7 +2003,7 @@ impl Node {
         i: usize,
         id: u64,
         first: u64,
-        data: Vec<u8>,
+        data: Bytes,
         fua: bool,
         resync: bool,
     ) {
@@ -2012,11 +2073,14 @@ impl Node {
     fn handle_barrier_ack(&mut self, i: usize, epoch: u64) {
         let peer = self.peers[i].id;
         let mut cleared = Vec::new();
-        for entry in self.transfer_log.values_mut() {
+        for (id, entry) in self.transfer_log.iter_mut() {
             let before = entry.peers.len();
             entry.peers.retain(|(p, e)| !(*p == peer && *e <= epoch));
-            if entry.resync && entry.peers.len() != before {
-                cleared.push((entry.first, entry.blocks));
+            if entry.peers.len() != before {
+                self.completion_candidates.transfer_log(*id);
+                if entry.resync {
+                    cleared.push((entry.first, entry.blocks));
+                }
             }
         }
         for (first, blocks) in cleared {

@@ -833,7 +833,10 @@ impl World {
                 for (k, chunk) in data.chunks_mut(BLOCK).enumerate() {
                     model::fill_block(chunk, id, first + k as u64);
                 }
-                (AppRequest::Write { offset_blocks: first, data, fua }, Pending::Write { id, fua })
+                (
+                    AppRequest::Write { offset_blocks: first, data: data.into(), fua },
+                    Pending::Write { id, fua },
+                )
             }
         };
         self.pending.insert(request, (p, incarnation, pending));
@@ -1187,7 +1190,7 @@ impl World {
             // after the bitmap bits that input set as primary.
             let role = self.nodes[i].role_seen;
             match output {
-                Output::Transmit { peer, bytes } => self.transmit(i, peer.index(), bytes),
+                Output::Transmit { peer, frame } => self.transmit(i, peer.index(), frame.to_vec()),
                 Output::Disconnect { peer, conn_id } => {
                     let j = peer.index();
                     if self.conns.get(&pair(i, j)) == Some(&conn_id) {
@@ -1208,7 +1211,7 @@ impl World {
                     if let DiskOp::Write { offset_blocks, data, fua, .. } = &op {
                         self.nodes[i]
                             .in_flight_writes
-                            .insert(id.0, (*offset_blocks, data.clone(), *fua));
+                            .insert(id.0, (*offset_blocks, data.to_vec(), *fua));
                     }
                     let incarnation = self.nodes[i].incarnation;
                     self.schedule(
@@ -1308,7 +1311,7 @@ impl World {
                     Ok(Some(self.nodes[i].disk.read(offset_blocks, blocks)))
                 }
                 DiskOp::Write { offset_blocks, data, fua, .. } => {
-                    self.nodes[i].disk.write(offset_blocks, data, fua);
+                    self.nodes[i].disk.write(offset_blocks, data.to_vec(), fua);
                     Ok(None)
                 }
                 DiskOp::Flush => {
