@@ -209,6 +209,8 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
         assert_eq!(field(dump, "node-id"), i.to_string());
         let flags = u32::from_str_radix(field(dump, "flags").trim_start_matches("0x"), 16).unwrap();
         assert_eq!(flags & 0x11, 0x11, "consistent and was up-to-date");
+        assert_eq!(flags & 0x82, 0x80, "a clean down: not primary, activity log clean");
+        assert!(!dump.contains("unclean"), "a clean down leaves clean metadata");
         assert_eq!(bits_set(dump), 0, "nothing out of sync after a clean down");
         assert_eq!(field(dump, "la-size-sect"), field(&dumps[0], "la-size-sect"));
     }
@@ -254,4 +256,45 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
             format!("read -P 51 {last} 4k"),
         ],
     );
+}
+
+#[test]
+fn tandemd_attaches_disks_prepared_only_by_drbdmeta() {
+    tests::require_slow!();
+    let pair = Pair::new();
+    let drbdmeta = tests::require_tool("drbdmeta", "drbd-utils");
+    for node in &pair.nodes {
+        run_ok(
+            Command::new(&drbdmeta)
+                .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
+                .args(["--force", "-", "v09"])
+                .arg(&node.disk)
+                .args(["internal", "create-md", "1"]),
+            COMMAND_TIMEOUT,
+        );
+    }
+    let _alpha = pair.start(0);
+    let _beta = pair.start(1);
+    // tandemadm create-md sees drbdmeta's metadata as valid and leaves it alone.
+    let mut command = Command::new(binary("tandemadm"));
+    command.arg("-s").arg(&pair.nodes[0].socket).args(["create-md", "r0"]);
+    let refused = run_with_timeout(&mut command, COMMAND_TIMEOUT);
+    assert_eq!(refused.status.code(), Some(10), "create-md over drbdmeta's metadata");
+    for i in 0..2 {
+        pair.adm(i, &["up", "r0"]);
+        assert_eq!(pair.adm(i, &["dstate", "r0"]).trim().split('/').next(), Some("Inconsistent"));
+    }
+    pair.adm(0, &["wait-connect", "--timeout", "20", "r0"]);
+    pair.adm(0, &["new-current-uuid", "--clear-bitmap", "r0"]);
+    pair.adm(0, &["wait-sync", "--timeout", "20", "r0"]);
+    pair.adm(0, &["primary", "r0"]);
+    assert_eq!(pair.adm(0, &["dstate", "r0"]), "UpToDate/UpToDate\n");
+    qemu_io(&pair.url(0), &["write -P 61 0 64k".into(), "read -P 61 0 64k".into()]);
+    pair.adm(0, &["down", "r0"]);
+    pair.adm(1, &["down", "r0"]);
+    for (i, node) in pair.nodes.iter().enumerate() {
+        let dump = dump_md(&node.disk);
+        assert_eq!(field(&dump, "node-id"), i.to_string(), "the node id was adopted");
+        assert_ne!(field(&dump, "la-size-sect"), "0", "the data size was recorded");
+    }
 }

@@ -35,6 +35,8 @@ pub struct V09File {
     file: File,
     image: MetaImage,
     state: Metadata,
+    /// An engine runs on this metadata (`begin_use`): closing it may mark the AL clean.
+    in_use: bool,
 }
 
 fn usize_of(n: u64) -> usize {
@@ -133,6 +135,7 @@ impl V09File {
             file,
             image,
             state: Metadata::create(node_id, size_blocks),
+            in_use: false,
         };
         let zeros = vec![0u8; usize_of(ZERO_CHUNK_BYTES)];
         let range = store.image.bitmap_range();
@@ -226,21 +229,24 @@ impl V09File {
             peer_outdated,
         };
         state.activity_log = loaded.hot_extents.iter().map(|e| u64::from(*e)).collect();
-        let store = Self { path: path.to_owned(), file, image, state: state.clone() };
+        let store =
+            Self { path: path.to_owned(), file, image, state: state.clone(), in_use: false };
         store.run(&loaded.repair)?;
         Ok((store, state))
     }
 
     /// Marks the activity log as in use, as DRBD does when it attaches: clears the superblock's
     /// "AL clean" flag, so drbdadm's `apply-al` before a kernel attach replays or resets the
-    /// ring instead of trusting it. The flag is not set again on `down` (see kernel-notes).
+    /// ring instead of trusting it. Closing the store sets it again when that is safe (Drop).
     pub fn begin_use(&mut self) -> Result<(), V09Error> {
         let path = self.path.clone();
         let plan = self
             .image
             .update_superblock(|sb| sb.flags &= !md_flags::AL_CLEAN)
             .map_err(Self::meta_error(&path))?;
-        self.run(&plan)
+        self.run(&plan)?;
+        self.in_use = true;
+        Ok(())
     }
 
     /// Usable data bytes of the layout (internal: everything below the bitmap).
@@ -310,6 +316,28 @@ impl V09File {
             self.apply(update)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for V09File {
+    /// The engine let go of its metadata (`down` ends its runtime, dropping the store). A
+    /// Secondary (no primary flag) has nothing in its activity log that a peer lacks, which is
+    /// why apply-al only resets such a ring: mark it clean, as DRBD does on a clean detach, so
+    /// drbdmeta and the kernel see clean metadata. A primary's flag stays off: its ring must be
+    /// replayed (apply-al) first. Not while unwinding from a panic (a failed metadata write).
+    fn drop(&mut self) {
+        if !self.in_use || std::thread::panicking() {
+            return;
+        }
+        if self.image.superblock().flags & md_flags::PRIMARY_IND != 0 {
+            return;
+        }
+        let plan = self.image.update_superblock(|sb| sb.flags |= md_flags::AL_CLEAN);
+        if let Err(error) =
+            plan.map_err(|e| e.to_string()).and_then(|p| self.run(&p).map_err(|e| e.to_string()))
+        {
+            tracing::warn!(path = %self.path.display(), %error, "marking the activity log clean");
+        }
     }
 }
 
