@@ -121,7 +121,8 @@ fn metadata_place(
             Ok((path.clone(), MetaFormat::V09External))
         }
         Some(MetaDisk::External { path, index: Some(index) }) => Err(format!(
-            "{resource}: 'meta-disk {} [{index}]' (indexed external metadata) is not supported;              use 'meta-disk internal' or a flex-external 'meta-disk {}' without an index",
+            "{resource}: 'meta-disk {} [{index}]' (indexed external metadata) is not supported; \
+             use 'meta-disk internal' or a flex-external 'meta-disk {}' without an index",
             path.display(),
             path.display()
         )),

@@ -1,6 +1,12 @@
 //! Metadata in DRBD 9's v09 layout, internal (at the end of the backing file, `meta-disk
-//! internal`) or on an external metadata file (drbdmeta's `flex-external`), through `crate::meta::MetaImage`'s encoders: every logical update becomes a write plan whose
-//! steps are written and fdatasynced in order, so `drbdmeta ... dump-md` reads what we wrote.
+//! internal`) or on an external metadata file (drbdmeta's `flex-external`), through
+//! `crate::meta::MetaImage`'s encoders: every logical update becomes a write plan whose steps
+//! are written and fdatasynced in order, so `drbdmeta ... dump-md` reads what we wrote.
+//!
+//! Internal metadata shares the backing file with the data: the data goes through
+//! `backing-store`, the metadata through this file handle, at disjoint 4 KiB-aligned ranges
+//! (everything below `bm_offset` is data, the driver asserts it never goes past), so neither
+//! path shares a page with the other.
 
 use crate::NodeId;
 use crate::bitmap::Bitmap;
