@@ -386,9 +386,15 @@ async fn create(State(state): State<ApiState>, body: axum::body::Bytes) -> Respo
         );
     }
     let disk = PathBuf::from(&me.disk);
-    if let Err(failure) =
-        prepare_files(host, &request.name, &text, &disk, request.size_bytes, false)
-    {
+    if let Err(failure) = prepare_files(
+        host,
+        &request.name,
+        &text,
+        &disk,
+        request.size_bytes,
+        peers_of(request.nodes.len()),
+        false,
+    ) {
         return failure.into_response();
     }
     if let Err(failure) = bring_up(host, &request.name).await {
@@ -413,6 +419,7 @@ fn prepare_files(
     text: &str,
     disk: &std::path::Path,
     size_bytes: u64,
+    max_peers: u32,
     fresh: bool,
 ) -> Result<(), Failure> {
     let directory = api_resource_directory(&host.settings);
@@ -423,13 +430,21 @@ fn prepare_files(
                 std::fs::create_dir_all(parent)?;
             }
             if fresh || !disk.exists() {
+                // `meta-disk internal`: room for the metadata after the volume's bytes.
+                let backing_bytes = crate::host::internal_backing_bytes(size_bytes, max_peers)
+                    .map_err(std::io::Error::other)?;
                 let file = std::fs::File::create(disk)?;
                 file.set_len(0)?;
-                file.set_len(size_bytes)?;
+                file.set_len(backing_bytes)?;
             }
             Ok(())
         });
     prepared.map_err(|e| fail(StatusCode::INSUFFICIENT_STORAGE, format!("preparing {name}: {e}")))
+}
+
+/// Metadata peer slots for a resource of `nodes` nodes (create-md's default, max-peers).
+fn peers_of(nodes: usize) -> u32 {
+    u32::try_from(nodes.saturating_sub(1).max(1)).unwrap_or(u32::MAX)
 }
 
 /// create-md when there is no metadata yet, then up (both re-read the configuration, which
@@ -438,7 +453,7 @@ async fn bring_up(host: &Arc<Host>, name: &str) -> Result<(), Failure> {
     let has_metadata = host
         .slot(name)
         .and_then(|slot| slot.plan().ok())
-        .is_some_and(|plan| plan.driver.meta_path.exists());
+        .is_some_and(|plan| crate::host::metadata_present(&plan.driver));
     let verbs: &[Verb] = if has_metadata { &[Verb::Up] } else { &[Verb::CreateMd, Verb::Up] };
     for verb_name in verbs {
         let (code, _, err) = host.run(*verb_name, name, Options::default()).await;
@@ -642,15 +657,26 @@ async fn put_resource(
     host.set_target_name(&name, Some(request.target_iqn.clone()));
     let source = provision::source_of(&request).ok().flatten();
     let disk = &endpoints[0].disk;
+    let max_peers = peers_of(endpoints.len());
     if let Some(source) = &source
         && (fresh || !disk.exists())
-        && let Err(failure) =
-            snapshots::fill_from_source(&state, &name, source, disk, request.size_bytes).await
     {
-        return failure.into_response();
+        // `meta-disk internal`: room for this resource's own metadata after the data.
+        let backing_bytes = match crate::host::internal_backing_bytes(request.size_bytes, max_peers)
+        {
+            Ok(bytes) => bytes,
+            Err(message) => return error(StatusCode::INSUFFICIENT_STORAGE, message),
+        };
+        if let Err(failure) =
+            snapshots::fill_from_source(&state, &name, source, disk, backing_bytes).await
+        {
+            return failure.into_response();
+        }
     }
     let blank = fresh && source.is_none();
-    if let Err(failure) = prepare_files(host, &name, &text, disk, request.size_bytes, blank) {
+    if let Err(failure) =
+        prepare_files(host, &name, &text, disk, request.size_bytes, max_peers, blank)
+    {
         return failure.into_response();
     }
     if let Err(failure) = bring_up(host, &name).await {

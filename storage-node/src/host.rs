@@ -19,6 +19,7 @@ use drbd_engine::driver::constants::FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
 use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::meta_v09::V09File;
 use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice, Status};
+use drbd_engine::meta::{AlGeometry, MetaLayout, MetaPlacement};
 use drbd_engine::protocol::node::StateError;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
@@ -105,17 +106,73 @@ fn protocol_of(protocol: Protocol) -> ReplicationProtocol {
     }
 }
 
-fn metadata_path(
+/// Where a volume's metadata lives and in which layout.
+///
+/// `meta-disk internal` is DRBD's internal metadata at the end of the backing file, unless the
+/// state directory still holds `NAME.VOL.md` from before Tandem supported that: such a volume
+/// keeps its external file (its data uses the whole backing file, so its metadata cannot move
+/// in without shrinking it); `up` says so in the log. `meta-disk PATH` is drbdmeta's
+/// flex-external file; `meta-disk PATH [N]` (indexed, 128 MiB slots) is refused.
+fn metadata_place(
     settings: &NodeSettings,
     resource: &str,
     volume: u32,
+    backing_path: &std::path::Path,
     meta: &Option<MetaDisk>,
-) -> PathBuf {
+) -> Result<(PathBuf, MetaFormat), String> {
     match meta {
-        Some(MetaDisk::External { path, .. }) => path.clone(),
-        // The engine keeps metadata on a separate (flex-external) file for now; `internal`
-        // puts it in the state directory rather than at the end of the disk.
-        _ => settings.state_directory.join(format!("{resource}.{volume}.md")),
+        Some(MetaDisk::External { path, index: None }) => {
+            Ok((path.clone(), MetaFormat::V09External))
+        }
+        Some(MetaDisk::External { path, index: Some(index) }) => Err(format!(
+            "{resource}: 'meta-disk {} [{index}]' (indexed external metadata) is not supported; \
+             use 'meta-disk internal' or a flex-external 'meta-disk {}' without an index",
+            path.display(),
+            path.display()
+        )),
+        _ => {
+            let legacy = legacy_metadata_path(settings, resource, volume);
+            if legacy.exists() {
+                Ok((legacy, MetaFormat::V09External))
+            } else {
+                Ok((backing_path.to_owned(), MetaFormat::V09Internal))
+            }
+        }
+    }
+}
+
+/// Where tandemd kept `meta-disk internal` metadata before it wrote it into the backing file.
+pub fn legacy_metadata_path(settings: &NodeSettings, resource: &str, volume: u32) -> PathBuf {
+    settings.state_directory.join(format!("{resource}.{volume}.md"))
+}
+
+/// Whether the resource's metadata exists (internal: a valid v09 superblock at the end of the
+/// backing file, as drbdmeta checks; external: the file).
+pub fn metadata_present(driver: &DriverConfig) -> bool {
+    match driver.meta_format {
+        MetaFormat::V09Internal => {
+            V09File::probe(&driver.meta_path, MetaPlacement::Internal).unwrap_or(false)
+        }
+        _ => driver.meta_path.exists(),
+    }
+}
+
+/// The backing file size that gives a volume of `data_size_bytes` with internal metadata for
+/// `max_peers` peers (what the HTTP create allocates, as LINSTOR does for DRBD).
+pub fn internal_backing_bytes(data_size_bytes: u64, max_peers: u32) -> Result<u64, String> {
+    MetaLayout::internal_device_bytes_for_data(data_size_bytes, max_peers, AlGeometry::default())
+        .map_err(|e| format!("internal metadata for {data_size_bytes} bytes: {e}"))
+}
+
+/// The size the device will have: the data area below internal metadata (computed for this
+/// configuration's max-peers until the engine reports the metadata's own), else the file.
+fn device_size_bytes(driver: &DriverConfig) -> u64 {
+    match driver.meta_format {
+        MetaFormat::V09Internal => {
+            MetaLayout::internal(driver.size_bytes, max_peers(driver), AlGeometry::default())
+                .map_or(0, |layout| layout.data_size_bytes)
+        }
+        _ => driver.size_bytes,
     }
 }
 
@@ -194,6 +251,8 @@ pub fn plan_resource(
         })
     };
     let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
+    let (meta_path, meta_format) =
+        metadata_place(settings, name, volume.number, &backing_path, &volume.meta_disk)?;
     Ok(Plan {
         driver: DriverConfig {
             node_id,
@@ -203,9 +262,9 @@ pub fn plan_resource(
             size_bytes,
             engine: EngineKind::Sync,
             direct_io: false,
-            meta_path: metadata_path(settings, name, volume.number, &volume.meta_disk),
-            // DRBD 9's v09 layout on a flex-external file: drbdmeta dump-md reads it.
-            meta_format: MetaFormat::V09External,
+            meta_path,
+            // DRBD 9's v09 layout, internal or flex-external: drbdmeta dump-md reads it.
+            meta_format,
             protocol: protocol_of(protocol),
             fencing: fencing_of(fencing),
             resync_rate,
@@ -387,8 +446,8 @@ impl Host {
                     return Err(format!("more than {RESOURCES_MAX} resources on this node"));
                 }
                 let plan = plan_resource(&self.settings, &self.node_name, resource);
-                // The engine uses the whole backing file (metadata lives elsewhere).
-                let size_bytes = plan.as_ref().map_or(0, |p| p.driver.size_bytes);
+                // Internal metadata takes the end of the backing file.
+                let size_bytes = plan.as_ref().map_or(0, |p| device_size_bytes(&p.driver));
                 let slot = Arc::new(Slot {
                     name: resource.name.clone(),
                     plan: Mutex::new(plan),
@@ -1004,26 +1063,41 @@ impl Host {
                 ),
             );
         }
-        if driver.meta_path.exists() {
+        let internal = driver.meta_format == MetaFormat::V09Internal;
+        if metadata_present(driver) {
             if !force {
                 return fail(
                     exit::CONFIG_INVALID,
                     format!(
-                        "valid meta data exists at {}; refusing to overwrite it (use create-md \
+                        "valid meta data exists at {}{}; refusing to overwrite it (use create-md \
                          --force to start over with empty, Inconsistent metadata)",
-                        driver.meta_path.display()
+                        driver.meta_path.display(),
+                        if internal { " (internal, at the end of the disk)" } else { "" }
                     ),
                 );
             }
-            std::fs::remove_file(&driver.meta_path)
-                .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", driver.meta_path.display())))?;
+            if !internal {
+                std::fs::remove_file(&driver.meta_path).map_err(|e| {
+                    (exit::EXEC_ERROR, format!("{}: {e}", driver.meta_path.display()))
+                })?;
+            }
         }
         if let Some(parent) = driver.meta_path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| (exit::EXEC_ERROR, format!("{}: {e}", parent.display())))?;
         }
-        open_or_create_metadata(driver).map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
-        slot.size_bytes.store(driver.size_bytes, Ordering::Release);
+        let created = if internal {
+            V09File::create_internal(
+                &driver.meta_path,
+                driver.node_id,
+                max_peers(driver),
+                u32::try_from(driver.al_extents).unwrap_or(u32::MAX),
+            )
+        } else {
+            open_or_create_metadata(driver)
+        };
+        let (_, meta) = created.map_err(|e| (exit::EXEC_ERROR, e.to_string()))?;
+        slot.size_bytes.store(meta.size_blocks * BLOCK_SIZE_BYTES, Ordering::Release);
         let _ = out.send(Reply::Line { text: "initializing activity log".into() });
         let _ = out.send(Reply::Line {
             text: format!(
@@ -1048,14 +1122,25 @@ impl Host {
                 format!("disk {} does not exist; create it first", driver.backing_path.display()),
             );
         }
-        if !driver.meta_path.exists() {
+        if !metadata_present(&driver) {
             return fail(
                 exit::CONFIG_INVALID,
                 format!(
-                    "no valid meta data found at {}; run 'tandemadm create-md {}' first",
+                    "no valid meta data found at {}{}; run 'tandemadm create-md {}' first",
                     driver.meta_path.display(),
+                    if driver.meta_format == MetaFormat::V09Internal { " (internal)" } else { "" },
                     slot.name
                 ),
+            );
+        }
+        if driver.meta_format == MetaFormat::V09External
+            && driver.meta_path == legacy_metadata_path(&self.settings, &slot.name, plan.volume)
+        {
+            tracing::info!(
+                resource = %slot.name,
+                "meta-disk internal: keeping the metadata file {} from before internal metadata \
+                 (the whole backing file stays data; drbdmeta reads it as flex-external)",
+                driver.meta_path.display()
             );
         }
         let listen = driver.listen;
@@ -1148,6 +1233,20 @@ fn open_or_create_metadata(
 
 /// Reads a resource's metadata (never creates it).
 fn open_metadata(driver: &DriverConfig) -> Result<drbd_engine::protocol::Metadata, (i32, String)> {
+    if driver.meta_format == MetaFormat::V09Internal {
+        if !metadata_present(driver) {
+            return Err((
+                exit::CONFIG_INVALID,
+                format!(
+                    "no meta data at the end of {}; run create-md first",
+                    driver.meta_path.display()
+                ),
+            ));
+        }
+        return V09File::open(&driver.meta_path, MetaPlacement::Internal, driver.node_id)
+            .map(|(_, meta)| meta)
+            .map_err(|e| (exit::CONFIG_INVALID, e.to_string()));
+    }
     if !driver.meta_path.exists() {
         return Err((
             exit::CONFIG_INVALID,
@@ -1251,5 +1350,30 @@ mod tests {
                 (got, want) => panic!("{net}: handler {got:?}, wanted {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn meta_disk_maps_to_internal_flex_external_legacy_or_a_refusal() {
+        let state = std::env::temp_dir().join(format!("tandem-meta-place-{}", std::process::id()));
+        std::fs::create_dir_all(&state).unwrap();
+        let settings = NodeSettings { state_directory: state.clone(), ..NodeSettings::default() };
+        let disk = Path::new("/srv/r0.img");
+        let place = |meta: Option<MetaDisk>| metadata_place(&settings, "r0", 0, disk, &meta);
+        let internal = (disk.to_owned(), MetaFormat::V09Internal);
+        assert_eq!(place(Some(MetaDisk::Internal)), Ok(internal.clone()));
+        assert_eq!(place(None), Ok(internal));
+        let md = PathBuf::from("/srv/r0.md");
+        assert_eq!(
+            place(Some(MetaDisk::External { path: md.clone(), index: None })),
+            Ok((md.clone(), MetaFormat::V09External))
+        );
+        let refused = place(Some(MetaDisk::External { path: md, index: Some(1) })).unwrap_err();
+        assert!(refused.contains("indexed external metadata) is not supported"), "{refused}");
+        // A deployment from before internal metadata keeps its state-directory file.
+        let legacy = state.join("r0.0.md");
+        std::fs::write(&legacy, b"").unwrap();
+        let kept = place(Some(MetaDisk::Internal));
+        std::fs::remove_dir_all(&state).unwrap();
+        assert_eq!(kept, Ok((legacy, MetaFormat::V09External)));
     }
 }

@@ -171,14 +171,14 @@ fn tandemadm_drives_two_nodes() {
     assert!(text(&refused).contains("tandemadm create-md r0"), "{}", text(&refused));
 
     cluster.bring_up(0);
-    // The metadata is DRBD 9's v09 layout: drbdmeta reads what tandemd wrote.
+    // The metadata is DRBD 9's v09 layout at the end of the disk: drbdmeta reads it.
     if let Some(drbdmeta) = tests::find_in_path("drbdmeta") {
         for (index, node) in cluster.nodes.iter().enumerate() {
             let dump = run_ok(
                 Command::new(&drbdmeta)
                     .args(["--force", "-", "v09"])
-                    .arg(node.state.join("r0.0.md"))
-                    .args(["flex-external", "dump-md"]),
+                    .arg(cluster.dir.path().join(format!("{}.img", node.name)))
+                    .args(["internal", "dump-md"]),
                 COMMAND_TIMEOUT,
             );
             assert!(dump.contains(&format!("node-id {index};")), "drbdmeta dump-md:\n{dump}");

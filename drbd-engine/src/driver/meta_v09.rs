@@ -1,6 +1,12 @@
-//! Metadata in DRBD 9's v09 layout on an external metadata file (drbdmeta's `flex-external`),
-//! through `crate::meta::MetaImage`'s encoders: every logical update becomes a write plan whose
-//! steps are written and fdatasynced in order, so `drbdmeta ... dump-md` reads what we wrote.
+//! Metadata in DRBD 9's v09 layout, internal (at the end of the backing file, `meta-disk
+//! internal`) or on an external metadata file (drbdmeta's `flex-external`), through
+//! `crate::meta::MetaImage`'s encoders: every logical update becomes a write plan whose steps
+//! are written and fdatasynced in order, so `drbdmeta ... dump-md` reads what we wrote.
+//!
+//! Internal metadata shares the backing file with the data: the data goes through
+//! `backing-store`, the metadata through this file handle, at disjoint 4 KiB-aligned ranges
+//! (everything below `bm_offset` is data, the driver asserts it never goes past), so neither
+//! path shares a page with the other.
 
 use crate::NodeId;
 use crate::bitmap::Bitmap;
@@ -27,12 +33,16 @@ pub enum V09Error {
 
 /// The smallest metadata device drbdmeta accepts (measured: 69632 bytes accepted, 69120 not).
 const DRBDMETA_DEVICE_BYTES_MIN: u64 = 69_632;
+/// Zeroes go out in writes of this size when `create-md` clears a bitmap area.
+const ZERO_CHUNK_BYTES: u64 = 1 << 20;
 
 pub struct V09File {
     path: PathBuf,
     file: File,
     image: MetaImage,
     state: Metadata,
+    /// An engine runs on this metadata (`begin_use`): closing it may mark the AL clean.
+    in_use: bool,
 }
 
 fn usize_of(n: u64) -> usize {
@@ -59,6 +69,7 @@ impl V09File {
     }
 
     /// Opens the metadata file, creating it (`create-md`, max-peers = `max_peers`) if missing.
+    /// External metadata only (a file of its own, drbdmeta's `flex-external`).
     pub fn open_or_create(
         path: &Path,
         node_id: NodeId,
@@ -75,8 +86,6 @@ impl V09File {
             .max(DRBDMETA_DEVICE_BYTES_MIN);
             let layout = MetaLayout::flex_external(md_bytes, max_peers, AlGeometry::default())
                 .map_err(Self::meta_error(path))?;
-            let (image, plan) = MetaImage::create(layout, node_id.0, size_blocks, al_extents)
-                .map_err(Self::meta_error(path))?;
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -84,19 +93,99 @@ impl V09File {
                 .open(path)
                 .map_err(io)?;
             file.set_len(md_bytes).map_err(io)?;
-            let store = Self {
-                path: path.to_owned(),
-                file,
-                image,
-                state: Metadata::create(node_id, size_blocks),
-            };
-            store.run(&plan)?;
-            let state = store.state.clone();
-            return Ok((store, state));
+            return Self::create_on(path, file, layout, node_id, size_blocks, al_extents);
         }
+        let (store, state) = Self::open(path, MetaPlacement::FlexExternal, node_id)?;
+        if state.size_blocks != size_blocks {
+            return Err(V09Error::WrongSize {
+                path: path.to_owned(),
+                found: state.size_blocks,
+                expected: size_blocks,
+            });
+        }
+        Ok((store, state))
+    }
+
+    /// `create-md` for internal metadata (`meta-disk internal`): writes a fresh area at the end
+    /// of the existing backing file at `path`, exactly where drbdmeta puts it, and returns the
+    /// metadata of a data area of everything below it. The data below is left alone.
+    pub fn create_internal(
+        path: &Path,
+        node_id: NodeId,
+        max_peers: u32,
+        al_extents: u32,
+    ) -> Result<(Self, Metadata), V09Error> {
+        let io = |source| V09Error::Io { path: path.to_owned(), source };
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let placement = MetaPlacement::FlexExternal;
+        let layout = MetaLayout::internal(len, max_peers, AlGeometry::default())
+            .map_err(Self::meta_error(path))?;
+        let size_blocks = layout.data_blocks();
+        Self::create_on(path, file, layout, node_id, size_blocks, al_extents)
+    }
+
+    /// Zeroes the bitmap area (an internal area may hold old data), then writes the ring and
+    /// the superblock last, each step durable before the next.
+    fn create_on(
+        path: &Path,
+        file: File,
+        layout: MetaLayout,
+        node_id: NodeId,
+        size_blocks: u64,
+        al_extents: u32,
+    ) -> Result<(Self, Metadata), V09Error> {
+        let (image, plan) = MetaImage::create(layout, node_id.0, size_blocks, al_extents)
+            .map_err(Self::meta_error(path))?;
+        let store = Self {
+            path: path.to_owned(),
+            file,
+            image,
+            state: Metadata::create(node_id, size_blocks),
+            in_use: false,
+        };
+        let zeros = vec![0u8; usize_of(ZERO_CHUNK_BYTES)];
+        let range = store.image.bitmap_range();
+        let mut at = range.start;
+        while at < range.end {
+            let len = (range.end - at).min(ZERO_CHUNK_BYTES);
+            store.file.write_all_at(&zeros[..usize_of(len)], at).map_err(store.io())?;
+            at += len;
+        }
+        store.run(&plan)?;
+        let state = store.state.clone();
+        Ok((store, state))
+    }
+
+    /// Whether `path` holds a valid v09 superblock where `placement` puts it (drbdmeta's
+    /// "valid meta data" check). A missing or short file has none.
+    pub fn probe(path: &Path, placement: MetaPlacement) -> Result<bool, V09Error> {
+        let io = |source| V09Error::Io { path: path.to_owned(), source };
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io(e)),
+        };
+        let len = file.metadata().map_err(io)?.len();
+        let Ok(at) = MetaImage::superblock_offset_bytes(placement, len) else { return Ok(false) };
+        let mut block = vec![0u8; 4096];
+        if at + 4096 > len {
+            return Ok(false);
+        }
+        file.read_exact_at(&mut block, at).map_err(io)?;
+        Ok(MetaImage::open(placement, len, &block).is_ok())
+    }
+
+    /// Opens existing metadata (internal: at the end of the backing file at `path`). The data
+    /// size is the metadata's (la-size-sect; all of the data area when drbdmeta create-md left
+    /// it 0). A superblock without a node id (drbdmeta create-md) takes `node_id`.
+    pub fn open(
+        path: &Path,
+        placement: MetaPlacement,
+        node_id: NodeId,
+    ) -> Result<(Self, Metadata), V09Error> {
+        let io = |source| V09Error::Io { path: path.to_owned(), source };
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
         let at =
             MetaImage::superblock_offset_bytes(placement, len).map_err(Self::meta_error(path))?;
         let mut block = vec![0u8; 4096];
@@ -111,13 +200,10 @@ impl V09File {
         let area = read_range(opened.bitmap_range())?;
         let (image, loaded) =
             MetaImage::load(opened, node_id.0, &ring, &area).map_err(Self::meta_error(path))?;
-        if loaded.size_blocks != size_blocks {
-            return Err(V09Error::WrongSize {
-                path: path.to_owned(),
-                found: loaded.size_blocks,
-                expected: size_blocks,
-            });
-        }
+        let size_blocks = loaded.size_blocks;
+        // MetaImage::load refuses a la-size beyond the data area: the engine's I/O, bounded
+        // by size_blocks, can never reach the metadata.
+        assert!(size_blocks <= image.layout().data_blocks());
         let sb = &loaded.superblock;
         let mut state = Metadata::create(node_id, size_blocks);
         state.uuids.current = sb.current_uuid;
@@ -149,9 +235,29 @@ impl V09File {
             peer_outdated,
         };
         state.activity_log = loaded.hot_extents.iter().map(|e| u64::from(*e)).collect();
-        let store = Self { path: path.to_owned(), file, image, state: state.clone() };
+        let store =
+            Self { path: path.to_owned(), file, image, state: state.clone(), in_use: false };
         store.run(&loaded.repair)?;
         Ok((store, state))
+    }
+
+    /// Marks the activity log as in use, as DRBD does when it attaches: clears the superblock's
+    /// "AL clean" flag, so drbdadm's `apply-al` before a kernel attach replays or resets the
+    /// ring instead of trusting it. Closing the store sets it again when that is safe (Drop).
+    pub fn begin_use(&mut self) -> Result<(), V09Error> {
+        let path = self.path.clone();
+        let plan = self
+            .image
+            .update_superblock(|sb| sb.flags &= !md_flags::AL_CLEAN)
+            .map_err(Self::meta_error(&path))?;
+        self.run(&plan)?;
+        self.in_use = true;
+        Ok(())
+    }
+
+    /// Usable data bytes of the layout (internal: everything below the bitmap).
+    pub fn data_area_bytes(&self) -> u64 {
+        self.image.layout().data_size_bytes
     }
 
     fn plan(&mut self, update: &MetaUpdate) -> Result<WritePlan, MetaError> {
@@ -216,6 +322,28 @@ impl V09File {
             self.apply(update)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for V09File {
+    /// The engine let go of its metadata (`down` ends its runtime, dropping the store). A
+    /// Secondary (no primary flag) has nothing in its activity log that a peer lacks, which is
+    /// why apply-al only resets such a ring: mark it clean, as DRBD does on a clean detach, so
+    /// drbdmeta and the kernel see clean metadata. A primary's flag stays off: its ring must be
+    /// replayed (apply-al) first. Not while unwinding from a panic (a failed metadata write).
+    fn drop(&mut self) {
+        if !self.in_use || std::thread::panicking() {
+            return;
+        }
+        if self.image.superblock().flags & md_flags::PRIMARY_IND != 0 {
+            return;
+        }
+        let plan = self.image.update_superblock(|sb| sb.flags |= md_flags::AL_CLEAN);
+        if let Err(error) =
+            plan.map_err(|e| e.to_string()).and_then(|p| self.run(&p).map_err(|e| e.to_string()))
+        {
+            tracing::warn!(path = %self.path.display(), %error, "marking the activity log clean");
+        }
     }
 }
 

@@ -83,7 +83,8 @@ pub struct DriverConfig {
     pub size_bytes: u64,
     pub engine: EngineKind,
     pub direct_io: bool,
-    /// External metadata file (created by `create-md` semantics when missing).
+    /// External metadata file (created by `create-md` semantics when missing); with
+    /// `MetaFormat::V09Internal` the backing file itself (its metadata must exist).
     pub meta_path: PathBuf,
     pub meta_format: MetaFormat,
     pub protocol: ReplicationProtocol,
@@ -101,6 +102,10 @@ pub struct DriverConfig {
 pub enum MetaFormat {
     /// DRBD 9's v09 layout on an external file (`drbdmeta ... flex-external dump-md` reads it).
     V09External,
+    /// DRBD 9's v09 layout at the end of the backing file (`meta-disk internal`; `drbdmeta
+    /// ... internal dump-md` reads it). The data area, and so the device, is smaller than the
+    /// file by the metadata area.
+    V09Internal,
     /// The interim whole-state file (`meta_file`).
     Sidecar,
 }
@@ -284,6 +289,16 @@ impl ReplicatedDevice {
                     max_peers,
                     al_extents,
                 )?;
+                (Store::V09(Box::new(file)), meta)
+            }
+            MetaFormat::V09Internal => {
+                let (mut file, meta) = meta_v09::V09File::open(
+                    &config.backing_path,
+                    crate::meta::MetaPlacement::Internal,
+                    config.node_id,
+                )?;
+                file.begin_use()?;
+                assert!(meta.size_blocks * BLOCK_SIZE_BYTES <= file.data_area_bytes());
                 (Store::V09(Box::new(file)), meta)
             }
         };
@@ -954,6 +969,16 @@ impl Driver {
     }
 
     fn submit_disk(&mut self, id: IoId, op: DiskOp) {
+        // With internal metadata the blocks past the data area are the bitmap, activity log
+        // and superblock: data I/O there would corrupt them.
+        let end_blocks = match &op {
+            DiskOp::Read { offset_blocks, blocks } => offset_blocks + blocks,
+            DiskOp::Write { offset_blocks, data, .. } => {
+                offset_blocks + data.len() as u64 / BLOCK_SIZE_BYTES
+            }
+            DiskOp::Flush => 0,
+        };
+        assert!(end_blocks <= self.node.size_blocks(), "data I/O beyond the data area");
         let store = self.store.clone();
         if let DiskOp::Write { origin: WriteOrigin::Resync, data, .. } = &op {
             self.resync_blocks_received += data.len() as u64 / BLOCK_SIZE_BYTES;

@@ -193,6 +193,53 @@ impl MetaLayout {
         })
     }
 
+    /// The smallest backing device whose internal data area is exactly `data_size_bytes` (a
+    /// multiple of 4 KiB): what to allocate for a volume of that size with internal metadata.
+    /// Growing the device by 4 KiB grows the data area by 4 KiB or (when the bitmap needs
+    /// another page) by nothing, so every multiple of 4 KiB is reached exactly.
+    pub fn internal_device_bytes_for_data(
+        data_size_bytes: u64,
+        max_peers: u32,
+        al: AlGeometry,
+    ) -> Result<u64, MetaError> {
+        check_max_peers(max_peers)?;
+        let al = AlGeometry::new(al.stripes, al.stripe_size_4k)?;
+        if data_size_bytes == 0 || !data_size_bytes.is_multiple_of(MD_BLOCK_SIZE_BYTES_U64) {
+            return Err(MetaError::InvalidField {
+                field: "data size (a positive multiple of 4 KiB)",
+                value: i64::try_from(data_size_bytes).unwrap_or(i64::MAX),
+            });
+        }
+        let too_large =
+            MetaError::DeviceTooSmall { size_bytes: data_size_bytes, needed_bytes: u64::MAX };
+        // A lower bound: the bitmap of the whole device is at least that of the data alone.
+        let mut device_bytes = data_size_bytes
+            .checked_add(
+                MD_BLOCK_SIZE_BYTES_U64
+                    + al.ring_bytes()
+                    + bitmap_area_bytes_for_sectors(data_size_bytes / SECTOR_SIZE_BYTES, max_peers),
+            )
+            .ok_or(too_large.clone())?
+            .max(INTERNAL_DEVICE_BYTES_MIN);
+        loop {
+            let layout = Self::internal(device_bytes, max_peers, al)?;
+            if layout.data_size_bytes == data_size_bytes {
+                return Ok(device_bytes);
+            }
+            if layout.data_size_bytes > data_size_bytes {
+                // Only at the 68 KiB minimum: drbdmeta's smallest device holds more data.
+                assert_eq!(device_bytes, INTERNAL_DEVICE_BYTES_MIN, "steps of at most 4 KiB");
+                return Err(MetaError::InvalidField {
+                    field: "data size (below the smallest internal-metadata device's)",
+                    value: i64::try_from(data_size_bytes).unwrap_or(i64::MAX),
+                });
+            }
+            device_bytes = device_bytes
+                .checked_add(data_size_bytes - layout.data_size_bytes)
+                .ok_or(too_large.clone())?;
+        }
+    }
+
     /// External metadata filling a device of `md_device_size_bytes` (drbdmeta `flex-external`):
     /// superblock at 0, ring at 4 KiB, bitmap after the ring up to the end of the device.
     pub fn flex_external(
@@ -368,6 +415,38 @@ mod tests {
             );
             assert_eq!(layout.data_size_bytes, bm_offset);
         }
+    }
+
+    #[test]
+    fn device_size_for_an_exact_data_area() {
+        for &(data, peers) in &[
+            (28 * KIB, 1u32),
+            (MIB, 2),
+            (GIB, 1),
+            (GIB, 2),
+            (GIB, 7),
+            (10 * GIB + 4096, 3),
+            (4672 * 4096, 7),
+            (1024 * GIB, 4),
+        ] {
+            let device =
+                MetaLayout::internal_device_bytes_for_data(data, peers, AlGeometry::default())
+                    .unwrap();
+            let layout = MetaLayout::internal(device, peers, AlGeometry::default()).unwrap();
+            assert_eq!(layout.data_size_bytes, data, "{data} bytes, {peers} peers");
+            if device > INTERNAL_DEVICE_BYTES_MIN {
+                let smaller =
+                    MetaLayout::internal(device - 4096, peers, AlGeometry::default()).unwrap();
+                assert!(smaller.data_size_bytes < data, "{data} bytes, {peers} peers: minimal");
+            }
+        }
+        assert!(
+            MetaLayout::internal_device_bytes_for_data(4095, 1, AlGeometry::default()).is_err()
+        );
+        assert!(
+            MetaLayout::internal_device_bytes_for_data(4096, 1, AlGeometry::default()).is_err()
+        );
+        assert!(MetaLayout::internal_device_bytes_for_data(0, 1, AlGeometry::default()).is_err());
     }
 
     #[test]

@@ -257,7 +257,7 @@ pub(super) async fn fill_from_source(
     name: &str,
     source: &Source,
     disk: &std::path::Path,
-    size_bytes: u64,
+    backing_bytes: u64,
 ) -> Result<(), Failure> {
     let (resource, snap, temporary) = match source {
         Source::Snapshot { resource, snapshot } => (resource, snapshot.clone(), false),
@@ -267,6 +267,11 @@ pub(super) async fn fill_from_source(
         fail(StatusCode::CONFLICT, format!("source {resource} has no replica on this node"))
     })?;
     let source_disk = disk_of(&slot)?;
+    // The source's data: its metadata, if internal, lies beyond and is not copied.
+    let data_bytes = slot.size_bytes.load(std::sync::atomic::Ordering::Acquire);
+    if data_bytes == 0 {
+        return Err(fail(StatusCode::CONFLICT, format!("source {resource} is not up")));
+    }
     let from = snapshot::path(&source_disk, &snap);
     if temporary && !from.exists() {
         take(state, resource, &snap, false).await?;
@@ -290,10 +295,11 @@ pub(super) async fn fill_from_source(
         let _ = std::fs::remove_file(&filling);
         snapshot::clone_file(&from, &filling)?;
         let file = std::fs::OpenOptions::new().write(true).open(&filling)?;
-        // A bigger volume than its source: the rest reads as zeros, as on every replica.
-        if file.metadata()?.len() < size_bytes {
-            file.set_len(size_bytes)?;
-        }
+        // Cut to the source's data, then grown to this resource's data and metadata: the rest
+        // of a bigger volume reads as zeros on every replica, and the metadata area holds no
+        // superblock, so this resource gets metadata of its own (create-md).
+        file.set_len(data_bytes)?;
+        file.set_len(backing_bytes.max(data_bytes))?;
         file.sync_all()?;
         std::fs::rename(&filling, &target)
     })
