@@ -2000,6 +2000,12 @@ fn primary_and_remote_port() -> (Initiator, Initiator, Arc<Config<MemoryDevice>>
 {
     let portals = || vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
     let primary_device = Arc::new(MemoryDevice::new());
+    *primary_device.peer_group.lock().unwrap() = Some(AluaPortGroup {
+        group_id: 2,
+        state: AluaState::ActiveNonOptimized,
+        local: false,
+        relative_ports: vec![17],
+    });
     let lun = Arc::new(LogicalUnit::new(TARGET, 0, primary_device.clone()));
     let target = TargetNode::new(TARGET, vec![lun]).with_ports(0, vec![17]);
     let primary = Arc::new(Config::new(vec![target], AuthConfig::default(), portals()));
@@ -2045,6 +2051,30 @@ fn a_remote_port_runs_its_commands_on_the_primarys_logical_unit() {
     assert_eq!(data_in, data[..1024]);
     let last = responses.last().unwrap();
     assert_eq!((last.header.flags() & 0x04, last.header.u32_at(44)), (0x04, 4096 - 1024));
+
+    // VPD page 83h names the port a command arrived on and that port's group.
+    let port_and_group = |port: &mut Initiator| {
+        let (_, mut responses) =
+            port.command(&[0x12, 0x01, 0x83, 0x01, 0x00, 0x00], true, false, 256, &[], true);
+        if responses.is_empty() {
+            responses = port.answer_forwards(Some(&primary));
+        }
+        let page = &responses[0].data;
+        let (mut at, mut found) = (4, (0, 0));
+        while at + 4 <= page.len() {
+            let (kind, length) = (page[at + 1] & 0xf, usize::from(page[at + 3]));
+            let value = u16::from_be_bytes([page[at + 4 + length - 2], page[at + 4 + length - 1]]);
+            match kind {
+                4 => found.0 = value,
+                5 => found.1 = value,
+                _ => {}
+            }
+            at += 4 + length;
+        }
+        found
+    };
+    assert_eq!(port_and_group(&mut local), (1, 1));
+    assert_eq!(port_and_group(&mut remote), (17, 2));
 
     // One reservation across both ports: RESERVE(6) on the local port blocks the remote one.
     let (_, responses) = local.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0, &[], true);

@@ -1347,9 +1347,15 @@ fn report_target_port_groups(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
     truncated(d, allocation_length)
 }
 
-/// The id of the group holding this target's ports, for VPD page 83h.
+/// The id of the target port group of the port a command arrived on, for VPD page 83h.
 fn local_port_group_id(ctx: &Context<'_>) -> u16 {
-    (ctx.port_groups)().iter().find(|g| g.local).map_or(LOCAL_PORT_GROUP_ID, |g| g.group_id)
+    // The group of the port the command arrived on: on a remote port (a command forwarded from
+    // another node) that is the other node's group, which lists the port's identifier.
+    let groups = (ctx.port_groups)();
+    let port = ctx.nexus.relative_port;
+    let remote = groups.iter().find(|g| !g.local && g.relative_ports.contains(&port));
+    let local = groups.iter().find(|g| g.local);
+    remote.or(local).map_or(LOCAL_PORT_GROUP_ID, |g| g.group_id)
 }
 
 fn report_supported_opcodes(cdb: &[u8; 16]) -> Outcome {
