@@ -252,6 +252,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn port_identifiers_and_groups_differ_across_nodes() {
+        // One I_T nexus per path: node ids 0..=31 give distinct ports and groups.
+        let ports: std::collections::BTreeSet<u16> = (0..32).map(relative_port_of).collect();
+        let groups: std::collections::BTreeSet<u16> = (0..32).map(port_group_of).collect();
+        assert_eq!((ports.len(), groups.len()), (32, 32));
+        assert_eq!((relative_port_of(0), relative_port_of(1)), (1, 17));
+        assert!(!ports.contains(&0) && !groups.contains(&0), "0 is reserved in SPC-4");
+    }
+
+    #[test]
     fn large_requests_split_into_engine_sized_pieces() {
         let m = REQUEST_BYTES_MAX;
         type Case = (u64, u64, Vec<(u64, u64)>);
