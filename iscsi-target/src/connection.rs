@@ -8,20 +8,25 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
 
+use crate::constants::REMOTE_NEXUSES_MAX;
 use crate::constants::{
     BHS_BYTES, CHAP_CHALLENGE_BYTES, COMMANDS_MAX, CONNECTION_TRANSFER_BYTES_MAX,
     IMMEDIATE_COMMANDS_MAX, LOGIN_DATA_SEGMENT_BYTES_MAX, LUNS_MAX, RECV_DATA_SEGMENT_BYTES_MAX,
     SEND_DATA_SEGMENT_BYTES_MAX, SESSIONS_MAX, TRANSFER_BYTES_MAX,
 };
-use crate::device::{BlockDevice, DeviceError, IoData, IoOp};
+use crate::device::{AluaState, BlockDevice, DeviceError, IoData, IoOp};
 use crate::login::{AuthConfig, Established, Login, LoginOutcome, SessionType, TargetDirectory};
 use crate::pdu::{self, Digests, Header, Pdu, TAG_NONE, opcode, reject_reason, serial_lt};
+use crate::remote::{
+    ForwardError, ForwardReply, ForwardRequest, ForwardedCommand, ForwardedOutcome,
+};
 use crate::scsi::pr::{Access, Nexus};
 use crate::scsi::sense::{self, Sense, codes};
 use crate::scsi::{
     self, Context, DeviceInfo, LunIdentity, LunShared, OtherLun, Outcome, Pending, Step,
 };
 use crate::text::{self, SessionParams};
+use std::collections::HashSet;
 
 /// Data-In segments at least this long are handed to the socket without a copy.
 const ZERO_COPY_BYTES_MIN: usize = 16 * 1024;
@@ -67,13 +72,26 @@ pub struct TargetNode<D> {
     pub name: String,
     pub luns: Vec<Arc<LogicalUnit<D>>>,
     lun_ids: Vec<u64>,
+    /// Added to each portal's relative port identifier for sessions to this target, so the
+    /// ports of one logical unit served by several nodes have distinct identifiers.
+    port_offset: u16,
+    /// Relative port identifiers of the logical unit's ports on other nodes (remote ports):
+    /// persistent reservations with ALL_TG_PT and REGISTER AND MOVE name them too.
+    remote_ports: Vec<u16>,
 }
 
 impl<D: BlockDevice> TargetNode<D> {
     pub fn new(name: impl Into<String>, luns: Vec<Arc<LogicalUnit<D>>>) -> Self {
         assert!(luns.len() <= LUNS_MAX, "too many LUNs for one target");
         let lun_ids = luns.iter().map(|l| l.identity.lun).collect();
-        Self { name: name.into(), luns, lun_ids }
+        Self { name: name.into(), luns, lun_ids, port_offset: 0, remote_ports: Vec::new() }
+    }
+    /// Numbers this target's ports from `port_offset` + the portal's identifier, and names
+    /// the logical unit's ports on other nodes.
+    pub fn with_ports(mut self, port_offset: u16, remote_ports: Vec<u16>) -> Self {
+        self.port_offset = port_offset;
+        self.remote_ports = remote_ports;
+        self
     }
     fn lun(&self, lun_id: u64) -> Option<&Arc<LogicalUnit<D>>> {
         self.luns.iter().find(|l| l.identity.lun == lun_id)
@@ -98,6 +116,9 @@ pub struct Config<D> {
     pub portal_group_tag: u16,
     next_tsih: AtomicU16,
     sessions: Mutex<HashMap<SessionKey, (u64, u16)>>,
+    /// I_T nexuses of remote ports (sessions on other nodes whose commands run here), by
+    /// target: they get the logical unit's unit attentions like local ones.
+    remote_nexuses: Mutex<HashMap<String, HashSet<Nexus>>>,
 }
 
 /// Identifies a session for reinstatement: initiator name, ISID and target.
@@ -119,6 +140,7 @@ impl<D: BlockDevice> Config<D> {
             portal_group_tag: 1,
             next_tsih: AtomicU16::new(1),
             sessions: Mutex::new(HashMap::new()),
+            remote_nexuses: Mutex::new(HashMap::new()),
         }
     }
     /// The target called `name`.
@@ -144,10 +166,10 @@ impl<D: BlockDevice> Config<D> {
         targets.retain(|t| t.name != name);
         targets.len() != before
     }
-    /// Every nexus with a session on `target`, for unit attentions.
+    /// Every nexus with a session on `target`, here or on a remote port, for unit attentions.
     fn nexuses(&self, target: &str) -> Vec<Nexus> {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions
+        let mut nexuses: Vec<Nexus> = sessions
             .iter()
             .filter(|(k, _)| k.target_name == target)
             .map(|(k, (_, port))| Nexus {
@@ -155,8 +177,90 @@ impl<D: BlockDevice> Config<D> {
                 isid: k.isid,
                 relative_port: *port,
             })
-            .collect()
+            .collect();
+        drop(sessions);
+        let remote = self.remote_nexuses.lock().unwrap_or_else(|p| p.into_inner());
+        nexuses.extend(remote.get(target).into_iter().flatten().cloned());
+        nexuses
     }
+
+    /// Records a remote port's nexus; `false` when the table is full (the nexus then misses
+    /// unit attentions, never commands).
+    fn remote_nexus_seen(&self, target: &str, nexus: &Nexus) -> bool {
+        let mut remote = self.remote_nexuses.lock().unwrap_or_else(|p| p.into_inner());
+        let known = remote.get(target).is_some_and(|set| set.contains(nexus));
+        if known {
+            return true;
+        }
+        let count: usize = remote.values().map(HashSet::len).sum();
+        if count >= REMOTE_NEXUSES_MAX {
+            return false;
+        }
+        remote.entry(target.to_owned()).or_default().insert(nexus.clone());
+        true
+    }
+
+    /// Applies a remote port's notice or reset ([`ForwardRequest`] other than a command) to
+    /// the target's logical units. Commands run through [`LuTask`].
+    pub fn handle_remote_notice(&self, request: &ForwardRequest) -> Result<(), ForwardError> {
+        let target = self
+            .target(request.target_name())
+            .ok_or_else(|| ForwardError::Refused(format!("no target {}", request.target_name())))?;
+        match request {
+            ForwardRequest::Command(_) => {
+                return Err(ForwardError::Refused("a command is not a notice".into()));
+            }
+            ForwardRequest::NexusUp { nexus, .. } => {
+                self.remote_nexus_seen(&target.name, nexus);
+                for lun in &target.luns {
+                    let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    shared.unit_attentions.remove(nexus);
+                }
+            }
+            ForwardRequest::NexusLost { nexus, .. } => {
+                self.remote_nexus_lost(&target, nexus);
+            }
+            ForwardRequest::Reset { luns, .. } => {
+                let nexuses = self.nexuses(&target.name);
+                for lun in target.luns.iter().filter(|l| luns.contains(&l.identity.lun)) {
+                    let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+                    shared.reset(&nexuses);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every remote nexus of a link that went down, as if each had logged out.
+    pub fn remote_nexuses_lost(&self, lost: &[(String, Nexus)]) {
+        for (target_name, nexus) in lost {
+            if let Some(target) = self.target(target_name) {
+                self.remote_nexus_lost(&target, nexus);
+            }
+        }
+    }
+
+    fn remote_nexus_lost(&self, target: &TargetNode<D>, nexus: &Nexus) {
+        {
+            let mut remote = self.remote_nexuses.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(set) = remote.get_mut(&target.name) {
+                set.remove(nexus);
+            }
+        }
+        for lun in &target.luns {
+            let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+            forget_nexus(&mut shared, nexus);
+        }
+    }
+}
+
+/// What SPC-4 ties to an I_T nexus and releases when it goes away.
+fn forget_nexus(shared: &mut LunShared, nexus: &Nexus) {
+    shared.reservations.nexus_lost(nexus);
+    shared.prevent_removal.remove(nexus);
+    shared.unit_attentions.remove(nexus);
+    // SPC-4: held copy results die with the I_T nexus.
+    shared.copy_results.retain(|r| r.nexus != *nexus);
 }
 
 impl<D: BlockDevice> TargetDirectory for Config<D> {
@@ -224,6 +328,23 @@ pub struct IoRequest<D> {
     pub op: IoOp,
 }
 
+/// A request for the node that holds a logical unit this connection reaches through a remote
+/// port ([`BlockDevice::forwards`]). The driver calls [`BlockDevice::forward`] and reports the
+/// answer with [`Connection::handle_forward_completion`] (notices too: their answer is
+/// ignored).
+pub struct ForwardTicket<D> {
+    pub itt: u32,
+    pub tag: u64,
+    pub device: Arc<D>,
+    pub request: ForwardRequest,
+}
+
+/// A task management request waiting for the logical unit's node.
+struct PendingTaskManagement {
+    itt: u32,
+    function: u8,
+}
+
 /// Things the driver must act on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
@@ -249,6 +370,8 @@ enum Phase {
     Collecting,
     /// Waiting for the I/O tagged `tag`.
     Io { tag: u64, pending: Pending },
+    /// Forwarded to the logical unit's node as the request tagged `tag`.
+    Forwarded { tag: u64 },
 }
 
 struct Task<D> {
@@ -299,6 +422,9 @@ pub struct Connection<D> {
     /// Large data segments sent without copying: (position in `transmit` where each goes, data).
     transmit_segments: Vec<(usize, Bytes)>,
     io: VecDeque<IoRequest<D>>,
+    forwards: VecDeque<ForwardTicket<D>>,
+    /// Task management requests forwarded and not answered yet, by request tag.
+    task_management: HashMap<u64, PendingTaskManagement>,
     events: VecDeque<Event>,
     /// Target transfer tag of an unanswered keepalive NOP-In.
     ping_outstanding: Option<u32>,
@@ -334,6 +460,8 @@ impl<D: BlockDevice> Connection<D> {
             transmit: Vec::with_capacity(64 * 1024),
             transmit_segments: Vec::new(),
             io: VecDeque::new(),
+            forwards: VecDeque::new(),
+            task_management: HashMap::new(),
             events: VecDeque::new(),
             ping_outstanding: None,
         }
@@ -370,6 +498,11 @@ impl<D: BlockDevice> Connection<D> {
         self.io.pop_front()
     }
 
+    /// The next request for a logical unit's node (remote ports only).
+    pub fn poll_forward(&mut self) -> Option<ForwardTicket<D>> {
+        self.forwards.pop_front()
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -398,16 +531,28 @@ impl<D: BlockDevice> Connection<D> {
             if let Some(t) = &session.target {
                 for lun in &t.luns {
                     let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
-                    shared.reservations.nexus_lost(&session.nexus);
-                    shared.prevent_removal.remove(&session.nexus);
-                    shared.unit_attentions.remove(&session.nexus);
-                    // SPC-4: held copy results die with the I_T nexus.
-                    shared.copy_results.retain(|r| r.nexus != *session.nexus);
+                    forget_nexus(&mut shared, &session.nexus);
+                    drop(shared);
+                    if lun.device.forwards() {
+                        // The logical unit's node forgets the nexus too (a lost link does
+                        // the same there).
+                        let request = ForwardRequest::NexusLost {
+                            target_name: t.name.clone(),
+                            nexus: (*session.nexus).clone(),
+                        };
+                        self.forwards.push_back(ForwardTicket {
+                            itt: TAG_NONE,
+                            tag: 0,
+                            device: lun.device.clone(),
+                            request,
+                        });
+                    }
                 }
             }
         }
         self.tasks.clear();
         self.io.clear();
+        self.task_management.clear();
         self.state = State::Closed;
         self.events.push_back(Event::Close);
     }
@@ -530,10 +675,12 @@ impl<D: BlockDevice> Connection<D> {
         self.stat_sn = e.stat_sn;
         self.digests = Digests { header: e.params.header_digest, data: e.params.data_digest };
         let target = e.target_name.as_deref().and_then(|n| self.config.target(n));
+        let port_offset = target.as_ref().map_or(0, |t| t.port_offset);
+        let relative_port = self.relative_port.saturating_add(port_offset);
         let nexus = Arc::new(Nexus {
             initiator_name: e.initiator_name.clone(),
             isid: e.isid,
-            relative_port: self.relative_port,
+            relative_port,
         });
         let mut key = None;
         if let (SessionType::Normal, Some(name)) = (e.session_type, &e.target_name) {
@@ -543,7 +690,7 @@ impl<D: BlockDevice> Connection<D> {
                 target_name: name.clone(),
             };
             let mut sessions = self.config.sessions.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((old, _)) = sessions.insert(k.clone(), (self.id, self.relative_port)) {
+            if let Some((old, _)) = sessions.insert(k.clone(), (self.id, relative_port)) {
                 self.events.push_back(Event::Reinstated { old_connection_id: old });
             } else if sessions.len() > SESSIONS_MAX {
                 sessions.remove(&k);
@@ -557,6 +704,19 @@ impl<D: BlockDevice> Connection<D> {
                 for lun in &t.luns {
                     let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
                     shared.unit_attentions.remove(&nexus);
+                    drop(shared);
+                    if lun.device.forwards() {
+                        let request = ForwardRequest::NexusUp {
+                            target_name: t.name.clone(),
+                            nexus: (*nexus).clone(),
+                        };
+                        self.forwards.push_back(ForwardTicket {
+                            itt: TAG_NONE,
+                            tag: 0,
+                            device: lun.device.clone(),
+                            request,
+                        });
+                    }
                 }
             }
         }
@@ -930,7 +1090,6 @@ impl<D: BlockDevice> Connection<D> {
     fn start(&mut self, itt: u32, immediate: Bytes) {
         let Some((nexus, target, config)) = self.context_parts() else { return };
         let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
-        let ports = config.ports.as_slice();
         let Some(task) = self.tasks.get_mut(&itt) else { return };
         let mut data_out =
             if immediate.is_empty() { std::mem::take(&mut task.data).freeze() } else { immediate };
@@ -983,30 +1142,76 @@ impl<D: BlockDevice> Connection<D> {
                 task.copy_list_id = Some(list_id);
             }
         }
-        // An ALUA state change since the previous command is announced to every nexus. The
-        // session registry is only consulted when the state did change.
-        let changed =
-            lun.shared.lock().unwrap_or_else(|p| p.into_inner()).alua_seen != Some(info.alua);
-        if changed {
-            let nexuses = config.nexuses(&lun.identity.target_name);
-            let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
-            shared.observe_alua(info.alua, &nexuses);
+        observe_alua(&config, &lun, info.alua);
+        if lun.device.forwards() {
+            self.forward_command(itt, &lun, &nexus, cdb, data_out);
+            return;
         }
-        let lun_info = |id: u64| lun_info(target.as_deref(), &nexus, id);
-        let device = lun.device.clone();
-        let port_groups = move || device.alua_port_groups();
-        let ctx = Context {
-            identity: &lun.identity,
-            info,
-            shared: &lun.shared,
-            nexus: &nexus,
-            luns,
-            ports,
-            lun_info: &lun_info,
-            port_groups: &port_groups,
-        };
-        let step = scsi::execute(&ctx, &cdb, data_out);
+        let step = with_context(&config, target.as_deref(), &lun, &nexus, info, |ctx| {
+            scsi::execute(ctx, &cdb, data_out)
+        });
         self.advance(itt, step, &lun, target.as_deref());
+    }
+
+    /// Hands a command for a remote port's logical unit to the driver. Unit attentions this
+    /// port raised itself (its ALUA state changed when the link came or went) are reported
+    /// first, here; everything else is the logical unit's business.
+    fn forward_command(
+        &mut self,
+        itt: u32,
+        lun: &Arc<LogicalUnit<D>>,
+        nexus: &Nexus,
+        cdb: [u8; 16],
+        data_out: Bytes,
+    ) {
+        let reports_attention =
+            !matches!(cdb[0], scsi::op::INQUIRY | scsi::op::REPORT_LUNS | scsi::op::REQUEST_SENSE);
+        if reports_attention {
+            let attention = {
+                let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+                shared.unit_attentions.get_mut(nexus).and_then(VecDeque::pop_front)
+            };
+            if let Some(sense) = attention {
+                self.finish(itt, Outcome::check(sense));
+                return;
+            }
+        }
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let Some(task) = self.tasks.get_mut(&itt) else { return };
+        task.phase = Phase::Forwarded { tag };
+        let request = ForwardRequest::Command(ForwardedCommand {
+            target_name: lun.identity.target_name.clone(),
+            lun: lun.identity.lun,
+            nexus: nexus.clone(),
+            cdb,
+            data_out,
+        });
+        self.forwards.push_back(ForwardTicket { itt, tag, device: lun.device.clone(), request });
+    }
+
+    /// Feeds back the answer to a [`ForwardTicket`]. A command that got no answer ends with a
+    /// retryable sense (never GOOD); a task management request that got none is rejected.
+    pub fn handle_forward_completion(
+        &mut self,
+        itt: u32,
+        tag: u64,
+        result: Result<ForwardReply, ForwardError>,
+    ) {
+        if let Some(pending) = self.task_management.remove(&tag) {
+            let response = if result.is_ok() { 0 } else { 255 };
+            self.respond_task_management(pending.itt, pending.function, response);
+            return;
+        }
+        let Some(task) = self.tasks.get(&itt) else { return };
+        if !matches!(task.phase, Phase::Forwarded { tag: t } if t == tag) {
+            return;
+        }
+        let outcome = match result {
+            Ok(ForwardReply::Outcome(outcome)) => outcome,
+            Ok(ForwardReply::Done) | Err(_) => ForwardedOutcome::retryable(),
+        };
+        self.finish_with(itt, outcome.outcome(), Some(outcome.descriptor_sense));
     }
 
     fn advance(
@@ -1016,20 +1221,9 @@ impl<D: BlockDevice> Connection<D> {
         lun: &Arc<LogicalUnit<D>>,
         target: Option<&TargetNode<D>>,
     ) {
-        let (device, op, pending) = match step {
-            Step::Done(outcome) => return self.finish(itt, outcome),
-            Step::Io(op, pending) => (lun.device.clone(), op, pending),
-            Step::IoAt(lun_id, op, pending) => {
-                match target.and_then(|t| t.lun(lun_id)) {
-                    Some(other) => (other.device.clone(), op, pending),
-                    // The LUN was resolved when the command started; a target replaced since
-                    // then may have lost it.
-                    None => {
-                        let sense = scsi::copy::sense_codes::UNREACHABLE_COPY_TARGET;
-                        return self.finish(itt, Outcome::check(sense));
-                    }
-                }
-            }
+        let (device, op, pending) = match resolve_step(step, lun, target) {
+            Ok(io) => io,
+            Err(outcome) => return self.finish(itt, outcome),
         };
         let tag = self.next_tag;
         self.next_tag += 1;
@@ -1056,27 +1250,19 @@ impl<D: BlockDevice> Connection<D> {
         };
         let Some(lun) = task.lun.clone() else { return };
         let Some((nexus, target, config)) = self.context_parts() else { return };
-        let luns: &[u64] = target.as_ref().map(|t| t.lun_ids.as_slice()).unwrap_or_default();
-        let ports = config.ports.as_slice();
-        let lun_info = |id: u64| lun_info(target.as_deref(), &nexus, id);
-        let device = lun.device.clone();
-        let port_groups = move || device.alua_port_groups();
-        let ctx = Context {
-            identity: &lun.identity,
-            info: lun.info(),
-            shared: &lun.shared,
-            nexus: &nexus,
-            luns,
-            ports,
-            lun_info: &lun_info,
-            port_groups: &port_groups,
-        };
-        let step = scsi::resume(&ctx, pending, result);
+        let step = with_context(&config, target.as_deref(), &lun, &nexus, lun.info(), |ctx| {
+            scsi::resume(ctx, pending, result)
+        });
         self.advance(itt, step, &lun, target.as_deref());
     }
 
     /// Sends the data and status of a finished task and forgets it.
     fn finish(&mut self, itt: u32, outcome: Outcome) {
+        self.finish_with(itt, outcome, None);
+    }
+
+    /// [`Connection::finish`], with the sense format given by a remote logical unit.
+    fn finish_with(&mut self, itt: u32, outcome: Outcome, descriptor_sense: Option<bool>) {
         let Some(task) = self.tasks.remove(&itt) else { return };
         let Some(params) = self.session_mut().map(|s| s.params.clone()) else { return };
         let block_size = task.lun.as_ref().map(|l| l.device.block_size_bytes()).unwrap_or(512);
@@ -1180,11 +1366,12 @@ impl<D: BlockDevice> Connection<D> {
                 return;
             }
         }
-        let descriptor = task
-            .lun
-            .as_ref()
-            .map(|l| l.shared.lock().map(|s| s.descriptor_sense).unwrap_or(false))
-            .unwrap_or(false);
+        let descriptor = descriptor_sense.unwrap_or_else(|| {
+            task.lun
+                .as_ref()
+                .map(|l| l.shared.lock().map(|s| s.descriptor_sense).unwrap_or(false))
+                .unwrap_or(false)
+        });
         let mut h = Header::new(opcode::SCSI_RESPONSE);
         h.set_flags(0x80 | flags);
         h.0[2] = 0;
@@ -1239,29 +1426,34 @@ impl<D: BlockDevice> Connection<D> {
                 None => 2,
                 Some(lun) => {
                     self.tasks.retain(|_, t| t.lun_id != lun_id);
-                    self.reset_lun(&lun);
+                    if self.reset_luns(header.itt(), function, &[lun]) {
+                        return;
+                    }
                     0
                 }
             },
             6 | 7 => {
                 self.tasks.clear();
-                if let State::FullFeature(s) = &self.state
-                    && let Some(t) = &s.target
-                {
-                    let luns = t.luns.clone();
-                    for lun in &luns {
-                        self.reset_lun(lun);
-                    }
+                let luns = match &self.state {
+                    State::FullFeature(s) => s.target.as_ref().map(|t| t.luns.clone()),
+                    _ => None,
+                };
+                if self.reset_luns(header.itt(), function, &luns.unwrap_or_default()) {
+                    return;
                 }
                 0
             }
             8 => 4,
             _ => 255,
         };
+        self.respond_task_management(header.itt(), function, response);
+    }
+
+    fn respond_task_management(&mut self, itt: u32, function: u8, response: u8) {
         let mut h = Header::new(opcode::TASK_MANAGEMENT_RESPONSE);
         h.set_flags(0x80);
         h.0[2] = response;
-        h.set_itt(header.itt());
+        h.set_itt(itt);
         let stat_sn = self.next_stat_sn();
         self.fill_sequence(&mut h, stat_sn);
         self.send(&h, &[]);
@@ -1271,10 +1463,168 @@ impl<D: BlockDevice> Connection<D> {
         }
     }
 
-    fn reset_lun(&mut self, lun: &Arc<LogicalUnit<D>>) {
-        let nexuses = self.config.nexuses(&lun.identity.target_name);
+    /// Resets local logical units at once and forwards the reset of remote ones; `true` when
+    /// the response must wait for the logical unit's node.
+    fn reset_luns(&mut self, itt: u32, function: u8, luns: &[Arc<LogicalUnit<D>>]) -> bool {
+        let mut remote = Vec::new();
+        let mut device = None;
+        for lun in luns {
+            if lun.device.forwards() {
+                remote.push(lun.identity.lun);
+                device.get_or_insert_with(|| lun.device.clone());
+                continue;
+            }
+            let nexuses = self.config.nexuses(&lun.identity.target_name);
+            let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+            shared.reset(&nexuses);
+        }
+        let (Some(device), Some((nexus, Some(target), _))) = (device, self.context_parts()) else {
+            return false;
+        };
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.task_management.insert(tag, PendingTaskManagement { itt, function });
+        let request = ForwardRequest::Reset {
+            target_name: target.name.clone(),
+            luns: remote,
+            nexus: (*nexus).clone(),
+        };
+        self.forwards.push_back(ForwardTicket { itt, tag, device, request });
+        true
+    }
+}
+
+/// Announces an ALUA state change since the previous command to every nexus of the logical
+/// unit. The session registry is only consulted when the state did change.
+fn observe_alua<D: BlockDevice>(config: &Config<D>, lun: &LogicalUnit<D>, state: AluaState) {
+    let changed = lun.shared.lock().unwrap_or_else(|p| p.into_inner()).alua_seen != Some(state);
+    if changed {
+        let nexuses = config.nexuses(&lun.identity.target_name);
         let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
-        shared.reset(&nexuses);
+        shared.observe_alua(state, &nexuses);
+    }
+}
+
+/// Runs `f` with the SCSI [`Context`] of `lun` as `nexus` sees it.
+fn with_context<D: BlockDevice, R>(
+    config: &Config<D>,
+    target: Option<&TargetNode<D>>,
+    lun: &LogicalUnit<D>,
+    nexus: &Nexus,
+    info: DeviceInfo,
+    f: impl FnOnce(&Context<'_>) -> R,
+) -> R {
+    let luns: &[u64] = target.map(|t| t.lun_ids.as_slice()).unwrap_or_default();
+    let lun_info = |id: u64| lun_info(target, nexus, id);
+    let device = lun.device.clone();
+    let port_groups = move || device.alua_port_groups();
+    let ctx = Context {
+        identity: &lun.identity,
+        info,
+        shared: &lun.shared,
+        nexus,
+        luns,
+        ports: config.ports.as_slice(),
+        port_offset: target.map_or(0, |t| t.port_offset),
+        remote_ports: target.map(|t| t.remote_ports.as_slice()).unwrap_or_default(),
+        lun_info: &lun_info,
+        port_groups: &port_groups,
+    };
+    f(&ctx)
+}
+
+/// The device and I/O a [`Step`] asks for, or the outcome it ends with.
+#[allow(clippy::type_complexity)]
+fn resolve_step<D: BlockDevice>(
+    step: Step,
+    lun: &Arc<LogicalUnit<D>>,
+    target: Option<&TargetNode<D>>,
+) -> Result<(Arc<D>, IoOp, Pending), Outcome> {
+    match step {
+        Step::Done(outcome) => Err(outcome),
+        Step::Io(op, pending) => Ok((lun.device.clone(), op, pending)),
+        Step::IoAt(lun_id, op, pending) => match target.and_then(|t| t.lun(lun_id)) {
+            Some(other) => Ok((other.device.clone(), op, pending)),
+            // The LUN was resolved when the command started; a target replaced since then
+            // may have lost it.
+            None => Err(Outcome::check(scsi::copy::sense_codes::UNREACHABLE_COPY_TARGET)),
+        },
+    }
+}
+
+/// A command that arrived on a remote port (forwarded by the node that owns the port),
+/// executed on this process's logical unit exactly as a local port's command: the same
+/// reservations, unit attentions and device lock. Pure, like [`Connection`]: the driver
+/// performs each [`LuStep::Io`] and feeds the result to [`LuTask::resume`].
+pub struct LuTask<D> {
+    config: Arc<Config<D>>,
+    target: Arc<TargetNode<D>>,
+    lun: Arc<LogicalUnit<D>>,
+    nexus: Arc<Nexus>,
+    pending: Option<Pending>,
+}
+
+/// What a [`LuTask`] needs next.
+pub enum LuStep<D> {
+    Done(ForwardedOutcome),
+    /// Perform `op` on `device` (under the device lock, as for local commands).
+    Io {
+        device: Arc<D>,
+        op: IoOp,
+    },
+}
+
+impl<D: BlockDevice> LuTask<D> {
+    /// Starts `command`; `Err` is the final outcome when the target or LUN is not here.
+    pub fn start(
+        config: Arc<Config<D>>,
+        command: ForwardedCommand,
+    ) -> Result<(Self, LuStep<D>), ForwardedOutcome> {
+        let not_here =
+            || ForwardedOutcome::new(Outcome::check(codes::LOGICAL_UNIT_NOT_SUPPORTED), false);
+        let target = config.target(&command.target_name).ok_or_else(not_here)?;
+        let lun = target.lun(command.lun).cloned().ok_or_else(not_here)?;
+        config.remote_nexus_seen(&target.name, &command.nexus);
+        let info = lun.info();
+        observe_alua(&config, &lun, info.alua);
+        let nexus = Arc::new(command.nexus);
+        let step = with_context(&config, Some(&target), &lun, &nexus, info, |ctx| {
+            scsi::execute(ctx, &command.cdb, command.data_out)
+        });
+        let mut task = Self { config, target, lun, nexus, pending: None };
+        let step = task.advance(step);
+        Ok((task, step))
+    }
+
+    /// Continues after the I/O of the last [`LuStep::Io`].
+    pub fn resume(&mut self, result: Result<IoData, DeviceError>) -> LuStep<D> {
+        let Some(pending) = self.pending.take() else {
+            return self.done(Outcome::check(codes::INTERNAL_TARGET_FAILURE));
+        };
+        let step = with_context(
+            &self.config,
+            Some(&self.target),
+            &self.lun,
+            &self.nexus,
+            self.lun.info(),
+            |ctx| scsi::resume(ctx, pending, result),
+        );
+        self.advance(step)
+    }
+
+    fn advance(&mut self, step: Step) -> LuStep<D> {
+        match resolve_step(step, &self.lun, Some(&self.target)) {
+            Ok((device, op, pending)) => {
+                self.pending = Some(pending);
+                LuStep::Io { device, op }
+            }
+            Err(outcome) => self.done(outcome),
+        }
+    }
+
+    fn done(&self, outcome: Outcome) -> LuStep<D> {
+        let descriptor = self.lun.shared.lock().map(|s| s.descriptor_sense).unwrap_or(false);
+        LuStep::Done(ForwardedOutcome::new(outcome, descriptor))
     }
 }
 

@@ -35,6 +35,9 @@ pub const COMMANDS_MAX: u32 = 128;
 pub const IMMEDIATE_COMMANDS_MAX: u32 = 16;
 /// Sessions per target process.
 pub const SESSIONS_MAX: usize = 1024;
+/// I_T nexuses of remote ports (sessions on other nodes whose commands run on this process's
+/// logical units) remembered for unit attentions, over all targets.
+pub const REMOTE_NEXUSES_MAX: usize = SESSIONS_MAX;
 /// Connections per session (we do not support MC/S).
 pub const CONNECTIONS_PER_SESSION_MAX: u32 = 1;
 /// Login PDUs per login phase: a login that loops longer than this is dropped.

@@ -8,11 +8,15 @@ use bytes::Bytes;
 #[cfg(doc)]
 use crate::constants::ATOMIC_WRITE_BYTES_MAX;
 use crate::constants::PAGE_ATOMIC_WRITE_BYTES;
+use crate::remote::{ForwardError, ForwardReply, ForwardRequest};
 
 /// ALUA access state of the LUN through this target (SPC-4 §5.16.2.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AluaState {
     ActiveOptimized,
+    /// Serves every command, more slowly: a remote port whose commands run on another node
+    /// ([`BlockDevice::forwards`]).
+    ActiveNonOptimized,
     Standby,
 }
 
@@ -21,6 +25,7 @@ impl AluaState {
     pub fn code(self) -> u8 {
         match self {
             Self::ActiveOptimized => 0x0,
+            Self::ActiveNonOptimized => 0x1,
             Self::Standby => 0x2,
         }
     }
@@ -139,6 +144,24 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Whether this port is a remote port of the logical unit: its SCSI commands (and LUN
+    /// resets, and the comings and goings of its I_T nexuses) run on the node that holds the
+    /// logical unit, through [`BlockDevice::forward`], instead of on this device. Asked when
+    /// each command starts; while it answers `false` the device serves locally (a storage
+    /// node's secondary then answers ALUA standby).
+    fn forwards(&self) -> bool {
+        false
+    }
+    /// Carries one request to the node that holds the logical unit and returns its answer.
+    /// An error means the request may not have run there; the caller answers with a
+    /// retryable sense, never with success.
+    fn forward(
+        &self,
+        request: ForwardRequest,
+    ) -> impl Future<Output = Result<ForwardReply, ForwardError>> + Send {
+        let _ = request;
+        std::future::ready(Err(ForwardError::Unavailable("this device forwards nothing".into())))
+    }
     /// Mapped/deallocated status from `offset_bytes` on, in order, covering at least the first byte.
     fn mapped_ranges(
         &self,

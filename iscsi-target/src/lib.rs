@@ -10,11 +10,14 @@ pub mod device;
 pub mod driver;
 pub mod login;
 pub mod pdu;
+pub mod remote;
 pub mod scsi;
 pub mod text;
 
 pub use connection::{
-    Config, Connection, Event, IoRequest, LogicalUnit, PortalAddress, TargetNode,
+    Config, Connection, Event, ForwardTicket, IoRequest, LogicalUnit, LuStep, LuTask,
+    PortalAddress, TargetNode,
 };
 pub use device::{AluaPortGroup, AluaState, BlockDevice, DeviceError, IoData, IoOp, MappedRange};
 pub use login::{AuthConfig, Credentials};
+pub use remote::{ForwardError, ForwardReply, ForwardRequest, ForwardedCommand, ForwardedOutcome};

@@ -1,6 +1,7 @@
 //! The pure protocol core driven through its public boundary (PDUs and I/O completions in,
 //! bytes and I/O requests out) with an in-memory device: login and CHAP, R2T flows, digests,
-//! task management, ALUA and malformed input.
+//! task management, ALUA, remote ports (commands forwarded to another node's logical unit)
+//! and malformed input.
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +28,8 @@ struct MemoryDevice {
     /// (atomic_write_max_bytes, atomic_write_alignment_bytes) to claim; the trait defaults
     /// when unset.
     atomic_limits_bytes: Mutex<Option<(u32, u32)>>,
+    /// A remote port: commands go to another node's logical unit.
+    forwarding: Mutex<bool>,
 }
 
 impl MemoryDevice {
@@ -36,6 +39,7 @@ impl MemoryDevice {
             alua: Mutex::new(AluaState::ActiveOptimized),
             peer_group: Mutex::new(None),
             atomic_limits_bytes: Mutex::new(None),
+            forwarding: Mutex::new(false),
         }
     }
     /// Performs an I/O synchronously, the way a driver would asynchronously.
@@ -94,6 +98,9 @@ impl BlockDevice for MemoryDevice {
         groups.extend(self.peer_group.lock().unwrap().clone());
         groups
     }
+    fn forwards(&self) -> bool {
+        *self.forwarding.lock().unwrap()
+    }
     fn atomic_write_max_bytes(&self) -> u32 {
         self.atomic_limits_bytes.lock().unwrap().map_or(4096, |(max, _)| max)
     }
@@ -134,6 +141,8 @@ struct Initiator {
     /// LUN commands address.
     lun: u64,
     held: Vec<iscsi_target::IoRequest<MemoryDevice>>,
+    /// Requests for a remote logical unit, until the test answers them.
+    forwarded: Vec<iscsi_target::ForwardTicket<MemoryDevice>>,
 }
 
 fn config(auth: AuthConfig) -> (Arc<Config<MemoryDevice>>, Arc<MemoryDevice>) {
@@ -169,6 +178,7 @@ impl Initiator {
             itt: 1,
             hold_io: false,
             held: Vec::new(),
+            forwarded: Vec::new(),
             isid: 0x0002_3d00_0001,
             lun: 0,
         }
@@ -197,6 +207,9 @@ impl Initiator {
     }
 
     fn run_io(&mut self) {
+        while let Some(ticket) = self.connection.poll_forward() {
+            self.forwarded.push(ticket);
+        }
         while let Some(request) = self.connection.poll_io() {
             if self.hold_io {
                 self.held.push(request);
@@ -1932,4 +1945,208 @@ mod persistent_reservations {
         let (_, responses) = other.command(&w, false, true, 512, &[1u8; 512], true);
         assert_eq!(status_of(responses.last().unwrap()).0, 0);
     }
+}
+
+/// Runs a forwarded request on `node`'s logical unit the way its driver would
+/// (`driver::execute_forwarded`), with synchronous I/O.
+fn execute_remote(
+    node: &Arc<Config<MemoryDevice>>,
+    request: iscsi_target::ForwardRequest,
+) -> Result<iscsi_target::ForwardReply, iscsi_target::ForwardError> {
+    use iscsi_target::{ForwardReply, ForwardRequest, LuStep, LuTask};
+    let command = match request {
+        ForwardRequest::Command(command) => command,
+        notice => return node.handle_remote_notice(&notice).map(|()| ForwardReply::Done),
+    };
+    let (mut task, mut step) = match LuTask::start(node.clone(), command) {
+        Ok(started) => started,
+        Err(outcome) => return Ok(ForwardReply::Outcome(outcome)),
+    };
+    loop {
+        match step {
+            LuStep::Done(outcome) => return Ok(ForwardReply::Outcome(outcome)),
+            LuStep::Io { device, op } => step = task.resume(device.perform(op)),
+        }
+    }
+}
+
+impl Initiator {
+    /// Answers every forwarded request: run on `node`, or lost with the link when `None`.
+    fn answer_forwards(&mut self, node: Option<&Arc<Config<MemoryDevice>>>) -> Vec<Pdu> {
+        for ticket in std::mem::take(&mut self.forwarded) {
+            let result = match node {
+                Some(node) => execute_remote(node, ticket.request),
+                None => Err(iscsi_target::ForwardError::Unavailable("link lost".into())),
+            };
+            self.connection.handle_forward_completion(ticket.itt, ticket.tag, result);
+        }
+        self.run_io();
+        self.receive()
+    }
+
+    /// TEST UNIT READY, answered through `node` when this port forwards.
+    fn test_unit_ready(&mut self, node: Option<&Arc<Config<MemoryDevice>>>) -> Pdu {
+        let (_, mut responses) = self.command(&[0; 6], false, false, 0, &[], true);
+        if responses.is_empty() {
+            responses = self.answer_forwards(node);
+        }
+        responses.remove(0)
+    }
+}
+
+/// The logical unit on node "primary" (ports numbered from 1) and a remote port of it on node
+/// "secondary" (its own device, which must stay untouched; ports numbered from 17).
+fn primary_and_remote_port() -> (Initiator, Initiator, Arc<Config<MemoryDevice>>, Arc<MemoryDevice>)
+{
+    let portals = || vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
+    let primary_device = Arc::new(MemoryDevice::new());
+    *primary_device.peer_group.lock().unwrap() = Some(AluaPortGroup {
+        group_id: 2,
+        state: AluaState::ActiveNonOptimized,
+        local: false,
+        relative_ports: vec![17],
+    });
+    let lun = Arc::new(LogicalUnit::new(TARGET, 0, primary_device.clone()));
+    let target = TargetNode::new(TARGET, vec![lun]).with_ports(0, vec![17]);
+    let primary = Arc::new(Config::new(vec![target], AuthConfig::default(), portals()));
+    let secondary_device = Arc::new(MemoryDevice::new());
+    *secondary_device.forwarding.lock().unwrap() = true;
+    *secondary_device.alua.lock().unwrap() = AluaState::ActiveNonOptimized;
+    let lun = Arc::new(LogicalUnit::new(TARGET, 0, secondary_device.clone()));
+    let target = TargetNode::new(TARGET, vec![lun]).with_ports(16, vec![1]);
+    let secondary = Arc::new(Config::new(vec![target], AuthConfig::default(), portals()));
+    let mut local = Initiator::new(primary.clone(), primary_device);
+    local.login(&[]);
+    let mut remote = Initiator::new(secondary, secondary_device.clone());
+    remote.login(&[]);
+    // The login told the primary about the remote nexus.
+    assert!(
+        remote.forwarded.iter().any(|t| matches!(&t.request,
+            iscsi_target::ForwardRequest::NexusUp { nexus, .. } if nexus.relative_port == 17)),
+        "a NexusUp for port 17"
+    );
+    remote.answer_forwards(Some(&primary));
+    (local, remote, primary, secondary_device)
+}
+
+#[test]
+fn a_remote_port_runs_its_commands_on_the_primarys_logical_unit() {
+    let (mut local, mut remote, primary, secondary_device) = primary_and_remote_port();
+    // A write through the remote port waits for the primary, then lands there only.
+    let data = pattern(4096, 3);
+    let (_, responses) = remote.write10(8, &data, 4096);
+    assert!(responses.is_empty(), "nothing answered before the primary did: {responses:?}");
+    let responses = remote.answer_forwards(Some(&primary));
+    assert_eq!(status_of(&responses[0]), (0, None));
+    assert_eq!(local.read10(8, 8), data);
+    assert!(secondary_device.data.lock().unwrap().iter().all(|b| *b == 0), "secondary untouched");
+    // Data-In comes back with the remote port's own expected length and residuals.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x28;
+    cdb[2..6].copy_from_slice(&8u32.to_be_bytes());
+    cdb[8] = 8;
+    remote.command(&cdb, true, false, 1024, &[], true);
+    let responses = remote.answer_forwards(Some(&primary));
+    let data_in: Vec<u8> = responses.iter().flat_map(|p| p.data.to_vec()).collect();
+    assert_eq!(data_in, data[..1024]);
+    let last = responses.last().unwrap();
+    assert_eq!((last.header.flags() & 0x04, last.header.u32_at(44)), (0x04, 4096 - 1024));
+
+    // VPD page 83h names the port a command arrived on and that port's group.
+    let port_and_group = |port: &mut Initiator| {
+        let (_, mut responses) =
+            port.command(&[0x12, 0x01, 0x83, 0x01, 0x00, 0x00], true, false, 256, &[], true);
+        if responses.is_empty() {
+            responses = port.answer_forwards(Some(&primary));
+        }
+        let page = &responses[0].data;
+        let (mut at, mut found) = (4, (0, 0));
+        while at + 4 <= page.len() {
+            let (kind, length) = (page[at + 1] & 0xf, usize::from(page[at + 3]));
+            let value = u16::from_be_bytes([page[at + 4 + length - 2], page[at + 4 + length - 1]]);
+            match kind {
+                4 => found.0 = value,
+                5 => found.1 = value,
+                _ => {}
+            }
+            at += 4 + length;
+        }
+        found
+    };
+    assert_eq!(port_and_group(&mut local), (1, 1));
+    assert_eq!(port_and_group(&mut remote), (17, 2));
+
+    // One reservation across both ports: RESERVE(6) on the local port blocks the remote one.
+    let (_, responses) = local.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0);
+    remote.write10(0, &pattern(512, 1), 512);
+    let responses = remote.answer_forwards(Some(&primary));
+    assert_eq!(status_of(&responses[0]), (0x18, None), "RESERVATION CONFLICT");
+    local.command(&[0x17, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+
+    // A LUN reset on the remote port is answered only once the primary reset the logical
+    // unit, and every nexus on both nodes gets its unit attention.
+    let mut h = Header::new(opcode::TASK_MANAGEMENT_REQUEST);
+    h.0[0] |= 0x40;
+    h.set_flags(0x80 | 5);
+    h.set_itt(0x77);
+    h.set_u32(20, 0xffff_ffff);
+    h.set_u32(24, remote.cmdsn);
+    assert!(remote.send(h, &[]).is_empty(), "the reset waits for the primary");
+    let responses = remote.answer_forwards(Some(&primary));
+    assert_eq!(
+        (responses[0].header.opcode(), responses[0].header.0[2]),
+        (opcode::TASK_MANAGEMENT_RESPONSE, 0)
+    );
+    for port in [&mut local, &mut remote] {
+        let response = port.test_unit_ready(Some(&primary));
+        assert_eq!(status_of(&response), (2, Some((6, 0x29, 0x03))), "BUS DEVICE RESET");
+        assert_eq!(status_of(&port.test_unit_ready(Some(&primary))).0, 0);
+    }
+
+    // Logging out of the remote port releases its nexus on the primary: its RESERVE(6) too.
+    remote.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    let responses = remote.answer_forwards(Some(&primary));
+    assert_eq!(status_of(&responses[0]).0, 0);
+    let (_, responses) = local.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0x18, "the remote nexus holds RESERVE(6)");
+    remote.connection.handle_disconnect();
+    remote.run_io();
+    assert!(
+        remote
+            .forwarded
+            .iter()
+            .any(|t| matches!(t.request, iscsi_target::ForwardRequest::NexusLost { .. })),
+        "the primary hears the nexus is gone"
+    );
+    remote.answer_forwards(Some(&primary));
+    let (_, responses) = local.command(&[0x16, 0, 0, 0, 0, 0], false, false, 0, &[], true);
+    assert_eq!(status_of(&responses[0]).0, 0, "released with the nexus");
+}
+
+#[test]
+fn a_lost_forward_link_never_completes_a_command_with_success() {
+    let (_local, mut remote, primary, _) = primary_and_remote_port();
+    remote.write10(0, &pattern(4096, 9), 4096);
+    let responses = remote.answer_forwards(None);
+    assert_eq!(status_of(&responses[0]), (2, Some((2, 0x04, 0x0a))), "NOT READY, ALUA TRANSITION");
+    // A reset that could not reach the logical unit is rejected, not confirmed.
+    let mut h = Header::new(opcode::TASK_MANAGEMENT_REQUEST);
+    h.0[0] |= 0x40;
+    h.set_flags(0x80 | 5);
+    h.set_itt(0x78);
+    h.set_u32(20, 0xffff_ffff);
+    h.set_u32(24, remote.cmdsn);
+    remote.send(h, &[]);
+    let responses = remote.answer_forwards(None);
+    assert_eq!(responses[0].header.0[2], 255, "function rejected");
+    // The port falls back to serving locally (standby) once it stops forwarding.
+    *remote.device.forwarding.lock().unwrap() = false;
+    *remote.device.alua.lock().unwrap() = AluaState::Standby;
+    let first = remote.test_unit_ready(None);
+    assert_eq!(status_of(&first), (2, Some((6, 0x2a, 0x06))), "ASYMMETRIC ACCESS STATE CHANGED");
+    let (_, responses) = remote.write10(0, &pattern(512, 1), 512);
+    assert_eq!(status_of(&responses[0]), (2, Some((2, 0x04, 0x0b))), "standby");
+    assert!(remote.forwarded.is_empty(), "nothing forwarded any more");
+    drop(primary);
 }

@@ -56,3 +56,32 @@ const _: () = assert!(CREATE_SETTLE_MS_MAX < 30_000, "answer before tandem-api g
 const _: () = assert!(PEER_CALL_TIMEOUT_MS_MAX <= CREATE_SETTLE_MS_MAX);
 const _: () = assert!(REPLICATION_PORTS_DEFAULT.0 <= REPLICATION_PORTS_DEFAULT.1);
 const _: () = assert!(RESOURCES_MAX <= 65_535, "resources become iSCSI targets; keep the set sane");
+
+/// Requests one forward link (secondary -> primary) has out at once: commands from the
+/// secondary's iSCSI port past this wait for a slot.
+pub const FORWARD_IN_FLIGHT_MAX: usize = 256;
+/// Frames queued for a forward link's socket (either side) before senders wait.
+pub const FORWARD_QUEUE_FRAMES_MAX: usize = 256;
+/// A forwarded request unanswered this long completes with a retryable sense.
+pub const FORWARD_REQUEST_TIMEOUT_MS: u64 = 30_000;
+/// Pause between attempts to (re)connect a forward link.
+pub const FORWARD_RECONNECT_INTERVAL_MS: u64 = 500;
+/// How long a connection attempt or the hello exchange may take.
+pub const FORWARD_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Bytes of one forward frame: a command's whole Data-Out or Data-In plus headers.
+pub const FORWARD_FRAME_BYTES_MAX: usize =
+    iscsi_target::constants::TRANSFER_BYTES_MAX as usize + 64 * 1024;
+/// Bytes of a string in a forward frame (names, IQNs).
+pub const FORWARD_STRING_BYTES_MAX: usize = 1024;
+/// LUNs one forwarded reset names.
+pub const FORWARD_RESET_LUNS_MAX: usize = iscsi_target::constants::LUNS_MAX;
+/// Relative target port identifiers each node numbers its ports in: node-id * this + port.
+pub const RELATIVE_PORTS_PER_NODE: u16 = 16;
+/// Remote I_T nexuses one inbound forward link tracks (to release them when it drops).
+pub const FORWARD_NEXUSES_PER_LINK_MAX: usize = iscsi_target::constants::REMOTE_NEXUSES_MAX;
+
+const _: () = assert!(FORWARD_QUEUE_FRAMES_MAX >= 1 && FORWARD_IN_FLIGHT_MAX >= 1);
+const _: () = assert!(FORWARD_RECONNECT_INTERVAL_MS < FORWARD_REQUEST_TIMEOUT_MS);
+const _: () = assert!(FORWARD_FRAME_BYTES_MAX < u32::MAX as usize);
+// Node ids run to 31 (DRBD's limit); the last node's ports must fit a u16 identifier.
+const _: () = assert!(32 * RELATIVE_PORTS_PER_NODE as u32 <= u16::MAX as u32);

@@ -71,6 +71,8 @@ pub struct Slot {
     /// Writes through the LUN hold it shared; a snapshot holds it exclusively, so no write is
     /// in flight while the replicas are copied.
     pub write_gate: tokio::sync::RwLock<()>,
+    /// The connected peer that is Primary, if any (where a remote port forwards to).
+    primary_peer: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -88,6 +90,11 @@ impl Slot {
 
     pub fn volume(&self) -> Option<u32> {
         lock(&self.plan).as_ref().ok().map(|p| p.volume)
+    }
+
+    /// The connected peer that is Primary, as the state watcher last saw it.
+    pub fn primary_peer(&self) -> Option<String> {
+        lock(&self.primary_peer).clone()
     }
 }
 
@@ -349,6 +356,8 @@ pub struct Host {
     portal: std::sync::OnceLock<Arc<iscsi_target::Config<ResourceLun>>>,
     /// Target names given per resource by tandem-api (`PUT`), instead of `PREFIX:NAME`.
     target_names: Mutex<BTreeMap<String, String>>,
+    /// Forward links: a Secondary's port serves through the Primary's logical unit.
+    pub forwarder: Arc<crate::forward::Forwarder>,
 }
 
 /// The tandem-api settings of an API-created resource, beside its `.res` file.
@@ -398,6 +407,7 @@ impl Host {
         config: Config,
     ) -> Result<Arc<Host>, String> {
         let (events, _) = broadcast::channel(EVENTS_BUFFER_MAX);
+        let forwarder = crate::forward::Forwarder::new(node_name.clone());
         let host = Arc::new(Host {
             settings,
             node_name,
@@ -407,6 +417,7 @@ impl Host {
             events,
             portal: std::sync::OnceLock::new(),
             target_names: Mutex::new(BTreeMap::new()),
+            forwarder,
         });
         *lock(&host.target_names) = stored_target_names(&host.settings);
         host.adopt(config)?;
@@ -460,6 +471,7 @@ impl Host {
                     last_view: Mutex::new(None),
                     split_brain_logged: AtomicBool::new(false),
                     write_gate: tokio::sync::RwLock::new(()),
+                    primary_peer: Mutex::new(None),
                 });
                 slots.insert(resource.name.clone(), slot.clone());
                 added.push(slot);
@@ -507,9 +519,13 @@ impl Host {
         if portal.target(&name).is_some() {
             return;
         }
-        let device = Arc::new(ResourceLun::new(slot.clone()));
+        let device = Arc::new(ResourceLun::with_forwarder(slot.clone(), self.forwarder.clone()));
         let lun = Arc::new(iscsi_target::LogicalUnit::new(&name, u64::from(volume), device));
-        portal.add_target(iscsi_target::TargetNode::new(name, vec![lun]));
+        let (port_offset, remote_ports) =
+            slot.plan().map(|plan| crate::lun::relative_ports(&plan)).unwrap_or_default();
+        portal.add_target(
+            iscsi_target::TargetNode::new(name, vec![lun]).with_ports(port_offset, remote_ports),
+        );
     }
 
     /// Forgets a resource that is down (HTTP delete): its target and its slot.
@@ -643,7 +659,15 @@ impl Host {
     pub async fn watch(self: Arc<Self>) {
         loop {
             for slot in &self.slots() {
-                let Some((view, status)) = self.sample(slot).await else { continue };
+                let Some((view, status)) = self.sample(slot).await else {
+                    *lock(&slot.primary_peer) = None;
+                    continue;
+                };
+                *lock(&slot.primary_peer) = view
+                    .peers
+                    .iter()
+                    .find(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected)
+                    .map(|p| p.name.clone());
                 let previous = lock(&slot.last_view).replace(view.clone());
                 if let Some(previous) = previous {
                     for line in status::change_lines(&previous, &view) {

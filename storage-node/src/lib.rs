@@ -6,6 +6,7 @@ pub mod constants;
 pub mod control;
 pub mod dump;
 pub mod engine_runtime;
+pub mod forward;
 pub mod host;
 pub mod loader;
 pub mod lun;

@@ -2,14 +2,22 @@
 //! `iscsi_target::BlockDevice` over the resource's `ReplicatedDevice`.
 //!
 //! The LUN exists for the whole life of tandemd (the target set is fixed when the portal
-//! starts); whether it serves I/O follows the resource: while this node is not Primary (or the
-//! resource is down) it answers ALUA standby, so initiators with multipath go to the other
+//! starts); whether it serves I/O follows the resource. On the Primary it is the logical unit,
+//! active/optimized. On a Secondary whose peer is Primary and whose forward link to that peer
+//! is up, this node's port is a remote port of the primary's logical unit: every command is
+//! forwarded (`crate::forward`) and the port is active/non-optimized. Otherwise (no link, the
+//! resource down) it answers ALUA standby, so initiators with multipath go to the other
 //! portal, and the SCSI layer refuses reads and writes with the standby sense.
 
-use crate::host::Slot;
+use crate::constants::RELATIVE_PORTS_PER_NODE;
+use crate::forward::{Forwarder, Link};
+use crate::host::{Plan, Slot};
 use bytes::Bytes;
 use drbd_engine::driver::DeviceError as EngineError;
-use iscsi_target::{AluaState, BlockDevice, DeviceError, MappedRange};
+use iscsi_target::{
+    AluaPortGroup, AluaState, BlockDevice, DeviceError, ForwardError, ForwardReply, ForwardRequest,
+    MappedRange,
+};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -30,13 +38,46 @@ fn pieces(offset_bytes: u64, length_bytes: u64) -> impl Iterator<Item = (u64, u6
         .map(move |start| (start, REQUEST_BYTES_MAX.min(end - start)))
 }
 
+/// The relative target port identifier of node `node_id`'s (single) portal: unique across
+/// the nodes of a resource, so one I_T nexus per path.
+pub fn relative_port_of(node_id: u8) -> u16 {
+    u16::from(node_id) * RELATIVE_PORTS_PER_NODE + 1
+}
+
+/// The target port group of node `node_id`'s ports.
+pub fn port_group_of(node_id: u8) -> u16 {
+    u16::from(node_id) + 1
+}
+
+/// (offset of this node's relative port identifiers, the peers' identifiers) for the target.
+pub fn relative_ports(plan: &Plan) -> (u16, Vec<u16>) {
+    let offset = u16::from(plan.driver.node_id.0) * RELATIVE_PORTS_PER_NODE;
+    (offset, plan.peer_names.keys().map(|id| relative_port_of(*id)).collect())
+}
+
 pub struct ResourceLun {
     slot: Arc<Slot>,
+    forwarder: Option<Arc<Forwarder>>,
 }
 
 impl ResourceLun {
     pub fn new(slot: Arc<Slot>) -> Self {
-        ResourceLun { slot }
+        ResourceLun { slot, forwarder: None }
+    }
+
+    /// A LUN that becomes a remote port of the peer's logical unit while this node is
+    /// Secondary and `forwarder` has a link up to the Primary peer.
+    pub fn with_forwarder(slot: Arc<Slot>, forwarder: Arc<Forwarder>) -> Self {
+        ResourceLun { slot, forwarder: Some(forwarder) }
+    }
+
+    /// The link commands go over now, if this port is a remote port.
+    fn forward_link(&self) -> Option<Arc<Link>> {
+        if self.slot.primary.load(Ordering::Acquire) {
+            return None;
+        }
+        let peer = self.slot.primary_peer()?;
+        self.forwarder.as_ref()?.link(&peer)
     }
 }
 
@@ -77,9 +118,60 @@ impl BlockDevice for ResourceLun {
     fn alua_state(&self) -> AluaState {
         if self.slot.primary.load(Ordering::Acquire) {
             AluaState::ActiveOptimized
+        } else if self.forward_link().is_some() {
+            AluaState::ActiveNonOptimized
         } else {
             AluaState::Standby
         }
+    }
+
+    /// Ours and each peer's group: a Primary peer active/optimized; a Secondary peer with a
+    /// forward link into this Primary active/non-optimized; others standby.
+    fn alua_port_groups(&self) -> Vec<AluaPortGroup> {
+        let Ok(plan) = self.slot.plan() else {
+            return vec![AluaPortGroup::local(self.alua_state())];
+        };
+        let primary = self.slot.primary.load(Ordering::Acquire);
+        let primary_peer = self.slot.primary_peer();
+        let mut groups = vec![AluaPortGroup {
+            group_id: port_group_of(plan.driver.node_id.0),
+            state: self.alua_state(),
+            local: true,
+            relative_ports: Vec::new(),
+        }];
+        for (id, name) in &plan.peer_names {
+            let forwarding_in = self.forwarder.as_ref().is_some_and(|f| f.has_inbound(name));
+            let state = if primary_peer.as_deref() == Some(name.as_str()) {
+                AluaState::ActiveOptimized
+            } else if primary && forwarding_in {
+                AluaState::ActiveNonOptimized
+            } else {
+                AluaState::Standby
+            };
+            groups.push(AluaPortGroup {
+                group_id: port_group_of(*id),
+                state,
+                local: false,
+                relative_ports: vec![relative_port_of(*id)],
+            });
+        }
+        groups
+    }
+
+    fn forwards(&self) -> bool {
+        self.forward_link().is_some()
+    }
+
+    async fn forward(&self, request: ForwardRequest) -> Result<ForwardReply, ForwardError> {
+        let Some(link) = self.forward_link() else {
+            return Err(ForwardError::Unavailable("no forward link to a primary".into()));
+        };
+        let node_id = self
+            .slot
+            .plan()
+            .map(|p| p.driver.node_id.0)
+            .map_err(|e| ForwardError::Unavailable(e.to_string()))?;
+        link.request(&self.slot.name, node_id, request).await
     }
 
     async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {
@@ -161,6 +253,16 @@ impl BlockDevice for ResourceLun {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_identifiers_and_groups_differ_across_nodes() {
+        // One I_T nexus per path: node ids 0..=31 give distinct ports and groups.
+        let ports: std::collections::BTreeSet<u16> = (0..32).map(relative_port_of).collect();
+        let groups: std::collections::BTreeSet<u16> = (0..32).map(port_group_of).collect();
+        assert_eq!((ports.len(), groups.len()), (32, 32));
+        assert_eq!((relative_port_of(0), relative_port_of(1)), (1, 17));
+        assert!(!ports.contains(&0) && !groups.contains(&0), "0 is reserved in SPC-4");
+    }
 
     #[test]
     fn large_requests_split_into_engine_sized_pieces() {

@@ -249,114 +249,15 @@ fn qemu_img_sees_the_size_and_converts_data() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
 
-/// Skips the conformance suite may report, each for something a disk LUN legitimately lacks.
-/// Any other skip fails the test: a feature that regresses into "not implemented" shows up.
-/// (substring of the `[SKIPPED]` line, why it is legitimate)
-const ALLOWED_SKIPS: &[(&str, &str)] = &[
-    (
-        "--allow-sanitize flag is not set",
-        "SANITIZE erases the whole LUN; the suite runs it only with -S, which we do not pass",
-    ),
-    ("Logical unit is not removable", "a virtual disk has no removable medium"),
-    ("Media is not removable", "a virtual disk has no removable medium"),
-    ("Logical unit is not write-protected", "the LUN is writable; there is no write protect"),
-    (
-        "LBPPB < 2",
-        "we report one logical block per physical block (any 512-byte block can be unmapped); \
-         with LBPPB >= 2, GetLBAStatus.UnmapSingle asks GET LBA STATUS at LBA i+1 for a first \
-         descriptor at LBA i+LBPPB, which SBC-3 forbids (the first descriptor starts at the \
-         requested LBA), so no valid geometry passes both",
-    ),
-];
-
-/// Conformance tests that fail against a correct target, by the source file CUnit names in its
-/// failure list, and why. The count of failed tests must not exceed one per test family
-/// (ALL, SCSI, LINUX) for each entry, and no other test may fail. Empty since the standalone
-/// file device journals atomic writes up to 128 KiB (WriteAtomic16.Simple writes 1..256 blocks
-/// atomically and expects GOOD); kept for the next suite defect.
-const KNOWN_TEST_DEFECTS: &[(&str, &str)] = &[];
-
-/// Test families the suite runs each test in.
-const FAMILIES: usize = 3;
+/// Conformance tests that fail against a correct target, by source file, and why. Empty since
+/// the standalone file device journals atomic writes up to 128 KiB (WriteAtomic16.Simple writes
+/// 1..256 blocks atomically and expects GOOD); kept for the next suite defect.
+const KNOWN_TEST_DEFECTS: &[tests::conformance::Explained] = &[];
 
 #[test]
 fn libiscsi_conformance_suite_has_no_unexplained_failures_or_skips() {
     tests::require_slow!();
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/iscsi-conformance");
-    assert!(script.is_file(), "{} is missing", script.display());
-    require_tool("iscsi-test-cu", "libiscsi-bin");
     let target = Target::start(2, &[]);
-    let log = tempfile::NamedTempFile::new().expect("log file");
-    // Normal mode (-n) so CUnit lists each failed assertion with its source file.
-    let output = run_with_timeout(
-        Command::new("bash")
-            .arg(&script)
-            .arg(target.url(0, ""))
-            .arg(target.url(1, ""))
-            .args(["--", "-n"])
-            .env("CONFORMANCE_LOG", log.path()),
-        Duration::from_secs(1500),
-    );
-    let text = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{text}");
-    let full = std::fs::read_to_string(log.path()).expect("conformance log");
-    let (ran, failed) = run_summary(&full).unwrap_or_else(|| panic!("no run summary:\n{text}"));
-    assert!(ran >= 600, "the suite ran {ran} tests only:\n{text}");
-    // Skips: every reason must be on the allow-list. Lines may be glued to CUnit's output in
-    // normal mode, so look for the marker anywhere.
-    let mut skips = 0;
-    for (at, _) in full.match_indices("[SKIPPED] ") {
-        let reason = full[at..].lines().next().unwrap_or_default();
-        skips += 1;
-        assert!(
-            ALLOWED_SKIPS.iter().any(|(allowed, _)| reason.contains(allowed)),
-            "a skip outside the allow-list: {reason}"
-        );
-    }
-    // Failures: only tests on the known-defect list, at most once per family.
-    for failure in failed_assertion_files(&full) {
-        assert!(
-            KNOWN_TEST_DEFECTS.iter().any(|(file, _)| failure == *file),
-            "a conformance test failed: {failure}\n{text}"
-        );
-    }
-    assert!(
-        failed <= KNOWN_TEST_DEFECTS.len() * FAMILIES,
-        "{failed} tests failed, more than the known defects explain:\n{text}"
-    );
-    eprintln!(
-        "conformance: {ran} tests ran, {failed} known-defect failures, {skips} allowed skips"
-    );
-}
-
-/// (tests run, tests failed) from CUnit's run summary.
-fn run_summary(log: &str) -> Option<(usize, usize)> {
-    let line = log.lines().find(|l| l.trim_start().starts_with("tests "))?;
-    let numbers: Vec<usize> = line.split_whitespace().filter_map(|w| w.parse().ok()).collect();
-    // tests <total> <ran> <passed> <failed> <inactive>
-    Some((*numbers.get(1)?, *numbers.get(3)?))
-}
-
-/// Source files of the failed assertions CUnit lists ("  12. test_x.c:56  - CU_ASSERT...").
-fn failed_assertion_files(log: &str) -> Vec<String> {
-    let mut files: Vec<String> = log
-        .split_whitespace()
-        .filter_map(|word| word.split_once(".c:").map(|(file, _)| format!("{file}.c")))
-        .filter(|file| file.starts_with("test_"))
-        .collect();
-    files.sort();
-    files.dedup();
-    files
-}
-
-#[test]
-fn known_defect_and_skip_tables_explain_themselves() {
-    for (entry, why) in ALLOWED_SKIPS.iter().chain(KNOWN_TEST_DEFECTS) {
-        assert!(!entry.is_empty() && why.len() > 20, "{entry}: say why");
-    }
-    let sample = "  1. test_writeatomic16_simple.c:56  - CU_ASSERT_EQUAL(_r,0)\n\
-                  tests    615    615    612      3        0\n";
-    assert_eq!(failed_assertion_files(sample), vec!["test_writeatomic16_simple.c".to_string()]);
-    assert_eq!(run_summary(sample), Some((615, 3)));
+    let urls = [target.url(0, ""), target.url(1, "")];
+    tests::conformance::run_and_check(&urls, &[tests::conformance::DISK_SKIPS], KNOWN_TEST_DEFECTS);
 }

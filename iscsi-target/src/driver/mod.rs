@@ -16,17 +16,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, RwLock, mpsc};
 
-use crate::connection::{Config, Connection, Event};
+use crate::connection::{Config, Connection, Event, ForwardTicket, LuStep, LuTask};
 use crate::constants::{
     BHS_BYTES, CHAP_CHALLENGE_BYTES, KEEPALIVE_INTERVAL_MS, TRANSMIT_BATCH_BYTES_MAX,
 };
 use crate::device::{BlockDevice, DeviceError, IoData, perform};
 use crate::pdu;
+use crate::remote::{ForwardError, ForwardReply, ForwardRequest};
 
 /// Live connections by id, so a reinstated session can close the old one; and one write lock
-/// per device, shared by every connection (multipath included).
+/// per device, shared by every connection (multipath included) and by commands forwarded from
+/// remote ports ([`execute_forwarded`]).
 #[derive(Default)]
-struct Registry {
+pub struct Registry {
     connections: Mutex<HashMap<u64, Arc<Notify>>>,
     next_id: AtomicU64,
     device_locks: Mutex<HashMap<usize, Arc<RwLock<()>>>>,
@@ -48,7 +50,16 @@ pub async fn serve<D: BlockDevice>(
     config: Arc<Config<D>>,
     listeners: Vec<(TcpListener, u16)>,
 ) -> std::io::Result<()> {
-    let registry = Arc::new(Registry::default());
+    serve_with(config, listeners, Arc::new(Registry::default())).await
+}
+
+/// [`serve`] with a registry shared with [`execute_forwarded`], so commands from remote ports
+/// take the same device locks as local ones.
+pub async fn serve_with<D: BlockDevice>(
+    config: Arc<Config<D>>,
+    listeners: Vec<(TcpListener, u16)>,
+    registry: Arc<Registry>,
+) -> std::io::Result<()> {
     let mut accept_tasks = Vec::new();
     for (listener, relative_port) in listeners {
         let config = config.clone();
@@ -98,6 +109,49 @@ pub async fn bind(portals: &[SocketAddr]) -> std::io::Result<Vec<(TcpListener, u
 }
 
 type Completion = (u32, u64, Result<IoData, DeviceError>);
+type ForwardCompletion = (u32, u64, Result<ForwardReply, ForwardError>);
+
+/// Runs a request that arrived from a remote port on this process's logical unit: a command
+/// as if it had arrived on a local port (same reservations, unit attentions, device lock), or
+/// a notice / reset. The caller (the transport between nodes) checks who sent it.
+pub async fn execute_forwarded<D: BlockDevice>(
+    config: &Arc<Config<D>>,
+    registry: &Registry,
+    request: ForwardRequest,
+) -> Result<ForwardReply, ForwardError> {
+    let command = match request {
+        ForwardRequest::Command(command) => command,
+        notice => return config.handle_remote_notice(&notice).map(|()| ForwardReply::Done),
+    };
+    let (mut task, mut step) = match LuTask::start(config.clone(), command) {
+        Ok(started) => started,
+        Err(outcome) => return Ok(ForwardReply::Outcome(outcome)),
+    };
+    loop {
+        match step {
+            LuStep::Done(outcome) => return Ok(ForwardReply::Outcome(outcome)),
+            LuStep::Io { device, op } => {
+                let lock = registry.device_lock(&device);
+                let result = perform_locked(&lock, &*device, op).await;
+                step = task.resume(result);
+            }
+        }
+    }
+}
+
+/// Sends each request for a remote logical unit on its way; answers come back on `answers`.
+fn dispatch_forwards<D: BlockDevice>(
+    connection: &mut Connection<D>,
+    answers: &mpsc::UnboundedSender<ForwardCompletion>,
+) {
+    while let Some(ForwardTicket { itt, tag, device, request }) = connection.poll_forward() {
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let result = device.forward(request).await;
+            let _ = answers.send((itt, tag, result));
+        });
+    }
+}
 
 async fn run_connection<D: BlockDevice>(
     stream: TcpStream,
@@ -113,6 +167,8 @@ async fn run_connection<D: BlockDevice>(
     let identifier: u8 = rand::random();
     let mut connection = Connection::new(id, config, relative_port, challenge, identifier);
     let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
+    // Bounded by the tasks in flight (the CmdSN window) plus a notice per logical unit.
+    let (forwards_tx, mut forwards) = mpsc::unbounded_channel::<ForwardCompletion>();
     let mut input = BytesMut::with_capacity(512 * 1024);
     let mut out = Outgoing::default();
     let mut locks: HashMap<usize, Arc<RwLock<()>>> = HashMap::new();
@@ -173,11 +229,13 @@ async fn run_connection<D: BlockDevice>(
                 }
             }
             dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
+            dispatch_forwards(&mut connection, &forwards_tx);
             if connection.transmit_bytes() >= TRANSMIT_BATCH_BYTES_MAX {
                 write_out(&mut connection, &mut out, &mut writer).await?;
             }
         }
         dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
+        dispatch_forwards(&mut connection, &forwards_tx);
         write_out(&mut connection, &mut out, &mut writer).await?;
         let mut close = failed;
         while let Some(event) = connection.poll_event() {
@@ -227,6 +285,12 @@ async fn run_connection<D: BlockDevice>(
                     connection.handle_io_completion(itt, tag, result);
                 }
             }
+            Some((itt, tag, result)) = forwards.recv() => {
+                connection.handle_forward_completion(itt, tag, result);
+                while let Ok((itt, tag, result)) = forwards.try_recv() {
+                    connection.handle_forward_completion(itt, tag, result);
+                }
+            }
             () = kill.notified() => break Ok(()),
         }
     };
@@ -234,6 +298,8 @@ async fn run_connection<D: BlockDevice>(
         eprintln!("conn {id}: closing ({result:?})");
     }
     connection.handle_disconnect();
+    // The logical unit's node hears that remote nexuses are gone.
+    dispatch_forwards(&mut connection, &forwards_tx);
     let _ = writer.shutdown().await;
     result
 }

@@ -147,12 +147,30 @@ pub struct Context<'a> {
     pub nexus: &'a Nexus,
     /// LUNs of the target, for REPORT LUNS.
     pub luns: &'a [u64],
-    /// Relative port identifiers of all target ports, for REPORT TARGET PORT GROUPS.
+    /// Relative port identifiers of the portals, for REPORT TARGET PORT GROUPS (plus
+    /// `port_offset`).
     pub ports: &'a [u16],
+    /// Added to each of `ports`: the target numbers its ports apart from other nodes'.
+    pub port_offset: u16,
+    /// The logical unit's ports on other nodes (persistent reservations name them too).
+    pub remote_ports: &'a [u16],
     /// Another LUN of the same target as this nexus may use it (EXTENDED COPY between LUNs).
     pub lun_info: &'a dyn Fn(u64) -> Option<OtherLun>,
     /// The logical unit's target port groups (REPORT TARGET PORT GROUPS, VPD page 83h).
     pub port_groups: &'a dyn Fn() -> Vec<AluaPortGroup>,
+}
+
+impl Context<'_> {
+    /// This target's relative port identifiers.
+    pub fn local_ports(&self) -> Vec<u16> {
+        self.ports.iter().map(|p| p.saturating_add(self.port_offset)).collect()
+    }
+    /// Every port of the logical unit: this target's and the remote ones.
+    pub fn all_ports(&self) -> Vec<u16> {
+        let mut ports = self.local_ports();
+        ports.extend_from_slice(self.remote_ports);
+        ports
+    }
 }
 
 /// The final result of a command.
@@ -1315,7 +1333,9 @@ fn report_target_port_groups(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
         d.push(0);
         d.push(0x02); // Implicit change.
         d.push(0);
-        let ports = if group.local { ctx.ports } else { group.relative_ports.as_slice() };
+        let local_ports = ctx.local_ports();
+        let ports =
+            if group.local { local_ports.as_slice() } else { group.relative_ports.as_slice() };
         d.push(u8::try_from(ports.len()).unwrap_or(u8::MAX));
         for port in ports.iter().take(usize::from(u8::MAX)) {
             d.extend_from_slice(&[0, 0]);
@@ -1327,9 +1347,15 @@ fn report_target_port_groups(ctx: &Context<'_>, cdb: &[u8; 16]) -> Outcome {
     truncated(d, allocation_length)
 }
 
-/// The id of the group holding this target's ports, for VPD page 83h.
+/// The id of the target port group of the port a command arrived on, for VPD page 83h.
 fn local_port_group_id(ctx: &Context<'_>) -> u16 {
-    (ctx.port_groups)().iter().find(|g| g.local).map_or(LOCAL_PORT_GROUP_ID, |g| g.group_id)
+    // The group of the port the command arrived on: on a remote port (a command forwarded from
+    // another node) that is the other node's group, which lists the port's identifier.
+    let groups = (ctx.port_groups)();
+    let port = ctx.nexus.relative_port;
+    let remote = groups.iter().find(|g| !g.local && g.relative_ports.contains(&port));
+    let local = groups.iter().find(|g| g.local);
+    remote.or(local).map_or(LOCAL_PORT_GROUP_ID, |g| g.group_id)
 }
 
 fn report_supported_opcodes(cdb: &[u8; 16]) -> Outcome {
@@ -1633,11 +1659,11 @@ fn persistent_reserve_out(
     }
     let params = &data[..parameter_length];
     if action == pr::REGISTER_AND_MOVE {
-        let result = shared.reservations.register_and_move(ctx.nexus, params, ctx.ports);
+        let result = shared.reservations.register_and_move(ctx.nexus, params, &ctx.all_ports());
         return prout_outcome(result, shared);
     }
     if action == 0 || action == 6 {
-        let result = shared.reservations.register(ctx.nexus, action, params, ctx.ports);
+        let result = shared.reservations.register(ctx.nexus, action, params, &ctx.all_ports());
         return prout_outcome(result, shared);
     }
     if parameter_length != pr::PROUT_PARAMETER_BYTES {

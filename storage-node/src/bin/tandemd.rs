@@ -7,7 +7,11 @@
 //!         [--chap USER:SECRET] [--mutual-chap USER:SECRET]
 //!         [--api-listen ADDR:PORT --api-token TOKEN]
 //!         [--replication-address IP] [--replication-ports MIN-MAX]
+//!         [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]
 //! ```
+//! `--forward-listen` accepts forward links from peers (this node serves their iSCSI ports
+//! while it is Primary); `--forward-peer` keeps a link to a peer's forward listener, so this
+//! node's port serves the peer's logical unit while the peer is Primary (multipath).
 //! Prints `tandemd: ready ...` on stdout once the control socket and the portal are up.
 
 use anyhow::{Context, bail};
@@ -23,17 +27,22 @@ use tokio::net::{UnixListener, UnixStream};
 const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
 [--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
 [--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN] \
-[--replication-address IP] [--replication-ports MIN-MAX]";
+[--replication-address IP] [--replication-ports MIN-MAX] \
+[--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]";
 
 struct Args {
     config_path: PathBuf,
     settings: NodeSettings,
+    forward_listen: Option<std::net::SocketAddr>,
+    forward_peers: Vec<(String, std::net::SocketAddr)>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
     let mut config_path = PathBuf::from("/etc/drbd.conf");
     let mut node_file = None;
     let mut flags: Vec<(String, String)> = Vec::new();
+    let mut forward_listen = None;
+    let mut forward_peers = Vec::new();
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
         if flag == "-h" || flag == "--help" {
@@ -50,6 +59,17 @@ fn parse_args() -> anyhow::Result<Args> {
         };
         match flag.as_str() {
             "-c" | "--config" => config_path = value.into(),
+            "--forward-listen" => {
+                forward_listen =
+                    Some(value.parse().with_context(|| format!("--forward-listen {value}"))?)
+            }
+            "--forward-peer" => {
+                let (node, address) = value
+                    .split_once('=')
+                    .with_context(|| format!("--forward-peer {value}: want NODE=ADDR:PORT"))?;
+                let address = address.parse().with_context(|| format!("--forward-peer {value}"))?;
+                forward_peers.push((node.to_owned(), address));
+            }
             "--node-file" => node_file = Some(PathBuf::from(value)),
             "--node"
             | "--portal"
@@ -81,7 +101,7 @@ fn parse_args() -> anyhow::Result<Args> {
     if settings.api_listen.is_some() && settings.api_token.is_none() {
         bail!("--api-listen needs --api-token (the HTTP API never runs without a bearer token)");
     }
-    Ok(Args { config_path, settings })
+    Ok(Args { config_path, settings, forward_listen, forward_peers })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -157,8 +177,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let portal_text = portals.first().map(|p| p.address.clone()).unwrap_or_default();
     let iscsi_config = Arc::new(iscsi_target::Config::new(Vec::new(), auth, portals));
     host.attach_portal(iscsi_config.clone());
+    // One set of device locks for local sessions and forwarded commands.
+    let registry = Arc::new(iscsi_target::driver::Registry::default());
+    let mut forward_text = String::new();
+    if let Some(address) = args.forward_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the forward listener {address}"))?;
+        forward_text = format!(
+            " forward={}",
+            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        let target = Arc::new(storage_node::forward::node::NodeForwardTarget {
+            host: host.clone(),
+            portal: iscsi_config.clone(),
+            registry: registry.clone(),
+        });
+        let forwarder = host.forwarder.clone();
+        tokio::spawn(async move {
+            if let Err(error) = storage_node::forward::serve(listener, forwarder, target).await {
+                tracing::error!(%error, "forward listener stopped");
+            }
+        });
+    }
+    for (peer, address) in &args.forward_peers {
+        host.forwarder.add_peer(peer, *address);
+    }
     tokio::spawn(async move {
-        if let Err(error) = iscsi_target::driver::serve(iscsi_config, listeners).await {
+        if let Err(error) =
+            iscsi_target::driver::serve_with(iscsi_config, listeners, registry).await
+        {
             tracing::error!(%error, "iSCSI portal stopped");
         }
     });
@@ -197,7 +245,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     host.restore().await;
     tokio::spawn(host.clone().watch());
     println!(
-        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text} resources={}",
+        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{forward_text} resources={}",
         socket.display(),
         host.slots().len()
     );
