@@ -859,6 +859,7 @@ pub fn router(state: ApiState) -> axum::Router {
         .route("/v1/resources/{name}/skip-initial-sync", post(skip_initial_sync))
         .route("/v1/resources/{name}/resize", post(resize))
         .route("/v1/resources/{name}/replication-endpoint", post(replication_endpoint))
+        .route_service("/metrics", crate::metrics::router(state.host.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
         .merge(public)
         .with_state(state)

@@ -64,6 +64,8 @@ pub struct Slot {
     pub size_bytes: AtomicU64,
     pub read_bytes: AtomicU64,
     pub written_bytes: AtomicU64,
+    /// The LUN's request counters (Prometheus metrics, upper-pending).
+    pub io: Arc<crate::metrics::LunIo>,
     last_view: Mutex<Option<ResourceView>>,
     split_brain_logged: AtomicBool,
 }
@@ -226,6 +228,8 @@ pub struct Host {
     portal: std::sync::OnceLock<Arc<iscsi_target::Config<ResourceLun>>>,
     /// Target names given per resource by tandem-api (`PUT`), instead of `PREFIX:NAME`.
     target_names: Mutex<BTreeMap<String, String>>,
+    /// The service IPs that follow each resource's role (node file `service-ip`).
+    pub service_ips: crate::service_ip::ServiceIps,
 }
 
 /// The tandem-api settings of an API-created resource, beside its `.res` file.
@@ -275,6 +279,7 @@ impl Host {
         config: Config,
     ) -> Result<Arc<Host>, String> {
         let (events, _) = broadcast::channel(EVENTS_BUFFER_MAX);
+        let settings_service_ips = settings.service_ips.clone();
         let host = Arc::new(Host {
             settings,
             node_name,
@@ -284,6 +289,7 @@ impl Host {
             events,
             portal: std::sync::OnceLock::new(),
             target_names: Mutex::new(BTreeMap::new()),
+            service_ips: crate::service_ip::ServiceIps::new(&settings_service_ips),
         });
         *lock(&host.target_names) = stored_target_names(&host.settings);
         host.adopt(config)?;
@@ -334,6 +340,7 @@ impl Host {
                     size_bytes: AtomicU64::new(size_bytes),
                     read_bytes: AtomicU64::new(0),
                     written_bytes: AtomicU64::new(0),
+                    io: Arc::default(),
                     last_view: Mutex::new(None),
                     split_brain_logged: AtomicBool::new(false),
                 });
@@ -470,6 +477,7 @@ impl Host {
                 size_kib: status.size_bytes / 1024,
                 read_kib: slot.read_bytes.load(Ordering::Relaxed) / 1024,
                 written_kib: slot.written_bytes.load(Ordering::Relaxed) / 1024,
+                upper_pending: slot.io.in_flight(),
             }],
             peers,
         }
@@ -503,7 +511,7 @@ impl Host {
         (code, out, err)
     }
 
-    async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
+    pub(crate) async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
         let device = slot.device()?;
         let plan = slot.plan().ok()?;
         let status = device.status().await.ok()?;
@@ -514,7 +522,10 @@ impl Host {
     pub async fn watch(self: Arc<Self>) {
         loop {
             for slot in &self.slots() {
-                let Some((view, status)) = self.sample(slot).await else { continue };
+                let Some((view, status)) = self.sample(slot).await else {
+                    self.service_ips.set_primary(&slot.name, false);
+                    continue;
+                };
                 let previous = lock(&slot.last_view).replace(view.clone());
                 if let Some(previous) = previous {
                     for line in status::change_lines(&previous, &view) {
@@ -531,6 +542,7 @@ impl Host {
                 }
                 // Keep the LUN's ALUA state in step with the engine's role.
                 slot.primary.store(view.role == Role::Primary, Ordering::Release);
+                self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
         }
@@ -720,6 +732,7 @@ impl Host {
                 match device.promote(options.force).await {
                     Ok(()) | Err(DeviceError::State(StateError::Already(Role::Primary))) => {
                         slot.primary.store(true, Ordering::Release);
+                        self.service_ips.set_primary(&slot.name, true);
                         Ok(())
                     }
                     Err(error) => Err(explain_state_error(&slot.name, "primary", error)),
@@ -731,7 +744,10 @@ impl Host {
                 // flight and demote.
                 let was_primary = slot.primary.swap(false, Ordering::AcqRel);
                 match device.demote().await {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        self.service_ips.set_primary(&slot.name, false);
+                        Ok(())
+                    }
                     Err(DeviceError::State(StateError::Already(Role::Secondary))) => Ok(()),
                     Err(error) => {
                         slot.primary.store(was_primary, Ordering::Release);
@@ -1033,6 +1049,7 @@ impl Host {
             }
         }
         let _ = std::fs::remove_file(marker(&self.settings, &slot.name));
+        self.service_ips.set_primary(&slot.name, false);
         if let Some(view) = view {
             for line in status::destroy_lines(&view) {
                 self.publish(&slot.name, line);

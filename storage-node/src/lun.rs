@@ -7,6 +7,7 @@
 //! portal, and the SCSI layer refuses reads and writes with the standby sense.
 
 use crate::host::Slot;
+use crate::metrics::Op;
 use bytes::Bytes;
 use drbd_engine::driver::DeviceError as EngineError;
 use iscsi_target::{AluaState, BlockDevice, DeviceError, MappedRange};
@@ -84,6 +85,7 @@ impl BlockDevice for ResourceLun {
 
     async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Read);
         let length = u64::from(length_bytes);
         let data = if length <= REQUEST_BYTES_MAX {
             device.read(offset_bytes, length).await.map_err(map_error)?
@@ -95,11 +97,13 @@ impl BlockDevice for ResourceLun {
             out.freeze()
         };
         self.slot.read_bytes.fetch_add(length, Ordering::Relaxed);
+        request.done(length);
         Ok(data)
     }
 
     async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Write);
         let length = data.len() as u64;
         if length <= REQUEST_BYTES_MAX {
             device.write(offset_bytes, data, fua).await.map_err(map_error)?;
@@ -119,26 +123,35 @@ impl BlockDevice for ResourceLun {
             }
         }
         self.slot.written_bytes.fetch_add(length, Ordering::Relaxed);
+        request.done(length);
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
-        self.device()?.flush().await.map_err(map_error)
+        let device = self.device()?;
+        let request = self.slot.io.begin(Op::Flush);
+        device.flush().await.map_err(map_error)?;
+        request.done(0);
+        Ok(())
     }
 
     async fn unmap(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Unmap);
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.discard(offset, piece).await.map_err(map_error)?;
         }
+        request.done(length_bytes);
         Ok(())
     }
 
     async fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::WriteZeroes);
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.write_zeroes(offset, piece).await.map_err(map_error)?;
         }
+        request.done(length_bytes);
         Ok(())
     }
 

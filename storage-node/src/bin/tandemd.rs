@@ -7,6 +7,7 @@
 //!         [--chap USER:SECRET] [--mutual-chap USER:SECRET]
 //!         [--api-listen ADDR:PORT --api-token TOKEN]
 //!         [--replication-address IP] [--replication-ports MIN-MAX]
+//!         [--metrics-listen ADDR:PORT] [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]
 //! ```
 //! Prints `tandemd: ready ...` on stdout once the control socket and the portal are up.
 
@@ -23,7 +24,8 @@ use tokio::net::{UnixListener, UnixStream};
 const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
 [--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
 [--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN] \
-[--replication-address IP] [--replication-ports MIN-MAX]";
+[--replication-address IP] [--replication-ports MIN-MAX] [--metrics-listen ADDR:PORT] \
+[--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]";
 
 struct Args {
     config_path: PathBuf,
@@ -62,7 +64,9 @@ fn parse_args() -> anyhow::Result<Args> {
             | "--api-token"
             | "--availability-zone"
             | "--replication-address"
-            | "--replication-ports" => flags.push((flag[2..].to_owned(), value)),
+            | "--replication-ports"
+            | "--metrics-listen"
+            | "--service-ip" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -80,6 +84,14 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if settings.api_listen.is_some() && settings.api_token.is_none() {
         bail!("--api-listen needs --api-token (the HTTP API never runs without a bearer token)");
+    }
+    if !settings.service_ips.is_empty() && !settings.portal.ip().is_unspecified() {
+        bail!(
+            "service-ip needs the portal on the wildcard address (e.g. --portal 0.0.0.0:{}): \
+             the portal binds once at start and must answer on the service IP as soon as it \
+             is added",
+            settings.portal.port()
+        );
     }
     Ok(Args { config_path, settings })
 }
@@ -194,10 +206,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    let mut metrics_text = String::new();
+    if let Some(address) = args.settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics listener on {address}"))?;
+        metrics_text = format!(
+            " metrics={}",
+            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        let router = storage_node::metrics::router(host.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "metrics listener stopped");
+            }
+        });
+    }
+
     host.restore().await;
+    for config in host.service_ips.configs() {
+        if host.slot(&config.resource).is_none() {
+            tracing::warn!(resource = %config.resource, "service-ip names a resource this node does not host");
+        }
+    }
+    // After restore: resources come back Secondary, so a service IP left by a crash goes.
+    host.service_ips.start();
     tokio::spawn(host.clone().watch());
     println!(
-        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text} resources={}",
+        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{metrics_text} resources={}",
         socket.display(),
         host.slots().len()
     );
