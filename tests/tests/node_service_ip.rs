@@ -10,8 +10,10 @@
 //!   the initiator kept the old MAC for 55 s), and the same URL reaches the new primary.
 //!   Measured: time from `tandemadm primary` to the first answered INQUIRY through the
 //!   service IP, per switchover (TANDEM_SERVICE_IP_RUNS, default 4).
-//! - kill -9 of the primary (its link then cut, as a dead host), primary on the other: the
-//!   address comes up there; the dead node's tandemd restarted removes its leftover address.
+//! - The primary's host dies (its link cut, then tandemd killed with -9) while a qemu-io
+//!   session writes through the service IP; `primary` on the other node: the address comes
+//!   up there, and the running session's next write completes (libiscsi reconnects); the
+//!   dead node's tandemd restarted removes its leftover address.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -148,6 +150,98 @@ fn adm(host: &Host, args: &[&str]) -> String {
     )
 }
 
+/// A qemu-io session through the service IP that keeps writing 4 KiB blocks (one command
+/// every 20 ms on its stdin) and timestamps every completion: what an initiator with I/O in
+/// flight sees across a failover (libiscsi reconnects by itself).
+struct LiveWriter {
+    child: std::process::Child,
+    completions: std::sync::Arc<std::sync::Mutex<Vec<(Instant, bool)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sender: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveWriter {
+    fn start(initiator: &NetNs) -> LiveWriter {
+        use std::io::{BufRead, Write};
+        // qemu-io's stdout is a pipe here: line buffering makes each result arrive at once.
+        let mut child = initiator
+            .exec("stdbuf")
+            .args(["-oL", "qemu-io", "-f", "raw"])
+            .arg(url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting qemu-io");
+        let completions = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stdout = child.stdout.take().expect("stdout");
+        let seen = completions.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let ok = line.contains("wrote ");
+                if ok || line.contains("failed") {
+                    seen.lock().expect("lock").push((Instant::now(), ok));
+                }
+            }
+        });
+        let mut stdin = child.stdin.take().expect("stdin");
+        let stopping = stop.clone();
+        let sender = std::thread::spawn(move || {
+            let mut block = 0u64;
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                // 2 MiB upward: away from the blocks the test checks.
+                let offset = (2 << 20) + (block % 256) * 4096;
+                if writeln!(stdin, "write -P 33 {offset} 4k").is_err() {
+                    return;
+                }
+                block += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = writeln!(stdin, "quit");
+        });
+        LiveWriter { child, completions, stop, sender: Some(sender) }
+    }
+
+    fn completed(&self) -> usize {
+        self.completions.lock().expect("lock").iter().filter(|(_, ok)| *ok).count()
+    }
+
+    /// Time from `start` to the first write completed after it.
+    fn first_write_after(&self, start: Instant, timeout: Duration) -> Duration {
+        loop {
+            let first = self
+                .completions
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|(at, ok)| *ok && *at > start)
+                .map(|(at, _)| *at - start);
+            if let Some(elapsed) = first {
+                return elapsed;
+            }
+            assert!(start.elapsed() < timeout, "no write completed within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Stops the session; returns how many writes failed.
+    fn stop(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.join();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().expect("try_wait").is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.completions.lock().expect("lock").iter().filter(|(_, ok)| !*ok).count()
+    }
+}
+
 fn median(values: &mut [Duration]) -> Duration {
     values.sort();
     values[values.len() / 2]
@@ -276,17 +370,25 @@ fn service_ip_follows_the_primary_with_gratuitous_arp() {
     // The primary dies (kill -9, then its link goes, as a dead host's would); the other node
     // promotes and takes the address; the dead node's restarted tandemd drops its leftover.
     let (dead, survivor) = (primary, 1 - primary);
+    let live = LiveWriter::start(&initiator);
+    tests::wait_for("the live initiator writes", Duration::from_secs(10), || live.completed() > 5);
+    hosts[dead].ns.set_link(DEVICE, false);
     daemons[dead].kill9();
-    tests::wait_for("the survivor sees the peer gone", Duration::from_secs(10), || {
+    let killed = Instant::now();
+    tests::wait_for("the survivor sees the peer gone", Duration::from_secs(60), || {
         adm(&hosts[survivor], &["cstate", "r0"]).trim() != "Connected"
     });
-    hosts[dead].ns.set_link(DEVICE, false);
+    let noticed = killed.elapsed();
     let started = Instant::now();
     adm(&hosts[survivor], &["primary", "r0"]);
     let elapsed = time_to_first_inquiry(&initiator, started);
+    let written = live.first_write_after(started, Duration::from_secs(60));
+    let errors = live.stop();
     println!(
-        "after kill -9 of {}: first INQUIRY through {SERVICE_IP} after {elapsed:?}",
-        hosts[dead].name
+        "{} gone (link cut, kill -9): the survivor noticed after {noticed:?}; from `primary` \
+         on {}: first INQUIRY through {SERVICE_IP} after {elapsed:?}, first write completed by \
+         the running qemu-io session after {written:?} ({errors} writes failed meanwhile)",
+        hosts[dead].name, hosts[survivor].name
     );
     assert_eq!(neighbour_mac(&initiator).as_deref(), Some(macs[survivor].as_str()));
     qemu_io(&initiator, &["read -P 17 0 64k"]);
