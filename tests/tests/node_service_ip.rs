@@ -405,3 +405,31 @@ fn service_ip_follows_the_primary_with_gratuitous_arp() {
     });
     drop(daemons);
 }
+
+#[test]
+fn a_service_ip_needs_the_portal_on_the_wildcard_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("empty.res");
+    std::fs::write(&config, "global { usage-count no; }\n").expect("config");
+    let output = run_with_timeout(
+        Command::new(binary("tandemd"))
+            .arg("-c")
+            .arg(&config)
+            .args(["--node", "alpha", "--portal", "127.0.0.1:3260"])
+            .arg("--control-socket")
+            .arg(dir.path().join("t.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--service-ip", &format!("r0 {SERVICE_IP}/24 dev {DEVICE}")]),
+        COMMAND_TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "tandemd started: {text}");
+    assert!(text.contains("service-ip needs the portal on the wildcard address"), "{text}");
+    let output = run_with_timeout(
+        Command::new(binary("tandemd")).args(["--service-ip", "r0 10.0.0.1 dev eth0"]),
+        COMMAND_TIMEOUT,
+    );
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && text.contains("--service-ip: service-ip wants"), "{text}");
+}
