@@ -269,6 +269,30 @@ impl ServiceIps {
         }
     }
 
+    /// Whether any service IP is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Removes every configured address this node holds (tandemd is stopping: nothing will
+    /// answer on it, and a peer promoted later must not find it taken).
+    pub async fn release_all(&self) {
+        for entry in self.entries.values() {
+            let config = &entry.config;
+            entry.wanted.send_replace(false);
+            if address_present(config).unwrap_or(true) {
+                match ip_addr("del", config).await {
+                    Ok(()) => tracing::info!(resource = %config.resource,
+                        address = %config.cidr(), "service IP removed (stopping)"),
+                    Err(error) => {
+                        tracing::error!(resource = %config.resource, "service IP: {error}")
+                    }
+                }
+            }
+            entry.assigned.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// `(ADDRESS/PREFIX, device, assigned)` of a resource's service IP, for metrics.
     pub fn sample(&self, resource: &str) -> Option<(String, String, bool)> {
         self.entries

@@ -13,7 +13,8 @@
 //! - The primary's host dies (its link cut, then tandemd killed with -9) while a qemu-io
 //!   session writes through the service IP; `primary` on the other node: the address comes
 //!   up there, and the running session's next write completes (libiscsi reconnects); the
-//!   dead node's tandemd restarted removes its leftover address.
+//!   dead node's tandemd restarted removes its leftover address; `down` and a SIGTERM'd
+//!   tandemd remove it too.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -403,6 +404,15 @@ fn service_ip_follows_the_primary_with_gratuitous_arp() {
     tests::wait_for("down removes the address", Duration::from_secs(5), || {
         !has_service_ip(&hosts[survivor].ns)
     });
+    // A stopped tandemd (SIGTERM) gives its address up.
+    adm(&hosts[survivor], &["up", "r0"]);
+    adm(&hosts[survivor], &["primary", "--force", "r0"]);
+    tests::wait_for("the address is back", Duration::from_secs(5), || {
+        has_service_ip(&hosts[survivor].ns)
+    });
+    let status = daemons[survivor].stop().expect("stopped");
+    assert_eq!(status.code(), Some(143), "exits as SIGTERM would: {status}");
+    assert!(!has_service_ip(&hosts[survivor].ns), "SIGTERM removes the service IP");
     drop(daemons);
 }
 

@@ -231,6 +231,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     // After restore: resources come back Secondary, so a service IP left by a crash goes.
     host.service_ips.start();
+    if !host.service_ips.is_empty() {
+        // Only with service IPs does stopping need work: without, SIGTERM keeps its default.
+        tokio::spawn(release_service_ips_on_signal(host.clone()));
+    }
     tokio::spawn(host.clone().watch());
     println!(
         "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{metrics_text} resources={}",
@@ -247,6 +251,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             drop(permit);
         });
     }
+}
+
+/// On SIGTERM or SIGINT, removes the service IPs this node holds, then exits as the signal
+/// would have (128 + signal number).
+async fn release_service_ips_on_signal(host: Arc<Host>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot watch SIGTERM/SIGINT: service IPs stay on a stop");
+        return;
+    };
+    let code = tokio::select! {
+        _ = terminate.recv() => 128 + libc::SIGTERM,
+        _ = interrupt.recv() => 128 + libc::SIGINT,
+    };
+    host.service_ips.release_all().await;
+    std::process::exit(code);
 }
 
 async fn serve_client(host: Arc<Host>, stream: UnixStream) {
