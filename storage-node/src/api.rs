@@ -901,6 +901,7 @@ pub fn router(state: ApiState) -> axum::Router {
             put(snapshots::put).delete(snapshots::delete),
         )
         .route("/v1/resources/{name}/replication-endpoint", post(replication_endpoint))
+        .route_service("/metrics", crate::metrics::router(state.host.clone()))
         .layer(axum::middleware::from_fn_with_state(state.clone(), require_token))
         .merge(public)
         .with_state(state)

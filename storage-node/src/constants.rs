@@ -49,12 +49,34 @@ pub const INCLUDE_FILES_MAX: usize = 4096;
 /// Attempts to isolate broken include files (one more file dropped per attempt).
 pub const BROKEN_FILE_RETRIES_MAX: usize = 64;
 
+/// Scrapes of `/metrics` served at once (each samples every resource's engine); more get 503.
+pub const METRICS_SCRAPES_MAX: usize = 4;
+/// The LUN's latency histograms: the first bucket's upper bound, the factor between buckets
+/// and their number (25 us .. 13 s: a page-cache hit to a stalled replica).
+pub const LATENCY_BUCKET_START_S: f64 = 0.000_025;
+pub const LATENCY_BUCKET_FACTOR: f64 = 2.0;
+pub const LATENCY_BUCKETS_MAX: u16 = 20;
+/// Gratuitous ARP rounds (request + reply each) after a service IP is added, and the pause
+/// between them: the first goes out at once, the others cover a lost frame.
+pub const GRATUITOUS_ARP_ROUNDS_MAX: u32 = 3;
+pub const GRATUITOUS_ARP_INTERVAL_MS: u64 = 200;
+/// How often a service IP's driver re-checks the interface (and retries a failed action).
+pub const SERVICE_IP_CHECK_INTERVAL_MS: u64 = 1000;
+
 const _: () = assert!(CONTROL_CONNECTIONS_MAX >= 2, "tandemadm events2 must not block others");
 const _: () = assert!(BROKEN_FILE_RETRIES_MAX <= INCLUDE_FILES_MAX);
 const _: () = assert!(WAIT_POLL_INTERVAL_MS <= 1000 && STATE_POLL_INTERVAL_MS <= 1000);
 const _: () = assert!(CREATE_SETTLE_MS_MAX < 30_000, "answer before tandem-api gives up");
 const _: () = assert!(PEER_CALL_TIMEOUT_MS_MAX <= CREATE_SETTLE_MS_MAX);
 const _: () = assert!(REPLICATION_PORTS_DEFAULT.0 <= REPLICATION_PORTS_DEFAULT.1);
+const _: () = assert!(METRICS_SCRAPES_MAX >= 1);
+const _: () = assert!(LATENCY_BUCKETS_MAX >= 2 && LATENCY_BUCKETS_MAX <= 64);
+const _: () = assert!(GRATUITOUS_ARP_ROUNDS_MAX >= 1 && GRATUITOUS_ARP_ROUNDS_MAX <= 10);
+const _: () = assert!(
+    GRATUITOUS_ARP_INTERVAL_MS * (GRATUITOUS_ARP_ROUNDS_MAX as u64) <= 5_000,
+    "announcements end within seconds of a failover"
+);
+const _: () = assert!(SERVICE_IP_CHECK_INTERVAL_MS >= STATE_POLL_INTERVAL_MS);
 const _: () = assert!(RESOURCES_MAX <= 65_535, "resources become iSCSI targets; keep the set sane");
 
 /// Requests one forward link (secondary -> primary) has out at once: commands from the

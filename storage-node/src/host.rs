@@ -66,6 +66,8 @@ pub struct Slot {
     pub size_bytes: AtomicU64,
     pub read_bytes: AtomicU64,
     pub written_bytes: AtomicU64,
+    /// The LUN's request counters (Prometheus metrics, upper-pending).
+    pub io: Arc<crate::metrics::LunIo>,
     last_view: Mutex<Option<ResourceView>>,
     split_brain_logged: AtomicBool,
     /// Writes through the LUN hold it shared; a snapshot holds it exclusively, so no write is
@@ -358,6 +360,8 @@ pub struct Host {
     target_names: Mutex<BTreeMap<String, String>>,
     /// Forward links: a Secondary's port serves through the Primary's logical unit.
     pub forwarder: Arc<crate::forward::Forwarder>,
+    /// The service IPs that follow each resource's role (node file `service-ip`).
+    pub service_ips: crate::service_ip::ServiceIps,
 }
 
 /// The tandem-api settings of an API-created resource, beside its `.res` file.
@@ -408,6 +412,7 @@ impl Host {
     ) -> Result<Arc<Host>, String> {
         let (events, _) = broadcast::channel(EVENTS_BUFFER_MAX);
         let forwarder = crate::forward::Forwarder::new(node_name.clone());
+        let settings_service_ips = settings.service_ips.clone();
         let host = Arc::new(Host {
             settings,
             node_name,
@@ -418,6 +423,7 @@ impl Host {
             portal: std::sync::OnceLock::new(),
             target_names: Mutex::new(BTreeMap::new()),
             forwarder,
+            service_ips: crate::service_ip::ServiceIps::new(&settings_service_ips),
         });
         *lock(&host.target_names) = stored_target_names(&host.settings);
         host.adopt(config)?;
@@ -468,6 +474,7 @@ impl Host {
                     size_bytes: AtomicU64::new(size_bytes),
                     read_bytes: AtomicU64::new(0),
                     written_bytes: AtomicU64::new(0),
+                    io: Arc::default(),
                     last_view: Mutex::new(None),
                     split_brain_logged: AtomicBool::new(false),
                     write_gate: tokio::sync::RwLock::new(()),
@@ -615,6 +622,7 @@ impl Host {
                 read_kib: slot.read_bytes.load(Ordering::Relaxed) / 1024,
                 written_kib: slot.written_bytes.load(Ordering::Relaxed) / 1024,
                 quorum: status.quorum,
+                upper_pending: slot.io.in_flight(),
             }],
             peers,
         }
@@ -648,7 +656,7 @@ impl Host {
         (code, out, err)
     }
 
-    async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
+    pub(crate) async fn sample(&self, slot: &Slot) -> Option<(ResourceView, Status)> {
         let device = slot.device()?;
         let plan = slot.plan().ok()?;
         let status = device.status().await.ok()?;
@@ -661,6 +669,7 @@ impl Host {
             for slot in &self.slots() {
                 let Some((view, status)) = self.sample(slot).await else {
                     *lock(&slot.primary_peer) = None;
+                    self.service_ips.set_primary(&slot.name, false);
                     continue;
                 };
                 *lock(&slot.primary_peer) = view
@@ -684,6 +693,7 @@ impl Host {
                 }
                 // Keep the LUN's ALUA state in step with the engine's role.
                 slot.primary.store(view.role == Role::Primary, Ordering::Release);
+                self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
         }
@@ -873,6 +883,7 @@ impl Host {
                 match device.promote(options.force).await {
                     Ok(()) | Err(DeviceError::State(StateError::Already(Role::Primary))) => {
                         slot.primary.store(true, Ordering::Release);
+                        self.service_ips.set_primary(&slot.name, true);
                         Ok(())
                     }
                     Err(error) => Err(explain_state_error(&slot.name, "primary", error)),
@@ -884,7 +895,10 @@ impl Host {
                 // flight and demote.
                 let was_primary = slot.primary.swap(false, Ordering::AcqRel);
                 match device.demote().await {
-                    Ok(()) => Ok(()),
+                    Ok(()) => {
+                        self.service_ips.set_primary(&slot.name, false);
+                        Ok(())
+                    }
                     Err(DeviceError::State(StateError::Already(Role::Secondary))) => Ok(()),
                     Err(error) => {
                         slot.primary.store(was_primary, Ordering::Release);
@@ -1227,6 +1241,7 @@ impl Host {
             }
         }
         let _ = std::fs::remove_file(marker(&self.settings, &slot.name));
+        self.service_ips.set_primary(&slot.name, false);
         if let Some(view) = view {
             for line in status::destroy_lines(&view) {
                 self.publish(&slot.name, line);

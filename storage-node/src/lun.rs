@@ -12,6 +12,7 @@
 use crate::constants::RELATIVE_PORTS_PER_NODE;
 use crate::forward::{Forwarder, Link};
 use crate::host::{Plan, Slot};
+use crate::metrics::Op;
 use bytes::Bytes;
 use drbd_engine::driver::DeviceError as EngineError;
 use iscsi_target::{
@@ -176,6 +177,7 @@ impl BlockDevice for ResourceLun {
 
     async fn read(&self, offset_bytes: u64, length_bytes: u32) -> Result<Bytes, DeviceError> {
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Read);
         let length = u64::from(length_bytes);
         let data = if length <= REQUEST_BYTES_MAX {
             device.read(offset_bytes, length).await.map_err(map_error)?
@@ -187,12 +189,14 @@ impl BlockDevice for ResourceLun {
             out.freeze()
         };
         self.slot.read_bytes.fetch_add(length, Ordering::Relaxed);
+        request.done(length);
         Ok(data)
     }
 
     async fn write(&self, offset_bytes: u64, data: Bytes, fua: bool) -> Result<(), DeviceError> {
         let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Write);
         let length = data.len() as u64;
         if length <= REQUEST_BYTES_MAX {
             device.write(offset_bytes, data, fua).await.map_err(map_error)?;
@@ -212,28 +216,37 @@ impl BlockDevice for ResourceLun {
             }
         }
         self.slot.written_bytes.fetch_add(length, Ordering::Relaxed);
+        request.done(length);
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
-        self.device()?.flush().await.map_err(map_error)
+        let device = self.device()?;
+        let request = self.slot.io.begin(Op::Flush);
+        device.flush().await.map_err(map_error)?;
+        request.done(0);
+        Ok(())
     }
 
     async fn unmap(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
         let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::Unmap);
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.discard(offset, piece).await.map_err(map_error)?;
         }
+        request.done(length_bytes);
         Ok(())
     }
 
     async fn write_zeroes(&self, offset_bytes: u64, length_bytes: u64) -> Result<(), DeviceError> {
         let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
+        let request = self.slot.io.begin(Op::WriteZeroes);
         for (offset, piece) in pieces(offset_bytes, length_bytes) {
             device.write_zeroes(offset, piece).await.map_err(map_error)?;
         }
+        request.done(length_bytes);
         Ok(())
     }
 

@@ -16,6 +16,8 @@
 //! api-token       a-long-random-secret
 //! replication-address 192.0.2.10   # where resources created through the API listen
 //! replication-ports   7789-8788    # ports they take, one per resource
+//! metrics-listen  0.0.0.0:9943     # Prometheus /metrics without the API token
+//! service-ip      r0 192.0.2.100/24 dev eth0   # moves with r0's primary (one line each)
 //! ```
 
 use crate::constants::{
@@ -48,6 +50,10 @@ pub struct NodeSettings {
     pub replication_address: Option<std::net::IpAddr>,
     /// The ports (inclusive) those resources take, one each; DRBD's habit is 7789 upward.
     pub replication_ports: (u16, u16),
+    /// Where `GET /metrics` is served without a token (off when absent).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-resource service IPs (`service-ip` lines, one per resource).
+    pub service_ips: Vec<crate::service_ip::ServiceIpConfig>,
 }
 
 impl Default for NodeSettings {
@@ -65,6 +71,8 @@ impl Default for NodeSettings {
             availability_zone: "nova".into(),
             replication_address: None,
             replication_ports: REPLICATION_PORTS_DEFAULT,
+            metrics_listen: None,
+            service_ips: Vec::new(),
         }
     }
 }
@@ -126,6 +134,19 @@ impl NodeSettings {
                     format!("replication-ports wants MIN-MAX (1-65535), got '{value}'")
                 })?;
             }
+            "metrics-listen" => {
+                self.metrics_listen =
+                    Some(value.parse().map_err(|_| {
+                        format!("metrics-listen wants ADDRESS:PORT, got '{value}'")
+                    })?);
+            }
+            "service-ip" => {
+                let config = crate::service_ip::ServiceIpConfig::parse(value)?;
+                if self.service_ips.iter().any(|c| c.resource == config.resource) {
+                    return Err(format!("service-ip: {} has one already", config.resource));
+                }
+                self.service_ips.push(config);
+            }
             "api-token" => {
                 if value.len() < 16 {
                     return Err("api-token must be at least 16 characters".into());
@@ -136,7 +157,7 @@ impl NodeSettings {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
                      iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone, replication-address, \
-                     replication-ports)"
+                     replication-ports, metrics-listen, service-ip)"
                 ));
             }
         }
@@ -197,6 +218,17 @@ mod tests {
         assert_eq!(settings.target_name("r1"), "iqn.2030-01.com.example:r1");
         assert_eq!(settings.chap, Some(("u".into(), "s".into())));
         assert_eq!(settings.node.as_deref(), Some("a"));
+        assert_eq!(settings.metrics_listen, None);
+        settings
+            .apply_file(
+                "node.conf",
+                "metrics-listen 0.0.0.0:9943\nservice-ip r0 10.9.0.100/24 dev eth0\n\
+                 service-ip r1 10.9.0.101/24 dev eth0\n",
+            )
+            .expect("valid");
+        assert_eq!(settings.metrics_listen, Some("0.0.0.0:9943".parse().expect("addr")));
+        let ips: Vec<String> = settings.service_ips.iter().map(|c| c.cidr()).collect();
+        assert_eq!(ips, ["10.9.0.100/24", "10.9.0.101/24"]);
     }
 
     #[test]
@@ -211,6 +243,12 @@ mod tests {
             ("replication-ports 9-3", "node.conf:1: replication-ports wants MIN-MAX"),
             ("replication-ports 0-3", "node.conf:1: replication-ports wants MIN-MAX"),
             ("replication-address x", "node.conf:1: replication-address wants an IP"),
+            ("metrics-listen 9943", "node.conf:1: metrics-listen wants ADDRESS:PORT"),
+            ("service-ip r0 10.0.0.1/24", "node.conf:1: service-ip wants 'RESOURCE"),
+            (
+                "service-ip r0 10.0.0.1/24 dev e0\nservice-ip r0 10.0.0.2/24 dev e0",
+                "node.conf:2: service-ip: r0 has one already",
+            ),
         ];
         for (text, expected) in cases {
             let error = NodeSettings::default().apply_file("node.conf", text).expect_err(text);

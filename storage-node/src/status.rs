@@ -31,6 +31,8 @@ pub struct VolumeView {
     pub written_kib: u64,
     /// DRBD's `quorum:` (yes also with quorum off).
     pub quorum: bool,
+    /// Requests the LUN has taken and not yet answered.
+    pub upper_pending: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -158,9 +160,9 @@ pub fn format_status(view: &ResourceView, verbose: bool, statistics: bool) -> St
         if statistics {
             let _ = writeln!(
                 out,
-                "      size:{} read:{} written:{} al-writes:0 bm-writes:0 upper-pending:0 \
+                "      size:{} read:{} written:{} al-writes:0 bm-writes:0 upper-pending:{} \
                  lower-pending:0 al-suspended:no blocked:no",
-                volume.size_kib, volume.read_kib, volume.written_kib
+                volume.size_kib, volume.read_kib, volume.written_kib, volume.upper_pending
             );
         }
     }
@@ -239,9 +241,9 @@ fn device_prefix(view: &ResourceView, volume: &VolumeView) -> String {
 
 fn device_statistics(volume: &VolumeView) -> String {
     format!(
-        " size:{} read:{} written:{} al-writes:0 bm-writes:0 upper-pending:0 lower-pending:0 \
+        " size:{} read:{} written:{} al-writes:0 bm-writes:0 upper-pending:{} lower-pending:0 \
          al-suspended:no blocked:no",
-        volume.size_kib, volume.read_kib, volume.written_kib
+        volume.size_kib, volume.read_kib, volume.written_kib, volume.upper_pending
     )
 }
 
@@ -449,6 +451,7 @@ mod tests {
                 read_kib: 8,
                 written_kib: 12,
                 quorum: true,
+                upper_pending: 0,
             }],
             peers: vec![PeerView {
                 name: "node-b".into(),
@@ -529,6 +532,19 @@ mod tests {
         for (view, expected) in cases {
             assert_eq!(format_status(&view, false, false), expected);
         }
+    }
+
+    #[test]
+    fn upper_pending_shows_requests_in_flight() {
+        let mut view = view(Role::Primary, DiskState::UpToDate, ConnectionState::Connected);
+        view.volumes[0].upper_pending = 3;
+        assert!(format_status(&view, false, true).contains(" upper-pending:3 "));
+        let lines = events2_lines(&view, "exists", true);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("exists device ") && l.contains(" upper-pending:3 "))
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!         [--api-listen ADDR:PORT --api-token TOKEN]
 //!         [--replication-address IP] [--replication-ports MIN-MAX]
 //!         [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]
+//!         [--metrics-listen ADDR:PORT] [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]
 //! ```
 //! `--forward-listen` accepts forward links from peers (this node serves their iSCSI ports
 //! while it is Primary); `--forward-peer` keeps a link to a peer's forward listener, so this
@@ -27,7 +28,8 @@ use tokio::net::{UnixListener, UnixStream};
 const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [--portal ADDR:PORT] \
 [--control-socket PATH] [--state-dir DIR] [--iqn-prefix IQN] [--chap USER:SECRET] \
 [--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN] \
-[--replication-address IP] [--replication-ports MIN-MAX] \
+[--replication-address IP] [--replication-ports MIN-MAX] [--metrics-listen ADDR:PORT] \
+[--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...] \
 [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]";
 
 struct Args {
@@ -82,7 +84,9 @@ fn parse_args() -> anyhow::Result<Args> {
             | "--api-token"
             | "--availability-zone"
             | "--replication-address"
-            | "--replication-ports" => flags.push((flag[2..].to_owned(), value)),
+            | "--replication-ports"
+            | "--metrics-listen"
+            | "--service-ip" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -100,6 +104,14 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     if settings.api_listen.is_some() && settings.api_token.is_none() {
         bail!("--api-listen needs --api-token (the HTTP API never runs without a bearer token)");
+    }
+    if !settings.service_ips.is_empty() && !settings.portal.ip().is_unspecified() {
+        bail!(
+            "service-ip needs the portal on the wildcard address (e.g. --portal 0.0.0.0:{}): \
+             the portal binds once at start and must answer on the service IP as soon as it \
+             is added",
+            settings.portal.port()
+        );
     }
     Ok(Args { config_path, settings, forward_listen, forward_peers })
 }
@@ -242,10 +254,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    let mut metrics_text = String::new();
+    if let Some(address) = args.settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics listener on {address}"))?;
+        metrics_text = format!(
+            " metrics={}",
+            listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        let router = storage_node::metrics::router(host.clone());
+        tokio::spawn(async move {
+            if let Err(error) = axum::serve(listener, router).await {
+                tracing::error!(%error, "metrics listener stopped");
+            }
+        });
+    }
+
     host.restore().await;
+    for config in host.service_ips.configs() {
+        if host.slot(&config.resource).is_none() {
+            tracing::warn!(resource = %config.resource, "service-ip names a resource this node does not host");
+        }
+    }
+    // After restore: resources come back Secondary, so a service IP left by a crash goes.
+    host.service_ips.start();
+    if !host.service_ips.is_empty() {
+        // Only with service IPs does stopping need work: without, SIGTERM keeps its default.
+        tokio::spawn(release_service_ips_on_signal(host.clone()));
+    }
     tokio::spawn(host.clone().watch());
     println!(
-        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{forward_text} resources={}",
+        "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{metrics_text}{forward_text} resources={}",
         socket.display(),
         host.slots().len()
     );
@@ -259,6 +299,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             drop(permit);
         });
     }
+}
+
+/// On SIGTERM or SIGINT, removes the service IPs this node holds, then exits as the signal
+/// would have (128 + signal number).
+async fn release_service_ips_on_signal(host: Arc<Host>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+    else {
+        tracing::error!("cannot watch SIGTERM/SIGINT: service IPs stay on a stop");
+        return;
+    };
+    let code = tokio::select! {
+        _ = terminate.recv() => 128 + libc::SIGTERM,
+        _ = interrupt.recv() => 128 + libc::SIGINT,
+    };
+    host.service_ips.release_all().await;
+    std::process::exit(code);
 }
 
 async fn serve_client(host: Arc<Host>, stream: UnixStream) {
