@@ -15,6 +15,7 @@ fn config() -> Config {
         resync_rate: ResyncRate::Fixed { rate_kib_per_s: 1024 },
         al_extents: 4,
         random_seed: 7,
+        after_sb: Default::default(),
     }
 }
 

@@ -8,12 +8,15 @@
 //! transaction, a new generation UUID, bitmap bits) must be durable before the data write that
 //! follows it is submitted. Nothing here reads a clock, touches a socket or opens a file.
 
+pub mod after_sb;
+pub mod auth;
 pub mod frame;
 pub mod node;
 pub mod persist;
 pub mod resync_controller;
 pub mod states;
 
+pub use after_sb::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, AfterSbPolicies};
 pub use node::{
     AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
     ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
