@@ -347,6 +347,9 @@ struct Handshake {
     hello: Option<Hello>,
     bitmap: Bitmap,
     done: bool,
+    /// What our Hello and bitmap told the peer, for the after-sb decision: both ends must
+    /// decide from the same facts even if our role changes while the handshake runs.
+    sent: SplitBrainSide,
 }
 
 #[derive(Debug)]
@@ -1378,11 +1381,19 @@ impl Node {
         p.queue.clear();
         p.writes_in_flight = 0;
         p.barrier_in_flight = false;
+        let sent = SplitBrainSide {
+            node_id: self.id,
+            role: self.role,
+            changed_blocks: self.meta.bitmaps[peer.index()].count(),
+            primary_at_split: self.meta.uuids.primary_at_split(peer),
+        };
+        let p = &mut self.peers[i];
         p.handshake = Some(Handshake {
             started_ms: self.now_ms,
             hello: None,
             bitmap: Bitmap::new(self.meta.size_blocks),
             done: false,
+            sent,
         });
         self.set_connection(i, ConnectionState::Connected);
         let hello = Hello {
@@ -2054,7 +2065,8 @@ impl Node {
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let mut decision = decide_with_disks(uuid::decide(&mine, &theirs), my_disk, their_disk);
         if decision == SyncDecision::SplitBrain {
-            decision = self.after_split_brain(i, &mine, &theirs, &hello, &handshake.bitmap);
+            let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
+            decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
         }
         self.peers[i].role = hello.role;
         self.peers[i].discard_my_data = false;
@@ -2167,17 +2179,12 @@ impl Node {
         theirs: &HandshakeView,
         hello: &Hello,
         their_bitmap: &Bitmap,
+        local: SplitBrainSide,
     ) -> SyncDecision {
         let peer = self.peers[i].id;
         if !(self.disk.has_data() && hello.disk.has_data()) {
             return SyncDecision::SplitBrain;
         }
-        let local = SplitBrainSide {
-            node_id: self.id,
-            role: self.role,
-            changed_blocks: self.meta.bitmaps[peer.index()].count(),
-            primary_at_split: self.meta.uuids.primary_at_split(peer),
-        };
         let remote = SplitBrainSide {
             node_id: hello.node_id,
             role: hello.role,
@@ -2193,7 +2200,7 @@ impl Node {
             Resolution::Victim => true,
             Resolution::Survivor => false,
         };
-        let victim_role = if discarded_local { self.role } else { hello.role };
+        let victim_role = if discarded_local { local.role } else { hello.role };
         if victim_role == Role::Primary {
             // violently-as0p against a primary: DRBD would resync a primary's data under its
             // users; this engine never makes a primary a sync target, so the split brain stands.
