@@ -910,7 +910,19 @@ impl Driver {
                 }
             }
             Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,
-            Event::SplitBrain { .. } => self.split_brain = true,
+            Event::SplitBrain { peer } => {
+                self.split_brain = true;
+                tracing::warn!(%peer, "split brain detected, StandAlone: discard the victim's changes with `connect PEER --discard-my-data` there");
+            }
+            Event::SplitBrainResolved { peer, policy, discarded_local } => {
+                let victim = if discarded_local { "this node" } else { "the peer" };
+                tracing::warn!(%peer, policy, "split brain resolved automatically: {victim} discards its changes since the split");
+            }
+            Event::PrimaryLostAfterSplitBrain { peer } => {
+                // DRBD runs the pri-lost-after-sb handler here (usually a reboot); Tandem
+                // leaves the connection StandAlone and the decision to the operator.
+                tracing::error!(%peer, "call-pri-lost-after-sb: this primary lost the split-brain decision");
+            }
             Event::FencePeer { peer } => self.start_fence_handler(peer),
             _ => {}
         }
