@@ -15,6 +15,10 @@ use crate::constants::{HISTORY_UUIDS_MAX, NODE_ID_MAX};
 /// have the lowest bit clear and are never this value.
 pub const UUID_JUST_CREATED: u64 = 4;
 
+/// The low bit of a bitmap UUID: "was primary when the peer was lost" (DRBD's UUID_PRIMARY).
+/// Generation UUIDs themselves always have it clear, so comparisons mask it off.
+pub const UUID_PRIMARY_FLAG: u64 = 1;
+
 /// The generation identifiers of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GenerationUuids {
@@ -34,8 +38,24 @@ impl GenerationUuids {
         }
     }
 
+    /// The generation this node started tracking changes for `peer` from (zero: none), without
+    /// the primary flag.
     pub fn bitmap_uuid(&self, peer: NodeId) -> u64 {
-        self.bitmap[peer.index()]
+        self.bitmap[peer.index()] & !UUID_PRIMARY_FLAG
+    }
+
+    /// This node was primary when it lost `peer` and started tracking changes for it (DRBD keeps
+    /// this in the low bit of the bitmap UUID). After a split brain it names the *older*
+    /// primary, which `discard-younger-primary` / `discard-older-primary` need.
+    pub fn primary_at_split(&self, peer: NodeId) -> bool {
+        self.bitmap[peer.index()] & UUID_PRIMARY_FLAG != 0
+    }
+
+    /// Records that this node was primary when it lost `peer` (only while a base is tracked).
+    pub fn set_primary_at_split(&mut self, peer: NodeId) {
+        if self.bitmap[peer.index()] != 0 {
+            self.bitmap[peer.index()] |= UUID_PRIMARY_FLAG;
+        }
     }
 
     fn push_history(&mut self, uuid: u64) {
@@ -52,7 +72,7 @@ impl GenerationUuids {
         assert!(is_valid_fresh(fresh), "generation UUIDs have the low bit clear");
         let old = self.current;
         for peer in untracked_peers {
-            if self.bitmap[peer.index()] == 0 {
+            if self.bitmap[peer.index()] & !UUID_PRIMARY_FLAG == 0 {
                 self.bitmap[peer.index()] = old;
             }
         }
@@ -70,7 +90,7 @@ impl GenerationUuids {
 
     /// The sync source finished a resync to `peer`: nothing is tracked for it any more.
     pub fn resync_finished_as_source(&mut self, peer: NodeId) {
-        let base = std::mem::take(&mut self.bitmap[peer.index()]);
+        let base = std::mem::take(&mut self.bitmap[peer.index()]) & !UUID_PRIMARY_FLAG;
         self.push_history(base);
     }
 
@@ -86,7 +106,7 @@ impl GenerationUuids {
 
     /// Connected with identical generations: a leftover bitmap UUID for that peer is stale.
     pub fn settled_in_sync(&mut self, peer: NodeId) {
-        let base = std::mem::take(&mut self.bitmap[peer.index()]);
+        let base = std::mem::take(&mut self.bitmap[peer.index()]) & !UUID_PRIMARY_FLAG;
         self.push_history(base);
     }
 }
@@ -139,7 +159,8 @@ impl SyncDecision {
 
 /// Nonzero generations a node knows as its past: history and bitmap bases.
 fn past(view: &HandshakeView) -> impl Iterator<Item = u64> + '_ {
-    view.uuids.history.iter().chain(view.uuids.bitmap.iter()).copied().filter(|u| *u != 0)
+    let bases = view.uuids.bitmap.iter().map(|u| u & !UUID_PRIMARY_FLAG);
+    view.uuids.history.iter().copied().chain(bases).filter(|u| *u != 0)
 }
 
 /// DRBD's connect-time decision (in the spirit of drbd_uuid_compare), as a pure function.
@@ -399,6 +420,37 @@ mod tests {
             let b = view(B, A, (pick(), pick(), [pick(), pick()], pick() > 0x20, pick() == 0x10));
             assert_eq!(decide(&a, &b), decide(&b, &a).mirrored(), "{a:?} vs {b:?}");
         }
+    }
+
+    /// The "primary when the peer was lost" bit in a bitmap UUID never changes a decision,
+    /// and leaves no trace in the history.
+    #[test]
+    fn primary_flag_in_bitmap_uuid_is_ignored_by_the_comparison() {
+        let rows = [
+            ((0x20, 0x10, [0x10, 0]), (0x30, 0x10, [0x10, 0]), SplitBrain),
+            ((0x20, 0x10, [0x10, 0]), (0x10, 0, [0, 0]), BitmapSource),
+            ((0x10, 0, [0, 0]), (0x20, 0x10, [0x10, 0]), BitmapTarget),
+        ];
+        for (local, remote, expected) in rows {
+            for (flag_a, flag_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut a = view(A, B, (local.0, local.1, local.2, false, false));
+                let mut b = view(B, A, (remote.0, remote.1, remote.2, false, false));
+                if flag_a {
+                    a.uuids.set_primary_at_split(B);
+                }
+                if flag_b {
+                    b.uuids.set_primary_at_split(A);
+                }
+                assert_eq!(a.uuids.primary_at_split(B), flag_a && local.1 != 0);
+                assert_eq!(a.uuids.bitmap_uuid(B), local.1);
+                assert_eq!(decide(&a, &b), expected, "{local:?} {remote:?} {flag_a} {flag_b}");
+            }
+        }
+        let mut uuids = view(A, B, (0x20, 0x10, [0x10, 0], false, false)).uuids;
+        uuids.set_primary_at_split(B);
+        uuids.resync_finished_as_source(B);
+        assert_eq!(uuids.history, [0x10, 0]);
+        assert!(!uuids.primary_at_split(B));
     }
 
     #[test]

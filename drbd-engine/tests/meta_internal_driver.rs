@@ -286,6 +286,8 @@ fn drbdmeta_prepared_files_attach_and_resync_only_the_marked_blocks() {
                 al_extents: 1237,
                 digests: Default::default(),
                 quorum: Default::default(),
+                after_sb: Default::default(),
+                shared_secret: None,
             };
             let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
             assert_eq!(device.size_bytes(), layout.data_size_bytes, "the data area only");

@@ -17,6 +17,7 @@ fn config() -> Config {
         random_seed: 7,
         digests: Default::default(),
         quorum: Default::default(),
+        after_sb: Default::default(),
     }
 }
 
@@ -401,4 +402,118 @@ fn held_reads_complete_before_the_writes_released_with_them() {
     pair.run();
     let position = |id| pair.completions.iter().position(|(_, r, _)| *r == RequestId(id));
     assert!(position(2).expect("read done") < position(1).expect("write done"));
+}
+
+/// Both nodes write apart after node 0 (primary) lost node 1; then they reconnect under the
+/// after-sb-0pri policy `policy` (node 1 configured with the mirror words). Returns the
+/// events after the reconnect.
+fn split_brain_then_reconnect(
+    policy: drbd_engine::protocol::AfterSb0Pri,
+    node0_blocks: u64,
+    node1_blocks: u64,
+) -> Pair {
+    use drbd_engine::protocol::AfterSbPolicies;
+    let mut pair = Pair::new(Fencing::DontCare);
+    let policies = AfterSbPolicies { zero_primaries: policy, ..AfterSbPolicies::default() };
+    for (i, p) in [(0, policies), (1, policies.seen_from_peer())] {
+        let config =
+            Config { peers: vec![other(i)], fencing: Fencing::DontCare, after_sb: p, ..config() };
+        let meta = Metadata::create(NodeId(u8::try_from(i).unwrap()), 1024);
+        pair.nodes[i] = drbd_engine::protocol::Node::new(config, meta, 0);
+    }
+    pair.connect(1);
+    pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+    pair.run();
+    pair.nodes[0].handle_promote(3, false).unwrap();
+    pair.run();
+    pair.cut(1);
+    let mut id = 100;
+    for (i, blocks) in [(0, node0_blocks), (1, node1_blocks)] {
+        if blocks == 0 {
+            continue;
+        }
+        if pair.nodes[i].role() != Role::Primary {
+            pair.nodes[i].handle_promote(pair.now_ms, false).unwrap();
+        }
+        for b in 0..blocks {
+            id += 1;
+            // Node 1 writes further up, overlapping node 0's last block.
+            let offset_blocks = b + i as u64 * (node0_blocks - 1);
+            let data = vec![u8::try_from(i + 1).unwrap(); 4096];
+            pair.request(i, id, AppRequest::Write { offset_blocks, data: data.into(), fua: false });
+        }
+        pair.nodes[i].handle_demote(pair.now_ms).unwrap();
+        pair.run();
+    }
+    for i in 0..2 {
+        pair.nodes[i].handle_demote(pair.now_ms).ok();
+    }
+    pair.events.clear();
+    pair.connect(2);
+    // Resync is paced by time: let it run.
+    for _ in 0..200 {
+        pair.now_ms += 50;
+        for i in 0..2 {
+            pair.nodes[i].handle_timeout(pair.now_ms);
+        }
+        pair.run();
+    }
+    pair
+}
+
+#[test]
+fn after_sb_policies_pick_mirrored_victims_and_resync_the_union_of_both_bitmaps() {
+    use drbd_engine::protocol::{AfterSb0Pri, Event};
+    // (policy, blocks node 0 writes, blocks node 1 writes, victim or None for StandAlone)
+    let rows = [
+        (AfterSb0Pri::Disconnect, 5, 3, None),
+        (AfterSb0Pri::DiscardLeastChanges, 5, 3, Some(1)),
+        (AfterSb0Pri::DiscardLeastChanges, 2, 6, Some(0)),
+        (AfterSb0Pri::DiscardYoungerPrimary, 2, 6, Some(1)),
+        (AfterSb0Pri::DiscardOlderPrimary, 5, 3, Some(0)),
+        (AfterSb0Pri::DiscardZeroChanges, 5, 3, None),
+        (AfterSb0Pri::DiscardLocal, 5, 3, Some(0)),
+        (AfterSb0Pri::DiscardRemote, 5, 3, Some(1)),
+    ];
+    for (policy, n0, n1, victim) in rows {
+        let pair = split_brain_then_reconnect(policy, n0, n1);
+        let resolved: Vec<(usize, bool)> = pair
+            .events
+            .iter()
+            .filter_map(|(i, e)| match e {
+                Event::SplitBrainResolved { discarded_local, .. } => Some((*i, *discarded_local)),
+                _ => None,
+            })
+            .collect();
+        let finished: Vec<u64> = pair
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                Event::ResyncFinished { blocks, .. } if *blocks > 0 => Some(*blocks),
+                _ => None,
+            })
+            .collect();
+        match victim {
+            None => {
+                assert!(resolved.is_empty(), "{policy}: {resolved:?}");
+                for i in 0..2 {
+                    assert_eq!(
+                        pair.nodes[i].connection_state(other(i)),
+                        Some(drbd_engine::protocol::ConnectionState::StandAlone),
+                        "{policy}"
+                    );
+                }
+            }
+            Some(v) => {
+                let mut sorted = resolved.clone();
+                sorted.sort();
+                assert_eq!(sorted, vec![(0, v == 0), (1, v == 1)], "{policy}: mirrored verdicts");
+                // One block overlaps: the union is n0 + n1 - 1.
+                assert_eq!(finished, vec![n0 + n1 - 1], "{policy}: union of both bitmaps");
+                for i in 0..2 {
+                    assert_eq!(pair.nodes[i].disk_state(), DiskState::UpToDate, "{policy}");
+                }
+            }
+        }
+    }
 }

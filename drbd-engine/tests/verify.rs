@@ -38,6 +38,7 @@ fn config(peer: u8, digests: DigestSettings) -> Config {
         random_seed: 3,
         digests,
         quorum: Default::default(),
+        after_sb: Default::default(),
     }
 }
 

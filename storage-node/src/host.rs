@@ -2,7 +2,9 @@
 //! tandemadm verbs acting on them. The tokio plumbing (control socket, portal) lives in
 //! `bin/tandemd.rs`; the text formats in `status`; the wire protocol in `control`.
 
-use crate::config::{Config, Disk, FencingPolicy, MetaDisk, NetOptions, Protocol, Resource};
+use crate::config::{
+    AfterSb0Pri, Config, Disk, FencingPolicy, MetaDisk, NetOptions, Protocol, Resource,
+};
 use crate::constants::{
     ENGINE_STOP_TIMEOUT_MS_MAX, EVENTS_BUFFER_MAX, RESOURCES_MAX, STATE_POLL_INTERVAL_MS,
     WAIT_POLL_INTERVAL_MS,
@@ -23,8 +25,8 @@ use drbd_engine::meta::{AlGeometry, MetaLayout, MetaPlacement};
 use drbd_engine::protocol::node::StateError;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
-    ConnectionState, DigestAlg, DigestSettings, DiskState, DynamicControllerConfig, Fencing,
-    ReplicationProtocol, ReplicationState, ResyncRate, Role,
+    AfterSbPolicies, ConnectionState, DigestAlg, DigestSettings, DiskState,
+    DynamicControllerConfig, Fencing, ReplicationProtocol, ReplicationState, ResyncRate, Role,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -221,9 +223,8 @@ pub fn plan_resource(
     let mut peer_names = BTreeMap::new();
     let mut protocol = resource.net.protocol();
     let mut fencing = resource.net.fencing();
-    let mut net_digests =
-        digest_settings(&resource.net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
     let mut diskless_peers = Vec::new();
+    let mut net = &resource.net;
     for (connection, host) in resource.peers_of(&node.name) {
         let peer = u8::try_from(host.node_id)
             .ok()
@@ -245,9 +246,11 @@ pub fn plan_resource(
         }
         protocol = connection.net.protocol();
         fencing = connection.net.fencing();
-        net_digests =
-            digest_settings(&connection.net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
+        net = &connection.net;
     }
+    let net_digests = digest_settings(net).map_err(|e| format!("{name}: net {{ }}: {e}"))?;
+    let after_sb = after_sb_of(net, node_name).map_err(|e| format!("{name}: {e}"))?;
+    let shared_secret = shared_secret_of(net).map_err(|e| format!("{name}: {e}"))?;
     let disk = &volume.disk_options;
     let resync_rate = if disk.c_plan_ahead_ds() == 0 {
         ResyncRate::Fixed { rate_kib_per_s: disk.resync_rate_kib_per_s() }
@@ -280,6 +283,8 @@ pub fn plan_resource(
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
             digests: net_digests,
             quorum: quorum_of(&resource.options, diskless_peers)?,
+            after_sb,
+            shared_secret,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -337,6 +342,35 @@ fn quorum_of(
         diskless: false,
         diskless_peers,
     })
+}
+
+/// `net { after-sb-0pri; after-sb-1pri; after-sb-2pri; }` as the engine's policies (the words
+/// are the same). `discard-node-NAME` is `discard-local` on node NAME and `discard-remote` on
+/// its peer (two nodes per resource, so the peer is the only other one).
+fn after_sb_of(net: &NetOptions, this_node: &str) -> Result<AfterSbPolicies, String> {
+    let zero = match net.after_sb_0pri() {
+        AfterSb0Pri::DiscardNode(node) if node == this_node => "discard-local".to_owned(),
+        AfterSb0Pri::DiscardNode(_) => "discard-remote".to_owned(),
+        other => other.to_string(),
+    };
+    Ok(AfterSbPolicies {
+        zero_primaries: zero.parse().map_err(|e| format!("{e}"))?,
+        one_primary: net.after_sb_1pri().as_str().parse().map_err(|e| format!("{e}"))?,
+        two_primaries: net.after_sb_2pri().as_str().parse().map_err(|e| format!("{e}"))?,
+    })
+}
+
+/// `net { cram-hmac-alg sha256; shared-secret S; }`: the engine authenticates every peer
+/// connection with HMAC-SHA256. Without cram-hmac-alg there is no authentication (DRBD
+/// ignores a lone shared-secret the same way).
+fn shared_secret_of(net: &NetOptions) -> Result<Option<Vec<u8>>, String> {
+    let Some(alg) = net.cram_hmac_alg.as_deref() else { return Ok(None) };
+    if !matches!(alg, "sha256" | "hmac(sha256)") {
+        return Err(format!("cram-hmac-alg {alg:?} is not supported (only sha256)"));
+    }
+    let secret = net.shared_secret.as_deref().ok_or("cram-hmac-alg needs a shared-secret")?;
+    drbd_engine::protocol::auth::check_secret(secret.as_bytes())?;
+    Ok(Some(secret.as_bytes().to_vec()))
 }
 
 fn fencing_of(policy: FencingPolicy) -> Fencing {
@@ -1414,5 +1448,56 @@ mod tests {
         let kept = place(Some(MetaDisk::Internal));
         std::fs::remove_dir_all(&state).unwrap();
         assert_eq!(kept, Ok((legacy, MetaFormat::V09External)));
+    }
+
+    #[test]
+    fn split_brain_policies_and_shared_secret_reach_the_engine() {
+        use drbd_engine::protocol::{AfterSb0Pri as P0, AfterSb1Pri as P1, AfterSb2Pri as P2};
+        for (net, p0, p1, p2) in [
+            ("", P0::Disconnect, P1::Disconnect, P2::Disconnect),
+            (
+                "after-sb-0pri discard-zero-changes; after-sb-1pri consensus; \
+                 after-sb-2pri call-pri-lost-after-sb;",
+                P0::DiscardZeroChanges,
+                P1::Consensus,
+                P2::CallPriLostAfterSb,
+            ),
+            ("after-sb-0pri discard-node-alpha;", P0::DiscardLocal, P1::Disconnect, P2::Disconnect),
+            ("after-sb-0pri discard-node-beta;", P0::DiscardRemote, P1::Disconnect, P2::Disconnect),
+            (
+                "after-sb-0pri discard-least-changes; after-sb-1pri discard-secondary;",
+                P0::DiscardLeastChanges,
+                P1::DiscardSecondary,
+                P2::Disconnect,
+            ),
+        ] {
+            let policies = plan_of(net, "").driver.after_sb;
+            assert_eq!(
+                (policies.zero_primaries, policies.one_primary, policies.two_primaries),
+                (p0, p1, p2),
+                "{net}"
+            );
+        }
+        assert_eq!(plan_of("", "").driver.shared_secret, None);
+        let plan = plan_of(r#"cram-hmac-alg sha256; shared-secret "open sesame";"#, "");
+        assert_eq!(plan.driver.shared_secret.as_deref(), Some(&b"open sesame"[..]));
+    }
+
+    #[test]
+    fn unsupported_authentication_settings_are_refused() {
+        let plan = |net: &str| {
+            let text = format!(
+                "resource r0 {{ net {{ {net} }}
+                   volume 0 {{ device minor 0; disk /tmp/r0.img; meta-disk internal; }}
+                   on alpha {{ node-id 0; address 127.0.0.1:7789; }}
+                   on beta {{ node-id 1; address 127.0.0.1:7790; }} }}"
+            );
+            let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).unwrap();
+            plan_resource(&NodeSettings::default(), "alpha", config.resource("r0").unwrap())
+        };
+        let error = plan("cram-hmac-alg sha1; shared-secret s;").err().unwrap();
+        assert!(error.contains("only sha256"), "{error}");
+        let error = plan("cram-hmac-alg sha256;").err().unwrap();
+        assert!(error.contains("needs a shared-secret"), "{error}");
     }
 }

@@ -12,6 +12,8 @@
 //!     [--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error]
 //!     [--diskless] [--diskless-peer ID]...   (DRBD's `disk none`: a tiebreaker that stores nothing;
 //!                                             its --backing and --meta files are opened, never used)
+//!     [--after-sb-0pri P] [--after-sb-1pri P] [--after-sb-2pri P]   (drbd.conf words; default disconnect)
+//!     [--cram-hmac-alg sha256 --shared-secret S]   (peer authentication, both directions)
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush | outdate
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
@@ -40,8 +42,8 @@ use drbd_engine::driver::constants::FENCE_HANDLER_TIMEOUT_MS_DEFAULT;
 use drbd_engine::driver::fence::FenceHandler;
 use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
 use drbd_engine::protocol::{
-    DigestSettings, DiskState, DynamicControllerConfig, Fencing, ReplicationProtocol,
-    ReplicationState, ResyncRate,
+    AfterSbPolicies, DigestSettings, DiskState, DynamicControllerConfig, Fencing,
+    ReplicationProtocol, ReplicationState, ResyncRate,
 };
 use std::io::Write;
 use std::net::SocketAddr;
@@ -70,7 +72,8 @@ const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=A
 [--al-extents N] [--resync-rate-kib N (0: dynamic)] [--meta-format v09|sidecar] [--direct-io] \
 [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD] [--fence-timeout-ms N] \
 [--resource NAME] [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256] \
-[--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error] [--diskless] [--diskless-peer ID]...
+[--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error] [--diskless] [--diskless-peer ID]... \
+[--after-sb-0pri P] [--after-sb-1pri P] [--after-sb-2pri P] [--cram-hmac-alg sha256 --shared-secret S]
 then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
 verify PEER [FIRST_BLOCK] | wait-verified MS |
@@ -97,6 +100,9 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut resource = "r0".to_owned();
     let mut digests = DigestSettings::default();
     let mut quorum = drbd_engine::protocol::quorum::QuorumConfig::default();
+    let mut after_sb = AfterSbPolicies::default();
+    let mut cram_hmac_alg = None;
+    let mut shared_secret = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -145,6 +151,11 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
             "--diskless-peer" => quorum
                 .diskless_peers
                 .push(NodeId::new(value()?.parse()?).context("peer id 0..=31")?),
+            "--after-sb-0pri" => after_sb.zero_primaries = value()?.parse()?,
+            "--after-sb-1pri" => after_sb.one_primary = value()?.parse()?,
+            "--after-sb-2pri" => after_sb.two_primaries = value()?.parse()?,
+            "--cram-hmac-alg" => cram_hmac_alg = Some(value()?),
+            "--shared-secret" => shared_secret = Some(value()?),
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
                     "v09" => MetaFormat::V09External,
@@ -175,6 +186,17 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         volume: 0,
         timeout_ms: fence_timeout_ms,
     });
+    let shared_secret = match (cram_hmac_alg.as_deref(), shared_secret) {
+        (None, None) => None,
+        (Some("sha256"), Some(secret)) => {
+            drbd_engine::protocol::auth::check_secret(secret.as_bytes())
+                .map_err(|e| anyhow::anyhow!("--shared-secret: {e}"))?;
+            Some(secret.into_bytes())
+        }
+        (Some("sha256"), None) => bail!("--cram-hmac-alg needs --shared-secret"),
+        (Some(other), _) => bail!("unsupported --cram-hmac-alg {other:?} (only sha256)"),
+        (None, Some(_)) => bail!("--shared-secret needs --cram-hmac-alg sha256"),
+    };
     let config = DriverConfig {
         node_id: node_id.context("--node-id is required")?,
         listen: listen.context("--listen is required")?,
@@ -191,6 +213,8 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         al_extents,
         digests,
         quorum,
+        after_sb,
+        shared_secret,
     };
     Ok((config, handler))
 }

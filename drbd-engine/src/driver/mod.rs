@@ -52,6 +52,8 @@ const PREAMBLE_MAGIC: u32 = 0x5444_4e43; // "TDNC"
 const PREAMBLE_BYTES: usize = 16;
 /// How often a missing connection is retried (DRBD's connect-int is 10 s; loopback wants less).
 const CONNECT_RETRY_MS: u64 = 300;
+/// The whole authentication exchange must finish within this (a silent peer is dropped).
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Error)]
 pub enum DeviceError {
@@ -95,6 +97,11 @@ pub struct DriverConfig {
     pub digests: crate::protocol::DigestSettings,
     /// Quorum settings; `quorum.diskless` runs this node without using its disk.
     pub quorum: crate::protocol::quorum::QuorumConfig,
+    /// `net { after-sb-0pri; after-sb-1pri; after-sb-2pri; }`.
+    pub after_sb: crate::protocol::AfterSbPolicies,
+    /// `net { cram-hmac-alg sha256; shared-secret ...; }`: every connection is authenticated
+    /// both ways before any frame flows (`None`: no authentication, as without cram-hmac-alg).
+    pub shared_secret: Option<Vec<u8>>,
 }
 
 /// How the metadata file is laid out.
@@ -317,6 +324,7 @@ impl ReplicatedDevice {
             random_seed: u64::from_le_bytes(random),
             digests: config.digests,
             quorum: config.quorum.clone(),
+            after_sb: config.after_sb,
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {
@@ -343,7 +351,8 @@ impl ReplicatedDevice {
         let accept_inputs = inputs_tx.clone();
         let my_id = driver.config.node_id;
         let known: Vec<NodeId> = driver.config.peers.iter().map(|(id, _)| *id).collect();
-        tokio::spawn(accept_loop(listener, my_id, known, accept_inputs));
+        let secret = driver.config.shared_secret.clone();
+        tokio::spawn(accept_loop(listener, my_id, known, secret, accept_inputs));
         let task = tokio::spawn(async move { driver.run(commands_rx, inputs_rx).await });
         Ok((Self { commands: commands_tx, size_bytes }, task))
     }
@@ -469,12 +478,14 @@ async fn accept_loop(
     listener: TcpListener,
     my_id: NodeId,
     known: Vec<NodeId>,
+    secret: Option<Vec<u8>>,
     inputs: mpsc::UnboundedSender<Input>,
 ) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let inputs = inputs.clone();
         let known = known.clone();
+        let secret = secret.clone();
         tokio::spawn(async move {
             let mut preamble = [0u8; PREAMBLE_BYTES];
             if stream.read_exact(&mut preamble).await.is_err() {
@@ -494,6 +505,9 @@ async fn accept_loop(
             if stream.write_all(&reply).await.is_err() {
                 return;
             }
+            if !authenticate(&mut stream, secret.as_deref(), my_id, peer).await {
+                return;
+            }
             run_connection(stream, peer, conn_id, inputs);
         });
     }
@@ -504,6 +518,7 @@ async fn dial(
     peer: NodeId,
     addr: SocketAddr,
     conn_id: u64,
+    secret: Option<Vec<u8>>,
     inputs: mpsc::UnboundedSender<Input>,
 ) {
     let Ok(Ok(mut stream)) =
@@ -525,7 +540,66 @@ async fn dial(
     {
         return;
     }
+    if !authenticate(&mut stream, secret.as_deref(), my_id, peer).await {
+        return;
+    }
     run_connection(stream, peer, conn_id, inputs);
+}
+
+/// DRBD's cram-hmac-alg exchange on a fresh connection (see `protocol::auth`), before the
+/// state machine hears of it. A refusal is logged with its reason and the connection dropped;
+/// the dialing side retries as for any failed connection, as DRBD keeps trying to connect.
+async fn authenticate(
+    stream: &mut TcpStream,
+    secret: Option<&[u8]>,
+    my_id: NodeId,
+    peer: NodeId,
+) -> bool {
+    use crate::protocol::auth::{
+        AuthError, Authenticator, CHALLENGE_MESSAGE_BYTES, RESPONSE_MESSAGE_BYTES,
+        VERDICT_MESSAGE_BYTES,
+    };
+    let mut challenge = [0u8; crate::protocol::auth::CHALLENGE_BYTES];
+    if secret.is_some() {
+        // Challenges must be unpredictable: no clock fallback here.
+        use std::io::Read;
+        let random =
+            std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut challenge));
+        if let Err(error) = random {
+            tracing::error!(%peer, %error, "no randomness for an authentication challenge");
+            return false;
+        }
+    }
+    let mut auth = Authenticator::new(secret, my_id, peer, challenge);
+    let exchange = async {
+        stream.write_all(&auth.challenge_message()).await.map_err(|_| None)?;
+        let mut theirs = [0u8; CHALLENGE_MESSAGE_BYTES];
+        stream.read_exact(&mut theirs).await.map_err(|_| None)?;
+        let response = auth.handle_challenge(&theirs).map_err(Some)?;
+        stream.write_all(&response).await.map_err(|_| None)?;
+        let mut answer = [0u8; RESPONSE_MESSAGE_BYTES];
+        stream.read_exact(&mut answer).await.map_err(|_| None)?;
+        let verdict = auth.handle_response(&answer);
+        let accepted = verdict.is_ok();
+        stream.write_all(&Authenticator::verdict_message(accepted)).await.map_err(|_| None)?;
+        verdict.map_err(Some)?;
+        let mut peer_verdict = [0u8; VERDICT_MESSAGE_BYTES];
+        stream.read_exact(&mut peer_verdict).await.map_err(|_| None)?;
+        auth.handle_verdict(&peer_verdict).map_err(Some)?;
+        Ok::<(), Option<AuthError>>(())
+    };
+    match tokio::time::timeout(AUTH_TIMEOUT, exchange).await {
+        Ok(Ok(())) => true,
+        Ok(Err(Some(error))) => {
+            tracing::warn!(%peer, %error, "connection refused: peer authentication failed");
+            false
+        }
+        // The peer closed (it refused us and logged why) or went silent.
+        Ok(Err(None)) | Err(_) => {
+            tracing::warn!(%peer, "connection refused: peer authentication did not complete");
+            false
+        }
+    }
 }
 
 fn run_connection(
@@ -723,7 +797,8 @@ impl Driver {
             let mut random = [0u8; 8];
             getrandom_fallback(&mut random);
             let conn_id = u64::from_le_bytes(random) | 1;
-            tokio::spawn(dial(me, peer, addr, conn_id, self.inputs_tx.clone()));
+            let secret = self.config.shared_secret.clone();
+            tokio::spawn(dial(me, peer, addr, conn_id, secret, self.inputs_tx.clone()));
         }
     }
 
@@ -911,7 +986,19 @@ impl Driver {
                 }
             }
             Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,
-            Event::SplitBrain { .. } => self.split_brain = true,
+            Event::SplitBrain { peer } => {
+                self.split_brain = true;
+                tracing::warn!(%peer, "split brain detected, StandAlone: discard the victim's changes with `connect PEER --discard-my-data` there");
+            }
+            Event::SplitBrainResolved { peer, policy, discarded_local } => {
+                let victim = if discarded_local { "this node" } else { "the peer" };
+                tracing::warn!(%peer, policy, "split brain resolved automatically: {victim} discards its changes since the split");
+            }
+            Event::PrimaryLostAfterSplitBrain { peer } => {
+                // DRBD runs the pri-lost-after-sb handler here (usually a reboot); Tandem
+                // leaves the connection StandAlone and the decision to the operator.
+                tracing::error!(%peer, "call-pri-lost-after-sb: this primary lost the split-brain decision");
+            }
             Event::FencePeer { peer } => self.start_fence_handler(peer),
             Event::ReplicationStateChanged {
                 peer,

@@ -7,6 +7,7 @@
 //! receiver drops it, and the blocks whose writes were not acknowledged are resynced.
 
 use crate::constants::{BITMAP_CHUNK_WORDS_MAX, FRAME_PAYLOAD_BYTES_MAX, NODE_ID_MAX};
+use crate::protocol::after_sb::AfterSbPolicies;
 use crate::protocol::digest::DigestAlg;
 use crate::protocol::states::{DiskState, Role};
 use crate::uuid::GenerationUuids;
@@ -54,6 +55,8 @@ pub struct Hello {
     pub discard_my_data: bool,
     pub full_sync_required: bool,
     pub uuids: GenerationUuids,
+    /// The sender's after-sb policies: both ends must agree to decide a split brain alike.
+    pub after_sb: AfterSbPolicies,
 }
 
 // Frames are built, encoded and dropped at once; boxing the rare Hello would buy nothing.
@@ -309,6 +312,9 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             for uuid in h.uuids.bitmap {
                 w.u64(uuid);
             }
+            for byte in h.after_sb.to_wire() {
+                w.u8(byte);
+            }
         }
         Frame::BitmapChunk { word_offset, words } => {
             w.u64(*word_offset);
@@ -449,6 +455,8 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             for slot in 0..=usize::from(NODE_ID_MAX) {
                 uuids.bitmap[slot] = r.u64()?;
             }
+            let after_sb = AfterSbPolicies::from_wire([r.u8()?, r.u8()?, r.u8()?])
+                .ok_or(FrameError::Malformed("Hello"))?;
             Frame::Hello(Hello {
                 version,
                 node_id,
@@ -460,6 +468,7 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
                 discard_my_data,
                 full_sync_required,
                 uuids,
+                after_sb,
             })
         }
         2 => {
@@ -573,6 +582,11 @@ mod tests {
                 discard_my_data: false,
                 full_sync_required: true,
                 uuids,
+                after_sb: AfterSbPolicies {
+                    zero_primaries: crate::protocol::AfterSb0Pri::DiscardLocal,
+                    one_primary: crate::protocol::AfterSb1Pri::Consensus,
+                    two_primaries: crate::protocol::AfterSb2Pri::CallPriLostAfterSb,
+                },
             }),
             Frame::BitmapChunk { word_offset: 7, words: vec![1, u64::MAX, 0] },
             Frame::HandshakeDone,

@@ -8,6 +8,8 @@
 //! transaction, a new generation UUID, bitmap bits) must be durable before the data write that
 //! follows it is submitted. Nothing here reads a clock, touches a socket or opens a file.
 
+pub mod after_sb;
+pub mod auth;
 mod candidates;
 pub mod digest;
 pub mod frame;
@@ -17,6 +19,7 @@ pub mod quorum;
 pub mod resync_controller;
 pub mod states;
 
+pub use after_sb::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, AfterSbPolicies};
 pub use digest::{DigestAlg, DigestSettings};
 pub use node::verify::VerifyProgress;
 pub use node::{

@@ -26,6 +26,7 @@ use crate::constants::{
     REORDER_FRAMES_MAX, REQUEST_BLOCKS_MAX, RESYNC_REQUEST_BLOCKS_MAX, RESYNC_REQUESTS_MAX,
     RESYNC_STEP_MS, TRANSFER_LOG_ENTRIES_MAX,
 };
+use crate::protocol::after_sb::{self, AfterSbPolicies, Resolution, SplitBrainSide};
 use crate::protocol::candidates::Candidates;
 use crate::protocol::frame::{self, Envelope, Frame, Hello, PROTOCOL_VERSION};
 use crate::protocol::persist::{MetaUpdate, Metadata, PersistedDisk};
@@ -122,6 +123,8 @@ pub struct Config {
     pub digests: crate::protocol::digest::DigestSettings,
     /// Quorum settings and the diskless nodes (`protocol::quorum`).
     pub quorum: QuorumConfig,
+    /// Automatic split-brain recovery (`net { after-sb-0pri; after-sb-1pri; after-sb-2pri; }`).
+    pub after_sb: AfterSbPolicies,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -225,6 +228,18 @@ pub enum Event {
         decision: SyncDecision,
     },
     SplitBrain {
+        peer: NodeId,
+    },
+    /// A split brain was resolved automatically by an after-sb policy: `discarded_local` says
+    /// whether this node is the victim (its changes since the split are overwritten).
+    SplitBrainResolved {
+        peer: NodeId,
+        policy: &'static str,
+        discarded_local: bool,
+    },
+    /// `call-pri-lost-after-sb`: this primary lost the split-brain decision; run the
+    /// `pri-lost-after-sb` handler (the connection stays StandAlone).
+    PrimaryLostAfterSplitBrain {
         peer: NodeId,
     },
     UnrelatedData {
@@ -384,6 +399,9 @@ struct Handshake {
     hello: Option<Hello>,
     bitmap: Bitmap,
     done: bool,
+    /// What our Hello and bitmap told the peer, for the after-sb decision: both ends must
+    /// decide from the same facts even if our role changes while the handshake runs.
+    sent: SplitBrainSide,
 }
 
 #[derive(Debug)]
@@ -410,6 +428,9 @@ struct Peer {
     disk: DiskState,
     role: Role,
     discard_my_data: bool,
+    /// This node was primary when the connection to the peer was last lost (recorded in the
+    /// bitmap UUID when tracking starts; see `GenerationUuids::primary_at_split`).
+    primary_at_loss: bool,
     conn_id: u64,
     send_seq: u64,
     recv_seq: u64,
@@ -439,6 +460,7 @@ impl Peer {
             disk: DiskState::DUnknown,
             role: Role::Unknown,
             discard_my_data: false,
+            primary_at_loss: false,
             conn_id: 0,
             send_seq: 0,
             recv_seq: 0,
@@ -867,7 +889,15 @@ impl Node {
                 .map(|p| p.id)
                 .chain([peer])
                 .collect();
-            uuids.new_current(fresh, untracked);
+            uuids.new_current(fresh, untracked.iter().copied());
+            for id in untracked {
+                let lost_as_primary = self.peer(id).is_some_and(|p| {
+                    p.primary_at_loss || p.connection == ConnectionState::Connected
+                });
+                if self.role == Role::Primary && lost_as_primary {
+                    uuids.set_primary_at_split(id);
+                }
+            }
             self.persist(MetaUpdate::Uuids(uuids));
         }
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
@@ -1459,11 +1489,19 @@ impl Node {
         p.queue.clear();
         p.writes_in_flight = 0;
         p.barrier_in_flight = false;
+        let sent = SplitBrainSide {
+            node_id: self.id,
+            role: self.role,
+            changed_blocks: self.meta.bitmaps[peer.index()].count(),
+            primary_at_split: self.meta.uuids.primary_at_split(peer),
+        };
+        let p = &mut self.peers[i];
         p.handshake = Some(Handshake {
             started_ms: self.now_ms,
             hello: None,
             bitmap: Bitmap::new(self.meta.size_blocks),
             done: false,
+            sent,
         });
         self.set_connection(i, ConnectionState::Connected);
         let hello = Hello {
@@ -1477,6 +1515,7 @@ impl Node {
             discard_my_data: self.peers[i].discard_my_data,
             full_sync_required: self.meta.flags.full_sync_required,
             uuids: self.meta.uuids.clone(),
+            after_sb: self.config.after_sb,
         };
         self.send(i, Frame::Hello(hello));
         let words = self.meta.bitmaps[peer.index()].words().to_vec();
@@ -1538,6 +1577,9 @@ impl Node {
             self.outputs.push_back(Output::Disconnect { peer, conn_id });
         }
         let was_replicating = self.peers[i].replicating();
+        if self.peers[i].connection == ConnectionState::Connected {
+            self.peers[i].primary_at_loss = self.role == Role::Primary;
+        }
         let p = &mut self.peers[i];
         p.conn_id = 0;
         p.handshake = None;
@@ -2103,6 +2145,8 @@ impl Node {
                 self.refuse(i, "device sizes differ");
             } else if hello.protocol != self.config.protocol.to_wire() {
                 self.refuse(i, "replication protocols differ");
+            } else if !self.config.after_sb.compatible_with_peer(hello.after_sb) {
+                self.refuse(i, "incompatible after-sb-0pri/1pri/2pri settings");
             } else {
                 self.peers[i].handshake.as_mut().expect("in handshake").hello = Some(hello);
             }
@@ -2167,11 +2211,13 @@ impl Node {
         };
         let my_bits = !self.meta.bitmaps[peer.index()].is_clear();
         let their_bits = !handshake.bitmap.is_clear();
-        let decision = decide_with_disks(
-            uuid::decide(&mine, &theirs),
-            (self.disk, self.meta.flags.full_sync_required, my_bits),
-            (hello.disk, hello.full_sync_required, their_bits),
-        );
+        let my_disk = (self.disk, self.meta.flags.full_sync_required, my_bits);
+        let their_disk = (hello.disk, hello.full_sync_required, their_bits);
+        let mut decision = decide_with_disks(uuid::decide(&mine, &theirs), my_disk, their_disk);
+        if decision == SyncDecision::SplitBrain {
+            let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
+            decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
+        }
         self.peers[i].role = hello.role;
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
@@ -2278,6 +2324,61 @@ impl Node {
             self.set_replication(i, ReplicationState::SyncTarget);
         }
         self.broadcast_state();
+    }
+
+    /// Applies the after-sb policies to a split brain found in the handshake: the victim's
+    /// side becomes the sync target of exactly what `--discard-my-data` would give (a bitmap
+    /// resync of both sides' changes when both bitmaps share a base, else a full sync), or
+    /// the split brain stands.
+    fn after_split_brain(
+        &mut self,
+        i: usize,
+        mine: &HandshakeView,
+        theirs: &HandshakeView,
+        hello: &Hello,
+        their_bitmap: &Bitmap,
+        local: SplitBrainSide,
+    ) -> SyncDecision {
+        let peer = self.peers[i].id;
+        if !(self.disk.has_data() && hello.disk.has_data()) {
+            return SyncDecision::SplitBrain;
+        }
+        let remote = SplitBrainSide {
+            node_id: hello.node_id,
+            role: hello.role,
+            changed_blocks: their_bitmap.count(),
+            primary_at_split: hello.uuids.primary_at_split(self.id),
+        };
+        let outcome = after_sb::resolve(self.config.after_sb, &local, &remote);
+        if outcome.primary_lost {
+            self.emit(Event::PrimaryLostAfterSplitBrain { peer });
+        }
+        let discarded_local = match outcome.resolution {
+            Resolution::Disconnect => return SyncDecision::SplitBrain,
+            Resolution::Victim => true,
+            Resolution::Survivor => false,
+        };
+        let victim_role = if discarded_local { local.role } else { hello.role };
+        if victim_role == Role::Primary {
+            // violently-as0p against a primary: DRBD would resync a primary's data under its
+            // users; this engine never makes a primary a sync target, so the split brain stands.
+            return SyncDecision::SplitBrain;
+        }
+        let victim = HandshakeView { discard_my_data: discarded_local, ..mine.clone() };
+        let survivor = HandshakeView { discard_my_data: !discarded_local, ..theirs.clone() };
+        let my_disk = (self.disk, self.meta.flags.full_sync_required, local.changed_blocks > 0);
+        let their_disk = (hello.disk, hello.full_sync_required, remote.changed_blocks > 0);
+        let decision =
+            match decide_with_disks(uuid::decide(&victim, &survivor), my_disk, their_disk) {
+                // Same generation with changes on both sides: the two bitmaps cover them.
+                SyncDecision::SplitBrain | SyncDecision::NoSync if discarded_local => {
+                    SyncDecision::BitmapTarget
+                }
+                SyncDecision::SplitBrain | SyncDecision::NoSync => SyncDecision::BitmapSource,
+                other => other,
+            };
+        self.emit(Event::SplitBrainResolved { peer, policy: outcome.policy, discarded_local });
+        decision
     }
 
     // ----- resync -----

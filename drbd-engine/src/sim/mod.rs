@@ -50,8 +50,9 @@ use crate::protocol::node::{
 };
 use crate::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use crate::protocol::{
-    ConnectionState, DiskState, DynamicControllerConfig, MetaUpdate, Metadata, PersistedDisk,
-    ReplicationState, ResyncRate, Role,
+    AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, AfterSbPolicies, ConnectionState, DiskState,
+    DynamicControllerConfig, MetaUpdate, Metadata, PersistedDisk, ReplicationState, ResyncRate,
+    Role,
 };
 use crate::uuid::SyncDecision;
 use disk::SimDisk;
@@ -106,6 +107,13 @@ pub struct Swarm {
     /// Chance per tick that the primary is cut off from every other node, and for how long.
     pub isolate_primary_ppm_per_tick: u64,
     pub isolate_ms_max: u64,
+    /// The resource's `after-sb-0pri/1pri/2pri` policies.
+    pub after_sb: AfterSbPolicies,
+    /// Both nodes have `cram-hmac-alg` with one shared secret.
+    pub shared_secret: bool,
+    /// The secrets differ until the operator fixes them when healing: no connection may be
+    /// made before.
+    pub secret_mismatch: bool,
 }
 
 impl Swarm {
@@ -163,7 +171,13 @@ impl Swarm {
             on_no_quorum: OnNoQuorum::SuspendIo,
             isolate_primary_ppm_per_tick: 0,
             isolate_ms_max: 0,
+            after_sb: AfterSbPolicies::default(),
+            shared_secret: false,
+            secret_mismatch: false,
         }
+        // The split-brain knobs read the stream without advancing it, so quorum's draws (three
+        // nodes and more only) come after them as before.
+        .with_split_brain_knobs(rng)
         .with_quorum(rng, nodes)
     }
 
@@ -188,6 +202,26 @@ impl Swarm {
     /// The node with no disk, if any.
     pub fn diskless_node(&self) -> Option<usize> {
         self.tiebreaker.then(|| self.nodes - 1)
+    }
+
+    /// Draws the split-brain and authentication knobs from a stream of their own, so that the
+    /// other knobs and the rest of the run stay what they were for every seed.
+    fn with_split_brain_knobs(mut self, rng: &Rng) -> Self {
+        let mut own = Rng::new(rng.clone().next_u64() ^ 0x5b1e_a57a_b0a7_d00d);
+        let pick = |rng: &mut Rng, len: usize| rng.index(len);
+        // Two seeds in five keep DRBD's default (disconnect everywhere: manual recovery).
+        if own.below(5) >= 2 {
+            // discard-local/-remote only make sense between two nodes.
+            let zero = if self.nodes == 2 { AfterSb0Pri::ALL.len() } else { 5 };
+            self.after_sb = AfterSbPolicies {
+                zero_primaries: AfterSb0Pri::ALL[pick(&mut own, zero)],
+                one_primary: AfterSb1Pri::ALL[pick(&mut own, AfterSb1Pri::ALL.len())],
+                two_primaries: AfterSb2Pri::ALL[pick(&mut own, AfterSb2Pri::ALL.len())],
+            };
+        }
+        self.shared_secret = own.below(2) == 0;
+        self.secret_mismatch = self.shared_secret && own.below(8) == 0;
+        self
     }
 }
 
@@ -303,6 +337,12 @@ pub struct Report {
     pub primary_isolations: u64,
     /// Requests failed with no quorum (io-error, or force-secondary).
     pub requests_failed_no_quorum: u64,
+    /// Split brains resolved by an after-sb policy (no operator).
+    pub split_brains_auto_resolved: u64,
+    /// `call-pri-lost-after-sb` handler calls.
+    pub primary_lost_calls: u64,
+    /// Connection attempts refused by peer authentication (mismatched shared secrets).
+    pub auth_refusals: u64,
 }
 
 impl Report {
@@ -331,6 +371,9 @@ impl Report {
         self.promotions_refused_no_quorum += other.promotions_refused_no_quorum;
         self.primary_isolations += other.primary_isolations;
         self.requests_failed_no_quorum += other.requests_failed_no_quorum;
+        self.split_brains_auto_resolved += other.split_brains_auto_resolved;
+        self.primary_lost_calls += other.primary_lost_calls;
+        self.auth_refusals += other.auth_refusals;
     }
 
     /// One line of counters.
@@ -340,7 +383,8 @@ impl Report {
             "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected, \
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
-             {} lineage forks, {}, {} ms simulated",
+             {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
+             ({} pri-lost-after-sb calls), {} connections refused by authentication",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -359,7 +403,10 @@ impl Report {
             self.old_primaries_shot,
             self.lineage_forks,
             self.verify.summary(),
-            self.sim_ms
+            self.sim_ms,
+            self.split_brains_auto_resolved,
+            self.primary_lost_calls,
+            self.auth_refusals
         ) + &self.quorum_summary()
     }
 
@@ -420,6 +467,14 @@ pub struct World {
     /// one side finishes first and writes again.
     dirty_at_connect: BTreeMap<(usize, usize), (PairMatrix, PairMatrix)>,
     discard_requested: Vec<Vec<bool>>,
+    /// auto_victim[a][b]: an after-sb policy made a the victim of b, until they are in sync
+    /// again (the split-brain checker's licence to discard a's changes, as a discard-my-data).
+    auto_victim: PairMatrix,
+    /// Per pair: the first end's after-sb verdict (node, discarded_local), to check that the
+    /// other end reaches the mirror image.
+    auto_verdicts: BTreeMap<(usize, usize), (usize, bool)>,
+    /// auto_fork_pending[victim][survivor]: see `survivor_lineage`.
+    auto_fork_pending: PairMatrix,
     last_primary: Option<usize>,
     healing: bool,
     /// Quorum checkers: when each node was last promoted and last acknowledged a write
@@ -489,6 +544,9 @@ impl World {
             dirty: vec![vec![false; nodes]; nodes],
             dirty_at_connect: BTreeMap::new(),
             discard_requested: vec![vec![false; nodes]; nodes],
+            auto_victim: vec![vec![false; nodes]; nodes],
+            auto_verdicts: BTreeMap::new(),
+            auto_fork_pending: vec![vec![false; nodes]; nodes],
             last_primary: None,
             healing: false,
             promoted_at: vec![None; nodes],
@@ -559,6 +617,12 @@ impl World {
             random_seed: self.seed ^ ((i as u64) << 40) ^ (self.nodes[i].incarnation << 48),
             digests: self.digest_settings(),
             quorum: self.quorum_config(i),
+            // discard-local/discard-remote name a node: its peer words it the other way round.
+            after_sb: if i == 0 {
+                self.swarm.after_sb
+            } else {
+                self.swarm.after_sb.seen_from_peer()
+            },
         }
     }
 
@@ -744,6 +808,9 @@ impl World {
     }
 
     fn connect_pair(&mut self, a: usize, b: usize) {
+        if self.swarm.shared_secret && !self.authenticate(a, b) {
+            return;
+        }
         let conn = self.next_conn;
         self.log(|| format!("connect {a}-{b} conn {conn}"));
         self.next_conn += 1;
@@ -757,6 +824,45 @@ impl World {
         }
         self.drain(a, false);
         self.drain(b, false);
+    }
+
+    /// The cram-hmac-alg exchange before a connection (the driver runs the same steps over
+    /// TCP). Mismatched secrets must never authenticate; the pair keeps retrying, as DRBD.
+    fn authenticate(&mut self, a: usize, b: usize) -> bool {
+        use crate::protocol::auth::{self, Authenticator};
+        // Until healing, the operator's typo: node b holds another secret.
+        let mismatch = self.swarm.secret_mismatch && !self.healing;
+        let secret_b: &[u8] = if mismatch { b"typo-secret" } else { b"sim-secret" };
+        // Challenges from a stream of their own: the run's other choices stay as they were.
+        let mut own = Rng::new(self.seed ^ self.next_conn.rotate_left(32));
+        let mut challenge = || {
+            let mut c = [0u8; auth::CHALLENGE_BYTES];
+            for chunk in c.chunks_mut(8) {
+                chunk.copy_from_slice(&own.next_u64().to_le_bytes());
+            }
+            c
+        };
+        let (ca, cb) = (challenge(), challenge());
+        self.next_conn += 1;
+        let mut x = Authenticator::new(Some(b"sim-secret"), nid(a), nid(b), ca);
+        let mut y = Authenticator::new(Some(secret_b), nid(b), nid(a), cb);
+        let (rx, ry) = auth::exchange(&mut x, &mut y);
+        match (rx.is_ok() && ry.is_ok(), mismatch) {
+            (true, false) => true,
+            (true, true) => {
+                self.violation(format!("nodes {a} and {b} authenticated with different secrets"));
+                false
+            }
+            (false, true) => {
+                self.report.auth_refusals += 1;
+                self.log(|| format!("auth {a}-{b} refused: {rx:?} / {ry:?}"));
+                false
+            }
+            (false, false) => {
+                self.violation(format!("nodes {a} and {b} refused the same secret: {rx:?} {ry:?}"));
+                false
+            }
+        }
     }
 
     fn tick(&mut self) {
@@ -1116,6 +1222,7 @@ impl World {
         for (x, y) in [(a, b), (b, a)] {
             self.dirty[x][y] = false;
             self.discard_requested[x][y] = false;
+            self.auto_victim[x][y] = false;
             self.promoted_apart[x][y] = false;
             self.stale[x] = None;
             self.fenced[x] = false;
@@ -1396,6 +1503,17 @@ impl World {
                 self.report.split_brains += 1;
                 self.resolve_standalone(i, peer.index());
             }
+            Event::SplitBrainResolved { peer, policy, discarded_local } => {
+                self.split_brain_resolved(i, peer.index(), policy, discarded_local);
+            }
+            Event::PrimaryLostAfterSplitBrain { .. } => {
+                // The handler's usual action: give up the primary role (the connection stays
+                // StandAlone and the split brain is resolved by hand).
+                self.report.primary_lost_calls += 1;
+                if let Some(n) = self.nodes[i].node.as_mut() {
+                    let _ = n.handle_demote(self.now_ms);
+                }
+            }
             Event::SyncRefused { peer, .. } => self.resolve_standalone(i, peer.index()),
             Event::UnrelatedData { peer } => {
                 self.violation(format!("node {i} and {peer} reported unrelated data"));
@@ -1407,6 +1525,7 @@ impl World {
             Event::ReplicationStateChanged { peer, state } => {
                 let j = peer.index();
                 if state == ReplicationState::SyncTarget {
+                    self.survivor_lineage(i, j);
                     // Our data becomes a copy of the source's: its lineage is ours now (after
                     // a split brain this is where the victim's writes are forgiven).
                     self.lineage[i] = self.lineage[j];
@@ -1464,7 +1583,11 @@ impl World {
         // With quorum, a primary that lost it marks the writes it could not replicate without
         // having acknowledged them; the peer promoted meanwhile overwrites them (the model
         // checks that no acknowledged write is lost), so either direction may be right.
-        let discarding = discard[i][j] || discard[j][i] || self.quorum_on();
+        let discarding = discard[i][j]
+            || discard[j][i]
+            || self.quorum_on()
+            || self.auto_victim[i][j]
+            || self.auto_victim[j][i];
         let ok = match decision {
             SplitBrain => mine && theirs,
             Unrelated => false,
@@ -1480,6 +1603,65 @@ impl World {
         if decision == NoSync {
             self.in_sync(i, j);
         }
+    }
+
+    /// An after-sb policy resolved a split brain between i and j. Checks that nothing is
+    /// discarded unless a policy other than `disconnect` applies, that the two ends chose
+    /// mirror images, and licenses the victim's discard for the decision checker.
+    fn split_brain_resolved(&mut self, i: usize, j: usize, policy: &str, discarded_local: bool) {
+        self.log(|| format!("node {i} after-sb {policy}: discarded_local={discarded_local}"));
+        let p = self.swarm.after_sb;
+        if p == AfterSbPolicies::default() || policy == "disconnect" {
+            self.violation(format!(
+                "node {i} resolved a split brain with {j} by {policy:?} although the policies are {p:?}"
+            ));
+        }
+        let (victim, survivor) = if discarded_local { (i, j) } else { (j, i) };
+        self.auto_victim[victim][survivor] = true;
+        self.auto_fork_pending[victim][survivor] = true;
+        match self.auto_verdicts.remove(&pair(i, j)) {
+            Some((other, theirs)) if other != i => {
+                if theirs == discarded_local {
+                    self.violation(format!(
+                        "nodes {i} and {other} disagree on the split-brain victim (both discarded_local={theirs})"
+                    ));
+                }
+            }
+            // First end (or a handshake whose other end never finished).
+            _ => {
+                self.auto_verdicts.insert(pair(i, j), (i, discarded_local));
+                self.report.split_brains_auto_resolved += 1;
+            }
+        }
+    }
+
+    /// The victim of an after-sb policy becomes SyncTarget: if one lineage holds both sides'
+    /// writes, the victim's writes since the split are discarded, so the survivor's data as
+    /// it is now becomes the truth (writes still in flight on it keep their place); the victim
+    /// then adopts it, and from then on every acknowledged write is required again.
+    fn survivor_lineage(&mut self, victim: usize, survivor: usize) {
+        if !std::mem::take(&mut self.auto_fork_pending[victim][survivor])
+            || self.lineage[victim] != self.lineage[survivor]
+        {
+            return;
+        }
+        let in_flight: Vec<u64> = self
+            .pending
+            .values()
+            .filter_map(|(node, _, p)| match p {
+                Pending::Write { id, .. } if *node == survivor => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let image = self.nodes[survivor].disk.read(0, self.swarm.size_blocks);
+        let stable = self.nodes[survivor].disk.read_stable();
+        let mut fork = self.models[self.lineage[survivor]].clone();
+        fork.rebase_keeping(&image, &stable, &in_flight);
+        self.stale[survivor] = None;
+        self.models.push(fork);
+        self.lineage[survivor] = self.models.len() - 1;
+        self.report.lineage_forks += 1;
+        self.log(|| format!("node {survivor} survives on lineage {}", self.lineage[survivor]));
     }
 
     /// The simulated fence-peer handler of node i for `peer` returns. It reaches the peer

@@ -228,7 +228,22 @@ impl Model {
         Ok(())
     }
 
-    /// A forced promotion declared this image the truth: forget everything before it.
+    /// An after-sb policy made this image (the survivor's) the truth: as `rebase`, except
+    /// that the writes still in flight on the survivor (`in_flight` ids) keep their place.
+    pub fn rebase_keeping(&mut self, image: &[u8], stable: &[u8], in_flight: &[u64]) {
+        let kept: Vec<Vec<usize>> = self
+            .blocks
+            .iter()
+            .map(|b| {
+                b.writes.iter().copied().filter(|i| in_flight.contains(&(*i as u64 + 1))).collect()
+            })
+            .collect();
+        self.rebase(image, stable);
+        for (b, writes) in self.blocks.iter_mut().zip(kept) {
+            b.writes = writes;
+        }
+    }
+
     /// A forced promotion declared this image the truth: forget everything before it. The
     /// image's volatile part may still be lost, so its stable content stays allowed too.
     pub fn rebase(&mut self, image: &[u8], stable: &[u8]) {
