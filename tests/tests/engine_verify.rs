@@ -5,7 +5,9 @@
 //!    those blocks, a disconnect/connect resyncs just those (by checksums: the target's digests
 //!    differ there only), the files are then identical and a second verify reports nothing;
 //! 2. a verify run from the secondary while the primary streams writes over the whole device
-//!    reports nothing (a block written while compared is checked again, never reported).
+//!    reports nothing (a block written while compared is checked again, never reported);
+//! 3. `tandemadm verify` on two tandemd: the status tree shows `replication:VerifyS ...
+//!    done:NN.NN`, `status --statistics` the blocks found, disconnect/connect repairs them.
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_verify -- --nocapture`
 
@@ -232,4 +234,107 @@ fn verify_under_a_write_stream_reports_no_false_differences() {
     assert_eq!((found, reported.len()), (0, 0), "no false differences: {reply}");
     assert!(skipped < 16384, "most blocks were compared: {reply}");
     a.ok("check 0 16384 2");
+}
+
+/// `tandemadm verify` on two tandemd: the status tree shows `replication:VerifyS ...
+/// done:NN.NN` while it runs, `--statistics` counts the blocks found as `out-of-sync:` (KiB),
+/// and `disconnect` + `connect` resyncs them.
+#[test]
+fn tandemadm_verify_shows_progress_and_out_of_sync_like_drbdsetup() {
+    tests::require_slow!();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let names = ["alpha", "beta"];
+    let ports = [tests::free_port(), tests::free_port()];
+    // A fixed 16 MiB/s verify rate, so the 64 MiB run lasts long enough to be seen.
+    let mut text = String::from(
+        "resource r0 {\n  net { protocol C; verify-alg sha256; csums-alg crc32c; }\n  \
+         disk { c-plan-ahead 0; resync-rate 16M; }\n",
+    );
+    for (id, name) in names.iter().enumerate() {
+        let disk = dir.path().join(format!("{name}.img"));
+        tests::sparse_file(&disk, SIZE_BYTES);
+        text.push_str(&format!(
+            "  on {name} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
+             device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
+            ports[id],
+            disk.display()
+        ));
+    }
+    text.push_str("}\n");
+    let config = dir.path().join("r0.res");
+    std::fs::write(&config, text).expect("writing r0.res");
+    let socket = |i: usize| dir.path().join(format!("{}.sock", names[i]));
+    let _daemons: Vec<tests::Daemon> = (0..2)
+        .map(|i| {
+            let mut command = Command::new(tests::binary("tandemd"));
+            command
+                .arg("-c")
+                .arg(&config)
+                .args(["--node", names[i]])
+                .args(["--portal", &format!("127.0.0.1:{}", tests::free_port())])
+                .arg("--control-socket")
+                .arg(socket(i))
+                .arg("--state-dir")
+                .arg(dir.path().join(format!("state-{}", names[i])));
+            let mut daemon = tests::Daemon::spawn(names[i], command);
+            daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
+            daemon
+        })
+        .collect();
+    let adm = |i: usize, args: &[&str]| {
+        let mut command = Command::new(tests::binary("tandemadm"));
+        command.arg("-s").arg(socket(i)).args(args);
+        tests::run_ok(&mut command, Duration::from_secs(30))
+    };
+    for i in 0..2 {
+        adm(i, &["create-md", "r0"]);
+        adm(i, &["up", "r0"]);
+    }
+    adm(0, &["wait-connect", "--timeout", "20", "r0"]);
+    adm(0, &["new-current-uuid", "--clear-bitmap", "r0"]);
+    adm(0, &["wait-sync", "--timeout", "20", "r0"]);
+    adm(0, &["primary", "r0"]);
+
+    // Behind beta's back: three blocks of its disk change.
+    let image = dir.path().join("beta.img");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&image).unwrap();
+    for block in [1u64, 4000, 16000] {
+        file.seek(SeekFrom::Start(block * BLOCK + 17)).unwrap();
+        file.write_all(b"silent corruption").unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+
+    adm(0, &["verify", "r0"]);
+    let mut seen_running = None;
+    let start = std::time::Instant::now();
+    loop {
+        let status = adm(0, &["status", "r0"]);
+        if status.contains("replication:VerifyS") {
+            seen_running.get_or_insert(status.clone());
+        } else if seen_running.is_some() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "verify never ended: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let running = seen_running.expect("status showed the verify");
+    println!("tandemadm status during verify:\n{running}");
+    let line = running.lines().find(|l| l.contains("replication:VerifyS")).unwrap();
+    assert!(line.contains("peer-disk:UpToDate done:"), "{line}");
+    let percent: f64 = line.split("done:").nth(1).unwrap().trim().parse().unwrap();
+    assert!((0.0..=100.0).contains(&percent), "{line}");
+    let beta_status = adm(1, &["status", "r0"]);
+    assert!(!beta_status.contains("Verify"), "beta's run ended too: {beta_status}");
+
+    let statistics = adm(0, &["status", "--statistics", "r0"]);
+    println!("after verify:\n{statistics}");
+    assert!(statistics.contains("out-of-sync:12 "), "3 blocks = 12 KiB: {statistics}");
+
+    adm(0, &["disconnect", "r0"]);
+    adm(0, &["connect", "r0"]);
+    adm(0, &["wait-sync", "--timeout", "30", "r0"]);
+    let statistics = adm(0, &["status", "--statistics", "r0"]);
+    assert!(statistics.contains("out-of-sync:0 "), "{statistics}");
+    assert!(read_file(&dir.path().join("alpha.img")) == read_file(&image), "repaired");
 }
