@@ -105,11 +105,14 @@ pub enum Frame {
     NewCurrentUuid {
         uuid: u64,
     },
-    /// The primaries the sender accepts (node id bits) and the term that confirms (see
-    /// `protocol::quorum`). Sent only when quorum is enabled.
+    /// The primaries the sender accepts (node id bits) and the term that confirms, the nodes
+    /// a primary asks to be outdated (relayed by the others), and the diskful nodes the sender
+    /// does not see with promotable data (see `protocol::quorum`). Only with quorum enabled.
     Quorum {
         primaries: u64,
         term: u64,
+        outdate: u64,
+        unseen: u64,
     },
 }
 
@@ -258,9 +261,10 @@ pub fn encode(envelope: &Envelope) -> Vec<u8> {
         Frame::Barrier { epoch } | Frame::BarrierAck { epoch } => w.u64(*epoch),
         Frame::ResyncDone { current_uuid } => w.u64(*current_uuid),
         Frame::NewCurrentUuid { uuid } => w.u64(*uuid),
-        Frame::Quorum { primaries, term } => {
-            w.u64(*primaries);
-            w.u64(*term);
+        Frame::Quorum { primaries, term, outdate, unseen } => {
+            for v in [primaries, term, outdate, unseen] {
+                w.u64(*v);
+            }
         }
     }
     let payload = w.0.len() - HEADER_BYTES;
@@ -385,7 +389,12 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, FrameError> {
         14 => Frame::PingAck,
         15 => Frame::ResyncDone { current_uuid: r.u64()? },
         16 => Frame::NewCurrentUuid { uuid: r.u64()? },
-        40 => Frame::Quorum { primaries: r.u64()?, term: r.u64()? },
+        40 => Frame::Quorum {
+            primaries: r.u64()?,
+            term: r.u64()?,
+            outdate: r.u64()?,
+            unseen: r.u64()?,
+        },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -429,7 +438,7 @@ mod tests {
             Frame::PingAck,
             Frame::ResyncDone { current_uuid: 0x42 },
             Frame::NewCurrentUuid { uuid: 0x4242 },
-            Frame::Quorum { primaries: 0b101, term: 7 },
+            Frame::Quorum { primaries: 0b101, term: 7, outdate: 0b10, unseen: 0b10 },
         ]
     }
 
