@@ -517,3 +517,32 @@ fn after_sb_policies_pick_mirrored_victims_and_resync_the_union_of_both_bitmaps(
         }
     }
 }
+
+#[test]
+fn a_node_without_quorum_is_not_promoted_and_says_why() {
+    use drbd_engine::protocol::StateError;
+    use drbd_engine::protocol::quorum::{QuorumConfig, QuorumPolicy};
+    // Two diskful nodes and a diskless tiebreaker (node 2); nobody connected yet.
+    let quorum = QuorumConfig {
+        quorum: QuorumPolicy::Majority,
+        diskless_peers: vec![NodeId(2)],
+        ..QuorumConfig::default()
+    };
+    let with_quorum = Config { peers: vec![NodeId(1), NodeId(2)], quorum, ..config() };
+    let mut node =
+        drbd_engine::protocol::Node::new(with_quorum, Metadata::create(NodeId(0), 1024), 0);
+    assert!(!node.has_quorum());
+    assert_eq!(
+        node.handle_promote(1, true),
+        Err(StateError::NoQuorum("1 of 2 nodes visible, need 2 for quorum".into()))
+    );
+    assert_eq!(node.role(), Role::Secondary);
+    // The same node with quorum off is promoted (forced, on fresh data).
+    let mut node = drbd_engine::protocol::Node::new(
+        Config { peers: vec![NodeId(1), NodeId(2)], ..config() },
+        Metadata::create(NodeId(0), 1024),
+        0,
+    );
+    assert!(node.has_quorum());
+    assert_eq!(node.handle_promote(1, true), Ok(()));
+}

@@ -320,10 +320,11 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
         }
         Some("wait-synced") => {
             let ms = wait_until(device, num(1)?, |s| {
-                s.disk == DiskState::UpToDate
+                // A diskless tiebreaker (itself or a peer) is synced when Established.
+                matches!(s.disk, DiskState::UpToDate | DiskState::Diskless)
                     && s.peers.iter().all(|p| {
                         p.replication == ReplicationState::Established
-                            && p.disk == DiskState::UpToDate
+                            && matches!(p.disk, DiskState::UpToDate | DiskState::Diskless)
                     })
             })
             .await?;

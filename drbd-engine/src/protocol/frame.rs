@@ -154,11 +154,14 @@ pub enum Frame {
         out_of_sync_blocks: u64,
         completed: bool,
     },
-    /// The primaries the sender accepts (node id bits) and the term that confirms (see
-    /// `protocol::quorum`). Sent only when quorum is enabled.
+    /// The primaries the sender accepts (node id bits) and the term that confirms, the nodes
+    /// a primary asks to be outdated (relayed by the others), and the diskful nodes the sender
+    /// does not see with promotable data (see `protocol::quorum`). Only with quorum enabled.
     Quorum {
         primaries: u64,
         term: u64,
+        outdate: u64,
+        unseen: u64,
     },
 }
 
@@ -376,9 +379,10 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             w.u64(*out_of_sync_blocks);
             w.u8(u8::from(*completed));
         }
-        Frame::Quorum { primaries, term } => {
-            w.u64(*primaries);
-            w.u64(*term);
+        Frame::Quorum { primaries, term, outdate, unseen } => {
+            for v in [primaries, term, outdate, unseen] {
+                w.u64(*v);
+            }
         }
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
@@ -554,7 +558,12 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             r.what = "VerifyDone";
             Frame::VerifyDone { out_of_sync_blocks: r.u64()?, completed: r.bool()? }
         }
-        17 => Frame::Quorum { primaries: r.u64()?, term: r.u64()? },
+        17 => Frame::Quorum {
+            primaries: r.u64()?,
+            term: r.u64()?,
+            outdate: r.u64()?,
+            unseen: r.u64()?,
+        },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -619,7 +628,7 @@ mod tests {
                 receiver_marks: true,
             },
             Frame::VerifyDone { out_of_sync_blocks: 3, completed: false },
-            Frame::Quorum { primaries: 0b101, term: 7 },
+            Frame::Quorum { primaries: 0b101, term: 7, outdate: 0b10, unseen: 0b10 },
         ]
     }
 

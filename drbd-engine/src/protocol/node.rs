@@ -1058,7 +1058,9 @@ impl Node {
         if self.handshake_in_progress() || self.fence_pending != 0 || self.quorum_holds_io() {
             return;
         }
-        if self.config.fencing.freezes() && !self.queued_writes.is_empty() {
+        if (self.config.fencing.freezes() || self.config.quorum.enabled())
+            && !self.queued_writes.is_empty()
+        {
             // A peer we cannot reach may still be promoted with UpToDate data: have it fenced
             // before any write it misses is acknowledged.
             for i in 0..self.peers.len() {
@@ -1157,7 +1159,7 @@ impl Node {
     }
 
     fn try_complete_writes(&mut self) {
-        if self.fence_pending != 0 || self.quorum_holds_io() {
+        if (self.fence_pending != 0 && !self.quorum_fails_io()) || self.quorum_holds_io() {
             // The candidates stay recorded: they complete once the fence is settled or quorum
             // is back.
             return;
@@ -1208,7 +1210,7 @@ impl Node {
 
     /// Completes reads held while a fence was pending, once none is.
     fn release_held_reads(&mut self) {
-        if self.fence_pending != 0 || self.quorum_holds_io() {
+        if (self.fence_pending != 0 && !self.quorum_fails_io()) || self.quorum_holds_io() {
             return;
         }
         for (request, data) in std::mem::take(&mut self.held_reads) {
@@ -1275,7 +1277,7 @@ impl Node {
     }
 
     fn try_complete_flushes(&mut self) {
-        if self.fence_pending != 0 || self.quorum_holds_io() {
+        if (self.fence_pending != 0 && !self.quorum_fails_io()) || self.quorum_holds_io() {
             return;
         }
         let mut i = 0;
@@ -1627,7 +1629,7 @@ impl Node {
         }
         if was_replicating
             && self.role == Role::Primary
-            && self.config.fencing.freezes()
+            && (self.config.fencing.freezes() || self.config.quorum.enabled())
             && self.meta.flags.peer_outdated & peer.bit() == 0
         {
             self.start_fence(i);
@@ -1638,7 +1640,10 @@ impl Node {
         let peer = self.peers[i].id;
         if self.fence_pending & peer.bit() == 0 {
             self.fence_pending |= peer.bit();
-            self.emit(Event::FencePeer { peer });
+            // With quorum alone the fence is settled in-protocol (`quorum_node`).
+            if self.config.fencing.freezes() {
+                self.emit(Event::FencePeer { peer });
+            }
         }
     }
 
@@ -2028,7 +2033,9 @@ impl Node {
                 self.set_peer_disk(i, DiskState::UpToDate);
                 self.set_disk(DiskState::UpToDate);
             }
-            Frame::Quorum { primaries, term } => self.quorum_handle_frame(i, primaries, term),
+            Frame::Quorum { primaries, term, outdate, unseen } => {
+                self.quorum_handle_frame(i, [primaries, term, outdate, unseen]);
+            }
             Frame::Hello(_) | Frame::BitmapChunk { .. } | Frame::HandshakeDone => {
                 self.protocol_error(i, "handshake frame after the handshake".into());
             }

@@ -247,6 +247,10 @@ pub struct PeerReport {
     pub primaries: u64,
     /// Its own term if it is primary, else the term of the primary it accepts.
     pub term: u64,
+    /// Nodes a primary asks to be outdated (relayed by the nodes that accept it).
+    pub outdate: u64,
+    /// Diskful nodes it does not see with promotable data (not connected, or Outdated).
+    pub unseen: u64,
 }
 
 /// The quorum state one node keeps (one field of `Node`).
@@ -261,7 +265,7 @@ pub struct QuorumState {
     /// The last `Frame::Quorum` of each peer.
     pub reports: BTreeMap<NodeId, PeerReport>,
     /// What was last sent to each peer: (conn_id, primaries, term).
-    pub sent: BTreeMap<NodeId, (u64, u64, u64)>,
+    pub sent: BTreeMap<NodeId, [u64; 5]>,
     /// Application requests that must fail when they complete: a primary without quorum
     /// stepped down (force-secondary) while they were in flight.
     pub doomed: BTreeSet<u64>,
@@ -448,14 +452,19 @@ mod tests {
         let me = NodeId(1);
         let mut state = QuorumState::new(&config(QuorumPolicy::Majority));
         state.term = 3;
-        state.reports.insert(NodeId(2), PeerReport { conn_id: 7, primaries: me.bit(), term: 2 });
+        let report = |conn_id, primaries, term| PeerReport {
+            conn_id,
+            primaries,
+            term,
+            outdate: 0,
+            unseen: 0,
+        };
+        state.reports.insert(NodeId(2), report(7, me.bit(), 2));
         assert!(!state.confirms(me, NodeId(2), 7), "an older term's confirmation");
-        state.reports.insert(NodeId(2), PeerReport { conn_id: 7, primaries: me.bit(), term: 3 });
+        state.reports.insert(NodeId(2), report(7, me.bit(), 3));
         assert!(state.confirms(me, NodeId(2), 7));
         assert!(!state.confirms(me, NodeId(2), 8), "an older connection's report");
-        state
-            .reports
-            .insert(NodeId(2), PeerReport { conn_id: 8, primaries: NodeId(0).bit(), term: 1 });
+        state.reports.insert(NodeId(2), report(8, NodeId(0).bit(), 1));
         assert_eq!(state.primary_reported(me, NodeId(2), 8), Some(NodeId(0)));
     }
 }

@@ -191,6 +191,7 @@ impl Node {
         }
         self.quorum_state.confirmed =
             self.role != Role::Primary || (have && self.quorum_verdict(true, have).have);
+        self.quorum_settle_fences();
         if self.role == Role::Primary
             && self.quorum_state.confirmed
             && self.quorum_state.generation_pending
@@ -232,11 +233,16 @@ impl Node {
         }
         self.quorum_state.lost_primaries.retain(|_, t| *t + PRIMARY_LOST_GRACE_MS > now);
         let lingering: u64 = self.quorum_state.lost_primaries.keys().map(|p| p.bit()).sum();
-        let (primaries, term) = if self.role == Role::Primary {
-            (self.id.bit(), self.quorum_state.term)
+        let diskful_peers: u64 =
+            self.peers.iter().filter(|p| !self.is_diskless_peer(p.id)).map(|p| p.id.bit()).sum();
+        let (primaries, term, outdate) = if self.role == Role::Primary {
+            // Only a primary with quorum fences: one that lost it may be the stale one.
+            let fencing = if self.quorum_state.have { self.fence_pending } else { 0 };
+            (self.id.bit(), self.quorum_state.term, fencing & diskful_peers)
         } else {
             let mut primaries = 0;
             let mut term = 0;
+            let mut outdate = 0;
             for i in 0..self.peers.len() {
                 let p = &self.peers[i];
                 if self.peer_sees_us(i) && p.role == Role::Primary {
@@ -246,26 +252,87 @@ impl Node {
                         && r.primaries & p.id.bit() != 0
                     {
                         term = r.term;
+                        outdate = r.outdate;
                     }
                 }
             }
-            (primaries | lingering, term)
+            (primaries | lingering, term, outdate)
         };
+        let mut unseen = 0u64;
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if !self.is_diskless_peer(p.id)
+                && (!self.peer_sees_us(i) || p.disk <= DiskState::Outdated)
+            {
+                unseen |= p.id.bit();
+            }
+        }
         for i in 0..self.peers.len() {
             if !self.peer_sees_us(i) {
                 continue;
             }
             let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
-            if self.quorum_state.sent.get(&peer) != Some(&(conn_id, primaries, term)) {
-                self.quorum_state.sent.insert(peer, (conn_id, primaries, term));
-                self.send(i, Frame::Quorum { primaries, term });
+            let report = [conn_id, primaries, term, outdate, unseen];
+            if self.quorum_state.sent.get(&peer) != Some(&report) {
+                self.quorum_state.sent.insert(peer, report);
+                self.send(i, Frame::Quorum { primaries, term, outdate, unseen });
             }
         }
     }
 
-    pub(super) fn quorum_handle_frame(&mut self, i: usize, primaries: u64, term: u64) {
+    pub(super) fn quorum_handle_frame(&mut self, i: usize, report: [u64; 4]) {
+        let [primaries, term, outdate, unseen] = report;
         let p = &self.peers[i];
-        self.quorum_state.reports.insert(p.id, PeerReport { conn_id: p.conn_id, primaries, term });
+        self.quorum_state
+            .reports
+            .insert(p.id, PeerReport { conn_id: p.conn_id, primaries, term, outdate, unseen });
+        // A primary that lost us asks (through the peers that accept it) that we outdate
+        // ourselves before it writes on without us: we cannot be promoted with what it lacks.
+        // Only while no diskful node is connected: a relayed request can be older than a
+        // reconnection to the primary (or to anyone holding its data).
+        let diskful_connected = (0..self.peers.len())
+            .any(|j| self.peer_sees_us(j) && !self.is_diskless_peer(self.peers[j].id));
+        if outdate & self.id.bit() != 0
+            && self.role != Role::Primary
+            && !diskful_connected
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+        {
+            self.set_disk(DiskState::Outdated);
+        }
+    }
+
+    /// A primary's fence of a lost diskful peer is settled in-protocol when a peer that
+    /// confirms our term does not see it with promotable data (outdated at our request,
+    /// relayed by that peer, or out of its reach: then it has no quorum without us either).
+    fn quorum_settle_fences(&mut self) {
+        // Only with quorum: a primary that lost it may be the stale one, and an outdated
+        // peer would give it quorum back (DRBD's last man standing).
+        if self.role != Role::Primary || self.fence_pending == 0 || !self.quorum_state.have {
+            return;
+        }
+        for i in 0..self.peers.len() {
+            let lost = self.peers[i].id;
+            if self.fence_pending & lost.bit() == 0 {
+                continue;
+            }
+            let vouched = (0..self.peers.len()).any(|j| {
+                let q = &self.peers[j];
+                j != i
+                    && self.peer_sees_us(j)
+                    && self.quorum_state.confirms(self.id, q.id, q.conn_id)
+                    && self
+                        .quorum_state
+                        .reports
+                        .get(&q.id)
+                        // Naming our request makes the report an answer to it, not a view
+                        // from before the loss.
+                        .is_some_and(|r| r.unseen & r.outdate & lost.bit() != 0)
+            });
+            if vouched {
+                self.fence_pending &= !lost.bit();
+                self.persist_flags(|f| f.peer_outdated |= lost.bit());
+            }
+        }
     }
 
     /// Another connected peer is primary already: this node accepts one primary at a time.
@@ -358,6 +425,8 @@ impl Node {
         }));
         self.role = Role::Secondary;
         self.demote_pending = false;
+        // A secondary fences nothing; what the fence froze fails above.
+        self.fence_pending = 0;
         self.persist_flags(|f| f.primary_indicator = false);
         self.emit(Event::RoleChanged(Role::Secondary));
         self.broadcast_state();

@@ -1913,15 +1913,14 @@ impl World {
                     ));
                 }
                 let notice_ms = 2 * crate::constants::PING_TIMEOUT_MS;
-                // DRBD's last man standing: with every other diskful node unable to become
-                // primary (not UpToDate), the isolated node rightly keeps quorum.
+                // DRBD's last man standing: with no other diskful node able to become
+                // primary (UpToDate with quorum), the isolated node rightly keeps quorum.
                 let rival = (0..self.swarm.nodes).any(|j| {
                     j != i
                         && !self.is_diskless(j)
-                        && match &self.nodes[j].node {
-                            Some(n) => n.disk_state() == DiskState::UpToDate,
-                            None => self.nodes[j].meta.flags.disk == PersistedDisk::UpToDate,
-                        }
+                        && self.nodes[j].node.as_ref().is_some_and(|n| {
+                            n.disk_state() == DiskState::UpToDate && n.has_quorum()
+                        })
                 });
                 if let Some(since) = self.isolated_since[i]
                     && rival
