@@ -35,6 +35,26 @@ fn three_hundred_three_node_seeds_without_violations() {
     run(1, 300, 3);
 }
 
+/// Seeds that once failed, each with what it exposed; they run on every `cargo test`.
+const REGRESSION_SEEDS: &[(u64, &str)] = &[(
+    21176,
+    "checker: after a forced promotion, a power loss left an older volatile write that was \
+     in neither the promoted image nor its stable content",
+)];
+
+#[test]
+fn regression_seeds_without_violations() {
+    for (seed, exposed) in REGRESSION_SEEDS {
+        let report = sim::run_seed(*seed, 2);
+        assert!(
+            report.violations.is_empty(),
+            "seed {seed} ({exposed}): {}\n  reproduce: {}",
+            report.violations.join("; "),
+            sim::reproduce_command(*seed, 2)
+        );
+    }
+}
+
 /// A further batch of seeds with the slow tests (1,000 by default, which keeps CI short); the
 /// documented soak raises it:
 /// `TANDEM_SLOW_TESTS=1 TANDEM_SIM_SOAK_SEEDS=20000 cargo test --release -p drbd-engine --test simulator -- soak`

@@ -54,6 +54,12 @@ impl SimDisk {
         self.stable.clone()
     }
 
+    /// The completed writes still in the volatile cache (first block, data), oldest first:
+    /// a power loss may persist any of them, whole or torn.
+    pub fn volatile_writes(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        self.cache.iter().map(|(_, first, data)| (*first, data.as_slice()))
+    }
+
     pub fn size_blocks(&self) -> u64 {
         (self.stable.len() / BLOCK) as u64
     }

@@ -932,6 +932,9 @@ impl World {
             let discard = self.rng.below(50) == 0;
             let fua = !discard && self.rng.chance(self.swarm.fua_ppm);
             let id = self.issue_write(p, first, blocks, discard);
+            self.log(|| {
+                format!("node {p} issue {request:?} write {id} blocks {first}+{blocks} discard={discard} fua={fua}")
+            });
             if discard {
                 (AppRequest::Discard { offset_blocks: first, blocks }, Pending::Write { id, fua })
             } else {
@@ -1156,7 +1159,8 @@ impl World {
             // The operator declared this data the truth; writes it lacks are forgiven, and
             // every other node now lacks our new generation.
             let stable = self.nodes[i].disk.read_stable();
-            self.models[self.lineage[i]].rebase(&image, &stable);
+            let volatile = self.nodes[i].disk.volatile_writes();
+            self.models[self.lineage[i]].rebase(&image, &stable, volatile);
             self.stale[i] = None;
             for j in 0..self.swarm.nodes {
                 if j != i {

@@ -60,8 +60,9 @@ struct WriteRecord {
 #[derive(Debug, Clone)]
 struct BlockModel {
     baseline: [u64; SECTORS],
-    /// After a forced promotion: what the disk held stably then (a power loss may revert to it).
-    baseline_stable: [u64; SECTORS],
+    /// After a forced promotion: what else a power loss may leave in each sector of the
+    /// block, namely its stable content and the content of every volatile write to it.
+    baseline_volatile: Vec<[u64; SECTORS]>,
     writes: Vec<usize>,
 }
 
@@ -82,7 +83,7 @@ impl Model {
             blocks: vec![
                 BlockModel {
                     baseline: [0; SECTORS],
-                    baseline_stable: [0; SECTORS],
+                    baseline_volatile: Vec::new(),
                     writes: Vec::new()
                 };
                 n
@@ -186,7 +187,7 @@ impl Model {
                 return false;
             }
         }
-        b.baseline[sector] == id || b.baseline_stable[sector] == id
+        b.baseline[sector] == id || b.baseline_volatile.iter().any(|v| v[sector] == id)
     }
 
     /// Checks a whole device image; returns the first problem found.
@@ -238,24 +239,51 @@ impl Model {
                 b.writes.iter().copied().filter(|i| in_flight.contains(&(*i as u64 + 1))).collect()
             })
             .collect();
-        self.rebase(image, stable);
+        self.rebase(image, stable, std::iter::empty());
         for (b, writes) in self.blocks.iter_mut().zip(kept) {
             b.writes = writes;
         }
     }
 
-    /// A forced promotion declared this image the truth: forget everything before it. The
-    /// image's volatile part may still be lost, so its stable content stays allowed too.
-    pub fn rebase(&mut self, image: &[u8], stable: &[u8]) {
+    /// A forced promotion declared this image the truth: forget everything before it.
+    ///
+    /// The image's volatile part may still be lost. Allowing only the image and the stable
+    /// content was wrong: a power loss keeps, drops or tears each volatile write on its own
+    /// (`SimDisk::power_loss`), so when a block has several unflushed writes in the cache, an
+    /// older one may survive while a newer one is lost. The block then holds data that is in
+    /// neither the image nor the stable content. It is still data from before the
+    /// promotion, which an unflushed image may legally revert to (seed 21176: the cache of
+    /// block 2 held writes 396, 397, 399, 400 and then a discard; the image was zeroes, the
+    /// stable content write 394, and after the power loss the block held write 400).
+    /// So the stable content and every volatile write (`volatile`: first block and data,
+    /// as `SimDisk::volatile_writes` returns them) stay allowed, sector by sector.
+    pub fn rebase<'a>(
+        &mut self,
+        image: &[u8],
+        stable: &[u8],
+        volatile: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) {
+        let decode = |data: &[u8], block: usize| {
+            let mut ids = [0u64; SECTORS];
+            for (s, sector) in data.chunks(SECTOR).enumerate() {
+                ids[s] = decode_sector(sector, block as u64, s).unwrap_or(u64::MAX);
+            }
+            ids
+        };
         for (block, (data, stable)) in image.chunks(BLOCK).zip(stable.chunks(BLOCK)).enumerate() {
             let b = &mut self.blocks[block];
             b.writes.clear();
-            for (s, (sector, stable_sector)) in
-                data.chunks(SECTOR).zip(stable.chunks(SECTOR)).enumerate()
-            {
-                b.baseline[s] = decode_sector(sector, block as u64, s).unwrap_or(u64::MAX);
-                b.baseline_stable[s] =
-                    decode_sector(stable_sector, block as u64, s).unwrap_or(u64::MAX);
+            b.baseline = decode(data, block);
+            b.baseline_volatile = vec![decode(stable, block)];
+        }
+        for (first, data) in volatile {
+            for (k, block_data) in data.chunks(BLOCK).enumerate() {
+                let block = usize::try_from(first).expect("small") + k;
+                let ids = decode(block_data, block);
+                let b = &mut self.blocks[block];
+                if !b.baseline_volatile.contains(&ids) {
+                    b.baseline_volatile.push(ids);
+                }
             }
         }
     }
@@ -297,5 +325,21 @@ mod tests {
         let mut corrupt = image(&[w3, 0]);
         corrupt[100] ^= 1;
         assert!(m.check_image(&corrupt).is_err());
+    }
+
+    #[test]
+    fn after_a_forced_promotion_a_power_loss_may_leave_any_volatile_write() {
+        let mut m = Model::new(2);
+        let ids: Vec<u64> = (0..4).map(|_| m.issue_write(0, 1, false)).collect();
+        // Block 0: stable holds ids[0]; the cache holds ids[1] then ids[2] (the image).
+        let cached = [image(&[ids[1]]), image(&[ids[2]])];
+        let volatile = cached.iter().map(|data| (0, data.as_slice()));
+        m.rebase(&image(&[ids[2], 0]), &image(&[ids[0], 0]), volatile);
+        for held in [ids[0], ids[1], ids[2]] {
+            // The power loss dropped ids[2] and kept ids[1], or dropped both, or kept both.
+            assert!(m.check_image(&image(&[held, 0])).is_ok(), "write {held} is allowed");
+        }
+        assert!(m.check_image(&image(&[ids[3], 0])).is_err(), "never on the promoted disk");
+        assert!(m.check_image(&image(&[0, 0])).is_err(), "older than the stable content");
     }
 }
