@@ -284,7 +284,9 @@ fn metrics_follow_roles_requests_and_resync() {
             1.0
         );
         assert_eq!(s.get(&peer_series("tandem_peer_device_out_of_sync_bytes", peer, id)), 0.0);
-        assert_eq!(s.get("tandem_device_size_bytes{resource=\"r0\",volume=\"0\"}"), 67_108_864.0);
+        // `meta-disk internal`: the 64 MiB file less its metadata (40 KiB for one peer, as
+        // drbdmeta lays it out) is the device.
+        assert_eq!(s.get("tandem_device_size_bytes{resource=\"r0\",volume=\"0\"}"), 67_067_904.0);
         assert!(!s.text.contains("tandem_resource_quorum{"), "quorum: absent until the engine");
     }
     assert_eq!(b.get("tandem_resource_may_promote{resource=\"r0\"}"), 0.0, "a peer is Primary");
