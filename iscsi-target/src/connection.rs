@@ -428,6 +428,9 @@ pub struct Connection<D> {
     events: VecDeque<Event>,
     /// Target transfer tag of an unanswered keepalive NOP-In.
     ping_outstanding: Option<u32>,
+    /// The address this connection was accepted on: SendTargets reports it in place of a
+    /// wildcard portal (0.0.0.0 or [::]), which an initiator cannot connect to.
+    local_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -464,6 +467,27 @@ impl<D: BlockDevice> Connection<D> {
             task_management: HashMap::new(),
             events: VecDeque::new(),
             ping_outstanding: None,
+            local_address: None,
+        }
+    }
+
+    /// Tells the connection which local address the initiator reached, so SendTargets can
+    /// answer a wildcard portal with an address the initiator can use.
+    pub fn set_local_address(&mut self, address: std::net::SocketAddr) {
+        self.local_address = Some(address);
+    }
+
+    /// A portal's address as an initiator should dial it: a wildcard IP is replaced by the
+    /// address this connection arrived on (same port), as other targets do.
+    fn reported_address(&self, portal: &PortalAddress) -> String {
+        let Ok(configured) = portal.address.parse::<std::net::SocketAddr>() else {
+            return portal.address.clone();
+        };
+        match self.local_address {
+            Some(local) if configured.ip().is_unspecified() => {
+                std::net::SocketAddr::new(local.ip(), configured.port()).to_string()
+            }
+            _ => portal.address.clone(),
         }
     }
 
@@ -825,10 +849,11 @@ impl<D: BlockDevice> Connection<D> {
                     }
                     text::push(&mut out, "TargetName", &t.name);
                     for p in &self.config.portals {
+                        let address = self.reported_address(p);
                         text::push(
                             &mut out,
                             "TargetAddress",
-                            &format!("{},{}", p.address, self.config.portal_group_tag),
+                            &format!("{address},{}", self.config.portal_group_tag),
                         );
                     }
                 }

@@ -536,6 +536,47 @@ fn discovery_session_lists_targets() {
     assert_eq!(responses[0].header.opcode(), opcode::REJECT);
 }
 
+/// A wildcard portal is reported as the address the initiator reached (an initiator cannot dial
+/// 0.0.0.0); a specific portal is reported as configured.
+#[test]
+fn send_targets_reports_a_wildcard_portal_as_the_local_address() {
+    let cases = [
+        ("0.0.0.0:3260", Some("10.1.2.3:5000"), "10.1.2.3:3260,1"),
+        ("[::]:3261", Some("[fd00::7]:5000"), "[fd00::7]:3261,1"),
+        ("127.0.0.1:3260", Some("10.1.2.3:5000"), "127.0.0.1:3260,1"),
+        ("0.0.0.0:3260", None, "0.0.0.0:3260,1"),
+    ];
+    for (portal, local, expected) in cases {
+        let device = Arc::new(MemoryDevice::new());
+        let lun = Arc::new(LogicalUnit::new(TARGET, 0, device.clone()));
+        let portals = vec![PortalAddress { address: portal.into(), relative_port: 1 }];
+        let config = Arc::new(Config::new(
+            vec![TargetNode::new(TARGET, vec![lun])],
+            AuthConfig::default(),
+            portals,
+        ));
+        let mut i = Initiator::new(config, device);
+        if let Some(local) = local {
+            i.connection.set_local_address(local.parse().unwrap());
+        }
+        let response = i.login_pdu(
+            1,
+            3,
+            true,
+            &text(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]),
+        );
+        assert_eq!(Initiator::login_status(&response), 0);
+        let mut h = Header::new(opcode::TEXT_REQUEST);
+        h.set_flags(0x80);
+        h.set_itt(5);
+        h.set_u32(20, 0xffff_ffff);
+        h.set_u32(24, 1);
+        let responses = i.send(h, &text(&[("SendTargets", "All")]));
+        let listed = keys(&responses[0].data);
+        assert_eq!(key(&listed, "TargetAddress"), Some(expected), "{portal} via {local:?}");
+    }
+}
+
 /// Writes 64 KiB through every combination of ImmediateData, InitialR2T and burst sizes,
 /// then reads it back.
 #[test]

@@ -162,10 +162,12 @@ async fn run_connection<D: BlockDevice>(
     registry: &Registry,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
+    let local_address = stream.local_addr()?;
     let (mut reader, mut writer) = stream.into_split();
     let challenge: [u8; CHAP_CHALLENGE_BYTES] = rand::random();
     let identifier: u8 = rand::random();
     let mut connection = Connection::new(id, config, relative_port, challenge, identifier);
+    connection.set_local_address(local_address);
     let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
     // Bounded by the tasks in flight (the CmdSN window) plus a notice per logical unit.
     let (forwards_tx, mut forwards) = mpsc::unbounded_channel::<ForwardCompletion>();
