@@ -15,9 +15,9 @@
 //! States are exported as Prometheus "state sets", the shape drbd-reactor's exporter gives
 //! them with `enums = true`: one series per possible value with the value as a label, 1 for
 //! the current one and 0 for the others, so `tandem_device_disk_state{disk_state="UpToDate"}
-//! == 0` is an alert rule. Metrics the engine cannot give yet (quorum, peer round trip) are
-//! left out rather than faked: their gauges appear once the engine reports them (the sample
-//! fields are already `Option`s).
+//! == 0` is an alert rule. Metrics the engine cannot give yet (peer round trip) are left
+//! out rather than faked: their gauges appear once the engine reports them (the sample fields
+//! are already `Option`s).
 
 use crate::constants::{
     LATENCY_BUCKET_FACTOR, LATENCY_BUCKET_START_S, LATENCY_BUCKETS_MAX, METRICS_SCRAPES_MAX,
@@ -174,7 +174,7 @@ pub struct ResourceSample {
     /// The engine's view; `None` while the resource is down.
     pub view: Option<ResourceView>,
     pub peers: Vec<PeerExtra>,
-    /// Whether the resource has quorum, once the engine decides quorum (it does not yet).
+    /// Whether the resource has quorum (always true where quorum is off); `None` while down.
     pub quorum: Option<bool>,
     /// The resource's service IP (`ADDRESS/PREFIX`, device) and whether this node holds it.
     pub service_ip: Option<(String, String, bool)>,
@@ -392,7 +392,7 @@ pub fn render(node: &str, samples: &[ResourceSample], format: Format) -> String 
     );
     registry.register(
         "tandem_resource_quorum",
-        "Whether the resource has quorum (present once the engine decides quorum)",
+        "Whether the resource has quorum (1 where quorum is off; absent while the resource is down)",
         quorum,
     );
     registry.register("tandem_device_disk_state", "The local disk state", disk_state);
@@ -485,7 +485,7 @@ pub fn render(node: &str, samples: &[ResourceSample], format: Format) -> String 
 pub async fn collect(host: &Host) -> Vec<ResourceSample> {
     let mut samples = Vec::new();
     for slot in host.slots() {
-        let (view, peers) = match host.sample(&slot).await {
+        let (view, peers, quorum) = match host.sample(&slot).await {
             Some((view, status)) => {
                 let peers = status
                     .peers
@@ -496,9 +496,9 @@ pub async fn collect(host: &Host) -> Vec<ResourceSample> {
                         round_trip_s: None,
                     })
                     .collect();
-                (Some(view), peers)
+                (Some(view), peers, Some(status.quorum))
             }
-            None => (None, Vec::new()),
+            None => (None, Vec::new(), None),
         };
         samples.push(ResourceSample {
             name: slot.name.clone(),
@@ -506,7 +506,7 @@ pub async fn collect(host: &Host) -> Vec<ResourceSample> {
             io: slot.io.clone(),
             view,
             peers,
-            quorum: None,
+            quorum,
             service_ip: host.service_ips.sample(&slot.name),
         });
     }
@@ -703,7 +703,7 @@ mod tests {
             .count();
         assert_eq!(current, 1);
         for absent in ["tandem_resource_quorum", "tandem_connection_round_trip_seconds"] {
-            assert!(!text.contains(absent), "{absent} is left out until the engine has it");
+            assert!(!text.contains(absent), "{absent} is left out when the sample has no value");
         }
         let mut with_quorum =
             sample(Some(view(Role::Secondary, DiskState::Outdated, ConnectionState::Connecting)));

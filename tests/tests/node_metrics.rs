@@ -287,7 +287,8 @@ fn metrics_follow_roles_requests_and_resync() {
         // `meta-disk internal`: the 64 MiB file less its metadata (40 KiB for one peer, as
         // drbdmeta lays it out) is the device.
         assert_eq!(s.get("tandem_device_size_bytes{resource=\"r0\",volume=\"0\"}"), 67_067_904.0);
-        assert!(!s.text.contains("tandem_resource_quorum{"), "quorum: absent until the engine");
+        // Quorum is off for this two-node resource: it always "has" quorum, as DRBD reports.
+        assert_eq!(s.get("tandem_resource_quorum{resource=\"r0\"}"), 1.0);
     }
     assert_eq!(b.get("tandem_resource_may_promote{resource=\"r0\"}"), 0.0, "a peer is Primary");
 
