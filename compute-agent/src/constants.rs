@@ -68,6 +68,16 @@ pub const RESUME_ATTEMPTS_MAX: u32 = 20;
 /// How long an instance must run after a resume for the attempt counter to reset.
 pub const RESUME_STABLE_MS: u64 = 5_000;
 
+/// The TCP connect limit of one path when the path proxy joins a connection: a dead host's
+/// portal costs at most this before the next path is tried.
+pub const PATH_CONNECT_TIMEOUT_MS: u64 = 500;
+
+/// The path proxy's copy buffer per direction: a whole 256 KiB burst moves in one read.
+pub const PATH_PROXY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Connections one volume's path proxy joins at once (QEMU opens one session per block node).
+pub const PATH_PROXY_CONNECTIONS_MAX: usize = 4;
+
 /// Largest HTTP request body the API accepts.
 pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
 

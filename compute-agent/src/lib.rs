@@ -2,7 +2,7 @@
 //! iSCSI initiator, nova-compute's part for volumes.
 //!
 //! Pure decisions ([`connection_info`], [`connector`], [`attach`], [`resume`], [`libvirt`], the
-//! command line in [`instance`], the wire format in [`qmp::protocol`], tandem-api's bodies and
+//! path order in [`path_proxy`], the command line in [`instance`], the wire format in [`qmp::protocol`], tandem-api's bodies and
 //! answers in [`volume_api`], the retry rule in [`http_client`]) are kept apart from the code
 //! that acts ([`qmp::client`], [`supervisor`], [`process`], [`record`], [`api`], the senders in [`http_client`] and
 //! [`volume_api`]).
@@ -15,6 +15,7 @@ pub mod constants;
 pub mod http_client;
 pub mod instance;
 pub mod libvirt;
+pub mod path_proxy;
 pub mod process;
 pub mod qmp;
 pub mod record;

@@ -34,6 +34,10 @@ pub struct AttachmentRecord {
     pub slot: usize,
     pub frontend: Frontend,
     pub attach_ms: u64,
+    /// The local port of the volume's path proxy, which QEMU reconnects to (absent in records
+    /// of volumes attached without one, and in records older than the proxy).
+    #[serde(default)]
+    pub path_proxy_port: Option<u16>,
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -94,6 +98,7 @@ mod tests {
                 names: AttachmentNames::new(3, "tandem-port0".into(), true),
                 slot: 0,
                 frontend: Frontend::NodeOnly,
+                path_proxy_port: Some(40123),
                 attach_ms: 12,
             }],
         };

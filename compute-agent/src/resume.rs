@@ -181,6 +181,11 @@ impl ResumeWatcher {
         &self.failing_nodes
     }
 
+    /// Automatic resumes in a row that did not keep the instance running.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// Forget the failing nodes once the instance runs stably (called by the driver after
     /// a resume has held for [`RESUME_STABLE_MS`]; harmless at any time while running).
     pub fn clear_failing_if_stable(&mut self, now_ms: u64) {

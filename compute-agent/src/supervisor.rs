@@ -23,6 +23,7 @@ use crate::constants::{
     QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
 };
 use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
+use crate::path_proxy::PathProxy;
 use crate::process::{Process, is_instance_process};
 use crate::qmp::{Event, Qmp, QmpError};
 use crate::record::{self, AttachmentRecord, InstanceRecord};
@@ -86,6 +87,9 @@ pub struct Config {
     pub host: String,
     /// tandem-api, for attaching by volume id; `None`: callers bring the connection_info.
     pub volume_api: Option<VolumeApiConfig>,
+    /// Attach volumes with several portals through a path proxy (`path_proxy.rs`), so the
+    /// guest's disk follows a failover; `false` logs QEMU into the first portal only.
+    pub path_proxy: bool,
 }
 
 /// This machine's host name (the kernel's), `localhost` when unreadable.
@@ -147,6 +151,8 @@ pub struct Attachment {
     pub attach_ms: u64,
     /// The attachment in tandem-api (attached by volume id), deleted on detach.
     pub attachment_id: Option<String>,
+    /// The local portal QEMU logs in through when the volume has several paths.
+    pub path_proxy: Option<String>,
     #[serde(skip)]
     steps: Vec<Step>,
     #[serde(skip)]
@@ -172,8 +178,15 @@ struct InstanceState {
 /// a background task repeats the deletes, so their volumes do not stay `attaching`.
 type PendingDeletes = Arc<Mutex<BTreeSet<String>>>;
 
-/// Node name -> the portals of its volume, for the resume watcher's probes.
-type PortalMap = Arc<Mutex<HashMap<String, Vec<Portal>>>>;
+/// A volume's ways in: every portal of its connection_info, and the path proxy QEMU logs in
+/// through when there is more than one (dropped, it closes its connections).
+struct VolumePaths {
+    portals: Vec<Portal>,
+    proxy: Option<PathProxy>,
+}
+
+/// Node name -> the paths of its volume, for the resume watcher's probes.
+type PortalMap = Arc<Mutex<HashMap<String, VolumePaths>>>;
 
 /// A supervised instance.
 pub struct Instance {
@@ -451,16 +464,39 @@ impl Supervisor {
         {
             return false;
         }
+        // QEMU reconnects to the proxy's port when a path drops: listen there again.
+        let proxy = match recorded.path_proxy_port {
+            Some(port) => match PathProxy::start(
+                connection.paths.iter().map(|path| path.portal.clone()).collect(),
+                port,
+            ) {
+                Ok(proxy) => Some(proxy),
+                Err(error) => {
+                    tracing::error!(
+                        "server {}: volume {}: {error}; its disk cannot fail over until \
+                         detached and attached again",
+                        instance.id,
+                        recorded.volume_id
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let path_proxy = recorded.path_proxy_port.map(|port| format!("127.0.0.1:{port}"));
         // The same names give the same plan, so a later detach undoes exactly what exists.
         let steps = plan_attach(
-            &connection,
+            &through(&connection, proxy.as_ref()),
             &recorded.names,
             &self.identity.initiator_iqn,
             recorded.frontend,
         );
         lock(&instance.portals).insert(
             recorded.names.node_name.clone(),
-            connection.paths.iter().map(|path| path.portal.clone()).collect(),
+            VolumePaths {
+                portals: connection.paths.iter().map(|path| path.portal.clone()).collect(),
+                proxy,
+            },
         );
         state.attachments.insert(
             recorded.volume_id.clone(),
@@ -474,12 +510,33 @@ impl Supervisor {
                 lun: connection.primary.lun,
                 attach_ms: recorded.attach_ms,
                 attachment_id: recorded.attachment_id.clone(),
+                path_proxy,
                 steps,
                 connection_info: recorded.connection_info.clone(),
                 slot: recorded.slot,
             },
         );
         true
+    }
+
+    /// A path proxy for a volume with several paths to one target and LUN (a Tandem
+    /// resource's replicas), listening on `port` (0: any); `None` when QEMU logs in directly.
+    fn path_proxy_for(
+        &self,
+        connection: &IscsiConnection,
+        port: u16,
+    ) -> Result<Option<PathProxy>, Error> {
+        let same_unit = connection
+            .paths
+            .iter()
+            .all(|path| path.iqn == connection.primary.iqn && path.lun == connection.primary.lun);
+        if !self.config.path_proxy || connection.paths.len() < 2 || !same_unit {
+            return Ok(None);
+        }
+        let portals = connection.paths.iter().map(|path| path.portal.clone()).collect();
+        PathProxy::start(portals, port)
+            .map(Some)
+            .map_err(|error| Error::Internal(error.to_string()))
     }
 
     pub fn accel(&self) -> Accel {
@@ -968,7 +1025,9 @@ impl Supervisor {
         );
         let frontend =
             if instance.spec.has_os() { Frontend::VirtioBlk } else { Frontend::NodeOnly };
-        let steps = plan_attach(&connection, &names, &self.identity.initiator_iqn, frontend);
+        let proxy = self.path_proxy_for(&connection, 0)?;
+        let via = through(&connection, proxy.as_ref());
+        let steps = plan_attach(&via, &names, &self.identity.initiator_iqn, frontend);
         let started = Instant::now();
         for (index, step) in steps.iter().enumerate() {
             let result = qmp
@@ -1005,6 +1064,7 @@ impl Supervisor {
             lun: connection.primary.lun,
             attach_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             attachment_id,
+            path_proxy: proxy.as_ref().map(|proxy| proxy.local_portal().to_string()),
             names: names.clone(),
             steps,
             connection_info: connection_info.clone(),
@@ -1013,7 +1073,10 @@ impl Supervisor {
         assert_eq!(state.slots.slot_of(volume_id), Some(attachment.slot));
         lock(&instance.portals).insert(
             names.node_name.clone(),
-            connection.paths.iter().map(|path| path.portal.clone()).collect(),
+            VolumePaths {
+                portals: connection.paths.iter().map(|path| path.portal.clone()).collect(),
+                proxy,
+            },
         );
         state.attachments.insert(volume_id.to_owned(), attachment.clone());
         save_record(instance, state);
@@ -1134,6 +1197,15 @@ async fn retry_pending_deletes(volume_api: VolumeApi, pending: PendingDeletes) {
 
 /// Writes what a restarted agent needs to take the instance back; a failure is logged (the
 /// instance keeps running, only its recovery after a crash would be incomplete).
+/// The connection QEMU is given: through the proxy's local portal when there is one.
+fn through(connection: &IscsiConnection, proxy: Option<&PathProxy>) -> IscsiConnection {
+    let mut via = connection.clone();
+    if let Some(proxy) = proxy {
+        via.primary.portal = proxy.local_portal();
+    }
+    via
+}
+
 fn save_record(instance: &Instance, state: &InstanceState) {
     let record = InstanceRecord {
         created_unix_s: instance.created_unix_s,
@@ -1149,6 +1221,11 @@ fn save_record(instance: &Instance, state: &InstanceState) {
                 slot: attachment.slot,
                 frontend: attachment.frontend,
                 attach_ms: attachment.attach_ms,
+                path_proxy_port: attachment
+                    .path_proxy
+                    .as_deref()
+                    .and_then(|portal| portal.rsplit_once(':'))
+                    .and_then(|(_, port)| port.parse().ok()),
             })
             .collect(),
     };
@@ -1297,23 +1374,52 @@ async fn watch(id: String, qmp: Arc<Qmp>, watcher: Arc<Mutex<ResumeWatcher>>, po
             match action {
                 Action::Wait => break,
                 Action::Probe => {
-                    let targets: Vec<Portal> = {
+                    // A volume behind a path proxy is reachable when any of its portals
+                    // answers (the proxy picks that one); a direct one only through its first.
+                    let targets: Vec<Vec<Portal>> = {
                         let watcher = lock(&watcher);
                         let portals = lock(&portals);
                         let failing = watcher.failing_nodes();
                         portals
                             .iter()
                             .filter(|(node, _)| failing.is_empty() || failing.contains(*node))
-                            .flat_map(|(_, list)| list.iter().take(1).cloned())
+                            .map(|(_, paths)| match paths.proxy {
+                                Some(_) => paths.portals.clone(),
+                                None => paths.portals.iter().take(1).cloned().collect(),
+                            })
                             .collect()
                     };
                     let mut reachable = true;
-                    for portal in &targets {
-                        reachable &= probe_portal(portal).await;
+                    for volume in &targets {
+                        let mut any = false;
+                        for portal in volume {
+                            if probe_portal(portal).await {
+                                any = true;
+                                break;
+                            }
+                        }
+                        reachable &= any;
                     }
                     lock(&watcher).handle_probe(reachable, now_ms());
                 }
                 Action::Cont => {
+                    // The last resume did not hold: the path in use accepts logins but fails
+                    // I/O (a node cut off from its primary). Move the failing volumes' proxies
+                    // to their next path before QEMU retries.
+                    if lock(&watcher).attempts() > 0 {
+                        let failing = lock(&watcher).failing_nodes().clone();
+                        for (node, paths) in lock(&portals).iter() {
+                            if let Some(proxy) = &paths.proxy
+                                && (failing.is_empty() || failing.contains(node))
+                            {
+                                proxy.rotate();
+                                tracing::info!(
+                                    "server {id}: {node}: next path first ({})",
+                                    proxy.preferred()
+                                );
+                            }
+                        }
+                    }
                     tracing::info!("server {id}: volumes reachable again, resuming");
                     if let Err(error) = qmp.execute("cont", None).await {
                         tracing::warn!("server {id}: cont failed: {error}");

@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 pub mod api_db;
 pub mod fixture_node;
+pub mod guest;
 pub mod http;
 pub mod openstack;
+pub mod storage_pair;
 
 /// The environment variable that enables slow tests.
 pub const SLOW_TESTS_VARIABLE: &str = "TANDEM_SLOW_TESTS";

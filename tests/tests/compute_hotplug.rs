@@ -17,181 +17,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
+use tests::guest::{Agent, Channel, boot_guest, guest_dir};
 use tests::{
     Daemon, binary, find_in_path, free_port, require_slow, require_tool, run_ok, run_with_timeout,
-    wait_until, workspace_root,
+    wait_until,
 };
 
 const IQN: &str = "iqn.2026-11.org.tandem:compute-test";
 const CHAP_USER: &str = "tenant1";
 const CHAP_SECRET: &str = "chap-secret-0123";
 const VOLUME_ID: &str = "0b6a1f4e-5c2d-4e8f-9a1b-2c3d4e5f6a7b";
-
-/// The agent daemon and its HTTP endpoint.
-struct Agent {
-    daemon: Daemon,
-    endpoint: String,
-}
-
-impl Agent {
-    fn start(state_dir: &Path, accel: &str) -> Agent {
-        let port = free_port();
-        let mut command = Command::new(binary("tandem-compute"));
-        command.args(["daemon", "--listen", &format!("127.0.0.1:{port}"), "--accel", accel]);
-        command.arg("--state-dir").arg(state_dir);
-        let mut daemon = Daemon::spawn("tandem-compute", command);
-        daemon.wait_for_log("tandem-compute: listening on", Duration::from_secs(30));
-        Agent { daemon, endpoint: format!("http://127.0.0.1:{port}") }
-    }
-
-    /// Runs a CLI subcommand against the daemon; returns its JSON output (Null when empty).
-    fn cli(&self, args: &[&str]) -> Value {
-        let output = run_with_timeout(
-            Command::new(binary("tandem-compute")).arg("--endpoint").arg(&self.endpoint).args(args),
-            Duration::from_secs(60),
-        );
-        assert!(
-            output.status.success(),
-            "tandem-compute {args:?} failed: {}\n{}",
-            String::from_utf8_lossy(&output.stderr),
-            self.daemon.log()
-        );
-        let text = String::from_utf8_lossy(&output.stdout);
-        if text.trim().is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).expect("JSON output")
-        }
-    }
-
-    fn show(&self, id: &str) -> Value {
-        self.cli(&["show", id])["server"].clone()
-    }
-}
-
-fn guest_dir() -> PathBuf {
-    require_tool("cpio", "cpio");
-    let dir = workspace_root().join("target/guest");
-    run_ok(
-        Command::new(workspace_root().join("scripts/build-guest")).arg(&dir),
-        Duration::from_secs(300),
-    );
-    dir
-}
-
-/// Boots the tiny guest with its command channel and no disk; returns its id and how long the
-/// boot took until the guest said it was ready.
-fn boot_guest(agent: &Agent, id: &str) -> (Value, Duration) {
-    let guest = guest_dir();
-    let started = Instant::now();
-    let server = agent.cli(&[
-        "boot",
-        id,
-        "--id",
-        id,
-        "--kernel",
-        guest.join("vmlinuz").to_str().expect("utf-8"),
-        "--initrd",
-        guest.join("initrd.img").to_str().expect("utf-8"),
-        "--cmdline",
-        "console=ttyS0 quiet panic=-1 tandem.channel",
-    ])["server"]
-        .clone();
-    let console = PathBuf::from(server["paths"]["console_log"].as_str().expect("console path"));
-    let ready = wait_until(Duration::from_secs(120), || {
-        std::fs::read_to_string(&console).is_ok_and(|text| text.contains("tandem-guest: ready"))
-    });
-    assert!(ready, "the guest booted: {}", std::fs::read_to_string(&console).unwrap_or_default());
-    let console_text = std::fs::read_to_string(&console).expect("console");
-    assert!(console_text.contains("disks: )"), "the guest starts without disks: {console_text}");
-    (server, started.elapsed())
-}
-
-/// How long to leave the guest between commands. Its channel loop reopens ttyS1 for every
-/// command and every answer; a line that arrives while nobody holds the tty open is flushed,
-/// so the next command waits until the loop is reading again.
-const GUEST_SETTLE_MS: u64 = 300;
-
-/// The tiny guest's command channel (its second serial port).
-struct Channel {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Channel {
-    fn open(server: &Value) -> Channel {
-        let path = server["paths"]["channel_socket"].as_str().expect("channel path");
-        let stream = UnixStream::connect(path).expect("connecting to the guest channel");
-        let writer = stream.try_clone().expect("clone");
-        let mut channel = Channel { reader: BufReader::new(stream), writer };
-        channel.synchronise();
-        channel
-    }
-
-    /// Sends marker commands until one comes back whole: the guest's loop may not be reading
-    /// yet, and a line that arrives while the guest has ttyS1 closed is dropped (see
-    /// `GUEST_SETTLE_MS`).
-    fn synchronise(&mut self) {
-        for attempt in 0..40 {
-            let marker = format!("tandem-sync-{attempt}");
-            self.reader
-                .get_ref()
-                .set_read_timeout(Some(Duration::from_millis(1_500)))
-                .expect("timeout");
-            std::thread::sleep(Duration::from_millis(GUEST_SETTLE_MS));
-            self.writer
-                .write_all(format!("echo {marker}\n").as_bytes())
-                .expect("sending to the guest");
-            let mut seen_marker = false;
-            loop {
-                let mut line = String::new();
-                match self.reader.read_line(&mut line) {
-                    Ok(0) => panic!("guest channel closed"),
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-                let line = line.trim_end_matches(['\r', '\n']);
-                seen_marker |= line == marker;
-                if seen_marker && line.starts_with("tandem-guest: rc=") {
-                    return;
-                }
-            }
-        }
-        panic!("the guest's command channel never answered");
-    }
-
-    /// Runs `command` in the guest; returns (rc, output lines).
-    fn run(&mut self, command: &str, timeout: Duration) -> (i32, Vec<String>) {
-        assert!(!command.contains('\n'));
-        self.reader.get_ref().set_read_timeout(Some(timeout)).expect("timeout");
-        std::thread::sleep(Duration::from_millis(GUEST_SETTLE_MS));
-        self.writer.write_all(format!("{command}\n").as_bytes()).expect("sending to the guest");
-        let mut lines = Vec::new();
-        loop {
-            let mut line = String::new();
-            match self.reader.read_line(&mut line) {
-                Ok(0) => panic!("guest channel closed; output so far: {lines:?}"),
-                Ok(_) => {}
-                Err(error) => {
-                    panic!("guest command {command:?} timed out ({error}); output: {lines:?}")
-                }
-            }
-            let line = line.trim_end_matches(['\r', '\n']).to_owned();
-            if let Some(rc) = line.strip_prefix("tandem-guest: rc=") {
-                // The tty echoes the command line back first.
-                lines.retain(|output| output != command);
-                return (rc.trim().parse().expect("numeric rc"), lines);
-            }
-            lines.push(line);
-        }
-    }
-
-    fn run_ok(&mut self, command: &str, timeout: Duration) -> Vec<String> {
-        let (rc, lines) = self.run(command, timeout);
-        assert_eq!(rc, 0, "guest command {command:?} failed: {lines:?}");
-        lines
-    }
-}
 
 /// A minimal synchronous QMP client on the instance's operator monitor, so the test inspects
 /// QEMU independently of the agent.
@@ -413,7 +248,7 @@ fn hotplug_chap_volume_guest_writes_host_reads_and_cycles_leak_nothing() {
     let port = free_port();
     let volume = dir.path().join("volume.img");
     let mut target = start_target(port, &volume, 0);
-    let agent = Agent::start(&dir.path().join("state"), "auto");
+    let agent = Agent::start(&dir.path().join("state"), "auto", &[]);
     let (server, boot_time) = boot_guest(&agent, "vm-hotplug");
     let accel = server["accel"].as_str().expect("accel").to_owned();
     assert!(accel == "tcg" || accel == "kvm", "{accel}");
@@ -555,7 +390,7 @@ fn target_restart_pauses_the_guest_without_errors_and_the_agent_resumes_it() {
     let port = free_port();
     let volume = dir.path().join("volume.img");
     let mut target = start_target(port, &volume, 0);
-    let agent = Agent::start(&dir.path().join("state"), "tcg");
+    let agent = Agent::start(&dir.path().join("state"), "tcg", &[]);
     let (server, _) = boot_guest(&agent, "vm-resume");
     let mut channel = Channel::open(&server);
     let mut monitor = Monitor::open(&server);
@@ -745,7 +580,7 @@ fn cli_error(agent: &Agent, args: &[&str]) -> String {
 #[test]
 fn api_answers_bad_requests_with_nova_faults() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let agent = Agent::start(&dir.path().join("state"), "tcg");
+    let agent = Agent::start(&dir.path().join("state"), "tcg", &[]);
     assert_eq!(agent.cli(&["list"])["servers"], json!([]));
     let info = agent.cli(&["info"]);
     assert_eq!(info["accel"], "tcg");
@@ -795,7 +630,7 @@ fn instance_without_os_gets_block_nodes_that_qemu_io_writes_through() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let mut target = start_target(port, &dir.path().join("volume.img"), 0);
-    let agent = Agent::start(&dir.path().join("state"), "tcg");
+    let agent = Agent::start(&dir.path().join("state"), "tcg", &[]);
     let server = agent.cli(&[
         "boot",
         "storage-only",
@@ -885,7 +720,7 @@ fn guest_with_a_root_image_gets_the_volume_as_its_second_disk() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port = free_port();
     let mut target = start_target(port, &dir.path().join("volume.img"), 0);
-    let agent = Agent::start(&dir.path().join("state"), "tcg");
+    let agent = Agent::start(&dir.path().join("state"), "tcg", &[]);
     // A 4 MiB raw image of 0xc3 bytes as the instance's first disk.
     let image = dir.path().join("root.img");
     std::fs::write(&image, vec![0xc3u8; 4 << 20]).expect("image");

@@ -87,6 +87,10 @@ enum Command {
         /// Read the tandem-api token from a file (keeps it out of the process list).
         #[arg(long, value_name = "FILE")]
         volume_api_token_file: Option<PathBuf>,
+        /// Log QEMU straight into the first portal instead of through the per-volume path
+        /// proxy that fails over between the connection_info's portals (no multipath).
+        #[arg(long)]
+        no_path_proxy: bool,
     },
     /// Boot a new instance.
     Boot {
@@ -255,6 +259,7 @@ async fn run() -> Result<()> {
             volume_api,
             volume_api_token,
             volume_api_token_file,
+            no_path_proxy,
         } => {
             let token = match (volume_api_token, volume_api_token_file) {
                 (Some(token), _) => Some(token),
@@ -283,6 +288,7 @@ async fn run() -> Result<()> {
                 my_ip: my_ip.to_string(),
                 host: host.unwrap_or_else(system_host_name),
                 volume_api,
+                path_proxy: !no_path_proxy,
             };
             daemon(listen, config).await?;
         }

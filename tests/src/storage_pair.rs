@@ -1,0 +1,130 @@
+//! Two `tandemd` on loopback replicating one resource `r0` (protocol C, `meta-disk internal`),
+//! each with its own iSCSI portal and a forward link to the other (the secondary's portal is a
+//! remote port of the primary's logical unit), driven with `tandemadm` like an administrator.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{Daemon, binary, free_port, run_ok, sparse_file};
+
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub const NODE_NAMES: [&str; 2] = ["alpha", "beta"];
+
+pub struct PairNode {
+    pub name: &'static str,
+    pub portal: SocketAddr,
+    pub forward: SocketAddr,
+    pub socket: PathBuf,
+    pub state: PathBuf,
+    pub disk: PathBuf,
+}
+
+pub struct StoragePair {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub nodes: [PairNode; 2],
+}
+
+impl StoragePair {
+    /// Writes `r0.res` for two nodes with `volume_bytes` sparse backing files.
+    pub fn new(volume_bytes: u64) -> StoragePair {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let node = |name: &'static str| PairNode {
+            name,
+            portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            forward: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            socket: dir.path().join(format!("{name}.sock")),
+            state: dir.path().join(format!("state-{name}")),
+            disk: dir.path().join(format!("{name}.img")),
+        };
+        let nodes = NODE_NAMES.map(node);
+        let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
+        for (id, n) in nodes.iter().enumerate() {
+            sparse_file(&n.disk, volume_bytes);
+            text.push_str(&format!(
+                "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
+                 device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
+                n.name,
+                free_port(),
+                n.disk.display()
+            ));
+        }
+        text.push_str("}\n");
+        let config = dir.path().join("r0.res");
+        std::fs::write(&config, text).expect("writing r0.res");
+        StoragePair { dir, config, nodes }
+    }
+
+    /// tandemd for node `index`, listening for the peer's forward link and keeping one to it.
+    pub fn start(&self, index: usize) -> Daemon {
+        let n = &self.nodes[index];
+        let peer = &self.nodes[1 - index];
+        let mut command = Command::new(binary("tandemd"));
+        command
+            .arg("-c")
+            .arg(&self.config)
+            .args(["--node", n.name, "--portal", &n.portal.to_string()])
+            .args(["--forward-listen", &n.forward.to_string()])
+            .args(["--forward-peer", &format!("{}={}", peer.name, peer.forward)])
+            .arg("--control-socket")
+            .arg(&n.socket)
+            .arg("--state-dir")
+            .arg(&n.state);
+        let mut daemon = Daemon::spawn(n.name, command);
+        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
+        daemon
+    }
+
+    /// `tandemadm ARGS` against node `index`; panics with the output when it fails.
+    pub fn adm(&self, index: usize, args: &[&str]) -> String {
+        let mut command = Command::new(binary("tandemadm"));
+        command.arg("-s").arg(&self.nodes[index].socket).args(args);
+        run_ok(&mut command, COMMAND_TIMEOUT)
+    }
+
+    pub fn iqn(&self) -> &'static str {
+        "iqn.2026-11.org.tandem:r0"
+    }
+
+    pub fn url(&self, index: usize) -> String {
+        format!("iscsi://{}/{}/0", self.nodes[index].portal, self.iqn())
+    }
+
+    /// create-md + up on both, skip the initial sync, promote `primary`.
+    pub fn bring_up(&self, primary: usize) {
+        for i in 0..2 {
+            self.adm(i, &["create-md", "r0"]);
+            self.adm(i, &["up", "r0"]);
+        }
+        self.adm(primary, &["wait-connect", "--timeout", "20", "r0"]);
+        self.adm(primary, &["new-current-uuid", "--clear-bitmap", "r0"]);
+        self.adm(primary, &["wait-sync", "--timeout", "20", "r0"]);
+        self.adm(primary, &["primary", "r0"]);
+    }
+
+    /// Cinder's iSCSI connection_info for `r0` with both portals, `primary` first (what
+    /// tandem-api hands out), without CHAP.
+    pub fn connection_info(&self, primary: usize, volume_id: &str) -> serde_json::Value {
+        let order = [primary, 1 - primary];
+        let portals: Vec<String> =
+            order.iter().map(|&i| self.nodes[i].portal.to_string()).collect();
+        serde_json::json!({
+            "driver_volume_type": "iscsi",
+            "data": {
+                "target_discovered": false,
+                "target_iqn": self.iqn(),
+                "target_portal": portals[0],
+                "target_lun": 0,
+                "target_iqns": [self.iqn(), self.iqn()],
+                "target_portals": portals,
+                "target_luns": [0, 0],
+                "volume_id": volume_id,
+                "access_mode": "rw",
+                "encrypted": false
+            }
+        })
+    }
+}
