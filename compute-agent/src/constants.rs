@@ -78,6 +78,14 @@ pub const PATH_PROXY_BUFFER_BYTES: usize = 256 * 1024;
 /// Connections one volume's path proxy joins at once (QEMU opens one session per block node).
 pub const PATH_PROXY_CONNECTIONS_MAX: usize = 4;
 
+/// Automatic resumes in a row that did not hold before the resume watcher moves a volume's
+/// path proxy to its next path (with the back-off, about two seconds after the first error).
+pub const PATH_ROTATE_AFTER_RESUMES: u32 = 3;
+
+/// The most of an initiator's first bytes (its login request) the path proxy keeps to replay
+/// on the next path when a target closes before answering.
+pub const PATH_PROXY_REPLAY_BYTES_MAX: usize = 64 * 1024;
+
 /// Largest HTTP request body the API accepts.
 pub const HTTP_BODY_BYTES_MAX: usize = 1 << 20;
 

@@ -31,6 +31,7 @@ use tokio::sync::Notify;
 use crate::connection_info::Portal;
 use crate::constants::{
     PATH_CONNECT_TIMEOUT_MS, PATH_PROXY_BUFFER_BYTES, PATH_PROXY_CONNECTIONS_MAX,
+    PATH_PROXY_REPLAY_BYTES_MAX,
 };
 
 /// Which portal to try first and in what order: starting at the last one that worked, so a
@@ -173,20 +174,106 @@ async fn accept_loop(
         let connections_total = connections_total.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let Some((index, upstream)) = connect_first(&portals, &order).await else {
-                // No path answers: closing makes libiscsi retry after its own pause.
-                return;
-            };
-            connections_total.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("path proxy: joined a connection to {}", portals[index]);
-            join(downstream, upstream, &reset).await;
+            serve(downstream, &portals, &order, &reset, &connections_total).await;
         });
     }
 }
 
-async fn connect_first(portals: &[Portal], order: &Mutex<PathOrder>) -> Option<(usize, TcpStream)> {
+/// Joins one initiator connection to a live path. Until the target has answered anything,
+/// what the initiator sent (its login request) is kept: a target that dies before answering
+/// (a node killed just as the initiator reconnected) is replaced by the next path and the
+/// bytes replayed, because libiscsi, once a reconnect fails, waits a second or more before it
+/// tries again. After the first answer the connection is the path's for good.
+async fn serve(
+    mut downstream: TcpStream,
+    portals: &[Portal],
+    order: &Mutex<PathOrder>,
+    reset: &Notify,
+    connections_total: &AtomicUsize,
+) {
+    let _ = downstream.set_nodelay(true);
+    let mut sent: Vec<u8> = Vec::new();
+    let mut failed: Vec<usize> = Vec::new();
+    loop {
+        let Some((index, mut upstream)) = connect_first(portals, order, &failed).await else {
+            // No path answers: closing makes libiscsi retry after its own pause.
+            return;
+        };
+        let _ = upstream.set_nodelay(true);
+        match first_answer(&mut downstream, &mut upstream, &mut sent).await {
+            FirstAnswer::Answered => {
+                connections_total.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("path proxy: joined a connection to {}", portals[index]);
+                join(downstream, upstream, reset).await;
+                return;
+            }
+            FirstAnswer::PathFailed if sent.len() <= PATH_PROXY_REPLAY_BYTES_MAX => {
+                tracing::info!("path proxy: {} closed before answering; next path", portals[index]);
+                failed.push(index);
+            }
+            FirstAnswer::PathFailed | FirstAnswer::InitiatorGone => return,
+        }
+    }
+}
+
+enum FirstAnswer {
+    /// The target's first bytes reached the initiator.
+    Answered,
+    /// The path closed or failed before answering (the initiator saw nothing of it).
+    PathFailed,
+    InitiatorGone,
+}
+
+/// Sends `sent` (bytes already taken from the initiator) and whatever else the initiator sends
+/// to `upstream`, keeping them in `sent`, until the target answers; forwards that answer.
+async fn first_answer(
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
+    sent: &mut Vec<u8>,
+) -> FirstAnswer {
+    use tokio::io::AsyncReadExt;
+    if !sent.is_empty() && upstream.write_all(sent).await.is_err() {
+        return FirstAnswer::PathFailed;
+    }
+    let mut from_initiator = vec![0u8; 16 * 1024];
+    let mut from_target = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            read = downstream.read(&mut from_initiator) => match read {
+                Ok(0) | Err(_) => return FirstAnswer::InitiatorGone,
+                Ok(n) => {
+                    // Past the replay limit the bytes are not kept: a later failure of this
+                    // path closes the initiator's connection instead of replaying.
+                    if sent.len() <= PATH_PROXY_REPLAY_BYTES_MAX {
+                        sent.extend_from_slice(&from_initiator[..n]);
+                    }
+                    if upstream.write_all(&from_initiator[..n]).await.is_err() {
+                        return FirstAnswer::PathFailed;
+                    }
+                }
+            },
+            read = upstream.read(&mut from_target) => match read {
+                Ok(0) | Err(_) => return FirstAnswer::PathFailed,
+                Ok(n) => {
+                    return if downstream.write_all(&from_target[..n]).await.is_ok() {
+                        FirstAnswer::Answered
+                    } else {
+                        FirstAnswer::InitiatorGone
+                    };
+                }
+            },
+        }
+    }
+}
+
+/// Connects to the first path in the current order that accepts, skipping `failed` ones.
+async fn connect_first(
+    portals: &[Portal],
+    order: &Mutex<PathOrder>,
+    failed: &[usize],
+) -> Option<(usize, TcpStream)> {
     let tries = lock(order).order();
-    for index in tries {
+    for index in tries.into_iter().filter(|index| !failed.contains(index)) {
         let portal = &portals[index];
         let address = format!("{}:{}", portal.host, portal.port);
         let attempt = tokio::time::timeout(
@@ -205,8 +292,6 @@ async fn connect_first(portals: &[Portal], order: &Mutex<PathOrder>) -> Option<(
 /// Copies both ways until either side closes or fails, or a rotation resets the path; then
 /// closes both, so the initiator sees the path go and reconnects.
 async fn join(mut downstream: TcpStream, mut upstream: TcpStream, reset: &Notify) {
-    let _ = downstream.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
     tokio::select! {
         _ = tokio::io::copy_bidirectional_with_sizes(
             &mut downstream,
@@ -308,6 +393,27 @@ mod tests {
         assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the joined connection is closed");
         assert_eq!(proxy.preferred(), second);
         assert_eq!(round_trip(&proxy, 2).await, Some(0x22));
+    }
+
+    /// A node dying as the initiator reconnects: it accepts the connection and closes it
+    /// without answering. The initiator's bytes go to the next path on the same connection.
+    #[tokio::test]
+    async fn a_path_that_closes_before_answering_is_replaced_on_the_same_connection() {
+        let dying = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dying_portal =
+            Portal { host: "127.0.0.1".into(), port: dying.local_addr().unwrap().port() };
+        let closer = tokio::spawn(async move {
+            loop {
+                let (stream, _) = dying.accept().await.unwrap();
+                drop(stream);
+            }
+        });
+        let (second, _second_task) = echo_server(0x20).await;
+        let proxy = PathProxy::start(vec![dying_portal, second.clone()], 0).unwrap();
+        assert_eq!(round_trip(&proxy, 3).await, Some(0x23), "answered by the second path");
+        assert_eq!(proxy.preferred(), second);
+        assert_eq!(proxy.connections_total(), 1, "one joined connection, no reconnect");
+        closer.abort();
     }
 
     #[tokio::test]

@@ -19,8 +19,9 @@ use crate::attach::{
 use crate::connection_info::{IscsiConnection, Portal, check_name};
 use crate::connector::{HostIdentity, connector, generate_initiator_iqn, is_valid_initiator_iqn};
 use crate::constants::{
-    INSTANCES_MAX, PENDING_DELETE_RETRY_INTERVAL_MS, PENDING_DELETES_MAX, QEMU_START_TIMEOUT_MS,
-    QEMU_STOP_TIMEOUT_MS, RESUME_PROBE_CONNECT_TIMEOUT_MS,
+    INSTANCES_MAX, PATH_ROTATE_AFTER_RESUMES, PENDING_DELETE_RETRY_INTERVAL_MS,
+    PENDING_DELETES_MAX, QEMU_START_TIMEOUT_MS, QEMU_STOP_TIMEOUT_MS,
+    RESUME_PROBE_CONNECT_TIMEOUT_MS,
 };
 use crate::instance::{Accel, InstancePaths, InstanceSpec, probe_kvm, qemu_args};
 use crate::path_proxy::PathProxy;
@@ -1403,10 +1404,12 @@ async fn watch(id: String, qmp: Arc<Qmp>, watcher: Arc<Mutex<ResumeWatcher>>, po
                     lock(&watcher).handle_probe(reachable, now_ms());
                 }
                 Action::Cont => {
-                    // The last resume did not hold: the path in use accepts logins but fails
-                    // I/O (a node cut off from its primary). Move the failing volumes' proxies
-                    // to their next path before QEMU retries.
-                    if lock(&watcher).attempts() > 0 {
+                    // Resumes keep failing although the path accepts logins: it fails I/O for
+                    // good (a node cut off from its primary). Move the failing volumes'
+                    // proxies to their next path before QEMU retries. Not sooner: right after
+                    // a failover the survivor answers "standby" until it is promoted, and
+                    // closing its connection then only costs libiscsi's reconnect back-off.
+                    if lock(&watcher).attempts() >= PATH_ROTATE_AFTER_RESUMES {
                         let failing = lock(&watcher).failing_nodes().clone();
                         for (node, paths) in lock(&portals).iter() {
                             if let Some(proxy) = &paths.proxy
