@@ -77,6 +77,8 @@ pub struct Slot {
     pub write_gate: tokio::sync::RwLock<()>,
     /// The connected peer that is Primary, if any (where a remote port forwards to).
     primary_peer: Mutex<Option<String>>,
+    /// The persistent reservations kept in the replicated device (`reservations.rs`).
+    pub reservations: crate::reservations::ReservationStore,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -513,6 +515,7 @@ impl Host {
                     split_brain_logged: AtomicBool::new(false),
                     write_gate: tokio::sync::RwLock::new(()),
                     primary_peer: Mutex::new(None),
+                    reservations: Default::default(),
                 });
                 slots.insert(resource.name.clone(), slot.clone());
                 added.push(slot);
@@ -725,8 +728,11 @@ impl Host {
                          node whose changes to throw away"
                     );
                 }
-                // Keep the LUN's ALUA state in step with the engine's role.
-                slot.primary.store(view.role == Role::Primary, Ordering::Release);
+                // Keep the LUN's ALUA state in step with the engine's role; a new primary
+                // serves once it has read the replicated reservations.
+                let serve =
+                    view.role == Role::Primary && crate::reservations::ensure_loaded(slot).await;
+                slot.primary.store(serve, Ordering::Release);
                 self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
@@ -916,6 +922,15 @@ impl Host {
                 let device = self.require_running(slot)?;
                 match device.promote(options.force).await {
                     Ok(()) | Err(DeviceError::State(StateError::Already(Role::Primary))) => {
+                        if !crate::reservations::ensure_loaded(slot).await {
+                            return fail(
+                                exit::EXEC_ERROR,
+                                format!(
+                                    "{}: Primary, but the persistent reservations could not be                                      read; the LUN stays in standby (see the log)",
+                                    slot.name
+                                ),
+                            );
+                        }
                         slot.primary.store(true, Ordering::Release);
                         self.service_ips.set_primary(&slot.name, true);
                         Ok(())
