@@ -6,7 +6,8 @@
 //! RESERVATION CONFLICT and the holder's write succeeds. A change made on the new primary
 //! survives its restart, reaches the old primary by resync when it comes back as secondary,
 //! and holds after the switch back.
-//! libiscsi's PR conformance tests run through the replicated LUN before and after failover.
+//! libiscsi's PR conformance tests run through the replicated LUN before and after failover,
+//! and through the secondary's port while it forwards to the primary (multipath).
 //!
 //! The client is `tests/tools/iscsi-pr.c`, built here against libiscsi (libiscsi-bin ships
 //! no PR tool): it needs `cc` and Debian's libiscsi-dev.
@@ -34,6 +35,7 @@ struct NodeSpec {
     name: &'static str,
     replication_port: u16,
     portal: SocketAddr,
+    forward: SocketAddr,
     socket: PathBuf,
     state: PathBuf,
 }
@@ -51,6 +53,7 @@ impl Cluster {
             name,
             replication_port: free_port(),
             portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            forward: SocketAddr::from(([127, 0, 0, 1], free_port())),
             socket: dir.path().join(format!("{name}.sock")),
             state: dir.path().join(format!("state-{name}")),
         };
@@ -73,8 +76,11 @@ impl Cluster {
         Cluster { dir, config, nodes }
     }
 
+    /// tandemd for node `index`, with forward links (multipath: the secondary's port is a
+    /// remote port of the primary's logical unit).
     fn start(&self, index: usize) -> Daemon {
         let n = &self.nodes[index];
+        let peer = &self.nodes[1 - index];
         let mut command = Command::new(binary("tandemd"));
         command
             .arg("-c")
@@ -83,7 +89,9 @@ impl Cluster {
             .arg("--control-socket")
             .arg(&n.socket)
             .arg("--state-dir")
-            .arg(&n.state);
+            .arg(&n.state)
+            .args(["--forward-listen", &n.forward.to_string()])
+            .args(["--forward-peer", &format!("{}={}", peer.name, peer.forward)]);
         let mut daemon = Daemon::spawn(n.name, command);
         daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
         daemon
@@ -206,8 +214,14 @@ fn reservations_survive_failover_restart_and_switch_back() {
     cluster.bring_up(0);
     let (a, b) = (cluster.url(0), cluster.url(1));
 
-    // libiscsi's PR suite through the replicated LUN (it clears what it registers).
+    // libiscsi's PR suite through the replicated LUN (it clears what it registers), on the
+    // primary's port and on the secondary's (forwarded to the primary's logical unit).
     pr_conformance(&a);
+    let forwarding = tests::wait_until(Duration::from_secs(20), || {
+        client.run(STRANGER, &b, &["rtpg"]).contains("group=2 state=1")
+    });
+    assert!(forwarding, "beta's port never became a remote port of alpha's logical unit");
+    pr_conformance(&b);
 
     // Two initiators register, the holder reserves (WERO), through alpha.
     assert_eq!(client.run(HOLDER, &a, &["register", HOLDER_KEY]), "status=GOOD");
@@ -270,9 +284,14 @@ fn reservations_survive_failover_restart_and_switch_back() {
     assert_eq!(client.run(HOLDER, &a, &["release", HOLDER_KEY, TYPE_WERO]), "status=GOOD");
     assert_eq!(client.run(HOLDER, &a, &["register", "0"]), "status=GOOD");
     assert_eq!(client.run(OTHER, &a, &["register", "0"]), "status=GOOD");
-    // A secondary without a forward link to the primary refuses to change reservations
-    // (ALUA standby); through the primary the third initiator unregisters.
-    assert_eq!(client.run(THIRD, &b, &["register", "0"]), "status=CHECK_CONDITION sense=2/040b");
+    // The third initiator registered through beta's port; alpha's takeover extended it to
+    // alpha's port. It unregisters both: through beta's port (forwarded to alpha's logical
+    // unit once beta forwards again) and through alpha's.
+    let forwarding = tests::wait_until(Duration::from_secs(20), || {
+        client.run(STRANGER, &b, &["rtpg"]).contains("group=2 state=1")
+    });
+    assert!(forwarding, "beta's port never forwarded to alpha again");
+    assert_eq!(client.run(THIRD, &b, &["register", "0"]), "status=GOOD");
     assert_eq!(client.run(THIRD, &a, &["register", "0"]), "status=GOOD");
     pr_conformance(&a);
 }
