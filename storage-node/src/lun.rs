@@ -110,7 +110,8 @@ impl BlockDevice for ResourceLun {
         // Like a write: held off while a snapshot copies the replicas.
         let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
-        self.slot.reservations.persist(&device, version, image).await.map_err(map_error)
+        let owner = &self.slot.name;
+        self.slot.reservations.persist(&device, owner, version, image).await.map_err(map_error)
     }
 
     fn reservations_load(&self) -> Option<u64> {

@@ -11,6 +11,9 @@
 //! node that is promoted reads it before its LUN serves ([`ensure_loaded`]); a restart of any
 //! node keeps it, as it keeps the data.
 //!
+//! Each slot names the resource that wrote it: a resource created from a snapshot or from
+//! another resource copies the data area, this end included, but not its reservations.
+//!
 //! Crash safety: two slots; each new image goes to the slot that does not hold the newest
 //! durable one, and a load takes the newest image whose checksum holds, so a torn write falls
 //! back to the previous acknowledged state, never to garbage.
@@ -50,15 +53,36 @@ pub fn slot_offset_bytes(device_size_bytes: u64, index: usize) -> u64 {
     lun_size_bytes(device_size_bytes) + index as u64 * RESERVATION_SLOT_BYTES
 }
 
-/// The newest valid image among the slots' contents: (slot index, version, image bytes).
-/// Pure, for tests.
-pub fn newest(slots: [&[u8]; 2]) -> Option<(usize, u64, Bytes)> {
+/// Each slot starts with the name of the resource that wrote it, so a resource made from a
+/// snapshot or a copy of another (which copies the whole data area, this end included) does
+/// not inherit the source's registrations.
+const OWNER_MAGIC: &[u8; 8] = b"TNDMPRv1";
+/// The owner header: magic, name length (u16), name (at most `OWNER_NAME_BYTES_MAX`).
+pub const OWNER_HEADER_BYTES: usize = 512;
+const OWNER_NAME_BYTES_MAX: usize = OWNER_HEADER_BYTES - OWNER_MAGIC.len() - 2;
+const _: () =
+    assert!(RESERVATION_SLOT_BYTES >= (OWNER_HEADER_BYTES + RESERVATION_IMAGE_BYTES_MAX) as u64);
+
+fn owner_header(owner: &str) -> [u8; OWNER_HEADER_BYTES] {
+    let name = &owner.as_bytes()[..owner.len().min(OWNER_NAME_BYTES_MAX)];
+    let mut header = [0u8; OWNER_HEADER_BYTES];
+    header[..8].copy_from_slice(OWNER_MAGIC);
+    header[8..10].copy_from_slice(&u16::try_from(name.len()).unwrap_or(0).to_be_bytes());
+    header[10..10 + name.len()].copy_from_slice(name);
+    header
+}
+
+/// The newest valid image of `owner` among the slots' contents: (slot index, version, image
+/// bytes). Slots of another owner, torn or empty ones count as holding nothing. Pure.
+pub fn newest(owner: &str, slots: [&[u8]; 2]) -> Option<(usize, u64, Bytes)> {
+    let header = owner_header(owner);
     slots
         .iter()
         .enumerate()
         .filter_map(|(index, bytes)| {
-            let (version, _) = pr_image::decode(bytes).ok()?;
-            Some((index, version, Bytes::copy_from_slice(bytes)))
+            let image = bytes.strip_prefix(header.as_slice())?;
+            let (version, _) = pr_image::decode(image).ok()?;
+            Some((index, version, Bytes::copy_from_slice(image)))
         })
         .max_by_key(|(_, version, _)| *version)
 }
@@ -73,11 +97,14 @@ pub fn port_here(port: u16, port_offset: u16) -> Option<u16> {
     Some(port_offset + (port - 1) % per_node + 1)
 }
 
-/// The image padded to whole blocks (the decoder ignores what follows the image).
-fn padded(image: &[u8]) -> Bytes {
+/// A slot's contents: the owner header and the image, padded to whole blocks (the decoder
+/// ignores what follows the image).
+fn framed(owner: &str, image: &[u8]) -> Bytes {
     let block = LUN_BLOCK_SIZE_BYTES as usize;
-    let mut out = BytesMut::from(image);
-    out.resize(image.len().div_ceil(block).max(1) * block, 0);
+    let mut out = BytesMut::from(owner_header(owner).as_slice());
+    out.extend_from_slice(image);
+    let length = out.len().div_ceil(block) * block;
+    out.resize(length, 0);
     out.freeze()
 }
 
@@ -123,13 +150,14 @@ impl ReservationStore {
     pub async fn load(
         &self,
         device: &ReplicatedDevice,
+        owner: &str,
         port_offset: u16,
     ) -> Result<(), EngineError> {
         let mut durable = self.durable.lock().await;
         let size = device.size_bytes();
         let first = device.read(slot_offset_bytes(size, 0), RESERVATION_SLOT_BYTES).await?;
         let second = device.read(slot_offset_bytes(size, 1), RESERVATION_SLOT_BYTES).await?;
-        let (slot, version, image) = newest([&first, &second]).unwrap_or_default();
+        let (slot, version, image) = newest(owner, [&first, &second]).unwrap_or_default();
         *durable = Durable { version, slot };
         let image = match pr_image::decode(&image) {
             Ok((version, mut state)) => {
@@ -161,6 +189,7 @@ impl ReservationStore {
     pub async fn persist(
         &self,
         device: &ReplicatedDevice,
+        owner: &str,
         version: u64,
         image: Bytes,
     ) -> Result<(), EngineError> {
@@ -171,7 +200,7 @@ impl ReservationStore {
         }
         let slot = 1 - durable.slot;
         let offset = slot_offset_bytes(device.size_bytes(), slot);
-        device.write(offset, padded(&image), true).await?;
+        device.write(offset, framed(owner, &image), true).await?;
         *durable = Durable { version, slot };
         Ok(())
     }
@@ -187,7 +216,7 @@ pub async fn ensure_loaded(slot: &Slot) -> bool {
     let Some(device) = slot.device() else { return false };
     let Ok(plan) = slot.plan() else { return false };
     let (port_offset, _) = crate::lun::relative_ports(&plan);
-    match slot.reservations.load(&device, port_offset).await {
+    match slot.reservations.load(&device, &slot.name, port_offset).await {
         Ok(()) => true,
         Err(error) => {
             tracing::error!(
@@ -205,6 +234,12 @@ mod tests {
     use iscsi_target::scsi::pr::{Nexus, Registration, ReservationState};
 
     fn image(version: u64, key: u64) -> Vec<u8> {
+        let mut bytes = owner_header("r0").to_vec();
+        bytes.extend_from_slice(&bare_image(version, key));
+        bytes
+    }
+
+    fn bare_image(version: u64, key: u64) -> Vec<u8> {
         let state = ReservationState {
             generation: u32::try_from(version).unwrap(),
             registrations: vec![Registration {
@@ -215,7 +250,7 @@ mod tests {
             ..Default::default()
         };
         let mut bytes = pr_image::encode(&state, version);
-        bytes.resize(4096, 0);
+        bytes.resize(2048, 0);
         bytes
     }
 
@@ -223,8 +258,10 @@ mod tests {
     fn the_newest_valid_slot_wins_and_a_torn_one_falls_back() {
         let (v1, v2) = (image(1, 0xa), image(2, 0xb));
         let mut torn = v2.clone();
-        torn[40] ^= 1;
+        torn[OWNER_HEADER_BYTES + 40] ^= 1;
         let zero = vec![0u8; 4096];
+        let mut foreign = owner_header("r1").to_vec();
+        foreign.extend_from_slice(&bare_image(3, 0xc));
         type Case<'a> = ([&'a [u8]; 2], Option<(usize, u64)>);
         let cases: Vec<Case> = vec![
             ([&zero, &zero], None),
@@ -232,9 +269,12 @@ mod tests {
             ([&v1, &v2], Some((1, 2))),
             ([&v2, &v1], Some((0, 2))),
             ([&v1, &torn], Some((0, 1))),
+            // A copy of another resource's data area: its images are not ours.
+            ([&v1, &foreign], Some((0, 1))),
+            ([&foreign, &zero], None),
         ];
         for (slots, expected) in cases {
-            assert_eq!(newest(slots).map(|(s, v, _)| (s, v)), expected);
+            assert_eq!(newest("r0", slots).map(|(s, v, _)| (s, v)), expected);
         }
     }
 
@@ -254,8 +294,8 @@ mod tests {
         assert_eq!(lun_size_bytes(1 << 20), (1 << 20) - RESERVATION_AREA_BYTES);
         assert_eq!(lun_size_bytes(4096), 0);
         assert_eq!(slot_offset_bytes(1 << 20, 1), (1 << 20) - RESERVATION_SLOT_BYTES);
-        assert_eq!(padded(&[1; 10]).len(), 4096);
-        assert_eq!(padded(&[1; 4097]).len(), 8192);
-        assert_eq!(padded(&[]).len(), 4096);
+        assert_eq!(framed("r0", &[1; 10]).len(), 4096);
+        assert_eq!(framed("r0", &[1; 4096 - OWNER_HEADER_BYTES + 1]).len(), 8192);
+        assert_eq!(framed("r0", &[]).len(), 4096);
     }
 }
