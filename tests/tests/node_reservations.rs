@@ -223,6 +223,12 @@ fn reservations_survive_failover_restart_and_switch_back() {
     assert!(forwarding, "beta's port never became a remote port of alpha's logical unit");
     pr_conformance(&b);
 
+    // What a replicated PERSISTENT RESERVE OUT costs (each one a replicated FUA write).
+    println!(
+        "PR OUT REGISTER through alpha: {}",
+        client.run(STRANGER, &a, &["bench-register", "200", "0x77"])
+    );
+
     // Two initiators register, the holder reserves (WERO), through alpha.
     assert_eq!(client.run(HOLDER, &a, &["register", HOLDER_KEY]), "status=GOOD");
     assert_eq!(client.run(OTHER, &a, &["register", OTHER_KEY]), "status=GOOD");

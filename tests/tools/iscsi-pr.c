@@ -12,6 +12,8 @@
  *   read-reservation           prints "generation=G key=K type=T" or "generation=G none"
  *   write LBA                  WRITE(16) of one block of 0x5a, prints "status=NAME"
  *   rtpg                       REPORT TARGET PORT GROUPS: "group=ID state=S pref=P ports=..."
+ *   bench-register N KEY       N REGISTER AND IGNORE EXISTING KEY (alternating KEY, KEY+1) in
+ *                              one session, then unregisters: "registers=N us_per_register=U"
  * The ISID is fixed (format EN, enterprise 0x1234, qualifier from -s), so separate runs with
  * the same name and qualifier are the same initiator port, as a real initiator's sessions.
  * Unit attentions (power on, ALUA change, reservations preempted) are retried a few times.
@@ -21,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <iscsi/iscsi.h>
 #include <iscsi/scsi-lowlevel.h>
 
@@ -157,6 +160,32 @@ int main(int argc, char **argv) {
                                         (uint32_t)block, block, 0, 0, 0, 0, 0));
         if (task) print_status(task);
         free(data);
+    } else if (strcmp(command, "bench-register") == 0 && nargs >= 2) {
+        int count = atoi(args[0]);
+        uint64_t key = strtoull(args[1], NULL, 0);
+        struct timespec start, end;
+        clock_gettime(CLOCK_MONOTONIC, &start);
+        for (int n = 0; n < count; n++) {
+            struct scsi_persistent_reserve_out_basic params = {0};
+            params.service_action_reservation_key = key + (uint64_t)(n & 1);
+            struct scsi_task *t = RETRY(iscsi_persistent_reserve_out_sync(
+                iscsi, lun, SCSI_PERSISTENT_RESERVE_REGISTER_AND_IGNORE_EXISTING_KEY,
+                SCSI_PERSISTENT_RESERVE_SCOPE_LU, 0, &params));
+            if (t == NULL || t->status != SCSI_STATUS_GOOD) {
+                if (t) print_status(t);
+                fprintf(stderr, "register %d failed\n", n);
+                return 1;
+            }
+            scsi_free_scsi_task(t);
+        }
+        clock_gettime(CLOCK_MONOTONIC, &end);
+        double us = (double)(end.tv_sec - start.tv_sec) * 1e6 +
+                    (double)(end.tv_nsec - start.tv_nsec) / 1e3;
+        struct scsi_persistent_reserve_out_basic params = {0};
+        task = RETRY(iscsi_persistent_reserve_out_sync(
+            iscsi, lun, SCSI_PERSISTENT_RESERVE_REGISTER_AND_IGNORE_EXISTING_KEY,
+            SCSI_PERSISTENT_RESERVE_SCOPE_LU, 0, &params));
+        printf("registers=%d us_per_register=%.0f\n", count, count > 0 ? us / count : 0.0);
     } else if (strcmp(command, "rtpg") == 0) {
         unsigned char cdb[12] = {0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0};
         struct scsi_task *raw = NULL;
