@@ -86,6 +86,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Slot {
+    /// The size the LUN (the volume) has: the device less its reservation area.
+    pub fn lun_size_bytes(&self) -> u64 {
+        crate::reservations::lun_size_bytes(self.size_bytes.load(Ordering::Acquire))
+    }
+
     pub fn device(&self) -> Option<ReplicatedDevice> {
         lock(&self.running).as_ref().map(|r| r.device.clone())
     }
@@ -170,10 +175,15 @@ pub fn metadata_present(driver: &DriverConfig) -> bool {
     }
 }
 
-/// The backing file size that gives a volume of `data_size_bytes` with internal metadata for
-/// `max_peers` peers (what the HTTP create allocates, as LINSTOR does for DRBD).
+/// The backing file size that gives a volume (LUN) of `data_size_bytes` with internal
+/// metadata for `max_peers` peers (what the HTTP create allocates, as LINSTOR does for DRBD):
+/// the device is the volume plus the persistent-reservation area at its end
+/// (`reservations.rs`).
 pub fn internal_backing_bytes(data_size_bytes: u64, max_peers: u32) -> Result<u64, String> {
-    MetaLayout::internal_device_bytes_for_data(data_size_bytes, max_peers, AlGeometry::default())
+    let device_bytes = data_size_bytes
+        .checked_add(crate::reservations::RESERVATION_AREA_BYTES)
+        .ok_or_else(|| format!("{data_size_bytes} bytes is too large"))?;
+    MetaLayout::internal_device_bytes_for_data(device_bytes, max_peers, AlGeometry::default())
         .map_err(|e| format!("internal metadata for {data_size_bytes} bytes: {e}"))
 }
 

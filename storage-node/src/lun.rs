@@ -103,7 +103,7 @@ impl ResourceLun {
 impl BlockDevice for ResourceLun {
     /// The device less the end that keeps the persistent reservations (`reservations.rs`).
     fn size_bytes(&self) -> u64 {
-        crate::reservations::lun_size_bytes(self.slot.size_bytes.load(Ordering::Acquire))
+        self.slot.lun_size_bytes()
     }
 
     async fn persist_reservations(&self, version: u64, image: Bytes) -> Result<(), DeviceError> {
