@@ -1522,6 +1522,16 @@ impl<D: BlockDevice> Connection<D> {
 /// Announces an ALUA state change since the previous command to every nexus of the logical
 /// unit. The session registry is only consulted when the state did change.
 fn observe_alua<D: BlockDevice>(config: &Config<D>, lun: &LogicalUnit<D>, state: AluaState) {
+    // A device that (re)loaded the logical unit's reservations (a promotion) hands them over
+    // before the command runs, so it sees the state the previous primary made durable.
+    if let Some(epoch) = lun.device.reservations_load() {
+        let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.reservations_epoch != Some(epoch)
+            && let Some(image) = lun.device.persisted_reservations()
+        {
+            shared.adopt_reservations(epoch, &image);
+        }
+    }
     let changed = lun.shared.lock().unwrap_or_else(|p| p.into_inner()).alua_seen != Some(state);
     if changed {
         let nexuses = config.nexuses(&lun.identity.target_name);

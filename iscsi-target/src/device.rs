@@ -144,6 +144,30 @@ pub trait BlockDevice: Send + Sync + 'static {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> impl Future<Output = Result<(), DeviceError>> + Send;
+    /// Makes reservation image `image` (`scsi::pr_image`, version `version`) durable wherever
+    /// the device keeps the logical unit's persistent reservations; a PERSISTENT RESERVE OUT
+    /// that changed them completes only after this does. Versions only grow: a device that
+    /// already holds a newer image keeps it (two commands may finish out of order). The
+    /// default keeps nothing (reservations live in the target's memory alone).
+    fn persist_reservations(
+        &self,
+        version: u64,
+        image: Bytes,
+    ) -> impl Future<Output = Result<(), DeviceError>> + Send {
+        let _ = (version, image);
+        std::future::ready(Ok(()))
+    }
+    /// A number that changes every time the device loads the logical unit's reservations (a
+    /// storage node's promotion): the SCSI layer adopts each load once, before the next
+    /// command runs, from [`BlockDevice::persisted_reservations`]. Asked at every command, so
+    /// it must be cheap. `None`: the device loads nothing.
+    fn reservations_load(&self) -> Option<u64> {
+        None
+    }
+    /// The reservation image of the last load (empty when the device held none).
+    fn persisted_reservations(&self) -> Option<Bytes> {
+        None
+    }
     /// Whether this port is a remote port of the logical unit: its SCSI commands (and LUN
     /// resets, and the comings and goings of its I_T nexuses) run on the node that holds the
     /// logical unit, through [`BlockDevice::forward`], instead of on this device. Asked when
@@ -208,6 +232,11 @@ pub enum IoOp {
         offset_bytes: u64,
         mask: Bytes,
         fua: bool,
+    },
+    /// Make a persistent-reservation image durable ([`BlockDevice::persist_reservations`]).
+    PersistReservations {
+        version: u64,
+        image: Bytes,
     },
     /// WRITE ATOMIC(16): a write that no other command may observe half done (the driver runs
     /// it under the device lock held exclusively, so overlapping reads and writes wait) and
@@ -276,6 +305,9 @@ pub async fn perform<D: BlockDevice>(device: &D, op: IoOp) -> Result<IoData, Dev
             device.write_atomic(offset_bytes, data, fua).await.map(|()| IoData::None)
         }
         IoOp::Flush => device.flush().await.map(|()| IoData::None),
+        IoOp::PersistReservations { version, image } => {
+            device.persist_reservations(version, image).await.map(|()| IoData::None)
+        }
         IoOp::Unmap { offset_bytes, length_bytes } => {
             device.unmap(offset_bytes, length_bytes).await.map(|()| IoData::None)
         }

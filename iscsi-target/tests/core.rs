@@ -30,6 +30,8 @@ struct MemoryDevice {
     atomic_limits_bytes: Mutex<Option<(u32, u32)>>,
     /// A remote port: commands go to another node's logical unit.
     forwarding: Mutex<bool>,
+    /// Reservations the device loaded (load number, image), as a promoted storage node's.
+    reservations_loaded: Mutex<Option<(u64, Bytes)>>,
 }
 
 impl MemoryDevice {
@@ -40,6 +42,7 @@ impl MemoryDevice {
             peer_group: Mutex::new(None),
             atomic_limits_bytes: Mutex::new(None),
             forwarding: Mutex::new(false),
+            reservations_loaded: Mutex::new(None),
         }
     }
     /// Performs an I/O synchronously, the way a driver would asynchronously.
@@ -58,7 +61,7 @@ impl MemoryDevice {
                 data[range(offset_bytes, bytes.len() as u64)].copy_from_slice(&bytes);
                 Ok(IoData::None)
             }
-            IoOp::Flush => Ok(IoData::None),
+            IoOp::Flush | IoOp::PersistReservations { .. } => Ok(IoData::None),
             IoOp::Unmap { offset_bytes, length_bytes }
             | IoOp::WriteZeroes { offset_bytes, length_bytes } => {
                 data[range(offset_bytes, length_bytes)].fill(0);
@@ -100,6 +103,12 @@ impl BlockDevice for MemoryDevice {
     }
     fn forwards(&self) -> bool {
         *self.forwarding.lock().unwrap()
+    }
+    fn reservations_load(&self) -> Option<u64> {
+        self.reservations_loaded.lock().unwrap().as_ref().map(|(n, _)| *n)
+    }
+    fn persisted_reservations(&self) -> Option<Bytes> {
+        self.reservations_loaded.lock().unwrap().as_ref().map(|(_, image)| image.clone())
     }
     fn atomic_write_max_bytes(&self) -> u32 {
         self.atomic_limits_bytes.lock().unwrap().map_or(4096, |(max, _)| max)
@@ -939,7 +948,7 @@ proptest! {
                     IoOp::Unmap { offset_bytes, length_bytes } | IoOp::WriteZeroes { offset_bytes, length_bytes } | IoOp::MappedRanges { offset_bytes, length_bytes } => offset_bytes + length_bytes <= BLOCKS * 512,
                     IoOp::CompareAndWrite { offset_bytes, compare, .. } => offset_bytes + compare.len() as u64 <= BLOCKS * 512,
                     IoOp::OrWrite { offset_bytes, mask, .. } => offset_bytes + mask.len() as u64 <= BLOCKS * 512,
-                    IoOp::Flush => true,
+                    IoOp::Flush | IoOp::PersistReservations { .. } => true,
                 };
                 prop_assert!(inside, "I/O outside the LUN: {:?}", request.op);
                 let result = i.device.perform(request.op.clone());
@@ -1546,6 +1555,7 @@ mod persistent_reservations {
     use iscsi_target::scsi::pr::{
         self, Nexus, ProutResult, ReservationState, TransportId, parse_transport_id,
     };
+    use iscsi_target::scsi::pr_image;
 
     const ILLEGAL_REQUEST: u8 = 0x05;
     /// Relative target ports of the target under test (two portals).
@@ -1934,6 +1944,88 @@ mod persistent_reservations {
             .filter(|p| p.header.opcode() == opcode::DATA_IN)
             .flat_map(|p| p.data.to_vec())
             .collect()
+    }
+
+    fn register_params_plain(key: u64, service_key: u64) -> Vec<u8> {
+        register_params(key, service_key, 0, &[])
+    }
+
+    #[test]
+    fn a_reservation_change_completes_only_once_the_device_made_it_durable() {
+        let (config, device) = super::config(AuthConfig::default());
+        let mut i = Initiator::new(config, device);
+        i.login(&[]);
+        // REGISTER: no answer until the device has persisted the new image.
+        i.hold_io = true;
+        let register = register_params_plain(0, 0xa);
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[8] = 24;
+        let (_, responses) = i.command(&cdb, false, true, 24, &register, true);
+        assert!(responses.is_empty(), "GOOD before the image is durable: {responses:?}");
+        assert_eq!(i.held.len(), 1);
+        let IoOp::PersistReservations { version, image } = i.held[0].op.clone() else {
+            panic!("expected PersistReservations, got {:?}", i.held[0].op);
+        };
+        let (decoded_version, state) = pr_image::decode(&image).expect("a valid image");
+        assert_eq!((version, decoded_version), (1, 1));
+        assert_eq!(state.registrations.iter().map(|r| r.key).collect::<Vec<_>>(), vec![0xa]);
+        let responses = i.release_io();
+        assert_eq!(status_of(responses.last().expect("a response")), (0, None));
+        // A command that changes nothing (a wrong key) is answered at once, nothing persisted.
+        i.hold_io = true;
+        let (_, responses) =
+            i.command(&cdb, false, true, 24, &register_params_plain(0xbad, 0xc), true);
+        assert_eq!(status_of(responses.last().expect("a response")), (0x18, None));
+        assert!(i.held.is_empty());
+        // A device that cannot persist (a demoted node) fails the command: never GOOD.
+        let (_, responses) =
+            i.command(&cdb, false, true, 24, &register_params_plain(0xa, 0xb), true);
+        assert!(responses.is_empty());
+        let request = i.held.pop().expect("a persist request");
+        assert!(matches!(request.op, IoOp::PersistReservations { version: 2, .. }));
+        i.connection.handle_io_completion(request.itt, request.tag, Err(DeviceError::Standby));
+        let responses = i.receive();
+        assert_eq!(status_of(responses.last().expect("a response")).0, 0x02);
+    }
+
+    #[test]
+    fn a_loaded_image_is_adopted_once_before_the_next_command() {
+        let (config, device) = super::config(AuthConfig::default());
+        let mut i = Initiator::new(config, device.clone());
+        i.login(&[]);
+        let holder = port(INITIATOR, i.isid, 1);
+        let state = ReservationState {
+            generation: 41,
+            registrations: vec![pr::Registration {
+                nexus: holder.clone(),
+                key: 0x55,
+                all_tg_pt: false,
+            }],
+            reservation: Some(pr::Reservation {
+                holder,
+                reservation_type: pr::pr_type::WRITE_EXCLUSIVE_REGISTRANTS_ONLY,
+            }),
+            reserve6: None,
+        };
+        *device.reservations_loaded.lock().unwrap() =
+            Some((1, Bytes::from(pr_image::encode(&state, 9))));
+        let keys = prin(&mut i, 0);
+        assert_eq!(u32::from_be_bytes(keys[..4].try_into().unwrap()), 41, "PRgeneration kept");
+        assert_eq!(u64::from_be_bytes(keys[8..16].try_into().unwrap()), 0x55);
+        // The next change persists a newer image than the loaded one.
+        i.hold_io = true;
+        let mut cdb = [0u8; 10];
+        cdb[0] = 0x5f;
+        cdb[1] = 2; // RELEASE
+        cdb[2] = pr::pr_type::WRITE_EXCLUSIVE_REGISTRANTS_ONLY;
+        cdb[8] = 24;
+        let (_, _) = i.command(&cdb, false, true, 24, &register_params_plain(0x55, 0), true);
+        assert!(matches!(i.held[0].op, IoOp::PersistReservations { version: 10, .. }));
+        i.release_io();
+        // The same load is not adopted twice: the release stays.
+        let r = prin(&mut i, 1);
+        assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 0, "no reservation");
     }
 
     #[test]

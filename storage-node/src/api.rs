@@ -221,7 +221,7 @@ fn resource_json(host: &Host, slot: &Slot, view: Option<ResourceView>) -> Resour
         up: view.is_some(),
         role: if primary { "primary" } else { "secondary" }.into(),
         disk_state,
-        size_bytes: slot.size_bytes.load(std::sync::atomic::Ordering::Acquire),
+        size_bytes: slot.lun_size_bytes(),
         export: match (primary, slot.volume()) {
             (true, Some(lun)) => {
                 Some(ExportJson { portal: portal.clone(), target_iqn: target_iqn.clone(), lun })
@@ -376,7 +376,7 @@ async fn create(State(state): State<ApiState>, body: axum::body::Bytes) -> Respo
         // Idempotent like tandem-api's contract: the same resource again answers 200.
         let file = api_resource_directory(&host.settings).join(format!("{}.res", request.name));
         let same = std::fs::read_to_string(&file).is_ok_and(|existing| existing == text)
-            && slot.size_bytes.load(std::sync::atomic::Ordering::Acquire) == request.size_bytes;
+            && slot.lun_size_bytes() == request.size_bytes;
         if same && slot.device().is_some() {
             return resource_response(host, &request.name, StatusCode::OK).await;
         }

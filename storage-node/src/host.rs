@@ -77,6 +77,8 @@ pub struct Slot {
     pub write_gate: tokio::sync::RwLock<()>,
     /// The connected peer that is Primary, if any (where a remote port forwards to).
     primary_peer: Mutex<Option<String>>,
+    /// The persistent reservations kept in the replicated device (`reservations.rs`).
+    pub reservations: crate::reservations::ReservationStore,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,6 +86,11 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Slot {
+    /// The size the LUN (the volume) has: the device less its reservation area.
+    pub fn lun_size_bytes(&self) -> u64 {
+        crate::reservations::lun_size_bytes(self.size_bytes.load(Ordering::Acquire))
+    }
+
     pub fn device(&self) -> Option<ReplicatedDevice> {
         lock(&self.running).as_ref().map(|r| r.device.clone())
     }
@@ -168,10 +175,15 @@ pub fn metadata_present(driver: &DriverConfig) -> bool {
     }
 }
 
-/// The backing file size that gives a volume of `data_size_bytes` with internal metadata for
-/// `max_peers` peers (what the HTTP create allocates, as LINSTOR does for DRBD).
+/// The backing file size that gives a volume (LUN) of `data_size_bytes` with internal
+/// metadata for `max_peers` peers (what the HTTP create allocates, as LINSTOR does for DRBD):
+/// the device is the volume plus the persistent-reservation area at its end
+/// (`reservations.rs`).
 pub fn internal_backing_bytes(data_size_bytes: u64, max_peers: u32) -> Result<u64, String> {
-    MetaLayout::internal_device_bytes_for_data(data_size_bytes, max_peers, AlGeometry::default())
+    let device_bytes = data_size_bytes
+        .checked_add(crate::reservations::RESERVATION_AREA_BYTES)
+        .ok_or_else(|| format!("{data_size_bytes} bytes is too large"))?;
+    MetaLayout::internal_device_bytes_for_data(device_bytes, max_peers, AlGeometry::default())
         .map_err(|e| format!("internal metadata for {data_size_bytes} bytes: {e}"))
 }
 
@@ -513,6 +525,7 @@ impl Host {
                     split_brain_logged: AtomicBool::new(false),
                     write_gate: tokio::sync::RwLock::new(()),
                     primary_peer: Mutex::new(None),
+                    reservations: Default::default(),
                 });
                 slots.insert(resource.name.clone(), slot.clone());
                 added.push(slot);
@@ -725,8 +738,11 @@ impl Host {
                          node whose changes to throw away"
                     );
                 }
-                // Keep the LUN's ALUA state in step with the engine's role.
-                slot.primary.store(view.role == Role::Primary, Ordering::Release);
+                // Keep the LUN's ALUA state in step with the engine's role; a new primary
+                // serves once it has read the replicated reservations.
+                let serve =
+                    view.role == Role::Primary && crate::reservations::ensure_loaded(slot).await;
+                slot.primary.store(serve, Ordering::Release);
                 self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
@@ -916,6 +932,15 @@ impl Host {
                 let device = self.require_running(slot)?;
                 match device.promote(options.force).await {
                     Ok(()) | Err(DeviceError::State(StateError::Already(Role::Primary))) => {
+                        if !crate::reservations::ensure_loaded(slot).await {
+                            return fail(
+                                exit::EXEC_ERROR,
+                                format!(
+                                    "{}: Primary, but the persistent reservations could not be                                      read; the LUN stays in standby (see the log)",
+                                    slot.name
+                                ),
+                            );
+                        }
                         slot.primary.store(true, Ordering::Release);
                         self.service_ips.set_primary(&slot.name, true);
                         Ok(())

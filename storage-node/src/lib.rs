@@ -15,6 +15,7 @@ pub mod node_settings;
 pub mod peer_client;
 pub mod promoter;
 pub mod provision;
+pub mod reservations;
 pub mod service_ip;
 pub mod snapshot;
 pub mod status;

@@ -101,8 +101,25 @@ impl ResourceLun {
 }
 
 impl BlockDevice for ResourceLun {
+    /// The device less the end that keeps the persistent reservations (`reservations.rs`).
     fn size_bytes(&self) -> u64 {
-        self.slot.size_bytes.load(Ordering::Acquire)
+        self.slot.lun_size_bytes()
+    }
+
+    async fn persist_reservations(&self, version: u64, image: Bytes) -> Result<(), DeviceError> {
+        // Like a write: held off while a snapshot copies the replicas.
+        let _gate = self.slot.write_gate.read().await;
+        let device = self.device()?;
+        let owner = &self.slot.name;
+        self.slot.reservations.persist(&device, owner, version, image).await.map_err(map_error)
+    }
+
+    fn reservations_load(&self) -> Option<u64> {
+        self.slot.reservations.load_number()
+    }
+
+    fn persisted_reservations(&self) -> Option<Bytes> {
+        Some(self.slot.reservations.image())
     }
 
     fn block_size_bytes(&self) -> u32 {

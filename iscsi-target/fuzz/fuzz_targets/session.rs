@@ -53,7 +53,7 @@ impl MemoryDevice {
                 data[range(*offset_bytes, bytes.len() as u64)].copy_from_slice(bytes);
                 IoData::None
             }
-            IoOp::Flush => IoData::None,
+            IoOp::Flush | IoOp::PersistReservations { .. } => IoData::None,
             IoOp::Unmap { offset_bytes, length_bytes }
             | IoOp::WriteZeroes { offset_bytes, length_bytes } => {
                 data[range(*offset_bytes, *length_bytes)].fill(0);
@@ -207,7 +207,7 @@ fn check_inside(op: &IoOp) {
             end(*offset_bytes, compare.len() as u64)
         }
         IoOp::OrWrite { offset_bytes, mask, .. } => end(*offset_bytes, mask.len() as u64),
-        IoOp::Flush => true,
+        IoOp::Flush | IoOp::PersistReservations { .. } => true,
     };
     assert!(inside, "I/O outside the LUN: {op:?}");
 }

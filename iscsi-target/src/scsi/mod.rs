@@ -3,6 +3,7 @@
 
 pub mod copy;
 pub mod pr;
+pub mod pr_image;
 pub mod sense;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -100,6 +101,12 @@ pub struct LunShared {
     /// The ALUA state the last command saw: a change queues ASYMMETRIC ACCESS STATE CHANGED
     /// for every I_T nexus. `None` until the first command.
     pub alua_seen: Option<AluaState>,
+    /// Version of the last reservation image handed to the device (`pr_image`): grows with
+    /// every change, so the device keeps the newest when two PERSISTENT RESERVE OUTs race.
+    pub reservations_version: u64,
+    /// The device's load number whose reservation image this state was adopted from
+    /// ([`crate::device::BlockDevice::persisted_reservations`]); `None` until adopted.
+    pub reservations_epoch: Option<u64>,
 }
 
 impl LunShared {
@@ -125,6 +132,20 @@ impl LunShared {
                 self.queue_unit_attention(n, codes::ASYMMETRIC_ACCESS_STATE_CHANGED);
             }
         }
+    }
+    /// Takes over the reservations a device loaded (load number `epoch`, image `image`), once
+    /// per load: after a failover the new primary's logical unit starts from the state the old
+    /// one made durable. RESERVE(6) and unit attentions stay (they belong to this node's
+    /// nexuses). An image that does not decode leaves no reservations (the device found none).
+    pub fn adopt_reservations(&mut self, epoch: u64, image: &[u8]) {
+        if self.reservations_epoch == Some(epoch) {
+            return;
+        }
+        self.reservations_epoch = Some(epoch);
+        let (version, state) = pr_image::decode(image).unwrap_or_default();
+        let reserve6 = self.reservations.reserve6.take();
+        self.reservations = ReservationState { reserve6, ..state };
+        self.reservations_version = version;
     }
     /// Clears per-nexus state after a LUN reset and, as SAM-5 requires, tells every I_T
     /// nexus, the one that asked for the reset included.
@@ -236,6 +257,8 @@ pub enum Pending {
         job: Box<copy::CopyJob>,
         relative_bytes: u64,
     },
+    /// A PERSISTENT RESERVE OUT's new state is durable: GOOD.
+    ReservationsPersisted,
     /// EXTENDED COPY wrote a chunk of `written_bytes`.
     CopyWritten {
         job: Box<copy::CopyJob>,
@@ -649,7 +672,9 @@ pub fn execute(ctx: &Context<'_>, cdb: &[u8; 16], data_out: Bytes) -> Step {
         }
         op::PERSISTENT_RESERVE_IN => Step::Done(persistent_reserve_in(cdb, &shared)),
         op::PERSISTENT_RESERVE_OUT => {
-            Step::Done(persistent_reserve_out(ctx, cdb, &data_out, &mut shared))
+            let before = shared.reservations.clone();
+            let outcome = persistent_reserve_out(ctx, cdb, &data_out, &mut shared);
+            persist_if_changed(outcome, &before, &mut shared)
         }
         _ => Step::Done(Outcome::check(codes::INVALID_COMMAND_OPERATION_CODE)),
     }
@@ -678,7 +703,7 @@ pub fn resume(ctx: &Context<'_>, pending: Pending, result: Result<IoData, Device
             IoData::Read(bytes) => Step::Done(Outcome::data(bytes)),
             _ => Step::Done(Outcome::check(codes::INTERNAL_TARGET_FAILURE)),
         },
-        Pending::Written => Step::Done(Outcome::good()),
+        Pending::Written | Pending::ReservationsPersisted => Step::Done(Outcome::good()),
         Pending::Compared => match data {
             IoData::Miscompare(at) => Step::Done(Outcome::check(
                 Sense::new(sense::key::MISCOMPARE, 0x1d, 0x00).with_information(at),
@@ -1682,6 +1707,22 @@ fn persistent_reserve_out(
     }
     let result = shared.reservations.prout(ctx.nexus, action, cdb[2], key, service_key);
     prout_outcome(result, shared)
+}
+
+/// A PERSISTENT RESERVE OUT that changed the reservations completes only once the device has
+/// made the new state durable (on a storage node: on every replica a write would need), so an
+/// initiator is never told GOOD for a registration the next primary would not have. Commands
+/// that changed nothing (conflicts, errors, idempotent repeats) answer at once.
+fn persist_if_changed(outcome: Outcome, before: &ReservationState, shared: &mut LunShared) -> Step {
+    let mut persistent = shared.reservations.clone();
+    persistent.reserve6 = before.reserve6.clone();
+    if outcome.status != status::GOOD || persistent == *before {
+        return Step::Done(outcome);
+    }
+    shared.reservations_version += 1;
+    let version = shared.reservations_version;
+    let image = Bytes::from(pr_image::encode(&shared.reservations, version));
+    Step::Io(IoOp::PersistReservations { version, image }, Pending::ReservationsPersisted)
 }
 
 fn prout_outcome(result: ProutResult, shared: &mut LunShared) -> Outcome {

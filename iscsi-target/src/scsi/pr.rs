@@ -642,6 +642,43 @@ impl ReservationState {
         ProutResult::Good(Vec::new())
     }
 
+    /// Extends registrations made through other nodes' ports to this node's, when this node
+    /// takes the logical unit over (a failover). `port_here` maps a relative port identifier
+    /// to the one this node serves in its place (same portal index), `None` for its own.
+    ///
+    /// Why: an initiator without multipath follows the service IP to the new primary and
+    /// logs in again through the new primary's port, a different relative target port and so
+    /// a different I_T nexus (SPC-4 §5.13.1: a registration belongs to one I_T nexus unless
+    /// made with ALL_TG_PT). Its fence keys must keep working there, so each registration
+    /// through a port of another node is also made for the same initiator port (name and
+    /// ISID) through this node's port, with the same key, unless one exists. The originals
+    /// stay (a multipath path through the old node, back as a remote port, keeps its own).
+    /// A reservation held through another node's port moves to the corresponding port here:
+    /// that is where the holder's commands arrive now. PRgeneration is unchanged (no PERSISTENT
+    /// RESERVE OUT ran). Returns how many registrations were added.
+    pub fn take_over_ports(&mut self, port_here: impl Fn(u16) -> Option<u16>) -> usize {
+        let mut added = 0;
+        let existing = self.registrations.clone();
+        for r in &existing {
+            let Some(port) = port_here(r.nexus.relative_port) else { continue };
+            let nexus = Nexus { relative_port: port, ..r.nexus.clone() };
+            if self.key_of(&nexus).is_some() || self.registrations.len() >= PR_REGISTRATIONS_MAX {
+                continue;
+            }
+            self.registrations.push(Registration { nexus, key: r.key, all_tg_pt: r.all_tg_pt });
+            added += 1;
+        }
+        if let Some(reservation) = &mut self.reservation
+            && let Some(port) = port_here(reservation.holder.relative_port)
+        {
+            let moved = Nexus { relative_port: port, ..reservation.holder.clone() };
+            if self.registrations.iter().any(|r| r.nexus == moved) {
+                reservation.holder = moved;
+            }
+        }
+        added
+    }
+
     /// Removes registrations with `key` other than the caller's own; returns the removed nexuses.
     fn remove_key(&mut self, nexus: &Nexus, key: u64) -> Vec<Nexus> {
         let removed: Vec<Nexus> = self
@@ -706,6 +743,27 @@ mod tests {
 
     fn nexus(n: u64) -> Nexus {
         Nexus { initiator_name: format!("iqn.test:{n}"), isid: n, relative_port: 1 }
+    }
+
+    #[test]
+    fn a_takeover_extends_registrations_and_the_holder_to_this_nodes_port() {
+        let mut s = ReservationState::default();
+        let a = nexus(1);
+        let b = Nexus { relative_port: 17, ..nexus(2) };
+        assert_eq!(s.prout(&a, 0, 0, 0, 0xa), ProutResult::Good(vec![]));
+        assert_eq!(s.prout(&b, 0, 0, 0, 0xb), ProutResult::Good(vec![]));
+        assert_eq!(s.prout(&a, 1, pr_type::EXCLUSIVE_ACCESS, 0xa, 0), ProutResult::Good(vec![]));
+        let generation = s.generation;
+        // This node serves port 17 in place of port 1.
+        let added = s.take_over_ports(|p| (p == 1).then_some(17));
+        assert_eq!((added, s.generation), (1, generation));
+        let a_here = Nexus { relative_port: 17, ..a.clone() };
+        assert_eq!(s.key_of(&a_here), Some(0xa));
+        assert_eq!(s.key_of(&a), Some(0xa), "the original stays");
+        assert!(s.allows(&a_here, Access::Write), "the holder's commands arrive here now");
+        assert!(!s.allows(&b, Access::Read));
+        // Idempotent.
+        assert_eq!(s.take_over_ports(|p| (p == 1).then_some(17)), 0);
     }
 
     #[test]
