@@ -364,9 +364,10 @@ fn put_creates_a_replicated_volume_on_two_tandemd() {
         }
         let disk = node.state.join(format!("volumes/{name}.img"));
         let metadata = std::fs::metadata(&disk).expect("the backing file");
-        // The volume plus DRBD's internal metadata at its end (4 KiB superblock, 32 KiB
-        // activity log, one 4 KiB bitmap page), so the LUN has exactly SIZE_BYTES.
-        assert_eq!(metadata.len(), SIZE_BYTES + 40 * 1024);
+        // The volume, the replicated reservation state (128 KiB) and DRBD's internal metadata
+        // at the end (4 KiB superblock, 32 KiB activity log, one 4 KiB bitmap page), so the
+        // LUN has exactly SIZE_BYTES.
+        assert_eq!(metadata.len(), SIZE_BYTES + 128 * 1024 + 40 * 1024);
         use std::os::unix::fs::MetadataExt;
         assert!(metadata.blocks() * 512 < SIZE_BYTES / 2, "the backing file is sparse");
     }

@@ -189,7 +189,8 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
         field(&dump, "la-size-sect").parse::<u64>().unwrap() * 512
     };
     assert!(data_bytes < VOLUME_BYTES && data_bytes > VOLUME_BYTES - 1024 * 1024);
-    let last = data_bytes - 4096;
+    // The device's last 128 KiB hold the replicated persistent-reservation state, not LUN data.
+    let last = data_bytes - 128 * 1024 - 4096;
     qemu_io(
         &pair.url(0),
         &[
