@@ -47,6 +47,9 @@ pub struct Plan {
     pub peer_names: BTreeMap<u8, String>,
     /// The resource's `handlers { fence-peer }`, run when fencing asks for it.
     pub fence_handler: Option<FenceHandler>,
+    /// This node is `disk none`: a diskless quorum tiebreaker (votes, stores nothing, exports
+    /// no LUN, never promotes). Its engine runs on placeholder files in the state directory.
+    pub diskless: bool,
 }
 
 struct Running {
@@ -206,13 +209,10 @@ pub fn plan_resource(
             node.volumes.len()
         ));
     };
+    let diskless = matches!(volume.disk, Disk::None);
     let backing_path = match &volume.disk {
         Disk::Path(path) => path.clone(),
-        Disk::None => {
-            return Err(format!(
-                "{name}: 'disk none' (diskless) is not supported by the engine yet"
-            ));
-        }
+        Disk::None => crate::diskless::placeholder_path(settings, name, volume.number),
     };
     let listen = node
         .address
@@ -262,9 +262,19 @@ pub fn plan_resource(
             min_rate_kib_per_s: disk.c_min_rate_kib_per_s(),
         })
     };
-    let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
-    let (meta_path, meta_format) =
-        metadata_place(settings, name, volume.number, &backing_path, &volume.meta_disk)?;
+    let (size_bytes, meta_path, meta_format) = if diskless {
+        crate::diskless::engine_files(settings, name, volume.number)
+    } else {
+        let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
+        let (meta_path, meta_format) =
+            metadata_place(settings, name, volume.number, &backing_path, &volume.meta_disk)?;
+        (size_bytes, meta_path, meta_format)
+    };
+    let mut quorum = quorum_of(&resource.options, diskless_peers)?;
+    if diskless {
+        crate::diskless::check_tiebreaker(name, node_name, &quorum)?;
+        quorum.diskless = true;
+    }
     Ok(Plan {
         driver: DriverConfig {
             node_id,
@@ -282,7 +292,7 @@ pub fn plan_resource(
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
             digests: net_digests,
-            quorum: quorum_of(&resource.options, diskless_peers)?,
+            quorum,
             after_sb,
             shared_secret,
         },
@@ -295,6 +305,7 @@ pub fn plan_resource(
             volume: volume.number,
             timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
         }),
+        diskless,
     })
 }
 
@@ -556,6 +567,9 @@ impl Host {
 
     fn export(&self, slot: &Arc<Slot>) {
         let (Some(portal), Some(volume)) = (self.portal.get(), slot.volume()) else { return };
+        if slot.plan().is_ok_and(|plan| plan.diskless) {
+            return; // a tiebreaker holds no data to export
+        }
         let name = self.target_name(&slot.name);
         if portal.target(&name).is_some() {
             return;
@@ -725,12 +739,33 @@ impl Host {
                          node whose changes to throw away"
                     );
                 }
-                // Keep the LUN's ALUA state in step with the engine's role.
-                slot.primary.store(view.role == Role::Primary, Ordering::Release);
-                self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
+                // Keep the LUN's ALUA state and the service IP in step with the engine's role:
+                // a primary without quorum serves nothing (its I/O is held or failed), so
+                // initiators move to the node that will take over.
+                let serving = crate::autopromote::serves(view.role, status.quorum);
+                slot.primary.store(serving, Ordering::Release);
+                self.service_ips.set_primary(&slot.name, serving);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
         }
+    }
+
+    /// The promoter's promotion: `primary` without --force under the resource's verb lock,
+    /// then the services (ALUA active/optimized, service IP), as the verb does.
+    pub(crate) async fn promote_automatically(&self, slot: &Slot) -> Result<(), DeviceError> {
+        let _guard = slot.verb_lock.lock().await;
+        let device = slot.device().ok_or(DeviceError::Stopped)?;
+        device.promote(false).await?;
+        slot.primary.store(true, Ordering::Release);
+        self.service_ips.set_primary(&slot.name, true);
+        Ok(())
+    }
+
+    /// Stops a resource's services at once (ALUA standby, service IP removed), without
+    /// waiting for the engine: the promoter's first step when a primary loses quorum.
+    pub(crate) fn stop_services(&self, slot: &Slot) {
+        slot.primary.store(false, Ordering::Release);
+        self.service_ips.set_primary(&slot.name, false);
     }
 
     /// Re-reads the configuration (and the API's resource files).
@@ -1118,6 +1153,11 @@ impl Host {
     ) -> VerbResult {
         let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
         let driver = &plan.driver;
+        if plan.diskless {
+            // drbdadm skips diskless volumes the same way: there is no disk to put metadata on.
+            let _ = out.send(Reply::Line { text: crate::diskless::CREATE_MD_NOTE.into() });
+            return Ok(());
+        }
         if slot.device().is_some() {
             return fail(
                 exit::STATE_CHANGE_FAILED,
@@ -1188,13 +1228,15 @@ impl Host {
         }
         let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
         let driver = plan.driver.clone();
-        if !driver.backing_path.exists() {
+        if plan.diskless {
+            crate::diskless::prepare(&self.settings).map_err(|e| (exit::EXEC_ERROR, e))?;
+        } else if !driver.backing_path.exists() {
             return fail(
                 exit::CONFIG_INVALID,
                 format!("disk {} does not exist; create it first", driver.backing_path.display()),
             );
         }
-        if !metadata_present(&driver) {
+        if !plan.diskless && !metadata_present(&driver) {
             return fail(
                 exit::CONFIG_INVALID,
                 format!(
@@ -1481,6 +1523,41 @@ mod tests {
         assert_eq!(plan_of("", "").driver.shared_secret, None);
         let plan = plan_of(r#"cram-hmac-alg sha256; shared-secret "open sesame";"#, "");
         assert_eq!(plan.driver.shared_secret.as_deref(), Some(&b"open sesame"[..]));
+    }
+
+    #[test]
+    fn a_local_disk_none_is_a_diskless_tiebreaker_with_quorum_only() {
+        let text = |options: &str| {
+            format!(
+                "resource r0 {{ {options}
+                   volume 0 {{ device minor 0; meta-disk internal; }}
+                   on alpha {{ node-id 0; address 127.0.0.1:7789; volume 0 {{ disk /tmp/a.img; }} }}
+                   on beta {{ node-id 1; address 127.0.0.1:7790; volume 0 {{ disk /tmp/b.img; }} }}
+                   on tie {{ node-id 2; address 127.0.0.1:7791; volume 0 {{ disk none; }} }}
+                   connection-mesh {{ hosts alpha beta tie; }} }}"
+            )
+        };
+        let settings = NodeSettings { state_directory: "/var/lib/t".into(), ..Default::default() };
+        let config = crate::config::parse_str(
+            "r0.res",
+            &text("options { quorum majority; }"),
+            Path::new("/tmp"),
+        )
+        .expect("parses");
+        let resource = config.resource("r0").expect("r0");
+        let tie = plan_resource(&settings, "tie", resource).expect("plans");
+        assert!(tie.diskless && tie.driver.quorum.diskless);
+        assert_eq!(tie.driver.backing_path, PathBuf::from("/var/lib/t/r0.0.diskless"));
+        assert_eq!(tie.driver.meta_path, PathBuf::from("/var/lib/t/r0.0.diskless.md"));
+        assert_eq!(tie.driver.meta_format, MetaFormat::V09External);
+        assert_eq!(tie.driver.peers.len(), 2);
+        let alpha = plan_resource(&settings, "alpha", resource).expect("plans");
+        assert!(!alpha.diskless && !alpha.driver.quorum.diskless);
+        assert_eq!(alpha.driver.quorum.diskless_peers, [NodeId::new(2).expect("id")]);
+        let config = crate::config::parse_str("r0.res", &text(""), Path::new("/tmp")).expect("ok");
+        let error = plan_resource(&settings, "tie", config.resource("r0").expect("r0"))
+            .expect_err("a diskless node without quorum");
+        assert!(error.contains("quorum majority"), "{error}");
     }
 
     #[test]

@@ -29,6 +29,13 @@ pub const RETRY_BACKOFF_MS: u64 = 500;
 /// Failed attempts in a row after which back-off stops growing.
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 4;
 
+/// How soon to try again after a refusal the engine lifts by itself: a peer still reports the
+/// lost primary (its grace period), or quorum is not confirmed yet. Short, because the wait
+/// ends at a moment the promoter cannot see, and every millisecond after it is failover time.
+pub const DEFERRED_RETRY_MS: u64 = 20;
+
+const _: () = assert!(DEFERRED_RETRY_MS < RETRY_BACKOFF_MS);
+
 const _: () = assert!(PREFERRED_STEP_MS * 2 < SCORE_DEFICIT_MAX_MS);
 
 /// What the promoter needs to know about the resource, sampled at `now_ms`.
@@ -63,6 +70,9 @@ enum Phase {
     Attempting,
     /// An attempt failed; watch again from `until_ms`.
     BackingOff { until_ms: u64 },
+    /// An attempt was deferred by the engine; at `until_ms` try again at once if still
+    /// promotable (this node already waited its turn).
+    Deferred { until_ms: u64 },
 }
 
 /// One resource's promoter on this node.
@@ -96,7 +106,7 @@ impl Promoter {
     pub fn deadline_ms(&self) -> Option<u64> {
         match self.phase {
             Phase::Waiting { due_ms } => Some(due_ms),
-            Phase::BackingOff { until_ms } => Some(until_ms),
+            Phase::BackingOff { until_ms } | Phase::Deferred { until_ms } => Some(until_ms),
             Phase::Watching | Phase::Attempting => None,
         }
     }
@@ -114,7 +124,19 @@ impl Promoter {
         let promotable = o.may_promote && o.quorum && o.promotion_score > 0;
         match self.phase {
             Phase::Attempting => None,
-            Phase::BackingOff { until_ms } if o.now_ms < until_ms => None,
+            Phase::BackingOff { until_ms } | Phase::Deferred { until_ms }
+                if o.now_ms < until_ms =>
+            {
+                None
+            }
+            Phase::Deferred { .. } if promotable => {
+                self.phase = Phase::Attempting;
+                Some(Action::Promote)
+            }
+            Phase::Deferred { .. } => {
+                self.phase = Phase::Watching;
+                None
+            }
             Phase::BackingOff { .. } | Phase::Watching => {
                 self.phase = if promotable {
                     Phase::Waiting { due_ms: o.now_ms + self.delay_ms(o.promotion_score) }
@@ -139,6 +161,13 @@ impl Promoter {
             }
             _ => None,
         }
+    }
+
+    /// The last [`Action::Promote`] was refused for a reason that passes by itself (see
+    /// [`DEFERRED_RETRY_MS`]): try again soon, without counting a failure.
+    pub fn promotion_deferred(&mut self, now_ms: u64) {
+        assert!(self.phase == Phase::Attempting, "a result without an attempt");
+        self.phase = Phase::Deferred { until_ms: now_ms + DEFERRED_RETRY_MS };
     }
 
     /// The outcome of the last [`Action::Promote`].
@@ -230,6 +259,34 @@ mod tests {
             p.observe(&obs(30_001, PRI, false, 0, false)),
             Some(Action::Demote { reason: "quorum lost".into() })
         );
+    }
+
+    #[test]
+    fn a_deferred_attempt_retries_soon_and_does_not_grow_the_back_off() {
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        let delay = p.delay_ms(10_100);
+        assert!(delay > DEFERRED_RETRY_MS);
+        assert_eq!(p.observe(&obs(0, SEC, true, 10_100, true)), None);
+        let mut now = delay;
+        for _ in 0..5 {
+            assert_eq!(p.observe(&obs(now, SEC, true, 10_100, true)), Some(Action::Promote));
+            p.promotion_deferred(now);
+            let until = p.deadline_ms().expect("retrying");
+            assert_eq!(until - now, DEFERRED_RETRY_MS);
+            assert_eq!(p.observe(&obs(until - 1, SEC, true, 10_100, true)), None);
+            // No second wait for its turn: it already waited.
+            now = until;
+        }
+        // A real failure after deferrals still starts the back-off at its first step.
+        assert_eq!(p.observe(&obs(now, SEC, true, 10_100, true)), Some(Action::Promote));
+        p.promotion_finished(now, false);
+        assert_eq!(p.deadline_ms(), Some(now + RETRY_BACKOFF_MS));
+        // Deferred, then no longer promotable (someone else won): back to watching.
+        let mut q = Promoter::new("alpha", &[]);
+        assert_eq!(q.observe(&obs(0, SEC, true, 10_199, true)), Some(Action::Promote));
+        q.promotion_deferred(0);
+        assert_eq!(q.observe(&obs(DEFERRED_RETRY_MS, SEC, false, 0, true)), None);
+        assert_eq!(q.deadline_ms(), None);
     }
 
     #[test]

@@ -2148,7 +2148,7 @@ impl Node {
                 self.refuse(i, "protocol version mismatch");
             } else if hello.node_id != self.peers[i].id {
                 self.refuse(i, "peer has an unexpected node id");
-            } else if hello.size_blocks != size_blocks {
+            } else if hello.size_blocks != size_blocks && !self.diskless_handshake(i) {
                 self.refuse(i, "device sizes differ");
             } else if hello.protocol != self.config.protocol.to_wire() {
                 self.refuse(i, "replication protocols differ");

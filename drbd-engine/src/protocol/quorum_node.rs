@@ -36,6 +36,13 @@ impl Node {
         self.config.quorum.is_diskless_peer(peer)
     }
 
+    /// A handshake with a diskless end (this node or the peer): it stores nothing, so its
+    /// device size means nothing and is not compared (DRBD's diskless nodes take the size of
+    /// their peers; a tiebreaker never uses it).
+    pub(super) fn diskless_handshake(&self, i: usize) -> bool {
+        self.config.quorum.diskless || self.is_diskless_peer(self.peers[i].id)
+    }
+
     /// Handshake done on the current connection: the peer votes.
     fn peer_sees_us(&self, i: usize) -> bool {
         let p = &self.peers[i];
