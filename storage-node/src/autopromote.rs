@@ -141,6 +141,7 @@ async fn run(host: Arc<Host>, settings: PromoterSettings) {
             may_promote: view.may_promote(),
             promotion_score: view.promotion_score(),
             quorum: status.quorum,
+            rivals: rivals(&view),
         };
         match promoter.observe(&observation) {
             None => {}
@@ -216,6 +217,18 @@ async fn demote(resource: &str, device: Option<drbd_engine::driver::ReplicatedDe
         }
         Err(error) => tracing::warn!(resource, "promoter {resource}: secondary refused: {error}"),
     }
+}
+
+/// A connected peer that could promote as well: UpToDate data and not primary (a diskless
+/// tiebreaker never can).
+pub fn rivals(view: &crate::status::ResourceView) -> bool {
+    use drbd_engine::protocol::{ConnectionState, DiskState};
+    view.peers.iter().any(|p| {
+        p.connection == ConnectionState::Connected
+            && p.role != Role::Primary
+            && !p.volumes.is_empty()
+            && p.volumes.iter().all(|v| v.peer_disk == DiskState::UpToDate)
+    })
 }
 
 fn preferred_text(settings: &PromoterSettings) -> String {

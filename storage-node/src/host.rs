@@ -1034,11 +1034,20 @@ impl Host {
                         p.connection == ConnectionState::Connected
                             && p.replication != ReplicationState::Off
                     });
-                    let synced = status.disk == DiskState::UpToDate
+                    // A diskless tiebreaker (this node or a peer) holds no data: in sync
+                    // once connected, as DRBD's wait-sync treats it.
+                    let plan = slot.plan().ok();
+                    let diskless_here = plan.as_ref().is_some_and(|p| p.diskless);
+                    let diskless_peer = |id: NodeId| {
+                        plan.as_ref().is_some_and(|p| p.driver.quorum.is_diskless_peer(id))
+                    };
+                    let synced = (status.disk == DiskState::UpToDate
+                        || (diskless_here && status.disk == DiskState::Diskless))
                         && status.peers.iter().all(|p| {
                             p.connection == ConnectionState::Connected
                                 && p.replication == ReplicationState::Established
-                                && p.disk == DiskState::UpToDate
+                                && (p.disk == DiskState::UpToDate
+                                    || (diskless_peer(p.node_id) && p.disk == DiskState::Diskless))
                         });
                     if (request.verb == Verb::WaitConnect && connected) || synced {
                         return Ok(());

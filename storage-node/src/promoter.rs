@@ -49,6 +49,10 @@ pub struct Observation {
     pub promotion_score: u32,
     /// The resource has quorum (always true where quorum is off).
     pub quorum: bool,
+    /// A connected peer could promote too (it has UpToDate data and is not primary). Without
+    /// one there is nobody to give way to, so the preference delay is skipped: after a
+    /// primary's death the lone survivor promotes at once.
+    pub rivals: bool,
 }
 
 /// What the daemon should do now.
@@ -139,7 +143,8 @@ impl Promoter {
             }
             Phase::BackingOff { .. } | Phase::Watching => {
                 self.phase = if promotable {
-                    Phase::Waiting { due_ms: o.now_ms + self.delay_ms(o.promotion_score) }
+                    let delay_ms = if o.rivals { self.delay_ms(o.promotion_score) } else { 0 };
+                    Phase::Waiting { due_ms: o.now_ms + delay_ms }
                 } else {
                     Phase::Watching
                 };
@@ -189,7 +194,18 @@ mod tests {
     use super::*;
 
     fn obs(now_ms: u64, role: Role, may_promote: bool, score: u32, quorum: bool) -> Observation {
-        Observation { now_ms, role, may_promote, promotion_score: score, quorum }
+        Observation { now_ms, role, may_promote, promotion_score: score, quorum, rivals: true }
+    }
+
+    #[test]
+    fn a_lone_candidate_does_not_wait_for_its_turn() {
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        let alone = Observation { rivals: false, ..obs(5, SEC, true, 10_100, true) };
+        assert_eq!(p.observe(&alone), Some(Action::Promote));
+        // With a rival in view it waits its turn.
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        assert_eq!(p.observe(&obs(5, SEC, true, 10_100, true)), None);
+        assert_eq!(p.deadline_ms(), Some(5 + p.delay_ms(10_100)));
     }
 
     const SEC: Role = Role::Secondary;

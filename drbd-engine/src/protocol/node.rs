@@ -2159,9 +2159,11 @@ impl Node {
             }
             return;
         }
+        let diskless = self.diskless_handshake(i);
         let handshake = self.peers[i].handshake.as_mut().expect("in handshake");
         match frame {
             Frame::Hello(_) => unreachable!("handled above"),
+            Frame::BitmapChunk { .. } if diskless => {} // nothing to sync with a diskless end
             Frame::BitmapChunk { word_offset, words } => {
                 let total = handshake.bitmap.words().len() as u64;
                 let fits =
