@@ -720,11 +720,22 @@ impl Host {
                     self.service_ips.set_primary(&slot.name, false);
                     continue;
                 };
-                *lock(&slot.primary_peer) = view
+                let primary_peer = view
                     .peers
                     .iter()
                     .find(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected)
                     .map(|p| p.name.clone());
+                let lost = std::mem::replace(&mut *lock(&slot.primary_peer), primary_peer.clone());
+                if let Some(lost) = lost.filter(|l| primary_peer.as_ref() != Some(l)) {
+                    // Commands forwarded to a primary the engine lost fail now (retryable)
+                    // rather than at the forward timeout: the initiator retries them here or
+                    // on another path, and this node may be promoted meanwhile.
+                    let failed = self.forwarder.link(&lost).map_or(0, |link| link.fail_pending());
+                    if failed > 0 {
+                        tracing::info!(resource = %slot.name, peer = %lost,
+                            "primary lost: {failed} forwarded commands failed (retryable)");
+                    }
+                }
                 let previous = lock(&slot.last_view).replace(view.clone());
                 if let Some(previous) = previous {
                     for line in status::change_lines(&previous, &view) {
