@@ -231,6 +231,17 @@ impl Cluster {
         );
     }
 
+    /// CPU time (user + system, ms) a node's tandemd used so far, from /proc.
+    fn cpu_ms(&self, index: usize) -> u64 {
+        let pid = self.daemons[index].as_ref().expect("running").pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        // Fields after the command name (which may hold spaces): utime is the 12th, stime 13th.
+        let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        ticks * 10 // USER_HZ is 100
+    }
+
     /// Reads back every acknowledged block through `url`; panics naming the first that differs.
     fn verify(&self, url: &str, acked: &[u64]) {
         for chunk in acked.chunks(400) {
@@ -353,6 +364,16 @@ impl Writer {
         }
     }
 
+    /// When writes failed, in ms relative to `start` (negative: before it).
+    fn failures_ms(&self, start: Instant) -> Vec<i64> {
+        let ms = |at: Instant| {
+            let after = at.saturating_duration_since(start).as_millis();
+            let before = start.saturating_duration_since(at).as_millis();
+            i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(i64::MAX)
+        };
+        self.failed.lock().expect("lock").iter().map(|at| ms(*at)).collect()
+    }
+
     /// Stops the session; returns the acknowledged blocks with their times and the failures.
     fn stop(mut self) -> (Vec<(Instant, u64)>, usize) {
         self.stop.store(true, Ordering::Relaxed);
@@ -425,6 +446,7 @@ fn failover(
     let service_time = service.first_write_after(killed);
     let multipath_time = multipath.first_write_after(killed);
     assert_eq!(cluster.role(survivor), "Primary", "the survivor promoted itself");
+    let multipath_failures = multipath.failures_ms(killed);
     let (service_acked, service_failed) = service.stop();
     let (multipath_acked, multipath_failed) = multipath.stop();
     let log = cluster.daemons[survivor].as_ref().expect("survivor").log();
@@ -432,7 +454,8 @@ fn failover(
         log.lines().rev().find(|l| l.contains("promoter r0: role:Primary")).unwrap_or("");
     println!(
         "{death:?} death of {}: first write after {service_time:?} (service IP, {} acked, {service_failed} failed), \
-         {multipath_time:?} (multipath via {}, {} acked, {multipath_failed} failed); {}",
+         {multipath_time:?} (multipath via {}, {} acked, {multipath_failed} failed, at \
+         {multipath_failures:?} ms); {}",
         cluster.nodes[primary].name,
         service_acked.len(),
         cluster.nodes[survivor].name,
@@ -473,10 +496,27 @@ fn kill9_failover_through_service_ip_and_multipath() {
     };
     let mut cluster = Cluster::new();
     cluster.bring_up();
+    // Idle cost of the three daemons (the promoter samples the engine every 10 ms on alpha
+    // and beta; the tiebreaker runs none).
+    let before: Vec<u64> = (0..3).map(|i| cluster.cpu_ms(i)).collect();
+    std::thread::sleep(Duration::from_secs(10));
+    let used: Vec<u64> = (0..3).map(|i| cluster.cpu_ms(i) - before[i]).collect();
+    println!(
+        "idle CPU over 10 s: alpha (primary, promoter) {} ms, beta (secondary, promoter) {} ms, \
+         tie (diskless, no promoter) {} ms",
+        used[0], used[1], used[2]
+    );
     let mut primary = 0;
     let mut next_block = 256;
     let mut times: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    // Host deaths: TANDEM_AUTOFAILOVER_HOST_RUNS when set (see the README on the forward links
+    // a dead host leaves behind).
+    let host_runs: usize = std::env::var("TANDEM_AUTOFAILOVER_HOST_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(runs);
     for death in kinds {
+        let runs = if death == Death::Host { host_runs } else { runs };
         for _ in 0..runs {
             let (service, multipath) = failover(&mut cluster, primary, death, &mut next_block);
             let (s, m) = match death {

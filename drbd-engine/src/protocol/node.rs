@@ -1640,6 +1640,7 @@ impl Node {
         let peer = self.peers[i].id;
         if self.fence_pending & peer.bit() == 0 {
             self.fence_pending |= peer.bit();
+            self.quorum_fence_started();
             // With quorum alone the fence is settled in-protocol (`quorum_node`).
             if self.config.fencing.freezes() {
                 self.emit(Event::FencePeer { peer });

@@ -61,6 +61,15 @@ impl Node {
         self.quorum_state.closed_by_peer &= !peer.bit();
     }
 
+    /// A fence just started: ask the peers now (the report naming the lost peer), not at the
+    /// next input; a new primary's first write waits for their answer, and without this it
+    /// waited for the next ping (up to `PING_INTERVAL_MS`).
+    pub(super) fn quorum_fence_started(&mut self) {
+        if self.config.quorum.enabled() {
+            self.quorum_send_reports();
+        }
+    }
+
     /// Handshake done on the current connection: the peer votes.
     fn peer_sees_us(&self, i: usize) -> bool {
         let p = &self.peers[i];
