@@ -392,6 +392,15 @@ impl Writer {
     }
 }
 
+impl Drop for Writer {
+    /// A failing test must not leave its qemu-io behind (`stop` reaps it on success).
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Death {
     /// kill -9 of tandemd; the host and its kernel stay (connections are reset).
