@@ -107,3 +107,20 @@ const _: () = assert!(FORWARD_RECONNECT_INTERVAL_MS < FORWARD_REQUEST_TIMEOUT_MS
 const _: () = assert!(FORWARD_FRAME_BYTES_MAX < u32::MAX as usize);
 // Node ids run to 31 (DRBD's limit); the last node's ports must fit a u16 identifier.
 const _: () = assert!(32 * RELATIVE_PORTS_PER_NODE as u32 <= u16::MAX as u32);
+
+/// How often each resource's promoter samples the engine. The engine offers no state-change
+/// notification, so this bounds how late the promoter sees a change (a status call is one
+/// round trip to the engine task; measured cost in the storage-node README).
+pub const PROMOTER_POLL_INTERVAL_MS: u64 = 10;
+/// How long a promoter-driven demotion (a primary that lost quorum) may take before tandemd
+/// logs that it is stuck (suspend-io holds requests until quorum returns; the services are
+/// stopped already).
+pub const PROMOTER_DEMOTE_WAIT_MS_MAX: u64 = 10_000;
+/// Preferred nodes one `promoter` line may name.
+pub const PROMOTER_PREFERRED_NODES_MAX: usize = 32;
+
+const _: () = assert!(PROMOTER_POLL_INTERVAL_MS <= STATE_POLL_INTERVAL_MS);
+const _: () = assert!(
+    PROMOTER_POLL_INTERVAL_MS < crate::promoter::DEFERRED_RETRY_MS * 2,
+    "a deferred retry is not held up by the poll"
+);

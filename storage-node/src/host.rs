@@ -47,6 +47,9 @@ pub struct Plan {
     pub peer_names: BTreeMap<u8, String>,
     /// The resource's `handlers { fence-peer }`, run when fencing asks for it.
     pub fence_handler: Option<FenceHandler>,
+    /// This node is `disk none`: a diskless quorum tiebreaker (votes, stores nothing, exports
+    /// no LUN, never promotes). Its engine runs on placeholder files in the state directory.
+    pub diskless: bool,
 }
 
 struct Running {
@@ -218,13 +221,10 @@ pub fn plan_resource(
             node.volumes.len()
         ));
     };
+    let diskless = matches!(volume.disk, Disk::None);
     let backing_path = match &volume.disk {
         Disk::Path(path) => path.clone(),
-        Disk::None => {
-            return Err(format!(
-                "{name}: 'disk none' (diskless) is not supported by the engine yet"
-            ));
-        }
+        Disk::None => crate::diskless::placeholder_path(settings, name, volume.number),
     };
     let listen = node
         .address
@@ -274,9 +274,19 @@ pub fn plan_resource(
             min_rate_kib_per_s: disk.c_min_rate_kib_per_s(),
         })
     };
-    let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
-    let (meta_path, meta_format) =
-        metadata_place(settings, name, volume.number, &backing_path, &volume.meta_disk)?;
+    let (size_bytes, meta_path, meta_format) = if diskless {
+        crate::diskless::engine_files(settings, name, volume.number)
+    } else {
+        let size_bytes = std::fs::metadata(&backing_path).map(|m| m.len()).unwrap_or(0);
+        let (meta_path, meta_format) =
+            metadata_place(settings, name, volume.number, &backing_path, &volume.meta_disk)?;
+        (size_bytes, meta_path, meta_format)
+    };
+    let mut quorum = quorum_of(&resource.options, diskless_peers)?;
+    if diskless {
+        crate::diskless::check_tiebreaker(name, node_name, &quorum)?;
+        quorum.diskless = true;
+    }
     Ok(Plan {
         driver: DriverConfig {
             node_id,
@@ -294,7 +304,7 @@ pub fn plan_resource(
             resync_rate,
             al_extents: usize::try_from(disk.al_extents()).unwrap_or(usize::MAX),
             digests: net_digests,
-            quorum: quorum_of(&resource.options, diskless_peers)?,
+            quorum,
             after_sb,
             shared_secret,
         },
@@ -307,6 +317,7 @@ pub fn plan_resource(
             volume: volume.number,
             timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
         }),
+        diskless,
     })
 }
 
@@ -569,6 +580,9 @@ impl Host {
 
     fn export(&self, slot: &Arc<Slot>) {
         let (Some(portal), Some(volume)) = (self.portal.get(), slot.volume()) else { return };
+        if slot.plan().is_ok_and(|plan| plan.diskless) {
+            return; // a tiebreaker holds no data to export
+        }
         let name = self.target_name(&slot.name);
         if portal.target(&name).is_some() {
             return;
@@ -719,11 +733,22 @@ impl Host {
                     self.service_ips.set_primary(&slot.name, false);
                     continue;
                 };
-                *lock(&slot.primary_peer) = view
+                let primary_peer = view
                     .peers
                     .iter()
                     .find(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected)
                     .map(|p| p.name.clone());
+                let lost = std::mem::replace(&mut *lock(&slot.primary_peer), primary_peer.clone());
+                if let Some(lost) = lost.filter(|l| primary_peer.as_ref() != Some(l)) {
+                    // Commands forwarded to a primary the engine lost fail now (retryable)
+                    // rather than at the forward timeout: the initiator retries them here or
+                    // on another path, and this node may be promoted meanwhile.
+                    let failed = self.forwarder.link(&lost).map_or(0, |link| link.fail_pending());
+                    if failed > 0 {
+                        tracing::info!(resource = %slot.name, peer = %lost,
+                            "primary lost: {failed} forwarded commands failed (retryable)");
+                    }
+                }
                 let previous = lock(&slot.last_view).replace(view.clone());
                 if let Some(previous) = previous {
                     for line in status::change_lines(&previous, &view) {
@@ -738,15 +763,39 @@ impl Host {
                          node whose changes to throw away"
                     );
                 }
-                // Keep the LUN's ALUA state in step with the engine's role; a new primary
-                // serves once it has read the replicated reservations.
-                let serve =
-                    view.role == Role::Primary && crate::reservations::ensure_loaded(slot).await;
-                slot.primary.store(serve, Ordering::Release);
-                self.service_ips.set_primary(&slot.name, view.role == Role::Primary);
+                // Keep the LUN's ALUA state and the service IP in step with the engine's role:
+                // a primary without quorum serves nothing (its I/O is held or failed), so
+                // initiators move to the node that will take over; a new primary serves once
+                // it has read the replicated reservations.
+                let serving = crate::autopromote::serves(view.role, status.quorum)
+                    && crate::reservations::ensure_loaded(slot).await;
+                slot.primary.store(serving, Ordering::Release);
+                self.service_ips.set_primary(&slot.name, serving);
             }
             tokio::time::sleep(Duration::from_millis(STATE_POLL_INTERVAL_MS)).await;
         }
+    }
+
+    /// The promoter's promotion: `primary` without --force under the resource's verb lock,
+    /// then the services (ALUA active/optimized, service IP), as the verb does.
+    pub(crate) async fn promote_automatically(&self, slot: &Slot) -> Result<(), DeviceError> {
+        let _guard = slot.verb_lock.lock().await;
+        let device = slot.device().ok_or(DeviceError::Stopped)?;
+        device.promote(false).await?;
+        // The LUN serves only once the replicated reservations are read; if they cannot be,
+        // the state watcher keeps trying and the LUN stays in standby meanwhile.
+        if crate::reservations::ensure_loaded(slot).await {
+            slot.primary.store(true, Ordering::Release);
+            self.service_ips.set_primary(&slot.name, true);
+        }
+        Ok(())
+    }
+
+    /// Stops a resource's services at once (ALUA standby, service IP removed), without
+    /// waiting for the engine: the promoter's first step when a primary loses quorum.
+    pub(crate) fn stop_services(&self, slot: &Slot) {
+        slot.primary.store(false, Ordering::Release);
+        self.service_ips.set_primary(&slot.name, false);
     }
 
     /// Re-reads the configuration (and the API's resource files).
@@ -936,7 +985,7 @@ impl Host {
                             return fail(
                                 exit::EXEC_ERROR,
                                 format!(
-                                    "{}: Primary, but the persistent reservations could not be                                      read; the LUN stays in standby (see the log)",
+                                    "{}: Primary, but the persistent reservations could not be read; the LUN stays in standby (see the log)",
                                     slot.name
                                 ),
                             );
@@ -1024,11 +1073,20 @@ impl Host {
                         p.connection == ConnectionState::Connected
                             && p.replication != ReplicationState::Off
                     });
-                    let synced = status.disk == DiskState::UpToDate
+                    // A diskless tiebreaker (this node or a peer) holds no data: in sync
+                    // once connected, as DRBD's wait-sync treats it.
+                    let plan = slot.plan().ok();
+                    let diskless_here = plan.as_ref().is_some_and(|p| p.diskless);
+                    let diskless_peer = |id: NodeId| {
+                        plan.as_ref().is_some_and(|p| p.driver.quorum.is_diskless_peer(id))
+                    };
+                    let synced = (status.disk == DiskState::UpToDate
+                        || (diskless_here && status.disk == DiskState::Diskless))
                         && status.peers.iter().all(|p| {
                             p.connection == ConnectionState::Connected
                                 && p.replication == ReplicationState::Established
-                                && p.disk == DiskState::UpToDate
+                                && (p.disk == DiskState::UpToDate
+                                    || (diskless_peer(p.node_id) && p.disk == DiskState::Diskless))
                         });
                     if (request.verb == Verb::WaitConnect && connected) || synced {
                         return Ok(());
@@ -1143,6 +1201,11 @@ impl Host {
     ) -> VerbResult {
         let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
         let driver = &plan.driver;
+        if plan.diskless {
+            // drbdadm skips diskless volumes the same way: there is no disk to put metadata on.
+            let _ = out.send(Reply::Line { text: crate::diskless::CREATE_MD_NOTE.into() });
+            return Ok(());
+        }
         if slot.device().is_some() {
             return fail(
                 exit::STATE_CHANGE_FAILED,
@@ -1213,13 +1276,15 @@ impl Host {
         }
         let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
         let driver = plan.driver.clone();
-        if !driver.backing_path.exists() {
+        if plan.diskless {
+            crate::diskless::prepare(&self.settings).map_err(|e| (exit::EXEC_ERROR, e))?;
+        } else if !driver.backing_path.exists() {
             return fail(
                 exit::CONFIG_INVALID,
                 format!("disk {} does not exist; create it first", driver.backing_path.display()),
             );
         }
-        if !metadata_present(&driver) {
+        if !plan.diskless && !metadata_present(&driver) {
             return fail(
                 exit::CONFIG_INVALID,
                 format!(
@@ -1506,6 +1571,41 @@ mod tests {
         assert_eq!(plan_of("", "").driver.shared_secret, None);
         let plan = plan_of(r#"cram-hmac-alg sha256; shared-secret "open sesame";"#, "");
         assert_eq!(plan.driver.shared_secret.as_deref(), Some(&b"open sesame"[..]));
+    }
+
+    #[test]
+    fn a_local_disk_none_is_a_diskless_tiebreaker_with_quorum_only() {
+        let text = |options: &str| {
+            format!(
+                "resource r0 {{ {options}
+                   volume 0 {{ device minor 0; meta-disk internal; }}
+                   on alpha {{ node-id 0; address 127.0.0.1:7789; volume 0 {{ disk /tmp/a.img; }} }}
+                   on beta {{ node-id 1; address 127.0.0.1:7790; volume 0 {{ disk /tmp/b.img; }} }}
+                   on tie {{ node-id 2; address 127.0.0.1:7791; volume 0 {{ disk none; }} }}
+                   connection-mesh {{ hosts alpha beta tie; }} }}"
+            )
+        };
+        let settings = NodeSettings { state_directory: "/var/lib/t".into(), ..Default::default() };
+        let config = crate::config::parse_str(
+            "r0.res",
+            &text("options { quorum majority; }"),
+            Path::new("/tmp"),
+        )
+        .expect("parses");
+        let resource = config.resource("r0").expect("r0");
+        let tie = plan_resource(&settings, "tie", resource).expect("plans");
+        assert!(tie.diskless && tie.driver.quorum.diskless);
+        assert_eq!(tie.driver.backing_path, PathBuf::from("/var/lib/t/r0.0.diskless"));
+        assert_eq!(tie.driver.meta_path, PathBuf::from("/var/lib/t/r0.0.diskless.md"));
+        assert_eq!(tie.driver.meta_format, MetaFormat::V09External);
+        assert_eq!(tie.driver.peers.len(), 2);
+        let alpha = plan_resource(&settings, "alpha", resource).expect("plans");
+        assert!(!alpha.diskless && !alpha.driver.quorum.diskless);
+        assert_eq!(alpha.driver.quorum.diskless_peers, [NodeId::new(2).expect("id")]);
+        let config = crate::config::parse_str("r0.res", &text(""), Path::new("/tmp")).expect("ok");
+        let error = plan_resource(&settings, "tie", config.resource("r0").expect("r0"))
+            .expect_err("a diskless node without quorum");
+        assert!(error.contains("quorum majority"), "{error}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! The storage node: `tandemd` and `tandemadm`.
 
 pub mod api;
+pub mod autopromote;
 pub mod config;
 pub mod constants;
 pub mod control;
+pub mod diskless;
 pub mod dump;
 pub mod engine_runtime;
 pub mod forward;

@@ -18,6 +18,7 @@
 //! replication-ports   7789-8788    # ports they take, one per resource
 //! metrics-listen  0.0.0.0:9943     # Prometheus /metrics without the API token
 //! service-ip      r0 192.0.2.100/24 dev eth0   # moves with r0's primary (one line each)
+//! promoter        r0 preferred-nodes alpha,beta  # r0 promotes itself (needs quorum)
 //! ```
 
 use crate::constants::{
@@ -54,6 +55,8 @@ pub struct NodeSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-resource service IPs (`service-ip` lines, one per resource).
     pub service_ips: Vec<crate::service_ip::ServiceIpConfig>,
+    /// Resources whose promoter runs on this node (`promoter` lines, one per resource).
+    pub promoters: Vec<crate::autopromote::PromoterSettings>,
 }
 
 impl Default for NodeSettings {
@@ -73,6 +76,7 @@ impl Default for NodeSettings {
             replication_ports: REPLICATION_PORTS_DEFAULT,
             metrics_listen: None,
             service_ips: Vec::new(),
+            promoters: Vec::new(),
         }
     }
 }
@@ -147,6 +151,13 @@ impl NodeSettings {
                 }
                 self.service_ips.push(config);
             }
+            "promoter" => {
+                let config = crate::autopromote::PromoterSettings::parse(value)?;
+                if self.promoters.iter().any(|c| c.resource == config.resource) {
+                    return Err(format!("promoter: {} has one already", config.resource));
+                }
+                self.promoters.push(config);
+            }
             "api-token" => {
                 if value.len() < 16 {
                     return Err("api-token must be at least 16 characters".into());
@@ -157,7 +168,7 @@ impl NodeSettings {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
                      iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone, replication-address, \
-                     replication-ports, metrics-listen, service-ip)"
+                     replication-ports, metrics-listen, service-ip, promoter)"
                 ));
             }
         }

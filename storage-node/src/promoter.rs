@@ -29,6 +29,13 @@ pub const RETRY_BACKOFF_MS: u64 = 500;
 /// Failed attempts in a row after which back-off stops growing.
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 4;
 
+/// How soon to try again after a refusal the engine lifts by itself: a peer still reports the
+/// lost primary (its grace period), or quorum is not confirmed yet. Short, because the wait
+/// ends at a moment the promoter cannot see, and every millisecond after it is failover time.
+pub const DEFERRED_RETRY_MS: u64 = 20;
+
+const _: () = assert!(DEFERRED_RETRY_MS < RETRY_BACKOFF_MS);
+
 const _: () = assert!(PREFERRED_STEP_MS * 2 < SCORE_DEFICIT_MAX_MS);
 
 /// What the promoter needs to know about the resource, sampled at `now_ms`.
@@ -42,6 +49,10 @@ pub struct Observation {
     pub promotion_score: u32,
     /// The resource has quorum (always true where quorum is off).
     pub quorum: bool,
+    /// A connected peer could promote too (it has UpToDate data and is not primary). Without
+    /// one there is nobody to give way to, so the preference delay is skipped: after a
+    /// primary's death the lone survivor promotes at once.
+    pub rivals: bool,
 }
 
 /// What the daemon should do now.
@@ -63,6 +74,9 @@ enum Phase {
     Attempting,
     /// An attempt failed; watch again from `until_ms`.
     BackingOff { until_ms: u64 },
+    /// An attempt was deferred by the engine; at `until_ms` try again at once if still
+    /// promotable (this node already waited its turn).
+    Deferred { until_ms: u64 },
 }
 
 /// One resource's promoter on this node.
@@ -96,7 +110,7 @@ impl Promoter {
     pub fn deadline_ms(&self) -> Option<u64> {
         match self.phase {
             Phase::Waiting { due_ms } => Some(due_ms),
-            Phase::BackingOff { until_ms } => Some(until_ms),
+            Phase::BackingOff { until_ms } | Phase::Deferred { until_ms } => Some(until_ms),
             Phase::Watching | Phase::Attempting => None,
         }
     }
@@ -114,10 +128,23 @@ impl Promoter {
         let promotable = o.may_promote && o.quorum && o.promotion_score > 0;
         match self.phase {
             Phase::Attempting => None,
-            Phase::BackingOff { until_ms } if o.now_ms < until_ms => None,
+            Phase::BackingOff { until_ms } | Phase::Deferred { until_ms }
+                if o.now_ms < until_ms =>
+            {
+                None
+            }
+            Phase::Deferred { .. } if promotable => {
+                self.phase = Phase::Attempting;
+                Some(Action::Promote)
+            }
+            Phase::Deferred { .. } => {
+                self.phase = Phase::Watching;
+                None
+            }
             Phase::BackingOff { .. } | Phase::Watching => {
                 self.phase = if promotable {
-                    Phase::Waiting { due_ms: o.now_ms + self.delay_ms(o.promotion_score) }
+                    let delay_ms = if o.rivals { self.delay_ms(o.promotion_score) } else { 0 };
+                    Phase::Waiting { due_ms: o.now_ms + delay_ms }
                 } else {
                     Phase::Watching
                 };
@@ -141,6 +168,13 @@ impl Promoter {
         }
     }
 
+    /// The last [`Action::Promote`] was refused for a reason that passes by itself (see
+    /// [`DEFERRED_RETRY_MS`]): try again soon, without counting a failure.
+    pub fn promotion_deferred(&mut self, now_ms: u64) {
+        assert!(self.phase == Phase::Attempting, "a result without an attempt");
+        self.phase = Phase::Deferred { until_ms: now_ms + DEFERRED_RETRY_MS };
+    }
+
     /// The outcome of the last [`Action::Promote`].
     pub fn promotion_finished(&mut self, now_ms: u64, succeeded: bool) {
         assert!(self.phase == Phase::Attempting, "a result without an attempt");
@@ -160,7 +194,18 @@ mod tests {
     use super::*;
 
     fn obs(now_ms: u64, role: Role, may_promote: bool, score: u32, quorum: bool) -> Observation {
-        Observation { now_ms, role, may_promote, promotion_score: score, quorum }
+        Observation { now_ms, role, may_promote, promotion_score: score, quorum, rivals: true }
+    }
+
+    #[test]
+    fn a_lone_candidate_does_not_wait_for_its_turn() {
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        let alone = Observation { rivals: false, ..obs(5, SEC, true, 10_100, true) };
+        assert_eq!(p.observe(&alone), Some(Action::Promote));
+        // With a rival in view it waits its turn.
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        assert_eq!(p.observe(&obs(5, SEC, true, 10_100, true)), None);
+        assert_eq!(p.deadline_ms(), Some(5 + p.delay_ms(10_100)));
     }
 
     const SEC: Role = Role::Secondary;
@@ -230,6 +275,34 @@ mod tests {
             p.observe(&obs(30_001, PRI, false, 0, false)),
             Some(Action::Demote { reason: "quorum lost".into() })
         );
+    }
+
+    #[test]
+    fn a_deferred_attempt_retries_soon_and_does_not_grow_the_back_off() {
+        let mut p = Promoter::new("beta", &["alpha".to_owned(), "beta".to_owned()]);
+        let delay = p.delay_ms(10_100);
+        assert!(delay > DEFERRED_RETRY_MS);
+        assert_eq!(p.observe(&obs(0, SEC, true, 10_100, true)), None);
+        let mut now = delay;
+        for _ in 0..5 {
+            assert_eq!(p.observe(&obs(now, SEC, true, 10_100, true)), Some(Action::Promote));
+            p.promotion_deferred(now);
+            let until = p.deadline_ms().expect("retrying");
+            assert_eq!(until - now, DEFERRED_RETRY_MS);
+            assert_eq!(p.observe(&obs(until - 1, SEC, true, 10_100, true)), None);
+            // No second wait for its turn: it already waited.
+            now = until;
+        }
+        // A real failure after deferrals still starts the back-off at its first step.
+        assert_eq!(p.observe(&obs(now, SEC, true, 10_100, true)), Some(Action::Promote));
+        p.promotion_finished(now, false);
+        assert_eq!(p.deadline_ms(), Some(now + RETRY_BACKOFF_MS));
+        // Deferred, then no longer promotable (someone else won): back to watching.
+        let mut q = Promoter::new("alpha", &[]);
+        assert_eq!(q.observe(&obs(0, SEC, true, 10_199, true)), Some(Action::Promote));
+        q.promotion_deferred(0);
+        assert_eq!(q.observe(&obs(DEFERRED_RETRY_MS, SEC, false, 0, true)), None);
+        assert_eq!(q.deadline_ms(), None);
     }
 
     #[test]

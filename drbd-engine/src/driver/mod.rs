@@ -209,6 +209,8 @@ enum Input {
     Closed {
         peer: NodeId,
         conn_id: u64,
+        /// The peer ended the connection (EOF or reset), rather than a local error.
+        by_peer: bool,
     },
     /// The fence-peer handler for `peer` finished.
     Fenced {
@@ -623,8 +625,8 @@ fn run_connection(
         let _ = writer.shutdown().await;
     });
     tokio::spawn(async move {
-        if read_frames(&mut reader, peer, conn_id, &inputs).await.is_ok() {
-            let _ = inputs.send(Input::Closed { peer, conn_id });
+        if let Ok(by_peer) = read_frames(&mut reader, peer, conn_id, &inputs).await {
+            let _ = inputs.send(Input::Closed { peer, conn_id, by_peer });
         }
     });
 }
@@ -666,8 +668,8 @@ async fn write_pieces(
     }
 }
 
-/// Reads frames until the connection ends or sends garbage (`Ok`), or the driver is gone
-/// (`Err`). Every read takes in whatever has arrived (at least `RECEIVE_READ_BYTES_MIN` of
+/// Reads frames until the connection ends or sends garbage (`Ok`: true when the peer ended it
+/// with a FIN or a reset), or the driver is gone (`Err`). Every read takes in whatever has arrived (at least `RECEIVE_READ_BYTES_MIN` of
 /// room), and the whole frames in it go to the driver as one input, split off the buffer
 /// without a copy; room for a frame larger than that is reserved at once, so its payload is
 /// copied once, by the kernel.
@@ -676,11 +678,12 @@ async fn read_frames(
     peer: NodeId,
     conn_id: u64,
     inputs: &mpsc::UnboundedSender<Input>,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let mut buffer = BytesMut::with_capacity(RECEIVE_BUFFER_BYTES_MAX);
     loop {
         match reader.read_buf(&mut buffer).await {
-            Ok(0) | Err(_) => return Ok(()),
+            Ok(0) => return Ok(true),
+            Err(e) => return Ok(e.kind() == std::io::ErrorKind::ConnectionReset),
             Ok(_) => {}
         }
         let mut complete = 0usize;
@@ -688,7 +691,7 @@ async fn read_frames(
         while buffer.len() - complete >= HEADER_BYTES {
             let header: &[u8; HEADER_BYTES] =
                 buffer[complete..complete + HEADER_BYTES].try_into().expect("header-sized slice");
-            let Ok(total) = frame_len(header) else { return Ok(()) };
+            let Ok(total) = frame_len(header) else { return Ok(false) };
             if buffer.len() - complete >= total {
                 complete += total;
             } else {
@@ -902,11 +905,15 @@ impl Driver {
                     at += total;
                 }
             }
-            Input::Closed { peer, conn_id } => {
+            Input::Closed { peer, conn_id, by_peer } => {
                 if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
                     self.writers.remove(&peer);
                 }
-                self.node.handle_transport_closed(now, peer, conn_id);
+                if by_peer {
+                    self.node.handle_transport_closed_by_peer(now, peer, conn_id);
+                } else {
+                    self.node.handle_transport_closed(now, peer, conn_id);
+                }
             }
             Input::Fenced { peer, outcome } => self.node.handle_fence_outcome(now, peer, outcome),
         }

@@ -1640,6 +1640,7 @@ impl Node {
         let peer = self.peers[i].id;
         if self.fence_pending & peer.bit() == 0 {
             self.fence_pending |= peer.bit();
+            self.quorum_fence_started();
             // With quorum alone the fence is settled in-protocol (`quorum_node`).
             if self.config.fencing.freezes() {
                 self.emit(Event::FencePeer { peer });
@@ -2148,7 +2149,7 @@ impl Node {
                 self.refuse(i, "protocol version mismatch");
             } else if hello.node_id != self.peers[i].id {
                 self.refuse(i, "peer has an unexpected node id");
-            } else if hello.size_blocks != size_blocks {
+            } else if hello.size_blocks != size_blocks && !self.diskless_handshake(i) {
                 self.refuse(i, "device sizes differ");
             } else if hello.protocol != self.config.protocol.to_wire() {
                 self.refuse(i, "replication protocols differ");
@@ -2159,9 +2160,11 @@ impl Node {
             }
             return;
         }
+        let diskless = self.diskless_handshake(i);
         let handshake = self.peers[i].handshake.as_mut().expect("in handshake");
         match frame {
             Frame::Hello(_) => unreachable!("handled above"),
+            Frame::BitmapChunk { .. } if diskless => {} // nothing to sync with a diskless end
             Frame::BitmapChunk { word_offset, words } => {
                 let total = handshake.bitmap.words().len() as u64;
                 let fits =

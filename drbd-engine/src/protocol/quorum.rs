@@ -273,6 +273,9 @@ pub struct QuorumState {
     pub accepted: u64,
     /// Primaries this node lost, and when: reported a while longer.
     pub lost_primaries: BTreeMap<NodeId, u64>,
+    /// Peers (node id bits) whose connection is being closed because the peer ended it (FIN
+    /// or reset), while that input is handled: such a primary is not reported a while longer.
+    pub closed_by_peer: u64,
     /// Promoted, and the generation check of the first confirmation is still to come.
     pub generation_pending: bool,
 }

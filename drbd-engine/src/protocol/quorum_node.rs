@@ -36,6 +36,40 @@ impl Node {
         self.config.quorum.is_diskless_peer(peer)
     }
 
+    /// A handshake with a diskless end (this node or the peer): it stores nothing, so its
+    /// device size means nothing and is not compared (DRBD's diskless nodes take the size of
+    /// their peers; a tiebreaker never uses it).
+    pub(super) fn diskless_handshake(&self, i: usize) -> bool {
+        self.config.quorum.diskless || self.is_diskless_peer(self.peers[i].id)
+    }
+
+    /// The transport to `peer` was ended by the peer (EOF or reset, not a local timeout or
+    /// error): as `handle_transport_closed`, but a primary lost this way is not reported for
+    /// `PRIMARY_LOST_GRACE_MS`. The grace covers a primary that may notice the loss later
+    /// than we do (a silent link: it keeps acknowledging until its own ping timeout); a
+    /// primary whose end closed the connection (its engine dropped it, or its process died
+    /// and its kernel closed it) noticed first, or acknowledges nothing any more.
+    pub fn handle_transport_closed_by_peer(&mut self, now_ms: u64, peer: NodeId, conn_id: u64) {
+        let current = self.peer_index(peer).is_some_and(|i| {
+            self.peers[i].conn_id == conn_id
+                && self.peers[i].connection == ConnectionState::Connected
+        });
+        if current {
+            self.quorum_state.closed_by_peer |= peer.bit();
+        }
+        self.handle_transport_closed(now_ms, peer, conn_id);
+        self.quorum_state.closed_by_peer &= !peer.bit();
+    }
+
+    /// A fence just started: ask the peers now (the report naming the lost peer), not at the
+    /// next input; a new primary's first write waits for their answer, and without this it
+    /// waited for the next ping (up to `PING_INTERVAL_MS`).
+    pub(super) fn quorum_fence_started(&mut self) {
+        if self.config.quorum.enabled() {
+            self.quorum_send_reports();
+        }
+    }
+
     /// Handshake done on the current connection: the peer votes.
     fn peer_sees_us(&self, i: usize) -> bool {
         let p = &self.peers[i];
@@ -224,7 +258,10 @@ impl Node {
         let now = self.now_ms;
         let previous = std::mem::replace(&mut self.quorum_state.accepted, accepted);
         for p in &self.peers {
-            if previous & !accepted & p.id.bit() != 0 {
+            // A primary that ended the connection itself (or whose process died: its kernel
+            // closed it) knew of the loss first, so the grace below has nothing to cover.
+            let closed_by_peer = self.quorum_state.closed_by_peer & p.id.bit() != 0;
+            if previous & !accepted & p.id.bit() != 0 && !closed_by_peer {
                 self.quorum_state.lost_primaries.insert(p.id, now);
             }
             if accepted & p.id.bit() != 0 {

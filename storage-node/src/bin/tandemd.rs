@@ -9,7 +9,10 @@
 //!         [--replication-address IP] [--replication-ports MIN-MAX]
 //!         [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]
 //!         [--metrics-listen ADDR:PORT] [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]
+//!         [--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...]
 //! ```
+//! `--promoter` lets the resource promote itself when it has quorum and no primary is left
+//! (drbd-reactor's promoter; `src/autopromote.rs`).
 //! `--forward-listen` accepts forward links from peers (this node serves their iSCSI ports
 //! while it is Primary); `--forward-peer` keeps a link to a peer's forward listener, so this
 //! node's port serves the peer's logical unit while the peer is Primary (multipath).
@@ -30,6 +33,7 @@ const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [
 [--mutual-chap USER:SECRET] [--api-listen ADDR:PORT --api-token TOKEN] \
 [--replication-address IP] [--replication-ports MIN-MAX] [--metrics-listen ADDR:PORT] \
 [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...] \
+[--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...] \
 [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]";
 
 struct Args {
@@ -86,7 +90,8 @@ fn parse_args() -> anyhow::Result<Args> {
             | "--replication-address"
             | "--replication-ports"
             | "--metrics-listen"
-            | "--service-ip" => flags.push((flag[2..].to_owned(), value)),
+            | "--service-ip"
+            | "--promoter" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
@@ -284,6 +289,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(release_service_ips_on_signal(host.clone()));
     }
     tokio::spawn(host.clone().watch());
+    storage_node::autopromote::start(&host);
     println!(
         "tandemd: ready node={node_name} control={} portal={portal_text}{api_text}{metrics_text}{forward_text} resources={}",
         socket.display(),

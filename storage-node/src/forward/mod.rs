@@ -146,6 +146,16 @@ impl Link {
         result
     }
 
+    /// Fails every request out on this link at once (retryable, as when the link drops): the
+    /// replication engine saw the peer go (a dead host resets nothing, so the link itself
+    /// would only notice at the request timeout).
+    pub fn fail_pending(&self) -> usize {
+        let mut state = lock(&self.state);
+        let failed = state.pending.len();
+        state.pending.clear();
+        failed
+    }
+
     /// Connects, serves, and reconnects, for as long as tandemd runs.
     async fn run(self: Arc<Self>) {
         let mut logged_down = false;
