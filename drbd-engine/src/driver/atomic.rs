@@ -6,7 +6,7 @@
 use super::{DiskFuture, DiskOp, DriverConfig, IoFailed, IoId};
 use crate::constants::{ATOMIC_WRITE_BYTES_MAX, BLOCK_SIZE_BYTES};
 use backing_store::atomic_journal::{AtomicJournal, JournalError, Recovery, journal_path};
-use backing_store::{BackingStore, OpenOptions};
+use backing_store::{BackingStore, EngineKind, OpenOptions};
 use std::sync::Arc;
 
 /// Opens (and recovers) the journal of `store` for its first `data_bytes`, or `None` where a
@@ -20,8 +20,11 @@ pub(super) async fn open_journal(
     if config.quorum.diskless || store.is_block_device() {
         return Ok(None);
     }
+    // io_uring whatever the data's engine: one ring thread rather than the sync engine's
+    // pool per resource, for a file that sees one write at a time (the slot), and rarely.
+    // A kernel that refuses io_uring gets the sync engine (BackingStore::open falls back).
     let options = OpenOptions {
-        engine: config.engine,
+        engine: EngineKind::Uring,
         direct_io: config.direct_io,
         create_size_bytes: None,
         read_only: false,
