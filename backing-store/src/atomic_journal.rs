@@ -264,8 +264,6 @@ pub struct AtomicJournal {
     path: PathBuf,
     file: BackingStore,
     slot_bytes: u32,
-    /// Bytes of the image records may address (a data area may end before the file does).
-    image_bytes: u64,
     /// The sequence of the last record; the lock is the one slot, held for a whole write.
     slot: Mutex<u64>,
     /// Set when an atomic write fails after step 1 began: see the module documentation.
@@ -283,9 +281,10 @@ impl fmt::Debug for AtomicJournal {
 }
 
 impl AtomicJournal {
-    /// Opens (creating it if missing) the journal at `path` for the first `image_bytes` of
-    /// `image`, with a slot of `slot_bytes`, and finishes or discards the atomic write a crash
-    /// interrupted. Must run before the image serves any I/O.
+    /// Opens (creating it if missing) the journal at `path` for `image`, with a slot of
+    /// `slot_bytes`, and finishes or discards the atomic write a crash interrupted; a pending
+    /// record must lie within the first `image_bytes` (the data area) to be replayed. Must run
+    /// before the image serves any I/O.
     pub async fn open(
         path: &Path,
         image: &BackingStore,
@@ -335,7 +334,6 @@ impl AtomicJournal {
             path,
             file,
             slot_bytes,
-            image_bytes: image_bytes.min(image.size_bytes()),
             slot: Mutex::new(0),
             fenced: AtomicBool::new(false),
             crash_at: None,
@@ -348,7 +346,7 @@ impl AtomicJournal {
             }
             Decoded::Valid(record) => {
                 *journal.slot.get_mut() = record.sequence;
-                journal.recover(image, record).await?
+                journal.recover(image, image_bytes.min(image.size_bytes()), record).await?
             }
         };
         Ok((journal, recovery))
@@ -366,12 +364,13 @@ impl AtomicJournal {
     async fn recover(
         &self,
         image: &BackingStore,
+        image_bytes: u64,
         record: Record,
     ) -> Result<Recovery, JournalError> {
         if record.state == RecordState::Applied {
             return Ok(Recovery::Clean);
         }
-        check_record(&record, self.slot_bytes, self.image_bytes)
+        check_record(&record, self.slot_bytes, image_bytes)
             .map_err(|reason| JournalError::BadRecord { path: self.path.clone(), reason })?;
         let length = usize::try_from(record.length_bytes).unwrap_or(usize::MAX);
         let data = self.file.read(HEADER_BYTES as u64, length).await.map_err(|e| self.io(e))?;
@@ -431,8 +430,10 @@ impl AtomicJournal {
             length_bytes,
             data_crc32c: crc32c::crc32c(&data),
         };
-        // A write we could not replay must not start: refuse it before step 1.
-        check_record(&record, self.slot_bytes, self.image_bytes)
+        // A write we could not replay must not start: refuse it before step 1. Against the
+        // image as it is now (it may have grown since open); keeping data writes inside a data
+        // area is the caller's business, as for its plain writes.
+        check_record(&record, self.slot_bytes, image.size_bytes())
             .map_err(|reason| JournalError::BadRecord { path: self.path.clone(), reason })?;
         let result = self.write_steps(image, &record, data).await;
         match result {
