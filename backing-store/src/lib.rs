@@ -24,6 +24,7 @@
 //! Requests are checked (range, size, read-only) before they are built, so a rejected request
 //! never touches the file.
 
+pub mod atomic_journal;
 mod buffer;
 pub mod constants;
 mod engine;

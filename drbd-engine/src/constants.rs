@@ -22,6 +22,9 @@ pub const HISTORY_UUIDS_MAX: usize = 2;
 
 /// Largest application request, in blocks (1 MiB, the usual iSCSI MaxBurstLength ceiling).
 pub const REQUEST_BLOCKS_MAX: u64 = 256;
+/// Largest WRITE ATOMIC, in bytes: one request, one frame and one journal record (the
+/// atomic-write journal's slot, `driver::atomic`).
+pub const ATOMIC_WRITE_BYTES_MAX: u64 = REQUEST_BLOCKS_MAX * BLOCK_SIZE_BYTES;
 /// Application requests accepted but not yet completed.
 pub const APP_REQUESTS_MAX: usize = 1024;
 /// Completed writes waiting for stable storage on every replica (DRBD's transfer log).
@@ -90,3 +93,7 @@ const _: () =
 const _: () = assert!(PEER_WRITES_IN_FLIGHT_MAX <= PEER_QUEUE_FRAMES_MAX);
 const _: () = assert!(APP_REQUESTS_MAX <= TRANSFER_LOG_ENTRIES_MAX);
 const _: () = assert!(AL_EXTENTS_MIN >= 2 && AL_EXTENTS_MIN <= AL_EXTENTS_MAX);
+const _: () = assert!(
+    ATOMIC_WRITE_BYTES_MAX <= backing_store::atomic_journal::SLOT_BYTES_MAX as u64,
+    "the journal's slot holds the largest atomic write"
+);

@@ -66,13 +66,16 @@ pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 128;
 /// Replication does not widen that: after a primary crash, resync makes the replicas equal,
 /// copying whatever the survivor holds, and a survivor that crashed too holds a torn write of
 /// its own. A device that journals its atomic writes (the standalone file device,
-/// `driver::atomic_journal`) claims up to [`ATOMIC_WRITE_BYTES_MAX`] instead.
+/// `driver::atomic_journal`, or the replicated LUN, whose every replica journals) claims more.
 pub const PAGE_ATOMIC_WRITE_BYTES: u32 = 4096;
-/// The most bytes one WRITE ATOMIC(16) may write on any device: what the atomic-write journal
-/// of the standalone file device keeps whole across a crash (its one slot has this size). The
-/// SCSI layer clamps a device's claim to it. 128 KiB is 256 blocks of 512 bytes, the most
-/// libiscsi's conformance suite writes atomically.
-pub const ATOMIC_WRITE_BYTES_MAX: u32 = 128 * 1024;
+/// The most bytes one WRITE ATOMIC(16) may write on the standalone file device: what its
+/// atomic-write journal keeps whole across a crash (its one slot has this size). 128 KiB is
+/// 256 blocks of 512 bytes, the most libiscsi's conformance suite writes atomically there.
+pub const FILE_ATOMIC_WRITE_BYTES_MAX: u32 = 128 * 1024;
+/// The most bytes one WRITE ATOMIC(16) may write on any device; the SCSI layer clamps a
+/// device's claim to it. 1 MiB is 256 blocks of 4 KiB, the replicated LUN's block size: the
+/// conformance suite writes 1 to 256 blocks atomically whatever the block size.
+pub const ATOMIC_WRITE_BYTES_MAX: u32 = 1024 * 1024;
 /// Bytes EXTENDED COPY reads and writes per step: bounds the memory one copy holds.
 pub const COPY_CHUNK_BYTES_MAX: u32 = 1024 * 1024;
 /// CSCD (copy source/destination) descriptors per EXTENDED COPY parameter list.
@@ -123,6 +126,9 @@ const _: () = assert!(CHAP_CHALLENGE_BYTES >= CHAP_CHALLENGE_BYTES_MIN);
 const _: () = assert!(PAGE_ATOMIC_WRITE_BYTES >= 512 && PAGE_ATOMIC_WRITE_BYTES.is_power_of_two());
 const _: () = assert!(PAGE_ATOMIC_WRITE_BYTES <= ATOMIC_WRITE_BYTES_MAX);
 const _: () = assert!(ATOMIC_WRITE_BYTES_MAX.is_multiple_of(512));
+const _: () = assert!(PAGE_ATOMIC_WRITE_BYTES <= FILE_ATOMIC_WRITE_BYTES_MAX);
+const _: () = assert!(FILE_ATOMIC_WRITE_BYTES_MAX <= ATOMIC_WRITE_BYTES_MAX);
+const _: () = assert!(FILE_ATOMIC_WRITE_BYTES_MAX.is_multiple_of(512));
 const _: () = assert!(ATOMIC_WRITE_BYTES_MAX <= TRANSFER_BYTES_MAX);
 const _: () = assert!(COPY_CHUNK_BYTES_MAX <= TRANSFER_BYTES_MAX);
 const _: () = assert!(COPY_SEGMENT_BYTES_MAX >= COPY_CHUNK_BYTES_MAX);

@@ -1332,8 +1332,9 @@ fn write_atomic_follows_what_the_device_claims() {
     // (claimed max and alignment in bytes, reported max and alignment in blocks)
     let claims = [
         ((128 * 1024, 512), (256, 1)),
-        // Clamped to ATOMIC_WRITE_BYTES_MAX, and at least one block.
-        ((1024 * 1024, 512), (256, 1)),
+        // Clamped to ATOMIC_WRITE_BYTES_MAX (1 MiB), and at least one block.
+        ((1024 * 1024, 512), (2048, 1)),
+        ((4 * 1024 * 1024, 512), (2048, 1)),
         ((100, 100), (1, 1)),
         ((8192, 8192), (16, 16)),
     ];

@@ -829,6 +829,7 @@ async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Resp
     if let Some(Ok(plan)) = slot.as_ref().map(|s| s.plan()) {
         files.push(plan.driver.meta_path.clone());
         files.push(plan.driver.backing_path.clone());
+        files.push(backing_store::atomic_journal::journal_path(&plan.driver.backing_path));
         snapshots::remove_all(&plan.driver.backing_path);
     }
     let endpoint = std::fs::read(endpoint_path(host, &name))
@@ -836,6 +837,7 @@ async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Resp
         .and_then(|b| serde_json::from_slice::<Endpoint>(&b).ok());
     if let Some(endpoint) = endpoint {
         snapshots::remove_all(&endpoint.disk);
+        files.push(backing_store::atomic_journal::journal_path(&endpoint.disk));
         files.push(endpoint.disk);
     }
     // The reservation goes last: while it exists, its port stays taken.

@@ -133,6 +133,23 @@ impl BlockDevice for ResourceLun {
         false
     }
 
+    /// The engine keeps an atomic write whole on every replica through their journals
+    /// (`drbd_engine::protocol::node::atomic`): up to one engine request, 256 blocks. Asked
+    /// for each command's device information: the running device's limit (one block without
+    /// a journal), the engine's while the resource is not up here.
+    fn atomic_write_max_bytes(&self) -> u32 {
+        let bytes = self
+            .slot
+            .device()
+            .map_or(drbd_engine::constants::ATOMIC_WRITE_BYTES_MAX, |d| d.atomic_write_max_bytes());
+        u32::try_from(bytes).unwrap_or(LUN_BLOCK_SIZE_BYTES)
+    }
+
+    /// Any run of whole logical blocks.
+    fn atomic_write_alignment_bytes(&self) -> u32 {
+        LUN_BLOCK_SIZE_BYTES
+    }
+
     fn alua_state(&self) -> AluaState {
         if self.slot.primary.load(Ordering::Acquire) {
             AluaState::ActiveOptimized
@@ -232,6 +249,24 @@ impl BlockDevice for ResourceLun {
                 write.await.map_err(|e| DeviceError::Io(e.to_string()))?.map_err(map_error)?;
             }
         }
+        self.slot.written_bytes.fetch_add(length, Ordering::Relaxed);
+        request.done(length);
+        Ok(())
+    }
+
+    /// One engine request, never split: the engine replicates it as one frame and every
+    /// replica writes it through its atomic-write journal.
+    async fn write_atomic(
+        &self,
+        offset_bytes: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let _gate = self.slot.write_gate.read().await;
+        let device = self.device()?;
+        let request = self.slot.io.begin(Op::Write);
+        let length = data.len() as u64;
+        device.write_atomic(offset_bytes, data, fua).await.map_err(map_error)?;
         self.slot.written_bytes.fetch_add(length, Ordering::Relaxed);
         request.done(length);
         Ok(())

@@ -147,6 +147,8 @@ fn conformance_with_the_secondary_as_multipath_url_has_no_unexplained_failures()
     // The multipath tests ran (they skip with "Multipath unavailable" on one path, which the
     // tables do not allow).
     assert!(!summary.text.contains("Multipath unavailable"), "{}", summary.text);
+    // WriteAtomic16.Simple included: 1..256 blocks of 4 KiB, journaled on both replicas.
+    assert_eq!(summary.failed, 0, "{}", summary.text);
 }
 
 #[test]

@@ -13,6 +13,7 @@
 //! with one read and hands them over together, and small buffered writes go to the page cache
 //! on the driver's thread (backing-store's inline path) instead of through an engine thread.
 
+mod atomic;
 pub mod constants;
 pub mod fence;
 pub mod meta_file;
@@ -73,6 +74,10 @@ pub enum DeviceError {
     MetaV09(#[from] meta_v09::V09Error),
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
+    #[error("atomic-write journal: {0}")]
+    Journal(#[from] backing_store::atomic_journal::JournalError),
+    #[error("an atomic write of {len} bytes exceeds this device's {max} bytes")]
+    AtomicTooLong { len: u64, max: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -251,6 +256,8 @@ impl DiskSet {
 pub struct ReplicatedDevice {
     commands: mpsc::Sender<Command>,
     size_bytes: u64,
+    /// The largest WRITE ATOMIC kept whole across a crash (`atomic::atomic_write_max_bytes`).
+    atomic_write_max_bytes: u64,
 }
 
 fn check_aligned(offset: u64, len: u64) -> Result<(), DeviceError> {
@@ -311,8 +318,11 @@ impl ReplicatedDevice {
                 (Store::V09(Box::new(file)), meta)
             }
         };
-        let listener = TcpListener::bind(config.listen).await?;
         let size_bytes = meta.size_blocks * BLOCK_SIZE_BYTES;
+        // Replayed before anything reads or writes the disk.
+        let journal = atomic::open_journal(&config, &store, size_bytes).await?;
+        let atomic_write_max_bytes = atomic::atomic_write_max_bytes(journal.as_ref());
+        let listener = TcpListener::bind(config.listen).await?;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let mut random = [0u8; 8];
@@ -349,6 +359,7 @@ impl ReplicatedDevice {
             disk_queue: Vec::new(),
             send_buffers: BTreeMap::new(),
             fence_handler: None,
+            journal,
         };
         let accept_inputs = inputs_tx.clone();
         let my_id = driver.config.node_id;
@@ -356,7 +367,7 @@ impl ReplicatedDevice {
         let secret = driver.config.shared_secret.clone();
         tokio::spawn(accept_loop(listener, my_id, known, secret, accept_inputs));
         let task = tokio::spawn(async move { driver.run(commands_rx, inputs_rx).await });
-        Ok((Self { commands: commands_tx, size_bytes }, task))
+        Ok((Self { commands: commands_tx, size_bytes, atomic_write_max_bytes }, task))
     }
 
     pub fn size_bytes(&self) -> u64 {
@@ -383,6 +394,28 @@ impl ReplicatedDevice {
         check_aligned(offset, data.len() as u64)?;
         // The caller's buffer goes to the peers' sockets and the local disk as it is.
         let req = AppRequest::Write { offset_blocks: offset / BLOCK_SIZE_BYTES, data, fua };
+        self.call(|r| Command::Request(req, r)).await.map(|_| ())
+    }
+
+    /// The largest WRITE ATOMIC this device keeps whole across a crash, in bytes.
+    pub fn atomic_write_max_bytes(&self) -> u64 {
+        self.atomic_write_max_bytes
+    }
+
+    /// WRITE ATOMIC: one request that every replica writes through its atomic-write journal,
+    /// so after any crash each holds all of `data` or none of it (`protocol::node::atomic`).
+    pub async fn write_atomic(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> Result<(), DeviceError> {
+        let len = data.len() as u64;
+        check_aligned(offset, len)?;
+        if len > self.atomic_write_max_bytes {
+            return Err(DeviceError::AtomicTooLong { len, max: self.atomic_write_max_bytes });
+        }
+        let req = AppRequest::WriteAtomic { offset_blocks: offset / BLOCK_SIZE_BYTES, data, fua };
         self.call(|r| Command::Request(req, r)).await.map(|_| ())
     }
 
@@ -732,6 +765,8 @@ struct Driver {
     /// The frames of the current round, per peer, sent as one vectored write at its end.
     send_buffers: BTreeMap<NodeId, SendBatch>,
     fence_handler: Option<FenceHandler>,
+    /// Atomic writes go through it (`atomic`); `None` without a side file.
+    journal: Option<std::sync::Arc<backing_store::atomic_journal::AtomicJournal>>,
 }
 
 impl Driver {
@@ -1077,6 +1112,10 @@ impl Driver {
         if let DiskOp::Write { origin: WriteOrigin::Resync, data, .. } = &op {
             self.resync_blocks_received += data.len() as u64 / BLOCK_SIZE_BYTES;
         }
+        let op = match atomic::journaled(self.journal.as_ref(), &store, id, op) {
+            Ok(future) => return self.disk_queue.push(future),
+            Err(op) => op,
+        };
         self.disk_queue.push(Box::pin(async move {
             let result = match op {
                 DiskOp::Read { offset_blocks, blocks } => {

@@ -163,6 +163,15 @@ pub enum Frame {
         outdate: u64,
         unseen: u64,
     },
+    /// A Data frame of a WRITE ATOMIC: the receiver applies it through its atomic-write
+    /// journal, so its disk holds all of it or none after a crash (`protocol::node::atomic`).
+    /// Kinds 33-35 belong to atomic writes.
+    AtomicData {
+        id: u64,
+        offset_blocks: u64,
+        fua: bool,
+        data: Bytes,
+    },
 }
 
 impl Frame {
@@ -190,6 +199,7 @@ impl Frame {
             Frame::VerifyResult { .. } => 43,
             Frame::VerifyDone { .. } => 44,
             Frame::Quorum { .. } => 17,
+            Frame::AtomicData { .. } => 33,
         }
     }
 }
@@ -331,7 +341,8 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             w.u8(role.to_wire());
             w.u8(disk.to_wire());
         }
-        Frame::Data { id, offset_blocks, fua, data } => {
+        Frame::Data { id, offset_blocks, fua, data }
+        | Frame::AtomicData { id, offset_blocks, fua, data } => {
             w.u64(*id);
             w.u64(*offset_blocks);
             w.u8(u8::from(*fua));
@@ -502,6 +513,15 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             r.bytes = &[];
             Frame::Data { id, offset_blocks, fua, data: payload(start) }
         }
+        33 => {
+            r.what = "AtomicData";
+            let id = r.u64()?;
+            let offset_blocks = r.u64()?;
+            let fua = r.bool()?;
+            let start = bytes.len() - r.bytes.len();
+            r.bytes = &[];
+            Frame::AtomicData { id, offset_blocks, fua, data: payload(start) }
+        }
         6 => Frame::WriteAck { id: r.u64()? },
         7 => Frame::RecvAck { id: r.u64()? },
         8 => Frame::NegAck { id: r.u64()? },
@@ -601,6 +621,7 @@ mod tests {
             Frame::HandshakeDone,
             Frame::State { role: Role::Secondary, disk: DiskState::Outdated },
             Frame::Data { id: 9, offset_blocks: 77, fua: true, data: vec![0xab; 4096].into() },
+            Frame::AtomicData { id: 10, offset_blocks: 78, fua: false, data: vec![7; 8192].into() },
             Frame::WriteAck { id: 1 },
             Frame::RecvAck { id: 2 },
             Frame::NegAck { id: 3 },

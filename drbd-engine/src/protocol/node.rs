@@ -38,6 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+mod atomic;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 pub mod verify;
@@ -151,6 +152,13 @@ pub enum AppRequest {
         offset_blocks: u64,
         blocks: u64,
     },
+    /// WRITE ATOMIC: like `Write`, and every replica applies it through its atomic-write
+    /// journal, so a crash leaves each disk with all of it or none (`node::atomic`).
+    WriteAtomic {
+        offset_blocks: u64,
+        data: Bytes,
+        fua: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -202,8 +210,18 @@ pub enum WriteOrigin {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskOp {
-    Read { offset_blocks: u64, blocks: u64 },
-    Write { offset_blocks: u64, data: Bytes, fua: bool, origin: WriteOrigin },
+    Read {
+        offset_blocks: u64,
+        blocks: u64,
+    },
+    Write {
+        offset_blocks: u64,
+        data: Bytes,
+        fua: bool,
+        origin: WriteOrigin,
+        /// Through the atomic-write journal: all of it or none after a crash.
+        atomic: bool,
+    },
     Flush,
 }
 
@@ -350,6 +368,8 @@ struct AppWrite {
     /// Peers whose acknowledgement completion waits for.
     waiting: u64,
     tl: u64,
+    /// A WRITE ATOMIC: sent as `Frame::AtomicData`, written through the journal.
+    atomic: bool,
 }
 
 impl AppWrite {
@@ -389,7 +409,7 @@ struct AppFlush {
 
 #[derive(Debug)]
 enum Incoming {
-    Write { id: u64, first: u64, data: Bytes, fua: bool, resync: bool },
+    Write { id: u64, first: u64, data: Bytes, fua: bool, resync: bool, atomic: bool },
     Barrier { epoch: u64 },
 }
 
@@ -957,6 +977,9 @@ impl Node {
                     usize::try_from(blocks * BLOCK_SIZE_BYTES).map_err(|_| RequestError::Busy)?;
                 self.queue_write(request, offset_blocks, Bytes::from(vec![0; len]), false);
             }
+            AppRequest::WriteAtomic { offset_blocks, data, fua } => {
+                self.accept_atomic_write(request, offset_blocks, data, fua)?;
+            }
             AppRequest::Flush => {
                 if self.app_flushes.len() >= BARRIERS_MAX {
                     return Err(RequestError::Busy);
@@ -983,6 +1006,7 @@ impl Node {
                 local: LocalState::Pending,
                 waiting: 0,
                 tl: 0,
+                atomic: false,
             },
         );
         self.queued_writes.push_back(id);
@@ -1105,9 +1129,9 @@ impl Node {
     }
 
     fn submit_write(&mut self, id: u64) {
-        let (first, blocks, fua) = {
+        let (first, blocks, fua, atomic) = {
             let w = &self.app_writes[&id];
-            (w.first, w.blocks, w.fua)
+            (w.first, w.blocks, w.fua, w.atomic)
         };
         let unreached: Vec<NodeId> =
             self.peers.iter().filter(|p| !p.replicating()).map(|p| p.id).collect();
@@ -1149,11 +1173,17 @@ impl Node {
         };
         for i in 0..self.peers.len() {
             if self.peers[i].replicating() {
-                self.send(i, Frame::Data { id, offset_blocks: first, fua, data: data.clone() });
+                self.send(i, atomic::data_frame(id, first, fua, data.clone(), atomic));
             }
         }
         self.submit(
-            DiskOp::Write { offset_blocks: first, data, fua, origin: WriteOrigin::Application },
+            DiskOp::Write {
+                offset_blocks: first,
+                data,
+                fua,
+                origin: WriteOrigin::Application,
+                atomic,
+            },
             IoPurpose::AppWrite { write: id },
         );
     }
@@ -1982,6 +2012,9 @@ impl Node {
                     self.send(i, Frame::RecvAck { id });
                 }
             }
+            Frame::AtomicData { id, offset_blocks, fua, data } => {
+                self.handle_atomic_data(i, id, offset_blocks, fua, data);
+            }
             Frame::ResyncData { id, offset_blocks, data } => {
                 if self.peers[i].replication != ReplicationState::SyncTarget {
                     self.protocol_error(i, "unexpected ResyncData".into());
@@ -2069,7 +2102,14 @@ impl Node {
             self.protocol_error(i, "peer queue overflow".into());
             return;
         }
-        self.peers[i].queue.push_back(Incoming::Write { id, first, data, fua, resync });
+        self.peers[i].queue.push_back(Incoming::Write {
+            id,
+            first,
+            data,
+            fua,
+            resync,
+            atomic: false,
+        });
     }
 
     /// Submits queued peer writes in arrival order: a write waits for any earlier overlapping
@@ -2103,7 +2143,7 @@ impl Node {
                         return;
                     }
                     let (peer, conn_id) = (p.id, p.conn_id);
-                    let Some(Incoming::Write { id, first, data, fua, resync }) =
+                    let Some(Incoming::Write { id, first, data, fua, resync, atomic }) =
                         self.peers[i].queue.pop_front()
                     else {
                         unreachable!("front was a write")
@@ -2112,7 +2152,7 @@ impl Node {
                     self.peer_writes.insert(id_key(peer, conn_id, id, resync), (first, blocks));
                     let origin = if resync { WriteOrigin::Resync } else { WriteOrigin::Peer };
                     self.submit(
-                        DiskOp::Write { offset_blocks: first, data, fua, origin },
+                        DiskOp::Write { offset_blocks: first, data, fua, origin, atomic },
                         IoPurpose::PeerWrite { peer, conn_id, id, resync },
                     );
                 }

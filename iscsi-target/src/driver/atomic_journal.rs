@@ -1,5 +1,5 @@
 //! A double-write journal that makes WRITE ATOMIC whole across a crash for up to
-//! [`ATOMIC_WRITE_BYTES_MAX`] on the standalone file device.
+//! [`FILE_ATOMIC_WRITE_BYTES_MAX`] on the standalone file device.
 //!
 //! A buffered write to the image can be torn by a crash above one page: the kernel copies it
 //! into the page cache and writes it back page by page. So an atomic write goes to a side file
@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Mutex;
 
-use crate::constants::ATOMIC_WRITE_BYTES_MAX;
+use crate::constants::FILE_ATOMIC_WRITE_BYTES_MAX;
 
 /// Appended to the image path to name its journal.
 pub const JOURNAL_SUFFIX: &str = ".atomic-journal";
@@ -44,7 +44,7 @@ pub const JOURNAL_SUFFIX: &str = ".atomic-journal";
 /// 4 KiB block keeps the slot aligned for O_DIRECT.
 pub const HEADER_BYTES: usize = 4096;
 /// Size of the journal file: the header block and one slot.
-pub const JOURNAL_BYTES: u64 = HEADER_BYTES as u64 + ATOMIC_WRITE_BYTES_MAX as u64;
+pub const JOURNAL_BYTES: u64 = HEADER_BYTES as u64 + FILE_ATOMIC_WRITE_BYTES_MAX as u64;
 /// Block size the record's offset and length are multiples of (the LUN's logical block).
 const BLOCK_BYTES: u64 = 512;
 const MAGIC: [u8; 8] = *b"TNDMATJ\n";
@@ -55,7 +55,7 @@ const RECORD_BYTES: usize = 44;
 // Step 1 writes header and slot as one request.
 const _: () = assert!(JOURNAL_BYTES <= IO_SIZE_BYTES_MAX as u64);
 const _: () = assert!(RECORD_BYTES <= HEADER_BYTES && HEADER_BYTES.is_multiple_of(4096));
-const _: () = assert!((ATOMIC_WRITE_BYTES_MAX as u64).is_multiple_of(BLOCK_BYTES));
+const _: () = assert!((FILE_ATOMIC_WRITE_BYTES_MAX as u64).is_multiple_of(BLOCK_BYTES));
 
 /// Whether the data of a record is known to be in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,8 +188,8 @@ pub fn decode(block: &[u8]) -> Result<Decoded, DecodeError> {
 /// Checks that a record describes a write we could have made to an image of `image_bytes`.
 pub fn check_record(record: &Record, image_bytes: u64) -> Result<(), String> {
     let length = u64::from(record.length_bytes);
-    if length == 0 || length > u64::from(ATOMIC_WRITE_BYTES_MAX) {
-        return Err(format!("length {length} outside 1..={ATOMIC_WRITE_BYTES_MAX}"));
+    if length == 0 || length > u64::from(FILE_ATOMIC_WRITE_BYTES_MAX) {
+        return Err(format!("length {length} outside 1..={FILE_ATOMIC_WRITE_BYTES_MAX}"));
     }
     if !length.is_multiple_of(BLOCK_BYTES) || !record.offset_bytes.is_multiple_of(BLOCK_BYTES) {
         return Err(format!("offset {} or length {length} not in blocks", record.offset_bytes));
@@ -476,7 +476,7 @@ mod tests {
     const IMAGE_BYTES: u64 = 1024 * 1024;
     /// The range the crash tests write: one full-size atomic write, not page aligned.
     const OFFSET_BYTES: u64 = 3 * 512;
-    const LENGTH: usize = ATOMIC_WRITE_BYTES_MAX as usize;
+    const LENGTH: usize = FILE_ATOMIC_WRITE_BYTES_MAX as usize;
     const OLD: u8 = 0x11;
     const NEW: u8 = 0xa6;
 
@@ -548,9 +548,9 @@ mod tests {
         // (offset, length, acceptable)
         let cases = [
             (0, 512, true),
-            (image - u64::from(ATOMIC_WRITE_BYTES_MAX), ATOMIC_WRITE_BYTES_MAX, true),
+            (image - u64::from(FILE_ATOMIC_WRITE_BYTES_MAX), FILE_ATOMIC_WRITE_BYTES_MAX, true),
             (0, 0, false),
-            (0, ATOMIC_WRITE_BYTES_MAX + 512, false),
+            (0, FILE_ATOMIC_WRITE_BYTES_MAX + 512, false),
             (1, 512, false),
             (0, 100, false),
             (image - 512, 1024, false),
@@ -782,7 +782,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         runtime().block_on(async {
             let (device, _) = open(dir.path()).await;
-            assert_eq!(device.atomic_write_max_bytes(), ATOMIC_WRITE_BYTES_MAX);
+            assert_eq!(device.atomic_write_max_bytes(), FILE_ATOMIC_WRITE_BYTES_MAX);
             assert_eq!(device.atomic_write_alignment_bytes(), 512);
             let plain = StoreDevice::new(device.store().clone());
             assert_eq!(plain.atomic_write_max_bytes(), 4096);

@@ -5,7 +5,7 @@ use bytes::{Bytes, BytesMut};
 use backing_store::constants::IO_SIZE_BYTES_MAX;
 use backing_store::{BackingStore, ErrorKind};
 
-use crate::constants::ATOMIC_WRITE_BYTES_MAX;
+use crate::constants::FILE_ATOMIC_WRITE_BYTES_MAX;
 use crate::device::{BlockDevice, DeviceError, MappedRange};
 use crate::driver::atomic_journal::{AtomicJournal, JournalError};
 
@@ -16,7 +16,7 @@ pub struct StoreDevice {
     /// buffered, so they share the page cache and see each other's writes at once).
     reader: Option<BackingStore>,
     size_bytes: u64,
-    /// Makes atomic writes whole across a crash up to `ATOMIC_WRITE_BYTES_MAX`; without it
+    /// Makes atomic writes whole across a crash up to `FILE_ATOMIC_WRITE_BYTES_MAX`; without it
     /// the device keeps the one-page default.
     journal: Option<AtomicJournal>,
 }
@@ -76,7 +76,7 @@ impl BlockDevice for StoreDevice {
 
     fn atomic_write_max_bytes(&self) -> u32 {
         match self.journal {
-            Some(_) => ATOMIC_WRITE_BYTES_MAX,
+            Some(_) => FILE_ATOMIC_WRITE_BYTES_MAX,
             None => crate::constants::PAGE_ATOMIC_WRITE_BYTES,
         }
     }
