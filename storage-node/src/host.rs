@@ -79,6 +79,9 @@ pub struct Slot {
     primary_peer: Mutex<Option<String>>,
 }
 
+#[path = "host_resize.rs"]
+mod resize;
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -694,6 +697,8 @@ impl Host {
         let device = slot.device()?;
         let plan = slot.plan().ok()?;
         let status = device.status().await.ok()?;
+        // A secondary grows when the primary resizes: the LUN reports the device's size.
+        slot.size_bytes.store(status.size_bytes, Ordering::Release);
         Some((self.view_of(slot, &plan, &status), status))
     }
 
@@ -969,6 +974,7 @@ impl Host {
                 }
                 Ok(())
             }
+            Verb::Resize => self.resize(slot, options.size_bytes, out).await,
             Verb::NewCurrentUuid => {
                 let device = self.require_running(slot)?;
                 if !options.clear_bitmap {
