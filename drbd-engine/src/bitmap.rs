@@ -70,6 +70,14 @@ impl Bitmap {
         &self.words
     }
 
+    /// The same bits on a device grown to `size_blocks` (online resize): the new blocks clear.
+    pub fn grown(&self, size_blocks: u64) -> Self {
+        assert!(size_blocks >= self.size_blocks, "bitmaps only grow");
+        let mut words = self.words.clone();
+        words.resize(words_for(size_blocks), 0);
+        Self::from_words(size_blocks, words).expect("word count computed for the size")
+    }
+
     pub fn size_blocks(&self) -> u64 {
         self.size_blocks
     }

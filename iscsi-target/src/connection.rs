@@ -1168,6 +1168,7 @@ impl<D: BlockDevice> Connection<D> {
             }
         }
         observe_alua(&config, &lun, info.alua);
+        observe_capacity(&config, &lun, info.size_bytes);
         if lun.device.forwards() {
             self.forward_command(itt, &lun, &nexus, cdb, data_out);
             return;
@@ -1540,6 +1541,18 @@ fn observe_alua<D: BlockDevice>(config: &Config<D>, lun: &LogicalUnit<D>, state:
     }
 }
 
+/// Announces a capacity change since the previous command (an online resize) to every nexus
+/// of the logical unit; the session registry is only consulted when the size did change.
+fn observe_capacity<D: BlockDevice>(config: &Config<D>, lun: &LogicalUnit<D>, size_bytes: u64) {
+    let changed =
+        lun.shared.lock().unwrap_or_else(|p| p.into_inner()).capacity_seen != Some(size_bytes);
+    if changed {
+        let nexuses = config.nexuses(&lun.identity.target_name);
+        let mut shared = lun.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.observe_capacity(size_bytes, &nexuses);
+    }
+}
+
 /// Runs `f` with the SCSI [`Context`] of `lun` as `nexus` sees it.
 fn with_context<D: BlockDevice, R>(
     config: &Config<D>,
@@ -1622,6 +1635,7 @@ impl<D: BlockDevice> LuTask<D> {
         config.remote_nexus_seen(&target.name, &command.nexus);
         let info = lun.info();
         observe_alua(&config, &lun, info.alua);
+        observe_capacity(&config, &lun, info.size_bytes);
         let nexus = Arc::new(command.nexus);
         let step = with_context(&config, Some(&target), &lun, &nexus, info, |ctx| {
             scsi::execute(ctx, &command.cdb, command.data_out)

@@ -308,8 +308,60 @@ async fn skip_initial_sync(State(state): State<ApiState>, Path(name): Path<Strin
     verb(&state.host, Verb::NewCurrentUuid, &name, clear).await
 }
 
-async fn resize() -> Response {
-    error(StatusCode::NOT_IMPLEMENTED, "resize is not supported by the replication engine yet")
+/// `POST /v1/resources/{name}/resize {"size_bytes": N, "grow_only": false}`: grows this
+/// node's backing file so the device can hold N bytes; on the primary (unless `grow_only`)
+/// then grows the device online across the connected peers (`tandemadm resize --size N`).
+/// A caller grows every replica's file first (`grow_only` on each node), then asks every node
+/// again: secondaries have nothing left to do, the primary resizes. 409 when the primary
+/// cannot reach N yet (a peer's file is smaller) or refuses (a resync is running).
+async fn resize(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let request: ResizeRequest = match parse_body(&body, false) {
+        Ok(request) => request,
+        Err(failure) => return failure.into_response(),
+    };
+    if request.size_bytes == 0 || !request.size_bytes.is_multiple_of(4096) {
+        return error(StatusCode::BAD_REQUEST, "size_bytes must be a positive multiple of 4096");
+    }
+    let Some(slot) = state.host.slot(&name) else { return not_found(&name) };
+    if slot.lun_size_bytes() > request.size_bytes {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "refusing to shrink: size_bytes is below the current size",
+        );
+    }
+    // `size_bytes` is the LUN's, as at create: the device also holds the replicated
+    // persistent-reservation area at its end.
+    let Some(device_bytes) =
+        request.size_bytes.checked_add(crate::reservations::RESERVATION_AREA_BYTES)
+    else {
+        return error(StatusCode::BAD_REQUEST, "size_bytes is too large");
+    };
+    if request.grow_only {
+        return match state.host.grow_backing(&slot, device_bytes) {
+            Ok(_) => resource_response(&state.host, &name, StatusCode::OK).await,
+            Err((_, message)) => error(StatusCode::CONFLICT, message),
+        };
+    }
+    let options = Options { size_bytes: Some(device_bytes), ..Default::default() };
+    let (code, _, err) = state.host.run(Verb::Resize, &name, options).await;
+    match code {
+        exit::SUCCESS => resource_response(&state.host, &name, StatusCode::OK).await,
+        exit::CONFIG_INVALID => error(StatusCode::NOT_FOUND, err.join("; ")),
+        _ => error(StatusCode::CONFLICT, err.join("; ")),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    pub size_bytes: u64,
+    /// Only grow this node's backing file (the first pass over every replica).
+    #[serde(default)]
+    pub grow_only: bool,
 }
 
 /// The resource file a create request describes, in DRBD syntax (drbdadm accepts it).

@@ -55,6 +55,7 @@ pub enum Verb {
     Status,
     Events2,
     Verify,
+    Resize,
 }
 
 impl Verb {
@@ -85,6 +86,7 @@ impl Verb {
         Verb::Status,
         Verb::Events2,
         Verb::Verify,
+        Verb::Resize,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -115,6 +117,7 @@ impl Verb {
             Verb::Status => "status",
             Verb::Events2 => "events2",
             Verb::Verify => "verify",
+            Verb::Resize => "resize",
         }
     }
 
@@ -134,6 +137,7 @@ impl Verb {
                 | (Verb::Events2, "now" | "statistics")
                 | (Verb::WaitConnect | Verb::WaitSync, "timeout")
                 | (Verb::Verify, "start")
+                | (Verb::Resize, "size")
         )
     }
 }
@@ -164,6 +168,10 @@ pub struct Options {
     /// verify: the first sector to verify (DRBD's `--start`, rounded down to 4 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_sector: Option<u64>,
+    /// resize: grow this node's backing file first so the device holds this many bytes
+    /// (`--size`, with a K/M/G/T suffix as drbdadm's; never shrinks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -260,6 +268,21 @@ pub fn parse_command(words: &[String]) -> Result<Request, ControlError> {
                     })?;
                     options.start_sector = Some(sector);
                 }
+                "size" => {
+                    let value = match inline_value {
+                        Some(value) => value,
+                        None => rest
+                            .next()
+                            .cloned()
+                            .ok_or_else(|| usage(format!("{verb}: --size needs a size")))?,
+                    };
+                    options.size_bytes = Some(parse_size_bytes(&value).ok_or_else(|| {
+                        usage(format!(
+                            "{verb}: --size wants bytes with an optional K, M, G or T suffix \
+                             (a multiple of 4 KiB), got '{value}'"
+                        ))
+                    })?);
+                }
                 _ => unreachable!("accepts() lists only the options handled here"),
             }
         } else if resource.is_none() {
@@ -278,6 +301,20 @@ pub fn parse_command(words: &[String]) -> Result<Request, ControlError> {
         return Err(usage(format!("{verb}: bad resource name {resource:?}")));
     }
     Ok(Request { verb, resource, options })
+}
+
+/// `128M`, `1G`, `4096` (bytes; K/M/G/T are powers of 1024 as in drbdadm's `--size`); a
+/// positive multiple of 4 KiB.
+pub fn parse_size_bytes(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.char_indices().last()? {
+        (i, 'K' | 'k') => (&text[..i], 10),
+        (i, 'M' | 'm') => (&text[..i], 20),
+        (i, 'G' | 'g') => (&text[..i], 30),
+        (i, 'T' | 't') => (&text[..i], 40),
+        _ => (text, 0),
+    };
+    let bytes = digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)?;
+    (bytes > 0 && bytes.is_multiple_of(4096)).then_some(bytes)
 }
 
 fn encode<T: Serialize>(value: &T) -> String {
@@ -334,6 +371,19 @@ mod tests {
                 Options { force: true, ..Default::default() },
             ),
             ("verify r0", Verb::Verify, "r0", Options::default()),
+            ("resize r0", Verb::Resize, "r0", Options::default()),
+            (
+                "resize --size 128M r0",
+                Verb::Resize,
+                "r0",
+                Options { size_bytes: Some(128 << 20), ..Default::default() },
+            ),
+            (
+                "resize --size=1G r0",
+                Verb::Resize,
+                "r0",
+                Options { size_bytes: Some(1 << 30), ..Default::default() },
+            ),
             (
                 "verify --start 2048 r0",
                 Verb::Verify,
@@ -397,6 +447,9 @@ mod tests {
             ("secondary --force r0", "unknown option '--force'"),
             ("wait-sync --timeout r0", "whole seconds"),
             ("wait-sync --timeout", "needs seconds"),
+            ("resize --size 1000 r0", "multiple of 4 KiB"),
+            ("resize --size -5 r0", "K, M, G or T"),
+            ("resize --size 99999999999999T r0", "K, M, G or T"),
         ];
         for (text, needle) in cases {
             let error = parse_command(&words(text)).expect_err(text).to_string();

@@ -84,6 +84,9 @@ pub struct Slot {
     pub reservations: crate::reservations::ReservationStore,
 }
 
+#[path = "host_resize.rs"]
+mod resize;
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -721,6 +724,8 @@ impl Host {
         let device = slot.device()?;
         let plan = slot.plan().ok()?;
         let status = device.status().await.ok()?;
+        // A secondary grows when the primary resizes: the LUN reports the device's size.
+        slot.size_bytes.store(status.size_bytes, Ordering::Release);
         Some((self.view_of(slot, &plan, &status), status))
     }
 
@@ -1043,6 +1048,7 @@ impl Host {
                 }
                 Ok(())
             }
+            Verb::Resize => self.resize(slot, options.size_bytes, out).await,
             Verb::NewCurrentUuid => {
                 let device = self.require_running(slot)?;
                 if !options.clear_bitmap {

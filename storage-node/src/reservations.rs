@@ -206,6 +206,34 @@ impl ReservationStore {
     }
 }
 
+impl ReservationStore {
+    /// Moves both slots from the end of a device of `old_size_bytes` to the end of the grown
+    /// device (`new_size_bytes`), then zeroes the old area, which the grow has made LUN data:
+    /// the initiator sees zeroes there like in the rest of the new space. Written through the
+    /// replicated device, so every replica's copy moves. The caller holds the LUN's writes
+    /// (the slot's write gate) so no initiator write lands in the old area before it is
+    /// zeroed; the store's own lock keeps a PERSISTENT RESERVE OUT from writing in between.
+    pub async fn relocate(
+        &self,
+        device: &ReplicatedDevice,
+        old_size_bytes: u64,
+        new_size_bytes: u64,
+    ) -> Result<(), EngineError> {
+        assert!(new_size_bytes > old_size_bytes, "relocation follows a grow");
+        let _durable = self.durable.lock().await;
+        for index in 0..2 {
+            let slot = device
+                .read(slot_offset_bytes(old_size_bytes, index), RESERVATION_SLOT_BYTES)
+                .await?;
+            device.write(slot_offset_bytes(new_size_bytes, index), slot, true).await?;
+        }
+        let old_area = slot_offset_bytes(old_size_bytes, 0);
+        let zeroes = Bytes::from(vec![0u8; usize::try_from(RESERVATION_AREA_BYTES).unwrap_or(0)]);
+        device.write(old_area, zeroes, true).await?;
+        Ok(())
+    }
+}
+
 /// Whether the slot's LUN may serve as the logical unit now that the engine is Primary:
 /// loads the reservations the first time after each promotion (this node's LUN does not
 /// serve until they are in, so no command runs against a stale state).

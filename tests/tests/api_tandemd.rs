@@ -214,6 +214,27 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
         })
     });
 
+    // Extend online (the nodes grow every replica's file, then the primary grows the device):
+    // the initiator reads the new size, old data stays, the new end is writable.
+    run_openstack(&openstack, &endpoint, &["volume", "set", "--size", "2", &id]);
+    wait_for("volume extended", Duration::from_secs(120), || {
+        let (_, body) = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+        assert_ne!(body["volume"]["status"], "error", "{body}");
+        body["volume"]["status"] == "available" && body["volume"]["size"] == 2
+    });
+    qemu_io_on(
+        &qemu_io,
+        addr,
+        &id,
+        &["read -P 0x99 0 4M", "write -P 0xa5 2044M 4M", "read -P 0xa5 2044M 4M"],
+    );
+    wait_for("both replicas at 2 GiB", Duration::from_secs(10), || {
+        nodes.iter().all(|node| {
+            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+            list.to_string().contains(&format!("\"size_bytes\":{}", 2u64 << 30))
+        })
+    });
+
     run_openstack(&openstack, &endpoint, &["volume", "delete", &id]);
     wait_for("the volume gone from both nodes", Duration::from_secs(60), || {
         nodes.iter().all(|node| {

@@ -108,6 +108,16 @@ pub trait NodeClient: Send + Sync + 'static {
         resource: &'a str,
         size_bytes: u64,
     ) -> NodeFuture<'a, ()>;
+    /// The first pass of an extend: only grow the node's backing file (tandemd's `grow_only`),
+    /// so that the primary's `resize` in the second pass finds every replica grown.
+    fn grow_backing<'a>(
+        &'a self,
+        node: &'a Node,
+        resource: &'a str,
+        size_bytes: u64,
+    ) -> NodeFuture<'a, ()> {
+        self.resize(node, resource, size_bytes)
+    }
     fn promote<'a>(&'a self, node: &'a Node, resource: &'a str) -> NodeFuture<'a, ()>;
     fn demote<'a>(&'a self, node: &'a Node, resource: &'a str) -> NodeFuture<'a, ()>;
     fn snapshot<'a>(
@@ -253,6 +263,19 @@ impl NodeClient for HttpNodeClient {
     ) -> NodeFuture<'a, ()> {
         Box::pin(async move {
             let body = serde_json::json!({ "size_bytes": size_bytes });
+            self.call(node, "POST", &format!("/v1/resources/{resource}/resize"), Some(body))
+                .await
+                .map(drop)
+        })
+    }
+    fn grow_backing<'a>(
+        &'a self,
+        node: &'a Node,
+        resource: &'a str,
+        size_bytes: u64,
+    ) -> NodeFuture<'a, ()> {
+        Box::pin(async move {
+            let body = serde_json::json!({ "size_bytes": size_bytes, "grow_only": true });
             self.call(node, "POST", &format!("/v1/resources/{resource}/resize"), Some(body))
                 .await
                 .map(drop)

@@ -393,6 +393,14 @@ pub fn extend_volume(state: &Arc<AppState>, id: String, new_size_gib: u64) {
                     .ok_or("volume vanished")?;
                 let nodes = nodes_named(&s, &v.nodes)?;
                 let size_bytes = new_size_gib.checked_mul(1 << 30).ok_or("size overflows")?;
+                // Every replica's backing file grows first; then the primary (whichever node
+                // it is) grows the device online across them, secondaries have nothing left.
+                for node in &nodes {
+                    s.nodes
+                        .grow_backing(node, &v.resource, size_bytes)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
                 for node in &nodes {
                     s.nodes
                         .resize(node, &v.resource, size_bytes)

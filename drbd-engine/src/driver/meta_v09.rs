@@ -185,7 +185,14 @@ impl V09File {
     ) -> Result<(Self, Metadata), V09Error> {
         let io = |source| V09Error::Io { path: path.to_owned(), source };
         let file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let file_len = file.metadata().map_err(io)?.len();
+        // An online grow that a crash interrupted may have left the metadata where it was:
+        // `resize` names that place (see `relocate_internal`).
+        let len = if placement == MetaPlacement::Internal {
+            resize_record::recover(path, &file, file_len)?
+        } else {
+            file_len
+        };
         let at =
             MetaImage::superblock_offset_bytes(placement, len).map_err(Self::meta_error(path))?;
         let mut block = vec![0u8; 4096];
@@ -262,6 +269,7 @@ impl V09File {
 
     fn plan(&mut self, update: &MetaUpdate) -> Result<WritePlan, MetaError> {
         match update {
+            MetaUpdate::Resize { .. } => unreachable!("applied by relocate_internal"),
             MetaUpdate::Uuids(uuids) => self.image.update_superblock(|sb| {
                 sb.current_uuid = uuids.current;
                 sb.history_uuids[..HISTORY_UUIDS_MAX].copy_from_slice(&uuids.history);
@@ -355,6 +363,9 @@ impl MetadataStore for V09File {
     }
 
     fn apply(&mut self, update: &MetaUpdate) -> Result<(), V09Error> {
+        if let MetaUpdate::Resize { size_blocks } = update {
+            return self.relocate_internal(*size_blocks);
+        }
         // The bitmap pages are encoded from the new words, so apply to the logical state first.
         self.state.apply(update);
         let path = self.path.clone();
@@ -362,6 +373,10 @@ impl MetadataStore for V09File {
         self.run(&plan)
     }
 }
+
+#[path = "meta_v09_resize.rs"]
+mod resize_record;
+pub use resize_record::grow_backing_file;
 
 #[cfg(test)]
 mod tests {

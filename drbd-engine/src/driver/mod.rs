@@ -40,6 +40,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -66,6 +68,8 @@ pub enum DeviceError {
     Misaligned { offset: u64, len: u64 },
     #[error("the replication engine stopped")]
     Stopped,
+    #[error("resize refused: {0}")]
+    Resize(String),
     #[error("backing store: {0}")]
     Backing(#[from] backing_store::Error),
     #[error("metadata: {0}")]
@@ -134,6 +138,21 @@ impl Store {
             Store::V09(f) => f.apply_all(updates).map_err(|e| e.to_string()),
         }
     }
+
+    /// Data blocks this replica could hold after an online grow (see `protocol::node::resize`).
+    fn usable_blocks(&self, backing_path: &std::path::Path, current_blocks: u64) -> u64 {
+        let usable = match self {
+            // The whole backing file is data.
+            Store::Sidecar(_) => std::fs::metadata(backing_path)
+                .map(|m| m.len() / BLOCK_SIZE_BYTES)
+                .map_err(|e| e.to_string()),
+            Store::V09(f) => f.usable_blocks().map_err(|e| e.to_string()),
+        };
+        usable.unwrap_or_else(|error| {
+            tracing::warn!(%error, "cannot measure the backing store for a resize");
+            current_blocks
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +213,8 @@ enum Command {
     Disconnect(NodeId, Reply<()>),
     Outdate(Reply<()>),
     Verify(NodeId, u64, Reply<()>),
+    /// Online grow: (old, new) size in bytes.
+    Resize(Reply<(u64, u64)>),
     SetFenceHandler(Option<FenceHandler>, Reply<()>),
     Status(oneshot::Sender<Status>),
 }
@@ -255,7 +276,8 @@ impl DiskSet {
 #[derive(Clone)]
 pub struct ReplicatedDevice {
     commands: mpsc::Sender<Command>,
-    size_bytes: u64,
+    /// Grows with an online resize (the driver stores the new size once it is durable).
+    size_bytes: Arc<AtomicU64>,
     /// The largest WRITE ATOMIC kept whole across a crash (`atomic::atomic_write_max_bytes`).
     atomic_write_max_bytes: u64,
 }
@@ -324,6 +346,7 @@ impl ReplicatedDevice {
         let atomic_write_max_bytes = atomic::atomic_write_max_bytes(journal.as_ref());
         let listener = TcpListener::bind(config.listen).await?;
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+        let shared_size_bytes = Arc::new(AtomicU64::new(size_bytes));
         let (inputs_tx, inputs_rx) = mpsc::unbounded_channel();
         let mut random = [0u8; 8];
         getrandom_fallback(&mut random);
@@ -349,6 +372,9 @@ impl ReplicatedDevice {
             requests: BTreeMap::new(),
             next_request: 1,
             pending_demote: None,
+            pending_resize: None,
+            shared_size_bytes: shared_size_bytes.clone(),
+            store_grow_bytes: None,
             last_dial: BTreeMap::new(),
             resync_blocks_received: 0,
             resync_blocks_sent: 0,
@@ -367,11 +393,21 @@ impl ReplicatedDevice {
         let secret = driver.config.shared_secret.clone();
         tokio::spawn(accept_loop(listener, my_id, known, secret, accept_inputs));
         let task = tokio::spawn(async move { driver.run(commands_rx, inputs_rx).await });
-        Ok((Self { commands: commands_tx, size_bytes, atomic_write_max_bytes }, task))
+        Ok((
+            Self { commands: commands_tx, size_bytes: shared_size_bytes, atomic_write_max_bytes },
+            task,
+        ))
     }
 
+    /// The device's size; an online resize grows it.
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// Online grow (`drbdadm resize`) on the primary: every replica's backing must have grown
+    /// already. Returns the old and the new size in bytes (equal: nothing to grow).
+    pub async fn resize(&self) -> Result<(u64, u64), DeviceError> {
+        self.call(Command::Resize).await
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, DeviceError> {
@@ -753,6 +789,10 @@ struct Driver {
     requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
     next_request: u64,
     pending_demote: Option<Reply<()>>,
+    pending_resize: Option<Reply<(u64, u64)>>,
+    shared_size_bytes: Arc<AtomicU64>,
+    /// The backing store must learn the grown file's length before the next I/O starts.
+    store_grow_bytes: Option<u64>,
     last_dial: BTreeMap<NodeId, u64>,
     resync_blocks_received: u64,
     resync_blocks_sent: u64,
@@ -813,6 +853,13 @@ impl Driver {
                 }
             }
             self.process_outputs();
+            if let Some(len) = self.store_grow_bytes.take() {
+                // Before any I/O of this round starts: the store refuses I/O past the length
+                // it knows.
+                if let Err(error) = self.store.resize(len).await {
+                    tracing::error!(%error, "the backing store did not take the grown length");
+                }
+            }
         }
     }
 
@@ -878,6 +925,23 @@ impl Driver {
                 let result = self.node.handle_verify(now, peer, first_block);
                 let _ = reply.send(result.map_err(DeviceError::from));
             }
+            Command::Resize(reply) => {
+                if self.pending_resize.is_some() {
+                    let _ = reply.send(Err(DeviceError::State(StateError::Precondition(
+                        "a resize is already running",
+                    ))));
+                    return;
+                }
+                let usable = self
+                    .meta_file
+                    .usable_blocks(&self.config.backing_path, self.node.size_blocks());
+                match self.node.handle_resize(now, usable) {
+                    Ok(()) => self.pending_resize = Some(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
             Command::SetFenceHandler(handler, reply) => {
                 self.fence_handler = handler;
                 let _ = reply.send(Ok(()));
@@ -924,6 +988,12 @@ impl Driver {
         match input {
             Input::Connected { peer, conn_id, writer } => {
                 self.writers.insert(peer, (conn_id, writer));
+                // A peer that missed a resize makes this node grow in the handshake: its
+                // backing may have grown since it last looked.
+                let usable = self
+                    .meta_file
+                    .usable_blocks(&self.config.backing_path, self.node.size_blocks());
+                self.node.handle_usable_size(now, usable);
                 self.node.handle_connected(now, peer, conn_id);
             }
             Input::Frames { peer, bytes, conn_id } => {
@@ -1028,6 +1098,36 @@ impl Driver {
                 }
             }
             Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,
+            Event::UsableSizeWanted => {
+                let usable = self
+                    .meta_file
+                    .usable_blocks(&self.config.backing_path, self.node.size_blocks());
+                self.node.handle_usable_size(now_ms(), usable);
+            }
+            Event::ResizeFinished { old_blocks, new_blocks, error } => {
+                if new_blocks > old_blocks {
+                    let len = match &self.meta_file {
+                        Store::V09(f) => f.device_bytes().ok(),
+                        Store::Sidecar(_) => {
+                            std::fs::metadata(&self.config.backing_path).ok().map(|m| m.len())
+                        }
+                    };
+                    self.store_grow_bytes = len;
+                    self.shared_size_bytes.store(new_blocks * BLOCK_SIZE_BYTES, Ordering::Release);
+                    tracing::info!(
+                        old_bytes = old_blocks * BLOCK_SIZE_BYTES,
+                        new_bytes = new_blocks * BLOCK_SIZE_BYTES,
+                        "resized"
+                    );
+                }
+                if let Some(reply) = self.pending_resize.take() {
+                    let result = match error {
+                        None => Ok((old_blocks * BLOCK_SIZE_BYTES, new_blocks * BLOCK_SIZE_BYTES)),
+                        Some(message) => Err(DeviceError::Resize(message)),
+                    };
+                    let _ = reply.send(result);
+                }
+            }
             Event::SplitBrain { peer } => {
                 self.split_brain = true;
                 tracing::warn!(%peer, "split brain detected, StandAlone: discard the victim's changes with `connect PEER --discard-my-data` there");

@@ -19,6 +19,9 @@ use super::create::create_md;
 use super::layout::{MetaLayout, MetaPlacement};
 use super::superblock::{Superblock, SuperblockRead, SuperblockUpdate, SuperblockWriter};
 
+#[path = "relocate.rs"]
+mod relocate;
+
 /// One 4 KiB metadata write at an absolute offset of the metadata device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockWrite {

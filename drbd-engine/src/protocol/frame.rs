@@ -172,6 +172,16 @@ pub enum Frame {
         fua: bool,
         data: Bytes,
     },
+    /// Online resize (`protocol::node::resize`): the data blocks the sender's backing could
+    /// hold. `query`: the sender resizes and asks for the receiver's; otherwise the answer.
+    ResizeSizes {
+        usable_blocks: u64,
+        query: bool,
+    },
+    /// Online resize: grow to `size_blocks` before handling any later frame.
+    ResizeCommit {
+        size_blocks: u64,
+    },
 }
 
 impl Frame {
@@ -200,6 +210,8 @@ impl Frame {
             Frame::VerifyDone { .. } => 44,
             Frame::Quorum { .. } => 17,
             Frame::AtomicData { .. } => 33,
+            Frame::ResizeSizes { .. } => 18,
+            Frame::ResizeCommit { .. } => 19,
         }
     }
 }
@@ -395,6 +407,11 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
                 w.u64(*v);
             }
         }
+        Frame::ResizeSizes { usable_blocks, query } => {
+            w.u64(*usable_blocks);
+            w.u8(u8::from(*query));
+        }
+        Frame::ResizeCommit { size_blocks } => w.u64(*size_blocks),
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -584,6 +601,15 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             outdate: r.u64()?,
             unseen: r.u64()?,
         },
+        18 => Frame::ResizeSizes {
+            usable_blocks: r.u64()?,
+            query: match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(FrameError::Malformed("ResizeSizes")),
+            },
+        },
+        19 => Frame::ResizeCommit { size_blocks: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -650,6 +676,9 @@ mod tests {
             },
             Frame::VerifyDone { out_of_sync_blocks: 3, completed: false },
             Frame::Quorum { primaries: 0b101, term: 7, outdate: 0b10, unseen: 0b10 },
+            Frame::ResizeSizes { usable_blocks: 1 << 30, query: true },
+            Frame::ResizeSizes { usable_blocks: 32768, query: false },
+            Frame::ResizeCommit { size_blocks: 32768 },
         ]
     }
 

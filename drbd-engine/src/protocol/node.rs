@@ -41,6 +41,7 @@ use thiserror::Error;
 mod atomic;
 #[path = "quorum_node.rs"]
 mod quorum_node;
+mod resize;
 pub mod verify;
 
 /// DRBD's replication protocols: when a write counts as complete.
@@ -300,6 +301,16 @@ pub enum Event {
     },
     /// Quorum was gained (true) or lost (false); only with quorum enabled.
     QuorumChanged(bool),
+    /// A peer asks for this replica's usable size (online resize): answer with
+    /// `Node::handle_usable_size`.
+    UsableSizeWanted,
+    /// An online resize ended here (`error`: why it was refused; `new_blocks == old_blocks`
+    /// without error: nothing to grow).
+    ResizeFinished {
+        old_blocks: u64,
+        new_blocks: u64,
+        error: Option<String>,
+    },
 }
 
 // Outputs are short-lived queue entries (see MetaUpdate).
@@ -564,6 +575,7 @@ pub struct Node {
     /// transfer-log entries that may have become collectable: each pump looks at these only,
     /// not at every write and entry (see `write_may_complete`).
     completion_candidates: Candidates,
+    resize: resize::ResizeState,
 }
 
 impl Node {
@@ -642,6 +654,7 @@ impl Node {
             last_app_write_ms: 0,
             quorum_state,
             completion_candidates: Candidates::default(),
+            resize: resize::ResizeState::default(),
         }
     }
 
@@ -1895,6 +1908,7 @@ impl Node {
         {
             self.start_barrier(None);
         }
+        self.resize_poll();
         self.pump();
     }
 
@@ -2078,6 +2092,9 @@ impl Node {
             | Frame::DigestReply { .. }
             | Frame::VerifyResult { .. }
             | Frame::VerifyDone { .. }) => self.handle_digest_frame(i, frame),
+            frame @ (Frame::ResizeSizes { .. } | Frame::ResizeCommit { .. }) => {
+                self.handle_resize_frame(i, frame);
+            }
         }
     }
 
@@ -2189,7 +2206,10 @@ impl Node {
                 self.refuse(i, "protocol version mismatch");
             } else if hello.node_id != self.peers[i].id {
                 self.refuse(i, "peer has an unexpected node id");
-            } else if hello.size_blocks != size_blocks && !self.diskless_handshake(i) {
+            } else if hello.size_blocks != size_blocks
+                && !self.diskless_handshake(i)
+                && !self.resize_handshake_size(&hello)
+            {
                 self.refuse(i, "device sizes differ");
             } else if hello.protocol != self.config.protocol.to_wire() {
                 self.refuse(i, "replication protocols differ");

@@ -53,6 +53,12 @@ pub enum MetaUpdate {
         added: Vec<u64>,
         removed: Vec<u64>,
     },
+    /// Online grow (`protocol::node::resize`): the data size becomes `size_blocks`, every
+    /// bitmap grows with clear bits (the state machine marks what must be resynced), and
+    /// internal metadata moves to the new end of the grown backing file.
+    Resize {
+        size_blocks: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +105,13 @@ impl Metadata {
                 self.bitmaps[peer.index()]
                     .clear_range(*first_block, *blocks)
                     .expect("the state machine persists only valid ranges");
+            }
+            MetaUpdate::Resize { size_blocks } => {
+                assert!(*size_blocks >= self.size_blocks, "the state machine never shrinks");
+                self.size_blocks = *size_blocks;
+                for bitmap in &mut self.bitmaps {
+                    *bitmap = bitmap.grown(*size_blocks);
+                }
             }
             MetaUpdate::ActivityLog { added, removed } => {
                 self.activity_log.retain(|e| !removed.contains(e));

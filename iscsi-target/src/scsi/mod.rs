@@ -107,6 +107,9 @@ pub struct LunShared {
     /// The device's load number whose reservation image this state was adopted from
     /// ([`crate::device::BlockDevice::persisted_reservations`]); `None` until adopted.
     pub reservations_epoch: Option<u64>,
+    /// The capacity the last command saw: a change (an online resize) queues CAPACITY DATA
+    /// HAS CHANGED for every I_T nexus. `None` until the first command.
+    pub capacity_seen: Option<u64>,
 }
 
 impl LunShared {
@@ -146,6 +149,18 @@ impl LunShared {
         let reserve6 = self.reservations.reserve6.take();
         self.reservations = ReservationState { reserve6, ..state };
         self.reservations_version = version;
+    }
+
+    /// As [`LunShared::observe_alua`] for the capacity: a size that changed between commands
+    /// (an online grow) gives every I_T nexus CAPACITY DATA HAS CHANGED (SBC-3 §4.6), so an
+    /// initiator re-reads READ CAPACITY.
+    pub fn observe_capacity(&mut self, size_bytes: u64, nexuses: &[Nexus]) {
+        let previous = self.capacity_seen.replace(size_bytes);
+        if previous.is_some_and(|p| p != size_bytes) {
+            for n in nexuses {
+                self.queue_unit_attention(n, codes::CAPACITY_DATA_HAS_CHANGED);
+            }
+        }
     }
     /// Clears per-nexus state after a LUN reset and, as SAM-5 requires, tells every I_T
     /// nexus, the one that asked for the reset included.
@@ -1735,5 +1750,31 @@ fn prout_outcome(result: ProutResult, shared: &mut LunShared) -> Outcome {
         }
         ProutResult::Conflict => Outcome::status(status::RESERVATION_CONFLICT),
         ProutResult::Check(sense) => Outcome::check(sense),
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_capacity_gives_every_nexus_capacity_data_has_changed() {
+        let nexus = |isid| pr::Nexus {
+            initiator_name: "iqn.2026-11.test:i".into(),
+            isid,
+            relative_port: 1,
+        };
+        let nexuses = [nexus(1), nexus(2)];
+        let mut shared = LunShared::new();
+        shared.observe_capacity(64 << 20, &nexuses);
+        shared.observe_capacity(64 << 20, &nexuses);
+        assert!(shared.unit_attentions.is_empty(), "first sight and no change: nothing");
+        shared.observe_capacity(128 << 20, &nexuses);
+        for n in &nexuses {
+            let queue = &shared.unit_attentions[n];
+            assert_eq!(queue.iter().collect::<Vec<_>>(), vec![&codes::CAPACITY_DATA_HAS_CHANGED]);
+        }
+        let sense = codes::CAPACITY_DATA_HAS_CHANGED;
+        assert_eq!((sense.key, sense.asc, sense.ascq), (sense::key::UNIT_ATTENTION, 0x2a, 0x09));
     }
 }

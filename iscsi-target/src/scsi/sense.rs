@@ -130,6 +130,8 @@ pub mod codes {
     pub const RESERVATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x03);
     pub const RESERVATIONS_RELEASED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x04);
     pub const ASYMMETRIC_ACCESS_STATE_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x06);
+    /// SBC-3 §4.6: the logical unit's capacity changed (an online resize).
+    pub const CAPACITY_DATA_HAS_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x09);
     pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x05);
     pub const COMMANDS_CLEARED_BY_ANOTHER_INITIATOR: Sense =
         Sense::new(key::UNIT_ATTENTION, 0x2f, 0x00);
