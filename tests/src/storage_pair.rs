@@ -1,6 +1,9 @@
 //! Two `tandemd` on loopback replicating one resource `r0` (protocol C, `meta-disk internal`),
 //! each with its own iSCSI portal and a forward link to the other (the secondary's portal is a
 //! remote port of the primary's logical unit), driven with `tandemadm` like an administrator.
+//! [`StoragePair::with_tiebreaker`] adds a third, diskless `tandemd` (`disk none`) so `r0` has
+//! quorum (`quorum majority`) and both diskful nodes run the promoter: a dead primary is
+//! replaced without an administrator.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,11 +29,23 @@ pub struct StoragePair {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub nodes: [PairNode; 2],
+    /// The diskless tiebreaker `tie`, when the resource has quorum.
+    pub tiebreaker: Option<PairNode>,
 }
 
 impl StoragePair {
     /// Writes `r0.res` for two nodes with `volume_bytes` sparse backing files.
     pub fn new(volume_bytes: u64) -> StoragePair {
+        StoragePair::build(volume_bytes, false)
+    }
+
+    /// As [`StoragePair::new`], plus the diskless tiebreaker `tie`, `quorum majority` and the
+    /// promoter on alpha and beta.
+    pub fn with_tiebreaker(volume_bytes: u64) -> StoragePair {
+        StoragePair::build(volume_bytes, true)
+    }
+
+    fn build(volume_bytes: u64, tiebreaker: bool) -> StoragePair {
         let dir = tempfile::tempdir().expect("temp dir");
         let node = |name: &'static str| PairNode {
             name,
@@ -41,7 +56,11 @@ impl StoragePair {
             disk: dir.path().join(format!("{name}.img")),
         };
         let nodes = NODE_NAMES.map(node);
+        let tiebreaker = tiebreaker.then(|| node("tie"));
         let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
+        if tiebreaker.is_some() {
+            text.push_str("  options { quorum majority; on-no-quorum io-error; }\n");
+        }
         for (id, n) in nodes.iter().enumerate() {
             sparse_file(&n.disk, volume_bytes);
             text.push_str(&format!(
@@ -52,10 +71,17 @@ impl StoragePair {
                 n.disk.display()
             ));
         }
+        if tiebreaker.is_some() {
+            text.push_str(&format!(
+                "  on tie {{\n    node-id 2;\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
+                 device minor 0;\n      disk none;\n    }}\n  }}\n",
+                free_port()
+            ));
+        }
         text.push_str("}\n");
         let config = dir.path().join("r0.res");
         std::fs::write(&config, text).expect("writing r0.res");
-        StoragePair { dir, config, nodes }
+        StoragePair { dir, config, nodes, tiebreaker }
     }
 
     /// tandemd for node `index`, listening for the peer's forward link and keeping one to it.
@@ -73,9 +99,37 @@ impl StoragePair {
             .arg(&n.socket)
             .arg("--state-dir")
             .arg(&n.state);
+        if self.tiebreaker.is_some() {
+            command.args(["--promoter", "r0 preferred-nodes alpha,beta"]);
+        }
         let mut daemon = Daemon::spawn(n.name, command);
         daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
         daemon
+    }
+
+    /// tandemd for the diskless tiebreaker (`with_tiebreaker` only).
+    pub fn start_tiebreaker(&self) -> Daemon {
+        let n = self.tiebreaker.as_ref().expect("a pair with a tiebreaker");
+        let mut command = Command::new(binary("tandemd"));
+        command
+            .arg("-c")
+            .arg(&self.config)
+            .args(["--node", n.name, "--portal", &n.portal.to_string()])
+            .arg("--control-socket")
+            .arg(&n.socket)
+            .arg("--state-dir")
+            .arg(&n.state);
+        let mut daemon = Daemon::spawn(n.name, command);
+        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
+        daemon
+    }
+
+    /// `tandemadm ARGS` against the tiebreaker.
+    pub fn adm_tiebreaker(&self, args: &[&str]) -> String {
+        let n = self.tiebreaker.as_ref().expect("a pair with a tiebreaker");
+        let mut command = Command::new(binary("tandemadm"));
+        command.arg("-s").arg(&n.socket).args(args);
+        run_ok(&mut command, COMMAND_TIMEOUT)
     }
 
     /// `tandemadm ARGS` against node `index`; panics with the output when it fails.
@@ -93,11 +147,14 @@ impl StoragePair {
         format!("iscsi://{}/{}/0", self.nodes[index].portal, self.iqn())
     }
 
-    /// create-md + up on both, skip the initial sync, promote `primary`.
+    /// create-md + up on both (and the tiebreaker), skip the initial sync, promote `primary`.
     pub fn bring_up(&self, primary: usize) {
         for i in 0..2 {
             self.adm(i, &["create-md", "r0"]);
             self.adm(i, &["up", "r0"]);
+        }
+        if self.tiebreaker.is_some() {
+            self.adm_tiebreaker(&["up", "r0"]);
         }
         self.adm(primary, &["wait-connect", "--timeout", "20", "r0"]);
         self.adm(primary, &["new-current-uuid", "--clear-bitmap", "r0"]);
