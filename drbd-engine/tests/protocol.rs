@@ -546,3 +546,39 @@ fn a_node_without_quorum_is_not_promoted_and_says_why() {
     assert!(node.has_quorum());
     assert_eq!(node.handle_promote(1, true), Ok(()));
 }
+
+/// `connect --discard-my-data` given to a node that is then promoted and acknowledges writes
+/// must not discard them at the next handshake: promotion drops the pending discard, as
+/// DRBD's drbd_set_role does (simulator seed 102572 lost acknowledged writes this way).
+#[test]
+fn promotion_drops_a_pending_discard_my_data() {
+    use drbd_engine::protocol::{AfterSb0Pri, ConnectionState, Event};
+    use drbd_engine::uuid::SyncDecision;
+    // Both wrote apart; under `disconnect` both ends are left StandAlone.
+    let mut pair = split_brain_then_reconnect(AfterSb0Pri::Disconnect, 5, 3);
+    assert_eq!(pair.nodes[1].connection_state(NodeId(0)), Some(ConnectionState::StandAlone));
+    // The operator starts the manual recovery with node 1 as the victim, then changes its
+    // mind before the link is back: node 1 becomes primary and acknowledges a write.
+    pair.nodes[1].handle_connect(pair.now_ms, NodeId(0), true).unwrap();
+    pair.nodes[1].handle_promote(pair.now_ms, false).unwrap();
+    pair.run();
+    let write = AppRequest::Write { offset_blocks: 40, data: vec![9; 4096].into(), fua: false };
+    pair.request(1, 500, write);
+    assert_eq!(pair.result(500), Some(&Ok(None)));
+    pair.nodes[1].handle_demote(pair.now_ms).unwrap();
+    pair.run();
+    pair.nodes[0].handle_connect(pair.now_ms, NodeId(1), false).unwrap();
+    pair.events.clear();
+    pair.connect(3);
+    let mut decisions: Vec<(usize, SyncDecision)> = pair
+        .events
+        .iter()
+        .filter_map(|(i, e)| match e {
+            Event::HandshakeDecided { decision, .. } => Some((*i, *decision)),
+            _ => None,
+        })
+        .collect();
+    decisions.sort_by_key(|(i, _)| *i);
+    // Still a split brain left to the operator: node 1's acknowledged write is not discarded.
+    assert_eq!(decisions, vec![(0, SyncDecision::SplitBrain), (1, SyncDecision::SplitBrain)]);
+}

@@ -35,22 +35,33 @@ fn three_hundred_three_node_seeds_without_violations() {
     run(1, 300, 3);
 }
 
-/// Seeds that once failed, each with what it exposed; they run on every `cargo test`.
-const REGRESSION_SEEDS: &[(u64, &str)] = &[(
-    21176,
-    "checker: after a forced promotion, a power loss left an older volatile write that was \
-     in neither the promoted image nor its stable content",
-)];
+/// Seeds that once failed (seed, nodes, what it exposed); they run on every `cargo test`.
+const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
+    (
+        21176,
+        2,
+        "checker: after a forced promotion, a power loss left an older volatile write that was \
+         in neither the promoted image nor its stable content",
+    ),
+    (
+        102572,
+        2,
+        "engine: a discard-my-data given before a promotion discarded the writes the forced \
+         primary acknowledged afterwards; sim: a forced promotion kept the cluster manager's \
+         stale knowledge that the (down) peer was promoted apart, so the fence handler \
+         answered peer-is-primary",
+    ),
+];
 
 #[test]
 fn regression_seeds_without_violations() {
-    for (seed, exposed) in REGRESSION_SEEDS {
-        let report = sim::run_seed(*seed, 2);
+    for (seed, nodes, exposed) in REGRESSION_SEEDS {
+        let report = sim::run_seed(*seed, *nodes);
         assert!(
             report.violations.is_empty(),
             "seed {seed} ({exposed}): {}\n  reproduce: {}",
             report.violations.join("; "),
-            sim::reproduce_command(*seed, 2)
+            sim::reproduce_command(*seed, *nodes)
         );
     }
 }

@@ -1771,6 +1771,12 @@ impl Node {
         self.persist_flags(|f| f.primary_indicator = true);
         self.role = Role::Primary;
         self.demote_pending = false;
+        // A pending `connect --discard-my-data` is dropped, as DRBD's drbd_set_role does:
+        // from now on this node acknowledges writes, which a later handshake must not
+        // discard because of an order given before them.
+        for p in &mut self.peers {
+            p.discard_my_data = false;
+        }
         self.quorum_promoted();
         self.emit(Event::RoleChanged(Role::Primary));
         self.broadcast_state();

@@ -1137,6 +1137,10 @@ impl World {
     /// Bookkeeping and checks after node i was promoted.
     fn promoted(&mut self, i: usize, force: bool) {
         self.report.promotions += 1;
+        // The engine drops a pending discard-my-data on promotion (as DRBD does).
+        for j in 0..self.swarm.nodes {
+            self.discard_requested[i][j] = false;
+        }
         self.promoted_at[i] = Some(self.now_ms);
         self.last_primary = Some(i);
         let mut apart_from_primary = false;
@@ -1162,6 +1166,13 @@ impl World {
             let volatile = self.nodes[i].disk.volatile_writes();
             self.models[self.lineage[i]].rebase(&image, &stable, volatile);
             self.stale[i] = None;
+            // The operator outdated every other node and declared this data the truth: what
+            // the cluster manager knew about a peer promoted apart from us (its data is the
+            // newer one) no longer holds, so a fence-peer handler must not answer "peer is
+            // primary" for it any more (seed 102572).
+            for j in 0..self.swarm.nodes {
+                self.promoted_apart[j][i] = false;
+            }
             for j in 0..self.swarm.nodes {
                 if j != i {
                     self.set_dirty(i, j);
@@ -1680,7 +1691,11 @@ impl World {
     /// - 6, peer is primary: the peer is primary, or was promoted while apart from us (its
     ///   data is the newer); under resource-and-stonith the cluster then shoots this old
     ///   primary instead of returning; under resource-only this node outdates itself and the
-    ///   cluster manager demotes it;
+    ///   cluster manager demotes it. A promoted peer that is down since still gets this
+    ///   answer: the cluster manager remembers whom it promoted, and its data stays the newer
+    ///   until the two resync, or until an operator forces *this* node primary (that
+    ///   outdates every other node and declares this data the truth, so the knowledge is
+    ///   dropped in `promoted`);
     /// - 7, peer stonithed (resource-and-stonith only): the peer is alive but cannot be
     ///   outdated (it has not noticed the loss yet); the handler shoots it and marks its disk
     ///   Outdated. Under resource-only the handler waits and tries again instead.
