@@ -127,6 +127,8 @@ struct Pair {
     deliver: [bool; 2],
     completions: Vec<(usize, RequestId, RequestResult)>,
     events: Vec<(usize, drbd_engine::protocol::Event)>,
+    /// fail_next_io[i]: node i's next disk I/O fails.
+    fail_next_io: [bool; 2],
 }
 
 impl Pair {
@@ -141,6 +143,7 @@ impl Pair {
             deliver: [true; 2],
             completions: Vec::new(),
             events: Vec::new(),
+            fail_next_io: [false; 2],
         }
     }
 
@@ -155,6 +158,11 @@ impl Pair {
                     match output {
                         Output::Transmit { frame, .. } if self.deliver[1 - i] => {
                             self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec())
+                        }
+                        Output::DiskIo { id, .. } if self.fail_next_io[i] => {
+                            self.fail_next_io[i] = false;
+                            let failed = Err(drbd_engine::protocol::node::IoFailed);
+                            self.nodes[i].handle_disk_completion(now, id, failed);
                         }
                         Output::DiskIo { id, op } => {
                             let result = match op {
@@ -581,4 +589,29 @@ fn promotion_drops_a_pending_discard_my_data() {
     decisions.sort_by_key(|(i, _)| *i);
     // Still a split brain left to the operator: node 1's acknowledged write is not discarded.
     assert_eq!(decisions, vec![(0, SyncDecision::SplitBrain), (1, SyncDecision::SplitBrain)]);
+}
+
+/// A write done on the primary's disk but not yet acknowledged by the peer (the link is
+/// silently gone) must not be acknowledged when the primary's disk then fails: detaching
+/// discards the local copy (full resync on attach), so the write may be nowhere.
+#[test]
+fn a_write_only_on_a_disk_that_then_fails_is_not_acknowledged() {
+    for fencing in [Fencing::DontCare, Fencing::ResourceOnly] {
+        let mut pair = Pair::new(fencing);
+        pair.connect(1);
+        pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+        pair.run();
+        pair.nodes[0].handle_promote(3, false).unwrap();
+        pair.run();
+        // Frames stop arriving; nobody has noticed yet.
+        pair.deliver = [false; 2];
+        let write = AppRequest::Write { offset_blocks: 5, data: vec![3; 4096].into(), fua: false };
+        pair.request(0, 1, write);
+        assert!(pair.result(1).is_none(), "{fencing:?}: waits for the peer's ack");
+        // The next I/O fails: the disk is detached and the peer connection dropped with it.
+        pair.fail_next_io[0] = true;
+        pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
+        assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless, "{fencing:?}");
+        assert_eq!(pair.result(1), Some(&Err(RequestError::Io)), "{fencing:?}");
+    }
 }

@@ -51,6 +51,20 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          stale knowledge that the (down) peer was promoted apart, so the fence handler \
          answered peer-is-primary",
     ),
+    (
+        31,
+        2,
+        "engine: the primary's disk failed while a write waited for the ack of a peer behind \
+         an unnoticed partition; the detach dropped the peer and the write was acknowledged \
+         although its only copy was on the detached disk (first seen with the primary disk \
+         failures of sim/more_faults.rs)",
+    ),
+    (
+        30,
+        3,
+        "engine: a primary whose disk failed under quorum (suspend-io) held its writes forever: \
+         detached, it connects to no one, so quorum never returned and it could not be demoted",
+    ),
 ];
 
 #[test]

@@ -1174,9 +1174,12 @@ impl Node {
                 Err(RequestError::NoUpToDateData)
             } else if self.quorum_fails_request(w.request) {
                 Err(RequestError::NoQuorum)
-            } else if w.local == LocalState::Done {
+            } else if w.local == LocalState::Done && self.disk != DiskState::Diskless {
                 Ok(None)
             } else {
+                // Detached since the local write finished: that copy is discarded (the disk
+                // is fully resynced on attach), and the peers waited for may have been lost
+                // rather than have acknowledged it. Failed means "may or may not have landed".
                 Err(RequestError::Io)
             };
             self.outputs.push_back(Output::Complete { request: w.request, result });
@@ -1638,6 +1641,11 @@ impl Node {
 
     fn start_fence(&mut self, i: usize) {
         let peer = self.peers[i].id;
+        if self.disk == DiskState::Diskless && !self.config.quorum.diskless {
+            // Detached: we write nothing any more, and outdating the peer would outdate the
+            // only good copy. DRBD: "Not fencing peer, I'm not even Consistent myself."
+            return;
+        }
         if self.fence_pending & peer.bit() == 0 {
             self.fence_pending |= peer.bit();
             // With quorum alone the fence is settled in-protocol (`quorum_node`).

@@ -39,6 +39,7 @@
 
 pub mod disk;
 pub mod model;
+pub mod more_faults;
 pub mod rng;
 pub mod verify;
 
@@ -326,6 +327,7 @@ pub struct Report {
     /// Lineages forked because two nodes wrote apart under dont-care.
     pub lineage_forks: u64,
     pub verify: verify::VerifyReport,
+    pub more: more_faults::MoreFaultsReport,
     /// Runs with quorum enabled (the summary names the quorum counters only then).
     pub quorum_runs: u64,
     /// Primaries that lost quorum, and got it back.
@@ -365,6 +367,7 @@ impl Report {
         self.old_primaries_shot += other.old_primaries_shot;
         self.lineage_forks += other.lineage_forks;
         self.verify.add(&other.verify);
+        self.more.add(&other.more);
         self.quorum_runs += other.quorum_runs;
         self.quorum_losses += other.quorum_losses;
         self.quorum_regains += other.quorum_regains;
@@ -384,7 +387,7 @@ impl Report {
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
-             ({} pri-lost-after-sb calls), {} connections refused by authentication",
+             ({} pri-lost-after-sb calls), {} connections refused by authentication; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -406,7 +409,8 @@ impl Report {
             self.sim_ms,
             self.split_brains_auto_resolved,
             self.primary_lost_calls,
-            self.auth_refusals
+            self.auth_refusals,
+            self.more.summary()
         ) + &self.quorum_summary()
     }
 
@@ -489,6 +493,7 @@ pub struct World {
     violations: Vec<String>,
     report: Report,
     verify: verify::VerifyState,
+    more: more_faults::MoreFaultsState,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -558,6 +563,7 @@ impl World {
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
             verify: verify::VerifyState::new(seed),
+            more: more_faults::MoreFaultsState::new(seed),
         }
     }
 
@@ -1010,6 +1016,7 @@ impl World {
             self.try_promote(true);
         }
         self.verify_faults();
+        self.more_faults();
         // A detached node gets its disk re-attached (a restart) after a while.
         for i in 0..n {
             if self.is_diskless(i) {
@@ -1326,9 +1333,10 @@ impl World {
                 }
                 Output::DiskIo { id, op } => {
                     let latency = self.rng.range(0, self.swarm.disk_latency_ms_max);
-                    let error = !self.healing
+                    let error = (!self.healing
                         && self.may_fail_disk(i)
-                        && self.rng.chance(self.swarm.disk_error_ppm);
+                        && self.rng.chance(self.swarm.disk_error_ppm))
+                        || self.more_disk_error(i);
                     let flush_point = self.nodes[i].disk.flush_point();
                     if let DiskOp::Write { offset_blocks, data, fua, .. } = &op {
                         self.nodes[i]
@@ -1345,6 +1353,7 @@ impl World {
                     if let MetaUpdate::BitmapSet { peer, .. } = &update
                         && !constructing
                         && role == Role::Primary
+                        && !self.detached_disk(i)
                     {
                         self.set_dirty(i, peer.index());
                         self.log(|| format!("node {i} dirty for {peer} via {update:?}"));
@@ -1530,6 +1539,7 @@ impl World {
                 }
             }
             Event::SyncRefused { peer, .. } => self.resolve_standalone(i, peer.index()),
+            Event::Detached => self.detached(i),
             Event::UnrelatedData { peer } => {
                 self.violation(format!("node {i} and {peer} reported unrelated data"));
             }
@@ -1702,7 +1712,7 @@ impl World {
     fn fence_done(&mut self, i: usize, incarnation: u64, peer: usize) {
         let still_pending = self.nodes[i].incarnation == incarnation
             && self.nodes[i].node.as_ref().is_some_and(|n| n.fence_pending(nid(peer)));
-        if !still_pending {
+        if !still_pending || self.more_fence_fails(i, incarnation, peer) {
             return;
         }
         let stonith = self.swarm.fencing == Fencing::ResourceAndStonith;
