@@ -65,6 +65,18 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         "engine: a primary whose disk failed under quorum (suspend-io) held its writes forever: \
          detached, it connects to no one, so quorum never returned and it could not be demoted",
     ),
+    (
+        1093,
+        3,
+        "engine: a read that finished after its primary detached (and so lost quorum) was \
+         served; reads finishing or held past a detach fail now",
+    ),
+    (
+        100305,
+        2,
+        "sim: a primary disk failure was injected while a partition nobody had noticed kept \
+         the peer SyncTarget (the source already counted it UpToDate): a double failure",
+    ),
 ];
 
 #[test]

@@ -1222,6 +1222,9 @@ impl Node {
                 Err(RequestError::NoUpToDateData)
             } else if self.quorum_fails_request(request) {
                 Err(RequestError::NoQuorum)
+            } else if self.disk == DiskState::Diskless {
+                // Held, then detached: as a read finishing after the detach.
+                Err(RequestError::Io)
             } else {
                 Ok(Some(data))
             };
@@ -1324,16 +1327,20 @@ impl Node {
         };
         match purpose {
             IoPurpose::AppRead { request } => {
+                // A read that finishes after the disk was detached fails: that disk is no
+                // longer ours to serve from (and a detached primary holds nothing).
+                let detached = self.disk == DiskState::Diskless;
                 let result = match result {
                     Ok(Some(data))
-                        if self.fence_pending != 0 || self.quorum_holds_read(request) =>
+                        if !detached
+                            && (self.fence_pending != 0 || self.quorum_holds_read(request)) =>
                     {
                         // Still counted in app_reads: it completes when the fence is settled.
                         self.held_reads.push((request, data));
                         self.pump();
                         return;
                     }
-                    Ok(Some(data)) => Ok(Some(data)),
+                    Ok(Some(data)) if !detached => Ok(Some(data)),
                     _ => {
                         self.detach();
                         Err(RequestError::Io)

@@ -137,14 +137,24 @@ impl World {
     }
 
     /// A primary's disk may fail only where that loses no data: protocol C, and every diskful
-    /// peer connected, Established and UpToDate, holding everything we hold.
+    /// peer connected, Established and UpToDate, holding everything we hold. Both ends' views
+    /// and the network's ground truth must agree: a sync source that just finished counts
+    /// its peer UpToDate before the peer hears it, and a partition nobody noticed yet leaves
+    /// the peer SyncTarget (Inconsistent) for good when the primary's disk fails then: two
+    /// failures, no UpToDate copy left (seed 100305).
     fn primary_disk_may_fail(&self, i: usize) -> bool {
         let Some(n) = self.nodes[i].node.as_ref() else { return false };
         self.swarm.protocol == ReplicationProtocol::C
             && n.role() == Role::Primary
             && n.disk_state() == DiskState::UpToDate
             && (0..self.swarm.nodes).filter(|j| *j != i && !self.is_diskless(*j)).all(|j| {
+                let peer_agrees = self.nodes[j].node.as_ref().is_some_and(|m| {
+                    m.disk_state() == DiskState::UpToDate
+                        && m.replication_state(nid(i)) == Some(ReplicationState::Established)
+                });
                 !self.dirty[i][j]
+                    && peer_agrees
+                    && !self.partitioned.get(&super::pair(i, j)).copied().unwrap_or(false)
                     && n.replication_state(nid(j)) == Some(ReplicationState::Established)
                     && n.peer_disk_state(nid(j)) == Some(DiskState::UpToDate)
             })
