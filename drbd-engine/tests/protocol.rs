@@ -127,6 +127,8 @@ struct Pair {
     deliver: [bool; 2],
     completions: Vec<(usize, RequestId, RequestResult)>,
     events: Vec<(usize, drbd_engine::protocol::Event)>,
+    /// fail_next_io[i]: node i's next disk I/O fails.
+    fail_next_io: [bool; 2],
 }
 
 impl Pair {
@@ -141,6 +143,7 @@ impl Pair {
             deliver: [true; 2],
             completions: Vec::new(),
             events: Vec::new(),
+            fail_next_io: [false; 2],
         }
     }
 
@@ -155,6 +158,11 @@ impl Pair {
                     match output {
                         Output::Transmit { frame, .. } if self.deliver[1 - i] => {
                             self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec())
+                        }
+                        Output::DiskIo { id, .. } if self.fail_next_io[i] => {
+                            self.fail_next_io[i] = false;
+                            let failed = Err(drbd_engine::protocol::node::IoFailed);
+                            self.nodes[i].handle_disk_completion(now, id, failed);
                         }
                         Output::DiskIo { id, op } => {
                             let result = match op {
@@ -545,4 +553,65 @@ fn a_node_without_quorum_is_not_promoted_and_says_why() {
     );
     assert!(node.has_quorum());
     assert_eq!(node.handle_promote(1, true), Ok(()));
+}
+
+/// `connect --discard-my-data` given to a node that is then promoted and acknowledges writes
+/// must not discard them at the next handshake: promotion drops the pending discard, as
+/// DRBD's drbd_set_role does (simulator seed 102572 lost acknowledged writes this way).
+#[test]
+fn promotion_drops_a_pending_discard_my_data() {
+    use drbd_engine::protocol::{AfterSb0Pri, ConnectionState, Event};
+    use drbd_engine::uuid::SyncDecision;
+    // Both wrote apart; under `disconnect` both ends are left StandAlone.
+    let mut pair = split_brain_then_reconnect(AfterSb0Pri::Disconnect, 5, 3);
+    assert_eq!(pair.nodes[1].connection_state(NodeId(0)), Some(ConnectionState::StandAlone));
+    // The operator starts the manual recovery with node 1 as the victim, then changes its
+    // mind before the link is back: node 1 becomes primary and acknowledges a write.
+    pair.nodes[1].handle_connect(pair.now_ms, NodeId(0), true).unwrap();
+    pair.nodes[1].handle_promote(pair.now_ms, false).unwrap();
+    pair.run();
+    let write = AppRequest::Write { offset_blocks: 40, data: vec![9; 4096].into(), fua: false };
+    pair.request(1, 500, write);
+    assert_eq!(pair.result(500), Some(&Ok(None)));
+    pair.nodes[1].handle_demote(pair.now_ms).unwrap();
+    pair.run();
+    pair.nodes[0].handle_connect(pair.now_ms, NodeId(1), false).unwrap();
+    pair.events.clear();
+    pair.connect(3);
+    let mut decisions: Vec<(usize, SyncDecision)> = pair
+        .events
+        .iter()
+        .filter_map(|(i, e)| match e {
+            Event::HandshakeDecided { decision, .. } => Some((*i, *decision)),
+            _ => None,
+        })
+        .collect();
+    decisions.sort_by_key(|(i, _)| *i);
+    // Still a split brain left to the operator: node 1's acknowledged write is not discarded.
+    assert_eq!(decisions, vec![(0, SyncDecision::SplitBrain), (1, SyncDecision::SplitBrain)]);
+}
+
+/// A write done on the primary's disk but not yet acknowledged by the peer (the link is
+/// silently gone) must not be acknowledged when the primary's disk then fails: detaching
+/// discards the local copy (full resync on attach), so the write may be nowhere.
+#[test]
+fn a_write_only_on_a_disk_that_then_fails_is_not_acknowledged() {
+    for fencing in [Fencing::DontCare, Fencing::ResourceOnly] {
+        let mut pair = Pair::new(fencing);
+        pair.connect(1);
+        pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
+        pair.run();
+        pair.nodes[0].handle_promote(3, false).unwrap();
+        pair.run();
+        // Frames stop arriving; nobody has noticed yet.
+        pair.deliver = [false; 2];
+        let write = AppRequest::Write { offset_blocks: 5, data: vec![3; 4096].into(), fua: false };
+        pair.request(0, 1, write);
+        assert!(pair.result(1).is_none(), "{fencing:?}: waits for the peer's ack");
+        // The next I/O fails: the disk is detached and the peer connection dropped with it.
+        pair.fail_next_io[0] = true;
+        pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
+        assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless, "{fencing:?}");
+        assert_eq!(pair.result(1), Some(&Err(RequestError::Io)), "{fencing:?}");
+    }
 }

@@ -35,22 +35,59 @@ fn three_hundred_three_node_seeds_without_violations() {
     run(1, 300, 3);
 }
 
-/// Seeds that once failed, each with what it exposed; they run on every `cargo test`.
-const REGRESSION_SEEDS: &[(u64, &str)] = &[(
-    21176,
-    "checker: after a forced promotion, a power loss left an older volatile write that was \
-     in neither the promoted image nor its stable content",
-)];
+/// Seeds that once failed (seed, nodes, what it exposed); they run on every `cargo test`.
+const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
+    (
+        21176,
+        2,
+        "checker: after a forced promotion, a power loss left an older volatile write that was \
+         in neither the promoted image nor its stable content",
+    ),
+    (
+        102572,
+        2,
+        "engine: a discard-my-data given before a promotion discarded the writes the forced \
+         primary acknowledged afterwards; sim: a forced promotion kept the cluster manager's \
+         stale knowledge that the (down) peer was promoted apart, so the fence handler \
+         answered peer-is-primary",
+    ),
+    (
+        31,
+        2,
+        "engine: the primary's disk failed while a write waited for the ack of a peer behind \
+         an unnoticed partition; the detach dropped the peer and the write was acknowledged \
+         although its only copy was on the detached disk (first seen with the primary disk \
+         failures of sim/more_faults.rs)",
+    ),
+    (
+        30,
+        3,
+        "engine: a primary whose disk failed under quorum (suspend-io) held its writes forever: \
+         detached, it connects to no one, so quorum never returned and it could not be demoted",
+    ),
+    (
+        1093,
+        3,
+        "engine: a read that finished after its primary detached (and so lost quorum) was \
+         served; reads finishing or held past a detach fail now",
+    ),
+    (
+        100305,
+        2,
+        "sim: a primary disk failure was injected while a partition nobody had noticed kept \
+         the peer SyncTarget (the source already counted it UpToDate): a double failure",
+    ),
+];
 
 #[test]
 fn regression_seeds_without_violations() {
-    for (seed, exposed) in REGRESSION_SEEDS {
-        let report = sim::run_seed(*seed, 2);
+    for (seed, nodes, exposed) in REGRESSION_SEEDS {
+        let report = sim::run_seed(*seed, *nodes);
         assert!(
             report.violations.is_empty(),
             "seed {seed} ({exposed}): {}\n  reproduce: {}",
             report.violations.join("; "),
-            sim::reproduce_command(*seed, 2)
+            sim::reproduce_command(*seed, *nodes)
         );
     }
 }

@@ -56,7 +56,8 @@ fn main() -> ExitCode {
         let report = sim::run_seed(s, nodes);
         total.add(&report);
         if verbose {
-            println!("seed {s}: {:?}", sim::World::new(s, nodes).swarm());
+            let world = sim::World::new(s, nodes);
+            println!("seed {s}: {:?} {:?}", world.swarm(), world.more_faults_swarm());
             println!("seed {s}: {}", report.summary());
         }
         if !report.violations.is_empty() {

@@ -1217,9 +1217,12 @@ impl Node {
                 Err(RequestError::NoUpToDateData)
             } else if self.quorum_fails_request(w.request) {
                 Err(RequestError::NoQuorum)
-            } else if w.local == LocalState::Done {
+            } else if w.local == LocalState::Done && self.disk != DiskState::Diskless {
                 Ok(None)
             } else {
+                // Detached since the local write finished: that copy is discarded (the disk
+                // is fully resynced on attach), and the peers waited for may have been lost
+                // rather than have acknowledged it. Failed means "may or may not have landed".
                 Err(RequestError::Io)
             };
             self.outputs.push_back(Output::Complete { request: w.request, result });
@@ -1262,6 +1265,9 @@ impl Node {
                 Err(RequestError::NoUpToDateData)
             } else if self.quorum_fails_request(request) {
                 Err(RequestError::NoQuorum)
+            } else if self.disk == DiskState::Diskless {
+                // Held, then detached: as a read finishing after the detach.
+                Err(RequestError::Io)
             } else {
                 Ok(Some(data))
             };
@@ -1364,16 +1370,20 @@ impl Node {
         };
         match purpose {
             IoPurpose::AppRead { request } => {
+                // A read that finishes after the disk was detached fails: that disk is no
+                // longer ours to serve from (and a detached primary holds nothing).
+                let detached = self.disk == DiskState::Diskless;
                 let result = match result {
                     Ok(Some(data))
-                        if self.fence_pending != 0 || self.quorum_holds_read(request) =>
+                        if !detached
+                            && (self.fence_pending != 0 || self.quorum_holds_read(request)) =>
                     {
                         // Still counted in app_reads: it completes when the fence is settled.
                         self.held_reads.push((request, data));
                         self.pump();
                         return;
                     }
-                    Ok(Some(data)) => Ok(Some(data)),
+                    Ok(Some(data)) if !detached => Ok(Some(data)),
                     _ => {
                         self.detach();
                         Err(RequestError::Io)
@@ -1681,6 +1691,11 @@ impl Node {
 
     fn start_fence(&mut self, i: usize) {
         let peer = self.peers[i].id;
+        if self.disk == DiskState::Diskless && !self.config.quorum.diskless {
+            // Detached: we write nothing any more, and outdating the peer would outdate the
+            // only good copy. DRBD: "Not fencing peer, I'm not even Consistent myself."
+            return;
+        }
         if self.fence_pending & peer.bit() == 0 {
             self.fence_pending |= peer.bit();
             self.quorum_fence_started();
@@ -1815,6 +1830,12 @@ impl Node {
         self.persist_flags(|f| f.primary_indicator = true);
         self.role = Role::Primary;
         self.demote_pending = false;
+        // A pending `connect --discard-my-data` is dropped, as DRBD's drbd_set_role does:
+        // from now on this node acknowledges writes, which a later handshake must not
+        // discard because of an order given before them.
+        for p in &mut self.peers {
+            p.discard_my_data = false;
+        }
         self.quorum_promoted();
         self.emit(Event::RoleChanged(Role::Primary));
         self.broadcast_state();

@@ -119,8 +119,13 @@ impl Node {
     /// Application I/O of this primary waits.
     pub(super) fn quorum_holds_io(&self) -> bool {
         let q = &self.quorum_state;
+        // A detached primary holds nothing: its disk is gone and it is connected to no one
+        // until it is re-attached (after its demotion), so what it held would wait forever;
+        // its requests fail instead.
+        let detached = self.disk == DiskState::Diskless && !self.config.quorum.diskless;
         self.config.quorum.enabled()
             && self.role == Role::Primary
+            && !detached
             && ((!q.have && self.config.quorum.on_no_quorum == OnNoQuorum::SuspendIo)
                 || (q.have && !q.confirmed))
     }

@@ -39,6 +39,7 @@
 
 pub mod disk;
 pub mod model;
+pub mod more_faults;
 pub mod rng;
 pub mod verify;
 
@@ -326,6 +327,7 @@ pub struct Report {
     /// Lineages forked because two nodes wrote apart under dont-care.
     pub lineage_forks: u64,
     pub verify: verify::VerifyReport,
+    pub more: more_faults::MoreFaultsReport,
     /// Runs with quorum enabled (the summary names the quorum counters only then).
     pub quorum_runs: u64,
     /// Primaries that lost quorum, and got it back.
@@ -365,6 +367,7 @@ impl Report {
         self.old_primaries_shot += other.old_primaries_shot;
         self.lineage_forks += other.lineage_forks;
         self.verify.add(&other.verify);
+        self.more.add(&other.more);
         self.quorum_runs += other.quorum_runs;
         self.quorum_losses += other.quorum_losses;
         self.quorum_regains += other.quorum_regains;
@@ -384,7 +387,7 @@ impl Report {
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
-             ({} pri-lost-after-sb calls), {} connections refused by authentication",
+             ({} pri-lost-after-sb calls), {} connections refused by authentication; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -406,7 +409,8 @@ impl Report {
             self.sim_ms,
             self.split_brains_auto_resolved,
             self.primary_lost_calls,
-            self.auth_refusals
+            self.auth_refusals,
+            self.more.summary()
         ) + &self.quorum_summary()
     }
 
@@ -489,6 +493,7 @@ pub struct World {
     violations: Vec<String>,
     report: Report,
     verify: verify::VerifyState,
+    more: more_faults::MoreFaultsState,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -558,6 +563,7 @@ impl World {
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
             verify: verify::VerifyState::new(seed),
+            more: more_faults::MoreFaultsState::new(seed),
         }
     }
 
@@ -1010,6 +1016,7 @@ impl World {
             self.try_promote(true);
         }
         self.verify_faults();
+        self.more_faults();
         // A detached node gets its disk re-attached (a restart) after a while.
         for i in 0..n {
             if self.is_diskless(i) {
@@ -1137,6 +1144,10 @@ impl World {
     /// Bookkeeping and checks after node i was promoted.
     fn promoted(&mut self, i: usize, force: bool) {
         self.report.promotions += 1;
+        // The engine drops a pending discard-my-data on promotion (as DRBD does).
+        for j in 0..self.swarm.nodes {
+            self.discard_requested[i][j] = false;
+        }
         self.promoted_at[i] = Some(self.now_ms);
         self.last_primary = Some(i);
         let mut apart_from_primary = false;
@@ -1162,6 +1173,13 @@ impl World {
             let volatile = self.nodes[i].disk.volatile_writes();
             self.models[self.lineage[i]].rebase(&image, &stable, volatile);
             self.stale[i] = None;
+            // The operator outdated every other node and declared this data the truth: what
+            // the cluster manager knew about a peer promoted apart from us (its data is the
+            // newer one) no longer holds, so a fence-peer handler must not answer "peer is
+            // primary" for it any more (seed 102572).
+            for j in 0..self.swarm.nodes {
+                self.promoted_apart[j][i] = false;
+            }
             for j in 0..self.swarm.nodes {
                 if j != i {
                     self.set_dirty(i, j);
@@ -1315,9 +1333,10 @@ impl World {
                 }
                 Output::DiskIo { id, op } => {
                     let latency = self.rng.range(0, self.swarm.disk_latency_ms_max);
-                    let error = !self.healing
+                    let error = (!self.healing
                         && self.may_fail_disk(i)
-                        && self.rng.chance(self.swarm.disk_error_ppm);
+                        && self.rng.chance(self.swarm.disk_error_ppm))
+                        || self.more_disk_error(i);
                     let flush_point = self.nodes[i].disk.flush_point();
                     if let DiskOp::Write { offset_blocks, data, fua, .. } = &op {
                         self.nodes[i]
@@ -1334,6 +1353,7 @@ impl World {
                     if let MetaUpdate::BitmapSet { peer, .. } = &update
                         && !constructing
                         && role == Role::Primary
+                        && !self.detached_disk(i)
                     {
                         self.set_dirty(i, peer.index());
                         self.log(|| format!("node {i} dirty for {peer} via {update:?}"));
@@ -1519,6 +1539,7 @@ impl World {
                 }
             }
             Event::SyncRefused { peer, .. } => self.resolve_standalone(i, peer.index()),
+            Event::Detached => self.detached(i),
             Event::UnrelatedData { peer } => {
                 self.violation(format!("node {i} and {peer} reported unrelated data"));
             }
@@ -1680,14 +1701,18 @@ impl World {
     /// - 6, peer is primary: the peer is primary, or was promoted while apart from us (its
     ///   data is the newer); under resource-and-stonith the cluster then shoots this old
     ///   primary instead of returning; under resource-only this node outdates itself and the
-    ///   cluster manager demotes it;
+    ///   cluster manager demotes it. A promoted peer that is down since still gets this
+    ///   answer: the cluster manager remembers whom it promoted, and its data stays the newer
+    ///   until the two resync, or until an operator forces *this* node primary (that
+    ///   outdates every other node and declares this data the truth, so the knowledge is
+    ///   dropped in `promoted`);
     /// - 7, peer stonithed (resource-and-stonith only): the peer is alive but cannot be
     ///   outdated (it has not noticed the loss yet); the handler shoots it and marks its disk
     ///   Outdated. Under resource-only the handler waits and tries again instead.
     fn fence_done(&mut self, i: usize, incarnation: u64, peer: usize) {
         let still_pending = self.nodes[i].incarnation == incarnation
             && self.nodes[i].node.as_ref().is_some_and(|n| n.fence_pending(nid(peer)));
-        if !still_pending {
+        if !still_pending || self.more_fence_fails(i, incarnation, peer) {
             return;
         }
         let stonith = self.swarm.fencing == Fencing::ResourceAndStonith;
