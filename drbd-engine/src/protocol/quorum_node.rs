@@ -420,7 +420,7 @@ impl Node {
         doomed.extend(self.app_flushes.iter().map(|f| f.request.0));
         doomed.extend(self.held_reads.iter().map(|(r, _)| r.0));
         doomed.extend(self.ios.values().filter_map(|p| match p {
-            IoPurpose::AppRead { request } => Some(request.0),
+            IoPurpose::AppRead { request, .. } => Some(request.0),
             _ => None,
         }));
         self.role = Role::Secondary;

@@ -623,6 +623,7 @@ impl World {
             } else {
                 self.swarm.after_sb.seen_from_peer()
             },
+            ..Config::default()
         }
     }
 
