@@ -1395,7 +1395,12 @@ impl Node {
             }
             IoPurpose::AppWrite { write } => {
                 let ok = result.is_ok();
-                let w = self.app_writes.get_mut(&write).expect("app write in flight");
+                let Some(w) = self.app_writes.get_mut(&write) else {
+                    // Completed through the peers after a detach: the local result is moot.
+                    assert!(self.diskless.detached, "app write {write} in flight");
+                    self.pump();
+                    return;
+                };
                 self.completion_candidates.write(write);
                 if !w.remote_only {
                     // (A detached node's writes complete through its peers: the disk is moot.)

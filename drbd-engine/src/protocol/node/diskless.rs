@@ -512,6 +512,10 @@ impl Node {
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.set_replication(i, ReplicationState::Established);
+        // Back as a secondary: a diskless peer has nothing to be promoted with but us, and a
+        // diskful one gets our writes from now on, or is a stale non-source to this diskless
+        // node; either way a fence pending for it is settled, as for an in-sync handshake.
+        self.fence_pending &= !self.peers[i].id.bit();
         self.broadcast_state();
         true
     }
