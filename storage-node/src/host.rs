@@ -1108,9 +1108,18 @@ impl Host {
                 }
                 Ok(())
             }
-            Verb::Attach
-            | Verb::Detach
-            | Verb::Invalidate
+            Verb::Attach | Verb::Detach => {
+                // drbdadm detach: stop using the local disk, serve through the UpToDate peers;
+                // attach (as Secondary): the disk is back, the peer resyncs what it marked.
+                let device = self.require_running(slot)?;
+                let (result, verb) = if request.verb == Verb::Attach {
+                    (device.attach().await, "attach")
+                } else {
+                    (device.detach().await, "detach")
+                };
+                result.map_err(|e| explain_state_error(&slot.name, verb, e))
+            }
+            Verb::Invalidate
             | Verb::InvalidateRemote
             | Verb::PauseSync
             | Verb::ResumeSync
