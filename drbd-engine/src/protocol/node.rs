@@ -1041,6 +1041,7 @@ impl Node {
                 && (w.local == LocalState::Pending || w.waiting != 0)
                 && overlaps(w.first, w.blocks, first, blocks)
         }) || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
+            || self.diskless_read_in_flight(first, blocks)
             || self.peers.iter().any(|p| {
                 p.resync.as_ref().is_some_and(|r| {
                     r.in_flight

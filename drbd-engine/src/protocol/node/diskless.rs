@@ -600,6 +600,12 @@ impl Node {
         }
     }
 
+    /// A read sent to a peer overlaps the range: a write to it waits, so that it cannot be
+    /// acknowledged before a read issued earlier returns the older data.
+    pub(super) fn diskless_read_in_flight(&self, first: u64, blocks: u64) -> bool {
+        self.diskless.reads.values().any(|r| overlaps(r.first, r.blocks, first, blocks))
+    }
+
     fn take_remote_read(&mut self, i: usize, id: u64) -> Option<RemoteRead> {
         let p = &self.peers[i];
         let matches =
