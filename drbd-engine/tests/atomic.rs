@@ -22,6 +22,7 @@ fn node(id: u8, peer: u8) -> drbd_engine::protocol::Node {
         digests: Default::default(),
         quorum: Default::default(),
         after_sb: Default::default(),
+        on_io_error: Default::default(),
     };
     drbd_engine::protocol::Node::new(config, Metadata::create(NodeId(id), DEVICE_BLOCKS), 0)
 }

@@ -288,6 +288,7 @@ fn drbdmeta_prepared_files_attach_and_resync_only_the_marked_blocks() {
                 quorum: Default::default(),
                 after_sb: Default::default(),
                 shared_secret: None,
+                on_io_error: Default::default(),
             };
             let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
             assert_eq!(device.size_bytes(), layout.data_size_bytes, "the data area only");

@@ -18,6 +18,7 @@ fn config() -> Config {
         digests: Default::default(),
         quorum: Default::default(),
         after_sb: Default::default(),
+        on_io_error: Default::default(),
     }
 }
 

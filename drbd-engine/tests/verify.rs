@@ -39,6 +39,7 @@ fn config(peer: u8, digests: DigestSettings) -> Config {
         digests,
         quorum: Default::default(),
         after_sb: Default::default(),
+        on_io_error: Default::default(),
     }
 }
 

@@ -310,6 +310,7 @@ pub fn plan_resource(
             quorum,
             after_sb,
             shared_secret,
+            on_io_error: on_io_error_of(disk.on_io_error()).map_err(|e| format!("{name}: {e}"))?,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -397,6 +398,21 @@ fn shared_secret_of(net: &NetOptions) -> Result<Option<Vec<u8>>, String> {
     let secret = net.shared_secret.as_deref().ok_or("cram-hmac-alg needs a shared-secret")?;
     drbd_engine::protocol::auth::check_secret(secret.as_bytes())?;
     Ok(Some(secret.as_bytes().to_vec()))
+}
+
+/// `disk { on-io-error; }`: detach (DRBD's default) and pass_on; the engine runs no
+/// local-io-error handler.
+fn on_io_error_of(
+    policy: crate::config::OnIoError,
+) -> Result<drbd_engine::protocol::OnIoError, String> {
+    use crate::config::OnIoError as Words;
+    match policy {
+        Words::Detach => Ok(drbd_engine::protocol::OnIoError::Detach),
+        Words::PassOn => Ok(drbd_engine::protocol::OnIoError::PassOn),
+        Words::CallLocalIoError => Err("disk { on-io-error call-local-io-error; } is not \
+             supported (no local-io-error handler): use detach or pass_on"
+            .to_owned()),
+    }
 }
 
 fn fencing_of(policy: FencingPolicy) -> Fencing {
@@ -1181,9 +1197,18 @@ impl Host {
                 }
                 Ok(())
             }
-            Verb::Attach
-            | Verb::Detach
-            | Verb::Invalidate
+            Verb::Attach | Verb::Detach => {
+                // drbdadm detach: stop using the local disk, serve through the UpToDate peers;
+                // attach (as Secondary): the disk is back, the peer resyncs what it marked.
+                let device = self.require_running(slot)?;
+                let (result, verb) = if request.verb == Verb::Attach {
+                    (device.attach().await, "attach")
+                } else {
+                    (device.detach().await, "detach")
+                };
+                result.map_err(|e| explain_state_error(&slot.name, verb, e))
+            }
+            Verb::Invalidate
             | Verb::InvalidateRemote
             | Verb::PauseSync
             | Verb::ResumeSync
@@ -1471,6 +1496,28 @@ mod tests {
         let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).expect("parses");
         let resource = config.resource("r0").expect("r0");
         plan_resource(&NodeSettings::default(), "alpha", resource).expect("plans")
+    }
+
+    #[test]
+    fn on_io_error_reaches_the_engine() {
+        use drbd_engine::protocol::OnIoError;
+        // DRBD's default is detach.
+        assert_eq!(plan_of("", "").driver.on_io_error, OnIoError::Detach);
+        let plan = plan_of("", "disk { on-io-error pass_on; }");
+        assert_eq!(plan.driver.on_io_error, OnIoError::PassOn);
+        let plan = plan_of("", "disk { on-io-error detach; }");
+        assert_eq!(plan.driver.on_io_error, OnIoError::Detach);
+        let text = "resource r0 {
+               disk { on-io-error call-local-io-error; }
+               volume 0 { device minor 0; disk /tmp/r0.img; meta-disk internal; }
+               on alpha { node-id 0; address 127.0.0.1:7789; }
+               on beta { node-id 1; address 127.0.0.1:7790; }
+             }";
+        let config = crate::config::parse_str("r0.res", text, Path::new("/tmp")).expect("parses");
+        let planned =
+            plan_resource(&NodeSettings::default(), "alpha", config.resource("r0").unwrap());
+        let Err(error) = planned else { panic!("call-local-io-error accepted") };
+        assert!(error.contains("call-local-io-error"), "{error}");
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!                                             its --backing and --meta files are opened, never used)
 //!     [--after-sb-0pri P] [--after-sb-1pri P] [--after-sb-2pri P]   (drbd.conf words; default disconnect)
 //!     [--cram-hmac-alg sha256 --shared-secret S]   (peer authentication, both directions)
+//!     [--on-io-error detach|pass_on]   (DRBD's disk option; default detach)
 //! commands: primary [--force] | secondary | new-current-uuid | status | flush | outdate
+//!           attach | detach   (the local disk: back after a detach / stop using it)
+//!           read-latency FIRST COUNT   (QD1 4 KiB reads; prints "ok median_us=N p99_us=N reads=N")
 //!           connect PEER [--discard-my-data] | disconnect PEER
 //!           wait-connected MS | wait-synced MS
 //!           verify PEER [FIRST_BLOCK]   (online verify; this node becomes VerifyS)
@@ -73,8 +76,10 @@ const USAGE: &str = "usage: tandem-replica --node-id N --listen ADDR --peer ID=A
 [--fencing dont-care|resource-only|resource-and-stonith] [--fence-peer CMD] [--fence-timeout-ms N] \
 [--resource NAME] [--csums-alg crc32c|sha256] [--csums-after-crash-only] [--verify-alg crc32c|sha256] \
 [--quorum off|majority|all|N] [--on-no-quorum suspend-io|io-error] [--diskless] [--diskless-peer ID]... \
-[--after-sb-0pri P] [--after-sb-1pri P] [--after-sb-2pri P] [--cram-hmac-alg sha256 --shared-secret S]
+[--after-sb-0pri P] [--after-sb-1pri P] [--after-sb-2pri P] [--cram-hmac-alg sha256 --shared-secret S] \
+[--on-io-error detach|pass_on]
 then line commands on stdin: primary [--force] | secondary | new-current-uuid | status | flush | outdate |
+attach | detach | read-latency FIRST COUNT |
 connect PEER [--discard-my-data] | disconnect PEER | wait-connected MS | wait-synced MS |
 verify PEER [FIRST_BLOCK] | wait-verified MS |
 stream FIRST COUNT GEN QD | check FIRST COUNT GEN | write FIRST COUNT GEN
@@ -103,6 +108,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
     let mut after_sb = AfterSbPolicies::default();
     let mut cram_hmac_alg = None;
     let mut shared_secret = None;
+    let mut on_io_error = drbd_engine::protocol::OnIoError::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -155,6 +161,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
             "--after-sb-1pri" => after_sb.one_primary = value()?.parse()?,
             "--after-sb-2pri" => after_sb.two_primaries = value()?.parse()?,
             "--cram-hmac-alg" => cram_hmac_alg = Some(value()?),
+            "--on-io-error" => on_io_error = value()?.parse()?,
             "--shared-secret" => shared_secret = Some(value()?),
             "--meta-format" => {
                 meta_format = match value()?.as_str() {
@@ -215,6 +222,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         quorum,
         after_sb,
         shared_secret,
+        on_io_error,
     };
     Ok((config, handler))
 }
@@ -306,6 +314,27 @@ async fn command(device: &ReplicatedDevice, line: &str) -> Result<String> {
         Some("outdate") => {
             device.outdate().await?;
             Ok("ok".into())
+        }
+        Some("attach") => {
+            device.attach().await?;
+            Ok("ok".into())
+        }
+        Some("detach") => {
+            device.detach().await?;
+            Ok("ok".into())
+        }
+        Some("read-latency") => {
+            // QD1 4 KiB reads of FIRST..FIRST+COUNT: median and 99th percentile.
+            let (first, count) = (num(1)?, num(2)?.max(1));
+            let mut samples = Vec::new();
+            for block in first..first + count {
+                let start = Instant::now();
+                device.read(block * BLOCK_SIZE_BYTES, BLOCK_SIZE_BYTES).await?;
+                samples.push(u64::try_from(start.elapsed().as_micros())?);
+            }
+            samples.sort_unstable();
+            let at = |q: usize| samples[(samples.len() - 1) * q / 100];
+            Ok(format!("ok median_us={} p99_us={} reads={}", at(50), at(99), samples.len()))
         }
         Some("flush") => {
             device.flush().await?;

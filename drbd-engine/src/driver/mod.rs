@@ -111,6 +111,8 @@ pub struct DriverConfig {
     /// `net { cram-hmac-alg sha256; shared-secret ...; }`: every connection is authenticated
     /// both ways before any frame flows (`None`: no authentication, as without cram-hmac-alg).
     pub shared_secret: Option<Vec<u8>>,
+    /// `disk { on-io-error detach|pass_on; }`.
+    pub on_io_error: crate::protocol::OnIoError,
 }
 
 /// How the metadata file is laid out.
@@ -212,6 +214,8 @@ enum Command {
     Connect(NodeId, bool, Reply<()>),
     Disconnect(NodeId, Reply<()>),
     Outdate(Reply<()>),
+    Attach(Reply<()>),
+    Detach(Reply<()>),
     Verify(NodeId, u64, Reply<()>),
     /// Online grow: (old, new) size in bytes.
     Resize(Reply<(u64, u64)>),
@@ -360,6 +364,7 @@ impl ReplicatedDevice {
             digests: config.digests,
             quorum: config.quorum.clone(),
             after_sb: config.after_sb,
+            on_io_error: config.on_io_error,
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {
@@ -502,6 +507,16 @@ impl ReplicatedDevice {
 
     /// Sets (or with `None` removes) the fence-peer handler run on `Event::FencePeer`. Without
     /// one, a fencing primary that loses a peer keeps I/O frozen until the peer is back.
+    /// `drbdadm attach`: the detached disk is back (see `protocol::node::diskless`).
+    pub async fn attach(&self) -> Result<(), DeviceError> {
+        self.call(Command::Attach).await
+    }
+
+    /// `drbdadm detach`: stop using the local disk, serve through the peers.
+    pub async fn detach(&self) -> Result<(), DeviceError> {
+        self.call(Command::Detach).await
+    }
+
     pub async fn set_fence_handler(
         &self,
         handler: Option<FenceHandler>,
@@ -921,6 +936,12 @@ impl Driver {
             Command::Outdate(reply) => {
                 let _ = reply.send(self.node.handle_outdate(now).map_err(DeviceError::from));
             }
+            Command::Attach(reply) => {
+                let _ = reply.send(self.node.handle_attach(now).map_err(DeviceError::from));
+            }
+            Command::Detach(reply) => {
+                let _ = reply.send(self.node.handle_detach(now).map_err(DeviceError::from));
+            }
             Command::Verify(peer, first_block, reply) => {
                 let result = self.node.handle_verify(now, peer, first_block);
                 let _ = reply.send(result.map_err(DeviceError::from));
@@ -1142,6 +1163,10 @@ impl Driver {
                 tracing::error!(%peer, "call-pri-lost-after-sb: this primary lost the split-brain decision");
             }
             Event::FencePeer { peer } => self.start_fence_handler(peer),
+            Event::Detached => {
+                // DRBD's words: "disk( UpToDate -> Failed )", "Local IO failed ... Detaching...".
+                tracing::error!(node = %self.config.node_id, "local disk failed or detached: disk( Failed -> Diskless ), I/O continues through UpToDate peers; `attach` once the disk is back");
+            }
             Event::ReplicationStateChanged {
                 peer,
                 state: ReplicationState::VerifyS | ReplicationState::VerifyT,

@@ -182,6 +182,35 @@ pub enum Frame {
     ResizeCommit {
         size_blocks: u64,
     },
+    // Diskless operation (`protocol::node::diskless`): kinds 20-24.
+    /// The sender's disk failed and it goes on diskless: the receiver tracks, from generation
+    /// `current_uuid` on, every block written from now on for the sender (DRBD marks out of
+    /// sync for a peer whose disk is below Inconsistent).
+    Detached {
+        current_uuid: u64,
+    },
+    /// These blocks may be missing on the disks of `peers` (node id bits; the sender's own bit:
+    /// writes in flight when its disk failed): the receiver marks them in its bitmaps for them.
+    OutOfSync {
+        offset_blocks: u64,
+        blocks: u64,
+        peers: u64,
+    },
+    /// A diskless node asks an UpToDate peer for data (DRBD's P_DATA_REQUEST).
+    ReadRequest {
+        id: u64,
+        offset_blocks: u64,
+        blocks: u64,
+    },
+    /// The data of a ReadRequest (DRBD's P_DATA_REPLY).
+    ReadReply {
+        id: u64,
+        data: Vec<u8>,
+    },
+    /// The peer could not serve a ReadRequest (no UpToDate data, or its read failed).
+    ReadError {
+        id: u64,
+    },
 }
 
 impl Frame {
@@ -212,6 +241,11 @@ impl Frame {
             Frame::AtomicData { .. } => 33,
             Frame::ResizeSizes { .. } => 18,
             Frame::ResizeCommit { .. } => 19,
+            Frame::Detached { .. } => 20,
+            Frame::OutOfSync { .. } => 21,
+            Frame::ReadRequest { .. } => 22,
+            Frame::ReadReply { .. } => 23,
+            Frame::ReadError { .. } => 24,
         }
     }
 }
@@ -412,6 +446,22 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             w.u8(u8::from(*query));
         }
         Frame::ResizeCommit { size_blocks } => w.u64(*size_blocks),
+        Frame::Detached { current_uuid } => w.u64(*current_uuid),
+        Frame::OutOfSync { offset_blocks, blocks, peers } => {
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+            w.u64(*peers);
+        }
+        Frame::ReadRequest { id, offset_blocks, blocks } => {
+            w.u64(*id);
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+        }
+        Frame::ReadReply { id, data } => {
+            w.u64(*id);
+            w.0.extend_from_slice(data);
+        }
+        Frame::ReadError { id } => w.u64(*id),
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -559,6 +609,21 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
         14 => Frame::PingAck,
         15 => Frame::ResyncDone { current_uuid: r.u64()? },
         16 => Frame::NewCurrentUuid { uuid: r.u64()? },
+        20 => Frame::Detached { current_uuid: r.u64()? },
+        21 => {
+            r.what = "OutOfSync";
+            Frame::OutOfSync { offset_blocks: r.u64()?, blocks: r.u64()?, peers: r.u64()? }
+        }
+        22 => {
+            r.what = "ReadRequest";
+            Frame::ReadRequest { id: r.u64()?, offset_blocks: r.u64()?, blocks: r.u64()? }
+        }
+        23 => {
+            r.what = "ReadReply";
+            let id = r.u64()?;
+            Frame::ReadReply { id, data: r.rest() }
+        }
+        24 => Frame::ReadError { id: r.u64()? },
         40 => {
             r.what = "VerifyStart";
             Frame::VerifyStart { first_block: r.u64()?, end_block: r.u64()? }
@@ -679,6 +744,11 @@ mod tests {
             Frame::ResizeSizes { usable_blocks: 1 << 30, query: true },
             Frame::ResizeSizes { usable_blocks: 32768, query: false },
             Frame::ResizeCommit { size_blocks: 32768 },
+            Frame::Detached { current_uuid: 0x4444 },
+            Frame::OutOfSync { offset_blocks: 12, blocks: 3, peers: 0b100 },
+            Frame::ReadRequest { id: 13, offset_blocks: 14, blocks: 2 },
+            Frame::ReadReply { id: 13, data: vec![9; 8192] },
+            Frame::ReadError { id: 15 },
         ]
     }
 

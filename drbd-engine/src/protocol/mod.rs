@@ -23,8 +23,8 @@ pub use after_sb::{AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, AfterSbPolicies};
 pub use digest::{DigestAlg, DigestSettings};
 pub use node::verify::VerifyProgress;
 pub use node::{
-    AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
-    ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
+    AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, OnIoError,
+    Output, ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
 pub use persist::{MetaFlags, MetaUpdate, Metadata, MetadataStore, PersistedDisk};
 pub use resync_controller::{DynamicControllerConfig, ResyncController, ResyncRate};

@@ -39,10 +39,13 @@ use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
 mod atomic;
+pub mod diskless;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
 pub mod verify;
+
+pub use diskless::OnIoError;
 
 /// DRBD's replication protocols: when a write counts as complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,25 @@ pub struct Config {
     pub quorum: QuorumConfig,
     /// Automatic split-brain recovery (`net { after-sb-0pri; after-sb-1pri; after-sb-2pri; }`).
     pub after_sb: AfterSbPolicies,
+    /// `disk { on-io-error detach|pass_on; }` (see `diskless`).
+    pub on_io_error: OnIoError,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            protocol: ReplicationProtocol::C,
+            fencing: Fencing::DontCare,
+            resync_rate: ResyncRate::Dynamic(Default::default()),
+            al_extents: AL_EXTENTS_MIN,
+            random_seed: 0,
+            digests: crate::protocol::digest::DigestSettings::default(),
+            quorum: QuorumConfig::default(),
+            after_sb: AfterSbPolicies::default(),
+            on_io_error: OnIoError::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -351,13 +373,14 @@ pub struct ResyncProgress {
 
 #[derive(Debug)]
 enum IoPurpose {
-    AppRead { request: RequestId },
+    AppRead { request: RequestId, first: u64, blocks: u64 },
     AppWrite { write: u64 },
     LocalFlush { generation: u64 },
     PeerWrite { peer: NodeId, conn_id: u64, id: u64, resync: bool },
     PeerFlush { peer: NodeId, conn_id: u64, epoch: u64 },
     ResyncRead { peer: NodeId, conn_id: u64, id: u64 },
     Digest(verify::DigestRead),
+    RemoteRead { peer: NodeId, conn_id: u64, id: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -381,6 +404,11 @@ struct AppWrite {
     tl: u64,
     /// A WRITE ATOMIC: sent as `Frame::AtomicData`, written through the journal.
     atomic: bool,
+    /// Peers that acknowledged it (protocol A: it was sent to).
+    acked_by: u64,
+    /// Not on the local disk (diskless, or detached while in flight): it succeeds only if a
+    /// peer acknowledged it.
+    remote_only: bool,
 }
 
 impl AppWrite {
@@ -422,6 +450,7 @@ struct AppFlush {
 enum Incoming {
     Write { id: u64, first: u64, data: Bytes, fua: bool, resync: bool, atomic: bool },
     Barrier { epoch: u64 },
+    Read { id: u64, first: u64, blocks: u64 },
 }
 
 #[derive(Debug)]
@@ -576,6 +605,7 @@ pub struct Node {
     /// not at every write and entry (see `write_may_complete`).
     completion_candidates: Candidates,
     resize: resize::ResizeState,
+    diskless: diskless::DisklessState,
 }
 
 impl Node {
@@ -655,6 +685,7 @@ impl Node {
             quorum_state,
             completion_candidates: Candidates::default(),
             resize: resize::ResizeState::default(),
+            diskless: diskless::DisklessState::default(),
         }
     }
 
@@ -703,7 +734,9 @@ impl Node {
     /// The driver should hold (or keep trying to establish) a transport to this peer.
     pub fn wants_connection(&self, peer: NodeId) -> bool {
         self.peer(peer).is_some_and(|p| p.connection != ConnectionState::StandAlone)
-            && (self.disk != DiskState::Diskless || self.config.quorum.diskless)
+            && (self.disk != DiskState::Diskless
+                || self.config.quorum.diskless
+                || self.diskless.detached)
     }
     /// Internal queue lengths, for diagnostics.
     pub fn debug_summary(&self) -> String {
@@ -801,6 +834,9 @@ impl Node {
 
     fn persist(&mut self, update: MetaUpdate) {
         self.meta.apply(&update);
+        if self.diskless.detached {
+            return; // no disk to persist to (see `diskless`)
+        }
         self.outputs.push_back(Output::Persist(update));
     }
 
@@ -849,6 +885,7 @@ impl Node {
             self.persist_flags(|f| f.peer_outdated &= !peer.bit());
         }
         if self.peers[i].disk != disk {
+            self.diskless_peer_disk_changed(i, self.peers[i].disk, disk);
             self.peers[i].disk = disk;
             self.emit(Event::PeerDiskStateChanged { peer, state: disk });
         }
@@ -967,7 +1004,7 @@ impl Node {
         if self.quorum_fails_io() {
             return Err(RequestError::NoQuorum);
         }
-        if self.disk != DiskState::UpToDate {
+        if self.disk != DiskState::UpToDate && !self.diskless_can_serve() {
             return Err(RequestError::NoUpToDateData);
         }
         if self.requests_in_flight() >= APP_REQUESTS_MAX {
@@ -976,8 +1013,13 @@ impl Node {
         match req {
             AppRequest::Read { offset_blocks, blocks } => {
                 self.check_range(offset_blocks, blocks)?;
+                if self.is_diskless() {
+                    self.diskless_read(request, offset_blocks, blocks);
+                    return Ok(());
+                }
                 self.app_reads += 1;
-                self.submit(DiskOp::Read { offset_blocks, blocks }, IoPurpose::AppRead { request });
+                let purpose = IoPurpose::AppRead { request, first: offset_blocks, blocks };
+                self.submit(DiskOp::Read { offset_blocks, blocks }, purpose);
             }
             AppRequest::Write { offset_blocks, data, fua } => {
                 let blocks = blocks_of(data.len()).ok_or(RequestError::Misaligned(data.len()))?;
@@ -1020,6 +1062,8 @@ impl Node {
                 waiting: 0,
                 tl: 0,
                 atomic: false,
+                acked_by: 0,
+                remote_only: false,
             },
         );
         self.queued_writes.push_back(id);
@@ -1034,6 +1078,7 @@ impl Node {
                 && (w.local == LocalState::Pending || w.waiting != 0)
                 && overlaps(w.first, w.blocks, first, blocks)
         }) || self.peer_writes.values().any(|(f, b)| overlaps(*f, *b, first, blocks))
+            || self.diskless_read_in_flight(first, blocks)
             || self.peers.iter().any(|p| {
                 p.resync.as_ref().is_some_and(|r| {
                     r.in_flight
@@ -1129,7 +1174,7 @@ impl Node {
             if self.transfer_log.len() >= TRANSFER_LOG_ENTRIES_MAX {
                 break;
             }
-            if !self.activate_extents(&Self::extents_of(first, blocks)) {
+            if !self.is_diskless() && !self.activate_extents(&Self::extents_of(first, blocks)) {
                 // Every hot extent is busy: close an epoch so the transfer log drains.
                 if self.last_barrier_ms + BARRIER_INTERVAL_MS / 4 <= self.now_ms {
                     self.start_barrier(None);
@@ -1142,6 +1187,10 @@ impl Node {
     }
 
     fn submit_write(&mut self, id: u64) {
+        if self.is_diskless() {
+            self.diskless_submit_write(id);
+            return;
+        }
         let (first, blocks, fua, atomic) = {
             let w = &self.app_writes[&id];
             (w.first, w.blocks, w.fua, w.atomic)
@@ -1155,10 +1204,12 @@ impl Node {
         self.next_tl += 1;
         let mut tl_peers = Vec::new();
         let mut waiting = 0u64;
+        let mut tl_peer_bits = 0u64;
         for i in 0..self.peers.len() {
             if self.peers[i].replicating() {
                 let p = &self.peers[i];
                 tl_peers.push((p.id, p.epoch));
+                tl_peer_bits |= p.id.bit();
                 if self.config.protocol != ReplicationProtocol::A {
                     waiting |= p.id.bit();
                 }
@@ -1182,6 +1233,9 @@ impl Node {
             w.submitted = true;
             w.waiting = waiting;
             w.tl = tl;
+            if self.config.protocol == ReplicationProtocol::A {
+                w.acked_by = tl_peer_bits;
+            }
             w.data.clone()
         };
         for i in 0..self.peers.len() {
@@ -1217,7 +1271,7 @@ impl Node {
                 Err(RequestError::NoUpToDateData)
             } else if self.quorum_fails_request(w.request) {
                 Err(RequestError::NoQuorum)
-            } else if w.local == LocalState::Done && self.disk != DiskState::Diskless {
+            } else if w.local == LocalState::Done && Self::diskless_write_ok(&w) {
                 Ok(None)
             } else {
                 // Detached since the local write finished: that copy is discarded (the disk
@@ -1304,12 +1358,9 @@ impl Node {
             }
         }
         if let Some(request) = request {
-            self.app_flushes.push(AppFlush {
-                request,
-                generation,
-                peers,
-                failed: generation.is_none(),
-            });
+            // Diskless, the flush is the peers' (at least one of them).
+            let failed = generation.is_none() && (!self.is_diskless() || peers.is_empty());
+            self.app_flushes.push(AppFlush { request, generation, peers, failed });
         }
     }
 
@@ -1333,7 +1384,7 @@ impl Node {
         while i < self.app_flushes.len() {
             let f = &self.app_flushes[i];
             let local_done =
-                f.failed || f.generation.is_some_and(|g| g <= self.flush_generation_done);
+                f.failed || f.generation.is_none_or(|g| g <= self.flush_generation_done);
             let peers_done = f.peers.iter().all(|(peer, conn_id, epoch)| {
                 self.peer(*peer).is_none_or(|p| p.conn_id != *conn_id || p.epoch_acked(*epoch))
             });
@@ -1343,7 +1394,7 @@ impl Node {
                     Err(RequestError::NoUpToDateData)
                 } else if self.quorum_fails_request(f.request) {
                     Err(RequestError::NoQuorum)
-                } else if f.failed {
+                } else if f.failed || self.diskless_flush_reached_nobody(f.generation, &f.peers) {
                     Err(RequestError::Io)
                 } else {
                     Ok(None)
@@ -1369,9 +1420,10 @@ impl Node {
             panic!("completion for unknown I/O {id:?}");
         };
         match purpose {
-            IoPurpose::AppRead { request } => {
-                // A read that finishes after the disk was detached fails: that disk is no
-                // longer ours to serve from (and a detached primary holds nothing).
+            IoPurpose::AppRead { request, first, blocks } => {
+                // A read that finishes after the disk was detached is not served from that
+                // disk (no longer ours, and a detached primary holds nothing): it is retried
+                // through a peer, or fails.
                 let detached = self.disk == DiskState::Diskless;
                 let result = match result {
                     Ok(Some(data))
@@ -1385,7 +1437,11 @@ impl Node {
                     }
                     Ok(Some(data)) if !detached => Ok(Some(data)),
                     _ => {
-                        self.detach();
+                        if self.diskless_local_read_failed(request, first, blocks) {
+                            // Retried through a peer, still counted in app_reads.
+                            self.pump();
+                            return;
+                        }
                         Err(RequestError::Io)
                     }
                 };
@@ -1394,17 +1450,25 @@ impl Node {
             }
             IoPurpose::AppWrite { write } => {
                 let ok = result.is_ok();
-                let w = self.app_writes.get_mut(&write).expect("app write in flight");
-                w.local = if ok { LocalState::Done } else { LocalState::Failed };
-                let (tl, fua) = (w.tl, w.fua);
+                let Some(w) = self.app_writes.get_mut(&write) else {
+                    // Completed through the peers after a detach: the local result is moot.
+                    assert!(self.diskless.detached, "app write {write} in flight");
+                    self.pump();
+                    return;
+                };
                 self.completion_candidates.write(write);
-                if let Some(entry) = self.transfer_log.get_mut(&tl) {
-                    entry.local_done = true;
-                    entry.local_stable = fua || !ok;
-                    self.completion_candidates.transfer_log(tl);
-                }
-                if !ok {
-                    self.detach();
+                if !w.remote_only {
+                    // (A detached node's writes complete through its peers: the disk is moot.)
+                    w.local = if ok { LocalState::Done } else { LocalState::Failed };
+                    let (tl, fua, first, blocks) = (w.tl, w.fua, w.first, w.blocks);
+                    if let Some(entry) = self.transfer_log.get_mut(&tl) {
+                        entry.local_done = true;
+                        entry.local_stable = fua || !ok;
+                        self.completion_candidates.transfer_log(tl);
+                    }
+                    if !ok {
+                        self.diskless_local_write_failed(first, blocks);
+                    }
                 }
             }
             IoPurpose::LocalFlush { generation } => {
@@ -1422,7 +1486,9 @@ impl Node {
                             f.failed = true;
                         }
                     }
-                    self.detach();
+                    if self.config.on_io_error == OnIoError::Detach {
+                        self.detach();
+                    }
                 }
             }
             IoPurpose::PeerWrite { peer, conn_id, id, resync } => {
@@ -1444,14 +1510,14 @@ impl Node {
                         self.send(i, frame);
                     }
                 }
-                if result.is_err() {
+                if result.is_err() && self.config.on_io_error == OnIoError::Detach {
                     self.detach();
                 }
             }
             IoPurpose::PeerFlush { peer, conn_id, epoch } => {
                 let i = self.peer_index(peer).expect("configured peer");
                 if result.is_err() {
-                    self.detach();
+                    self.local_io_failed_internally();
                 } else if self.peers[i].conn_id == conn_id
                     && self.peers[i].connection == ConnectionState::Connected
                 {
@@ -1480,44 +1546,20 @@ impl Node {
                         }
                     }
                     Ok(_) => {}
-                    Err(IoFailed) => self.detach(),
+                    Err(IoFailed) => self.local_io_failed_internally(),
                 }
             }
             IoPurpose::Digest(read) => self.handle_digest_read(read, result),
+            IoPurpose::RemoteRead { peer, conn_id, id } => {
+                self.handle_remote_read_done(peer, conn_id, id, result);
+            }
         }
         self.pump();
     }
 
-    /// The local disk failed: stop using it, and make sure it is fully resynced later.
+    /// The local disk failed (or `drbdadm detach`): go on diskless through the peers.
     fn detach(&mut self) {
-        if self.disk == DiskState::Diskless {
-            return;
-        }
-        self.emit(Event::Detached);
-        self.persist_flags(|f| f.full_sync_required = true);
-        self.set_disk(DiskState::Failed);
-        self.set_disk(DiskState::Diskless);
-        for i in 0..self.peers.len() {
-            if self.peers[i].connection == ConnectionState::Connected {
-                self.disconnect(i, ConnectionState::StandAlone);
-            } else {
-                self.set_connection(i, ConnectionState::StandAlone);
-            }
-        }
-        // Queued application writes can never start now.
-        for id in std::mem::take(&mut self.queued_writes) {
-            let w = self.app_writes.remove(&id).expect("queued");
-            self.outputs
-                .push_back(Output::Complete { request: w.request, result: Err(RequestError::Io) });
-        }
-        // Nothing in the transfer log can become locally stable any more.
-        for (id, entry) in self.transfer_log.iter_mut() {
-            entry.local_stable = true;
-            self.completion_candidates.transfer_log(*id);
-        }
-        for f in &mut self.app_flushes {
-            f.failed = true;
-        }
+        self.go_diskless();
     }
 
     // ----- connections -----
@@ -1627,6 +1669,9 @@ impl Node {
 
     fn disconnect(&mut self, i: usize, next: ConnectionState) {
         let peer = self.peers[i].id;
+        if self.peers[i].connection == ConnectionState::Connected {
+            self.diskless_connection_lost(i);
+        }
         if self.peers[i].connection == ConnectionState::Connected {
             let conn_id = self.peers[i].conn_id;
             self.outputs.push_back(Output::Disconnect { peer, conn_id });
@@ -1797,6 +1842,9 @@ impl Node {
             return Err(StateError::Precondition("connection handshake in progress"));
         }
         self.quorum_check_promote()?;
+        if self.is_diskless() {
+            return self.diskless_promote();
+        }
         let allowed = self.disk == DiskState::UpToDate
             || (force && (self.disk.has_data() || self.disk == DiskState::Inconsistent));
         if !allowed {
@@ -2042,7 +2090,9 @@ impl Node {
                     self.protocol_error(i, "unexpected Data".into());
                     return;
                 }
+                let blocks = blocks_of(data.len()).unwrap_or(0);
                 self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
+                self.diskless_note_peer_write(i, offset_blocks, blocks);
                 if self.config.protocol == ReplicationProtocol::B {
                     self.send(i, Frame::RecvAck { id });
                 }
@@ -2068,6 +2118,7 @@ impl Node {
                 let fua_stable = matches!(frame, Frame::WriteAck { .. });
                 if let Some(w) = self.app_writes.get_mut(&id) {
                     w.waiting &= !peer.bit();
+                    w.acked_by |= peer.bit();
                     self.completion_candidates.write(id);
                     if w.fua && fua_stable {
                         let tl = w.tl;
@@ -2116,6 +2167,11 @@ impl Node {
             frame @ (Frame::ResizeSizes { .. } | Frame::ResizeCommit { .. }) => {
                 self.handle_resize_frame(i, frame);
             }
+            frame @ (Frame::Detached { .. }
+            | Frame::OutOfSync { .. }
+            | Frame::ReadRequest { .. }
+            | Frame::ReadReply { .. }
+            | Frame::ReadError { .. }) => self.handle_diskless_frame(i, frame),
         }
     }
 
@@ -2171,6 +2227,11 @@ impl Node {
                     self.peers[i].queue.pop_front();
                     self.peers[i].barrier_in_flight = true;
                     self.submit(DiskOp::Flush, IoPurpose::PeerFlush { peer, conn_id, epoch });
+                }
+                Some(Incoming::Read { .. }) => {
+                    if !self.diskless_pump_read(i) {
+                        return;
+                    }
                 }
                 Some(Incoming::Write { first, data, .. }) => {
                     let blocks = blocks_of(data.len()).expect("validated on receipt");
@@ -2228,7 +2289,7 @@ impl Node {
             } else if hello.node_id != self.peers[i].id {
                 self.refuse(i, "peer has an unexpected node id");
             } else if hello.size_blocks != size_blocks
-                && !self.diskless_handshake(i)
+                && !self.handshake_with_diskless_end(i)
                 && !self.resize_handshake_size(&hello)
             {
                 self.refuse(i, "device sizes differ");
@@ -2241,7 +2302,7 @@ impl Node {
             }
             return;
         }
-        let diskless = self.diskless_handshake(i);
+        let diskless = self.handshake_with_diskless_end(i);
         let handshake = self.peers[i].handshake.as_mut().expect("in handshake");
         match frame {
             Frame::Hello(_) => unreachable!("handled above"),
@@ -2285,7 +2346,7 @@ impl Node {
         let peer = self.peers[i].id;
         let handshake = self.peers[i].handshake.take().expect("in handshake");
         let hello = handshake.hello.expect("checked");
-        if self.quorum_handshake_start(i, &hello) {
+        if self.quorum_handshake_start(i, &hello) || self.diskless_handshake(i, &hello) {
             return;
         }
         let mine = HandshakeView {

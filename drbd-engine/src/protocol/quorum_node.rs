@@ -39,7 +39,7 @@ impl Node {
     /// A handshake with a diskless end (this node or the peer): it stores nothing, so its
     /// device size means nothing and is not compared (DRBD's diskless nodes take the size of
     /// their peers; a tiebreaker never uses it).
-    pub(super) fn diskless_handshake(&self, i: usize) -> bool {
+    pub(super) fn handshake_with_diskless_end(&self, i: usize) -> bool {
         self.config.quorum.diskless || self.is_diskless_peer(self.peers[i].id)
     }
 
@@ -462,7 +462,7 @@ impl Node {
         doomed.extend(self.app_flushes.iter().map(|f| f.request.0));
         doomed.extend(self.held_reads.iter().map(|(r, _)| r.0));
         doomed.extend(self.ios.values().filter_map(|p| match p {
-            IoPurpose::AppRead { request } => Some(request.0),
+            IoPurpose::AppRead { request, .. } => Some(request.0),
             _ => None,
         }));
         self.role = Role::Secondary;

@@ -38,6 +38,7 @@
 //! fence-peer exit codes, old primaries shot, split brains, lineage forks).
 
 pub mod disk;
+pub mod disk_fail;
 pub mod model;
 pub mod more_faults;
 pub mod rng;
@@ -345,6 +346,8 @@ pub struct Report {
     pub primary_lost_calls: u64,
     /// Connection attempts refused by peer authentication (mismatched shared secrets).
     pub auth_refusals: u64,
+    /// Disks detached after an I/O error (`disk_fail`).
+    pub disk_detaches: u64,
 }
 
 impl Report {
@@ -377,6 +380,7 @@ impl Report {
         self.split_brains_auto_resolved += other.split_brains_auto_resolved;
         self.primary_lost_calls += other.primary_lost_calls;
         self.auth_refusals += other.auth_refusals;
+        self.disk_detaches += other.disk_detaches;
     }
 
     /// One line of counters.
@@ -387,7 +391,8 @@ impl Report {
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
-             ({} pri-lost-after-sb calls), {} connections refused by authentication; {}",
+             ({} pri-lost-after-sb calls), {} connections refused by authentication, \
+             {} disks detached; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -410,6 +415,7 @@ impl Report {
             self.split_brains_auto_resolved,
             self.primary_lost_calls,
             self.auth_refusals,
+            self.disk_detaches,
             self.more.summary()
         ) + &self.quorum_summary()
     }
@@ -494,6 +500,7 @@ pub struct World {
     report: Report,
     verify: verify::VerifyState,
     more: more_faults::MoreFaultsState,
+    disk_failures: disk_fail::DiskFailures,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -564,6 +571,7 @@ impl World {
             report: Report { seed, ..Report::default() },
             verify: verify::VerifyState::new(seed),
             more: more_faults::MoreFaultsState::new(seed),
+            disk_failures: disk_fail::DiskFailures::new(seed),
         }
     }
 
@@ -629,6 +637,7 @@ impl World {
             } else {
                 self.swarm.after_sb.seen_from_peer()
             },
+            ..Config::default()
         }
     }
 
@@ -676,6 +685,7 @@ impl World {
             }
         }
         self.report.sim_ms = self.now_ms;
+        self.report.disk_detaches = self.disk_failures.detaches;
         self.report.violations = self.violations;
         self.report
     }
@@ -1027,6 +1037,9 @@ impl World {
                     x.disk_state() == DiskState::Diskless && x.role() == Role::Secondary
                 })
             {
+                if self.reattach(i) {
+                    continue;
+                }
                 self.nodes[i].restart_scheduled = true;
                 self.crash(i, false);
                 let delay = self.rng.range(10, 500);
@@ -1035,6 +1048,7 @@ impl World {
                 .node
                 .as_ref()
                 .is_some_and(|x| x.disk_state() == DiskState::Diskless && x.role() == Role::Primary)
+                && self.demote_diskless_primary_now()
             {
                 let _ = self.nodes[i].node.as_mut().expect("up").handle_demote(self.now_ms);
                 self.drain(i, false);
@@ -1386,12 +1400,12 @@ impl World {
         }
     }
 
-    /// Disk failures are injected only where they cannot destroy the last copy of data: a
-    /// failed disk is detached and fully resynced, so it must not be the primary, a sync source
-    /// or a node holding changes its peers lack (losing the only copy is a double failure).
+    /// Disk failures are injected only where they cannot destroy the last copy of data: not on
+    /// a sync source or a node holding changes its peers lack (losing the only copy is a double
+    /// failure); the primary only when the seed says so (`disk_fail`).
     fn may_fail_disk(&self, i: usize) -> bool {
         let Some(n) = self.nodes[i].node.as_ref() else { return false };
-        n.role() != Role::Primary
+        self.disk_failure_allowed(i)
             && n.peer_ids()
                 .iter()
                 .all(|p| n.replication_state(*p) != Some(ReplicationState::SyncSource))
@@ -1539,7 +1553,10 @@ impl World {
                 }
             }
             Event::SyncRefused { peer, .. } => self.resolve_standalone(i, peer.index()),
-            Event::Detached => self.detached(i),
+            Event::Detached => {
+                self.detached(i);
+                self.disk_failures.detaches += 1;
+            }
             Event::UnrelatedData { peer } => {
                 self.violation(format!("node {i} and {peer} reported unrelated data"));
             }

@@ -295,7 +295,7 @@ impl Node {
                     Incoming::Write { first: f, data, .. } => {
                         blocks_of(data.len()).is_some_and(|b| overlaps(*f, b, first, blocks))
                     }
-                    Incoming::Barrier { .. } => false,
+                    Incoming::Barrier { .. } | Incoming::Read { .. } => false,
                 })
             })
     }

@@ -1,0 +1,415 @@
+//! Diskless operation through the state machine's public inputs and outputs:
+//! `on-io-error detach` (reads retried and writes completed through the peer, re-attach with a
+//! bitmap resync), `pass_on`, and a `disk none` client that is primary.
+
+use drbd_engine::NodeId;
+use drbd_engine::protocol::node::{
+    AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestError, RequestId,
+};
+use drbd_engine::protocol::{
+    ConnectionState, DiskState, Fencing, Metadata, ReplicationProtocol, ResyncRate, Role,
+};
+
+const SIZE_BLOCKS: u64 = 1024;
+const BLOCK: usize = 4096;
+
+type RequestResult = Result<Option<Vec<u8>>, RequestError>;
+
+fn other(i: usize) -> NodeId {
+    NodeId(u8::from(i == 0))
+}
+
+fn block_data(block: u64, generation: u8) -> Vec<u8> {
+    let mut data = vec![generation; BLOCK];
+    data[..8].copy_from_slice(&block.to_le_bytes());
+    data
+}
+
+/// Two nodes back to back with in-memory disks that can be made to fail.
+struct Pair {
+    nodes: [Node; 2],
+    disks: [Vec<u8>; 2],
+    /// Reads / writes of node i's disk fail (EIO, or ENOSPC on a full disk).
+    fail_reads: [bool; 2],
+    fail_writes: [bool; 2],
+    now_ms: u64,
+    conn_id: u64,
+    completions: Vec<(usize, RequestId, RequestResult)>,
+    events: Vec<(usize, Event)>,
+    next_request: u64,
+}
+
+impl Pair {
+    fn new(protocol: ReplicationProtocol, on_io_error: OnIoError, client: bool) -> Self {
+        let node = |id: u8, diskless: bool| {
+            let mut config = Config {
+                peers: vec![other(usize::from(id))],
+                protocol,
+                fencing: Fencing::DontCare,
+                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
+                al_extents: 8,
+                random_seed: 11,
+                on_io_error,
+                ..Config::default()
+            };
+            config.quorum.diskless = diskless;
+            if client && id == 1 {
+                config.quorum.diskless_peers = vec![NodeId(0)];
+            }
+            Node::new(config, Metadata::create(NodeId(id), SIZE_BLOCKS), 0)
+        };
+        let bytes = usize::try_from(SIZE_BLOCKS).unwrap() * BLOCK;
+        let mut pair = Self {
+            nodes: [node(0, client), node(1, false)],
+            disks: [vec![0; bytes], vec![0; bytes]],
+            fail_reads: [false; 2],
+            fail_writes: [false; 2],
+            now_ms: 0,
+            conn_id: 0,
+            completions: Vec::new(),
+            events: Vec::new(),
+            next_request: 1,
+        };
+        pair.connect();
+        // Identical all-zero replicas: no initial sync.
+        let clear_on = usize::from(client);
+        let now = pair.tick();
+        pair.nodes[clear_on].handle_new_current_uuid_clear_bitmap(now).unwrap();
+        pair.run();
+        pair
+    }
+
+    fn tick(&mut self) -> u64 {
+        self.now_ms += 1;
+        self.now_ms
+    }
+
+    fn run(&mut self) {
+        loop {
+            let mut progress = false;
+            for i in 0..2 {
+                while let Some(output) = self.nodes[i].poll_output() {
+                    progress = true;
+                    let now = self.now_ms;
+                    match output {
+                        Output::Transmit { frame, .. } => {
+                            self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec());
+                        }
+                        Output::Disconnect { conn_id, .. } => {
+                            self.nodes[1 - i].handle_transport_closed(now, other(1 - i), conn_id);
+                        }
+                        Output::DiskIo { id, op } => {
+                            let result = self.disk_io(i, op);
+                            self.nodes[i].handle_disk_completion(now, id, result);
+                        }
+                        Output::Complete { request, result } => {
+                            self.completions.push((i, request, result));
+                        }
+                        Output::Event(event) => self.events.push((i, event)),
+                        Output::Persist(_) => {}
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn disk_io(
+        &mut self,
+        i: usize,
+        op: DiskOp,
+    ) -> Result<Option<Vec<u8>>, drbd_engine::protocol::IoFailed> {
+        let at = |block: u64| usize::try_from(block).unwrap() * BLOCK;
+        match op {
+            DiskOp::Read { offset_blocks, blocks } => {
+                if self.fail_reads[i] {
+                    return Err(drbd_engine::protocol::IoFailed);
+                }
+                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
+            }
+            DiskOp::Write { offset_blocks, data, .. } => {
+                if self.fail_writes[i] {
+                    return Err(drbd_engine::protocol::IoFailed);
+                }
+                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
+                    .copy_from_slice(&data);
+                Ok(None)
+            }
+            DiskOp::Flush if self.fail_writes[i] => Err(drbd_engine::protocol::IoFailed),
+            DiskOp::Flush => Ok(None),
+        }
+    }
+
+    fn connect(&mut self) {
+        self.conn_id += 1;
+        let now = self.tick();
+        for i in 0..2 {
+            self.nodes[i].handle_connected(now, other(i), self.conn_id);
+        }
+        self.run();
+    }
+
+    fn cut(&mut self) {
+        let now = self.tick();
+        for i in 0..2 {
+            self.nodes[i].handle_transport_closed(now, other(i), self.conn_id);
+        }
+        self.run();
+    }
+
+    /// Lets timers run (barriers, resync steps) for `ms`.
+    fn idle(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now_ms += 10;
+            for i in 0..2 {
+                self.nodes[i].handle_timeout(self.now_ms);
+            }
+            self.run();
+        }
+    }
+
+    fn request(&mut self, i: usize, req: AppRequest) -> RequestResult {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let now = self.tick();
+        self.nodes[i].handle_request(now, id, req);
+        self.run();
+        let pos = self.completions.iter().position(|(_, r, _)| *r == id).expect("completed");
+        self.completions.remove(pos).2
+    }
+
+    fn write(&mut self, i: usize, block: u64, generation: u8) -> RequestResult {
+        let data = block_data(block, generation).into();
+        self.request(i, AppRequest::Write { offset_blocks: block, data, fua: false })
+    }
+
+    fn read(&mut self, i: usize, block: u64) -> RequestResult {
+        self.request(i, AppRequest::Read { offset_blocks: block, blocks: 1 })
+    }
+
+    fn differing_blocks(&self) -> Vec<u64> {
+        let chunks = self.disks[0].chunks(BLOCK).zip(self.disks[1].chunks(BLOCK));
+        chunks.enumerate().filter(|(_, (a, b))| a != b).map(|(n, _)| n as u64).collect()
+    }
+
+    fn detached(&self, i: usize) -> bool {
+        self.events.iter().any(|(n, e)| *n == i && *e == Event::Detached)
+    }
+}
+
+#[test]
+fn a_write_error_detaches_and_the_primary_keeps_serving_through_its_peer() {
+    for protocol in [ReplicationProtocol::A, ReplicationProtocol::B, ReplicationProtocol::C] {
+        let mut pair = Pair::new(protocol, OnIoError::Detach, false);
+        pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
+        pair.run();
+        for block in 0..8 {
+            assert_eq!(pair.write(0, block, 1), Ok(None));
+        }
+        // The disk fills up: the write that hits it fails locally, detaches, and completes
+        // through the peer that has it.
+        pair.fail_writes[0] = true;
+        assert_eq!(pair.write(0, 8, 1), Ok(None), "{protocol:?}");
+        assert!(pair.detached(0));
+        assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless);
+        assert_eq!(pair.nodes[0].role(), Role::Primary);
+        assert_eq!(pair.nodes[0].connection_state(NodeId(1)), Some(ConnectionState::Connected));
+        assert_eq!(pair.nodes[1].peer_disk_state(NodeId(0)), Some(DiskState::Diskless));
+        for block in 9..16 {
+            assert_eq!(pair.write(0, block, 2), Ok(None), "{protocol:?}");
+        }
+        // Overwrite one block written before the failure: the read must see the new data.
+        assert_eq!(pair.write(0, 3, 3), Ok(None));
+        pair.idle(200);
+        for block in 0..16 {
+            let generation = match block {
+                3 => 3,
+                9.. => 2,
+                _ => 1,
+            };
+            assert_eq!(pair.read(0, block), Ok(Some(block_data(block, generation))), "{block}");
+        }
+        // The failed disk has none of it; the peer remembers every block written since.
+        let at = |b: u64| usize::try_from(b).unwrap() * BLOCK;
+        assert!(pair.disks[0][at(9)..at(16)].iter().all(|b| *b == 0));
+        let marked = pair.nodes[1].out_of_sync_blocks(NodeId(0));
+        assert!(marked >= 9, "blocks 3, 8..16 at least are marked, got {marked}");
+        // Flushes complete through the peer.
+        assert_eq!(pair.request(0, AppRequest::Flush), Ok(None));
+    }
+}
+
+#[test]
+fn a_read_error_is_retried_through_the_peer() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    assert_eq!(pair.write(0, 5, 7), Ok(None));
+    pair.fail_reads[0] = true;
+    assert_eq!(pair.read(0, 5), Ok(Some(block_data(5, 7))));
+    assert!(pair.detached(0));
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless);
+}
+
+#[test]
+fn pass_on_hands_the_error_to_the_caller_and_keeps_the_disk() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::PassOn, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    pair.fail_writes[0] = true;
+    assert_eq!(pair.write(0, 2, 1), Err(RequestError::Io));
+    pair.fail_writes[0] = false;
+    pair.fail_reads[0] = true;
+    assert_eq!(pair.read(0, 2), Err(RequestError::Io));
+    assert!(!pair.detached(0));
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::UpToDate);
+    pair.fail_reads[0] = false;
+    // The block the local disk missed is out of sync for the peer, and the disk still works.
+    assert!(pair.nodes[0].out_of_sync_blocks(NodeId(1)) >= 1);
+    assert_eq!(pair.write(0, 3, 1), Ok(None));
+    assert_eq!(pair.read(0, 3), Ok(Some(block_data(3, 1))));
+}
+
+#[test]
+fn without_an_up_to_date_peer_a_diskless_primary_fails_io_at_once() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    pair.cut();
+    pair.fail_writes[0] = true;
+    // The write reached no disk at all: it fails, it is never acknowledged.
+    assert_eq!(pair.write(0, 1, 1), Err(RequestError::Io));
+    assert!(pair.detached(0));
+    assert_eq!(pair.write(0, 2, 1), Err(RequestError::NoUpToDateData));
+    assert_eq!(pair.read(0, 2), Err(RequestError::NoUpToDateData));
+    // The peer comes back, but it missed a write only the failed disk may hold (block 1 is in
+    // the bitmap): it is no source for this node.
+    pair.connect();
+    assert_eq!(pair.write(0, 2, 4), Err(RequestError::NoUpToDateData));
+}
+
+#[test]
+fn a_peer_that_missed_nothing_serves_a_diskless_primary_after_a_reconnect() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    assert_eq!(pair.write(0, 2, 1), Ok(None));
+    pair.idle(200); // stable on the peer: nothing left to mark for it
+    pair.cut();
+    pair.nodes[0].handle_detach(pair.now_ms + 1).unwrap();
+    pair.run();
+    assert_eq!(pair.read(0, 2), Err(RequestError::NoUpToDateData));
+    pair.connect();
+    assert_eq!(pair.read(0, 2), Ok(Some(block_data(2, 1))));
+    assert_eq!(pair.write(0, 2, 4), Ok(None));
+    assert_eq!(pair.read(0, 2), Ok(Some(block_data(2, 4))));
+}
+
+#[test]
+fn a_lost_peer_with_a_read_outstanding_fails_it_instead_of_hanging() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    pair.nodes[0].handle_detach(pair.now_ms + 1).unwrap();
+    pair.run();
+    // The request goes out but the peer never answers: the connection times out.
+    let now = pair.tick();
+    pair.nodes[0].handle_request(
+        now,
+        RequestId(999),
+        AppRequest::Read { offset_blocks: 0, blocks: 1 },
+    );
+    while let Some(output) = pair.nodes[0].poll_output() {
+        if let Output::Complete { request, .. } = output {
+            assert_ne!(request, RequestId(999), "answered before the peer did");
+        }
+    }
+    pair.nodes[0].handle_timeout(now + 60_000);
+    let done: Vec<Output> = std::iter::from_fn(|| pair.nodes[0].poll_output()).collect();
+    assert!(
+        done.contains(&Output::Complete {
+            request: RequestId(999),
+            result: Err(RequestError::NoUpToDateData)
+        }),
+        "{done:?}"
+    );
+}
+
+#[test]
+fn re_attach_resyncs_only_what_was_written_while_detached() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    pair.nodes[0].handle_promote(1_000, false).unwrap();
+    pair.run();
+    for block in 0..64 {
+        assert_eq!(pair.write(0, block, 1), Ok(None));
+    }
+    pair.idle(200);
+    pair.fail_writes[0] = true;
+    for block in 100..110 {
+        assert_eq!(pair.write(0, block, 2), Ok(None));
+    }
+    pair.idle(200);
+    // A primary is never a sync target: attach as secondary.
+    assert!(pair.nodes[0].handle_attach(pair.now_ms + 1).is_err());
+    pair.nodes[0].handle_demote(pair.now_ms + 1).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[0].role(), Role::Secondary);
+    pair.fail_writes[0] = false;
+    pair.nodes[0].handle_attach(pair.now_ms + 1).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::Outdated);
+    pair.connect();
+    assert!(
+        pair.events.contains(&(
+            0,
+            Event::HandshakeDecided {
+                peer: NodeId(1),
+                decision: drbd_engine::uuid::SyncDecision::BitmapTarget
+            }
+        )),
+        "the peer's generation is newer: a bitmap resync"
+    );
+    pair.idle(2_000);
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::UpToDate);
+    assert_eq!(pair.differing_blocks(), Vec::<u64>::new(), "replicas identical after the resync");
+    let resynced: u64 = pair
+        .events
+        .iter()
+        .filter_map(|(n, e)| match e {
+            Event::ResyncFinished { blocks, .. } if *n == 1 => Some(*blocks),
+            _ => None,
+        })
+        .sum();
+    assert!((10..64).contains(&resynced), "a bitmap resync, not a full one: {resynced}");
+    // And it can take over as primary with every acknowledged write.
+    pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
+    pair.run();
+    assert_eq!(pair.read(0, 105), Ok(Some(block_data(105, 2))));
+}
+
+#[test]
+fn a_disk_none_client_is_primary_and_does_all_io_through_its_peer() {
+    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, true);
+    assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless);
+    assert_eq!(pair.nodes[1].disk_state(), DiskState::UpToDate);
+    pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[0].role(), Role::Primary);
+    for block in 0..32 {
+        assert_eq!(pair.write(0, block, 9), Ok(None));
+    }
+    assert_eq!(pair.request(0, AppRequest::Flush), Ok(None));
+    for block in 0..32 {
+        assert_eq!(pair.read(0, block), Ok(Some(block_data(block, 9))));
+    }
+    let at = |b: u64| usize::try_from(b).unwrap() * BLOCK;
+    assert_eq!(&pair.disks[1][at(7)..at(8)], block_data(7, 9).as_slice());
+    assert!(pair.disks[0].iter().all(|b| *b == 0), "the client's disk is never touched");
+    // Attaching makes no sense without a disk.
+    assert!(pair.nodes[0].handle_attach(pair.now_ms + 1).is_err());
+    pair.nodes[0].handle_demote(pair.now_ms + 1).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[0].role(), Role::Secondary);
+}

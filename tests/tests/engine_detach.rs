@@ -1,0 +1,240 @@
+//! `on-io-error detach` with two real replication engines (`tandem-replica`) over loopback TCP:
+//! the primary's backing file lives on a small tmpfs that fills up while a write stream runs.
+//! The full disk (ENOSPC) detaches it; it goes Diskless and keeps serving: every write of the
+//! stream is acknowledged, every acknowledged write is on the peer and reads back through the
+//! diskless primary (reads travel to the peer). After the file system grows, `attach` resyncs
+//! exactly what the peer marked while the disk was gone, and the replicas' data are identical.
+//!
+//! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_detach -- --nocapture`
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::Duration;
+
+/// The device: 64 MiB; the primary's file system: 8 MiB, so the stream fills it.
+const DEVICE_BYTES: u64 = 64 * 1024 * 1024;
+const SMALL_FS_MIB: u64 = 8;
+/// 4 KiB blocks streamed: 16 MiB, twice what the small file system holds.
+const STREAM_BLOCKS: u64 = 4096;
+
+struct Replica {
+    name: String,
+    child: Option<Child>,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    log: PathBuf,
+}
+
+impl Replica {
+    fn start(name: &str, args: &[String], dir: &Path) -> Replica {
+        let log = dir.join(format!("{name}.log"));
+        let stderr =
+            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let mut child = Command::new(tests::binary("tandem-replica"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .expect("starting tandem-replica");
+        let stdin = child.stdin.take().expect("piped stdin");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
+        let ready = replica.next_line(Duration::from_secs(20));
+        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
+        replica
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn next_line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("{}: exited; log:\n{}", self.name, self.log_text())
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("writing a command");
+        self.stdin.flush().expect("flushing a command");
+    }
+
+    fn cmd(&mut self, line: &str, timeout: Duration) -> String {
+        self.send(line);
+        self.next_line(timeout)
+    }
+
+    fn ok(&mut self, line: &str, timeout: Duration) -> String {
+        let reply = self.cmd(line, timeout);
+        assert!(
+            reply.starts_with("ok"),
+            "{}: `{line}` answered `{reply}`\nlog:\n{}",
+            self.name,
+            self.log_text()
+        );
+        reply
+    }
+
+    fn field(&mut self, field: &str) -> String {
+        let status = self.cmd("status", Duration::from_secs(5));
+        status
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name))
+            .to_owned()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A tmpfs of its own, unmounted on drop.
+struct SmallFs {
+    path: PathBuf,
+}
+
+impl SmallFs {
+    fn mount(path: PathBuf, size_mib: u64) -> SmallFs {
+        std::fs::create_dir_all(&path).expect("mount point");
+        let out = tests::run_with_timeout(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+                .arg(&path),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        SmallFs { path }
+    }
+
+    fn grow(&self, size_mib: u64) {
+        let out = tests::run_with_timeout(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size_mib}m")])
+                .arg(&self.path),
+            Duration::from_secs(10),
+        );
+        assert!(out.status.success(), "remount: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
+    }
+}
+
+fn args(id: u8, port: u16, peer_port: u16, backing: &Path, meta: &Path) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--node-id".into(),
+        id.to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--peer".into(),
+        format!("{}=127.0.0.1:{peer_port}", 1 - id),
+        "--size-bytes".into(),
+        DEVICE_BYTES.to_string(),
+        "--on-io-error".into(),
+        "detach".into(),
+    ];
+    v.extend(["--backing".into(), backing.display().to_string()]);
+    v.extend(["--meta".into(), meta.display().to_string()]);
+    v
+}
+
+#[test]
+fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach() {
+    tests::require_slow!();
+    tests::require_tool("mount", "mount");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let small = SmallFs::mount(dir.path().join("small"), SMALL_FS_MIB);
+    let (pa, pb) = (tests::free_port(), tests::free_port());
+    // The primary's data on the small file system, its metadata (flex-external) beside the
+    // peer's on the roomy one: the data area fills, the metadata stays writable.
+    let a_backing = small.path.join("a.img");
+    let b_backing = dir.path().join("b.img");
+    let a_args = args(0, pa, pb, &a_backing, &dir.path().join("a.md"));
+    let b_args = args(1, pb, pa, &b_backing, &dir.path().join("b.md"));
+    let mut a = Replica::start("a", &a_args, dir.path());
+    let mut b = Replica::start("b", &b_args, dir.path());
+    let long = Duration::from_secs(60);
+    a.ok("wait-connected 20000", long);
+    a.ok("new-current-uuid", long);
+    a.ok("primary", long);
+
+    // Local reads, for comparison with reads through the peer below.
+    a.ok("write 0 64 1", long);
+    let local = a.ok("read-latency 0 2000", long);
+
+    // Stream twice what the file system holds: the disk fills, the primary detaches, and the
+    // stream goes on through the peer. Every write is acknowledged.
+    a.send(&format!("stream 0 {STREAM_BLOCKS} 2 16"));
+    let mut acked = 0u64;
+    loop {
+        let line = a.next_line(long);
+        if line == "done" {
+            break;
+        }
+        assert!(line.starts_with("acked "), "a write failed: `{line}`\n{}", a.log_text());
+        acked += 1;
+    }
+    assert_eq!(acked, STREAM_BLOCKS);
+    assert_eq!(a.field("disk"), "Diskless", "the full disk was detached");
+    assert_eq!(a.field("role"), "Primary");
+    let log = a.log_text();
+    assert!(log.contains("local I/O failed"), "the error is logged:\n{log}");
+    assert!(log.contains("Detached"), "the detach is logged:\n{log}");
+    // The peer marked everything written while the disk was gone.
+    let marked: u64 = b.field("oos").parse().unwrap();
+    assert!(marked > 0, "the peer tracks the detached disk");
+
+    // Every acknowledged write reads back through the diskless primary (from the peer).
+    a.ok(&format!("check 0 {STREAM_BLOCKS} 2"), long);
+    let remote = a.ok("read-latency 0 2000", long);
+    println!("4 KiB QD1 reads: local {local}; through the peer {remote}");
+
+    // Re-attach once the file system has room: as Secondary, it resyncs from the peer.
+    a.ok("secondary", long);
+    small.grow(128);
+    a.ok("attach", long);
+    a.ok("wait-synced 60000", long);
+    let resynced: u64 = a.field("resync_received").parse().unwrap();
+    println!("after attach, resync copied {resynced} blocks of {STREAM_BLOCKS} streamed");
+    assert!(resynced > 0, "the blocks written while detached travel");
+    assert!(resynced < DEVICE_BYTES / 4096, "a bitmap resync, not a full one: {resynced}");
+    assert_eq!(a.field("disk"), "UpToDate");
+    // The data areas (external metadata: the whole files) are identical.
+    let a_data = std::fs::read(&a_backing).expect("a's data");
+    let b_data = std::fs::read(&b_backing).expect("b's data");
+    assert_eq!(a_data.len(), b_data.len());
+    let differing = a_data.chunks(4096).zip(b_data.chunks(4096)).filter(|(x, y)| x != y).count();
+    assert_eq!(differing, 0, "replicas differ in {differing} blocks after the resync");
+    // And the re-attached node serves locally again as primary.
+    a.ok("primary", long);
+    a.ok(&format!("check 0 {STREAM_BLOCKS} 2"), long);
+}
