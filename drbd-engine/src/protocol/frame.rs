@@ -163,6 +163,23 @@ pub enum Frame {
         outdate: u64,
         unseen: u64,
     },
+    // Three or more diskful nodes (`protocol::node::mesh`), kinds 27-32.
+    /// Primary to secondary, before the Data frames it concerns: the diskful nodes its writes
+    /// go to from now on (`targets`, node id bits, itself included), those of them in sync
+    /// with it (`in_sync`), its current generation and the peers it tracks changes for
+    /// (`lost`), so that each secondary keeps bitmaps for the others.
+    MeshTargets {
+        targets: u64,
+        in_sync: u64,
+        current_uuid: u64,
+        lost: u64,
+    },
+    /// Primary to secondary: a write to this range is stable on every node it went to, so
+    /// the receiver forgets it as a difference towards the other secondaries.
+    PeersInSync {
+        offset_blocks: u64,
+        blocks: u64,
+    },
 }
 
 impl Frame {
@@ -190,6 +207,8 @@ impl Frame {
             Frame::VerifyResult { .. } => 43,
             Frame::VerifyDone { .. } => 44,
             Frame::Quorum { .. } => 17,
+            Frame::MeshTargets { .. } => 27,
+            Frame::PeersInSync { .. } => 28,
         }
     }
 }
@@ -384,6 +403,15 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
                 w.u64(*v);
             }
         }
+        Frame::MeshTargets { targets, in_sync, current_uuid, lost } => {
+            for v in [targets, in_sync, current_uuid, lost] {
+                w.u64(*v);
+            }
+        }
+        Frame::PeersInSync { offset_blocks, blocks } => {
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+        }
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -564,6 +592,13 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             outdate: r.u64()?,
             unseen: r.u64()?,
         },
+        27 => Frame::MeshTargets {
+            targets: r.u64()?,
+            in_sync: r.u64()?,
+            current_uuid: r.u64()?,
+            lost: r.u64()?,
+        },
+        28 => Frame::PeersInSync { offset_blocks: r.u64()?, blocks: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -629,6 +664,8 @@ mod tests {
             },
             Frame::VerifyDone { out_of_sync_blocks: 3, completed: false },
             Frame::Quorum { primaries: 0b101, term: 7, outdate: 0b10, unseen: 0b10 },
+            Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
+            Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
         ]
     }
 

@@ -38,6 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+mod mesh;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 pub mod verify;
@@ -544,6 +545,8 @@ pub struct Node {
     /// transfer-log entries that may have become collectable: each pump looks at these only,
     /// not at every write and entry (see `write_may_complete`).
     completion_candidates: Candidates,
+    /// Three or more diskful nodes (`mesh`).
+    mesh: mesh::MeshState,
 }
 
 impl Node {
@@ -622,6 +625,7 @@ impl Node {
             last_app_write_ms: 0,
             quorum_state,
             completion_candidates: Candidates::default(),
+            mesh: mesh::MeshState::default(),
         }
     }
 
@@ -1147,6 +1151,7 @@ impl Node {
             w.tl = tl;
             w.data.clone()
         };
+        self.mesh_announce();
         for i in 0..self.peers.len() {
             if self.peers[i].replicating() {
                 self.send(i, Frame::Data { id, offset_blocks: first, fua, data: data.clone() });
@@ -1272,6 +1277,7 @@ impl Node {
             let entry = self.transfer_log.remove(&id).expect("checked");
             if !entry.resync {
                 self.al_ref(entry.first, entry.blocks, -1);
+                self.mesh_collected(entry.first, entry.blocks);
             }
         }
     }
@@ -1592,6 +1598,7 @@ impl Node {
         p.resync = None;
         p.role = Role::Unknown;
         self.verify_connection_lost(i);
+        self.mesh_peer_lost(i);
         self.set_connection(i, next);
         self.set_replication(i, ReplicationState::Off);
         self.set_peer_disk(i, DiskState::DUnknown);
@@ -1953,6 +1960,7 @@ impl Node {
                     return;
                 }
                 self.peers[i].role = role;
+                self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
                 if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
                     // The peer itself says it cannot be promoted (it became our SyncTarget):
@@ -1976,6 +1984,7 @@ impl Node {
                     self.protocol_error(i, "unexpected Data".into());
                     return;
                 }
+                self.mesh_data_received(i, offset_blocks, data.len());
                 self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
                 if self.config.protocol == ReplicationProtocol::B {
                     self.send(i, Frame::RecvAck { id });
@@ -2044,6 +2053,9 @@ impl Node {
             | Frame::DigestReply { .. }
             | Frame::VerifyResult { .. }
             | Frame::VerifyDone { .. }) => self.handle_digest_frame(i, frame),
+            frame @ (Frame::MeshTargets { .. } | Frame::PeersInSync { .. }) => {
+                self.mesh_handle_frame(i, frame);
+            }
         }
     }
 
@@ -2221,6 +2233,8 @@ impl Node {
         let my_disk = (self.disk, self.meta.flags.full_sync_required, my_bits);
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let mut decision = decide_with_disks(uuid::decide(&mine, &theirs), my_disk, their_disk);
+        decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
+        let Some(mut decision) = self.mesh_defer_sync(i, &hello, decision) else { return };
         if decision == SyncDecision::SplitBrain {
             let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
             decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
@@ -2532,6 +2546,7 @@ impl Node {
     /// Runs everything that may have become possible after an input.
     fn pump(&mut self) {
         self.quorum_update();
+        self.mesh_pump();
         for i in 0..self.peers.len() {
             if self.peers[i].connection == ConnectionState::Connected
                 && self.peers[i].handshake.is_none()
@@ -2551,6 +2566,7 @@ impl Node {
         self.try_complete_writes();
         self.try_complete_flushes();
         self.try_finish_demote();
+        self.mesh_announce();
     }
 }
 

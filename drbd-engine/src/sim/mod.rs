@@ -38,6 +38,7 @@
 //! fence-peer exit codes, old primaries shot, split brains, lineage forks).
 
 pub mod disk;
+pub mod mesh;
 pub mod model;
 pub mod rng;
 pub mod verify;
@@ -489,6 +490,8 @@ pub struct World {
     violations: Vec<String>,
     report: Report,
     verify: verify::VerifyState,
+    /// Three diskful nodes: each node's current sync source (`mesh`).
+    mesh_sync_source: Vec<Option<usize>>,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -558,6 +561,7 @@ impl World {
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
             verify: verify::VerifyState::new(seed),
+            mesh_sync_source: vec![None; nodes],
         }
     }
 
@@ -1524,11 +1528,13 @@ impl World {
             }
             Event::ResyncFinished { peer, .. } => {
                 self.report.resyncs += 1;
+                self.mesh_resync_finished(i, peer.index());
                 self.in_sync(i, peer.index());
             }
             Event::ReplicationStateChanged { peer, state } => {
                 let j = peer.index();
                 if state == ReplicationState::SyncTarget {
+                    self.mesh_sync_source[i] = Some(j);
                     self.survivor_lineage(i, j);
                     // Our data becomes a copy of the source's: its lineage is ours now (after
                     // a split brain this is where the victim's writes are forgiven).
@@ -2059,7 +2065,12 @@ impl World {
 
 /// Runs one seed, turning a panic anywhere into a violation.
 pub fn run_seed(seed: u64, nodes: usize) -> Report {
-    let outcome = std::panic::catch_unwind(|| World::new(seed, nodes).run());
+    run_world(seed, || World::new(seed, nodes).run())
+}
+
+/// Runs one world, reporting a panic as the seed's violation.
+fn run_world(seed: u64, run: impl FnOnce() -> Report + std::panic::UnwindSafe) -> Report {
+    let outcome = std::panic::catch_unwind(run);
     match outcome {
         Ok(report) => report,
         Err(panic) => {
