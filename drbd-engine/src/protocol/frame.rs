@@ -180,6 +180,11 @@ pub enum Frame {
         offset_blocks: u64,
         blocks: u64,
     },
+    /// Sync source to target, just before `ResyncDone`: the source's older generations, which
+    /// the target adopts with its current one (a third node compares against them later).
+    UuidHistory {
+        history: [u64; crate::constants::HISTORY_UUIDS_MAX],
+    },
 }
 
 impl Frame {
@@ -209,6 +214,7 @@ impl Frame {
             Frame::Quorum { .. } => 17,
             Frame::MeshTargets { .. } => 27,
             Frame::PeersInSync { .. } => 28,
+            Frame::UuidHistory { .. } => 29,
         }
     }
 }
@@ -412,6 +418,11 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             w.u64(*offset_blocks);
             w.u64(*blocks);
         }
+        Frame::UuidHistory { history } => {
+            for v in history {
+                w.u64(*v);
+            }
+        }
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -599,6 +610,13 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             lost: r.u64()?,
         },
         28 => Frame::PeersInSync { offset_blocks: r.u64()?, blocks: r.u64()? },
+        29 => {
+            let mut history = [0; crate::constants::HISTORY_UUIDS_MAX];
+            for slot in &mut history {
+                *slot = r.u64()?;
+            }
+            Frame::UuidHistory { history }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -666,6 +684,7 @@ mod tests {
             Frame::Quorum { primaries: 0b101, term: 7, outdate: 0b10, unseen: 0b10 },
             Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
             Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
+            Frame::UuidHistory { history: [0x20, 0x10] },
         ]
     }
 

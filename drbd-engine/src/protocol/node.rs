@@ -2053,7 +2053,9 @@ impl Node {
             | Frame::DigestReply { .. }
             | Frame::VerifyResult { .. }
             | Frame::VerifyDone { .. }) => self.handle_digest_frame(i, frame),
-            frame @ (Frame::MeshTargets { .. } | Frame::PeersInSync { .. }) => {
+            frame @ (Frame::MeshTargets { .. }
+            | Frame::PeersInSync { .. }
+            | Frame::UuidHistory { .. }) => {
                 self.mesh_handle_frame(i, frame);
             }
         }
@@ -2515,6 +2517,7 @@ impl Node {
             f.crashed_primary = false;
         });
         let current_uuid = self.meta.uuids.current;
+        self.mesh_before_resync_done(i);
         self.send(i, Frame::ResyncDone { current_uuid });
         self.set_peer_disk(i, DiskState::UpToDate);
         self.set_replication(i, ReplicationState::Established);

@@ -27,6 +27,23 @@ impl World {
         }
     }
 
+    /// Every node knows every peer's current role (a demotion's State frame may still be on
+    /// its way): the epilogue's verify picks its nodes by role. Always true outside the mesh.
+    pub(super) fn mesh_roles_settled(&self) -> bool {
+        if self.swarm.tiebreaker || self.swarm.nodes < 3 {
+            return true;
+        }
+        (0..self.swarm.nodes).all(|i| {
+            let Some(n) = self.nodes[i].node.as_ref() else { return false };
+            n.peer_ids().iter().all(|p| {
+                self.nodes[p.index()]
+                    .node
+                    .as_ref()
+                    .is_some_and(|m| n.peer_role(*p) == Some(m.role()))
+            })
+        })
+    }
+
     /// Seed `seed` with three diskful nodes.
     pub fn new_mesh(seed: u64) -> Self {
         let mut world = World::new(seed, 3);

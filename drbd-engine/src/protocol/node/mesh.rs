@@ -125,6 +125,15 @@ impl Node {
         }
     }
 
+    /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
+    /// third node that knows an older generation of ours is not found unrelated to it.
+    pub(super) fn mesh_before_resync_done(&mut self, i: usize) {
+        if self.mesh_enabled() {
+            let history = self.meta.uuids.history;
+            self.send(i, Frame::UuidHistory { history });
+        }
+    }
+
     pub(super) fn mesh_handle_frame(&mut self, i: usize, frame: Frame) {
         match frame {
             Frame::MeshTargets { targets, in_sync, current_uuid, lost } => {
@@ -142,6 +151,20 @@ impl Node {
                         .position(|e| e.first == offset_blocks && e.blocks == blocks)
                 {
                     self.mesh.in_doubt.remove(pos);
+                }
+            }
+            Frame::UuidHistory { history } => {
+                if !self.mesh_enabled()
+                    || self.peers[i].replication != ReplicationState::SyncTarget
+                    || history.iter().any(|u| *u & uuid::UUID_PRIMARY_FLAG != 0)
+                {
+                    self.protocol_error(i, "unexpected UuidHistory".into());
+                    return;
+                }
+                let mut uuids = self.meta.uuids.clone();
+                uuids.adopt_history(&history);
+                if uuids != self.meta.uuids {
+                    self.persist(MetaUpdate::Uuids(uuids));
                 }
             }
             _ => unreachable!("only mesh frames are passed here"),
@@ -450,19 +473,23 @@ impl Node {
         if !self.mesh_enabled() {
             return Some(decision);
         }
-        let already_target = (0..self.peers.len()).filter(|j| *j != i).any(|j| {
-            let p = &self.peers[j];
-            p.connection == ConnectionState::Connected
-                && p.handshake.is_none()
-                && matches!(
-                    p.replication,
-                    ReplicationState::SyncTarget | ReplicationState::PausedSyncT
-                )
-        });
+        let syncing = |states: [ReplicationState; 2]| {
+            (0..self.peers.len()).filter(|j| *j != i).any(|j| {
+                let p = &self.peers[j];
+                p.connection == ConnectionState::Connected
+                    && p.handshake.is_none()
+                    && states.contains(&p.replication)
+            })
+        };
+        let already_target = syncing([ReplicationState::SyncTarget, ReplicationState::PausedSyncT]);
+        // A sync source whose data a third node overwrote would send that node's data on.
+        let already_source = syncing([ReplicationState::SyncSource, ReplicationState::PausedSyncS]);
         // Two nodes without consistent data have nothing to give each other; while this one
         // is being synced by a third, "in sync" between them would be a claim about nothing.
-        let empty_pair =
-            decision == NoSync && already_target && !hello.disk.has_data() && !self.disk.has_data();
+        // Nor can they have diverged: their generations say nothing, a third node syncs them.
+        let empty_pair = !hello.disk.has_data()
+            && !self.disk.has_data()
+            && (already_target || matches!(decision, SplitBrain | Unrelated));
         if !matches!(decision, BitmapSource | BitmapTarget | FullSource | FullTarget | SplitBrain)
             && !empty_pair
         {
@@ -471,7 +498,7 @@ impl Node {
         let target = matches!(decision, BitmapTarget | FullTarget);
         let secondaries = self.role != Role::Primary && hello.role != Role::Primary;
         if (secondaries && self.mesh_primary_replicating(i))
-            || (target && already_target)
+            || (target && (already_target || already_source))
             || empty_pair
         {
             self.disconnect(i, ConnectionState::Connecting);
