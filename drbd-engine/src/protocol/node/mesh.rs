@@ -323,7 +323,7 @@ impl Node {
     pub(super) fn mesh_peer_lost(&mut self, i: usize) {
         let peer = self.peers[i].id;
         self.mesh.announced.remove(&peer);
-        if !self.mesh.source.as_ref().is_some_and(|s| s.peer == peer) {
+        if self.mesh.source.as_ref().is_none_or(|s| s.peer != peer) {
             return;
         }
         self.mesh.source = None;
