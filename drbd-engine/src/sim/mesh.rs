@@ -16,7 +16,8 @@ impl World {
     /// third node it stands where the source stands (the pairwise ghost record would
     /// otherwise keep differences the copy removed).
     pub(super) fn mesh_resync_finished(&mut self, i: usize, peer: usize) {
-        if self.mesh_sync_source[i].take() != Some(peer) {
+        // Only with three diskful nodes: the other modes' ghost records stay as they were.
+        if self.mesh_sync_source[i].take() != Some(peer) || self.swarm.tiebreaker {
             return;
         }
         for x in 0..self.swarm.nodes {
