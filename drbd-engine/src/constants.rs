@@ -91,6 +91,12 @@ const _: () = assert!(PING_TIMEOUT_MS < HANDSHAKE_TIMEOUT_MS);
 const _: () =
     assert!(REQUEST_BLOCKS_MAX <= AL_EXTENT_BLOCKS, "a request spans at most two extents");
 const _: () = assert!(PEER_WRITES_IN_FLIGHT_MAX <= PEER_QUEUE_FRAMES_MAX);
+/// Writes a secondary of a three-or-more-node mesh remembers as "maybe not yet on the other
+/// secondaries" until the primary confirms them stable everywhere (`PeersInSync`). The
+/// primary confirms in transfer-log order, so its transfer log bounds them; past the limit
+/// the oldest is marked out of sync for good (costs a resync, never data).
+pub const IN_DOUBT_WRITES_MAX: usize = 2 * TRANSFER_LOG_ENTRIES_MAX;
+const _: () = assert!(IN_DOUBT_WRITES_MAX >= TRANSFER_LOG_ENTRIES_MAX);
 const _: () = assert!(APP_REQUESTS_MAX <= TRANSFER_LOG_ENTRIES_MAX);
 const _: () = assert!(AL_EXTENTS_MIN >= 2 && AL_EXTENTS_MIN <= AL_EXTENTS_MAX);
 const _: () = assert!(

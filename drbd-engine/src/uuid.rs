@@ -66,6 +66,16 @@ impl GenerationUuids {
         self.history[0] = uuid;
     }
 
+    /// A sync target takes the source's past as its own (three or more diskful nodes: a
+    /// third node compares against it later). Zero and the current generation are skipped.
+    pub fn adopt_history(&mut self, history: &[u64]) {
+        for uuid in history.iter().rev() {
+            if *uuid != self.current && *uuid != UUID_JUST_CREATED {
+                self.push_history(*uuid);
+            }
+        }
+    }
+
     /// Starts a new data generation: every listed peer that was not already tracked starts
     /// tracking from the old current generation. Called before the first write a peer misses.
     pub fn new_current(&mut self, fresh: u64, untracked_peers: impl IntoIterator<Item = NodeId>) {

@@ -16,7 +16,10 @@ use bytes::Bytes;
 use thiserror::Error;
 
 pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped whenever a frame is added or changes: peers of different versions refuse each other
+/// at the handshake instead of misreading frames. 2: quorum (17), resize (18-19), diskless
+/// operation (20-24), the mesh (27-29), verify (40-44) and WRITE ATOMIC (33).
+pub const PROTOCOL_VERSION: u32 = 2;
 pub const HEADER_BYTES: usize = 32;
 /// Mask words of one VerifyResult: one bit per block of the largest request.
 pub const VERIFY_MASK_WORDS_MAX: usize = 4;
@@ -211,6 +214,28 @@ pub enum Frame {
     ReadError {
         id: u64,
     },
+    // Three or more diskful nodes (`protocol::node::mesh`), kinds 27-32.
+    /// Primary to secondary, before the Data frames it concerns: the diskful nodes its writes
+    /// go to from now on (`targets`, node id bits, itself included), those of them in sync
+    /// with it (`in_sync`), its current generation and the peers it tracks changes for
+    /// (`lost`), so that each secondary keeps bitmaps for the others.
+    MeshTargets {
+        targets: u64,
+        in_sync: u64,
+        current_uuid: u64,
+        lost: u64,
+    },
+    /// Primary to secondary: a write to this range is stable on every node it went to, so
+    /// the receiver forgets it as a difference towards the other secondaries.
+    PeersInSync {
+        offset_blocks: u64,
+        blocks: u64,
+    },
+    /// Sync source to target, just before `ResyncDone`: the source's older generations, which
+    /// the target adopts with its current one (a third node compares against them later).
+    UuidHistory {
+        history: [u64; crate::constants::HISTORY_UUIDS_MAX],
+    },
 }
 
 impl Frame {
@@ -246,6 +271,9 @@ impl Frame {
             Frame::ReadRequest { .. } => 22,
             Frame::ReadReply { .. } => 23,
             Frame::ReadError { .. } => 24,
+            Frame::MeshTargets { .. } => 27,
+            Frame::PeersInSync { .. } => 28,
+            Frame::UuidHistory { .. } => 29,
         }
     }
 }
@@ -462,6 +490,20 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             w.0.extend_from_slice(data);
         }
         Frame::ReadError { id } => w.u64(*id),
+        Frame::MeshTargets { targets, in_sync, current_uuid, lost } => {
+            for v in [targets, in_sync, current_uuid, lost] {
+                w.u64(*v);
+            }
+        }
+        Frame::PeersInSync { offset_blocks, blocks } => {
+            w.u64(*offset_blocks);
+            w.u64(*blocks);
+        }
+        Frame::UuidHistory { history } => {
+            for v in history {
+                w.u64(*v);
+            }
+        }
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -675,6 +717,20 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             },
         },
         19 => Frame::ResizeCommit { size_blocks: r.u64()? },
+        27 => Frame::MeshTargets {
+            targets: r.u64()?,
+            in_sync: r.u64()?,
+            current_uuid: r.u64()?,
+            lost: r.u64()?,
+        },
+        28 => Frame::PeersInSync { offset_blocks: r.u64()?, blocks: r.u64()? },
+        29 => {
+            let mut history = [0; crate::constants::HISTORY_UUIDS_MAX];
+            for slot in &mut history {
+                *slot = r.u64()?;
+            }
+            Frame::UuidHistory { history }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -749,6 +805,9 @@ mod tests {
             Frame::ReadRequest { id: 13, offset_blocks: 14, blocks: 2 },
             Frame::ReadReply { id: 13, data: vec![9; 8192] },
             Frame::ReadError { id: 15 },
+            Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
+            Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
+            Frame::UuidHistory { history: [0x20, 0x10] },
         ]
     }
 

@@ -40,6 +40,7 @@ use thiserror::Error;
 
 mod atomic;
 pub mod diskless;
+mod mesh;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
@@ -606,6 +607,8 @@ pub struct Node {
     completion_candidates: Candidates,
     resize: resize::ResizeState,
     diskless: diskless::DisklessState,
+    /// Three or more diskful nodes (`mesh`).
+    mesh: mesh::MeshState,
 }
 
 impl Node {
@@ -686,6 +689,7 @@ impl Node {
             completion_candidates: Candidates::default(),
             resize: resize::ResizeState::default(),
             diskless: diskless::DisklessState::default(),
+            mesh: mesh::MeshState::default(),
         }
     }
 
@@ -1238,6 +1242,7 @@ impl Node {
             }
             w.data.clone()
         };
+        self.mesh_announce();
         for i in 0..self.peers.len() {
             if self.peers[i].replicating() {
                 self.send(i, atomic::data_frame(id, first, fua, data.clone(), atomic));
@@ -1372,6 +1377,7 @@ impl Node {
             let entry = self.transfer_log.remove(&id).expect("checked");
             if !entry.resync {
                 self.al_ref(entry.first, entry.blocks, -1);
+                self.mesh_collected(entry.first, entry.blocks);
             }
         }
     }
@@ -1690,6 +1696,7 @@ impl Node {
         p.resync = None;
         p.role = Role::Unknown;
         self.verify_connection_lost(i);
+        self.mesh_peer_lost(i);
         self.set_connection(i, next);
         self.set_replication(i, ReplicationState::Off);
         self.set_peer_disk(i, DiskState::DUnknown);
@@ -2067,6 +2074,7 @@ impl Node {
                     return;
                 }
                 self.peers[i].role = role;
+                self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
                 if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
                     // The peer itself says it cannot be promoted (it became our SyncTarget):
@@ -2091,6 +2099,7 @@ impl Node {
                     return;
                 }
                 let blocks = blocks_of(data.len()).unwrap_or(0);
+                self.mesh_data_received(i, offset_blocks, data.len());
                 self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
                 self.diskless_note_peer_write(i, offset_blocks, blocks);
                 if self.config.protocol == ReplicationProtocol::B {
@@ -2172,6 +2181,11 @@ impl Node {
             | Frame::ReadRequest { .. }
             | Frame::ReadReply { .. }
             | Frame::ReadError { .. }) => self.handle_diskless_frame(i, frame),
+            frame @ (Frame::MeshTargets { .. }
+            | Frame::PeersInSync { .. }
+            | Frame::UuidHistory { .. }) => {
+                self.mesh_handle_frame(i, frame);
+            }
         }
     }
 
@@ -2366,6 +2380,8 @@ impl Node {
         let my_disk = (self.disk, self.meta.flags.full_sync_required, my_bits);
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let mut decision = decide_with_disks(uuid::decide(&mine, &theirs), my_disk, their_disk);
+        decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
+        let Some(mut decision) = self.mesh_defer_sync(i, &hello, decision) else { return };
         if decision == SyncDecision::SplitBrain {
             let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
             decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
@@ -2646,6 +2662,7 @@ impl Node {
             f.crashed_primary = false;
         });
         let current_uuid = self.meta.uuids.current;
+        self.mesh_before_resync_done(i);
         self.send(i, Frame::ResyncDone { current_uuid });
         self.set_peer_disk(i, DiskState::UpToDate);
         self.set_replication(i, ReplicationState::Established);
@@ -2677,6 +2694,7 @@ impl Node {
     /// Runs everything that may have become possible after an input.
     fn pump(&mut self) {
         self.quorum_update();
+        self.mesh_pump();
         for i in 0..self.peers.len() {
             if self.peers[i].connection == ConnectionState::Connected
                 && self.peers[i].handshake.is_none()
@@ -2696,6 +2714,7 @@ impl Node {
         self.try_complete_writes();
         self.try_complete_flushes();
         self.try_finish_demote();
+        self.mesh_announce();
     }
 }
 

@@ -39,6 +39,7 @@
 
 pub mod disk;
 pub mod disk_fail;
+pub mod mesh;
 pub mod model;
 pub mod more_faults;
 pub mod rng;
@@ -501,6 +502,8 @@ pub struct World {
     verify: verify::VerifyState,
     more: more_faults::MoreFaultsState,
     disk_failures: disk_fail::DiskFailures,
+    /// Three diskful nodes: each node's current sync source (`mesh`).
+    mesh_sync_source: Vec<Option<usize>>,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -572,6 +575,7 @@ impl World {
             verify: verify::VerifyState::new(seed),
             more: more_faults::MoreFaultsState::new(seed),
             disk_failures: disk_fail::DiskFailures::new(seed),
+            mesh_sync_source: vec![None; nodes],
         }
     }
 
@@ -1562,11 +1566,13 @@ impl World {
             }
             Event::ResyncFinished { peer, .. } => {
                 self.report.resyncs += 1;
+                self.mesh_resync_finished(i, peer.index());
                 self.in_sync(i, peer.index());
             }
             Event::ReplicationStateChanged { peer, state } => {
                 let j = peer.index();
                 if state == ReplicationState::SyncTarget {
+                    self.mesh_sync_source[i] = Some(j);
                     self.survivor_lineage(i, j);
                     // Our data becomes a copy of the source's: its lineage is ours now (after
                     // a split brain this is where the victim's writes are forgiven).
@@ -2029,6 +2035,7 @@ impl World {
                         && n.peer_disk_state(*p) == Some(good_disk(p.index()))
                 })
         });
+        let all_established = all_established && self.mesh_roles_settled();
         if !all_established {
             let stuck_outdated = (0..self.swarm.nodes).filter(|i| !self.is_diskless(*i)).all(|i| {
                 let n = self.nodes[i].node.as_ref().expect("checked");
@@ -2101,7 +2108,12 @@ impl World {
 
 /// Runs one seed, turning a panic anywhere into a violation.
 pub fn run_seed(seed: u64, nodes: usize) -> Report {
-    let outcome = std::panic::catch_unwind(|| World::new(seed, nodes).run());
+    run_world(seed, || World::new(seed, nodes).run())
+}
+
+/// Runs one world, reporting a panic as the seed's violation.
+fn run_world(seed: u64, run: impl FnOnce() -> Report + std::panic::UnwindSafe) -> Report {
+    let outcome = std::panic::catch_unwind(run);
     match outcome {
         Ok(report) => report,
         Err(panic) => {

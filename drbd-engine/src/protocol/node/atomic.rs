@@ -86,12 +86,17 @@ impl Node {
             self.protocol_error(i, "unexpected AtomicData".into());
             return;
         }
+        let blocks = super::blocks_of(data.len()).unwrap_or(0);
+        // The same bookkeeping as a Data frame's: the mesh's view of which secondaries hold
+        // the write, and a diskless primary's record of the writes this peer received.
+        self.mesh_data_received(i, offset_blocks, data.len());
         let queued = self.peers[i].queue.len();
         self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
         if self.peers[i].queue.len() == queued {
             // Refused (and the connection dropped) by enqueue_incoming.
             return;
         }
+        self.diskless_note_peer_write(i, offset_blocks, blocks);
         let Some(Incoming::Write { id: queued_id, atomic, .. }) = self.peers[i].queue.back_mut()
         else {
             unreachable!("enqueue_incoming appends a write")

@@ -223,6 +223,7 @@ impl Node {
         if p.verify.role.is_some() {
             return Err(StateError::Precondition("a verify is already running"));
         }
+        self.mesh_check_verify(i)?;
         if self.disk != DiskState::UpToDate || p.disk != DiskState::UpToDate {
             return Err(StateError::Precondition("verify needs UpToDate data on both nodes"));
         }

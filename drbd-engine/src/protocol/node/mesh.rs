@@ -1,0 +1,509 @@
+//! Three or more diskful nodes: DRBD 9's full mesh (a child module of `node`, so that
+//! `node.rs` carries one-line hooks). Active only when a node has a disk and at least two
+//! diskful peers, so two diskful nodes (with or without a diskless tiebreaker) behave exactly
+//! as without this module.
+//!
+//! Every node keeps a bitmap per peer. On the primary it holds the blocks a peer missed, as
+//! with two nodes. On a secondary it holds the blocks that may differ between this node and
+//! each *other* secondary, so that when the primary dies the two survivors resync only that
+//! difference:
+//! - Before the Data frames it concerns, the primary tells each secondary where its writes go
+//!   (`Frame::MeshTargets`: the diskful nodes replicating, those in sync, its current
+//!   generation and the peers it tracks). A secondary in sync with it adopts a new generation
+//!   the way the primary started it (the lost peers' bitmap UUIDs are the old generation), so
+//!   the survivors' generations tell, on reconnect, who holds newer data.
+//! - A write that does not go to a secondary X is marked in X's bitmap at once. A write that
+//!   goes to X too is *in doubt* (it may not reach X if the primary dies) and is remembered in
+//!   memory until the primary reports it stable everywhere (`Frame::PeersInSync`, sent when
+//!   the transfer-log entry is collected). If X leaves the primary's targets, or the primary
+//!   is lost, what is still in doubt is marked in X's bitmap.
+//! - A secondary that lost its primary with writes in doubt marks itself as DRBD marks a
+//!   crashed primary (its bitmap covers what may differ; either direction of the resync is
+//!   correct) and re-handshakes with the other secondaries: with equal generations the
+//!   flagged side (the lower node id when both are) becomes the bitmap sync source of the
+//!   union of both bitmaps. A promoted node is always the source over a flagged secondary.
+//! - Secondaries never resync each other while a primary replicates to them (the primary's
+//!   writes and the resync would race on the target), and a sync target takes one source at
+//!   a time; such handshakes are deferred (the connection is retried). When the primary
+//!   reports a peer in sync, the other secondaries drop their bits for it: the primary's own
+//!   resync covered them.
+
+use super::*;
+use crate::constants::IN_DOUBT_WRITES_MAX;
+
+/// The mesh side of a `Node`.
+#[derive(Debug, Default)]
+pub(super) struct MeshState {
+    /// As primary: the `MeshTargets` values each peer was last sent, with its connection.
+    announced: BTreeMap<NodeId, (u64, [u64; 4])>,
+    /// As secondary: the primary whose writes this node receives.
+    source: Option<MeshSource>,
+    /// Received writes not yet confirmed on the other secondaries, oldest first.
+    in_doubt: VecDeque<InDoubt>,
+    /// Diskful peers to handshake with again (the primary was lost with writes in doubt).
+    rehandshake: u64,
+}
+
+#[derive(Debug)]
+struct MeshSource {
+    peer: NodeId,
+    conn_id: u64,
+    targets: u64,
+    /// The nodes the primary last reported in sync with it.
+    in_sync: u64,
+}
+
+#[derive(Debug)]
+struct InDoubt {
+    first: u64,
+    blocks: u64,
+    /// The other secondaries the write went to (node id bits).
+    peers: u64,
+}
+
+impl Node {
+    /// A disk of our own and at least two diskful peers.
+    pub(super) fn mesh_enabled(&self) -> bool {
+        !self.config.quorum.diskless
+            && self.peers.iter().filter(|p| !self.is_diskless_peer(p.id)).count() >= 2
+    }
+
+    /// Writes of the primary in doubt towards other secondaries, for diagnostics and tests.
+    pub fn mesh_writes_in_doubt(&self) -> usize {
+        self.mesh.in_doubt.len()
+    }
+
+    /// Primary: tells every replicating diskful peer where writes go now, if that changed.
+    /// Called before the Data frames of a write and after every input.
+    pub(super) fn mesh_announce(&mut self) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);
+        for p in &self.peers {
+            if self.is_diskless_peer(p.id) {
+                continue;
+            }
+            if p.replicating() {
+                targets |= p.id.bit();
+                if p.replication == ReplicationState::Established && p.disk == DiskState::UpToDate {
+                    in_sync |= p.id.bit();
+                }
+            }
+            if self.meta.uuids.bitmap_uuid(p.id) != 0 {
+                lost |= p.id.bit();
+            }
+        }
+        let current_uuid = self.meta.uuids.current;
+        let values = [targets, in_sync, current_uuid, lost];
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if !p.replicating() || self.is_diskless_peer(p.id) {
+                continue;
+            }
+            let entry = (p.conn_id, values);
+            if self.mesh.announced.get(&p.id) != Some(&entry) {
+                self.mesh.announced.insert(p.id, entry);
+                self.send(i, Frame::MeshTargets { targets, in_sync, current_uuid, lost });
+            }
+        }
+    }
+
+    /// Primary: a write's transfer-log entry was collected (stable on every node it still
+    /// goes to): the secondaries forget it as a difference between them.
+    pub(super) fn mesh_collected(&mut self, first: u64, blocks: u64) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        // A peer lost since the write was sent must be announced first, so the secondaries
+        // mark the write for it before they forget it.
+        self.mesh_announce();
+        for i in 0..self.peers.len() {
+            if self.peers[i].replicating() && !self.is_diskless_peer(self.peers[i].id) {
+                self.send(i, Frame::PeersInSync { offset_blocks: first, blocks });
+            }
+        }
+    }
+
+    /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
+    /// third node that knows an older generation of ours is not found unrelated to it.
+    pub(super) fn mesh_before_resync_done(&mut self, i: usize) {
+        if self.mesh_enabled() {
+            let history = self.meta.uuids.history;
+            self.send(i, Frame::UuidHistory { history });
+        }
+    }
+
+    pub(super) fn mesh_handle_frame(&mut self, i: usize, frame: Frame) {
+        match frame {
+            Frame::MeshTargets { targets, in_sync, current_uuid, lost } => {
+                self.mesh_targets(i, [targets, in_sync, current_uuid, lost]);
+            }
+            Frame::PeersInSync { offset_blocks, blocks } => {
+                let from_source = self.mesh.source.as_ref().is_some_and(|s| {
+                    s.peer == self.peers[i].id && s.conn_id == self.peers[i].conn_id
+                });
+                if from_source
+                    && let Some(pos) = self
+                        .mesh
+                        .in_doubt
+                        .iter()
+                        .position(|e| e.first == offset_blocks && e.blocks == blocks)
+                {
+                    self.mesh.in_doubt.remove(pos);
+                }
+            }
+            Frame::UuidHistory { history } => {
+                if !self.mesh_enabled()
+                    || self.peers[i].replication != ReplicationState::SyncTarget
+                    || history.iter().any(|u| *u & uuid::UUID_PRIMARY_FLAG != 0)
+                {
+                    self.protocol_error(i, "unexpected UuidHistory".into());
+                    return;
+                }
+                let mut uuids = self.meta.uuids.clone();
+                uuids.adopt_history(&history);
+                if uuids != self.meta.uuids {
+                    self.persist(MetaUpdate::Uuids(uuids));
+                }
+            }
+            _ => unreachable!("only mesh frames are passed here"),
+        }
+    }
+
+    fn mesh_targets(&mut self, i: usize, [targets, in_sync, current, lost]: [u64; 4]) {
+        let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        if !self.mesh_enabled() || self.role == Role::Primary || self.peers[i].role != Role::Primary
+        {
+            // Sent by a primary only; one that demoted meanwhile sends no more Data either.
+            return;
+        }
+        let same = |s: &MeshSource| s.peer == peer && s.conn_id == conn_id;
+        if self.mesh.source.as_ref().is_some_and(|s| !same(s)) {
+            // Writes of an earlier primary (or connection) never confirmed: may differ anywhere.
+            self.mesh_persist_in_doubt(u64::MAX);
+        }
+        let previous = self.mesh.source.as_ref().filter(|s| same(s)).map_or(0, |s| s.targets);
+        if previous & !targets != 0 {
+            // Peers the primary no longer replicates to may lack what is still in doubt.
+            self.mesh_persist_in_doubt(previous & !targets);
+        }
+        self.mesh.source = Some(MeshSource { peer, conn_id, targets, in_sync });
+        let in_sync_with_primary = self.peers[i].replication == ReplicationState::Established
+            && self.disk == DiskState::UpToDate
+            && in_sync & self.id.bit() != 0;
+        if !in_sync_with_primary {
+            return;
+        }
+        if current != self.meta.uuids.current {
+            let valid = current & 1 == 0 && current != 0 && current != uuid::UUID_JUST_CREATED;
+            if !valid {
+                self.protocol_error(i, "MeshTargets with an invalid generation".into());
+                return;
+            }
+            // The primary started a new generation for the peers it lost: start it here the
+            // same way, tracking those peers from the generation we shared.
+            let lost_peers: Vec<NodeId> = self
+                .peers
+                .iter()
+                .filter(|p| lost & p.id.bit() != 0 && !self.is_diskless_peer(p.id))
+                .map(|p| p.id)
+                .collect();
+            let mut uuids = self.meta.uuids.clone();
+            uuids.new_current(current, lost_peers);
+            self.persist(MetaUpdate::Uuids(uuids));
+        }
+        // Peers the primary has in sync hold everything we hold, in-doubt writes aside.
+        let size = self.meta.size_blocks;
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            let x = p.id;
+            let syncing = matches!(
+                p.replication,
+                ReplicationState::SyncSource
+                    | ReplicationState::SyncTarget
+                    | ReplicationState::PausedSyncS
+                    | ReplicationState::PausedSyncT
+            );
+            if j == i
+                || in_sync & x.bit() == 0
+                || self.is_diskless_peer(x)
+                || syncing
+                || p.handshake.is_some()
+            {
+                continue;
+            }
+            if self.meta.uuids.bitmap_uuid(x) != 0 {
+                let mut uuids = self.meta.uuids.clone();
+                uuids.settled_in_sync(x);
+                self.persist(MetaUpdate::Uuids(uuids));
+            }
+            if !self.meta.bitmaps[x.index()].is_clear() {
+                self.persist(MetaUpdate::BitmapClear { peer: x, first_block: 0, blocks: size });
+            }
+        }
+    }
+
+    /// Secondary: a Data frame from a primary arrived. It is marked at once for the diskful
+    /// peers it does not go to, and remembered as in doubt for those it goes to.
+    pub(super) fn mesh_data_received(&mut self, i: usize, first: u64, bytes: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let Some(blocks) = blocks_of(bytes) else { return };
+        if first.checked_add(blocks).is_none_or(|end| end > self.meta.size_blocks) {
+            return; // refused as "write outside the device" by the caller
+        }
+        let (sender, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        let targets = self
+            .mesh
+            .source
+            .as_ref()
+            .filter(|s| s.peer == sender && s.conn_id == conn_id)
+            .map_or(0, |s| s.targets);
+        let mut doubt = 0u64;
+        let mut missed = Vec::new();
+        for p in &self.peers {
+            if p.id == sender || self.is_diskless_peer(p.id) {
+                continue;
+            }
+            if targets & p.id.bit() != 0 {
+                doubt |= p.id.bit();
+            } else {
+                missed.push(p.id);
+            }
+        }
+        for x in missed {
+            self.mesh_mark(x, first, blocks);
+        }
+        if doubt != 0 {
+            self.mesh.in_doubt.push_back(InDoubt { first, blocks, peers: doubt });
+            if self.mesh.in_doubt.len() > IN_DOUBT_WRITES_MAX {
+                let oldest = self.mesh.in_doubt.pop_front().expect("over the limit");
+                for x in self.peer_ids() {
+                    if oldest.peers & x.bit() != 0 {
+                        self.mesh_mark(x, oldest.first, oldest.blocks);
+                    }
+                }
+            }
+        }
+    }
+
+    fn mesh_mark(&mut self, peer: NodeId, first: u64, blocks: u64) {
+        if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
+            self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
+        }
+    }
+
+    /// Marks every in-doubt write for the peers in `mask` and forgets those peers in them.
+    /// Returns the peers something was marked for.
+    fn mesh_persist_in_doubt(&mut self, mask: u64) -> u64 {
+        let mut marks = Vec::new();
+        let mut touched = 0u64;
+        for e in &mut self.mesh.in_doubt {
+            let hit = e.peers & mask;
+            if hit != 0 {
+                marks.push((e.first, e.blocks, hit));
+                touched |= hit;
+                e.peers &= !mask;
+            }
+        }
+        self.mesh.in_doubt.retain(|e| e.peers != 0);
+        for (first, blocks, hit) in marks {
+            for x in self.peer_ids() {
+                if hit & x.bit() != 0 {
+                    self.mesh_mark(x, first, blocks);
+                }
+            }
+        }
+        touched
+    }
+
+    /// The connection to peer `i` was lost (called by `disconnect`).
+    pub(super) fn mesh_peer_lost(&mut self, i: usize) {
+        let peer = self.peers[i].id;
+        self.mesh.announced.remove(&peer);
+        if self.mesh.source.as_ref().is_none_or(|s| s.peer != peer) {
+            return;
+        }
+        self.mesh.source = None;
+        let touched = self.mesh_persist_in_doubt(u64::MAX);
+        if touched != 0 {
+            // Our bitmap now covers every write of the lost primary that may differ between
+            // us and the other secondaries: resync them by it, as after a crashed primary.
+            self.persist_flags(|f| f.crashed_primary = true);
+            self.mesh.rehandshake |= touched;
+        }
+    }
+
+    /// A peer's `State` arrived (before it is recorded). A secondary peer we are Established
+    /// with that became UpToDate again got its data from elsewhere (a third node's resync, or
+    /// a sync it became source of): what our handshake found no longer holds, so handshake
+    /// again (an Outdated node next to an UpToDate one in sync becomes UpToDate that way).
+    pub(super) fn mesh_peer_state(&mut self, i: usize, role: Role, disk: DiskState) {
+        let p = &self.peers[i];
+        if self.mesh_enabled()
+            && !self.is_diskless_peer(p.id)
+            && self.role != Role::Primary
+            && role != Role::Primary
+            && p.replication == ReplicationState::Established
+            && p.disk != DiskState::UpToDate
+            && disk == DiskState::UpToDate
+        {
+            self.mesh.rehandshake |= p.id.bit();
+        }
+    }
+
+    /// After every input: re-handshakes the connections the loss of a primary left with
+    /// differences to resync.
+    pub(super) fn mesh_pump(&mut self) {
+        let pending = std::mem::take(&mut self.mesh.rehandshake);
+        if pending == 0 {
+            return;
+        }
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            if pending & p.id.bit() != 0
+                && p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.replication == ReplicationState::Established
+            {
+                self.disconnect(j, ConnectionState::Connecting);
+            }
+        }
+    }
+
+    /// Refines the sync decision in a mesh. With equal generations:
+    /// - between a primary and a secondary flagged after losing its primary, the primary is
+    ///   the source (of both bitmaps);
+    /// - two UpToDate secondaries that the primary replicating to this node reports in sync
+    ///   with it are in sync with each other: their bits for each other are dropped.
+    pub(super) fn mesh_adjust_decision(
+        &mut self,
+        i: usize,
+        hello: &Hello,
+        my_sent_role: Role,
+        decision: SyncDecision,
+    ) -> SyncDecision {
+        if !self.mesh_enabled() || self.meta.uuids.current != hello.uuids.current {
+            return decision;
+        }
+        match (my_sent_role, hello.role, decision) {
+            (Role::Primary, r, SyncDecision::BitmapTarget) if r != Role::Primary => {
+                return SyncDecision::BitmapSource;
+            }
+            (r, Role::Primary, SyncDecision::BitmapSource) if r != Role::Primary => {
+                return SyncDecision::BitmapTarget;
+            }
+            // Two secondaries of one generation that each hold bits for the other: no node
+            // wrote apart (that starts a generation), the bits are writes of a primary one
+            // of them may lack or leftovers of an interrupted resync. Either direction is
+            // correct with the union of both bitmaps; the lower node id is the source.
+            (Role::Secondary, Role::Secondary, SyncDecision::SplitBrain)
+                if hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return if self.id < hello.node_id {
+                    SyncDecision::BitmapSource
+                } else {
+                    SyncDecision::BitmapTarget
+                };
+            }
+            _ => {}
+        }
+        let peer = self.peers[i].id;
+        let both = self.id.bit() | peer.bit();
+        let both_in_sync = my_sent_role != Role::Primary
+            && hello.role != Role::Primary
+            && self.role != Role::Primary
+            && self.disk == DiskState::UpToDate
+            && hello.disk == DiskState::UpToDate
+            && self.mesh_primary_replicating(i)
+            && self.mesh.source.as_ref().is_some_and(|s| s.in_sync & both == both);
+        if both_in_sync && decision != SyncDecision::NoSync {
+            if !self.meta.bitmaps[peer.index()].is_clear() {
+                let size = self.meta.size_blocks;
+                self.persist(MetaUpdate::BitmapClear { peer, first_block: 0, blocks: size });
+            }
+            return SyncDecision::NoSync;
+        }
+        decision
+    }
+
+    /// A primary other than peer `i` replicates to this node.
+    fn mesh_primary_replicating(&self, i: usize) -> bool {
+        (0..self.peers.len()).filter(|j| *j != i).any(|j| {
+            let p = &self.peers[j];
+            p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.role == Role::Primary
+                && p.replication != ReplicationState::Off
+        })
+    }
+
+    /// Verify between two secondaries would compare disks that a primary's writes reach at
+    /// different moments: in a mesh it runs from (or against) the primary, or with none.
+    pub(super) fn mesh_check_verify(&self, i: usize) -> Result<(), StateError> {
+        if !self.mesh_enabled() || self.role == Role::Primary || self.peers[i].role == Role::Primary
+        {
+            return Ok(());
+        }
+        let primary_connected = self
+            .peers
+            .iter()
+            .any(|p| p.role == Role::Primary && p.connection == ConnectionState::Connected);
+        if primary_connected {
+            return Err(StateError::Precondition(
+                "verify two secondaries only while no primary replicates to them; run it on the primary",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Defers a sync (or a split brain) between two secondaries while a primary replicates to
+    /// this node, and a second sync source for a node already SyncTarget: the connection is
+    /// ended (and retried) and `None` returned. The primary's own resyncs and its report of
+    /// who is in sync settle such pairs meanwhile.
+    pub(super) fn mesh_defer_sync(
+        &mut self,
+        i: usize,
+        hello: &Hello,
+        decision: SyncDecision,
+    ) -> Option<SyncDecision> {
+        use SyncDecision::*;
+        if !self.mesh_enabled() {
+            return Some(decision);
+        }
+        let syncing = |states: [ReplicationState; 2]| {
+            (0..self.peers.len()).filter(|j| *j != i).any(|j| {
+                let p = &self.peers[j];
+                p.connection == ConnectionState::Connected
+                    && p.handshake.is_none()
+                    && states.contains(&p.replication)
+            })
+        };
+        let already_target = syncing([ReplicationState::SyncTarget, ReplicationState::PausedSyncT]);
+        // A sync source whose data a third node overwrote would send that node's data on.
+        let already_source = syncing([ReplicationState::SyncSource, ReplicationState::PausedSyncS]);
+        // Two nodes without consistent data have nothing to give each other; while this one
+        // is being synced by a third, "in sync" between them would be a claim about nothing.
+        // Nor can they have diverged: their generations say nothing, a third node syncs them.
+        let empty_pair = !hello.disk.has_data()
+            && !self.disk.has_data()
+            && (already_target || matches!(decision, SplitBrain | Unrelated));
+        if !matches!(decision, BitmapSource | BitmapTarget | FullSource | FullTarget | SplitBrain)
+            && !empty_pair
+        {
+            return Some(decision);
+        }
+        let target = matches!(decision, BitmapTarget | FullTarget);
+        let secondaries = self.role != Role::Primary && hello.role != Role::Primary;
+        if (secondaries && self.mesh_primary_replicating(i))
+            || (target && (already_target || already_source))
+            || empty_pair
+        {
+            self.disconnect(i, ConnectionState::Connecting);
+            return None;
+        }
+        Some(decision)
+    }
+}

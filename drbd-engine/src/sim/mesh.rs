@@ -1,0 +1,66 @@
+//! Three diskful nodes in a full mesh (`tandem-sim --nodes 3 --diskful 3`): the same run as
+//! `--nodes 3` (quorum majority, on-no-quorum drawn per seed, partitions that isolate the
+//! primary, crashes and restarts of any node, forced and unforced promotions of either
+//! secondary), with the tiebreaker's disk put back: every node stores data. The checkers are
+//! the simulator's own (every acknowledged write is on the next node promoted with UpToDate
+//! data, replicas byte-identical after healing, no two primaries acknowledging interleaved),
+//! now over three replicas, so the survivors of a lost primary must resync their difference.
+//!
+//! The swarm is drawn exactly as for `--nodes 3` and only the tiebreaker is switched off
+//! afterwards, so the other modes' seeds are untouched by this one.
+
+use super::{Report, World};
+
+impl World {
+    /// A sync target finished: its data is now a copy of the source's, so towards every
+    /// third node it stands where the source stands (the pairwise ghost record would
+    /// otherwise keep differences the copy removed).
+    pub(super) fn mesh_resync_finished(&mut self, i: usize, peer: usize) {
+        // Only with three diskful nodes: the other modes' ghost records stay as they were.
+        if self.mesh_sync_source[i].take() != Some(peer) || self.swarm.tiebreaker {
+            return;
+        }
+        for x in 0..self.swarm.nodes {
+            if x != i && x != peer {
+                self.dirty[x][i] = self.dirty[x][peer];
+                self.dirty[i][x] = self.dirty[peer][x];
+            }
+        }
+    }
+
+    /// Every node knows every peer's current role (a demotion's State frame may still be on
+    /// its way): the epilogue's verify picks its nodes by role. Always true outside the mesh.
+    pub(super) fn mesh_roles_settled(&self) -> bool {
+        if self.swarm.tiebreaker || self.swarm.nodes < 3 {
+            return true;
+        }
+        (0..self.swarm.nodes).all(|i| {
+            let Some(n) = self.nodes[i].node.as_ref() else { return false };
+            n.peer_ids().iter().all(|p| {
+                self.nodes[p.index()]
+                    .node
+                    .as_ref()
+                    .is_some_and(|m| n.peer_role(*p) == Some(m.role()))
+            })
+        })
+    }
+
+    /// Seed `seed` with three diskful nodes.
+    pub fn new_mesh(seed: u64) -> Self {
+        let mut world = World::new(seed, 3);
+        world.swarm.tiebreaker = false;
+        world
+    }
+}
+
+/// `run_seed` for three diskful nodes; a panic is reported as the seed's violation.
+pub fn run_seed_mesh(seed: u64) -> Report {
+    super::run_world(seed, || World::new_mesh(seed).run())
+}
+
+/// The one-line reproducer of a three-diskful seed.
+pub fn reproduce_command_mesh(seed: u64) -> String {
+    format!(
+        "cargo run -p drbd-engine --bin tandem-sim -- --seed {seed} --count 1 --nodes 3 --diskful 3"
+    )
+}

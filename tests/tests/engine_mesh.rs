@@ -1,0 +1,235 @@
+//! Three diskful replication engines (`tandem-replica`) in a full mesh over loopback TCP, quorum
+//! majority: kill -9 the primary in the middle of a write stream, promote a secondary and
+//! verify every acknowledged write on it; the two survivors resync between themselves only
+//! what may differ (the dead primary's writes in flight), not the device; the dead node comes
+//! back and gets the new primary's writes; the third node, promoted last, holds everything.
+//!
+//! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_mesh -- --nocapture`
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+const SIZE_BYTES: u64 = 64 * 1024 * 1024;
+const DEVICE_BLOCKS: u64 = SIZE_BYTES / 4096;
+
+/// One `tandem-replica` process driven through its stdin/stdout line protocol.
+struct Replica {
+    name: String,
+    child: Option<Child>,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    log: PathBuf,
+}
+
+/// Node `id` of three, listening on `ports[id]`.
+fn start(name: &str, id: usize, ports: &[u16; 3], dir: &Path) -> Replica {
+    let log = dir.join(format!("{name}.log"));
+    let stderr =
+        std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+    let mut command = Command::new(tests::binary("tandem-replica"));
+    command
+        .args(["--node-id", &id.to_string()])
+        .args(["--listen", &format!("127.0.0.1:{}", ports[id])])
+        .arg("--backing")
+        .arg(dir.join(format!("node{id}.img")))
+        .arg("--meta")
+        .arg(dir.join(format!("node{id}.md")))
+        .args(["--size-bytes", &SIZE_BYTES.to_string()])
+        .args(["--quorum", "majority"]);
+    for (peer, port) in ports.iter().enumerate().filter(|(peer, _)| *peer != id) {
+        command.args(["--peer", &format!("{peer}=127.0.0.1:{port}")]);
+    }
+    let mut child = command
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(stderr))
+        .spawn()
+        .expect("starting tandem-replica");
+    let stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
+    let ready = replica.next_line(Duration::from_secs(20));
+    assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
+    replica
+}
+
+impl Replica {
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn next_line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => line,
+            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("{}: exited; log:\n{}", self.name, self.log_text())
+            }
+        }
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("writing a command");
+        self.stdin.flush().expect("flushing a command");
+    }
+
+    fn cmd(&mut self, line: &str, timeout: Duration) -> String {
+        self.send(line);
+        self.next_line(timeout)
+    }
+
+    fn ok(&mut self, line: &str, timeout: Duration) -> String {
+        let reply = self.cmd(line, timeout);
+        assert!(reply.starts_with("ok"), "{}: `{line}` answered `{reply}`", self.name);
+        reply
+    }
+
+    fn status(&mut self) -> String {
+        self.cmd("status", Duration::from_secs(5))
+    }
+
+    fn status_field(&mut self, field: &str) -> u64 {
+        let status = self.status();
+        let value = status
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
+            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name));
+        value.parse().unwrap_or_else(|_| panic!("{field}={value} is not a number"))
+    }
+
+    /// Waits until `status` shows every one of `needles`.
+    fn wait_status(&mut self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if needles.iter().all(|n| status.split_whitespace().any(|w| w == *n)) {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "{}: waiting for {needles:?}: {status}", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Promotes, retrying while quorum's grace for the lost primary runs.
+    fn promote(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let reply = self.cmd("primary", Duration::from_secs(5));
+            if reply == "ok" {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{}: promotion kept failing: {reply}", self.name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = i32::try_from(child.id()).expect("pid fits i32");
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet, so the
+            // pid cannot have been reused by another process.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
+        }
+        self.kill9();
+    }
+}
+
+#[test]
+fn three_diskful_nodes_fail_over_and_the_survivors_resync_only_their_difference() {
+    tests::require_slow!();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ports = [tests::free_port(), tests::free_port(), tests::free_port()];
+    let long = Duration::from_secs(60);
+    let mut a = start("a", 0, &ports, dir.path());
+    let mut b = start("b", 1, &ports, dir.path());
+    let mut c = start("c", 2, &ports, dir.path());
+    for r in [&mut a, &mut b, &mut c] {
+        r.ok("wait-connected 20000", long);
+    }
+    // A fresh, all-zero mesh: no initial sync.
+    a.ok("new-current-uuid", long);
+    a.ok("wait-synced 20000", long);
+    a.ok("primary", long);
+
+    // Stream writes (generation 1) and kill -9 the primary once 3000 were acknowledged.
+    a.send("stream 0 8000 1 16");
+    let mut acked = BTreeSet::new();
+    while acked.len() < 3000 {
+        let line = a.next_line(long);
+        let Some(block) = line.strip_prefix("acked ") else {
+            panic!("unexpected stream output `{line}`");
+        };
+        acked.insert(block.parse::<u64>().expect("block number"));
+    }
+    a.kill9();
+    println!("killed the primary after {} acknowledged writes", acked.len());
+
+    // B takes over (B and C are a majority) and holds every acknowledged write.
+    b.promote();
+    // The survivors resync what the dead primary may have left different between them.
+    b.wait_status(&["peer2=Connected/Established/UpToDate"], long);
+    c.wait_status(&["disk=UpToDate", "peer1=Connected/Established/UpToDate"], long);
+    let survivors_copied = c.status_field("resync_received") + b.status_field("resync_received");
+    println!("survivors resynced {survivors_copied} blocks between them (device: {DEVICE_BLOCKS})");
+    assert!(
+        survivors_copied <= 1024,
+        "only the writes in flight at the crash may differ, not {survivors_copied} blocks"
+    );
+    for block in &acked {
+        let reply = b.cmd(&format!("check {block} 1 1"), long);
+        assert_eq!(reply, "ok", "acknowledged block {block} lost on the promoted node");
+    }
+    println!("all {} acknowledged writes verified on the promoted node", acked.len());
+
+    // The new primary writes while the old one is down; the old one comes back and catches up.
+    b.ok("write 10000 100 2", long);
+    let mut a = start("a2", 0, &ports, dir.path());
+    a.wait_status(&["disk=UpToDate", "peer1=Connected/Established/UpToDate"], long);
+    let a_copied = a.status_field("resync_received");
+    println!("the old primary resynced {a_copied} blocks (100 new + its activity log)");
+    assert!(a_copied >= 100, "the 100 new blocks must reach the old primary, got {a_copied}");
+    assert!(a_copied < DEVICE_BLOCKS, "not a full sync: {a_copied}");
+    b.wait_status(
+        &["peer0=Connected/Established/UpToDate", "peer2=Connected/Established/UpToDate"],
+        long,
+    );
+
+    // The third node, promoted last, holds every acknowledged write and the new ones.
+    b.ok("secondary", long);
+    c.promote();
+    c.ok("check 10000 100 2", long);
+    for block in acked.iter().filter(|b| **b < 10000) {
+        assert_eq!(c.cmd(&format!("check {block} 1 1"), long), "ok", "block {block} on C");
+    }
+    c.ok("secondary", long);
+    a.promote();
+    a.ok("check 10000 100 2", long);
+    for block in acked.iter().filter(|b| **b < 10000) {
+        assert_eq!(a.cmd(&format!("check {block} 1 1"), long), "ok", "block {block} on A");
+    }
+}
