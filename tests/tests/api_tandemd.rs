@@ -150,20 +150,42 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
         assert_eq!(list[0]["disk_state"], "UpToDate", "{list}");
     }
 
-    // A snapshot is one point in time on both replicas; a volume made from it holds that data
-    // on both replicas (no initial sync needed), and so does a clone of a live volume.
-    let out = run_openstack(
-        &openstack,
-        &endpoint,
-        &["volume", "snapshot", "create", "--volume", &id, "-f", "value", "-c", "id", "s1"],
-    );
-    let snapshot_id = out.trim().to_owned();
-    wait_for("snapshot available", Duration::from_secs(90), || {
-        let path = format!("/v3/demo/snapshots/{snapshot_id}");
-        let (_, body) = http(addr, "GET", &path, "admin:demo", "");
-        assert_ne!(body["snapshot"]["status"], "error", "{body}");
-        body["snapshot"]["status"] == "available"
+    // A snapshot is one point in time on both replicas, taken while an initiator keeps
+    // writing (512 MiB on, alternating patterns): the replicas' copies are byte-identical and
+    // hold what was written before it. A volume made from it holds that data on both replicas
+    // (no initial sync needed), and so does a clone of a live volume.
+    let writing = std::sync::atomic::AtomicBool::new(true);
+    let mut rounds_during_snapshot = 0u32;
+    let snapshot_id = std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            let mut rounds = 0u32;
+            while writing.load(std::sync::atomic::Ordering::Acquire) {
+                let pattern = format!("write -P {} 512M 16M", 0x40 + rounds % 16);
+                qemu_io_on(&qemu_io, addr, &id, &[pattern.as_str()]);
+                rounds += 1;
+            }
+            rounds
+        });
+        let out = run_openstack(
+            &openstack,
+            &endpoint,
+            &["volume", "snapshot", "create", "--volume", &id, "-f", "value", "-c", "id", "s1"],
+        );
+        let snapshot_id = out.trim().to_owned();
+        wait_for("snapshot available", Duration::from_secs(90), || {
+            let path = format!("/v3/demo/snapshots/{snapshot_id}");
+            let (_, body) = http(addr, "GET", &path, "admin:demo", "");
+            assert_ne!(body["snapshot"]["status"], "error", "{body}");
+            body["snapshot"]["status"] == "available"
+        });
+        writing.store(false, std::sync::atomic::Ordering::Release);
+        rounds_during_snapshot = writer.join().expect("writer");
+        snapshot_id
     });
+    println!(
+        "snapshot taken while the initiator wrote ({rounds_during_snapshot} rounds of 16 MiB)"
+    );
+    assert!(rounds_during_snapshot >= 2, "the writes went on across the snapshot");
     let snapshot_files: Vec<PathBuf> = nodes
         .iter()
         .filter_map(|node| file_named(&node.state, &format!("@snapshot-{snapshot_id}")))
