@@ -27,6 +27,7 @@ pub mod guest;
 pub mod http;
 pub mod openstack;
 pub mod storage_pair;
+pub mod tandemd_node;
 
 /// The environment variable that enables slow tests.
 pub const SLOW_TESTS_VARIABLE: &str = "TANDEM_SLOW_TESTS";

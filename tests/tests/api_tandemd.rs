@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+use tests::tandemd_node::TandemdNode;
 use tests::{Daemon, binary, free_port, require_tool, run_with_timeout, wait_for};
 
 const NODE_TOKEN: &str = "node-token-0123456789";
@@ -20,35 +21,6 @@ fn http(addr: SocketAddr, method: &str, path: &str, token: &str, body: &str) -> 
     let headers =
         [("X-Auth-Token", token), ("Authorization", &bearer), ("Content-Type", "application/json")];
     tests::http::json(addr, method, path, &headers, Some(body))
-}
-
-struct Node {
-    name: &'static str,
-    api: SocketAddr,
-    state: PathBuf,
-    _daemon: Daemon,
-}
-
-fn start_node(dir: &Path, name: &'static str, replication_ip: &str) -> Node {
-    let config = dir.join(format!("{name}.conf"));
-    std::fs::write(&config, "global { usage-count no; }\n").expect("config");
-    let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let portal = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let state = dir.join(format!("state-{name}"));
-    let mut command = Command::new(binary("tandemd"));
-    command
-        .arg("-c")
-        .arg(&config)
-        .args(["--node", name, "--portal", &portal.to_string()])
-        .arg("--control-socket")
-        .arg(dir.join(format!("{name}.sock")))
-        .arg("--state-dir")
-        .arg(&state)
-        .args(["--api-listen", &api.to_string(), "--api-token", NODE_TOKEN])
-        .args(["--replication-address", replication_ip]);
-    let mut daemon = Daemon::spawn(name, command);
-    daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-    Node { name, api, state, _daemon: daemon }
 }
 
 /// The openstack CLI from the shared venv.
@@ -76,8 +48,8 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
     let openstack = openstack();
     let dir = tempfile::tempdir().expect("temp dir");
     let nodes = [
-        start_node(dir.path(), "node-a", "127.0.61.1"),
-        start_node(dir.path(), "node-b", "127.0.61.2"),
+        TandemdNode::start(dir.path(), "node-a", "127.0.61.1", NODE_TOKEN),
+        TandemdNode::start(dir.path(), "node-b", "127.0.61.2", NODE_TOKEN),
     ];
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let mut command = Command::new(binary("tandem-api"));
