@@ -609,10 +609,15 @@ fn a_write_only_on_a_disk_that_then_fails_is_not_acknowledged() {
         let write = AppRequest::Write { offset_blocks: 5, data: vec![3; 4096].into(), fua: false };
         pair.request(0, 1, write);
         assert!(pair.result(1).is_none(), "{fencing:?}: waits for the peer's ack");
-        // The next I/O fails: the disk is detached and the peer connection dropped with it.
+        // The next I/O fails: the disk is detached (on-io-error detach). The write's only
+        // local copy is gone with it, so it is not acknowledged on that copy: it now waits for
+        // the peer, which may hold it.
         pair.fail_next_io[0] = true;
         pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
         assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless, "{fencing:?}");
-        assert_eq!(pair.result(1), Some(&Err(RequestError::Io)), "{fencing:?}");
+        assert!(pair.result(1).is_none(), "{fencing:?}: not acknowledged on the detached disk");
+        // The peer never acknowledged it: when the link is found gone, the write fails.
+        pair.cut(1);
+        assert!(matches!(pair.result(1), Some(Err(_))), "{fencing:?}: {:?}", pair.result(1));
     }
 }

@@ -7,9 +7,10 @@
 //! shrink) and every replica moves its internal metadata to the new end. The LUN's capacity
 //! follows the device, and the iSCSI target gives open sessions CAPACITY DATA HAS CHANGED.
 
-use super::{Host, Slot, VerbResult, explain_state_error, fail, internal_backing_bytes, max_peers};
+use super::{Host, Slot, VerbResult, explain_state_error, fail, max_peers};
 use crate::control::{Reply, exit};
 use drbd_engine::driver::MetaFormat;
+use drbd_engine::meta::{AlGeometry, MetaLayout};
 use drbd_engine::protocol::Role;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,14 +18,21 @@ use tokio::sync::mpsc;
 
 impl Host {
     /// Grows this node's backing file so the device can hold `size_bytes` (never shrinks);
-    /// true if it grew.
+    /// true if it grew. The size is the device's, as `drbdadm resize --size` takes it (the
+    /// HTTP API adds the persistent-reservation area to a volume's size first).
     pub fn grow_backing(&self, slot: &Slot, size_bytes: u64) -> Result<bool, (i32, String)> {
         let plan = slot.plan().map_err(|e| (exit::CONFIG_INVALID, e))?;
         let driver = &plan.driver;
         let path = &driver.backing_path;
         let grown = if driver.meta_format == MetaFormat::V09Internal {
-            let file_bytes = internal_backing_bytes(size_bytes, max_peers(driver))
-                .map_err(|e| (exit::EXEC_ERROR, e))?;
+            let file_bytes = MetaLayout::internal_device_bytes_for_data(
+                size_bytes,
+                max_peers(driver),
+                AlGeometry::default(),
+            )
+            .map_err(|e| {
+                (exit::EXEC_ERROR, format!("internal metadata for {size_bytes} bytes: {e}"))
+            })?;
             drbd_engine::driver::meta_v09::grow_backing_file(path, file_bytes)
                 .map_err(|e| (exit::EXEC_ERROR, format!("growing the backing file: {e}")))?
         } else {

@@ -291,8 +291,12 @@ fn file_named(dir: &Path, needle: &str) -> Option<PathBuf> {
             if let Some(found) = file_named(&path, needle) {
                 return Some(found);
             }
-        } else if entry.file_name().to_string_lossy().contains(needle) {
-            return Some(path);
+        } else {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // A volume's atomic-write journal sits beside it under a longer name.
+            if name.contains(needle) && !name.ends_with(".atomic-journal") {
+                return Some(path);
+            }
         }
     }
     None

@@ -130,12 +130,19 @@ impl Node {
                 || (q.have && !q.confirmed))
     }
 
-    /// Application I/O of this primary fails.
+    /// Application I/O of this primary fails: without quorum under `on-no-quorum io-error`,
+    /// and on a detached primary (which serves through its peers) whenever it could not
+    /// complete I/O, since it holds nothing (see `quorum_holds_io`).
     pub(super) fn quorum_fails_io(&self) -> bool {
+        let q = &self.quorum_state;
+        let detached = self.disk == DiskState::Diskless && !self.config.quorum.diskless;
         self.config.quorum.enabled()
             && self.role == Role::Primary
-            && !self.quorum_state.have
-            && self.config.quorum.on_no_quorum == OnNoQuorum::IoError
+            && if detached {
+                !(q.have && q.confirmed)
+            } else {
+                !q.have && self.config.quorum.on_no_quorum == OnNoQuorum::IoError
+            }
     }
 
     /// Whether this request must fail now (io-error, or doomed by a force-secondary).
