@@ -78,13 +78,28 @@ pub struct TargetNode<D> {
     /// Relative port identifiers of the logical unit's ports on other nodes (remote ports):
     /// persistent reservations with ALL_TG_PT and REGISTER AND MOVE name them too.
     remote_ports: Vec<u16>,
+    /// This target's own authentication, replacing the portal-wide one (`Config::auth`).
+    auth: Option<AuthConfig>,
 }
 
 impl<D: BlockDevice> TargetNode<D> {
     pub fn new(name: impl Into<String>, luns: Vec<Arc<LogicalUnit<D>>>) -> Self {
         assert!(luns.len() <= LUNS_MAX, "too many LUNs for one target");
         let lun_ids = luns.iter().map(|l| l.identity.lun).collect();
-        Self { name: name.into(), luns, lun_ids, port_offset: 0, remote_ports: Vec::new() }
+        Self {
+            name: name.into(),
+            luns,
+            lun_ids,
+            port_offset: 0,
+            remote_ports: Vec::new(),
+            auth: None,
+        }
+    }
+    /// Gives this target its own authentication (e.g. a volume's CHAP identity): logins to it
+    /// need these credentials, whatever the portal-wide ones are.
+    pub fn with_auth(mut self, auth: AuthConfig) -> Self {
+        self.auth = Some(auth);
+        self
     }
     /// Numbers this target's ports from `port_offset` + the portal's identifier, and names
     /// the logical unit's ports on other nodes.
@@ -266,6 +281,9 @@ fn forget_nexus(shared: &mut LunShared, nexus: &Nexus) {
 impl<D: BlockDevice> TargetDirectory for Config<D> {
     fn has_target(&self, name: &str) -> bool {
         self.target(name).is_some()
+    }
+    fn target_auth(&self, name: &str) -> Option<AuthConfig> {
+        self.target(name).and_then(|t| t.auth.clone())
     }
     fn allocate_tsih(&self) -> u16 {
         loop {

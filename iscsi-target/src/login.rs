@@ -90,6 +90,11 @@ enum Chap {
 /// Lookup of target names, implemented by the target configuration.
 pub trait TargetDirectory {
     fn has_target(&self, name: &str) -> bool;
+    /// The target's own authentication, which replaces the portal-wide one for normal sessions
+    /// to it (a storage node exports each volume with its own CHAP identity).
+    fn target_auth(&self, _name: &str) -> Option<AuthConfig> {
+        None
+    }
     /// Allocates a TSIH for a new session (never 0).
     fn allocate_tsih(&self) -> u16;
 }
@@ -248,9 +253,9 @@ impl Login {
                     }
                     Some(_) => {}
                 }
-                if !auth.allowed_initiators.is_empty()
-                    && !auth.allowed_initiators.iter().any(|a| a == &initiator_name)
-                {
+                let own_auth = target_name.as_deref().and_then(|name| targets.target_auth(name));
+                let allowed = &own_auth.as_ref().unwrap_or(auth).allowed_initiators;
+                if !allowed.is_empty() && !allowed.iter().any(|a| a == &initiator_name) {
                     return self.fail(request, status::AUTHORIZATION_FAILURE);
                 }
             }
@@ -269,6 +274,11 @@ impl Login {
             });
         }
         let first = self.first.clone().unwrap_or_else(|| unreachable!("set above"));
+        let own_auth = match (first.session_type, &first.target_name) {
+            (SessionType::Normal, Some(name)) => targets.target_auth(name),
+            _ => None,
+        };
+        let auth = own_auth.as_ref().unwrap_or(auth);
         let mut out = Vec::new();
         if !self.sent_portal_group && first.session_type == SessionType::Normal {
             text::push(&mut out, "TargetPortalGroupTag", &self.tpgt.to_string());

@@ -432,6 +432,26 @@ fn chap_login(
     mutual: Option<&[u8]>,
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let (config, device) = config(auth);
+    chap_login_to(config, device, user, secret, initiator, mutual)
+}
+
+/// A portal without authentication whose one target has `auth` of its own.
+fn config_with_target_auth(auth: AuthConfig) -> (Arc<Config<MemoryDevice>>, Arc<MemoryDevice>) {
+    let device = Arc::new(MemoryDevice::new());
+    let lun = Arc::new(LogicalUnit::new(TARGET, 0, device.clone()));
+    let portals = vec![PortalAddress { address: "127.0.0.1:3260".into(), relative_port: 1 }];
+    let target = TargetNode::new(TARGET, vec![lun]).with_auth(auth);
+    (Arc::new(Config::new(vec![target], AuthConfig::default(), portals)), device)
+}
+
+fn chap_login_to(
+    config: Arc<Config<MemoryDevice>>,
+    device: Arc<MemoryDevice>,
+    user: &str,
+    secret: &str,
+    initiator: &str,
+    mutual: Option<&[u8]>,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
     let mut i = Initiator::new(config, device);
     let first = i.login_pdu(
         0,
@@ -481,6 +501,28 @@ fn chap_accepts_the_right_secret_and_refuses_wrong_ones() {
         let (status, _, _) = chap_login(chap_auth(false), user, secret, initiator, None);
         assert_eq!(status, expected, "user {user} secret {secret} initiator {initiator}");
     }
+}
+
+/// A target's own CHAP identity (a volume's) is required even where the portal asks for none:
+/// the same cases as portal-wide CHAP, and skipping the security stage is refused.
+#[test]
+fn a_target_with_its_own_chap_identity_needs_it() {
+    let cases: &[(&str, &str, &str, u16)] = &[
+        ("alice", "alice-secret-12", INITIATOR, 0x0000),
+        ("alice", "wrong-secret-00", INITIATOR, 0x0201),
+        ("mallory", "alice-secret-12", INITIATOR, 0x0201),
+        ("alice", "alice-secret-12", "iqn.2026-11.org.evil:host", 0x0202),
+    ];
+    for &(user, secret, initiator, expected) in cases {
+        let (config, device) = config_with_target_auth(chap_auth(false));
+        let (status, _, _) = chap_login_to(config, device, user, secret, initiator, None);
+        assert_eq!(status, expected, "user {user} secret {secret} initiator {initiator}");
+    }
+    let (config, device) = config_with_target_auth(chap_auth(false));
+    let mut i = Initiator::new(config, device);
+    let response =
+        i.login_pdu(1, 3, true, &text(&[("InitiatorName", INITIATOR), ("TargetName", TARGET)]));
+    assert_eq!(Initiator::login_status(&response), 0x0201, "no CHAP, no login");
 }
 
 #[test]

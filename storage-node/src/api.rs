@@ -707,6 +707,14 @@ async fn put_resource(
         let _ = std::fs::remove_file(host.settings.state_directory.join(format!("{name}.0.md")));
     }
     host.set_target_name(&name, Some(request.target_iqn.clone()));
+    // The volume's target accepts tandem-api's CHAP identity for it, and no other.
+    host.set_target_chap(
+        &name,
+        Some(iscsi_target::Credentials {
+            user: request.chap.username.clone(),
+            secret: request.chap.secret.clone(),
+        }),
+    );
     let source = provision::source_of(&request).ok().flatten();
     let disk = &endpoints[0].disk;
     let max_peers = peers_of(endpoints.len());
@@ -734,12 +742,6 @@ async fn put_resource(
     if let Err(failure) = bring_up(host, &name).await {
         return failure.into_response();
     }
-    tracing::warn!(
-        resource = %name,
-        "CHAP for {} recorded but not enforced per target: the iSCSI target has one CHAP \
-         identity per portal (tandemd --chap)",
-        request.target_iqn
-    );
     match request.role {
         provision::Role::Primary => {
             let inconsistent = match host.slot(&name) {

@@ -434,6 +434,8 @@ pub struct Host {
     portal: std::sync::OnceLock<Arc<iscsi_target::Config<ResourceLun>>>,
     /// Target names given per resource by tandem-api (`PUT`), instead of `PREFIX:NAME`.
     target_names: Mutex<BTreeMap<String, String>>,
+    /// tandem-api's CHAP identity per resource: the resource's target accepts only it.
+    target_chaps: Mutex<BTreeMap<String, iscsi_target::Credentials>>,
     /// Forward links: a Secondary's port serves through the Primary's logical unit.
     pub forwarder: Arc<crate::forward::Forwarder>,
     /// The service IPs that follow each resource's role (node file `service-ip`).
@@ -445,10 +447,15 @@ pub fn api_request_path(settings: &NodeSettings, name: &str) -> PathBuf {
     api_resource_directory(settings).join(format!("{name}.json"))
 }
 
-/// Target names recorded by earlier `PUT`s (`NAME.json` beside `NAME.res`).
-fn stored_target_names(settings: &NodeSettings) -> BTreeMap<String, String> {
+/// Target names and CHAP identities recorded by earlier `PUT`s (`NAME.json` beside `NAME.res`).
+type StoredTargets = (BTreeMap<String, String>, BTreeMap<String, iscsi_target::Credentials>);
+
+fn stored_target_names(settings: &NodeSettings) -> StoredTargets {
     let mut names = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(api_resource_directory(settings)) else { return names };
+    let mut chaps = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(api_resource_directory(settings)) else {
+        return (names, chaps);
+    };
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         let (Some(stem), Some("json")) =
@@ -462,11 +469,18 @@ fn stored_target_names(settings: &NodeSettings) -> BTreeMap<String, String> {
         match request {
             Some(request) => {
                 names.insert(stem.to_owned(), request.target_iqn);
+                chaps.insert(
+                    stem.to_owned(),
+                    iscsi_target::Credentials {
+                        user: request.chap.username,
+                        secret: request.chap.secret,
+                    },
+                );
             }
             None => tracing::error!(file = %path.display(), "unreadable API request file"),
         }
     }
-    names
+    (names, chaps)
 }
 
 /// Where resources created through the HTTP API keep their (DRBD syntax) files.
@@ -498,10 +512,13 @@ impl Host {
             events,
             portal: std::sync::OnceLock::new(),
             target_names: Mutex::new(BTreeMap::new()),
+            target_chaps: Mutex::new(BTreeMap::new()),
             forwarder,
             service_ips: crate::service_ip::ServiceIps::new(&settings_service_ips),
         });
-        *lock(&host.target_names) = stored_target_names(&host.settings);
+        let (names, chaps) = stored_target_names(&host.settings);
+        *lock(&host.target_names) = names;
+        *lock(&host.target_chaps) = chaps;
         host.adopt(config)?;
         Ok(host)
     }
@@ -597,6 +614,16 @@ impl Host {
         };
     }
 
+    /// Records (or with `None` forgets) tandem-api's CHAP identity for a resource: its
+    /// target, when (re)created, accepts logins with these credentials only.
+    pub fn set_target_chap(&self, resource: &str, chap: Option<iscsi_target::Credentials>) {
+        let mut chaps = lock(&self.target_chaps);
+        match chap {
+            Some(chap) => chaps.insert(resource.to_owned(), chap),
+            None => chaps.remove(resource),
+        };
+    }
+
     fn export(&self, slot: &Arc<Slot>) {
         let (Some(portal), Some(volume)) = (self.portal.get(), slot.volume()) else { return };
         if slot.plan().is_ok_and(|plan| plan.diskless) {
@@ -610,9 +637,13 @@ impl Host {
         let lun = Arc::new(iscsi_target::LogicalUnit::new(&name, u64::from(volume), device));
         let (port_offset, remote_ports) =
             slot.plan().map(|plan| crate::lun::relative_ports(&plan)).unwrap_or_default();
-        portal.add_target(
-            iscsi_target::TargetNode::new(name, vec![lun]).with_ports(port_offset, remote_ports),
-        );
+        let mut target =
+            iscsi_target::TargetNode::new(name, vec![lun]).with_ports(port_offset, remote_ports);
+        if let Some(chap) = lock(&self.target_chaps).get(&slot.name).cloned() {
+            target = target
+                .with_auth(iscsi_target::AuthConfig { chap: Some(chap), ..Default::default() });
+        }
+        portal.add_target(target);
     }
 
     /// Forgets a resource that is down (HTTP delete): its target and its slot.
@@ -622,6 +653,7 @@ impl Host {
         }
         lock(&self.slots).remove(name);
         self.set_target_name(name, None);
+        self.set_target_chap(name, None);
     }
 
     /// Brings up every resource that was up when tandemd last ran (restart safety: the

@@ -154,9 +154,7 @@ fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle_on_real_tan
     ];
     let db = Database::sqlite();
     let (_daemon, addr) = spawn_api_on_urls(&db, [&nodes[0].url(), &nodes[1].url()]);
-    // tandemd does not enforce a volume's own CHAP identity yet (one identity per portal; it
-    // logs that): the wrong-secret check is left out here until it does.
-    lifecycle(addr, false);
+    lifecycle(addr);
     // Nothing left on the nodes.
     for node in &nodes {
         let (status, list) = http(
@@ -173,7 +171,7 @@ fn cinderclient_and_openstackclient_drive_the_whole_volume_lifecycle_on_real_tan
 
 fn whole_volume_lifecycle(db: Database) {
     let api = start_api_on(db);
-    lifecycle(api.addr, true);
+    lifecycle(api.addr);
     // Nothing left on the nodes.
     for node in ["node-a", "node-b"] {
         let left: Vec<_> = std::fs::read_dir(api.dir.path().join(node))
@@ -188,8 +186,7 @@ fn whole_volume_lifecycle(db: Database) {
 
 /// create, show, list, extend, snapshot, a volume from it, types, quotas, attachments (with
 /// QEMU logging in through the connection_info), delete, and openstackclient's basics.
-/// `per_volume_chap`: the nodes refuse a wrong CHAP secret for the volume's LUN.
-fn lifecycle(addr: SocketAddr, per_volume_chap: bool) {
+fn lifecycle(addr: SocketAddr) {
     let qemu_img = require_tool("qemu-img", "qemu-utils");
     let venv = tests::openstack::venv();
     let clients = Clients { venv, endpoint: format!("http://{addr}/v3/demo") };
@@ -295,12 +292,10 @@ fn lifecycle(addr: SocketAddr, per_volume_chap: bool) {
     let image: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(image["virtual-size"], 2 * GIB, "the extended size is what the initiator sees");
     // Wrong CHAP secret: the LUN refuses.
-    if per_volume_chap {
-        let bad = url.replace(info["auth_password"].as_str().unwrap(), "wrong-secret-123");
-        let out =
-            run_with_timeout(Command::new(&qemu_img).args(["info", &bad]), Duration::from_secs(60));
-        assert!(!out.status.success(), "a wrong CHAP secret must not log in");
-    }
+    let bad = url.replace(info["auth_password"].as_str().unwrap(), "wrong-secret-123");
+    let out =
+        run_with_timeout(Command::new(&qemu_img).args(["info", &bad]), Duration::from_secs(60));
+    assert!(!out.status.success(), "a wrong CHAP secret must not log in");
 
     let (_, legacy) = http(
         addr,

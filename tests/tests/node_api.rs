@@ -376,7 +376,8 @@ fn put_creates_a_replicated_volume_on_two_tandemd() {
 
     if tests::slow_tests_enabled() {
         let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-        let url = format!("iscsi://{}/{iqn}/0", alpha.portal);
+        // The volume's target takes the CHAP identity of the create request, and only it.
+        let url = format!("iscsi://user-1%secret-0123456@{}/{iqn}/0", alpha.portal);
         let output = run_with_timeout(
             Command::new(&qemu_io)
                 .args(["-f", "raw", "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M"])
@@ -386,6 +387,16 @@ fn put_creates_a_replicated_volume_on_two_tandemd() {
         let text = String::from_utf8_lossy(&output.stdout).into_owned()
             + &String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success() && !text.contains("fail"), "qemu-io through {url}: {text}");
+        for refused in [
+            format!("iscsi://{}/{iqn}/0", alpha.portal),
+            format!("iscsi://user-1%wrong-secret-99@{}/{iqn}/0", alpha.portal),
+        ] {
+            let output = run_with_timeout(
+                Command::new(&qemu_io).args(["-f", "raw", "-c", "read 0 4k"]).arg(&refused),
+                Duration::from_secs(60),
+            );
+            assert!(!output.status.success(), "{refused} must not log in");
+        }
     }
 
     // Delete on both: 204, then 404 (tandem-api takes both as success); nothing left behind.
