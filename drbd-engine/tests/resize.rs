@@ -193,13 +193,16 @@ fn online_grow_moves_internal_metadata_and_a_missed_resize_is_learned_on_reconne
         // The peer misses the next resize: the primary marks the new blocks for it, the peer
         // grows in the handshake and resyncs exactly those.
         devices[0].disconnect(NodeId(1)).await.unwrap();
+        // Writes the peer had not confirmed stable (no barrier ack yet) are marked at the
+        // disconnect, as DRBD does; the resize adds exactly the new blocks to them.
+        let unconfirmed = devices[0].status().await.unwrap().peers[0].out_of_sync_blocks;
         for path in &paths {
             grow(path, 96 * MIB);
         }
         let size2 = data_bytes(96 * MIB);
         assert_eq!(devices[0].resize().await.unwrap(), (size1, size2));
         let marked = devices[0].status().await.unwrap().peers[0].out_of_sync_blocks;
-        assert_eq!(marked, (size2 - size1) / 4096);
+        assert_eq!(marked, unconfirmed + (size2 - size1) / 4096);
         devices[0].write(size2 - 4096, pattern(9, 4).into(), false).await.unwrap();
         devices[0].connect(NodeId(1), false).await.unwrap();
         wait_for(&devices, "the reconnect's grow and resync", |a, b| {
@@ -207,7 +210,7 @@ fn online_grow_moves_internal_metadata_and_a_missed_resize_is_learned_on_reconne
         })
         .await;
         let received = devices[1].status().await.unwrap().resync_blocks_received;
-        assert_eq!(received, (size2 - size1) / 4096, "just the new blocks");
+        assert_eq!(received, marked, "just the new blocks and the unconfirmed writes");
         devices[0].flush().await.unwrap();
         devices[0].demote().await.unwrap();
         assert_same_data(&paths, size2);
