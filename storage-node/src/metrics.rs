@@ -15,9 +15,8 @@
 //! States are exported as Prometheus "state sets", the shape drbd-reactor's exporter gives
 //! them with `enums = true`: one series per possible value with the value as a label, 1 for
 //! the current one and 0 for the others, so `tandem_device_disk_state{disk_state="UpToDate"}
-//! == 0` is an alert rule. Metrics the engine cannot give yet (peer round trip) are left
-//! out rather than faked: their gauges appear once the engine reports them (the sample fields
-//! are already `Option`s).
+//! == 0` is an alert rule. A peer's round trip appears once the engine has timed a ping
+//! to it (the sample field is an `Option`); nothing is faked.
 
 use crate::constants::{
     LATENCY_BUCKET_FACTOR, LATENCY_BUCKET_START_S, LATENCY_BUCKETS_MAX, METRICS_SCRAPES_MAX,
@@ -161,7 +160,7 @@ pub struct PeerExtra {
     pub node_id: u32,
     /// The resync's current rate while one runs.
     pub resync_rate_kib_per_s: Option<u64>,
-    /// The replication link's round trip, once the engine measures it (it does not yet).
+    /// The replication link's round trip (the last answered ping), once one was answered.
     pub round_trip_s: Option<f64>,
 }
 
@@ -493,7 +492,9 @@ pub async fn collect(host: &Host) -> Vec<ResourceSample> {
                     .map(|p| PeerExtra {
                         node_id: u32::from(p.node_id.0),
                         resync_rate_kib_per_s: p.resync.as_ref().map(|r| r.rate_kib_per_s),
-                        round_trip_s: None,
+                        round_trip_s: p
+                            .round_trip_us
+                            .map(|us| std::time::Duration::from_micros(us).as_secs_f64()),
                     })
                     .collect();
                 (Some(view), peers, Some(status.quorum))

@@ -291,6 +291,12 @@ fn metrics_follow_roles_requests_and_resync() {
         assert_eq!(s.get("tandem_resource_quorum{resource=\"r0\"}"), 1.0);
     }
     assert_eq!(b.get("tandem_resource_may_promote{resource=\"r0\"}"), 0.0, "a peer is Primary");
+    // The replication link's round trip, from the engine's pings (loopback: well under 1 s).
+    let round_trip = "tandem_connection_round_trip_seconds{resource=\"r0\",peer=\"beta\",\
+                      peer_node_id=\"1\"}";
+    tests::wait_for("a timed ping", Duration::from_secs(30), || {
+        scrape(alpha).values.get(round_trip).is_some_and(|s| *s > 0.0 && *s < 1.0)
+    });
 
     // 16 writes of 64 KiB, 4 reads of 64 KiB, a flush.
     let url = format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", alpha.portal);

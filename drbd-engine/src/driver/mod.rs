@@ -169,6 +169,8 @@ pub struct PeerStatus {
     pub resync: Option<ResyncProgress>,
     /// The verify run with this peer, while one runs (VerifyS or VerifyT).
     pub verify: Option<crate::protocol::VerifyProgress>,
+    /// The last ping's round trip on the replication link, once one was answered.
+    pub round_trip_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -391,6 +393,8 @@ impl ReplicatedDevice {
             send_buffers: BTreeMap::new(),
             fence_handler: None,
             journal,
+            ping_sent: BTreeMap::new(),
+            round_trip_us: BTreeMap::new(),
         };
         let accept_inputs = inputs_tx.clone();
         let my_id = driver.config.node_id;
@@ -822,6 +826,10 @@ struct Driver {
     fence_handler: Option<FenceHandler>,
     /// Atomic writes go through it (`atomic`); `None` without a side file.
     journal: Option<std::sync::Arc<backing_store::atomic_journal::AtomicJournal>>,
+    /// When the last ping to each peer was handed to its send batch, and the round trip the
+    /// last answered one took (DRBD's ping timing, shown as the metrics' peer round trip).
+    ping_sent: BTreeMap<NodeId, Instant>,
+    round_trip_us: BTreeMap<NodeId, u64>,
 }
 
 impl Driver {
@@ -992,6 +1000,7 @@ impl Driver {
                     out_of_sync_blocks: n.out_of_sync_blocks(p),
                     resync: n.resync_progress(p),
                     verify: n.verify_progress(p),
+                    round_trip_us: self.round_trip_us.get(&p).copied(),
                 })
                 .collect(),
             resync_blocks_received: self.resync_blocks_received,
@@ -1026,6 +1035,13 @@ impl Driver {
                     let Ok(total) = frame_len(header) else { break };
                     if bytes.len() - at < total {
                         break;
+                    }
+                    if crate::protocol::frame::header_kind(header)
+                        == Some(crate::protocol::frame::PING_ACK_KIND)
+                        && let Some(sent) = self.ping_sent.remove(&peer)
+                    {
+                        let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        self.round_trip_us.insert(peer, micros);
                     }
                     self.node.handle_receive_shared(now, peer, &bytes.slice(at..at + total));
                     at += total;
@@ -1089,6 +1105,11 @@ impl Driver {
     fn transmit(&mut self, peer: NodeId, frame: EncodedFrame) {
         if !self.writers.contains_key(&peer) {
             return;
+        }
+        if crate::protocol::frame::header_kind(&frame.head)
+            == Some(crate::protocol::frame::PING_KIND)
+        {
+            self.ping_sent.insert(peer, Instant::now());
         }
         let batch = self.send_buffers.entry(peer).or_default();
         batch.push(frame);

@@ -253,8 +253,8 @@ impl Frame {
             Frame::ResyncAck { .. } => 10,
             Frame::Barrier { .. } => 11,
             Frame::BarrierAck { .. } => 12,
-            Frame::Ping => 13,
-            Frame::PingAck => 14,
+            Frame::Ping => PING_KIND,
+            Frame::PingAck => PING_ACK_KIND,
             Frame::ResyncDone { .. } => 15,
             Frame::NewCurrentUuid { .. } => 16,
             Frame::VerifyStart { .. } => 40,
@@ -515,6 +515,16 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
 }
 
 /// The total frame length announced by a header, for stream transports.
+/// The kind byte of an encoded frame's header (`None` for a short buffer): lets a driver see
+/// its pings go and their answers come without decoding (it times the link's round trip).
+pub fn header_kind(frame: &[u8]) -> Option<u8> {
+    frame.get(4).copied()
+}
+
+/// Kinds of `Frame::Ping` and `Frame::PingAck` on the wire.
+pub const PING_KIND: u8 = 13;
+pub const PING_ACK_KIND: u8 = 14;
+
 pub fn frame_len(header: &[u8; HEADER_BYTES]) -> Result<usize, FrameError> {
     let magic = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     if magic != FRAME_MAGIC {
