@@ -428,7 +428,24 @@ impl Node {
         }
         self.set_disk(DiskState::Attaching);
         self.set_disk(DiskState::Outdated);
-        self.persist_flags(|f| f.primary_indicator = false);
+        // The disk failed under writes: any block of a hot extent may hold a write its peers
+        // never got, or lack one they did. Like a crashed primary's (`Node::new`), those
+        // extents are marked out of sync for every peer before the activity log is cleared,
+        // so the handshake resyncs them instead of finding the replicas in sync.
+        let was_primary = self.meta.flags.primary_indicator;
+        for extent in self.meta.activity_log.clone() {
+            if let Some((first, blocks)) = self.meta.extent_range(extent) {
+                for peer in self.config.peers.clone() {
+                    if !self.is_diskless_peer(peer) {
+                        self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
+                    }
+                }
+            }
+        }
+        self.persist_flags(|f| {
+            f.crashed_primary |= was_primary;
+            f.primary_indicator = false;
+        });
         if !self.meta.activity_log.is_empty() {
             let removed = self.meta.activity_log.clone();
             self.persist(MetaUpdate::ActivityLog { added: vec![], removed });
