@@ -101,12 +101,19 @@ fn package_of_binary(name: &str) -> Option<&'static str> {
 /// The path of a workspace binary, built (once per test process) in the same profile and target
 /// directory as the running test, so a test never runs a stale binary.
 pub fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    // One build per binary and process; a build of one binary never makes a caller that wants
+    // another (already built) wait, e.g. a stand-in node answering requests while another test
+    // builds tandemd.
+    static BUILT: OnceLock<Mutex<std::collections::HashMap<String, std::sync::Arc<OnceLock<()>>>>> =
+        OnceLock::new();
     let profile_dir = profile_dir();
     let path = profile_dir.join(name);
-    let built = BUILT.get_or_init(|| Mutex::new(HashSet::new()));
-    let mut built = built.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if !built.contains(name) {
+    let cell = {
+        let built = BUILT.get_or_init(|| Mutex::new(std::collections::HashMap::new()));
+        let mut built = built.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        built.entry(name.to_owned()).or_default().clone()
+    };
+    cell.get_or_init(|| {
         let package = package_of_binary(name).unwrap_or_else(|| {
             panic!("unknown workspace binary `{name}`: add it to package_of_binary")
         });
@@ -129,8 +136,7 @@ pub fn binary(name: &str) -> PathBuf {
         }
         let status = command.status().unwrap_or_else(|error| panic!("running cargo: {error}"));
         assert!(status.success(), "cargo build of `{name}` failed");
-        built.insert(name.to_owned());
-    }
+    });
     assert!(path.is_file(), "{} was not built", path.display());
     path
 }
