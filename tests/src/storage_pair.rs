@@ -77,6 +77,8 @@ impl StoragePair {
                  device minor 0;\n      disk none;\n    }}\n  }}\n",
                 free_port()
             ));
+            // More than two `on` sections connect only as a connection section says.
+            text.push_str("  connection-mesh { hosts alpha beta tie; }\n");
         }
         text.push_str("}\n");
         let config = dir.path().join("r0.res");
