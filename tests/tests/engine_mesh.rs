@@ -196,8 +196,10 @@ fn three_diskful_nodes_fail_over_and_the_survivors_resync_only_their_difference(
     c.wait_status(&["disk=UpToDate", "peer1=Connected/Established/UpToDate"], long);
     let survivors_copied = c.status_field("resync_received") + b.status_field("resync_received");
     println!("survivors resynced {survivors_copied} blocks between them (device: {DEVICE_BLOCKS})");
+    // Writes in flight at the crash may differ; they are tracked by activity-log extent, and a
+    // request can span two (1024 blocks each): far from a full sync of the device.
     assert!(
-        survivors_copied <= 1024,
+        survivors_copied <= 2 * 1024,
         "only the writes in flight at the crash may differ, not {survivors_copied} blocks"
     );
     for block in &acked {
