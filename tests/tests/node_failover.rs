@@ -231,9 +231,6 @@ fn tandemadm_drives_two_nodes() {
     assert!(events.contains("exists peer-device name:r0 peer-node-id:0 conn-name:alpha volume:0 replication:Established peer-disk:UpToDate"));
     assert_eq!(lines.last(), Some(&"exists -"));
 
-    let unsupported = cluster.adm(0, &["detach", "r0"]);
-    assert_eq!(unsupported.status.code(), Some(20));
-    assert!(text(&unsupported).contains("not supported by the replication engine"));
     let usage = cluster.adm(0, &["frobnicate", "r0"]);
     assert_eq!(usage.status.code(), Some(3));
     let unknown = cluster.adm(0, &["up", "nope"]);

@@ -171,7 +171,9 @@ fn twenty_down_up_cycles_with_io_leak_no_descriptors() {
     bring_up(&nodes);
     let pid = nodes[0].daemon.pid();
     let url = format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", nodes[0].portal);
-    let chunk_bytes = VOLUME_BYTES / CYCLES / 4096 * 4096;
+    // The file's last MiB is left alone: the internal metadata and the replicated reservation
+    // area sit at its end, outside the LUN.
+    let chunk_bytes = (VOLUME_BYTES - (1 << 20)) / CYCLES / 4096 * 4096;
     let pattern = |cycle: u64| 1 + (cycle * 11) % 250;
     qemu_io(&url, &[format!("write -P {} 0 {chunk_bytes}", pattern(0))]);
     cycle(&nodes);
