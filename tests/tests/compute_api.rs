@@ -6,14 +6,16 @@
 //! detach gives it back `available`. Hot-plugs that fail (a wrong CHAP secret on the target, an
 //! export that is down, tandem-api itself down) leave the volume `available` with no attachment
 //! and no QEMU block node; so does an `os-complete` that fails after the hot-plug. Attach/detach
-//! cycles by volume id leak no attachment record, QEMU node, secret or iSCSI session. A booted
+//! cycles by volume id (two nodes, so through the path proxy) leak no attachment record, QEMU
+//! node, secret, iSCSI session or proxy listener. A booted
 //! guest gets the volume as a virtio disk whose serial is the volume id, and releases it.
 //!
 //! The storage node is a `tests::fixture_node` stand-in (a sparse file exported by the real
 //! `tandem-iscsi`): it can re-export a resource with a wrong CHAP secret or take the export
 //! down, which is how the failure cases are made.
 //!
-//! `TANDEM_COMPUTE_API_CYCLES=N` sets the number of attach/detach cycles (default 20).
+//! `TANDEM_COMPUTE_API_CYCLES=N` sets the number of attach/detach cycles (default 100, the
+//! number in a row issue 9 asks for).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -69,7 +71,9 @@ enum Auth {
 struct Api {
     addr: SocketAddr,
     daemon: Daemon,
-    node: FixtureNode,
+    /// The storage nodes; a volume has one replica per node.
+    nodes: Vec<FixtureNode>,
+    node_names: Vec<String>,
     dir: tempfile::TempDir,
     auth: Auth,
 }
@@ -77,11 +81,18 @@ struct Api {
 impl Api {
     /// tandem-api on SQLite with one fixture node and one replica per volume.
     fn start(auth: Auth) -> Api {
+        Api::start_with_nodes(auth, &["node-a"])
+    }
+
+    /// tandem-api on SQLite with these fixture nodes and one replica per node: with two, the
+    /// connection_info lists two portals and the agent attaches through its path proxy.
+    fn start_with_nodes(auth: Auth, names: &[&str]) -> Api {
         // Built before any node call: a build inside a node request would outlast the API's
         // timeout.
         binary("tandem-iscsi");
         let dir = tempfile::tempdir().expect("temp dir");
-        let node = FixtureNode::start("node-a", &dir.path().join("node-a"));
+        let nodes: Vec<FixtureNode> =
+            names.iter().map(|name| FixtureNode::start(name, &dir.path().join(name))).collect();
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         if auth == Auth::Bearer {
             let tokens = json!({"tokens": [
@@ -92,8 +103,9 @@ impl Api {
             ]});
             std::fs::write(dir.path().join("tokens.json"), tokens.to_string()).expect("tokens");
         }
-        let daemon = Api::spawn(dir.path(), &node, addr, auth);
-        Api { addr, daemon, node, dir, auth }
+        let node_names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+        let daemon = Api::spawn(dir.path(), &node_names, &nodes, addr, auth);
+        Api { addr, daemon, nodes, node_names, dir, auth }
     }
 
     /// The test's admin credentials for `auth`.
@@ -116,14 +128,22 @@ impl Api {
         }
     }
 
-    fn spawn(dir: &Path, node: &FixtureNode, addr: SocketAddr, auth: Auth) -> Daemon {
+    fn spawn(
+        dir: &Path,
+        names: &[String],
+        nodes: &[FixtureNode],
+        addr: SocketAddr,
+        auth: Auth,
+    ) -> Daemon {
         let mut command = Command::new(binary("tandem-api"));
         command
             .args(["--listen", &addr.to_string(), "--database"])
             .arg(dir.join("api.sqlite"))
-            .args(["--node-token", NODE_TOKEN, "--replica-count", "1"])
-            .args(["--node", &format!("node-a={}", node.url)])
+            .args(["--node-token", NODE_TOKEN, "--replica-count", &nodes.len().to_string()])
             .stdin(Stdio::null());
+        for (name, node) in names.iter().zip(nodes) {
+            command.args(["--node", &format!("{name}={}", node.url)]);
+        }
         if auth == Auth::Bearer {
             command.arg("--auth-config").arg(dir.join("tokens.json"));
         }
@@ -147,7 +167,8 @@ impl Api {
 
     /// Starts tandem-api again on the same address and database.
     fn restart(&mut self) {
-        self.daemon = Api::spawn(self.dir.path(), &self.node, self.addr, self.auth);
+        self.daemon =
+            Api::spawn(self.dir.path(), &self.node_names, &self.nodes, self.addr, self.auth);
     }
 
     fn endpoint(&self) -> String {
@@ -556,7 +577,7 @@ fn attach_by_volume_id_goes_through_tandem_api_and_every_failure_gives_the_volum
 
     // Failures in the hot-plug: the target refuses tandem-api's CHAP secret, or is down.
     for (export, needle) in [(Export::WrongChap, "blockdev-add"), (Export::Down, "blockdev-add")] {
-        api.node.set_export(&volume, export);
+        api.nodes[0].set_export(&volume, export);
         let error = agent.cli_error(&["attach", "srv-1", "--volume-id", &volume]);
         assert!(error.contains(needle), "{export:?}: {error}");
         api.assert_available_and_unattached(&volume);
@@ -568,7 +589,7 @@ fn attach_by_volume_id_goes_through_tandem_api_and_every_failure_gives_the_volum
         );
         println!("{export:?}: rolled back: {}", error.trim());
     }
-    api.node.set_export(&volume, Export::Normal);
+    api.nodes[0].set_export(&volume, Export::Normal);
 
     // tandem-api down: a clear 503 after bounded retries, nothing plugged; back up, the same
     // attach works.
@@ -597,9 +618,11 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
     let cycles: usize = std::env::var("TANDEM_COMPUTE_API_CYCLES")
         .ok()
         .and_then(|text| text.parse().ok())
-        .unwrap_or(20);
-    // This time tandem-api takes static bearer tokens, the agent's read from a file.
-    let api = Api::start(Auth::Bearer);
+        .unwrap_or(100);
+    // This time tandem-api takes static bearer tokens, the agent's read from a file. Two
+    // nodes, so the connection_info lists two portals and every attach goes through a path
+    // proxy, whose listener must go with the detach too.
+    let api = Api::start_with_nodes(Auth::Bearer, &["node-a", "node-b"]);
     let agent = Agent::start(&api, &api.endpoint());
     let volume = api.create_volume("cycled");
     let server = agent.boot_without_os("srv-cycles", 1);
@@ -615,6 +638,10 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
         let attached = attach_by_id(&agent, "srv-cycles", &volume);
         attach_ms.push(u64::try_from(started.elapsed().as_millis()).expect("ms"));
         assert!(attached["attachment_id"].is_string(), "{attached}");
+        let proxy: SocketAddr = attached["path_proxy"]
+            .as_str()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or_else(|| panic!("cycle {cycle}: attached through a path proxy: {attached}"));
         let record = api.attachments();
         assert_eq!(record.len(), 1, "cycle {cycle}: one record while attached: {record:?}");
         let this_port =
@@ -630,6 +657,10 @@ fn attach_detach_cycles_by_volume_id_leak_nothing() {
         assert!(
             wait_until(Duration::from_secs(5), || established_connections_to(this_port) == 0),
             "cycle {cycle}: the iSCSI session is gone"
+        );
+        assert!(
+            std::net::TcpStream::connect_timeout(&proxy, Duration::from_secs(1)).is_err(),
+            "cycle {cycle}: the path proxy on {proxy} stopped listening"
         );
     }
     api.assert_available_and_unattached(&volume);
