@@ -1071,11 +1071,17 @@ impl Driver {
             }
             if !persists.is_empty() {
                 // Durable before anything after it happens: the state machine relies on it.
-                if let Err(error) = self.meta_file.apply_all(&persists) {
-                    tracing::error!(%error, "metadata update failed; stopping to avoid corruption");
-                    panic!("metadata update failed: {error}");
-                }
+                let applied = self.meta_file.apply_all(&persists);
                 persists.clear();
+                if let Err(error) = applied {
+                    // A local disk failure (DRBD: a metadata I/O error detaches whatever
+                    // on-io-error says). `output` was decided on the premise that the updates
+                    // are durable: the node takes it back and says what to do instead
+                    // (`protocol::node::metafail`).
+                    tracing::error!(node = %self.config.node_id, %error, "metadata update failed: Local IO failed in metadata write, detaching the disk (disk( Failed -> Diskless ))");
+                    self.node.handle_metadata_failed(now_ms(), output);
+                    continue;
+                }
             }
             let Some(output) = output else { break };
             match output {
