@@ -194,6 +194,9 @@ pub struct Status {
     pub verify_out_of_sync: Vec<(NodeId, u64, u64)>,
     /// DRBD's `quorum:` (always true with quorum off).
     pub quorum: bool,
+    /// Why the disk was detached, when the engine detached it for a metadata write that
+    /// failed (the error, e.g. ENOSPC); cleared by a successful `attach`.
+    pub disk_error: Option<String>,
 }
 
 /// How a verify run ended, as `Event::VerifyFinished` told.
@@ -389,6 +392,7 @@ impl ReplicatedDevice {
             verifies_finished: 0,
             verify_last: None,
             verify_out_of_sync: Vec::new(),
+            disk_error: None,
             disk_queue: Vec::new(),
             send_buffers: BTreeMap::new(),
             fence_handler: None,
@@ -819,6 +823,8 @@ struct Driver {
     verifies_finished: u64,
     verify_last: Option<VerifyOutcome>,
     verify_out_of_sync: Vec<(NodeId, u64, u64)>,
+    /// `Status::disk_error`.
+    disk_error: Option<String>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
     disk_queue: Vec<DiskFuture>,
     /// The frames of the current round, per peer, sent as one vectored write at its end.
@@ -945,7 +951,11 @@ impl Driver {
                 let _ = reply.send(self.node.handle_outdate(now).map_err(DeviceError::from));
             }
             Command::Attach(reply) => {
-                let _ = reply.send(self.node.handle_attach(now).map_err(DeviceError::from));
+                let result = self.node.handle_attach(now).map_err(DeviceError::from);
+                if result.is_ok() {
+                    self.disk_error = None;
+                }
+                let _ = reply.send(result);
             }
             Command::Detach(reply) => {
                 let _ = reply.send(self.node.handle_detach(now).map_err(DeviceError::from));
@@ -1010,6 +1020,7 @@ impl Driver {
             verify_last: self.verify_last,
             verify_out_of_sync: self.verify_out_of_sync.clone(),
             quorum: n.has_quorum(),
+            disk_error: self.disk_error.clone(),
         }
     }
 
@@ -1079,6 +1090,7 @@ impl Driver {
                     // are durable: the node takes it back and says what to do instead
                     // (`protocol::node::metafail`).
                     tracing::error!(node = %self.config.node_id, %error, "metadata update failed: Local IO failed in metadata write, detaching the disk (disk( Failed -> Diskless ))");
+                    self.disk_error = Some(format!("metadata update failed: {error}"));
                     self.node.handle_metadata_failed(now_ms(), output);
                     continue;
                 }
