@@ -807,6 +807,22 @@ impl Host {
                     for line in status::change_lines(&previous, &view) {
                         self.publish(&slot.name, line);
                     }
+                    // The engine detached a failed disk itself (a metadata write failed): say
+                    // which resource and why, once, as DRBD's "Local IO failed" line does.
+                    let detached = |v: &status::ResourceView| {
+                        v.volumes.iter().all(|volume| volume.disk == DiskState::Diskless)
+                    };
+                    if let Some(error) = &status.disk_error
+                        && !detached(&previous)
+                        && detached(&view)
+                    {
+                        tracing::error!(
+                            resource = %slot.name,
+                            %error,
+                            "local disk failed: disk:Diskless, I/O goes through UpToDate peers; \
+                             `tandemadm attach` once the disk has room again (a full resync)"
+                        );
+                    }
                 }
                 if status.split_brain && !slot.split_brain_logged.swap(true, Ordering::Relaxed) {
                     tracing::warn!(

@@ -194,6 +194,9 @@ pub struct Status {
     pub verify_out_of_sync: Vec<(NodeId, u64, u64)>,
     /// DRBD's `quorum:` (always true with quorum off).
     pub quorum: bool,
+    /// Why the disk was detached, when the engine detached it for a metadata write that
+    /// failed (the error, e.g. ENOSPC); cleared by a successful `attach`.
+    pub disk_error: Option<String>,
 }
 
 /// How a verify run ended, as `Event::VerifyFinished` told.
@@ -389,6 +392,7 @@ impl ReplicatedDevice {
             verifies_finished: 0,
             verify_last: None,
             verify_out_of_sync: Vec::new(),
+            disk_error: None,
             disk_queue: Vec::new(),
             send_buffers: BTreeMap::new(),
             fence_handler: None,
@@ -819,6 +823,8 @@ struct Driver {
     verifies_finished: u64,
     verify_last: Option<VerifyOutcome>,
     verify_out_of_sync: Vec<(NodeId, u64, u64)>,
+    /// `Status::disk_error`.
+    disk_error: Option<String>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
     disk_queue: Vec<DiskFuture>,
     /// The frames of the current round, per peer, sent as one vectored write at its end.
@@ -945,7 +951,11 @@ impl Driver {
                 let _ = reply.send(self.node.handle_outdate(now).map_err(DeviceError::from));
             }
             Command::Attach(reply) => {
-                let _ = reply.send(self.node.handle_attach(now).map_err(DeviceError::from));
+                let result = self.node.handle_attach(now).map_err(DeviceError::from);
+                if result.is_ok() {
+                    self.disk_error = None;
+                }
+                let _ = reply.send(result);
             }
             Command::Detach(reply) => {
                 let _ = reply.send(self.node.handle_detach(now).map_err(DeviceError::from));
@@ -1010,6 +1020,7 @@ impl Driver {
             verify_last: self.verify_last,
             verify_out_of_sync: self.verify_out_of_sync.clone(),
             quorum: n.has_quorum(),
+            disk_error: self.disk_error.clone(),
         }
     }
 
@@ -1071,11 +1082,18 @@ impl Driver {
             }
             if !persists.is_empty() {
                 // Durable before anything after it happens: the state machine relies on it.
-                if let Err(error) = self.meta_file.apply_all(&persists) {
-                    tracing::error!(%error, "metadata update failed; stopping to avoid corruption");
-                    panic!("metadata update failed: {error}");
-                }
+                let applied = self.meta_file.apply_all(&persists);
                 persists.clear();
+                if let Err(error) = applied {
+                    // A local disk failure (DRBD: a metadata I/O error detaches whatever
+                    // on-io-error says). `output` was decided on the premise that the updates
+                    // are durable: the node takes it back and says what to do instead
+                    // (`protocol::node::metafail`).
+                    tracing::error!(node = %self.config.node_id, %error, "metadata update failed: Local IO failed in metadata write, detaching the disk (disk( Failed -> Diskless ))");
+                    self.disk_error = Some(format!("metadata update failed: {error}"));
+                    self.node.handle_metadata_failed(now_ms(), output);
+                    continue;
+                }
             }
             let Some(output) = output else { break };
             match output {

@@ -41,6 +41,7 @@ use thiserror::Error;
 mod atomic;
 pub mod diskless;
 mod mesh;
+mod metafail;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;

@@ -86,6 +86,8 @@ struct RemoteRead {
 pub(super) struct DisklessState {
     /// The disk was detached (not `disk none`): `handle_attach` may bring it back.
     pub(super) detached: bool,
+    /// A metadata write failed (`metafail`): `handle_attach` does a full resync.
+    pub(super) meta_failed: bool,
     /// The metadata as it was on disk when it was detached.
     snapshot: Option<Box<Metadata>>,
     /// Diskful peers that missed a write since this node became diskless: not sources.
@@ -417,6 +419,7 @@ impl Node {
             return Err(StateError::Precondition("I/O from before the detach still in flight"));
         }
         let snapshot = self.diskless.snapshot.take().expect("a detached node keeps its metadata");
+        let meta_failed = self.diskless.meta_failed;
         self.diskless = DisklessState::default();
         self.meta = *snapshot;
         self.al_order.clear();
@@ -441,6 +444,9 @@ impl Node {
                     }
                 }
             }
+        }
+        if meta_failed {
+            self.metafail_full_resync();
         }
         self.persist_flags(|f| {
             f.crashed_primary |= was_primary;
