@@ -26,6 +26,7 @@ pub mod fixture_node;
 pub mod guest;
 pub mod http;
 pub mod openstack;
+pub mod replica;
 pub mod storage_pair;
 pub mod tandemd_node;
 
