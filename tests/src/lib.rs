@@ -22,6 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod api_db;
+pub mod clients;
 pub mod fixture_node;
 pub mod guest;
 pub mod http;
