@@ -66,7 +66,7 @@ pub const COMPARE_AND_WRITE_BLOCKS_MAX: u8 = 128;
 /// Replication does not widen that: after a primary crash, resync makes the replicas equal,
 /// copying whatever the survivor holds, and a survivor that crashed too holds a torn write of
 /// its own. A device that journals its atomic writes (the standalone file device,
-/// `driver::atomic_journal`, or the replicated LUN, whose every replica journals) claims more.
+/// `backing_store::atomic_journal`, or the replicated LUN, whose every replica journals) claims more.
 pub const PAGE_ATOMIC_WRITE_BYTES: u32 = 4096;
 /// The most bytes one WRITE ATOMIC(16) may write on the standalone file device: what its
 /// atomic-write journal keeps whole across a crash (its one slot has this size). 128 KiB is

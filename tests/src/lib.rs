@@ -22,10 +22,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod api_db;
+pub mod clients;
 pub mod fixture_node;
 pub mod guest;
 pub mod http;
 pub mod openstack;
+pub mod replica;
 pub mod storage_pair;
 pub mod tandemd_node;
 

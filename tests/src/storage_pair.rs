@@ -3,16 +3,18 @@
 //! remote port of the primary's logical unit), driven with `tandemadm` like an administrator.
 //! [`StoragePair::with_tiebreaker`] adds a third, diskless `tandemd` (`disk none`) so `r0` has
 //! quorum (`quorum majority`) and both diskful nodes run the promoter: a dead primary is
-//! replaced without an administrator.
+//! replaced without an administrator. [`StoragePair::with_options`] builds the variants the
+//! `node_*` tests need (no forward links, another backing size).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use crate::{Daemon, binary, free_port, run_ok, sparse_file};
+use crate::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
 
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one `tandemadm` command may take (a resize grows and syncs two files).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub const NODE_NAMES: [&str; 2] = ["alpha", "beta"];
 
@@ -31,21 +33,47 @@ pub struct StoragePair {
     pub nodes: [PairNode; 2],
     /// The diskless tiebreaker `tie`, when the resource has quorum.
     pub tiebreaker: Option<PairNode>,
+    /// Whether alpha and beta keep forward links to each other (see [`PairOptions`]).
+    pub forward_links: bool,
+}
+
+/// How [`StoragePair::with_options`] builds a pair.
+#[derive(Clone, Copy, Debug)]
+pub struct PairOptions {
+    /// Size of each diskful node's sparse backing file (data area and internal metadata).
+    pub volume_bytes: u64,
+    /// Each tandemd listens for its peer's forward link and keeps one to it, so the
+    /// secondary's portal is a remote port of the primary's logical unit (multipath).
+    pub forward_links: bool,
+    /// The diskless tiebreaker `tie`, `quorum majority` and the promoter on alpha and beta.
+    pub tiebreaker: bool,
+}
+
+impl Default for PairOptions {
+    fn default() -> PairOptions {
+        PairOptions { volume_bytes: 64 * 1024 * 1024, forward_links: true, tiebreaker: false }
+    }
 }
 
 impl StoragePair {
     /// Writes `r0.res` for two nodes with `volume_bytes` sparse backing files.
     pub fn new(volume_bytes: u64) -> StoragePair {
-        StoragePair::build(volume_bytes, false)
+        StoragePair::with_options(PairOptions { volume_bytes, ..PairOptions::default() })
     }
 
     /// As [`StoragePair::new`], plus the diskless tiebreaker `tie`, `quorum majority` and the
     /// promoter on alpha and beta.
     pub fn with_tiebreaker(volume_bytes: u64) -> StoragePair {
-        StoragePair::build(volume_bytes, true)
+        StoragePair::with_options(PairOptions {
+            volume_bytes,
+            tiebreaker: true,
+            ..PairOptions::default()
+        })
     }
 
-    fn build(volume_bytes: u64, tiebreaker: bool) -> StoragePair {
+    /// Writes `r0.res` for the pair `options` describe.
+    pub fn with_options(options: PairOptions) -> StoragePair {
+        let PairOptions { volume_bytes, forward_links, tiebreaker } = options;
         let dir = tempfile::tempdir().expect("temp dir");
         let node = |name: &'static str| PairNode {
             name,
@@ -83,27 +111,36 @@ impl StoragePair {
         text.push_str("}\n");
         let config = dir.path().join("r0.res");
         std::fs::write(&config, text).expect("writing r0.res");
-        StoragePair { dir, config, nodes, tiebreaker }
+        StoragePair { dir, config, nodes, tiebreaker, forward_links }
     }
 
-    /// tandemd for node `index`, listening for the peer's forward link and keeping one to it.
+    /// tandemd for node `index`, listening for the peer's forward link and keeping one to it
+    /// (unless built without forward links).
     pub fn start(&self, index: usize) -> Daemon {
+        self.start_with(index, &[])
+    }
+
+    /// As [`StoragePair::start`], with `extra` arguments to tandemd (`--metrics-listen ...`).
+    pub fn start_with(&self, index: usize, extra: &[&str]) -> Daemon {
         let n = &self.nodes[index];
         let peer = &self.nodes[1 - index];
         let mut command = Command::new(binary("tandemd"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--node", n.name, "--portal", &n.portal.to_string()])
-            .args(["--forward-listen", &n.forward.to_string()])
-            .args(["--forward-peer", &format!("{}={}", peer.name, peer.forward)])
-            .arg("--control-socket")
-            .arg(&n.socket)
-            .arg("--state-dir")
-            .arg(&n.state);
+        command.arg("-c").arg(&self.config).args([
+            "--node",
+            n.name,
+            "--portal",
+            &n.portal.to_string(),
+        ]);
+        if self.forward_links {
+            command
+                .args(["--forward-listen", &n.forward.to_string()])
+                .args(["--forward-peer", &format!("{}={}", peer.name, peer.forward)]);
+        }
+        command.arg("--control-socket").arg(&n.socket).arg("--state-dir").arg(&n.state);
         if self.tiebreaker.is_some() {
             command.args(["--promoter", "r0 preferred-nodes alpha,beta"]);
         }
+        command.args(extra);
         let mut daemon = Daemon::spawn(n.name, command);
         daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
         daemon
@@ -139,6 +176,24 @@ impl StoragePair {
         let mut command = Command::new(binary("tandemadm"));
         command.arg("-s").arg(&self.nodes[index].socket).args(args);
         run_ok(&mut command, COMMAND_TIMEOUT)
+    }
+
+    /// `tandemadm ARGS` against node `index`, failing or not.
+    pub fn adm_output(&self, index: usize, args: &[&str]) -> Output {
+        let mut command = Command::new(binary("tandemadm"));
+        command.arg("-s").arg(&self.nodes[index].socket).args(args);
+        run_with_timeout(&mut command, COMMAND_TIMEOUT)
+    }
+
+    /// KiB received by resync on `index` since its `up` (`status --statistics`).
+    pub fn resync_received_kib(&self, index: usize) -> u64 {
+        let statistics = self.adm(index, &["status", "--statistics", "r0"]);
+        statistics
+            .lines()
+            .find_map(|l| {
+                l.split_whitespace().find_map(|w| w.strip_prefix("received:")?.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no received: counter in\n{statistics}"))
     }
 
     pub fn iqn(&self) -> &'static str {

@@ -7,112 +7,17 @@
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_detach -- --nocapture`
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::process::Command;
 use std::time::Duration;
+
+use tests::replica::{Node, Replica};
 
 /// The device: 64 MiB; the primary's file system: 8 MiB, so the stream fills it.
 const DEVICE_BYTES: u64 = 64 * 1024 * 1024;
 const SMALL_FS_MIB: u64 = 8;
 /// 4 KiB blocks streamed: 16 MiB, twice what the small file system holds.
 const STREAM_BLOCKS: u64 = 4096;
-
-struct Replica {
-    name: String,
-    child: Option<Child>,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(name: &str, args: &[String], dir: &Path) -> Replica {
-        let log = dir.join(format!("{name}.log"));
-        let stderr =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut child = Command::new(tests::binary("tandem-replica"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("starting tandem-replica");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
-        let ready = replica.next_line(Duration::from_secs(20));
-        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-        replica
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-    }
-
-    fn cmd(&mut self, line: &str, timeout: Duration) -> String {
-        self.send(line);
-        self.next_line(timeout)
-    }
-
-    fn ok(&mut self, line: &str, timeout: Duration) -> String {
-        let reply = self.cmd(line, timeout);
-        assert!(
-            reply.starts_with("ok"),
-            "{}: `{line}` answered `{reply}`\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
-        reply
-    }
-
-    fn field(&mut self, field: &str) -> String {
-        let status = self.cmd("status", Duration::from_secs(5));
-        status
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name))
-            .to_owned()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// A tmpfs of its own, unmounted on drop.
 struct SmallFs {
@@ -149,23 +54,20 @@ impl Drop for SmallFs {
     }
 }
 
-fn args(id: u8, port: u16, peer_port: u16, backing: &Path, meta: &Path) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "--node-id".into(),
-        id.to_string(),
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--peer".into(),
-        format!("{}=127.0.0.1:{peer_port}", 1 - id),
-        "--size-bytes".into(),
-        DEVICE_BYTES.to_string(),
-        "--on-io-error".into(),
-        "detach".into(),
-    ];
-    v.extend(["--backing".into(), backing.display().to_string()]);
-    v.extend(["--meta".into(), meta.display().to_string()]);
-    v
+/// Node `id` of two on loopback, with `on-io-error detach`.
+fn node(id: u8, port: u16, peer_port: u16, backing: &Path, meta: &Path) -> Node {
+    Node {
+        id,
+        port,
+        peer_id: 1 - id,
+        peer_port,
+        backing: backing.to_path_buf(),
+        meta: meta.to_path_buf(),
+        size_bytes: DEVICE_BYTES,
+    }
 }
+
+const DETACH: &[&str] = &["--on-io-error", "detach"];
 
 #[test]
 fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach() {
@@ -178,10 +80,10 @@ fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach
     // peer's on the roomy one: the data area fills, the metadata stays writable.
     let a_backing = small.path.join("a.img");
     let b_backing = dir.path().join("b.img");
-    let a_args = args(0, pa, pb, &a_backing, &dir.path().join("a.md"));
-    let b_args = args(1, pb, pa, &b_backing, &dir.path().join("b.md"));
-    let mut a = Replica::start("a", &a_args, dir.path());
-    let mut b = Replica::start("b", &b_args, dir.path());
+    let a_node = node(0, pa, pb, &a_backing, &dir.path().join("a.md"));
+    let b_node = node(1, pb, pa, &b_backing, &dir.path().join("b.md"));
+    let mut a = Replica::start("a", &a_node, dir.path(), DETACH);
+    let mut b = Replica::start("b", &b_node, dir.path(), DETACH);
     let long = Duration::from_secs(60);
     a.ok("wait-connected 20000", long);
     a.ok("new-current-uuid", long);
@@ -204,13 +106,13 @@ fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach
         acked += 1;
     }
     assert_eq!(acked, STREAM_BLOCKS);
-    assert_eq!(a.field("disk"), "Diskless", "the full disk was detached");
-    assert_eq!(a.field("role"), "Primary");
+    assert_eq!(a.status_value("disk"), "Diskless", "the full disk was detached");
+    assert_eq!(a.status_value("role"), "Primary");
     let log = a.log_text();
     assert!(log.contains("local I/O failed"), "the error is logged:\n{log}");
     assert!(log.contains("Detached"), "the detach is logged:\n{log}");
     // The peer marked everything written while the disk was gone.
-    let marked: u64 = b.field("oos").parse().unwrap();
+    let marked: u64 = b.status_value("oos").parse().unwrap();
     assert!(marked > 0, "the peer tracks the detached disk");
 
     // Every acknowledged write reads back through the diskless primary (from the peer).
@@ -223,11 +125,11 @@ fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach
     small.grow(128);
     a.ok("attach", long);
     a.ok("wait-synced 60000", long);
-    let resynced: u64 = a.field("resync_received").parse().unwrap();
+    let resynced: u64 = a.status_value("resync_received").parse().unwrap();
     println!("after attach, resync copied {resynced} blocks of {STREAM_BLOCKS} streamed");
     assert!(resynced > 0, "the blocks written while detached travel");
     assert!(resynced < DEVICE_BYTES / 4096, "a bitmap resync, not a full one: {resynced}");
-    assert_eq!(a.field("disk"), "UpToDate");
+    assert_eq!(a.status_value("disk"), "UpToDate");
     // The data areas (external metadata: the whole files) are identical.
     let a_data = std::fs::read(&a_backing).expect("a's data");
     let b_data = std::fs::read(&b_backing).expect("b's data");

@@ -7,30 +7,17 @@
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_mesh -- --nocapture`
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
+
+use tests::replica::{self, Replica};
 
 const SIZE_BYTES: u64 = 64 * 1024 * 1024;
 const DEVICE_BLOCKS: u64 = SIZE_BYTES / 4096;
 
-/// One `tandem-replica` process driven through its stdin/stdout line protocol.
-struct Replica {
-    name: String,
-    child: Option<Child>,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
-
 /// Node `id` of three, listening on `ports[id]`.
 fn start(name: &str, id: usize, ports: &[u16; 3], dir: &Path) -> Replica {
-    let log = dir.join(format!("{name}.log"));
-    let stderr =
-        std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-    let mut command = Command::new(tests::binary("tandem-replica"));
+    let mut command = replica::command();
     command
         .args(["--node-id", &id.to_string()])
         .args(["--listen", &format!("127.0.0.1:{}", ports[id])])
@@ -43,120 +30,7 @@ fn start(name: &str, id: usize, ports: &[u16; 3], dir: &Path) -> Replica {
     for (peer, port) in ports.iter().enumerate().filter(|(peer, _)| *peer != id) {
         command.args(["--peer", &format!("{peer}=127.0.0.1:{port}")]);
     }
-    let mut child = command
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr))
-        .spawn()
-        .expect("starting tandem-replica");
-    let stdin = child.stdin.take().expect("piped stdin");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
-    let ready = replica.next_line(Duration::from_secs(20));
-    assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-    replica
-}
-
-impl Replica {
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-    }
-
-    fn cmd(&mut self, line: &str, timeout: Duration) -> String {
-        self.send(line);
-        self.next_line(timeout)
-    }
-
-    fn ok(&mut self, line: &str, timeout: Duration) -> String {
-        let reply = self.cmd(line, timeout);
-        assert!(reply.starts_with("ok"), "{}: `{line}` answered `{reply}`", self.name);
-        reply
-    }
-
-    fn status(&mut self) -> String {
-        self.cmd("status", Duration::from_secs(5))
-    }
-
-    fn status_field(&mut self, field: &str) -> u64 {
-        let status = self.status();
-        let value = status
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name));
-        value.parse().unwrap_or_else(|_| panic!("{field}={value} is not a number"))
-    }
-
-    /// Waits until `status` shows every one of `needles`.
-    fn wait_status(&mut self, needles: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if needles.iter().all(|n| status.split_whitespace().any(|w| w == *n)) {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "{}: waiting for {needles:?}: {status}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Promotes, retrying while quorum's grace for the lost primary runs.
-    fn promote(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let reply = self.cmd("primary", Duration::from_secs(5));
-            if reply == "ok" {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: promotion kept failing: {reply}", self.name);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = i32::try_from(child.id()).expect("pid fits i32");
-            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet, so the
-            // pid cannot have been reused by another process.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-        self.kill9();
-    }
+    Replica::spawn(name, command, dir)
 }
 
 #[test]

@@ -11,132 +11,42 @@
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_quorum -- --nocapture`
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tests::NetNs;
+use tests::replica::Replica;
 
 const SIZE_BYTES: u64 = 64 * 1024 * 1024;
 const PORT: u16 = 7789;
 
-/// One `tandem-replica` inside a namespace, driven through its stdin/stdout line protocol.
-struct Replica {
-    name: String,
-    child: Option<Child>,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
+/// How long a command may take to answer.
+const REPLY: Duration = Duration::from_secs(60);
 
-impl Replica {
-    fn start(
-        ns: &NetNs,
-        name: &str,
-        id: u8,
-        peers: &[(u8, &str)],
-        dir: &Path,
-        extra: &[&str],
-    ) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let stderr =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut command = ns.exec(tests::binary("tandem-replica"));
-        command
-            .args(["--node-id", &id.to_string()])
-            .args(["--listen", &format!("0.0.0.0:{PORT}")])
-            .arg("--backing")
-            .arg(dir.join(format!("{name}.img")))
-            .arg("--meta")
-            .arg(dir.join(format!("{name}.md")))
-            .args(["--size-bytes", &SIZE_BYTES.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
-        for (peer, address) in peers {
-            command.args(["--peer", &format!("{peer}={address}:{PORT}")]);
-        }
-        let mut child = command.spawn().expect("starting tandem-replica");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
-        let ready = replica.next_line(Duration::from_secs(30));
-        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-        replica
+/// Node `id` inside `ns`, listening on `PORT` of all its addresses, its peers at `peers`.
+fn start(
+    ns: &NetNs,
+    name: &str,
+    id: u8,
+    peers: &[(u8, &str)],
+    dir: &Path,
+    extra: &[&str],
+) -> Replica {
+    let mut command = ns.exec(tests::binary("tandem-replica"));
+    command
+        .args(["--node-id", &id.to_string()])
+        .args(["--listen", &format!("0.0.0.0:{PORT}")])
+        .arg("--backing")
+        .arg(dir.join(format!("{name}.img")))
+        .arg("--meta")
+        .arg(dir.join(format!("{name}.md")))
+        .args(["--size-bytes", &SIZE_BYTES.to_string()])
+        .args(extra)
+        .env("RUST_LOG", "info");
+    for (peer, address) in peers {
+        command.args(["--peer", &format!("{peer}={address}:{PORT}")]);
     }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        self.try_next_line(timeout)
-            .unwrap_or_else(|| panic!("{}: no reply within {timeout:?}", self.name))
-    }
-
-    fn try_next_line(&mut self, timeout: Duration) -> Option<String> {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => Some(line),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        self.send(line);
-        self.next_line(Duration::from_secs(60))
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(
-            reply.starts_with("ok"),
-            "{}: `{line}` answered `{reply}`\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
-        reply
-    }
-
-    fn status(&mut self) -> String {
-        self.cmd("status")
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-        self.stop();
-    }
+    Replica::spawn(name, command, dir)
 }
 
 fn field<'a>(status: &'a str, name: &str) -> &'a str {
@@ -159,43 +69,23 @@ fn scenario(on_no_quorum: &str) {
     let quorum = ["--quorum", "majority", "--on-no-quorum", on_no_quorum];
     let diskful: Vec<&str> = quorum.iter().copied().chain(["--diskless-peer", "2"]).collect();
     let tiebreaker: Vec<&str> = quorum.iter().copied().chain(["--diskless"]).collect();
-    let mut a = Replica::start(
-        &a_ns,
-        "a",
-        0,
-        &[(1, "10.214.1.2"), (2, "10.214.2.2")],
-        dir.path(),
-        &diskful,
-    );
-    let mut b = Replica::start(
-        &b_ns,
-        "b",
-        1,
-        &[(0, "10.214.1.1"), (2, "10.214.3.2")],
-        dir.path(),
-        &diskful,
-    );
-    let mut t = Replica::start(
-        &t_ns,
-        "t",
-        2,
-        &[(0, "10.214.2.1"), (1, "10.214.3.1")],
-        dir.path(),
-        &tiebreaker,
-    );
+    let mut a = start(&a_ns, "a", 0, &[(1, "10.214.1.2"), (2, "10.214.2.2")], dir.path(), &diskful);
+    let mut b = start(&b_ns, "b", 1, &[(0, "10.214.1.1"), (2, "10.214.3.2")], dir.path(), &diskful);
+    let mut t =
+        start(&t_ns, "t", 2, &[(0, "10.214.2.1"), (1, "10.214.3.1")], dir.path(), &tiebreaker);
     for r in [&mut a, &mut b, &mut t] {
-        r.ok("wait-connected 30000");
+        r.ok("wait-connected 30000", REPLY);
     }
-    a.ok("new-current-uuid");
-    a.ok("primary");
+    a.ok("new-current-uuid", REPLY);
+    a.ok("primary", REPLY);
     assert_eq!(field(&a.status(), "quorum"), "yes");
     // A second primary is refused while the first one is reachable (here directly).
-    b.ok("wait-synced 30000");
+    b.ok("wait-synced 30000", REPLY);
     std::thread::sleep(Duration::from_millis(300));
-    let refused = b.cmd("primary");
+    let refused = b.cmd("primary", REPLY);
     assert!(refused.contains("primary"), "b promoted beside primary a: `{refused}`");
-    a.ok("write 0 256 1");
-    a.ok("flush");
+    a.ok("write 0 256 1", REPLY);
+    a.ok("flush", REPLY);
 
     // Partition the primary away, then keep writing on it.
     let cut = Instant::now();
@@ -210,7 +100,7 @@ fn scenario(on_no_quorum: &str) {
     // reports A (a grace period after T noticed the loss).
     let promoted_ms;
     loop {
-        let reply = b.cmd("primary");
+        let reply = b.cmd("primary", REPLY);
         if reply == "ok" {
             promoted_ms = cut.elapsed().as_millis();
             break;
@@ -230,8 +120,8 @@ fn scenario(on_no_quorum: &str) {
     assert!(a_log.contains("QuorumChanged(false)"), "a never reported quorum lost:\n{a_log}");
     assert_eq!(field(&b.status(), "quorum"), "yes", "b keeps quorum through the tiebreaker");
     // Every write A acknowledged is on B.
-    b.ok("check 0 256 1");
-    b.ok("write 512 64 3");
+    b.ok("check 0 256 1", REPLY);
+    b.ok("write 512 64 3", REPLY);
     // Nothing more from A while apart (suspend-io: pending; io-error: failed).
     while let Some(line) = a.try_next_line(Duration::from_millis(500)) {
         if line.starts_with("acked") {
@@ -271,14 +161,14 @@ fn scenario(on_no_quorum: &str) {
         }
     }
     let stepped_down_ms = healed.elapsed().as_millis();
-    b.ok("wait-synced 30000");
-    a.ok("wait-synced 30000");
+    b.ok("wait-synced 30000", REPLY);
+    a.ok("wait-synced 30000", REPLY);
     let synced_ms = healed.elapsed().as_millis();
     let status = a.status();
     assert_eq!(field(&status, "role"), "Secondary", "a stepped down: {status}");
     assert_eq!(field(&status, "disk"), "UpToDate", "{status}");
     for r in [&mut a, &mut b, &mut t] {
-        r.stop();
+        r.kill9();
     }
     let a_image = std::fs::read(dir.path().join("a.img")).expect("a image");
     let b_image = std::fs::read(dir.path().join("b.img")).expect("b image");

@@ -13,168 +13,13 @@
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_replication -- --nocapture`
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tests::replica::{Replica, loopback_pair as pair};
+
 const BLOCK: u64 = 4096;
-
-/// One `tandem-replica` process driven through its stdin/stdout line protocol.
-struct Replica {
-    name: String,
-    child: Option<Child>,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
-
-struct Node {
-    id: u8,
-    port: u16,
-    peer_id: u8,
-    peer_port: u16,
-    backing: PathBuf,
-    meta: PathBuf,
-    size_bytes: u64,
-}
-
-impl Replica {
-    fn start(name: &str, node: &Node, dir: &Path) -> Replica {
-        Replica::start_with(name, node, dir, &[])
-    }
-
-    fn start_with(name: &str, node: &Node, dir: &Path, extra: &[&str]) -> Replica {
-        let log = dir.join(format!("{name}.log"));
-        let stderr =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut child = Command::new(tests::binary("tandem-replica"))
-            .args(["--node-id", &node.id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", node.port)])
-            .args(["--peer", &format!("{}=127.0.0.1:{}", node.peer_id, node.peer_port)])
-            .arg("--backing")
-            .arg(&node.backing)
-            .arg("--meta")
-            .arg(&node.meta)
-            .args(["--size-bytes", &node.size_bytes.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("starting tandem-replica");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
-        let ready = replica.next_line(Duration::from_secs(20));
-        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-        replica
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-    }
-
-    /// Sends a command and returns its one reply line.
-    fn cmd(&mut self, line: &str, timeout: Duration) -> String {
-        self.send(line);
-        self.next_line(timeout)
-    }
-
-    fn ok(&mut self, line: &str, timeout: Duration) -> String {
-        let reply = self.cmd(line, timeout);
-        assert!(
-            reply.starts_with("ok"),
-            "{}: `{line}` answered `{reply}`\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
-        reply
-    }
-
-    fn status_field(&mut self, field: &str) -> u64 {
-        let status = self.cmd("status", Duration::from_secs(5));
-        let value = status
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name));
-        value.parse().unwrap_or_else(|_| panic!("{field}={value} is not a number"))
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let pid = i32::try_from(child.id()).expect("pid fits i32");
-            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet, so the
-            // pid cannot have been reused by another process.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
-            let _ = child.wait();
-        }
-    }
-
-    /// Promotes, retrying while the peer's death has not been noticed yet.
-    fn promote(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let reply = self.cmd("primary", Duration::from_secs(5));
-            if reply == "ok" {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: promotion kept failing: {reply}", self.name);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-        self.kill9();
-    }
-}
-
-fn pair(dir: &Path, size_bytes: u64) -> (Node, Node) {
-    let (pa, pb) = (tests::free_port(), tests::free_port());
-    let node = |id: u8, port: u16, peer_id: u8, peer_port: u16, name: &str| Node {
-        id,
-        port,
-        peer_id,
-        peer_port,
-        backing: dir.join(format!("{name}.img")),
-        meta: dir.join(format!("{name}.md")),
-        size_bytes,
-    };
-    (node(0, pa, 1, pb, "a"), node(1, pb, 0, pa, "b"))
-}
 
 #[test]
 fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_dirty_blocks() {
@@ -182,8 +27,8 @@ fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_di
     let dir = tempfile::tempdir().expect("temp dir");
     let size_bytes = 64 * 1024 * 1024;
     let (node_a, node_b) = pair(dir.path(), size_bytes);
-    let mut a = Replica::start("a", &node_a, dir.path());
-    let mut b = Replica::start("b", &node_b, dir.path());
+    let mut a = Replica::start("a", &node_a, dir.path(), &[]);
+    let mut b = Replica::start("b", &node_b, dir.path(), &[]);
     let long = Duration::from_secs(30);
 
     // A fresh, all-zero pair: no initial sync needed.
@@ -232,7 +77,7 @@ fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_di
 
     // The new primary writes 100 blocks while the old one is down.
     b.ok("write 10000 100 2", long);
-    let mut a = Replica::start("a2", &node_a, dir.path());
+    let mut a = Replica::start("a2", &node_a, dir.path(), &[]);
     b.ok("wait-synced 60000", long);
     let received = a.status_field("resync_received");
     // What travels: the new primary's 100 blocks plus the crashed primary's hot activity-log
@@ -258,7 +103,7 @@ fn kill9_primary_then_promote_keeps_every_acknowledged_write_and_resyncs_only_di
     std::thread::sleep(Duration::from_millis(500)); // every write confirmed stable by a barrier
     b.kill9();
     a.ok("write 12000 200 3", long);
-    let mut b = Replica::start("b2", &node_b, dir.path());
+    let mut b = Replica::start("b2", &node_b, dir.path(), &[]);
     a.ok("wait-synced 60000", long);
     let received = b.status_field("resync_received");
     let sent = a.status_field("resync_sent");
@@ -278,8 +123,8 @@ fn one_gib_bitmap_resync_throughput() {
     let dir = tempfile::tempdir().expect("temp dir");
     let size_bytes = 1024 * 1024 * 1024;
     let (node_a, node_b) = pair(dir.path(), size_bytes);
-    let mut a = Replica::start("a", &node_a, dir.path());
-    let mut b = Replica::start("b", &node_b, dir.path());
+    let mut a = Replica::start("a", &node_a, dir.path(), &[]);
+    let mut b = Replica::start("b", &node_b, dir.path(), &[]);
     let long = Duration::from_secs(300);
     a.ok("wait-connected 20000", long);
     let start = Instant::now();
@@ -336,8 +181,8 @@ fn fence_peer_handler_freezes_writes_until_it_outdates_the_peer() {
     assert!(status.success());
     let handler_text = handler.display().to_string();
     let fencing = ["--fencing", "resource-only", "--fence-peer", &handler_text, "--resource", "r7"];
-    let mut a = Replica::start_with("a", &node_a, dir.path(), &fencing);
-    let mut b = Replica::start("b", &node_b, dir.path());
+    let mut a = Replica::start("a", &node_a, dir.path(), &fencing);
+    let mut b = Replica::start("b", &node_b, dir.path(), &[]);
     let long = Duration::from_secs(30);
     a.ok("wait-connected 20000", long);
     a.ok("new-current-uuid", long);
@@ -350,9 +195,8 @@ fn fence_peer_handler_freezes_writes_until_it_outdates_the_peer() {
     a.send("write 100 5 2");
     assert!(wait_for_file(&calls, Duration::from_secs(10)), "the fence-peer handler never ran");
     // Frozen: the write is not acknowledged while the handler has not answered.
-    match a.lines.recv_timeout(Duration::from_millis(1500)) {
-        Err(RecvTimeoutError::Timeout) => {}
-        other => panic!("a write completed while the fence handler was running: {other:?}"),
+    if let Some(line) = a.try_next_line(Duration::from_millis(1500)) {
+        panic!("a write completed while the fence handler was running: {line:?}");
     }
     let env = std::fs::read_to_string(dir.path().join("fence-env")).expect("handler env");
     for expected in [

@@ -20,179 +20,26 @@
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_splitbrain -- --nocapture`
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
+
+use tests::replica::{Node, Replica, loopback_pair};
 
 const LONG: Duration = Duration::from_secs(30);
 
-/// One `tandem-replica` process driven through its stdin/stdout line protocol.
-struct Replica {
-    name: String,
-    child: Option<Child>,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
+/// `check` needs the primary role (reads are served by a primary).
+fn check_as_primary(replica: &mut Replica, ranges: &[(u64, u64, u64)]) {
+    replica.promote();
+    for (first, count, generation) in ranges {
+        let reply = replica.cmd(&format!("check {first} {count} {generation}"), LONG);
+        assert_eq!(reply, "ok", "{}: blocks {first}+{count} gen {generation}", replica.name());
+    }
+    replica.ok("secondary", LONG);
 }
 
-struct Node {
-    id: u8,
-    port: u16,
-    peer_id: u8,
-    peer_port: u16,
-    backing: PathBuf,
-    meta: PathBuf,
-}
-
-impl Replica {
-    fn start(name: &str, node: &Node, dir: &Path, extra: &[&str]) -> Replica {
-        let log = dir.join(format!("{name}.log"));
-        let stderr =
-            std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let mut child = Command::new(tests::binary("tandem-replica"))
-            .args(["--node-id", &node.id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", node.port)])
-            .args(["--peer", &format!("{}=127.0.0.1:{}", node.peer_id, node.peer_port)])
-            .arg("--backing")
-            .arg(&node.backing)
-            .arg("--meta")
-            .arg(&node.meta)
-            .args(["--size-bytes", &(16 * 1024 * 1024).to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("starting tandem-replica");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut replica = Replica { name: name.to_owned(), child: Some(child), stdin, lines, log };
-        let ready = replica.next_line(Duration::from_secs(20));
-        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-        replica
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-        self.next_line(LONG)
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        let reply = self.cmd(line);
-        assert!(
-            reply.starts_with("ok"),
-            "{}: `{line}` answered `{reply}`\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
-        reply
-    }
-
-    fn status(&mut self) -> String {
-        self.cmd("status")
-    }
-
-    fn field(&mut self, field: &str) -> u64 {
-        let status = self.status();
-        let value = status
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name));
-        value.parse().unwrap_or_else(|_| panic!("{field}={value} is not a number"))
-    }
-
-    /// Polls `status` until it contains every needle.
-    fn wait_status(&mut self, needles: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if needles.iter().all(|n| status.contains(n)) {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: status never showed {needles:?}; last: {status}\nlog:\n{}",
-                self.name,
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Promotes, retrying until the peer's demotion has reached us.
-    fn promote(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let reply = self.cmd("primary");
-            if reply == "ok" {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{}: promotion kept failing: {reply}", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `check` needs the primary role (reads are served by a primary).
-    fn check_as_primary(&mut self, ranges: &[(u64, u64, u64)]) {
-        self.promote();
-        for (first, count, generation) in ranges {
-            let reply = self.cmd(&format!("check {first} {count} {generation}"));
-            assert_eq!(reply, "ok", "{}: blocks {first}+{count} gen {generation}", self.name);
-        }
-        self.ok("secondary");
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
+/// The pair on loopback, 16 MiB each.
 fn pair(dir: &Path) -> (Node, Node) {
-    let (pa, pb) = (tests::free_port(), tests::free_port());
-    let node = |id: u8, port: u16, peer_id: u8, peer_port: u16, name: &str| Node {
-        id,
-        port,
-        peer_id,
-        peer_port,
-        backing: dir.join(format!("{name}.img")),
-        meta: dir.join(format!("{name}.md")),
-    };
-    (node(0, pa, 1, pb, "a"), node(1, pb, 0, pa, "b"))
+    loopback_pair(dir, 16 * 1024 * 1024)
 }
 
 /// Who keeps its data after the reconnect.
@@ -213,49 +60,49 @@ fn split_brain_case(policy: &str, b_writes: bool, expect: Expect) -> u64 {
     let flags = ["--after-sb-0pri", policy];
     let mut a = Replica::start("a", &node_a, dir.path(), &flags);
     let mut b = Replica::start("b", &node_b, dir.path(), &flags);
-    a.ok("wait-connected 20000");
-    a.ok("new-current-uuid");
-    a.ok("primary");
-    a.ok("write 0 64 1");
-    a.ok("flush");
-    b.ok("wait-synced 20000");
+    a.ok("wait-connected 20000", LONG);
+    a.ok("new-current-uuid", LONG);
+    a.ok("primary", LONG);
+    a.ok("write 0 64 1", LONG);
+    a.ok("flush", LONG);
+    b.ok("wait-synced 20000", LONG);
 
     // The split: each side leaves the other (StandAlone), then both write apart.
-    a.ok("disconnect 1");
-    b.ok("disconnect 0");
-    a.ok("write 0 30 2");
-    a.ok("secondary");
+    a.ok("disconnect 1", LONG);
+    b.ok("disconnect 0", LONG);
+    a.ok("write 0 30 2", LONG);
+    a.ok("secondary", LONG);
     if b_writes {
         b.promote();
-        b.ok("write 40 10 3");
-        b.ok("secondary");
+        b.ok("write 40 10 3", LONG);
+        b.ok("secondary", LONG);
     }
-    a.ok("connect 1");
-    b.ok("connect 0");
+    a.ok("connect 1", LONG);
+    b.ok("connect 0", LONG);
 
     let (victim_received, survivor_sent) = match expect {
         Expect::StandAlone => {
-            a.wait_status(&["peer1=StandAlone", "split_brain=true"], LONG);
-            b.wait_status(&["peer0=StandAlone", "split_brain=true"], LONG);
+            a.wait_status_containing(&["peer1=StandAlone", "split_brain=true"], LONG);
+            b.wait_status_containing(&["peer0=StandAlone", "split_brain=true"], LONG);
             // It stays so: nothing is merged behind the operator's back.
             std::thread::sleep(Duration::from_millis(500));
-            a.wait_status(&["peer1=StandAlone"], LONG);
+            a.wait_status_containing(&["peer1=StandAlone"], LONG);
             // Manual recovery: b discards its changes.
-            b.ok("connect 0 --discard-my-data");
-            a.ok("connect 1");
-            b.ok("wait-synced 20000");
-            a.ok("wait-synced 20000");
-            (b.field("resync_received"), a.field("resync_sent"))
+            b.ok("connect 0 --discard-my-data", LONG);
+            a.ok("connect 1", LONG);
+            b.ok("wait-synced 20000", LONG);
+            a.ok("wait-synced 20000", LONG);
+            (b.status_field("resync_received"), a.status_field("resync_sent"))
         }
         Expect::PlainResync | Expect::Victim('b') => {
-            b.ok("wait-synced 20000");
-            a.ok("wait-synced 20000");
-            (b.field("resync_received"), a.field("resync_sent"))
+            b.ok("wait-synced 20000", LONG);
+            a.ok("wait-synced 20000", LONG);
+            (b.status_field("resync_received"), a.status_field("resync_sent"))
         }
         Expect::Victim(_) => {
-            a.ok("wait-synced 20000");
-            b.ok("wait-synced 20000");
-            (a.field("resync_received"), b.field("resync_sent"))
+            a.ok("wait-synced 20000", LONG);
+            b.ok("wait-synced 20000", LONG);
+            (a.status_field("resync_received"), b.status_field("resync_sent"))
         }
     };
     assert_eq!(victim_received, survivor_sent, "{policy}: blocks sent and received differ");
@@ -264,8 +111,8 @@ fn split_brain_case(policy: &str, b_writes: bool, expect: Expect) -> u64 {
         Expect::Victim('a') => vec![(0, 30, 1), (30, 10, 1), (40, 10, 3), (50, 14, 1)],
         _ => vec![(0, 30, 2), (30, 34, 1)],
     };
-    a.check_as_primary(&survivor_view);
-    b.check_as_primary(&survivor_view);
+    check_as_primary(&mut a, &survivor_view);
+    check_as_primary(&mut b, &survivor_view);
     let a_log = a.log_text();
     let resolved = a_log.contains("SplitBrainResolved");
     assert_eq!(resolved, matches!(expect, Expect::Victim(_)), "{policy}: log:\n{a_log}");
@@ -304,7 +151,7 @@ fn a_wrong_shared_secret_never_connects() {
     let wrong = ["--cram-hmac-alg", "sha256", "--shared-secret", "battery staple"];
     let mut a = Replica::start("a", &node_a, dir.path(), &right);
     let mut b = Replica::start("b", &node_b, dir.path(), &wrong);
-    let reply = a.cmd("wait-connected 3000");
+    let reply = a.cmd("wait-connected 3000", LONG);
     assert!(!reply.starts_with("ok"), "connected with a wrong secret: {reply}");
     let status = a.status();
     assert!(status.contains("peer1=Connecting/Off/DUnknown"), "{status}");
@@ -314,19 +161,19 @@ fn a_wrong_shared_secret_never_connects() {
     for replica in [&a, &b] {
         let log = replica.log_text();
         let refusals = log.matches("peer authentication failed").count();
-        assert!(refusals >= 2, "{}: {refusals} refusals logged:\n{log}", replica.name);
+        assert!(refusals >= 2, "{}: {refusals} refusals logged:\n{log}", replica.name());
     }
     assert!(a.log_text().contains("shared-secret differs"), "{}", a.log_text());
     // No secret at all is refused too (a mismatch of cram-hmac-alg).
     drop(b);
     let b = Replica::start("b-none", &node_b, dir.path(), &[]);
-    let reply = a.cmd("wait-connected 2000");
+    let reply = a.cmd("wait-connected 2000", LONG);
     assert!(!reply.starts_with("ok"), "connected without a secret: {reply}");
     assert!(b.log_text().contains("algorithms differ"), "{}", b.log_text());
     // The right secret connects.
     drop(b);
     let mut b = Replica::start("b-right", &node_b, dir.path(), &right);
-    a.ok("wait-connected 20000");
-    a.ok("new-current-uuid");
-    b.ok("wait-synced 20000");
+    a.ok("wait-connected 20000", LONG);
+    a.ok("new-current-uuid", LONG);
+    b.ok("wait-synced 20000", LONG);
 }

@@ -12,111 +12,31 @@
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_verify -- --nocapture`
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
+
+use tests::replica::{Node, Replica};
 
 const BLOCK: u64 = 4096;
 const SIZE_BYTES: u64 = 64 * 1024 * 1024;
 
-/// One `tandem-replica` process driven through its stdin/stdout line protocol.
-struct Replica {
-    name: String,
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<String>,
-    log: PathBuf,
-}
+/// How long a command may take to answer (a verify of the whole device runs in one).
+const REPLY: Duration = Duration::from_secs(120);
 
-impl Replica {
-    fn start(name: &str, id: u8, ports: (u16, u16), dir: &Path, extra: &[&str]) -> Replica {
-        let log = dir.join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let mut child = Command::new(tests::binary("tandem-replica"))
-            .args(["--node-id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{}", ports.0)])
-            .args(["--peer", &format!("{}=127.0.0.1:{}", 1 - id, ports.1)])
-            .arg("--backing")
-            .arg(dir.join(format!("{name}.img")))
-            .arg("--meta")
-            .arg(dir.join(format!("{name}.tmeta")))
-            .args(["--size-bytes", &SIZE_BYTES.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("starting tandem-replica");
-        let stdin = child.stdin.take().expect("piped stdin");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut replica = Replica { name: name.to_owned(), child, stdin, lines, log };
-        let ready = replica.next_line(Duration::from_secs(20));
-        assert_eq!(ready, "ready", "{name} did not start:\n{}", replica.log_text());
-        replica
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn next_line(&mut self, timeout: Duration) -> String {
-        match self.lines.recv_timeout(timeout) {
-            Ok(line) => line,
-            Err(RecvTimeoutError::Timeout) => panic!("{}: no reply within {timeout:?}", self.name),
-            Err(RecvTimeoutError::Disconnected) => {
-                panic!("{}: exited; log:\n{}", self.name, self.log_text())
-            }
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").expect("writing a command");
-        self.stdin.flush().expect("flushing a command");
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        self.send(line);
-        let reply = self.next_line(Duration::from_secs(120));
-        assert!(
-            reply.starts_with("ok"),
-            "{}: `{line}` answered `{reply}`\nlog:\n{}",
-            self.name,
-            self.log_text()
-        );
-        reply
-    }
-
-    fn status_field(&mut self, field: &str) -> u64 {
-        self.send("status");
-        let status = self.next_line(Duration::from_secs(5));
-        let value = status
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{field}=")))
-            .unwrap_or_else(|| panic!("{}: no {field} in `{status}`", self.name));
-        value.parse().unwrap_or_else(|_| panic!("{field}={value} is not a number"))
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- {} log ---\n{}", self.name, self.log_text());
-        }
-    }
+/// Node `id` of two on loopback, listening on `ports.0`, its peer on `ports.1`.
+fn start(name: &str, id: u8, ports: (u16, u16), dir: &Path, extra: &[&str]) -> Replica {
+    let node = Node {
+        id,
+        port: ports.0,
+        peer_id: 1 - id,
+        peer_port: ports.1,
+        backing: dir.join(format!("{name}.img")),
+        meta: dir.join(format!("{name}.tmeta")),
+        size_bytes: SIZE_BYTES,
+    };
+    Replica::start(name, &node, dir, extra)
 }
 
 /// What `wait-verified` printed: (out-of-sync count, reported blocks, skipped blocks).
@@ -147,12 +67,12 @@ fn read_file(path: &Path) -> Vec<u8> {
 /// A connected pair with identical (zero) data, `a` primary.
 fn pair(dir: &Path, extra_a: &[&str], extra_b: &[&str]) -> (Replica, Replica) {
     let (pa, pb) = (tests::free_port(), tests::free_port());
-    let a = Replica::start("a", 0, (pa, pb), dir, extra_a);
-    let b = Replica::start("b", 1, (pb, pa), dir, extra_b);
+    let a = start("a", 0, (pa, pb), dir, extra_a);
+    let b = start("b", 1, (pb, pa), dir, extra_b);
     let (mut a, b) = (a, b);
-    a.ok("wait-connected 20000");
-    a.ok("new-current-uuid");
-    a.ok("primary");
+    a.ok("wait-connected 20000", REPLY);
+    a.ok("new-current-uuid", REPLY);
+    a.ok("primary", REPLY);
     (a, b)
 }
 
@@ -162,8 +82,8 @@ fn verify_reports_exactly_the_flipped_blocks_and_a_checksum_resync_repairs_them(
     let dir = tempfile::tempdir().expect("temp dir");
     let algs = ["--verify-alg", "sha256", "--csums-alg", "crc32c"];
     let (mut a, mut b) = pair(dir.path(), &algs, &algs);
-    a.ok("write 0 3000 1");
-    a.ok("flush");
+    a.ok("write 0 3000 1", REPLY);
+    a.ok("flush", REPLY);
 
     // Behind the secondary's back: one byte in each of these blocks of its backing file.
     let flipped: BTreeSet<u64> = [0, 5, 1234, 2999, 9000, 16383].into_iter().collect();
@@ -181,8 +101,8 @@ fn verify_reports_exactly_the_flipped_blocks_and_a_checksum_resync_repairs_them(
     file.sync_all().unwrap();
     drop(file);
 
-    a.ok("verify 1");
-    let reply = a.ok("wait-verified 60000");
+    a.ok("verify 1", REPLY);
+    let reply = a.ok("wait-verified 60000", REPLY);
     println!("verify after flipping {} blocks: {reply}", flipped.len());
     let (found, reported, skipped) = verify_result(&reply);
     assert_eq!(reported, flipped, "verify reports exactly the flipped blocks: {reply}");
@@ -191,20 +111,20 @@ fn verify_reports_exactly_the_flipped_blocks_and_a_checksum_resync_repairs_them(
     assert_eq!(a.status_field("oos"), flipped.len() as u64);
 
     // drbdadm disconnect + connect: the side with the bits resyncs just those, by checksum.
-    a.ok("disconnect 1");
-    a.ok("connect 1");
-    a.ok("wait-synced 60000");
-    b.ok("wait-synced 60000");
+    a.ok("disconnect 1", REPLY);
+    a.ok("connect 1", REPLY);
+    a.ok("wait-synced 60000", REPLY);
+    b.ok("wait-synced 60000", REPLY);
     assert_eq!(b.status_field("resync_received"), flipped.len() as u64, "just those blocks");
-    a.ok("flush");
+    a.ok("flush", REPLY);
     assert!(read_file(&dir.path().join("a.img")) == read_file(&image), "images identical");
 
-    a.ok("verify 1");
-    let (found, reported, _) = verify_result(&a.ok("wait-verified 60000"));
+    a.ok("verify 1", REPLY);
+    let (found, reported, _) = verify_result(&a.ok("wait-verified 60000", REPLY));
     assert_eq!((found, reported.len()), (0, 0), "nothing differs after the resync");
     // And from the other side (VerifyS on the secondary).
-    b.ok("verify 0");
-    let (found, _, _) = verify_result(&b.ok("wait-verified 60000"));
+    b.ok("verify 0", REPLY);
+    let (found, _, _) = verify_result(&b.ok("wait-verified 60000", REPLY));
     assert_eq!(found, 0);
 }
 
@@ -216,7 +136,7 @@ fn verify_under_a_write_stream_reports_no_false_differences() {
     let a_args = ["--verify-alg", "crc32c"];
     let b_args = ["--verify-alg", "crc32c", "--resync-rate-kib", "8192"];
     let (mut a, mut b) = pair(dir.path(), &a_args, &b_args);
-    b.ok("verify 0");
+    b.ok("verify 0", REPLY);
     // Sequential writes over the whole device at queue depth 8, twice, while b compares.
     for generation in [1, 2] {
         a.send(&format!("stream 0 16384 {generation} 8"));
@@ -228,12 +148,12 @@ fn verify_under_a_write_stream_reports_no_false_differences() {
             assert!(line.starts_with("acked "), "unexpected stream output `{line}`");
         }
     }
-    let reply = b.ok("wait-verified 60000");
+    let reply = b.ok("wait-verified 60000", REPLY);
     println!("verify under writes: {reply}");
     let (found, reported, skipped) = verify_result(&reply);
     assert_eq!((found, reported.len()), (0, 0), "no false differences: {reply}");
     assert!(skipped < 16384, "most blocks were compared: {reply}");
-    a.ok("check 0 16384 2");
+    a.ok("check 0 16384 2", REPLY);
 }
 
 /// `tandemadm verify` on two tandemd: the status tree shows `replication:VerifyS ...

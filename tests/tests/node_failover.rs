@@ -4,121 +4,23 @@
 //! secondary, and split brain shown and resolved.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::clients::{output_text, qemu_io};
+use tests::storage_pair::{PairOptions, StoragePair};
 use tests::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
 
 const VOLUME_BYTES: u64 = 64 * 1024 * 1024;
 const CHUNK_BYTES: u64 = 64 * 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct NodeSpec {
-    name: &'static str,
-    replication_port: u16,
-    portal: SocketAddr,
-    socket: PathBuf,
-    state: PathBuf,
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    nodes: [NodeSpec; 2],
-}
-
-impl Cluster {
-    fn new() -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let node = |name: &'static str| NodeSpec {
-            name,
-            replication_port: free_port(),
-            portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            socket: dir.path().join(format!("{name}.sock")),
-            state: dir.path().join(format!("state-{name}")),
-        };
-        let nodes = [node("alpha"), node("beta")];
-        let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
-        for (id, n) in nodes.iter().enumerate() {
-            let disk = dir.path().join(format!("{}.img", n.name));
-            sparse_file(&disk, VOLUME_BYTES);
-            text.push_str(&format!(
-                "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
-                 device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
-                n.name,
-                n.replication_port,
-                disk.display()
-            ));
-        }
-        text.push_str("}\n");
-        let config = dir.path().join("r0.res");
-        std::fs::write(&config, text).expect("writing r0.res");
-        Cluster { dir, config, nodes }
-    }
-
-    fn start(&self, index: usize) -> Daemon {
-        let n = &self.nodes[index];
-        let mut command = Command::new(binary("tandemd"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--node", n.name, "--portal", &n.portal.to_string()])
-            .arg("--control-socket")
-            .arg(&n.socket)
-            .arg("--state-dir")
-            .arg(&n.state);
-        let mut daemon = Daemon::spawn(n.name, command);
-        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-        daemon
-    }
-
-    fn adm(&self, index: usize, args: &[&str]) -> Output {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_with_timeout(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn adm_ok(&self, index: usize, args: &[&str]) -> String {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_ok(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn url(&self, index: usize) -> String {
-        format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", self.nodes[index].portal)
-    }
-
-    /// create-md + up on both, wait for the connection, skip the initial sync, promote `primary`.
-    fn bring_up(&self, primary: usize) {
-        for i in 0..2 {
-            self.adm_ok(i, &["create-md", "r0"]);
-            self.adm_ok(i, &["up", "r0"]);
-        }
-        self.adm_ok(primary, &["wait-connect", "--timeout", "20", "r0"]);
-        self.adm_ok(primary, &["new-current-uuid", "--clear-bitmap", "r0"]);
-        self.adm_ok(primary, &["wait-sync", "--timeout", "20", "r0"]);
-        self.adm_ok(primary, &["primary", "r0"]);
-    }
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn qemu_io(url: &str, commands: &[String]) -> Output {
-    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-    let mut command = Command::new(qemu_io);
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.arg("-c").arg(c);
-    }
-    command.arg(url);
-    run_with_timeout(&mut command, Duration::from_secs(120))
+/// The pair this file tests: no forward links (node_multipath covers them).
+fn new_cluster() -> StoragePair {
+    StoragePair::with_options(PairOptions {
+        volume_bytes: VOLUME_BYTES,
+        forward_links: false,
+        ..PairOptions::default()
+    })
 }
 
 fn pattern_of(chunk: u64, generation: u64) -> u64 {
@@ -131,7 +33,7 @@ fn value_of(line: &str, key: &str) -> Option<u64> {
 
 #[test]
 fn tandemadm_drives_two_nodes() {
-    let cluster = Cluster::new();
+    let cluster = new_cluster();
     if let Some(drbdadm) = tests::find_in_path("drbdadm") {
         let output = run_with_timeout(
             Command::new(&drbdadm)
@@ -141,7 +43,11 @@ fn tandemadm_drives_two_nodes() {
                 .args(["dump", "all"]),
             COMMAND_TIMEOUT,
         );
-        assert!(output.status.success(), "drbdadm refuses the test's file: {}", text(&output));
+        assert!(
+            output.status.success(),
+            "drbdadm refuses the test's file: {}",
+            output_text(&output)
+        );
         // tandemadm -c FILE dump reads the file itself (no daemon); drbdadm accepts the result.
         let dumped = run_ok(
             Command::new(binary("tandemadm")).arg("-c").arg(&cluster.config).args(["dump", "all"]),
@@ -160,15 +66,15 @@ fn tandemadm_drives_two_nodes() {
         assert!(
             output.status.success(),
             "drbdadm refuses tandemadm's dump: {}\n{dumped}",
-            text(&output)
+            output_text(&output)
         );
     }
     let _alpha = cluster.start(0);
     let _beta = cluster.start(1);
 
-    let refused = cluster.adm(0, &["up", "r0"]);
-    assert_eq!(refused.status.code(), Some(10), "up without metadata: {}", text(&refused));
-    assert!(text(&refused).contains("tandemadm create-md r0"), "{}", text(&refused));
+    let refused = cluster.adm_output(0, &["up", "r0"]);
+    assert_eq!(refused.status.code(), Some(10), "up without metadata: {}", output_text(&refused));
+    assert!(output_text(&refused).contains("tandemadm create-md r0"), "{}", output_text(&refused));
 
     cluster.bring_up(0);
     // The metadata is DRBD 9's v09 layout at the end of the disk: drbdmeta reads it.
@@ -184,16 +90,16 @@ fn tandemadm_drives_two_nodes() {
             assert!(dump.contains(&format!("node-id {index};")), "drbdmeta dump-md:\n{dump}");
         }
     }
-    assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Primary\n");
-    assert_eq!(cluster.adm_ok(0, &["cstate", "r0"]), "Connected\n");
-    assert_eq!(cluster.adm_ok(0, &["dstate", "r0"]), "UpToDate/UpToDate\n");
-    let status = cluster.adm_ok(0, &["status", "r0"]);
+    assert_eq!(cluster.adm(0, &["role", "r0"]), "Primary\n");
+    assert_eq!(cluster.adm(0, &["cstate", "r0"]), "Connected\n");
+    assert_eq!(cluster.adm(0, &["dstate", "r0"]), "UpToDate/UpToDate\n");
+    let status = cluster.adm(0, &["status", "r0"]);
     assert_eq!(
         status,
         "r0 role:Primary\n  disk:UpToDate\n  beta role:Secondary\n    peer-disk:UpToDate\n\n"
     );
     println!("tandemadm status on alpha:\n{status}");
-    let status = cluster.adm_ok(1, &["status"]);
+    let status = cluster.adm(1, &["status"]);
     assert_eq!(
         status,
         "r0 role:Secondary\n  disk:UpToDate\n  alpha role:Primary\n    peer-disk:UpToDate\n\n",
@@ -202,8 +108,8 @@ fn tandemadm_drives_two_nodes() {
 
     // A waiting tandemadm does not block verbs on the same resource: wait-connect on a
     // disconnected beta returns once `connect` (from another tandemadm) got through.
-    cluster.adm_ok(1, &["disconnect", "r0"]);
-    assert_eq!(cluster.adm_ok(1, &["cstate", "r0"]), "StandAlone\n");
+    cluster.adm(1, &["disconnect", "r0"]);
+    assert_eq!(cluster.adm(1, &["cstate", "r0"]), "StandAlone\n");
     let mut waiter = Command::new(binary("tandemadm"))
         .arg("-s")
         .arg(&cluster.nodes[1].socket)
@@ -212,15 +118,19 @@ fn tandemadm_drives_two_nodes() {
         .spawn()
         .expect("wait-connect");
     std::thread::sleep(Duration::from_millis(200));
-    cluster.adm_ok(1, &["connect", "r0"]);
+    cluster.adm(1, &["connect", "r0"]);
     let waited = waiter.wait().expect("wait-connect exits");
     assert!(waited.success(), "wait-connect: {waited}");
-    cluster.adm_ok(0, &["wait-sync", "--timeout", "20", "r0"]);
-    let refused = cluster.adm(1, &["primary", "r0"]);
-    assert_eq!(refused.status.code(), Some(11), "{}", text(&refused));
-    assert!(text(&refused).contains("refusing to become primary"), "{}", text(&refused));
+    cluster.adm(0, &["wait-sync", "--timeout", "20", "r0"]);
+    let refused = cluster.adm_output(1, &["primary", "r0"]);
+    assert_eq!(refused.status.code(), Some(11), "{}", output_text(&refused));
+    assert!(
+        output_text(&refused).contains("refusing to become primary"),
+        "{}",
+        output_text(&refused)
+    );
 
-    let events = cluster.adm_ok(1, &["events2", "--now", "r0"]);
+    let events = cluster.adm(1, &["events2", "--now", "r0"]);
     let lines: Vec<&str> = events.lines().collect();
     assert!(lines[0].starts_with("exists resource name:r0 role:Secondary"), "{events}");
     assert!(
@@ -231,9 +141,9 @@ fn tandemadm_drives_two_nodes() {
     assert!(events.contains("exists peer-device name:r0 peer-node-id:0 conn-name:alpha volume:0 replication:Established peer-disk:UpToDate"));
     assert_eq!(lines.last(), Some(&"exists -"));
 
-    let usage = cluster.adm(0, &["frobnicate", "r0"]);
+    let usage = cluster.adm_output(0, &["frobnicate", "r0"]);
     assert_eq!(usage.status.code(), Some(3));
-    let unknown = cluster.adm(0, &["up", "nope"]);
+    let unknown = cluster.adm_output(0, &["up", "nope"]);
     assert_eq!(unknown.status.code(), Some(10));
 
     // Demote and promote the other way round, with an events2 stream watching beta.
@@ -256,8 +166,8 @@ fn tandemadm_drives_two_nodes() {
             }
         }
     });
-    cluster.adm_ok(0, &["secondary", "r0"]);
-    cluster.adm_ok(1, &["primary", "r0"]);
+    cluster.adm(0, &["secondary", "r0"]);
+    cluster.adm(1, &["primary", "r0"]);
     let wanted = "change resource name:r0 role:Primary may_promote:no";
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut seen = Vec::new();
@@ -276,35 +186,35 @@ fn tandemadm_drives_two_nodes() {
     );
 
     // adjust: nothing to do while the file is unchanged; a changed setting is named, not faked.
-    cluster.adm_ok(0, &["adjust", "r0"]);
+    cluster.adm(0, &["adjust", "r0"]);
     let text_before = std::fs::read_to_string(&cluster.config).expect("r0.res");
     std::fs::write(&cluster.config, text_before.replace("protocol C;", "protocol B;"))
         .expect("edit");
-    let adjust = cluster.adm(0, &["adjust", "r0"]);
-    assert_eq!(adjust.status.code(), Some(20), "{}", text(&adjust));
-    assert!(text(&adjust).contains("cannot apply new settings"), "{}", text(&adjust));
+    let adjust = cluster.adm_output(0, &["adjust", "r0"]);
+    assert_eq!(adjust.status.code(), Some(20), "{}", output_text(&adjust));
+    assert!(output_text(&adjust).contains("cannot apply new settings"), "{}", output_text(&adjust));
     std::fs::write(&cluster.config, text_before).expect("restore");
-    cluster.adm_ok(0, &["adjust", "r0"]);
+    cluster.adm(0, &["adjust", "r0"]);
 
-    assert_eq!(cluster.adm_ok(1, &["role", "r0"]), "Primary\n");
-    assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Secondary\n");
+    assert_eq!(cluster.adm(1, &["role", "r0"]), "Primary\n");
+    assert_eq!(cluster.adm(0, &["role", "r0"]), "Secondary\n");
 
     // create-md never overwrites metadata silently.
-    let again = cluster.adm(0, &["create-md", "r0"]);
-    assert_eq!(again.status.code(), Some(11), "{}", text(&again));
-    assert!(text(&again).contains("resource is up"), "{}", text(&again));
+    let again = cluster.adm_output(0, &["create-md", "r0"]);
+    assert_eq!(again.status.code(), Some(11), "{}", output_text(&again));
+    assert!(output_text(&again).contains("resource is up"), "{}", output_text(&again));
 
     // down: alpha leaves; beta (Primary) keeps serving and sees the peer gone.
-    cluster.adm_ok(0, &["down", "r0"]);
-    let gone = cluster.adm(0, &["status", "r0"]);
-    assert_eq!(gone.status.code(), Some(10), "{}", text(&gone));
-    assert_eq!(cluster.adm_ok(0, &["status"]), "", "status of everything lists what is up");
+    cluster.adm(0, &["down", "r0"]);
+    let gone = cluster.adm_output(0, &["status", "r0"]);
+    assert_eq!(gone.status.code(), Some(10), "{}", output_text(&gone));
+    assert_eq!(cluster.adm(0, &["status"]), "", "status of everything lists what is up");
     assert!(
         tests::wait_until(Duration::from_secs(10), || {
-            cluster.adm_ok(1, &["status", "r0"]).contains("alpha connection:Connecting")
+            cluster.adm(1, &["status", "r0"]).contains("alpha connection:Connecting")
         }),
         "{}",
-        cluster.adm_ok(1, &["status", "r0"])
+        cluster.adm(1, &["status", "r0"])
     );
 }
 
@@ -370,7 +280,7 @@ fn verify(url: &str, offsets: &[(u64, u64)]) {
             .map(|(offset, pattern)| format!("read -P {pattern} {offset} {CHUNK_BYTES}"))
             .collect();
         let output = qemu_io(url, &commands);
-        let out = text(&output);
+        let out = output_text(&output);
         assert!(
             !out.contains("Pattern verification failed") && !out.contains("failed"),
             "acknowledged data lost or wrong:\n{out}"
@@ -379,8 +289,8 @@ fn verify(url: &str, offsets: &[(u64, u64)]) {
     }
 }
 
-fn status_statistics(cluster: &Cluster, index: usize) -> String {
-    cluster.adm_ok(index, &["status", "--statistics", "r0"])
+fn status_statistics(cluster: &StoragePair, index: usize) -> String {
+    cluster.adm(index, &["status", "--statistics", "r0"])
 }
 
 /// Runs of the failover test (each with a fresh pair and its own kill point); the soak sets
@@ -416,7 +326,7 @@ fn failover_keeps_every_acknowledged_write_and_resyncs_only_changes() {
 }
 
 fn failover_run(stop_after: usize) {
-    let cluster = Cluster::new();
+    let cluster = new_cluster();
     let mut alpha = cluster.start(0);
     let _beta = cluster.start(1);
     cluster.bring_up(0);
@@ -436,7 +346,7 @@ fn failover_run(stop_after: usize) {
 
     // Promote beta; every acknowledged write must read back through beta's portal.
     let started = Instant::now();
-    cluster.adm_ok(1, &["primary", "r0"]);
+    cluster.adm(1, &["primary", "r0"]);
     println!("beta promoted {:?} after the kill was noticed", started.elapsed());
     let expected: Vec<(u64, u64)> =
         acked.iter().map(|o| (*o, pattern_of(o / CHUNK_BYTES, 1))).collect();
@@ -445,14 +355,14 @@ fn failover_run(stop_after: usize) {
     // New writes on beta while alpha is away: 2 MiB at 32 MiB.
     let new_region = 32 * 1024 * 1024;
     let out = qemu_io(&cluster.url(1), &[format!("write -P 77 {new_region} 2M")]);
-    assert!(text(&out).contains("wrote 2097152/2097152"), "{}", text(&out));
+    assert!(output_text(&out).contains("wrote 2097152/2097152"), "{}", output_text(&out));
 
     // Restart alpha: it comes back as Secondary and resyncs from beta.
     let _alpha = cluster.start(0);
     let before = Instant::now();
-    cluster.adm_ok(0, &["wait-sync", "--timeout", "60", "r0"]);
+    cluster.adm(0, &["wait-sync", "--timeout", "60", "r0"]);
     println!("alpha resynced in {:?}", before.elapsed());
-    assert_eq!(cluster.adm_ok(0, &["role", "r0"]), "Secondary\n");
+    assert_eq!(cluster.adm(0, &["role", "r0"]), "Secondary\n");
     let statistics = status_statistics(&cluster, 0);
     println!("tandemadm status --statistics on alpha after rejoining:\n{statistics}");
     let received_kib =
@@ -468,51 +378,55 @@ fn failover_run(stop_after: usize) {
     assert!(resync_blocks < VOLUME_BYTES / 4096 / 2, "a full sync is not 'only what changed'");
 
     // Switch back: alpha holds everything.
-    cluster.adm_ok(1, &["secondary", "r0"]);
-    cluster.adm_ok(0, &["primary", "r0"]);
+    cluster.adm(1, &["secondary", "r0"]);
+    cluster.adm(0, &["primary", "r0"]);
     verify(&cluster.url(0), &expected);
     let out = qemu_io(&cluster.url(0), &[format!("read -P 77 {new_region} 2M")]);
-    assert!(!text(&out).contains("failed"), "{}", text(&out));
+    assert!(!output_text(&out).contains("failed"), "{}", output_text(&out));
     drop(cluster.dir);
 }
 
 #[test]
 fn split_brain_is_shown_and_resolved_with_discard_my_data() {
     tests::require_slow!();
-    let cluster = Cluster::new();
+    let cluster = new_cluster();
     let _alpha = cluster.start(0);
     let _beta = cluster.start(1);
     cluster.bring_up(0);
-    cluster.adm_ok(0, &["disconnect", "r0"]);
-    cluster.adm_ok(1, &["disconnect", "r0"]);
-    cluster.adm_ok(1, &["primary", "r0"]);
-    let out = qemu_io(&cluster.url(0), &["write -P 11 0 1M".into()]);
-    assert!(text(&out).contains("wrote"), "{}", text(&out));
-    let out = qemu_io(&cluster.url(1), &["write -P 22 1M 1M".into()]);
-    assert!(text(&out).contains("wrote"), "{}", text(&out));
-    cluster.adm_ok(1, &["secondary", "r0"]);
-    cluster.adm_ok(0, &["connect", "r0"]);
-    cluster.adm_ok(1, &["connect", "r0"]);
+    cluster.adm(0, &["disconnect", "r0"]);
+    cluster.adm(1, &["disconnect", "r0"]);
+    cluster.adm(1, &["primary", "r0"]);
+    let out = qemu_io(&cluster.url(0), &["write -P 11 0 1M"]);
+    assert!(output_text(&out).contains("wrote"), "{}", output_text(&out));
+    let out = qemu_io(&cluster.url(1), &["write -P 22 1M 1M"]);
+    assert!(output_text(&out).contains("wrote"), "{}", output_text(&out));
+    cluster.adm(1, &["secondary", "r0"]);
+    cluster.adm(0, &["connect", "r0"]);
+    cluster.adm(1, &["connect", "r0"]);
     let split = tests::wait_until(Duration::from_secs(10), || {
-        cluster.adm_ok(1, &["status", "r0"]).contains("alpha connection:StandAlone")
+        cluster.adm(1, &["status", "r0"]).contains("alpha connection:StandAlone")
     });
-    let status = cluster.adm_ok(1, &["status", "r0"]);
+    let status = cluster.adm(1, &["status", "r0"]);
     println!("beta after split brain:\n{status}");
     assert!(split, "split brain must leave the connection StandAlone: {status}");
     // Resolve: beta's changes are thrown away.
-    cluster.adm_ok(1, &["connect", "--discard-my-data", "r0"]);
-    cluster.adm_ok(0, &["connect", "r0"]);
-    cluster.adm_ok(1, &["wait-sync", "--timeout", "30", "r0"]);
-    let status = cluster.adm_ok(0, &["status", "r0"]);
+    cluster.adm(1, &["connect", "--discard-my-data", "r0"]);
+    cluster.adm(0, &["connect", "r0"]);
+    cluster.adm(1, &["wait-sync", "--timeout", "30", "r0"]);
+    let status = cluster.adm(0, &["status", "r0"]);
     println!("alpha after resolution:\n{status}");
     assert_eq!(
         status,
         "r0 role:Primary\n  disk:UpToDate\n  beta role:Secondary\n    peer-disk:UpToDate\n\n"
     );
-    cluster.adm_ok(0, &["secondary", "r0"]);
-    cluster.adm_ok(1, &["primary", "r0"]);
-    let out = qemu_io(&cluster.url(1), &["read -P 11 0 1M".into(), "read -P 0 1M 1M".into()]);
-    assert!(!text(&out).contains("failed"), "beta must hold alpha's data only: {}", text(&out));
+    cluster.adm(0, &["secondary", "r0"]);
+    cluster.adm(1, &["primary", "r0"]);
+    let out = qemu_io(&cluster.url(1), &["read -P 11 0 1M", "read -P 0 1M 1M"]);
+    assert!(
+        !output_text(&out).contains("failed"),
+        "beta must hold alpha's data only: {}",
+        output_text(&out)
+    );
 }
 
 #[test]

@@ -3,124 +3,22 @@
 //! `drbdmeta ... internal dump-md` reads consistent generation UUIDs on both files; `up` again
 //! resyncs nothing, and a secondary that was down resyncs only what changed meanwhile.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
-use tests::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
+use tests::clients::{dump_md, qemu_io_ok};
+use tests::storage_pair::{PairOptions, StoragePair};
+use tests::{binary, run_ok, run_with_timeout};
 
 const VOLUME_BYTES: u64 = 64 * 1024 * 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-struct Node {
-    name: &'static str,
-    portal: SocketAddr,
-    socket: PathBuf,
-    state: PathBuf,
-    disk: PathBuf,
-}
-
-struct Pair {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    nodes: [Node; 2],
-}
-
-impl Pair {
-    fn new() -> Pair {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let node = |name: &'static str| Node {
-            name,
-            portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            socket: dir.path().join(format!("{name}.sock")),
-            state: dir.path().join(format!("state-{name}")),
-            disk: dir.path().join(format!("{name}.img")),
-        };
-        let nodes = [node("alpha"), node("beta")];
-        let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
-        for (id, n) in nodes.iter().enumerate() {
-            sparse_file(&n.disk, VOLUME_BYTES);
-            text.push_str(&format!(
-                "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
-                 device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
-                n.name,
-                free_port(),
-                n.disk.display()
-            ));
-        }
-        text.push_str("}\n");
-        let config = dir.path().join("r0.res");
-        std::fs::write(&config, text).expect("writing r0.res");
-        Pair { _dir: dir, config, nodes }
-    }
-
-    fn start(&self, index: usize) -> Daemon {
-        let n = &self.nodes[index];
-        let mut command = Command::new(binary("tandemd"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--node", n.name, "--portal", &n.portal.to_string()])
-            .arg("--control-socket")
-            .arg(&n.socket)
-            .arg("--state-dir")
-            .arg(&n.state);
-        let mut daemon = Daemon::spawn(n.name, command);
-        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-        daemon
-    }
-
-    fn adm(&self, index: usize, args: &[&str]) -> String {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_ok(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn url(&self, index: usize) -> String {
-        format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", self.nodes[index].portal)
-    }
-
-    /// KiB received by resync on `index` since its `up`.
-    fn resync_received_kib(&self, index: usize) -> u64 {
-        let statistics = self.adm(index, &["status", "--statistics", "r0"]);
-        statistics
-            .lines()
-            .find_map(|l| {
-                l.split_whitespace().find_map(|w| w.strip_prefix("received:")?.parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no received: counter in\n{statistics}"))
-    }
-}
-
-fn qemu_io(url: &str, commands: &[String]) -> String {
-    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-    let mut command = Command::new(qemu_io);
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.arg("-c").arg(c);
-    }
-    command.arg(url);
-    let output: Output = run_with_timeout(&mut command, Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success() && !text.contains("failed"), "qemu-io {commands:?}: {text}");
-    text
-}
-
-/// `drbdmeta --force - v09 DISK internal dump-md`.
-fn dump_md(disk: &Path) -> String {
-    let drbdmeta = tests::require_tool("drbdmeta", "drbd-utils");
-    run_ok(
-        Command::new(drbdmeta)
-            .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
-            .args(["--force", "-", "v09"])
-            .arg(disk)
-            .args(["internal", "dump-md"]),
-        COMMAND_TIMEOUT,
-    )
+/// The pair this file tests: no forward links, 64 MiB backing files.
+fn new_pair() -> StoragePair {
+    StoragePair::with_options(PairOptions {
+        volume_bytes: VOLUME_BYTES,
+        forward_links: false,
+        ..PairOptions::default()
+    })
 }
 
 fn field<'a>(dump: &'a str, key: &str) -> &'a str {
@@ -167,7 +65,7 @@ fn bits_set(dump: &str) -> u64 {
 #[test]
 fn internal_metadata_survives_down_up_without_a_full_resync() {
     tests::require_slow!();
-    let pair = Pair::new();
+    let pair = new_pair();
     let _alpha = pair.start(0);
     let _beta = pair.start(1);
     for i in 0..2 {
@@ -191,13 +89,13 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
     assert!(data_bytes < VOLUME_BYTES && data_bytes > VOLUME_BYTES - 1024 * 1024);
     // The device's last 128 KiB hold the replicated persistent-reservation state, not LUN data.
     let last = data_bytes - 128 * 1024 - 4096;
-    qemu_io(
+    qemu_io_ok(
         &pair.url(0),
         &[
-            "write -P 49 0 1M".into(),
-            "write -P 50 4M 1M".into(),
-            format!("write -P 51 {last} 4k"),
-            format!("read -P 51 {last} 4k"),
+            "write -P 49 0 1M",
+            "write -P 50 4M 1M",
+            &format!("write -P 51 {last} 4k"),
+            &format!("read -P 51 {last} 4k"),
         ],
     );
 
@@ -235,7 +133,7 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
     // The secondary goes down, 1 MiB changes on the primary; beta resyncs just that.
     pair.adm(0, &["primary", "r0"]);
     pair.adm(1, &["down", "r0"]);
-    qemu_io(&pair.url(0), &["write -P 52 8M 1M".into()]);
+    qemu_io_ok(&pair.url(0), &["write -P 52 8M 1M"]);
     let alpha_dump = dump_md(&pair.nodes[0].disk);
     assert_eq!(bits_set(&alpha_dump), 256, "alpha's bitmap for beta: 1 MiB of 4 KiB blocks");
     pair.adm(1, &["up", "r0"]);
@@ -248,13 +146,13 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
     // Everything reads back through beta once it is primary.
     pair.adm(0, &["secondary", "r0"]);
     pair.adm(1, &["primary", "r0"]);
-    qemu_io(
+    qemu_io_ok(
         &pair.url(1),
         &[
-            "read -P 49 0 1M".into(),
-            "read -P 50 4M 1M".into(),
-            "read -P 52 8M 1M".into(),
-            format!("read -P 51 {last} 4k"),
+            "read -P 49 0 1M",
+            "read -P 50 4M 1M",
+            "read -P 52 8M 1M",
+            &format!("read -P 51 {last} 4k"),
         ],
     );
 }
@@ -262,7 +160,7 @@ fn internal_metadata_survives_down_up_without_a_full_resync() {
 #[test]
 fn tandemd_attaches_disks_prepared_only_by_drbdmeta() {
     tests::require_slow!();
-    let pair = Pair::new();
+    let pair = new_pair();
     let drbdmeta = tests::require_tool("drbdmeta", "drbd-utils");
     for node in &pair.nodes {
         run_ok(
@@ -290,7 +188,7 @@ fn tandemd_attaches_disks_prepared_only_by_drbdmeta() {
     pair.adm(0, &["wait-sync", "--timeout", "20", "r0"]);
     pair.adm(0, &["primary", "r0"]);
     assert_eq!(pair.adm(0, &["dstate", "r0"]), "UpToDate/UpToDate\n");
-    qemu_io(&pair.url(0), &["write -P 61 0 64k".into(), "read -P 61 0 64k".into()]);
+    qemu_io_ok(&pair.url(0), &["write -P 61 0 64k", "read -P 61 0 64k"]);
     pair.adm(0, &["down", "r0"]);
     pair.adm(1, &["down", "r0"]);
     for (i, node) in pair.nodes.iter().enumerate() {

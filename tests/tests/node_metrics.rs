@@ -8,87 +8,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use tests::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
+use tests::clients::qemu_io_ok;
+use tests::storage_pair::{PairOptions, StoragePair};
+use tests::{Daemon, free_port};
 
 const VOLUME_BYTES: u64 = 64 * 1024 * 1024;
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 const TOKEN: &str = "metrics-test-token-0123";
 
-struct Node {
-    name: &'static str,
-    replication_port: u16,
-    portal: SocketAddr,
+/// What each tandemd serves besides its portal: `/metrics`, and the control API (which
+/// serves them too, with the token).
+struct Endpoints {
     metrics: SocketAddr,
     api: SocketAddr,
-    socket: PathBuf,
-    state: PathBuf,
 }
 
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
-fn write_config(dir: &std::path::Path, nodes: &[Node]) -> PathBuf {
-    let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
-    for (id, n) in nodes.iter().enumerate() {
-        let disk = dir.join(format!("{}.img", n.name));
-        sparse_file(&disk, VOLUME_BYTES);
-        text.push_str(&format!(
-            "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
-             device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
-            n.name,
-            n.replication_port,
-            disk.display()
-        ));
-    }
-    text.push_str("}\n");
-    let config = dir.join("r0.res");
-    std::fs::write(&config, text).expect("writing r0.res");
-    config
-}
-
-fn start(config: &std::path::Path, n: &Node) -> Daemon {
-    let mut command = Command::new(binary("tandemd"));
-    command
-        .arg("-c")
-        .arg(config)
-        .args(["--node", n.name, "--portal", &n.portal.to_string()])
-        .arg("--control-socket")
-        .arg(&n.socket)
-        .arg("--state-dir")
-        .arg(&n.state)
-        .args(["--metrics-listen", &n.metrics.to_string()])
-        .args(["--api-listen", &n.api.to_string(), "--api-token", TOKEN]);
-    let mut daemon = Daemon::spawn(n.name, command);
-    daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-    daemon
-}
-
-fn adm(n: &Node, args: &[&str]) -> String {
-    let mut command = Command::new(binary("tandemadm"));
-    command.arg("-s").arg(&n.socket).args(args);
-    run_ok(&mut command, COMMAND_TIMEOUT)
-}
-
-fn qemu_io(url: &str, commands: &[&str]) -> Output {
-    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-    let mut command = Command::new(qemu_io);
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.arg("-c").arg(c);
-    }
-    command.arg(url);
-    let output = run_with_timeout(&mut command, Duration::from_secs(120));
-    assert!(
-        output.status.success() && !String::from_utf8_lossy(&output.stdout).contains("failed"),
-        "qemu-io {commands:?}: {}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 /// One scrape, parsed: series (`name{labels}` with labels in their order) -> value.
@@ -204,7 +140,7 @@ fn parse_exposition(text: &str) -> Scrape {
     Scrape { text: text.to_owned(), values }
 }
 
-fn scrape(n: &Node) -> Scrape {
+fn scrape(n: &Endpoints) -> Scrape {
     let reply = tests::http::request(n.metrics, "GET", "/metrics", &[], None);
     assert_eq!(reply.status, 200, "{}", reply.text);
     assert!(reply.headers.contains("content-type: text/plain; version=0.0.4"), "{}", reply.headers);
@@ -231,34 +167,29 @@ fn peer_series(name: &str, peer: &str, id: u32) -> String {
 #[test]
 fn metrics_follow_roles_requests_and_resync() {
     tests::require_slow!();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let node = |name: &'static str| Node {
-        name,
-        replication_port: free_port(),
-        portal: loopback(),
-        metrics: loopback(),
-        api: loopback(),
-        socket: dir.path().join(format!("{name}.sock")),
-        state: dir.path().join(format!("state-{name}")),
-    };
-    let nodes = [node("alpha"), node("beta")];
-    let config = write_config(dir.path(), &nodes);
-    let _daemons: Vec<Daemon> = nodes.iter().map(|n| start(&config, n)).collect();
-    let (alpha, beta) = (&nodes[0], &nodes[1]);
+    let pair = StoragePair::with_options(PairOptions {
+        volume_bytes: VOLUME_BYTES,
+        forward_links: false,
+        ..PairOptions::default()
+    });
+    let endpoints = [0, 1].map(|_| Endpoints { metrics: loopback(), api: loopback() });
+    let _daemons: Vec<Daemon> = endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let (metrics, api) = (e.metrics.to_string(), e.api.to_string());
+            let extra = ["--metrics-listen", &metrics, "--api-listen", &api, "--api-token", TOKEN];
+            pair.start_with(i, &extra)
+        })
+        .collect();
+    let (alpha, beta) = (&endpoints[0], &endpoints[1]);
 
     let down = scrape(alpha);
     assert_eq!(down.get("tandem_resource_up{resource=\"r0\"}"), 0.0);
     assert_eq!(down.get(WRITE), 0.0);
     assert_eq!(down.get("tandem_node_info{node=\"alpha\",version=\"0.1.0\"}"), 1.0);
 
-    for n in &nodes {
-        adm(n, &["create-md", "r0"]);
-        adm(n, &["up", "r0"]);
-    }
-    adm(alpha, &["wait-connect", "--timeout", "20", "r0"]);
-    adm(alpha, &["new-current-uuid", "--clear-bitmap", "r0"]);
-    adm(alpha, &["wait-sync", "--timeout", "20", "r0"]);
-    adm(alpha, &["primary", "r0"]);
+    pair.bring_up(0);
 
     let (a, b) = (scrape(alpha), scrape(beta));
     assert_eq!((role(&a, "Primary"), role(&a, "Secondary")), (1.0, 0.0));
@@ -299,7 +230,7 @@ fn metrics_follow_roles_requests_and_resync() {
     });
 
     // 16 writes of 64 KiB, 4 reads of 64 KiB, a flush.
-    let url = format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", alpha.portal);
+    let url = pair.url(0);
     let mut commands = Vec::new();
     for i in 0..16 {
         commands.push(format!("write -P {} {} 64k", i + 1, i * 65536));
@@ -311,7 +242,7 @@ fn metrics_follow_roles_requests_and_resync() {
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
     let before = scrape(alpha);
     let started = Instant::now();
-    qemu_io(&url, &commands);
+    qemu_io_ok(&url, &commands);
     println!("qemu-io (16 writes, 4 reads of 64 KiB, flush): {:?}", started.elapsed());
     let (a, b) = (scrape(alpha), scrape(beta));
     println!("alpha's /metrics after the writes:\n{}", a.text);
@@ -341,21 +272,21 @@ fn metrics_follow_roles_requests_and_resync() {
     );
     assert_eq!(b.get(WRITE), 0.0, "the secondary's LUN served nothing");
     assert_eq!(a.get("tandem_device_upper_pending{resource=\"r0\",volume=\"0\"}"), 0.0);
-    let statistics = adm(alpha, &["status", "--statistics", "r0"]);
+    let statistics = pair.adm(0, &["status", "--statistics", "r0"]);
     assert!(
         statistics.contains(" written:1024 ") && statistics.contains(" upper-pending:0 "),
         "{statistics}"
     );
 
     // The peer away: writes leave out-of-sync blocks, counted; reconnecting resyncs them.
-    adm(beta, &["disconnect", "r0"]);
+    pair.adm(1, &["disconnect", "r0"]);
     tests::wait_for("alpha sees beta gone", Duration::from_secs(10), || {
         scrape(alpha).get(
             "tandem_connection_state{resource=\"r0\",peer=\"beta\",peer_node_id=\"1\",\
              connection_state=\"Connected\"}",
         ) == 0.0
     });
-    qemu_io(&url, &["write -P 99 1M 1M"]);
+    qemu_io_ok(&url, &["write -P 99 1M 1M"]);
     let away = scrape(alpha);
     assert_eq!(
         away.get(&peer_series("tandem_peer_device_out_of_sync_bytes", "beta", 1)),
@@ -363,8 +294,8 @@ fn metrics_follow_roles_requests_and_resync() {
     );
     let received_before =
         scrape(beta).get(&peer_series("tandem_peer_device_received_bytes_total", "alpha", 0));
-    adm(beta, &["connect", "r0"]);
-    adm(beta, &["wait-sync", "--timeout", "20", "r0"]);
+    pair.adm(1, &["connect", "r0"]);
+    pair.adm(1, &["wait-sync", "--timeout", "20", "r0"]);
     tests::wait_for("alpha's out-of-sync back to 0", Duration::from_secs(10), || {
         scrape(alpha).get(&peer_series("tandem_peer_device_out_of_sync_bytes", "beta", 1)) == 0.0
     });

@@ -13,11 +13,11 @@
 //! no PR tool): it needs `cc` and Debian's libiscsi-dev.
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
-use tests::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
+use tests::run_with_timeout;
+use tests::storage_pair::StoragePair;
 
 const VOLUME_BYTES: u64 = 64 * 1024 * 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,94 +30,6 @@ const OTHER_KEY: &str = "0xb2";
 const THIRD_KEY: &str = "0xc3";
 /// WRITE EXCLUSIVE - REGISTRANTS ONLY.
 const TYPE_WERO: &str = "5";
-
-struct NodeSpec {
-    name: &'static str,
-    replication_port: u16,
-    portal: SocketAddr,
-    forward: SocketAddr,
-    socket: PathBuf,
-    state: PathBuf,
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    config: PathBuf,
-    nodes: [NodeSpec; 2],
-}
-
-impl Cluster {
-    fn new() -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let node = |name: &'static str| NodeSpec {
-            name,
-            replication_port: free_port(),
-            portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            forward: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            socket: dir.path().join(format!("{name}.sock")),
-            state: dir.path().join(format!("state-{name}")),
-        };
-        let nodes = [node("alpha"), node("beta")];
-        let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
-        for (id, n) in nodes.iter().enumerate() {
-            let disk = dir.path().join(format!("{}.img", n.name));
-            sparse_file(&disk, VOLUME_BYTES);
-            text.push_str(&format!(
-                "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
-                 device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
-                n.name,
-                n.replication_port,
-                disk.display()
-            ));
-        }
-        text.push_str("}\n");
-        let config = dir.path().join("r0.res");
-        std::fs::write(&config, text).expect("writing r0.res");
-        Cluster { dir, config, nodes }
-    }
-
-    /// tandemd for node `index`, with forward links (multipath: the secondary's port is a
-    /// remote port of the primary's logical unit).
-    fn start(&self, index: usize) -> Daemon {
-        let n = &self.nodes[index];
-        let peer = &self.nodes[1 - index];
-        let mut command = Command::new(binary("tandemd"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--node", n.name, "--portal", &n.portal.to_string()])
-            .arg("--control-socket")
-            .arg(&n.socket)
-            .arg("--state-dir")
-            .arg(&n.state)
-            .args(["--forward-listen", &n.forward.to_string()])
-            .args(["--forward-peer", &format!("{}={}", peer.name, peer.forward)]);
-        let mut daemon = Daemon::spawn(n.name, command);
-        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-        daemon
-    }
-
-    fn adm_ok(&self, index: usize, args: &[&str]) -> String {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_ok(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn url(&self, index: usize) -> String {
-        format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", self.nodes[index].portal)
-    }
-
-    fn bring_up(&self, primary: usize) {
-        for i in 0..2 {
-            self.adm_ok(i, &["create-md", "r0"]);
-            self.adm_ok(i, &["up", "r0"]);
-        }
-        self.adm_ok(primary, &["wait-connect", "--timeout", "20", "r0"]);
-        self.adm_ok(primary, &["new-current-uuid", "--clear-bitmap", "r0"]);
-        self.adm_ok(primary, &["wait-sync", "--timeout", "20", "r0"]);
-        self.adm_ok(primary, &["primary", "r0"]);
-    }
-}
 
 fn text(output: &Output) -> String {
     format!(
@@ -207,7 +119,7 @@ fn pr_conformance(url: &str) -> String {
 #[test]
 fn reservations_survive_failover_restart_and_switch_back() {
     tests::require_slow!();
-    let cluster = Cluster::new();
+    let cluster = StoragePair::new(VOLUME_BYTES);
     let client = Client { binary: build_client(cluster.dir.path()) };
     let mut alpha = cluster.start(0);
     let mut beta = cluster.start(1);
@@ -242,7 +154,7 @@ fn reservations_survive_failover_restart_and_switch_back() {
 
     // kill -9 the primary, promote the secondary.
     alpha.kill9();
-    cluster.adm_ok(1, &["primary", "r0"]);
+    cluster.adm(1, &["primary", "r0"]);
     beta.wait_for_log("persistent reservations loaded", Duration::from_secs(10));
 
     let (generation_after, keys_after) = client.read_keys(&b);
@@ -272,15 +184,15 @@ fn reservations_survive_failover_restart_and_switch_back() {
     beta.kill9();
     let mut beta = cluster.start(1);
     // Alone after a crash its disk is Consistent, not UpToDate: DRBD's operator forces.
-    cluster.adm_ok(1, &["primary", "--force", "r0"]);
+    cluster.adm(1, &["primary", "--force", "r0"]);
     beta.wait_for_log("persistent reservations loaded", Duration::from_secs(10));
     assert_eq!(client.read_keys(&b), (generation_changed, keys_changed.clone()));
 
     // alpha comes back as secondary, resyncs, and takes over again.
     let _alpha = cluster.start(0);
-    cluster.adm_ok(0, &["wait-sync", "--timeout", "60", "r0"]);
-    cluster.adm_ok(1, &["secondary", "r0"]);
-    cluster.adm_ok(0, &["primary", "r0"]);
+    cluster.adm(0, &["wait-sync", "--timeout", "60", "r0"]);
+    cluster.adm(1, &["secondary", "r0"]);
+    cluster.adm(0, &["primary", "r0"]);
     assert_eq!(client.read_keys(&a), (generation_changed, keys_changed));
     assert!(client.run(STRANGER, &a, &["read-reservation"]).ends_with(&reservation));
     assert_eq!(client.run(STRANGER, &a, &["write", "8"]), "status=RESERVATION_CONFLICT");

@@ -6,28 +6,15 @@
 //! resynced (the new blocks are a fresh zero area on both), drbdmeta reads the moved
 //! metadata with the new la-size, and both replicas' data areas are equal.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::{Daemon, binary, free_port, run_ok, run_with_timeout};
+use tests::clients::{dump_md, qemu_io_ok};
+use tests::run_ok;
+use tests::storage_pair::{PairOptions, StoragePair};
 
 const MIB: u64 = 1024 * 1024;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-
-struct Node {
-    name: &'static str,
-    portal: SocketAddr,
-    socket: PathBuf,
-    state: PathBuf,
-    disk: PathBuf,
-}
-
-struct Pair {
-    _dir: tempfile::TempDir,
-    config: PathBuf,
-    nodes: [Node; 2],
-}
 
 /// The backing file that holds exactly `data_bytes` (up to 128 MiB) with internal metadata for
 /// one peer: the superblock (4 KiB), the activity log (32 KiB) and one 4 KiB bitmap page.
@@ -52,105 +39,13 @@ fn wait_output(child: std::process::Child, timeout: Duration) -> std::process::O
     }
 }
 
-impl Pair {
-    fn new() -> Pair {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let node = |name: &'static str| Node {
-            name,
-            portal: SocketAddr::from(([127, 0, 0, 1], free_port())),
-            socket: dir.path().join(format!("{name}.sock")),
-            state: dir.path().join(format!("state-{name}")),
-            disk: dir.path().join(format!("{name}.img")),
-        };
-        let nodes = [node("alpha"), node("beta")];
-        let mut text = String::from("resource r0 {\n  net { protocol C; }\n");
-        for (id, n) in nodes.iter().enumerate() {
-            tests::sparse_file(&n.disk, backing_bytes(64 * MIB));
-            text.push_str(&format!(
-                "  on {} {{\n    node-id {id};\n    address 127.0.0.1:{};\n    volume 0 {{\n      \
-                 device minor 0;\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
-                n.name,
-                free_port(),
-                n.disk.display()
-            ));
-        }
-        text.push_str("}\n");
-        let config = dir.path().join("r0.res");
-        std::fs::write(&config, text).expect("writing r0.res");
-        Pair { _dir: dir, config, nodes }
-    }
-
-    fn start(&self, index: usize) -> Daemon {
-        let n = &self.nodes[index];
-        let mut command = Command::new(binary("tandemd"));
-        command
-            .arg("-c")
-            .arg(&self.config)
-            .args(["--node", n.name, "--portal", &n.portal.to_string()])
-            .arg("--control-socket")
-            .arg(&n.socket)
-            .arg("--state-dir")
-            .arg(&n.state);
-        let mut daemon = Daemon::spawn(n.name, command);
-        daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-        daemon
-    }
-
-    fn adm(&self, index: usize, args: &[&str]) -> String {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_ok(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn adm_output(&self, index: usize, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new(binary("tandemadm"));
-        command.arg("-s").arg(&self.nodes[index].socket).args(args);
-        run_with_timeout(&mut command, COMMAND_TIMEOUT)
-    }
-
-    fn url(&self, index: usize) -> String {
-        format!("iscsi://{}/iqn.2026-11.org.tandem:r0/0", self.nodes[index].portal)
-    }
-
-    fn resync_received_kib(&self, index: usize) -> u64 {
-        let statistics = self.adm(index, &["status", "--statistics", "r0"]);
-        statistics
-            .lines()
-            .find_map(|l| {
-                l.split_whitespace().find_map(|w| w.strip_prefix("received:")?.parse().ok())
-            })
-            .unwrap_or_else(|| panic!("no received: counter in\n{statistics}"))
-    }
-}
-
-fn qemu_io(url: &str, commands: &[String]) -> String {
-    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-    let mut command = Command::new(qemu_io);
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.arg("-c").arg(c);
-    }
-    command.arg(url);
-    let output = run_with_timeout(&mut command, Duration::from_secs(120));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success() && !text.contains("failed"), "qemu-io {commands:?}: {text}");
-    text
-}
-
-fn dump_md(disk: &Path) -> String {
-    let drbdmeta = tests::require_tool("drbdmeta", "drbd-utils");
-    run_ok(
-        Command::new(drbdmeta)
-            .env("DRBD_DRIVER_VERSION_OVERRIDE", "9.2.12")
-            .args(["--force", "-", "v09"])
-            .arg(disk)
-            .args(["internal", "dump-md"]),
-        COMMAND_TIMEOUT,
-    )
+/// The pair this file tests: no forward links, backing files for 64 MiB of data.
+fn new_pair() -> StoragePair {
+    StoragePair::with_options(PairOptions {
+        volume_bytes: backing_bytes(64 * MIB),
+        forward_links: false,
+        ..PairOptions::default()
+    })
 }
 
 fn field<'a>(dump: &'a str, key: &str) -> &'a str {
@@ -186,7 +81,7 @@ fn file_range(path: &Path, len: u64) -> Vec<u8> {
 #[test]
 fn online_grow_under_write_load_reaches_the_initiator() {
     tests::require_slow!();
-    let pair = Pair::new();
+    let pair = new_pair();
     let _alpha = pair.start(0);
     let _beta = pair.start(1);
     for i in 0..2 {
@@ -197,7 +92,7 @@ fn online_grow_under_write_load_reaches_the_initiator() {
     pair.adm(0, &["new-current-uuid", "--clear-bitmap", "r0"]);
     pair.adm(0, &["wait-sync", "--timeout", "20", "r0"]);
     pair.adm(0, &["primary", "r0"]);
-    qemu_io(&pair.url(0), &["write -P 61 0 1M".into(), "write -P 62 32M 1M".into()]);
+    qemu_io_ok(&pair.url(0), &["write -P 61 0 1M", "write -P 62 32M 1M"]);
     let before: Vec<String> = pair.nodes.iter().map(|n| dump_md(&n.disk)).collect();
     for (n, dump) in pair.nodes.iter().zip(&before) {
         println!("dump-md of {} before the resize:\n{}", n.name, summary(dump));
@@ -257,7 +152,7 @@ fn online_grow_under_write_load_reaches_the_initiator() {
     );
     assert!(info.contains(&format!("({lun_bytes} bytes)")), "{info}");
     let last = lun_bytes - 4096;
-    qemu_io(&pair.url(0), &[format!("write -P 63 {last} 4k"), format!("read -P 63 {last} 4k")]);
+    qemu_io_ok(&pair.url(0), &[format!("write -P 63 {last} 4k"), format!("read -P 63 {last} 4k")]);
     // The secondary grew too, without a resync.
     tests::wait_for("beta's size", Duration::from_secs(10), || {
         pair.adm(1, &["status", "--statistics", "r0"]).contains("size:131072")

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use backing_store::atomic_journal::journal_path;
 use backing_store::{BackingStore, EngineKind, OpenOptions};
-use iscsi_target::driver::atomic_journal::{AtomicJournal, journal_path};
 use iscsi_target::driver::store::StoreDevice;
 use iscsi_target::{AuthConfig, Config, Credentials, LogicalUnit, PortalAddress, TargetNode};
 
@@ -207,14 +207,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let device = if device.store().is_block_device() {
                 device
             } else {
-                let (journal, recovery) = AtomicJournal::open(device.store(), &options)
+                let (device, recovery) = device
+                    .open_journal(&options)
                     .await
                     .with_context(|| format!("atomic-write journal of {}", path.display()))?;
                 eprintln!(
                     "tandem-iscsi: atomic-write journal {}: {recovery}",
                     journal_path(path).display()
                 );
-                device.with_journal(journal)
+                device
             };
             let device = Arc::new(device);
             luns.push(Arc::new(LogicalUnit::new(&t.name, *n, device)));

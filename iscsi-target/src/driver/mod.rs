@@ -2,7 +2,6 @@
 //! pure [`Connection`], performs block I/O and writes the encoded PDUs. Nothing here decides
 //! anything about the protocol.
 
-pub mod atomic_journal;
 pub mod store;
 
 use std::collections::HashMap;

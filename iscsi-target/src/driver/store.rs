@@ -2,12 +2,21 @@
 
 use bytes::{Bytes, BytesMut};
 
+use backing_store::atomic_journal::{AtomicJournal, JournalError, Recovery, journal_path};
 use backing_store::constants::IO_SIZE_BYTES_MAX;
-use backing_store::{BackingStore, ErrorKind};
+use backing_store::{BackingStore, ErrorKind, OpenOptions};
 
 use crate::constants::FILE_ATOMIC_WRITE_BYTES_MAX;
 use crate::device::{BlockDevice, DeviceError, MappedRange};
-use crate::driver::atomic_journal::{AtomicJournal, JournalError};
+
+#[cfg(test)]
+mod journal_tests;
+
+// The file LUN's journal is backing-store's, with a slot of the LUN's atomic-write maximum.
+const _: () = assert!(
+    FILE_ATOMIC_WRITE_BYTES_MAX <= backing_store::atomic_journal::SLOT_BYTES_MAX
+        && FILE_ATOMIC_WRITE_BYTES_MAX.is_multiple_of(512)
+);
 
 /// A backing file served as a LUN with 512-byte blocks.
 pub struct StoreDevice {
@@ -38,6 +47,27 @@ impl StoreDevice {
     /// image by [`AtomicJournal::open`] before any I/O).
     pub fn with_journal(self, journal: AtomicJournal) -> Self {
         Self { journal: Some(journal), ..self }
+    }
+
+    /// Opens (creating it if missing) the journal `IMAGE.atomic-journal` of this device's
+    /// image, with one slot of [`FILE_ATOMIC_WRITE_BYTES_MAX`], finishes or discards the
+    /// atomic write a crash interrupted, and journals atomic writes through it. Must run
+    /// before the device serves any I/O. `options` are the image's (engine, O_DIRECT).
+    pub async fn open_journal(
+        self,
+        options: &OpenOptions,
+    ) -> Result<(Self, Recovery), JournalError> {
+        let path = journal_path(self.store.path());
+        // A pending record must lie within the LUN (the image's whole blocks) to be replayed.
+        let (journal, recovery) = AtomicJournal::open(
+            &path,
+            &self.store,
+            self.size_bytes,
+            FILE_ATOMIC_WRITE_BYTES_MAX,
+            options,
+        )
+        .await?;
+        Ok((self.with_journal(journal), recovery))
     }
 
     /// Refuses writes after an atomic write failed half way (see `AtomicJournal::write`).
