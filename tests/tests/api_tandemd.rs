@@ -458,6 +458,22 @@ fn a_volume_on_three_tandemd_gets_a_tiebreaker_and_fails_over_by_itself() {
     assert!(info.contains(&nodes[primary].portal.to_string()), "{info}");
     qemu_io_on(&qemu_io, addr, &id, &["write -P 0x5a 0 4M"]);
 
+    // Extend online: the replicas grow; the tiebreaker (no data) does not hold it up.
+    let (status, body) = http(
+        addr,
+        "POST",
+        &format!("/v3/demo/volumes/{id}/action"),
+        "admin:demo",
+        r#"{"os-extend": {"new_size": 2}}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("volume extended", Duration::from_secs(120), || {
+        let (_, body) = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+        assert_ne!(body["volume"]["status"], "error", "{body}");
+        body["volume"]["status"] == "available" && body["volume"]["size"] == 2
+    });
+    qemu_io_on(&qemu_io, addr, &id, &["read -P 0x5a 0 4M", "write -P 0xa5 2044M 4M"]);
+
     // kill -9 the primary: the secondary promotes itself.
     let killed = std::time::Instant::now();
     nodes[primary].daemon.kill9();
