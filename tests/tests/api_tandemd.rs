@@ -503,6 +503,9 @@ fn a_volume_on_three_tandemd_gets_a_tiebreaker_and_fails_over_by_itself() {
     });
     assert_eq!(role_on(&nodes[primary], &resource), "secondary");
     assert_eq!(role_on(&nodes[secondary], &resource), "primary");
+    // Its promoter came back with it (recorded with the resource, not in a node file).
+    let promoter_on = format!("promoter {resource}: on");
+    nodes[primary].daemon.wait_for_log(&promoter_on, Duration::from_secs(10));
 
     // Delete: gone from all three nodes, with the promoter's record.
     let (status, body) = http(addr, "DELETE", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
