@@ -67,7 +67,8 @@ pub struct CreateNode {
     pub node_id: u32,
     /// `IP:PORT` for replication.
     pub address: String,
-    /// The backing file (created sparse on this node when missing).
+    /// The backing file (created sparse on this node when missing), or `none` for a
+    /// diskless tiebreaker (votes for quorum, holds no data, never primary).
     pub disk: String,
 }
 
@@ -78,6 +79,32 @@ pub struct CreateRequest {
     #[serde(default = "protocol_c")]
     pub protocol: String,
     pub nodes: Vec<CreateNode>,
+    /// As in the PUT form: `off`, `majority` (the default with 3 nodes or more), `all`, N.
+    #[serde(default)]
+    pub quorum: Option<String>,
+    #[serde(default)]
+    pub on_no_quorum: Option<String>,
+    /// Run the promoter for the resource on this node (when it holds a disk).
+    #[serde(default)]
+    pub auto_promote: bool,
+    #[serde(default)]
+    pub preferred_nodes: Vec<String>,
+}
+
+impl CreateRequest {
+    /// The quorum layout of the request, checked.
+    pub fn layout(&self) -> Result<provision::Layout, String> {
+        let nodes: Vec<(&str, bool)> =
+            self.nodes.iter().map(|n| (n.name.as_str(), n.disk == "none")).collect();
+        provision::layout(
+            &nodes,
+            self.quorum.as_deref(),
+            self.on_no_quorum.as_deref(),
+            self.auto_promote,
+            &self.preferred_nodes,
+        )
+        .map_err(|Refusal::BadRequest(message)| message)
+    }
 }
 
 fn protocol_c() -> String {
@@ -378,8 +405,10 @@ pub fn render_resource(request: &CreateRequest) -> Result<String, String> {
     if request.size_bytes == 0 || !request.size_bytes.is_multiple_of(4096) {
         return Err("size_bytes must be a positive multiple of 4096".into());
     }
+    let layout = request.layout()?;
     let mut text =
         format!("resource {} {{\n  net {{ protocol {}; }}\n", request.name, request.protocol);
+    text.push_str(&provision::options_section(&layout));
     for node in &request.nodes {
         if !valid_name(&node.name) {
             return Err(format!("bad node name {:?}", node.name));
@@ -388,6 +417,14 @@ pub fn render_resource(request: &CreateRequest) -> Result<String, String> {
             .address
             .parse()
             .map_err(|_| format!("bad address {:?} (IP:PORT)", node.address))?;
+        if layout.diskless.contains(&node.name) {
+            text.push_str(&format!(
+                "  on {} {{\n    node-id {};\n    address {};\n    volume 0 {{\n      device minor \
+                 0;\n      disk none;\n    }}\n  }}\n",
+                node.name, node.node_id, address
+            ));
+            continue;
+        }
         if node.disk.is_empty()
             || node.disk.contains(|c: char| c.is_whitespace() || c == ';' || c == '"')
         {
@@ -399,6 +436,7 @@ pub fn render_resource(request: &CreateRequest) -> Result<String, String> {
             node.name, node.node_id, address, node.disk
         ));
     }
+    text.push_str(&provision::mesh_section(request.nodes.iter().map(|n| n.name.as_str())));
     text.push_str("}\n");
     // Checked by the same reader tandemd uses, so a bad request never becomes a bad file.
     crate::config::parse_str("request", &text, std::path::Path::new("/"))
@@ -437,12 +475,13 @@ async fn create(State(state): State<ApiState>, body: axum::body::Bytes) -> Respo
             format!("resource {} exists with other settings", request.name),
         );
     }
-    let disk = PathBuf::from(&me.disk);
+    let diskless = me.disk == "none";
+    let disk = (!diskless).then(|| PathBuf::from(&me.disk));
     if let Err(failure) = prepare_files(
         host,
         &request.name,
         &text,
-        &disk,
+        disk.as_deref(),
         request.size_bytes,
         peers_of(request.nodes.len()),
         false,
@@ -450,6 +489,10 @@ async fn create(State(state): State<ApiState>, body: axum::body::Bytes) -> Respo
         return failure.into_response();
     }
     if let Err(failure) = bring_up(host, &request.name).await {
+        return failure.into_response();
+    }
+    let layout = request.layout().unwrap_or_default();
+    if let Err(failure) = enable_promoter(host, &request.name, &layout, diskless) {
         return failure.into_response();
     }
     resource_response(host, &request.name, StatusCode::CREATED).await
@@ -469,7 +512,7 @@ fn prepare_files(
     host: &Host,
     name: &str,
     text: &str,
-    disk: &std::path::Path,
+    disk: Option<&std::path::Path>,
     size_bytes: u64,
     max_peers: u32,
     fresh: bool,
@@ -478,6 +521,9 @@ fn prepare_files(
     let prepared = std::fs::create_dir_all(&directory)
         .and_then(|()| write_atomically(&directory.join(format!("{name}.res")), text.as_bytes()))
         .and_then(|()| {
+            // A diskless tiebreaker has no backing file (tandemd gives the engine a
+            // placeholder, see `diskless`).
+            let Some(disk) = disk else { return Ok(()) };
             if let Some(parent) = disk.parent() {
                 std::fs::create_dir_all(parent)?;
             }
@@ -492,6 +538,26 @@ fn prepare_files(
             Ok(())
         });
     prepared.map_err(|e| fail(StatusCode::INSUFFICIENT_STORAGE, format!("preparing {name}: {e}")))
+}
+
+/// With `auto_promote`, records the resource's promoter line and starts the promoter (on a
+/// node with a disk: a tiebreaker never promotes).
+fn enable_promoter(
+    host: &Arc<Host>,
+    name: &str,
+    layout: &provision::Layout,
+    diskless: bool,
+) -> Result<(), Failure> {
+    if !layout.auto_promote || diskless {
+        return Ok(());
+    }
+    let settings = crate::autopromote::PromoterSettings {
+        resource: name.to_owned(),
+        preferred_nodes: layout.preferred_nodes.clone(),
+    };
+    crate::autopromote::enable_api_promoter(host, settings).map_err(|e| {
+        fail(StatusCode::INSUFFICIENT_STORAGE, format!("recording {name}'s promoter: {e}"))
+    })
 }
 
 /// Metadata peer slots for a resource of `nodes` nodes (create-md's default, max-peers).
@@ -637,10 +703,13 @@ async fn put_resource(
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad request body: {e}")),
     };
     let host = &state.host;
-    match provision::check(&name, &host.node_name, &request) {
-        Ok(()) => {}
+    let layout = match provision::check(&name, &host.node_name, &request)
+        .and_then(|()| provision::layout_of(&host.node_name, &request))
+    {
+        Ok(layout) => layout,
         Err(Refusal::BadRequest(message)) => return error(StatusCode::BAD_REQUEST, message),
-    }
+    };
+    let diskless = layout.diskless.contains(&host.node_name);
     if let Err(failure) = snapshots::check_source(&state, &request) {
         return failure.into_response();
     }
@@ -681,7 +750,7 @@ async fn put_resource(
         }
     }
     let ids = provision::node_ids(endpoints.iter().map(|e| e.node.as_str()));
-    let text = match provision::render(&name, &request.protocol, &endpoints, &ids) {
+    let text = match provision::render_with(&name, &request.protocol, &endpoints, &ids, &layout) {
         Ok(text) => text,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
@@ -717,6 +786,8 @@ async fn put_resource(
     );
     let source = provision::source_of(&request).ok().flatten();
     let disk = &endpoints[0].disk;
+    // Metadata slots for the peers with a disk: a bitmap is kept only against those (the
+    // same count on every node, as they all see the same layout).
     let max_peers = peers_of(endpoints.len());
     if let Some(source) = &source
         && (fresh || !disk.exists())
@@ -734,6 +805,7 @@ async fn put_resource(
         }
     }
     let blank = fresh && source.is_none();
+    let disk = (!diskless).then_some(disk.as_path());
     if let Err(failure) =
         prepare_files(host, &name, &text, disk, request.size_bytes, max_peers, blank)
     {
@@ -742,7 +814,12 @@ async fn put_resource(
     if let Err(failure) = bring_up(host, &name).await {
         return failure.into_response();
     }
+    if let Err(failure) = enable_promoter(host, &name, &layout, diskless) {
+        return failure.into_response();
+    }
     match request.role {
+        // A tiebreaker has nothing to wait for: it serves no I/O.
+        provision::Role::Secondary if diskless => {}
         provision::Role::Primary => {
             let inconsistent = match host.slot(&name) {
                 Some(slot) => host.view(&slot).await.is_some_and(|v| {
@@ -781,18 +858,24 @@ async fn initial_promotion(host: Arc<Host>, name: String) {
         if view.role == Role::Primary {
             return;
         }
+        // A diskless tiebreaker replicates nothing: connected is all it can be.
+        let tiebreaker = |p: &crate::status::PeerView| {
+            p.volumes.iter().all(|v| v.peer_disk == DiskState::Diskless)
+        };
         let connected = !view.peers.is_empty()
             && view.peers.iter().all(|p| {
                 p.connection == ConnectionState::Connected
-                    && p.volumes
-                        .iter()
-                        .all(|v| v.replication != drbd_engine::protocol::ReplicationState::Off)
+                    && (tiebreaker(p)
+                        || p.volumes
+                            .iter()
+                            .all(|v| v.replication != drbd_engine::protocol::ReplicationState::Off))
             });
         if connected {
             let never_written = view.volumes.iter().all(|v| v.disk == DiskState::Inconsistent)
                 && view
                     .peers
                     .iter()
+                    .filter(|p| !tiebreaker(p))
                     .all(|p| p.volumes.iter().all(|v| v.peer_disk == DiskState::Inconsistent));
             if never_written {
                 let clear = Options { clear_bitmap: true, ..Default::default() };
@@ -869,6 +952,8 @@ async fn delete(State(state): State<ApiState>, Path(name): Path<String>) -> Resp
         return failure.into_response();
     }
     let slot = host.slot(&name);
+    // The promoter first, so it does not act on a resource going down.
+    crate::autopromote::disable_api_promoter(host, &name);
     if slot.is_some() {
         let (code, _, err) = host.run(Verb::Down, &name, Options::default()).await;
         if code != exit::SUCCESS {
@@ -988,7 +1073,31 @@ mod tests {
                     disk: "/tmp/b.img".into(),
                 },
             ],
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn create_requests_take_a_diskless_tiebreaker_quorum_and_the_promoter() {
+        let mut three = request("vol-3", 1 << 20);
+        three.nodes.push(CreateNode {
+            name: "tie".into(),
+            node_id: 2,
+            address: "127.0.0.1:7802".into(),
+            disk: "none".into(),
+        });
+        three.auto_promote = true;
+        let text = render_resource(&three).expect("valid");
+        assert!(text.contains("disk none;") && text.contains("quorum majority;"), "{text}");
+        assert!(text.contains("hosts a b tie;"), "{text}");
+        let config =
+            crate::config::parse_str("x", &text, std::path::Path::new("/")).expect("parses");
+        assert_eq!(config.resources[0].nodes.len(), 3);
+        three.quorum = Some("off".into());
+        assert!(render_resource(&three).expect_err("no quorum").contains("auto_promote needs"));
+        let mut two = request("v", 4096);
+        two.nodes[1].disk = "none".into();
+        assert!(render_resource(&two).expect_err("one disk").contains("at least 2 nodes"));
     }
 
     #[test]

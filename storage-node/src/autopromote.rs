@@ -91,14 +91,87 @@ pub fn is_deferral(error: &DeviceError) -> bool {
     matches!(error, DeviceError::State(StateError::PeerIsPrimary(_) | StateError::NoQuorum(_)))
 }
 
-/// Starts the promoter of every resource named in the node settings.
+/// Starts the promoter of every resource named in the node settings, and of every
+/// API-created resource whose create request asked for one (`auto_promote`, recorded in
+/// `STATE/resources/NAME.promoter` so a restarted tandemd keeps it).
 pub fn start(host: &Arc<Host>) {
     for settings in &host.settings.promoters {
-        tokio::spawn(run(host.clone(), settings.clone()));
+        tokio::spawn(run(host.clone(), settings.clone(), None));
+    }
+    let Ok(entries) = std::fs::read_dir(crate::host::api_resource_directory(&host.settings)) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(API_PROMOTER_EXTENSION) {
+            continue;
+        }
+        match std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| PromoterSettings::parse(text.trim()))
+        {
+            Ok(settings) => start_api_promoter(host, settings),
+            Err(error) => {
+                tracing::error!(file = %path.display(), "unreadable promoter file: {error}")
+            }
+        }
     }
 }
 
-async fn run(host: Arc<Host>, settings: PromoterSettings) {
+/// The file name extension of an API-created resource's promoter line.
+const API_PROMOTER_EXTENSION: &str = "promoter";
+
+/// Where an API-created resource's promoter line is kept (beside its `.res` file).
+pub fn api_promoter_path(host: &Host, resource: &str) -> std::path::PathBuf {
+    crate::host::api_resource_directory(&host.settings)
+        .join(format!("{resource}.{API_PROMOTER_EXTENSION}"))
+}
+
+/// The running promoters of API-created resources, by host (its address: tests run several
+/// hosts in one process) and resource, with the flag that stops each.
+type ApiPromoters = std::collections::BTreeMap<(usize, String), Arc<AtomicBool>>;
+static API_PROMOTERS: std::sync::Mutex<ApiPromoters> = std::sync::Mutex::new(ApiPromoters::new());
+
+/// Records the promoter line of an API-created resource and starts its promoter (once: a
+/// repeated create finds it running).
+pub fn enable_api_promoter(host: &Arc<Host>, settings: PromoterSettings) -> std::io::Result<()> {
+    let mut line = settings.resource.clone();
+    if !settings.preferred_nodes.is_empty() {
+        line.push_str(&format!(" preferred-nodes {}", settings.preferred_nodes.join(",")));
+    }
+    let path = api_promoter_path(host, &settings.resource);
+    let temporary = path.with_extension("promoter.tmp");
+    std::fs::write(&temporary, format!("{line}\n"))?;
+    std::fs::rename(&temporary, &path)?;
+    start_api_promoter(host, settings);
+    Ok(())
+}
+
+fn start_api_promoter(host: &Arc<Host>, settings: PromoterSettings) {
+    if host.settings.promoters.iter().any(|p| p.resource == settings.resource) {
+        return; // the node file's line runs it already
+    }
+    let key = (Arc::as_ptr(host).addr(), settings.resource.clone());
+    let mut running = API_PROMOTERS.lock().unwrap_or_else(|p| p.into_inner());
+    if running.contains_key(&key) {
+        return;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    running.insert(key, stop.clone());
+    tokio::spawn(run(host.clone(), settings, Some(stop)));
+}
+
+/// Stops an API-created resource's promoter and forgets its line (the resource is deleted).
+pub fn disable_api_promoter(host: &Arc<Host>, resource: &str) {
+    let _ = std::fs::remove_file(api_promoter_path(host, resource));
+    let key = (Arc::as_ptr(host).addr(), resource.to_owned());
+    let stopped = API_PROMOTERS.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+    if let Some(stop) = stopped {
+        stop.store(true, Ordering::Release);
+    }
+}
+
+async fn run(host: Arc<Host>, settings: PromoterSettings, stop: Option<Arc<AtomicBool>>) {
     let resource = settings.resource.clone();
     let mut promoter = Promoter::new(&host.node_name, &settings.preferred_nodes);
     let clock = Instant::now();
@@ -113,6 +186,10 @@ async fn run(host: Arc<Host>, settings: PromoterSettings) {
     };
     loop {
         tokio::time::sleep(Duration::from_millis(PROMOTER_POLL_INTERVAL_MS)).await;
+        if stop.as_ref().is_some_and(|stop| stop.load(Ordering::Acquire)) {
+            tracing::info!(%resource, "promoter {resource}: stopped (resource deleted)");
+            return;
+        }
         let Some(slot) = host.slot(&resource) else {
             note("off: not a resource of this node".into());
             continue;

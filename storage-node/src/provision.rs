@@ -26,28 +26,32 @@ pub const URL_BYTES_MAX: usize = 2048;
 
 const _: () = assert!(NODES_MAX >= 2 && NODES_MAX <= 32, "DRBD 9 node ids are 0..31");
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Primary,
+    #[default]
     Secondary,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PeerRef {
     pub node: String,
     /// The peer's control API base URL (`http://HOST:PORT`).
     pub url: String,
+    /// `"none"`: the peer is a diskless tiebreaker (votes for quorum, holds no data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Chap {
     pub username: String,
     pub secret: String,
 }
 
 /// tandem-api's `CreateResource`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct PutRequest {
     pub size_bytes: u64,
     pub role: Role,
@@ -57,6 +61,141 @@ pub struct PutRequest {
     pub chap: Chap,
     #[serde(default)]
     pub source: Option<serde_json::Value>,
+    /// `"none"`: this node is a diskless tiebreaker of the resource (it votes for quorum,
+    /// holds no data, exports no LUN and is never primary; its role must be secondary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// DRBD's `quorum` (`off`, `majority`, `all` or a count); absent: `majority` when the
+    /// resource has three nodes or more, else off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quorum: Option<String>,
+    /// DRBD's `on-no-quorum` (`io-error` or `suspend-io`); absent: `io-error` where quorum is
+    /// on, so a primary cut off from the majority fails its I/O and steps down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_no_quorum: Option<String>,
+    /// Run tandemd's promoter for the resource on the diskful nodes: a surviving replica
+    /// promotes itself when the primary is lost. Needs quorum (three nodes or more).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_promote: bool,
+    /// The promoter's preference among the diskful nodes (tandem-api: the primary first), so
+    /// that after the initial promotion the other replicas give way.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_nodes: Vec<String>,
+}
+
+/// A `disk` field's meaning: `None` for a diskful node, `Some(())` for `"none"`.
+fn diskless_field(field: &str, disk: Option<&String>) -> Result<bool, Refusal> {
+    match disk.map(String::as_str) {
+        None => Ok(false),
+        Some("none") => Ok(true),
+        Some(other) => Err(Refusal::BadRequest(format!(
+            "{field}: only \"none\" (a diskless tiebreaker) or absent (a replica with data), \
+             got {other:?}"
+        ))),
+    }
+}
+
+/// The quorum settings of a resource, resolved from a request: what goes into its
+/// `options` section, and whether the promoter runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Layout {
+    /// Nodes that are `disk none` (tiebreakers).
+    pub diskless: BTreeSet<String>,
+    /// `quorum` value, `None` for off.
+    pub quorum: Option<String>,
+    /// `on-no-quorum` value (only with quorum).
+    pub on_no_quorum: Option<String>,
+    pub auto_promote: bool,
+    pub preferred_nodes: Vec<String>,
+}
+
+/// Checks the quorum-related fields against `nodes` (every node of the resource, with whether
+/// it is diskless) and resolves the defaults. Shared by both create forms.
+pub fn layout(
+    nodes: &[(&str, bool)],
+    quorum: Option<&str>,
+    on_no_quorum: Option<&str>,
+    auto_promote: bool,
+    preferred_nodes: &[String],
+) -> Result<Layout, Refusal> {
+    let bad = |message: String| Err(Refusal::BadRequest(message));
+    let total = nodes.len();
+    let diskful: Vec<&str> = nodes.iter().filter(|(_, d)| !d).map(|(n, _)| *n).collect();
+    if diskful.len() < 2 {
+        return bad(format!(
+            "a resource needs at least 2 nodes with a disk (diskless tiebreakers only vote), got \
+             {}",
+            diskful.len()
+        ));
+    }
+    let quorum = match quorum {
+        None if total >= 3 => Some("majority".to_owned()),
+        None | Some("off") => None,
+        Some(word @ ("majority" | "all")) => Some(word.to_owned()),
+        Some(count) => match count.parse::<usize>() {
+            Ok(n) if (1..=total).contains(&n) => Some(n.to_string()),
+            _ => {
+                return bad(format!(
+                    "quorum must be off, majority, all or a count from 1 to {total} (the \
+                     resource's nodes), got {count:?}"
+                ));
+            }
+        },
+    };
+    let on_no_quorum = match (on_no_quorum, &quorum) {
+        (None, None) => None,
+        (None, Some(_)) => Some("io-error".to_owned()),
+        (Some(word @ ("io-error" | "suspend-io")), Some(_)) => Some(word.to_owned()),
+        (Some(word @ ("io-error" | "suspend-io")), None) => {
+            return bad(format!("on_no_quorum {word} needs quorum (quorum is off)"));
+        }
+        (Some(other), _) => {
+            return bad(format!("on_no_quorum must be io-error or suspend-io, got {other:?}"));
+        }
+    };
+    if auto_promote && (quorum.is_none() || total < 3) {
+        return bad("auto_promote needs quorum and at least 3 nodes (add a diskless tiebreaker, \
+             \"disk\": \"none\"): without a majority a survivor cannot tell a dead primary \
+             from a cut link"
+            .to_owned());
+    }
+    if !auto_promote && !preferred_nodes.is_empty() {
+        return bad("preferred_nodes is only used with auto_promote".to_owned());
+    }
+    let mut seen = BTreeSet::new();
+    for node in preferred_nodes {
+        if !diskful.contains(&node.as_str()) {
+            return bad(format!(
+                "preferred_nodes: {node:?} is not a node of the resource with a disk"
+            ));
+        }
+        if !seen.insert(node) {
+            return bad(format!("preferred_nodes: {node:?} named twice"));
+        }
+    }
+    Ok(Layout {
+        diskless: nodes.iter().filter(|(_, d)| *d).map(|(n, _)| (*n).to_owned()).collect(),
+        quorum,
+        on_no_quorum,
+        auto_promote,
+        preferred_nodes: preferred_nodes.to_vec(),
+    })
+}
+
+/// The layout of a PUT request to node `me` (checked by [`check`] first).
+pub fn layout_of(me: &str, request: &PutRequest) -> Result<Layout, Refusal> {
+    let mut nodes = vec![(me, diskless_field("disk", request.disk.as_ref())?)];
+    for peer in &request.peers {
+        let field = format!("peer {} disk", peer.node);
+        nodes.push((peer.node.as_str(), diskless_field(&field, peer.disk.as_ref())?));
+    }
+    layout(
+        &nodes,
+        request.quorum.as_deref(),
+        request.on_no_quorum.as_deref(),
+        request.auto_promote,
+        &request.preferred_nodes,
+    )
 }
 
 /// Where one node replicates a resource, and on what disk (what `replication-endpoint`
@@ -156,6 +295,15 @@ pub fn check(name: &str, me: &str, request: &PutRequest) -> Result<(), Refusal> 
         }
     }
     source_of(request)?;
+    let layout = layout_of(me, request)?;
+    if layout.diskless.contains(me) && request.role == Role::Primary {
+        return bad(format!(
+            "this node ({me}) is diskless (a tiebreaker): its role must be secondary"
+        ));
+    }
+    if layout.diskless.contains(me) && request.source.as_ref().is_some_and(|s| !s.is_null()) {
+        return bad("a diskless tiebreaker holds no data: it takes no source".to_owned());
+    }
     Ok(())
 }
 
@@ -190,6 +338,26 @@ pub fn source_of(request: &PutRequest) -> Result<Option<Source>, Refusal> {
         };
     }
     bad("expected {\"snapshot\": {...}} or {\"resource\": {...}}")
+}
+
+/// The `options` section for a layout's quorum (empty where quorum is off).
+pub fn options_section(layout: &Layout) -> String {
+    match (&layout.quorum, &layout.on_no_quorum) {
+        (Some(quorum), Some(on_no_quorum)) => {
+            format!("  options {{\n    quorum {quorum};\n    on-no-quorum {on_no_quorum};\n  }}\n")
+        }
+        (Some(quorum), None) => format!("  options {{\n    quorum {quorum};\n  }}\n"),
+        _ => String::new(),
+    }
+}
+
+/// The full mesh of more than two nodes (empty for two, which connect without it).
+pub fn mesh_section<'a>(nodes: impl IntoIterator<Item = &'a str>) -> String {
+    let nodes: Vec<&str> = nodes.into_iter().collect();
+    if nodes.len() <= 2 {
+        return String::new();
+    }
+    format!("  connection-mesh {{\n    hosts {};\n  }}\n", nodes.join(" "))
 }
 
 /// The snapshot through which resource `name` is cloned from another resource. Each node
@@ -233,16 +401,37 @@ pub fn render(
     endpoints: &[Endpoint],
     ids: &BTreeMap<String, u32>,
 ) -> Result<String, String> {
+    render_with(name, protocol, endpoints, ids, &Layout::default())
+}
+
+/// [`render`] with diskless nodes, quorum and, with more than two nodes, the connection mesh
+/// (DRBD connects more than two `on` sections only as a connection section says).
+pub fn render_with(
+    name: &str,
+    protocol: &str,
+    endpoints: &[Endpoint],
+    ids: &BTreeMap<String, u32>,
+    layout: &Layout,
+) -> Result<String, String> {
     let mut text = format!(
         "# Created through tandemd's HTTP API (PUT /v1/resources/{name}); do not edit: delete \
          the volume instead.\nresource {name} {{\n  net {{\n    protocol {protocol};\n  }}\n"
     );
+    text.push_str(&options_section(layout));
     let mut sorted: Vec<&Endpoint> = endpoints.iter().collect();
     sorted.sort_by_key(|e| ids.get(&e.node).copied().unwrap_or(u32::MAX));
     for endpoint in sorted {
         let id = ids
             .get(&endpoint.node)
             .ok_or_else(|| format!("node {} has no node id", endpoint.node))?;
+        if layout.diskless.contains(&endpoint.node) {
+            text.push_str(&format!(
+                "  on {} {{\n    node-id {id};\n    address {};\n    volume 0 {{\n      device \
+                 minor {};\n      disk none;\n    }}\n  }}\n",
+                endpoint.node, endpoint.address, endpoint.minor,
+            ));
+            continue;
+        }
         text.push_str(&format!(
             "  on {} {{\n    node-id {id};\n    address {};\n    volume 0 {{\n      device minor \
              {};\n      disk {};\n      meta-disk internal;\n    }}\n  }}\n",
@@ -252,6 +441,7 @@ pub fn render(
             plain_path(&endpoint.disk)?
         ));
     }
+    text.push_str(&mesh_section(ids.keys().map(String::as_str)));
     text.push_str("}\n");
     crate::config::parse_str(&format!("{name}.res"), &text, std::path::Path::new("/"))
         .map_err(|e| e.to_string())?;
@@ -267,10 +457,14 @@ mod tests {
             size_bytes: 1 << 30,
             role: Role::Primary,
             protocol: "C".into(),
-            peers: vec![PeerRef { node: "beta".into(), url: "http://127.0.0.1:8781".into() }],
+            peers: vec![PeerRef {
+                node: "beta".into(),
+                url: "http://127.0.0.1:8781".into(),
+                ..Default::default()
+            }],
             target_iqn: "iqn.2010-10.org.openstack:volume-1".into(),
             chap: Chap { username: "user".into(), secret: "secret-123456".into() },
-            source: None,
+            ..Default::default()
         }
     }
 
@@ -331,6 +525,128 @@ mod tests {
             assert_eq!(check("v", "alpha", &clone).is_ok(), expected.is_ok(), "{source}");
         }
         assert!(valid_name(&clone_snapshot_name(&"v".repeat(NAME_BYTES_MAX - 10))));
+    }
+
+    /// alpha (this node, primary), beta and a diskless tie, with the promoter.
+    fn with_tiebreaker() -> PutRequest {
+        let mut r = request();
+        r.peers.push(PeerRef {
+            node: "tie".into(),
+            url: "http://127.0.0.1:8782".into(),
+            disk: Some("none".into()),
+        });
+        r.auto_promote = true;
+        r.preferred_nodes = vec!["alpha".into(), "beta".into()];
+        r
+    }
+
+    #[test]
+    fn tiebreakers_quorum_and_promoter_are_checked_with_clear_errors() {
+        let layout = layout_of("alpha", &with_tiebreaker()).expect("valid");
+        assert_eq!(layout.diskless, BTreeSet::from(["tie".to_owned()]));
+        assert_eq!(layout.quorum.as_deref(), Some("majority"), "majority by default with 3");
+        assert_eq!(layout.on_no_quorum.as_deref(), Some("io-error"));
+        assert!(layout.auto_promote);
+        assert_eq!(check("v", "alpha", &with_tiebreaker()), Ok(()));
+        // Two nodes: quorum stays off, as before.
+        assert_eq!(layout_of("alpha", &request()).expect("valid"), Layout::default());
+        type Change = Box<dyn Fn(&mut PutRequest)>;
+        let cases: Vec<(&str, Change, &str)> = vec![
+            ("alpha", Box::new(|r| r.peers[1].disk = Some("/x".into())), "only \"none\""),
+            (
+                "alpha",
+                Box::new(|r| {
+                    r.disk = Some("none".into());
+                    r.peers[1].disk = None;
+                    r.preferred_nodes.clear();
+                }),
+                "its role must be secondary",
+            ),
+            ("alpha", Box::new(|r| r.peers[0].disk = Some("none".into())), "at least 2 nodes"),
+            ("alpha", Box::new(|r| r.quorum = Some("off".into())), "auto_promote needs quorum"),
+            ("alpha", Box::new(|r| r.quorum = Some("4".into())), "count from 1 to 3"),
+            ("alpha", Box::new(|r| r.quorum = Some("most".into())), "quorum must be"),
+            ("alpha", Box::new(|r| r.on_no_quorum = Some("panic".into())), "on_no_quorum must"),
+            ("alpha", Box::new(|r| r.preferred_nodes.push("tie".into())), "with a disk"),
+            ("alpha", Box::new(|r| r.preferred_nodes.push("beta".into())), "named twice"),
+            (
+                "alpha",
+                Box::new(|r| {
+                    r.auto_promote = false;
+                }),
+                "only used with auto_promote",
+            ),
+            (
+                "alpha",
+                Box::new(|r| {
+                    r.peers.pop();
+                    r.preferred_nodes.clear();
+                }),
+                "at least 3 nodes",
+            ),
+            (
+                "alpha",
+                Box::new(|r| {
+                    r.auto_promote = false;
+                    r.preferred_nodes.clear();
+                    r.quorum = Some("off".into());
+                    r.on_no_quorum = Some("io-error".into());
+                }),
+                "needs quorum (quorum is off)",
+            ),
+        ];
+        for (me, change, needle) in cases {
+            let mut r = with_tiebreaker();
+            change(&mut r);
+            match check("v", me, &r) {
+                Err(Refusal::BadRequest(message)) => {
+                    assert!(message.contains(needle), "{needle}: {message}")
+                }
+                other => panic!("{needle}: {other:?}"),
+            }
+        }
+        // The tiebreaker's own request: secondary, diskless, no source.
+        let mut tie = with_tiebreaker();
+        tie.role = Role::Secondary;
+        tie.disk = Some("none".into());
+        tie.peers[1] = PeerRef {
+            node: "gamma".into(),
+            url: "http://127.0.0.1:8783".into(),
+            ..Default::default()
+        };
+        tie.preferred_nodes = vec!["beta".into(), "gamma".into()];
+        assert_eq!(check("v", "alpha", &tie), Ok(()));
+        tie.source = Some(serde_json::json!({"resource": {"resource": "volume-0"}}));
+        assert!(
+            matches!(check("v", "alpha", &tie), Err(Refusal::BadRequest(m)) if m.contains("no source"))
+        );
+        // Old request files (no new fields) still read, and a request without the new fields
+        // is written as before.
+        let old = serde_json::to_string(&request()).expect("json");
+        assert!(!old.contains("auto_promote") && !old.contains("quorum"), "{old}");
+        assert_eq!(serde_json::from_str::<PutRequest>(&old).expect("reads"), request());
+    }
+
+    #[test]
+    fn tiebreaker_resources_render_with_quorum_mesh_and_disk_none() {
+        let endpoint = |node: &str, port: u16| Endpoint {
+            node: node.into(),
+            address: format!("127.0.0.1:{port}").parse().expect("addr"),
+            disk: format!("/srv/{node}.img").into(),
+            minor: 0,
+        };
+        let endpoints = [endpoint("alpha", 7789), endpoint("beta", 7790), endpoint("tie", 7791)];
+        let ids = node_ids(["alpha", "beta", "tie"]);
+        let layout = layout_of("alpha", &with_tiebreaker()).expect("valid");
+        let text = render_with("v", "C", &endpoints, &ids, &layout).expect("renders");
+        assert!(text.contains("quorum majority;") && text.contains("on-no-quorum io-error;"));
+        assert!(text.contains("connection-mesh {\n    hosts alpha beta tie;"), "{text}");
+        let config =
+            crate::config::parse_str("v.res", &text, std::path::Path::new("/")).expect("ok");
+        let resource = &config.resources[0];
+        assert_eq!(resource.nodes.len(), 3);
+        assert!(!text.contains("/srv/tie.img"), "a tiebreaker has no disk: {text}");
+        assert!(text.contains("/srv/alpha.img") && text.contains("/srv/beta.img"));
     }
 
     #[test]

@@ -15,6 +15,12 @@ pub struct TandemdNode {
     pub api: SocketAddr,
     pub state: PathBuf,
     pub daemon: Daemon,
+    /// The iSCSI portal (kept across [`TandemdNode::restart`]).
+    pub portal: SocketAddr,
+    /// What [`TandemdNode::restart`] starts it with again.
+    dir: PathBuf,
+    replication_ip: String,
+    token: String,
 }
 
 impl TandemdNode {
@@ -25,6 +31,41 @@ impl TandemdNode {
         std::fs::write(&config, "global { usage-count no; }\n").expect("config");
         let api = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let portal = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let state = dir.join(format!("state-{name}"));
+        let daemon = Self::spawn(dir, name, api, portal, replication_ip, token);
+        TandemdNode {
+            name,
+            api,
+            state,
+            daemon,
+            portal,
+            dir: dir.to_path_buf(),
+            replication_ip: replication_ip.to_owned(),
+            token: token.to_owned(),
+        }
+    }
+
+    /// Starts the node again (after `daemon.kill9()`) with the same ports and state directory.
+    pub fn restart(&mut self) {
+        self.daemon = Self::spawn(
+            &self.dir,
+            self.name,
+            self.api,
+            self.portal,
+            &self.replication_ip,
+            &self.token,
+        );
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &'static str,
+        api: SocketAddr,
+        portal: SocketAddr,
+        replication_ip: &str,
+        token: &str,
+    ) -> Daemon {
+        let config = dir.join(format!("{name}.conf"));
         let state = dir.join(format!("state-{name}"));
         let mut command = Command::new(binary("tandemd"));
         command
@@ -39,7 +80,12 @@ impl TandemdNode {
             .args(["--replication-address", replication_ip]);
         let mut daemon = Daemon::spawn(name, command);
         daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
-        TandemdNode { name, api, state, daemon }
+        daemon
+    }
+
+    /// The node's control socket, for `tandemadm -s`.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(format!("{}.sock", self.name))
     }
 
     /// tandem-api's `--node` argument for this node.

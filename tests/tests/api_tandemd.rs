@@ -350,3 +350,174 @@ fn assert_same_content(a: &Path, b: &Path) {
         }
     }
 }
+
+/// The role of `resource` on `node` as its control API reports it ("" when unreachable).
+fn role_on(node: &TandemdNode, resource: &str) -> String {
+    let (status, body) =
+        http(node.api, "GET", &format!("/v1/resources/{resource}"), NODE_TOKEN, "");
+    if status != 200 {
+        return String::new();
+    }
+    body["role"].as_str().unwrap_or_default().to_owned()
+}
+
+/// Three tandemd: tandem-api places a volume's two replicas on two of them and makes the third
+/// the diskless tiebreaker with the promoter on (quorum majority). The tiebreaker holds no
+/// data and is not in the connection_info; killing the primary makes the other replica promote
+/// itself (no `tandemadm primary`, no API call); the restarted node rejoins as Secondary; the
+/// volume's delete removes the resource from all three nodes, the tiebreaker's included.
+#[test]
+fn a_volume_on_three_tandemd_gets_a_tiebreaker_and_fails_over_by_itself() {
+    tests::require_slow!();
+    let qemu_io = require_tool("qemu-io", "qemu-utils");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut nodes = [
+        TandemdNode::start(dir.path(), "node-a", "127.0.62.1", NODE_TOKEN),
+        TandemdNode::start(dir.path(), "node-b", "127.0.62.2", NODE_TOKEN),
+        TandemdNode::start(dir.path(), "node-c", "127.0.62.3", NODE_TOKEN),
+    ];
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut command = Command::new(binary("tandem-api"));
+    command
+        .args(["--listen", &addr.to_string(), "--database"])
+        .arg(dir.path().join("api.sqlite"))
+        .args(["--node-token", NODE_TOKEN]);
+    for node in &nodes {
+        command.args(["--node", &format!("{}=http://{}", node.name, node.api)]);
+    }
+    let mut api = Daemon::spawn("tandem-api", command);
+    api.wait_for_port(addr, Duration::from_secs(60));
+    wait_for("three tandemd nodes up in tandem-api", Duration::from_secs(30), || {
+        let (_, body) = http(addr, "GET", "/v3/demo/os-services", "admin:demo", "");
+        body["services"].as_array().is_some_and(|s| {
+            s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 3
+        })
+    });
+    let (status, body) =
+        http(addr, "POST", "/v3/demo/volumes", "admin:demo", r#"{"volume": {"size": 1}}"#);
+    assert_eq!(status, 202, "{body}");
+    let id = body["volume"]["id"].as_str().expect("id").to_owned();
+    let resource = format!("volume-{id}");
+    wait_for("volume available", Duration::from_secs(90), || {
+        let (_, body) = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+        assert_ne!(body["volume"]["status"], "error", "{body}");
+        body["volume"]["status"] == "available"
+    });
+    assert!(api.log().contains("diskless tiebreaker on"), "tandem-api says so:\n{}", api.log());
+
+    // Which node is what: the tiebreaker is Diskless, one replica Primary, one Secondary.
+    let disk_of = |node: &TandemdNode| {
+        let (_, body) = http(node.api, "GET", &format!("/v1/resources/{resource}"), NODE_TOKEN, "");
+        body["disk_state"].as_str().unwrap_or_default().to_owned()
+    };
+    let tie = nodes.iter().position(|n| disk_of(n) == "Diskless").expect("a diskless node");
+    let primary = nodes.iter().position(|n| role_on(n, &resource) == "primary").expect("primary");
+    let secondary = 3 - tie - primary;
+    assert_ne!(tie, primary);
+    assert_eq!(role_on(&nodes[secondary], &resource), "secondary");
+    wait_for("the secondary UpToDate", Duration::from_secs(30), || {
+        disk_of(&nodes[secondary]) == "UpToDate"
+    });
+    let adm = |node: &TandemdNode, args: &[&str]| {
+        let mut command = Command::new(binary("tandemadm"));
+        command.arg("-s").arg(node.socket()).args(args);
+        let output = run_with_timeout(&mut command, Duration::from_secs(30));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let tie_status = adm(&nodes[tie], &["status", &resource]);
+    println!("tandemadm status on the tiebreaker {}:\n{tie_status}", nodes[tie].name);
+    assert!(
+        tie_status.lines().any(|l| l.split_whitespace().any(|w| w == "disk:Diskless")),
+        "the tiebreaker is diskless:\n{tie_status}"
+    );
+    assert!(tie_status.contains("role:Secondary"), "{tie_status}");
+    assert!(
+        file_named(&nodes[tie].state, &format!("{resource}.img")).is_none(),
+        "the tiebreaker holds no replica"
+    );
+    for index in [primary, secondary] {
+        let file = nodes[index].state.join(format!("resources/{resource}.promoter"));
+        assert!(file.exists(), "the promoter is recorded on {}", nodes[index].name);
+    }
+    let text = std::fs::read_to_string(nodes[tie].state.join(format!("resources/{resource}.res")))
+        .expect("the tiebreaker's resource file");
+    assert!(text.contains("quorum majority;") && text.contains("connection-mesh"), "{text}");
+
+    // connection_info names the replicas' portals only; data written through it survives the
+    // failover.
+    let (status, body) = http(
+        addr,
+        "POST",
+        &format!("/v3/demo/volumes/{id}/action"),
+        "admin:demo",
+        r#"{"os-initialize_connection": {"connector": {"initiator": "iqn.1994-05.com.example:c1", "multipath": "True"}}}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let info = body["connection_info"]["data"].to_string();
+    assert!(!info.contains(&nodes[tie].portal.to_string()), "no tiebreaker portal: {info}");
+    assert!(info.contains(&nodes[primary].portal.to_string()), "{info}");
+    qemu_io_on(&qemu_io, addr, &id, &["write -P 0x5a 0 4M"]);
+
+    // Extend online: the replicas grow; the tiebreaker (no data) does not hold it up.
+    let (status, body) = http(
+        addr,
+        "POST",
+        &format!("/v3/demo/volumes/{id}/action"),
+        "admin:demo",
+        r#"{"os-extend": {"new_size": 2}}"#,
+    );
+    assert_eq!(status, 202, "{body}");
+    wait_for("volume extended", Duration::from_secs(120), || {
+        let (_, body) = http(addr, "GET", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+        assert_ne!(body["volume"]["status"], "error", "{body}");
+        body["volume"]["status"] == "available" && body["volume"]["size"] == 2
+    });
+    qemu_io_on(&qemu_io, addr, &id, &["read -P 0x5a 0 4M", "write -P 0xa5 2044M 4M"]);
+
+    // kill -9 the primary: the secondary promotes itself.
+    let killed = std::time::Instant::now();
+    nodes[primary].daemon.kill9();
+    wait_for("the survivor promoted itself", Duration::from_secs(30), || {
+        role_on(&nodes[secondary], &resource) == "primary"
+    });
+    let takeover = killed.elapsed();
+    println!(
+        "{} promoted itself {} ms after the kill of {}",
+        nodes[secondary].name,
+        takeover.as_millis(),
+        nodes[primary].name
+    );
+    assert!(
+        nodes[secondary].daemon.log().contains(&format!("promoter {resource}: role:Primary")),
+        "the promoter did it:\n{}",
+        nodes[secondary].daemon.log()
+    );
+    assert_eq!(role_on(&nodes[tie], &resource), "secondary", "a tiebreaker never promotes");
+    let survivor = adm(&nodes[secondary], &["status", &resource]);
+    println!("tandemadm status on the survivor:\n{survivor}");
+
+    // The old primary comes back as Secondary and resyncs; the survivor stays Primary.
+    nodes[primary].restart();
+    wait_for("the old primary UpToDate again", Duration::from_secs(60), || {
+        disk_of(&nodes[primary]) == "UpToDate"
+    });
+    assert_eq!(role_on(&nodes[primary], &resource), "secondary");
+    assert_eq!(role_on(&nodes[secondary], &resource), "primary");
+    // Its promoter came back with it (recorded with the resource, not in a node file).
+    let promoter_on = format!("promoter {resource}: on");
+    nodes[primary].daemon.wait_for_log(&promoter_on, Duration::from_secs(10));
+
+    // Delete: gone from all three nodes, with the promoter's record.
+    let (status, body) = http(addr, "DELETE", &format!("/v3/demo/volumes/{id}"), "admin:demo", "");
+    assert_eq!(status, 202, "{body}");
+    wait_for("the volume gone from all three nodes", Duration::from_secs(60), || {
+        nodes.iter().all(|node| {
+            let (_, list) = http(node.api, "GET", "/v1/resources", NODE_TOKEN, "");
+            list.as_array().is_some_and(Vec::is_empty)
+        })
+    });
+    for node in &nodes {
+        let left = file_named(&node.state, &resource);
+        assert!(left.is_none(), "{} keeps {left:?}", node.name);
+    }
+}

@@ -29,6 +29,10 @@ pub struct Volume {
     pub updated_at: Option<String>,
     /// Nodes holding a replica, the primary first. Empty until scheduled.
     pub nodes: Vec<String>,
+    /// The diskless tiebreaker node (a quorum vote that lets the replicas fail over on
+    /// their own), when the volume has two replicas and a third node was available.
+    #[serde(default)]
+    pub tiebreaker: Option<String>,
     /// The resource name on the nodes.
     pub resource: String,
     pub target_iqn: String,

@@ -40,6 +40,9 @@ pub struct Chap {
 pub struct Peer {
     pub node: String,
     pub url: String,
+    /// `"none"`: the peer is the volume's diskless tiebreaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 /// Where the new resource's data comes from, when not blank. The node holding a replica of the
@@ -60,6 +63,16 @@ pub struct CreateResource {
     pub target_iqn: String,
     pub chap: Chap,
     pub source: Option<Source>,
+    /// `"none"`: this node is the volume's diskless tiebreaker (a quorum vote, no data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// Run the nodes' promoter: a surviving replica takes over when the primary dies. The
+    /// node defaults quorum to majority with three nodes or more.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auto_promote: bool,
+    /// The promoter's order among the replicas with data (the primary first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preferred_nodes: Vec<String>,
 }
 
 /// How a node exports a resource over iSCSI.

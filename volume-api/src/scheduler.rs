@@ -100,6 +100,28 @@ pub fn choose(
     Ok(chosen)
 }
 
+/// The diskless tiebreaker of a volume placed on `chosen`: with exactly two replicas, a
+/// third node (enabled, up, in the zone; it needs no room, it holds no data) gives the
+/// resource a quorum majority so a surviving replica promotes itself. The node with the most
+/// free space is taken (name breaks ties). `None`: only two nodes, failover stays manual.
+pub fn choose_tiebreaker(
+    nodes: &[Node],
+    now_ms: u64,
+    chosen: &[String],
+    availability_zone: Option<&str>,
+) -> Option<String> {
+    if chosen.len() != 2 {
+        return None;
+    }
+    nodes
+        .iter()
+        .filter(|n| n.enabled && is_up(n, now_ms))
+        .filter(|n| availability_zone.is_none_or(|az| n.availability_zone == az))
+        .filter(|n| !chosen.contains(&n.name))
+        .min_by(|a, b| b.free_bytes.cmp(&a.free_bytes).then_with(|| a.name.cmp(&b.name)))
+        .map(|n| n.name.clone())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +158,29 @@ mod tests {
         assert_eq!(choose(&nodes, now, 1 << 30, 1, None), Ok(vec!["elsewhere".into()]));
         assert!(choose(&nodes, now, 1 << 30, 3, Some("az2")).is_err());
         assert_eq!(choose(&nodes, now, 1 << 30, 3, Some("nova")).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_third_node_becomes_the_tiebreaker_of_two_replicas() {
+        let now = 1_000_000;
+        let mut nodes = vec![
+            node("a", "nova", 10, now, true),
+            node("b", "nova", 50, now, true),
+            node("c", "nova", 30, now, true),
+            node("down", "nova", 99, now - HEARTBEAT_TIMEOUT_MS_MAX - 1, true),
+            node("off", "nova", 99, now, false),
+            node("elsewhere", "az2", 98, now, true),
+        ];
+        let pair = ["b".to_owned(), "c".to_owned()];
+        assert_eq!(choose_tiebreaker(&nodes, now, &pair, Some("nova")), Some("a".into()));
+        // A full node still votes: a tiebreaker holds no data.
+        nodes[0].free_bytes = 0;
+        assert_eq!(choose_tiebreaker(&nodes, now, &pair, Some("nova")), Some("a".into()));
+        // Only two usable nodes, or three replicas already: none.
+        nodes[0].enabled = false;
+        assert_eq!(choose_tiebreaker(&nodes, now, &pair, Some("nova")), None);
+        let three = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+        assert_eq!(choose_tiebreaker(&nodes, now, &three, None), None);
     }
 
     #[test]

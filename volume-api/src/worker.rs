@@ -290,48 +290,85 @@ async fn run_create(state: &Arc<AppState>, id: &str) -> Result<(), String> {
         .unwrap_or_default();
     let replication = scheduler::replication(&specs, state.settings.default_replica_count);
     let size_bytes = v.size_gib.checked_mul(1 << 30).ok_or("size overflows")?;
-    let chosen = if v.nodes.is_empty() {
+    let (chosen, tiebreaker) = if v.nodes.is_empty() {
+        let all: Vec<Node> = state.db().list(Table::Nodes, None).map_err(|e| e.to_string())?;
         let chosen = match &source {
             // Clones live where their source lives: the data is local there.
             Some((_, nodes)) => nodes.clone(),
-            None => {
-                let all: Vec<Node> =
-                    state.db().list(Table::Nodes, None).map_err(|e| e.to_string())?;
-                scheduler::choose(
-                    &all,
-                    now_ms(),
-                    size_bytes,
-                    replication.replica_count,
-                    Some(&v.availability_zone),
-                )
-                .map_err(|e| e.to_string())?
-            }
+            None => scheduler::choose(
+                &all,
+                now_ms(),
+                size_bytes,
+                replication.replica_count,
+                Some(&v.availability_zone),
+            )
+            .map_err(|e| e.to_string())?,
         };
+        let tiebreaker =
+            scheduler::choose_tiebreaker(&all, now_ms(), &chosen, Some(&v.availability_zone));
+        match &tiebreaker {
+            Some(node) => tracing::info!(
+                "volume {id}: replicas on {}, diskless tiebreaker on {node}: a surviving replica \
+                 takes over automatically when the primary dies",
+                chosen.join(", ")
+            ),
+            None if chosen.len() == 2 => tracing::warn!(
+                "volume {id}: replicas on {}, no third node for a tiebreaker: failover is manual \
+                 (promote the survivor); register a third storage node for automatic failover",
+                chosen.join(", ")
+            ),
+            None => {}
+        }
         // Recorded before any node is asked, so a crash from here on knows what to clean up.
-        update_volume(state, id, |v| v.nodes = chosen.clone()).map_err(|e| e.to_string())?;
-        chosen
+        update_volume(state, id, |v| {
+            v.nodes = chosen.clone();
+            v.tiebreaker = tiebreaker.clone();
+        })
+        .map_err(|e| e.to_string())?;
+        (chosen, tiebreaker)
     } else {
-        v.nodes.clone()
+        (v.nodes.clone(), v.tiebreaker.clone())
     };
     let nodes = nodes_named(state, &chosen)?;
+    let tiebreaker_node = match &tiebreaker {
+        Some(name) => nodes_named(state, std::slice::from_ref(name))?.pop(),
+        None => None,
+    };
+    // Three nodes or more: quorum (majority, the nodes' default) and the promoter.
+    let auto_promote = nodes.len() + usize::from(tiebreaker_node.is_some()) >= 3;
+    let preferred_nodes: Vec<String> = if auto_promote { chosen.clone() } else { Vec::new() };
+    let everyone: Vec<(&Node, bool)> =
+        tiebreaker_node.iter().map(|n| (n, true)).chain(nodes.iter().map(|n| (n, false))).collect();
     let mut portals = Vec::new();
-    for (index, node) in nodes.iter().enumerate() {
+    // The tiebreaker first (it answers at once), then the primary and the secondaries: the
+    // primary's initial promotion waits for every peer, the tiebreaker included.
+    for (node, diskless) in &everyone {
         let request = CreateResource {
             size_bytes,
-            role: if index == 0 { Role::Primary } else { Role::Secondary },
+            role: if node.name == chosen[0] { Role::Primary } else { Role::Secondary },
             protocol: replication.protocol,
-            peers: nodes
+            peers: everyone
                 .iter()
-                .filter(|n| n.name != node.name)
-                .map(|n| Peer { node: n.name.clone(), url: n.url.clone() })
+                .filter(|(n, _)| n.name != node.name)
+                .map(|(n, diskless)| Peer {
+                    node: n.name.clone(),
+                    url: n.url.clone(),
+                    disk: diskless.then(|| "none".to_owned()),
+                })
                 .collect(),
             target_iqn: v.target_iqn.clone(),
             chap: Chap { username: v.chap_username.clone(), secret: v.chap_secret.clone() },
-            source: source.as_ref().map(|(s, _)| s.clone()),
+            source: if *diskless { None } else { source.as_ref().map(|(s, _)| s.clone()) },
+            disk: diskless.then(|| "none".to_owned()),
+            auto_promote,
+            preferred_nodes: preferred_nodes.clone(),
         };
         let export =
             state.nodes.create(node, &v.resource, &request).await.map_err(|e| e.to_string())?;
-        portals.push(export.portal);
+        // Only replicas with data serve I/O: the tiebreaker's portal is not the volume's.
+        if !diskless {
+            portals.push(export.portal);
+        }
     }
     let updated = update_volume(state, id, |v| {
         if v.status == VolumeStatus::Creating {
@@ -343,9 +380,15 @@ async fn run_create(state: &Arc<AppState>, id: &str) -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     if updated.is_none() {
         // Deleted while being created: take the pieces back.
-        delete_pieces(state, &v.resource, &nodes, &[]).await.map_err(|e| e.to_string())?;
+        let all: Vec<Node> = everyone.iter().map(|(n, _)| (*n).clone()).collect();
+        delete_pieces(state, &v.resource, &all, &[]).await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// Every node with a piece of the volume: the replicas and the tiebreaker.
+fn with_tiebreaker(v: &Volume) -> Vec<String> {
+    v.nodes.iter().chain(v.tiebreaker.iter()).cloned().collect()
 }
 
 async fn delete_pieces(
@@ -371,7 +414,7 @@ async fn delete_pieces(
 /// Best-effort removal of whatever a failed create left on its nodes.
 async fn cleanup_volume(state: &Arc<AppState>, id: &str) {
     let Ok(Some(v)) = state.db().get::<Volume>(Table::Volumes, id) else { return };
-    let Ok(nodes) = nodes_named(state, &v.nodes) else { return };
+    let Ok(nodes) = nodes_named(state, &with_tiebreaker(&v)) else { return };
     if let Err(e) = delete_pieces(state, &v.resource, &nodes, &[]).await {
         tracing::warn!("cleanup of volume {id} incomplete: {e}");
     }
@@ -441,7 +484,7 @@ pub fn delete_volume(state: &Arc<AppState>, id: String) {
             let snaps: Vec<Snapshot> =
                 s.db().list_by_parent(Table::Snapshots, &id).map_err(|e| e.to_string())?;
             let names: Vec<String> = snaps.iter().map(|sn| format!("snapshot-{}", sn.id)).collect();
-            let nodes = nodes_named(&s, &v.nodes)?;
+            let nodes = nodes_named(&s, &with_tiebreaker(&v))?;
             delete_pieces(&s, &v.resource, &nodes, &names).await.map_err(|e| e.to_string())?;
             // The records go in one step: no reader sees a volume without its snapshots.
             s.transaction(|tx| {

@@ -221,6 +221,7 @@ pub async fn create(
         created_at: now,
         updated_at: None,
         nodes: Vec::new(),
+        tiebreaker: None,
         resource: format!("volume-{id}"),
         target_iqn: format!("iqn.2026-11.org.tandem:volume-{id}"),
         chap_username: model::new_secret(20),
