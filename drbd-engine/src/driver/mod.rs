@@ -18,6 +18,9 @@ pub mod constants;
 pub mod fence;
 pub mod meta_file;
 pub mod meta_v09;
+pub mod scope;
+
+pub use scope::TaskScope;
 
 use crate::NodeId;
 use crate::constants::BLOCK_SIZE_BYTES;
@@ -305,6 +308,30 @@ impl ReplicatedDevice {
     pub async fn start(
         config: DriverConfig,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), DeviceError> {
+        // A scope never shut down: the tasks live until they end on their own.
+        let (device, driver) = Self::open(config, TaskScope::default()).await?;
+        Ok((device, tokio::spawn(driver)))
+    }
+
+    /// Like `start`, on the current runtime, with every task the engine ever spawns in
+    /// `scope`: `scope.shutdown()` stops the engine and releases its port, sockets and files.
+    /// Hosts run the engine on the runtime that serves its I/O this way, so a request and its
+    /// completion do not cross threads (a wakeup of another thread each way).
+    pub async fn start_scoped(
+        config: DriverConfig,
+        scope: &TaskScope,
+    ) -> Result<Self, DeviceError> {
+        let (device, driver) = Self::open(config, scope.clone()).await?;
+        scope.spawn(driver);
+        Ok(device)
+    }
+
+    /// Opens everything and spawns the accept loop into `tasks`; the driver's future is the
+    /// caller's to spawn.
+    async fn open(
+        config: DriverConfig,
+        tasks: TaskScope,
+    ) -> Result<(Self, impl Future<Output = ()> + Send + 'static), DeviceError> {
         let options = OpenOptions {
             engine: config.engine,
             direct_io: config.direct_io,
@@ -399,13 +426,14 @@ impl ReplicatedDevice {
             journal,
             ping_sent: BTreeMap::new(),
             round_trip_us: BTreeMap::new(),
+            tasks: tasks.clone(),
         };
         let accept_inputs = inputs_tx.clone();
         let my_id = driver.config.node_id;
         let known: Vec<NodeId> = driver.config.peers.iter().map(|(id, _)| *id).collect();
         let secret = driver.config.shared_secret.clone();
-        tokio::spawn(accept_loop(listener, my_id, known, secret, accept_inputs));
-        let task = tokio::spawn(async move { driver.run(commands_rx, inputs_rx).await });
+        tasks.spawn(accept_loop(listener, my_id, known, secret, accept_inputs, tasks.clone()));
+        let task = async move { driver.run(commands_rx, inputs_rx).await };
         Ok((
             Self { commands: commands_tx, size_bytes: shared_size_bytes, atomic_write_max_bytes },
             task,
@@ -574,13 +602,15 @@ async fn accept_loop(
     known: Vec<NodeId>,
     secret: Option<Vec<u8>>,
     inputs: mpsc::UnboundedSender<Input>,
+    tasks: TaskScope,
 ) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else { continue };
         let inputs = inputs.clone();
         let known = known.clone();
         let secret = secret.clone();
-        tokio::spawn(async move {
+        let scope = tasks.clone();
+        tasks.spawn(async move {
             let mut preamble = [0u8; PREAMBLE_BYTES];
             if stream.read_exact(&mut preamble).await.is_err() {
                 return;
@@ -602,7 +632,7 @@ async fn accept_loop(
             if !authenticate(&mut stream, secret.as_deref(), my_id, peer).await {
                 return;
             }
-            run_connection(stream, peer, conn_id, inputs);
+            run_connection(stream, peer, conn_id, inputs, &scope);
         });
     }
 }
@@ -614,6 +644,7 @@ async fn dial(
     conn_id: u64,
     secret: Option<Vec<u8>>,
     inputs: mpsc::UnboundedSender<Input>,
+    tasks: TaskScope,
 ) {
     let Ok(Ok(mut stream)) =
         tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
@@ -637,7 +668,7 @@ async fn dial(
     if !authenticate(&mut stream, secret.as_deref(), my_id, peer).await {
         return;
     }
-    run_connection(stream, peer, conn_id, inputs);
+    run_connection(stream, peer, conn_id, inputs, &tasks);
 }
 
 /// DRBD's cram-hmac-alg exchange on a fresh connection (see `protocol::auth`), before the
@@ -701,6 +732,7 @@ fn run_connection(
     peer: NodeId,
     conn_id: u64,
     inputs: mpsc::UnboundedSender<Input>,
+    tasks: &TaskScope,
 ) {
     let _ = stream.set_nodelay(true);
     let (mut reader, mut writer) = stream.into_split();
@@ -708,7 +740,7 @@ fn run_connection(
     if inputs.send(Input::Connected { peer, conn_id, writer: tx }).is_err() {
         return;
     }
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(pieces) = rx.recv().await {
             if write_pieces(&mut writer, &pieces).await.is_err() {
                 break;
@@ -716,7 +748,7 @@ fn run_connection(
         }
         let _ = writer.shutdown().await;
     });
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Ok(by_peer) = read_frames(&mut reader, peer, conn_id, &inputs).await {
             let _ = inputs.send(Input::Closed { peer, conn_id, by_peer });
         }
@@ -836,6 +868,8 @@ struct Driver {
     /// last answered one took (DRBD's ping timing, shown as the metrics' peer round trip).
     ping_sent: BTreeMap<NodeId, Instant>,
     round_trip_us: BTreeMap<NodeId, u64>,
+    /// Where every task the engine spawns goes (`scope`).
+    tasks: TaskScope,
 }
 
 impl Driver {
@@ -912,7 +946,9 @@ impl Driver {
             getrandom_fallback(&mut random);
             let conn_id = u64::from_le_bytes(random) | 1;
             let secret = self.config.shared_secret.clone();
-            tokio::spawn(dial(me, peer, addr, conn_id, secret, self.inputs_tx.clone()));
+            let dial =
+                dial(me, peer, addr, conn_id, secret, self.inputs_tx.clone(), self.tasks.clone());
+            self.tasks.spawn(dial);
         }
     }
 
@@ -1255,7 +1291,7 @@ impl Driver {
             (peer, peer_addr),
         );
         let inputs = self.inputs_tx.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let outcome = fence::run(handler, env, peer).await;
             let _ = inputs.send(Input::Fenced { peer, outcome });
         });
