@@ -88,6 +88,11 @@ impl StoragePair {
 
     /// tandemd for node `index`, listening for the peer's forward link and keeping one to it.
     pub fn start(&self, index: usize) -> Daemon {
+        self.start_with(index, &[])
+    }
+
+    /// [`StoragePair::start`] with more tandemd flags.
+    pub fn start_with(&self, index: usize, flags: &[&str]) -> Daemon {
         let n = &self.nodes[index];
         let peer = &self.nodes[1 - index];
         let mut command = Command::new(binary("tandemd"));
@@ -104,6 +109,7 @@ impl StoragePair {
         if self.tiebreaker.is_some() {
             command.args(["--promoter", "r0 preferred-nodes alpha,beta"]);
         }
+        command.args(flags);
         let mut daemon = Daemon::spawn(n.name, command);
         daemon.wait_for_log("tandemd: ready", Duration::from_secs(20));
         daemon
