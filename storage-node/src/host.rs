@@ -50,6 +50,10 @@ pub struct Plan {
     /// This node is `disk none`: a diskless quorum tiebreaker (votes, stores nothing, exports
     /// no LUN, never promotes). Its engine runs on placeholder files in the state directory.
     pub diskless: bool,
+    /// The device's end keeps the replicated persistent reservations (`reservations.rs`), so
+    /// the LUN is that much smaller; off with the node file's `reservations R local` (a
+    /// volume from kernel DRBD fills its device to the end).
+    pub reservation_area: bool,
 }
 
 struct Running {
@@ -92,9 +96,19 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Slot {
-    /// The size the LUN (the volume) has: the device less its reservation area.
+    /// The size the LUN (the volume) has: the device less its reservation area, if it has one.
     pub fn lun_size_bytes(&self) -> u64 {
-        crate::reservations::lun_size_bytes(self.size_bytes.load(Ordering::Acquire))
+        let device_bytes = self.size_bytes.load(Ordering::Acquire);
+        if self.reservation_area() {
+            crate::reservations::lun_size_bytes(device_bytes)
+        } else {
+            device_bytes
+        }
+    }
+
+    /// Whether the device's end keeps the replicated persistent reservations ([`Plan`]).
+    pub fn reservation_area(&self) -> bool {
+        lock(&self.plan).as_ref().map_or(true, |plan| plan.reservation_area)
     }
 
     pub fn device(&self) -> Option<ReplicatedDevice> {
@@ -322,6 +336,7 @@ pub fn plan_resource(
             timeout_ms: FENCE_HANDLER_TIMEOUT_MS_DEFAULT,
         }),
         diskless,
+        reservation_area: !settings.local_reservations.iter().any(|local| local == name),
     })
 }
 

@@ -113,6 +113,7 @@ impl Host {
         let (old, new) =
             device.resize().await.map_err(|e| explain_state_error(name, "resize", e))?;
         if new > old
+            && slot.reservation_area()
             && let Err(error) = slot.reservations.relocate(&device, old, new).await
         {
             tracing::error!(resource = %name, %error,

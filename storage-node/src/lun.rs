@@ -107,6 +107,10 @@ impl BlockDevice for ResourceLun {
     }
 
     async fn persist_reservations(&self, version: u64, image: Bytes) -> Result<(), DeviceError> {
+        if !self.slot.reservation_area() {
+            // `reservations R local`: the state stays in the target's memory, like tgt's.
+            return Ok(());
+        }
         // Like a write: held off while a snapshot copies the replicas.
         let _gate = self.slot.write_gate.read().await;
         let device = self.device()?;
@@ -115,11 +119,11 @@ impl BlockDevice for ResourceLun {
     }
 
     fn reservations_load(&self) -> Option<u64> {
-        self.slot.reservations.load_number()
+        self.slot.reservations.load_number().filter(|_| self.slot.reservation_area())
     }
 
     fn persisted_reservations(&self) -> Option<Bytes> {
-        Some(self.slot.reservations.image())
+        self.slot.reservation_area().then(|| self.slot.reservations.image())
     }
 
     fn block_size_bytes(&self) -> u32 {

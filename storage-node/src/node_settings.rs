@@ -19,7 +19,14 @@
 //! metrics-listen  0.0.0.0:9943     # Prometheus /metrics without the API token
 //! service-ip      r0 192.0.2.100/24 dev eth0   # moves with r0's primary (one line each)
 //! promoter        r0 preferred-nodes alpha,beta  # r0 promotes itself (needs quorum)
+//! reservations    r0 local     # r0's LUN is its whole device (see below)
 //! ```
+//!
+//! `reservations RESOURCE local` is for a volume that comes from kernel DRBD (or any device
+//! whose initiator data fills it to the end): by default the last 128 KiB of a resource's
+//! device hold its replicated persistent reservations (`reservations.rs`) and the LUN is that
+//! much smaller; with `local` the LUN is the whole device and PERSISTENT RESERVE state lives
+//! in this node's memory only (as tgt keeps it), lost on restart and failover.
 
 use crate::constants::{
     CONTROL_SOCKET_DEFAULT, IQN_PREFIX_DEFAULT, PORTAL_DEFAULT, REPLICATION_PORTS_DEFAULT,
@@ -57,6 +64,9 @@ pub struct NodeSettings {
     pub service_ips: Vec<crate::service_ip::ServiceIpConfig>,
     /// Resources whose promoter runs on this node (`promoter` lines, one per resource).
     pub promoters: Vec<crate::autopromote::PromoterSettings>,
+    /// Resources whose persistent reservations stay in memory (`reservations R local`), so
+    /// their LUN is the whole device.
+    pub local_reservations: Vec<String>,
 }
 
 impl Default for NodeSettings {
@@ -77,6 +87,7 @@ impl Default for NodeSettings {
             metrics_listen: None,
             service_ips: Vec::new(),
             promoters: Vec::new(),
+            local_reservations: Vec::new(),
         }
     }
 }
@@ -158,6 +169,25 @@ impl NodeSettings {
                 }
                 self.promoters.push(config);
             }
+            "reservations" => {
+                let mut words = value.split_whitespace();
+                let (Some(resource), Some(mode), None) = (words.next(), words.next(), words.next())
+                else {
+                    return Err(format!(
+                        "reservations wants RESOURCE local|replicated, got '{value}'"
+                    ));
+                };
+                self.local_reservations.retain(|name| name != resource);
+                match mode {
+                    "local" => self.local_reservations.push(resource.to_owned()),
+                    "replicated" => {}
+                    _ => {
+                        return Err(format!(
+                            "reservations {resource}: '{mode}' is neither local nor replicated"
+                        ));
+                    }
+                }
+            }
             "api-token" => {
                 if value.len() < 16 {
                     return Err("api-token must be at least 16 characters".into());
@@ -168,7 +198,7 @@ impl NodeSettings {
                 return Err(format!(
                     "unknown setting '{key}' (known: portal, control-socket, state-dir, \
                      iqn-prefix, chap, mutual-chap, node, api-listen, api-token, availability-zone, replication-address, \
-                     replication-ports, metrics-listen, service-ip, promoter)"
+                     replication-ports, metrics-listen, service-ip, promoter, reservations)"
                 ));
             }
         }
@@ -240,6 +270,14 @@ mod tests {
         assert_eq!(settings.metrics_listen, Some("0.0.0.0:9943".parse().expect("addr")));
         let ips: Vec<String> = settings.service_ips.iter().map(|c| c.cidr()).collect();
         assert_eq!(ips, ["10.9.0.100/24", "10.9.0.101/24"]);
+        assert!(settings.local_reservations.is_empty(), "replicated by default");
+        settings
+            .apply_file(
+                "node.conf",
+                "reservations r0 local\nreservations r1 local\nreservations r1 replicated\n",
+            )
+            .expect("valid");
+        assert_eq!(settings.local_reservations, ["r0"], "the last line for a resource wins");
     }
 
     #[test]
@@ -260,6 +298,8 @@ mod tests {
                 "service-ip r0 10.0.0.1/24 dev e0\nservice-ip r0 10.0.0.2/24 dev e0",
                 "node.conf:2: service-ip: r0 has one already",
             ),
+            ("reservations r0", "node.conf:1: reservations wants RESOURCE local|replicated"),
+            ("reservations r0 off", "node.conf:1: reservations r0: 'off' is neither local"),
         ];
         for (text, expected) in cases {
             let error = NodeSettings::default().apply_file("node.conf", text).expect_err(text);

@@ -72,6 +72,32 @@ fn owner_header(owner: &str) -> [u8; OWNER_HEADER_BYTES] {
     header
 }
 
+/// Whether a slot's first block holds data Tandem never writes there: neither zeroes (a
+/// fresh device) nor an owner header (this or another resource's image, torn or whole). A
+/// volume that comes from kernel DRBD, or any device whose initiator data fill it to the end,
+/// has such data in the area; using it would cut the initiator's data short and the first
+/// PERSISTENT RESERVE OUT would overwrite it. A torn image write lands block by block, but
+/// its first block is either still zero or the header, so a torn slot is never foreign. Pure.
+pub fn foreign(slot: &[u8]) -> bool {
+    let first = &slot[..slot.len().min(OWNER_HEADER_BYTES)];
+    !first.starts_with(OWNER_MAGIC) && first.iter().any(|byte| *byte != 0)
+}
+
+/// Why the reservations could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Device(#[from] EngineError),
+    #[error(
+        "the last {} KiB of the device hold data that is not a reservation image (slot \
+         {slot}): a volume from kernel DRBD or another system fills its device to the end. \
+         Nothing was written there. Put `reservations {resource} local` in the node file to \
+         export the whole device (reservations then stay in this node's memory)",
+        RESERVATION_AREA_BYTES / 1024
+    )]
+    Foreign { resource: String, slot: usize },
+}
+
 /// The newest valid image of `owner` among the slots' contents: (slot index, version, image
 /// bytes). Slots of another owner, torn or empty ones count as holding nothing. Pure.
 pub fn newest(owner: &str, slots: [&[u8]; 2]) -> Option<(usize, u64, Bytes)> {
@@ -124,6 +150,8 @@ pub struct ReservationStore {
     image: Mutex<Bytes>,
     /// Serialises writes of images and remembers the newest durable one.
     durable: tokio::sync::Mutex<Durable>,
+    /// The last load's error, logged once rather than at every retry of the state watcher.
+    last_error: Mutex<Option<String>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -152,11 +180,14 @@ impl ReservationStore {
         device: &ReplicatedDevice,
         owner: &str,
         port_offset: u16,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), LoadError> {
         let mut durable = self.durable.lock().await;
         let size = device.size_bytes();
         let first = device.read(slot_offset_bytes(size, 0), RESERVATION_SLOT_BYTES).await?;
         let second = device.read(slot_offset_bytes(size, 1), RESERVATION_SLOT_BYTES).await?;
+        if let Some(slot) = [&first, &second].iter().position(|bytes| foreign(bytes)) {
+            return Err(LoadError::Foreign { resource: owner.to_owned(), slot });
+        }
         let (slot, version, image) = newest(owner, [&first, &second]).unwrap_or_default();
         *durable = Durable { version, slot };
         let image = match pr_image::decode(&image) {
@@ -238,19 +269,27 @@ impl ReservationStore {
 /// loads the reservations the first time after each promotion (this node's LUN does not
 /// serve until they are in, so no command runs against a stale state).
 pub async fn ensure_loaded(slot: &Slot) -> bool {
-    if slot.primary.load(Ordering::Acquire) {
+    if slot.primary.load(Ordering::Acquire) || !slot.reservation_area() {
         return true;
     }
     let Some(device) = slot.device() else { return false };
     let Ok(plan) = slot.plan() else { return false };
     let (port_offset, _) = crate::lun::relative_ports(&plan);
     match slot.reservations.load(&device, &slot.name, port_offset).await {
-        Ok(()) => true,
+        Ok(()) => {
+            *lock(&slot.reservations.last_error) = None;
+            true
+        }
         Err(error) => {
-            tracing::error!(
-                resource = %slot.name, %error,
-                "cannot read the persistent reservations; the LUN stays in standby"
-            );
+            let text = error.to_string();
+            let mut last = lock(&slot.reservations.last_error);
+            if last.as_deref() != Some(text.as_str()) {
+                tracing::error!(
+                    resource = %slot.name, error = %text,
+                    "cannot read the persistent reservations; the LUN stays in standby"
+                );
+                *last = Some(text);
+            }
             false
         }
     }
@@ -303,6 +342,25 @@ mod tests {
         ];
         for (slots, expected) in cases {
             assert_eq!(newest("r0", slots).map(|(s, v, _)| (s, v)), expected);
+        }
+    }
+
+    #[test]
+    fn data_that_tandem_never_writes_in_the_area_is_foreign() {
+        let mut tail_only = vec![0u8; 4096];
+        tail_only[4000] = 1;
+        let mut gpt_backup = vec![0u8; 4096];
+        gpt_backup[..8].copy_from_slice(b"EFI PART");
+        let cases: Vec<(&str, Vec<u8>, bool)> = vec![
+            ("zeroes (a fresh device)", vec![0; 4096], false),
+            ("our image", image(1, 0xa), false),
+            ("another resource's image", owner_header("r9").to_vec(), false),
+            ("a torn write whose first block did not land", tail_only, false),
+            ("a file system's or partition table's data", gpt_backup, true),
+            ("a pattern", vec![0xa5; 4096], true),
+        ];
+        for (what, slot, expected) in cases {
+            assert_eq!(foreign(&slot), expected, "{what}");
         }
     }
 

@@ -10,6 +10,7 @@
 //!         [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]
 //!         [--metrics-listen ADDR:PORT] [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]
 //!         [--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...]
+//!         [--reservations 'RESOURCE local|replicated' ...]
 //! ```
 //! `--promoter` lets the resource promote itself when it has quorum and no primary is left
 //! (drbd-reactor's promoter; `src/autopromote.rs`).
@@ -34,6 +35,7 @@ const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [
 [--replication-address IP] [--replication-ports MIN-MAX] [--metrics-listen ADDR:PORT] \
 [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...] \
 [--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...] \
+[--reservations 'RESOURCE local|replicated' ...] \
 [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]";
 
 struct Args {
@@ -91,7 +93,8 @@ fn parse_args() -> anyhow::Result<Args> {
             | "--replication-ports"
             | "--metrics-listen"
             | "--service-ip"
-            | "--promoter" => flags.push((flag[2..].to_owned(), value)),
+            | "--promoter"
+            | "--reservations" => flags.push((flag[2..].to_owned(), value)),
             _ => bail!("unknown option {flag}\n{USAGE}"),
         }
     }
