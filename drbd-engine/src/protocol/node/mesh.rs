@@ -336,6 +336,21 @@ impl Node {
         }
     }
 
+    /// Quorum was just lost. A secondary outdates itself, as DRBD 9 does: the nodes that
+    /// still have quorum may write on without it (the primary settles its fence because no
+    /// node with quorum sees us), so its data can be stale without it ever being told; an
+    /// UpToDate disk would later give it a promotion, with quorum regained through a peer
+    /// that is Inconsistent or that resyncs from us (seed 469). It becomes UpToDate again by
+    /// a handshake that finds it in sync with an UpToDate node, or by a resync.
+    pub(super) fn mesh_quorum_lost(&mut self) {
+        if self.mesh_enabled()
+            && self.role == Role::Secondary
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+        {
+            self.set_disk(DiskState::Outdated);
+        }
+    }
+
     /// A peer's `State` arrived (before it is recorded). A secondary peer we are Established
     /// with that became UpToDate again got its data from elsewhere (a third node's resync, or
     /// a sync it became source of): what our handshake found no longer holds, so handshake
@@ -357,6 +372,7 @@ impl Node {
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
+        self.mesh_orphaned_target();
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
             return;
@@ -370,6 +386,39 @@ impl Node {
             {
                 self.disconnect(j, ConnectionState::Connecting);
             }
+        }
+    }
+
+    /// A secondary left Inconsistent by a sync source it lost, while Established with an
+    /// UpToDate peer that replicates to it (the handshake with that peer found nothing to
+    /// sync before we became a sync target elsewhere): nobody would ever complete our data,
+    /// and resyncs between secondaries wait while a primary replicates. Handshake again with
+    /// that peer, which then becomes our sync source (seed 469).
+    fn mesh_orphaned_target(&mut self) {
+        if !self.mesh_enabled()
+            || self.role == Role::Primary
+            || self.disk != DiskState::Inconsistent
+        {
+            return;
+        }
+        let synced = self.peers.iter().any(|p| {
+            p.handshake.is_some()
+                || matches!(
+                    p.replication,
+                    ReplicationState::SyncTarget | ReplicationState::PausedSyncT
+                )
+        });
+        if synced {
+            return;
+        }
+        let source = self.peers.iter().position(|p| {
+            !self.is_diskless_peer(p.id)
+                && p.connection == ConnectionState::Connected
+                && p.replication == ReplicationState::Established
+                && p.disk == DiskState::UpToDate
+        });
+        if let Some(j) = source {
+            self.mesh.rehandshake |= self.peers[j].id.bit();
         }
     }
 
@@ -442,6 +491,9 @@ impl Node {
 
     /// Verify between two secondaries would compare disks that a primary's writes reach at
     /// different moments: in a mesh it runs from (or against) the primary, or with none.
+    /// Both ends check (the target answers `VerifyStart` with an incomplete `VerifyDone`):
+    /// one may not know yet that a peer was promoted, its connection to that peer stalled by
+    /// a lost frame until the gap fills or times out (seed 293).
     pub(super) fn mesh_check_verify(&self, i: usize) -> Result<(), StateError> {
         if !self.mesh_enabled() || self.role == Role::Primary || self.peers[i].role == Role::Primary
         {
