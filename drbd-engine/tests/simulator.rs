@@ -127,6 +127,18 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          the third node was primary (its connection stalled by a lost frame); the verify \
          target checks too now",
     ),
+    (
+        258,
+        "engine: two Inconsistent secondaries, one of them synced by the primary, met: that one \
+         deferred, the other (unaware) declared the pair in sync; past the first generation \
+         two nodes without data both defer now",
+    ),
+    (
+        17,
+        "engine: a secondary skipped clearing its bits for a peer the primary reported in sync \
+         (their handshake was running) and nothing ever cleared them: the two secondaries \
+         deferred their resync forever; the bits are settled after every input now",
+    ),
 ];
 
 #[test]

@@ -51,6 +51,8 @@ struct MeshSource {
     targets: u64,
     /// The nodes the primary last reported in sync with it.
     in_sync: u64,
+    /// The primary's generation it last reported.
+    current: u64,
 }
 
 #[derive(Debug)]
@@ -188,7 +190,7 @@ impl Node {
             // Peers the primary no longer replicates to may lack what is still in doubt.
             self.mesh_persist_in_doubt(previous & !targets);
         }
-        self.mesh.source = Some(MeshSource { peer, conn_id, targets, in_sync });
+        self.mesh.source = Some(MeshSource { peer, conn_id, targets, in_sync, current });
         let in_sync_with_primary = self.peers[i].replication == ReplicationState::Established
             && self.disk == DiskState::UpToDate
             && in_sync & self.id.bit() != 0;
@@ -213,7 +215,34 @@ impl Node {
             uuids.new_current(current, lost_peers);
             self.persist(MetaUpdate::Uuids(uuids));
         }
-        // Peers the primary has in sync hold everything we hold, in-doubt writes aside.
+        self.mesh_settle_in_sync();
+    }
+
+    /// Secondary in sync with the primary that replicates to it: the peers the primary last
+    /// reported in sync hold everything we hold, in-doubt writes aside, so our bits for them
+    /// go. Run on every `MeshTargets` and after every input: a peer skipped because its
+    /// handshake with us was running keeps no bits that nobody would ever clear (the primary
+    /// announces again only when something changes; the secondaries' own resync waits while
+    /// it replicates), seed 17.
+    fn mesh_settle_in_sync(&mut self) {
+        let Some((peer, conn_id, in_sync, current)) =
+            self.mesh.source.as_ref().map(|s| (s.peer, s.conn_id, s.in_sync, s.current))
+        else {
+            return;
+        };
+        let Some(i) = self.peer_index(peer) else { return };
+        let in_sync_with_primary = self.peers[i].conn_id == conn_id
+            && self.peers[i].connection == ConnectionState::Connected
+            && self.peers[i].handshake.is_none()
+            && self.peers[i].role == Role::Primary
+            && self.peers[i].replication == ReplicationState::Established
+            && self.role != Role::Primary
+            && self.disk == DiskState::UpToDate
+            && in_sync & self.id.bit() != 0
+            && self.meta.uuids.current == current;
+        if !in_sync_with_primary {
+            return;
+        }
         let size = self.meta.size_blocks;
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
@@ -373,6 +402,9 @@ impl Node {
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
         self.mesh_orphaned_target();
+        if self.mesh_enabled() {
+            self.mesh_settle_in_sync();
+        }
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
             return;
@@ -539,9 +571,14 @@ impl Node {
         // Two nodes without consistent data have nothing to give each other; while this one
         // is being synced by a third, "in sync" between them would be a claim about nothing.
         // Nor can they have diverged: their generations say nothing, a third node syncs them.
+        // Past the first generation this holds on either end even if only the other knows it
+        // is synced by a third node: its peer (which cannot tell) must not declare the pair in
+        // sync while it defers (seed 258).
+        let both_new = self.meta.uuids.current == uuid::UUID_JUST_CREATED
+            && hello.uuids.current == uuid::UUID_JUST_CREATED;
         let empty_pair = !hello.disk.has_data()
             && !self.disk.has_data()
-            && (already_target || matches!(decision, SplitBrain | Unrelated));
+            && (already_target || matches!(decision, SplitBrain | Unrelated) || !both_new);
         if !matches!(decision, BitmapSource | BitmapTarget | FullSource | FullTarget | SplitBrain)
             && !empty_pair
         {
