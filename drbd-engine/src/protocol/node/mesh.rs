@@ -26,7 +26,9 @@
 //!   writes and the resync would race on the target), and a sync target takes one source at
 //!   a time; such handshakes are deferred (the connection is retried). When the primary
 //!   reports a peer in sync, the other secondaries drop their bits for it: the primary's own
-//!   resync covered them.
+//!   resync covered them (re-checked after every input, see `mesh_settle_in_sync`).
+//! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
+//!   its fence of a node no peer with quorum sees, and writes on without it.
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
