@@ -109,3 +109,47 @@ fn soak_seeds() {
     run(first, count, 2);
     run(first, count, 3);
 }
+
+/// Three diskful nodes (`tandem-sim --nodes 3 --diskful 3`): seeds that once failed (seed,
+/// what it exposed); they run on every `cargo test`.
+const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
+    (
+        469,
+        "engine: a secondary cut off from the primary and the other secondary kept its UpToDate \
+         disk while they wrote on without it, then regained quorum through the other secondary \
+         (Inconsistent, or stalled in its handshake) and was promoted with stale data; a \
+         secondary outdates itself when it loses quorum now. Then: a secondary left \
+         Inconsistent by a lost sync source, Established with the primary, was never resynced",
+    ),
+    (
+        293,
+        "engine: a verify between two secondaries started on one that did not know yet that \
+         the third node was primary (its connection stalled by a lost frame); the verify \
+         target checks too now",
+    ),
+    (
+        258,
+        "engine: two Inconsistent secondaries, one of them synced by the primary, met: that one \
+         deferred, the other (unaware) declared the pair in sync; past the first generation \
+         two nodes without data both defer now",
+    ),
+    (
+        17,
+        "engine: a secondary skipped clearing its bits for a peer the primary reported in sync \
+         (their handshake was running) and nothing ever cleared them: the two secondaries \
+         deferred their resync forever; the bits are settled after every input now",
+    ),
+];
+
+#[test]
+fn mesh_regression_seeds_without_violations() {
+    for (seed, exposed) in MESH_REGRESSION_SEEDS {
+        let report = sim::mesh::run_seed_mesh(*seed);
+        assert!(
+            report.violations.is_empty(),
+            "seed {seed} ({exposed}): {}\n  reproduce: {}",
+            report.violations.join("; "),
+            sim::mesh::reproduce_command_mesh(*seed)
+        );
+    }
+}

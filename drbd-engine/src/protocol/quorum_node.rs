@@ -234,6 +234,9 @@ impl Node {
         if have != self.quorum_state.have {
             self.quorum_state.have = have;
             self.emit(Event::QuorumChanged(have));
+            if !have {
+                self.mesh_quorum_lost();
+            }
         }
         self.quorum_state.confirmed =
             self.role != Role::Primary || (have && self.quorum_verdict(true, have).have);

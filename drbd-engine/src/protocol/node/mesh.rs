@@ -26,7 +26,9 @@
 //!   writes and the resync would race on the target), and a sync target takes one source at
 //!   a time; such handshakes are deferred (the connection is retried). When the primary
 //!   reports a peer in sync, the other secondaries drop their bits for it: the primary's own
-//!   resync covered them.
+//!   resync covered them (re-checked after every input, see `mesh_settle_in_sync`).
+//! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
+//!   its fence of a node no peer with quorum sees, and writes on without it.
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -51,6 +53,8 @@ struct MeshSource {
     targets: u64,
     /// The nodes the primary last reported in sync with it.
     in_sync: u64,
+    /// The primary's generation it last reported.
+    current: u64,
 }
 
 #[derive(Debug)]
@@ -188,7 +192,7 @@ impl Node {
             // Peers the primary no longer replicates to may lack what is still in doubt.
             self.mesh_persist_in_doubt(previous & !targets);
         }
-        self.mesh.source = Some(MeshSource { peer, conn_id, targets, in_sync });
+        self.mesh.source = Some(MeshSource { peer, conn_id, targets, in_sync, current });
         let in_sync_with_primary = self.peers[i].replication == ReplicationState::Established
             && self.disk == DiskState::UpToDate
             && in_sync & self.id.bit() != 0;
@@ -213,7 +217,34 @@ impl Node {
             uuids.new_current(current, lost_peers);
             self.persist(MetaUpdate::Uuids(uuids));
         }
-        // Peers the primary has in sync hold everything we hold, in-doubt writes aside.
+        self.mesh_settle_in_sync();
+    }
+
+    /// Secondary in sync with the primary that replicates to it: the peers the primary last
+    /// reported in sync hold everything we hold, in-doubt writes aside, so our bits for them
+    /// go. Run on every `MeshTargets` and after every input: a peer skipped because its
+    /// handshake with us was running keeps no bits that nobody would ever clear (the primary
+    /// announces again only when something changes; the secondaries' own resync waits while
+    /// it replicates), seed 17.
+    fn mesh_settle_in_sync(&mut self) {
+        let Some((peer, conn_id, in_sync, current)) =
+            self.mesh.source.as_ref().map(|s| (s.peer, s.conn_id, s.in_sync, s.current))
+        else {
+            return;
+        };
+        let Some(i) = self.peer_index(peer) else { return };
+        let in_sync_with_primary = self.peers[i].conn_id == conn_id
+            && self.peers[i].connection == ConnectionState::Connected
+            && self.peers[i].handshake.is_none()
+            && self.peers[i].role == Role::Primary
+            && self.peers[i].replication == ReplicationState::Established
+            && self.role != Role::Primary
+            && self.disk == DiskState::UpToDate
+            && in_sync & self.id.bit() != 0
+            && self.meta.uuids.current == current;
+        if !in_sync_with_primary {
+            return;
+        }
         let size = self.meta.size_blocks;
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
@@ -336,6 +367,21 @@ impl Node {
         }
     }
 
+    /// Quorum was just lost. A secondary outdates itself, as DRBD 9 does: the nodes that
+    /// still have quorum may write on without it (the primary settles its fence because no
+    /// node with quorum sees us), so its data can be stale without it ever being told; an
+    /// UpToDate disk would later give it a promotion, with quorum regained through a peer
+    /// that is Inconsistent or that resyncs from us (seed 469). It becomes UpToDate again by
+    /// a handshake that finds it in sync with an UpToDate node, or by a resync.
+    pub(super) fn mesh_quorum_lost(&mut self) {
+        if self.mesh_enabled()
+            && self.role == Role::Secondary
+            && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
+        {
+            self.set_disk(DiskState::Outdated);
+        }
+    }
+
     /// A peer's `State` arrived (before it is recorded). A secondary peer we are Established
     /// with that became UpToDate again got its data from elsewhere (a third node's resync, or
     /// a sync it became source of): what our handshake found no longer holds, so handshake
@@ -357,6 +403,10 @@ impl Node {
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
+        self.mesh_orphaned_target();
+        if self.mesh_enabled() {
+            self.mesh_settle_in_sync();
+        }
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
             return;
@@ -370,6 +420,39 @@ impl Node {
             {
                 self.disconnect(j, ConnectionState::Connecting);
             }
+        }
+    }
+
+    /// A secondary left Inconsistent by a sync source it lost, while Established with an
+    /// UpToDate peer that replicates to it (the handshake with that peer found nothing to
+    /// sync before we became a sync target elsewhere): nobody would ever complete our data,
+    /// and resyncs between secondaries wait while a primary replicates. Handshake again with
+    /// that peer, which then becomes our sync source (seed 469).
+    fn mesh_orphaned_target(&mut self) {
+        if !self.mesh_enabled()
+            || self.role == Role::Primary
+            || self.disk != DiskState::Inconsistent
+        {
+            return;
+        }
+        let synced = self.peers.iter().any(|p| {
+            p.handshake.is_some()
+                || matches!(
+                    p.replication,
+                    ReplicationState::SyncTarget | ReplicationState::PausedSyncT
+                )
+        });
+        if synced {
+            return;
+        }
+        let source = self.peers.iter().position(|p| {
+            !self.is_diskless_peer(p.id)
+                && p.connection == ConnectionState::Connected
+                && p.replication == ReplicationState::Established
+                && p.disk == DiskState::UpToDate
+        });
+        if let Some(j) = source {
+            self.mesh.rehandshake |= self.peers[j].id.bit();
         }
     }
 
@@ -442,6 +525,9 @@ impl Node {
 
     /// Verify between two secondaries would compare disks that a primary's writes reach at
     /// different moments: in a mesh it runs from (or against) the primary, or with none.
+    /// Both ends check (the target answers `VerifyStart` with an incomplete `VerifyDone`):
+    /// one may not know yet that a peer was promoted, its connection to that peer stalled by
+    /// a lost frame until the gap fills or times out (seed 293).
     pub(super) fn mesh_check_verify(&self, i: usize) -> Result<(), StateError> {
         if !self.mesh_enabled() || self.role == Role::Primary || self.peers[i].role == Role::Primary
         {
@@ -487,9 +573,14 @@ impl Node {
         // Two nodes without consistent data have nothing to give each other; while this one
         // is being synced by a third, "in sync" between them would be a claim about nothing.
         // Nor can they have diverged: their generations say nothing, a third node syncs them.
+        // Past the first generation this holds on either end even if only the other knows it
+        // is synced by a third node: its peer (which cannot tell) must not declare the pair in
+        // sync while it defers (seed 258).
+        let both_new = self.meta.uuids.current == uuid::UUID_JUST_CREATED
+            && hello.uuids.current == uuid::UUID_JUST_CREATED;
         let empty_pair = !hello.disk.has_data()
             && !self.disk.has_data()
-            && (already_target || matches!(decision, SplitBrain | Unrelated));
+            && (already_target || matches!(decision, SplitBrain | Unrelated) || !both_new);
         if !matches!(decision, BitmapSource | BitmapTarget | FullSource | FullTarget | SplitBrain)
             && !empty_pair
         {

@@ -362,6 +362,7 @@ impl Node {
         if p.replication != ReplicationState::Established
             || p.verify.role.is_some()
             || self.disk != DiskState::UpToDate
+            || self.mesh_check_verify(i).is_err()
         {
             self.send(i, Frame::VerifyDone { out_of_sync_blocks: 0, completed: false });
             return;
