@@ -134,16 +134,6 @@ impl SmallFs {
         assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
         SmallFs { path }
     }
-
-    fn grow(&self, size_mib: u64) {
-        let out = tests::run_with_timeout(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size_mib}m")])
-                .arg(&self.path),
-            Duration::from_secs(10),
-        );
-        assert!(out.status.success(), "remount: {}", String::from_utf8_lossy(&out.stderr));
-    }
 }
 
 impl Drop for SmallFs {

@@ -1118,7 +1118,7 @@ impl Driver {
             }
             if !persists.is_empty() {
                 // Durable before anything after it happens: the state machine relies on it.
-                let applied = self.meta_file.apply_all(&persists);
+                let applied = off_the_runtime(|| self.meta_file.apply_all(&persists));
                 persists.clear();
                 if let Err(error) = applied {
                     // A local disk failure (DRBD: a metadata I/O error detaches whatever
@@ -1375,4 +1375,16 @@ impl SendBatch {
 /// Loads `Metadata` for tests and tools without starting a driver.
 pub fn load_metadata(path: &std::path::Path) -> Result<Metadata, DeviceError> {
     Ok(MetaFile::load(path)?)
+}
+
+/// Runs `work`, which blocks (metadata writes end in an fsync), without stalling the other
+/// tasks of a multi-threaded runtime: the engine shares tandemd's runtime with the iSCSI
+/// sessions and the other resources' engines, so a worker held in an fsync would hold them
+/// too. The driver still waits for it: metadata is durable before the next output.
+/// A current-thread runtime (tandem-replica, tests) has no other worker to hand tasks to.
+fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
 }
