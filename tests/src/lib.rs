@@ -28,6 +28,7 @@ pub mod guest;
 pub mod http;
 pub mod openstack;
 pub mod replica;
+pub mod small_fs;
 pub mod storage_pair;
 pub mod tandemd_node;
 

@@ -7,52 +7,17 @@
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_detach -- --nocapture`
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use tests::replica::{Node, Replica};
+use tests::small_fs::SmallFs;
 
 /// The device: 64 MiB; the primary's file system: 8 MiB, so the stream fills it.
 const DEVICE_BYTES: u64 = 64 * 1024 * 1024;
 const SMALL_FS_MIB: u64 = 8;
 /// 4 KiB blocks streamed: 16 MiB, twice what the small file system holds.
 const STREAM_BLOCKS: u64 = 4096;
-
-/// A tmpfs of its own, unmounted on drop.
-struct SmallFs {
-    path: PathBuf,
-}
-
-impl SmallFs {
-    fn mount(path: PathBuf, size_mib: u64) -> SmallFs {
-        std::fs::create_dir_all(&path).expect("mount point");
-        let out = tests::run_with_timeout(
-            Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
-                .arg(&path),
-            Duration::from_secs(10),
-        );
-        assert!(out.status.success(), "mount tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        SmallFs { path }
-    }
-
-    fn grow(&self, size_mib: u64) {
-        let out = tests::run_with_timeout(
-            Command::new("mount")
-                .args(["-o", &format!("remount,size={size_mib}m")])
-                .arg(&self.path),
-            Duration::from_secs(10),
-        );
-        assert!(out.status.success(), "remount: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-    }
-}
 
 /// Node `id` of two on loopback, with `on-io-error detach`.
 fn node(id: u8, port: u16, peer_port: u16, backing: &Path, meta: &Path) -> Node {
