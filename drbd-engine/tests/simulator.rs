@@ -139,6 +139,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          (their handshake was running) and nothing ever cleared them: the two secondaries \
          deferred their resync forever; the bits are settled after every input now",
     ),
+    (
+        1574,
+        "engine: a Consistent secondary of an old generation met an Inconsistent one of a \
+         newer generation (a sync target whose source was lost); the disks turned the \
+         direction round, the stale copy overwrote the newer partial data and both ended \
+         UpToDate; such a sync between secondaries is deferred until a current node returns",
+    ),
+    (1624, "engine: as seed 1574 (a stale Consistent sync source over a newer Inconsistent node)"),
 ];
 
 #[test]

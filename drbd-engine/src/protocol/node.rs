@@ -2380,9 +2380,12 @@ impl Node {
         let their_bits = !handshake.bitmap.is_clear();
         let my_disk = (self.disk, self.meta.flags.full_sync_required, my_bits);
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
-        let mut decision = decide_with_disks(uuid::decide(&mine, &theirs), my_disk, their_disk);
+        let by_generations = uuid::decide(&mine, &theirs);
+        let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
-        let Some(mut decision) = self.mesh_defer_sync(i, &hello, decision) else { return };
+        let Some(mut decision) = self.mesh_defer_sync(i, &hello, by_generations, decision) else {
+            return;
+        };
         if decision == SyncDecision::SplitBrain {
             let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
             decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);

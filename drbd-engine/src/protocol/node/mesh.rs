@@ -27,6 +27,10 @@
 //!   a time; such handshakes are deferred (the connection is retried). When the primary
 //!   reports a peer in sync, the other secondaries drop their bits for it: the primary's own
 //!   resync covered them (re-checked after every input, see `mesh_settle_in_sync`).
+//! - Two secondaries whose generations name one side newer while that side is Inconsistent
+//!   (its sync source was lost) do not sync in the direction the disks would choose: the
+//!   stale side would overwrite the newer partial data and both would end UpToDate. They
+//!   wait (the connection is retried) for a node with current data.
 //! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
 //!   its fence of a node no peer with quorum sees, and writes on without it.
 
@@ -553,11 +557,34 @@ impl Node {
         &mut self,
         i: usize,
         hello: &Hello,
+        by_generations: SyncDecision,
         decision: SyncDecision,
     ) -> Option<SyncDecision> {
         use SyncDecision::*;
         if !self.mesh_enabled() {
             return Some(decision);
+        }
+        // The generations name the newer side, but it is Inconsistent (a sync target whose
+        // source was lost), so the disks turned the direction round: the older side would
+        // overwrite newer partial data with its stale copy and both would end UpToDate
+        // without the writes a third node holds (seed 1574). Neither has current data; wait
+        // for a node that does.
+        let generations_target = matches!(by_generations, BitmapTarget | FullTarget);
+        let generations_source = matches!(by_generations, BitmapSource | FullSource);
+        let disks_source = matches!(decision, BitmapSource | FullSource);
+        let disks_target = matches!(decision, BitmapTarget | FullTarget);
+        // Only generations that differ say so: with equal ones the direction comes from
+        // flags (a crashed primary), which the disk states rightly override.
+        let newer_generation = self.meta.uuids.current != hello.uuids.current;
+        let stale_source =
+            (generations_target && disks_source) || (generations_source && disks_target);
+        if self.role != Role::Primary
+            && hello.role != Role::Primary
+            && newer_generation
+            && stale_source
+        {
+            self.disconnect(i, ConnectionState::Connecting);
+            return None;
         }
         let syncing = |states: [ReplicationState; 2]| {
             (0..self.peers.len()).filter(|j| *j != i).any(|j| {
