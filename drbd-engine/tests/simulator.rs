@@ -146,7 +146,10 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          direction round, the stale copy overwrote the newer partial data and both ended \
          UpToDate; such a sync between secondaries is deferred until a current node returns",
     ),
-    (1624, "engine: as seed 1574 (a stale Consistent sync source over a newer Inconsistent node)"),
+    // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
+    // coalesced (fewer frames, so other random draws): the seed now runs a different history
+    // that ends in the still open pattern of seed 1724 (a promoted node missing an
+    // acknowledged write), so it is not a regression seed any more.
 ];
 
 #[test]

@@ -333,6 +333,11 @@ impl Node {
                 .filter(|w| w.submitted && w.local != LocalState::Done)
                 .map(|w| (w.first, w.blocks)),
         );
+        // One frame per contiguous range (at most a request's size), not one per write: a
+        // stream of small writes leaves thousands of unflushed entries, and each OutOfSync
+        // costs the peer a metadata update; thousands of them held the peer's pings back past
+        // the ping timeout, and the link (with the writes waiting on it) was lost.
+        let in_doubt = coalesce_ranges(in_doubt, REQUEST_BLOCKS_MAX);
         if self.role == Role::Primary {
             let fresh = self.fresh_uuid();
             for i in 0..self.peers.len() {
@@ -699,6 +704,56 @@ impl Node {
         }
         if failed && self.config.on_io_error == OnIoError::Detach {
             self.detach();
+        }
+    }
+}
+
+/// The union of `(first, blocks)` ranges as sorted, disjoint ranges of at most `piece_max`
+/// blocks each (a longer run is cut into pieces). Pure.
+fn coalesce_ranges(mut ranges: Vec<(u64, u64)>, piece_max: u64) -> Vec<(u64, u64)> {
+    assert!(piece_max > 0);
+    ranges.retain(|(_, blocks)| *blocks > 0);
+    ranges.sort_unstable();
+    let mut runs: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (first, blocks) in ranges {
+        match runs.last_mut() {
+            Some((run_first, run_blocks)) if first <= *run_first + *run_blocks => {
+                *run_blocks = (*run_blocks).max(first + blocks - *run_first);
+            }
+            _ => runs.push((first, blocks)),
+        }
+    }
+    let mut pieces = Vec::with_capacity(runs.len());
+    for (mut first, mut blocks) in runs {
+        while blocks > 0 {
+            let piece = blocks.min(piece_max);
+            pieces.push((first, piece));
+            first += piece;
+            blocks -= piece;
+        }
+    }
+    pieces
+}
+
+#[cfg(test)]
+mod coalesce_tests {
+    use super::coalesce_ranges;
+
+    #[test]
+    fn ranges_merge_when_they_touch_or_overlap_and_are_cut_at_the_piece_size() {
+        type Case = (Vec<(u64, u64)>, u64, Vec<(u64, u64)>);
+        let cases: Vec<Case> = vec![
+            (vec![], 8, vec![]),
+            (vec![(4, 2), (0, 2), (2, 2)], 8, vec![(0, 6)]),
+            (vec![(0, 4), (1, 1)], 8, vec![(0, 4)]),
+            (vec![(0, 2), (3, 1)], 8, vec![(0, 2), (3, 1)]),
+            (vec![(10, 0), (0, 1)], 8, vec![(0, 1)]),
+            (vec![(0, 3), (2, 5), (7, 1)], 8, vec![(0, 8)]),
+            (vec![(0, 3), (2, 5), (7, 1)], 3, vec![(0, 3), (3, 3), (6, 2)]),
+            (vec![(5, 20)], 8, vec![(5, 8), (13, 8), (21, 4)]),
+        ];
+        for (input, piece_max, expected) in cases {
+            assert_eq!(coalesce_ranges(input.clone(), piece_max), expected, "{input:?}");
         }
     }
 }
