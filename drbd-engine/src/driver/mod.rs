@@ -12,6 +12,8 @@
 //! one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
 //! with one read and hands them over together, and small buffered writes go to the page cache
 //! on the driver's thread (backing-store's inline path) instead of through an engine thread.
+//! The driver writes a round's frames straight into the socket (`PeerWriter`) before it starts
+//! the round's disk I/O: at QD1 the peer's copy is under way while the local write runs.
 
 mod atomic;
 pub mod constants;
