@@ -12,6 +12,8 @@
 //! one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
 //! with one read and hands them over together, and small buffered writes go to the page cache
 //! on the driver's thread (backing-store's inline path) instead of through an engine thread.
+//! The driver writes a round's frames straight into the socket (`PeerWriter`) before it starts
+//! the round's disk I/O: at QD1 the peer's copy is under way while the local write runs.
 
 mod atomic;
 pub mod constants;
@@ -44,7 +46,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use thiserror::Error;
@@ -235,7 +237,7 @@ enum Input {
     Connected {
         peer: NodeId,
         conn_id: u64,
-        writer: mpsc::UnboundedSender<Vec<Bytes>>,
+        writer: PeerWriter,
     },
     /// One or more whole frames, back to back, as they arrived (a slice of the reader's
     /// buffer: Data payloads reach the disk without a copy).
@@ -735,18 +737,26 @@ fn run_connection(
     tasks: &TaskScope,
 ) {
     let _ = stream.set_nodelay(true);
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, writer) = stream.into_split();
+    let socket = Arc::new(writer);
+    let queued = Arc::new(AtomicUsize::new(0));
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-    if inputs.send(Input::Connected { peer, conn_id, writer: tx }).is_err() {
+    let writer = PeerWriter { socket: socket.clone(), queued: queued.clone(), tx };
+    if inputs.send(Input::Connected { peer, conn_id, writer }).is_err() {
         return;
     }
+    // Writes what the driver could not write at once. The socket's write side is shut when
+    // the last holder drops it (this task, once the driver dropped its `PeerWriter`).
     tasks.spawn(async move {
         while let Some(pieces) = rx.recv().await {
-            if write_pieces(&mut writer, &pieces).await.is_err() {
+            let written = write_pieces(&socket, pieces).await;
+            // After the bytes are in the socket: the driver reads 0 only when nothing of
+            // its earlier batches is still waiting here.
+            queued.fetch_sub(1, Ordering::Release);
+            if written.is_err() {
                 break;
             }
         }
-        let _ = writer.shutdown().await;
     });
     tasks.spawn(async move {
         if let Ok(by_peer) = read_frames(&mut reader, peer, conn_id, &inputs).await {
@@ -755,41 +765,88 @@ fn run_connection(
     });
 }
 
-/// Writes `pieces` in order with vectored writes (a Data payload is one piece: never copied).
-async fn write_pieces(
-    writer: &mut tokio::net::tcp::OwnedWriteHalf,
-    pieces: &[Bytes],
-) -> std::io::Result<()> {
-    let (mut index, mut offset) = (0usize, 0usize);
-    loop {
-        while index < pieces.len() && offset == pieces[index].len() {
-            index += 1;
-            offset = 0;
-        }
-        if index == pieces.len() {
-            return Ok(());
-        }
-        let slices: Vec<std::io::IoSlice<'_>> = std::iter::once(&pieces[index][offset..])
-            .chain(pieces[index + 1..].iter().map(|piece| &piece[..]))
-            .take(SEND_IOVECS_MAX)
-            .map(std::io::IoSlice::new)
-            .collect();
-        let mut written = writer.write_vectored(&slices).await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 {
-            let left = pieces[index].len() - offset;
-            if written >= left {
-                written -= left;
-                index += 1;
-                offset = 0;
-            } else {
-                offset += written;
-                written = 0;
+/// The sending side of one peer connection. The driver writes a round's frames straight
+/// into the socket when nothing is queued for it, rather than waking the connection's writer
+/// task: on the primary the Data frame is on the wire before the local disk write starts (the
+/// driver polls its disk I/O only after the round's sends), and the secondary's ack leaves the
+/// moment its disk write completes, without a task hop in either. What the socket does not
+/// take at once goes to the writer task, and while that holds anything, every later batch
+/// queues behind it, so frames keep their order.
+struct PeerWriter {
+    socket: Arc<tokio::net::tcp::OwnedWriteHalf>,
+    /// Batches handed to the writer task and not yet wholly written.
+    queued: Arc<AtomicUsize>,
+    tx: mpsc::UnboundedSender<Vec<Bytes>>,
+}
+
+impl PeerWriter {
+    fn send(&self, mut pieces: Vec<Bytes>) {
+        if self.queued.load(Ordering::Acquire) == 0 {
+            // Otherwise the rest waits for room. (An error: the writer task meets it again
+            // and ends; the reader reports the connection's end.)
+            if let Ok(true) = try_write_pieces(&self.socket, &mut pieces) {
+                return;
             }
         }
+        self.queued.fetch_add(1, Ordering::Release);
+        if self.tx.send(pieces).is_err() {
+            // The writer task ended on a write error: nothing more goes out on this connection.
+            self.queued.fetch_sub(1, Ordering::Release);
+        }
     }
+}
+
+/// Drops the first `written` bytes of `pieces` (whole pieces, then the front of one).
+fn advance_pieces(pieces: &mut Vec<Bytes>, mut written: usize) {
+    let mut whole = 0usize;
+    while whole < pieces.len() && written >= pieces[whole].len() {
+        written -= pieces[whole].len();
+        whole += 1;
+    }
+    pieces.drain(..whole);
+    if written > 0 {
+        let _ = pieces[0].split_to(written);
+    }
+}
+
+/// Writes as much of `pieces` as the socket takes now, without waiting: true when all of it
+/// went out; what is left stays in `pieces`.
+fn try_write_pieces(
+    socket: &tokio::net::tcp::OwnedWriteHalf,
+    pieces: &mut Vec<Bytes>,
+) -> std::io::Result<bool> {
+    loop {
+        pieces.retain(|piece| !piece.is_empty());
+        if pieces.is_empty() {
+            return Ok(true);
+        }
+        let written = {
+            let slices: Vec<std::io::IoSlice<'_>> = pieces
+                .iter()
+                .take(SEND_IOVECS_MAX)
+                .map(|piece| std::io::IoSlice::new(piece))
+                .collect();
+            match socket.try_write_vectored(&slices) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        };
+        advance_pieces(pieces, written);
+    }
+}
+
+/// Writes `pieces` in order with vectored writes (a Data payload is one piece: never copied),
+/// waiting for room as needed.
+async fn write_pieces(
+    socket: &tokio::net::tcp::OwnedWriteHalf,
+    mut pieces: Vec<Bytes>,
+) -> std::io::Result<()> {
+    while !try_write_pieces(socket, &mut pieces)? {
+        socket.writable().await?;
+    }
+    Ok(())
 }
 
 /// Reads frames until the connection ends or sends garbage (`Ok`: true when the peer ended it
@@ -840,7 +897,7 @@ struct Driver {
     store: BackingStore,
     meta_file: Store,
     inputs_tx: mpsc::UnboundedSender<Input>,
-    writers: BTreeMap<NodeId, (u64, mpsc::UnboundedSender<Vec<Bytes>>)>,
+    writers: BTreeMap<NodeId, (u64, PeerWriter)>,
     requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
     next_request: u64,
     pending_demote: Option<Reply<()>>,
@@ -1137,7 +1194,8 @@ impl Driver {
                 Output::Disconnect { peer, conn_id } => {
                     self.flush_sends(Some(peer));
                     if self.writers.get(&peer).is_some_and(|(c, _)| *c == conn_id) {
-                        // Dropping the sender ends the writer task, which shuts the socket.
+                        // Dropping it ends the writer task, the socket's last holder, which
+                        // shuts the socket's write side.
                         self.writers.remove(&peer);
                     }
                 }
@@ -1180,7 +1238,7 @@ impl Driver {
             }
             let pieces = batch.take();
             if let Some((_, writer)) = self.writers.get(peer) {
-                let _ = writer.send(pieces);
+                writer.send(pieces);
             }
         }
     }
@@ -1386,5 +1444,65 @@ fn off_the_runtime<T>(work: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|handle| handle.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
         _ => work(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write the socket took only in part leaves exactly the bytes it did not take, in order.
+    #[test]
+    fn advance_pieces_drops_exactly_the_written_bytes() {
+        let pieces = || {
+            vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de"), Bytes::from_static(b"fghi")]
+        };
+        for written in 0..=9usize {
+            let mut left = pieces();
+            advance_pieces(&mut left, written);
+            let rest: Vec<u8> = left.iter().flat_map(|p| p.iter().copied()).collect();
+            assert_eq!(rest, b"abcdefghi"[written..].to_vec(), "after {written} bytes");
+        }
+    }
+
+    /// Frames the driver writes directly and frames queued behind a full socket arrive whole and
+    /// in order: a send buffer far smaller than the data forces the writer task to take over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn direct_and_queued_sends_keep_their_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (mut server, _) = listener.accept().await.expect("accept");
+        let (_reader, writer) = client.into_split();
+        let socket = Arc::new(writer);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
+        let peer = PeerWriter { socket: socket.clone(), queued: queued.clone(), tx };
+        let task_queued = queued.clone();
+        let drain = tokio::spawn(async move {
+            while let Some(pieces) = rx.recv().await {
+                write_pieces(&socket, pieces).await.expect("write");
+                task_queued.fetch_sub(1, Ordering::Release);
+            }
+        });
+        const BATCHES: u32 = 64;
+        const PIECE_BYTES: usize = 64 * 1024;
+        let mut expected = Vec::new();
+        for batch in 0..BATCHES {
+            let pieces: Vec<Bytes> = (0..4u32)
+                .map(|i| {
+                    let fill = u8::try_from((batch * 4 + i) % 251).expect("below 251");
+                    Bytes::from(vec![fill; PIECE_BYTES])
+                })
+                .collect();
+            expected.extend(pieces.iter().flat_map(|p| p.iter().copied()));
+            peer.send(pieces);
+        }
+        drop(peer);
+        let mut received = vec![0u8; expected.len()];
+        server.read_exact(&mut received).await.expect("read");
+        drain.await.expect("drain task");
+        assert!(received == expected, "bytes arrived out of order or damaged");
+        assert_eq!(queued.load(Ordering::Acquire), 0);
     }
 }
