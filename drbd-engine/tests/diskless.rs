@@ -2,207 +2,23 @@
 //! `on-io-error detach` (reads retried and writes completed through the peer, re-attach with a
 //! bitmap resync), `pass_on`, and a `disk none` client that is primary.
 
+mod common;
+
+use common::{BLOCK, Pair, block_data};
 use drbd_engine::NodeId;
-use drbd_engine::protocol::node::{
-    AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestError, RequestId,
-};
-use drbd_engine::protocol::{
-    ConnectionState, DiskState, Fencing, Metadata, ReplicationProtocol, ResyncRate, Role,
-};
+use drbd_engine::protocol::node::{AppRequest, Event, OnIoError, Output, RequestError, RequestId};
+use drbd_engine::protocol::{ConnectionState, DiskState, ReplicationProtocol, Role};
 
 const SIZE_BLOCKS: u64 = 1024;
-const BLOCK: usize = 4096;
 
-type RequestResult = Result<Option<Vec<u8>>, RequestError>;
-
-fn other(i: usize) -> NodeId {
-    NodeId(u8::from(i == 0))
-}
-
-fn block_data(block: u64, generation: u8) -> Vec<u8> {
-    let mut data = vec![generation; BLOCK];
-    data[..8].copy_from_slice(&block.to_le_bytes());
-    data
-}
-
-/// Two nodes back to back with in-memory disks that can be made to fail.
-struct Pair {
-    nodes: [Node; 2],
-    disks: [Vec<u8>; 2],
-    /// Reads / writes of node i's disk fail (EIO, or ENOSPC on a full disk).
-    fail_reads: [bool; 2],
-    fail_writes: [bool; 2],
-    now_ms: u64,
-    conn_id: u64,
-    completions: Vec<(usize, RequestId, RequestResult)>,
-    events: Vec<(usize, Event)>,
-    next_request: u64,
-}
-
-impl Pair {
-    fn new(protocol: ReplicationProtocol, on_io_error: OnIoError, client: bool) -> Self {
-        let node = |id: u8, diskless: bool| {
-            let mut config = Config {
-                peers: vec![other(usize::from(id))],
-                protocol,
-                fencing: Fencing::DontCare,
-                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
-                al_extents: 8,
-                random_seed: 11,
-                on_io_error,
-                ..Config::default()
-            };
-            config.quorum.diskless = diskless;
-            if client && id == 1 {
-                config.quorum.diskless_peers = vec![NodeId(0)];
-            }
-            Node::new(config, Metadata::create(NodeId(id), SIZE_BLOCKS), 0)
-        };
-        let bytes = usize::try_from(SIZE_BLOCKS).unwrap() * BLOCK;
-        let mut pair = Self {
-            nodes: [node(0, client), node(1, false)],
-            disks: [vec![0; bytes], vec![0; bytes]],
-            fail_reads: [false; 2],
-            fail_writes: [false; 2],
-            now_ms: 0,
-            conn_id: 0,
-            completions: Vec::new(),
-            events: Vec::new(),
-            next_request: 1,
-        };
-        pair.connect();
-        // Identical all-zero replicas: no initial sync.
-        let clear_on = usize::from(client);
-        let now = pair.tick();
-        pair.nodes[clear_on].handle_new_current_uuid_clear_bitmap(now).unwrap();
-        pair.run();
-        pair
-    }
-
-    fn tick(&mut self) -> u64 {
-        self.now_ms += 1;
-        self.now_ms
-    }
-
-    fn run(&mut self) {
-        loop {
-            let mut progress = false;
-            for i in 0..2 {
-                while let Some(output) = self.nodes[i].poll_output() {
-                    progress = true;
-                    let now = self.now_ms;
-                    match output {
-                        Output::Transmit { frame, .. } => {
-                            self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec());
-                        }
-                        Output::Disconnect { conn_id, .. } => {
-                            self.nodes[1 - i].handle_transport_closed(now, other(1 - i), conn_id);
-                        }
-                        Output::DiskIo { id, op } => {
-                            let result = self.disk_io(i, op);
-                            self.nodes[i].handle_disk_completion(now, id, result);
-                        }
-                        Output::Complete { request, result } => {
-                            self.completions.push((i, request, result));
-                        }
-                        Output::Event(event) => self.events.push((i, event)),
-                        Output::Persist(_) => {}
-                    }
-                }
-            }
-            if !progress {
-                return;
-            }
-        }
-    }
-
-    fn disk_io(
-        &mut self,
-        i: usize,
-        op: DiskOp,
-    ) -> Result<Option<Vec<u8>>, drbd_engine::protocol::IoFailed> {
-        let at = |block: u64| usize::try_from(block).unwrap() * BLOCK;
-        match op {
-            DiskOp::Read { offset_blocks, blocks } => {
-                if self.fail_reads[i] {
-                    return Err(drbd_engine::protocol::IoFailed);
-                }
-                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
-            }
-            DiskOp::Write { offset_blocks, data, .. } => {
-                if self.fail_writes[i] {
-                    return Err(drbd_engine::protocol::IoFailed);
-                }
-                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
-                    .copy_from_slice(&data);
-                Ok(None)
-            }
-            DiskOp::Flush if self.fail_writes[i] => Err(drbd_engine::protocol::IoFailed),
-            DiskOp::Flush => Ok(None),
-        }
-    }
-
-    fn connect(&mut self) {
-        self.conn_id += 1;
-        let now = self.tick();
-        for i in 0..2 {
-            self.nodes[i].handle_connected(now, other(i), self.conn_id);
-        }
-        self.run();
-    }
-
-    fn cut(&mut self) {
-        let now = self.tick();
-        for i in 0..2 {
-            self.nodes[i].handle_transport_closed(now, other(i), self.conn_id);
-        }
-        self.run();
-    }
-
-    /// Lets timers run (barriers, resync steps) for `ms`.
-    fn idle(&mut self, ms: u64) {
-        for _ in 0..ms / 10 {
-            self.now_ms += 10;
-            for i in 0..2 {
-                self.nodes[i].handle_timeout(self.now_ms);
-            }
-            self.run();
-        }
-    }
-
-    fn request(&mut self, i: usize, req: AppRequest) -> RequestResult {
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        let now = self.tick();
-        self.nodes[i].handle_request(now, id, req);
-        self.run();
-        let pos = self.completions.iter().position(|(_, r, _)| *r == id).expect("completed");
-        self.completions.remove(pos).2
-    }
-
-    fn write(&mut self, i: usize, block: u64, generation: u8) -> RequestResult {
-        let data = block_data(block, generation).into();
-        self.request(i, AppRequest::Write { offset_blocks: block, data, fua: false })
-    }
-
-    fn read(&mut self, i: usize, block: u64) -> RequestResult {
-        self.request(i, AppRequest::Read { offset_blocks: block, blocks: 1 })
-    }
-
-    fn differing_blocks(&self) -> Vec<u64> {
-        let chunks = self.disks[0].chunks(BLOCK).zip(self.disks[1].chunks(BLOCK));
-        chunks.enumerate().filter(|(_, (a, b))| a != b).map(|(n, _)| n as u64).collect()
-    }
-
-    fn detached(&self, i: usize) -> bool {
-        self.events.iter().any(|(n, e)| *n == i && *e == Event::Detached)
-    }
+fn pair(protocol: ReplicationProtocol, on_io_error: OnIoError, client: bool) -> Pair {
+    Pair::new(SIZE_BLOCKS, protocol, on_io_error, client)
 }
 
 #[test]
 fn a_write_error_detaches_and_the_primary_keeps_serving_through_its_peer() {
     for protocol in [ReplicationProtocol::A, ReplicationProtocol::B, ReplicationProtocol::C] {
-        let mut pair = Pair::new(protocol, OnIoError::Detach, false);
+        let mut pair = pair(protocol, OnIoError::Detach, false);
         pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
         pair.run();
         for block in 0..8 {
@@ -243,7 +59,7 @@ fn a_write_error_detaches_and_the_primary_keeps_serving_through_its_peer() {
 
 #[test]
 fn a_read_error_is_retried_through_the_peer() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     assert_eq!(pair.write(0, 5, 7), Ok(None));
@@ -255,7 +71,7 @@ fn a_read_error_is_retried_through_the_peer() {
 
 #[test]
 fn pass_on_hands_the_error_to_the_caller_and_keeps_the_disk() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::PassOn, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::PassOn, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     pair.fail_writes[0] = true;
@@ -274,7 +90,7 @@ fn pass_on_hands_the_error_to_the_caller_and_keeps_the_disk() {
 
 #[test]
 fn without_an_up_to_date_peer_a_diskless_primary_fails_io_at_once() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     pair.cut();
@@ -292,7 +108,7 @@ fn without_an_up_to_date_peer_a_diskless_primary_fails_io_at_once() {
 
 #[test]
 fn a_peer_that_missed_nothing_serves_a_diskless_primary_after_a_reconnect() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     assert_eq!(pair.write(0, 2, 1), Ok(None));
@@ -309,7 +125,7 @@ fn a_peer_that_missed_nothing_serves_a_diskless_primary_after_a_reconnect() {
 
 #[test]
 fn a_lost_peer_with_a_read_outstanding_fails_it_instead_of_hanging() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     pair.nodes[0].handle_detach(pair.now_ms + 1).unwrap();
@@ -339,7 +155,7 @@ fn a_lost_peer_with_a_read_outstanding_fails_it_instead_of_hanging() {
 
 #[test]
 fn re_attach_resyncs_only_what_was_written_while_detached() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, false);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);
     pair.nodes[0].handle_promote(1_000, false).unwrap();
     pair.run();
     for block in 0..64 {
@@ -397,7 +213,7 @@ fn re_attach_resyncs_only_what_was_written_while_detached() {
 
 #[test]
 fn a_disk_none_client_is_primary_and_does_all_io_through_its_peer() {
-    let mut pair = Pair::new(ReplicationProtocol::C, OnIoError::Detach, true);
+    let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, true);
     assert_eq!(pair.nodes[0].disk_state(), DiskState::Diskless);
     assert_eq!(pair.nodes[1].disk_state(), DiskState::UpToDate);
     pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();

@@ -1,0 +1,230 @@
+//! The two-node harness shared by the protocol-level tests (`diskless.rs`, `metafail.rs`): two
+//! state machines back to back, in-memory disks whose reads, writes and metadata updates can be
+//! made to fail, and a clock the test advances. Each test file uses part of it.
+#![allow(dead_code)]
+
+use drbd_engine::NodeId;
+use drbd_engine::protocol::node::{
+    AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestError, RequestId,
+};
+use drbd_engine::protocol::{
+    Fencing, IoFailed, MetaUpdate, Metadata, ReplicationProtocol, ResyncRate,
+};
+
+pub const BLOCK: usize = 4096;
+
+pub type RequestResult = Result<Option<Vec<u8>>, RequestError>;
+
+pub fn other(i: usize) -> NodeId {
+    NodeId(u8::from(i == 0))
+}
+
+/// Byte offset of `block` in a disk.
+pub fn at(block: u64) -> usize {
+    usize::try_from(block).unwrap() * BLOCK
+}
+
+/// Block `block`'s contents in generation `generation`: self-describing, so a misplaced block
+/// shows.
+pub fn block_data(block: u64, generation: u8) -> Vec<u8> {
+    let mut data = vec![generation; BLOCK];
+    data[..8].copy_from_slice(&block.to_le_bytes());
+    data
+}
+
+/// Two nodes back to back with in-memory disks that can be made to fail.
+pub struct Pair {
+    pub nodes: [Node; 2],
+    pub disks: [Vec<u8>; 2],
+    /// Reads / writes of node i's disk fail (EIO, or ENOSPC on a full disk).
+    pub fail_reads: [bool; 2],
+    pub fail_writes: [bool; 2],
+    /// Metadata updates of node i fail (ENOSPC under its meta-disk).
+    pub fail_meta: [bool; 2],
+    pub meta_failures: [u64; 2],
+    /// The updates node i persisted.
+    pub persisted: [Vec<MetaUpdate>; 2],
+    pub now_ms: u64,
+    conn_id: u64,
+    completions: Vec<(usize, RequestId, RequestResult)>,
+    pub events: Vec<(usize, Event)>,
+    next_request: u64,
+}
+
+impl Pair {
+    /// A connected pair of `size_blocks` all-zero replicas, without an initial sync. With
+    /// `client`, node 0 is a `disk none` client of node 1.
+    pub fn new(
+        size_blocks: u64,
+        protocol: ReplicationProtocol,
+        on_io_error: OnIoError,
+        client: bool,
+    ) -> Self {
+        let node = |id: u8, diskless: bool| {
+            let mut config = Config {
+                peers: vec![other(usize::from(id))],
+                protocol,
+                fencing: Fencing::DontCare,
+                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
+                al_extents: 8,
+                random_seed: 11,
+                on_io_error,
+                ..Config::default()
+            };
+            config.quorum.diskless = diskless;
+            if client && id == 1 {
+                config.quorum.diskless_peers = vec![NodeId(0)];
+            }
+            Node::new(config, Metadata::create(NodeId(id), size_blocks), 0)
+        };
+        let bytes = at(size_blocks);
+        let mut pair = Self {
+            nodes: [node(0, client), node(1, false)],
+            disks: [vec![0; bytes], vec![0; bytes]],
+            fail_reads: [false; 2],
+            fail_writes: [false; 2],
+            fail_meta: [false; 2],
+            meta_failures: [0; 2],
+            persisted: [Vec::new(), Vec::new()],
+            now_ms: 0,
+            conn_id: 0,
+            completions: Vec::new(),
+            events: Vec::new(),
+            next_request: 1,
+        };
+        pair.connect();
+        // Identical all-zero replicas: no initial sync.
+        let clear_on = usize::from(client);
+        let now = pair.tick();
+        pair.nodes[clear_on].handle_new_current_uuid_clear_bitmap(now).unwrap();
+        pair.run();
+        pair
+    }
+
+    pub fn tick(&mut self) -> u64 {
+        self.now_ms += 1;
+        self.now_ms
+    }
+
+    /// Delivers every output until both nodes are quiet.
+    pub fn run(&mut self) {
+        loop {
+            let mut progress = false;
+            for i in 0..2 {
+                while let Some(output) = self.nodes[i].poll_output() {
+                    progress = true;
+                    let now = self.now_ms;
+                    match output {
+                        Output::Transmit { frame, .. } => {
+                            self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec());
+                        }
+                        Output::Disconnect { conn_id, .. } => {
+                            self.nodes[1 - i].handle_transport_closed(now, other(1 - i), conn_id);
+                        }
+                        Output::DiskIo { id, op } => {
+                            let result = self.disk_io(i, op);
+                            self.nodes[i].handle_disk_completion(now, id, result);
+                        }
+                        Output::Complete { request, result } => {
+                            self.completions.push((i, request, result));
+                        }
+                        Output::Event(event) => self.events.push((i, event)),
+                        Output::Persist(update) if !self.fail_meta[i] => {
+                            self.persisted[i].push(update);
+                        }
+                        Output::Persist(_) => {
+                            // As the driver does: the batch is the run of Persists; the output
+                            // polled after it goes back to the node.
+                            self.meta_failures[i] += 1;
+                            let mut next = self.nodes[i].poll_output();
+                            while matches!(next, Some(Output::Persist(_))) {
+                                next = self.nodes[i].poll_output();
+                            }
+                            self.nodes[i].handle_metadata_failed(now, next);
+                        }
+                    }
+                }
+            }
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    fn disk_io(&mut self, i: usize, op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed> {
+        match op {
+            DiskOp::Read { offset_blocks, blocks } => {
+                if self.fail_reads[i] {
+                    return Err(IoFailed);
+                }
+                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
+            }
+            DiskOp::Write { offset_blocks, data, .. } => {
+                if self.fail_writes[i] {
+                    return Err(IoFailed);
+                }
+                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
+                    .copy_from_slice(&data);
+                Ok(None)
+            }
+            DiskOp::Flush if self.fail_writes[i] => Err(IoFailed),
+            DiskOp::Flush => Ok(None),
+        }
+    }
+
+    pub fn connect(&mut self) {
+        self.conn_id += 1;
+        let now = self.tick();
+        for i in 0..2 {
+            self.nodes[i].handle_connected(now, other(i), self.conn_id);
+        }
+        self.run();
+    }
+
+    pub fn cut(&mut self) {
+        let now = self.tick();
+        for i in 0..2 {
+            self.nodes[i].handle_transport_closed(now, other(i), self.conn_id);
+        }
+        self.run();
+    }
+
+    /// Lets timers run (barriers, resync steps) for `ms`.
+    pub fn idle(&mut self, ms: u64) {
+        for _ in 0..ms / 10 {
+            self.now_ms += 10;
+            for i in 0..2 {
+                self.nodes[i].handle_timeout(self.now_ms);
+            }
+            self.run();
+        }
+    }
+
+    pub fn request(&mut self, i: usize, req: AppRequest) -> RequestResult {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        let now = self.tick();
+        self.nodes[i].handle_request(now, id, req);
+        self.run();
+        let pos = self.completions.iter().position(|(_, r, _)| *r == id).expect("completed");
+        self.completions.remove(pos).2
+    }
+
+    pub fn write(&mut self, i: usize, block: u64, generation: u8) -> RequestResult {
+        let data = block_data(block, generation).into();
+        self.request(i, AppRequest::Write { offset_blocks: block, data, fua: false })
+    }
+
+    pub fn read(&mut self, i: usize, block: u64) -> RequestResult {
+        self.request(i, AppRequest::Read { offset_blocks: block, blocks: 1 })
+    }
+
+    pub fn differing_blocks(&self) -> Vec<u64> {
+        let chunks = self.disks[0].chunks(BLOCK).zip(self.disks[1].chunks(BLOCK));
+        chunks.enumerate().filter(|(_, (a, b))| a != b).map(|(n, _)| n as u64).collect()
+    }
+
+    pub fn detached(&self, i: usize) -> bool {
+        self.events.iter().any(|(n, e)| *n == i && *e == Event::Detached)
+    }
+}
