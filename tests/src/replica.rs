@@ -5,6 +5,7 @@
 //! The process's stderr (its tracing log) goes to `DIR/NAME.log`, appended to across restarts
 //! under the same name, and is printed when the test panics; the process is killed on drop.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -168,6 +169,56 @@ impl Replica {
             self.log_text()
         );
         reply
+    }
+
+    /// Starts `stream FIRST COUNT GENERATION DEPTH` (COUNT sequential 4 KiB writes, DEPTH in
+    /// flight) and reads its output until every write was acknowledged; panics on a failed
+    /// write, naming it. Returns the number acknowledged (COUNT).
+    pub fn stream_all_acked(
+        &mut self,
+        first: u64,
+        count: u64,
+        generation: u64,
+        depth: u64,
+        timeout: Duration,
+    ) -> u64 {
+        self.send(&format!("stream {first} {count} {generation} {depth}"));
+        let mut acked = 0u64;
+        loop {
+            let line = self.next_line(timeout);
+            if line == "done" {
+                break;
+            }
+            assert!(line.starts_with("acked "), "a write failed: `{line}`\n{}", self.log_text());
+            acked += 1;
+        }
+        assert_eq!(acked, count, "{}: every write of the stream acknowledged", self.name);
+        acked
+    }
+
+    /// Starts the same stream and returns once `until` writes were acknowledged, with their
+    /// block numbers; the stream goes on writing (and its output queues) until the caller stops
+    /// the replica, typically with `kill9` to crash it mid-stream.
+    pub fn stream_until_acked(
+        &mut self,
+        first: u64,
+        count: u64,
+        generation: u64,
+        depth: u64,
+        until: usize,
+        timeout: Duration,
+    ) -> BTreeSet<u64> {
+        assert!(until as u64 <= count, "cannot wait for more writes than the stream has");
+        self.send(&format!("stream {first} {count} {generation} {depth}"));
+        let mut acked = BTreeSet::new();
+        while acked.len() < until {
+            let line = self.next_line(timeout);
+            let Some(block) = line.strip_prefix("acked ") else {
+                panic!("{}: unexpected stream output `{line}`", self.name);
+            };
+            acked.insert(block.parse::<u64>().expect("block number"));
+        }
+        acked
     }
 
     /// The `status` line.

@@ -487,11 +487,10 @@ fn a_volume_on_three_tandemd_gets_a_tiebreaker_and_fails_over_by_itself() {
         takeover.as_millis(),
         nodes[primary].name
     );
-    assert!(
-        nodes[secondary].daemon.log().contains(&format!("promoter {resource}: role:Primary")),
-        "the promoter did it:\n{}",
-        nodes[secondary].daemon.log()
-    );
+    // The promoter logs its promotion once the promote returned, so the role can show first.
+    nodes[secondary]
+        .daemon
+        .wait_for_log(&format!("promoter {resource}: role:Primary"), Duration::from_secs(10));
     assert_eq!(role_on(&nodes[tie], &resource), "secondary", "a tiebreaker never promotes");
     let survivor = adm(&nodes[secondary], &["status", &resource]);
     println!("tandemadm status on the survivor:\n{survivor}");

@@ -60,17 +60,7 @@ fn a_full_disk_detaches_the_primary_which_keeps_serving_and_resyncs_after_attach
 
     // Stream twice what the file system holds: the disk fills, the primary detaches, and the
     // stream goes on through the peer. Every write is acknowledged.
-    a.send(&format!("stream 0 {STREAM_BLOCKS} 2 16"));
-    let mut acked = 0u64;
-    loop {
-        let line = a.next_line(long);
-        if line == "done" {
-            break;
-        }
-        assert!(line.starts_with("acked "), "a write failed: `{line}`\n{}", a.log_text());
-        acked += 1;
-    }
-    assert_eq!(acked, STREAM_BLOCKS);
+    a.stream_all_acked(0, STREAM_BLOCKS, 2, 16, long);
     assert_eq!(a.status_value("disk"), "Diskless", "the full disk was detached");
     assert_eq!(a.status_value("role"), "Primary");
     let log = a.log_text();

@@ -6,7 +6,6 @@
 //!
 //! Run: `TANDEM_SLOW_TESTS=1 cargo test -p tests --test engine_mesh -- --nocapture`
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
@@ -51,15 +50,7 @@ fn three_diskful_nodes_fail_over_and_the_survivors_resync_only_their_difference(
     a.ok("primary", long);
 
     // Stream writes (generation 1) and kill -9 the primary once 3000 were acknowledged.
-    a.send("stream 0 8000 1 16");
-    let mut acked = BTreeSet::new();
-    while acked.len() < 3000 {
-        let line = a.next_line(long);
-        let Some(block) = line.strip_prefix("acked ") else {
-            panic!("unexpected stream output `{line}`");
-        };
-        acked.insert(block.parse::<u64>().expect("block number"));
-    }
+    let acked = a.stream_until_acked(0, 8000, 1, 16, 3000, long);
     a.kill9();
     println!("killed the primary after {} acknowledged writes", acked.len());
 

@@ -79,17 +79,7 @@ fn a_full_meta_disk_detaches_the_primary_which_keeps_serving_and_fully_resyncs_a
     // The metadata's file system fills up: the stream's first write to a cold extent needs an
     // activity-log update, which fails. Every write is still acknowledged, through the peer.
     let filler = fill(&small.path);
-    a.send(&format!("stream 0 {STREAM_BLOCKS} 2 16"));
-    let mut acked = 0u64;
-    loop {
-        let line = a.next_line(long);
-        if line == "done" {
-            break;
-        }
-        assert!(line.starts_with("acked "), "a write failed: `{line}`\n{}", a.log_text());
-        acked += 1;
-    }
-    assert_eq!(acked, STREAM_BLOCKS);
+    a.stream_all_acked(0, STREAM_BLOCKS, 2, 16, long);
     assert_eq!(a.status_value("disk"), "Diskless", "the failed metadata detached the disk");
     assert_eq!(a.status_value("role"), "Primary");
     let log = a.log_text();

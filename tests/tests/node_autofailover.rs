@@ -226,9 +226,11 @@ impl Cluster {
         println!("the tiebreaker's status:\n{tie}");
         assert!(tie.contains("role:Secondary") && tie.contains("disk:Diskless"), "{tie}");
         assert!(tie.contains("alpha role:Primary"), "{tie}");
-        assert!(
-            self.daemons[0].as_ref().expect("alpha").log().contains("promoter r0: role:Primary")
-        );
+        // The promoter logs its promotion once the promote returned: the role can show first.
+        self.daemons[0]
+            .as_mut()
+            .expect("alpha")
+            .wait_for_log("promoter r0: role:Primary", Duration::from_secs(10));
     }
 
     /// CPU time (user + system, ms) a node's tandemd used so far, from /proc.
