@@ -41,6 +41,30 @@ fn run_openstack(program: &Path, endpoint: &str, args: &[&str]) -> String {
     stdout
 }
 
+/// tandem-api on SQLite in `dir` over `nodes`, once it reports every node's cinder-volume up.
+fn start_api(dir: &Path, nodes: &[TandemdNode]) -> (Daemon, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let mut command = Command::new(binary("tandem-api"));
+    command
+        .args(["--listen", &addr.to_string(), "--database"])
+        .arg(dir.join("api.sqlite"))
+        .args(["--node-token", NODE_TOKEN]);
+    for node in nodes {
+        command.args(["--node", &format!("{}=http://{}", node.name, node.api)]);
+    }
+    command.stdin(Stdio::null());
+    let mut api = Daemon::spawn("tandem-api", command);
+    api.wait_for_port(addr, Duration::from_secs(60));
+    wait_for("every tandemd node up in tandem-api", Duration::from_secs(30), || {
+        let (_, body) = http(addr, "GET", "/v3/demo/os-services", "admin:demo", "");
+        body["services"].as_array().is_some_and(|s| {
+            let up = s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up");
+            up.count() == nodes.len()
+        })
+    });
+    (api, addr)
+}
+
 #[test]
 fn openstack_volume_create_lands_on_two_real_tandemd() {
     tests::require_slow!();
@@ -51,24 +75,7 @@ fn openstack_volume_create_lands_on_two_real_tandemd() {
         TandemdNode::start(dir.path(), "node-a", "127.0.61.1", NODE_TOKEN),
         TandemdNode::start(dir.path(), "node-b", "127.0.61.2", NODE_TOKEN),
     ];
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let mut command = Command::new(binary("tandem-api"));
-    command
-        .args(["--listen", &addr.to_string(), "--database"])
-        .arg(dir.path().join("api.sqlite"))
-        .args(["--node-token", NODE_TOKEN]);
-    for node in &nodes {
-        command.args(["--node", &format!("{}=http://{}", node.name, node.api)]);
-    }
-    command.stdin(Stdio::null());
-    let mut api = Daemon::spawn("tandem-api", command);
-    api.wait_for_port(addr, Duration::from_secs(60));
-    wait_for("both tandemd nodes up in tandem-api", Duration::from_secs(30), || {
-        let (_, body) = http(addr, "GET", "/v3/demo/os-services", "admin:demo", "");
-        body["services"].as_array().is_some_and(|s| {
-            s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 2
-        })
-    });
+    let (_api, addr) = start_api(dir.path(), &nodes);
 
     let endpoint = format!("http://{addr}/v3/demo");
     let out = run_openstack(
@@ -376,23 +383,7 @@ fn a_volume_on_three_tandemd_gets_a_tiebreaker_and_fails_over_by_itself() {
         TandemdNode::start(dir.path(), "node-b", "127.0.62.2", NODE_TOKEN),
         TandemdNode::start(dir.path(), "node-c", "127.0.62.3", NODE_TOKEN),
     ];
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let mut command = Command::new(binary("tandem-api"));
-    command
-        .args(["--listen", &addr.to_string(), "--database"])
-        .arg(dir.path().join("api.sqlite"))
-        .args(["--node-token", NODE_TOKEN]);
-    for node in &nodes {
-        command.args(["--node", &format!("{}=http://{}", node.name, node.api)]);
-    }
-    let mut api = Daemon::spawn("tandem-api", command);
-    api.wait_for_port(addr, Duration::from_secs(60));
-    wait_for("three tandemd nodes up in tandem-api", Duration::from_secs(30), || {
-        let (_, body) = http(addr, "GET", "/v3/demo/os-services", "admin:demo", "");
-        body["services"].as_array().is_some_and(|s| {
-            s.iter().filter(|s| s["binary"] == "cinder-volume" && s["state"] == "up").count() == 3
-        })
-    });
+    let (api, addr) = start_api(dir.path(), &nodes);
     let (status, body) =
         http(addr, "POST", "/v3/demo/volumes", "admin:demo", r#"{"volume": {"size": 1}}"#);
     assert_eq!(status, 202, "{body}");
