@@ -707,4 +707,40 @@ mod tests {
         bad[0].disk = "/tmp/a b.img".into();
         assert!(render("volume-1", "C", &bad, &ids).expect_err("space").contains("disk paths"));
     }
+
+    /// What tandem-api asks for when a third node is up: two replicas and a diskless quorum
+    /// tiebreaker, with the automatic promoter. The oracle tests read the fixture (drbdadm
+    /// dump, dump-xml and `up` dry runs), so the mesh and the `disk none` volume are checked
+    /// against drbd-utils too.
+    #[test]
+    fn a_rendered_tiebreaker_resource_is_drbd_syntax_tandemd_reads_back() {
+        let endpoint = |node: &str, address: &str, disk: &str| Endpoint {
+            node: node.into(),
+            address: address.parse().expect("addr"),
+            disk: disk.into(),
+            minor: 0,
+        };
+        let endpoints = [
+            endpoint("alpha", "127.0.0.1:7789", "/var/lib/tandem/volumes/volume-2.img"),
+            endpoint("beta", "127.0.0.2:7789", "/var/lib/tandem/volumes/volume-2.img"),
+            endpoint("gamma", "127.0.0.3:7789", ""),
+        ];
+        let nodes = [("alpha", false), ("beta", false), ("gamma", true)];
+        let preferred = ["alpha".to_owned(), "beta".to_owned()];
+        let layout = layout(&nodes, None, None, true, &preferred).expect("a valid layout");
+        assert_eq!(layout.quorum.as_deref(), Some("majority"), "three nodes default to majority");
+        let ids = node_ids(["alpha", "beta", "gamma"]);
+        let text = render_with("volume-2", "C", &endpoints, &ids, &layout).expect("renders");
+        let config =
+            crate::config::parse_str("volume-2.res", &text, std::path::Path::new("/")).expect("ok");
+        let resource = &config.resources[0];
+        assert_eq!(resource.nodes.len(), 3);
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/config/valid/api-created-tiebreaker.res");
+        if std::env::var("TANDEM_BLESS").as_deref() == Ok("1") {
+            std::fs::write(&fixture, &text).expect("blessing the fixture");
+        }
+        let stored = std::fs::read_to_string(&fixture).unwrap_or_default();
+        assert_eq!(stored, text, "{} is stale: TANDEM_BLESS=1 rewrites it", fixture.display());
+    }
 }

@@ -652,6 +652,9 @@ struct LocalView {
     /// (peer id, volume, [resync-rate KiB/s, c-plan-ahead, c-fill-target sectors, c-max-rate,
     /// c-min-rate]) for the options set in the file
     peer_devices: Vec<(u32, u32, [Option<u64>; 5])>,
+    /// (peer id, volume) kept without a bitmap: a `disk none` peer, a tiebreaker that only
+    /// votes (drbdadm: `peer-device-options --bitmap=no`; Tandem: the engine's diskless peers)
+    no_bitmap: Vec<(u32, u32)>,
 }
 
 /// drbdadm echoes values as written ("50M"); scale them like drbdsetup (bare = default unit).
@@ -703,17 +706,20 @@ fn view_from_dry_run(output: &str) -> LocalView {
             }
             ["drbdsetup", "peer-device-options", _, peer, volume, ..] => {
                 let kib = |name: &str| option(name).map(|value| scale(&value, 1024));
-                view.peer_devices.push((
-                    peer.parse().expect("peer"),
-                    volume.parse().expect("volume"),
-                    [
-                        kib("resync-rate"),
-                        option("c-plan-ahead").map(|value| scale(&value, 1)),
-                        option("c-fill-target").map(|value| scale(&value, 512)),
-                        kib("c-max-rate"),
-                        kib("c-min-rate"),
-                    ],
-                ));
+                let (peer, volume) = (peer.parse().expect("peer"), volume.parse().expect("volume"));
+                let set = [
+                    kib("resync-rate"),
+                    option("c-plan-ahead").map(|value| scale(&value, 1)),
+                    option("c-fill-target").map(|value| scale(&value, 512)),
+                    kib("c-max-rate"),
+                    kib("c-min-rate"),
+                ];
+                if set.iter().any(Option::is_some) {
+                    view.peer_devices.push((peer, volume, set));
+                }
+                if option("bitmap").as_deref() == Some("no") {
+                    view.no_bitmap.push((peer, volume));
+                }
             }
             ["drbdsetup", "attach", minor, disk, ..] => {
                 view.attached.push((minor.parse().expect("minor"), (*disk).to_owned()));
@@ -726,6 +732,7 @@ fn view_from_dry_run(output: &str) -> LocalView {
     view.paths.sort();
     view.attached.sort();
     view.peer_devices.sort();
+    view.no_bitmap.sort();
     view
 }
 
@@ -761,6 +768,12 @@ fn tandem_view(resource: &config::Resource, node_name: &str) -> LocalView {
             if set.iter().any(Option::is_some) {
                 view.peer_devices.push((peer.node_id, volume.number, set));
             }
+            let peer_volume = resource
+                .node(&peer.name)
+                .and_then(|n| n.volumes.iter().find(|v| v.number == volume.number));
+            if peer_volume.is_some_and(|v| v.disk == Disk::None) {
+                view.no_bitmap.push((peer.node_id, volume.number));
+            }
         }
     }
     view.minors.sort();
@@ -768,6 +781,7 @@ fn tandem_view(resource: &config::Resource, node_name: &str) -> LocalView {
     view.paths.sort();
     view.attached.sort();
     view.peer_devices.sort();
+    view.no_bitmap.sort();
     view
 }
 
