@@ -84,6 +84,8 @@ fn a_full_meta_disk_detaches_the_primary_which_keeps_serving_and_fully_resyncs_a
     assert_eq!(a.status_value("role"), "Primary");
     let log = a.log_text();
     assert!(log.contains("metadata update failed"), "the failure is logged:\n{log}");
+    let status = a.status();
+    assert!(status.contains("disk_error=\"metadata update failed"), "status names it: {status}");
     assert!(log.contains("No space left on device"), "the log names the error:\n{log}");
     assert!(log.contains("Detached"), "the detach is logged:\n{log}");
     assert!(!log.contains("panicked"), "no panic:\n{log}");

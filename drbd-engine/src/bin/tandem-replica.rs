@@ -263,6 +263,10 @@ fn describe(s: &Status) -> String {
         " resync_received={} resync_sent={} split_brain={}",
         s.resync_blocks_received, s.resync_blocks_sent, s.split_brain
     ));
+    // Last, quoted: the message has spaces, and it is what an operator needs after a detach.
+    if let Some(error) = &s.disk_error {
+        line.push_str(&format!(" disk_error={error:?}"));
+    }
     line
 }
 
