@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
+use tests::clients::qemu_io_ok as qemu_io;
 use tests::{Daemon, binary, free_port, run_with_timeout, sparse_file};
 
 const VOLUME_BYTES: u64 = 16 * 1024 * 1024;
@@ -143,24 +144,6 @@ fn down_then_up_in_one_tandemd_releases_everything() {
         adm_ok(&nodes[0], &["status", "r0"]),
         "r0 role:Primary\n  disk:UpToDate\n  beta role:Secondary\n    peer-disk:UpToDate\n\n"
     );
-}
-
-fn qemu_io(url: &str, commands: &[String]) -> String {
-    let qemu_io = tests::require_tool("qemu-io", "qemu-utils");
-    let mut command = Command::new(qemu_io);
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.arg("-c").arg(c);
-    }
-    command.arg(url);
-    let output = run_with_timeout(&mut command, Duration::from_secs(60));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(output.status.success() && !text.contains("failed"), "qemu-io {commands:?}: {text}");
-    text
 }
 
 #[test]
