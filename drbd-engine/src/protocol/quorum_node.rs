@@ -9,7 +9,10 @@
 //!   noticed (quorum is re-evaluated before any completion of the same input).
 //! - without quorum a primary starts no new data generation: the blocks of writes it could
 //!   not replicate are marked in the bitmap only, so that a peer promoted meanwhile is found
-//!   *newer* on reconnect (not split brain) and overwrites them.
+//!   *newer* on reconnect (not split brain) and overwrites them. Nor while it may not
+//!   acknowledge writes after losing a diskful peer (not fenced yet): with a tiebreaker it
+//!   keeps quorum for a moment and may lose it before the fence is settled (issue 5); the
+//!   generation starts only before its next acknowledgement (`quorum_deferred_generation`).
 //! - a primary without quorum that meets a peer with newer data, or another primary, steps
 //!   down (DRBD's `on-suspended-primary-outdated force-secondary`): what it held fails, it
 //!   becomes Secondary and reconnects, and resyncs from the peer.
