@@ -463,3 +463,66 @@ fn an_isolated_peer_is_fenced_and_resynced_from_the_primary_that_kept_quorum() {
         assert_eq!(&mesh.disks[b][at(3)..at(4)], &block_data(3, 2)[..], "{on_no_quorum}");
     }
 }
+
+/// The deferral without a promotion: A lost B with a write in flight, then T, and nobody was
+/// promoted. A's marks (no new generation) make it B's bitmap sync source when they meet
+/// again: A keeps its role, what it held under suspend-io completes once B is fenced again by
+/// the resync, and B ends with every block A acknowledged.
+#[test]
+fn an_unpromoted_peer_is_resynced_from_the_primary_that_deferred_its_generation() {
+    let (a, b, t) = (0, 1, TIEBREAKER);
+    for on_no_quorum in [OnNoQuorum::SuspendIo, OnNoQuorum::IoError] {
+        for order in [HealOrder::PeerFirst, HealOrder::TiebreakerFirst] {
+            let case = format!("{on_no_quorum} {order:?}");
+            let mut mesh = Mesh::new(on_no_quorum);
+            mesh.promote(a).unwrap();
+            mesh.idle(50);
+            mesh.held[link(a, b)] = true;
+            let in_flight = mesh.submit_write(a, 3, 2);
+            mesh.cut(a, b);
+            mesh.cut(a, t);
+            assert!(!mesh.nodes[a].has_quorum(), "{case}");
+            mesh.idle(GRACE_MS);
+            mesh.events.clear();
+            match order {
+                HealOrder::PeerFirst => {
+                    mesh.plug(a, b);
+                    mesh.idle(200);
+                    mesh.plug(a, t);
+                }
+                HealOrder::TiebreakerFirst => {
+                    mesh.plug(a, t);
+                    mesh.idle(200);
+                    mesh.plug(a, b);
+                }
+            }
+            mesh.idle(1_000);
+            let decided: Vec<_> = mesh
+                .events
+                .iter()
+                .filter_map(|(i, e)| match e {
+                    Event::HandshakeDecided { peer, decision } if *i == a && *peer == nid(b) => {
+                        Some(*decision)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(decided, vec![SyncDecision::BitmapSource], "{case}");
+            assert_eq!(mesh.nodes[a].role(), Role::Primary, "{case}");
+            assert!(mesh.nodes[a].has_quorum(), "{case}");
+            assert_eq!(mesh.nodes[b].disk_state(), DiskState::UpToDate, "{case}");
+            assert_eq!(mesh.differing_blocks(), Vec::<u64>::new(), "{case}");
+            match on_no_quorum {
+                OnNoQuorum::SuspendIo => {
+                    assert_eq!(mesh.result(in_flight), Some(&Ok(None)), "{case}");
+                    assert_eq!(&mesh.disks[b][at(3)..at(4)], &block_data(3, 2)[..], "{case}");
+                }
+                OnNoQuorum::IoError => {
+                    assert!(matches!(mesh.result(in_flight), Some(Err(_))), "{case}");
+                }
+            }
+            assert_eq!(mesh.write(a, 20, 4), Ok(None), "{case}");
+            assert_eq!(mesh.differing_blocks(), Vec::<u64>::new(), "{case}");
+        }
+    }
+}
