@@ -77,6 +77,22 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         "sim: a primary disk failure was injected while a partition nobody had noticed kept \
          the peer SyncTarget (the source already counted it UpToDate): a double failure",
     ),
+    (
+        2,
+        3,
+        "engine: the diskless tiebreaker, down while the primary committed an online grow, \
+         kept the old size for good: the handshake's size check skips diskless ends; a diskless \
+         node takes a diskful peer's larger size in the handshake now (first seen with the \
+         resize events of sim/resize.rs)",
+    ),
+    (
+        499,
+        3,
+        "engine: the tiebreaker reconnected while the primary negotiated an online grow; its \
+         handshake carried the old size and the commit skipped it (not Established), so it \
+         stayed at the old size while connected; a resize is refused now when a handshake, \
+         resync or verify started during the negotiation",
+    ),
 ];
 
 #[test]
@@ -89,6 +105,24 @@ fn regression_seeds_without_violations() {
             report.violations.join("; "),
             sim::reproduce_command(*seed, *nodes)
         );
+    }
+}
+
+/// The resize events (`sim::resize`) run: grows are committed, replicas grow by the commit or
+/// on a handshake, and writes to the grown blocks are acknowledged (and so checked), in both
+/// modes.
+#[test]
+fn resize_events_grow_the_device_under_faults() {
+    for nodes in [2, 3] {
+        let mut total = sim::Report::default();
+        for seed in 1..=60 {
+            total.add(&sim::run_seed(seed, nodes));
+        }
+        let r = &total.resize;
+        assert!(r.committed > 5, "{nodes} nodes: {}", r.summary());
+        assert!(r.replicas_grown > 5, "{nodes} nodes: {}", r.summary());
+        assert!(r.grown_writes_acked > 100, "{nodes} nodes: {}", r.summary());
+        assert!(r.refused > 0, "{nodes} nodes: {}", r.summary());
     }
 }
 
