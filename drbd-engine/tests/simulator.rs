@@ -93,6 +93,15 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          stayed at the old size while connected; a resize is refused now when a handshake, \
          resync or verify started during the negotiation",
     ),
+    (
+        585,
+        3,
+        "engine: a primary whose disk had failed (detached) ran a resize: nothing could be \
+         persisted, but the commit grew the tiebreaker to a size no diskful node had; a \
+         detached node refuses to resize now (also when its disk fails during the negotiation, \
+         seed 164 once primary disk failures ran under quorum)",
+    ),
+    (164, 3, "engine: as 585, the primary's disk failed while its resize was being negotiated"),
 ];
 
 #[test]

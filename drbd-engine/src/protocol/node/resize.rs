@@ -69,6 +69,11 @@ impl Node {
         if self.resize.pending.is_some() {
             return Err(StateError::Precondition("a resize is already running"));
         }
+        if self.is_detached() {
+            return Err(StateError::Precondition(
+                "the disk is detached: nothing to grow here; attach it first",
+            ));
+        }
         if self.resize_peer_busy() {
             return Err(StateError::Precondition(
                 "a handshake, resync or verify is running; resize when it finished",
@@ -226,6 +231,14 @@ impl Node {
         }
         if new == old {
             self.emit(Event::ResizeFinished { old_blocks: old, new_blocks: old, error: None });
+            return;
+        }
+        if self.is_detached() {
+            // The disk failed while we negotiated: the new size cannot be persisted here, and
+            // committing it to the peers anyway left a tiebreaker at a size no diskful node
+            // had (seed 164 --nodes 3, primary disk failures under quorum).
+            let error = Some("the disk detached during the resize".to_string());
+            self.emit(Event::ResizeFinished { old_blocks: old, new_blocks: old, error });
             return;
         }
         if self.resize_peer_busy() {
