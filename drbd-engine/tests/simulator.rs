@@ -135,6 +135,17 @@ fn resize_events_grow_the_device_under_faults() {
     }
 }
 
+/// With quorum (`--nodes 3`) a primary whose disk failed keeps quorum through its UpToDate
+/// peer and the tiebreaker and serves through the peer (the checkers judge what it returns).
+#[test]
+fn a_detached_primary_serves_under_quorum() {
+    let mut total = sim::Report::default();
+    for seed in 1..=60 {
+        total.add(&sim::run_seed(seed, 3));
+    }
+    assert!(total.detached_primary_requests > 0, "{}", total.summary());
+}
+
 /// A further batch of seeds with the slow tests (1,000 by default, which keeps CI short); the
 /// documented soak raises it:
 /// `TANDEM_SLOW_TESTS=1 TANDEM_SIM_SOAK_SEEDS=20000 cargo test --release -p drbd-engine --test simulator -- soak`

@@ -362,6 +362,9 @@ pub struct Report {
     pub auth_refusals: u64,
     /// Disks detached after an I/O error (`disk_fail`).
     pub disk_detaches: u64,
+    /// Requests a primary completed successfully while its disk was detached (through its
+    /// UpToDate peer).
+    pub detached_primary_requests: u64,
     /// Online grow (`resize`).
     pub resize: resize::ResizeReport,
 }
@@ -397,6 +400,7 @@ impl Report {
         self.primary_lost_calls += other.primary_lost_calls;
         self.auth_refusals += other.auth_refusals;
         self.disk_detaches += other.disk_detaches;
+        self.detached_primary_requests += other.detached_primary_requests;
         self.resize.add(&other.resize);
     }
 
@@ -409,7 +413,7 @@ impl Report {
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
              ({} pri-lost-after-sb calls), {} connections refused by authentication, \
-             {} disks detached; {}; {}",
+             {} disks detached ({} requests served by a detached primary); {}; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -433,6 +437,7 @@ impl Report {
             self.primary_lost_calls,
             self.auth_refusals,
             self.disk_detaches,
+            self.detached_primary_requests,
             self.more.summary(),
             self.resize.summary()
         ) + &self.quorum_summary()
@@ -1530,6 +1535,9 @@ impl World {
             return;
         }
         self.check_quorum_completion(i, &result);
+        if result.is_ok() && self.detached_disk(i) {
+            self.report.detached_primary_requests += 1;
+        }
         match (pending, result) {
             (Pending::Write { id, fua, first, end }, result) => {
                 if result.is_ok() {
