@@ -4,7 +4,8 @@
 //! network (loss, delay and so reordering, duplication, corruption, partitions), the disks
 //! (latency, I/O errors, power loss that drops or tears volatile writes, kill -9 that keeps
 //! them), crashes and restarts, promote/demote (forced too), disconnect/reconnect, and the
-//! resource's fencing policy (dont-care, resource-only or resource-and-stonith). A safety
+//! resource's fencing policy (dont-care, resource-only or resource-and-stonith), online grow
+//! of the device (`resize`: backing devices grow, then `resize` on the primary). A safety
 //! phase with faults is followed by a liveness phase in which the cluster is healed and must
 //! converge.
 //!
