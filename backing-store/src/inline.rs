@@ -144,7 +144,7 @@ impl InlinePath {
             Operation::Read { offset, len } => {
                 let (offset, len) = (*offset, *len);
                 if len > INLINE_IO_BYTES_MAX
-                    || !file.uses_buffered(offset, len)
+                    || !file.read_uses_buffered(offset, len)
                     || !self.reads_supported.load(Ordering::Relaxed)
                 {
                     return Attempt::Declined(operation);
@@ -157,7 +157,7 @@ impl InlinePath {
             Operation::Write { offset, data, fua } => {
                 if *fua
                     || data.len() > INLINE_IO_BYTES_MAX
-                    || !file.uses_buffered(*offset, data.len())
+                    || !file.write_uses_buffered(*offset, data.len())
                 {
                     return Attempt::Declined(operation);
                 }
