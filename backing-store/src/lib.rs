@@ -185,6 +185,7 @@ impl BackingStore {
     /// nothing but this store's I/O (the replication engine) gains nothing from the back-off:
     /// the stall is a lock the file system holds (ext4 allocating blocks for writeback), which
     /// the engine's threads would wait for too, at the price of two thread hops per write.
+    /// With 0 the writes are not timed at all (no stalls counted in `io_counters`).
     pub fn set_inline_write_backoff_ms(&self, backoff_ms: u64) {
         self.inner.inline.set_backoff_ms(backoff_ms);
     }
