@@ -271,18 +271,40 @@ struct DiskSet {
 }
 
 impl DiskSet {
-    /// Completes when any I/O in the set does; never, while the set is empty.
-    async fn next(&mut self) -> (IoId, DiskResult) {
-        std::future::poll_fn(|cx| {
-            for i in 0..self.pending.len() {
-                if let Poll::Ready(done) = self.pending[i].as_mut().poll(cx) {
-                    drop(self.pending.swap_remove(i));
-                    return Poll::Ready(done);
-                }
+    /// Polls every I/O in the set once and moves the finished ones to `done`. Inline I/O
+    /// finishes on its first poll, so a burst of writes completes here together and its acks
+    /// leave in one round's socket write (one completion per round meant one write system
+    /// call per ack on the secondary at QD32).
+    fn poll_all(&mut self, cx: &mut std::task::Context<'_>, done: &mut Vec<(IoId, DiskResult)>) {
+        let mut i = 0;
+        while i < self.pending.len() {
+            if let Poll::Ready(finished) = self.pending[i].as_mut().poll(cx) {
+                // Order among completions is free: the state machine orders what needs it.
+                drop(self.pending.swap_remove(i));
+                done.push(finished);
+            } else {
+                i += 1;
             }
-            Poll::Pending
+        }
+    }
+
+    /// Completes when at least one I/O in the set did, with every one that did; never, while
+    /// the set is empty.
+    async fn next(&mut self, done: &mut Vec<(IoId, DiskResult)>) {
+        std::future::poll_fn(|cx| {
+            self.poll_all(cx, done);
+            if done.is_empty() { Poll::Pending } else { Poll::Ready(()) }
         })
-        .await
+        .await;
+    }
+
+    /// Moves what has finished by now to `done`, without waiting.
+    async fn ready(&mut self, done: &mut Vec<(IoId, DiskResult)>) {
+        std::future::poll_fn(|cx| {
+            self.poll_all(cx, done);
+            Poll::Ready(())
+        })
+        .await;
     }
 }
 
@@ -936,6 +958,7 @@ impl Driver {
         mut inputs: mpsc::UnboundedReceiver<Input>,
     ) {
         let mut disk = DiskSet::default();
+        let mut completions = Vec::new();
         self.process_outputs();
         loop {
             disk.pending.append(&mut self.disk_queue);
@@ -953,9 +976,7 @@ impl Driver {
                         self.handle_input(input);
                     }
                 }
-                (id, result) = disk.next() => {
-                    self.node.handle_disk_completion(now_ms(), id, result);
-                }
+                () = disk.next(&mut completions) => {}
                 () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {
                     if deadline.is_some_and(|d| d <= now_ms()) {
                         self.node.handle_timeout(now_ms());
@@ -971,6 +992,15 @@ impl Driver {
                 } else {
                     break;
                 }
+            }
+            // And every local I/O that has finished meanwhile (inline writes finish when
+            // polled): their acks and replies go out with this round's.
+            if completions.is_empty() && !disk.pending.is_empty() {
+                disk.ready(&mut completions).await;
+            }
+            let now = now_ms();
+            for (id, result) in completions.drain(..) {
+                self.node.handle_disk_completion(now, id, result);
             }
             self.process_outputs();
             if let Some(len) = self.store_grow_bytes.take() {
@@ -1463,6 +1493,26 @@ mod tests {
             let rest: Vec<u8> = left.iter().flat_map(|p| p.iter().copied()).collect();
             assert_eq!(rest, b"abcdefghi"[written..].to_vec(), "after {written} bytes");
         }
+    }
+
+    /// Every I/O that has finished completes in the same round (their acks share a write),
+    /// and one still in flight stays in the set.
+    #[tokio::test]
+    async fn disk_set_completes_everything_ready_at_once() {
+        let mut disk = DiskSet::default();
+        for id in 0..5u64 {
+            disk.pending.push(Box::pin(std::future::ready((IoId(id), Ok(None)))));
+        }
+        disk.pending.push(Box::pin(std::future::pending()));
+        let mut done = Vec::new();
+        disk.next(&mut done).await;
+        let mut ids: Vec<u64> = done.iter().map(|(id, _)| id.0).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        assert_eq!(disk.pending.len(), 1);
+        done.clear();
+        disk.ready(&mut done).await;
+        assert!(done.is_empty());
     }
 
     /// Frames the driver writes directly and frames queued behind a full socket arrive whole and
