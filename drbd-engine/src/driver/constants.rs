@@ -24,6 +24,10 @@ pub const RECEIVE_READ_BYTES_MIN: usize = 64 * 1024;
 /// them are gone (a reused buffer's pages are already mapped: no page faults on its reads).
 /// Enough for a QD8 stream of 1 MiB writes, whose frames each hold a buffer until written.
 pub const RECEIVE_BUFFERS_PARKED_MAX: usize = 8;
+/// Application requests in flight (the one that woke the driver included) from which the
+/// driver yields once before its round, to gather the rest of a burst (see `Driver::run`);
+/// below it (QD1) a yield only cost context switches.
+pub const YIELD_REQUESTS_IN_FLIGHT_MIN: usize = 2;
 /// How long a blocking inline write that stalled in the kernel sends the following writes to
 /// the backing store's threads. None: the driver's thread does nothing but this resource's
 /// I/O, the stall is a file-system lock (ext4's block allocation for writeback, measured with
@@ -35,6 +39,8 @@ pub const INLINE_WRITE_BACKOFF_MS: u64 = 0;
 pub const FENCE_HANDLER_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
 const _: () = assert!(INPUT_BATCH_MAX > 0 && INPUT_BATCH_MAX <= COMMAND_QUEUE_MAX);
+const _: () =
+    assert!(YIELD_REQUESTS_IN_FLIGHT_MIN >= 2 && YIELD_REQUESTS_IN_FLIGHT_MIN <= COMMAND_QUEUE_MAX);
 const _: () = assert!(RECEIVE_BUFFER_BYTES_MAX >= HEADER_BYTES);
 /// Out-of-sync runs verify reported that `Status` keeps (the oldest go first).
 pub const VERIFY_REPORT_RUNS_MAX: usize = 4096;

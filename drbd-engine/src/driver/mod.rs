@@ -8,8 +8,8 @@
 //! fsynced before the next output, as `Output::Persist` requires.
 //!
 //! CPU per I/O is what limits a replicated LUN on a small machine, so the hot path batches:
-//! up to `INPUT_BATCH_MAX` inputs are handled before the outputs are carried out, the frames of
-//! one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
+//! up to `INPUT_BATCH_MAX` inputs and every local I/O that has finished are handled before the
+//! outputs are carried out, the frames of one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
 //! with one read and hands them over together, and small buffered writes go to the page cache
 //! on the driver's thread (backing-store's inline path) instead of through an engine thread.
 //! The driver writes a round's frames straight into the socket (`PeerWriter`) before it starts
@@ -37,6 +37,7 @@ use bytes::{Bytes, BytesMut};
 use constants::{
     COMMAND_QUEUE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX,
     RECEIVE_BUFFERS_PARKED_MAX, RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX,
+    YIELD_REQUESTS_IN_FLIGHT_MIN,
 };
 use fence::FenceHandler;
 use meta_file::MetaFile;
@@ -1002,9 +1003,13 @@ impl Driver {
             let deadline = self.node.poll_timeout();
             let sleep_ms = deadline
                 .map_or(CONNECT_RETRY_MS, |d| d.saturating_sub(now_ms()).min(CONNECT_RETRY_MS));
+            let mut woken_by_command = false;
             tokio::select! {
                 command = commands.recv() => match command {
-                    Some(command) => self.handle_command(command),
+                    Some(command) => {
+                        self.handle_command(command);
+                        woken_by_command = true;
+                    }
                     None => return,
                 },
                 input = inputs.recv() => {
@@ -1018,6 +1023,16 @@ impl Driver {
                         self.node.handle_timeout(now_ms());
                     }
                 }
+            }
+            if woken_by_command && self.requests.len() >= YIELD_REQUESTS_IN_FLIGHT_MIN {
+                // The first request of a burst wakes this task straight away (tokio runs a
+                // task woken by the running one next), so a round held one write and each
+                // write took its own socket write and woke the peer. Yielding lets the
+                // runnable tasks of this worker (the iSCSI layer runs one per command) queue
+                // theirs first: tokio runs a yielded task once the worker has nothing else
+                // ready. Only with other requests in flight: at QD1 nothing else comes, and
+                // the yield cost two more context switches per write there.
+                tokio::task::yield_now().await;
             }
             // Take in what else is ready before acting, so one round's frames share a write.
             for _ in 1..INPUT_BATCH_MAX {
