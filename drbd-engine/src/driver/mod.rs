@@ -1058,6 +1058,12 @@ impl Driver {
             for (id, result) in completions.drain(..) {
                 self.node.handle_disk_completion(now, id, result);
             }
+            // A deadline that passed while other inputs kept the loop busy: the sleep branch
+            // above may lose every race under a steady stream, and the engine's timers (the
+            // barrier that closes an epoch, pings, resync steps) must not starve.
+            if self.node.poll_timeout().is_some_and(|d| d <= now) {
+                self.node.handle_timeout(now);
+            }
             self.process_outputs();
             if let Some(len) = self.store_grow_bytes.take() {
                 // Before any I/O of this round starts: the store refuses I/O past the length
