@@ -102,6 +102,13 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          seed 164 once primary disk failures ran under quorum)",
     ),
     (164, 3, "engine: as 585, the primary's disk failed while its resize was being negotiated"),
+    (
+        100263,
+        2,
+        "sim: the final checks ran with a ResizeCommit still on the wire (sent as a verify \
+         ended), so the secondary had not grown yet; engine: a resize is refused while a verify \
+         runs, as its message said (a verify keeps the connection Established inside)",
+    ),
 ];
 
 #[test]

@@ -318,3 +318,31 @@ fn a_verify_cut_off_by_a_disconnect_ends_not_completed_on_both_sides() {
         assert_eq!(pair.nodes[i].replication_state(peer_of(i)), Some(ReplicationState::Off));
     }
 }
+
+#[test]
+fn a_resize_is_refused_while_a_verify_runs_on_either_side() {
+    for verifier in [0, 1] {
+        let mut pair = Pair::new(digests(None, false));
+        pair.nodes[verifier].handle_verify(pair.now_ms, peer_of(verifier), 0).unwrap();
+        // Let the verify start on both ends, not finish.
+        for _ in 0..4 {
+            for i in 0..2 {
+                if let Some(output) = pair.nodes[i].poll_output() {
+                    pair.act(i, output);
+                }
+            }
+        }
+        assert_eq!(
+            pair.nodes[0].replication_state(NodeId(1)),
+            Some(if verifier == 0 { ReplicationState::VerifyS } else { ReplicationState::VerifyT })
+        );
+        let refused = pair.nodes[0].handle_resize(pair.now_ms, 2 * SIZE_BLOCKS);
+        assert!(
+            format!("{refused:?}").contains("verify"),
+            "verifier {verifier}: the primary resized during a verify: {refused:?}"
+        );
+        pair.settle();
+        assert_eq!(pair.verify_report(verifier).1, Some((0, true)), "verifier {verifier}");
+        assert!(!pair.nodes[0].resize_pending(), "nothing negotiated");
+    }
+}

@@ -54,8 +54,10 @@ impl Node {
     /// A connected peer is in its handshake, a resync or a verify: no resize now.
     fn resize_peer_busy(&self) -> bool {
         self.peers.iter().any(|p| {
+            // A verify keeps the connection Established inside (`PeerVerify::shown`).
             p.connection == ConnectionState::Connected
-                && (p.handshake.is_some() || p.replication != ReplicationState::Established)
+                && (p.handshake.is_some()
+                    || p.verify.shown(p.replication) != ReplicationState::Established)
         })
     }
 
