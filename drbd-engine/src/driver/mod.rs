@@ -11,7 +11,9 @@
 //! up to `INPUT_BATCH_MAX` inputs and every local I/O that has finished are handled before the
 //! outputs are carried out, the frames of one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
 //! with one read and hands them over together, and small buffered writes go to the page cache
-//! on the driver's thread (backing-store's inline path) instead of through an engine thread.
+//! on the driver's thread (backing-store's inline path) instead of through an engine thread;
+//! a round's plain writes that continue each other on the disk (a burst of sequential 4 KiB
+//! writes) go there as one gathered write, one pwritev2 (`Driver::try_gather`).
 //! The driver writes a round's frames straight into the socket (`PeerWriter`) before it starts
 //! the round's disk I/O: at QD1 the peer's copy is under way while the local write runs.
 
@@ -32,12 +34,13 @@ use crate::protocol::node::{
     ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
 use crate::protocol::{ConnectionState, DiskState, Metadata, ReplicationState, ResyncRate, Role};
+use backing_store::constants::{GATHERED_WRITE_BYTES_MAX, GATHERED_WRITE_PIECES_MAX};
 use backing_store::{BackingStore, EngineKind, OpenOptions};
 use bytes::{Bytes, BytesMut};
 use constants::{
-    COMMAND_QUEUE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX,
-    RECEIVE_BUFFERS_PARKED_MAX, RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX,
-    YIELD_REQUESTS_IN_FLIGHT_MIN,
+    COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX,
+    RECEIVE_BUFFER_BYTES_MAX, RECEIVE_BUFFERS_PARKED_MAX, RECEIVE_READ_BYTES_MIN,
+    SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX, YIELD_REQUESTS_IN_FLIGHT_MIN,
 };
 use fence::FenceHandler;
 use meta_file::MetaFile;
@@ -262,13 +265,21 @@ enum Input {
 
 type DiskResult = Result<Option<Vec<u8>>, IoFailed>;
 type DiskFuture = Pin<Box<dyn Future<Output = (IoId, DiskResult)> + Send>>;
+/// Adjacent writes of one round written as one (`GatherRun`): one result for all of them.
+type GatheredFuture = Pin<Box<dyn Future<Output = (Vec<IoId>, Result<(), IoFailed>)> + Send>>;
+
+/// One local I/O future: a single request, or a gathered run of writes.
+enum DiskWork {
+    One(DiskFuture),
+    Gathered(GatheredFuture),
+}
 
 /// Local I/O in flight, polled by the driver task itself. Inline (page-cache) I/O completes on
 /// its first poll; engine I/O wakes the driver task when done. The set is bounded by the state
 /// machine's own in-flight limits.
 #[derive(Default)]
 struct DiskSet {
-    pending: Vec<DiskFuture>,
+    pending: Vec<DiskWork>,
 }
 
 impl DiskSet {
@@ -279,10 +290,26 @@ impl DiskSet {
     fn poll_all(&mut self, cx: &mut std::task::Context<'_>, done: &mut Vec<(IoId, DiskResult)>) {
         let mut i = 0;
         while i < self.pending.len() {
-            if let Poll::Ready(finished) = self.pending[i].as_mut().poll(cx) {
-                // Order among completions is free: the state machine orders what needs it.
+            let ready = match &mut self.pending[i] {
+                DiskWork::One(future) => match future.as_mut().poll(cx) {
+                    Poll::Ready(finished) => {
+                        done.push(finished);
+                        true
+                    }
+                    Poll::Pending => false,
+                },
+                DiskWork::Gathered(future) => match future.as_mut().poll(cx) {
+                    Poll::Ready((ids, result)) => {
+                        done.extend(ids.into_iter().map(|id| (id, result.map(|()| None))));
+                        true
+                    }
+                    Poll::Pending => false,
+                },
+            };
+            if ready {
+                // Order among completions is free: the state machine orders what needs it
+                // (it never has two overlapping writes in flight).
                 drop(self.pending.swap_remove(i));
-                done.push(finished);
             } else {
                 i += 1;
             }
@@ -447,6 +474,7 @@ impl ReplicatedDevice {
             verify_out_of_sync: Vec::new(),
             disk_error: None,
             disk_queue: Vec::new(),
+            gather: None,
             send_buffers: BTreeMap::new(),
             fence_handler: None,
             journal,
@@ -979,7 +1007,9 @@ struct Driver {
     /// `Status::disk_error`.
     disk_error: Option<String>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
-    disk_queue: Vec<DiskFuture>,
+    disk_queue: Vec<DiskWork>,
+    /// Plain writes of this round, adjacent so far, not yet in `disk_queue` (`GatherRun`).
+    gather: Option<GatherRun>,
     /// The frames of the current round, per peer, sent as one vectored write at its end.
     send_buffers: BTreeMap<NodeId, SendBatch>,
     fence_handler: Option<FenceHandler>,
@@ -1281,7 +1311,10 @@ impl Driver {
                     continue;
                 }
             }
-            let Some(output) = output else { break };
+            let Some(output) = output else {
+                self.end_gather_run();
+                break;
+            };
             match output {
                 Output::Transmit { peer, frame } => self.transmit(peer, frame),
                 Output::Disconnect { peer, conn_id } => {
@@ -1464,10 +1497,18 @@ impl Driver {
             self.resync_blocks_received += data.len() as u64 / BLOCK_SIZE_BYTES;
         }
         let op = match atomic::journaled(self.journal.as_ref(), &store, id, op) {
-            Ok(future) => return self.disk_queue.push(future),
+            Ok(future) => {
+                self.end_gather_run();
+                return self.disk_queue.push(DiskWork::One(future));
+            }
             Err(op) => op,
         };
-        self.disk_queue.push(Box::pin(async move {
+        let op = match self.try_gather(id, op) {
+            None => return,
+            Some(op) => op,
+        };
+        self.end_gather_run();
+        self.disk_queue.push(DiskWork::One(Box::pin(async move {
             let result = match op {
                 DiskOp::Read { offset_blocks, blocks } => {
                     let len = usize::try_from(blocks * BLOCK_SIZE_BYTES).unwrap_or(usize::MAX);
@@ -1486,7 +1527,88 @@ impl Driver {
                 IoFailed
             });
             (id, result)
-        }));
+        })));
+    }
+
+    /// Adds a plain buffered write to this round's run of adjacent writes (handing it back
+    /// when it cannot join one): a burst of sequential 4 KiB writes then reaches the disk as
+    /// one pwritev instead of a system call each, on the primary and on every secondary.
+    fn try_gather(&mut self, id: IoId, op: DiskOp) -> Option<DiskOp> {
+        let DiskOp::Write { offset_blocks, data, fua: false, atomic: false, .. } = &op else {
+            return Some(op);
+        };
+        if self.store.is_direct_io() || data.len() > GATHER_WRITE_BYTES_ONE_MAX {
+            return Some(op);
+        }
+        let (offset_blocks, blocks) = (*offset_blocks, data.len() as u64 / BLOCK_SIZE_BYTES);
+        if let Some(run) = &mut self.gather
+            && run.end_blocks == offset_blocks
+            && run.bytes + data.len() <= GATHERED_WRITE_BYTES_MAX
+            && run.pieces.len() < GATHERED_WRITE_PIECES_MAX
+        {
+            run.push(id, data.clone(), blocks);
+            return None;
+        }
+        self.end_gather_run();
+        let mut run = GatherRun {
+            first_blocks: offset_blocks,
+            end_blocks: offset_blocks,
+            ids: Vec::new(),
+            pieces: Vec::new(),
+            bytes: 0,
+        };
+        run.push(id, data.clone(), blocks);
+        self.gather = Some(run);
+        None
+    }
+
+    /// Queues the current run of adjacent writes, if any: a lone write as before, two or more
+    /// as one gathered write. Called before anything else is queued (the queue keeps the order
+    /// the state machine asked for) and at the end of every round's outputs.
+    fn end_gather_run(&mut self) {
+        let Some(run) = self.gather.take() else { return };
+        let store = self.store.clone();
+        let offset_bytes = run.first_blocks * BLOCK_SIZE_BYTES;
+        let GatherRun { mut ids, mut pieces, .. } = run;
+        if pieces.len() == 1 {
+            let (id, data) = (ids.pop().expect("one id"), pieces.pop().expect("one piece"));
+            self.disk_queue.push(DiskWork::One(Box::pin(async move {
+                let result = store.write(offset_bytes, data, false).await.map(|()| None);
+                let result = result.map_err(|error| {
+                    tracing::error!(%error, "local I/O failed");
+                    IoFailed
+                });
+                (id, result)
+            })));
+            return;
+        }
+        self.disk_queue.push(DiskWork::Gathered(Box::pin(async move {
+            let result = store.write_gathered(offset_bytes, pieces).await.map_err(|error| {
+                tracing::error!(%error, "local I/O failed");
+                IoFailed
+            });
+            (ids, result)
+        })));
+    }
+}
+
+/// Plain writes of one round that continue each other on the disk, in the order the state
+/// machine asked for them (it never has overlapping writes in flight, so none of them overlap).
+struct GatherRun {
+    first_blocks: u64,
+    end_blocks: u64,
+    ids: Vec<IoId>,
+    pieces: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl GatherRun {
+    fn push(&mut self, id: IoId, data: Bytes, blocks: u64) {
+        assert_eq!(data.len() as u64, blocks * BLOCK_SIZE_BYTES);
+        self.end_blocks += blocks;
+        self.bytes += data.len();
+        self.ids.push(id);
+        self.pieces.push(data);
     }
 }
 
@@ -1564,9 +1686,9 @@ mod tests {
     async fn disk_set_completes_everything_ready_at_once() {
         let mut disk = DiskSet::default();
         for id in 0..5u64 {
-            disk.pending.push(Box::pin(std::future::ready((IoId(id), Ok(None)))));
+            disk.pending.push(DiskWork::One(Box::pin(std::future::ready((IoId(id), Ok(None))))));
         }
-        disk.pending.push(Box::pin(std::future::pending()));
+        disk.pending.push(DiskWork::One(Box::pin(std::future::pending())));
         let mut done = Vec::new();
         disk.next(&mut done).await;
         let mut ids: Vec<u64> = done.iter().map(|(id, _)| id.0).collect();
