@@ -38,9 +38,9 @@ use backing_store::constants::{GATHERED_WRITE_BYTES_MAX, GATHERED_WRITE_PIECES_M
 use backing_store::{BackingStore, EngineKind, OpenOptions};
 use bytes::{Bytes, BytesMut};
 use constants::{
-    COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX,
-    RECEIVE_BUFFER_BYTES_MAX, RECEIVE_BUFFERS_PARKED_MAX, RECEIVE_READ_BYTES_MIN,
-    SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX, YIELD_REQUESTS_IN_FLIGHT_MIN,
+    COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, IMMEDIATE_DISK_PASSES_MAX,
+    INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX, RECEIVE_BUFFERS_PARKED_MAX,
+    RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX, YIELD_REQUESTS_IN_FLIGHT_MIN,
 };
 use fence::FenceHandler;
 use meta_file::MetaFile;
@@ -631,8 +631,10 @@ impl ReplicatedDevice {
     }
 }
 
+/// The origin of `now_ms`.
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -1032,12 +1034,18 @@ impl Driver {
         let mut disk = DiskSet::default();
         let mut completions = Vec::new();
         self.process_outputs();
+        // One timer for the task's life, moved only when it must fire earlier or has fired: a
+        // fresh `sleep` per round cost a timer-wheel insert and removal (and a clock read) on
+        // every wake-up, two or more per replicated write.
+        let mut timer = RoundTimer::new();
         loop {
             disk.pending.append(&mut self.disk_queue);
             self.dial_missing();
             let deadline = self.node.poll_timeout();
-            let sleep_ms = deadline
-                .map_or(CONNECT_RETRY_MS, |d| d.saturating_sub(now_ms()).min(CONNECT_RETRY_MS));
+            let wake_ms = deadline.map_or(now_ms() + CONNECT_RETRY_MS, |d| {
+                d.min(now_ms().saturating_add(CONNECT_RETRY_MS))
+            });
+            timer.arm(wake_ms);
             let mut woken_by_command = false;
             tokio::select! {
                 command = commands.recv() => match command {
@@ -1053,7 +1061,7 @@ impl Driver {
                     }
                 }
                 () = disk.next(&mut completions) => {}
-                () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {
+                () = timer.fired() => {
                     if deadline.is_some_and(|d| d <= now_ms()) {
                         self.node.handle_timeout(now_ms());
                     }
@@ -1095,6 +1103,7 @@ impl Driver {
                 self.node.handle_timeout(now);
             }
             self.process_outputs();
+            self.run_started_disk_io(&mut disk, &mut completions).await;
             if let Some(len) = self.store_grow_bytes.take() {
                 // Before any I/O of this round starts: the store refuses I/O past the length
                 // it knows.
@@ -1105,6 +1114,34 @@ impl Driver {
             for reply in std::mem::take(&mut self.status_replies) {
                 let _ = reply.send(self.status());
             }
+        }
+    }
+
+    /// Starts the disk I/O the round's outputs asked for at once, and carries on with what it
+    /// led to while it completes on the spot (inline page-cache writes do): a secondary writes
+    /// a frame's data and sends its ack, a primary writes its local copy, in the wake-up that
+    /// brought the work, not in another pass through `select!`. Bounded by
+    /// `IMMEDIATE_DISK_PASSES_MAX`; what is left (engine I/O in flight) waits in `select!`.
+    async fn run_started_disk_io(
+        &mut self,
+        disk: &mut DiskSet,
+        completions: &mut Vec<(IoId, DiskResult)>,
+    ) {
+        for _ in 0..IMMEDIATE_DISK_PASSES_MAX {
+            if self.disk_queue.is_empty() || self.store_grow_bytes.is_some() {
+                // (A grown store must learn its length before new I/O starts: `run` does it.)
+                return;
+            }
+            disk.pending.append(&mut self.disk_queue);
+            disk.ready(completions).await;
+            if completions.is_empty() {
+                return;
+            }
+            let now = now_ms();
+            for (id, result) in completions.drain(..) {
+                self.node.handle_disk_completion(now, id, result);
+            }
+            self.process_outputs();
         }
     }
 
@@ -1609,6 +1646,37 @@ impl GatherRun {
         self.bytes += data.len();
         self.ids.push(id);
         self.pieces.push(data);
+    }
+}
+
+/// The driver's one timer (see `Driver::run`): armed for the next deadline each round, moved
+/// only when that deadline is earlier than the armed one or the armed one has passed. Firing
+/// early is harmless (the round re-checks every deadline), firing late is not.
+struct RoundTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// What `sleep` is armed for, in `now_ms` milliseconds; `None` once it fired.
+    armed_ms: Option<u64>,
+}
+
+impl RoundTimer {
+    fn new() -> Self {
+        Self { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed_ms: None }
+    }
+
+    fn arm(&mut self, wake_ms: u64) {
+        if self.armed_ms.is_some_and(|armed| armed <= wake_ms && armed > now_ms()) {
+            return;
+        }
+        let start = *START.get_or_init(Instant::now);
+        let at = start + Duration::from_millis(wake_ms);
+        self.sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+        self.armed_ms = Some(wake_ms);
+    }
+
+    /// Completes when the armed time has come.
+    async fn fired(&mut self) {
+        (&mut self.sleep).await;
+        self.armed_ms = None;
     }
 }
 
