@@ -13,8 +13,8 @@ use bytes::Bytes;
 
 use crate::buffer::{AlignedBuffer, is_aligned};
 use crate::constants::{
-    BUFFER_ALIGNMENT_BYTES, IO_SIZE_BYTES_MAX, LARGE_WRITE_DIRECT_BYTES_MIN,
-    LARGE_WRITES_DIRECT_DEFAULT, ZERO_CHUNK_BYTES,
+    BUFFER_ALIGNMENT_BYTES, GATHERED_WRITE_PIECES_MAX, IO_SIZE_BYTES_MAX,
+    LARGE_WRITE_DIRECT_BYTES_MIN, LARGE_WRITES_DIRECT_DEFAULT, ZERO_CHUNK_BYTES,
 };
 use crate::error::{Error, ErrorKind};
 use crate::options::OpenOptions;
@@ -352,6 +352,9 @@ impl BackingFile {
             Operation::Write { offset, data, fua } => {
                 self.write_blocking(offset, data, fua).map(|()| Output::Done)
             }
+            Operation::WriteGathered { offset, pieces } => {
+                self.write_gathered_blocking(offset, &pieces).map(|()| Output::Done)
+            }
             Operation::Flush => self.flush_blocking().map(|()| Output::Done),
             Operation::Discard { offset, len } => {
                 self.zero_blocking(ZeroingKind::Discard, offset, len).map(|()| Output::Done)
@@ -374,6 +377,22 @@ impl BackingFile {
         let (file, data) = self.prepare_write(offset, data);
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
         self.write_transfer(file, data.as_slice(), offset, flags).map_err(Stop::into_error)
+    }
+
+    /// A gathered write on an engine thread: one pwritev on the buffered descriptor, or, where
+    /// the range takes O_DIRECT (a store opened with it), one aligned copy written as a whole.
+    fn write_gathered_blocking(&self, offset: u64, pieces: &[Bytes]) -> Result<(), Error> {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        if self.write_uses_buffered(offset, len) {
+            return self
+                .write_transfer_gathered(&self.buffered, pieces, offset, 0)
+                .map_err(Stop::into_error);
+        }
+        let mut joined = Vec::with_capacity(len);
+        for piece in pieces {
+            joined.extend_from_slice(piece);
+        }
+        self.write_blocking(offset, Bytes::from(joined), false)
     }
 
     /// Whether a read of this range goes through the buffered descriptor (always, unless
@@ -415,6 +434,70 @@ impl BackingFile {
             "inline write on the O_DIRECT descriptor"
         );
         self.write_transfer(&self.buffered, data, offset, 0).map_err(Stop::into_error)
+    }
+
+    /// The inline fast path's gathered write: as `write_nowait` (with `nowait`) or
+    /// `write_buffered_blocking`, for several buffers back to back in one pwritev2.
+    pub(crate) fn write_gathered_inline(
+        &self,
+        offset: u64,
+        pieces: &[Bytes],
+        nowait: bool,
+    ) -> Result<(), Stop> {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        assert!(self.write_uses_buffered(offset, len), "inline write on the O_DIRECT descriptor");
+        let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
+        self.write_transfer_gathered(&self.buffered, pieces, offset, flags)
+    }
+
+    /// Writes all of `pieces`, back to back from `offset`, with pwritev2 (a short write is
+    /// continued from where it stopped); errors as `write_transfer`.
+    fn write_transfer_gathered(
+        &self,
+        file: &File,
+        pieces: &[Bytes],
+        offset: u64,
+        flags: i32,
+    ) -> Result<(), Stop> {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        let mut done = 0;
+        // The first piece not wholly written, and how much of it was.
+        let (mut index, mut skip) = (0usize, 0usize);
+        while done < len {
+            let position = offset + u64_from(done);
+            match pwritev2_gathered(file, &pieces[index..], skip, position, flags) {
+                Ok(0) => {
+                    return Err(Stop::Failed(Error::new(
+                        ErrorKind::Io,
+                        format!(
+                            "{}: the kernel wrote nothing at {position}",
+                            self.error_message("write", offset, u64_from(len))
+                        ),
+                    )));
+                }
+                Ok(count) => {
+                    done += count;
+                    let mut left = count;
+                    while left > 0 {
+                        let rest = pieces[index].len() - skip;
+                        if left >= rest {
+                            left -= rest;
+                            index += 1;
+                            skip = 0;
+                        } else {
+                            skip += left;
+                            left = 0;
+                        }
+                    }
+                    while index < pieces.len() && pieces[index].len() == skip {
+                        index += 1;
+                        skip = 0;
+                    }
+                }
+                Err(error) => self.transfer_error("write", offset, len, flags, error)?,
+            }
+        }
+        Ok(())
     }
 
     /// Reads until `buffer` is full. Shared by the blocking and the inline path so both report
@@ -765,6 +848,37 @@ fn pwritev2(file: &File, data: &[u8], offset: u64, flags: i32) -> io::Result<usi
     // SAFETY: one iovec describing `data`, which stays borrowed (and so alive and unchanged) for
     // the whole call; pwritev2 only reads through it despite the `*mut` in iovec's type.
     let result = unsafe { libc::pwritev2(file.as_raw_fd(), &iovec, 1, offset, flags) };
+    if result < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(result).unwrap_or(0))
+}
+
+/// pwritev2 of `pieces` (the first one from byte `skip` on), at most
+/// `GATHERED_WRITE_PIECES_MAX` of them per call.
+fn pwritev2_gathered(
+    file: &File,
+    pieces: &[Bytes],
+    skip: usize,
+    offset: u64,
+    flags: i32,
+) -> io::Result<usize> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+    let iovecs: Vec<libc::iovec> = pieces
+        .iter()
+        .take(GATHERED_WRITE_PIECES_MAX)
+        .enumerate()
+        .map(|(i, piece)| {
+            let piece = if i == 0 { &piece[skip..] } else { &piece[..] };
+            libc::iovec { iov_base: piece.as_ptr().cast_mut().cast(), iov_len: piece.len() }
+        })
+        .collect();
+    let count = libc::c_int::try_from(iovecs.len()).expect("at most GATHERED_WRITE_PIECES_MAX");
+    // SAFETY: every iovec describes a piece of `pieces`, all borrowed (alive and unchanged)
+    // for the whole call; pwritev2 only reads through them despite the `*mut` in iovec's type,
+    // and `count` is the length of the iovec array.
+    let result = unsafe { libc::pwritev2(file.as_raw_fd(), iovecs.as_ptr(), count, offset, flags) };
     if result < 0 {
         return Err(io::Error::last_os_error());
     }

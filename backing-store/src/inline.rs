@@ -31,9 +31,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use crate::constants::{
-    INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES, INLINE_BLOCKING_WRITES_DEFAULT, INLINE_IO_BYTES_MAX,
-    INLINE_WRITE_BACKOFF_MS, INLINE_WRITE_STALL_US_MAX,
+    GATHERED_WRITE_BYTES_MAX, INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES,
+    INLINE_BLOCKING_WRITES_DEFAULT, INLINE_IO_BYTES_MAX, INLINE_WRITE_BACKOFF_MS,
+    INLINE_WRITE_STALL_US_MAX,
 };
 use crate::file::u64_from;
 use crate::file::{BackingFile, Stop};
@@ -174,6 +177,23 @@ impl InlinePath {
                     Err(stop) => stop,
                 }
             }
+            Operation::WriteGathered { offset, pieces } => {
+                let len: usize = pieces.iter().map(Bytes::len).sum();
+                if len > GATHERED_WRITE_BYTES_MAX || !file.write_uses_buffered(*offset, len) {
+                    return Attempt::Declined(operation);
+                }
+                if !self.writes_supported.load(Ordering::Relaxed) {
+                    if !self.blocking_gathered_allowed(*offset, pieces) {
+                        return Attempt::Declined(operation);
+                    }
+                    let result = self.write_gathered_blocking(file, *offset, pieces);
+                    return self.served(result.map(|()| Output::Done));
+                }
+                match file.write_gathered_inline(*offset, pieces, true) {
+                    Ok(()) => return self.served(Ok(Output::Done)),
+                    Err(stop) => stop,
+                }
+            }
             Operation::Flush
             | Operation::Discard { .. }
             | Operation::WriteZeroes { .. }
@@ -203,6 +223,12 @@ impl InlinePath {
                     let result = self.write_blocking(file, *offset, data);
                     return self.served(result.map(|()| Output::Done));
                 }
+                if let Operation::WriteGathered { offset, pieces } = &operation
+                    && self.blocking_gathered_allowed(*offset, pieces)
+                {
+                    let result = self.write_gathered_blocking(file, *offset, pieces);
+                    return self.served(result.map(|()| Output::Done));
+                }
                 Attempt::Declined(operation)
             }
         }
@@ -215,6 +241,40 @@ impl InlinePath {
             && offset.is_multiple_of(u64_from(alignment))
             && len.is_multiple_of(alignment)
             && self.elapsed_ns() >= self.blocking_suspended_until_ns.load(Ordering::Relaxed)
+    }
+
+    /// `blocking_write_allowed` for a gathered write: every piece whole pages.
+    fn blocking_gathered_allowed(&self, offset: u64, pieces: &[Bytes]) -> bool {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        self.blocking_write_allowed(offset, len)
+            && pieces
+                .iter()
+                .all(|piece| piece.len().is_multiple_of(INLINE_BLOCKING_WRITE_ALIGNMENT_BYTES))
+    }
+
+    /// A gathered write done blocking. Only with the back-off at 0 (the replication engine's
+    /// setting, the only caller of gathered writes): otherwise each piece goes as it would
+    /// alone, timed (`write_blocking`), so a stall still suspends blocking writes.
+    fn write_gathered_blocking(
+        &self,
+        file: &BackingFile,
+        offset: u64,
+        pieces: &[Bytes],
+    ) -> Result<(), crate::error::Error> {
+        if self.backoff_ms.load(Ordering::Relaxed) == 0 {
+            return file.write_gathered_inline(offset, pieces, false).map_err(|stop| match stop {
+                Stop::Failed(error) => error,
+                Stop::WouldBlock | Stop::NoWaitUnsupported => {
+                    unreachable!("a transfer without RWF_NOWAIT can only fail")
+                }
+            });
+        }
+        let mut at = offset;
+        for piece in pieces {
+            self.write_blocking(file, at, piece)?;
+            at += u64_from(piece.len());
+        }
+        Ok(())
     }
 
     fn write_blocking(

@@ -11,11 +11,14 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use crate::error::Error;
 
 /// What a request asks of the engine. Ranges were checked against the store's size and
-/// permissions before the request was built.
+/// permissions before the request was built. `WriteGathered` writes several buffers back to
+/// back from `offset` (`BackingStore::write_gathered`): one pwritev instead of a system call
+/// per buffer; never FUA.
 #[derive(Debug)]
 pub(crate) enum Operation {
     Read { offset: u64, len: usize },
     Write { offset: u64, data: Bytes, fua: bool },
+    WriteGathered { offset: u64, pieces: Vec<Bytes> },
     Flush,
     Discard { offset: u64, len: u64 },
     WriteZeroes { offset: u64, len: u64 },
@@ -27,6 +30,7 @@ impl Operation {
         match self {
             Operation::Read { .. } => "read",
             Operation::Write { .. } => "write",
+            Operation::WriteGathered { .. } => "write_gathered",
             Operation::Flush => "flush",
             Operation::Discard { .. } => "discard",
             Operation::WriteZeroes { .. } => "write_zeroes",

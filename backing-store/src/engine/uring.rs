@@ -243,7 +243,8 @@ impl Drop for Ring {
     }
 }
 
-/// Turns a request into what the ring runs, or hands it back for the helper (resize).
+/// Turns a request into what the ring runs, or hands it back for the helper (resize, gathered
+/// writes).
 fn prepare(file: &BackingFile, request: Request) -> Result<Slot, Request> {
     let Request { operation, completion } = request;
     let operation = match operation {
@@ -266,7 +267,11 @@ fn prepare(file: &BackingFile, request: Request) -> Result<Slot, Request> {
             offset,
             len,
         },
-        operation @ Operation::Resize { .. } => return Err(Request { operation, completion }),
+        // Gathered writes are small page-cache writes the inline path normally takes; the
+        // helper runs the rest as one pwritev rather than the ring needing a vectored slot.
+        operation @ (Operation::Resize { .. } | Operation::WriteGathered { .. }) => {
+            return Err(Request { operation, completion });
+        }
     };
     Ok(Slot { operation, completion })
 }

@@ -28,6 +28,14 @@ pub const RECEIVE_BUFFERS_PARKED_MAX: usize = 8;
 /// driver yields once before its round, to gather the rest of a burst (see `Driver::run`);
 /// below it (QD1) a yield only cost context switches.
 pub const YIELD_REQUESTS_IN_FLIGHT_MIN: usize = 2;
+/// Largest single write the driver gathers with the adjacent writes of its round into one
+/// pwritev (`backing_store::BackingStore::write_gathered`); larger ones go alone.
+pub const GATHER_WRITE_BYTES_ONE_MAX: usize = 64 * 1024;
+/// Passes a round makes over the disk I/O its outputs started and the outputs those
+/// completions led to, before it waits in `select!` again (`Driver::run_started_disk_io`): a
+/// chain (write, then its ack, then a barrier's flush...) is short, and a bound keeps one
+/// round from starving the others' inputs.
+pub const IMMEDIATE_DISK_PASSES_MAX: usize = 4;
 /// How long a blocking inline write that stalled in the kernel sends the following writes to
 /// the backing store's threads. None: the driver's thread does nothing but this resource's
 /// I/O, the stall is a file-system lock (ext4's block allocation for writeback, measured with
@@ -49,3 +57,9 @@ const _: () = assert!(RECEIVE_READ_BYTES_MIN <= RECEIVE_BUFFER_BYTES_MAX);
 const _: () = assert!(RECEIVE_BUFFERS_PARKED_MAX >= 1 && RECEIVE_BUFFERS_PARKED_MAX <= 64);
 const _: () = assert!(SEND_BATCH_BYTES_MAX <= FRAME_PAYLOAD_BYTES_MAX + HEADER_BYTES);
 const _: () = assert!(SEND_IOVECS_MAX >= 2 && SEND_IOVECS_MAX <= 1024);
+const _: () = assert!(IMMEDIATE_DISK_PASSES_MAX >= 1 && IMMEDIATE_DISK_PASSES_MAX <= 16);
+// A write the driver gathers fits a gathered write, and is whole blocks.
+const _: () = assert!(
+    GATHER_WRITE_BYTES_ONE_MAX <= backing_store::constants::GATHERED_WRITE_BYTES_MAX
+        && (GATHER_WRITE_BYTES_ONE_MAX as u64).is_multiple_of(crate::constants::BLOCK_SIZE_BYTES)
+);

@@ -11,7 +11,9 @@
 //! up to `INPUT_BATCH_MAX` inputs and every local I/O that has finished are handled before the
 //! outputs are carried out, the frames of one round to one peer leave in one TCP write, a reader takes in every frame that has arrived
 //! with one read and hands them over together, and small buffered writes go to the page cache
-//! on the driver's thread (backing-store's inline path) instead of through an engine thread.
+//! on the driver's thread (backing-store's inline path) instead of through an engine thread;
+//! a round's plain writes that continue each other on the disk (a burst of sequential 4 KiB
+//! writes) go there as one gathered write, one pwritev2 (`Driver::try_gather`).
 //! The driver writes a round's frames straight into the socket (`PeerWriter`) before it starts
 //! the round's disk I/O: at QD1 the peer's copy is under way while the local write runs.
 
@@ -32,12 +34,13 @@ use crate::protocol::node::{
     ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
 };
 use crate::protocol::{ConnectionState, DiskState, Metadata, ReplicationState, ResyncRate, Role};
+use backing_store::constants::{GATHERED_WRITE_BYTES_MAX, GATHERED_WRITE_PIECES_MAX};
 use backing_store::{BackingStore, EngineKind, OpenOptions};
 use bytes::{Bytes, BytesMut};
 use constants::{
-    COMMAND_QUEUE_MAX, INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX,
-    RECEIVE_BUFFERS_PARKED_MAX, RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX,
-    YIELD_REQUESTS_IN_FLIGHT_MIN,
+    COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, IMMEDIATE_DISK_PASSES_MAX,
+    INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX, RECEIVE_BUFFERS_PARKED_MAX,
+    RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX, YIELD_REQUESTS_IN_FLIGHT_MIN,
 };
 use fence::FenceHandler;
 use meta_file::MetaFile;
@@ -262,13 +265,21 @@ enum Input {
 
 type DiskResult = Result<Option<Vec<u8>>, IoFailed>;
 type DiskFuture = Pin<Box<dyn Future<Output = (IoId, DiskResult)> + Send>>;
+/// Adjacent writes of one round written as one (`GatherRun`): one result for all of them.
+type GatheredFuture = Pin<Box<dyn Future<Output = (Vec<IoId>, Result<(), IoFailed>)> + Send>>;
+
+/// One local I/O future: a single request, or a gathered run of writes.
+enum DiskWork {
+    One(DiskFuture),
+    Gathered(GatheredFuture),
+}
 
 /// Local I/O in flight, polled by the driver task itself. Inline (page-cache) I/O completes on
 /// its first poll; engine I/O wakes the driver task when done. The set is bounded by the state
 /// machine's own in-flight limits.
 #[derive(Default)]
 struct DiskSet {
-    pending: Vec<DiskFuture>,
+    pending: Vec<DiskWork>,
 }
 
 impl DiskSet {
@@ -279,10 +290,26 @@ impl DiskSet {
     fn poll_all(&mut self, cx: &mut std::task::Context<'_>, done: &mut Vec<(IoId, DiskResult)>) {
         let mut i = 0;
         while i < self.pending.len() {
-            if let Poll::Ready(finished) = self.pending[i].as_mut().poll(cx) {
-                // Order among completions is free: the state machine orders what needs it.
+            let ready = match &mut self.pending[i] {
+                DiskWork::One(future) => match future.as_mut().poll(cx) {
+                    Poll::Ready(finished) => {
+                        done.push(finished);
+                        true
+                    }
+                    Poll::Pending => false,
+                },
+                DiskWork::Gathered(future) => match future.as_mut().poll(cx) {
+                    Poll::Ready((ids, result)) => {
+                        done.extend(ids.into_iter().map(|id| (id, result.map(|()| None))));
+                        true
+                    }
+                    Poll::Pending => false,
+                },
+            };
+            if ready {
+                // Order among completions is free: the state machine orders what needs it
+                // (it never has two overlapping writes in flight).
                 drop(self.pending.swap_remove(i));
-                done.push(finished);
             } else {
                 i += 1;
             }
@@ -447,6 +474,7 @@ impl ReplicatedDevice {
             verify_out_of_sync: Vec::new(),
             disk_error: None,
             disk_queue: Vec::new(),
+            gather: None,
             send_buffers: BTreeMap::new(),
             fence_handler: None,
             journal,
@@ -603,8 +631,10 @@ impl ReplicatedDevice {
     }
 }
 
+/// The origin of `now_ms`.
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 fn now_ms() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let start = START.get_or_init(Instant::now);
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
@@ -979,7 +1009,9 @@ struct Driver {
     /// `Status::disk_error`.
     disk_error: Option<String>,
     /// Disk I/O asked for by the last outputs, for `run` to start.
-    disk_queue: Vec<DiskFuture>,
+    disk_queue: Vec<DiskWork>,
+    /// Plain writes of this round, adjacent so far, not yet in `disk_queue` (`GatherRun`).
+    gather: Option<GatherRun>,
     /// The frames of the current round, per peer, sent as one vectored write at its end.
     send_buffers: BTreeMap<NodeId, SendBatch>,
     fence_handler: Option<FenceHandler>,
@@ -1002,12 +1034,18 @@ impl Driver {
         let mut disk = DiskSet::default();
         let mut completions = Vec::new();
         self.process_outputs();
+        // One timer for the task's life, moved only when it must fire earlier or has fired: a
+        // fresh `sleep` per round cost a timer-wheel insert and removal (and a clock read) on
+        // every wake-up, two or more per replicated write.
+        let mut timer = RoundTimer::new();
         loop {
             disk.pending.append(&mut self.disk_queue);
             self.dial_missing();
             let deadline = self.node.poll_timeout();
-            let sleep_ms = deadline
-                .map_or(CONNECT_RETRY_MS, |d| d.saturating_sub(now_ms()).min(CONNECT_RETRY_MS));
+            let wake_ms = deadline.map_or(now_ms() + CONNECT_RETRY_MS, |d| {
+                d.min(now_ms().saturating_add(CONNECT_RETRY_MS))
+            });
+            timer.arm(wake_ms);
             let mut woken_by_command = false;
             tokio::select! {
                 command = commands.recv() => match command {
@@ -1023,7 +1061,7 @@ impl Driver {
                     }
                 }
                 () = disk.next(&mut completions) => {}
-                () = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {
+                () = timer.fired() => {
                     if deadline.is_some_and(|d| d <= now_ms()) {
                         self.node.handle_timeout(now_ms());
                     }
@@ -1065,6 +1103,7 @@ impl Driver {
                 self.node.handle_timeout(now);
             }
             self.process_outputs();
+            self.run_started_disk_io(&mut disk, &mut completions).await;
             if let Some(len) = self.store_grow_bytes.take() {
                 // Before any I/O of this round starts: the store refuses I/O past the length
                 // it knows.
@@ -1075,6 +1114,34 @@ impl Driver {
             for reply in std::mem::take(&mut self.status_replies) {
                 let _ = reply.send(self.status());
             }
+        }
+    }
+
+    /// Starts the disk I/O the round's outputs asked for at once, and carries on with what it
+    /// led to while it completes on the spot (inline page-cache writes do): a secondary writes
+    /// a frame's data and sends its ack, a primary writes its local copy, in the wake-up that
+    /// brought the work, not in another pass through `select!`. Bounded by
+    /// `IMMEDIATE_DISK_PASSES_MAX`; what is left (engine I/O in flight) waits in `select!`.
+    async fn run_started_disk_io(
+        &mut self,
+        disk: &mut DiskSet,
+        completions: &mut Vec<(IoId, DiskResult)>,
+    ) {
+        for _ in 0..IMMEDIATE_DISK_PASSES_MAX {
+            if self.disk_queue.is_empty() || self.store_grow_bytes.is_some() {
+                // (A grown store must learn its length before new I/O starts: `run` does it.)
+                return;
+            }
+            disk.pending.append(&mut self.disk_queue);
+            disk.ready(completions).await;
+            if completions.is_empty() {
+                return;
+            }
+            let now = now_ms();
+            for (id, result) in completions.drain(..) {
+                self.node.handle_disk_completion(now, id, result);
+            }
+            self.process_outputs();
         }
     }
 
@@ -1281,7 +1348,10 @@ impl Driver {
                     continue;
                 }
             }
-            let Some(output) = output else { break };
+            let Some(output) = output else {
+                self.end_gather_run();
+                break;
+            };
             match output {
                 Output::Transmit { peer, frame } => self.transmit(peer, frame),
                 Output::Disconnect { peer, conn_id } => {
@@ -1464,10 +1534,18 @@ impl Driver {
             self.resync_blocks_received += data.len() as u64 / BLOCK_SIZE_BYTES;
         }
         let op = match atomic::journaled(self.journal.as_ref(), &store, id, op) {
-            Ok(future) => return self.disk_queue.push(future),
+            Ok(future) => {
+                self.end_gather_run();
+                return self.disk_queue.push(DiskWork::One(future));
+            }
             Err(op) => op,
         };
-        self.disk_queue.push(Box::pin(async move {
+        let op = match self.try_gather(id, op) {
+            None => return,
+            Some(op) => op,
+        };
+        self.end_gather_run();
+        self.disk_queue.push(DiskWork::One(Box::pin(async move {
             let result = match op {
                 DiskOp::Read { offset_blocks, blocks } => {
                     let len = usize::try_from(blocks * BLOCK_SIZE_BYTES).unwrap_or(usize::MAX);
@@ -1486,7 +1564,119 @@ impl Driver {
                 IoFailed
             });
             (id, result)
-        }));
+        })));
+    }
+
+    /// Adds a plain buffered write to this round's run of adjacent writes (handing it back
+    /// when it cannot join one): a burst of sequential 4 KiB writes then reaches the disk as
+    /// one pwritev instead of a system call each, on the primary and on every secondary.
+    fn try_gather(&mut self, id: IoId, op: DiskOp) -> Option<DiskOp> {
+        let DiskOp::Write { offset_blocks, data, fua: false, atomic: false, .. } = &op else {
+            return Some(op);
+        };
+        if self.store.is_direct_io() || data.len() > GATHER_WRITE_BYTES_ONE_MAX {
+            return Some(op);
+        }
+        let (offset_blocks, blocks) = (*offset_blocks, data.len() as u64 / BLOCK_SIZE_BYTES);
+        if let Some(run) = &mut self.gather
+            && run.end_blocks == offset_blocks
+            && run.bytes + data.len() <= GATHERED_WRITE_BYTES_MAX
+            && run.pieces.len() < GATHERED_WRITE_PIECES_MAX
+        {
+            run.push(id, data.clone(), blocks);
+            return None;
+        }
+        self.end_gather_run();
+        let mut run = GatherRun {
+            first_blocks: offset_blocks,
+            end_blocks: offset_blocks,
+            ids: Vec::new(),
+            pieces: Vec::new(),
+            bytes: 0,
+        };
+        run.push(id, data.clone(), blocks);
+        self.gather = Some(run);
+        None
+    }
+
+    /// Queues the current run of adjacent writes, if any: a lone write as before, two or more
+    /// as one gathered write. Called before anything else is queued (the queue keeps the order
+    /// the state machine asked for) and at the end of every round's outputs.
+    fn end_gather_run(&mut self) {
+        let Some(run) = self.gather.take() else { return };
+        let store = self.store.clone();
+        let offset_bytes = run.first_blocks * BLOCK_SIZE_BYTES;
+        let GatherRun { mut ids, mut pieces, .. } = run;
+        if pieces.len() == 1 {
+            let (id, data) = (ids.pop().expect("one id"), pieces.pop().expect("one piece"));
+            self.disk_queue.push(DiskWork::One(Box::pin(async move {
+                let result = store.write(offset_bytes, data, false).await.map(|()| None);
+                let result = result.map_err(|error| {
+                    tracing::error!(%error, "local I/O failed");
+                    IoFailed
+                });
+                (id, result)
+            })));
+            return;
+        }
+        self.disk_queue.push(DiskWork::Gathered(Box::pin(async move {
+            let result = store.write_gathered(offset_bytes, pieces).await.map_err(|error| {
+                tracing::error!(%error, "local I/O failed");
+                IoFailed
+            });
+            (ids, result)
+        })));
+    }
+}
+
+/// Plain writes of one round that continue each other on the disk, in the order the state
+/// machine asked for them (it never has overlapping writes in flight, so none of them overlap).
+struct GatherRun {
+    first_blocks: u64,
+    end_blocks: u64,
+    ids: Vec<IoId>,
+    pieces: Vec<Bytes>,
+    bytes: usize,
+}
+
+impl GatherRun {
+    fn push(&mut self, id: IoId, data: Bytes, blocks: u64) {
+        assert_eq!(data.len() as u64, blocks * BLOCK_SIZE_BYTES);
+        self.end_blocks += blocks;
+        self.bytes += data.len();
+        self.ids.push(id);
+        self.pieces.push(data);
+    }
+}
+
+/// The driver's one timer (see `Driver::run`): armed for the next deadline each round, moved
+/// only when that deadline is earlier than the armed one or the armed one has passed. Firing
+/// early is harmless (the round re-checks every deadline), firing late is not.
+struct RoundTimer {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// What `sleep` is armed for, in `now_ms` milliseconds; `None` once it fired.
+    armed_ms: Option<u64>,
+}
+
+impl RoundTimer {
+    fn new() -> Self {
+        Self { sleep: Box::pin(tokio::time::sleep(Duration::ZERO)), armed_ms: None }
+    }
+
+    fn arm(&mut self, wake_ms: u64) {
+        if self.armed_ms.is_some_and(|armed| armed <= wake_ms && armed > now_ms()) {
+            return;
+        }
+        let start = *START.get_or_init(Instant::now);
+        let at = start + Duration::from_millis(wake_ms);
+        self.sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+        self.armed_ms = Some(wake_ms);
+    }
+
+    /// Completes when the armed time has come.
+    async fn fired(&mut self) {
+        (&mut self.sleep).await;
+        self.armed_ms = None;
     }
 }
 
@@ -1564,9 +1754,9 @@ mod tests {
     async fn disk_set_completes_everything_ready_at_once() {
         let mut disk = DiskSet::default();
         for id in 0..5u64 {
-            disk.pending.push(Box::pin(std::future::ready((IoId(id), Ok(None)))));
+            disk.pending.push(DiskWork::One(Box::pin(std::future::ready((IoId(id), Ok(None))))));
         }
-        disk.pending.push(Box::pin(std::future::pending()));
+        disk.pending.push(DiskWork::One(Box::pin(std::future::pending())));
         let mut done = Vec::new();
         disk.next(&mut done).await;
         let mut ids: Vec<u64> = done.iter().map(|(id, _)| id.0).collect();
