@@ -164,6 +164,12 @@ fn scenario(on_no_quorum: &str) {
     b.ok("wait-synced 30000", REPLY);
     a.ok("wait-synced 30000", REPLY);
     let synced_ms = healed.elapsed().as_millis();
+    // Whichever link comes back first, A (which acknowledged nothing apart) is found older,
+    // never split (issue 5: A met B before T and both stayed StandAlone).
+    for (name, r) in [("a", &a), ("b", &b)] {
+        let log = r.log_text();
+        assert!(!log.contains("SplitBrain"), "{name} decided a split brain on heal:\n{log}");
+    }
     let status = a.status();
     assert_eq!(field(&status, "role"), "Secondary", "a stepped down: {status}");
     assert_eq!(field(&status, "disk"), "UpToDate", "{status}");

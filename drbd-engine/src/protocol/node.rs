@@ -954,30 +954,31 @@ impl Node {
         if self.is_diskless_peer(peer) {
             return;
         }
-        if self.meta.uuids.bitmap_uuid(peer) == 0 && self.quorum_allows_new_generation() {
-            let fresh = self.fresh_uuid();
-            let mut uuids = self.meta.uuids.clone();
-            let untracked: Vec<NodeId> = self
-                .peers
-                .iter()
-                .filter(|p| !p.replicating())
-                .map(|p| p.id)
-                .chain([peer])
-                .collect();
-            uuids.new_current(fresh, untracked.iter().copied());
-            for id in untracked {
-                let lost_as_primary = self.peer(id).is_some_and(|p| {
-                    p.primary_at_loss || p.connection == ConnectionState::Connected
-                });
-                if self.role == Role::Primary && lost_as_primary {
-                    uuids.set_primary_at_split(id);
-                }
-            }
-            self.persist(MetaUpdate::Uuids(uuids));
+        if self.meta.uuids.bitmap_uuid(peer) == 0 && self.quorum_generation_now(peer) {
+            self.new_generation_for(peer);
         }
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
         }
+    }
+
+    /// Starts a new data generation in which `peer` (and every peer not replicating) is
+    /// tracked by its bitmap.
+    fn new_generation_for(&mut self, peer: NodeId) {
+        let fresh = self.fresh_uuid();
+        let mut uuids = self.meta.uuids.clone();
+        let untracked: Vec<NodeId> =
+            self.peers.iter().filter(|p| !p.replicating()).map(|p| p.id).chain([peer]).collect();
+        uuids.new_current(fresh, untracked.iter().copied());
+        for id in untracked {
+            let lost_as_primary = self
+                .peer(id)
+                .is_some_and(|p| p.primary_at_loss || p.connection == ConnectionState::Connected);
+            if self.role == Role::Primary && lost_as_primary {
+                uuids.set_primary_at_split(id);
+            }
+        }
+        self.persist(MetaUpdate::Uuids(uuids));
     }
 
     // ----- application requests -----
@@ -1267,6 +1268,7 @@ impl Node {
             // is back.
             return;
         }
+        self.quorum_deferred_generation();
         for id in self.completion_candidates.take_writes() {
             if !self.app_writes.get(&id).is_some_and(AppWrite::completable) {
                 continue;

@@ -278,6 +278,10 @@ pub struct QuorumState {
     pub closed_by_peer: u64,
     /// Promoted, and the generation check of the first confirmation is still to come.
     pub generation_pending: bool,
+    /// As primary: peers (node id bits) whose blocks were marked out of sync while this node
+    /// could not acknowledge writes; their new generation starts before the next
+    /// acknowledgement, or never (see `quorum_node`).
+    pub generation_deferred: u64,
 }
 
 impl QuorumState {

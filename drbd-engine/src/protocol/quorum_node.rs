@@ -9,7 +9,10 @@
 //!   noticed (quorum is re-evaluated before any completion of the same input).
 //! - without quorum a primary starts no new data generation: the blocks of writes it could
 //!   not replicate are marked in the bitmap only, so that a peer promoted meanwhile is found
-//!   *newer* on reconnect (not split brain) and overwrites them.
+//!   *newer* on reconnect (not split brain) and overwrites them. Nor while it may not
+//!   acknowledge writes after losing a diskful peer (not fenced yet): with a tiebreaker it
+//!   keeps quorum for a moment and may lose it before the fence is settled (issue 5); the
+//!   generation starts only before its next acknowledgement (`quorum_deferred_generation`).
 //! - a primary without quorum that meets a peer with newer data, or another primary, steps
 //!   down (DRBD's `on-suspended-primary-outdated force-secondary`): what it held fails, it
 //!   becomes Secondary and reconnects, and resyncs from the peer.
@@ -100,15 +103,80 @@ impl Node {
         quorum::evaluate(&self.config.quorum, &tally, had)
     }
 
-    /// A new data generation may start (see the module comment).
-    pub(super) fn quorum_allows_new_generation(&self) -> bool {
+    /// Whether marking blocks out of sync for `peer` (not tracked yet) starts a new data
+    /// generation now; when not, the start is deferred to `quorum_deferred_generation`.
+    pub(super) fn quorum_generation_now(&mut self, peer: NodeId) -> bool {
         if !self.config.quorum.enabled() || self.role != Role::Primary {
             return true;
         }
-        // Only writes this primary may still acknowledge start a generation: with quorum
-        // among the peers that confirmed its term.
         let have = self.quorum_verdict(false, self.quorum_state.have).have;
-        have && self.quorum_verdict(true, have).have
+        let confirmed = have && self.quorum_verdict(true, have).have;
+        if self.mesh_enabled() {
+            // Three or more diskful nodes: the secondaries in sync adopt the primary's new
+            // generation at once (`MeshTargets`, node/mesh.rs) and carry it to a peer promoted
+            // later, and the mesh's bookkeeping expects it at the loss; deferring it there
+            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh.
+            return confirmed;
+        }
+        // Only writes this primary may still acknowledge start a generation: with quorum
+        // among the peers that confirmed its term, and with every diskful peer it does not
+        // reach fenced (known outdated). A peer lost a moment ago is not fenced yet: this
+        // primary acknowledges nothing until it is, and may lose quorum before (issue 5: A
+        // loses B, then the tiebreaker; B is promoted). A generation started then would fork
+        // from B's, a split brain on reconnect; without it B's generation is newer and A,
+        // which never acknowledged the marked writes, is B's sync target.
+        let fenced = self.peers.iter().all(|p| {
+            p.replicating()
+                || self.is_diskless_peer(p.id)
+                || self.meta.flags.peer_outdated & p.id.bit() != 0
+        });
+        if confirmed && fenced {
+            return true;
+        }
+        self.quorum_state.generation_deferred |= peer.bit();
+        false
+    }
+
+    /// This primary acknowledges writes now (none is held, none fails).
+    fn quorum_acknowledges(&self) -> bool {
+        self.role == Role::Primary
+            && self.fence_pending == 0
+            && !self.quorum_holds_io()
+            && !self.quorum_fails_io()
+    }
+
+    /// Starts the generation deferred by `quorum_generation_now` once this primary may
+    /// acknowledge writes again, before it does (called from `quorum_update` and before write
+    /// completions). The writes marked meanwhile were never acknowledged: if this node steps
+    /// down first (or reconnects to the peer), its marks only make it resync those blocks.
+    pub(super) fn quorum_deferred_generation(&mut self) {
+        if self.quorum_state.generation_deferred == 0 {
+            return;
+        }
+        if self.role != Role::Primary {
+            self.quorum_state.generation_deferred = 0;
+            return;
+        }
+        if !self.quorum_acknowledges() {
+            return;
+        }
+        let deferred = std::mem::take(&mut self.quorum_state.generation_deferred);
+        let pending: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|p| {
+                deferred & p.id.bit() != 0
+                    && !p.replicating()
+                    && self.meta.uuids.bitmap_uuid(p.id) == 0
+            })
+            .map(|p| p.id)
+            .collect();
+        // One generation tracks every peer not replicating: the first start covers the rest.
+        for peer in pending {
+            if self.meta.uuids.bitmap_uuid(peer) == 0 {
+                self.new_generation_for(peer);
+            }
+        }
     }
 
     /// When `handle_timeout` must run for quorum: the end of a lost primary's grace period.
@@ -247,6 +315,7 @@ impl Node {
         {
             self.quorum_confirmed_generation();
         }
+        self.quorum_deferred_generation();
         if self.quorum_fails_io() {
             for id in std::mem::take(&mut self.queued_writes) {
                 let w = self.app_writes.remove(&id).expect("queued");

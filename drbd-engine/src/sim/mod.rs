@@ -492,6 +492,9 @@ pub struct World {
     /// (any two primaries interleaving acknowledgements is a violation), whether its last
     /// quorum event said it has quorum, and since when each node has been cut off from all.
     promoted_at: Vec<Option<u64>>,
+    /// A node was promoted with `--force` in this run: only then may two nodes with quorum
+    /// on meet in a split brain (issue 5).
+    forced_promotion: bool,
     last_ack_at: Vec<Option<u64>>,
     quorum_seen: Vec<bool>,
     isolated_since: Vec<Option<u64>>,
@@ -565,6 +568,7 @@ impl World {
             last_primary: None,
             healing: false,
             promoted_at: vec![None; nodes],
+            forced_promotion: false,
             last_ack_at: vec![None; nodes],
             quorum_seen: vec![true; nodes],
             isolated_since: vec![None; nodes],
@@ -1168,6 +1172,7 @@ impl World {
         }
         self.promoted_at[i] = Some(self.now_ms);
         self.last_primary = Some(i);
+        self.forced_promotion |= force;
         let mut apart_from_primary = false;
         for j in 0..self.swarm.nodes {
             if j == i {
@@ -1636,8 +1641,12 @@ impl World {
             || self.quorum_on()
             || self.auto_victim[i][j]
             || self.auto_victim[j][i];
+        // With quorum, two nodes never both acknowledge writes apart: a primary without
+        // quorum acknowledged nothing since, so its changes never make a split brain (issue
+        // 5), unless an operator forced a promotion.
+        let quorum_excludes_split = self.quorum_on() && !self.forced_promotion;
         let ok = match decision {
-            SplitBrain => mine && theirs,
+            SplitBrain => mine && theirs && !quorum_excludes_split,
             Unrelated => false,
             NoSync => !mine && !theirs,
             BitmapSource | FullSource => !theirs || discarding,
