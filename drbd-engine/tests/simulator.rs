@@ -77,6 +77,31 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         "sim: a primary disk failure was injected while a partition nobody had noticed kept \
          the peer SyncTarget (the source already counted it UpToDate): a double failure",
     ),
+    (
+        2,
+        3,
+        "engine: the diskless tiebreaker, down while the primary committed an online grow, \
+         kept the old size for good: the handshake's size check skips diskless ends; a diskless \
+         node takes a diskful peer's larger size in the handshake now (first seen with the \
+         resize events of sim/resize.rs)",
+    ),
+    (
+        499,
+        3,
+        "engine: the tiebreaker reconnected while the primary negotiated an online grow; its \
+         handshake carried the old size and the commit skipped it (not Established), so it \
+         stayed at the old size while connected; a resize is refused now when a handshake, \
+         resync or verify started during the negotiation",
+    ),
+    (
+        585,
+        3,
+        "engine: a primary whose disk had failed (detached) ran a resize: nothing could be \
+         persisted, but the commit grew the tiebreaker to a size no diskful node had; a \
+         detached node refuses to resize now (also when its disk fails during the negotiation, \
+         seed 164 once primary disk failures ran under quorum)",
+    ),
+    (164, 3, "engine: as 585, the primary's disk failed while its resize was being negotiated"),
 ];
 
 #[test]
@@ -90,6 +115,35 @@ fn regression_seeds_without_violations() {
             sim::reproduce_command(*seed, *nodes)
         );
     }
+}
+
+/// The resize events (`sim::resize`) run: grows are committed, replicas grow by the commit or
+/// on a handshake, and writes to the grown blocks are acknowledged (and so checked), in both
+/// modes.
+#[test]
+fn resize_events_grow_the_device_under_faults() {
+    for nodes in [2, 3] {
+        let mut total = sim::Report::default();
+        for seed in 1..=60 {
+            total.add(&sim::run_seed(seed, nodes));
+        }
+        let r = &total.resize;
+        assert!(r.committed > 5, "{nodes} nodes: {}", r.summary());
+        assert!(r.replicas_grown > 5, "{nodes} nodes: {}", r.summary());
+        assert!(r.grown_writes_acked > 100, "{nodes} nodes: {}", r.summary());
+        assert!(r.refused > 0, "{nodes} nodes: {}", r.summary());
+    }
+}
+
+/// With quorum (`--nodes 3`) a primary whose disk failed keeps quorum through its UpToDate
+/// peer and the tiebreaker and serves through the peer (the checkers judge what it returns).
+#[test]
+fn a_detached_primary_serves_under_quorum() {
+    let mut total = sim::Report::default();
+    for seed in 1..=60 {
+        total.add(&sim::run_seed(seed, 3));
+    }
+    assert!(total.detached_primary_requests > 0, "{}", total.summary());
 }
 
 /// A further batch of seeds with the slow tests (1,000 by default, which keeps CI short); the

@@ -2363,6 +2363,7 @@ impl Node {
         let peer = self.peers[i].id;
         let handshake = self.peers[i].handshake.take().expect("in handshake");
         let hello = handshake.hello.expect("checked");
+        self.resize_diskless_learn(&hello);
         if self.quorum_handshake_start(i, &hello) || self.diskless_handshake(i, &hello) {
             return;
         }

@@ -64,6 +64,15 @@ impl SimDisk {
         (self.stable.len() / BLOCK) as u64
     }
 
+    /// The admin grew the backing device (`lvextend`): the new blocks read as zeros, and
+    /// stably so (a new extent is never in the volatile cache).
+    pub fn grow(&mut self, size_blocks: u64) {
+        let len = usize::try_from(size_blocks).expect("small sim disk") * BLOCK;
+        if len > self.stable.len() {
+            self.stable.resize(len, 0);
+        }
+    }
+
     pub fn write(&mut self, first: u64, data: Vec<u8>, fua: bool) {
         if fua {
             let blocks = (data.len() / BLOCK) as u64;

@@ -4,7 +4,8 @@
 //! network (loss, delay and so reordering, duplication, corruption, partitions), the disks
 //! (latency, I/O errors, power loss that drops or tears volatile writes, kill -9 that keeps
 //! them), crashes and restarts, promote/demote (forced too), disconnect/reconnect, and the
-//! resource's fencing policy (dont-care, resource-only or resource-and-stonith). A safety
+//! resource's fencing policy (dont-care, resource-only or resource-and-stonith), online grow
+//! of the device (`resize`: backing devices grow, then `resize` on the primary). A safety
 //! phase with faults is followed by a liveness phase in which the cluster is healed and must
 //! converge.
 //!
@@ -42,6 +43,7 @@ pub mod disk_fail;
 pub mod mesh;
 pub mod model;
 pub mod more_faults;
+pub mod resize;
 pub mod rng;
 pub mod verify;
 
@@ -280,13 +282,25 @@ enum Ev {
     HealIsolation {
         node: usize,
     },
+    /// Online grow (`resize`).
+    Resize(resize::ResizeEv),
 }
 
 #[derive(Debug)]
 enum Pending {
-    Write { id: u64, fua: bool },
-    Flush { issued_ms: u64 },
-    Read { first: u64 },
+    /// `first..end`: the blocks written (for the resize checker).
+    Write {
+        id: u64,
+        fua: bool,
+        first: u64,
+        end: u64,
+    },
+    Flush {
+        issued_ms: u64,
+    },
+    Read {
+        first: u64,
+    },
 }
 
 struct SimNode {
@@ -349,6 +363,11 @@ pub struct Report {
     pub auth_refusals: u64,
     /// Disks detached after an I/O error (`disk_fail`).
     pub disk_detaches: u64,
+    /// Requests a primary completed successfully while its disk was detached (through its
+    /// UpToDate peer).
+    pub detached_primary_requests: u64,
+    /// Online grow (`resize`).
+    pub resize: resize::ResizeReport,
 }
 
 impl Report {
@@ -382,6 +401,8 @@ impl Report {
         self.primary_lost_calls += other.primary_lost_calls;
         self.auth_refusals += other.auth_refusals;
         self.disk_detaches += other.disk_detaches;
+        self.detached_primary_requests += other.detached_primary_requests;
+        self.resize.add(&other.resize);
     }
 
     /// One line of counters.
@@ -393,7 +414,7 @@ impl Report {
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
              ({} pri-lost-after-sb calls), {} connections refused by authentication, \
-             {} disks detached; {}",
+             {} disks detached ({} requests served by a detached primary); {}; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -417,7 +438,9 @@ impl Report {
             self.primary_lost_calls,
             self.auth_refusals,
             self.disk_detaches,
-            self.more.summary()
+            self.detached_primary_requests,
+            self.more.summary(),
+            self.resize.summary()
         ) + &self.quorum_summary()
     }
 
@@ -507,6 +530,7 @@ pub struct World {
     disk_failures: disk_fail::DiskFailures,
     /// Three diskful nodes: each node's current sync source (`mesh`).
     mesh_sync_source: Vec<Option<usize>>,
+    resize: resize::ResizeSimState,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -580,6 +604,7 @@ impl World {
             more: more_faults::MoreFaultsState::new(seed),
             disk_failures: disk_fail::DiskFailures::new(seed),
             mesh_sync_source: vec![None; nodes],
+            resize: resize::ResizeSimState::new(seed, size),
         }
     }
 
@@ -828,6 +853,7 @@ impl World {
                     self.drain(node, false);
                 }
             }
+            Ev::Resize(ev) => self.resize_dispatch(ev),
         }
     }
 
@@ -842,6 +868,7 @@ impl World {
         self.dirty_at_connect
             .insert(pair(a, b), (self.dirty.clone(), self.discard_requested.clone()));
         for (x, y) in [(a, b), (b, a)] {
+            self.resize_before_connect(x);
             if let Some(node) = self.nodes[x].node.as_mut() {
                 node.handle_connected(self.now_ms, nid(y), conn);
             }
@@ -933,7 +960,8 @@ impl World {
         {
             return;
         }
-        let size = self.swarm.size_blocks;
+        // The primary's device, grown or not (`resize`).
+        let size = self.nodes[p].node.as_ref().expect("primary is up").size_blocks();
         let request = self.next_request;
         self.next_request += 1;
         let incarnation = self.nodes[p].incarnation;
@@ -953,14 +981,19 @@ impl World {
             } else {
                 self.rng.below(size - blocks + 1)
             };
+            let first = self.resize_write_first(size, blocks).unwrap_or(first);
             let discard = self.rng.below(50) == 0;
             let fua = !discard && self.rng.chance(self.swarm.fua_ppm);
             let id = self.issue_write(p, first, blocks, discard);
             self.log(|| {
                 format!("node {p} issue {request:?} write {id} blocks {first}+{blocks} discard={discard} fua={fua}")
             });
+            let end = first + blocks;
             if discard {
-                (AppRequest::Discard { offset_blocks: first, blocks }, Pending::Write { id, fua })
+                (
+                    AppRequest::Discard { offset_blocks: first, blocks },
+                    Pending::Write { id, fua, first, end },
+                )
             } else {
                 let mut data = vec![0u8; usize::try_from(blocks).expect("small") * BLOCK];
                 for (k, chunk) in data.chunks_mut(BLOCK).enumerate() {
@@ -968,7 +1001,7 @@ impl World {
                 }
                 (
                     AppRequest::Write { offset_blocks: first, data: data.into(), fua },
-                    Pending::Write { id, fua },
+                    Pending::Write { id, fua, first, end },
                 )
             }
         };
@@ -1035,6 +1068,7 @@ impl World {
         }
         self.verify_faults();
         self.more_faults();
+        self.resize_faults();
         // A detached node gets its disk re-attached (a restart) after a while.
         for i in 0..n {
             if self.is_diskless(i) {
@@ -1188,7 +1222,7 @@ impl World {
                     self.nodes[j].node.as_ref().is_some_and(|n| n.role() == Role::Primary);
             }
         }
-        let image = self.nodes[i].disk.read(0, self.swarm.size_blocks);
+        let image = self.device_image(i);
         if force {
             // The operator declared this data the truth; writes it lacks are forgiven, and
             // every other node now lacks our new generation.
@@ -1355,6 +1389,16 @@ impl World {
                     }
                 }
                 Output::DiskIo { id, op } => {
+                    match &op {
+                        DiskOp::Read { offset_blocks, blocks } => {
+                            self.resize_check_io(i, *offset_blocks, *blocks);
+                        }
+                        DiskOp::Write { offset_blocks, data, .. } => {
+                            let blocks = (data.len() / BLOCK) as u64;
+                            self.resize_check_io(i, *offset_blocks, blocks);
+                        }
+                        DiskOp::Flush => {}
+                    }
                     let latency = self.rng.range(0, self.swarm.disk_latency_ms_max);
                     let error = (!self.healing
                         && self.may_fail_disk(i)
@@ -1497,11 +1541,15 @@ impl World {
             return;
         }
         self.check_quorum_completion(i, &result);
+        if result.is_ok() && self.detached_disk(i) {
+            self.report.detached_primary_requests += 1;
+        }
         match (pending, result) {
-            (Pending::Write { id, fua }, result) => {
+            (Pending::Write { id, fua, first, end }, result) => {
                 if result.is_ok() {
                     self.report.writes_acked += 1;
                     self.check_single_writer(i);
+                    self.resize_check_ack(i, first, end);
                 }
                 // Under protocols A and B a FUA write is acknowledged before the peer has it:
                 // only protocol C's FUA is stable on every replica at completion.
@@ -1525,6 +1573,7 @@ impl World {
 
     fn event(&mut self, i: usize, event: Event) {
         self.verify_event(i, &event);
+        self.resize_event(i, &event);
         match event {
             Event::QuorumChanged(have) => {
                 self.quorum_seen[i] = have;
@@ -1561,7 +1610,7 @@ impl World {
                     let _ = n.handle_demote(self.now_ms);
                 }
             }
-            Event::SyncRefused { peer, .. } => self.resolve_standalone(i, peer.index()),
+            Event::SyncRefused { peer, reason } => self.sync_refused(i, peer.index(), reason),
             Event::Detached => {
                 self.detached(i);
                 self.disk_failures.detaches += 1;
@@ -1710,7 +1759,7 @@ impl World {
                 _ => None,
             })
             .collect();
-        let image = self.nodes[survivor].disk.read(0, self.swarm.size_blocks);
+        let image = self.device_image(survivor);
         let stable = self.nodes[survivor].disk.read_stable();
         let mut fork = self.models[self.lineage[survivor]].clone();
         fork.rebase_keeping(&image, &stable, &in_flight);
@@ -1883,6 +1932,7 @@ impl World {
 
     fn start_healing(&mut self) {
         self.healing = true;
+        self.resize_heal();
         self.partitioned.clear();
         for i in 0..self.swarm.nodes {
             if self.nodes[i].node.is_none() {
@@ -1960,7 +2010,7 @@ impl World {
             Err(_) => {}
             Ok(_) => {
                 if std::mem::take(&mut self.check_on_first_completion[i]) {
-                    let image = self.nodes[i].disk.read(0, self.swarm.size_blocks);
+                    let image = self.device_image(i);
                     if let Err(problem) = self.models[self.lineage[i]].check_image(&image) {
                         self.violation(format!(
                             "node {i}, promoted, served with UpToDate data missing an \
@@ -2062,7 +2112,11 @@ impl World {
     }
 
     fn final_checks(&mut self) {
-        let size = self.swarm.size_blocks;
+        self.resize_final_checks();
+        if !self.violations.is_empty() {
+            return;
+        }
+        let size = self.nodes[0].meta.size_blocks;
         let first = self.nodes[0].disk.read(0, size);
         for i in 1..self.swarm.nodes {
             if self.is_diskless(i) {

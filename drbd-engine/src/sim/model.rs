@@ -66,6 +66,13 @@ struct BlockModel {
     writes: Vec<usize>,
 }
 
+impl BlockModel {
+    /// A block never written: zeros.
+    fn fresh() -> Self {
+        Self { baseline: [0; SECTORS], baseline_volatile: Vec::new(), writes: Vec::new() }
+    }
+}
+
 /// One lineage's model. Under fencing dont-care two primaries can write apart; each lineage
 /// (the data one node holds) then has its own model, all sharing one write-id space so that a
 /// sector's id names the same write everywhere (`sync_ids`).
@@ -79,18 +86,7 @@ pub struct Model {
 impl Model {
     pub fn new(size_blocks: u64) -> Self {
         let n = usize::try_from(size_blocks).expect("small sim disk");
-        Self {
-            blocks: vec![
-                BlockModel {
-                    baseline: [0; SECTORS],
-                    baseline_volatile: Vec::new(),
-                    writes: Vec::new()
-                };
-                n
-            ],
-            writes: Vec::new(),
-            unstable: Vec::new(),
-        }
+        Self { blocks: vec![BlockModel::fresh(); n], writes: Vec::new(), unstable: Vec::new() }
     }
 
     /// Number of write ids this model knows (issued here or reserved for another lineage).
@@ -124,6 +120,7 @@ impl Model {
             stable: false,
             maybe_lost: false,
         });
+        self.grow(first + blocks);
         for b in first..first + blocks {
             self.blocks[usize::try_from(b).expect("small")].writes.push(index);
         }
@@ -176,8 +173,22 @@ impl Model {
         w.acked_at_ms.is_some() && !w.failed && (w.stable || !w.maybe_lost)
     }
 
+    /// Blocks this model knows. A block beyond it (the device grew, `sim::resize`) was never
+    /// written on this lineage: it is a fresh zero area, as the engine's online grow makes it.
+    pub fn size_blocks(&self) -> u64 {
+        self.blocks.len() as u64
+    }
+
+    /// The device grew to `size_blocks`: the new blocks are a fresh zero area.
+    pub fn grow(&mut self, size_blocks: u64) {
+        let n = usize::try_from(size_blocks).expect("small sim disk");
+        if n > self.blocks.len() {
+            self.blocks.resize(n, BlockModel::fresh());
+        }
+    }
+
     fn allowed(&self, block: usize, sector: usize, id: u64) -> bool {
-        let b = &self.blocks[block];
+        let Some(b) = self.blocks.get(block) else { return id == 0 };
         for &i in b.writes.iter().rev() {
             let w = &self.writes[i];
             if w.content == id {
@@ -190,20 +201,30 @@ impl Model {
         b.baseline[sector] == id || b.baseline_volatile.iter().any(|v| v[sector] == id)
     }
 
-    /// Checks a whole device image; returns the first problem found.
+    /// Checks a whole device image; returns the first problem found. An image smaller than
+    /// the model (a node that has not grown yet) is checked as if its missing blocks held
+    /// zeros: an acknowledged write there is missing from it.
     pub fn check_image(&self, image: &[u8]) -> Result<(), String> {
+        let mut padded;
+        let mut image = image;
+        if image.len() < self.blocks.len() * BLOCK {
+            padded = image.to_vec();
+            padded.resize(self.blocks.len() * BLOCK, 0);
+            image = &padded;
+        }
         for (block, data) in image.chunks(BLOCK).enumerate() {
             for (s, sector) in data.chunks(SECTOR).enumerate() {
                 let Some(id) = decode_sector(sector, block as u64, s) else {
                     return Err(format!("block {block} sector {s}: corrupt or misplaced data"));
                 };
                 if !self.allowed(block, s, id) {
-                    let last = self.blocks[block]
-                        .writes
-                        .iter()
-                        .rev()
-                        .find(|&&i| Self::guaranteed(&self.writes[i]))
-                        .map(|&i| self.writes[i].content);
+                    let last = self.blocks.get(block).and_then(|b| {
+                        b.writes
+                            .iter()
+                            .rev()
+                            .find(|&&i| Self::guaranteed(&self.writes[i]))
+                            .map(|&i| self.writes[i].content)
+                    });
                     return Err(format!(
                         "block {block} sector {s}: holds write {id}, but acknowledged write {last:?} is newer"
                     ));
@@ -270,6 +291,9 @@ impl Model {
             }
             ids
         };
+        // The image's size is the truth too: blocks beyond it are a fresh area again.
+        self.blocks.truncate(image.len() / BLOCK);
+        self.grow((image.len() / BLOCK) as u64);
         for (block, (data, stable)) in image.chunks(BLOCK).zip(stable.chunks(BLOCK)).enumerate() {
             let b = &mut self.blocks[block];
             b.writes.clear();
@@ -280,7 +304,8 @@ impl Model {
             for (k, block_data) in data.chunks(BLOCK).enumerate() {
                 let block = usize::try_from(first).expect("small") + k;
                 let ids = decode(block_data, block);
-                let b = &mut self.blocks[block];
+                // A volatile write beyond the image: the image's device is smaller now.
+                let Some(b) = self.blocks.get_mut(block) else { continue };
                 if !b.baseline_volatile.contains(&ids) {
                     b.baseline_volatile.push(ids);
                 }
@@ -325,6 +350,21 @@ mod tests {
         let mut corrupt = image(&[w3, 0]);
         corrupt[100] ^= 1;
         assert!(m.check_image(&corrupt).is_err());
+    }
+
+    #[test]
+    fn a_grown_device_requires_its_acknowledged_writes_in_the_grown_blocks() {
+        let mut m = Model::new(2);
+        // Blocks beyond the model are a fresh zero area.
+        assert!(m.check_image(&image(&[0, 0, 0])).is_ok());
+        let w = m.issue_write(2, 1, false);
+        assert_eq!(m.size_blocks(), 3);
+        m.complete_write(w, true, false, 10);
+        assert!(m.check_image(&image(&[0, 0, w])).is_ok());
+        // A replica that has not grown lacks the acknowledged write.
+        assert!(m.check_image(&image(&[0, 0])).is_err());
+        assert!(m.check_image(&image(&[0, 0, 0])).is_err());
+        assert!(m.check_read(3, &image(&[0, 0, 0, 0])[3 * BLOCK..]).is_ok());
     }
 
     #[test]

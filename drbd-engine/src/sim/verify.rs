@@ -152,7 +152,8 @@ impl World {
         let n = self.swarm.nodes;
         let i = self.verify.rng.index(n);
         let j = (i + 1 + self.verify.rng.index(n - 1)) % n;
-        let size = self.swarm.size_blocks;
+        // The node's own size (the device may have grown, `resize`).
+        let size = self.nodes[i].node.as_ref().map_or(self.swarm.size_blocks, |n| n.size_blocks());
         let first = if self.verify.rng.below(2) == 0 { 0 } else { self.verify.rng.below(size) };
         let Some(node) = self.nodes[i].node.as_mut() else { return };
         if node.handle_verify(self.now_ms, nid(j), first).is_ok() {
@@ -202,7 +203,7 @@ impl World {
 
     /// The blocks where two nodes' disks differ now.
     fn differing_blocks(&self, a: usize, b: usize) -> BTreeSet<u64> {
-        let size = self.swarm.size_blocks;
+        let size = self.nodes[a].meta.size_blocks.min(self.nodes[b].meta.size_blocks);
         let x = self.nodes[a].disk.read(0, size);
         let y = self.nodes[b].disk.read(0, size);
         x.chunks(BLOCK)
@@ -288,7 +289,7 @@ impl World {
                     .unwrap_or_else(|| diskful[self.verify.rng.index(diskful.len())]);
                 let others: Vec<usize> = diskful.iter().copied().filter(|i| *i != s).collect();
                 let t = others[self.verify.rng.index(others.len())];
-                let size = self.swarm.size_blocks;
+                let size = self.nodes[t].meta.size_blocks;
                 for _ in 0..self.verify.swarm.flipped_blocks {
                     let block = self.verify.rng.below(size);
                     let at = self.verify.rng.index(BLOCK);

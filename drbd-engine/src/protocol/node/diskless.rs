@@ -377,11 +377,18 @@ impl Node {
             }
         }
         // A secondary can no longer apply what its primary sends, and a resync or verify with
-        // us needs our disk: those connections start over, diskless.
+        // us needs our disk: those connections start over, diskless. A primary keeps its
+        // diskless peers (a tiebreaker): nothing on that connection needs our disk, and
+        // dropping it cost the tiebreaker's vote, so a detached primary whose UpToDate peer
+        // and tiebreaker were both connected lost quorum and failed (or froze) its I/O.
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
+            let diskless_peer = self.is_diskless_peer(p.id)
+                && p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.replication == ReplicationState::Established;
             let keep = self.role == Role::Primary
-                && p.replicating()
+                && (p.replicating() || diskless_peer)
                 && p.replication == ReplicationState::Established
                 && p.verify.deadline_ms().is_none();
             if p.connection == ConnectionState::Connected && !keep {

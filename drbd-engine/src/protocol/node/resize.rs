@@ -51,6 +51,14 @@ pub(super) struct ResizeState {
 }
 
 impl Node {
+    /// A connected peer is in its handshake, a resync or a verify: no resize now.
+    fn resize_peer_busy(&self) -> bool {
+        self.peers.iter().any(|p| {
+            p.connection == ConnectionState::Connected
+                && (p.handshake.is_some() || p.replication != ReplicationState::Established)
+        })
+    }
+
     /// `resize` on this node (the primary): negotiate the new size with the Established peers
     /// given this node's usable size (the data blocks its grown backing can hold).
     pub fn handle_resize(&mut self, now_ms: u64, usable_blocks: u64) -> Result<(), StateError> {
@@ -61,11 +69,12 @@ impl Node {
         if self.resize.pending.is_some() {
             return Err(StateError::Precondition("a resize is already running"));
         }
-        let busy = self.peers.iter().any(|p| {
-            p.connection == ConnectionState::Connected
-                && (p.handshake.is_some() || p.replication != ReplicationState::Established)
-        });
-        if busy {
+        if self.is_detached() {
+            return Err(StateError::Precondition(
+                "the disk is detached: nothing to grow here; attach it first",
+            ));
+        }
+        if self.resize_peer_busy() {
             return Err(StateError::Precondition(
                 "a handshake, resync or verify is running; resize when it finished",
             ));
@@ -174,6 +183,20 @@ impl Node {
         self.resize_grow_local(hello.size_blocks)
     }
 
+    /// Hook of `finish_handshake`: a diskless node (a tiebreaker, `disk none`) takes a
+    /// larger size from a diskful peer, as DRBD sizes a diskless node by its peers. Without
+    /// it a tiebreaker that missed a `ResizeCommit` (down, or cut off) kept the old size for
+    /// good: the size check skips diskless ends, so no handshake corrected it.
+    pub(super) fn resize_diskless_learn(&mut self, hello: &Hello) {
+        if self.disk == DiskState::Diskless
+            && hello.disk != DiskState::Diskless
+            && hello.size_blocks > self.meta.size_blocks
+        {
+            let grown = self.resize_grow_local(hello.size_blocks);
+            assert!(grown, "a diskless node grows in memory");
+        }
+    }
+
     /// Finishes a negotiation whose answers are in, or fails one that took too long.
     pub(super) fn resize_poll(&mut self) {
         let Some(pending) = self.resize.pending.as_mut() else { return };
@@ -208,6 +231,26 @@ impl Node {
         }
         if new == old {
             self.emit(Event::ResizeFinished { old_blocks: old, new_blocks: old, error: None });
+            return;
+        }
+        if self.is_detached() {
+            // The disk failed while we negotiated: the new size cannot be persisted here, and
+            // committing it to the peers anyway left a tiebreaker at a size no diskful node
+            // had (seed 164 --nodes 3, primary disk failures under quorum).
+            let error = Some("the disk detached during the resize".to_string());
+            self.emit(Event::ResizeFinished { old_blocks: old, new_blocks: old, error });
+            return;
+        }
+        if self.resize_peer_busy() {
+            // A peer connected (or started a resync or verify) while we negotiated: its
+            // handshake carried the old size, so it would stay at the old size while
+            // connected, and a handshake bitmap of the old size would meet the new one.
+            // Refused as `handle_resize` refuses it up front: the admin runs it again.
+            let error = Some(
+                "a handshake, resync or verify started during the resize; resize again when it finished"
+                    .to_string(),
+            );
+            self.emit(Event::ResizeFinished { old_blocks: old, new_blocks: old, error });
             return;
         }
         self.persist(MetaUpdate::Resize { size_blocks: new });
