@@ -33,6 +33,12 @@
 //!   wait (the connection is retried) for a node with current data.
 //! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
 //!   its fence of a node no peer with quorum sees, and writes on without it.
+//! - A disk becomes UpToDate only from UpToDate data: an Outdated sync source stays
+//!   Outdated, a Consistent one becomes UpToDate only when no unseen peer may be newer, and a
+//!   target ends with its source's state (`mesh_source_keeps_disk`).
+//! - A sync target marks what it receives for the peers it does not replicate with
+//!   (`mesh_resync_received`), and a handshake whose Hello is stale is retried
+//!   (`mesh_hello_stale`).
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -48,6 +54,8 @@ pub(super) struct MeshState {
     in_doubt: VecDeque<InDoubt>,
     /// Diskful peers to handshake with again (the primary was lost with writes in doubt).
     rehandshake: u64,
+    /// What each connection's Hello told the peer: (conn_id, disk, generations, crashed).
+    hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool)>,
 }
 
 #[derive(Debug)]
@@ -131,6 +139,38 @@ impl Node {
                 self.send(i, Frame::PeersInSync { offset_blocks: first, blocks });
             }
         }
+    }
+
+    /// Our Hello went out on peer `i`'s connection: remember what it said.
+    pub(super) fn mesh_hello_sent(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let facts =
+            (p.conn_id, self.disk, self.meta.uuids.clone(), self.meta.flags.crashed_primary);
+        self.mesh.hello_sent.insert(p.id, facts);
+    }
+
+    /// The handshake with peer `i` is about to decide, but our disk, generations or crash
+    /// flag changed since our Hello (a resync with a third node finished meanwhile): the
+    /// peer decides from the Hello, we from the present, and the two ends could disagree
+    /// (one NoSync, the other SyncSource), or we would find a pair in sync that the peer's
+    /// facts do not (seed 258). Handshake again: the connection is retried. Returns true
+    /// when it ended the connection.
+    pub(super) fn mesh_hello_stale(&mut self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        let p = &self.peers[i];
+        let stale =
+            self.mesh.hello_sent.get(&p.id).is_some_and(|(conn_id, disk, uuids, crashed)| {
+                *conn_id == p.conn_id
+                    && (*disk != self.disk
+                        || *uuids != self.meta.uuids
+                        || *crashed != self.meta.flags.crashed_primary)
+            });
+        if stale {
+            self.disconnect(i, ConnectionState::Connecting);
+        }
+        stale
     }
 
     /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
@@ -324,6 +364,33 @@ impl Node {
         }
     }
 
+    /// Sync target: a block of the source's data arrived. It replaces ours, which a third
+    /// diskful node may have held too: what we shared with that node we may not share any
+    /// more, so the block is marked for it (seed 141: a target took the blocks a restarted
+    /// node had missed, then found itself in sync with the crashed primary, which lacked
+    /// them). Only for nodes we do not replicate with right now: one we do is either synced
+    /// by the same source or settled by the primary's report, and marking it would make
+    /// each resync start another one around the mesh.
+    pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let Some(blocks) = blocks_of(bytes) else { return };
+        if first.checked_add(blocks).is_none_or(|end| end > self.meta.size_blocks) {
+            return; // refused as "write outside the device" by the caller
+        }
+        let source = self.peers[i].id;
+        let others: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|p| p.id != source && !self.is_diskless_peer(p.id) && !p.replicating())
+            .map(|p| p.id)
+            .collect();
+        for x in others {
+            self.mesh_mark(x, first, blocks);
+        }
+    }
+
     fn mesh_mark(&mut self, peer: NodeId, first: u64, blocks: u64) {
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
@@ -401,6 +468,49 @@ impl Node {
             && disk == DiskState::UpToDate
         {
             self.mesh.rehandshake |= p.id.bit();
+        }
+    }
+
+    /// Sync source: whether our disk stays as it is instead of becoming UpToDate (DRBD 9).
+    /// Only a node connected to UpToDate data, or a resync from it, makes a disk UpToDate:
+    /// - An Outdated node stays Outdated: a peer that saw us Outdated counts us out of its
+    ///   quorum and may write on without us, so an Outdated pair that synced each other
+    ///   UpToDate could promote beside it (two writers, seed 1631).
+    /// - A Consistent node (restarted, not knowing whether the others wrote on) becomes
+    ///   UpToDate only if every other diskful peer is connected to it (a newer one would have
+    ///   made it a sync target) or known outdated: a restarted node of an old generation
+    ///   otherwise overwrote a sync target of the newer generation and promoted it without
+    ///   the newer writes (seed 1724).
+    pub(super) fn mesh_source_keeps_disk(&self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        match self.disk {
+            DiskState::Outdated => true,
+            DiskState::Consistent => !self.mesh_all_others_known(i),
+            _ => false,
+        }
+    }
+
+    /// Every diskful peer other than `i` replicates with us (its handshake found nothing
+    /// newer) or is known outdated.
+    fn mesh_all_others_known(&self, i: usize) -> bool {
+        let source = self.peers[i].id;
+        self.peers.iter().all(|p| {
+            p.id == source
+                || self.is_diskless_peer(p.id)
+                || p.replicating()
+                || self.meta.flags.peer_outdated & p.id.bit() != 0
+        })
+    }
+
+    /// The disk a sync target ends with, given its source's: in a mesh, an Outdated or
+    /// Consistent source gives its own state (see `mesh_source_keeps_disk`), else UpToDate.
+    pub(super) fn mesh_source_disk(&self, source: DiskState) -> DiskState {
+        if self.mesh_enabled() && matches!(source, DiskState::Outdated | DiskState::Consistent) {
+            source
+        } else {
+            DiskState::UpToDate
         }
     }
 
@@ -482,14 +592,33 @@ impl Node {
             (r, Role::Primary, SyncDecision::BitmapSource) if r != Role::Primary => {
                 return SyncDecision::BitmapTarget;
             }
+            // Bits on both sides within one generation are no split brain (writing apart
+            // starts a generation): the secondary's are blocks a resync from a third node
+            // brought it (see `mesh_resync_received`). The primary's data stands; the union
+            // of both bitmaps is resynced from it (seed 36).
+            (Role::Primary, r, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapSource;
+            }
+            (r, Role::Primary, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapTarget;
+            }
             // Two secondaries of one generation that each hold bits for the other: no node
             // wrote apart (that starts a generation), the bits are writes of a primary one
-            // of them may lack or leftovers of an interrupted resync. Either direction is
-            // correct with the union of both bitmaps; the lower node id is the source.
+            // of them may lack or leftovers of an interrupted resync, or blocks a resync
+            // from a third node brought. Either direction is correct with the union of both
+            // bitmaps, except towards the worse disk: an UpToDate side is the source over an
+            // Outdated or Consistent one (whose data is known stale or unconfirmed, seed 43);
+            // between equals the lower node id is the source.
             (Role::Secondary, Role::Secondary, SyncDecision::SplitBrain)
                 if hello.disk.has_data() && self.disk.has_data() =>
             {
-                return if self.id < hello.node_id {
+                let rank = |d: DiskState| u8::from(d == DiskState::UpToDate);
+                let (mine, theirs) = (rank(self.disk), rank(hello.disk));
+                return if mine > theirs || (mine == theirs && self.id < hello.node_id) {
                     SyncDecision::BitmapSource
                 } else {
                     SyncDecision::BitmapTarget
