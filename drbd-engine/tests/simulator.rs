@@ -171,6 +171,25 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          the lower node id as the source, an Outdated node over an UpToDate one that held the \
          newest writes; the UpToDate side is the source now",
     ),
+    (
+        37,
+        "engine: a sync target that was still Established with a third node took blocks that \
+         node lacked and later found itself in sync with it; the target marks what it receives \
+         for every diskful peer except those its source reports fully in sync with it \
+         (ResyncPeersInSync)",
+    ),
+    (
+        59,
+        "engine: liveness: nodes that stayed Consistent or Outdated as sync sources never became \
+         UpToDate; a Consistent secondary whose handshakes with every diskful peer are done \
+         becomes UpToDate and its peers follow",
+    ),
+    (
+        1915,
+        "engine: a node took a peer's Inconsistent state (a third node's sync target) for \
+         outdated and left it out of its quorum for good, and a promotion lost an acknowledged \
+         write; only our own sync target's Inconsistent state counts as outdated in a mesh",
+    ),
     // 258 ran into a handshake whose Hello was older than the node's state (a resync with a
     // third node finished in between; the two ends decided from different facts), fixed by
     // re-handshaking; the seed now runs a different history that ends in mesh3's open pattern

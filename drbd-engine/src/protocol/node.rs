@@ -2078,7 +2078,9 @@ impl Node {
                 self.peers[i].role = role;
                 self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
-                if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
+                if matches!(disk, DiskState::Inconsistent | DiskState::Outdated)
+                    && !self.mesh_synced_elsewhere(i, disk)
+                {
                     // The peer itself says it cannot be promoted (it became our SyncTarget):
                     // losing it needs no fence, and a pending one is settled.
                     let peer = self.peers[i].id;
@@ -2186,7 +2188,8 @@ impl Node {
             | Frame::ReadError { .. }) => self.handle_diskless_frame(i, frame),
             frame @ (Frame::MeshTargets { .. }
             | Frame::PeersInSync { .. }
-            | Frame::UuidHistory { .. }) => {
+            | Frame::UuidHistory { .. }
+            | Frame::ResyncPeersInSync { .. }) => {
                 self.mesh_handle_frame(i, frame);
             }
         }

@@ -35,9 +35,11 @@
 //!   its fence of a node no peer with quorum sees, and writes on without it.
 //! - A disk becomes UpToDate only from UpToDate data: an Outdated sync source stays
 //!   Outdated, a Consistent one becomes UpToDate only when no unseen peer may be newer, and a
-//!   target ends with its source's state (`mesh_source_keeps_disk`).
-//! - A sync target marks what it receives for the peers it does not replicate with
-//!   (`mesh_resync_received`), and a handshake whose Hello is stale is retried
+//!   target ends with its source's state (`mesh_source_keeps_disk`); a Consistent node
+//!   connected to every diskful peer becomes UpToDate (`mesh_consistent_settled`).
+//! - A sync target marks what it receives for the other diskful peers, except those its
+//!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
+//!   `mesh_resync_received`), and a handshake whose Hello is stale is retried
 //!   (`mesh_hello_stale`).
 
 use super::*;
@@ -56,6 +58,10 @@ pub(super) struct MeshState {
     rehandshake: u64,
     /// What each connection's Hello told the peer: (conn_id, disk, generations, crashed).
     hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool)>,
+    /// As sync source: the `ResyncPeersInSync` each target was last sent, with its connection.
+    resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
+    resync_in_sync: BTreeMap<NodeId, (u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -200,6 +206,10 @@ impl Node {
                 {
                     self.mesh.in_doubt.remove(pos);
                 }
+            }
+            Frame::ResyncPeersInSync { peers } => {
+                let p = &self.peers[i];
+                self.mesh.resync_in_sync.insert(p.id, (p.conn_id, peers));
             }
             Frame::UuidHistory { history } => {
                 if !self.mesh_enabled()
@@ -368,9 +378,9 @@ impl Node {
     /// diskful node may have held too: what we shared with that node we may not share any
     /// more, so the block is marked for it (seed 141: a target took the blocks a restarted
     /// node had missed, then found itself in sync with the crashed primary, which lacked
-    /// them). Only for nodes we do not replicate with right now: one we do is either synced
-    /// by the same source or settled by the primary's report, and marking it would make
-    /// each resync start another one around the mesh.
+    /// them). Not for the nodes the source reports fully in sync with it
+    /// (`Frame::ResyncPeersInSync`): they hold the data we receive, and marking them would
+    /// make each resync start another one around the mesh.
     pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
         if !self.mesh_enabled() {
             return;
@@ -379,15 +389,53 @@ impl Node {
         if first.checked_add(blocks).is_none_or(|end| end > self.meta.size_blocks) {
             return; // refused as "write outside the device" by the caller
         }
-        let source = self.peers[i].id;
+        let (source, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        let in_sync = self
+            .mesh
+            .resync_in_sync
+            .get(&source)
+            .filter(|(c, _)| *c == conn_id)
+            .map_or(0, |(_, peers)| *peers);
         let others: Vec<NodeId> = self
             .peers
             .iter()
-            .filter(|p| p.id != source && !self.is_diskless_peer(p.id) && !p.replicating())
+            .filter(|p| p.id != source && !self.is_diskless_peer(p.id))
+            .filter(|p| in_sync & p.id.bit() == 0)
             .map(|p| p.id)
             .collect();
         for x in others {
             self.mesh_mark(x, first, blocks);
+        }
+    }
+
+    /// Sync source: tells each target which diskful nodes hold exactly our data (connected,
+    /// Established, no bits and no bitmap UUID for them), before the data it concerns and
+    /// whenever that changes (see `mesh_resync_received`).
+    fn mesh_announce_resync_in_sync(&mut self) {
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            if p.resync.is_none() || p.connection != ConnectionState::Connected {
+                continue;
+            }
+            let target = p.id;
+            let mut peers = 0u64;
+            for x in &self.peers {
+                let same = x.id != target
+                    && !self.is_diskless_peer(x.id)
+                    && x.connection == ConnectionState::Connected
+                    && x.handshake.is_none()
+                    && x.replication == ReplicationState::Established
+                    && self.meta.uuids.bitmap_uuid(x.id) == 0
+                    && self.meta.bitmaps[x.id.index()].is_clear();
+                if same {
+                    peers |= x.id.bit();
+                }
+            }
+            let entry = (p.conn_id, peers);
+            if self.mesh.resync_in_sync_sent.get(&target) != Some(&entry) {
+                self.mesh.resync_in_sync_sent.insert(target, entry);
+                self.send(j, Frame::ResyncPeersInSync { peers });
+            }
         }
     }
 
@@ -504,6 +552,29 @@ impl Node {
         })
     }
 
+    /// A Consistent secondary whose handshakes with every diskful peer are done (none found
+    /// newer data, or it would be their sync target) holds the best data there is: it
+    /// becomes UpToDate, and its Outdated peers follow by handshaking with it again (see
+    /// `mesh_peer_state`). Without this, nodes that stayed Consistent or Outdated as sync
+    /// sources (`mesh_source_keeps_disk`) never converged (seed 59).
+    fn mesh_consistent_settled(&mut self) {
+        if self.role == Role::Primary || self.disk != DiskState::Consistent {
+            return;
+        }
+        let all_connected = self.peers.iter().all(|p| {
+            self.is_diskless_peer(p.id)
+                || (p.connection == ConnectionState::Connected
+                    && p.handshake.is_none()
+                    && matches!(
+                        p.replication,
+                        ReplicationState::Established | ReplicationState::SyncSource
+                    ))
+        });
+        if all_connected {
+            self.set_disk(DiskState::UpToDate);
+        }
+    }
+
     /// The disk a sync target ends with, given its source's: in a mesh, an Outdated or
     /// Consistent source gives its own state (see `mesh_source_keeps_disk`), else UpToDate.
     pub(super) fn mesh_source_disk(&self, source: DiskState) -> DiskState {
@@ -514,12 +585,28 @@ impl Node {
         }
     }
 
+    /// A peer's `State` says Inconsistent, but it is not our sync target: in a mesh it is a
+    /// third node's, and becomes UpToDate from it, maybe after we lost sight of it. Taking it
+    /// for outdated would leave it out of our quorum for good, and a primary cut off from
+    /// both then wrote on while that peer and the third node promoted (two writers, seed
+    /// 1181).
+    pub(super) fn mesh_synced_elsewhere(&self, i: usize, disk: DiskState) -> bool {
+        self.mesh_enabled()
+            && disk == DiskState::Inconsistent
+            && !matches!(
+                self.peers[i].replication,
+                ReplicationState::SyncSource | ReplicationState::PausedSyncS
+            )
+    }
+
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
         self.mesh_orphaned_target();
         if self.mesh_enabled() {
             self.mesh_settle_in_sync();
+            self.mesh_announce_resync_in_sync();
+            self.mesh_consistent_settled();
         }
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
