@@ -33,6 +33,14 @@
 //!   wait (the connection is retried) for a node with current data.
 //! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
 //!   its fence of a node no peer with quorum sees, and writes on without it.
+//! - A disk becomes UpToDate only from UpToDate data: an Outdated sync source stays
+//!   Outdated, a Consistent one becomes UpToDate only when no unseen peer may be newer, and a
+//!   target ends with its source's state (`mesh_source_keeps_disk`); a Consistent node
+//!   connected to every diskful peer becomes UpToDate (`mesh_consistent_settled`).
+//! - A sync target marks what it receives for the other diskful peers, except those its
+//!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
+//!   `mesh_resync_received`), and a handshake whose Hello is stale is retried
+//!   (`mesh_hello_stale`).
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -48,6 +56,12 @@ pub(super) struct MeshState {
     in_doubt: VecDeque<InDoubt>,
     /// Diskful peers to handshake with again (the primary was lost with writes in doubt).
     rehandshake: u64,
+    /// What each connection's Hello told the peer: (conn_id, disk, generations, crashed).
+    hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool)>,
+    /// As sync source: the `ResyncPeersInSync` each target was last sent, with its connection.
+    resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
+    resync_in_sync: BTreeMap<NodeId, (u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -133,6 +147,38 @@ impl Node {
         }
     }
 
+    /// Our Hello went out on peer `i`'s connection: remember what it said.
+    pub(super) fn mesh_hello_sent(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let facts =
+            (p.conn_id, self.disk, self.meta.uuids.clone(), self.meta.flags.crashed_primary);
+        self.mesh.hello_sent.insert(p.id, facts);
+    }
+
+    /// The handshake with peer `i` is about to decide, but our disk, generations or crash
+    /// flag changed since our Hello (a resync with a third node finished meanwhile): the
+    /// peer decides from the Hello, we from the present, and the two ends could disagree
+    /// (one NoSync, the other SyncSource), or we would find a pair in sync that the peer's
+    /// facts do not (seed 258). Handshake again: the connection is retried. Returns true
+    /// when it ended the connection.
+    pub(super) fn mesh_hello_stale(&mut self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        let p = &self.peers[i];
+        let stale =
+            self.mesh.hello_sent.get(&p.id).is_some_and(|(conn_id, disk, uuids, crashed)| {
+                *conn_id == p.conn_id
+                    && (*disk != self.disk
+                        || *uuids != self.meta.uuids
+                        || *crashed != self.meta.flags.crashed_primary)
+            });
+        if stale {
+            self.disconnect(i, ConnectionState::Connecting);
+        }
+        stale
+    }
+
     /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
     /// third node that knows an older generation of ours is not found unrelated to it.
     pub(super) fn mesh_before_resync_done(&mut self, i: usize) {
@@ -160,6 +206,10 @@ impl Node {
                 {
                     self.mesh.in_doubt.remove(pos);
                 }
+            }
+            Frame::ResyncPeersInSync { peers } => {
+                let p = &self.peers[i];
+                self.mesh.resync_in_sync.insert(p.id, (p.conn_id, peers));
             }
             Frame::UuidHistory { history } => {
                 if !self.mesh_enabled()
@@ -324,6 +374,71 @@ impl Node {
         }
     }
 
+    /// Sync target: a block of the source's data arrived. It replaces ours, which a third
+    /// diskful node may have held too: what we shared with that node we may not share any
+    /// more, so the block is marked for it (seed 141: a target took the blocks a restarted
+    /// node had missed, then found itself in sync with the crashed primary, which lacked
+    /// them). Not for the nodes the source reports fully in sync with it
+    /// (`Frame::ResyncPeersInSync`): they hold the data we receive, and marking them would
+    /// make each resync start another one around the mesh.
+    pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let Some(blocks) = blocks_of(bytes) else { return };
+        if first.checked_add(blocks).is_none_or(|end| end > self.meta.size_blocks) {
+            return; // refused as "write outside the device" by the caller
+        }
+        let (source, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        let in_sync = self
+            .mesh
+            .resync_in_sync
+            .get(&source)
+            .filter(|(c, _)| *c == conn_id)
+            .map_or(0, |(_, peers)| *peers);
+        let others: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|p| p.id != source && !self.is_diskless_peer(p.id))
+            .filter(|p| in_sync & p.id.bit() == 0)
+            .map(|p| p.id)
+            .collect();
+        for x in others {
+            self.mesh_mark(x, first, blocks);
+        }
+    }
+
+    /// Sync source: tells each target which diskful nodes hold exactly our data (connected,
+    /// Established, no bits and no bitmap UUID for them), before the data it concerns and
+    /// whenever that changes (see `mesh_resync_received`).
+    fn mesh_announce_resync_in_sync(&mut self) {
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            if p.resync.is_none() || p.connection != ConnectionState::Connected {
+                continue;
+            }
+            let target = p.id;
+            let mut peers = 0u64;
+            for x in &self.peers {
+                let same = x.id != target
+                    && !self.is_diskless_peer(x.id)
+                    && x.connection == ConnectionState::Connected
+                    && x.handshake.is_none()
+                    && x.replication == ReplicationState::Established
+                    && self.meta.uuids.bitmap_uuid(x.id) == 0
+                    && self.meta.bitmaps[x.id.index()].is_clear();
+                if same {
+                    peers |= x.id.bit();
+                }
+            }
+            let entry = (p.conn_id, peers);
+            if self.mesh.resync_in_sync_sent.get(&target) != Some(&entry) {
+                self.mesh.resync_in_sync_sent.insert(target, entry);
+                self.send(j, Frame::ResyncPeersInSync { peers });
+            }
+        }
+    }
+
     fn mesh_mark(&mut self, peer: NodeId, first: u64, blocks: u64) {
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
@@ -404,12 +519,94 @@ impl Node {
         }
     }
 
+    /// Sync source: whether our disk stays as it is instead of becoming UpToDate (DRBD 9).
+    /// Only a node connected to UpToDate data, or a resync from it, makes a disk UpToDate:
+    /// - An Outdated node stays Outdated: a peer that saw us Outdated counts us out of its
+    ///   quorum and may write on without us, so an Outdated pair that synced each other
+    ///   UpToDate could promote beside it (two writers, seed 1631).
+    /// - A Consistent node (restarted, not knowing whether the others wrote on) becomes
+    ///   UpToDate only if every other diskful peer is connected to it (a newer one would have
+    ///   made it a sync target) or known outdated: a restarted node of an old generation
+    ///   otherwise overwrote a sync target of the newer generation and promoted it without
+    ///   the newer writes (seed 1724).
+    pub(super) fn mesh_source_keeps_disk(&self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        match self.disk {
+            DiskState::Outdated => true,
+            DiskState::Consistent => !self.mesh_all_others_known(i),
+            _ => false,
+        }
+    }
+
+    /// Every diskful peer other than `i` replicates with us (its handshake found nothing
+    /// newer) or is known outdated.
+    fn mesh_all_others_known(&self, i: usize) -> bool {
+        let source = self.peers[i].id;
+        self.peers.iter().all(|p| {
+            p.id == source
+                || self.is_diskless_peer(p.id)
+                || p.replicating()
+                || self.meta.flags.peer_outdated & p.id.bit() != 0
+        })
+    }
+
+    /// A Consistent secondary whose handshakes with every diskful peer are done (none found
+    /// newer data, or it would be their sync target) holds the best data there is: it
+    /// becomes UpToDate, and its Outdated peers follow by handshaking with it again (see
+    /// `mesh_peer_state`). Without this, nodes that stayed Consistent or Outdated as sync
+    /// sources (`mesh_source_keeps_disk`) never converged (seed 59).
+    fn mesh_consistent_settled(&mut self) {
+        if self.role == Role::Primary || self.disk != DiskState::Consistent {
+            return;
+        }
+        let all_connected = self.peers.iter().all(|p| {
+            self.is_diskless_peer(p.id)
+                || (p.connection == ConnectionState::Connected
+                    && p.handshake.is_none()
+                    && matches!(
+                        p.replication,
+                        ReplicationState::Established | ReplicationState::SyncSource
+                    ))
+        });
+        if all_connected {
+            self.set_disk(DiskState::UpToDate);
+        }
+    }
+
+    /// The disk a sync target ends with, given its source's: in a mesh, an Outdated or
+    /// Consistent source gives its own state (see `mesh_source_keeps_disk`), else UpToDate.
+    pub(super) fn mesh_source_disk(&self, source: DiskState) -> DiskState {
+        if self.mesh_enabled() && matches!(source, DiskState::Outdated | DiskState::Consistent) {
+            source
+        } else {
+            DiskState::UpToDate
+        }
+    }
+
+    /// A peer's `State` says Inconsistent, but it is not our sync target: in a mesh it is a
+    /// third node's, and becomes UpToDate from it, maybe after we lost sight of it. Taking it
+    /// for outdated would leave it out of our quorum for good, and a primary cut off from
+    /// both then wrote on while that peer and the third node promoted (two writers, seed
+    /// 1181).
+    pub(super) fn mesh_synced_elsewhere(&self, i: usize, disk: DiskState) -> bool {
+        self.mesh_enabled()
+            && disk == DiskState::Inconsistent
+            && !matches!(
+                self.peers[i].replication,
+                ReplicationState::SyncSource | ReplicationState::PausedSyncS
+            )
+    }
+
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
         self.mesh_orphaned_target();
         if self.mesh_enabled() {
             self.mesh_settle_in_sync();
+            self.mesh_announce_resync_in_sync();
+            self.mesh_consistent_settled();
         }
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
@@ -482,14 +679,33 @@ impl Node {
             (r, Role::Primary, SyncDecision::BitmapSource) if r != Role::Primary => {
                 return SyncDecision::BitmapTarget;
             }
+            // Bits on both sides within one generation are no split brain (writing apart
+            // starts a generation): the secondary's are blocks a resync from a third node
+            // brought it (see `mesh_resync_received`). The primary's data stands; the union
+            // of both bitmaps is resynced from it (seed 36).
+            (Role::Primary, r, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapSource;
+            }
+            (r, Role::Primary, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapTarget;
+            }
             // Two secondaries of one generation that each hold bits for the other: no node
             // wrote apart (that starts a generation), the bits are writes of a primary one
-            // of them may lack or leftovers of an interrupted resync. Either direction is
-            // correct with the union of both bitmaps; the lower node id is the source.
+            // of them may lack or leftovers of an interrupted resync, or blocks a resync
+            // from a third node brought. Either direction is correct with the union of both
+            // bitmaps, except towards the worse disk: an UpToDate side is the source over an
+            // Outdated or Consistent one (whose data is known stale or unconfirmed, seed 43);
+            // between equals the lower node id is the source.
             (Role::Secondary, Role::Secondary, SyncDecision::SplitBrain)
                 if hello.disk.has_data() && self.disk.has_data() =>
             {
-                return if self.id < hello.node_id {
+                let rank = |d: DiskState| u8::from(d == DiskState::UpToDate);
+                let (mine, theirs) = (rank(self.disk), rank(hello.disk));
+                return if mine > theirs || (mine == theirs && self.id < hello.node_id) {
                     SyncDecision::BitmapSource
                 } else {
                     SyncDecision::BitmapTarget
