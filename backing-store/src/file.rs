@@ -7,12 +7,15 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 
 use crate::buffer::{AlignedBuffer, is_aligned};
-use crate::constants::{BUFFER_ALIGNMENT_BYTES, IO_SIZE_BYTES_MAX, ZERO_CHUNK_BYTES};
+use crate::constants::{
+    BUFFER_ALIGNMENT_BYTES, IO_SIZE_BYTES_MAX, LARGE_WRITE_DIRECT_BYTES_MIN,
+    LARGE_WRITES_DIRECT_DEFAULT, ZERO_CHUNK_BYTES,
+};
 use crate::error::{Error, ErrorKind};
 use crate::options::OpenOptions;
 use crate::request::{Operation, OperationResult, Output};
@@ -104,13 +107,27 @@ struct DirectAlignment {
     memory_bytes: usize,
 }
 
+/// What the O_DIRECT descriptor serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DirectScope {
+    /// O_DIRECT was asked for: every aligned read and write.
+    All,
+    /// A buffered store: aligned writes of at least `LARGE_WRITE_DIRECT_BYTES_MIN` only
+    /// (see the constant for why), while `large_writes_direct` is on.
+    LargeWrites,
+}
+
 #[derive(Debug)]
 pub(crate) struct BackingFile {
     path: PathBuf,
     /// Always present: used for everything O_DIRECT cannot take (unaligned I/O, fallocate).
     buffered: File,
-    /// Present when O_DIRECT was asked for and the file system accepts it.
+    /// Present when the file system accepts O_DIRECT and it was asked for (`DirectScope::All`)
+    /// or the store is buffered (`DirectScope::LargeWrites`).
     direct: Option<(File, DirectAlignment)>,
+    direct_scope: DirectScope,
+    /// Large aligned writes of a buffered store go through `direct` (`DirectScope::LargeWrites`).
+    large_writes_direct: AtomicBool,
     is_block_device: bool,
     read_only: bool,
     size_bytes: AtomicU64,
@@ -161,23 +178,32 @@ impl BackingFile {
         } else {
             metadata.len()
         };
-        let direct = if options.direct_io {
-            open_direct(path, options.read_only, is_block_device, &buffered)
+        let (direct, direct_scope) = if options.direct_io {
+            (
+                open_direct(path, options.read_only, is_block_device, &buffered, true),
+                DirectScope::All,
+            )
+        } else if options.read_only {
+            (None, DirectScope::LargeWrites)
         } else {
-            None
+            // Quietly: a buffered store without O_DIRECT is what was asked for.
+            (open_direct(path, false, is_block_device, &buffered, false), DirectScope::LargeWrites)
         };
         tracing::debug!(
             path = %shown,
             size_bytes,
             created,
             is_block_device,
-            direct_io = direct.is_some(),
+            direct_io = direct.is_some() && direct_scope == DirectScope::All,
+            large_writes_direct = direct.is_some() && direct_scope == DirectScope::LargeWrites,
             "opened backing store"
         );
         Ok(BackingFile {
             path: path.to_owned(),
             buffered,
             direct,
+            direct_scope,
+            large_writes_direct: AtomicBool::new(LARGE_WRITES_DIRECT_DEFAULT),
             is_block_device,
             read_only: options.read_only,
             size_bytes: AtomicU64::new(size_bytes),
@@ -196,8 +222,56 @@ impl BackingFile {
         self.is_block_device
     }
 
+    /// Whether O_DIRECT serves every aligned request (asked for and accepted).
     pub(crate) fn is_direct(&self) -> bool {
+        self.direct.is_some() && self.direct_scope == DirectScope::All
+    }
+
+    /// Turns the O_DIRECT path for large writes of a buffered store on or off.
+    pub(crate) fn set_large_writes_direct(&self, enabled: bool) {
+        self.large_writes_direct.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Whether large aligned writes bypass the page cache (buffered store, O_DIRECT accepted,
+    /// not turned off).
+    pub(crate) fn is_large_writes_direct(&self) -> bool {
         self.direct.is_some()
+            && self.direct_scope == DirectScope::LargeWrites
+            && self.large_writes_direct.load(Ordering::Relaxed)
+    }
+
+    /// The O_DIRECT descriptor for a read of this range, if it takes one. A buffered store
+    /// reads a large range with O_DIRECT when the page cache does not hold all of it (the
+    /// large writes that bypassed it, say): a miss would read through the cache, allocating
+    /// and copying every page, for data the initiator holds already.
+    fn direct_for_read(&self, offset: u64, len: usize) -> Option<(&File, DirectAlignment)> {
+        let (file, alignment) = self.direct.as_ref()?;
+        if !range_aligned(offset, len, alignment.offset_bytes) {
+            return None;
+        }
+        let direct = match self.direct_scope {
+            DirectScope::All => true,
+            DirectScope::LargeWrites => {
+                len >= LARGE_WRITE_DIRECT_BYTES_MIN
+                    && self.large_writes_direct.load(Ordering::Relaxed)
+                    && cached_bytes(&self.buffered, offset, len).is_some_and(|c| c < u64_from(len))
+            }
+        };
+        direct.then_some((file, *alignment))
+    }
+
+    /// The O_DIRECT descriptor for a write of this range, if it takes one.
+    fn direct_for_write(&self, offset: u64, len: usize) -> Option<(&File, DirectAlignment)> {
+        let (file, alignment) = self.direct.as_ref()?;
+        let in_scope = match self.direct_scope {
+            DirectScope::All => true,
+            DirectScope::LargeWrites => {
+                len >= LARGE_WRITE_DIRECT_BYTES_MIN
+                    && self.large_writes_direct.load(Ordering::Relaxed)
+            }
+        };
+        (in_scope && range_aligned(offset, len, alignment.offset_bytes))
+            .then_some((file, *alignment))
     }
 
     pub(crate) fn is_read_only(&self) -> bool {
@@ -247,29 +321,22 @@ impl BackingFile {
     /// The descriptor for a read, and the buffer to read into (always aligned, so either
     /// descriptor works; the returned `Bytes` takes the buffer without a copy).
     pub(crate) fn prepare_read(&self, offset: u64, len: usize) -> (&File, AlignedBuffer) {
-        let file = match &self.direct {
-            Some((direct, alignment)) if range_aligned(offset, len, alignment.offset_bytes) => {
-                direct
-            }
-            _ => &self.buffered,
-        };
+        let file = self.direct_for_read(offset, len).map_or(&self.buffered, |(direct, _)| direct);
         (file, AlignedBuffer::for_overwrite(len))
     }
 
     /// The descriptor for a write, and its data (copied only when O_DIRECT demands an
     /// alignment the caller's buffer lacks).
     pub(crate) fn prepare_write(&self, offset: u64, data: Bytes) -> (&File, WriteData) {
-        match &self.direct {
-            Some((direct, alignment))
-                if range_aligned(offset, data.len(), alignment.offset_bytes) =>
-            {
+        match self.direct_for_write(offset, data.len()) {
+            Some((direct, alignment)) => {
                 if is_aligned(data.as_ptr(), alignment.memory_bytes) {
                     (direct, WriteData::Shared(data))
                 } else {
                     (direct, WriteData::Aligned(AlignedBuffer::copy_from(&data)))
                 }
             }
-            _ => (&self.buffered, WriteData::Shared(data)),
+            None => (&self.buffered, WriteData::Shared(data)),
         }
     }
 
@@ -309,20 +376,23 @@ impl BackingFile {
         self.write_transfer(file, data.as_slice(), offset, flags).map_err(Stop::into_error)
     }
 
-    /// Whether a request on this range goes through the buffered descriptor (always, unless
+    /// Whether a read of this range goes through the buffered descriptor (always, unless
     /// O_DIRECT is in use and the range is aligned for it). Only those can be served inline:
     /// an O_DIRECT read or write waits for the device whatever the flags.
-    pub(crate) fn uses_buffered(&self, offset: u64, len: usize) -> bool {
-        match &self.direct {
-            Some((_, alignment)) => !range_aligned(offset, len, alignment.offset_bytes),
-            None => true,
-        }
+    pub(crate) fn read_uses_buffered(&self, offset: u64, len: usize) -> bool {
+        self.direct_for_read(offset, len).is_none()
+    }
+
+    /// Whether a write of this range goes through the buffered descriptor; see
+    /// `read_uses_buffered` (a buffered store writes large aligned ranges with O_DIRECT).
+    pub(crate) fn write_uses_buffered(&self, offset: u64, len: usize) -> bool {
+        self.direct_for_write(offset, len).is_none()
     }
 
     /// The inline fast path's read: preadv2(RWF_NOWAIT) on the buffered descriptor, which
     /// succeeds only from the page cache. The caller checked `uses_buffered`.
     pub(crate) fn read_nowait(&self, offset: u64, len: usize) -> Result<Bytes, Stop> {
-        assert!(self.uses_buffered(offset, len), "inline read on the O_DIRECT descriptor");
+        assert!(self.read_uses_buffered(offset, len), "inline read on the O_DIRECT descriptor");
         let buffer = AlignedBuffer::for_overwrite(len);
         self.read_transfer(&self.buffered, buffer, offset, libc::RWF_NOWAIT)
     }
@@ -330,14 +400,20 @@ impl BackingFile {
     /// The inline fast path's write: pwritev2(RWF_NOWAIT) on the buffered descriptor. The
     /// caller checked `uses_buffered`.
     pub(crate) fn write_nowait(&self, offset: u64, data: &[u8]) -> Result<(), Stop> {
-        assert!(self.uses_buffered(offset, data.len()), "inline write on the O_DIRECT descriptor");
+        assert!(
+            self.write_uses_buffered(offset, data.len()),
+            "inline write on the O_DIRECT descriptor"
+        );
         self.write_transfer(&self.buffered, data, offset, libc::RWF_NOWAIT)
     }
 
     /// The inline fast path's write where the file system refuses RWF_NOWAIT: a plain
     /// pwritev2 on the buffered descriptor, which may wait (the caller bounds how often).
     pub(crate) fn write_buffered_blocking(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
-        assert!(self.uses_buffered(offset, data.len()), "inline write on the O_DIRECT descriptor");
+        assert!(
+            self.write_uses_buffered(offset, data.len()),
+            "inline write on the O_DIRECT descriptor"
+        );
         self.write_transfer(&self.buffered, data, offset, 0).map_err(Stop::into_error)
     }
 
@@ -559,27 +635,34 @@ fn create_sparse(path: &Path, size_bytes: u64) -> Result<bool, Error> {
     }
 }
 
+/// The O_DIRECT descriptor, or `None` (with a warning when O_DIRECT was `asked` for; a
+/// buffered store that only wanted it for large writes says so at debug level).
 fn open_direct(
     path: &Path,
     read_only: bool,
     is_block_device: bool,
     buffered: &File,
+    asked: bool,
 ) -> Option<(File, DirectAlignment)> {
     let shown = path.display();
+    let fall_back = |reason: String| {
+        if asked {
+            tracing::warn!(path = %shown, "{reason}; falling back to buffered I/O");
+        } else {
+            tracing::debug!(path = %shown, "{reason}; large writes stay buffered");
+        }
+        None
+    };
     let alignment = match direct_alignment(buffered, is_block_device) {
         Ok(Some(alignment)) => alignment,
         Ok(None) => {
-            tracing::warn!(
-                path = %shown,
+            return fall_back(
                 "the file system does not support O_DIRECT here (statx reports no direct I/O \
-                 alignment); falling back to buffered I/O"
+                 alignment)"
+                    .to_owned(),
             );
-            return None;
         }
-        Err(error) => {
-            tracing::warn!(path = %shown, %error, "cannot learn O_DIRECT alignment; falling back to buffered I/O");
-            return None;
-        }
+        Err(error) => return fall_back(format!("cannot learn O_DIRECT alignment: {error}")),
     };
     match fs::OpenOptions::new()
         .read(true)
@@ -592,18 +675,12 @@ fn open_direct(
                 path = %shown,
                 offset_alignment_bytes = alignment.offset_bytes,
                 memory_alignment_bytes = alignment.memory_bytes,
+                asked,
                 "O_DIRECT enabled"
             );
             Some((file, alignment))
         }
-        Err(error) => {
-            tracing::warn!(
-                path = %shown,
-                %error,
-                "the file system refuses O_DIRECT; falling back to buffered I/O"
-            );
-            None
-        }
+        Err(error) => fall_back(format!("the file system refuses O_DIRECT: {error}")),
     }
 }
 
@@ -692,6 +769,49 @@ fn pwritev2(file: &File, data: &[u8], offset: u64, flags: i32) -> io::Result<usi
         return Err(io::Error::last_os_error());
     }
     Ok(usize::try_from(result).unwrap_or(0))
+}
+
+/// cachestat(2)'s number on every architecture (new system calls share one table since 424).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// `struct cachestat_range` of cachestat(2).
+#[repr(C)]
+struct CachestatRange {
+    offset: u64,
+    len: u64,
+}
+
+/// `struct cachestat` of cachestat(2).
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Bytes of `[offset, offset + len)` in the page cache (whole pages counted), by cachestat(2)
+/// (Linux 6.5+): nothing is read or brought in. `None` when the kernel cannot tell.
+fn cached_bytes(file: &File, offset: u64, len: usize) -> Option<u64> {
+    let range = CachestatRange { offset, len: u64_from(len) };
+    let mut stat = Cachestat::default();
+    // SAFETY: both pointers are to live, properly laid out (repr(C)) values for the whole
+    // call; the kernel reads `range` and writes at most `size_of::<Cachestat>()` bytes into
+    // `stat`; flags must be 0. The descriptor is open for the call.
+    let result = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &raw const range,
+            &raw mut stat,
+            0 as libc::c_uint,
+        )
+    };
+    // SAFETY: sysconf takes no pointers.
+    let page_bytes = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    (result == 0).then(|| stat.nr_cache.saturating_mul(page_bytes))
 }
 
 fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {

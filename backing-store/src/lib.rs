@@ -135,6 +135,19 @@ impl BackingStore {
         self.inner.file.is_direct()
     }
 
+    /// Turns on (the default, `constants::LARGE_WRITES_DIRECT_DEFAULT`) or off the O_DIRECT
+    /// path of a buffered store for aligned writes of at least
+    /// `constants::LARGE_WRITE_DIRECT_BYTES_MIN`; no effect where O_DIRECT is refused or was
+    /// asked for (then every aligned request uses it).
+    pub fn set_large_writes_direct(&self, enabled: bool) {
+        self.inner.file.set_large_writes_direct(enabled);
+    }
+
+    /// Whether large aligned writes bypass the page cache now.
+    pub fn is_large_writes_direct(&self) -> bool {
+        self.inner.file.is_large_writes_direct()
+    }
+
     pub fn is_block_device(&self) -> bool {
         self.inner.file.is_block_device()
     }
@@ -172,6 +185,7 @@ impl BackingStore {
     /// nothing but this store's I/O (the replication engine) gains nothing from the back-off:
     /// the stall is a lock the file system holds (ext4 allocating blocks for writeback), which
     /// the engine's threads would wait for too, at the price of two thread hops per write.
+    /// With 0 the writes are not timed at all (no stalls counted in `io_counters`).
     pub fn set_inline_write_backoff_ms(&self, backoff_ms: u64) {
         self.inner.inline.set_backoff_ms(backoff_ms);
     }

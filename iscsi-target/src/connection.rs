@@ -12,7 +12,7 @@ use crate::constants::REMOTE_NEXUSES_MAX;
 use crate::constants::{
     BHS_BYTES, CHAP_CHALLENGE_BYTES, COMMANDS_MAX, CONNECTION_TRANSFER_BYTES_MAX,
     IMMEDIATE_COMMANDS_MAX, LOGIN_DATA_SEGMENT_BYTES_MAX, LUNS_MAX, RECV_DATA_SEGMENT_BYTES_MAX,
-    SEND_DATA_SEGMENT_BYTES_MAX, SESSIONS_MAX, TRANSFER_BYTES_MAX,
+    SEND_DATA_SEGMENT_BYTES_MAX, SESSIONS_MAX, TRANSFER_BUFFER_ALIGNMENT_BYTES, TRANSFER_BYTES_MAX,
 };
 use crate::device::{AluaState, BlockDevice, DeviceError, IoData, IoOp};
 use crate::login::{AuthConfig, Established, Login, LoginOutcome, SessionType, TargetDirectory};
@@ -336,6 +336,17 @@ pub fn decode_lun(raw: u64) -> Option<u64> {
         1 => Some(top & 0x3fff),
         _ => None,
     }
+}
+
+/// An empty buffer for a write's data collected from several PDUs, its start aligned to
+/// `TRANSFER_BUFFER_ALIGNMENT_BYTES`: the device gets this buffer as it is, and a backing
+/// store writes large writes with O_DIRECT, which needs aligned memory (or copies it again).
+fn transfer_buffer(capacity_bytes: usize) -> BytesMut {
+    let mut buffer = BytesMut::with_capacity(capacity_bytes + TRANSFER_BUFFER_ALIGNMENT_BYTES);
+    let padding = buffer.as_ptr().align_offset(TRANSFER_BUFFER_ALIGNMENT_BYTES);
+    buffer.resize(padding, 0);
+    drop(buffer.split_to(padding));
+    buffer
 }
 
 /// A block I/O the driver must perform and report back with [`Connection::handle_io_completion`].
@@ -971,7 +982,7 @@ impl<D: BlockDevice> Connection<D> {
                 // The whole transfer arrived as immediate data: hand its buffer on without a copy.
                 immediate = pdu.data.clone();
             } else {
-                data.reserve(usize::try_from(edtl).unwrap_or(0));
+                data = transfer_buffer(usize::try_from(edtl).unwrap_or(0));
                 data.extend_from_slice(&pdu.data);
             }
         }

@@ -23,6 +23,9 @@ pub const FIRST_BURST_BYTES_MAX: u32 = 256 * 1024;
 /// Block Limits VPD page as the maximum transfer length. libiscsi's conformance suite writes
 /// 32 MiB in one command regardless of the reported limit.
 pub const TRANSFER_BYTES_MAX: u32 = 32 * 1024 * 1024;
+/// Alignment of the buffer a write's data is gathered in from several PDUs (one page): a
+/// backing store can write it with O_DIRECT as it is (512 bytes would do on most disks).
+pub const TRANSFER_BUFFER_ALIGNMENT_BYTES: usize = 4096;
 /// Bytes of data transfers (ExpectedDataTransferLength summed over tasks) one connection may
 /// have in flight: bounds the memory an initiator can make us hold. Commands beyond it get
 /// TASK SET FULL and are retried by the initiator.
@@ -112,6 +115,7 @@ pub const TRANSMIT_PDUS_MAX: usize = 4096;
 pub const TRANSMIT_BATCH_BYTES_MAX: usize = 1024 * 1024;
 
 const _: () = assert!(FIRST_BURST_BYTES_MAX <= BURST_BYTES_MAX);
+const _: () = assert!(TRANSFER_BUFFER_ALIGNMENT_BYTES.is_power_of_two());
 const _: () = assert!(TRANSFER_BYTES_MAX >= FIRST_BURST_BYTES_MAX);
 const _: () = assert!(BURST_BYTES_MAX < (1 << 24));
 const _: () = assert!(RECV_DATA_SEGMENT_BYTES_MAX < (1 << 24));

@@ -5,12 +5,16 @@
 pub mod store;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, RwLock, mpsc};
@@ -108,6 +112,8 @@ pub async fn bind(portals: &[SocketAddr]) -> std::io::Result<Vec<(TcpListener, u
 }
 
 type Completion = (u32, u64, Result<IoData, DeviceError>);
+/// A command's block I/O, run by its connection's task (no task of its own).
+type IoFuture = Pin<Box<dyn Future<Output = Completion> + Send>>;
 type ForwardCompletion = (u32, u64, Result<ForwardReply, ForwardError>);
 
 /// Runs a request that arrived from a remote port on this process's logical unit: a command
@@ -167,7 +173,10 @@ async fn run_connection<D: BlockDevice>(
     let identifier: u8 = rand::random();
     let mut connection = Connection::new(id, config, relative_port, challenge, identifier);
     connection.set_local_address(local_address);
-    let (completions_tx, mut completions) = mpsc::unbounded_channel::<Completion>();
+    // The connection's block I/O runs inside this task, not in a task per command: spawning
+    // one per 4 KiB write cost a task allocation, a scheduler hand-off (often a wake of the
+    // other worker thread) and a channel send back per I/O.
+    let mut running: FuturesUnordered<IoFuture> = FuturesUnordered::new();
     // Bounded by the tasks in flight (the CmdSN window) plus a notice per logical unit.
     let (forwards_tx, mut forwards) = mpsc::unbounded_channel::<ForwardCompletion>();
     let mut input = BytesMut::with_capacity(512 * 1024);
@@ -229,13 +238,15 @@ async fn run_connection<D: BlockDevice>(
                     break;
                 }
             }
-            dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
+            dispatch_io(&mut connection, &running, registry, &mut locks);
             dispatch_forwards(&mut connection, &forwards_tx);
             if connection.transmit_bytes() >= TRANSMIT_BATCH_BYTES_MAX {
                 write_out(&mut connection, &mut out, &mut writer).await?;
             }
         }
-        dispatch_io(&mut connection, &completions_tx, registry, &mut locks);
+        // Starts the new commands' I/O now (a future does nothing until polled) and answers
+        // what finished meanwhile in the same write.
+        pump_io(&mut connection, &mut running, registry, &mut locks);
         dispatch_forwards(&mut connection, &forwards_tx);
         write_out(&mut connection, &mut out, &mut writer).await?;
         let mut close = failed;
@@ -276,15 +287,13 @@ async fn run_connection<D: BlockDevice>(
                     Err(error) => break Err(error),
                 }
             }
-            Some((itt, tag, result)) = completions.recv() => {
+            Some((itt, tag, result)) = running.next(), if !running.is_empty() => {
                 if trace {
                     eprintln!("conn {id}: completion itt={itt:#x} ok={}", result.is_ok());
                 }
                 connection.handle_io_completion(itt, tag, result);
                 // Batch: take every completion that is already here before writing.
-                while let Ok((itt, tag, result)) = completions.try_recv() {
-                    connection.handle_io_completion(itt, tag, result);
-                }
+                collect_ready(&mut connection, &mut running);
             }
             Some((itt, tag, result)) = forwards.recv() => {
                 connection.handle_forward_completion(itt, tag, result);
@@ -301,18 +310,55 @@ async fn run_connection<D: BlockDevice>(
     connection.handle_disconnect();
     // The logical unit's node hears that remote nexuses are gone.
     dispatch_forwards(&mut connection, &forwards_tx);
+    // Commands in flight still run to their end, holding the device lock until then (an
+    // exclusive op must not be seen half done by another connection's commands).
+    if !running.is_empty() {
+        tokio::spawn(async move { while running.next().await.is_some() {} });
+    }
     let _ = writer.shutdown().await;
     result
 }
 
+/// Polls the connection's I/O without waiting and hands every finished one to the
+/// connection; returns whether any finished. (Polling here with a no-op waker is safe: the
+/// loop only sleeps in its `select!`, which has polled `running` with the task's own waker by
+/// then.)
+fn collect_ready<D: BlockDevice>(
+    connection: &mut Connection<D>,
+    running: &mut FuturesUnordered<IoFuture>,
+) -> bool {
+    let mut finished = false;
+    while let Some(Some((itt, tag, result))) = running.next().now_or_never() {
+        connection.handle_io_completion(itt, tag, result);
+        finished = true;
+    }
+    finished
+}
+
+/// Starts every I/O the connection asks for and collects what finished, until nothing is
+/// left to start: a completion can ask for the next I/O of the same command (UNMAP, EXTENDED
+/// COPY, COMPARE AND WRITE run several), which must not wait for the next input to start.
+fn pump_io<D: BlockDevice>(
+    connection: &mut Connection<D>,
+    running: &mut FuturesUnordered<IoFuture>,
+    registry: &Registry,
+    locks: &mut HashMap<usize, Arc<RwLock<()>>>,
+) {
+    loop {
+        dispatch_io(connection, running, registry, locks);
+        if !collect_ready(connection, running) {
+            break;
+        }
+    }
+}
+
 fn dispatch_io<D: BlockDevice>(
     connection: &mut Connection<D>,
-    completions: &mpsc::UnboundedSender<Completion>,
+    running: &FuturesUnordered<IoFuture>,
     registry: &Registry,
     locks: &mut HashMap<usize, Arc<RwLock<()>>>,
 ) {
     while let Some(request) = connection.poll_io() {
-        let completions = completions.clone();
         // Every op takes the device lock: reads and plain writes share it, exclusive ops
         // (COMPARE AND WRITE, ORWRITE, WRITE ATOMIC) hold it alone. Reads must take it too, or
         // a read could see an atomic write half done (ext4 copies buffered writes into the
@@ -320,10 +366,10 @@ fn dispatch_io<D: BlockDevice>(
         let key = Arc::as_ptr(&request.device) as *const () as usize;
         let lock =
             locks.entry(key).or_insert_with(|| registry.device_lock(&request.device)).clone();
-        tokio::spawn(async move {
+        running.push(Box::pin(async move {
             let result = perform_locked(&lock, &*request.device, request.op).await;
-            let _ = completions.send((request.itt, request.tag, result));
-        });
+            (request.itt, request.tag, result)
+        }));
     }
 }
 
