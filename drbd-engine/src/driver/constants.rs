@@ -20,6 +20,14 @@ pub const RECEIVE_BUFFER_BYTES_MAX: usize = 256 * 1024;
 /// Room a read gets at least; with less left, the reader's buffer is renewed (the frames split
 /// off it live on, shared, until their writes are done).
 pub const RECEIVE_READ_BYTES_MIN: usize = 64 * 1024;
+/// Renewed receive buffers a connection's reader keeps for reuse once the frames split off
+/// them are gone (a reused buffer's pages are already mapped: no page faults on its reads).
+/// Enough for a QD8 stream of 1 MiB writes, whose frames each hold a buffer until written.
+pub const RECEIVE_BUFFERS_PARKED_MAX: usize = 8;
+/// Application requests in flight (the one that woke the driver included) from which the
+/// driver yields once before its round, to gather the rest of a burst (see `Driver::run`);
+/// below it (QD1) a yield only cost context switches.
+pub const YIELD_REQUESTS_IN_FLIGHT_MIN: usize = 2;
 /// How long a blocking inline write that stalled in the kernel sends the following writes to
 /// the backing store's threads. None: the driver's thread does nothing but this resource's
 /// I/O, the stall is a file-system lock (ext4's block allocation for writeback, measured with
@@ -31,10 +39,13 @@ pub const INLINE_WRITE_BACKOFF_MS: u64 = 0;
 pub const FENCE_HANDLER_TIMEOUT_MS_DEFAULT: u64 = 60_000;
 
 const _: () = assert!(INPUT_BATCH_MAX > 0 && INPUT_BATCH_MAX <= COMMAND_QUEUE_MAX);
+const _: () =
+    assert!(YIELD_REQUESTS_IN_FLIGHT_MIN >= 2 && YIELD_REQUESTS_IN_FLIGHT_MIN <= COMMAND_QUEUE_MAX);
 const _: () = assert!(RECEIVE_BUFFER_BYTES_MAX >= HEADER_BYTES);
 /// Out-of-sync runs verify reported that `Status` keeps (the oldest go first).
 pub const VERIFY_REPORT_RUNS_MAX: usize = 4096;
 const _: () = assert!(RECEIVE_READ_BYTES_MIN >= HEADER_BYTES);
 const _: () = assert!(RECEIVE_READ_BYTES_MIN <= RECEIVE_BUFFER_BYTES_MAX);
+const _: () = assert!(RECEIVE_BUFFERS_PARKED_MAX >= 1 && RECEIVE_BUFFERS_PARKED_MAX <= 64);
 const _: () = assert!(SEND_BATCH_BYTES_MAX <= FRAME_PAYLOAD_BYTES_MAX + HEADER_BYTES);
 const _: () = assert!(SEND_IOVECS_MAX >= 2 && SEND_IOVECS_MAX <= 1024);
