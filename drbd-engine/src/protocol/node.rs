@@ -2492,6 +2492,7 @@ impl Node {
         } else {
             assert!(target);
             self.set_disk(DiskState::Inconsistent);
+            self.mesh_target_takes_generation(hello.uuids.current, by_generations);
             self.set_peer_disk(i, DiskState::UpToDate);
             self.set_replication(i, ReplicationState::SyncTarget);
         }
