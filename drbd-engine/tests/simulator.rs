@@ -171,6 +171,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          fully synced it back to old data, both UpToDate; the target takes the generation at \
          the start of the resync now",
     ),
+    (
+        412,
+        "engine: a resync between two secondaries kept running after the third node was \
+         promoted and replicated to its source only; a block read for the resync before a \
+         primary's write landed went out old and the write's bit was cleared with the resync \
+         ack; such a resync is ended (and deferred) once a primary replicates now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an
