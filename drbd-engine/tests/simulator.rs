@@ -178,6 +178,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          primary's write landed went out old and the write's bit was cleared with the resync \
          ack; such a resync is ended (and deferred) once a primary replicates now",
     ),
+    (
+        1060,
+        "engine: a node was promoted while its only peer's connection was stalled by a lost \
+         frame, so that peer's report of the primary it followed never arrived; that primary \
+         acknowledged a write the new one overwrote. Promotion waits for live report paths \
+         now; then a primary and a secondary of one generation each holding bits for the \
+         other took it for split brain: the primary is the source of the union now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

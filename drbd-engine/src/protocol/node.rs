@@ -45,6 +45,7 @@ mod metafail;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
+mod stall;
 pub mod verify;
 
 pub use diskless::OnIoError;

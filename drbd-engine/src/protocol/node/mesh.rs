@@ -609,6 +609,20 @@ impl Node {
             (r, Role::Primary, SyncDecision::BitmapSource) if r != Role::Primary => {
                 return SyncDecision::BitmapTarget;
             }
+            // A primary and a secondary of one generation that each hold bits for the other
+            // (the primary's writes the secondary missed; the secondary's bits of another
+            // primary's writes, or of an interrupted resync): the primary was promoted with
+            // quorum, so it holds every acknowledged write; it is the source of the union.
+            (Role::Primary, r, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapSource;
+            }
+            (r, Role::Primary, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapTarget;
+            }
             // Two secondaries of one generation that each hold bits for the other: no node
             // wrote apart (that starts a generation), the bits are writes of a primary one
             // of them may lack or leftovers of an interrupted resync. Either direction is
