@@ -26,17 +26,25 @@ const _: () = assert!(
     "a stalled link must be caught before the ping timeout drops it"
 );
 
+/// Longest a live connection holds frames behind a gap: far longer than frames overtake each
+/// other by (network delay), shorter than a ping interval.
+pub(super) const PROMOTE_PEER_GAP_MS_MAX: u64 = crate::constants::PING_INTERVAL_MS / 2;
+const _: () = assert!(PROMOTE_PEER_GAP_MS_MAX < PROMOTE_PEER_SILENCE_MS_MAX);
+
 impl Node {
-    /// A connected peer whose report path has stalled: frames wait behind a gap, or nothing
-    /// arrived in order for longer than a live link allows. Its silence cannot count as "no
+    /// A connected peer whose report path has stalled: frames wait behind a gap that did not
+    /// fill, or nothing arrived in order for longer than a live link allows. Its silence cannot count as "no
     /// other primary" for a promotion.
     pub(super) fn quorum_stalled_reporter(&self) -> Option<NodeId> {
         self.peers
             .iter()
             .find(|p| {
+                // A gap in the reorder buffer alone is no stall: frames overtake each other
+                // on a live link too, and the gap fills within the network delay.
+                let gap = !p.reorder.is_empty()
+                    && p.last_received_ms + PROMOTE_PEER_GAP_MS_MAX < self.now_ms;
                 p.connection == ConnectionState::Connected
-                    && (!p.reorder.is_empty()
-                        || p.last_received_ms + PROMOTE_PEER_SILENCE_MS_MAX < self.now_ms)
+                    && (gap || p.last_received_ms + PROMOTE_PEER_SILENCE_MS_MAX < self.now_ms)
             })
             .map(|p| p.id)
     }
