@@ -249,6 +249,45 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
     // re-handshaking; the seed now runs a different history that ends in mesh3's open pattern
     // (a detached primary announcing its old disk's generation), so it is no regression seed
     // here until that is fixed.
+        47,
+        "engine: a detached primary announced its old disk's generation; a source that had \
+         adopted the generation of the detach went back to the old one, and the stale disk, \
+         attached again, became the sync source of the writes made while it was detached",
+    ),
+    (
+        1231,
+        "engine: as 47 (a detached primary announcing its old generation), ending in a promoted \
+         node missing an acknowledged write",
+    ),
+    (
+        564,
+        "engine: a detached primary wrote without a diskful peer but started no generation for \
+         it, and its OutOfSync for a lost peer arrived before the announcement that the peer \
+         was gone (the stale 'in sync' dropped the bits); the peer that missed the writes \
+         became the sync source of the one that held them",
+    ),
+    (
+        795,
+        "engine: a sync target of a newer primary kept its old generation until the resync \
+         ended; the primary died mid-resync and an Outdated third node of that old generation \
+         fully synced it back to old data, both UpToDate; the target takes the generation at \
+         the start of the resync now",
+    ),
+    (
+        412,
+        "engine: a resync between two secondaries kept running after the third node was \
+         promoted and replicated to its source only; a block read for the resync before a \
+         primary's write landed went out old and the write's bit was cleared with the resync \
+         ack; such a resync is ended (and deferred) once a primary replicates now",
+    ),
+    (
+        1060,
+        "engine: a node was promoted while its only peer's connection was stalled by a lost \
+         frame, so that peer's report of the primary it followed never arrived; that primary \
+         acknowledged a write the new one overwrote. Promotion waits for live report paths \
+         now; then a primary and a secondary of one generation each holding bits for the \
+         other took it for split brain: the primary is the source of the union now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -45,6 +45,7 @@ mod metafail;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
+mod stall;
 pub mod verify;
 
 pub use diskless::OnIoError;
@@ -2503,6 +2504,7 @@ impl Node {
         } else {
             assert!(target);
             self.set_disk(DiskState::Inconsistent);
+            self.mesh_target_takes_generation(hello.uuids.current, by_generations);
             self.set_peer_disk(i, self.mesh_source_disk(hello.disk));
             self.set_replication(i, ReplicationState::SyncTarget);
         }

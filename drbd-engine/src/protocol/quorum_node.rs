@@ -242,6 +242,11 @@ impl Node {
                 return Err(StateError::PeerIsPrimary(other));
             }
         }
+        if let Some(peer) = self.quorum_stalled_reporter() {
+            return Err(StateError::NoQuorum(format!(
+                "connection to {peer} stalled, its report of a primary may be held up"
+            )));
+        }
         let v = self.quorum_verdict(false, self.quorum_state.have);
         if v.have {
             return Ok(());

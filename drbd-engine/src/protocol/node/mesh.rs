@@ -41,6 +41,11 @@
 //!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
 //!   `mesh_resync_received`), and a handshake whose Hello is stale is retried
 //!   (`mesh_hello_stale`).
+//! - A detached primary's generation describes the data its peers hold: it takes the one it
+//!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
+//!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
+//! - A sync target of a newer generation takes it when the resync starts: its disk holds
+//!   part of that data from the first block, so no older node may resync it back.
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -102,11 +107,19 @@ impl Node {
             return;
         }
         let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);
+        // A detached primary writes to its sources only (see `diskless`), holds nothing
+        // itself, and is behind its own generation (the one it started when it detached).
+        let sources = if self.is_detached() { Some(self.diskless_sources()) } else { None };
+        if sources.is_some() {
+            in_sync = 0;
+            lost = self.id.bit();
+        }
         for p in &self.peers {
             if self.is_diskless_peer(p.id) {
                 continue;
             }
-            if p.replicating() {
+            let writes_go_there = p.replicating() && sources.is_none_or(|s| s & p.id.bit() != 0);
+            if writes_go_there {
                 targets |= p.id.bit();
                 if p.replication == ReplicationState::Established && p.disk == DiskState::UpToDate {
                     in_sync |= p.id.bit();
@@ -129,6 +142,65 @@ impl Node {
                 self.send(i, Frame::MeshTargets { targets, in_sync, current_uuid, lost });
             }
         }
+    }
+
+    /// A primary in a mesh detached its disk and sent its sources `Frame::Detached` with
+    /// `fresh`. It takes that generation itself (in memory only: nothing is persisted while
+    /// detached, `handle_attach` restores the disk's own metadata), so that what it announces
+    /// describes the data its peers hold from now on. Announcing the disk's old generation
+    /// made a source that had adopted `fresh` go back to the old one: the stale disk, once
+    /// attached again, then matched its peers' generation and became the sync source, and
+    /// the writes made while it was detached were lost (seed 47).
+    pub(super) fn mesh_detached_generation(&mut self, fresh: u64) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        let mut uuids = self.meta.uuids.clone();
+        uuids.new_current(fresh, []);
+        self.persist(MetaUpdate::Uuids(uuids));
+    }
+
+    /// A detached primary writes without the diskful peers `unreached` (not sources: cut
+    /// off, or connected but not UpToDate). Its sources mark the write for them (the
+    /// `OutOfSync` it sends), and it starts a new generation (in memory) for a peer not
+    /// tracked yet, as a diskful primary does for a peer that misses a write: the sources
+    /// adopt it from `MeshTargets`, so that when such a peer meets them its generation is
+    /// found older. With one generation for all, a peer that missed the writes but lost the
+    /// primary with writes in doubt became the sync source of one that held them (seed 564).
+    pub(super) fn mesh_detached_unreached(&mut self, unreached: u64, first: u64, blocks: u64) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        for x in self.peer_ids() {
+            if unreached & x.bit() != 0 {
+                self.mark_out_of_sync(x, first, blocks);
+            }
+        }
+    }
+
+    /// We became the sync target of a peer whose generation is newer than ours. From the
+    /// first block it sends, our disk holds part of that newer data: we take the generation
+    /// now (Inconsistent), not only when the resync ends. Otherwise, if the source is lost
+    /// mid-resync, our old generation names a third node that missed the same writes our
+    /// equal (or newer), and that node, Outdated but consistent, becomes our sync source:
+    /// both end UpToDate without the writes only the lost source and we held (seed 795).
+    /// With the newer generation, that pair waits for a node with current data instead
+    /// (`mesh_defer_sync`).
+    pub(super) fn mesh_target_takes_generation(
+        &mut self,
+        source_current: u64,
+        by_generations: SyncDecision,
+    ) {
+        let newer = matches!(by_generations, SyncDecision::BitmapTarget | SyncDecision::FullTarget);
+        let valid = source_current & 1 == 0
+            && source_current != 0
+            && source_current != uuid::UUID_JUST_CREATED;
+        if !self.mesh_enabled() || !newer || !valid || source_current == self.meta.uuids.current {
+            return;
+        }
+        let mut uuids = self.meta.uuids.clone();
+        uuids.new_current(source_current, []);
+        self.persist(MetaUpdate::Uuids(uuids));
     }
 
     /// Primary: a write's transfer-log entry was collected (stable on every node it still
@@ -326,6 +398,20 @@ impl Node {
             if !self.meta.bitmaps[x.index()].is_clear() {
                 self.persist(MetaUpdate::BitmapClear { peer: x, first_block: 0, blocks: size });
             }
+        }
+    }
+
+    /// Peer `i` (a detached primary) reported blocks out of sync for the diskful `peers`:
+    /// they are not in sync with it any more, whatever it last announced. It reports that as
+    /// it loses a peer with writes unconfirmed, before it can announce the peer gone; the
+    /// stale announcement made us drop the very bits just set (seed 564).
+    pub(super) fn mesh_peers_out_of_sync(&mut self, i: usize, peers: u64) {
+        let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        if let Some(s) = self.mesh.source.as_mut()
+            && s.peer == peer
+            && s.conn_id == conn_id
+        {
+            s.in_sync &= !peers;
         }
     }
 
@@ -603,6 +689,7 @@ impl Node {
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
         self.mesh_orphaned_target();
+        self.mesh_end_raced_resyncs();
         if self.mesh_enabled() {
             self.mesh_settle_in_sync();
             self.mesh_announce_resync_in_sync();
@@ -618,6 +705,46 @@ impl Node {
                 && p.connection == ConnectionState::Connected
                 && p.handshake.is_none()
                 && p.replication == ReplicationState::Established
+            {
+                self.disconnect(j, ConnectionState::Connecting);
+            }
+        }
+    }
+
+    /// A resync between this secondary and another one that was running when a primary
+    /// began to replicate to this node (promoted, or connected, meanwhile): it races the
+    /// primary's writes as the deferred handshakes would (`mesh_defer_sync`). As source, a
+    /// block read for the resync before a primary's write to it landed here went out old,
+    /// and the write's mark for the target (already set) was cleared with the resync's
+    /// acknowledgement: the target ended UpToDate without an acknowledged write (seed 412).
+    /// The connection is ended and retried; its handshake waits while the primary
+    /// replicates, and the primary's own resync covers the target meanwhile.
+    fn mesh_end_raced_resyncs(&mut self) {
+        if !self.mesh_enabled() || self.role == Role::Primary {
+            return;
+        }
+        let primary_replicating = self.peers.iter().any(|p| {
+            p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.role == Role::Primary
+                && p.replication != ReplicationState::Off
+        });
+        if !primary_replicating {
+            return;
+        }
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            let syncing = matches!(
+                p.replication,
+                ReplicationState::SyncSource
+                    | ReplicationState::SyncTarget
+                    | ReplicationState::PausedSyncS
+                    | ReplicationState::PausedSyncT
+            );
+            if syncing
+                && p.role != Role::Primary
+                && p.connection == ConnectionState::Connected
+                && !self.is_diskless_peer(p.id)
             {
                 self.disconnect(j, ConnectionState::Connecting);
             }
