@@ -244,11 +244,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          outdated and left it out of its quorum for good, and a promotion lost an acknowledged \
          write; only our own sync target's Inconsistent state counts as outdated in a mesh",
     ),
-    // 258 ran into a handshake whose Hello was older than the node's state (a resync with a
-    // third node finished in between; the two ends decided from different facts), fixed by
-    // re-handshaking; the seed now runs a different history that ends in mesh3's open pattern
-    // (a detached primary announcing its old disk's generation), so it is no regression seed
-    // here until that is fixed.
+    (
+        258,
+        "engine: a handshake whose Hello was older than the node's state (a resync with a third \
+         node finished in between) made the two ends decide from different facts; a stale Hello \
+         re-handshakes now. (Its later history needed the fix for seed 47 too.)",
+    ),
+    (
         47,
         "engine: a detached primary announced its old disk's generation; a source that had \
          adopted the generation of the detach went back to the old one, and the stale disk, \
