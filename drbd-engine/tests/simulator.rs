@@ -290,6 +290,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          now; then a primary and a secondary of one generation each holding bits for the \
          other took it for split brain: the primary is the source of the union now",
     ),
+    (
+        1983,
+        "engine: a secondary still Connected to a primary that had already dropped it (a \
+         partition the primary noticed first) trusted that primary's old report of both \
+         secondaries in sync and declared NoSync with the other secondary, which held writes \
+         the primary sent it alone before losing quorum; the report counts only while the \
+         primary's link is live now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -46,6 +46,8 @@
 //!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
 //! - A sync target of a newer generation takes it when the resync starts: its disk holds
 //!   part of that data from the first block, so no older node may resync it back.
+//! - A primary's report of who is in sync counts for "both in sync" only while its link is
+//!   live (`mesh_source_live`): one that dropped us first says nothing more.
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -848,6 +850,7 @@ impl Node {
             && self.disk == DiskState::UpToDate
             && hello.disk == DiskState::UpToDate
             && self.mesh_primary_replicating(i)
+            && self.mesh_source_live()
             && self.mesh.source.as_ref().is_some_and(|s| s.in_sync & both == both);
         if both_in_sync && decision != SyncDecision::NoSync {
             if !self.meta.bitmaps[peer.index()].is_clear() {
@@ -857,6 +860,23 @@ impl Node {
             return SyncDecision::NoSync;
         }
         decision
+    }
+
+    /// The primary whose report of who is in sync we hold is still heard from: its link is
+    /// connected on the connection it reported on and not silent for longer than a live link
+    /// allows. A primary that dropped its connection to us (a partition it noticed first)
+    /// says nothing more, and our link stays `Connected` until the ping timeout: its old
+    /// report of "both in sync" then no longer holds, the peer we handshake with may have
+    /// taken writes since that we never will (seed 1983: the primary lost quorum with writes
+    /// in flight to one secondary only, and the other still trusted the old report).
+    fn mesh_source_live(&self) -> bool {
+        let Some(s) = self.mesh.source.as_ref() else { return false };
+        self.peer_index(s.peer).is_some_and(|j| {
+            let p = &self.peers[j];
+            p.conn_id == s.conn_id
+                && p.connection == ConnectionState::Connected
+                && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
+        })
     }
 
     /// A primary other than peer `i` replicates to this node.
