@@ -306,6 +306,17 @@ enum HealOrder {
     TiebreakerFirst,
 }
 
+/// Plugs A's two links back in `order`, 200 ms apart.
+fn heal(mesh: &mut Mesh, order: HealOrder, a: usize, b: usize, t: usize) {
+    let (first, second) = match order {
+        HealOrder::PeerFirst => (b, t),
+        HealOrder::TiebreakerFirst => (t, b),
+    };
+    mesh.plug(a, first);
+    mesh.idle(200);
+    mesh.plug(a, second);
+}
+
 /// The scenario of issue 5, up to the heal; returns the mesh and A's requests after the cut.
 fn partition_then_promote(on_no_quorum: OnNoQuorum) -> (Mesh, Vec<RequestId>) {
     let (a, b, t) = (0, 1, TIEBREAKER);
@@ -350,18 +361,7 @@ fn a_primary_cut_off_in_two_steps_steps_down_and_resyncs_on_heal() {
         for order in [HealOrder::PeerFirst, HealOrder::TiebreakerFirst] {
             let case = format!("{on_no_quorum} {order:?}");
             let (mut mesh, held) = partition_then_promote(on_no_quorum);
-            match order {
-                HealOrder::PeerFirst => {
-                    mesh.plug(a, b);
-                    mesh.idle(200);
-                    mesh.plug(a, t);
-                }
-                HealOrder::TiebreakerFirst => {
-                    mesh.plug(a, t);
-                    mesh.idle(200);
-                    mesh.plug(a, b);
-                }
-            }
+            heal(&mut mesh, order, a, b, t);
             mesh.idle(1_000);
             let split: Vec<_> = mesh
                 .events
@@ -484,18 +484,7 @@ fn an_unpromoted_peer_is_resynced_from_the_primary_that_deferred_its_generation(
             assert!(!mesh.nodes[a].has_quorum(), "{case}");
             mesh.idle(GRACE_MS);
             mesh.events.clear();
-            match order {
-                HealOrder::PeerFirst => {
-                    mesh.plug(a, b);
-                    mesh.idle(200);
-                    mesh.plug(a, t);
-                }
-                HealOrder::TiebreakerFirst => {
-                    mesh.plug(a, t);
-                    mesh.idle(200);
-                    mesh.plug(a, b);
-                }
-            }
+            heal(&mut mesh, order, a, b, t);
             mesh.idle(1_000);
             let decided: Vec<_> = mesh
                 .events

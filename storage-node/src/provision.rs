@@ -667,6 +667,18 @@ mod tests {
         assert_eq!(choose_port((65535, 65535), &BTreeSet::new(), |_| true), Some(65535));
     }
 
+    /// `text` is what `tests/data/config/valid/NAME` holds (`TANDEM_BLESS=1` rewrites it).
+    fn assert_fixture(name: &str, text: &str) {
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/config/valid")
+            .join(name);
+        if std::env::var("TANDEM_BLESS").as_deref() == Ok("1") {
+            std::fs::write(&fixture, text).expect("blessing the fixture");
+        }
+        let stored = std::fs::read_to_string(&fixture).unwrap_or_default();
+        assert_eq!(stored, text, "{} is stale: TANDEM_BLESS=1 rewrites it", fixture.display());
+    }
+
     #[test]
     fn rendered_files_are_drbd_syntax_tandemd_reads_back() {
         let endpoints = [
@@ -696,13 +708,7 @@ mod tests {
         assert_eq!(resource.net.protocol(), crate::config::Protocol::B);
         // The oracle tests (tests/config.rs: drbdadm dump, dump-xml and `up` dry runs) read
         // this fixture; it must stay exactly what the API writes.
-        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/config/valid/api-created.res");
-        if std::env::var("TANDEM_BLESS").as_deref() == Ok("1") {
-            std::fs::write(&fixture, &text).expect("blessing the fixture");
-        }
-        let stored = std::fs::read_to_string(&fixture).unwrap_or_default();
-        assert_eq!(stored, text, "{} is stale: TANDEM_BLESS=1 rewrites it", fixture.display());
+        assert_fixture("api-created.res", &text);
         let mut bad = endpoints.clone();
         bad[0].disk = "/tmp/a b.img".into();
         assert!(render("volume-1", "C", &bad, &ids).expect_err("space").contains("disk paths"));
@@ -735,12 +741,6 @@ mod tests {
             crate::config::parse_str("volume-2.res", &text, std::path::Path::new("/")).expect("ok");
         let resource = &config.resources[0];
         assert_eq!(resource.nodes.len(), 3);
-        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data/config/valid/api-created-tiebreaker.res");
-        if std::env::var("TANDEM_BLESS").as_deref() == Ok("1") {
-            std::fs::write(&fixture, &text).expect("blessing the fixture");
-        }
-        let stored = std::fs::read_to_string(&fixture).unwrap_or_default();
-        assert_eq!(stored, text, "{} is stale: TANDEM_BLESS=1 rewrites it", fixture.display());
+        assert_fixture("api-created-tiebreaker.res", &text);
     }
 }

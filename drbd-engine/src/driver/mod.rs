@@ -436,6 +436,7 @@ impl ReplicatedDevice {
             pending_demote: None,
             pending_resize: None,
             shared_size_bytes: shared_size_bytes.clone(),
+            status_replies: Vec::new(),
             store_grow_bytes: None,
             last_dial: BTreeMap::new(),
             resync_blocks_received: 0,
@@ -953,6 +954,10 @@ impl ReceiveBuffers {
 struct Driver {
     config: DriverConfig,
     node: Node,
+    /// `status` callers of this round, answered once its outputs were carried out, so that
+    /// what a status shows (a grown size, a role) has also taken effect: `size_bytes()` and
+    /// the LUN see it too. At most a round's commands (`INPUT_BATCH_MAX`).
+    status_replies: Vec<oneshot::Sender<Status>>,
     store: BackingStore,
     meta_file: Store,
     inputs_tx: mpsc::UnboundedSender<Input>,
@@ -1053,6 +1058,12 @@ impl Driver {
             for (id, result) in completions.drain(..) {
                 self.node.handle_disk_completion(now, id, result);
             }
+            // A deadline that passed while other inputs kept the loop busy: the sleep branch
+            // above may lose every race under a steady stream, and the engine's timers (the
+            // barrier that closes an epoch, pings, resync steps) must not starve.
+            if self.node.poll_timeout().is_some_and(|d| d <= now) {
+                self.node.handle_timeout(now);
+            }
             self.process_outputs();
             if let Some(len) = self.store_grow_bytes.take() {
                 // Before any I/O of this round starts: the store refuses I/O past the length
@@ -1060,6 +1071,9 @@ impl Driver {
                 if let Err(error) = self.store.resize(len).await {
                     tracing::error!(%error, "the backing store did not take the grown length");
                 }
+            }
+            for reply in std::mem::take(&mut self.status_replies) {
+                let _ = reply.send(self.status());
             }
         }
     }
@@ -1159,9 +1173,7 @@ impl Driver {
                 self.fence_handler = handler;
                 let _ = reply.send(Ok(()));
             }
-            Command::Status(reply) => {
-                let _ = reply.send(self.status());
-            }
+            Command::Status(reply) => self.status_replies.push(reply),
         }
     }
 
