@@ -2207,6 +2207,7 @@ impl Node {
         fua: bool,
         resync: bool,
     ) {
+        self.mesh_target_data_arrives(i);
         let valid = blocks_of(data.len()).is_some_and(|b| {
             b <= REQUEST_BLOCKS_MAX
                 && first.checked_add(b).is_some_and(|e| e <= self.meta.size_blocks)
@@ -2504,7 +2505,7 @@ impl Node {
         } else {
             assert!(target);
             self.set_disk(DiskState::Inconsistent);
-            self.mesh_target_takes_generation(hello.uuids.current, by_generations);
+            self.mesh_target_takes_generation(i, hello.uuids.current, by_generations);
             self.set_peer_disk(i, self.mesh_source_disk(hello.disk));
             self.set_replication(i, ReplicationState::SyncTarget);
         }
@@ -2692,6 +2693,7 @@ impl Node {
             self.protocol_error(i, "ResyncDone while not SyncTarget".into());
             return;
         }
+        self.mesh_resync_done();
         let mut uuids = self.meta.uuids.clone();
         uuids.resync_finished_as_target(peer, current_uuid);
         self.persist(MetaUpdate::Uuids(uuids));

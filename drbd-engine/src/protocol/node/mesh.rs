@@ -44,8 +44,9 @@
 //! - A detached primary's generation describes the data its peers hold: it takes the one it
 //!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
 //!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
-//! - A sync target of a newer generation takes it when the resync starts: its disk holds
-//!   part of that data from the first block, so no older node may resync it back.
+//! - A sync target of a newer generation takes it with the first block it receives: its
+//!   disk holds part of that data from then on, so no older node may resync it back; before
+//!   it, its data is still of its own generation (the source may defer the resync at once).
 //! - A primary's report of who is in sync counts for "both in sync" only while its link is
 //!   live (`mesh_source_live`): one that dropped us first says nothing more.
 
@@ -69,6 +70,9 @@ pub(super) struct MeshState {
     resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
     /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
     resync_in_sync: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync target: the newer generation of the source (peer, conn_id, generation) to
+    /// take with its first block (`mesh_target_data_arrives`).
+    target_generation: Option<(NodeId, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -182,14 +186,22 @@ impl Node {
 
     /// We became the sync target of a peer whose generation is newer than ours. From the
     /// first block it sends, our disk holds part of that newer data: we take the generation
-    /// now (Inconsistent), not only when the resync ends. Otherwise, if the source is lost
+    /// then (Inconsistent), not only when the resync ends. Otherwise, if the source is lost
     /// mid-resync, our old generation names a third node that missed the same writes our
     /// equal (or newer), and that node, Outdated but consistent, becomes our sync source:
     /// both end UpToDate without the writes only the lost source and we held (seed 795).
     /// With the newer generation, that pair waits for a node with current data instead
     /// (`mesh_defer_sync`).
+    ///
+    /// Not before the first block (`mesh_target_data_arrives`): the source's end of the
+    /// handshake may defer the resync (a primary replicates to it) and drop the connection
+    /// at once. A target that took the generation anyway held the old data under the new
+    /// generation, and the primary of that generation, finding it Inconsistent at its own
+    /// generation, gave it a full sync instead of the bitmap resync its bitmap UUID for us
+    /// allows (engine_mesh: the restarted old primary met a secondary first).
     pub(super) fn mesh_target_takes_generation(
         &mut self,
+        i: usize,
         source_current: u64,
         by_generations: SyncDecision,
     ) {
@@ -200,9 +212,31 @@ impl Node {
         if !self.mesh_enabled() || !newer || !valid || source_current == self.meta.uuids.current {
             return;
         }
-        let mut uuids = self.meta.uuids.clone();
-        uuids.new_current(source_current, []);
-        self.persist(MetaUpdate::Uuids(uuids));
+        let p = &self.peers[i];
+        self.mesh.target_generation = Some((p.id, p.conn_id, source_current));
+    }
+
+    /// A block of peer `i` (our sync source, Data or resync data) is about to be written: the
+    /// source's generation we wait to take (`mesh_target_takes_generation`) is taken now.
+    pub(super) fn mesh_target_data_arrives(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let Some((peer, conn_id, fresh)) = self.mesh.target_generation else { return };
+        if peer != p.id || conn_id != p.conn_id {
+            return;
+        }
+        self.mesh.target_generation = None;
+        let target =
+            matches!(p.replication, ReplicationState::SyncTarget | ReplicationState::PausedSyncT);
+        if target && fresh != self.meta.uuids.current {
+            let mut uuids = self.meta.uuids.clone();
+            uuids.new_current(fresh, []);
+            self.persist(MetaUpdate::Uuids(uuids));
+        }
+    }
+
+    /// Sync target: the resync ended (`ResyncDone` records the source's generation).
+    pub(super) fn mesh_resync_done(&mut self) {
+        self.mesh.target_generation = None;
     }
 
     /// Primary: a write's transfer-log entry was collected (stable on every node it still
