@@ -1,6 +1,11 @@
 //! Three diskful nodes A (0), B (1), C (2) in a full mesh with `quorum majority`: the primary
 //! dies with writes its secondaries hold in doubt, a survivor takes over, the dead node comes
 //! back. The causes engine_mesh (the real-process test) found, each at the protocol level:
+//! - the survivors end their connection to each other to resync what the dead primary left
+//!   in doubt between them; each then lost quorum and outdated itself. Two such nodes,
+//!   both reported in sync by the primary and of one generation, are made UpToDate by the
+//!   resync of both bitmaps (else neither could ever be promoted again), unless someone
+//!   asked for them to be outdated (a primary may then write on without them);
 //! - a node that becomes the sync target of a newer generation takes that generation only
 //!   with the first block: when the source's end defers the resync at once, the target's
 //!   data is unchanged and still of its old generation, and the primary of the newer one
@@ -13,7 +18,7 @@ use drbd_engine::NodeId;
 use drbd_engine::protocol::node::{AppRequest, Config, DiskOp, Event, Node, Output, RequestId};
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
-    DiskState, Fencing, IoFailed, Metadata, ReplicationProtocol, ResyncRate,
+    DiskState, Fencing, IoFailed, Metadata, ReplicationProtocol, ReplicationState, ResyncRate, Role,
 };
 use drbd_engine::uuid::SyncDecision;
 use std::collections::VecDeque;
@@ -79,6 +84,8 @@ struct Mesh {
     conn_id: [u64; 3],
     plugged: [bool; 3],
     held: [bool; 3],
+    /// Connections each link ever had (a redial shows as a second one).
+    connections: [u32; 3],
     queues: Vec<Vec<Queue>>,
     completions: Vec<(usize, RequestId, RequestResult)>,
     events: Vec<(usize, Event)>,
@@ -104,6 +111,7 @@ impl Mesh {
             conn_id: [0; 3],
             plugged: [true; 3],
             held: [false; 3],
+            connections: [0; 3],
             queues: (0..NODES).map(|_| (0..NODES).map(|_| VecDeque::new()).collect()).collect(),
             completions: Vec::new(),
             events: Vec::new(),
@@ -219,6 +227,7 @@ impl Mesh {
                     let conn_id = self.next_conn_id;
                     self.next_conn_id += 1;
                     self.conn_id[l] = conn_id;
+                    self.connections[l] += 1;
                     let now = self.tick();
                     self.nodes[a].handle_connected(now, nid(b), conn_id);
                     self.nodes[b].handle_connected(now, nid(a), conn_id);
@@ -332,6 +341,32 @@ impl Mesh {
             })
             .collect()
     }
+
+    fn was_outdated(&self, i: usize, since: usize) -> bool {
+        let outdated = Event::DiskStateChanged(DiskState::Outdated);
+        self.events[since..].iter().any(|(n, e)| *n == i && *e == outdated)
+    }
+}
+
+/// A primary, writes every node holds stably, then a stream the primary dies in: both
+/// secondaries received its last writes, which are still in doubt (no barrier closed them).
+/// Returns the mesh right after the crash and A's metadata.
+fn primary_dies_with_writes_in_doubt(rate_kib_per_s: u64) -> (Mesh, Metadata) {
+    let mut mesh = Mesh::new(rate_kib_per_s);
+    mesh.promote(A);
+    mesh.idle(50);
+    for block in 0..16 {
+        mesh.write(A, block, 1);
+    }
+    mesh.idle(200); // barriers close the epochs: the secondaries forget these writes
+    for block in 100..164 {
+        mesh.write(A, block, 1);
+    }
+    for i in [B, C] {
+        assert!(mesh.nodes[i].mesh_writes_in_doubt() > 0, "node {i} holds writes in doubt");
+    }
+    let meta = mesh.crash(A);
+    (mesh, meta)
 }
 
 /// A primary whose writes every node holds stably dies; returns the mesh and A's metadata.
@@ -345,6 +380,72 @@ fn primary_dies_with_nothing_in_doubt() -> (Mesh, Metadata) {
     mesh.idle(200);
     let meta = mesh.crash(A);
     (mesh, meta)
+}
+
+#[test]
+fn survivors_outdated_by_losing_the_primary_resync_each_other_up_to_date_and_one_is_promoted() {
+    let (mut mesh, _) = primary_dies_with_writes_in_doubt(FAST_KIB_PER_S);
+    mesh.idle(100);
+    // They ended their connection to each other to resync what the dead primary left in
+    // doubt, lost quorum meanwhile and outdated themselves...
+    assert!(mesh.connections[link(B, C)] >= 2, "the survivors redialed to resync");
+    assert!(mesh.was_outdated(B, 0) && mesh.was_outdated(C, 0), "quorum lost at the redial");
+    // ...and the resync of both bitmaps made them UpToDate again: a promotable majority.
+    mesh.idle(GRACE_MS);
+    for i in [B, C] {
+        assert_eq!(mesh.nodes[i].disk_state(), DiskState::UpToDate, "node {i}");
+        assert!(mesh.nodes[i].has_quorum(), "node {i}");
+        let other = nid(B + C - i);
+        assert_eq!(mesh.nodes[i].replication_state(other), Some(ReplicationState::Established));
+    }
+    mesh.promote(B);
+    assert_eq!(mesh.nodes[B].role(), Role::Primary);
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+    for block in 0..16 {
+        assert_eq!(&mesh.disks[B][at(block)..at(block + 1)], &block_data(block, 1)[..]);
+    }
+}
+
+#[test]
+fn survivors_outdated_on_request_stay_outdated_after_their_resync() {
+    for outdate_by_request in [false, true] {
+        let mut mesh = Mesh::new(FAST_KIB_PER_S);
+        mesh.promote(A);
+        mesh.idle(50);
+        for block in 0..16 {
+            mesh.write(A, block, 1);
+        }
+        mesh.idle(200);
+        // B and C do not see each other; the primary replicates to both and dies with writes
+        // in doubt on both. Alone, each loses quorum and outdates itself.
+        mesh.plugged[link(B, C)] = false;
+        let conn_id = std::mem::replace(&mut mesh.conn_id[link(B, C)], 0);
+        let now = mesh.tick();
+        mesh.nodes[B].handle_transport_closed(now, nid(C), conn_id);
+        mesh.nodes[C].handle_transport_closed(now, nid(B), conn_id);
+        mesh.run();
+        for block in 100..108 {
+            mesh.write(A, block, 1);
+        }
+        mesh.crash(A);
+        for i in [B, C] {
+            assert_eq!(mesh.nodes[i].disk_state(), DiskState::Outdated, "node {i}");
+        }
+        if outdate_by_request {
+            // What a fence-peer handler does (`drbdadm outdate`): a primary may now write on
+            // without B, so B's word that it was in sync with it no longer counts.
+            let now = mesh.tick();
+            mesh.nodes[B].handle_outdate(now).unwrap();
+            mesh.run();
+        }
+        mesh.plugged[link(B, C)] = true;
+        mesh.idle(GRACE_MS);
+        let expected = if outdate_by_request { DiskState::Outdated } else { DiskState::UpToDate };
+        for i in [B, C] {
+            assert_eq!(mesh.nodes[i].disk_state(), expected, "node {i}, {outdate_by_request}");
+        }
+        assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+    }
 }
 
 #[test]

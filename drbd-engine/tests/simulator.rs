@@ -298,6 +298,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          the primary sent it alone before losing quorum; the report counts only while the \
          primary's link is live now",
     ),
+    (
+        1412,
+        "UpToDate replicas differed after healing (first at block 0); passes since two \
+         secondaries outdated only by losing their primary and quorum together, of one \
+         generation and both in sync with it, become UpToDate through their resync (engine_mesh's \
+         fix, mesh7); the history no longer reaches the divergence",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -1825,6 +1825,7 @@ impl Node {
         if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
             self.set_disk(DiskState::Outdated);
         }
+        self.mesh_outdated_by_request();
         self.pump();
         Ok(())
     }

@@ -418,6 +418,10 @@ impl Node {
         // reconnection to the primary (or to anyone holding its data).
         let diskful_connected = (0..self.peers.len())
             .any(|j| self.peer_sees_us(j) && !self.is_diskless_peer(self.peers[j].id));
+        if outdate & self.id.bit() != 0 {
+            // A primary may write on without us from now on.
+            self.mesh_outdated_by_request();
+        }
         if outdate & self.id.bit() != 0
             && self.role != Role::Primary
             && !diskful_connected

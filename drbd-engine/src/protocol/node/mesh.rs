@@ -47,6 +47,10 @@
 //! - A sync target of a newer generation takes it with the first block it receives: its
 //!   disk holds part of that data from then on, so no older node may resync it back; before
 //!   it, its data is still of its own generation (the source may defer the resync at once).
+//! - Two secondaries outdated only by losing their primary and quorum together (their own
+//!   redial to resync what it left in doubt), of one generation and both reported in sync
+//!   by it, become UpToDate through the resync of both bitmaps (`mesh_in_doubt_pair_settles`),
+//!   unless anyone asked for them to be outdated.
 //! - A primary's report of who is in sync counts for "both in sync" only while its link is
 //!   live (`mesh_source_live`): one that dropped us first says nothing more.
 
@@ -73,6 +77,15 @@ pub(super) struct MeshState {
     /// As sync target: the newer generation of the source (peer, conn_id, generation) to
     /// take with its first block (`mesh_target_data_arrives`).
     target_generation: Option<(NodeId, u64, u64)>,
+    /// Outdated by a loss of quorum that came with the loss of a primary, which last
+    /// reported in sync with it these nodes, us included (`mesh_source_keeps_disk`).
+    outdated_in_sync: u64,
+    /// The primary lost last reported these nodes in sync with it, us included (0 if not).
+    lost_primary_in_sync: u64,
+    /// The handshake with this peer compares equal generations of two Outdated nodes, both
+    /// flagged after losing their primary with writes in doubt (`mesh_adjust_decision`).
+    /// (Either one flagged was tried: seed 135 then ended in a split brain.)
+    handshake_in_doubt_pair: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -598,7 +611,10 @@ impl Node {
         if self.mesh.source.as_ref().is_none_or(|s| s.peer != peer) {
             return;
         }
-        self.mesh.source = None;
+        // What it last reported, if it reported us in sync at the generation we hold.
+        let current = self.meta.uuids.current;
+        let in_sync =
+            self.mesh.source.take().filter(|s| s.current == current).map_or(0, |s| s.in_sync);
         let touched = self.mesh_persist_in_doubt(u64::MAX);
         if touched != 0 {
             // Our bitmap now covers every write of the lost primary that may differ between
@@ -606,6 +622,8 @@ impl Node {
             self.persist_flags(|f| f.crashed_primary = true);
             self.mesh.rehandshake |= touched;
         }
+        let in_sync_with_it = in_sync & self.id.bit() != 0 && self.disk == DiskState::UpToDate;
+        self.mesh.lost_primary_in_sync = if in_sync_with_it { in_sync } else { 0 };
     }
 
     /// Quorum was just lost. A secondary outdates itself, as DRBD 9 does: the nodes that
@@ -613,14 +631,22 @@ impl Node {
     /// node with quorum sees us), so its data can be stale without it ever being told; an
     /// UpToDate disk would later give it a promotion, with quorum regained through a peer
     /// that is Inconsistent or that resyncs from us (seed 469). It becomes UpToDate again by
-    /// a handshake that finds it in sync with an UpToDate node, or by a resync.
+    /// a handshake that finds it in sync with an UpToDate node, or by a resync (and a pair
+    /// outdated only by losing their primary and quorum together: `mesh_in_doubt_pair_settles`).
     pub(super) fn mesh_quorum_lost(&mut self) {
         if self.mesh_enabled()
             && self.role == Role::Secondary
             && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
         {
             self.set_disk(DiskState::Outdated);
+            self.mesh.outdated_in_sync = std::mem::take(&mut self.mesh.lost_primary_in_sync);
         }
+    }
+
+    /// The operator or a fence-peer handler outdated this node (`drbdadm outdate`): a
+    /// primary may write on without it, whatever it last knew (`mesh_source_keeps_disk`).
+    pub(super) fn mesh_outdated_by_request(&mut self) {
+        self.mesh.outdated_in_sync = 0;
     }
 
     /// A peer's `State` arrived (before it is recorded). A secondary peer we are Established
@@ -656,10 +682,27 @@ impl Node {
             return false;
         }
         match self.disk {
-            DiskState::Outdated => true,
+            DiskState::Outdated => !self.mesh_in_doubt_pair_settles(i),
             DiskState::Consistent => !self.mesh_all_others_known(i),
             _ => false,
         }
+    }
+
+    /// Two secondaries that lost their primary while it reported both in sync with it, and
+    /// outdated themselves only because they lost quorum with it (each had ended the
+    /// connection to the other to resync what the primary left in doubt between them, or
+    /// saw it end): their generations are equal, so the primary wrote nothing without
+    /// either of them (it starts a generation for a peer its writes skip), and their data
+    /// differ only by the primary's writes in doubt, which the resync of both bitmaps
+    /// settles. After it both hold every acknowledged write, and the source (then the
+    /// target) becomes UpToDate: a majority, and promotable (engine_mesh: otherwise neither
+    /// could ever be promoted again). Not when anyone asked for us to be outdated (a fence
+    /// handler, the operator, a primary through a peer): a primary may then write on without
+    /// us, and an Outdated pair synced UpToDate would promote beside it (seed 1631).
+    fn mesh_in_doubt_pair_settles(&self, i: usize) -> bool {
+        let peer = self.peers[i].id;
+        let both = self.id.bit() | peer.bit();
+        self.mesh.handshake_in_doubt_pair == Some(peer) && self.mesh.outdated_in_sync & both == both
     }
 
     /// Every diskful peer other than `i` replicates with us (its handshake found nothing
@@ -724,6 +767,9 @@ impl Node {
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
+        if self.disk != DiskState::Outdated {
+            self.mesh.outdated_in_sync = 0;
+        }
         self.mesh_orphaned_target();
         self.mesh_end_raced_resyncs();
         if self.mesh_enabled() {
@@ -832,6 +878,13 @@ impl Node {
         my_sent_role: Role,
         decision: SyncDecision,
     ) -> SyncDecision {
+        let in_doubt_pair = self.mesh_enabled()
+            && self.meta.uuids.current == hello.uuids.current
+            && self.meta.flags.crashed_primary
+            && hello.crashed_primary
+            && self.disk == DiskState::Outdated
+            && hello.disk == DiskState::Outdated;
+        self.mesh.handshake_in_doubt_pair = in_doubt_pair.then_some(self.peers[i].id);
         if !self.mesh_enabled() || self.meta.uuids.current != hello.uuids.current {
             return decision;
         }
