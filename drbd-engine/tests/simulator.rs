@@ -189,12 +189,6 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          target checks too now",
     ),
     (
-        258,
-        "engine: two Inconsistent secondaries, one of them synced by the primary, met: that one \
-         deferred, the other (unaware) declared the pair in sync; past the first generation \
-         two nodes without data both defer now",
-    ),
-    (
         17,
         "engine: a secondary skipped clearing its bits for a peer the primary reported in sync \
          (their handshake was running) and nothing ever cleared them: the two secondaries \
@@ -206,6 +200,117 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          newer generation (a sync target whose source was lost); the disks turned the \
          direction round, the stale copy overwrote the newer partial data and both ended \
          UpToDate; such a sync between secondaries is deferred until a current node returns",
+    ),
+    (
+        1631,
+        "engine: two writers: an Outdated secondary became UpToDate by being the sync source \
+         of another Outdated one and was promoted beside the node that had counted both out of \
+         its quorum; an Outdated source stays Outdated and its target ends Outdated now",
+    ),
+    (
+        1724,
+        "engine: a restarted (Consistent) secondary of an old generation became UpToDate as the \
+         sync source of a node left Inconsistent by a newer primary, which was then promoted \
+         without the newer writes; a Consistent source becomes UpToDate only when every other \
+         diskful peer is connected or known outdated",
+    ),
+    (
+        141,
+        "engine: replicas differed after healing: a sync target took a third node's blocks \
+         without marking them for the crashed primary it was in sync with; a target marks \
+         received resync blocks for the diskful peers it does not replicate with now",
+    ),
+    (
+        36,
+        "engine: with that marking, a secondary holding bits for the primary of its own \
+         generation (both sides with bits) was taken for a split brain; the primary is the \
+         source of both bitmaps now",
+    ),
+    (
+        43,
+        "engine: with that marking, two secondaries of one generation both holding bits picked \
+         the lower node id as the source, an Outdated node over an UpToDate one that held the \
+         newest writes; the UpToDate side is the source now",
+    ),
+    (
+        37,
+        "engine: a sync target that was still Established with a third node took blocks that \
+         node lacked and later found itself in sync with it; the target marks what it receives \
+         for every diskful peer except those its source reports fully in sync with it \
+         (ResyncPeersInSync)",
+    ),
+    (
+        59,
+        "engine: liveness: nodes that stayed Consistent or Outdated as sync sources never became \
+         UpToDate; a Consistent secondary whose handshakes with every diskful peer are done \
+         becomes UpToDate and its peers follow",
+    ),
+    (
+        1915,
+        "engine: a node took a peer's Inconsistent state (a third node's sync target) for \
+         outdated and left it out of its quorum for good, and a promotion lost an acknowledged \
+         write; only our own sync target's Inconsistent state counts as outdated in a mesh",
+    ),
+    (
+        258,
+        "engine: a handshake whose Hello was older than the node's state (a resync with a third \
+         node finished in between) made the two ends decide from different facts; a stale Hello \
+         re-handshakes now. (Its later history needed the fix for seed 47 too.)",
+    ),
+    (
+        47,
+        "engine: a detached primary announced its old disk's generation; a source that had \
+         adopted the generation of the detach went back to the old one, and the stale disk, \
+         attached again, became the sync source of the writes made while it was detached",
+    ),
+    (
+        1231,
+        "engine: as 47 (a detached primary announcing its old generation), ending in a promoted \
+         node missing an acknowledged write",
+    ),
+    (
+        564,
+        "engine: a detached primary wrote without a diskful peer but started no generation for \
+         it, and its OutOfSync for a lost peer arrived before the announcement that the peer \
+         was gone (the stale 'in sync' dropped the bits); the peer that missed the writes \
+         became the sync source of the one that held them",
+    ),
+    (
+        795,
+        "engine: a sync target of a newer primary kept its old generation until the resync \
+         ended; the primary died mid-resync and an Outdated third node of that old generation \
+         fully synced it back to old data, both UpToDate; the target takes the generation at \
+         the start of the resync now",
+    ),
+    (
+        412,
+        "engine: a resync between two secondaries kept running after the third node was \
+         promoted and replicated to its source only; a block read for the resync before a \
+         primary's write landed went out old and the write's bit was cleared with the resync \
+         ack; such a resync is ended (and deferred) once a primary replicates now",
+    ),
+    (
+        1060,
+        "engine: a node was promoted while its only peer's connection was stalled by a lost \
+         frame, so that peer's report of the primary it followed never arrived; that primary \
+         acknowledged a write the new one overwrote. Promotion waits for live report paths \
+         now; then a primary and a secondary of one generation each holding bits for the \
+         other took it for split brain: the primary is the source of the union now",
+    ),
+    (
+        1983,
+        "engine: a secondary still Connected to a primary that had already dropped it (a \
+         partition the primary noticed first) trusted that primary's old report of both \
+         secondaries in sync and declared NoSync with the other secondary, which held writes \
+         the primary sent it alone before losing quorum; the report counts only while the \
+         primary's link is live now",
+    ),
+    (
+        1412,
+        "UpToDate replicas differed after healing (first at block 0); passes since two \
+         secondaries outdated only by losing their primary and quorum together, of one \
+         generation and both in sync with it, become UpToDate through their resync (engine_mesh's \
+         fix, mesh7); the history no longer reaches the divergence",
     ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history

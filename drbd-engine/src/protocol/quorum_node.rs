@@ -242,6 +242,11 @@ impl Node {
                 return Err(StateError::PeerIsPrimary(other));
             }
         }
+        if let Some(peer) = self.quorum_stalled_reporter() {
+            return Err(StateError::NoQuorum(format!(
+                "connection to {peer} stalled, its report of a primary may be held up"
+            )));
+        }
         let v = self.quorum_verdict(false, self.quorum_state.have);
         if v.have {
             return Ok(());
@@ -413,6 +418,10 @@ impl Node {
         // reconnection to the primary (or to anyone holding its data).
         let diskful_connected = (0..self.peers.len())
             .any(|j| self.peer_sees_us(j) && !self.is_diskless_peer(self.peers[j].id));
+        if outdate & self.id.bit() != 0 {
+            // A primary may write on without us from now on.
+            self.mesh_outdated_by_request();
+        }
         if outdate & self.id.bit() != 0
             && self.role != Role::Primary
             && !diskful_connected
