@@ -298,6 +298,18 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          the primary sent it alone before losing quorum; the report counts only while the \
          primary's link is live now",
     ),
+    (
+        1922,
+        "engine: a primary isolated by a partition lost its links one input apart; at the \
+         first loss it started a generation for the lost peer on the strength of the other, \
+         whose link had been silent as long and dropped a millisecond later; the survivors \
+         promoted (a generation of their own) and the reconnect was a split brain although the \
+         old primary acknowledged nothing in its generation; a quorum that rests on a stalled \
+         link defers the generation now (seeds 430, 1753 and 1802 the same)",
+    ),
+    (430, "engine: as 1922 (a generation started on a stalled link's quorum, then split brain)"),
+    (1802, "engine: as 1922"),
+    (1753, "engine: as 1922, ending in a split brain between the two survivors"),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an
