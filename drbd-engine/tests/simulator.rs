@@ -310,6 +310,48 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
     (430, "engine: as 1922 (a generation started on a stalled link's quorum, then split brain)"),
     (1802, "engine: as 1922"),
     (1753, "engine: as 1922, ending in a split brain between the two survivors"),
+    (
+        1263,
+        "engine: a sync target took its source's generation at the end of the resync but not \
+         the source's bitmap UUID for a third node it held bits for (the source had started \
+         that generation for it mid-resync); its short history soon lost the generation the \
+         third node held and the two were found split; a target inherits the source's bases \
+         for the third nodes out of its reach now (node/mesh_gen.rs)",
+    ),
+    (
+        1497,
+        "engine: a secondary adopted the primary's new generation (tracking a peer the primary \
+         lost) while Established with that peer, and stayed Established with it: the peer \
+         never got the writes it missed and verify found them; a node Established with a \
+         diskful peer it tracks by a bitmap base handshakes again now",
+    ),
+    (
+        457,
+        "engine: as 1497, the node later promoted announced the peer in sync and the peer \
+         adopted the new generation without the writes it missed (NoSync with a third node \
+         that held them)",
+    ),
+    (
+        61,
+        "engine: liveness: a primary's resync to a fenced peer had nothing to copy and ended \
+         before the peer's State (Inconsistent) arrived, which then counted as a third node's \
+         sync target, so the fence was never settled and I/O stayed frozen; that State settles \
+         the fence of a peer we finished a resync to on the same connection now",
+    ),
+    (
+        151,
+        "engine: a primary announced a peer in sync whose link had been silent since before \
+         its last writes (partitioned, ping timeout not reached), and the other secondary \
+         dropped its bits for it: verify found the writes missing; a peer whose link is \
+         silent for longer than a live link allows is not announced in sync now",
+    ),
+    (
+        172,
+        "engine: an Outdated secondary flagged for losing its primary with writes in doubt \
+         was the bitmap source over an UpToDate secondary of the same generation that had \
+         just resynced from the primary, and overwrote the newer blocks; between two \
+         secondaries a direction from the crash flag turns towards the UpToDate side now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an
