@@ -359,6 +359,19 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          disk (held without quorum), and csums-alg skipped the equal blocks; identical data \
          passes now (475, 1227, 1689 the same)",
     ),
+    (
+        1222,
+        "engine (with online grows in the mesh, issue 5): a secondary took a primary's writes \
+         that skipped a peer cut off from the primary but still Established with it, and \
+         stayed Established: verify found the blocks missing there; a secondary holding bits \
+         for an Established diskful peer handshakes again now (not while it is a sync target)",
+    ),
+    (
+        449,
+        "simulator: the size check after healing ran 1 ms after the primary committed a grow, \
+         its ResizeCommit frames still on the wire; healing waits until every node that is up \
+         has the same size now (1294 and 1811 the same)",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

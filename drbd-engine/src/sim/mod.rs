@@ -2106,7 +2106,8 @@ impl World {
                         && n.peer_disk_state(*p) == Some(good_disk(p.index()))
                 })
         });
-        let all_established = all_established && self.mesh_roles_settled();
+        let all_established =
+            all_established && self.mesh_roles_settled() && self.resize_sizes_settled();
         if !all_established {
             let stuck_outdated = (0..self.swarm.nodes).filter(|i| !self.is_diskless(*i)).all(|i| {
                 let n = self.nodes[i].node.as_ref().expect("checked");

@@ -10,9 +10,10 @@
 //!   generation it held before). Without them the target took the source's current
 //!   generation with no base for a third node it held bits for, its short history soon lost
 //!   the generation that node holds, and the two were found split (seed 1263).
-//! - A node Established with a diskful peer that it tracks by a bitmap base has moved on
-//!   without it (it adopted a primary's new generation, or inherited a base at the end of a
-//!   resync, while the peer was out of the primary's reach): the handshake that made them
+//! - A node Established with a diskful peer that it tracks by a bitmap base, or holds bits
+//!   for, has moved on without it (it adopted a primary's new generation, inherited a base
+//!   at the end of a resync, or took a primary's writes that skipped the peer, while the
+//!   peer was out of the primary's reach): the handshake that made them
 //!   Established no longer holds. Handshake again (`mesh_gen_pump`); between secondaries it
 //!   waits while a primary replicates (`mesh_defer_sync`). Otherwise the node, promoted
 //!   later, reported that peer in sync, the peer adopted the new generation without the
@@ -187,21 +188,32 @@ impl Node {
     }
 
     /// After every input: handshake again with an Established diskful peer we track by a
-    /// bitmap base (see the module comment). Secondaries only: a primary starts generations
+    /// bitmap base or hold bits for (see the module comment; bits: a primary's writes that
+    /// skipped a peer cut off from it but still Established with us, seed 1222 with grows). Secondaries only: a primary starts generations
     /// for peers whose writes fail while they stay connected, and resyncs them itself.
     pub(super) fn mesh_gen_pump(&mut self) {
         if !self.mesh_gen_active() || self.role == Role::Primary {
             return;
         }
+        // While we are a sync target, the bits we mark for the others (`mesh_resync_received`)
+        // are handled once the resync is done.
+        let target = self.peers.iter().any(|p| {
+            matches!(p.replication, ReplicationState::SyncTarget | ReplicationState::PausedSyncT)
+        });
+        if target {
+            return;
+        }
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
+            let behind = self.meta.uuids.bitmap_uuid(p.id) != 0
+                || !self.meta.bitmaps[p.id.index()].is_clear();
             if p.connection == ConnectionState::Connected
                 && p.handshake.is_none()
                 && p.replication == ReplicationState::Established
                 && p.role != Role::Primary
                 && p.disk.has_data()
                 && !self.is_diskless_peer(p.id)
-                && self.meta.uuids.bitmap_uuid(p.id) != 0
+                && behind
             {
                 self.disconnect(j, ConnectionState::Connecting);
             }
