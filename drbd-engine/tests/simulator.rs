@@ -312,6 +312,80 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          generation and both in sync with it, become UpToDate through their resync (engine_mesh's \
          fix, mesh7); the history no longer reaches the divergence",
     ),
+    (
+        1922,
+        "engine: a primary isolated by a partition lost its links one input apart; at the \
+         first loss it started a generation for the lost peer on the strength of the other, \
+         whose link had been silent as long and dropped a millisecond later; the survivors \
+         promoted (a generation of their own) and the reconnect was a split brain although the \
+         old primary acknowledged nothing in its generation; a quorum that rests on a stalled \
+         link defers the generation now (seeds 430, 1753 and 1802 the same)",
+    ),
+    (430, "engine: as 1922 (a generation started on a stalled link's quorum, then split brain)"),
+    (1802, "engine: as 1922"),
+    (1753, "engine: as 1922, ending in a split brain between the two survivors"),
+    (
+        1263,
+        "engine: a sync target took its source's generation at the end of the resync but not \
+         the source's bitmap UUID for a third node it held bits for (the source had started \
+         that generation for it mid-resync); its short history soon lost the generation the \
+         third node held and the two were found split; a target inherits the source's bases \
+         for the third nodes out of its reach now (node/mesh_gen.rs)",
+    ),
+    (
+        1497,
+        "engine: a secondary adopted the primary's new generation (tracking a peer the primary \
+         lost) while Established with that peer, and stayed Established with it: the peer \
+         never got the writes it missed and verify found them; a node Established with a \
+         diskful peer it tracks by a bitmap base handshakes again now",
+    ),
+    (
+        457,
+        "engine: as 1497, the node later promoted announced the peer in sync and the peer \
+         adopted the new generation without the writes it missed (NoSync with a third node \
+         that held them)",
+    ),
+    (
+        61,
+        "engine: liveness: a primary's resync to a fenced peer had nothing to copy and ended \
+         before the peer's State (Inconsistent) arrived, which then counted as a third node's \
+         sync target, so the fence was never settled and I/O stayed frozen; that State settles \
+         the fence of a peer we finished a resync to on the same connection now",
+    ),
+    (
+        151,
+        "engine: a primary announced a peer in sync whose link had been silent since before \
+         its last writes (partitioned, ping timeout not reached), and the other secondary \
+         dropped its bits for it: verify found the writes missing; a peer whose link is \
+         silent for longer than a live link allows is not announced in sync now",
+    ),
+    (
+        172,
+        "engine: an Outdated secondary flagged for losing its primary with writes in doubt \
+         was the bitmap source over an UpToDate secondary of the same generation that had \
+         just resynced from the primary, and overwrote the newer blocks; between two \
+         secondaries a direction from the crash flag turns towards the UpToDate side now",
+    ),
+    (
+        939,
+        "simulator: a NoSync between byte-identical replicas was reported because the ghost \
+         record counts a primary's mark as a change even when the write never reached its \
+         disk (held without quorum), and csums-alg skipped the equal blocks; identical data \
+         passes now (475, 1227, 1689 the same)",
+    ),
+    (
+        1222,
+        "engine (with online grows in the mesh, issue 5): a secondary took a primary's writes \
+         that skipped a peer cut off from the primary but still Established with it, and \
+         stayed Established: verify found the blocks missing there; a secondary holding bits \
+         for an Established diskful peer handshakes again now (not while it is a sync target)",
+    ),
+    (
+        449,
+        "simulator: the size check after healing ran 1 ms after the primary committed a grow, \
+         its ResizeCommit frames still on the wire; healing waits until every node that is up \
+         has the same size now (1294 and 1811 the same)",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -41,6 +41,7 @@ use thiserror::Error;
 mod atomic;
 pub mod diskless;
 mod mesh;
+mod mesh_gen;
 mod metafail;
 #[path = "quorum_node.rs"]
 mod quorum_node;
@@ -611,6 +612,7 @@ pub struct Node {
     diskless: diskless::DisklessState,
     /// Three or more diskful nodes (`mesh`).
     mesh: mesh::MeshState,
+    mesh_gen: mesh_gen::MeshGenState,
 }
 
 impl Node {
@@ -692,6 +694,7 @@ impl Node {
             resize: resize::ResizeState::default(),
             diskless: diskless::DisklessState::default(),
             mesh: mesh::MeshState::default(),
+            mesh_gen: mesh_gen::MeshGenState::default(),
         }
     }
 
@@ -2082,6 +2085,7 @@ impl Node {
                 self.peers[i].role = role;
                 self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
+                self.mesh_gen_target_state(i, disk);
                 if matches!(disk, DiskState::Inconsistent | DiskState::Outdated)
                     && !self.mesh_synced_elsewhere(i, disk)
                 {
@@ -2194,6 +2198,9 @@ impl Node {
             | Frame::PeersInSync { .. }
             | Frame::UuidHistory { .. }
             | Frame::ResyncPeersInSync { .. }) => {
+                if let Frame::MeshTargets { current_uuid, lost, .. } = frame {
+                    self.mesh_gen_targets(i, current_uuid, lost);
+                }
                 self.mesh_handle_frame(i, frame);
             }
         }
@@ -2397,6 +2404,7 @@ impl Node {
         let by_generations = uuid::decide(&mine, &theirs);
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
+        decision = self.mesh_gen_adjust_decision(&hello, handshake.sent.role, decision);
         let Some(mut decision) = self.mesh_defer_sync(i, &hello, by_generations, decision) else {
             return;
         };
@@ -2507,6 +2515,7 @@ impl Node {
             assert!(target);
             self.set_disk(DiskState::Inconsistent);
             self.mesh_target_takes_generation(i, hello.uuids.current, by_generations);
+            self.mesh_gen_target_started(i, &hello.uuids);
             self.set_peer_disk(i, self.mesh_source_disk(hello.disk));
             self.set_replication(i, ReplicationState::SyncTarget);
         }
@@ -2682,6 +2691,7 @@ impl Node {
         });
         let current_uuid = self.meta.uuids.current;
         self.mesh_before_resync_done(i);
+        self.mesh_gen_sourced(i);
         self.send(i, Frame::ResyncDone { current_uuid });
         self.set_peer_disk(i, self.mesh_source_disk(self.disk));
         self.set_replication(i, ReplicationState::Established);
@@ -2698,6 +2708,7 @@ impl Node {
         let mut uuids = self.meta.uuids.clone();
         uuids.resync_finished_as_target(peer, current_uuid);
         self.persist(MetaUpdate::Uuids(uuids));
+        self.mesh_gen_resync_done(i, current_uuid);
         let size = self.meta.size_blocks;
         if !self.meta.bitmaps[peer.index()].is_clear() {
             self.persist(MetaUpdate::BitmapClear { peer, first_block: 0, blocks: size });
@@ -2715,6 +2726,7 @@ impl Node {
     fn pump(&mut self) {
         self.quorum_update();
         self.mesh_pump();
+        self.mesh_gen_pump();
         for i in 0..self.peers.len() {
             if self.peers[i].connection == ConnectionState::Connected
                 && self.peers[i].handshake.is_none()

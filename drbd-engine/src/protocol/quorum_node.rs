@@ -115,7 +115,12 @@ impl Node {
             // Three or more diskful nodes: the secondaries in sync adopt the primary's new
             // generation at once (`MeshTargets`, node/mesh.rs) and carry it to a peer promoted
             // later, and the mesh's bookkeeping expects it at the loss; deferring it there
-            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh.
+            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh. Only a
+            // quorum that rests on a stalled link waits (`stall.rs`).
+            if confirmed && self.mesh_generation_stalled() {
+                self.quorum_state.generation_deferred |= peer.bit();
+                return false;
+            }
             return confirmed;
         }
         // Only writes this primary may still acknowledge start a generation: with quorum

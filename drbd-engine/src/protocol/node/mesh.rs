@@ -140,7 +140,10 @@ impl Node {
             let writes_go_there = p.replicating() && sources.is_none_or(|s| s & p.id.bit() != 0);
             if writes_go_there {
                 targets |= p.id.bit();
-                if p.replication == ReplicationState::Established && p.disk == DiskState::UpToDate {
+                if p.replication == ReplicationState::Established
+                    && p.disk == DiskState::UpToDate
+                    && !self.mesh_gen_link_silent(p)
+                {
                     in_sync |= p.id.bit();
                 }
             }

@@ -48,4 +48,18 @@ impl Node {
             })
             .map(|p| p.id)
     }
+
+    /// Mesh primary losing a diskful peer: its quorum rests on a link that has stalled, so
+    /// no write can be acknowledged through it now (no ack arrives) and the generation it
+    /// would start for the lost peer waits (`quorum_deferred_generation` starts it once this
+    /// primary acknowledges again). In a partition that isolates the primary every link goes
+    /// silent at once and the ping timeout ends them one input apart: a generation started
+    /// at the first loss, on the strength of a peer whose loss is a millisecond away, forked
+    /// from the one the survivors started when they promoted, and the reconnect was a split
+    /// brain although the old primary never acknowledged a write in it (seeds 430, 1802,
+    /// 1922 of `tandem-sim --nodes 3 --diskful 3`). Without it the survivors' generation is
+    /// newer and the old primary, whose marks stay in its bitmap, becomes their sync target.
+    pub(super) fn mesh_generation_stalled(&self) -> bool {
+        self.quorum_stalled_reporter().is_some()
+    }
 }
