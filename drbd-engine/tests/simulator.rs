@@ -189,12 +189,6 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          target checks too now",
     ),
     (
-        258,
-        "engine: two Inconsistent secondaries, one of them synced by the primary, met: that one \
-         deferred, the other (unaware) declared the pair in sync; past the first generation \
-         two nodes without data both defer now",
-    ),
-    (
         17,
         "engine: a secondary skipped clearing its bits for a peer the primary reported in sync \
          (their handshake was running) and nothing ever cleared them: the two secondaries \
@@ -206,6 +200,191 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          newer generation (a sync target whose source was lost); the disks turned the \
          direction round, the stale copy overwrote the newer partial data and both ended \
          UpToDate; such a sync between secondaries is deferred until a current node returns",
+    ),
+    (
+        1631,
+        "engine: two writers: an Outdated secondary became UpToDate by being the sync source \
+         of another Outdated one and was promoted beside the node that had counted both out of \
+         its quorum; an Outdated source stays Outdated and its target ends Outdated now",
+    ),
+    (
+        1724,
+        "engine: a restarted (Consistent) secondary of an old generation became UpToDate as the \
+         sync source of a node left Inconsistent by a newer primary, which was then promoted \
+         without the newer writes; a Consistent source becomes UpToDate only when every other \
+         diskful peer is connected or known outdated",
+    ),
+    (
+        141,
+        "engine: replicas differed after healing: a sync target took a third node's blocks \
+         without marking them for the crashed primary it was in sync with; a target marks \
+         received resync blocks for the diskful peers it does not replicate with now",
+    ),
+    (
+        36,
+        "engine: with that marking, a secondary holding bits for the primary of its own \
+         generation (both sides with bits) was taken for a split brain; the primary is the \
+         source of both bitmaps now",
+    ),
+    (
+        43,
+        "engine: with that marking, two secondaries of one generation both holding bits picked \
+         the lower node id as the source, an Outdated node over an UpToDate one that held the \
+         newest writes; the UpToDate side is the source now",
+    ),
+    (
+        37,
+        "engine: a sync target that was still Established with a third node took blocks that \
+         node lacked and later found itself in sync with it; the target marks what it receives \
+         for every diskful peer except those its source reports fully in sync with it \
+         (ResyncPeersInSync)",
+    ),
+    (
+        59,
+        "engine: liveness: nodes that stayed Consistent or Outdated as sync sources never became \
+         UpToDate; a Consistent secondary whose handshakes with every diskful peer are done \
+         becomes UpToDate and its peers follow",
+    ),
+    (
+        1915,
+        "engine: a node took a peer's Inconsistent state (a third node's sync target) for \
+         outdated and left it out of its quorum for good, and a promotion lost an acknowledged \
+         write; only our own sync target's Inconsistent state counts as outdated in a mesh",
+    ),
+    (
+        258,
+        "engine: a handshake whose Hello was older than the node's state (a resync with a third \
+         node finished in between) made the two ends decide from different facts; a stale Hello \
+         re-handshakes now. (Its later history needed the fix for seed 47 too.)",
+    ),
+    (
+        47,
+        "engine: a detached primary announced its old disk's generation; a source that had \
+         adopted the generation of the detach went back to the old one, and the stale disk, \
+         attached again, became the sync source of the writes made while it was detached",
+    ),
+    (
+        1231,
+        "engine: as 47 (a detached primary announcing its old generation), ending in a promoted \
+         node missing an acknowledged write",
+    ),
+    (
+        564,
+        "engine: a detached primary wrote without a diskful peer but started no generation for \
+         it, and its OutOfSync for a lost peer arrived before the announcement that the peer \
+         was gone (the stale 'in sync' dropped the bits); the peer that missed the writes \
+         became the sync source of the one that held them",
+    ),
+    (
+        795,
+        "engine: a sync target of a newer primary kept its old generation until the resync \
+         ended; the primary died mid-resync and an Outdated third node of that old generation \
+         fully synced it back to old data, both UpToDate; the target takes the generation at \
+         the start of the resync now",
+    ),
+    (
+        412,
+        "engine: a resync between two secondaries kept running after the third node was \
+         promoted and replicated to its source only; a block read for the resync before a \
+         primary's write landed went out old and the write's bit was cleared with the resync \
+         ack; such a resync is ended (and deferred) once a primary replicates now",
+    ),
+    (
+        1060,
+        "engine: a node was promoted while its only peer's connection was stalled by a lost \
+         frame, so that peer's report of the primary it followed never arrived; that primary \
+         acknowledged a write the new one overwrote. Promotion waits for live report paths \
+         now; then a primary and a secondary of one generation each holding bits for the \
+         other took it for split brain: the primary is the source of the union now",
+    ),
+    (
+        1983,
+        "engine: a secondary still Connected to a primary that had already dropped it (a \
+         partition the primary noticed first) trusted that primary's old report of both \
+         secondaries in sync and declared NoSync with the other secondary, which held writes \
+         the primary sent it alone before losing quorum; the report counts only while the \
+         primary's link is live now",
+    ),
+    (
+        1412,
+        "UpToDate replicas differed after healing (first at block 0); passes since two \
+         secondaries outdated only by losing their primary and quorum together, of one \
+         generation and both in sync with it, become UpToDate through their resync (engine_mesh's \
+         fix, mesh7); the history no longer reaches the divergence",
+    ),
+    (
+        1922,
+        "engine: a primary isolated by a partition lost its links one input apart; at the \
+         first loss it started a generation for the lost peer on the strength of the other, \
+         whose link had been silent as long and dropped a millisecond later; the survivors \
+         promoted (a generation of their own) and the reconnect was a split brain although the \
+         old primary acknowledged nothing in its generation; a quorum that rests on a stalled \
+         link defers the generation now (seeds 430, 1753 and 1802 the same)",
+    ),
+    (430, "engine: as 1922 (a generation started on a stalled link's quorum, then split brain)"),
+    (1802, "engine: as 1922"),
+    (1753, "engine: as 1922, ending in a split brain between the two survivors"),
+    (
+        1263,
+        "engine: a sync target took its source's generation at the end of the resync but not \
+         the source's bitmap UUID for a third node it held bits for (the source had started \
+         that generation for it mid-resync); its short history soon lost the generation the \
+         third node held and the two were found split; a target inherits the source's bases \
+         for the third nodes out of its reach now (node/mesh_gen.rs)",
+    ),
+    (
+        1497,
+        "engine: a secondary adopted the primary's new generation (tracking a peer the primary \
+         lost) while Established with that peer, and stayed Established with it: the peer \
+         never got the writes it missed and verify found them; a node Established with a \
+         diskful peer it tracks by a bitmap base handshakes again now",
+    ),
+    (
+        457,
+        "engine: as 1497, the node later promoted announced the peer in sync and the peer \
+         adopted the new generation without the writes it missed (NoSync with a third node \
+         that held them)",
+    ),
+    (
+        61,
+        "engine: liveness: a primary's resync to a fenced peer had nothing to copy and ended \
+         before the peer's State (Inconsistent) arrived, which then counted as a third node's \
+         sync target, so the fence was never settled and I/O stayed frozen; that State settles \
+         the fence of a peer we finished a resync to on the same connection now",
+    ),
+    (
+        151,
+        "engine: a primary announced a peer in sync whose link had been silent since before \
+         its last writes (partitioned, ping timeout not reached), and the other secondary \
+         dropped its bits for it: verify found the writes missing; a peer whose link is \
+         silent for longer than a live link allows is not announced in sync now",
+    ),
+    (
+        172,
+        "engine: an Outdated secondary flagged for losing its primary with writes in doubt \
+         was the bitmap source over an UpToDate secondary of the same generation that had \
+         just resynced from the primary, and overwrote the newer blocks; between two \
+         secondaries a direction from the crash flag turns towards the UpToDate side now",
+    ),
+    (
+        939,
+        "simulator: a NoSync between byte-identical replicas was reported because the ghost \
+         record counts a primary's mark as a change even when the write never reached its \
+         disk (held without quorum), and csums-alg skipped the equal blocks; identical data \
+         passes now (475, 1227, 1689 the same)",
+    ),
+    (
+        1222,
+        "engine (with online grows in the mesh, issue 5): a secondary took a primary's writes \
+         that skipped a peer cut off from the primary but still Established with it, and \
+         stayed Established: verify found the blocks missing there; a secondary holding bits \
+         for an Established diskful peer handshakes again now (not while it is a sync target)",
+    ),
+    (
+        449,
+        "simulator: the size check after healing ran 1 ms after the primary committed a grow, \
+         its ResizeCommit frames still on the wire; healing waits until every node that is up \
+         has the same size now (1294 and 1811 the same)",
     ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history

@@ -236,6 +236,12 @@ pub enum Frame {
     UuidHistory {
         history: [u64; crate::constants::HISTORY_UUIDS_MAX],
     },
+    /// Sync source to target, before the resync data it concerns and again when it changes:
+    /// the diskful nodes the source is connected to and fully in sync with (node id bits).
+    /// The target need not mark the blocks it receives for those (they hold the same data).
+    ResyncPeersInSync {
+        peers: u64,
+    },
 }
 
 impl Frame {
@@ -274,6 +280,7 @@ impl Frame {
             Frame::MeshTargets { .. } => 27,
             Frame::PeersInSync { .. } => 28,
             Frame::UuidHistory { .. } => 29,
+            Frame::ResyncPeersInSync { .. } => 32,
         }
     }
 }
@@ -504,6 +511,7 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
                 w.u64(*v);
             }
         }
+        Frame::ResyncPeersInSync { peers } => w.u64(*peers),
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -741,6 +749,7 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             }
             Frame::UuidHistory { history }
         }
+        32 => Frame::ResyncPeersInSync { peers: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -818,6 +827,7 @@ mod tests {
             Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
             Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
             Frame::UuidHistory { history: [0x20, 0x10] },
+            Frame::ResyncPeersInSync { peers: 0b101 },
         ]
     }
 

@@ -41,10 +41,12 @@ use thiserror::Error;
 mod atomic;
 pub mod diskless;
 mod mesh;
+mod mesh_gen;
 mod metafail;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
+mod stall;
 pub mod verify;
 
 pub use diskless::OnIoError;
@@ -610,6 +612,7 @@ pub struct Node {
     diskless: diskless::DisklessState,
     /// Three or more diskful nodes (`mesh`).
     mesh: mesh::MeshState,
+    mesh_gen: mesh_gen::MeshGenState,
 }
 
 impl Node {
@@ -691,6 +694,7 @@ impl Node {
             resize: resize::ResizeState::default(),
             diskless: diskless::DisklessState::default(),
             mesh: mesh::MeshState::default(),
+            mesh_gen: mesh_gen::MeshGenState::default(),
         }
     }
 
@@ -1624,6 +1628,7 @@ impl Node {
             after_sb: self.config.after_sb,
         };
         self.send(i, Frame::Hello(hello));
+        self.mesh_hello_sent(i);
         let words = self.meta.bitmaps[peer.index()].words().to_vec();
         for (n, chunk) in words.chunks(BITMAP_CHUNK_WORDS_MAX).enumerate() {
             if chunk.iter().any(|w| *w != 0) {
@@ -1823,6 +1828,7 @@ impl Node {
         if matches!(self.disk, DiskState::UpToDate | DiskState::Consistent) {
             self.set_disk(DiskState::Outdated);
         }
+        self.mesh_outdated_by_request();
         self.pump();
         Ok(())
     }
@@ -2079,7 +2085,10 @@ impl Node {
                 self.peers[i].role = role;
                 self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
-                if matches!(disk, DiskState::Inconsistent | DiskState::Outdated) {
+                self.mesh_gen_target_state(i, disk);
+                if matches!(disk, DiskState::Inconsistent | DiskState::Outdated)
+                    && !self.mesh_synced_elsewhere(i, disk)
+                {
                     // The peer itself says it cannot be promoted (it became our SyncTarget):
                     // losing it needs no fence, and a pending one is settled.
                     let peer = self.peers[i].id;
@@ -2117,6 +2126,7 @@ impl Node {
                     self.protocol_error(i, "unexpected ResyncData".into());
                     return;
                 }
+                self.mesh_resync_received(i, offset_blocks, data.len());
                 self.enqueue_incoming(i, id, offset_blocks, Bytes::from(data), false, true);
             }
             Frame::Barrier { epoch } => {
@@ -2186,7 +2196,11 @@ impl Node {
             | Frame::ReadError { .. }) => self.handle_diskless_frame(i, frame),
             frame @ (Frame::MeshTargets { .. }
             | Frame::PeersInSync { .. }
-            | Frame::UuidHistory { .. }) => {
+            | Frame::UuidHistory { .. }
+            | Frame::ResyncPeersInSync { .. }) => {
+                if let Frame::MeshTargets { current_uuid, lost, .. } = frame {
+                    self.mesh_gen_targets(i, current_uuid, lost);
+                }
                 self.mesh_handle_frame(i, frame);
             }
         }
@@ -2201,6 +2215,7 @@ impl Node {
         fua: bool,
         resync: bool,
     ) {
+        self.mesh_target_data_arrives(i);
         let valid = blocks_of(data.len()).is_some_and(|b| {
             b <= REQUEST_BLOCKS_MAX
                 && first.checked_add(b).is_some_and(|e| e <= self.meta.size_blocks)
@@ -2367,6 +2382,9 @@ impl Node {
         if self.quorum_handshake_start(i, &hello) || self.diskless_handshake(i, &hello) {
             return;
         }
+        if self.mesh_hello_stale(i) {
+            return;
+        }
         let mine = HandshakeView {
             node_id: self.id,
             uuids: self.meta.uuids.clone(),
@@ -2386,6 +2404,7 @@ impl Node {
         let by_generations = uuid::decide(&mine, &theirs);
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
+        decision = self.mesh_gen_adjust_decision(&hello, handshake.sent.role, decision);
         let Some(mut decision) = self.mesh_defer_sync(i, &hello, by_generations, decision) else {
             return;
         };
@@ -2470,7 +2489,7 @@ impl Node {
                     self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
                 }
             }
-            if self.disk != DiskState::UpToDate {
+            if self.disk != DiskState::UpToDate && !self.mesh_source_keeps_disk(i) {
                 self.set_disk(DiskState::UpToDate);
             }
             self.set_peer_disk(i, DiskState::Inconsistent);
@@ -2495,7 +2514,9 @@ impl Node {
         } else {
             assert!(target);
             self.set_disk(DiskState::Inconsistent);
-            self.set_peer_disk(i, DiskState::UpToDate);
+            self.mesh_target_takes_generation(i, hello.uuids.current, by_generations);
+            self.mesh_gen_target_started(i, &hello.uuids);
+            self.set_peer_disk(i, self.mesh_source_disk(hello.disk));
             self.set_replication(i, ReplicationState::SyncTarget);
         }
         self.broadcast_state();
@@ -2670,8 +2691,9 @@ impl Node {
         });
         let current_uuid = self.meta.uuids.current;
         self.mesh_before_resync_done(i);
+        self.mesh_gen_sourced(i);
         self.send(i, Frame::ResyncDone { current_uuid });
-        self.set_peer_disk(i, DiskState::UpToDate);
+        self.set_peer_disk(i, self.mesh_source_disk(self.disk));
         self.set_replication(i, ReplicationState::Established);
         self.emit(Event::ResyncFinished { peer, blocks });
     }
@@ -2682,9 +2704,11 @@ impl Node {
             self.protocol_error(i, "ResyncDone while not SyncTarget".into());
             return;
         }
+        self.mesh_resync_done();
         let mut uuids = self.meta.uuids.clone();
         uuids.resync_finished_as_target(peer, current_uuid);
         self.persist(MetaUpdate::Uuids(uuids));
+        self.mesh_gen_resync_done(i, current_uuid);
         let size = self.meta.size_blocks;
         if !self.meta.bitmaps[peer.index()].is_clear() {
             self.persist(MetaUpdate::BitmapClear { peer, first_block: 0, blocks: size });
@@ -2694,7 +2718,7 @@ impl Node {
             f.full_sync_required = false;
         });
         self.set_replication(i, ReplicationState::Established);
-        self.set_disk(DiskState::UpToDate);
+        self.set_disk(self.mesh_source_disk(self.peers[i].disk));
         self.emit(Event::ResyncFinished { peer, blocks: 0 });
     }
 
@@ -2702,6 +2726,7 @@ impl Node {
     fn pump(&mut self) {
         self.quorum_update();
         self.mesh_pump();
+        self.mesh_gen_pump();
         for i in 0..self.peers.len() {
             if self.peers[i].connection == ConnectionState::Connected
                 && self.peers[i].handshake.is_none()

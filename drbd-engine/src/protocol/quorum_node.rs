@@ -115,7 +115,12 @@ impl Node {
             // Three or more diskful nodes: the secondaries in sync adopt the primary's new
             // generation at once (`MeshTargets`, node/mesh.rs) and carry it to a peer promoted
             // later, and the mesh's bookkeeping expects it at the loss; deferring it there
-            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh.
+            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh. Only a
+            // quorum that rests on a stalled link waits (`stall.rs`).
+            if confirmed && self.mesh_generation_stalled() {
+                self.quorum_state.generation_deferred |= peer.bit();
+                return false;
+            }
             return confirmed;
         }
         // Only writes this primary may still acknowledge start a generation: with quorum
@@ -241,6 +246,11 @@ impl Node {
             {
                 return Err(StateError::PeerIsPrimary(other));
             }
+        }
+        if let Some(peer) = self.quorum_stalled_reporter() {
+            return Err(StateError::NoQuorum(format!(
+                "connection to {peer} stalled, its report of a primary may be held up"
+            )));
         }
         let v = self.quorum_verdict(false, self.quorum_state.have);
         if v.have {
@@ -413,6 +423,10 @@ impl Node {
         // reconnection to the primary (or to anyone holding its data).
         let diskful_connected = (0..self.peers.len())
             .any(|j| self.peer_sees_us(j) && !self.is_diskless_peer(self.peers[j].id));
+        if outdate & self.id.bit() != 0 {
+            // A primary may write on without us from now on.
+            self.mesh_outdated_by_request();
+        }
         if outdate & self.id.bit() != 0
             && self.role != Role::Primary
             && !diskful_connected

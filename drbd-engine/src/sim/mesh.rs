@@ -7,7 +7,8 @@
 //! now over three replicas, so the survivors of a lost primary must resync their difference.
 //!
 //! The swarm is drawn exactly as for `--nodes 3` and only the tiebreaker is switched off
-//! afterwards, so the other modes' seeds are untouched by this one.
+//! afterwards, so the other modes' seeds are untouched by this one. Online grows
+//! (`sim/resize.rs`) run here too.
 
 use super::{Report, World};
 

@@ -1649,6 +1649,14 @@ impl World {
         }
     }
 
+    /// Nodes i and j hold the same bytes in their data areas (both up, same size).
+    fn data_identical(&self, i: usize, j: usize) -> bool {
+        self.nodes[i].node.is_some()
+            && self.nodes[j].node.is_some()
+            && self.nodes[i].meta.size_blocks == self.nodes[j].meta.size_blocks
+            && self.device_image(i) == self.device_image(j)
+    }
+
     /// The operator's manual split-brain recovery: the node that is not the latest primary
     /// discards its changes.
     fn resolve_standalone(&mut self, i: usize, j: usize) {
@@ -1697,7 +1705,11 @@ impl World {
         let ok = match decision {
             SplitBrain => mine && theirs && !quorum_excludes_split,
             Unrelated => false,
-            NoSync => !mine && !theirs,
+            // The ghost record is conservative: a primary's mark counts as a change even when
+            // the write never reached its disk (held without quorum), and csums-alg lets a
+            // resync skip the blocks that turned out equal. Byte-identical replicas hold
+            // nothing apart, whatever the record says (mesh seed 939).
+            NoSync => (!mine && !theirs) || self.data_identical(i, j),
             BitmapSource | FullSource => !theirs || discarding,
             BitmapTarget | FullTarget => !mine || discarding,
         };
@@ -2094,7 +2106,8 @@ impl World {
                         && n.peer_disk_state(*p) == Some(good_disk(p.index()))
                 })
         });
-        let all_established = all_established && self.mesh_roles_settled();
+        let all_established =
+            all_established && self.mesh_roles_settled() && self.resize_sizes_settled();
         if !all_established {
             let stuck_outdated = (0..self.swarm.nodes).filter(|i| !self.is_diskless(*i)).all(|i| {
                 let n = self.nodes[i].node.as_ref().expect("checked");

@@ -1,6 +1,7 @@
 //! Online grow (`protocol::node::resize`, DRBD's `drbdadm resize`) in the random schedule of
-//! the two-node and tiebreaker modes (`--nodes 2`, `--nodes 3`; the three-diskful mesh keeps
-//! its own histories).
+//! every mode: two nodes, two and a tiebreaker, and the three-diskful mesh (`--nodes 3
+//! --diskful 3`, issue 5), where a secondary that missed a `ResizeCommit` grows on a
+//! handshake with either of the others.
 //!
 //! An episode is what an admin does: grow the backing device of every diskful node (as
 //! `lvextend` on each, one after the other, whether the node is up or down), then run
@@ -159,8 +160,9 @@ impl World {
         &self.resize.swarm
     }
 
+    /// Every mode grows (the mesh since issue 5; its seeds' histories changed then).
     fn resize_enabled(&self) -> bool {
-        self.swarm.nodes == 2 || self.swarm.tiebreaker
+        true
     }
 
     /// The data blocks node i has committed: its persisted size (a detached or diskless node
@@ -403,6 +405,16 @@ impl World {
                  size of {committed} blocks (backing {backing} blocks)"
             ));
         }
+    }
+
+    /// Healing waits until every node that is up has the same size: a `resize` the admin
+    /// ran just before the cluster settled has its `ResizeCommit` frames still on the wire
+    /// (mesh seed 449 was checked 1 ms after the primary committed). A size that never
+    /// settles ends as a liveness violation.
+    pub(super) fn resize_sizes_settled(&self) -> bool {
+        let mut sizes = self.nodes.iter().filter_map(|n| n.node.as_ref().map(|n| n.size_blocks()));
+        let first = sizes.next();
+        sizes.all(|s| Some(s) == first)
     }
 
     /// After healing: every node, the diskless tiebreaker included, agrees on the size, and

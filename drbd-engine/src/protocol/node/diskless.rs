@@ -114,7 +114,7 @@ impl Node {
             && self.diskless.missed & p.id.bit() == 0
     }
 
-    fn diskless_sources(&self) -> u64 {
+    pub(super) fn diskless_sources(&self) -> u64 {
         (0..self.peers.len())
             .filter(|i| self.diskless_source(*i))
             .map(|i| self.peers[i].id.bit())
@@ -262,6 +262,9 @@ impl Node {
             w.tl = tl;
         }
         self.completion_candidates.write(id);
+        // The secondaries must know where this write goes before its Data frames.
+        self.mesh_detached_unreached(unreached, first, blocks);
+        self.mesh_announce();
         for i in 0..self.peers.len() {
             if sources & self.peers[i].id.bit() != 0 {
                 if unreached != 0 {
@@ -353,6 +356,7 @@ impl Node {
                     );
                 }
             }
+            self.mesh_detached_generation(fresh);
         }
         self.set_disk(DiskState::Failed);
         self.set_disk(DiskState::Diskless);
@@ -586,6 +590,7 @@ impl Node {
                     self.protocol_error(i, "OutOfSync outside the device".into());
                     return;
                 }
+                self.mesh_peers_out_of_sync(i, peers);
                 for q in self.peer_ids() {
                     if peers & q.bit() != 0 && !self.is_diskless_peer(q) {
                         self.persist(MetaUpdate::BitmapSet {

@@ -33,6 +33,26 @@
 //!   wait (the connection is retried) for a node with current data.
 //! - A secondary that loses quorum outdates itself (DRBD 9): the primary with quorum settles
 //!   its fence of a node no peer with quorum sees, and writes on without it.
+//! - A disk becomes UpToDate only from UpToDate data: an Outdated sync source stays
+//!   Outdated, a Consistent one becomes UpToDate only when no unseen peer may be newer, and a
+//!   target ends with its source's state (`mesh_source_keeps_disk`); a Consistent node
+//!   connected to every diskful peer becomes UpToDate (`mesh_consistent_settled`).
+//! - A sync target marks what it receives for the other diskful peers, except those its
+//!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
+//!   `mesh_resync_received`), and a handshake whose Hello is stale is retried
+//!   (`mesh_hello_stale`).
+//! - A detached primary's generation describes the data its peers hold: it takes the one it
+//!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
+//!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
+//! - A sync target of a newer generation takes it with the first block it receives: its
+//!   disk holds part of that data from then on, so no older node may resync it back; before
+//!   it, its data is still of its own generation (the source may defer the resync at once).
+//! - Two secondaries outdated only by losing their primary and quorum together (their own
+//!   redial to resync what it left in doubt), of one generation and both reported in sync
+//!   by it, become UpToDate through the resync of both bitmaps (`mesh_in_doubt_pair_settles`),
+//!   unless anyone asked for them to be outdated.
+//! - A primary's report of who is in sync counts for "both in sync" only while its link is
+//!   live (`mesh_source_live`): one that dropped us first says nothing more.
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -48,6 +68,24 @@ pub(super) struct MeshState {
     in_doubt: VecDeque<InDoubt>,
     /// Diskful peers to handshake with again (the primary was lost with writes in doubt).
     rehandshake: u64,
+    /// What each connection's Hello told the peer: (conn_id, disk, generations, crashed).
+    hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool)>,
+    /// As sync source: the `ResyncPeersInSync` each target was last sent, with its connection.
+    resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
+    resync_in_sync: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync target: the newer generation of the source (peer, conn_id, generation) to
+    /// take with its first block (`mesh_target_data_arrives`).
+    target_generation: Option<(NodeId, u64, u64)>,
+    /// Outdated by a loss of quorum that came with the loss of a primary, which last
+    /// reported in sync with it these nodes, us included (`mesh_source_keeps_disk`).
+    outdated_in_sync: u64,
+    /// The primary lost last reported these nodes in sync with it, us included (0 if not).
+    lost_primary_in_sync: u64,
+    /// The handshake with this peer compares equal generations of two Outdated nodes, both
+    /// flagged after losing their primary with writes in doubt (`mesh_adjust_decision`).
+    /// (Either one flagged was tried: seed 135 then ended in a split brain.)
+    handshake_in_doubt_pair: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -88,13 +126,24 @@ impl Node {
             return;
         }
         let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);
+        // A detached primary writes to its sources only (see `diskless`), holds nothing
+        // itself, and is behind its own generation (the one it started when it detached).
+        let sources = if self.is_detached() { Some(self.diskless_sources()) } else { None };
+        if sources.is_some() {
+            in_sync = 0;
+            lost = self.id.bit();
+        }
         for p in &self.peers {
             if self.is_diskless_peer(p.id) {
                 continue;
             }
-            if p.replicating() {
+            let writes_go_there = p.replicating() && sources.is_none_or(|s| s & p.id.bit() != 0);
+            if writes_go_there {
                 targets |= p.id.bit();
-                if p.replication == ReplicationState::Established && p.disk == DiskState::UpToDate {
+                if p.replication == ReplicationState::Established
+                    && p.disk == DiskState::UpToDate
+                    && !self.mesh_gen_link_silent(p)
+                {
                     in_sync |= p.id.bit();
                 }
             }
@@ -117,6 +166,95 @@ impl Node {
         }
     }
 
+    /// A primary in a mesh detached its disk and sent its sources `Frame::Detached` with
+    /// `fresh`. It takes that generation itself (in memory only: nothing is persisted while
+    /// detached, `handle_attach` restores the disk's own metadata), so that what it announces
+    /// describes the data its peers hold from now on. Announcing the disk's old generation
+    /// made a source that had adopted `fresh` go back to the old one: the stale disk, once
+    /// attached again, then matched its peers' generation and became the sync source, and
+    /// the writes made while it was detached were lost (seed 47).
+    pub(super) fn mesh_detached_generation(&mut self, fresh: u64) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        let mut uuids = self.meta.uuids.clone();
+        uuids.new_current(fresh, []);
+        self.persist(MetaUpdate::Uuids(uuids));
+    }
+
+    /// A detached primary writes without the diskful peers `unreached` (not sources: cut
+    /// off, or connected but not UpToDate). Its sources mark the write for them (the
+    /// `OutOfSync` it sends), and it starts a new generation (in memory) for a peer not
+    /// tracked yet, as a diskful primary does for a peer that misses a write: the sources
+    /// adopt it from `MeshTargets`, so that when such a peer meets them its generation is
+    /// found older. With one generation for all, a peer that missed the writes but lost the
+    /// primary with writes in doubt became the sync source of one that held them (seed 564).
+    pub(super) fn mesh_detached_unreached(&mut self, unreached: u64, first: u64, blocks: u64) {
+        if !self.mesh_enabled() || self.role != Role::Primary {
+            return;
+        }
+        for x in self.peer_ids() {
+            if unreached & x.bit() != 0 {
+                self.mark_out_of_sync(x, first, blocks);
+            }
+        }
+    }
+
+    /// We became the sync target of a peer whose generation is newer than ours. From the
+    /// first block it sends, our disk holds part of that newer data: we take the generation
+    /// then (Inconsistent), not only when the resync ends. Otherwise, if the source is lost
+    /// mid-resync, our old generation names a third node that missed the same writes our
+    /// equal (or newer), and that node, Outdated but consistent, becomes our sync source:
+    /// both end UpToDate without the writes only the lost source and we held (seed 795).
+    /// With the newer generation, that pair waits for a node with current data instead
+    /// (`mesh_defer_sync`).
+    ///
+    /// Not before the first block (`mesh_target_data_arrives`): the source's end of the
+    /// handshake may defer the resync (a primary replicates to it) and drop the connection
+    /// at once. A target that took the generation anyway held the old data under the new
+    /// generation, and the primary of that generation, finding it Inconsistent at its own
+    /// generation, gave it a full sync instead of the bitmap resync its bitmap UUID for us
+    /// allows (engine_mesh: the restarted old primary met a secondary first).
+    pub(super) fn mesh_target_takes_generation(
+        &mut self,
+        i: usize,
+        source_current: u64,
+        by_generations: SyncDecision,
+    ) {
+        let newer = matches!(by_generations, SyncDecision::BitmapTarget | SyncDecision::FullTarget);
+        let valid = source_current & 1 == 0
+            && source_current != 0
+            && source_current != uuid::UUID_JUST_CREATED;
+        if !self.mesh_enabled() || !newer || !valid || source_current == self.meta.uuids.current {
+            return;
+        }
+        let p = &self.peers[i];
+        self.mesh.target_generation = Some((p.id, p.conn_id, source_current));
+    }
+
+    /// A block of peer `i` (our sync source, Data or resync data) is about to be written: the
+    /// source's generation we wait to take (`mesh_target_takes_generation`) is taken now.
+    pub(super) fn mesh_target_data_arrives(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let Some((peer, conn_id, fresh)) = self.mesh.target_generation else { return };
+        if peer != p.id || conn_id != p.conn_id {
+            return;
+        }
+        self.mesh.target_generation = None;
+        let target =
+            matches!(p.replication, ReplicationState::SyncTarget | ReplicationState::PausedSyncT);
+        if target && fresh != self.meta.uuids.current {
+            let mut uuids = self.meta.uuids.clone();
+            uuids.new_current(fresh, []);
+            self.persist(MetaUpdate::Uuids(uuids));
+        }
+    }
+
+    /// Sync target: the resync ended (`ResyncDone` records the source's generation).
+    pub(super) fn mesh_resync_done(&mut self) {
+        self.mesh.target_generation = None;
+    }
+
     /// Primary: a write's transfer-log entry was collected (stable on every node it still
     /// goes to): the secondaries forget it as a difference between them.
     pub(super) fn mesh_collected(&mut self, first: u64, blocks: u64) {
@@ -131,6 +269,38 @@ impl Node {
                 self.send(i, Frame::PeersInSync { offset_blocks: first, blocks });
             }
         }
+    }
+
+    /// Our Hello went out on peer `i`'s connection: remember what it said.
+    pub(super) fn mesh_hello_sent(&mut self, i: usize) {
+        let p = &self.peers[i];
+        let facts =
+            (p.conn_id, self.disk, self.meta.uuids.clone(), self.meta.flags.crashed_primary);
+        self.mesh.hello_sent.insert(p.id, facts);
+    }
+
+    /// The handshake with peer `i` is about to decide, but our disk, generations or crash
+    /// flag changed since our Hello (a resync with a third node finished meanwhile): the
+    /// peer decides from the Hello, we from the present, and the two ends could disagree
+    /// (one NoSync, the other SyncSource), or we would find a pair in sync that the peer's
+    /// facts do not (seed 258). Handshake again: the connection is retried. Returns true
+    /// when it ended the connection.
+    pub(super) fn mesh_hello_stale(&mut self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        let p = &self.peers[i];
+        let stale =
+            self.mesh.hello_sent.get(&p.id).is_some_and(|(conn_id, disk, uuids, crashed)| {
+                *conn_id == p.conn_id
+                    && (*disk != self.disk
+                        || *uuids != self.meta.uuids
+                        || *crashed != self.meta.flags.crashed_primary)
+            });
+        if stale {
+            self.disconnect(i, ConnectionState::Connecting);
+        }
+        stale
     }
 
     /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
@@ -160,6 +330,10 @@ impl Node {
                 {
                     self.mesh.in_doubt.remove(pos);
                 }
+            }
+            Frame::ResyncPeersInSync { peers } => {
+                let p = &self.peers[i];
+                self.mesh.resync_in_sync.insert(p.id, (p.conn_id, peers));
             }
             Frame::UuidHistory { history } => {
                 if !self.mesh_enabled()
@@ -279,6 +453,20 @@ impl Node {
         }
     }
 
+    /// Peer `i` (a detached primary) reported blocks out of sync for the diskful `peers`:
+    /// they are not in sync with it any more, whatever it last announced. It reports that as
+    /// it loses a peer with writes unconfirmed, before it can announce the peer gone; the
+    /// stale announcement made us drop the very bits just set (seed 564).
+    pub(super) fn mesh_peers_out_of_sync(&mut self, i: usize, peers: u64) {
+        let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        if let Some(s) = self.mesh.source.as_mut()
+            && s.peer == peer
+            && s.conn_id == conn_id
+        {
+            s.in_sync &= !peers;
+        }
+    }
+
     /// Secondary: a Data frame from a primary arrived. It is marked at once for the diskful
     /// peers it does not go to, and remembered as in doubt for those it goes to.
     pub(super) fn mesh_data_received(&mut self, i: usize, first: u64, bytes: usize) {
@@ -324,6 +512,71 @@ impl Node {
         }
     }
 
+    /// Sync target: a block of the source's data arrived. It replaces ours, which a third
+    /// diskful node may have held too: what we shared with that node we may not share any
+    /// more, so the block is marked for it (seed 141: a target took the blocks a restarted
+    /// node had missed, then found itself in sync with the crashed primary, which lacked
+    /// them). Not for the nodes the source reports fully in sync with it
+    /// (`Frame::ResyncPeersInSync`): they hold the data we receive, and marking them would
+    /// make each resync start another one around the mesh.
+    pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let Some(blocks) = blocks_of(bytes) else { return };
+        if first.checked_add(blocks).is_none_or(|end| end > self.meta.size_blocks) {
+            return; // refused as "write outside the device" by the caller
+        }
+        let (source, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        let in_sync = self
+            .mesh
+            .resync_in_sync
+            .get(&source)
+            .filter(|(c, _)| *c == conn_id)
+            .map_or(0, |(_, peers)| *peers);
+        let others: Vec<NodeId> = self
+            .peers
+            .iter()
+            .filter(|p| p.id != source && !self.is_diskless_peer(p.id))
+            .filter(|p| in_sync & p.id.bit() == 0)
+            .map(|p| p.id)
+            .collect();
+        for x in others {
+            self.mesh_mark(x, first, blocks);
+        }
+    }
+
+    /// Sync source: tells each target which diskful nodes hold exactly our data (connected,
+    /// Established, no bits and no bitmap UUID for them), before the data it concerns and
+    /// whenever that changes (see `mesh_resync_received`).
+    fn mesh_announce_resync_in_sync(&mut self) {
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            if p.resync.is_none() || p.connection != ConnectionState::Connected {
+                continue;
+            }
+            let target = p.id;
+            let mut peers = 0u64;
+            for x in &self.peers {
+                let same = x.id != target
+                    && !self.is_diskless_peer(x.id)
+                    && x.connection == ConnectionState::Connected
+                    && x.handshake.is_none()
+                    && x.replication == ReplicationState::Established
+                    && self.meta.uuids.bitmap_uuid(x.id) == 0
+                    && self.meta.bitmaps[x.id.index()].is_clear();
+                if same {
+                    peers |= x.id.bit();
+                }
+            }
+            let entry = (p.conn_id, peers);
+            if self.mesh.resync_in_sync_sent.get(&target) != Some(&entry) {
+                self.mesh.resync_in_sync_sent.insert(target, entry);
+                self.send(j, Frame::ResyncPeersInSync { peers });
+            }
+        }
+    }
+
     fn mesh_mark(&mut self, peer: NodeId, first: u64, blocks: u64) {
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
@@ -361,7 +614,10 @@ impl Node {
         if self.mesh.source.as_ref().is_none_or(|s| s.peer != peer) {
             return;
         }
-        self.mesh.source = None;
+        // What it last reported, if it reported us in sync at the generation we hold.
+        let current = self.meta.uuids.current;
+        let in_sync =
+            self.mesh.source.take().filter(|s| s.current == current).map_or(0, |s| s.in_sync);
         let touched = self.mesh_persist_in_doubt(u64::MAX);
         if touched != 0 {
             // Our bitmap now covers every write of the lost primary that may differ between
@@ -369,6 +625,8 @@ impl Node {
             self.persist_flags(|f| f.crashed_primary = true);
             self.mesh.rehandshake |= touched;
         }
+        let in_sync_with_it = in_sync & self.id.bit() != 0 && self.disk == DiskState::UpToDate;
+        self.mesh.lost_primary_in_sync = if in_sync_with_it { in_sync } else { 0 };
     }
 
     /// Quorum was just lost. A secondary outdates itself, as DRBD 9 does: the nodes that
@@ -376,14 +634,22 @@ impl Node {
     /// node with quorum sees us), so its data can be stale without it ever being told; an
     /// UpToDate disk would later give it a promotion, with quorum regained through a peer
     /// that is Inconsistent or that resyncs from us (seed 469). It becomes UpToDate again by
-    /// a handshake that finds it in sync with an UpToDate node, or by a resync.
+    /// a handshake that finds it in sync with an UpToDate node, or by a resync (and a pair
+    /// outdated only by losing their primary and quorum together: `mesh_in_doubt_pair_settles`).
     pub(super) fn mesh_quorum_lost(&mut self) {
         if self.mesh_enabled()
             && self.role == Role::Secondary
             && matches!(self.disk, DiskState::UpToDate | DiskState::Consistent)
         {
             self.set_disk(DiskState::Outdated);
+            self.mesh.outdated_in_sync = std::mem::take(&mut self.mesh.lost_primary_in_sync);
         }
+    }
+
+    /// The operator or a fence-peer handler outdated this node (`drbdadm outdate`): a
+    /// primary may write on without it, whatever it last knew (`mesh_source_keeps_disk`).
+    pub(super) fn mesh_outdated_by_request(&mut self) {
+        self.mesh.outdated_in_sync = 0;
     }
 
     /// A peer's `State` arrived (before it is recorded). A secondary peer we are Established
@@ -404,12 +670,115 @@ impl Node {
         }
     }
 
+    /// Sync source: whether our disk stays as it is instead of becoming UpToDate (DRBD 9).
+    /// Only a node connected to UpToDate data, or a resync from it, makes a disk UpToDate:
+    /// - An Outdated node stays Outdated: a peer that saw us Outdated counts us out of its
+    ///   quorum and may write on without us, so an Outdated pair that synced each other
+    ///   UpToDate could promote beside it (two writers, seed 1631).
+    /// - A Consistent node (restarted, not knowing whether the others wrote on) becomes
+    ///   UpToDate only if every other diskful peer is connected to it (a newer one would have
+    ///   made it a sync target) or known outdated: a restarted node of an old generation
+    ///   otherwise overwrote a sync target of the newer generation and promoted it without
+    ///   the newer writes (seed 1724).
+    pub(super) fn mesh_source_keeps_disk(&self, i: usize) -> bool {
+        if !self.mesh_enabled() {
+            return false;
+        }
+        match self.disk {
+            DiskState::Outdated => !self.mesh_in_doubt_pair_settles(i),
+            DiskState::Consistent => !self.mesh_all_others_known(i),
+            _ => false,
+        }
+    }
+
+    /// Two secondaries that lost their primary while it reported both in sync with it, and
+    /// outdated themselves only because they lost quorum with it (each had ended the
+    /// connection to the other to resync what the primary left in doubt between them, or
+    /// saw it end): their generations are equal, so the primary wrote nothing without
+    /// either of them (it starts a generation for a peer its writes skip), and their data
+    /// differ only by the primary's writes in doubt, which the resync of both bitmaps
+    /// settles. After it both hold every acknowledged write, and the source (then the
+    /// target) becomes UpToDate: a majority, and promotable (engine_mesh: otherwise neither
+    /// could ever be promoted again). Not when anyone asked for us to be outdated (a fence
+    /// handler, the operator, a primary through a peer): a primary may then write on without
+    /// us, and an Outdated pair synced UpToDate would promote beside it (seed 1631).
+    fn mesh_in_doubt_pair_settles(&self, i: usize) -> bool {
+        let peer = self.peers[i].id;
+        let both = self.id.bit() | peer.bit();
+        self.mesh.handshake_in_doubt_pair == Some(peer) && self.mesh.outdated_in_sync & both == both
+    }
+
+    /// Every diskful peer other than `i` replicates with us (its handshake found nothing
+    /// newer) or is known outdated.
+    fn mesh_all_others_known(&self, i: usize) -> bool {
+        let source = self.peers[i].id;
+        self.peers.iter().all(|p| {
+            p.id == source
+                || self.is_diskless_peer(p.id)
+                || p.replicating()
+                || self.meta.flags.peer_outdated & p.id.bit() != 0
+        })
+    }
+
+    /// A Consistent secondary whose handshakes with every diskful peer are done (none found
+    /// newer data, or it would be their sync target) holds the best data there is: it
+    /// becomes UpToDate, and its Outdated peers follow by handshaking with it again (see
+    /// `mesh_peer_state`). Without this, nodes that stayed Consistent or Outdated as sync
+    /// sources (`mesh_source_keeps_disk`) never converged (seed 59).
+    fn mesh_consistent_settled(&mut self) {
+        if self.role == Role::Primary || self.disk != DiskState::Consistent {
+            return;
+        }
+        let all_connected = self.peers.iter().all(|p| {
+            self.is_diskless_peer(p.id)
+                || (p.connection == ConnectionState::Connected
+                    && p.handshake.is_none()
+                    && matches!(
+                        p.replication,
+                        ReplicationState::Established | ReplicationState::SyncSource
+                    ))
+        });
+        if all_connected {
+            self.set_disk(DiskState::UpToDate);
+        }
+    }
+
+    /// The disk a sync target ends with, given its source's: in a mesh, an Outdated or
+    /// Consistent source gives its own state (see `mesh_source_keeps_disk`), else UpToDate.
+    pub(super) fn mesh_source_disk(&self, source: DiskState) -> DiskState {
+        if self.mesh_enabled() && matches!(source, DiskState::Outdated | DiskState::Consistent) {
+            source
+        } else {
+            DiskState::UpToDate
+        }
+    }
+
+    /// A peer's `State` says Inconsistent, but it is not our sync target: in a mesh it is a
+    /// third node's, and becomes UpToDate from it, maybe after we lost sight of it. Taking it
+    /// for outdated would leave it out of our quorum for good, and a primary cut off from
+    /// both then wrote on while that peer and the third node promoted (two writers, seed
+    /// 1181).
+    pub(super) fn mesh_synced_elsewhere(&self, i: usize, disk: DiskState) -> bool {
+        self.mesh_enabled()
+            && disk == DiskState::Inconsistent
+            && !matches!(
+                self.peers[i].replication,
+                ReplicationState::SyncSource | ReplicationState::PausedSyncS
+            )
+    }
+
     /// After every input: re-handshakes the connections the loss of a primary left with
     /// differences to resync.
     pub(super) fn mesh_pump(&mut self) {
+        if self.disk != DiskState::Outdated {
+            self.mesh.outdated_in_sync = 0;
+        }
         self.mesh_orphaned_target();
+        self.mesh_end_raced_resyncs();
         if self.mesh_enabled() {
             self.mesh_settle_in_sync();
+            self.mesh_announce_resync_in_sync();
+            self.mesh_consistent_settled();
         }
         let pending = std::mem::take(&mut self.mesh.rehandshake);
         if pending == 0 {
@@ -421,6 +790,46 @@ impl Node {
                 && p.connection == ConnectionState::Connected
                 && p.handshake.is_none()
                 && p.replication == ReplicationState::Established
+            {
+                self.disconnect(j, ConnectionState::Connecting);
+            }
+        }
+    }
+
+    /// A resync between this secondary and another one that was running when a primary
+    /// began to replicate to this node (promoted, or connected, meanwhile): it races the
+    /// primary's writes as the deferred handshakes would (`mesh_defer_sync`). As source, a
+    /// block read for the resync before a primary's write to it landed here went out old,
+    /// and the write's mark for the target (already set) was cleared with the resync's
+    /// acknowledgement: the target ended UpToDate without an acknowledged write (seed 412).
+    /// The connection is ended and retried; its handshake waits while the primary
+    /// replicates, and the primary's own resync covers the target meanwhile.
+    fn mesh_end_raced_resyncs(&mut self) {
+        if !self.mesh_enabled() || self.role == Role::Primary {
+            return;
+        }
+        let primary_replicating = self.peers.iter().any(|p| {
+            p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.role == Role::Primary
+                && p.replication != ReplicationState::Off
+        });
+        if !primary_replicating {
+            return;
+        }
+        for j in 0..self.peers.len() {
+            let p = &self.peers[j];
+            let syncing = matches!(
+                p.replication,
+                ReplicationState::SyncSource
+                    | ReplicationState::SyncTarget
+                    | ReplicationState::PausedSyncS
+                    | ReplicationState::PausedSyncT
+            );
+            if syncing
+                && p.role != Role::Primary
+                && p.connection == ConnectionState::Connected
+                && !self.is_diskless_peer(p.id)
             {
                 self.disconnect(j, ConnectionState::Connecting);
             }
@@ -472,6 +881,13 @@ impl Node {
         my_sent_role: Role,
         decision: SyncDecision,
     ) -> SyncDecision {
+        let in_doubt_pair = self.mesh_enabled()
+            && self.meta.uuids.current == hello.uuids.current
+            && self.meta.flags.crashed_primary
+            && hello.crashed_primary
+            && self.disk == DiskState::Outdated
+            && hello.disk == DiskState::Outdated;
+        self.mesh.handshake_in_doubt_pair = in_doubt_pair.then_some(self.peers[i].id);
         if !self.mesh_enabled() || self.meta.uuids.current != hello.uuids.current {
             return decision;
         }
@@ -482,14 +898,33 @@ impl Node {
             (r, Role::Primary, SyncDecision::BitmapSource) if r != Role::Primary => {
                 return SyncDecision::BitmapTarget;
             }
+            // Bits on both sides within one generation are no split brain (writing apart
+            // starts a generation): the secondary's are blocks a resync from a third node
+            // brought it (see `mesh_resync_received`). The primary's data stands; the union
+            // of both bitmaps is resynced from it (seed 36).
+            (Role::Primary, r, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapSource;
+            }
+            (r, Role::Primary, SyncDecision::SplitBrain)
+                if r != Role::Primary && hello.disk.has_data() && self.disk.has_data() =>
+            {
+                return SyncDecision::BitmapTarget;
+            }
             // Two secondaries of one generation that each hold bits for the other: no node
             // wrote apart (that starts a generation), the bits are writes of a primary one
-            // of them may lack or leftovers of an interrupted resync. Either direction is
-            // correct with the union of both bitmaps; the lower node id is the source.
+            // of them may lack or leftovers of an interrupted resync, or blocks a resync
+            // from a third node brought. Either direction is correct with the union of both
+            // bitmaps, except towards the worse disk: an UpToDate side is the source over an
+            // Outdated or Consistent one (whose data is known stale or unconfirmed, seed 43);
+            // between equals the lower node id is the source.
             (Role::Secondary, Role::Secondary, SyncDecision::SplitBrain)
                 if hello.disk.has_data() && self.disk.has_data() =>
             {
-                return if self.id < hello.node_id {
+                let rank = |d: DiskState| u8::from(d == DiskState::UpToDate);
+                let (mine, theirs) = (rank(self.disk), rank(hello.disk));
+                return if mine > theirs || (mine == theirs && self.id < hello.node_id) {
                     SyncDecision::BitmapSource
                 } else {
                     SyncDecision::BitmapTarget
@@ -505,6 +940,7 @@ impl Node {
             && self.disk == DiskState::UpToDate
             && hello.disk == DiskState::UpToDate
             && self.mesh_primary_replicating(i)
+            && self.mesh_source_live()
             && self.mesh.source.as_ref().is_some_and(|s| s.in_sync & both == both);
         if both_in_sync && decision != SyncDecision::NoSync {
             if !self.meta.bitmaps[peer.index()].is_clear() {
@@ -514,6 +950,23 @@ impl Node {
             return SyncDecision::NoSync;
         }
         decision
+    }
+
+    /// The primary whose report of who is in sync we hold is still heard from: its link is
+    /// connected on the connection it reported on and not silent for longer than a live link
+    /// allows. A primary that dropped its connection to us (a partition it noticed first)
+    /// says nothing more, and our link stays `Connected` until the ping timeout: its old
+    /// report of "both in sync" then no longer holds, the peer we handshake with may have
+    /// taken writes since that we never will (seed 1983: the primary lost quorum with writes
+    /// in flight to one secondary only, and the other still trusted the old report).
+    fn mesh_source_live(&self) -> bool {
+        let Some(s) = self.mesh.source.as_ref() else { return false };
+        self.peer_index(s.peer).is_some_and(|j| {
+            let p = &self.peers[j];
+            p.conn_id == s.conn_id
+                && p.connection == ConnectionState::Connected
+                && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
+        })
     }
 
     /// A primary other than peer `i` replicates to this node.
