@@ -386,6 +386,22 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          its ResizeCommit frames still on the wire; healing waits until every node that is up \
          has the same size now (1294 and 1811 the same)",
     ),
+    (
+        1145,
+        "engine (online grows in the mesh): a node grew on a larger peer's Hello and took the \
+         new blocks from it, then met the third node, still smaller, with no bits and equal \
+         generations and decided NoSync, leaving that node's new area as it was; the larger \
+         side of a handshake marks the new blocks for the smaller peer now, and the smaller \
+         counts them as the peer's bits",
+    ),
+    (
+        1920,
+        "engine: a node promoted again on the connection of its earlier term found its old \
+         MeshTargets unchanged and sent none; the secondary, whose source had been another \
+         primary meanwhile, marked every write for the other secondary and their resync was \
+         deferred forever (liveness); a primary's announcements are forgotten when it is not \
+         primary",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -2398,7 +2398,7 @@ impl Node {
             discard_my_data: hello.discard_my_data,
         };
         let my_bits = !self.meta.bitmaps[peer.index()].is_clear();
-        let their_bits = !handshake.bitmap.is_clear();
+        let their_bits = !handshake.bitmap.is_clear() | self.resize_grew_by_hello(i);
         let my_disk = (self.disk, self.meta.flags.full_sync_required, my_bits);
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let by_generations = uuid::decide(&mine, &theirs);

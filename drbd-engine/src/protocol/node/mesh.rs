@@ -53,6 +53,9 @@
 //!   unless anyone asked for them to be outdated.
 //! - A primary's report of who is in sync counts for "both in sync" only while its link is
 //!   live (`mesh_source_live`): one that dropped us first says nothing more.
+//! - A node forgets what it announced as primary whenever it is not primary: promoted again
+//!   on the same connection, it announces afresh (the secondary may have taken another
+//!   primary as its source meanwhile, and without targets marks every write).
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -123,6 +126,12 @@ impl Node {
     /// Called before the Data frames of a write and after every input.
     pub(super) fn mesh_announce(&mut self) {
         if !self.mesh_enabled() || self.role != Role::Primary {
+            // What an earlier term as primary announced means nothing to the peers now (a
+            // secondary drops its source when another primary announces): the next term
+            // announces afresh even on the same connection (seed 1920: a re-promoted node
+            // found its old announcement unchanged, sent none, and the secondary marked
+            // every write for the other secondary).
+            self.mesh.announced.clear();
             return;
         }
         let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);

@@ -21,7 +21,11 @@
 //!
 //! A peer that missed the resize learns the new size on its next handshake: a Hello with a
 //! larger size makes the smaller side grow (if its backing allows, else it refuses the
-//! connection), before the bitmap exchange that follows the Hello.
+//! connection), before the bitmap exchange that follows the Hello. The larger side marks
+//! the smaller peer's new blocks when it reads that Hello (its bitmap already went out, so the
+//! smaller side counts them as the peer's bits, `resize_grew_by_hello`): both ends decide the
+//! resync of the new area even with equal generations (in a mesh, the larger side may hold
+//! no bits for the peer at all, having grown and taken the new blocks from a third node).
 
 use super::{Event, Node, StateError};
 use crate::NodeId;
@@ -48,6 +52,9 @@ pub(super) struct ResizeState {
     queries: u64,
     /// Our usable size as the driver last reported it (0: never).
     usable_blocks: u64,
+    /// Peers whose Hello made this node grow, with that connection (see
+    /// `resize_grew_by_hello`).
+    grown_by_hello: std::collections::BTreeMap<NodeId, u64>,
 }
 
 impl Node {
@@ -176,13 +183,40 @@ impl Node {
     pub(super) fn resize_handshake_size(&mut self, hello: &Hello) -> bool {
         let ours = self.meta.size_blocks;
         if hello.size_blocks < ours {
-            // The peer grows when it reads our Hello, or refuses the connection.
+            // The peer grows when it reads our Hello, or refuses the connection. Its new
+            // blocks may hold anything, so they are out of sync for it (DRBD marks a grown
+            // area for every peer that did not grow with it): without this mark a node that
+            // took its new blocks from a third one (a resync after growing by its Hello)
+            // met the smaller peer with no bits and equal generations and decided NoSync,
+            // leaving the peer's new area as it was (mesh seed 1145).
+            if hello.disk != DiskState::Diskless && self.disk.has_data() {
+                let (peer, blocks) = (hello.node_id, ours - hello.size_blocks);
+                let first = hello.size_blocks;
+                let bitmap = &self.meta.bitmaps[peer.index()];
+                if !(first..ours).all(|b| bitmap.test(b)) {
+                    self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
+                }
+            }
             return true;
         }
         if hello.disk == DiskState::Diskless {
             return true;
         }
-        self.resize_grow_local(hello.size_blocks)
+        let grown = self.resize_grow_local(hello.size_blocks);
+        if grown && let Some(i) = self.peer_index(hello.node_id) {
+            let conn_id = self.peers[i].conn_id;
+            self.resize.grown_by_hello.insert(hello.node_id, conn_id);
+        }
+        grown
+    }
+
+    /// Hook of `finish_handshake`: this node grew on peer `i`'s Hello in this handshake. The
+    /// peer marked our new blocks out of sync when it read our smaller Hello (see
+    /// `resize_handshake_size`), after its bitmap had gone out, so we count its bits as
+    /// non-empty, as it does: both ends decide the same resync of the new area.
+    pub(super) fn resize_grew_by_hello(&mut self, i: usize) -> bool {
+        let p = &self.peers[i];
+        self.resize.grown_by_hello.remove(&p.id) == Some(p.conn_id)
     }
 
     /// Hook of `finish_handshake`: a diskless node (a tiebreaker, `disk none`) takes a
