@@ -2,67 +2,17 @@
 //! it, the limit is one request, and a journal record a crash left pending is replayed before
 //! the engine serves anything.
 
-use std::time::{Duration, Instant};
+mod common;
 
 use backing_store::atomic_journal::{Record, RecordState, encode, journal_bytes, journal_path};
 use bytes::Bytes;
-use drbd_engine::NodeId;
+use common::driver::{free_port, sidecar_config, start_pair, wait_connected};
 use drbd_engine::constants::ATOMIC_WRITE_BYTES_MAX;
-use drbd_engine::driver::{DeviceError, DriverConfig, MetaFormat, ReplicatedDevice};
-use drbd_engine::protocol::{
-    DiskState, Fencing, ReplicationProtocol, ReplicationState, ResyncRate,
-};
+use drbd_engine::driver::{DeviceError, ReplicatedDevice};
+use drbd_engine::protocol::DiskState;
 
 const SIZE_BYTES: u64 = 16 * 1024 * 1024;
 const SLOT_BYTES: usize = 1024 * 1024;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn config(dir: &std::path::Path, node: u8, ports: [u16; 2]) -> DriverConfig {
-    let peer = 1 - node;
-    let address = |n: u8| -> std::net::SocketAddr {
-        format!("127.0.0.1:{}", ports[usize::from(n)]).parse().unwrap()
-    };
-    DriverConfig {
-        node_id: NodeId(node),
-        listen: address(node),
-        peers: vec![(NodeId(peer), address(peer))],
-        backing_path: dir.join(format!("node{node}.img")),
-        size_bytes: SIZE_BYTES,
-        engine: backing_store::EngineKind::Sync,
-        direct_io: false,
-        meta_path: dir.join(format!("node{node}.md")),
-        meta_format: MetaFormat::Sidecar,
-        protocol: ReplicationProtocol::C,
-        fencing: Fencing::DontCare,
-        resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
-        al_extents: 1237,
-        digests: Default::default(),
-        quorum: Default::default(),
-        after_sb: Default::default(),
-        shared_secret: None,
-        on_io_error: Default::default(),
-    }
-}
-
-async fn wait_connected(devices: &[ReplicatedDevice]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut connected = true;
-        for device in devices {
-            let status = device.status().await.unwrap();
-            connected &=
-                status.peers.iter().all(|p| p.replication == ReplicationState::Established);
-        }
-        if connected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the engines did not connect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn read_at(path: &std::path::Path, offset: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -78,12 +28,7 @@ fn a_one_mebibyte_atomic_write_is_journaled_and_whole_on_both_replicas() {
     let offset = SIZE_BYTES - ATOMIC_WRITE_BYTES_MAX;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut devices = Vec::new();
-        for node in 0..2 {
-            let (device, _task) =
-                ReplicatedDevice::start(config(dir.path(), node, ports)).await.unwrap();
-            devices.push(device);
-        }
+        let devices = start_pair(|node| sidecar_config(dir.path(), node, ports, SIZE_BYTES)).await;
         wait_connected(&devices).await;
         devices[0].new_current_uuid_clear_bitmap().await.unwrap();
         devices[0].promote(false).await.unwrap();
@@ -137,7 +82,8 @@ fn a_pending_journal_record_is_replayed_before_the_engine_serves() {
     std::fs::write(&image, &torn).unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let (device, _task) = ReplicatedDevice::start(config(dir.path(), 0, ports)).await.unwrap();
+        let config = sidecar_config(dir.path(), 0, ports, SIZE_BYTES);
+        let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
         device.promote(true).await.unwrap();
         let read = device.read(offset, SLOT_BYTES as u64).await.unwrap();
         assert!(read.iter().all(|&b| b == 0x3c), "the record was not replayed whole");

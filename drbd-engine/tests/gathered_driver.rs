@@ -4,63 +4,13 @@
 //! whatever the mix (sequential 4 KiB bursts, larger writes inside a run, FUA and non-adjacent
 //! writes breaking runs, rewrites of earlier bursts).
 
-use std::time::{Duration, Instant};
+mod common;
 
 use bytes::Bytes;
-use drbd_engine::NodeId;
-use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice};
-use drbd_engine::protocol::{Fencing, ReplicationProtocol, ReplicationState, ResyncRate};
+use common::driver::{free_port, sidecar_config, start_pair, wait_connected};
 
 const SIZE_BYTES: u64 = 16 * 1024 * 1024;
 const BLOCK: u64 = 4096;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn config(dir: &std::path::Path, node: u8, ports: [u16; 2]) -> DriverConfig {
-    let peer = 1 - node;
-    let address = |n: u8| -> std::net::SocketAddr {
-        format!("127.0.0.1:{}", ports[usize::from(n)]).parse().unwrap()
-    };
-    DriverConfig {
-        node_id: NodeId(node),
-        listen: address(node),
-        peers: vec![(NodeId(peer), address(peer))],
-        backing_path: dir.join(format!("node{node}.img")),
-        size_bytes: SIZE_BYTES,
-        engine: backing_store::EngineKind::Sync,
-        direct_io: false,
-        meta_path: dir.join(format!("node{node}.md")),
-        meta_format: MetaFormat::Sidecar,
-        protocol: ReplicationProtocol::C,
-        fencing: Fencing::DontCare,
-        resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
-        al_extents: 1237,
-        digests: Default::default(),
-        quorum: Default::default(),
-        after_sb: Default::default(),
-        shared_secret: None,
-        on_io_error: Default::default(),
-    }
-}
-
-async fn wait_connected(devices: &[ReplicatedDevice]) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let mut connected = true;
-        for device in devices {
-            let status = device.status().await.unwrap();
-            connected &=
-                status.peers.iter().all(|p| p.replication == ReplicationState::Established);
-        }
-        if connected {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the engines did not connect");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Distinct content per (burst, block), so a block written at the wrong place shows.
 fn content(burst: u64, first_block: u64, blocks: u64) -> Bytes {
@@ -105,12 +55,7 @@ fn bursts_of_adjacent_writes_land_block_for_block_on_both_replicas() {
     let mut model = vec![0u8; usize::try_from(SIZE_BYTES).unwrap()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut devices = Vec::new();
-        for node in 0..2 {
-            let (device, _task) =
-                ReplicatedDevice::start(config(dir.path(), node, ports)).await.unwrap();
-            devices.push(device);
-        }
+        let devices = start_pair(|node| sidecar_config(dir.path(), node, ports, SIZE_BYTES)).await;
         wait_connected(&devices).await;
         devices[0].new_current_uuid_clear_bitmap().await.unwrap();
         devices[0].promote(false).await.unwrap();

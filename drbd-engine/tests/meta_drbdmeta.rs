@@ -11,6 +11,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::drbdmeta;
 use drbd_engine::meta::constants::{AL_EXTENT_BLOCKS, MD_BLOCK_SIZE_BYTES};
 use drbd_engine::meta::{
     ActivityLog, AlAdmission, AlGeometry, MetaLayout, PeerSlot, Superblock, SuperblockCopy,
@@ -19,24 +22,6 @@ use drbd_engine::meta::{
 };
 
 const GIB: u64 = 1 << 30;
-
-/// drbdmeta, or None (with a message naming the package) when it is not installed. Under the
-/// full test command (scripts/test sets TANDEM_SLOW_TESTS=1 after installing drbd-utils) or with
-/// CI set, a missing drbdmeta fails the test instead: its absence there is a setup bug.
-fn drbdmeta() -> Option<PathBuf> {
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path_var).collect();
-    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
-    if let Some(found) = dirs.iter().map(|d| d.join("drbdmeta")).find(|p| p.is_file()) {
-        return Some(found);
-    }
-    if std::env::var_os("CI").is_some() || std::env::var("TANDEM_SLOW_TESTS").as_deref() == Ok("1")
-    {
-        panic!("drbdmeta not found: install the Debian package drbd-utils");
-    }
-    eprintln!("skipped: drbdmeta not found; install the Debian package drbd-utils");
-    None
-}
 
 struct Drbdmeta {
     program: PathBuf,

@@ -7,38 +7,23 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::drbdmeta;
+use common::driver::{free_port, internal_config, pattern, start_pair};
 use drbd_engine::NodeId;
 use drbd_engine::driver::meta_v09::V09File;
-use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice};
 use drbd_engine::meta::{AlGeometry, MetaLayout, MetaPlacement};
-use drbd_engine::protocol::node::{Fencing, ReplicationProtocol};
 use drbd_engine::protocol::{
-    DiskState, MetaUpdate, MetadataStore, PersistedDisk, ReplicationState, ResyncRate,
+    DiskState, MetaUpdate, MetadataStore, PersistedDisk, ReplicationState,
 };
 use drbd_engine::uuid::GenerationUuids;
 
 const MIB: u64 = 1 << 20;
-
-/// drbdmeta, or None (with a message naming the package) when it is not installed; a missing
-/// drbdmeta fails under the full test command or CI, where its absence is a setup bug.
-fn drbdmeta() -> Option<PathBuf> {
-    let path_var = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path_var).collect();
-    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
-    if let Some(found) = dirs.iter().map(|d| d.join("drbdmeta")).find(|p| p.is_file()) {
-        return Some(found);
-    }
-    if std::env::var_os("CI").is_some() || std::env::var("TANDEM_SLOW_TESTS").as_deref() == Ok("1")
-    {
-        panic!("drbdmeta not found: install the Debian package drbd-utils");
-    }
-    eprintln!("skipped: drbdmeta not found; install the Debian package drbd-utils");
-    None
-}
 
 /// Runs `drbdmeta --force - v09 FILE internal ARGS...`; panics with its output on failure.
 fn run(program: &Path, file: &Path, args: &[&str]) -> String {
@@ -104,10 +89,6 @@ fn hex(value: &str) -> u64 {
 
 fn sparse_file(path: &Path, size: u64) {
     File::create(path).unwrap().set_len(size).unwrap();
-}
-
-fn pattern(block: u64, seed: u8) -> Vec<u8> {
-    (0..4096u64).map(|i| u8::try_from((i * 7 + block * 13) % 251).unwrap() ^ seed).collect()
 }
 
 #[test]
@@ -219,10 +200,6 @@ fn dump_text(
     text + "\n}\n"
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The "move a volume from kernel DRBD" story at the driver level.
 #[test]
 fn drbdmeta_prepared_files_attach_and_resync_only_the_marked_blocks() {
@@ -263,36 +240,10 @@ fn drbdmeta_prepared_files_attach_and_resync_only_the_marked_blocks() {
     let ports = [free_port(), free_port()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut devices = Vec::new();
-        for node in 0..2u8 {
-            let peer = 1 - node;
-            let address = |n: u8| -> std::net::SocketAddr {
-                format!("127.0.0.1:{}", ports[usize::from(n)]).parse().unwrap()
-            };
-            let path = &paths[usize::from(node)];
-            let config = DriverConfig {
-                node_id: NodeId(node),
-                listen: address(node),
-                peers: vec![(NodeId(peer), address(peer))],
-                backing_path: path.clone(),
-                size_bytes: size,
-                engine: backing_store::EngineKind::Sync,
-                direct_io: false,
-                meta_path: path.clone(),
-                meta_format: MetaFormat::V09Internal,
-                protocol: ReplicationProtocol::C,
-                fencing: Fencing::DontCare,
-                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
-                al_extents: 1237,
-                digests: Default::default(),
-                quorum: Default::default(),
-                after_sb: Default::default(),
-                shared_secret: None,
-                on_io_error: Default::default(),
-            };
-            let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
+        let devices =
+            start_pair(|node| internal_config(&paths[usize::from(node)], node, ports, size)).await;
+        for device in &devices {
             assert_eq!(device.size_bytes(), layout.data_size_bytes, "the data area only");
-            devices.push(device);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

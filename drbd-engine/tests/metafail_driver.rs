@@ -8,47 +8,24 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use drbd_engine::NodeId;
+mod common;
+
+use common::block_data as block;
+use common::driver::{free_port, sidecar_config, start_pair};
 use drbd_engine::constants::AL_EXTENT_BLOCKS;
-use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
-use drbd_engine::protocol::node::{Fencing, ReplicationProtocol};
+use drbd_engine::driver::{DriverConfig, ReplicatedDevice, Status};
 use drbd_engine::protocol::{DiskState, ReplicationState, ResyncRate, Role};
 
 const MIB: u64 = 1 << 20;
 const SIZE_BYTES: u64 = 16 * MIB;
 const BLOCK: u64 = 4096;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn block(n: u64, generation: u8) -> Vec<u8> {
-    let mut data = vec![generation; 4096];
-    data[..8].copy_from_slice(&n.to_le_bytes());
-    data
-}
-
 fn config(node: u8, ports: [u16; 2], dir: &Path) -> DriverConfig {
-    let address = |n: u8| format!("127.0.0.1:{}", ports[usize::from(n)]).parse().unwrap();
     DriverConfig {
-        node_id: NodeId(node),
-        listen: address(node),
-        peers: vec![(NodeId(1 - node), address(1 - node))],
-        backing_path: dir.join(format!("node{node}.img")),
-        size_bytes: SIZE_BYTES,
-        engine: backing_store::EngineKind::Sync,
-        direct_io: false,
         meta_path: dir.join(format!("node{node}.tmeta")),
-        meta_format: MetaFormat::Sidecar,
-        protocol: ReplicationProtocol::C,
-        fencing: Fencing::DontCare,
         resync_rate: ResyncRate::Fixed { rate_kib_per_s: 400_000 },
         al_extents: 64,
-        digests: Default::default(),
-        quorum: Default::default(),
-        after_sb: Default::default(),
-        shared_secret: None,
-        on_io_error: Default::default(),
+        ..sidecar_config(dir, node, ports, SIZE_BYTES)
     }
 }
 
@@ -74,8 +51,7 @@ fn a_failing_metadata_write_detaches_instead_of_panicking_and_attach_resyncs_ful
     let ports = [free_port(), free_port()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let (a, _a_task) = ReplicatedDevice::start(config(0, ports, dir.path())).await.unwrap();
-        let (b, _b_task) = ReplicatedDevice::start(config(1, ports, dir.path())).await.unwrap();
+        let [a, b] = start_pair(|node| config(node, ports, dir.path())).await;
         let connected =
             |s: &Status| s.peers.iter().all(|p| p.replication == ReplicationState::Established);
         wait_until(&a, "connected", connected).await;

@@ -9,18 +9,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::driver::{free_port, internal_config, pattern, start_pair};
 use drbd_engine::NodeId;
 use drbd_engine::driver::meta_v09::V09File;
-use drbd_engine::driver::{DriverConfig, MetaFormat, ReplicatedDevice, Status};
+use drbd_engine::driver::{DriverConfig, ReplicatedDevice, Status};
 use drbd_engine::meta::{AlGeometry, MetaLayout};
-use drbd_engine::protocol::node::{Fencing, ReplicationProtocol};
 use drbd_engine::protocol::{DiskState, ReplicationState, ResyncRate};
 
 const MIB: u64 = 1 << 20;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 fn drbdmeta() -> Option<PathBuf> {
     ["/usr/sbin/drbdmeta", "/sbin/drbdmeta", "/usr/local/sbin/drbdmeta"]
@@ -58,10 +56,6 @@ fn la_size_sect(dump: &str) -> u64 {
 
 fn grow(path: &Path, size: u64) {
     File::options().write(true).open(path).unwrap().set_len(size).unwrap();
-}
-
-fn pattern(block: u64, seed: u8) -> Vec<u8> {
-    (0..4096u64).map(|i| u8::try_from((i * 7 + block * 13) % 251).unwrap() ^ seed).collect()
 }
 
 async fn wait_for(
@@ -126,35 +120,11 @@ fn online_grow_moves_internal_metadata_and_a_missed_resize_is_learned_on_reconne
     let ports = [free_port(), free_port()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let mut devices = Vec::new();
-        for node in 0..2u8 {
-            let address = |n: u8| -> std::net::SocketAddr {
-                format!("127.0.0.1:{}", ports[usize::from(n)]).parse().unwrap()
-            };
-            let path = &paths[usize::from(node)];
-            let config = DriverConfig {
-                node_id: NodeId(node),
-                listen: address(node),
-                peers: vec![(NodeId(1 - node), address(1 - node))],
-                backing_path: path.clone(),
-                size_bytes: 32 * MIB,
-                engine: backing_store::EngineKind::Sync,
-                direct_io: false,
-                meta_path: path.clone(),
-                meta_format: MetaFormat::V09Internal,
-                protocol: ReplicationProtocol::C,
-                fencing: Fencing::DontCare,
-                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 200_000 },
-                al_extents: 1237,
-                digests: Default::default(),
-                quorum: Default::default(),
-                after_sb: Default::default(),
-                shared_secret: None,
-                on_io_error: Default::default(),
-            };
-            let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
-            devices.push(device);
-        }
+        let devices = start_pair(|node| DriverConfig {
+            resync_rate: ResyncRate::Fixed { rate_kib_per_s: 200_000 },
+            ..internal_config(&paths[usize::from(node)], node, ports, 32 * MIB)
+        })
+        .await;
         wait_for(&devices, "the first connection", |a, _| {
             a.peers.iter().all(|p| p.replication == ReplicationState::Established)
         })

@@ -1,7 +1,14 @@
-//! The two-node harness shared by the protocol-level tests (`diskless.rs`, `metafail.rs`): two
-//! state machines back to back, in-memory disks whose reads, writes and metadata updates can be
-//! made to fail, and a clock the test advances. Each test file uses part of it.
+//! The harnesses shared by the integration tests. Here, the two-node one of the protocol-level
+//! tests (`diskless.rs`, `metafail.rs`): two state machines back to back, in-memory disks whose
+//! reads, writes and metadata updates can be made to fail, and a clock the test advances;
+//! [`mesh`], the three-node one; [`driver`], two real engines on loopback. Each test file uses
+//! part of them.
 #![allow(dead_code)]
+
+pub mod driver;
+pub mod mesh;
+
+use std::path::PathBuf;
 
 use drbd_engine::NodeId;
 use drbd_engine::protocol::node::{
@@ -12,6 +19,24 @@ use drbd_engine::protocol::{
 };
 
 pub const BLOCK: usize = 4096;
+
+/// drbdmeta, or None (with a message naming the package) when it is not installed. Under the
+/// full test command (scripts/test sets TANDEM_SLOW_TESTS=1 after installing drbd-utils) or with
+/// CI set, a missing drbdmeta fails the test instead: its absence there is a setup bug.
+pub fn drbdmeta() -> Option<PathBuf> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path_var).collect();
+    dirs.extend(["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from));
+    if let Some(found) = dirs.iter().map(|d| d.join("drbdmeta")).find(|p| p.is_file()) {
+        return Some(found);
+    }
+    if std::env::var_os("CI").is_some() || std::env::var("TANDEM_SLOW_TESTS").as_deref() == Ok("1")
+    {
+        panic!("drbdmeta not found: install the Debian package drbd-utils");
+    }
+    eprintln!("skipped: drbdmeta not found; install the Debian package drbd-utils");
+    None
+}
 
 pub type RequestResult = Result<Option<Vec<u8>>, RequestError>;
 
