@@ -6,7 +6,7 @@ mod common;
 
 use backing_store::atomic_journal::{Record, RecordState, encode, journal_bytes, journal_path};
 use bytes::Bytes;
-use common::driver::{free_port, sidecar_config, start_pair, wait_connected};
+use common::driver::{free_port, sidecar_config, start_primary_pair};
 use drbd_engine::constants::ATOMIC_WRITE_BYTES_MAX;
 use drbd_engine::driver::{DeviceError, ReplicatedDevice};
 use drbd_engine::protocol::DiskState;
@@ -28,10 +28,7 @@ fn a_one_mebibyte_atomic_write_is_journaled_and_whole_on_both_replicas() {
     let offset = SIZE_BYTES - ATOMIC_WRITE_BYTES_MAX;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let devices = start_pair(|node| sidecar_config(dir.path(), node, ports, SIZE_BYTES)).await;
-        wait_connected(&devices).await;
-        devices[0].new_current_uuid_clear_bitmap().await.unwrap();
-        devices[0].promote(false).await.unwrap();
+        let devices = start_primary_pair(dir.path(), ports, SIZE_BYTES).await;
         assert_eq!(devices[0].atomic_write_max_bytes(), ATOMIC_WRITE_BYTES_MAX);
         let data = Bytes::from(vec![0xa6; SLOT_BYTES]);
         devices[0].write_atomic(offset, data, false).await.unwrap();

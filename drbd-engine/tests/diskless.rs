@@ -190,14 +190,7 @@ fn re_attach_resyncs_only_what_was_written_while_detached() {
     pair.idle(2_000);
     assert_eq!(pair.nodes[0].disk_state(), DiskState::UpToDate);
     assert_eq!(pair.differing_blocks(), Vec::<u64>::new(), "replicas identical after the resync");
-    let resynced: u64 = pair
-        .events
-        .iter()
-        .filter_map(|(n, e)| match e {
-            Event::ResyncFinished { blocks, .. } if *n == 1 => Some(*blocks),
-            _ => None,
-        })
-        .sum();
+    let resynced = pair.resynced_blocks(1);
     // What was written while detached, and the activity log's hot extent of the failure
     // (writes in flight when the disk failed may have landed on one side only): at most one
     // extent, which on this 1024-block device is the whole device.

@@ -5,9 +5,12 @@
 //! still has quorum (the peer's UpToDate vote and the tiebreaker's), and the primary must go on
 //! serving through its peer instead of suspending or failing its I/O.
 
+mod common;
+
+use common::{RequestResult, at, block_data, disk_op};
 use drbd_engine::NodeId;
 use drbd_engine::protocol::node::{
-    AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestError, RequestId,
+    AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestId,
 };
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
@@ -15,18 +18,9 @@ use drbd_engine::protocol::{
 };
 
 const SIZE_BLOCKS: u64 = 1024;
-const BLOCK: usize = 4096;
 const NODES: usize = 3;
 /// Node 2 is the diskless tiebreaker.
 const TIEBREAKER: usize = 2;
-
-type RequestResult = Result<Option<Vec<u8>>, RequestError>;
-
-fn block_data(block: u64, generation: u8) -> Vec<u8> {
-    let mut data = vec![generation; BLOCK];
-    data[..8].copy_from_slice(&block.to_le_bytes());
-    data
-}
 
 fn id(i: usize) -> NodeId {
     NodeId(u8::try_from(i).unwrap())
@@ -69,7 +63,7 @@ impl Cluster {
             };
             Node::new(config, Metadata::create(id(i), SIZE_BLOCKS), 0)
         };
-        let bytes = usize::try_from(SIZE_BLOCKS).unwrap() * BLOCK;
+        let bytes = at(SIZE_BLOCKS);
         let mut cluster = Self {
             nodes: (0..NODES).map(node).collect(),
             disks: vec![vec![0; bytes]; NODES],
@@ -140,18 +134,7 @@ impl Cluster {
         if self.fail_disk[i] {
             return Err(IoFailed);
         }
-        let at = |block: u64| usize::try_from(block).unwrap() * BLOCK;
-        match op {
-            DiskOp::Read { offset_blocks, blocks } => {
-                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
-            }
-            DiskOp::Write { offset_blocks, data, .. } => {
-                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
-                    .copy_from_slice(&data);
-                Ok(None)
-            }
-            DiskOp::Flush => Ok(None),
-        }
+        disk_op(&mut self.disks[i], op)
     }
 
     fn connect(&mut self, a: usize, b: usize) {
@@ -264,7 +247,6 @@ fn a_detached_primary_with_quorum_serves_reads_and_writes_through_its_peer() {
         }
         assert_eq!(c.request(0, AppRequest::Flush), Ok(None), "{on_no_quorum:?}");
         // The peer holds every write; the failed disk none of those after the failure.
-        let at = |b: u64| usize::try_from(b).unwrap() * BLOCK;
         for block in 9..16 {
             assert_eq!(c.disks[1][at(block)..at(block + 1)], block_data(block, 2)[..]);
             assert!(c.disks[0][at(block)..at(block + 1)].iter().all(|b| *b == 0));

@@ -7,7 +7,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::driver::{free_port, sidecar_config, start_pair, wait_connected};
+use common::driver::{free_port, start_primary_pair};
 
 const SIZE_BYTES: u64 = 16 * 1024 * 1024;
 const BLOCK: u64 = 4096;
@@ -55,10 +55,7 @@ fn bursts_of_adjacent_writes_land_block_for_block_on_both_replicas() {
     let mut model = vec![0u8; usize::try_from(SIZE_BYTES).unwrap()];
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let devices = start_pair(|node| sidecar_config(dir.path(), node, ports, SIZE_BYTES)).await;
-        wait_connected(&devices).await;
-        devices[0].new_current_uuid_clear_bitmap().await.unwrap();
-        devices[0].promote(false).await.unwrap();
+        let devices = start_primary_pair(dir.path(), ports, SIZE_BYTES).await;
         for (burst, (first, writes)) in bursts.iter().enumerate() {
             let mut tasks = Vec::new();
             let mut block = *first;

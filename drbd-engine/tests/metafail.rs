@@ -8,7 +8,7 @@ mod common;
 
 use common::{Pair, at, block_data};
 use drbd_engine::NodeId;
-use drbd_engine::protocol::node::{AppRequest, Event, OnIoError, RequestError};
+use drbd_engine::protocol::node::{AppRequest, OnIoError, RequestError};
 use drbd_engine::protocol::{ConnectionState, DiskState, MetaUpdate, ReplicationProtocol, Role};
 
 /// Four activity-log extents: a full resync differs from an activity-log one.
@@ -133,14 +133,7 @@ fn attach_after_a_metadata_failure_does_a_full_resync() {
     pair.idle(5_000);
     assert_eq!(pair.nodes[0].disk_state(), DiskState::UpToDate);
     assert_eq!(pair.differing_blocks(), Vec::<u64>::new(), "replicas identical after the resync");
-    let resynced: u64 = pair
-        .events
-        .iter()
-        .filter_map(|(n, e)| match e {
-            Event::ResyncFinished { blocks, .. } if *n == 1 => Some(*blocks),
-            _ => None,
-        })
-        .sum();
+    let resynced = pair.resynced_blocks(1);
     assert_eq!(resynced, SIZE_BLOCKS, "a full resync");
     pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
     pair.run();

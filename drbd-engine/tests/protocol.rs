@@ -212,14 +212,34 @@ impl Pair {
         self.run();
     }
 
-    /// Node 0 primary over two identical UpToDate replicas, then the link cut.
-    fn primary_cut_off(fencing: Fencing) -> Self {
+    /// Node 0 primary over two identical UpToDate replicas, connected (connection 1).
+    fn connected_primary(fencing: Fencing) -> Self {
         let mut pair = Self::new(fencing);
         pair.connect(1);
         pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
         pair.run();
         pair.nodes[0].handle_promote(3, false).unwrap();
         pair.run();
+        pair
+    }
+
+    /// [`Pair::connected_primary`] with write 1 (block 0) sent but never acknowledged (the
+    /// peer's frames are lost), then the link cut: the fence is pending.
+    fn primary_with_a_write_cut_off(fencing: Fencing) -> Self {
+        let mut pair = Self::connected_primary(fencing);
+        pair.deliver = [true, false];
+        pair.request(
+            0,
+            1,
+            AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
+        );
+        pair.cut(1);
+        pair
+    }
+
+    /// Node 0 primary over two identical UpToDate replicas, then the link cut.
+    fn primary_cut_off(fencing: Fencing) -> Self {
+        let mut pair = Self::connected_primary(fencing);
         assert_eq!(pair.nodes[1].disk_state(), DiskState::UpToDate);
         pair.cut(1);
         pair
@@ -341,19 +361,7 @@ fn a_one_sided_handshake_as_sync_source_does_not_end_the_fence() {
     // A write the peer never acknowledged is cut off with the link: the fence is pending.
     // The link comes back one way only: the primary hears the peer's whole handshake and
     // decides to be its sync source, but the peer never hears ours and stays UpToDate.
-    let mut pair = Pair::new(Fencing::ResourceOnly);
-    pair.connect(1);
-    pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
-    pair.run();
-    pair.nodes[0].handle_promote(3, false).unwrap();
-    pair.run();
-    pair.deliver = [true, false];
-    pair.request(
-        0,
-        1,
-        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
-    );
-    pair.cut(1);
+    let mut pair = Pair::primary_with_a_write_cut_off(Fencing::ResourceOnly);
     assert!(pair.nodes[0].fence_pending(NodeId(1)));
     assert!(pair.result(1).is_none());
     pair.deliver = [true, false];
@@ -388,19 +396,7 @@ fn held_reads_complete_before_the_writes_released_with_them() {
     // A write the peer never acknowledged is cut off (the fence freezes it), then a read is
     // held too. When the handler answers, the read's data predates the write's
     // acknowledgement, so it must complete first.
-    let mut pair = Pair::new(Fencing::ResourceOnly);
-    pair.connect(1);
-    pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
-    pair.run();
-    pair.nodes[0].handle_promote(3, false).unwrap();
-    pair.run();
-    pair.deliver = [true, false];
-    pair.request(
-        0,
-        1,
-        AppRequest::Write { offset_blocks: 0, data: vec![7; 4096].into(), fua: false },
-    );
-    pair.cut(1);
+    let mut pair = Pair::primary_with_a_write_cut_off(Fencing::ResourceOnly);
     pair.request(0, 2, AppRequest::Read { offset_blocks: 0, blocks: 1 });
     assert!(pair.result(1).is_none() && pair.result(2).is_none());
     pair.nodes[0].handle_fence_outcome(
@@ -598,12 +594,7 @@ fn promotion_drops_a_pending_discard_my_data() {
 #[test]
 fn a_write_only_on_a_disk_that_then_fails_is_not_acknowledged() {
     for fencing in [Fencing::DontCare, Fencing::ResourceOnly] {
-        let mut pair = Pair::new(fencing);
-        pair.connect(1);
-        pair.nodes[0].handle_new_current_uuid_clear_bitmap(2).unwrap();
-        pair.run();
-        pair.nodes[0].handle_promote(3, false).unwrap();
-        pair.run();
+        let mut pair = Pair::connected_primary(fencing);
         // Frames stop arriving; nobody has noticed yet.
         pair.deliver = [false; 2];
         let write = AppRequest::Write { offset_blocks: 5, data: vec![3; 4096].into(), fua: false };

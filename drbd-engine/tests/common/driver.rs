@@ -69,6 +69,20 @@ pub async fn start_pair(config: impl Fn(u8) -> DriverConfig) -> [ReplicatedDevic
     [first, second]
 }
 
+/// A sidecar pair in `dir` ([`sidecar_config`]), connected, its all-zero replicas declared
+/// identical (no initial sync), node 0 promoted.
+pub async fn start_primary_pair(
+    dir: &Path,
+    ports: [u16; 2],
+    size_bytes: u64,
+) -> [ReplicatedDevice; 2] {
+    let devices = start_pair(|node| sidecar_config(dir, node, ports, size_bytes)).await;
+    wait_connected(&devices).await;
+    devices[0].new_current_uuid_clear_bitmap().await.unwrap();
+    devices[0].promote(false).await.unwrap();
+    devices
+}
+
 /// Waits (30 s at most) until every peer of every device is Established.
 pub async fn wait_connected(devices: &[ReplicatedDevice]) {
     let deadline = Instant::now() + Duration::from_secs(30);

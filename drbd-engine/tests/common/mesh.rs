@@ -7,14 +7,14 @@
 use std::collections::VecDeque;
 
 use drbd_engine::NodeId;
-use drbd_engine::protocol::node::{AppRequest, Config, DiskOp, Event, Node, Output, RequestId};
+use drbd_engine::protocol::node::{AppRequest, Config, Event, Node, Output, RequestId};
 use drbd_engine::protocol::quorum::QuorumConfig;
 use drbd_engine::protocol::{
-    DiskState, Fencing, IoFailed, Metadata, ReplicationProtocol, ResyncRate, StateError,
+    DiskState, Fencing, Metadata, ReplicationProtocol, ResyncRate, StateError,
 };
 use drbd_engine::uuid::SyncDecision;
 
-use super::{BLOCK, RequestResult, at, block_data};
+use super::{BLOCK, RequestResult, at, block_data, disk_op};
 
 pub const NODES: usize = 3;
 /// Longer than the grace a peer gives a primary it lost (`PRIMARY_LOST_GRACE_MS`).
@@ -178,26 +178,12 @@ impl Mesh {
             }
             Output::DiskIo { id, op } => {
                 assert!(!self.diskless[i], "node {i} has no disk: {op:?}");
-                let result = self.disk_io(i, op);
+                let result = disk_op(&mut self.disks[i], op);
                 self.nodes[i].handle_disk_completion(now, id, result);
             }
             Output::Complete { request, result } => self.completions.push((i, request, result)),
             Output::Event(event) => self.events.push((i, event)),
             Output::Persist(_) => {}
-        }
-    }
-
-    fn disk_io(&mut self, i: usize, op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed> {
-        match op {
-            DiskOp::Read { offset_blocks, blocks } => {
-                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
-            }
-            DiskOp::Write { offset_blocks, data, .. } => {
-                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
-                    .copy_from_slice(&data);
-                Ok(None)
-            }
-            DiskOp::Flush => Ok(None),
         }
     }
 

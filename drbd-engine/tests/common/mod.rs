@@ -57,6 +57,20 @@ pub fn block_data(block: u64, generation: u8) -> Vec<u8> {
     data
 }
 
+/// Carries out `op` on the in-memory disk `disk`: reads return its bytes, writes land in it.
+pub fn disk_op(disk: &mut [u8], op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed> {
+    match op {
+        DiskOp::Read { offset_blocks, blocks } => {
+            Ok(Some(disk[at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
+        }
+        DiskOp::Write { offset_blocks, data, .. } => {
+            disk[at(offset_blocks)..at(offset_blocks) + data.len()].copy_from_slice(&data);
+            Ok(None)
+        }
+        DiskOp::Flush => Ok(None),
+    }
+}
+
 /// Two nodes back to back with in-memory disks that can be made to fail.
 pub struct Pair {
     pub nodes: [Node; 2],
@@ -177,24 +191,14 @@ impl Pair {
     }
 
     fn disk_io(&mut self, i: usize, op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed> {
-        match op {
-            DiskOp::Read { offset_blocks, blocks } => {
-                if self.fail_reads[i] {
-                    return Err(IoFailed);
-                }
-                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
-            }
-            DiskOp::Write { offset_blocks, data, .. } => {
-                if self.fail_writes[i] {
-                    return Err(IoFailed);
-                }
-                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
-                    .copy_from_slice(&data);
-                Ok(None)
-            }
-            DiskOp::Flush if self.fail_writes[i] => Err(IoFailed),
-            DiskOp::Flush => Ok(None),
+        let fails = match op {
+            DiskOp::Read { .. } => self.fail_reads[i],
+            DiskOp::Write { .. } | DiskOp::Flush => self.fail_writes[i],
+        };
+        if fails {
+            return Err(IoFailed);
         }
+        disk_op(&mut self.disks[i], op)
     }
 
     pub fn connect(&mut self) {
@@ -251,5 +255,16 @@ impl Pair {
 
     pub fn detached(&self, i: usize) -> bool {
         self.events.iter().any(|(n, e)| *n == i && *e == Event::Detached)
+    }
+
+    /// Blocks node i's finished resyncs moved, in total.
+    pub fn resynced_blocks(&self, i: usize) -> u64 {
+        self.events
+            .iter()
+            .filter_map(|(n, e)| match e {
+                Event::ResyncFinished { blocks, .. } if *n == i => Some(*blocks),
+                _ => None,
+            })
+            .sum()
     }
 }
