@@ -170,3 +170,48 @@ fn a_target_whose_source_defers_at_once_keeps_its_generation() {
     assert_eq!(mesh.nodes[A].disk_state(), DiskState::UpToDate);
     assert_eq!(mesh.differing_blocks(A, B), Vec::<u64>::new());
 }
+
+/// A secondary holds a write the other secondary never got (its link from the primary is
+/// held), goes down, and the primary dies too: the two secondaries meet without it. The
+/// write was in doubt on B, so its extent was in B's activity log; B's restart marks every
+/// hot extent for every diskful peer, and the handshake resyncs the block (mesh seed 1813:
+/// the two found each other in sync and kept different data). B tells C it restarted
+/// uncleanly, so C, which did not, is the source (mesh seed 1420: an unclean node that was
+/// the source by its bits alone spread what its power loss had taken back); the write,
+/// never acknowledged, is gone from both.
+#[test]
+fn a_secondary_that_went_down_with_a_write_the_other_lacks_resyncs_it() {
+    let mut mesh = Mesh::new(FAST_KIB_PER_S);
+    mesh.promote(A);
+    mesh.idle(50);
+    for block in 0..16 {
+        mesh.write(A, block, 1);
+    }
+    mesh.idle(200);
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+    // C stops hearing from A: the next write reaches B's disk only, in doubt towards C.
+    mesh.held[link(A, C)] = true;
+    let block = 500;
+    mesh.submit_write(A, block, 2);
+    assert_eq!(&mesh.disks[B][at(block)..at(block + 1)], &block_data(block, 2)[..]);
+    assert_eq!(mesh.differing_blocks(B, C), vec![block]);
+    assert!(mesh.nodes[B].mesh_writes_in_doubt() > 0, "B holds the write in doubt");
+    assert!(!mesh.nodes[B].metadata().activity_log.is_empty(), "in B's activity log");
+    let meta_b = mesh.crash(B);
+    mesh.crash(A);
+    mesh.held[link(A, C)] = false;
+    let since = mesh.events.len();
+    mesh.restart(B, meta_b, &[C]);
+    mesh.idle(GRACE_MS);
+    let decisions = mesh.decisions(B, C, since);
+    assert_eq!(decisions.first(), Some(&SyncDecision::BitmapTarget), "B with C: {decisions:?}");
+    assert!(!decisions.contains(&SyncDecision::NoSync), "never in sync unsynced: {decisions:?}");
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+    assert_eq!(&mesh.disks[B][at(block)..at(block + 1)], &vec![0; BLOCK][..], "C's data won");
+    for i in [B, C] {
+        assert_eq!(
+            mesh.nodes[i].replication_state(nid(B + C - i)),
+            Some(ReplicationState::Established)
+        );
+    }
+}

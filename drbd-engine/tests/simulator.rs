@@ -402,6 +402,21 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          deferred forever (liveness); a primary's announcements are forgotten when it is not \
          primary",
     ),
+    (
+        1813,
+        "engine: a secondary held writes in doubt (the other secondary never got them) on its \
+         disk, lost power, and later met the other secondary without the primary: no bits on \
+         either side, NoSync, different data; a mesh secondary keeps its in-doubt writes' \
+         extents in its activity log and marks them for every diskful peer on an unclean \
+         restart",
+    ),
+    (
+        1420,
+        "engine (the first fix of 1813): a secondary restarted uncleanly became the sync source \
+         by its restart marks alone and spread blocks its power loss had taken back; it tells \
+         its peers it is unclean (Frame::UncleanSecondary) and a clean peer of its generation \
+         is the source (706 and 1265 the same)",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -236,6 +236,12 @@ pub enum Frame {
     UuidHistory {
         history: [u64; crate::constants::HISTORY_UUIDS_MAX],
     },
+    /// Mesh node to peer, in the handshake (after its Hello, before `HandshakeDone`): it
+    /// restarted after going down as a secondary with hot extents, and the marks that
+    /// restart set for this peer still stand: its bits for the peer are blocks where its own
+    /// data may be wrong (a power loss takes the volatile cache), so a clean secondary of
+    /// its generation is the sync source (`protocol::node::mesh`).
+    UncleanSecondary,
     /// Sync source to target, before the resync data it concerns and again when it changes:
     /// the diskful nodes the source is connected to and fully in sync with (node id bits).
     /// The target need not mark the blocks it receives for those (they hold the same data).
@@ -280,6 +286,7 @@ impl Frame {
             Frame::MeshTargets { .. } => 27,
             Frame::PeersInSync { .. } => 28,
             Frame::UuidHistory { .. } => 29,
+            Frame::UncleanSecondary => 50,
             Frame::ResyncPeersInSync { .. } => 32,
         }
     }
@@ -511,6 +518,7 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
                 w.u64(*v);
             }
         }
+        Frame::UncleanSecondary => {}
         Frame::ResyncPeersInSync { peers } => w.u64(*peers),
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
@@ -749,6 +757,7 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             }
             Frame::UuidHistory { history }
         }
+        50 => Frame::UncleanSecondary,
         32 => Frame::ResyncPeersInSync { peers: r.u64()? },
         other => return Err(FrameError::UnknownKind(other)),
     };
@@ -827,6 +836,7 @@ mod tests {
             Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
             Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
             Frame::UuidHistory { history: [0x20, 0x10] },
+            Frame::UncleanSecondary,
             Frame::ResyncPeersInSync { peers: 0b101 },
         ]
     }

@@ -627,6 +627,11 @@ impl Node {
             meta.apply(&update);
             outputs.push_back(Output::Persist(update));
         };
+        let unclean_marks = mesh::unclean_secondary_marks(&config, &meta);
+        let unclean = !unclean_marks.is_empty();
+        for update in unclean_marks {
+            persist(&mut meta, update);
+        }
         if meta.flags.primary_indicator {
             // Went down as primary: any write in a hot extent may differ between replicas.
             let mut flags = meta.flags.clone();
@@ -644,7 +649,8 @@ impl Node {
             }
             persist(&mut meta, MetaUpdate::Flags(flags));
         }
-        if !meta.activity_log.is_empty() {
+        // An unclean secondary keeps its log (`mesh::unclean_secondary_marks`).
+        if !meta.activity_log.is_empty() && !unclean {
             let removed = meta.activity_log.clone();
             persist(&mut meta, MetaUpdate::ActivityLog { added: vec![], removed });
         }
@@ -660,7 +666,9 @@ impl Node {
         let quorum_state = QuorumState::new(&config.quorum);
         let peers = config.peers.iter().map(|p| Peer::new(*p)).collect();
         let random = config.random_seed ^ (u64::from(id.0) << 56) ^ 0x2545_f491_4f6c_dd1d;
-        Self {
+        let al_order =
+            if unclean { meta.activity_log.iter().copied().collect() } else { VecDeque::new() };
+        let mut node = Self {
             id,
             config,
             meta,
@@ -679,7 +687,7 @@ impl Node {
             next_tl: 1,
             transfer_log: BTreeMap::new(),
             al_refs: BTreeMap::new(),
-            al_order: VecDeque::new(),
+            al_order,
             flush_generation_next: 1,
             flush_generation_done: 0,
             app_flushes: Vec::new(),
@@ -695,7 +703,9 @@ impl Node {
             diskless: diskless::DisklessState::default(),
             mesh: mesh::MeshState::default(),
             mesh_gen: mesh_gen::MeshGenState::default(),
-        }
+        };
+        node.mesh_set_unclean(unclean);
+        node
     }
 
     // ----- observation -----
@@ -2178,7 +2188,10 @@ impl Node {
             Frame::Quorum { primaries, term, outdate, unseen } => {
                 self.quorum_handle_frame(i, [primaries, term, outdate, unseen]);
             }
-            Frame::Hello(_) | Frame::BitmapChunk { .. } | Frame::HandshakeDone => {
+            Frame::Hello(_)
+            | Frame::BitmapChunk { .. }
+            | Frame::HandshakeDone
+            | Frame::UncleanSecondary => {
                 self.protocol_error(i, "handshake frame after the handshake".into());
             }
             frame @ (Frame::VerifyStart { .. }
@@ -2364,6 +2377,7 @@ impl Node {
             }
             Frame::Ping => self.send(i, Frame::PingAck),
             Frame::PingAck => {}
+            Frame::UncleanSecondary => self.mesh_peer_unclean(i),
             _ => self.protocol_error(i, "data before the handshake finished".into()),
         }
     }

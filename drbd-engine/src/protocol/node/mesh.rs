@@ -56,6 +56,11 @@
 //! - A node forgets what it announced as primary whenever it is not primary: promoted again
 //!   on the same connection, it announces afresh (the secondary may have taken another
 //!   primary as its source meanwhile, and without targets marks every write).
+//! - A secondary's in-doubt writes go through its activity log (`mesh_al_hold`), so that a
+//!   restart after going down as a secondary marks the hot extents for every diskful peer
+//!   (`unclean_secondary_marks`, seed 1813). Such a node tells those peers in the handshake
+//!   (`Frame::UncleanSecondary`) while its marks stand, and a clean secondary of its
+//!   generation becomes the source (`mesh_unclean_direction`, seed 1420).
 
 use super::*;
 use crate::constants::IN_DOUBT_WRITES_MAX;
@@ -72,7 +77,7 @@ pub(super) struct MeshState {
     /// Diskful peers to handshake with again (the primary was lost with writes in doubt).
     rehandshake: u64,
     /// What each connection's Hello told the peer: (conn_id, disk, generations, crashed).
-    hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool)>,
+    hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool, bool)>,
     /// As sync source: the `ResyncPeersInSync` each target was last sent, with its connection.
     resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
     /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
@@ -89,6 +94,14 @@ pub(super) struct MeshState {
     /// flagged after losing their primary with writes in doubt (`mesh_adjust_decision`).
     /// (Either one flagged was tried: seed 135 then ended in a split brain.)
     handshake_in_doubt_pair: Option<NodeId>,
+    /// Went down uncleanly as a secondary with hot extents (`unclean_secondary_marks`): the
+    /// diskful peers (node id bits) towards which its restart marks still stand. A peer
+    /// leaves it when our bits for it are clear (a resync with it, or the primary reported
+    /// it in sync), all do when we finish a resync as target or become primary. Told to
+    /// those peers in each handshake.
+    unclean: u64,
+    /// Peers that told us so in the handshake of this connection (peer, conn_id).
+    peer_unclean: BTreeMap<NodeId, u64>,
 }
 
 #[derive(Debug)]
@@ -108,6 +121,8 @@ struct InDoubt {
     blocks: u64,
     /// The other secondaries the write went to (node id bits).
     peers: u64,
+    /// Its extents are referenced in the activity log (`mesh_al_hold`) until it leaves.
+    al_held: bool,
 }
 
 impl Node {
@@ -262,6 +277,8 @@ impl Node {
     /// Sync target: the resync ended (`ResyncDone` records the source's generation).
     pub(super) fn mesh_resync_done(&mut self) {
         self.mesh.target_generation = None;
+        // Our hot extents now hold the source's data: no longer unclean.
+        self.mesh.unclean = 0;
     }
 
     /// Primary: a write's transfer-log entry was collected (stable on every node it still
@@ -280,12 +297,85 @@ impl Node {
         }
     }
 
-    /// Our Hello went out on peer `i`'s connection: remember what it said.
+    /// Our Hello went out on peer `i`'s connection: remember what it said, and say that we
+    /// are an unclean secondary if we are (before the bitmap, so the peer decides with it).
     pub(super) fn mesh_hello_sent(&mut self, i: usize) {
         let p = &self.peers[i];
-        let facts =
-            (p.conn_id, self.disk, self.meta.uuids.clone(), self.meta.flags.crashed_primary);
+        let crashed = self.meta.flags.crashed_primary;
+        let unclean = self.mesh_unclean_towards(p.id);
+        let facts = (p.conn_id, self.disk, self.meta.uuids.clone(), crashed, unclean);
         self.mesh.hello_sent.insert(p.id, facts);
+        if unclean {
+            self.send(i, Frame::UncleanSecondary);
+        }
+    }
+
+    /// `Node::new`: this node restarted as an unclean secondary (`unclean_secondary_marks`).
+    pub(super) fn mesh_set_unclean(&mut self, unclean: bool) {
+        if unclean {
+            for p in &self.peers {
+                if !self.is_diskless_peer(p.id) {
+                    self.mesh.unclean |= p.id.bit();
+                }
+            }
+        }
+    }
+
+    /// Our restart marks for `peer` still stand: the bits we hold for it may mark blocks
+    /// where our own data is wrong.
+    fn mesh_unclean_towards(&self, peer: NodeId) -> bool {
+        self.mesh_enabled()
+            && self.mesh.unclean & peer.bit() != 0
+            && !self.meta.bitmaps[peer.index()].is_clear()
+    }
+
+    /// After every input: a peer our bits are clear for is in sync with us (a resync in
+    /// either direction, or the primary's report), so our restart marks for it are settled;
+    /// bits set later for it (a write it missed) say we hold newer data, as on any node.
+    fn mesh_settle_unclean(&mut self) {
+        if self.role == Role::Primary {
+            // A primary's data is the reference: it is no unclean secondary any more.
+            self.mesh.unclean = 0;
+        }
+        for x in self.peer_ids() {
+            if self.mesh.unclean & x.bit() != 0 && self.meta.bitmaps[x.index()].is_clear() {
+                self.mesh.unclean &= !x.bit();
+            }
+        }
+    }
+
+    /// Peer `i` told us in this handshake that it is an unclean secondary.
+    pub(super) fn mesh_peer_unclean(&mut self, i: usize) {
+        let p = &self.peers[i];
+        self.mesh.peer_unclean.insert(p.id, p.conn_id);
+    }
+
+    /// The sync direction between two secondaries of one generation when exactly one of
+    /// them is an unclean secondary: the clean one is the source of the union of both
+    /// bitmaps. The unclean one's bits mark where its own data may be wrong: a power loss
+    /// can take writes from its volatile cache that the other secondary holds (and that
+    /// may have been acknowledged), so its copy must not overwrite the other's (mesh
+    /// seeds 706, 1420: a restarted secondary became the source by its bits alone and
+    /// spread its stale blocks). Writes it holds that the other lacks were never
+    /// acknowledged there, and a write that skipped the other started a new generation.
+    fn mesh_unclean_direction(
+        &self,
+        i: usize,
+        hello: &Hello,
+        my_sent_role: Role,
+        decision: SyncDecision,
+    ) -> Option<SyncDecision> {
+        use SyncDecision::*;
+        let p = &self.peers[i];
+        let peer_unclean = self.mesh.peer_unclean.get(&p.id) == Some(&p.conn_id);
+        let mine = self.mesh.hello_sent.get(&p.id).is_some_and(|f| f.0 == p.conn_id && f.4);
+        let applies = mine != peer_unclean
+            && my_sent_role != Role::Primary
+            && hello.role != Role::Primary
+            && self.disk.has_data()
+            && hello.disk.has_data()
+            && matches!(decision, BitmapSource | BitmapTarget | SplitBrain);
+        applies.then_some(if mine { BitmapTarget } else { BitmapSource })
     }
 
     /// The handshake with peer `i` is about to decide, but our disk, generations or crash
@@ -299,13 +389,15 @@ impl Node {
             return false;
         }
         let p = &self.peers[i];
-        let stale =
-            self.mesh.hello_sent.get(&p.id).is_some_and(|(conn_id, disk, uuids, crashed)| {
+        let stale = self.mesh.hello_sent.get(&p.id).is_some_and(
+            |(conn_id, disk, uuids, crashed, unclean)| {
                 *conn_id == p.conn_id
                     && (*disk != self.disk
                         || *uuids != self.meta.uuids
-                        || *crashed != self.meta.flags.crashed_primary)
-            });
+                        || *crashed != self.meta.flags.crashed_primary
+                        || *unclean != self.mesh_unclean_towards(p.id))
+            },
+        );
         if stale {
             self.disconnect(i, ConnectionState::Connecting);
         }
@@ -337,7 +429,8 @@ impl Node {
                         .iter()
                         .position(|e| e.first == offset_blocks && e.blocks == blocks)
                 {
-                    self.mesh.in_doubt.remove(pos);
+                    let entry = self.mesh.in_doubt.remove(pos).expect("found");
+                    self.mesh_al_release(&entry);
                 }
             }
             Frame::ResyncPeersInSync { peers } => {
@@ -509,7 +602,17 @@ impl Node {
             self.mesh_mark(x, first, blocks);
         }
         if doubt != 0 {
-            self.mesh.in_doubt.push_back(InDoubt { first, blocks, peers: doubt });
+            let Some(al_held) = self.mesh_al_hold(first, blocks) else {
+                // The activity log is full of extents with writes in doubt: the bitmap
+                // holds this one instead (durable before the write reaches the disk).
+                for x in self.peer_ids() {
+                    if doubt & x.bit() != 0 {
+                        self.mesh_mark(x, first, blocks);
+                    }
+                }
+                return;
+            };
+            self.mesh.in_doubt.push_back(InDoubt { first, blocks, peers: doubt, al_held });
             if self.mesh.in_doubt.len() > IN_DOUBT_WRITES_MAX {
                 let oldest = self.mesh.in_doubt.pop_front().expect("over the limit");
                 for x in self.peer_ids() {
@@ -517,6 +620,7 @@ impl Node {
                         self.mesh_mark(x, oldest.first, oldest.blocks);
                     }
                 }
+                self.mesh_al_release(&oldest);
             }
         }
     }
@@ -586,6 +690,42 @@ impl Node {
         }
     }
 
+    /// Secondary: a write in doubt is about to go to disk. Its extents go into the activity
+    /// log as a primary's do (the `Persist` of the transaction comes before the write's
+    /// `DiskIo`, so the record is durable first) and stay referenced while it is in doubt:
+    /// if this node goes down uncleanly, the log names every block where it may hold a
+    /// write the other secondaries lack, or lack one they hold (`unclean_secondary_marks`).
+    /// Only the first write to a cold extent costs a transaction. `Some(false)` while
+    /// detached (the write does not reach our disk), `None` when the log is full of
+    /// referenced extents.
+    fn mesh_al_hold(&mut self, first: u64, blocks: u64) -> Option<bool> {
+        if self.is_detached() || self.disk == DiskState::Diskless {
+            return Some(false);
+        }
+        let extents = Self::extents_of(first, blocks);
+        if !self.activate_extents(&extents) {
+            return None;
+        }
+        self.al_ref(first, blocks, 1);
+        Some(true)
+    }
+
+    /// A write left the in-doubt list: its extents may leave the activity log (evicted
+    /// when another extent needs the slot, as for a primary).
+    fn mesh_al_release(&mut self, entry: &InDoubt) {
+        if !entry.al_held {
+            return;
+        }
+        // An attach after a detach starts the log afresh (`handle_attach`): a hold from
+        // before it has nothing left to release.
+        let held = Self::extents_of(entry.first, entry.blocks)
+            .iter()
+            .all(|e| self.al_refs.get(e).is_some_and(|n| *n > 0));
+        if held {
+            self.al_ref(entry.first, entry.blocks, -1);
+        }
+    }
+
     fn mesh_mark(&mut self, peer: NodeId, first: u64, blocks: u64) {
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
@@ -605,13 +745,19 @@ impl Node {
                 e.peers &= !mask;
             }
         }
-        self.mesh.in_doubt.retain(|e| e.peers != 0);
         for (first, blocks, hit) in marks {
             for x in self.peer_ids() {
                 if hit & x.bit() != 0 {
                     self.mesh_mark(x, first, blocks);
                 }
             }
+        }
+        // Released only after the marks: the bits now hold what the extents held.
+        let (settled, kept): (Vec<InDoubt>, Vec<InDoubt>) =
+            std::mem::take(&mut self.mesh.in_doubt).into_iter().partition(|e| e.peers == 0);
+        self.mesh.in_doubt = kept.into();
+        for entry in &settled {
+            self.mesh_al_release(entry);
         }
         touched
     }
@@ -782,6 +928,7 @@ impl Node {
         if self.disk != DiskState::Outdated {
             self.mesh.outdated_in_sync = 0;
         }
+        self.mesh_settle_unclean();
         self.mesh_orphaned_target();
         self.mesh_end_raced_resyncs();
         if self.mesh_enabled() {
@@ -899,6 +1046,9 @@ impl Node {
         self.mesh.handshake_in_doubt_pair = in_doubt_pair.then_some(self.peers[i].id);
         if !self.mesh_enabled() || self.meta.uuids.current != hello.uuids.current {
             return decision;
+        }
+        if let Some(direction) = self.mesh_unclean_direction(i, hello, my_sent_role, decision) {
+            return direction;
         }
         match (my_sent_role, hello.role, decision) {
             (Role::Primary, r, SyncDecision::BitmapTarget) if r != Role::Primary => {
@@ -1086,4 +1236,34 @@ impl Node {
         }
         Some(decision)
     }
+}
+
+/// Attach of a node with a disk and two or more diskful peers that went down as a secondary
+/// (a crashed primary is handled by its own flag) with hot extents in its activity log: it
+/// held writes in doubt there (`Node::mesh_al_hold`), which may have reached its disk but
+/// not the other secondaries', or the reverse (a power loss takes the volatile cache). Every
+/// hot extent is marked for every diskful peer, as DRBD marks a crashed primary's, so that
+/// the handshake with a peer of the same generation resyncs those blocks (mesh seed 1813:
+/// two secondaries that went down with different writes in doubt met without their primary
+/// and found each other in sync). No crash flag: the bits alone make the handshake resync
+/// the union of both bitmaps, the direction coming from the peer's side (a peer flagged
+/// for losing its primary with writes in doubt is the source, as it may hold acknowledged
+/// writes that our volatile cache lost). A clean stop cannot be told from a crash here (no
+/// engine hook sees it), so a restart marks the extents even then: a resync too many, never
+/// one too few.
+pub(super) fn unclean_secondary_marks(config: &Config, meta: &Metadata) -> Vec<MetaUpdate> {
+    let diskful: Vec<NodeId> =
+        config.peers.iter().copied().filter(|p| !config.quorum.is_diskless_peer(*p)).collect();
+    if config.quorum.diskless || diskful.len() < 2 || meta.flags.primary_indicator {
+        return Vec::new();
+    }
+    let mut updates = Vec::new();
+    for extent in &meta.activity_log {
+        if let Some((first, blocks)) = meta.extent_range(*extent) {
+            for peer in &diskful {
+                updates.push(MetaUpdate::BitmapSet { peer: *peer, first_block: first, blocks });
+            }
+        }
+    }
+    updates
 }
