@@ -43,6 +43,9 @@ pub struct V09File {
     state: Metadata,
     /// An engine runs on this metadata (`begin_use`): closing it may mark the AL clean.
     in_use: bool,
+    /// The same file opened with O_DSYNC (on first use), for activity-log transactions that
+    /// only add extents (`apply`).
+    dsync: Option<File>,
 }
 
 fn usize_of(n: u64) -> usize {
@@ -64,6 +67,31 @@ impl V09File {
                 self.file.write_all_at(&write.bytes[..], write.offset_bytes).map_err(self.io())?;
             }
             self.file.sync_data().map_err(self.io())?;
+        }
+        Ok(())
+    }
+
+    /// Like `run`, but each write is durable on its own (O_DSYNC: the kernel syncs just its
+    /// range) instead of an fdatasync of the whole file after each step, which on internal
+    /// metadata also wrote back every dirty data page of the backing file: 5 to 12 ms per
+    /// transaction on the bench machine, with the engine task stalled meanwhile. For plans
+    /// whose correctness needs only their own writes durable.
+    fn run_own_writes(&mut self, plan: &WritePlan) -> Result<(), V09Error> {
+        if self.dsync.is_none() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DSYNC)
+                .open(&self.path)
+                .map_err(self.io())?;
+            self.dsync = Some(file);
+        }
+        let file = self.dsync.as_ref().expect("opened above");
+        for step in &plan.steps {
+            for write in step {
+                file.write_all_at(&write.bytes[..], write.offset_bytes)
+                    .map_err(|source| V09Error::Io { path: self.path.clone(), source })?;
+            }
         }
         Ok(())
     }
@@ -139,6 +167,7 @@ impl V09File {
         let store = Self {
             path: path.to_owned(),
             file,
+            dsync: None,
             image,
             state: Metadata::create(node_id, size_blocks),
             in_use: false,
@@ -242,8 +271,14 @@ impl V09File {
             peer_outdated,
         };
         state.activity_log = loaded.hot_extents.iter().map(|e| u64::from(*e)).collect();
-        let store =
-            Self { path: path.to_owned(), file, image, state: state.clone(), in_use: false };
+        let store = Self {
+            path: path.to_owned(),
+            file,
+            image,
+            state: state.clone(),
+            in_use: false,
+            dsync: None,
+        };
         store.run(&loaded.repair)?;
         Ok((store, state))
     }
@@ -370,7 +405,16 @@ impl MetadataStore for V09File {
         self.state.apply(update);
         let path = self.path.clone();
         let plan = self.plan(update).map_err(Self::meta_error(&path))?;
-        self.run(&plan)
+        match update {
+            // An extent joining the log needs only its transaction durable before the writes
+            // to it start. One that leaves needs more: the writes to it completed must be
+            // durable too (after a crash only the log's extents are resynced), which the
+            // whole-file fdatasync gives, as DRBD's flush before an AL write does.
+            MetaUpdate::ActivityLog { removed, .. } if removed.is_empty() => {
+                self.run_own_writes(&plan)
+            }
+            _ => self.run(&plan),
+        }
     }
 }
 

@@ -10,8 +10,10 @@
 //!         [--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]
 //!         [--metrics-listen ADDR:PORT] [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...]
 //!         [--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...]
-//!         [--reservations 'RESOURCE local|replicated' ...]
+//!         [--reservations 'RESOURCE local|replicated' ...] [--worker-threads N]
 //! ```
+//! `--worker-threads` sets the tokio worker threads (default: one per
+//! `CORES_PER_WORKER_THREAD` cores, at least one).
 //! `--promoter` lets the resource promote itself when it has quorum and no primary is left
 //! (drbd-reactor's promoter; `src/autopromote.rs`).
 //! `--forward-listen` accepts forward links from peers (this node serves their iSCSI ports
@@ -22,7 +24,9 @@
 use anyhow::{Context, bail};
 use std::path::PathBuf;
 use std::sync::Arc;
-use storage_node::constants::{CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX};
+use storage_node::constants::{
+    CONTROL_CONNECTIONS_MAX, CONTROL_REQUEST_BYTES_MAX, CORES_PER_WORKER_THREAD, WORKER_THREADS_MAX,
+};
 use storage_node::control::{self, Reply, exit};
 use storage_node::host::Host;
 use storage_node::node_settings::NodeSettings;
@@ -36,13 +40,14 @@ const USAGE: &str = "usage: tandemd [-c FILE] [--node NAME] [--node-file FILE] [
 [--service-ip 'RESOURCE IPV4/PREFIX dev IFACE' ...] \
 [--promoter 'RESOURCE [preferred-nodes NODE,NODE]' ...] \
 [--reservations 'RESOURCE local|replicated' ...] \
-[--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...]";
+[--forward-listen ADDR:PORT] [--forward-peer NODE=ADDR:PORT ...] [--worker-threads N]";
 
 struct Args {
     config_path: PathBuf,
     settings: NodeSettings,
     forward_listen: Option<std::net::SocketAddr>,
     forward_peers: Vec<(String, std::net::SocketAddr)>,
+    worker_threads: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -51,6 +56,8 @@ fn parse_args() -> anyhow::Result<Args> {
     let mut flags: Vec<(String, String)> = Vec::new();
     let mut forward_listen = None;
     let mut forward_peers = Vec::new();
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut worker_threads = (cores / CORES_PER_WORKER_THREAD).clamp(1, WORKER_THREADS_MAX);
     let mut argv = std::env::args().skip(1);
     while let Some(flag) = argv.next() {
         if flag == "-h" || flag == "--help" {
@@ -79,6 +86,15 @@ fn parse_args() -> anyhow::Result<Args> {
                 forward_peers.push((node.to_owned(), address));
             }
             "--node-file" => node_file = Some(PathBuf::from(value)),
+            "--worker-threads" => {
+                worker_threads = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=WORKER_THREADS_MAX).contains(n))
+                    .with_context(|| {
+                        format!("--worker-threads {value}: want 1 to {WORKER_THREADS_MAX}")
+                    })?;
+            }
             "--node"
             | "--portal"
             | "--control-socket"
@@ -121,7 +137,7 @@ fn parse_args() -> anyhow::Result<Args> {
             settings.portal.port()
         );
     }
-    Ok(Args { config_path, settings, forward_listen, forward_peers })
+    Ok(Args { config_path, settings, forward_listen, forward_peers, worker_threads })
 }
 
 fn main() -> anyhow::Result<()> {
@@ -135,7 +151,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let args = parse_args()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.worker_threads)
         .enable_all()
         .build()
         .context("starting tokio")?;
