@@ -17,7 +17,7 @@
 mod common;
 
 use common::mesh::{GRACE_MS, Mesh, NODES, link, mesh_config, nid};
-use common::{at, block_data};
+use common::{BLOCK, at, block_data};
 use drbd_engine::protocol::Metadata;
 use drbd_engine::protocol::node::Config;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
