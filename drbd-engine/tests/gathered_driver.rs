@@ -42,6 +42,7 @@ fn config(dir: &std::path::Path, node: u8, ports: [u16; 2]) -> DriverConfig {
         after_sb: Default::default(),
         shared_secret: None,
         on_io_error: Default::default(),
+        congestion: Default::default(),
     }
 }
 

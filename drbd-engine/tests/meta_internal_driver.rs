@@ -289,6 +289,7 @@ fn drbdmeta_prepared_files_attach_and_resync_only_the_marked_blocks() {
                 after_sb: Default::default(),
                 shared_secret: None,
                 on_io_error: Default::default(),
+                congestion: Default::default(),
             };
             let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
             assert_eq!(device.size_bytes(), layout.data_size_bytes, "the data area only");

@@ -49,6 +49,7 @@ fn config(node: u8, ports: [u16; 2], dir: &Path) -> DriverConfig {
         after_sb: Default::default(),
         shared_secret: None,
         on_io_error: Default::default(),
+        congestion: Default::default(),
     }
 }
 

@@ -151,6 +151,7 @@ fn online_grow_moves_internal_metadata_and_a_missed_resize_is_learned_on_reconne
                 after_sb: Default::default(),
                 shared_secret: None,
                 on_io_error: Default::default(),
+                congestion: Default::default(),
             };
             let (device, _task) = ReplicatedDevice::start(config).await.unwrap();
             devices.push(device);

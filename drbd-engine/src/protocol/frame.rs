@@ -242,6 +242,13 @@ pub enum Frame {
     ResyncPeersInSync {
         peers: u64,
     },
+    // Congestion policy pull-ahead (`protocol::node::ahead`), kinds 45-49.
+    /// Primary to secondary, after the Barrier that closes the last epoch it sent: no more
+    /// writes come; the receiver is Behind (and outdates its disk) until `AheadResync`.
+    Ahead,
+    /// Primary to a Behind secondary, once everything sent before `Ahead` is confirmed: the
+    /// resync of the blocks marked meanwhile starts (Ahead -> SyncSource, Behind -> SyncTarget).
+    AheadResync,
 }
 
 impl Frame {
@@ -281,6 +288,8 @@ impl Frame {
             Frame::PeersInSync { .. } => 28,
             Frame::UuidHistory { .. } => 29,
             Frame::ResyncPeersInSync { .. } => 32,
+            Frame::Ahead => 45,
+            Frame::AheadResync => 46,
         }
     }
 }
@@ -512,6 +521,7 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
             }
         }
         Frame::ResyncPeersInSync { peers } => w.u64(*peers),
+        Frame::Ahead | Frame::AheadResync => {}
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -684,6 +694,8 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             Frame::ReadReply { id, data: r.rest() }
         }
         24 => Frame::ReadError { id: r.u64()? },
+        45 => Frame::Ahead,
+        46 => Frame::AheadResync,
         40 => {
             r.what = "VerifyStart";
             Frame::VerifyStart { first_block: r.u64()?, end_block: r.u64()? }
@@ -828,6 +840,8 @@ mod tests {
             Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
             Frame::UuidHistory { history: [0x20, 0x10] },
             Frame::ResyncPeersInSync { peers: 0b101 },
+            Frame::Ahead,
+            Frame::AheadResync,
         ]
     }
 
