@@ -618,6 +618,7 @@ pub struct Node {
     /// Three or more diskful nodes (`mesh`).
     mesh: mesh::MeshState,
     mesh_gen: mesh_gen::MeshGenState,
+    ahead: ahead::AheadState,
 }
 
 impl Node {
@@ -700,6 +701,7 @@ impl Node {
             diskless: diskless::DisklessState::default(),
             mesh: mesh::MeshState::default(),
             mesh_gen: mesh_gen::MeshGenState::default(),
+            ahead: ahead::AheadState::default(),
         }
     }
 
@@ -1211,7 +1213,7 @@ impl Node {
             let w = &self.app_writes[&id];
             (w.first, w.blocks, w.fua, w.atomic)
         };
-        self.ahead_check_congestion();
+        self.ahead_check_congestion(blocks);
         let unreached: Vec<NodeId> =
             self.peers.iter().filter(|p| !p.replicating()).map(|p| p.id).collect();
         for peer in unreached {

@@ -112,9 +112,17 @@ impl CongestionConfig {
     }
 }
 
+/// Per peer (by index): its connection id and the application bytes sent in each epoch not
+/// yet acknowledged, kept only while a policy is set (DRBD's `ap_in_flight`, without a
+/// transfer-log walk per write).
+#[derive(Debug, Default)]
+pub(super) struct AheadState {
+    sent: Vec<(u64, BTreeMap<u64, u64>)>,
+}
+
 impl Node {
-    /// Application data sent to `peer` and not yet confirmed stable there, in bytes (DRBD's
-    /// `ap_in_flight`): the transfer-log entries still waiting for its barrier ack.
+    /// Application data sent to `peer` and not yet confirmed stable there, in bytes: the
+    /// transfer-log entries still waiting for its barrier ack (exact, a walk of the log).
     pub(super) fn ahead_in_flight_bytes(&self, peer: NodeId) -> u64 {
         self.transfer_log
             .values()
@@ -128,10 +136,51 @@ impl Node {
         self.ahead_in_flight_bytes(peer)
     }
 
+    /// Application bytes in flight to peer `i` by the counters: what was sent in the epochs
+    /// of its current connection that it has not acknowledged yet. (A FUA write acknowledged
+    /// early still counts until its epoch is: a little conservative, never low.)
+    fn ahead_sent_bytes(&mut self, i: usize) -> u64 {
+        let p = &self.peers[i];
+        let (conn_id, acked_epoch) = (p.conn_id, p.acked_epoch);
+        let Some((conn, epochs)) = self.ahead.sent.get_mut(i) else { return 0 };
+        if *conn != conn_id {
+            return 0;
+        }
+        while epochs.first_key_value().is_some_and(|(epoch, _)| *epoch <= acked_epoch) {
+            epochs.pop_first();
+        }
+        epochs.values().sum()
+    }
+
+    /// Counts a write of `blocks` sent now to every replicating peer in its current epoch.
+    fn ahead_note_sent(&mut self, blocks: u64) {
+        if self.ahead.sent.len() < self.peers.len() {
+            self.ahead.sent.resize_with(self.peers.len(), Default::default);
+        }
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if !p.replicating() {
+                continue;
+            }
+            let (conn, epochs) = &mut self.ahead.sent[i];
+            if *conn != p.conn_id {
+                *conn = p.conn_id;
+                epochs.clear();
+            }
+            // Bounded by the epochs the peer has not acknowledged (closed every barrier
+            // interval, acknowledged within a ping timeout or the connection ends).
+            let acked_epoch = p.acked_epoch;
+            while epochs.first_key_value().is_some_and(|(epoch, _)| *epoch <= acked_epoch) {
+                epochs.pop_first();
+            }
+            *epochs.entry(p.epoch).or_default() += blocks * BLOCK_SIZE_BYTES;
+        }
+    }
+
     /// Hook in `submit_write`, before the write is sent: applies the congestion policy to
     /// every peer the write would go to (DRBD's `maybe_pull_ahead`). Only Established peers
     /// are judged: a resync in progress keeps its writes flowing.
-    pub(super) fn ahead_check_congestion(&mut self) {
+    pub(super) fn ahead_check_congestion(&mut self, blocks: u64) {
         let congestion = self.config.congestion;
         if self.role != Role::Primary || !congestion.active(self.config.protocol) {
             return;
@@ -151,8 +200,10 @@ impl Node {
             {
                 continue;
             }
-            let fill_congested = congestion.fill_bytes > 0
-                && self.ahead_in_flight_bytes(p.id) >= congestion.fill_bytes;
+            // Writes sent while this node was not judging (a diskless or detached primary) are
+            // not counted: congestion is noticed later, never wrongly.
+            let sent = self.ahead_sent_bytes(i);
+            let fill_congested = congestion.fill_bytes > 0 && sent >= congestion.fill_bytes;
             if !(fill_congested || extents_congested) {
                 continue;
             }
@@ -163,6 +214,7 @@ impl Node {
                 OnCongestion::Disconnect => self.disconnect(i, ConnectionState::NetworkFailure),
             }
         }
+        self.ahead_note_sent(blocks);
     }
 
     /// Goes Ahead of peer `i`: the open epoch is closed so what was sent drains, then the peer
@@ -207,7 +259,14 @@ impl Node {
                 continue;
             }
             let peer = self.peers[i].id;
-            if self.ahead_in_flight_bytes(peer) != 0 {
+            // Exact (the transfer log), newest first: while anything is in flight this stops
+            // at once, and the walk to the end happens once, when the resync starts.
+            let in_flight = self
+                .transfer_log
+                .values()
+                .rev()
+                .any(|e| !e.resync && e.peers.iter().any(|(p, _)| *p == peer));
+            if in_flight {
                 continue;
             }
             if self.disk != DiskState::UpToDate {
