@@ -23,6 +23,7 @@ fn node(id: u8, peer: u8) -> drbd_engine::protocol::Node {
         quorum: Default::default(),
         after_sb: Default::default(),
         on_io_error: Default::default(),
+        congestion: Default::default(),
     };
     drbd_engine::protocol::Node::new(config, Metadata::create(NodeId(id), DEVICE_BLOCKS), 0)
 }

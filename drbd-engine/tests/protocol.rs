@@ -19,6 +19,7 @@ fn config() -> Config {
         quorum: Default::default(),
         after_sb: Default::default(),
         on_io_error: Default::default(),
+        congestion: Default::default(),
     }
 }
 

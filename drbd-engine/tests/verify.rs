@@ -40,6 +40,7 @@ fn config(peer: u8, digests: DigestSettings) -> Config {
         quorum: Default::default(),
         after_sb: Default::default(),
         on_io_error: Default::default(),
+        congestion: Default::default(),
     }
 }
 

@@ -325,6 +325,7 @@ pub fn plan_resource(
             after_sb,
             shared_secret,
             on_io_error: on_io_error_of(disk.on_io_error()).map_err(|e| format!("{name}: {e}"))?,
+            congestion: congestion_of(net, protocol).map_err(|e| format!("{name}: {e}"))?,
         },
         volume: volume.number,
         minor: volume.device.minor,
@@ -428,6 +429,28 @@ fn on_io_error_of(
              supported (no local-io-error handler): use detach or pass_on"
             .to_owned()),
     }
+}
+
+/// `net { on-congestion; congestion-fill; congestion-extents; }` for the engine (DRBD's
+/// defaults when absent: block, no fill limit). A policy other than block needs protocol A,
+/// as in DRBD; the error names the setting.
+fn congestion_of(
+    net: &NetOptions,
+    protocol: Protocol,
+) -> Result<drbd_engine::protocol::node::CongestionConfig, String> {
+    use crate::config::OnCongestion as Words;
+    use drbd_engine::protocol::node::{CongestionConfig, OnCongestion};
+    let config = CongestionConfig {
+        on_congestion: match net.on_congestion {
+            None | Some(Words::Block) => OnCongestion::Block,
+            Some(Words::PullAhead) => OnCongestion::PullAhead,
+            Some(Words::Disconnect) => OnCongestion::Disconnect,
+        },
+        fill_bytes: net.congestion_fill_sectors.unwrap_or(0).saturating_mul(512),
+        extents: net.congestion_extents.and_then(|extents| usize::try_from(extents).ok()),
+    };
+    config.check(protocol_of(protocol)).map_err(|e| format!("net {{ }}: {e}"))?;
+    Ok(config)
 }
 
 fn fencing_of(policy: FencingPolicy) -> Fencing {
@@ -1559,6 +1582,46 @@ mod tests {
         let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).expect("parses");
         let resource = config.resource("r0").expect("r0");
         plan_resource(&NodeSettings::default(), "alpha", resource).expect("plans")
+    }
+
+    /// `on-congestion`, `congestion-fill` and `congestion-extents` reach the engine in its
+    /// units; a policy other than block needs protocol A and the refusal names the setting.
+    #[test]
+    fn congestion_settings_reach_the_engine() {
+        use drbd_engine::protocol::node::{CongestionConfig, OnCongestion};
+        assert_eq!(plan_of("", "").driver.congestion, CongestionConfig::default());
+        let net =
+            "protocol A; on-congestion pull-ahead; congestion-fill 2M; congestion-extents 100;";
+        let plan = plan_of(net, "");
+        assert_eq!(
+            plan.driver.congestion,
+            CongestionConfig {
+                on_congestion: OnCongestion::PullAhead,
+                fill_bytes: 2 * 1024 * 1024,
+                extents: Some(100),
+            }
+        );
+        let plan = plan_of("protocol A; on-congestion disconnect; congestion-fill 1000;", "");
+        assert_eq!(plan.driver.congestion.on_congestion, OnCongestion::Disconnect);
+        assert_eq!(plan.driver.congestion.fill_bytes, 1000 * 512);
+        for net in ["on-congestion pull-ahead;", "protocol B; on-congestion disconnect;"] {
+            let text = format!(
+                "resource r0 {{
+                   net {{ {net} }}
+                   volume 0 {{ device minor 0; disk /tmp/r0.img; meta-disk internal; }}
+                   on alpha {{ node-id 0; address 127.0.0.1:7789; }}
+                   on beta {{ node-id 1; address 127.0.0.1:7790; }}
+                 }}"
+            );
+            let config = crate::config::parse_str("r0.res", &text, Path::new("/tmp")).unwrap();
+            let resource = config.resource("r0").unwrap();
+            let error = match plan_resource(&NodeSettings::default(), "alpha", resource) {
+                Ok(_) => panic!("{net} was accepted"),
+                Err(error) => error,
+            };
+            assert!(error.contains("on-congestion"), "{error}");
+            assert!(error.contains("needs protocol A"), "{error}");
+        }
     }
 
     #[test]

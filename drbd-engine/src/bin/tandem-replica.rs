@@ -223,6 +223,7 @@ fn parse_args() -> Result<(DriverConfig, Option<FenceHandler>)> {
         after_sb,
         shared_secret,
         on_io_error,
+        congestion: Default::default(),
     };
     Ok((config, handler))
 }

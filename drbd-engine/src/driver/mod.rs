@@ -122,6 +122,8 @@ pub struct DriverConfig {
     pub shared_secret: Option<Vec<u8>>,
     /// `disk { on-io-error detach|pass_on; }`.
     pub on_io_error: crate::protocol::OnIoError,
+    /// `net { on-congestion; congestion-fill; congestion-extents; }` (`protocol::node::ahead`).
+    pub congestion: crate::protocol::node::CongestionConfig,
 }
 
 /// How the metadata file is laid out.
@@ -449,6 +451,7 @@ impl ReplicatedDevice {
             quorum: config.quorum.clone(),
             after_sb: config.after_sb,
             on_io_error: config.on_io_error,
+            congestion: config.congestion,
         };
         let node = Node::new(node_config, meta, now_ms());
         let mut driver = Driver {

@@ -248,6 +248,13 @@ pub enum Frame {
     ResyncPeersInSync {
         peers: u64,
     },
+    // Congestion policy pull-ahead (`protocol::node::ahead`), kinds 45-49.
+    /// Primary to secondary, after the Barrier that closes the last epoch it sent: no more
+    /// writes come; the receiver is Behind (and outdates its disk) until `AheadResync`.
+    Ahead,
+    /// Primary to a Behind secondary, once everything sent before `Ahead` is confirmed: the
+    /// resync of the blocks marked meanwhile starts (Ahead -> SyncSource, Behind -> SyncTarget).
+    AheadResync,
 }
 
 impl Frame {
@@ -288,6 +295,8 @@ impl Frame {
             Frame::UuidHistory { .. } => 29,
             Frame::UncleanSecondary => 50,
             Frame::ResyncPeersInSync { .. } => 32,
+            Frame::Ahead => 45,
+            Frame::AheadResync => 46,
         }
     }
 }
@@ -520,6 +529,7 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
         }
         Frame::UncleanSecondary => {}
         Frame::ResyncPeersInSync { peers } => w.u64(*peers),
+        Frame::Ahead | Frame::AheadResync => {}
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -692,6 +702,8 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             Frame::ReadReply { id, data: r.rest() }
         }
         24 => Frame::ReadError { id: r.u64()? },
+        45 => Frame::Ahead,
+        46 => Frame::AheadResync,
         40 => {
             r.what = "VerifyStart";
             Frame::VerifyStart { first_block: r.u64()?, end_block: r.u64()? }
@@ -838,6 +850,8 @@ mod tests {
             Frame::UuidHistory { history: [0x20, 0x10] },
             Frame::UncleanSecondary,
             Frame::ResyncPeersInSync { peers: 0b101 },
+            Frame::Ahead,
+            Frame::AheadResync,
         ]
     }
 

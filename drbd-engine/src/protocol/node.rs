@@ -38,6 +38,7 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use thiserror::Error;
 
+pub mod ahead;
 mod atomic;
 pub mod diskless;
 mod mesh;
@@ -49,6 +50,7 @@ mod resize;
 mod stall;
 pub mod verify;
 
+pub use ahead::{CongestionConfig, OnCongestion};
 pub use diskless::OnIoError;
 
 /// DRBD's replication protocols: when a write counts as complete.
@@ -136,6 +138,8 @@ pub struct Config {
     pub after_sb: AfterSbPolicies,
     /// `disk { on-io-error detach|pass_on; }` (see `diskless`).
     pub on_io_error: OnIoError,
+    /// `net { on-congestion; congestion-fill; congestion-extents; }` (see `ahead`).
+    pub congestion: CongestionConfig,
 }
 
 impl Default for Config {
@@ -151,6 +155,7 @@ impl Default for Config {
             quorum: QuorumConfig::default(),
             after_sb: AfterSbPolicies::default(),
             on_io_error: OnIoError::default(),
+            congestion: CongestionConfig::default(),
         }
     }
 }
@@ -613,6 +618,7 @@ pub struct Node {
     /// Three or more diskful nodes (`mesh`).
     mesh: mesh::MeshState,
     mesh_gen: mesh_gen::MeshGenState,
+    ahead: ahead::AheadState,
 }
 
 impl Node {
@@ -703,6 +709,7 @@ impl Node {
             diskless: diskless::DisklessState::default(),
             mesh: mesh::MeshState::default(),
             mesh_gen: mesh_gen::MeshGenState::default(),
+            ahead: ahead::AheadState::default(),
         };
         node.mesh_set_unclean(unclean);
         node
@@ -1170,6 +1177,7 @@ impl Node {
                 if !p.replicating()
                     && self.meta.flags.peer_outdated & p.id.bit() == 0
                     && !self.is_diskless_peer(p.id)
+                    && !self.ahead_of_connected(i)
                 {
                     self.start_fence(i);
                 }
@@ -1215,6 +1223,7 @@ impl Node {
             let w = &self.app_writes[&id];
             (w.first, w.blocks, w.fua, w.atomic)
         };
+        self.ahead_check_congestion(blocks);
         let unreached: Vec<NodeId> =
             self.peers.iter().filter(|p| !p.replicating()).map(|p| p.id).collect();
         for peer in unreached {
@@ -1400,7 +1409,10 @@ impl Node {
     }
 
     fn try_complete_flushes(&mut self) {
-        if (self.fence_pending != 0 && !self.quorum_fails_io()) || self.quorum_holds_io() {
+        if (self.fence_pending != 0 && !self.quorum_fails_io())
+            || self.quorum_holds_io()
+            || self.ahead_holds_flushes()
+        {
             return;
         }
         let mut i = 0;
@@ -1700,7 +1712,7 @@ impl Node {
             let conn_id = self.peers[i].conn_id;
             self.outputs.push_back(Output::Disconnect { peer, conn_id });
         }
-        let was_replicating = self.peers[i].replicating();
+        let was_replicating = self.peers[i].replicating() || self.ahead_unconfirmed(i);
         if self.peers[i].connection == ConnectionState::Connected {
             self.peers[i].primary_at_loss = self.role == Role::Primary;
         }
@@ -2216,6 +2228,7 @@ impl Node {
                 }
                 self.mesh_handle_frame(i, frame);
             }
+            frame @ (Frame::Ahead | Frame::AheadResync) => self.handle_ahead_frame(i, frame),
         }
     }
 
@@ -2752,6 +2765,7 @@ impl Node {
                 self.pump_verify(i);
             }
         }
+        self.ahead_pump();
         self.start_queued_writes();
         self.collect_transfer_log();
         // Held reads first: their data was read before the writes released with them were

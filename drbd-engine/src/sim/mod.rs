@@ -38,6 +38,7 @@
 //! `Report` counts what a run exercised (promotions, promotions apart and how they ended,
 //! fence-peer exit codes, old primaries shot, split brains, lineage forks).
 
+pub mod congestion;
 pub mod disk;
 pub mod disk_fail;
 pub mod mesh;
@@ -368,6 +369,8 @@ pub struct Report {
     pub detached_primary_requests: u64,
     /// Online grow (`resize`).
     pub resize: resize::ResizeReport,
+    /// Slow links and congestion policies (`congestion`).
+    pub congestion: congestion::CongestionReport,
 }
 
 impl Report {
@@ -403,6 +406,7 @@ impl Report {
         self.disk_detaches += other.disk_detaches;
         self.detached_primary_requests += other.detached_primary_requests;
         self.resize.add(&other.resize);
+        self.congestion.add(&other.congestion);
     }
 
     /// One line of counters.
@@ -414,7 +418,7 @@ impl Report {
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
              ({} pri-lost-after-sb calls), {} connections refused by authentication, \
-             {} disks detached ({} requests served by a detached primary); {}; {}",
+             {} disks detached ({} requests served by a detached primary); {}; {}; {}",
             self.writes_acked,
             self.crashes,
             self.promotions,
@@ -440,7 +444,8 @@ impl Report {
             self.disk_detaches,
             self.detached_primary_requests,
             self.more.summary(),
-            self.resize.summary()
+            self.resize.summary(),
+            self.congestion.summary()
         ) + &self.quorum_summary()
     }
 
@@ -531,6 +536,7 @@ pub struct World {
     /// Three diskful nodes: each node's current sync source (`mesh`).
     mesh_sync_source: Vec<Option<usize>>,
     resize: resize::ResizeSimState,
+    congestion: congestion::CongestionState,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -605,6 +611,7 @@ impl World {
             disk_failures: disk_fail::DiskFailures::new(seed),
             mesh_sync_source: vec![None; nodes],
             resize: resize::ResizeSimState::new(seed, size),
+            congestion: congestion::CongestionState::new(seed, nodes),
         }
     }
 
@@ -654,7 +661,8 @@ impl World {
         self.violations.push(format!("t={}ms: {text}", self.now_ms));
     }
 
-    fn config(&self, i: usize) -> Config {
+    fn config(&mut self, i: usize) -> Config {
+        let congestion = self.congestion_config();
         Config {
             peers: (0..self.swarm.nodes).filter(|j| *j != i).map(nid).collect(),
             protocol: self.swarm.protocol,
@@ -670,6 +678,7 @@ impl World {
             } else {
                 self.swarm.after_sb.seen_from_peer()
             },
+            congestion,
             ..Config::default()
         }
     }
@@ -865,6 +874,7 @@ impl World {
         self.log(|| format!("connect {a}-{b} conn {conn}"));
         self.next_conn += 1;
         self.conns.insert(pair(a, b), conn);
+        self.congestion_connection_reset(a, b);
         self.dirty_at_connect
             .insert(pair(a, b), (self.dirty.clone(), self.discard_requested.clone()));
         for (x, y) in [(a, b), (b, a)] {
@@ -946,6 +956,7 @@ impl World {
         }
         self.workload();
         self.faults();
+        self.congestion_tick();
     }
 
     fn primary(&self) -> Option<usize> {
@@ -1480,7 +1491,8 @@ impl World {
         }
         let copies = if faults && self.rng.chance(self.swarm.duplicate_ppm) { 2 } else { 1 };
         for _ in 0..copies {
-            let delay = self.rng.range(0, self.swarm.net_delay_ms_max);
+            let delay = self.rng.range(0, self.swarm.net_delay_ms_max)
+                + self.congestion_delay_ms(from, to, bytes.len());
             self.schedule(self.now_ms + delay, Ev::Deliver { to, from, bytes: bytes.clone() });
         }
     }
@@ -1573,6 +1585,7 @@ impl World {
 
     fn event(&mut self, i: usize, event: Event) {
         self.verify_event(i, &event);
+        self.congestion_event(i, &event);
         self.resize_event(i, &event);
         match event {
             Event::QuorumChanged(have) => {

@@ -46,6 +46,7 @@ pub fn pair_config(
         after_sb: Default::default(),
         shared_secret: None,
         on_io_error: Default::default(),
+        congestion: Default::default(),
     }
 }
 

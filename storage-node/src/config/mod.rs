@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 pub use model::{
     AddressFamily, AfterSb0Pri, AfterSb1Pri, AfterSb2Pri, Config, Connection, ConnectionHost,
-    Device, Disk, DiskOptions, Endpoint, FencingPolicy, MetaDisk, NetOptions, Node, OnIoError,
-    OnNoQuorum, Protocol, Quorum, Resource, ResourceOptions, Volume,
+    Device, Disk, DiskOptions, Endpoint, FencingPolicy, MetaDisk, NetOptions, Node, OnCongestion,
+    OnIoError, OnNoQuorum, Protocol, Quorum, Resource, ResourceOptions, Volume,
 };
 
 /// A place in a configuration file, printed `FILE:LINE` like drbdadm.

@@ -262,6 +262,7 @@ word_enum!(
     /// Replication protocol: A (acknowledged when sent), B (when received), C (when written).
     Protocol { A = "A", B = "B", C = "C" }
 );
+word_enum!(OnCongestion { Block = "block", PullAhead = "pull-ahead", Disconnect = "disconnect" });
 word_enum!(OnNoQuorum { IoError = "io-error", SuspendIo = "suspend-io" });
 word_enum!(OnIoError { PassOn = "pass_on", CallLocalIoError = "call-local-io-error", Detach = "detach" });
 word_enum!(AfterSb1Pri {
@@ -370,6 +371,10 @@ pub struct NetOptions {
     pub verify_alg: Option<String>,
     pub cram_hmac_alg: Option<String>,
     pub shared_secret: Option<String>,
+    /// `on-congestion`, `congestion-fill` (in sectors) and `congestion-extents`.
+    pub on_congestion: Option<OnCongestion>,
+    pub congestion_fill_sectors: Option<u64>,
+    pub congestion_extents: Option<u32>,
     /// Accepted options Tandem does not act on, as written.
     pub ignored: BTreeMap<String, String>,
 }

@@ -1182,6 +1182,10 @@ fn net_options(list: &OptionList) -> NetOptions {
         verify_alg: last_value(list, "verify-alg").map(str::to_owned),
         cram_hmac_alg: last_value(list, "cram-hmac-alg").map(str::to_owned),
         shared_secret: last_value(list, "shared-secret").map(str::to_owned),
+        on_congestion: typed(list, "on-congestion"),
+        congestion_fill_sectors: scaled_value(list, "congestion-fill"),
+        congestion_extents: scaled_value(list, "congestion-extents")
+            .and_then(|value| u32::try_from(value).ok()),
         ignored: ignored(list),
     }
 }
