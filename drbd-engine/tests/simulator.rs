@@ -109,6 +109,13 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          ended), so the secondary had not grown yet; engine: a resize is refused while a verify \
          runs, as its message said (a verify keeps the connection Established inside)",
     ),
+    (
+        11989,
+        2,
+        "checker: the ghost record ignored the writes a secondary took alone for a primary whose \
+         disk had failed (detached), so a forced promotion of that stale disk later made a real \
+         split brain the checker called one-sided",
+    ),
 ];
 
 #[test]

@@ -1428,10 +1428,16 @@ impl World {
                     );
                 }
                 Output::Persist(update) => {
+                    // A secondary that marks a primary whose disk is detached holds that
+                    // primary's writes alone: they reach no other disk (seed 11989).
                     if let MetaUpdate::BitmapSet { peer, .. } = &update
                         && !constructing
-                        && role == Role::Primary
-                        && !self.detached_disk(i)
+                        && ((role == Role::Primary && !self.detached_disk(i))
+                            || (self.detached_disk(peer.index())
+                                && self.nodes[peer.index()]
+                                    .node
+                                    .as_ref()
+                                    .is_some_and(|n| n.role() == Role::Primary)))
                     {
                         self.set_dirty(i, peer.index());
                         self.log(|| format!("node {i} dirty for {peer} via {update:?}"));
