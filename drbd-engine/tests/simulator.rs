@@ -424,6 +424,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          its peers it is unclean (Frame::UncleanSecondary) and a clean peer of its generation \
          is the source (706 and 1265 the same)",
     ),
+    (
+        2276,
+        "engine (the first fix of 1813): a secondary whose activity log was full of extents \
+         with writes in doubt marked a new in-doubt write in the bitmap instead, and the bits \
+         went when the primary reported the peer in sync; such a write stays in doubt in \
+         memory now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

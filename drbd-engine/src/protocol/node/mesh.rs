@@ -602,16 +602,11 @@ impl Node {
             self.mesh_mark(x, first, blocks);
         }
         if doubt != 0 {
-            let Some(al_held) = self.mesh_al_hold(first, blocks) else {
-                // The activity log is full of extents with writes in doubt: the bitmap
-                // holds this one instead (durable before the write reaches the disk).
-                for x in self.peer_ids() {
-                    if doubt & x.bit() != 0 {
-                        self.mesh_mark(x, first, blocks);
-                    }
-                }
-                return;
-            };
+            // A log full of extents with writes in doubt leaves this one in memory only, as
+            // before the log held them. Marking it in the bitmap instead lost it: the bits
+            // for a peer the primary reports in sync are dropped (`mesh_settle_in_sync`),
+            // which an in-doubt record survives (seed 2276).
+            let al_held = self.mesh_al_hold(first, blocks).unwrap_or(false);
             self.mesh.in_doubt.push_back(InDoubt { first, blocks, peers: doubt, al_held });
             if self.mesh.in_doubt.len() > IN_DOUBT_WRITES_MAX {
                 let oldest = self.mesh.in_doubt.pop_front().expect("over the limit");
@@ -697,7 +692,7 @@ impl Node {
     /// write the other secondaries lack, or lack one they hold (`unclean_secondary_marks`).
     /// Only the first write to a cold extent costs a transaction. `Some(false)` while
     /// detached (the write does not reach our disk), `None` when the log is full of
-    /// referenced extents.
+    /// referenced extents (the write is then in doubt in memory only).
     fn mesh_al_hold(&mut self, first: u64, blocks: u64) -> Option<bool> {
         if self.is_detached() || self.disk == DiskState::Diskless {
             return Some(false);
