@@ -489,6 +489,30 @@ struct ResyncSource {
     csums: Option<verify::CsumResync>,
 }
 
+impl ResyncSource {
+    /// A resync of `blocks_total` marked blocks starting at `now_ms`, its first step due at
+    /// once.
+    fn new(
+        blocks_total: u64,
+        now_ms: u64,
+        rate: ResyncRate,
+        csums: Option<verify::CsumResync>,
+    ) -> Self {
+        Self {
+            cursor: 0,
+            in_flight: BTreeMap::new(),
+            blocks_total,
+            started_ms: now_ms,
+            controller: ResyncController::new(rate),
+            last_step_ms: now_ms.saturating_sub(RESYNC_STEP_MS),
+            budget_kib: 0,
+            acked_kib_step: 0,
+            acked_blocks_total: 0,
+            csums,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Peer {
     id: NodeId,
@@ -2521,22 +2545,13 @@ impl Node {
             }
             self.set_peer_disk(i, DiskState::Inconsistent);
             let blocks_total = self.meta.bitmaps[peer.index()].count();
-            self.peers[i].resync = Some(ResyncSource {
-                cursor: 0,
-                in_flight: BTreeMap::new(),
-                blocks_total,
-                started_ms: self.now_ms,
-                controller: ResyncController::new(self.config.resync_rate),
-                last_step_ms: self.now_ms.saturating_sub(RESYNC_STEP_MS),
-                budget_kib: 0,
-                acked_kib_step: 0,
-                acked_blocks_total: 0,
-                csums: self
-                    .config
-                    .digests
-                    .csums_for_resync(self.meta.flags.crashed_primary || hello.crashed_primary)
-                    .map(verify::CsumResync::new),
-            });
+            let csums = self
+                .config
+                .digests
+                .csums_for_resync(self.meta.flags.crashed_primary || hello.crashed_primary)
+                .map(verify::CsumResync::new);
+            self.peers[i].resync =
+                Some(ResyncSource::new(blocks_total, self.now_ms, self.config.resync_rate, csums));
             self.set_replication(i, ReplicationState::SyncSource);
         } else {
             assert!(target);

@@ -278,19 +278,10 @@ impl Node {
             self.send(i, Frame::AheadResync);
             self.set_peer_disk(i, DiskState::Inconsistent);
             let blocks_total = self.meta.bitmaps[peer.index()].count();
-            self.peers[i].resync = Some(ResyncSource {
-                cursor: 0,
-                in_flight: BTreeMap::new(),
-                blocks_total,
-                started_ms: self.now_ms,
-                controller: ResyncController::new(self.config.resync_rate),
-                last_step_ms: self.now_ms.saturating_sub(RESYNC_STEP_MS),
-                budget_kib: 0,
-                acked_kib_step: 0,
-                acked_blocks_total: 0,
-                // Checksums pay off after a crash, not for blocks known to be written.
-                csums: self.config.digests.csums_for_resync(false).map(verify::CsumResync::new),
-            });
+            // Checksums pay off after a crash, not for blocks known to be written.
+            let csums = self.config.digests.csums_for_resync(false).map(verify::CsumResync::new);
+            self.peers[i].resync =
+                Some(ResyncSource::new(blocks_total, self.now_ms, self.config.resync_rate, csums));
             self.set_replication(i, ReplicationState::SyncSource);
             self.pump_resync(i);
         }
