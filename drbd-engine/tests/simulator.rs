@@ -431,6 +431,23 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          went when the primary reported the peer in sync; such a write stays in doubt in \
          memory now",
     ),
+    (
+        2201,
+        "engine (after 1813's activity log): resyncs chased each other around the mesh; a \
+         sync source reported a peer in sync (no bits for it) that had meanwhile been a third \
+         node's sync target on the same connection and held bits for the source, so the \
+         target skipped its marks for that peer and 7 blocks differed between UpToDate \
+         replicas; a peer that becomes a third node's sync target is never reported in sync \
+         on that connection now",
+    ),
+    (
+        4910,
+        "engine (after 1813's activity log): a node took a generation from a primary's \
+         resync, lost the source, was fully synced from a sibling generation and pushed the \
+         lost generation into its history; the old primary of that generation then met it \
+         in a split brain although only the primary had diverged; a target keeps its old \
+         generation only if the source's past holds it",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -2749,6 +2749,7 @@ impl Node {
         self.mesh_resync_done();
         let mut uuids = self.meta.uuids.clone();
         uuids.resync_finished_as_target(peer, current_uuid);
+        self.mesh_target_lineage(i, self.meta.uuids.current, &mut uuids);
         self.persist(MetaUpdate::Uuids(uuids));
         self.mesh_gen_resync_done(i, current_uuid);
         let size = self.meta.size_blocks;

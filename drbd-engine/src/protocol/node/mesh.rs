@@ -39,8 +39,10 @@
 //!   connected to every diskful peer becomes UpToDate (`mesh_consistent_settled`).
 //! - A sync target marks what it receives for the other diskful peers, except those its
 //!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
-//!   `mesh_resync_received`), and a handshake whose Hello is stale is retried
-//!   (`mesh_hello_stale`).
+//!   `mesh_resync_received`; never a peer that became a third node's sync target on the
+//!   current connection), and a handshake whose Hello is stale is retried
+//!   (`mesh_hello_stale`). A target keeps its old generation in its history only if the
+//!   source's past holds it (`mesh_target_lineage`).
 //! - A detached primary's generation describes the data its peers hold: it takes the one it
 //!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
 //!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
@@ -102,6 +104,13 @@ pub(super) struct MeshState {
     unclean: u64,
     /// Peers that told us so in the handshake of this connection (peer, conn_id).
     peer_unclean: BTreeMap<NodeId, u64>,
+    /// Peers that became a third node's sync target on this connection (peer, conn_id):
+    /// their data changed in blocks our bitmap does not know of, so our clear bits for them
+    /// no longer say they hold our data (`mesh_announce_resync_in_sync`).
+    synced_elsewhere: BTreeMap<NodeId, u64>,
+    /// As sync target: the history our source sent before `ResyncDone` (peer, conn_id,
+    /// history), the past of the data we end with (`mesh_target_lineage`).
+    source_history: Option<(NodeId, u64, [u64; crate::constants::HISTORY_UUIDS_MAX])>,
 }
 
 #[derive(Debug)]
@@ -281,6 +290,43 @@ impl Node {
         self.mesh.unclean = 0;
     }
 
+    /// Sync target, at `ResyncDone`: `uuids` take the source's generation and push our old
+    /// one, `old_current`, into the history. That says our data descends from it, true only
+    /// if the source's data does: our old generation is in the source's past (its current,
+    /// the history it sent, or a bitmap base of its Hello). Otherwise (a full sync, over a
+    /// generation taken from a source lost mid-resync) the old generation is dropped: every
+    /// block was overwritten with data that never held its writes. Kept, it made a node
+    /// that held those writes look split from us (seed 4910: node 1 took generation G2 from
+    /// the primary's resync, lost it, was fully synced to a sibling G3 by node 2 and ended
+    /// with G2 in its history; the old primary, at G2 with G3 in its past, met it in a split
+    /// brain although only it had diverged).
+    pub(super) fn mesh_target_lineage(
+        &mut self,
+        i: usize,
+        old_current: u64,
+        uuids: &mut crate::uuid::GenerationUuids,
+    ) {
+        let (peer, conn_id) = (self.peers[i].id, self.peers[i].conn_id);
+        let Some((from, conn, history)) = self.mesh.source_history.take() else { return };
+        if !self.mesh_enabled()
+            || from != peer
+            || conn != conn_id
+            || old_current == uuids.current
+            || old_current == uuid::UUID_JUST_CREATED
+            || history.contains(&old_current)
+            || self.mesh_gen_source_base(i, old_current)
+        {
+            return;
+        }
+        let kept: Vec<u64> =
+            uuids.history.iter().copied().filter(|u| *u != old_current && *u != 0).collect();
+        let mut compacted = [0u64; crate::constants::HISTORY_UUIDS_MAX];
+        for (slot, u) in compacted.iter_mut().zip(kept) {
+            *slot = u;
+        }
+        uuids.history = compacted;
+    }
+
     /// Primary: a write's transfer-log entry was collected (stable on every node it still
     /// goes to): the secondaries forget it as a difference between them.
     pub(super) fn mesh_collected(&mut self, first: u64, blocks: u64) {
@@ -445,6 +491,8 @@ impl Node {
                     self.protocol_error(i, "unexpected UuidHistory".into());
                     return;
                 }
+                let p = &self.peers[i];
+                self.mesh.source_history = Some((p.id, p.conn_id, history));
                 let mut uuids = self.meta.uuids.clone();
                 uuids.adopt_history(&history);
                 if uuids != self.meta.uuids {
@@ -656,7 +704,12 @@ impl Node {
 
     /// Sync source: tells each target which diskful nodes hold exactly our data (connected,
     /// Established, no bits and no bitmap UUID for them), before the data it concerns and
-    /// whenever that changes (see `mesh_resync_received`).
+    /// whenever that changes (see `mesh_resync_received`). Not a node that became a third
+    /// node's sync target on this connection: its data changed without our bits, and it
+    /// may hold bits for us we do not (seed 2201: node 0 resynced from node 2 while
+    /// Established with node 1, which had no bits for it and reported it in sync to node 2
+    /// in its next resync; node 2 skipped marks for node 0, and 7 blocks stayed different
+    /// between UpToDate replicas).
     fn mesh_announce_resync_in_sync(&mut self) {
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
@@ -672,7 +725,8 @@ impl Node {
                     && x.handshake.is_none()
                     && x.replication == ReplicationState::Established
                     && self.meta.uuids.bitmap_uuid(x.id) == 0
-                    && self.meta.bitmaps[x.id.index()].is_clear();
+                    && self.meta.bitmaps[x.id.index()].is_clear()
+                    && self.mesh.synced_elsewhere.get(&x.id) != Some(&x.conn_id);
                 if same {
                     peers |= x.id.bit();
                 }
@@ -807,6 +861,11 @@ impl Node {
     /// a sync it became source of): what our handshake found no longer holds, so handshake
     /// again (an Outdated node next to an UpToDate one in sync becomes UpToDate that way).
     pub(super) fn mesh_peer_state(&mut self, i: usize, role: Role, disk: DiskState) {
+        // (Not our own target whose State comes after a resync with nothing to copy.)
+        if self.mesh_synced_elsewhere(i, disk) && !self.mesh_gen_sourced_here(i) {
+            let p = &self.peers[i];
+            self.mesh.synced_elsewhere.insert(p.id, p.conn_id);
+        }
         let p = &self.peers[i];
         if self.mesh_enabled()
             && !self.is_diskless_peer(p.id)

@@ -116,6 +116,22 @@ impl Node {
         }
     }
 
+    /// Whether `uuid` is one of the bitmap bases peer `i`, our sync source on this
+    /// connection, had or took while the resync ran (a generation in its past).
+    pub(super) fn mesh_gen_source_base(&self, i: usize, uuid: u64) -> bool {
+        let p = &self.peers[i];
+        self.mesh_gen
+            .source_view
+            .as_ref()
+            .is_some_and(|v| v.peer == p.id && v.conn_id == p.conn_id && v.bases.contains(&uuid))
+    }
+
+    /// Whether we finished a resync as peer `i`'s source on its current connection.
+    pub(super) fn mesh_gen_sourced_here(&self, i: usize) -> bool {
+        let p = &self.peers[i];
+        self.mesh_gen.sourced.get(&p.id) == Some(&p.conn_id)
+    }
+
     /// We finished a resync as peer `i`'s source on its current connection.
     pub(super) fn mesh_gen_sourced(&mut self, i: usize) {
         let p = &self.peers[i];
