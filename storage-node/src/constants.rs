@@ -62,6 +62,9 @@ pub const GRATUITOUS_ARP_ROUNDS_MAX: u32 = 3;
 pub const GRATUITOUS_ARP_INTERVAL_MS: u64 = 200;
 /// How often a service IP's driver re-checks the interface (and retries a failed action).
 pub const SERVICE_IP_CHECK_INTERVAL_MS: u64 = 1000;
+/// How long a stopping tandemd waits for a service IP's driver to finish an `ip addr` it has
+/// started, before it removes the address itself.
+pub const SERVICE_IP_STOP_WAIT_MS: u64 = 2000;
 
 const _: () = assert!(CONTROL_CONNECTIONS_MAX >= 2, "tandemadm events2 must not block others");
 const _: () = assert!(BROKEN_FILE_RETRIES_MAX <= INCLUDE_FILES_MAX);

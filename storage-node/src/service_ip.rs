@@ -24,11 +24,12 @@
 
 use crate::constants::{
     GRATUITOUS_ARP_INTERVAL_MS, GRATUITOUS_ARP_ROUNDS_MAX, SERVICE_IP_CHECK_INTERVAL_MS,
+    SERVICE_IP_STOP_WAIT_MS,
 };
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -225,6 +226,10 @@ struct Entry {
 /// [`start`]: ServiceIps::start
 pub struct ServiceIps {
     entries: BTreeMap<String, Entry>,
+    /// Set once by [`ServiceIps::release_all`]: from then on no role change adds an address
+    /// and the drivers end, so none can re-add one after the stop removed it.
+    stopping: Arc<AtomicBool>,
+    drivers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ServiceIps {
@@ -242,7 +247,11 @@ impl ServiceIps {
                 (config.resource.clone(), entry)
             })
             .collect();
-        ServiceIps { entries }
+        ServiceIps {
+            entries,
+            stopping: Arc::new(AtomicBool::new(false)),
+            drivers: Mutex::default(),
+        }
     }
 
     /// The configured service IPs.
@@ -252,18 +261,23 @@ impl ServiceIps {
 
     /// Spawns the reconciling tasks (call once, inside the runtime).
     pub fn start(&self) {
+        let mut drivers = self.drivers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for entry in self.entries.values() {
-            tokio::spawn(reconcile(
+            drivers.push(tokio::spawn(reconcile(
                 entry.config.clone(),
                 entry.wanted.subscribe(),
                 entry.assigned.clone(),
-            ));
+                self.stopping.clone(),
+            )));
         }
     }
 
     /// Tells the driver whether this node is Primary for `resource` (cheap; only a change
     /// wakes the task).
     pub fn set_primary(&self, resource: &str, primary: bool) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(entry) = self.entries.get(resource) {
             entry.wanted.send_if_modified(|wanted| std::mem::replace(wanted, primary) != primary);
         }
@@ -276,10 +290,27 @@ impl ServiceIps {
 
     /// Removes every configured address this node holds (tandemd is stopping: nothing will
     /// answer on it, and a peer promoted later must not find it taken).
+    ///
+    /// The drivers end first: one woken by a promotion just before the stop may be running
+    /// `ip addr add`, and would otherwise put the address back after it was removed here.
     pub async fn release_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for entry in self.entries.values() {
+            entry.wanted.send_replace(false);
+        }
+        let drivers = std::mem::take(
+            &mut *self.drivers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        for driver in drivers {
+            let wait = Duration::from_millis(SERVICE_IP_STOP_WAIT_MS);
+            if tokio::time::timeout(wait, driver).await.is_err() {
+                tracing::warn!(
+                    "service IP: a driver did not end within {SERVICE_IP_STOP_WAIT_MS} ms"
+                );
+            }
+        }
         for entry in self.entries.values() {
             let config = &entry.config;
-            entry.wanted.send_replace(false);
             if address_present(config).unwrap_or(true) {
                 match ip_addr("del", config).await {
                     Ok(()) => tracing::info!(resource = %config.resource,
@@ -308,9 +339,13 @@ async fn reconcile(
     config: ServiceIpConfig,
     mut wanted: watch::Receiver<bool>,
     assigned: Arc<AtomicBool>,
+    stopping: Arc<AtomicBool>,
 ) {
     let resource = config.resource.clone();
     loop {
+        if stopping.load(Ordering::SeqCst) {
+            return; // release_all removes the address once every driver has ended
+        }
         let want = *wanted.borrow_and_update();
         let present = match address_present(&config) {
             Ok(present) => present,
@@ -439,5 +474,16 @@ mod tests {
         ips.set_primary("other", true); // not configured: ignored
         assert_eq!(ips.sample("r0"), Some(("10.9.0.100/24".into(), "lo".into(), false)));
         assert_eq!(ips.sample("other"), None);
+    }
+
+    #[tokio::test]
+    async fn a_stopping_node_adds_no_address() {
+        let ips =
+            ServiceIps::new(&[ServiceIpConfig::parse("r0 10.9.0.101/24 dev lo").expect("ok")]);
+        ips.release_all().await;
+        let mut rx = ips.entries["r0"].wanted.subscribe();
+        ips.set_primary("r0", true); // a promotion racing the stop
+        assert!(!rx.has_changed().expect("open"), "the stop wins: nothing re-adds the address");
+        assert!(!*rx.borrow_and_update());
     }
 }
