@@ -1,99 +1,48 @@
 //! Congestion policies (`net { on-congestion; congestion-fill; congestion-extents; }`) at the
-//! protocol level: two nodes back to back whose link can be held (a slow link: frames wait on
-//! the wire), in-memory disks, a clock the test advances. See `protocol/node/ahead.rs`.
+//! protocol level: the shared two-node pair (`tests/common`), whose links can be held (a slow
+//! link: frames wait on the wire), node 0 primary. See `protocol/node/ahead.rs`.
 
+mod common;
+
+use common::{Pair, at, other};
 use drbd_engine::NodeId;
-use drbd_engine::protocol::node::{
-    AppRequest, Config, CongestionConfig, DiskOp, Event, Node, OnCongestion, Output, RequestError,
-    RequestId,
-};
+use drbd_engine::protocol::node::{AppRequest, CongestionConfig, Event, OnCongestion, RequestId};
 use drbd_engine::protocol::{
-    ConnectionState, DiskState, FenceOutcome, Fencing, IoFailed, Metadata, ReplicationProtocol,
-    ReplicationState, ResyncRate, Role, StateError,
+    ConnectionState, DiskState, FenceOutcome, Fencing, ReplicationProtocol, ReplicationState, Role,
+    StateError,
 };
-use std::collections::VecDeque;
 
-const BLOCK: usize = 4096;
 /// Blocks per activity-log extent (4 MiB).
 const EXTENT_BLOCKS: u64 = 1024;
 
-type RequestResult = Result<Option<Vec<u8>>, RequestError>;
-
-fn other(i: usize) -> NodeId {
-    NodeId(u8::from(i == 0))
-}
-
-fn at(block: u64) -> usize {
-    usize::try_from(block).unwrap() * BLOCK
-}
-
 /// `blocks` blocks of generation `generation`, each naming its block number.
 fn data(first: u64, blocks: u64, generation: u8) -> Vec<u8> {
-    let mut out = Vec::new();
-    for block in first..first + blocks {
-        let mut b = vec![generation; BLOCK];
-        b[..8].copy_from_slice(&block.to_le_bytes());
-        out.extend_from_slice(&b);
-    }
-    out
+    (first..first + blocks).flat_map(|block| common::block_data(block, generation)).collect()
 }
 
-struct Pair {
-    nodes: [Node; 2],
-    disks: [Vec<u8>; 2],
-    /// Frames on the wire from node i to the other, in order.
-    wire: [VecDeque<Vec<u8>>; 2],
-    /// The link from node i holds its frames (congested) instead of delivering them.
-    held: [bool; 2],
-    now_ms: u64,
-    conn_id: u64,
-    completions: Vec<(usize, RequestId, RequestResult)>,
-    events: Vec<(usize, Event)>,
-    next_request: u64,
-}
-
+/// The congestion tests' view of the shared pair: node 0 is the primary.
 impl Pair {
     /// Two identical all-zero replicas under protocol `protocol`, connected and in sync, node 0
     /// primary.
-    fn new(size_blocks: u64, protocol: ReplicationProtocol, congestion: CongestionConfig) -> Self {
-        Self::with_fencing(size_blocks, protocol, congestion, Fencing::DontCare)
+    fn ahead(
+        size_blocks: u64,
+        protocol: ReplicationProtocol,
+        congestion: CongestionConfig,
+    ) -> Self {
+        Self::ahead_fenced(size_blocks, protocol, congestion, Fencing::DontCare)
     }
 
-    fn with_fencing(
+    fn ahead_fenced(
         size_blocks: u64,
         protocol: ReplicationProtocol,
         congestion: CongestionConfig,
         fencing: Fencing,
     ) -> Self {
-        let node = |id: u8| {
-            let config = Config {
-                peers: vec![other(usize::from(id))],
-                protocol,
-                fencing,
-                resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
-                al_extents: 8,
-                random_seed: 7,
-                congestion,
-                ..Config::default()
-            };
-            Node::new(config, Metadata::create(NodeId(id), size_blocks), 0)
-        };
-        let bytes = at(size_blocks);
-        let mut pair = Self {
-            nodes: [node(0), node(1)],
-            disks: [vec![0; bytes], vec![0; bytes]],
-            wire: [VecDeque::new(), VecDeque::new()],
-            held: [false; 2],
-            now_ms: 0,
-            conn_id: 0,
-            completions: Vec::new(),
-            events: Vec::new(),
-            next_request: 1,
-        };
-        pair.connect();
-        let now = pair.tick();
-        pair.nodes[0].handle_new_current_uuid_clear_bitmap(now).unwrap();
-        pair.run();
+        let mut pair = Pair::configured(size_blocks, false, |config| {
+            config.protocol = protocol;
+            config.congestion = congestion;
+            config.fencing = fencing;
+        });
         let now = pair.tick();
         pair.nodes[0].handle_promote(now, false).unwrap();
         pair.run();
@@ -101,114 +50,14 @@ impl Pair {
         pair
     }
 
-    fn tick(&mut self) -> u64 {
-        self.now_ms += 1;
-        self.now_ms
-    }
-
     fn replication(&self, i: usize) -> Option<ReplicationState> {
         self.nodes[i].replication_state(other(i))
     }
 
-    /// Delivers every output until both nodes are quiet; frames on a held link stay there.
-    fn run(&mut self) {
-        loop {
-            let mut progress = false;
-            for i in 0..2 {
-                while let Some(output) = self.nodes[i].poll_output() {
-                    progress = true;
-                    let now = self.now_ms;
-                    match output {
-                        Output::Transmit { frame, .. } => self.wire[i].push_back(frame.to_vec()),
-                        Output::Disconnect { conn_id, .. } => {
-                            self.wire = [VecDeque::new(), VecDeque::new()];
-                            self.nodes[1 - i].handle_transport_closed(now, other(1 - i), conn_id);
-                        }
-                        Output::DiskIo { id, op } => {
-                            let result = self.disk_io(i, op);
-                            self.nodes[i].handle_disk_completion(now, id, result);
-                        }
-                        Output::Complete { request, result } => {
-                            self.completions.push((i, request, result));
-                        }
-                        Output::Event(event) => self.events.push((i, event)),
-                        Output::Persist(_) => {}
-                    }
-                }
-                if !self.held[i] {
-                    while let Some(bytes) = self.wire[i].pop_front() {
-                        progress = true;
-                        let now = self.now_ms;
-                        self.nodes[1 - i].handle_receive(now, other(1 - i), &bytes);
-                    }
-                }
-            }
-            if !progress {
-                return;
-            }
-        }
-    }
-
-    fn disk_io(&mut self, i: usize, op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed> {
-        match op {
-            DiskOp::Read { offset_blocks, blocks } => {
-                Ok(Some(self.disks[i][at(offset_blocks)..at(offset_blocks + blocks)].to_vec()))
-            }
-            DiskOp::Write { offset_blocks, data, .. } => {
-                self.disks[i][at(offset_blocks)..at(offset_blocks) + data.len()]
-                    .copy_from_slice(&data);
-                Ok(None)
-            }
-            DiskOp::Flush => Ok(None),
-        }
-    }
-
-    fn connect(&mut self) {
-        self.conn_id += 1;
-        let now = self.tick();
-        for i in 0..2 {
-            self.nodes[i].handle_connected(now, other(i), self.conn_id);
-        }
-        self.run();
-    }
-
-    fn cut(&mut self) {
-        self.wire = [VecDeque::new(), VecDeque::new()];
-        self.held = [false; 2];
-        let now = self.tick();
-        for i in 0..2 {
-            self.nodes[i].handle_transport_closed(now, other(i), self.conn_id);
-        }
-        self.run();
-    }
-
-    /// Lets timers run (barriers, pings, resync steps) for `ms`.
-    fn idle(&mut self, ms: u64) {
-        for _ in 0..ms / 10 {
-            self.now_ms += 10;
-            for i in 0..2 {
-                self.nodes[i].handle_timeout(self.now_ms);
-            }
-            self.run();
-        }
-    }
-
-    fn request(&mut self, req: AppRequest) -> RequestId {
-        let id = RequestId(self.next_request);
-        self.next_request += 1;
-        let now = self.tick();
-        self.nodes[0].handle_request(now, id, req);
-        self.run();
-        id
-    }
-
-    fn write(&mut self, first: u64, blocks: u64, generation: u8) -> RequestId {
+    /// Writes `blocks` blocks at `first` through node 0; the write may still be pending.
+    fn write_run(&mut self, first: u64, blocks: u64, generation: u8) -> RequestId {
         let data = data(first, blocks, generation).into();
-        self.request(AppRequest::Write { offset_blocks: first, data, fua: false })
-    }
-
-    fn result(&self, request: RequestId) -> Option<&RequestResult> {
-        self.completions.iter().find(|(_, r, _)| *r == request).map(|(_, _, result)| result)
+        self.submit(0, AppRequest::Write { offset_blocks: first, data, fua: false })
     }
 
     fn saw(&self, node: usize, state: ReplicationState) -> bool {
@@ -250,13 +99,13 @@ fn pull_ahead(fill_bytes: u64) -> CongestionConfig {
 /// blocks are resynced when the link drains, and both data areas end byte-identical.
 #[test]
 fn pull_ahead_on_fill_then_resync_after_the_congestion_clears() {
-    let mut pair = Pair::new(4096, ReplicationProtocol::A, pull_ahead(64 * 1024));
+    let mut pair = Pair::ahead(4096, ReplicationProtocol::A, pull_ahead(64 * 1024));
     pair.held[0] = true;
     // 8 blocks = 32 KiB each: the third write finds 64 KiB in flight.
-    let first_two: Vec<RequestId> = (0..2).map(|k| pair.write(k * 8, 8, 1)).collect();
+    let first_two: Vec<RequestId> = (0..2).map(|k| pair.write_run(k * 8, 8, 1)).collect();
     assert_eq!(pair.replication(0), Some(ReplicationState::Established));
     assert_eq!(pair.nodes[0].in_flight_bytes(other(0)), 64 * 1024);
-    let more: Vec<RequestId> = (2..40).map(|k| pair.write(k * 8, 8, 2)).collect();
+    let more: Vec<RequestId> = (2..40).map(|k| pair.write_run(k * 8, 8, 2)).collect();
     assert_eq!(pair.replication(0), Some(ReplicationState::Ahead));
     for request in first_two.iter().chain(&more) {
         assert_eq!(pair.result(*request), Some(&Ok(None)), "writes complete while Ahead");
@@ -277,7 +126,7 @@ fn pull_ahead_on_fill_then_resync_after_the_congestion_clears() {
     assert!(pair.disks[0] == pair.disks[1], "replicas differ after the resync");
     assert_eq!(&pair.disks[1][at(300)..at(301)], &data(300, 1, 2)[..]);
     // Established again: new writes are replicated as before.
-    let request = pair.write(1000, 4, 3);
+    let request = pair.write_run(1000, 4, 3);
     assert_eq!(pair.result(request), Some(&Ok(None)));
     assert_eq!(pair.replication(0), Some(ReplicationState::Established));
     assert!(pair.disks[0] == pair.disks[1]);
@@ -291,13 +140,13 @@ fn pull_ahead_on_hot_extents() {
         fill_bytes: 0,
         extents: Some(3),
     };
-    let mut pair = Pair::new(8 * EXTENT_BLOCKS, ReplicationProtocol::A, congestion);
+    let mut pair = Pair::ahead(8 * EXTENT_BLOCKS, ReplicationProtocol::A, congestion);
     pair.held[0] = true;
     for k in 0..3 {
-        pair.write(k * EXTENT_BLOCKS, 1, 1);
+        pair.write_run(k * EXTENT_BLOCKS, 1, 1);
         assert_eq!(pair.replication(0), Some(ReplicationState::Established), "extent {k}");
     }
-    pair.write(3 * EXTENT_BLOCKS, 1, 1);
+    pair.write_run(3 * EXTENT_BLOCKS, 1, 1);
     assert_eq!(pair.replication(0), Some(ReplicationState::Ahead));
     pair.heal();
     assert!(pair.disks[0] == pair.disks[1]);
@@ -307,13 +156,13 @@ fn pull_ahead_on_hot_extents() {
 /// application flush waits, so nothing is declared durable that only the primary holds.
 #[test]
 fn flush_waits_until_the_peer_confirmed_behind() {
-    let mut pair = Pair::new(1024, ReplicationProtocol::A, pull_ahead(32 * 1024));
+    let mut pair = Pair::ahead(1024, ReplicationProtocol::A, pull_ahead(32 * 1024));
     pair.held[0] = true;
     for k in 0..3 {
-        pair.write(k * 8, 8, 1);
+        pair.write_run(k * 8, 8, 1);
     }
     assert_eq!(pair.replication(0), Some(ReplicationState::Ahead));
-    let flush = pair.request(AppRequest::Flush);
+    let flush = pair.submit(0, AppRequest::Flush);
     pair.idle(100);
     assert_eq!(pair.result(flush), None, "flush completed before the peer knew");
     pair.held[0] = false;
@@ -328,10 +177,10 @@ fn flush_waits_until_the_peer_confirmed_behind() {
 /// reconnect resyncs it from the primary.
 #[test]
 fn behind_peer_cannot_be_promoted() {
-    let mut pair = Pair::new(1024, ReplicationProtocol::A, pull_ahead(32 * 1024));
+    let mut pair = Pair::ahead(1024, ReplicationProtocol::A, pull_ahead(32 * 1024));
     pair.held[0] = true;
     for k in 0..10 {
-        pair.write(k * 8, 8, 1);
+        pair.write_run(k * 8, 8, 1);
     }
     pair.held = [false, true];
     pair.run();
@@ -345,7 +194,7 @@ fn behind_peer_cannot_be_promoted() {
     assert!(refused.unwrap_err().to_string().contains("promotion needs UpToDate data"));
     assert_eq!(pair.nodes[1].role(), Role::Secondary);
     // More writes while apart, then the reconnect resyncs all of it.
-    pair.write(500, 8, 2);
+    pair.write_run(500, 8, 2);
     pair.connect();
     pair.heal();
     assert!(pair.disks[0] == pair.disks[1]);
@@ -360,9 +209,9 @@ fn disconnect_policy_drops_the_link() {
         fill_bytes: 32 * 1024,
         extents: None,
     };
-    let mut pair = Pair::new(1024, ReplicationProtocol::A, congestion);
+    let mut pair = Pair::ahead(1024, ReplicationProtocol::A, congestion);
     pair.held[0] = true;
-    let requests: Vec<RequestId> = (0..4).map(|k| pair.write(k * 8, 8, 1)).collect();
+    let requests: Vec<RequestId> = (0..4).map(|k| pair.write_run(k * 8, 8, 1)).collect();
     assert_ne!(pair.nodes[0].connection_state(other(0)), Some(ConnectionState::Connected));
     assert!(pair.events.iter().any(|(i, e)| *i == 0
         && matches!(
@@ -386,10 +235,10 @@ fn block_policy_keeps_sending() {
         fill_bytes: 32 * 1024,
         extents: None,
     };
-    let mut pair = Pair::new(1024, ReplicationProtocol::A, congestion);
+    let mut pair = Pair::ahead(1024, ReplicationProtocol::A, congestion);
     pair.held[0] = true;
     for k in 0..8 {
-        pair.write(k * 8, 8, 1);
+        pair.write_run(k * 8, 8, 1);
     }
     assert_eq!(pair.replication(0), Some(ReplicationState::Established));
     assert_eq!(pair.nodes[0].in_flight_bytes(other(0)), 8 * 32 * 1024);
@@ -413,10 +262,10 @@ fn congestion_policies_need_protocol_a() {
     let block = CongestionConfig { fill_bytes: 1, ..Default::default() };
     assert!(block.check(ReplicationProtocol::C).is_ok());
     assert!(pull_ahead(1).check(ReplicationProtocol::A).is_ok());
-    let mut pair = Pair::new(1024, ReplicationProtocol::C, pull_ahead(32 * 1024));
+    let mut pair = Pair::ahead(1024, ReplicationProtocol::C, pull_ahead(32 * 1024));
     pair.held[0] = true;
     for k in 0..4 {
-        pair.write(k * 8, 8, 1);
+        pair.write_run(k * 8, 8, 1);
     }
     assert_eq!(pair.replication(0), Some(ReplicationState::Established));
     pair.heal();
@@ -429,7 +278,7 @@ fn congestion_policies_need_protocol_a() {
 #[test]
 fn losing_an_unconfirmed_behind_peer_is_fenced() {
     for confirmed in [false, true] {
-        let mut pair = Pair::with_fencing(
+        let mut pair = Pair::ahead_fenced(
             1024,
             ReplicationProtocol::A,
             pull_ahead(32 * 1024),
@@ -437,7 +286,7 @@ fn losing_an_unconfirmed_behind_peer_is_fenced() {
         );
         pair.held[0] = true;
         for k in 0..3 {
-            pair.write(k * 8, 8, 1);
+            pair.write_run(k * 8, 8, 1);
         }
         assert_eq!(pair.replication(0), Some(ReplicationState::Ahead));
         if confirmed {
@@ -449,7 +298,7 @@ fn losing_an_unconfirmed_behind_peer_is_fenced() {
             pair.held[0] = true;
         }
         pair.cut();
-        let request = pair.write(100, 1, 2);
+        let request = pair.write_run(100, 1, 2);
         let fenced =
             pair.events.iter().any(|(i, e)| *i == 0 && matches!(e, Event::FencePeer { .. }));
         assert_eq!(fenced, !confirmed, "confirmed={confirmed}");

@@ -1,6 +1,7 @@
 //! The harnesses shared by the integration tests. Here, the two-node one of the protocol-level
-//! tests (`diskless.rs`, `metafail.rs`): two state machines back to back, in-memory disks whose
-//! reads, writes and metadata updates can be made to fail, and a clock the test advances;
+//! tests (`diskless.rs`, `metafail.rs`, `ahead.rs`): two state machines back to back, in-memory
+//! disks whose reads, writes and metadata updates can be made to fail, links that can be held
+//! (a congested link: frames wait on the wire), and a clock the test advances;
 //! [`mesh`], the three-node one; [`driver`], two real engines on loopback. Each test file uses
 //! part of them.
 #![allow(dead_code)]
@@ -8,6 +9,7 @@
 pub mod driver;
 pub mod mesh;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 
 use drbd_engine::NodeId;
@@ -83,6 +85,10 @@ pub struct Pair {
     pub meta_failures: [u64; 2],
     /// The updates node i persisted.
     pub persisted: [Vec<MetaUpdate>; 2],
+    /// Frames on the wire from node i to the other, in order, while its link is held.
+    pub wire: [VecDeque<Vec<u8>>; 2],
+    /// The link from node i holds its frames (congested) instead of delivering them.
+    pub held: [bool; 2],
     pub now_ms: u64,
     conn_id: u64,
     completions: Vec<(usize, RequestId, RequestResult)>,
@@ -99,17 +105,24 @@ impl Pair {
         on_io_error: OnIoError,
         client: bool,
     ) -> Self {
+        Self::configured(size_blocks, client, |config| {
+            config.protocol = protocol;
+            config.on_io_error = on_io_error;
+        })
+    }
+
+    /// As [`Pair::new`], with `configure` applied to both nodes' configurations.
+    pub fn configured(size_blocks: u64, client: bool, configure: impl Fn(&mut Config)) -> Self {
         let node = |id: u8, diskless: bool| {
             let mut config = Config {
                 peers: vec![other(usize::from(id))],
-                protocol,
                 fencing: Fencing::DontCare,
                 resync_rate: ResyncRate::Fixed { rate_kib_per_s: 100_000 },
                 al_extents: 8,
                 random_seed: 11,
-                on_io_error,
                 ..Config::default()
             };
+            configure(&mut config);
             config.quorum.diskless = diskless;
             if client && id == 1 {
                 config.quorum.diskless_peers = vec![NodeId(0)];
@@ -125,6 +138,8 @@ impl Pair {
             fail_meta: [false; 2],
             meta_failures: [0; 2],
             persisted: [Vec::new(), Vec::new()],
+            wire: [VecDeque::new(), VecDeque::new()],
+            held: [false; 2],
             now_ms: 0,
             conn_id: 0,
             completions: Vec::new(),
@@ -145,7 +160,7 @@ impl Pair {
         self.now_ms
     }
 
-    /// Delivers every output until both nodes are quiet.
+    /// Delivers every output until both nodes are quiet; frames on a held link stay there.
     pub fn run(&mut self) {
         loop {
             let mut progress = false;
@@ -154,10 +169,16 @@ impl Pair {
                     progress = true;
                     let now = self.now_ms;
                     match output {
+                        Output::Transmit { frame, .. }
+                            if self.held[i] || !self.wire[i].is_empty() =>
+                        {
+                            self.wire[i].push_back(frame.to_vec());
+                        }
                         Output::Transmit { frame, .. } => {
                             self.nodes[1 - i].handle_receive(now, other(1 - i), &frame.to_vec());
                         }
                         Output::Disconnect { conn_id, .. } => {
+                            self.wire = [VecDeque::new(), VecDeque::new()];
                             self.nodes[1 - i].handle_transport_closed(now, other(1 - i), conn_id);
                         }
                         Output::DiskIo { id, op } => {
@@ -181,6 +202,13 @@ impl Pair {
                             }
                             self.nodes[i].handle_metadata_failed(now, next);
                         }
+                    }
+                }
+                if !self.held[i] {
+                    while let Some(bytes) = self.wire[i].pop_front() {
+                        progress = true;
+                        let now = self.now_ms;
+                        self.nodes[1 - i].handle_receive(now, other(1 - i), &bytes);
                     }
                 }
             }
@@ -211,6 +239,8 @@ impl Pair {
     }
 
     pub fn cut(&mut self) {
+        self.wire = [VecDeque::new(), VecDeque::new()];
+        self.held = [false; 2];
         let now = self.tick();
         for i in 0..2 {
             self.nodes[i].handle_transport_closed(now, other(i), self.conn_id);
@@ -229,12 +259,24 @@ impl Pair {
         }
     }
 
-    pub fn request(&mut self, i: usize, req: AppRequest) -> RequestResult {
+    /// Hands `req` to node i and runs; it may still be pending (see [`Pair::result`]).
+    pub fn submit(&mut self, i: usize, req: AppRequest) -> RequestId {
         let id = RequestId(self.next_request);
         self.next_request += 1;
         let now = self.tick();
         self.nodes[i].handle_request(now, id, req);
         self.run();
+        id
+    }
+
+    /// The result of a submitted request, once it completed.
+    pub fn result(&self, request: RequestId) -> Option<&RequestResult> {
+        self.completions.iter().find(|(_, r, _)| *r == request).map(|(_, _, result)| result)
+    }
+
+    /// Submits `req` to node i, which must complete it before the nodes are quiet.
+    pub fn request(&mut self, i: usize, req: AppRequest) -> RequestResult {
+        let id = self.submit(i, req);
         let pos = self.completions.iter().position(|(_, r, _)| *r == id).expect("completed");
         self.completions.remove(pos).2
     }
