@@ -2457,6 +2457,7 @@ impl Node {
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
         decision = self.mesh_gen_adjust_decision(&hello, handshake.sent.role, decision);
+        decision = self.quorum_two_primaries_decision(&hello, handshake.sent.role, decision);
         let Some(mut decision) = self.mesh_defer_sync(i, &hello, by_generations, decision) else {
             return;
         };
