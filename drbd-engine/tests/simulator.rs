@@ -448,6 +448,22 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          in a split brain although only the primary had diverged; a target keeps its old \
          generation only if the source's past holds it",
     ),
+    (
+        5773,
+        "engine: a third node was promoted while two secondaries verified each other; its \
+         writes reached them over separate streams, one end read a block before such a write \
+         and the other after it, and 4 blocks were reported out of sync; a verify between \
+         secondaries ends at each end when a primary appears now (the one checked at its \
+         start only), and a VerifyT that ended answers further requests as unreliable",
+    ),
+    (
+        5349,
+        "engine: two primaries of one generation met (one promoted on a link that had just \
+         died, the other with the third node), each holding a third node's resync marks for \
+         the other, and were found in a split brain although neither wrote apart; with \
+         quorum that is no split brain now: the handshake ends, the primary without quorum \
+         steps down, and the next one resyncs it",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -2129,6 +2129,7 @@ impl Node {
                     return;
                 }
                 self.peers[i].role = role;
+                self.verify_peer_role_known();
                 self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
                 self.mesh_gen_target_state(i, disk);
@@ -2456,6 +2457,7 @@ impl Node {
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
         decision = self.mesh_gen_adjust_decision(&hello, handshake.sent.role, decision);
+        decision = self.quorum_two_primaries_decision(&hello, handshake.sent.role, decision);
         let Some(mut decision) = self.mesh_defer_sync(i, &hello, by_generations, decision) else {
             return;
         };
@@ -2464,6 +2466,7 @@ impl Node {
             decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
         }
         self.peers[i].role = hello.role;
+        self.verify_peer_role_known();
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.emit(Event::HandshakeDecided { peer, decision });

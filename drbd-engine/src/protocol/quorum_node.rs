@@ -504,11 +504,46 @@ impl Node {
             return false;
         }
         self.peers[i].role = hello.role;
+        self.verify_peer_role_known();
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.set_replication(i, ReplicationState::Established);
         self.broadcast_state();
         true
+    }
+
+    /// Two primaries of one generation, in a mesh, that each hold bits for the other: with
+    /// quorum this is no split brain. Writing apart starts a generation, and where a primary
+    /// defers it (its quorum rests on a stalled link, `quorum_generation_now`) it acknowledges
+    /// nothing meanwhile; the bits are otherwise blocks a resync from a third node brought
+    /// (`mesh_resync_received`), which the secondaries' rules in `mesh_adjust_decision`
+    /// settle the same way (seed 5349: node 1 promoted on a link to node 0 that had just
+    /// died, node 2 was promoted with node 0, and both held resync marks for each other).
+    /// Nothing acts on the direction: `quorum_after_decision` ends the handshake of two
+    /// primaries (the one without quorum steps down first), and the next one, with one of
+    /// them secondary, decides for real. The lower node id is named the source, so that
+    /// both sides report mirrored decisions.
+    pub(super) fn quorum_two_primaries_decision(
+        &self,
+        hello: &Hello,
+        my_sent_role: Role,
+        decision: SyncDecision,
+    ) -> SyncDecision {
+        let two_primaries_one_generation = self.config.quorum.enabled()
+            && self.mesh_enabled()
+            && my_sent_role == Role::Primary
+            && hello.role == Role::Primary
+            && self.meta.uuids.current == hello.uuids.current
+            && self.disk.has_data()
+            && hello.disk.has_data();
+        if decision != SyncDecision::SplitBrain || !two_primaries_one_generation {
+            return decision;
+        }
+        if self.id < hello.node_id {
+            SyncDecision::BitmapSource
+        } else {
+            SyncDecision::BitmapTarget
+        }
     }
 
     /// After the sync decision: a primary without quorum that meets newer data or another

@@ -549,6 +549,7 @@ impl Node {
             return true;
         }
         self.peers[i].role = hello.role;
+        self.verify_peer_role_known();
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.set_replication(i, ReplicationState::Established);

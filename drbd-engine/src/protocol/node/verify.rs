@@ -404,7 +404,11 @@ impl Node {
             self.protocol_error(i, "too many DigestRequests in flight".into());
             return;
         }
-        let busy = self.digest_range_busy(first, blocks);
+        // A verify request of a run we do not (or no longer) take part in as VerifyT is
+        // answered, but as unreliable: e.g. we stopped the run because a third node became
+        // primary, and its writes may already be on our disk but not yet on the peer's.
+        let not_target = verify && !matches!(p.verify.role, Some(VerifyRole::Target(_)));
+        let busy = not_target || self.digest_range_busy(first, blocks);
         let (peer, conn_id) = (p.id, p.conn_id);
         self.peers[i].verify.target_reads.insert(id, (first, blocks, busy));
         self.submit(
@@ -567,6 +571,25 @@ impl Node {
         });
         let state = self.peers[i].replication;
         self.emit(Event::ReplicationStateChanged { peer, state });
+    }
+
+    /// Hook of a peer's role becoming known (its State frame, a handshake): in a mesh, a verify
+    /// between two secondaries relies on no third node writing to both (its writes reach the
+    /// two over separate streams, so one end may read a block before such a write and the
+    /// other after it, and report a false difference). A primary that appears mid-run ends
+    /// the run at this end, before any of its writes is applied here; the other end learns of
+    /// it by `VerifyDone`.
+    pub(super) fn verify_peer_role_known(&mut self) {
+        for i in 0..self.peers.len() {
+            if self.peers[i].verify.role.is_none() || self.mesh_check_verify(i).is_ok() {
+                continue;
+            }
+            if matches!(self.peers[i].verify.role, Some(VerifyRole::Target(_))) {
+                // Stops the source; its own VerifyDone back finds no run here.
+                self.send(i, Frame::VerifyDone { out_of_sync_blocks: 0, completed: false });
+            }
+            self.end_verify(i, false);
+        }
     }
 
     /// Hook of `disconnect`: a verify run ends with the connection (not completed).
