@@ -1366,6 +1366,25 @@ impl World {
         if power_loss || self.swarm.protocol != ReplicationProtocol::C {
             self.volatile_loss();
         }
+        if power_loss {
+            // A primary without a disk of its own writes only to its sources: a write of its
+            // still pending may already be in this node's lost cache, acknowledged on the
+            // wire (seed 1399: the peer acked write 269 and lost power 3 ms before the ack
+            // arrived; the model counted 269 guaranteed although its only copy was gone).
+            let lost: Vec<(usize, u64)> = self
+                .pending
+                .values()
+                .filter_map(|(node, _, pending)| match pending {
+                    Pending::Write { id, .. } if *node != i && self.runs_without_disk(*node) => {
+                        Some((self.lineage[*node], *id))
+                    }
+                    _ => None,
+                })
+                .collect();
+            for (lineage, id) in lost {
+                self.models[lineage].volatile_loss_before_ack(id);
+            }
+        }
         // Its application requests die with it (their writes stay "maybe landed").
         self.pending.retain(|_, (node, _, _)| *node != i);
         for j in 0..self.swarm.nodes {

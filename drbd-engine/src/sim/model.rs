@@ -55,6 +55,9 @@ struct WriteRecord {
     failed: bool,
     stable: bool,
     maybe_lost: bool,
+    /// Its only copies may have been in a volatile cache that lost power before the write
+    /// was acknowledged (`volatile_loss_before_ack`): once acknowledged, it may be lost.
+    lost_before_ack: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -105,6 +108,7 @@ impl Model {
                 failed: true,
                 stable: false,
                 maybe_lost: false,
+                lost_before_ack: false,
             });
         }
     }
@@ -119,6 +123,7 @@ impl Model {
             failed: false,
             stable: false,
             maybe_lost: false,
+            lost_before_ack: false,
         });
         self.grow(first + blocks);
         for b in first..first + blocks {
@@ -136,6 +141,8 @@ impl Model {
         let w = self.record(id);
         if ok {
             w.acked_at_ms = Some(now_ms);
+            // A stable (FUA) write was durable on every copy before its acknowledgement.
+            w.maybe_lost |= w.lost_before_ack && !fua;
             w.stable = fua && !w.maybe_lost;
         } else {
             w.failed = true;
@@ -167,6 +174,14 @@ impl Model {
                 self.writes[i].maybe_lost = true;
             }
         }
+    }
+
+    /// A power loss hit a node that may hold the only copies of pending write `id` (its
+    /// primary has no disk of its own): the write may already sit in that node's volatile
+    /// cache with its acknowledgement on the wire, so when that arrives after the power loss
+    /// the write is not guaranteed (`volatile_loss` only sees writes acknowledged before).
+    pub fn volatile_loss_before_ack(&mut self, id: u64) {
+        self.record(id).lost_before_ack = true;
     }
 
     fn guaranteed(w: &WriteRecord) -> bool {

@@ -188,6 +188,11 @@ impl World {
         }
     }
 
+    /// Node i is up and uses no disk of its own (configured diskless, or detached).
+    pub(super) fn runs_without_disk(&self, i: usize) -> bool {
+        self.nodes[i].node.as_ref().is_some_and(|n| n.disk_state() == DiskState::Diskless)
+    }
+
     pub(super) fn detached_disk(&self, i: usize) -> bool {
         !self.is_diskless(i)
             && self.nodes[i].node.as_ref().is_some_and(|n| n.disk_state() == DiskState::Diskless)
