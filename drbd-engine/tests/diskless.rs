@@ -57,6 +57,44 @@ fn a_write_error_detaches_and_the_primary_keeps_serving_through_its_peer() {
     }
 }
 
+/// Protocol A counts a write done once it is sent; a primary without a disk of its own must
+/// not, since the sent copy is its only one: a link that fails before the peer has it loses an
+/// acknowledged write with no node crashing (simulator seeds 2103 and 5601). Both the write in
+/// flight when the disk fails and a write issued once diskless wait for the peer now.
+#[test]
+fn under_protocol_a_a_detached_primary_acknowledges_only_what_its_peer_holds() {
+    let write = |block: u64| AppRequest::Write {
+        offset_blocks: block,
+        data: block_data(block, 1).into(),
+        fua: false,
+    };
+    for link_survives in [false, true] {
+        let mut pair = pair(ReplicationProtocol::A, OnIoError::Detach, false);
+        pair.nodes[0].handle_promote(pair.now_ms + 1, false).unwrap();
+        pair.run();
+        // The link holds what node 0 sends: nothing reaches the peer for now.
+        pair.held[0] = true;
+        pair.fail_writes[0] = true;
+        let in_flight = pair.submit(0, write(8));
+        assert!(pair.detached(0));
+        let diskless = pair.submit(0, write(9));
+        assert_eq!(pair.result(in_flight), None, "sent only: not acknowledged yet");
+        assert_eq!(pair.result(diskless), None, "sent only: not acknowledged yet");
+        if link_survives {
+            pair.held[0] = false;
+            pair.run();
+            assert_eq!(pair.result(in_flight), Some(&Ok(None)));
+            assert_eq!(pair.result(diskless), Some(&Ok(None)));
+            let at = |b: u64| usize::try_from(b).unwrap() * BLOCK;
+            assert_eq!(pair.disks[1][at(8)..at(10)], [block_data(8, 1), block_data(9, 1)].concat());
+        } else {
+            pair.cut();
+            assert!(pair.result(in_flight).is_some_and(Result::is_err), "the write is nowhere");
+            assert!(pair.result(diskless).is_some_and(Result::is_err), "the write is nowhere");
+        }
+    }
+}
+
 #[test]
 fn a_read_error_is_retried_through_the_peer() {
     let mut pair = pair(ReplicationProtocol::C, OnIoError::Detach, false);

@@ -116,6 +116,25 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          disk had failed (detached), so a forced promotion of that stale disk later made a real \
          split brain the checker called one-sided",
     ),
+    (
+        2103,
+        2,
+        "engine: under protocol A a primary whose disk had failed acknowledged writes once \
+         sent, into a partition nobody had noticed yet: the send buffer was their only copy; a \
+         detached primary's writes wait for the peer's RecvAck (barrier ack for those in flight \
+         at the detach) now",
+    ),
+    (
+        5601,
+        2,
+        "engine: as 2103, the peer had lost power before the detached primary sent the writes",
+    ),
+    (
+        1428,
+        2,
+        "checker: the resync target's ResyncFinished (it comes after the source's) cleared \
+         the ghost marks the source made since, for writes the link lost right after ResyncDone",
+    ),
 ];
 
 #[test]

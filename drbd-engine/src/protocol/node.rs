@@ -2161,7 +2161,7 @@ impl Node {
                 self.mesh_data_received(i, offset_blocks, data.len());
                 self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
                 self.diskless_note_peer_write(i, offset_blocks, blocks);
-                if self.config.protocol == ReplicationProtocol::B {
+                if self.receive_ack_wanted(i) {
                     self.send(i, Frame::RecvAck { id });
                 }
             }
@@ -2360,6 +2360,7 @@ impl Node {
         }
         let p = &mut self.peers[i];
         p.acked_epoch_update(epoch);
+        self.diskless_barrier_acked(i);
     }
 
     // ----- handshake -----

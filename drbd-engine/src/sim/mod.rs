@@ -1657,12 +1657,26 @@ impl World {
                 self.violation(format!("node {i} and {peer} reported unrelated data"));
             }
             Event::ResyncFinished { peer, .. } => {
+                let j = peer.index();
                 self.report.resyncs += 1;
-                self.mesh_resync_finished(i, peer.index());
-                self.in_sync(i, peer.index());
+                // The target reports the end after its source, when the source's ResyncDone
+                // arrives: the source's report already recorded the two in sync, and what the
+                // source marked for the target since (writes in flight when the link failed
+                // right after ResyncDone, seed 1428) the target still lacks. Clearing again
+                // here forgot the source's changes, and the split brain that followed (the
+                // target promoted apart) looked wrong.
+                let as_target = self.mesh_sync_source[i] == Some(j);
+                self.mesh_resync_finished(i, j);
+                if !as_target {
+                    self.in_sync(i, j);
+                }
             }
             Event::ReplicationStateChanged { peer, state } => {
                 let j = peer.index();
+                if state == ReplicationState::SyncSource && self.mesh_sync_source[i] == Some(j) {
+                    // A resync the other way that never finished: we are the source now.
+                    self.mesh_sync_source[i] = None;
+                }
                 if state == ReplicationState::SyncTarget {
                     self.mesh_sync_source[i] = Some(j);
                     self.survivor_lineage(i, j);

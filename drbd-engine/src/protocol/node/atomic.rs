@@ -32,7 +32,7 @@
 //! A replica without a journal (a block device as backing: no side file) writes atomic frames
 //! as plain writes; the driver then claims only one block as the device's atomic limit.
 
-use super::{AppWrite, Frame, Incoming, Node, ReplicationProtocol, RequestError, RequestId};
+use super::{AppWrite, Frame, Incoming, Node, RequestError, RequestId};
 use super::{ReplicationState, Role, blocks_of};
 use bytes::Bytes;
 
@@ -103,7 +103,7 @@ impl Node {
         };
         assert_eq!(*queued_id, id);
         *atomic = true;
-        if self.config.protocol == ReplicationProtocol::B {
+        if self.receive_ack_wanted(i) {
             self.send(i, Frame::RecvAck { id });
         }
     }

@@ -16,10 +16,11 @@
 //! Inconsistent then UpToDate). `Frame::ReadRequest` queues behind the writes that arrived
 //! before it on the peer, so a read sees every write acknowledged before it was issued, also
 //! with protocols A and B. Writes go to every source; one complete per the protocol as for a
-//! diskful primary, but succeed only when at least one source acknowledged them (protocol A:
-//! was sent one). With no source, requests fail at once (`NoUpToDateData`); a source lost with
-//! reads outstanding has them retried on another source or failed, so nothing waits longer
-//! than a ping timeout.
+//! diskful primary, but succeed only when at least one source acknowledged them (protocol A
+//! too: a source acknowledges a diskless writer's data on receipt, since a write counted done
+//! once sent would exist only in a send buffer). With no source, requests fail at once
+//! (`NoUpToDateData`); a source lost with reads outstanding has them retried on another
+//! source or failed, so nothing waits longer than a ping timeout.
 //!
 //! Who remembers what the diskless node's disk lacks: its peers (DRBD marks a write out of sync
 //! for a peer whose disk is below Inconsistent). A detaching primary sends `Frame::Detached`
@@ -251,14 +252,17 @@ impl Node {
         // Counted like a local write's, so collecting the entry balances it; no extent is
         // made hot (there is no activity log to write).
         self.al_ref(first, blocks, 1);
-        let protocol_a = self.config.protocol == ReplicationProtocol::A;
         {
+            // Even under protocol A the write waits for a source's acknowledgment (its
+            // `RecvAck`, see `receive_ack_wanted`): with no disk of our own, a write counted
+            // done once sent exists only in a send buffer, and a partition or a dead peer
+            // loses it with no node crashing (seeds 2103, 5601).
             let w = self.app_writes.get_mut(&id).expect("queued write exists");
             w.submitted = true;
             w.local = LocalState::Done;
             w.remote_only = true;
-            w.waiting = if protocol_a { 0 } else { sources };
-            w.acked_by = if protocol_a { sources } else { 0 };
+            w.waiting = sources;
+            w.acked_by = 0;
             w.tl = tl;
         }
         self.completion_candidates.write(id);
@@ -276,6 +280,18 @@ impl Node {
                 // A WRITE ATOMIC stays one atomic frame: each source journals it whole.
                 self.send(i, super::atomic::data_frame(id, first, fua, data.clone(), atomic));
             }
+        }
+    }
+
+    /// Whether a write received from peer `i` is acknowledged on receipt (`Frame::RecvAck`):
+    /// always under protocol B, and under protocol A when the writer has no disk of its own
+    /// (it sent `Frame::State` with `Diskless` before any such write), since then our copy is
+    /// its only one and it must not count the write done before we have it.
+    pub(super) fn receive_ack_wanted(&self, i: usize) -> bool {
+        match self.config.protocol {
+            ReplicationProtocol::A => self.peers[i].disk == DiskState::Diskless,
+            ReplicationProtocol::B => true,
+            ReplicationProtocol::C => false,
         }
     }
 
@@ -361,11 +377,13 @@ impl Node {
         self.set_disk(DiskState::Failed);
         self.set_disk(DiskState::Diskless);
         // Writes in flight complete through the peers that acknowledge them.
+        let mut sent_only = Vec::new();
         for (id, w) in self.app_writes.iter_mut() {
             if w.submitted {
                 w.local = LocalState::Done;
                 w.remote_only = true;
                 self.completion_candidates.write(*id);
+                sent_only.push(*id);
             }
         }
         // Nothing in the transfer log waits for the local disk any more.
@@ -397,6 +415,54 @@ impl Node {
                 && p.verify.deadline_ms().is_none();
             if p.connection == ConnectionState::Connected && !keep {
                 self.disconnect(i, ConnectionState::Connecting);
+            }
+        }
+        if self.config.protocol == ReplicationProtocol::A {
+            self.diskless_await_barrier_acks(&sent_only);
+        }
+    }
+
+    /// Protocol A counted the writes in flight at a detach acknowledged once sent; with the
+    /// local disk gone that sent copy may be their only one, still in a send buffer that a
+    /// partition or a dead peer loses with no node crashing (seeds 2103, 5601: the write was
+    /// acknowledged, the link died, the write was nowhere). They now wait for a peer's barrier
+    /// ack of the epoch they were sent in (the peer has them on disk then), or fail when no
+    /// peer that had them can confirm it. The open epoch is closed so the ack comes soon.
+    fn diskless_await_barrier_acks(&mut self, writes: &[u64]) {
+        let replicating: u64 =
+            self.peers.iter().filter(|p| p.replicating()).map(|p| p.id.bit()).sum();
+        for id in writes {
+            let Some(w) = self.app_writes.get_mut(id) else { continue };
+            // Peers still listed have not confirmed the write stable; a replicating peer no
+            // longer listed has (its barrier ack), since a lost link also unlists it.
+            let unconfirmed: u64 = self
+                .transfer_log
+                .get(&w.tl)
+                .map_or(0, |e| e.peers.iter().map(|(p, _)| p.bit()).sum());
+            w.acked_by &= replicating & !unconfirmed;
+            w.waiting = replicating & unconfirmed;
+        }
+        if !writes.is_empty() {
+            self.start_barrier(None);
+        }
+    }
+
+    /// A barrier ack from peer `i` confirms the writes of a detached primary that wait for it
+    /// (`diskless_await_barrier_acks`) once their transfer-log entry no longer lists the peer.
+    pub(super) fn diskless_barrier_acked(&mut self, i: usize) {
+        if !self.is_diskless() || self.config.protocol != ReplicationProtocol::A {
+            return;
+        }
+        let peer = self.peers[i].id;
+        for (id, w) in self.app_writes.iter_mut() {
+            let listed = self
+                .transfer_log
+                .get(&w.tl)
+                .is_some_and(|e| e.peers.iter().any(|(p, _)| *p == peer));
+            if w.remote_only && w.waiting & peer.bit() != 0 && !listed {
+                w.waiting &= !peer.bit();
+                w.acked_by |= peer.bit();
+                self.completion_candidates.write(*id);
             }
         }
     }
