@@ -270,7 +270,7 @@ mod tests {
         let mut uuids = GenerationUuids::just_created();
         uuids.current = v.0;
         uuids.bitmap[other.index()] = v.1;
-        uuids.history = v.2;
+        uuids.history[..2].copy_from_slice(&v.2);
         HandshakeView { node_id: id, uuids, crashed_primary: v.3, discard_my_data: v.4 }
     }
 
@@ -459,8 +459,42 @@ mod tests {
         let mut uuids = view(A, B, (0x20, 0x10, [0x10, 0], false, false)).uuids;
         uuids.set_primary_at_split(B);
         uuids.resync_finished_as_source(B);
-        assert_eq!(uuids.history, [0x10, 0]);
+        assert_eq!(uuids.history[..2], [0x10, 0]);
         assert!(!uuids.primary_at_split(B));
+    }
+
+    /// Mesh seeds 4047 and 4815: a primary loses one peer while the announcement of the
+    /// generation it started for another never reached it, so its base for the peer names a
+    /// generation the peer never held; more generations follow for the third node. The
+    /// peer's own generation must still be in the primary's past: a full sync, where a
+    /// two-entry history forgot it and found the two unrelated.
+    #[test]
+    fn a_peer_several_generations_back_is_behind_not_unrelated() {
+        const C: NodeId = NodeId(2);
+        let mut primary = GenerationUuids::just_created();
+        primary.new_current_clear_bitmap(0x100);
+        let peer = HandshakeView {
+            node_id: B,
+            uuids: primary.clone(),
+            crashed_primary: false,
+            discard_my_data: false,
+        };
+        primary.new_current(0x200, [C]);
+        primary.resync_finished_as_source(C);
+        primary.new_current(0x300, [B]);
+        for fresh in [0x400, 0x500] {
+            primary.new_current(fresh, [C]);
+            primary.resync_finished_as_source(C);
+        }
+        assert_eq!(primary.bitmap_uuid(B), 0x200, "a generation B never held");
+        let primary = HandshakeView {
+            node_id: A,
+            uuids: primary,
+            crashed_primary: false,
+            discard_my_data: false,
+        };
+        assert_eq!(decide(&primary, &peer), FullSource);
+        assert_eq!(decide(&peer, &primary), FullTarget);
     }
 
     #[test]
