@@ -214,7 +214,14 @@ fn compare(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
     let mine_base = mine.bitmap_uuid(remote.node_id);
     let their_base = theirs.bitmap_uuid(local.node_id);
     // Both started tracking changes against each other from the same generation: both wrote.
-    let both_moved_on = mine_base != 0 && mine_base == their_base;
+    // Not from "just created": that names no data the two ever shared, only that each
+    // started tracking before its first sync (the first primary's peers, or a target whose
+    // source of the first data was lost mid-resync and that inherited the base), so it says
+    // nothing about who wrote since; the generations' past decides. (Found by mesh seed 646
+    // under other random draws, while this branch tried an extra frame kind: two nodes with
+    // that base for each other, one a later generation of the other's data, were found
+    // split.)
+    let both_moved_on = mine_base != 0 && mine_base != UUID_JUST_CREATED && mine_base == their_base;
     let i_am_behind = their_base == mine.current;
     let they_are_behind = mine_base == theirs.current;
     let decision = if both_moved_on || (i_am_behind && they_are_behind) {
@@ -392,6 +399,18 @@ mod tests {
                 local: (0x10, 0, [0, 0], true, true),
                 remote: (0x10, 0, [0, 0], false, false),
                 expected: BitmapTarget,
+            },
+            Row {
+                name: "both tracking since creation, remote a later generation: full target",
+                local: (0x10, JC, [JC, 0], false, false),
+                remote: (0x20, JC, [0x10, JC], false, false),
+                expected: FullTarget,
+            },
+            Row {
+                name: "both tracking since creation, diverged: split brain",
+                local: (0x10, JC, [JC, 0], false, false),
+                remote: (0x20, JC, [JC, 0], false, false),
+                expected: SplitBrain,
             },
             Row {
                 name: "no common generation at all: unrelated data",
