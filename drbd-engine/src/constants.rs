@@ -17,8 +17,14 @@ pub const SECTOR_BYTES: usize = 512;
 pub const NODE_ID_MAX: u8 = 31;
 /// Peers a node replicates to (a full mesh of 32 nodes has 31 peers).
 pub const PEERS_MAX: usize = 31;
-/// Older generation UUIDs kept per node (DRBD keeps two history slots per peer).
-pub const HISTORY_UUIDS_MAX: usize = 2;
+/// Older generation UUIDs kept per node: DRBD 9's `HISTORY_UUIDS` (one per possible peer,
+/// the slots of the v09 superblock). Two, DRBD 8's count, were too few for a mesh: a node
+/// pushes several generations between two meetings with a peer (a primary starts one per
+/// lost peer, a secondary adopts them and settles bases), a bitmap base may name a
+/// generation the peer never held (it missed the announcement), and once the peer's own
+/// generation fell out, a node newer than it found it unrelated or split (mesh seeds 4047,
+/// 4815) instead of the target of a full sync.
+pub const HISTORY_UUIDS_MAX: usize = 32;
 
 /// Largest application request, in blocks (1 MiB, the usual iSCSI MaxBurstLength ceiling).
 pub const REQUEST_BLOCKS_MAX: u64 = 256;

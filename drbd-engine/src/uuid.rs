@@ -214,7 +214,14 @@ fn compare(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
     let mine_base = mine.bitmap_uuid(remote.node_id);
     let their_base = theirs.bitmap_uuid(local.node_id);
     // Both started tracking changes against each other from the same generation: both wrote.
-    let both_moved_on = mine_base != 0 && mine_base == their_base;
+    // Not from "just created": that names no data the two ever shared, only that each
+    // started tracking before its first sync (the first primary's peers, or a target whose
+    // source of the first data was lost mid-resync and that inherited the base), so it says
+    // nothing about who wrote since; the generations' past decides. (Found by mesh seed 646
+    // under other random draws, while this branch tried an extra frame kind: two nodes with
+    // that base for each other, one a later generation of the other's data, were found
+    // split.)
+    let both_moved_on = mine_base != 0 && mine_base != UUID_JUST_CREATED && mine_base == their_base;
     let i_am_behind = their_base == mine.current;
     let they_are_behind = mine_base == theirs.current;
     let decision = if both_moved_on || (i_am_behind && they_are_behind) {
@@ -270,7 +277,7 @@ mod tests {
         let mut uuids = GenerationUuids::just_created();
         uuids.current = v.0;
         uuids.bitmap[other.index()] = v.1;
-        uuids.history = v.2;
+        uuids.history[..2].copy_from_slice(&v.2);
         HandshakeView { node_id: id, uuids, crashed_primary: v.3, discard_my_data: v.4 }
     }
 
@@ -394,6 +401,18 @@ mod tests {
                 expected: BitmapTarget,
             },
             Row {
+                name: "both tracking since creation, remote a later generation: full target",
+                local: (0x10, JC, [JC, 0], false, false),
+                remote: (0x20, JC, [0x10, JC], false, false),
+                expected: FullTarget,
+            },
+            Row {
+                name: "both tracking since creation, diverged: split brain",
+                local: (0x10, JC, [JC, 0], false, false),
+                remote: (0x20, JC, [JC, 0], false, false),
+                expected: SplitBrain,
+            },
+            Row {
                 name: "no common generation at all: unrelated data",
                 local: (0x20, 0, [0x18, 0], false, false),
                 remote: (0x30, 0, [0x28, 0], false, false),
@@ -459,8 +478,42 @@ mod tests {
         let mut uuids = view(A, B, (0x20, 0x10, [0x10, 0], false, false)).uuids;
         uuids.set_primary_at_split(B);
         uuids.resync_finished_as_source(B);
-        assert_eq!(uuids.history, [0x10, 0]);
+        assert_eq!(uuids.history[..2], [0x10, 0]);
         assert!(!uuids.primary_at_split(B));
+    }
+
+    /// Mesh seeds 4047 and 4815: a primary loses one peer while the announcement of the
+    /// generation it started for another never reached it, so its base for the peer names a
+    /// generation the peer never held; more generations follow for the third node. The
+    /// peer's own generation must still be in the primary's past: a full sync, where a
+    /// two-entry history forgot it and found the two unrelated.
+    #[test]
+    fn a_peer_several_generations_back_is_behind_not_unrelated() {
+        const C: NodeId = NodeId(2);
+        let mut primary = GenerationUuids::just_created();
+        primary.new_current_clear_bitmap(0x100);
+        let peer = HandshakeView {
+            node_id: B,
+            uuids: primary.clone(),
+            crashed_primary: false,
+            discard_my_data: false,
+        };
+        primary.new_current(0x200, [C]);
+        primary.resync_finished_as_source(C);
+        primary.new_current(0x300, [B]);
+        for fresh in [0x400, 0x500] {
+            primary.new_current(fresh, [C]);
+            primary.resync_finished_as_source(C);
+        }
+        assert_eq!(primary.bitmap_uuid(B), 0x200, "a generation B never held");
+        let primary = HandshakeView {
+            node_id: A,
+            uuids: primary,
+            crashed_primary: false,
+            discard_my_data: false,
+        };
+        assert_eq!(decide(&primary, &peer), FullSource);
+        assert_eq!(decide(&peer, &primary), FullTarget);
     }
 
     #[test]

@@ -116,7 +116,7 @@ fn tandem_internal_metadata_is_read_by_dump_md() {
     let mut uuids = GenerationUuids::just_created();
     uuids.current = 0x7A3F_19C2_55D0_8E40;
     uuids.bitmap[0] = 0x5E61_E373_3808_DD22;
-    uuids.history = [0x1111_2222_3333_4444, 0x0000_0000_0000_0004];
+    uuids.history[..2].copy_from_slice(&[0x1111_2222_3333_4444, 0x0000_0000_0000_0004]);
     store.apply(&MetaUpdate::Uuids(uuids.clone())).unwrap();
     store.apply(&MetaUpdate::BitmapSet { peer: NodeId(0), first_block: 128, blocks: 64 }).unwrap();
     store.apply(&MetaUpdate::BitmapSet { peer: NodeId(0), first_block: 5, blocks: 1 }).unwrap();

@@ -483,6 +483,23 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          quorum that is no split brain now: the handshake ends, the primary without quorum \
          steps down, and the next one resyncs it",
     ),
+    (
+        4047,
+        "engine: the primary lost node 2 and started a generation for it while its link to \
+         node 1 was already partitioned (unnoticed for 2 s), so node 1 never adopted it; when \
+         the primary lost node 1 it took that generation as node 1's bitmap base, a \
+         generation node 1 never held, its 2-entry history then forgot node 1's own, and the \
+         two met as Unrelated; the history keeps 32 generations now (DRBD 9's \
+         HISTORY_UUIDS), so node 1 is found behind and becomes a full sync target",
+    ),
+    (
+        4815,
+        "engine: node 2 adopted the primary's generation for lost node 1 with its own old \
+         generation as node 1's base (one node 1 never held) after a settled base pushed \
+         into its 2-entry history had evicted node 1's generation; node 1 and node 2 met as \
+         split brain although node 2's data descended from node 1's; the history keeps 32 \
+         generations now (DRBD 9's HISTORY_UUIDS), so node 1 becomes a full sync target",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

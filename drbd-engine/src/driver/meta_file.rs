@@ -15,7 +15,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
-const MAGIC: &[u8; 8] = b"TNDMETA1";
+/// Version 2: `HISTORY_UUIDS_MAX` history slots (32) where version 1 had two.
+const MAGIC: &[u8; 8] = b"TNDMETA2";
 
 #[derive(Debug, Error)]
 pub enum MetaFileError {

@@ -16,6 +16,9 @@ use crate::meta::{
     md_flags, peer_flags,
 };
 use crate::protocol::persist::{MetaFlags, MetaUpdate, Metadata, MetadataStore, PersistedDisk};
+
+// The engine's history fits the superblock's slots (DRBD 9 has as many as the engine keeps).
+const _: () = assert!(HISTORY_UUIDS_MAX <= crate::meta::constants::HISTORY_UUIDS);
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -436,7 +439,7 @@ mod tests {
         let mut uuids = GenerationUuids::just_created();
         uuids.current = 0x1000;
         uuids.bitmap[1] = 0x800;
-        uuids.history = [0x600, 0x400];
+        uuids.history[..2].copy_from_slice(&[0x600, 0x400]);
         store.apply(&MetaUpdate::Uuids(uuids.clone())).unwrap();
         store
             .apply(&MetaUpdate::BitmapSet { peer: NodeId(1), first_block: 100, blocks: 300 })

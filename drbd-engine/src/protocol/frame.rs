@@ -785,7 +785,8 @@ mod tests {
         let mut uuids = GenerationUuids::just_created();
         uuids.current = 0x1234;
         uuids.bitmap[3] = 0x88;
-        uuids.history = [0x66, 0x44];
+        uuids.history[..2].copy_from_slice(&[0x66, 0x44]);
+        let history = uuids.history;
         vec![
             Frame::Hello(Hello {
                 version: PROTOCOL_VERSION,
@@ -847,7 +848,7 @@ mod tests {
             Frame::ReadError { id: 15 },
             Frame::MeshTargets { targets: 0b111, in_sync: 0b011, current_uuid: 0x88, lost: 0b100 },
             Frame::PeersInSync { offset_blocks: 9, blocks: 3 },
-            Frame::UuidHistory { history: [0x20, 0x10] },
+            Frame::UuidHistory { history },
             Frame::UncleanSecondary,
             Frame::ResyncPeersInSync { peers: 0b101 },
             Frame::Ahead,
