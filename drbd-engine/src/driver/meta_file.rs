@@ -17,6 +17,11 @@ use thiserror::Error;
 
 /// Version 2: `HISTORY_UUIDS_MAX` history slots (32) where version 1 had two.
 const MAGIC: &[u8; 8] = b"TNDMETA2";
+/// Version 1, still read (its two history generations are the newest; the older slots start
+/// empty) so an upgrade keeps a node's metadata; the next update writes version 2.
+const MAGIC_V1: &[u8; 8] = b"TNDMETA1";
+const HISTORY_SLOTS_V1: usize = 2;
+const _: () = assert!(HISTORY_SLOTS_V1 <= HISTORY_UUIDS_MAX);
 
 #[derive(Debug, Error)]
 pub enum MetaFileError {
@@ -86,7 +91,12 @@ fn encode(meta: &Metadata) -> Vec<u8> {
 }
 
 fn decode(bytes: &[u8]) -> Option<Metadata> {
-    if bytes.len() < 12 || &bytes[..8] != MAGIC {
+    let history_slots = match bytes.get(..8)? {
+        magic if magic == MAGIC => HISTORY_UUIDS_MAX,
+        magic if magic == MAGIC_V1 => HISTORY_SLOTS_V1,
+        _ => return None,
+    };
+    if bytes.len() < 12 {
         return None;
     }
     let crc = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
@@ -104,7 +114,7 @@ fn decode(bytes: &[u8]) -> Option<Metadata> {
     let size_blocks = u64_at(take(8)?);
     let mut meta = Metadata::create(node_id, size_blocks);
     meta.uuids.current = u64_at(take(8)?);
-    for slot in 0..HISTORY_UUIDS_MAX {
+    for slot in 0..history_slots {
         meta.uuids.history[slot] = u64_at(take(8)?);
     }
     for slot in 0..=usize::from(NODE_ID_MAX) {
@@ -241,5 +251,33 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         assert!(matches!(MetaFile::load(&path), Err(MetaFileError::Corrupt(_))));
         assert!(MetaFile::open_or_create(&path, NodeId(1), 1000).is_err());
+    }
+
+    /// A version 1 file (two history slots) written before the history grew loads with its
+    /// generations, and the next update rewrites it as version 2.
+    #[test]
+    fn version_1_files_still_load() {
+        let mut meta = Metadata::create(NodeId(0), 640);
+        meta.uuids.current = 0xC0;
+        meta.uuids.history[0] = 0xB0;
+        meta.uuids.history[1] = 0xA0;
+        meta.uuids.bitmap[1] = 0xB0;
+        meta.bitmaps[1].set_range(5, 7).unwrap();
+        let v2 = encode(&meta);
+        // Version 1's layout: the same fields with two history slots.
+        let history_at = 12 + 1 + 8 + 8;
+        let mut v1 = v2[..history_at + 8 * HISTORY_SLOTS_V1].to_vec();
+        v1.extend_from_slice(&v2[history_at + 8 * HISTORY_UUIDS_MAX..]);
+        v1[..8].copy_from_slice(MAGIC_V1);
+        let crc = crc32c::crc32c(&v1[12..]);
+        v1[8..12].copy_from_slice(&crc.to_le_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.tmeta");
+        std::fs::write(&path, &v1).unwrap();
+        let (mut file, loaded) = MetaFile::open_or_create(&path, NodeId(0), 640).unwrap();
+        assert_eq!(loaded, meta);
+        file.apply(&MetaUpdate::BitmapSet { peer: NodeId(1), first_block: 0, blocks: 1 }).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], MAGIC);
+        assert_eq!(MetaFile::load(&path).unwrap().bitmaps[1].count(), 8);
     }
 }

@@ -18,8 +18,9 @@ use thiserror::Error;
 pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
 /// Bumped whenever a frame is added or changes: peers of different versions refuse each other
 /// at the handshake instead of misreading frames. 2: quorum (17), resize (18-19), diskless
-/// operation (20-24), the mesh (27-29), verify (40-44) and WRITE ATOMIC (33).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// operation (20-24), the mesh (27-29), verify (40-44) and WRITE ATOMIC (33). 3: pull-ahead
+/// (45-46), UncleanSecondary (50), and 32 history generations in Hello and UuidHistory.
+pub const PROTOCOL_VERSION: u32 = 3;
 pub const HEADER_BYTES: usize = 32;
 /// Mask words of one VerifyResult: one bit per block of the largest request.
 pub const VERIFY_MASK_WORDS_MAX: usize = 4;
