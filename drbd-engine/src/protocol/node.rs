@@ -928,6 +928,14 @@ impl Node {
         }
     }
 
+    /// Records peer `i`'s role as its State frame or handshake tells it, and lets the hooks
+    /// that depend on who is primary react (a verify between mesh secondaries ends when a
+    /// primary appears).
+    pub(super) fn set_peer_role(&mut self, i: usize, role: Role) {
+        self.peers[i].role = role;
+        self.verify_peer_role_known();
+    }
+
     fn set_peer_disk(&mut self, i: usize, disk: DiskState) {
         let peer = self.peers[i].id;
         if disk == DiskState::UpToDate {
@@ -2128,8 +2136,7 @@ impl Node {
                 if role == Role::Primary && self.quorum_reject_second_primary(i) {
                     return;
                 }
-                self.peers[i].role = role;
-                self.verify_peer_role_known();
+                self.set_peer_role(i, role);
                 self.mesh_peer_state(i, role, disk);
                 self.set_peer_disk(i, disk);
                 self.mesh_gen_target_state(i, disk);
@@ -2466,8 +2473,7 @@ impl Node {
             let (bitmap, sent) = (&handshake.bitmap, handshake.sent);
             decision = self.after_split_brain(i, &mine, &theirs, &hello, bitmap, sent);
         }
-        self.peers[i].role = hello.role;
-        self.verify_peer_role_known();
+        self.set_peer_role(i, hello.role);
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.emit(Event::HandshakeDecided { peer, decision });

@@ -503,8 +503,7 @@ impl Node {
         if !(self.config.quorum.diskless || self.is_diskless_peer(self.peers[i].id)) {
             return false;
         }
-        self.peers[i].role = hello.role;
-        self.verify_peer_role_known();
+        self.set_peer_role(i, hello.role);
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.set_replication(i, ReplicationState::Established);

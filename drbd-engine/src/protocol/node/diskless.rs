@@ -614,8 +614,7 @@ impl Node {
             self.refuse(i, "both nodes are primary");
             return true;
         }
-        self.peers[i].role = hello.role;
-        self.verify_peer_role_known();
+        self.set_peer_role(i, hello.role);
         self.peers[i].discard_my_data = false;
         self.set_peer_disk(i, hello.disk);
         self.set_replication(i, ReplicationState::Established);
