@@ -500,6 +500,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          split brain although node 2's data descended from node 1's; the history keeps 32 \
          generations now (DRBD 9's HISTORY_UUIDS), so node 1 becomes a full sync target",
     ),
+    (
+        8475,
+        "engine: node 1 was promoted on a link to node 0 that had just died and was never \
+         confirmed, node 2 with node 0 wrote in the generation node 1 held (its bitmap base for \
+         node 1 was older); node 1, still primary, met node 0 holding node 2's acknowledged \
+         write and became its sync source by the primary's rule; an unconfirmed primary is an \
+         unclean peer now: it is the target and steps down",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

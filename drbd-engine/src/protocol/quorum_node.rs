@@ -117,6 +117,12 @@ impl Node {
             // later, and the mesh's bookkeeping expects it at the loss; deferring it there
             // (tried: mesh seed 469 then ends in a split brain) is left to the mesh. Only a
             // quorum that rests on a stalled link waits (`stall.rs`).
+            if self.quorum_primary_unconfirmed() {
+                // These marks are writes nobody acknowledged: they must not make us the
+                // source of a peer of our generation (`mesh_unclean_direction`), after a
+                // step-down either.
+                self.mesh_marked_unacked(peer);
+            }
             if confirmed && self.mesh_generation_stalled() {
                 self.quorum_state.generation_deferred |= peer.bit();
                 return false;
@@ -187,6 +193,17 @@ impl Node {
     /// When `handle_timeout` must run for quorum: the end of a lost primary's grace period.
     pub(super) fn quorum_next_deadline(&self) -> Option<u64> {
         self.quorum_state.lost_primaries.values().map(|t| t + PRIMARY_LOST_GRACE_MS).min()
+    }
+
+    /// A primary whose term no peer confirmed yet (promoted on a stale view, seed 8475): it
+    /// acknowledged nothing since its promotion, so its data is no reference for a peer of
+    /// its generation (`mesh_unclean_direction`), which may hold writes another primary
+    /// acknowledged meanwhile. (Not a primary that merely lost quorum: it may hold writes it
+    /// acknowledged alone, under protocol A or B, or before it noticed the loss; seed 13.)
+    pub(super) fn quorum_primary_unconfirmed(&self) -> bool {
+        self.config.quorum.enabled()
+            && self.role == Role::Primary
+            && self.quorum_state.generation_pending
     }
 
     /// Application I/O of this primary waits.

@@ -102,6 +102,12 @@ pub(super) struct MeshState {
     /// it in sync), all do when we finish a resync as target or become primary. Told to
     /// those peers in each handshake.
     unclean: u64,
+    /// As a primary whose term no peer confirmed, marked blocks out of sync for these diskful
+    /// peers (node id bits), without starting a generation (`quorum_generation_now`): its
+    /// bits for them are writes nobody acknowledged, in the generation those peers share
+    /// with us. Kept after a step-down; told as `UncleanSecondary` in each handshake while
+    /// the bits stand and no generation tracks the peer (`mesh_unclean_towards`).
+    unacked: u64,
     /// Peers that told us so in the handshake of this connection (peer, conn_id).
     peer_unclean: BTreeMap<NodeId, u64>,
     /// Peers that became a third node's sync target on this connection (peer, conn_id):
@@ -288,6 +294,7 @@ impl Node {
         self.mesh.target_generation = None;
         // Our hot extents now hold the source's data: no longer unclean.
         self.mesh.unclean = 0;
+        self.mesh.unacked = 0;
     }
 
     /// Sync target, at `ResyncDone`: `uuids` take the source's generation and push our old
@@ -368,11 +375,21 @@ impl Node {
     }
 
     /// Our restart marks for `peer` still stand: the bits we hold for it may mark blocks
-    /// where our own data is wrong.
+    /// where our own data is wrong. So do the marks of an unconfirmed term, and such a
+    /// term itself (`mesh_unclean_direction`).
     fn mesh_unclean_towards(&self, peer: NodeId) -> bool {
-        self.mesh_enabled()
-            && self.mesh.unclean & peer.bit() != 0
-            && !self.meta.bitmaps[peer.index()].is_clear()
+        // Unacknowledged marks count while no generation tracks the peer: once one does, the
+        // generations tell which side is newer.
+        let unacked = self.mesh.unacked & peer.bit() != 0 && self.meta.uuids.bitmap_uuid(peer) == 0;
+        let marked = (self.mesh.unclean & peer.bit() != 0 || unacked)
+            && !self.meta.bitmaps[peer.index()].is_clear();
+        self.mesh_enabled() && (marked || self.quorum_primary_unconfirmed())
+    }
+
+    /// `quorum_generation_now`: this primary marks blocks for `peer` while it cannot
+    /// acknowledge writes, and starts no generation for it (`MeshState::unacked`).
+    pub(super) fn mesh_marked_unacked(&mut self, peer: NodeId) {
+        self.mesh.unacked |= peer.bit();
     }
 
     /// After every input: a peer our bits are clear for is in sync with us (a resync in
@@ -384,8 +401,9 @@ impl Node {
             self.mesh.unclean = 0;
         }
         for x in self.peer_ids() {
-            if self.mesh.unclean & x.bit() != 0 && self.meta.bitmaps[x.index()].is_clear() {
+            if self.meta.bitmaps[x.index()].is_clear() {
                 self.mesh.unclean &= !x.bit();
+                self.mesh.unacked &= !x.bit();
             }
         }
     }
@@ -404,6 +422,14 @@ impl Node {
     /// seeds 706, 1420: a restarted secondary became the source by its bits alone and
     /// spread its stale blocks). Writes it holds that the other lacks were never
     /// acknowledged there, and a write that skipped the other started a new generation.
+    /// The same holds when the unclean one is a primary whose term no peer confirmed
+    /// (`quorum_primary_unconfirmed`), or the secondary it became with the marks it made
+    /// then (`MeshState::unacked`): it acknowledged nothing since its promotion, while the
+    /// other may hold writes another primary acknowledged in the same generation (mesh seed
+    /// 8475: node 1, promoted on a stalled link and never confirmed, met node 0, which held
+    /// a write node 2 acknowledged, and became its source by the primary's rule of
+    /// `mesh_adjust_decision`). Such a primary is the target: it steps down
+    /// (`quorum_after_decision`), and the next handshake, as a secondary, resyncs it.
     fn mesh_unclean_direction(
         &self,
         i: usize,
@@ -415,9 +441,10 @@ impl Node {
         let p = &self.peers[i];
         let peer_unclean = self.mesh.peer_unclean.get(&p.id) == Some(&p.conn_id);
         let mine = self.mesh.hello_sent.get(&p.id).is_some_and(|f| f.0 == p.conn_id && f.4);
+        // A clean primary is the source by the primary's rule anyway.
+        let clean_role = if mine { hello.role } else { my_sent_role };
         let applies = mine != peer_unclean
-            && my_sent_role != Role::Primary
-            && hello.role != Role::Primary
+            && clean_role != Role::Primary
             && self.disk.has_data()
             && hello.disk.has_data()
             && matches!(decision, BitmapSource | BitmapTarget | SplitBrain);
