@@ -500,6 +500,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          split brain although node 2's data descended from node 1's; the history keeps 32 \
          generations now (DRBD 9's HISTORY_UUIDS), so node 1 becomes a full sync target",
     ),
+    (
+        12713,
+        "engine: a sync source reported a peer in sync through a link partitioned a second \
+         earlier, behind which that peer had been promoted and written; the target took the \
+         source's older data over those writes without marking them for the peer, and the two \
+         reconnected with no sync (UpToDate replicas differed); a peer whose link is silent \
+         for longer than a live one allows is never reported in sync now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

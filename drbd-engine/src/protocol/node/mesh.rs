@@ -709,7 +709,12 @@ impl Node {
     /// may hold bits for us we do not (seed 2201: node 0 resynced from node 2 while
     /// Established with node 1, which had no bits for it and reported it in sync to node 2
     /// in its next resync; node 2 skipped marks for node 0, and 7 blocks stayed different
-    /// between UpToDate replicas).
+    /// between UpToDate replicas). Nor a node whose link has gone silent
+    /// (`mesh_link_live`): it may have been promoted and written behind the partition, its
+    /// report of the promotion lost with the link (seed 12713 of `tandem-sim --nodes 3
+    /// --diskful 3`: node 0 reported node 2 in sync through a link partitioned a second
+    /// earlier, its target node 1 took node 0's older data over writes of primary 2 without
+    /// marking them for node 2, and node 1 and node 2 then reconnected with no sync).
     fn mesh_announce_resync_in_sync(&mut self) {
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
@@ -721,7 +726,7 @@ impl Node {
             for x in &self.peers {
                 let same = x.id != target
                     && !self.is_diskless_peer(x.id)
-                    && x.connection == ConnectionState::Connected
+                    && self.mesh_link_live(x)
                     && x.handshake.is_none()
                     && x.replication == ReplicationState::Established
                     && self.meta.uuids.bitmap_uuid(x.id) == 0
@@ -1176,10 +1181,16 @@ impl Node {
         let Some(s) = self.mesh.source.as_ref() else { return false };
         self.peer_index(s.peer).is_some_and(|j| {
             let p = &self.peers[j];
-            p.conn_id == s.conn_id
-                && p.connection == ConnectionState::Connected
-                && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
+            p.conn_id == s.conn_id && self.mesh_link_live(p)
         })
+    }
+
+    /// The connection to `p` is up and not silent for longer than a live link allows (it
+    /// pings at least every `PING_INTERVAL_MS`). A partitioned link stays `Connected` until
+    /// the ping timeout, and what we know of that peer stops with it.
+    fn mesh_link_live(&self, p: &Peer) -> bool {
+        p.connection == ConnectionState::Connected
+            && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
     }
 
     /// A primary other than peer `i` replicates to this node.
