@@ -1,15 +1,14 @@
-//! A sync source's report of which peers hold its data (`Frame::ResyncPeersInSync`) must not
-//! count a peer whose link has gone silent (simulator seed 12713 of `tandem-sim --nodes 3
-//! --diskful 3`). A (0) lost B (1); its link to C (2) went silent (a partition neither end
-//! noticed yet), and C was promoted behind it, its writes reaching B only. B then lost C
-//! with those writes in doubt, outdated itself without quorum and reconnected to A, which
-//! resynced it with A's older data. A's report still named C in sync with it, so B marked
-//! nothing for C, and B and C, both of one generation and without bits for each other,
-//! reconnected with no sync: two UpToDate replicas differed in C's acknowledged writes.
+//! A sync target skips its marks for the peers its source reports holding the source's data
+//! (`Frame::ResyncPeersInSync`); two ways that report went stale, each found by
+//! `tandem-sim --nodes 3 --diskful 3`:
+//! - seed 12713: the source reported a peer through a link that had gone silent, behind
+//!   which the peer had been promoted and written;
+//! - seed 7229: the target had itself resynced the peer just before, cut off from the
+//!   source, and the source, its link to that peer silent, had not heard of it.
 
 mod common;
 
-use common::mesh::{Mesh, NODES, link, mesh_config};
+use common::mesh::{Mesh, NODES, link, mesh_config, nid};
 use drbd_engine::constants::{PING_INTERVAL_MS, PING_TIMEOUT_MS};
 use drbd_engine::protocol::node::Config;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
@@ -37,6 +36,12 @@ fn generation(mesh: &Mesh, i: usize, b: u64) -> u8 {
     data[8]
 }
 
+/// Seed 12713. A (0) lost B (1); its link to C (2) went silent (a partition neither end
+/// noticed yet), and C was promoted behind it, its writes reaching B only. B then lost C
+/// with those writes in doubt, outdated itself without quorum and reconnected to A, which
+/// resynced it with A's older data. A's report still named C in sync with it, so B marked
+/// nothing for C, and B and C, both of one generation and without bits for each other,
+/// reconnected with no sync: two UpToDate replicas differed in C's acknowledged writes.
 #[test]
 fn a_target_marks_for_a_peer_its_source_last_heard_long_ago() {
     let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
@@ -77,4 +82,62 @@ fn a_target_marks_for_a_peer_its_source_last_heard_long_ago() {
     for b in 0..8 {
         assert_eq!(generation(&mesh, B, b * 4), 7, "B holds C's write again");
     }
+}
+
+/// Simulator seed 7229: the source's report lags behind a change the target itself made.
+/// Primary A (0) went down before its last write reached its own disk (B (1) and C (2) hold
+/// it). B lost its link to C, and with it its quorum, while C had not noticed yet. A came
+/// back and, as the crashed primary, resynced B with its own older block; then C resynced A
+/// and, its link to B silent for less than a second, reported B in sync with it: A took C's
+/// block without marking it for B, and A and B, Established without bits, differed (a
+/// verify between them reported the block).
+#[test]
+fn a_target_marks_for_a_peer_it_resynced_apart_from_its_source() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    mesh.promote(A);
+    mesh.write(A, 4, 1);
+    mesh.idle(200);
+    // The harness completes disk I/O at once: put back what A's disk held, as if A died
+    // with the write still on its way to it.
+    let before = mesh.disks[A][common::at(4)..common::at(5)].to_vec();
+    mesh.write(A, 4, 2);
+    let meta = mesh.crash(A);
+    mesh.disks[A][common::at(4)..common::at(5)].copy_from_slice(&before);
+    mesh.idle(300);
+    assert_eq!(generation(&mesh, B, 4), 2);
+    assert_eq!(generation(&mesh, C, 4), 2);
+
+    // B notices the loss of its link to C (and with it its quorum); C does not yet.
+    let l = link(B, C);
+    let conn_id = std::mem::replace(&mut mesh.conn_id[l], 0);
+    mesh.plugged[l] = false;
+    mesh.queues[B][C].clear();
+    mesh.queues[C][B].clear();
+    let now = mesh.tick();
+    mesh.nodes[B].handle_transport_closed(now, nid(C), conn_id);
+    mesh.run();
+    assert_eq!(mesh.nodes[B].disk_state(), DiskState::Outdated);
+
+    // A comes back to B and resyncs it with its older block, then to C, which resyncs A.
+    mesh.restart(A, meta, &[B]);
+    mesh.idle(100);
+    assert_eq!(generation(&mesh, B, 4), 1, "B took A's block");
+    mesh.plug(A, C);
+    mesh.idle(100);
+    assert_eq!(generation(&mesh, A, 4), 2, "A took C's block");
+    // (B handshakes with A again when A becomes UpToDate.)
+    let bits = mesh.nodes[A].out_of_sync_blocks(nid(B)) + mesh.nodes[B].out_of_sync_blocks(nid(A));
+    assert!(
+        mesh.differing_blocks(A, B).is_empty() || bits > 0,
+        "A and B differ in {:?} without knowing it",
+        mesh.differing_blocks(A, B)
+    );
+
+    // Everyone meets again: one data everywhere.
+    mesh.cut(A, B);
+    mesh.plug(A, B);
+    mesh.plug(B, C);
+    mesh.idle(PING_TIMEOUT_MS);
+    assert_eq!(mesh.differing_blocks(A, B), Vec::<u64>::new());
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
 }
