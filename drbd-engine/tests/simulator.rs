@@ -508,6 +508,23 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          write and became its sync source by the primary's rule; an unconfirmed primary is an \
          unclean peer now: it is the target and steps down",
     ),
+    (
+        12713,
+        "engine: a sync source reported a peer in sync through a link partitioned a second \
+         earlier, behind which that peer had been promoted and written; the target took the \
+         source's older data over those writes without marking them for the peer, and the two \
+         reconnected with no sync (UpToDate replicas differed); a peer whose link is silent \
+         for longer than a live one allows is never reported in sync now",
+    ),
+    (
+        7229,
+        "engine: a node resynced a peer, then took a third node's data, which that node \
+         reported the peer to hold through a link silent for 400 ms; the node skipped its \
+         marks for the peer it had itself just changed, and the two stayed Established without \
+         bits while block 4 differed (a verify reported it); a sync target marks what it \
+         receives for a peer it resynced on the current connection without reporting the \
+         source in sync to it, whatever the source reports",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -40,9 +40,10 @@
 //! - A sync target marks what it receives for the other diskful peers, except those its
 //!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
 //!   `mesh_resync_received`; never a peer that became a third node's sync target on the
-//!   current connection), and a handshake whose Hello is stale is retried
-//!   (`mesh_hello_stale`). A target keeps its old generation in its history only if the
-//!   source's past holds it (`mesh_target_lineage`).
+//!   current connection, nor one whose link went silent), unless the target itself resynced
+//!   that peer without reporting the source in sync to it (`mesh_marked_for`); and a
+//!   handshake whose Hello is stale is retried (`mesh_hello_stale`). A target keeps its old
+//!   generation in its history only if the source's past holds it (`mesh_target_lineage`).
 //! - A detached primary's generation describes the data its peers hold: it takes the one it
 //!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
 //!   generation for a diskful peer its writes skip (all in memory; the sources adopt them).
@@ -82,6 +83,10 @@ pub(super) struct MeshState {
     hello_sent: BTreeMap<NodeId, (u64, DiskState, crate::uuid::GenerationUuids, bool, bool)>,
     /// As sync source: the `ResyncPeersInSync` each target was last sent, with its connection.
     resync_in_sync_sent: BTreeMap<NodeId, (u64, u64)>,
+    /// As sync source: the diskful peers we left out of a `ResyncPeersInSync` to each target
+    /// on its connection (target, conn_id, node id bits): the target marked what it took
+    /// from us for them (`mesh_resync_received`), so it may differ from them.
+    resync_unreported: BTreeMap<NodeId, (u64, u64)>,
     /// As sync target: the last `ResyncPeersInSync` of each source, with its connection.
     resync_in_sync: BTreeMap<NodeId, (u64, u64)>,
     /// As sync target: the newer generation of the source (peer, conn_id, generation) to
@@ -701,7 +706,9 @@ impl Node {
     /// node had missed, then found itself in sync with the crashed primary, which lacked
     /// them). Not for the nodes the source reports fully in sync with it
     /// (`Frame::ResyncPeersInSync`): they hold the data we receive, and marking them would
-    /// make each resync start another one around the mesh.
+    /// make each resync start another one around the mesh. Except a node we resynced
+    /// ourselves, on its current connection, without reporting the source in sync to it: it
+    /// may differ from the source whatever the source reports (`mesh_marked_for`).
     pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
         if !self.mesh_enabled() {
             return;
@@ -717,16 +724,32 @@ impl Node {
             .get(&source)
             .filter(|(c, _)| *c == conn_id)
             .map_or(0, |(_, peers)| *peers);
-        let others: Vec<NodeId> = self
-            .peers
-            .iter()
-            .filter(|p| p.id != source && !self.is_diskless_peer(p.id))
-            .filter(|p| in_sync & p.id.bit() == 0)
-            .map(|p| p.id)
+        let others: Vec<NodeId> = (0..self.peers.len())
+            .filter(|j| *j != i && !self.is_diskless_peer(self.peers[*j].id))
+            .filter(|j| in_sync & self.peers[*j].id.bit() == 0 || self.mesh_marked_for(*j, source))
+            .map(|j| self.peers[j].id)
             .collect();
         for x in others {
             self.mesh_mark(x, first, blocks);
         }
+    }
+
+    /// We resynced peer `j` on its current connection without reporting `source` in sync
+    /// to it (`resync_unreported`): `j` marked what it took from us for `source`, and may
+    /// differ from it however `source` reports it. `source` excludes a peer that became a
+    /// sync target from its report once it hears of it (`mesh_announce_resync_in_sync`),
+    /// but over a link that has gone silent it hears nothing (seed 7229 of `tandem-sim
+    /// --nodes 3 --diskful 3`: node 0 resynced node 1 while cut off from node 2, then took
+    /// node 2's data, which node 2 reported node 1 to hold through a link silent for 400
+    /// ms; node 0 and node 1 ended Established without bits and differing). Only then: a
+    /// target that was reported `source` in sync holds its data, and marking it anyway made
+    /// resyncs chase each other around the mesh (seed 2201).
+    fn mesh_marked_for(&self, j: usize, source: NodeId) -> bool {
+        let p = &self.peers[j];
+        self.mesh
+            .resync_unreported
+            .get(&p.id)
+            .is_some_and(|(c, bits)| *c == p.conn_id && bits & source.bit() != 0)
     }
 
     /// Sync source: tells each target which diskful nodes hold exactly our data (connected,
@@ -736,7 +759,12 @@ impl Node {
     /// may hold bits for us we do not (seed 2201: node 0 resynced from node 2 while
     /// Established with node 1, which had no bits for it and reported it in sync to node 2
     /// in its next resync; node 2 skipped marks for node 0, and 7 blocks stayed different
-    /// between UpToDate replicas).
+    /// between UpToDate replicas). Nor a node whose link has gone silent
+    /// (`mesh_link_live`): it may have been promoted and written behind the partition, its
+    /// report of the promotion lost with the link (seed 12713 of `tandem-sim --nodes 3
+    /// --diskful 3`: node 0 reported node 2 in sync through a link partitioned a second
+    /// earlier, its target node 1 took node 0's older data over writes of primary 2 without
+    /// marking them for node 2, and node 1 and node 2 then reconnected with no sync).
     fn mesh_announce_resync_in_sync(&mut self) {
         for j in 0..self.peers.len() {
             let p = &self.peers[j];
@@ -748,7 +776,7 @@ impl Node {
             for x in &self.peers {
                 let same = x.id != target
                     && !self.is_diskless_peer(x.id)
-                    && x.connection == ConnectionState::Connected
+                    && self.mesh_link_live(x)
                     && x.handshake.is_none()
                     && x.replication == ReplicationState::Established
                     && self.meta.uuids.bitmap_uuid(x.id) == 0
@@ -758,6 +786,17 @@ impl Node {
                     peers |= x.id.bit();
                 }
             }
+            let others = self
+                .peers
+                .iter()
+                .filter(|x| x.id != target && !self.is_diskless_peer(x.id))
+                .fold(0u64, |bits, x| bits | x.id.bit());
+            let unreported = match self.mesh.resync_unreported.get(&target) {
+                Some((c, bits)) if *c == p.conn_id => *bits,
+                _ => 0,
+            };
+            let entry = (p.conn_id, unreported | (others & !peers));
+            self.mesh.resync_unreported.insert(target, entry);
             let entry = (p.conn_id, peers);
             if self.mesh.resync_in_sync_sent.get(&target) != Some(&entry) {
                 self.mesh.resync_in_sync_sent.insert(target, entry);
@@ -1203,10 +1242,16 @@ impl Node {
         let Some(s) = self.mesh.source.as_ref() else { return false };
         self.peer_index(s.peer).is_some_and(|j| {
             let p = &self.peers[j];
-            p.conn_id == s.conn_id
-                && p.connection == ConnectionState::Connected
-                && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
+            p.conn_id == s.conn_id && self.mesh_link_live(p)
         })
+    }
+
+    /// The connection to `p` is up and not silent for longer than a live link allows (it
+    /// pings at least every `PING_INTERVAL_MS`). A partitioned link stays `Connected` until
+    /// the ping timeout, and what we know of that peer stops with it.
+    fn mesh_link_live(&self, p: &Peer) -> bool {
+        p.connection == ConnectionState::Connected
+            && p.last_received_ms + super::stall::PROMOTE_PEER_SILENCE_MS_MAX >= self.now_ms
     }
 
     /// A primary other than peer `i` replicates to this node.

@@ -1,0 +1,143 @@
+//! A sync target skips its marks for the peers its source reports holding the source's data
+//! (`Frame::ResyncPeersInSync`); two ways that report went stale, each found by
+//! `tandem-sim --nodes 3 --diskful 3`:
+//! - seed 12713: the source reported a peer through a link that had gone silent, behind
+//!   which the peer had been promoted and written;
+//! - seed 7229: the target had itself resynced the peer just before, cut off from the
+//!   source, and the source, its link to that peer silent, had not heard of it.
+
+mod common;
+
+use common::mesh::{Mesh, NODES, link, mesh_config, nid};
+use drbd_engine::constants::{PING_INTERVAL_MS, PING_TIMEOUT_MS};
+use drbd_engine::protocol::node::Config;
+use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
+use drbd_engine::protocol::{DiskState, Role};
+
+const SIZE_BLOCKS: u64 = 256;
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
+const FAST_KIB_PER_S: u64 = 100_000;
+
+fn config(i: usize) -> Config {
+    let quorum = QuorumConfig {
+        quorum: QuorumPolicy::Majority,
+        on_no_quorum: OnNoQuorum::SuspendIo,
+        ..QuorumConfig::default()
+    };
+    mesh_config(i, 71 + i as u64, FAST_KIB_PER_S, quorum)
+}
+
+/// The generation node `i` holds in block `b` (see `block_data`).
+fn generation(mesh: &Mesh, i: usize, b: u64) -> u8 {
+    let data = &mesh.disks[i][common::at(b)..common::at(b + 1)];
+    assert_eq!(data[..8], b.to_le_bytes(), "block {b} of node {i} is in place");
+    data[8]
+}
+
+/// Seed 12713. A (0) lost B (1); its link to C (2) went silent (a partition neither end
+/// noticed yet), and C was promoted behind it, its writes reaching B only. B then lost C
+/// with those writes in doubt, outdated itself without quorum and reconnected to A, which
+/// resynced it with A's older data. A's report still named C in sync with it, so B marked
+/// nothing for C, and B and C, both of one generation and without bits for each other,
+/// reconnected with no sync: two UpToDate replicas differed in C's acknowledged writes.
+#[test]
+fn a_target_marks_for_a_peer_its_source_last_heard_long_ago() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    // A connection of A and C on which neither resynced a third node.
+    mesh.cut(A, C);
+    mesh.plug(A, C);
+    mesh.idle(100);
+    mesh.cut(A, B);
+    // A-C goes silent; C is promoted before either end notices, A never hears of it.
+    mesh.held[link(A, C)] = true;
+    mesh.promote(C);
+    let writes: Vec<_> = (0..8).map(|b| mesh.submit_write(C, b * 4, 7)).collect();
+    for b in 0..8 {
+        assert_eq!(generation(&mesh, B, b * 4), 7, "B holds C's write");
+    }
+    assert!(writes.iter().all(|w| mesh.result(*w).is_none()), "A's acks are missing");
+    mesh.idle(200); // a barrier closes the epoch: C knows B holds its writes
+
+    // B loses C with its writes in doubt and, alone, its quorum.
+    mesh.cut(B, C);
+    assert_eq!(mesh.nodes[B].disk_state(), DiskState::Outdated);
+
+    // Long after A last heard from C (but before the ping timeout ends that link), B comes
+    // back to A, which resyncs the blocks in doubt from its older data.
+    mesh.idle(PING_INTERVAL_MS + PING_INTERVAL_MS / 2 + 100);
+    assert!(mesh.conn_id[link(A, C)] != 0, "A has not noticed the silence of C yet");
+    mesh.plug(A, B);
+    mesh.idle(100);
+    assert_eq!(generation(&mesh, B, 0), 0, "B took A's data");
+
+    // A's link to C times out; C and B meet again: B must not count as in sync with C.
+    mesh.idle(PING_TIMEOUT_MS);
+    mesh.held[link(A, C)] = false;
+    mesh.plug(B, C);
+    mesh.idle(500);
+    assert_eq!(mesh.nodes[C].role(), Role::Primary);
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new(), "B and C hold the same data");
+    for b in 0..8 {
+        assert_eq!(generation(&mesh, B, b * 4), 7, "B holds C's write again");
+    }
+}
+
+/// Simulator seed 7229: the source's report lags behind a change the target itself made.
+/// Primary A (0) went down before its last write reached its own disk (B (1) and C (2) hold
+/// it). B lost its link to C, and with it its quorum, while C had not noticed yet. A came
+/// back and, as the crashed primary, resynced B with its own older block; then C resynced A
+/// and, its link to B silent for less than a second, reported B in sync with it: A took C's
+/// block without marking it for B, and A and B, Established without bits, differed (a
+/// verify between them reported the block).
+#[test]
+fn a_target_marks_for_a_peer_it_resynced_apart_from_its_source() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    mesh.promote(A);
+    mesh.write(A, 4, 1);
+    mesh.idle(200);
+    // The harness completes disk I/O at once: put back what A's disk held, as if A died
+    // with the write still on its way to it.
+    let before = mesh.disks[A][common::at(4)..common::at(5)].to_vec();
+    mesh.write(A, 4, 2);
+    let meta = mesh.crash(A);
+    mesh.disks[A][common::at(4)..common::at(5)].copy_from_slice(&before);
+    mesh.idle(300);
+    assert_eq!(generation(&mesh, B, 4), 2);
+    assert_eq!(generation(&mesh, C, 4), 2);
+
+    // B notices the loss of its link to C (and with it its quorum); C does not yet.
+    let l = link(B, C);
+    let conn_id = std::mem::replace(&mut mesh.conn_id[l], 0);
+    mesh.plugged[l] = false;
+    mesh.queues[B][C].clear();
+    mesh.queues[C][B].clear();
+    let now = mesh.tick();
+    mesh.nodes[B].handle_transport_closed(now, nid(C), conn_id);
+    mesh.run();
+    assert_eq!(mesh.nodes[B].disk_state(), DiskState::Outdated);
+
+    // A comes back to B and resyncs it with its older block, then to C, which resyncs A.
+    mesh.restart(A, meta, &[B]);
+    mesh.idle(100);
+    assert_eq!(generation(&mesh, B, 4), 1, "B took A's block");
+    mesh.plug(A, C);
+    mesh.idle(100);
+    assert_eq!(generation(&mesh, A, 4), 2, "A took C's block");
+    // (B handshakes with A again when A becomes UpToDate.)
+    let bits = mesh.nodes[A].out_of_sync_blocks(nid(B)) + mesh.nodes[B].out_of_sync_blocks(nid(A));
+    assert!(
+        mesh.differing_blocks(A, B).is_empty() || bits > 0,
+        "A and B differ in {:?} without knowing it",
+        mesh.differing_blocks(A, B)
+    );
+
+    // Everyone meets again: one data everywhere.
+    mesh.cut(A, B);
+    mesh.plug(A, B);
+    mesh.plug(B, C);
+    mesh.idle(PING_TIMEOUT_MS);
+    assert_eq!(mesh.differing_blocks(A, B), Vec::<u64>::new());
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+}
