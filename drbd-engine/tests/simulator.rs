@@ -500,6 +500,23 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          split brain although node 2's data descended from node 1's; the history keeps 32 \
          generations now (DRBD 9's HISTORY_UUIDS), so node 1 becomes a full sync target",
     ),
+    (
+        6322,
+        "checker and engine: a primary's writes apart from a peer whose bits a restart had \
+         already set produced no BitmapSet, so the ghost missed them and the split brain with \
+         a node force-promoted meanwhile looked false (the ghost now also records a \
+         primary's acknowledged write its bitmap marks for a peer); later two nodes that \
+         tracked each other from one base, one's generation in the other's history, were \
+         found split: a generation in the peer's history decides before equal bases now \
+         (DRBD's rules 60/80 before 90)",
+    ),
+    (
+        10997,
+        "engine: a primary started the generation it had deferred (quorum on a stalled \
+         link) in the input its pending demotion completed, and stepped down before \
+         announcing it; the secondary in sync kept the old generation and met the demoted \
+         node later in a split brain; the generation is announced before the role changes",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an
