@@ -73,3 +73,28 @@ fn a_generation_started_as_the_demotion_completes_is_announced() {
     assert_eq!(b.current, a.current, "B took A's generation with the resync");
     assert_eq!(b.bitmap_uuid(nid(C)), shared, "and, announced, A's base for C");
 }
+
+/// The generation of a primary promoted apart from a peer starts with the first write that
+/// peer misses (DRBD 9's `NEW_CUR_UUID`: an unforced promotion only flags it), and the
+/// secondary in sync takes it. Seed 14209: a generation started at the promotion's
+/// confirmation, with nothing written, met a node force-promoted meanwhile (a new
+/// generation at once, from the same base): both had moved on from one base and were
+/// found split although one held nothing new.
+#[test]
+fn the_first_write_apart_starts_the_generation() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    let shared = mesh.nodes[A].metadata().uuids.current;
+    mesh.cut(A, B);
+    mesh.cut(A, C);
+    mesh.promote(B);
+    mesh.idle(100);
+    assert_eq!(mesh.nodes[B].metadata().uuids.current, shared);
+    mesh.write(B, 1, 2);
+    mesh.idle(50);
+    let b = mesh.nodes[B].metadata().uuids.clone();
+    assert_ne!(b.current, shared);
+    assert_eq!(b.bitmap_uuid(nid(A)), shared);
+    let c = &mesh.nodes[C].metadata().uuids;
+    assert_eq!(c.current, b.current);
+    assert_eq!(c.bitmap_uuid(nid(A)), shared);
+}

@@ -517,6 +517,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          announcing it; the secondary in sync kept the old generation and met the demoted \
          node later in a split brain; the generation is announced before the role changes",
     ),
+    (
+        14209,
+        "engine: a node promoted apart from a peer started its generation when its peers \
+         confirmed it, with nothing written; a node force-promoted meanwhile had moved on \
+         from the same base and the two met as a split brain although one held nothing new; \
+         with three diskful nodes the generation starts with the first write a peer misses \
+         now (DRBD 9's NEW_CUR_UUID)",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an
