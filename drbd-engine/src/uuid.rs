@@ -224,8 +224,21 @@ fn compare(local: &HandshakeView, remote: &HandshakeView) -> SyncDecision {
     let both_moved_on = mine_base != 0 && mine_base != UUID_JUST_CREATED && mine_base == their_base;
     let i_am_behind = their_base == mine.current;
     let they_are_behind = mine_base == theirs.current;
-    let decision = if both_moved_on || (i_am_behind && they_are_behind) {
+    let decision = if i_am_behind && they_are_behind {
         SplitBrain
+    } else if both_moved_on {
+        // Equal bases name where the two started tracking each other, not that both wrote
+        // since: one side's generation may have become the other's ancestor (it is in the
+        // other's history), and that side is only behind. DRBD checks its rules 60 and 80
+        // (current in the peer's history) before rule 90 (equal bitmap UUIDs) too. (Mesh
+        // seed 6322: nodes 0 and 2 tracked each other from G; node 0 held Y, node 2 a later
+        // generation with Y in its history; they were found split.)
+        let in_history = |view: &HandshakeView, uuid: u64| view.uuids.history.contains(&uuid);
+        match (in_history(remote, mine.current), in_history(local, theirs.current)) {
+            (true, false) => FullTarget,
+            (false, true) => FullSource,
+            _ => SplitBrain,
+        }
     } else if i_am_behind {
         BitmapTarget
     } else if they_are_behind {
@@ -357,6 +370,12 @@ mod tests {
                 local: (0x20, 0x10, [0x10, 0], false, false),
                 remote: (0x30, 0x10, [0x10, 0], false, false),
                 expected: SplitBrain,
+            },
+            Row {
+                name: "both tracking from one base, local a later generation's ancestor: full target",
+                local: (0x20, 0x10, [0x10, 0], false, false),
+                remote: (0x30, 0x10, [0x20, 0x10], false, false),
+                expected: FullTarget,
             },
             Row {
                 name: "diverged with only shared history: split brain",

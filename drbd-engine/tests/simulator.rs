@@ -525,6 +525,31 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          receives for a peer it resynced on the current connection without reporting the \
          source in sync to it, whatever the source reports",
     ),
+    (
+        6322,
+        "checker and engine: a primary's writes apart from a peer whose bits a restart had \
+         already set produced no BitmapSet, so the ghost missed them and the split brain with \
+         a node force-promoted meanwhile looked false (the ghost now also records a \
+         primary's acknowledged write its bitmap marks for a peer); later two nodes that \
+         tracked each other from one base, one's generation in the other's history, were \
+         found split: a generation in the peer's history decides before equal bases now \
+         (DRBD's rules 60/80 before 90)",
+    ),
+    (
+        10997,
+        "engine: a primary started the generation it had deferred (quorum on a stalled \
+         link) in the input its pending demotion completed, and stepped down before \
+         announcing it; the secondary in sync kept the old generation and met the demoted \
+         node later in a split brain; the generation is announced before the role changes",
+    ),
+    (
+        14209,
+        "engine: a node promoted apart from a peer started its generation when its peers \
+         confirmed it, with nothing written; a node force-promoted meanwhile had moved on \
+         from the same base and the two met as a split brain although one held nothing new; \
+         with three diskful nodes the generation starts with the first write a peer misses \
+         now (DRBD 9's NEW_CUR_UUID)",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

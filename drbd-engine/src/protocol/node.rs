@@ -1982,6 +1982,7 @@ impl Node {
             && (self.transfer_log.iter().all(|(_, e)| e.resync) || self.disk == DiskState::Diskless)
             && self.fence_pending == 0
         {
+            self.mesh_before_demote();
             self.demote_pending = false;
             self.role = Role::Secondary;
             self.persist_flags(|f| f.primary_indicator = false);

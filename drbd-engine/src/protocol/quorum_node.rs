@@ -301,6 +301,14 @@ impl Node {
     /// confirmed, steps down, and must then be found *older*, not split.)
     fn quorum_confirmed_generation(&mut self) {
         self.quorum_state.generation_pending = false;
+        if self.mesh_enabled() {
+            // Three or more diskful nodes: the generation starts with the first write a
+            // peer misses (`mark_out_of_sync`), as DRBD 9 starts the one an unforced
+            // promotion flags (`NEW_CUR_UUID`). One started here with nothing written met a
+            // node force-promoted meanwhile, which had moved on from the same base, as a
+            // split brain although this side held nothing new (seed 14209).
+            return;
+        }
         let missing: Vec<NodeId> = self
             .peers
             .iter()

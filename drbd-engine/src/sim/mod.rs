@@ -1306,6 +1306,26 @@ impl World {
         self.dirty[a][b] = true;
     }
 
+    /// Ghost record, besides the primary's `BitmapSet` outputs: node i acknowledged a write
+    /// of blocks `first..end` as primary while its bitmap for a peer covers some of them, so
+    /// that peer may lack the write. The engine persists a mark only when it sets a bit: for
+    /// a peer whose bits were all set already (its restart had marked everything for its
+    /// peers) there was no output, the primary's writes apart from that peer went
+    /// unrecorded, and the split brain with it, force-promoted meanwhile, looked false
+    /// (mesh seed 6322).
+    fn acked_apart(&mut self, i: usize, first: u64, end: u64) {
+        if self.nodes[i].role_seen != Role::Primary || self.detached_disk(i) {
+            return;
+        }
+        for j in 0..self.swarm.nodes {
+            let marked = |meta: &Metadata| (first..end).any(|b| meta.bitmaps[j].test(b));
+            if j != i && !self.dirty[i][j] && !self.is_diskless(j) && marked(&self.nodes[i].meta) {
+                self.set_dirty(i, j);
+                self.log(|| format!("node {i} dirty for {j}: acknowledged blocks {first}..{end}"));
+            }
+        }
+    }
+
     /// a and b hold the same data again (a resync finished or the handshake found no
     /// difference): forget everything recorded about their separation.
     fn in_sync(&mut self, a: usize, b: usize) {
@@ -1584,6 +1604,7 @@ impl World {
         match (pending, result) {
             (Pending::Write { id, fua, first, end }, result) => {
                 if result.is_ok() {
+                    self.acked_apart(i, first, end);
                     self.report.writes_acked += 1;
                     self.check_single_writer(i);
                     self.resize_check_ack(i, first, end);

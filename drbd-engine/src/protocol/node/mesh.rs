@@ -210,6 +210,18 @@ impl Node {
         }
     }
 
+    /// The demotion completes in this input: a generation this primary started in the same
+    /// input (the one deferred until it could acknowledge writes again,
+    /// `quorum_deferred_generation`, starts as the last request drains) is announced while
+    /// it is still primary; the secondaries in sync take it as DRBD's peers take a new
+    /// current UUID. After the demotion `mesh_announce` sends nothing, and the secondary
+    /// kept the old generation while the demoted node held the new one with that secondary
+    /// in sync: a generation nobody else had, found split from the secondary's next one
+    /// (seed 10997).
+    pub(super) fn mesh_before_demote(&mut self) {
+        self.mesh_announce();
+    }
+
     /// A primary in a mesh detached its disk and sent its sources `Frame::Detached` with
     /// `fresh`. It takes that generation itself (in memory only: nothing is persisted while
     /// detached, `handle_attach` restores the disk's own metadata), so that what it announces
