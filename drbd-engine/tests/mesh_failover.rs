@@ -18,10 +18,10 @@ mod common;
 
 use common::mesh::{GRACE_MS, Mesh, NODES, link, mesh_config, nid};
 use common::{BLOCK, at, block_data};
-use drbd_engine::protocol::Metadata;
 use drbd_engine::protocol::node::Config;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{DiskState, ReplicationState, Role};
+use drbd_engine::protocol::{Metadata, PersistedDisk};
 use drbd_engine::uuid::SyncDecision;
 
 const SIZE_BLOCKS: u64 = 1024;
@@ -214,4 +214,45 @@ fn a_secondary_that_went_down_with_a_write_the_other_lacks_resyncs_it() {
             Some(ReplicationState::Established)
         );
     }
+}
+
+/// A node that ends a resync Outdated (its source was Outdated, and the target takes its
+/// source's state) while it stays Established with an UpToDate peer handshakes with that
+/// peer again and becomes UpToDate from it (mesh seed 20368: nothing else did; once that
+/// peer was promoted, the resyncs between the secondaries waited for good and the node
+/// stayed Outdated). As in the seed: A and B go down; C, alone, outdates itself; B comes
+/// back Outdated with bits for A (what the seed's B marked for A as a sync target while A
+/// was down: the same blocks as C's, set in its metadata here) and meets C, and both stay
+/// Outdated; their link goes silent; A comes back, meets C first (in sync: both become
+/// UpToDate), then B: by B's bits A is B's sync target, and B reports C in sync with it,
+/// so A marks nothing for C.
+#[test]
+fn a_target_left_outdated_by_its_source_becomes_up_to_date_from_an_up_to_date_peer() {
+    let mut mesh = Mesh::new(FAST_KIB_PER_S);
+    let meta_a = mesh.crash(A);
+    let mut meta_b = mesh.crash(B);
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C lost quorum");
+    meta_b.flags.disk = PersistedDisk::Outdated;
+    meta_b.bitmaps[A].set_range(0, 8).unwrap();
+    mesh.restart(B, meta_b, &[C]);
+    mesh.idle(100);
+    for i in [B, C] {
+        assert_eq!(mesh.nodes[i].disk_state(), DiskState::Outdated, "node {i}");
+        let other = nid(B + C - i);
+        assert_eq!(mesh.nodes[i].replication_state(other), Some(ReplicationState::Established));
+    }
+    mesh.held[link(B, C)] = true;
+    mesh.restart(A, meta_a, &[C]);
+    mesh.idle(100);
+    assert_eq!(mesh.nodes[A].disk_state(), DiskState::UpToDate, "A in sync with C");
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::UpToDate, "C in sync with A");
+    let since = mesh.events.len();
+    mesh.plug(A, B);
+    mesh.idle(200);
+    let decisions = mesh.decisions(A, B, since);
+    assert_eq!(decisions.first(), Some(&SyncDecision::BitmapTarget), "A with B: {decisions:?}");
+    assert!(mesh.was_outdated(A, since), "A took B's Outdated state at the end of the resync");
+    assert_eq!(mesh.nodes[A].disk_state(), DiskState::UpToDate, "A is UpToDate from C");
+    assert_eq!(mesh.nodes[A].replication_state(nid(C)), Some(ReplicationState::Established));
+    assert_eq!(mesh.differing_blocks(A, C), Vec::<u64>::new());
 }

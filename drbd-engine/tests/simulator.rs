@@ -500,6 +500,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          split brain although node 2's data descended from node 1's; the history keeps 32 \
          generations now (DRBD 9's HISTORY_UUIDS), so node 1 becomes a full sync target",
     ),
+    (
+        20368,
+        "engine (liveness): node 0 became the sync target of Outdated node 1 and took its \
+         Outdated state while Established with UpToDate node 2, which was promoted later; \
+         the primary saw node 0 in sync and the secondaries' resync waited while it \
+         replicated, so node 0 stayed Outdated; a target left below UpToDate handshakes \
+         again with the UpToDate peers it holds no bits for (or a primary) now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -290,6 +290,35 @@ impl Node {
         self.mesh.unclean = 0;
     }
 
+    /// Sync target from source `i`, after the resync ended with our disk set: if it took
+    /// the source's Outdated or Consistent state (`mesh_source_disk`) while we stay
+    /// Established with an UpToDate peer, handshake with that peer again. Nothing else
+    /// would: the peer's disk did not change (`mesh_peer_state` reacts to changes only), a
+    /// primary sees us Established without bits, and the secondaries' resyncs wait while it
+    /// replicates, so we stayed Outdated for good (seed 20368: node 0 took Outdated from
+    /// node 1 beside UpToDate node 2, which was promoted later). With no bits for the peer
+    /// (our source reported it in sync, so what we received is its data too:
+    /// `mesh_resync_received`) the handshake is NoSync, which next to UpToDate data makes
+    /// ours UpToDate; a primary is the source of whatever we marked. Not a secondary we
+    /// marked blocks for: our Outdated side would be the source of those over its data.
+    pub(super) fn mesh_target_ended_below(&mut self, i: usize) {
+        if !self.mesh_enabled() || self.disk == DiskState::UpToDate || !self.disk.has_data() {
+            return;
+        }
+        for j in (0..self.peers.len()).filter(|j| *j != i) {
+            let p = &self.peers[j];
+            if !self.is_diskless_peer(p.id)
+                && p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.replication == ReplicationState::Established
+                && p.disk == DiskState::UpToDate
+                && (p.role == Role::Primary || self.meta.bitmaps[p.id.index()].is_clear())
+            {
+                self.mesh.rehandshake |= p.id.bit();
+            }
+        }
+    }
+
     /// Sync target, at `ResyncDone`: `uuids` take the source's generation and push our old
     /// one, `old_current`, into the history. That says our data descends from it, true only
     /// if the source's data does: our old generation is in the source's past (its current,
