@@ -72,6 +72,9 @@ use crate::constants::IN_DOUBT_WRITES_MAX;
 pub(super) struct MeshState {
     /// As primary: the `MeshTargets` values each peer was last sent, with its connection.
     announced: BTreeMap<NodeId, (u64, [u64; 4])>,
+    /// As primary: for each peer, the connection it was first announced to on and the
+    /// transfer-log id of the first write sent after that (`mesh_announce`).
+    announced_from: BTreeMap<NodeId, (u64, u64)>,
     /// As secondary: the primary whose writes this node receives.
     source: Option<MeshSource>,
     /// Received writes not yet confirmed on the other secondaries, oldest first.
@@ -156,6 +159,7 @@ impl Node {
             // found its old announcement unchanged, sent none, and the secondary marked
             // every write for the other secondary).
             self.mesh.announced.clear();
+            self.mesh.announced_from.clear();
             return;
         }
         let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);
@@ -185,18 +189,45 @@ impl Node {
             }
         }
         let current_uuid = self.meta.uuids.current;
-        let values = [targets, in_sync, current_uuid, lost];
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
             if !p.replicating() || self.is_diskless_peer(p.id) {
                 continue;
             }
+            let (peer, conn_id) = (p.id, p.conn_id);
+            let from = match self.mesh.announced_from.get(&peer) {
+                Some((c, tl)) if *c == conn_id => *tl,
+                _ => {
+                    self.mesh.announced_from.insert(peer, (conn_id, self.next_tl));
+                    self.next_tl
+                }
+            };
+            let unconfirmed = self.mesh_unconfirmed_before(from) & !peer.bit();
+            let values = [targets, in_sync & !unconfirmed, current_uuid, lost];
+            let p = &self.peers[i];
             let entry = (p.conn_id, values);
             if self.mesh.announced.get(&p.id) != Some(&entry) {
                 self.mesh.announced.insert(p.id, entry);
+                let in_sync = values[1];
                 self.send(i, Frame::MeshTargets { targets, in_sync, current_uuid, lost });
             }
         }
+    }
+
+    /// Primary: the peers (node id bits) that have not confirmed a write sent before
+    /// transfer-log id `from`. A secondary that connected to us at `from` may hold such a
+    /// write from its previous connection, marked for the other secondaries when it lost
+    /// it; announced "in sync" to it, such a peer had those bits dropped although it never
+    /// got the write, and when we lost that peer and marked the write for it, the
+    /// secondary adopted our new generation without it (seed 19101: a later primary
+    /// resynced the peer from those bits and missed blocks of 13 acknowledged writes). Once
+    /// the peer confirms them (or is lost, and they are marked for it), the next
+    /// announcement carries the change.
+    fn mesh_unconfirmed_before(&self, from: u64) -> u64 {
+        self.transfer_log
+            .range(..from)
+            .filter(|(_, e)| !e.resync)
+            .fold(0, |bits, (_, e)| e.peers.iter().fold(bits, |b, (p, _)| b | p.bit()))
     }
 
     /// A primary in a mesh detached its disk and sent its sources `Frame::Detached` with
