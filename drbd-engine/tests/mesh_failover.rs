@@ -18,10 +18,10 @@ mod common;
 
 use common::mesh::{GRACE_MS, Mesh, NODES, link, mesh_config, nid};
 use common::{BLOCK, at, block_data};
-use drbd_engine::protocol::Metadata;
 use drbd_engine::protocol::node::Config;
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{DiskState, ReplicationState, Role};
+use drbd_engine::protocol::{Metadata, PersistedDisk};
 use drbd_engine::uuid::SyncDecision;
 
 const SIZE_BLOCKS: u64 = 1024;
@@ -214,4 +214,80 @@ fn a_secondary_that_went_down_with_a_write_the_other_lacks_resyncs_it() {
             Some(ReplicationState::Established)
         );
     }
+}
+
+/// A node that ends a resync Outdated (its source was Outdated, and the target takes its
+/// source's state) while it stays Established with an UpToDate peer handshakes with that
+/// peer again and becomes UpToDate from it (mesh seed 20368: nothing else did; once that
+/// peer was promoted, the resyncs between the secondaries waited for good and the node
+/// stayed Outdated). As in the seed: A and B go down; C, alone, outdates itself; B comes
+/// back Outdated with bits for A (what the seed's B marked for A as a sync target while A
+/// was down: the same blocks as C's, set in its metadata here) and meets C, and both stay
+/// Outdated; their link goes silent; A comes back, meets C first (in sync: both become
+/// UpToDate), then B: by B's bits A is B's sync target, and B reports C in sync with it,
+/// so A marks nothing for C.
+#[test]
+fn a_target_left_outdated_by_its_source_becomes_up_to_date_from_an_up_to_date_peer() {
+    let mut mesh = Mesh::new(FAST_KIB_PER_S);
+    let meta_a = mesh.crash(A);
+    let mut meta_b = mesh.crash(B);
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C lost quorum");
+    meta_b.flags.disk = PersistedDisk::Outdated;
+    meta_b.bitmaps[A].set_range(0, 8).unwrap();
+    mesh.restart(B, meta_b, &[C]);
+    mesh.idle(100);
+    for i in [B, C] {
+        assert_eq!(mesh.nodes[i].disk_state(), DiskState::Outdated, "node {i}");
+        let other = nid(B + C - i);
+        assert_eq!(mesh.nodes[i].replication_state(other), Some(ReplicationState::Established));
+    }
+    mesh.held[link(B, C)] = true;
+    mesh.restart(A, meta_a, &[C]);
+    mesh.idle(100);
+    assert_eq!(mesh.nodes[A].disk_state(), DiskState::UpToDate, "A in sync with C");
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::UpToDate, "C in sync with A");
+    let since = mesh.events.len();
+    mesh.plug(A, B);
+    mesh.idle(200);
+    let decisions = mesh.decisions(A, B, since);
+    assert_eq!(decisions.first(), Some(&SyncDecision::BitmapTarget), "A with B: {decisions:?}");
+    assert!(mesh.was_outdated(A, since), "A took B's Outdated state at the end of the resync");
+    assert_eq!(mesh.nodes[A].disk_state(), DiskState::UpToDate, "A is UpToDate from C");
+    assert_eq!(mesh.nodes[A].replication_state(nid(C)), Some(ReplicationState::Established));
+    assert_eq!(mesh.differing_blocks(A, C), Vec::<u64>::new());
+}
+
+/// A secondary that loses its connection to the primary marks the writes it holds in doubt
+/// for the other secondaries; when it connects again, the primary does not announce to it
+/// "in sync" a peer that has not confirmed a write sent before, so the mark is not dropped
+/// (mesh seed 19101: it was; the primary then lost that peer and marked the write for it,
+/// the secondary adopted the generation the primary started for the peer without the mark,
+/// was promoted later and resynced the peer from its bits, and the peer missed the write).
+#[test]
+fn a_reconnected_secondary_keeps_its_marks_for_a_peer_that_did_not_confirm_them() {
+    let mut mesh = Mesh::new(FAST_KIB_PER_S);
+    mesh.promote(A);
+    mesh.idle(50);
+    mesh.cut(B, C);
+    // C stops hearing from A (and A from C): the write reaches B only, in doubt towards C.
+    mesh.held[link(A, C)] = true;
+    let block = 500;
+    let id = mesh.submit_write(A, block, 2);
+    mesh.idle(100); // a barrier: B confirms the write stable, C cannot
+    assert!(mesh.nodes[B].mesh_writes_in_doubt() > 0, "B holds the write in doubt");
+    mesh.cut(A, B);
+    assert!(mesh.nodes[B].out_of_sync_blocks(nid(C)) > 0, "B marked the write for C");
+    mesh.plug(A, B);
+    mesh.idle(100); // shorter than a silence the primary notices on its link to C
+    assert_eq!(mesh.nodes[B].replication_state(nid(A)), Some(ReplicationState::Established));
+    assert_eq!(mesh.nodes[B].disk_state(), DiskState::UpToDate);
+    assert!(mesh.nodes[B].out_of_sync_blocks(nid(C)) > 0, "B keeps the mark for C");
+    // A loses C with the write unconfirmed there, then dies; B meets C.
+    mesh.cut(A, C);
+    assert_eq!(mesh.result(id), Some(&Ok(None)), "the write was acknowledged");
+    mesh.crash(A);
+    mesh.plug(B, C);
+    mesh.idle(GRACE_MS);
+    assert_eq!(&mesh.disks[C][at(block)..at(block + 1)], &block_data(block, 2)[..]);
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
 }

@@ -550,6 +550,24 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          with three diskful nodes the generation starts with the first write a peer misses \
          now (DRBD 9's NEW_CUR_UUID)",
     ),
+    (
+        19101,
+        "engine: node 1 lost its connection to primary node 0 with writes in doubt and marked \
+         them for node 2; node 0 still waited for node 2 to confirm them (a lost frame held \
+         node 2's link, pings alive) and, when node 1 connected again, announced node 2 in \
+         sync, so node 1 dropped the marks; node 0 then lost node 2, node 1 adopted its \
+         generation without them and, promoted, resynced node 2 from its bits: 13 \
+         acknowledged writes missed on node 2; a primary does not announce in sync to a \
+         peer a node that has not confirmed the writes sent before that peer connected now",
+    ),
+    (
+        20368,
+        "engine (liveness): node 0 became the sync target of Outdated node 1 and took its \
+         Outdated state while Established with UpToDate node 2, which was promoted later; \
+         the primary saw node 0 in sync and the secondaries' resync waited while it \
+         replicated, so node 0 stayed Outdated; a target left below UpToDate handshakes \
+         again with the UpToDate peers it holds no bits for (or a primary) now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

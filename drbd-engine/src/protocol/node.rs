@@ -2773,6 +2773,7 @@ impl Node {
         });
         self.set_replication(i, ReplicationState::Established);
         self.set_disk(self.mesh_source_disk(self.peers[i].disk));
+        self.mesh_target_ended_below(i);
         self.emit(Event::ResyncFinished { peer, blocks: 0 });
     }
 

@@ -73,6 +73,9 @@ use crate::constants::IN_DOUBT_WRITES_MAX;
 pub(super) struct MeshState {
     /// As primary: the `MeshTargets` values each peer was last sent, with its connection.
     announced: BTreeMap<NodeId, (u64, [u64; 4])>,
+    /// As primary: for each peer, the connection it was first announced to on and the
+    /// transfer-log id of the first write sent after that (`mesh_announce`).
+    announced_from: BTreeMap<NodeId, (u64, u64)>,
     /// As secondary: the primary whose writes this node receives.
     source: Option<MeshSource>,
     /// Received writes not yet confirmed on the other secondaries, oldest first.
@@ -167,6 +170,7 @@ impl Node {
             // found its old announcement unchanged, sent none, and the secondary marked
             // every write for the other secondary).
             self.mesh.announced.clear();
+            self.mesh.announced_from.clear();
             return;
         }
         let (mut targets, mut in_sync, mut lost) = (self.id.bit(), self.id.bit(), 0u64);
@@ -196,15 +200,26 @@ impl Node {
             }
         }
         let current_uuid = self.meta.uuids.current;
-        let values = [targets, in_sync, current_uuid, lost];
         for i in 0..self.peers.len() {
             let p = &self.peers[i];
             if !p.replicating() || self.is_diskless_peer(p.id) {
                 continue;
             }
+            let (peer, conn_id) = (p.id, p.conn_id);
+            let from = match self.mesh.announced_from.get(&peer) {
+                Some((c, tl)) if *c == conn_id => *tl,
+                _ => {
+                    self.mesh.announced_from.insert(peer, (conn_id, self.next_tl));
+                    self.next_tl
+                }
+            };
+            let unconfirmed = self.mesh_unconfirmed_before(from) & !peer.bit();
+            let values = [targets, in_sync & !unconfirmed, current_uuid, lost];
+            let p = &self.peers[i];
             let entry = (p.conn_id, values);
             if self.mesh.announced.get(&p.id) != Some(&entry) {
                 self.mesh.announced.insert(p.id, entry);
+                let in_sync = values[1];
                 self.send(i, Frame::MeshTargets { targets, in_sync, current_uuid, lost });
             }
         }
@@ -220,6 +235,22 @@ impl Node {
     /// (seed 10997).
     pub(super) fn mesh_before_demote(&mut self) {
         self.mesh_announce();
+    }
+
+    /// Primary: the peers (node id bits) that have not confirmed a write sent before
+    /// transfer-log id `from`. A secondary that connected to us at `from` may hold such a
+    /// write from its previous connection, marked for the other secondaries when it lost
+    /// it; announced "in sync" to it, such a peer had those bits dropped although it never
+    /// got the write, and when we lost that peer and marked the write for it, the
+    /// secondary adopted our new generation without it (seed 19101: a later primary
+    /// resynced the peer from those bits and missed blocks of 13 acknowledged writes). Once
+    /// the peer confirms them (or is lost, and they are marked for it), the next
+    /// announcement carries the change.
+    fn mesh_unconfirmed_before(&self, from: u64) -> u64 {
+        self.transfer_log
+            .range(..from)
+            .filter(|(_, e)| !e.resync)
+            .fold(0, |bits, (_, e)| e.peers.iter().fold(bits, |b, (p, _)| b | p.bit()))
     }
 
     /// A primary in a mesh detached its disk and sent its sources `Frame::Detached` with
@@ -312,6 +343,35 @@ impl Node {
         // Our hot extents now hold the source's data: no longer unclean.
         self.mesh.unclean = 0;
         self.mesh.unacked = 0;
+    }
+
+    /// Sync target from source `i`, after the resync ended with our disk set: if it took
+    /// the source's Outdated or Consistent state (`mesh_source_disk`) while we stay
+    /// Established with an UpToDate peer, handshake with that peer again. Nothing else
+    /// would: the peer's disk did not change (`mesh_peer_state` reacts to changes only), a
+    /// primary sees us Established without bits, and the secondaries' resyncs wait while it
+    /// replicates, so we stayed Outdated for good (seed 20368: node 0 took Outdated from
+    /// node 1 beside UpToDate node 2, which was promoted later). With no bits for the peer
+    /// (our source reported it in sync, so what we received is its data too:
+    /// `mesh_resync_received`) the handshake is NoSync, which next to UpToDate data makes
+    /// ours UpToDate; a primary is the source of whatever we marked. Not a secondary we
+    /// marked blocks for: our Outdated side would be the source of those over its data.
+    pub(super) fn mesh_target_ended_below(&mut self, i: usize) {
+        if !self.mesh_enabled() || self.disk == DiskState::UpToDate || !self.disk.has_data() {
+            return;
+        }
+        for j in (0..self.peers.len()).filter(|j| *j != i) {
+            let p = &self.peers[j];
+            if !self.is_diskless_peer(p.id)
+                && p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.replication == ReplicationState::Established
+                && p.disk == DiskState::UpToDate
+                && (p.role == Role::Primary || self.meta.bitmaps[p.id.index()].is_clear())
+            {
+                self.mesh.rehandshake |= p.id.bit();
+            }
+        }
     }
 
     /// Sync target, at `ResyncDone`: `uuids` take the source's generation and push our old
