@@ -460,6 +460,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          on that connection now",
     ),
     (
+        2383,
+        "checker: a primary crashed with writes stuck behind a stalled link to a peer it \
+         counted in sync; the ghost never recorded them for that peer, a node resynced from \
+         it inherited the clean record and the true split brain with a node force-promoted \
+         later was called false; a crash with writes pending now marks every peer",
+    ),
+    (
         4910,
         "engine (after 1813's activity log): a node took a generation from a primary's \
          resync, lost the source, was fully synced from a sibling generation and pushed the \

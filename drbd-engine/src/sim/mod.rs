@@ -1405,6 +1405,7 @@ impl World {
                 self.models[lineage].volatile_loss_before_ack(id);
             }
         }
+        self.mesh_crash_with_writes_pending(i);
         // Its application requests die with it (their writes stay "maybe landed").
         self.pending.retain(|_, (node, _, _)| *node != i);
         for j in 0..self.swarm.nodes {
