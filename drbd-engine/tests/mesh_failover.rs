@@ -16,10 +16,9 @@
 
 mod common;
 
-use common::mesh::{GRACE_MS, Mesh, NODES, link, mesh_config, nid};
+use common::mesh::{GRACE_MS, Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use common::{BLOCK, at, block_data};
 use drbd_engine::protocol::node::Config;
-use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{DiskState, ReplicationState, Role};
 use drbd_engine::protocol::{Metadata, PersistedDisk};
 use drbd_engine::uuid::SyncDecision;
@@ -32,12 +31,7 @@ const C: usize = 2;
 const FAST_KIB_PER_S: u64 = 100_000;
 
 fn config(i: usize, rate_kib_per_s: u64) -> Config {
-    let quorum = QuorumConfig {
-        quorum: QuorumPolicy::Majority,
-        on_no_quorum: OnNoQuorum::SuspendIo,
-        ..QuorumConfig::default()
-    };
-    mesh_config(i, 31 + i as u64, rate_kib_per_s, quorum)
+    mesh_config(i, 31 + i as u64, rate_kib_per_s, majority_suspend_io())
 }
 
 impl Mesh {

@@ -10,10 +10,9 @@
 
 mod common;
 
-use common::mesh::{Mesh, NODES, link, mesh_config, nid};
+use common::mesh::{Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use drbd_engine::protocol::Role;
 use drbd_engine::protocol::node::Config;
-use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 
 const SIZE_BLOCKS: u64 = 256;
 const A: usize = 0;
@@ -24,12 +23,7 @@ const FAST_KIB_PER_S: u64 = 100_000;
 const STALL_MS: u64 = drbd_engine::constants::PING_INTERVAL_MS * 2;
 
 fn config(i: usize) -> Config {
-    let quorum = QuorumConfig {
-        quorum: QuorumPolicy::Majority,
-        on_no_quorum: OnNoQuorum::SuspendIo,
-        ..QuorumConfig::default()
-    };
-    mesh_config(i, 71 + i as u64, FAST_KIB_PER_S, quorum)
+    mesh_config(i, 71 + i as u64, FAST_KIB_PER_S, majority_suspend_io())
 }
 
 #[test]

@@ -12,9 +12,8 @@
 
 mod common;
 
-use common::mesh::{GRACE_MS, Mesh, NODES, link, mesh_config, nid};
+use common::mesh::{GRACE_MS, Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use common::{at, block_data};
-use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{ReplicationState, Role};
 use drbd_engine::uuid::SyncDecision;
 
@@ -24,14 +23,7 @@ const B: usize = 1;
 const C: usize = 2;
 
 fn new_mesh() -> Mesh {
-    let config = |i: usize| {
-        let quorum = QuorumConfig {
-            quorum: QuorumPolicy::Majority,
-            on_no_quorum: OnNoQuorum::SuspendIo,
-            ..QuorumConfig::default()
-        };
-        mesh_config(i, 71 + i as u64, 100_000, quorum)
-    };
+    let config = |i: usize| mesh_config(i, 71 + i as u64, 100_000, majority_suspend_io());
     Mesh::start(SIZE_BLOCKS, [false; NODES], config)
 }
 

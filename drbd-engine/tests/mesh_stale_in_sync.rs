@@ -8,10 +8,9 @@
 
 mod common;
 
-use common::mesh::{Mesh, NODES, link, mesh_config, nid};
+use common::mesh::{Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use drbd_engine::constants::{PING_INTERVAL_MS, PING_TIMEOUT_MS};
 use drbd_engine::protocol::node::Config;
-use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{DiskState, Role};
 
 const SIZE_BLOCKS: u64 = 256;
@@ -21,12 +20,7 @@ const C: usize = 2;
 const FAST_KIB_PER_S: u64 = 100_000;
 
 fn config(i: usize) -> Config {
-    let quorum = QuorumConfig {
-        quorum: QuorumPolicy::Majority,
-        on_no_quorum: OnNoQuorum::SuspendIo,
-        ..QuorumConfig::default()
-    };
-    mesh_config(i, 71 + i as u64, FAST_KIB_PER_S, quorum)
+    mesh_config(i, 71 + i as u64, FAST_KIB_PER_S, majority_suspend_io())
 }
 
 /// The generation node `i` holds in block `b` (see `block_data`).

@@ -6,9 +6,8 @@
 
 mod common;
 
-use common::mesh::{Mesh, NODES, link, mesh_config, nid};
+use common::mesh::{Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use drbd_engine::protocol::node::{Config, Event};
-use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{DigestAlg, DigestSettings, ReplicationState};
 
 const SIZE_BLOCKS: u64 = 1024;
@@ -19,17 +18,12 @@ const C: usize = 2;
 const SLOW_KIB_PER_S: u64 = 400;
 
 fn config(i: usize) -> Config {
-    let quorum = QuorumConfig {
-        quorum: QuorumPolicy::Majority,
-        on_no_quorum: OnNoQuorum::SuspendIo,
-        ..QuorumConfig::default()
-    };
     Config {
         digests: DigestSettings {
             verify_alg: Some(DigestAlg::Crc32c),
             ..DigestSettings::default()
         },
-        ..mesh_config(i, 57 + i as u64, SLOW_KIB_PER_S, quorum)
+        ..mesh_config(i, 57 + i as u64, SLOW_KIB_PER_S, majority_suspend_io())
     }
 }
 

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use drbd_engine::NodeId;
 use drbd_engine::protocol::node::{AppRequest, Config, Event, Node, Output, RequestId};
-use drbd_engine::protocol::quorum::QuorumConfig;
+use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
     DiskState, Fencing, Metadata, ReplicationProtocol, ResyncRate, StateError,
 };
@@ -34,6 +34,15 @@ pub fn nid(i: usize) -> NodeId {
 }
 
 /// Node `i`'s configuration in the mesh: every other node a peer, protocol C, no fencing.
+/// Quorum as the mesh tests run it: a majority, and I/O suspended without quorum.
+pub fn majority_suspend_io() -> QuorumConfig {
+    QuorumConfig {
+        quorum: QuorumPolicy::Majority,
+        on_no_quorum: OnNoQuorum::SuspendIo,
+        ..QuorumConfig::default()
+    }
+}
+
 pub fn mesh_config(
     i: usize,
     random_seed: u64,
