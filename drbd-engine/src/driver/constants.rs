@@ -28,6 +28,13 @@ pub const RECEIVE_BUFFERS_PARKED_MAX: usize = 8;
 /// driver yields once before its round, to gather the rest of a burst (see `Driver::run`);
 /// below it (QD1) a yield only cost context switches.
 pub const YIELD_REQUESTS_IN_FLIGHT_MIN: usize = 2;
+/// How long a primary with one application request in flight waits for its peers' ack on
+/// its own thread, yielding to the runtime's socket poll, before it parks. At queue depth 1
+/// the thread would otherwise sleep for the tens of microseconds the ack takes, and on a
+/// virtual machine an idle vCPU sleeps in the hypervisor (HLT): the peer's send of the ack
+/// then pays for waking it (an inter-processor interrupt, 13-14 us measured) and the wake-up
+/// takes another 5 us to run. A peer whose pings take longer than this is not waited for hot.
+pub const ACK_SPIN_US_MAX: u64 = 200;
 /// Largest single write the driver gathers with the adjacent writes of its round into one
 /// pwritev (`backing_store::BackingStore::write_gathered`); larger ones go alone.
 pub const GATHER_WRITE_BYTES_ONE_MAX: usize = 64 * 1024;
@@ -63,3 +70,5 @@ const _: () = assert!(
     GATHER_WRITE_BYTES_ONE_MAX <= backing_store::constants::GATHERED_WRITE_BYTES_MAX
         && (GATHER_WRITE_BYTES_ONE_MAX as u64).is_multiple_of(crate::constants::BLOCK_SIZE_BYTES)
 );
+// A hot wait is for a loopback or LAN round trip; beyond a millisecond parking is cheaper.
+const _: () = assert!(ACK_SPIN_US_MAX > 0 && ACK_SPIN_US_MAX <= 1000);

@@ -38,7 +38,7 @@ use backing_store::constants::{GATHERED_WRITE_BYTES_MAX, GATHERED_WRITE_PIECES_M
 use backing_store::{BackingStore, EngineKind, OpenOptions};
 use bytes::{Bytes, BytesMut};
 use constants::{
-    COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, IMMEDIATE_DISK_PASSES_MAX,
+    ACK_SPIN_US_MAX, COMMAND_QUEUE_MAX, GATHER_WRITE_BYTES_ONE_MAX, IMMEDIATE_DISK_PASSES_MAX,
     INLINE_WRITE_BACKOFF_MS, INPUT_BATCH_MAX, RECEIVE_BUFFER_BYTES_MAX, RECEIVE_BUFFERS_PARKED_MAX,
     RECEIVE_READ_BYTES_MIN, SEND_BATCH_BYTES_MAX, SEND_IOVECS_MAX, YIELD_REQUESTS_IN_FLIGHT_MIN,
 };
@@ -483,6 +483,7 @@ impl ReplicatedDevice {
             journal,
             ping_sent: BTreeMap::new(),
             round_trip_us: BTreeMap::new(),
+            spun_for: None,
             tasks: tasks.clone(),
         };
         let accept_inputs = inputs_tx.clone();
@@ -1024,6 +1025,8 @@ struct Driver {
     /// last answered one took (DRBD's ping timing, shown as the metrics' peer round trip).
     ping_sent: BTreeMap<NodeId, Instant>,
     round_trip_us: BTreeMap<NodeId, u64>,
+    /// The request the driver last waited for hot (`spin_for_ack`).
+    spun_for: Option<u64>,
     /// Where every task the engine spawns goes (`scope`).
     tasks: TaskScope,
 }
@@ -1049,6 +1052,15 @@ impl Driver {
                 d.min(now_ms().saturating_add(CONNECT_RETRY_MS))
             });
             timer.arm(wake_ms);
+            if self.spin_for_ack(&disk) {
+                // Wait for the ack on this thread, hot, instead of parking it: see
+                // `ACK_SPIN_US_MAX`. Each yield lets the runtime poll its sockets (a
+                // zero-timeout epoll) and run the connection reader the ack wakes.
+                let until = Instant::now() + Duration::from_micros(ACK_SPIN_US_MAX);
+                while inputs.is_empty() && commands.is_empty() && Instant::now() < until {
+                    tokio::task::yield_now().await;
+                }
+            }
             let mut woken_by_command = false;
             tokio::select! {
                 command = commands.recv() => match command {
@@ -1118,6 +1130,27 @@ impl Driver {
                 let _ = reply.send(self.status());
             }
         }
+    }
+
+    /// Whether the round just done left exactly one application request waiting on nothing
+    /// but a peer (its local I/O done), with every peer's last ping answered within
+    /// `ACK_SPIN_US_MAX`: at queue depth 1 the driver then waits for the ack hot. Once per
+    /// request, so a request held for longer (a quorum wait, a stalled peer) parks as usual.
+    fn spin_for_ack(&mut self, disk: &DiskSet) -> bool {
+        if self.requests.len() != 1
+            || !disk.pending.is_empty()
+            || self.node.role() != Role::Primary
+            || self.round_trip_us.is_empty()
+            || self.round_trip_us.values().any(|&rtt| rtt > ACK_SPIN_US_MAX)
+        {
+            return false;
+        }
+        let request = *self.requests.keys().next().expect("one request");
+        if self.spun_for == Some(request) {
+            return false;
+        }
+        self.spun_for = Some(request);
+        true
     }
 
     /// Starts the disk I/O the round's outputs asked for at once, and carries on with what it
