@@ -467,6 +467,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          later was called false; a crash with writes pending now marks every peer",
     ),
     (
+        10102,
+        "checker: a primary crashed with a write pending before its peers took its first \
+         generation from the announcement still on the wire; the crash mark stayed for peers \
+         that joined that generation right after, a resync handed it on and a correct NoSync \
+         between two copies of it was flagged; a peer taking the generation clears the mark",
+    ),
+    (
         4910,
         "engine (after 1813's activity log): a node took a generation from a primary's \
          resync, lost the source, was fully synced from a sibling generation and pushed the \
