@@ -467,6 +467,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          later was called false; a crash with writes pending now marks every peer",
     ),
     (
+        12598,
+        "engine: node 1 sent its Hello and took the primary's new generation in the same \
+         millisecond; node 2, of the old generation, decided NoSync from the stale Hello \
+         and was Established with it while node 1 dropped the connection; each end now \
+         decides only after the peer confirms its Hello still holds (HelloHolds)",
+    ),
+    (
         10102,
         "checker: a primary crashed with a write pending before its peers took its first \
          generation from the announcement still on the wire; the crash mark stayed for peers \
