@@ -1,17 +1,25 @@
-//! A sync target skips its marks for the peers its source reports holding the source's data
-//! (`Frame::ResyncPeersInSync`); two ways that report went stale, each found by
-//! `tandem-sim --nodes 3 --diskful 3`:
+//! Stale views of a peer that made a node count it in sync, each found by
+//! `tandem-sim --nodes 3 --diskful 3`. A sync target skips its marks for the peers its source
+//! reports holding the source's data (`Frame::ResyncPeersInSync`); two ways that report went
+//! stale:
 //! - seed 12713: the source reported a peer through a link that had gone silent, behind
 //!   which the peer had been promoted and written;
 //! - seed 7229: the target had itself resynced the peer just before, cut off from the
 //!   source, and the source, its link to that peer silent, had not heard of it.
+//!
+//! And a handshake decides only from Hellos both ends still stand by (`Frame::HelloHolds`,
+//! seed 12598): a node sent its Hello and took the primary's new generation in the same
+//! millisecond; its peer, of the old generation and without the primary's newer writes, found
+//! no sync from the stale Hello and declared itself in sync with it, while the sender saw its
+//! Hello stale and dropped the connection.
 
 mod common;
 
 use common::mesh::{Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use drbd_engine::constants::{PING_INTERVAL_MS, PING_TIMEOUT_MS};
-use drbd_engine::protocol::node::Config;
-use drbd_engine::protocol::{DiskState, Role};
+use drbd_engine::protocol::node::{Config, Event};
+use drbd_engine::protocol::{DiskState, ReplicationState, Role};
+use drbd_engine::uuid::SyncDecision;
 
 const SIZE_BLOCKS: u64 = 256;
 const A: usize = 0;
@@ -134,4 +142,74 @@ fn a_target_marks_for_a_peer_it_resynced_apart_from_its_source() {
     mesh.idle(PING_TIMEOUT_MS);
     assert_eq!(mesh.differing_blocks(A, B), Vec::<u64>::new());
     assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new());
+}
+
+/// Delivers what `from` sent to `to` on their current connection, and nothing else.
+fn deliver(mesh: &mut Mesh, from: usize, to: usize) {
+    while let Some((conn_id, frame)) = mesh.queues[from][to].pop_front() {
+        if conn_id == mesh.conn_id[link(from, to)] {
+            let now = mesh.now_ms;
+            mesh.nodes[to].handle_receive(now, nid(from), &frame);
+        }
+    }
+}
+
+/// Primary A lost C and, writing without it, started a generation that B adopts from A's
+/// announcement. B and C reconnect; B's Hello (old generation) is on its way to C when B
+/// takes the new generation. C (Outdated: it lost its quorum) must not take that Hello for
+/// B's state: a NoSync from it made C UpToDate without A's write. The handshake is retried
+/// instead, and C ends with the write.
+#[test]
+fn a_handshake_waits_until_the_peer_confirms_its_hello() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    mesh.promote(A);
+    mesh.write(A, 3, 1);
+    mesh.idle(200); // a barrier closes the epoch: the write is in doubt nowhere
+    mesh.cut(A, C);
+    mesh.cut(B, C);
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C alone lost its quorum");
+
+    // A's write that misses C starts a generation for it; its announcement to B is held.
+    mesh.held[link(A, B)] = true;
+    let write = mesh.submit_write(A, 5, 2);
+
+    // B and C reconnect: both Hellos go out, B's with the old generation.
+    mesh.held[link(B, C)] = true;
+    mesh.plug(B, C);
+    assert!(mesh.conn_id[link(B, C)] != 0, "B and C connected");
+    // B takes the new generation (and the write) before C has read B's Hello.
+    mesh.held[link(A, B)] = false;
+    deliver(&mut mesh, A, B);
+    mesh.run();
+    assert_eq!(mesh.result(write), Some(&Ok(None)), "A's write completed with B");
+    let since = mesh.events.len();
+    deliver(&mut mesh, B, C);
+    mesh.run();
+    assert_eq!(mesh.decisions(C, B, since), Vec::<SyncDecision>::new(), "C waits for B");
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C is not UpToDate");
+    assert!(
+        !mesh.events[since..].iter().any(|(n, e)| *n == C
+            && *e
+                == Event::ReplicationStateChanged {
+                    peer: nid(B),
+                    state: ReplicationState::Established
+                }),
+        "C is not Established with B on B's stale Hello"
+    );
+
+    // B finds its Hello stale and retries. B does not resync C while A replicates to it
+    // (the handshakes are deferred); C gets A's write once A reaches it again.
+    mesh.held[link(B, C)] = false;
+    mesh.run();
+    mesh.idle(200);
+    assert!(mesh.connections[link(B, C)] >= 2, "B and C handshook again");
+    let decisions = mesh.decisions(C, B, since);
+    assert!(!decisions.contains(&SyncDecision::NoSync), "C never in sync with B: {decisions:?}");
+    mesh.plug(A, C);
+    mesh.idle(500);
+    assert_eq!(mesh.nodes[A].role(), Role::Primary);
+    for x in [B, C] {
+        assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
+        assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");
+    }
 }

@@ -467,6 +467,20 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          later was called false; a crash with writes pending now marks every peer",
     ),
     (
+        12598,
+        "engine: node 1 sent its Hello and took the primary's new generation in the same \
+         millisecond; node 2, of the old generation, decided NoSync from the stale Hello \
+         and was Established with it while node 1 dropped the connection; each end now \
+         decides only after the peer confirms its Hello still holds (HelloHolds)",
+    ),
+    (
+        10102,
+        "checker: a primary crashed with a write pending before its peers took its first \
+         generation from the announcement still on the wire; the crash mark stayed for peers \
+         that joined that generation right after, a resync handed it on and a correct NoSync \
+         between two copies of it was flagged; a peer taking the generation clears the mark",
+    ),
+    (
         4910,
         "engine (after 1813's activity log): a node took a generation from a primary's \
          resync, lost the source, was fully synced from a sibling generation and pushed the \

@@ -20,7 +20,8 @@ pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
 /// at the handshake instead of misreading frames. 2: quorum (17), resize (18-19), diskless
 /// operation (20-24), the mesh (27-29), verify (40-44) and WRITE ATOMIC (33). 3: pull-ahead
 /// (45-46), UncleanSecondary (50), and 32 history generations in Hello and UuidHistory.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: HelloHolds (60; a mesh node waits for it before deciding a handshake).
+pub const PROTOCOL_VERSION: u32 = 4;
 pub const HEADER_BYTES: usize = 32;
 /// Mask words of one VerifyResult: one bit per block of the largest request.
 pub const VERIFY_MASK_WORDS_MAX: usize = 4;
@@ -256,6 +257,11 @@ pub enum Frame {
     /// Primary to a Behind secondary, once everything sent before `Ahead` is confirmed: the
     /// resync of the blocks marked meanwhile starts (Ahead -> SyncSource, Behind -> SyncTarget).
     AheadResync,
+    /// Mesh node to peer, in the handshake, once the peer's `HandshakeDone` arrived: our Hello
+    /// still holds (disk, generations, crash and unclean flags unchanged since it was sent).
+    /// Each end decides only after the peer's, so both decide from Hellos that held at one
+    /// moment (`protocol::node::mesh`, seed 12598).
+    HelloHolds,
 }
 
 impl Frame {
@@ -298,6 +304,7 @@ impl Frame {
             Frame::ResyncPeersInSync { .. } => 32,
             Frame::Ahead => 45,
             Frame::AheadResync => 46,
+            Frame::HelloHolds => 60,
         }
     }
 }
@@ -531,6 +538,7 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
         Frame::UncleanSecondary => {}
         Frame::ResyncPeersInSync { peers } => w.u64(*peers),
         Frame::Ahead | Frame::AheadResync => {}
+        Frame::HelloHolds => {}
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -772,6 +780,7 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
         }
         50 => Frame::UncleanSecondary,
         32 => Frame::ResyncPeersInSync { peers: r.u64()? },
+        60 => Frame::HelloHolds,
         other => return Err(FrameError::UnknownKind(other)),
     };
     r.finish()?;
@@ -854,6 +863,7 @@ mod tests {
             Frame::ResyncPeersInSync { peers: 0b101 },
             Frame::Ahead,
             Frame::AheadResync,
+            Frame::HelloHolds,
         ]
     }
 

@@ -2236,7 +2236,8 @@ impl Node {
             Frame::Hello(_)
             | Frame::BitmapChunk { .. }
             | Frame::HandshakeDone
-            | Frame::UncleanSecondary => {
+            | Frame::UncleanSecondary
+            | Frame::HelloHolds => {
                 self.protocol_error(i, "handshake frame after the handshake".into());
             }
             frame @ (Frame::VerifyStart { .. }
@@ -2420,8 +2421,11 @@ impl Node {
                     return;
                 }
                 handshake.done = true;
-                self.finish_handshake(i);
+                if !self.mesh_hello_holds_sent(i) {
+                    self.finish_handshake(i);
+                }
             }
+            Frame::HelloHolds => self.mesh_peer_hello_holds(i),
             Frame::Ping => self.send(i, Frame::PingAck),
             Frame::PingAck => {}
             Frame::UncleanSecondary => self.mesh_peer_unclean(i),

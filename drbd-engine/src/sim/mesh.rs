@@ -23,6 +23,8 @@ impl World {
         }
         for x in 0..self.swarm.nodes {
             if x != i && x != peer {
+                // The record towards i is rewritten: a crash mark no longer stands alone in it.
+                self.mesh_crash_marks[x][i] = None;
                 self.dirty[x][i] = self.dirty[x][peer];
                 self.dirty[i][x] = self.dirty[peer][x];
             }
@@ -55,8 +57,35 @@ impl World {
         let current = self.nodes[i].meta.uuids.current;
         for j in 0..self.swarm.nodes {
             if j != i && !self.is_diskless(j) && self.nodes[j].meta.uuids.current != current {
+                self.mesh_crash_marks[i][j] =
+                    Some(CrashMark { generation: current, dirty_before: self.dirty[i][j] });
                 self.set_dirty(i, j);
                 self.log(|| format!("node {i} dirty for {j}: crashed with writes pending"));
+            }
+        }
+    }
+
+    /// Node j took generation `current` from an announcement still in flight when node i
+    /// crashed with writes pending (a primary's first `MeshTargets` reaches its peers a few
+    /// milliseconds after the promotion): j is of i's generation after all, which is the case
+    /// `mesh_crash_with_writes_pending` leaves alone (i meets it as a crashed primary and
+    /// resyncs it by the UUID rules), so i's record towards j goes back to what it was before
+    /// the crash. Kept, the mark made j's later resync partners inherit a difference no
+    /// handshake could see, and a NoSync between two copies of i's generation looked wrong
+    /// (seed 10102). Not for a sync target: its record is its source's when the resync ends
+    /// (`mesh_resync_finished`).
+    pub(super) fn mesh_took_generation(&mut self, j: usize, current: u64) {
+        if self.mesh_sync_source[j].is_some() {
+            return;
+        }
+        for i in 0..self.swarm.nodes {
+            let Some(mark) = self.mesh_crash_marks[i][j] else { continue };
+            if mark.generation == current && self.nodes[i].node.is_none() {
+                self.mesh_crash_marks[i][j] = None;
+                self.dirty[i][j] = mark.dirty_before;
+                self.log(|| {
+                    format!("node {i} dirty for {j}={}: {j} took its generation", mark.dirty_before)
+                });
             }
         }
     }
@@ -84,6 +113,14 @@ impl World {
         world.swarm.tiebreaker = false;
         world
     }
+}
+
+/// What `mesh_crash_with_writes_pending` set in the ghost record of a crashed node towards
+/// one peer: the crashed node's generation and the record before the mark.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CrashMark {
+    generation: u64,
+    dirty_before: bool,
 }
 
 /// `run_seed` for three diskful nodes; a panic is reported as the seed's violation.

@@ -535,6 +535,9 @@ pub struct World {
     disk_failures: disk_fail::DiskFailures,
     /// Three diskful nodes: each node's current sync source (`mesh`).
     mesh_sync_source: Vec<Option<usize>>,
+    /// Three diskful nodes: `[crashed][peer]`, the ghost-record mark of a crash with writes
+    /// pending, until the peer takes the crashed node's generation or the node restarts.
+    mesh_crash_marks: Vec<Vec<Option<mesh::CrashMark>>>,
     resize: resize::ResizeSimState,
     congestion: congestion::CongestionState,
 }
@@ -610,6 +613,7 @@ impl World {
             more: more_faults::MoreFaultsState::new(seed),
             disk_failures: disk_fail::DiskFailures::new(seed),
             mesh_sync_source: vec![None; nodes],
+            mesh_crash_marks: vec![vec![None; nodes]; nodes],
             resize: resize::ResizeSimState::new(seed, size),
             congestion: congestion::CongestionState::new(seed, nodes),
         }
@@ -690,6 +694,10 @@ impl World {
         self.nodes[i].node = Some(node);
         self.nodes[i].restart_scheduled = false;
         self.nodes[i].role_seen = Role::Secondary;
+        // Its handshakes judge the record from here on, whatever its peers take later.
+        for mark in &mut self.mesh_crash_marks[i] {
+            *mark = None;
+        }
         self.drain(i, true);
     }
 
@@ -1485,6 +1493,9 @@ impl World {
                         self.log(|| format!("node {i} persist {update:?}"));
                     }
                     self.nodes[i].meta.apply(&update);
+                    if let MetaUpdate::Uuids(uuids) = &update {
+                        self.mesh_took_generation(i, uuids.current);
+                    }
                 }
                 Output::Complete { request, result } => {
                     self.log(|| format!("node {i} complete {request:?} ok={}", result.is_ok()));

@@ -42,7 +42,10 @@
 //!   `mesh_resync_received`; never a peer that became a third node's sync target on the
 //!   current connection, nor one whose link went silent), unless the target itself resynced
 //!   that peer without reporting the source in sync to it (`mesh_marked_for`); and a
-//!   handshake whose Hello is stale is retried (`mesh_hello_stale`). A target keeps its old
+//!   handshake whose Hello is stale is retried (`mesh_hello_stale`); each end decides only
+//!   after the peer confirmed its Hello still held (`Frame::HelloHolds`,
+//!   `mesh_hello_holds_sent`), so neither acts on a Hello its sender no longer stands by
+//!   (seed 12598). A target keeps its old
 //!   generation in its history only if the source's past holds it (`mesh_target_lineage`).
 //! - A detached primary's generation describes the data its peers hold: it takes the one it
 //!   sent with `Frame::Detached`, announces only its sources as targets, and starts a new
@@ -552,6 +555,42 @@ impl Node {
             self.disconnect(i, ConnectionState::Connecting);
         }
         stale
+    }
+
+    /// The peer's `HandshakeDone` arrived: in a mesh the handshake does not decide yet. If
+    /// our Hello still holds we say so (`HelloHolds`), if not the connection is retried as
+    /// in `mesh_hello_stale`; either way the decision waits for the peer's `HelloHolds`.
+    /// Without this round one end decided from a Hello its sender no longer stood by: node 1
+    /// sent its Hello and took the primary's new generation in the same millisecond, node 2
+    /// (of the old generation, without the primary's newer writes) found NoSync from it,
+    /// became Established and reported node 1 UpToDate, while node 1 saw its Hello stale and
+    /// dropped the connection (seed 12598). With the round, an end decides only once the
+    /// peer's Hello held after our own was sent (the peer checked it on our `HandshakeDone`)
+    /// and our own still holds when the peer's answer arrives, so both Hellos held together
+    /// at the moment the peer answered (generations only move forward): the two Hellos are
+    /// one consistent view. What changes after that is the established connection's to
+    /// handle (a generation taken apart from a peer re-handshakes, `mesh_gen`). Returns
+    /// true when the handshake waits (or ended). Not with a diskless end: that handshake
+    /// compares no generations (`quorum_handshake_start`, `diskless_handshake`).
+    pub(super) fn mesh_hello_holds_sent(&mut self, i: usize) -> bool {
+        if !self.mesh_enabled() || self.handshake_with_diskless_end(i) {
+            return false;
+        }
+        if !self.mesh_hello_stale(i) {
+            self.send(i, Frame::HelloHolds);
+        }
+        true
+    }
+
+    /// The peer's `HelloHolds`: it comes after its `HandshakeDone` on the same stream, so the
+    /// whole handshake is here; decide now (`finish_handshake` checks our own Hello again).
+    pub(super) fn mesh_peer_hello_holds(&mut self, i: usize) {
+        let done = self.peers[i].handshake.as_ref().is_some_and(|h| h.done);
+        if !done || !self.mesh_enabled() || self.handshake_with_diskless_end(i) {
+            self.protocol_error(i, "HelloHolds out of place".into());
+            return;
+        }
+        self.finish_handshake(i);
     }
 
     /// Sync source, right before `ResyncDone`: the target takes our past too, so that a
