@@ -181,19 +181,14 @@ impl Node {
             return false;
         }
         // Where this node's own view may be incomplete, say no (the asker retries): a peer
-        // whose reports are stuck behind a gap or silent (`stall`), a handshake whose peer's
-        // role is not known yet, or a resync from another node, whose source may hold data
-        // the asker lacks.
+        // whose reports are stuck behind a gap or silent (`stall`), or a handshake whose
+        // peer's role is not known yet. (A resync from another node is no reason: the asker,
+        // UpToDate and no SyncTarget itself, holds that source's data or is not promotable
+        // by its own checks; refusing it kept a 3-node setup without a primary for the
+        // whole initial resync, seed 2163.)
         let other_stalled = self.quorum_stalled_reporter().is_some_and(|p| p != asker);
         let other_handshake = self.peers.iter().any(|p| p.id != asker && p.handshake.is_some());
-        let other_source = self.peers.iter().any(|p| {
-            p.id != asker
-                && matches!(
-                    p.replication,
-                    ReplicationState::SyncTarget | ReplicationState::PausedSyncT
-                )
-        });
-        !(other_stalled || other_handshake || other_source)
+        !(other_stalled || other_handshake)
     }
 
     /// First thing in every `pump`: ends a grant that lapsed, and commits or aborts this
