@@ -3,7 +3,8 @@
 //! bitmap generation for B (B was resynced from A meanwhile, out of C's sight), so C writes
 //! without B in the generation B holds and starts none. A's link to B goes silent; B is
 //! promoted on its stale view of A (its quorum rests on the silent link, so its term is never
-//! confirmed and it acknowledges nothing), and C with A. C's write reaches
+//! confirmed and it acknowledges nothing), and C with A. (With the cluster-wide promotion
+//! the link goes silent just after A's grant: C waits until A dropped the link.) C's write reaches
 //! A and is acknowledged. When B (still primary) later meets A (cut off from C), both hold one
 //! generation and A holds bits for B: B must not become A's sync source (it was, by the
 //! primary's rule, and A lost C's write), but step down and resync from A.
@@ -14,7 +15,7 @@ mod common;
 
 use common::mesh::{GRACE_MS, Mesh, NODES, link, majority_suspend_io, mesh_config, nid};
 use common::{at, block_data};
-use drbd_engine::protocol::{ReplicationState, Role};
+use drbd_engine::protocol::{ReplicationState, Role, StateError};
 use drbd_engine::uuid::SyncDecision;
 
 const SIZE_BLOCKS: u64 = 256;
@@ -54,17 +55,24 @@ fn two_primaries_through_a() -> Mesh {
         (mesh.nodes[B].metadata().uuids.current, &mesh.nodes[C].metadata().uuids);
     assert_eq!(c_uuids.current, b_current, "B holds C's generation");
     assert_ne!(c_uuids.bitmap_uuid(nid(B)), 0, "C tracks B from an older one");
-    // A's link to B goes silent; B is promoted on its view of A (it heard from A a moment
-    // ago), C with A, which never heard of B's promotion.
+    // A's link to B goes silent. In the seed B was promoted on its view of A over the silent
+    // link; the cluster-wide promotion waits for A's answer there, and times out.
     mesh.held[link(A, B)] = true;
-    assert_eq!(mesh.try_promote(B), Ok(()));
+    assert!(matches!(mesh.try_promote(B), Err(StateError::NoQuorum(_))));
+    mesh.cut(A, B);
+    mesh.plug(A, B);
+    // The link goes silent right after A granted B's promotion instead: A never hears of the
+    // new primary, whose term it never confirms.
+    mesh.promote_then_hold(B, A);
     let held = mesh.submit_write(B, BLOCK_X, 3);
+    // A's grant holds C's promotion back while A may still hear of B's ...
+    assert_eq!(mesh.try_promote(C), Err(StateError::PeerRefused(nid(A))));
+    // ... until A drops the silent link (its ping timeout; B's end is closed with it): C is
+    // promoted with A, which never heard of B's promotion.
+    mesh.cut(A, B);
     mesh.try_promote(C).unwrap();
     mesh.idle(50);
     let acked = mesh.submit_write(C, BLOCK_X, 2);
-    assert!(mesh.result(held).is_none(), "B's term is not confirmed: its write waits");
-    // A holds C's write in doubt towards B until it notices the silent link.
-    mesh.cut(A, B);
     assert_eq!(mesh.result(acked), Some(&Ok(None)), "C's write is acknowledged");
     assert!(mesh.result(held).is_none(), "B acknowledged nothing");
     mesh

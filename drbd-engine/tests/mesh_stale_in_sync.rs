@@ -52,9 +52,9 @@ fn a_target_marks_for_a_peer_its_source_last_heard_long_ago() {
     mesh.plug(A, C);
     mesh.idle(100);
     mesh.cut(A, B);
-    // A-C goes silent; C is promoted before either end notices, A never hears of it.
-    mesh.held[link(A, C)] = true;
-    mesh.promote(C);
+    // A-C goes silent right after A granted C's promotion; C is promoted before either end
+    // notices, A never hears of it.
+    mesh.promote_then_hold(C, A);
     let writes: Vec<_> = (0..8).map(|b| mesh.submit_write(C, b * 4, 7)).collect();
     for b in 0..8 {
         assert_eq!(generation(&mesh, B, b * 4), 7, "B holds C's write");

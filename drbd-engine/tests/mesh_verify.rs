@@ -49,10 +49,10 @@ fn a_verify_between_secondaries_ends_when_a_third_node_is_promoted() {
     assert_eq!(mesh.nodes[C].replication_state(nid(B)), Some(ReplicationState::VerifyS));
 
     // C hears of A's promotion late (its link to A holds frames, for less than the ping
-    // timeout): B, the VerifyT, learns first and receives A's writes over the whole device
-    // while the run goes on; it must stop rather than answer C with their data.
-    mesh.held[link(A, C)] = true;
-    mesh.promote(A);
+    // timeout, from just after C granted it): B, the VerifyT, learns first and receives A's
+    // writes over the whole device while the run goes on; it must stop rather than answer C
+    // with their data.
+    mesh.promote_then_hold(A, C);
     for block in (0..SIZE_BLOCKS).step_by(8) {
         mesh.submit_write(A, block, 1);
     }

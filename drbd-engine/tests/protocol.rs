@@ -550,7 +550,7 @@ fn a_node_without_quorum_is_not_promoted_and_says_why() {
         0,
     );
     assert!(node.has_quorum());
-    assert_eq!(node.handle_promote(1, true), Ok(()));
+    assert_eq!(node.handle_promote(1, true), Ok(drbd_engine::protocol::node::Promotion::Done));
 }
 
 /// `connect --discard-my-data` given to a node that is then promoted and acknowledges writes

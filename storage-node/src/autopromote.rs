@@ -86,9 +86,19 @@ pub fn disabled_reason(plan: &Plan) -> Option<&'static str> {
     None
 }
 
-/// Refusals the engine lifts by itself, without anything changing on this node.
+/// Refusals the engine lifts by itself, without anything changing on this node (a peer that
+/// refused a cluster-wide promotion, or this node's grant to another's, ends by itself).
 pub fn is_deferral(error: &DeviceError) -> bool {
-    matches!(error, DeviceError::State(StateError::PeerIsPrimary(_) | StateError::NoQuorum(_)))
+    matches!(
+        error,
+        DeviceError::State(
+            StateError::PeerIsPrimary(_)
+                | StateError::NoQuorum(_)
+                | StateError::PeerRefused(_)
+                | StateError::PeerPromoting(_)
+                | StateError::PromotionPending
+        )
+    )
 }
 
 /// Starts the promoter of every resource named in the node settings, and of every
@@ -358,6 +368,7 @@ mod tests {
         let peer = NodeId::new(1).expect("id");
         assert!(is_deferral(&DeviceError::State(StateError::PeerIsPrimary(peer))));
         assert!(is_deferral(&DeviceError::State(StateError::NoQuorum("1 of 3".into()))));
+        assert!(is_deferral(&DeviceError::State(StateError::PeerRefused(peer))));
         assert!(!is_deferral(&DeviceError::State(StateError::NoUpToDateData(DiskState::Outdated))));
         assert!(!is_deferral(&DeviceError::State(StateError::SyncTarget)));
         assert!(!is_deferral(&DeviceError::Stopped));

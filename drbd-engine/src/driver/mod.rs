@@ -31,7 +31,8 @@ use crate::constants::BLOCK_SIZE_BYTES;
 use crate::protocol::frame::{EncodedFrame, HEADER_BYTES, frame_len};
 use crate::protocol::node::{
     AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
-    ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError, WriteOrigin,
+    Promotion, ReplicationProtocol, RequestError, RequestId, ResyncProgress, StateError,
+    WriteOrigin,
 };
 use crate::protocol::{ConnectionState, DiskState, Metadata, ReplicationState, ResyncRate, Role};
 use backing_store::constants::{GATHERED_WRITE_BYTES_MAX, GATHERED_WRITE_PIECES_MAX};
@@ -464,6 +465,7 @@ impl ReplicatedDevice {
             requests: BTreeMap::new(),
             next_request: 1,
             pending_demote: None,
+            pending_promote: None,
             pending_resize: None,
             shared_size_bytes: shared_size_bytes.clone(),
             status_replies: Vec::new(),
@@ -999,6 +1001,8 @@ struct Driver {
     requests: BTreeMap<u64, Reply<Option<Vec<u8>>>>,
     next_request: u64,
     pending_demote: Option<Reply<()>>,
+    /// The caller of a cluster-wide promotion, answered at `Event::PromotionFinished`.
+    pending_promote: Option<Reply<()>>,
     pending_resize: Option<Reply<(u64, u64)>>,
     shared_size_bytes: Arc<AtomicU64>,
     /// The backing store must learn the grown file's length before the next I/O starts.
@@ -1217,7 +1221,20 @@ impl Driver {
                 self.node.handle_request(now, RequestId(id), req);
             }
             Command::Promote(force, reply) => {
-                let _ = reply.send(self.node.handle_promote(now, force).map_err(DeviceError::from));
+                if self.pending_promote.is_some() {
+                    let _ = reply.send(Err(DeviceError::State(StateError::PromotionPending)));
+                    return;
+                }
+                match self.node.handle_promote(now, force) {
+                    Ok(Promotion::Done) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    // The peers were asked: the answer is `Event::PromotionFinished`.
+                    Ok(Promotion::Pending) => self.pending_promote = Some(reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
             }
             Command::Demote(reply) => match self.node.handle_demote(now) {
                 Ok(()) => self.pending_demote = Some(reply),
@@ -1448,6 +1465,11 @@ impl Driver {
             Event::RoleChanged(Role::Secondary) => {
                 if let Some(reply) = self.pending_demote.take() {
                     let _ = reply.send(Ok(()));
+                }
+            }
+            Event::PromotionFinished(result) => {
+                if let Some(reply) = self.pending_promote.take() {
+                    let _ = reply.send(result.map_err(DeviceError::from));
                 }
             }
             Event::ResyncFinished { blocks, .. } => self.resync_blocks_sent += blocks,

@@ -20,7 +20,8 @@ pub const FRAME_MAGIC: u32 = 0x5444_4e31; // "TDN1"
 /// at the handshake instead of misreading frames. 2: quorum (17), resize (18-19), diskless
 /// operation (20-24), the mesh (27-29), verify (40-44) and WRITE ATOMIC (33). 3: pull-ahead
 /// (45-46), UncleanSecondary (50), and 32 history generations in Hello and UuidHistory.
-/// 4: HelloHolds (60; a mesh node waits for it before deciding a handshake).
+/// 4: HelloHolds (60; a mesh node waits for it before deciding a handshake) and the
+/// two-phase promotion (51-53).
 pub const PROTOCOL_VERSION: u32 = 4;
 pub const HEADER_BYTES: usize = 32;
 /// Mask words of one VerifyResult: one bit per block of the largest request.
@@ -262,6 +263,24 @@ pub enum Frame {
     /// Each end decides only after the peer's, so both decide from Hellos that held at one
     /// moment (`protocol::node::mesh`, seed 12598).
     HelloHolds,
+    // The cluster-wide (two-phase) promotion (`protocol::node::promote`), kinds 51-53.
+    /// A node that wants to become primary asks each connected peer (DRBD's
+    /// P_TWOPC_PREPARE for a role change): transaction `txn` of the sender.
+    PromoteAsk {
+        txn: u64,
+    },
+    /// The answer to `PromoteAsk` (DRBD's P_TWOPC_YES / P_TWOPC_NO). A yes is a grant: the
+    /// sender refuses every other promotion until `PromoteEnd`, the connection drops or the
+    /// grant times out.
+    PromoteAnswer {
+        txn: u64,
+        granted: bool,
+    },
+    /// The asker's outcome (DRBD's P_TWOPC_COMMIT / P_TWOPC_ABORT): the grant ends.
+    PromoteEnd {
+        txn: u64,
+        committed: bool,
+    },
 }
 
 impl Frame {
@@ -305,6 +324,9 @@ impl Frame {
             Frame::Ahead => 45,
             Frame::AheadResync => 46,
             Frame::HelloHolds => 60,
+            Frame::PromoteAsk { .. } => 51,
+            Frame::PromoteAnswer { .. } => 52,
+            Frame::PromoteEnd { .. } => 53,
         }
     }
 }
@@ -539,6 +561,12 @@ pub fn encode_parts(envelope: &Envelope) -> EncodedFrame {
         Frame::ResyncPeersInSync { peers } => w.u64(*peers),
         Frame::Ahead | Frame::AheadResync => {}
         Frame::HelloHolds => {}
+        Frame::PromoteAsk { txn } => w.u64(*txn),
+        Frame::PromoteAnswer { txn, granted: flag }
+        | Frame::PromoteEnd { txn, committed: flag } => {
+            w.u64(*txn);
+            w.u8(u8::from(*flag));
+        }
     }
     let payload_bytes = w.0.len() - HEADER_BYTES + payload.len();
     assert!(payload_bytes <= FRAME_PAYLOAD_BYTES_MAX, "frame payload over the limit");
@@ -779,6 +807,15 @@ fn decode_with(bytes: &[u8], payload: impl FnOnce(usize) -> Bytes) -> Result<Env
             Frame::UuidHistory { history }
         }
         50 => Frame::UncleanSecondary,
+        51 => Frame::PromoteAsk { txn: r.u64()? },
+        52 => {
+            r.what = "PromoteAnswer";
+            Frame::PromoteAnswer { txn: r.u64()?, granted: r.bool()? }
+        }
+        53 => {
+            r.what = "PromoteEnd";
+            Frame::PromoteEnd { txn: r.u64()?, committed: r.bool()? }
+        }
         32 => Frame::ResyncPeersInSync { peers: r.u64()? },
         60 => Frame::HelloHolds,
         other => return Err(FrameError::UnknownKind(other)),
@@ -864,6 +901,11 @@ mod tests {
             Frame::Ahead,
             Frame::AheadResync,
             Frame::HelloHolds,
+            Frame::PromoteAsk { txn: 17 },
+            Frame::PromoteAnswer { txn: 17, granted: true },
+            Frame::PromoteAnswer { txn: 18, granted: false },
+            Frame::PromoteEnd { txn: 17, committed: true },
+            Frame::PromoteEnd { txn: 18, committed: false },
         ]
     }
 

@@ -44,6 +44,7 @@ pub mod diskless;
 mod mesh;
 mod mesh_gen;
 mod metafail;
+mod promote;
 #[path = "quorum_node.rs"]
 mod quorum_node;
 mod resize;
@@ -52,6 +53,7 @@ pub mod verify;
 
 pub use ahead::{CongestionConfig, OnCongestion};
 pub use diskless::OnIoError;
+pub use promote::Promotion;
 
 /// DRBD's replication protocols: when a write counts as complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +229,16 @@ pub enum StateError {
     Precondition(&'static str),
     #[error("no quorum: {0}")]
     NoQuorum(String),
+    /// The cluster-wide promotion was refused by this peer (it sees another primary, or
+    /// prepares another node's promotion, or is itself promoting).
+    #[error("peer {0} refused the promotion")]
+    PeerRefused(NodeId),
+    /// This node granted peer `0`'s pending promotion and refuses its own until it ends.
+    #[error("peer {0} is being promoted")]
+    PeerPromoting(NodeId),
+    /// A promotion of this node is pending already.
+    #[error("a promotion is pending")]
+    PromotionPending,
 }
 
 /// Why a local I/O failed (the driver maps its error to this).
@@ -332,6 +344,9 @@ pub enum Event {
     },
     /// Quorum was gained (true) or lost (false); only with quorum enabled.
     QuorumChanged(bool),
+    /// A promotion that `handle_promote` left pending (`Promotion::Pending`) ended: the
+    /// peers granted it and this node is Primary (after its RoleChanged), or it failed.
+    PromotionFinished(Result<(), StateError>),
     /// A peer asks for this replica's usable size (online resize): answer with
     /// `Node::handle_usable_size`.
     UsableSizeWanted,
@@ -643,6 +658,7 @@ pub struct Node {
     mesh: mesh::MeshState,
     mesh_gen: mesh_gen::MeshGenState,
     ahead: ahead::AheadState,
+    promote: promote::PromoteState,
 }
 
 impl Node {
@@ -734,6 +750,7 @@ impl Node {
             mesh: mesh::MeshState::default(),
             mesh_gen: mesh_gen::MeshGenState::default(),
             ahead: ahead::AheadState::default(),
+            promote: promote::PromoteState::default(),
         };
         node.mesh_set_unclean(unclean);
         node
@@ -873,6 +890,9 @@ impl Node {
             consider(self.last_barrier_ms + BARRIER_INTERVAL_MS);
         }
         if let Some(t) = self.quorum_next_deadline() {
+            consider(t);
+        }
+        if let Some(t) = self.promote_next_deadline() {
             consider(t);
         }
         deadline
@@ -1889,9 +1909,24 @@ impl Node {
 
     // ----- roles -----
 
-    /// `drbdadm primary [--force]`.
-    pub fn handle_promote(&mut self, now_ms: u64, force: bool) -> Result<(), StateError> {
+    /// `drbdadm primary [--force]`. With quorum and a connected peer the promotion is
+    /// cluster-wide (`promote`): `Promotion::Pending`, and `Event::PromotionFinished` tells
+    /// the outcome.
+    pub fn handle_promote(&mut self, now_ms: u64, force: bool) -> Result<Promotion, StateError> {
         self.advance(now_ms);
+        self.promote_busy()?;
+        self.promote_preconditions(force)?;
+        if self.promote_ask_peers(force) {
+            self.pump();
+            return Ok(Promotion::Pending);
+        }
+        self.become_primary();
+        self.pump();
+        Ok(Promotion::Done)
+    }
+
+    /// The local checks of a promotion, before it starts and again before it commits.
+    fn promote_preconditions(&self, force: bool) -> Result<(), StateError> {
         if self.role == Role::Primary {
             return Err(StateError::Already(Role::Primary));
         }
@@ -1909,16 +1944,26 @@ impl Node {
             // The peer decides from the role our Hello announced, and its own role is not
             // known yet: promoting now could make two primaries that each take the other for
             // a secondary. DRBD serializes state changes with the handshake the same way.
-            return Err(StateError::Precondition("connection handshake in progress"));
+            return Err(promote::HANDSHAKE_IN_PROGRESS);
         }
         self.quorum_check_promote()?;
         if self.is_diskless() {
-            return self.diskless_promote();
+            return self.diskless_check_promote();
         }
         let allowed = self.disk == DiskState::UpToDate
             || (force && (self.disk.has_data() || self.disk == DiskState::Inconsistent));
         if !allowed {
             return Err(StateError::NoUpToDateData(self.disk));
+        }
+        Ok(())
+    }
+
+    /// The role change itself, once `promote_preconditions` passed (and the peers granted
+    /// it, with quorum); the caller pumps.
+    fn become_primary(&mut self) {
+        if self.is_diskless() {
+            self.diskless_promote();
+            return;
         }
         if self.disk != DiskState::UpToDate {
             // Forced: this data becomes the truth. Start a new generation at once (as DRBD does)
@@ -1957,8 +2002,6 @@ impl Node {
         self.quorum_promoted();
         self.emit(Event::RoleChanged(Role::Primary));
         self.broadcast_state();
-        self.pump();
-        Ok(())
     }
 
     /// `drbdadm secondary`: refuses new requests at once, finishes (RoleChanged) when every
@@ -2263,6 +2306,9 @@ impl Node {
                 self.mesh_handle_frame(i, frame);
             }
             frame @ (Frame::Ahead | Frame::AheadResync) => self.handle_ahead_frame(i, frame),
+            frame @ (Frame::PromoteAsk { .. }
+            | Frame::PromoteAnswer { .. }
+            | Frame::PromoteEnd { .. }) => self.handle_promote_frame(i, frame),
         }
     }
 
@@ -2783,6 +2829,7 @@ impl Node {
 
     /// Runs everything that may have become possible after an input.
     fn pump(&mut self) {
+        self.promote_pump();
         self.quorum_update();
         self.mesh_pump();
         self.mesh_gen_pump();

@@ -84,13 +84,27 @@ impl Node {
     /// The verdict now; with `confirmed_only`, peers that have not confirmed our current term
     /// as primary count as absent.
     fn quorum_verdict(&self, confirmed_only: bool, had: bool) -> Verdict {
+        self.quorum_verdict_counting(
+            |p| !confirmed_only || self.quorum_state.confirms(self.id, p.id, p.conn_id),
+            had,
+        )
+    }
+
+    /// The verdict of a pending promotion: only the peers that granted it (on their current
+    /// connection) count as present (`promote`).
+    pub(super) fn quorum_verdict_granted(&self, granted: &[(NodeId, u64)]) -> Verdict {
+        self.quorum_verdict_counting(
+            |p| granted.contains(&(p.id, p.conn_id)),
+            self.quorum_state.have,
+        )
+    }
+
+    /// The verdict with the connected peers for which `counts` is false taken as absent.
+    fn quorum_verdict_counting(&self, counts: impl Fn(&Peer) -> bool, had: bool) -> Verdict {
         let views: Vec<PeerView> = (0..self.peers.len())
             .map(|i| {
                 let p = &self.peers[i];
-                let mut connected = self.peer_sees_us(i);
-                if confirmed_only && connected {
-                    connected = self.quorum_state.confirms(self.id, p.id, p.conn_id);
-                }
+                let connected = self.peer_sees_us(i) && counts(p);
                 PeerView {
                     connected,
                     disk: p.disk,
@@ -282,6 +296,38 @@ impl Node {
                 v.up_to_date, v.voters, v.min_redundancy_at
             )
         }))
+    }
+
+    /// A primary other than `asker` this node knows of: connected, reported by a connected
+    /// peer, or lost less than `PRIMARY_LOST_GRACE_MS` ago (it may not have noticed yet).
+    /// A promotion of `asker` must not be granted then (`promote`).
+    pub(super) fn quorum_other_primary(&self, asker: NodeId) -> Option<NodeId> {
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if p.id == asker || p.connection != ConnectionState::Connected {
+                continue;
+            }
+            if p.role == Role::Primary {
+                return Some(p.id);
+            }
+        }
+        for i in 0..self.peers.len() {
+            let p = &self.peers[i];
+            if self.peer_sees_us(i)
+                && let Some(r) = self.quorum_state.reports.get(&p.id)
+                && r.conn_id == p.conn_id
+            {
+                let others = r.primaries & !self.id.bit() & !asker.bit();
+                if let Some(other) = self.peers.iter().find(|q| others & q.id.bit() != 0) {
+                    return Some(other.id);
+                }
+            }
+        }
+        self.quorum_state
+            .lost_primaries
+            .iter()
+            .find(|(p, t)| **p != asker && **t + PRIMARY_LOST_GRACE_MS > self.now_ms)
+            .map(|(p, _)| *p)
     }
 
     /// Called when a promotion succeeded: a new term, which the peers must confirm.

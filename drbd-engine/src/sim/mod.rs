@@ -52,7 +52,7 @@ use crate::NodeId;
 use crate::constants::BLOCK_BYTES as BLOCK;
 use crate::protocol::node::{
     AppRequest, Config, DiskOp, Event, FenceOutcome, Fencing, IoFailed, IoId, Node, Output,
-    ReplicationProtocol, RequestId, StateError,
+    Promotion, ReplicationProtocol, RequestId, StateError,
 };
 use crate::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use crate::protocol::{
@@ -70,6 +70,24 @@ use std::collections::{BTreeMap, BinaryHeap};
 const TICK_MS: u64 = 2;
 const LIVENESS_DEADLINE_MS: u64 = 120_000;
 const APP_IN_FLIGHT_MAX: usize = 16;
+/// The setup's first promotion, when cluster-wide, runs events in steps of this until it
+/// finishes: at most the steps that cover twice the engine's confirm timeout.
+const SETUP_PROMOTION_STEP_MS: u64 = 100;
+const SETUP_PROMOTION_STEPS_MAX: u64 =
+    2 * crate::constants::PING_TIMEOUT_MS / SETUP_PROMOTION_STEP_MS;
+/// Attempts of the setup's first promotion (a peer may refuse while it reconnects).
+const SETUP_PROMOTION_ATTEMPTS_MAX: u32 = 5;
+
+/// Who started a promotion that waits for the peers' answers.
+#[derive(Debug, Clone, Copy)]
+enum Promoting {
+    /// The setup's first promotion (of node 0).
+    Initial,
+    /// The operator or cluster manager, with a primary gone.
+    Operator { force: bool },
+    /// A split promotion while `old`, a live primary, is cut off.
+    Split { old: usize },
+}
 
 /// Fault rates and shape of one run, drawn from its seed.
 #[derive(Debug, Clone)]
@@ -527,6 +545,11 @@ pub struct World {
     quorum_seen: Vec<bool>,
     isolated_since: Vec<Option<u64>>,
     check_on_first_completion: Vec<bool>,
+    /// A cluster-wide promotion of each node waiting for its peers (`Promotion::Pending`),
+    /// and what started it: its outcome is handled at `Event::PromotionFinished`.
+    promoting: Vec<Option<Promoting>>,
+    /// Why the setup's last attempt to promote node 0 failed (it retries).
+    initial_promotion_error: Option<StateError>,
     trace: bool,
     violations: Vec<String>,
     report: Report,
@@ -606,6 +629,8 @@ impl World {
             quorum_seen: vec![true; nodes],
             isolated_since: vec![None; nodes],
             check_on_first_completion: vec![false; nodes],
+            promoting: vec![None; nodes],
+            initial_promotion_error: None,
             trace: std::env::var("TANDEM_SIM_TRACE").is_ok_and(|v| v == "1"),
             violations: Vec::new(),
             report: Report { seed, ..Report::default() },
@@ -766,7 +791,10 @@ impl World {
                 }
                 self.settle(100);
             }
-            self.healing = false;
+            // With quorum the first promotion is cluster-wide: it and the frames before it
+            // travel the healthy cluster too (one lost frame stalls its link, and the
+            // promotion times out waiting for the answer behind it).
+            self.healing = self.quorum_on();
         }
         if !self.swarm.initial_full_sync {
             let result = self.nodes[0]
@@ -779,20 +807,71 @@ impl World {
             }
             self.drain(0, false);
         }
-        let result = self.nodes[0]
-            .node
-            .as_mut()
-            .expect("up")
-            .handle_promote(self.now_ms, self.swarm.initial_full_sync);
-        match result {
-            Ok(()) => {
-                self.last_primary = Some(0);
-                self.promoted_at[0] = Some(self.now_ms);
-                self.report.promotions += 1;
+        // A cluster-wide promotion may be refused for a moment (a peer in a handshake after
+        // a reconnect): the operator retries, as `drbdadm primary` is retried.
+        for attempt in 1..=SETUP_PROMOTION_ATTEMPTS_MAX {
+            let result = self.nodes[0]
+                .node
+                .as_mut()
+                .expect("up")
+                .handle_promote(self.now_ms, self.swarm.initial_full_sync);
+            self.promote_result(0, Promoting::Initial, result);
+            self.drain(0, false);
+            // The peers answer within the confirm timeout.
+            for _ in 0..SETUP_PROMOTION_STEPS_MAX {
+                if self.promoting[0].is_none() {
+                    break;
+                }
+                self.settle(SETUP_PROMOTION_STEP_MS);
             }
-            Err(e) => self.violation(format!("initial promotion refused: {e}")),
+            if self.promoting[0].is_some() {
+                self.violation("initial promotion did not finish".into());
+                break;
+            }
+            match self.initial_promotion_error.take() {
+                None => break,
+                Some(e) if attempt == SETUP_PROMOTION_ATTEMPTS_MAX => {
+                    self.violation(format!("initial promotion refused: {e}"));
+                }
+                Some(e) => {
+                    self.log(|| format!("initial promotion refused, retrying: {e}"));
+                    self.settle(SETUP_PROMOTION_STEP_MS);
+                }
+            }
         }
-        self.drain(0, false);
+        self.healing = false;
+    }
+
+    /// What `handle_promote` returned (or `Event::PromotionFinished` told) for node `i`.
+    fn promote_result(&mut self, i: usize, kind: Promoting, result: Result<Promotion, StateError>) {
+        let result = match result {
+            Ok(Promotion::Pending) => {
+                self.promoting[i] = Some(kind);
+                return;
+            }
+            Ok(Promotion::Done) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match kind {
+            Promoting::Initial => match result {
+                Ok(()) => {
+                    self.last_primary = Some(i);
+                    self.promoted_at[i] = Some(self.now_ms);
+                    self.report.promotions += 1;
+                }
+                Err(e) => self.initial_promotion_error = Some(e),
+            },
+            Promoting::Operator { force } => match result {
+                Ok(()) => self.promoted(i, force),
+                Err(
+                    StateError::NoQuorum(_)
+                    | StateError::PeerRefused(_)
+                    | StateError::PeerPromoting(_),
+                ) => self.report.promotions_refused_no_quorum += 1,
+                Err(_) => {}
+            },
+            Promoting::Split { old } => self.split_promote_result(i, old, result),
+        }
     }
 
     /// Runs events for a while (used only during setup).
@@ -1208,11 +1287,7 @@ impl World {
         }
         let result = self.nodes[i].node.as_mut().expect("up").handle_promote(self.now_ms, force);
         self.log(|| format!("node {i} promote force={force}: {result:?}"));
-        if result.is_ok() {
-            self.promoted(i, force);
-        } else if matches!(result, Err(StateError::NoQuorum(_))) {
-            self.report.promotions_refused_no_quorum += 1;
-        }
+        self.promote_result(i, Promoting::Operator { force }, result);
         self.drain(i, false);
     }
 
@@ -1379,6 +1454,7 @@ impl World {
         self.report.crashes += 1;
         self.log(|| format!("node {i} crash power_loss={power_loss}"));
         self.nodes[i].node = None;
+        self.promoting[i] = None;
         self.nodes[i].incarnation += 1;
         self.nodes[i].timer_at = None;
         // Writes the disk had accepted may or may not have been performed.
@@ -1646,6 +1722,13 @@ impl World {
         self.congestion_event(i, &event);
         self.resize_event(i, &event);
         match event {
+            Event::PromotionFinished(result) => {
+                self.log(|| format!("node {i} promotion finished: {result:?}"));
+                match self.promoting[i].take() {
+                    Some(kind) => self.promote_result(i, kind, result.map(|()| Promotion::Done)),
+                    None => self.violation(format!("node {i}: a promotion nobody started ended")),
+                }
+            }
             Event::QuorumChanged(have) => {
                 self.quorum_seen[i] = have;
                 let primary = self.nodes[i].role_seen == Role::Primary;
@@ -1996,6 +2079,11 @@ impl World {
         }
         let result = self.nodes[s].node.as_mut().expect("up").handle_promote(self.now_ms, false);
         self.log(|| format!("node {s} split promote (old primary {old}): {result:?}"));
+        self.promote_result(s, Promoting::Split { old }, result);
+        self.drain(s, false);
+    }
+
+    fn split_promote_result(&mut self, s: usize, old: usize, result: Result<(), StateError>) {
         match result {
             Ok(()) => {
                 self.report.split_promotions_done += 1;
@@ -2019,12 +2107,16 @@ impl World {
             Err(StateError::NoUpToDateData(DiskState::Outdated)) => {
                 self.report.split_promotions_refused += 1;
             }
-            Err(StateError::NoQuorum(_) | StateError::PeerIsPrimary(_)) if self.quorum_on() => {
+            Err(
+                StateError::NoQuorum(_)
+                | StateError::PeerIsPrimary(_)
+                | StateError::PeerRefused(_)
+                | StateError::PeerPromoting(_),
+            ) if self.quorum_on() => {
                 self.report.promotions_refused_no_quorum += 1;
             }
             Err(_) => {}
         }
-        self.drain(s, false);
     }
 
     fn start_healing(&mut self) {

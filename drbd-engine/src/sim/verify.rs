@@ -271,9 +271,14 @@ impl World {
         match self.verify.stage {
             Stage::Safety => {
                 // A promotion the cluster manager planned during the safety phase may still be
-                // due; it must not land on the flipped node (its data is silently wrong until
-                // the resync, which nothing in DRBD's model can know): wait until none is.
-                if self.payloads.values().any(|e| matches!(e, Ev::SplitPromote { .. })) {
+                // due, or a cluster-wide one wait for its peers' answers; it must not land on
+                // the flipped node (its data is silently wrong until the resync, which nothing
+                // in DRBD's model can know): wait until none is (seed 5733 of `--nodes 3
+                // --diskful 3`: node 2, flipped while its promotion waited, became primary and
+                // the resync copied its flipped blocks to node 1).
+                if self.payloads.values().any(|e| matches!(e, Ev::SplitPromote { .. }))
+                    || self.promoting.iter().any(Option::is_some)
+                {
                     return false;
                 }
                 // Verify compares two disks: a diskless tiebreaker has none.

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 
 use drbd_engine::NodeId;
-use drbd_engine::protocol::node::{AppRequest, Config, Event, Node, Output, RequestId};
+use drbd_engine::protocol::node::{AppRequest, Config, Event, Node, Output, Promotion, RequestId};
 use drbd_engine::protocol::quorum::{OnNoQuorum, QuorumConfig, QuorumPolicy};
 use drbd_engine::protocol::{
     DiskState, Fencing, Metadata, ReplicationProtocol, ResyncRate, StateError,
@@ -294,12 +294,67 @@ impl Mesh {
         }
     }
 
-    /// One promotion attempt of node `i`.
+    /// One promotion attempt of node `i`: a cluster-wide one runs (idling) until it ends.
     pub fn try_promote(&mut self, i: usize) -> Result<(), StateError> {
         let now = self.tick();
+        let since = self.events.len();
         let result = self.nodes[i].handle_promote(now, false);
         self.run();
-        result
+        match result? {
+            Promotion::Done => Ok(()),
+            Promotion::Pending => self.promotion_outcome(i, since),
+        }
+    }
+
+    /// Promotes node `i` while its link to `peer` goes silent: the peer's grant gets through,
+    /// everything after it (the new primary's State, the end of the promotion) is held. (A
+    /// promotion over a link already silent waits for an answer, and times out.)
+    pub fn promote_then_hold(&mut self, i: usize, peer: usize) {
+        self.held[link(i, peer)] = true;
+        let since = self.events.len();
+        let now = self.tick();
+        assert_eq!(self.nodes[i].handle_promote(now, false), Ok(Promotion::Pending));
+        self.deliver_first(i, peer); // the ask
+        self.deliver_first(peer, i); // the grant
+        self.run();
+        assert_eq!(self.promotion_finished(i, since), Some(Ok(())), "node {i} promoted");
+    }
+
+    /// Delivers the oldest frame queued from `from` to `to`, on a held link too (after acting
+    /// on every output): the last frame through before the link went silent.
+    pub fn deliver_first(&mut self, from: usize, to: usize) {
+        for i in 0..NODES {
+            while self.alive[i]
+                && let Some(output) = self.nodes[i].poll_output()
+            {
+                self.act(i, output);
+            }
+        }
+        if let Some((conn_id, frame)) = self.queues[from][to].pop_front()
+            && conn_id == self.conn_id[link(from, to)]
+        {
+            self.nodes[to].handle_receive(self.now_ms, nid(from), &frame);
+        }
+    }
+
+    /// The outcome of node `i`'s cluster-wide promotion started after event `since`, idling
+    /// until it ends (at the latest at the engine's confirm timeout).
+    pub fn promotion_outcome(&mut self, i: usize, since: usize) -> Result<(), StateError> {
+        for _ in 0..GRACE_MS / 10 {
+            if let Some(result) = self.promotion_finished(i, since) {
+                return result;
+            }
+            self.idle(10);
+        }
+        panic!("the promotion of node {i} did not end within {GRACE_MS} ms")
+    }
+
+    /// The outcome of node `i`'s promotion, if it ended after event `since`.
+    pub fn promotion_finished(&self, i: usize, since: usize) -> Option<Result<(), StateError>> {
+        self.events[since..].iter().find_map(|(n, e)| match e {
+            Event::PromotionFinished(result) if *n == i => Some(result.clone()),
+            _ => None,
+        })
     }
 
     /// Promotes node `i`, retrying while a peer's grace for the lost primary or a handshake

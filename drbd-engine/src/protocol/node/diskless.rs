@@ -543,17 +543,21 @@ impl Node {
     }
 
     /// `drbdadm primary` on a diskless node: allowed with an UpToDate source.
-    pub(super) fn diskless_promote(&mut self) -> Result<(), StateError> {
+    pub(super) fn diskless_check_promote(&self) -> Result<(), StateError> {
         if !self.diskless_can_serve() {
             return Err(StateError::NoUpToDateData(DiskState::Diskless));
         }
+        Ok(())
+    }
+
+    /// The promotion of a diskless node, once `diskless_check_promote` passed (the caller
+    /// pumps).
+    pub(super) fn diskless_promote(&mut self) {
         self.role = Role::Primary;
         self.demote_pending = false;
         self.quorum_promoted();
         self.emit(Event::RoleChanged(Role::Primary));
         self.broadcast_state();
-        self.pump();
-        Ok(())
     }
 
     /// Start of the disconnect of peer `i` (still Connected): reads outstanding there go to
