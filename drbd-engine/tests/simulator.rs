@@ -474,6 +474,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          decides only after the peer confirms its Hello still holds (HelloHolds)",
     ),
     (
+        3554,
+        "engine: a node grown by a third node's Hello, Established with a peer that had not \
+         grown, became primary and wrote beyond that peer's device; the peer refused the \
+         write (protocol error) and then sent its protocol B receipt on the closed \
+         connection, and its engine asserted; a refused Data frame now ends the handling",
+    ),
+    (
         10102,
         "checker: a primary crashed with a write pending before its peers took its first \
          generation from the announcement still on the wire; the crash mark stayed for peers \

@@ -2211,6 +2211,12 @@ impl Node {
                 let blocks = blocks_of(data.len()).unwrap_or(0);
                 self.mesh_data_received(i, offset_blocks, data.len());
                 self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
+                if self.peers[i].connection != ConnectionState::Connected {
+                    // Refused, and the connection dropped, by enqueue_incoming: no RecvAck
+                    // on the closed connection (mesh seed 3554: a write beyond the device of
+                    // a peer that had not grown yet).
+                    return;
+                }
                 self.diskless_note_peer_write(i, offset_blocks, blocks);
                 if self.receive_ack_wanted(i) {
                     self.send(i, Frame::RecvAck { id });

@@ -90,10 +90,10 @@ impl Node {
         // The same bookkeeping as a Data frame's: the mesh's view of which secondaries hold
         // the write, and a diskless primary's record of the writes this peer received.
         self.mesh_data_received(i, offset_blocks, data.len());
-        let queued = self.peers[i].queue.len();
         self.enqueue_incoming(i, id, offset_blocks, data, fua, false);
-        if self.peers[i].queue.len() == queued {
-            // Refused (and the connection dropped) by enqueue_incoming.
+        if self.peers[i].connection != crate::protocol::ConnectionState::Connected {
+            // Refused (and the connection dropped, its queue cleared) by enqueue_incoming:
+            // comparing queue lengths missed it when writes were queued before.
             return;
         }
         self.diskless_note_peer_write(i, offset_blocks, blocks);
