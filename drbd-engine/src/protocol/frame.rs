@@ -957,6 +957,33 @@ mod tests {
         }
     }
 
+    /// A promotion frame whose flag is neither 0 nor 1, or that carries more than its fields,
+    /// is malformed (resealed with a valid checksum, so the payload check is what refuses it).
+    #[test]
+    fn promotion_frames_with_a_bad_flag_or_extra_bytes_are_malformed() {
+        let reseal = |mut bytes: Vec<u8>| {
+            let payload = u32::try_from(bytes.len() - HEADER_BYTES).unwrap();
+            bytes[24..28].copy_from_slice(&payload.to_le_bytes());
+            let mut digest = crc32c::crc32c(&bytes[..28]);
+            digest = crc32c::crc32c_append(digest, &[0, 0, 0, 0]);
+            digest = crc32c::crc32c_append(digest, &bytes[HEADER_BYTES..]);
+            bytes[28..32].copy_from_slice(&digest.to_le_bytes());
+            bytes
+        };
+        for frame in [
+            Frame::PromoteAnswer { txn: 1, granted: true },
+            Frame::PromoteEnd { txn: 1, committed: false },
+        ] {
+            let mut bytes = encode(&Envelope { conn_id: 1, seq: 1, frame });
+            *bytes.last_mut().unwrap() = 2;
+            assert!(matches!(decode(&reseal(bytes)), Err(FrameError::Malformed(_))));
+        }
+        let mut long =
+            encode(&Envelope { conn_id: 1, seq: 1, frame: Frame::PromoteAsk { txn: 1 } });
+        long.push(0);
+        assert!(matches!(decode(&reseal(long)), Err(FrameError::Malformed(_))));
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         assert!(decode(&[]).is_err());
