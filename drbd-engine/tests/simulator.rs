@@ -596,6 +596,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          replicated, so node 0 stayed Outdated; a target left below UpToDate handshakes \
          again with the UpToDate peers it holds no bits for (or a primary) now",
     ),
+    (
+        17691,
+        "simulator: with no primary and no UpToDate node the operator forced node 1, whose \
+         promotion waited for its peers' answers, then forced node 2 meanwhile; node 1 \
+         committed later and both wrote (two forced lineages); the operator now waits for a \
+         pending promotion before forcing another",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

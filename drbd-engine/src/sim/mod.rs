@@ -1240,6 +1240,13 @@ impl World {
         if self.primary().is_some() {
             return;
         }
+        if force && self.promoting.iter().any(Option::is_some) {
+            // An operator who forces a primary waits for a promotion still asking its peers:
+            // forcing a second node meanwhile made two forced lineages once the first one
+            // committed (seed 17691: node 1 asked at 12456 ms and committed at 13649 ms, node
+            // 2 was forced at 13166 ms), the operator error described below.
+            return;
+        }
         let candidates: Vec<usize> = (0..self.swarm.nodes)
             .filter(|&i| {
                 self.nodes[i].node.as_ref().is_some_and(|n| {
