@@ -313,7 +313,13 @@ fn hotplug_chap_volume_guest_writes_host_reads_and_cycles_leak_nothing() {
         assert_eq!(attached["volumeAttachment"]["status"], "attached");
         assert_eq!(monitor.tandem_block_nodes().len(), 1, "cycle {cycle}: one node attached");
         assert_eq!(monitor.tandem_devices().len(), 1, "cycle {cycle}: one device attached");
-        assert_eq!(established_connections_to(port), 1, "cycle {cycle}: one session");
+        // Counted once settled, as on the detach side: once (CI at load 8) two connections were
+        // counted right after the attach returned. A session that leaks for good still fails.
+        assert!(
+            wait_until(Duration::from_secs(5), || established_connections_to(port) == 1),
+            "cycle {cycle}: one session ({} established)",
+            established_connections_to(port)
+        );
     }
     // The guest still reads the same data through the last attachment.
     wait_guest_disk_count(&mut channel, 1);
