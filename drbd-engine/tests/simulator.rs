@@ -603,6 +603,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          committed later and both wrote (two forced lineages); the operator now waits for a \
          pending promotion before forcing another",
     ),
+    (
+        14888,
+        "checker: the second end of a handshake found NoSync with a peer the ghost record \
+         called diverged; the pair was byte-identical when the first end decided NoSync, and \
+         the first end's writes submitted since were still on their way; the second end's \
+         NoSync is now checked against the first end's data at its decision",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

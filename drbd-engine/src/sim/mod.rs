@@ -523,6 +523,9 @@ pub struct World {
     /// are made from the state exchanged then (writes wait while a handshake runs), even if
     /// one side finishes first and writes again.
     dirty_at_connect: BTreeMap<(usize, usize), (PairMatrix, PairMatrix)>,
+    /// (decider, peer) -> (conn, image): the decider's data when it found NoSync on that
+    /// connection by byte-identical data against the ghost record (`no_sync_identical`).
+    no_sync_images: BTreeMap<(usize, usize), (u64, Vec<u8>)>,
     discard_requested: Vec<Vec<bool>>,
     /// auto_victim[a][b]: an after-sb policy made a the victim of b, until they are in sync
     /// again (the split-brain checker's licence to discard a's changes, as a discard-my-data).
@@ -617,6 +620,7 @@ impl World {
             next_request: 1,
             dirty: vec![vec![false; nodes]; nodes],
             dirty_at_connect: BTreeMap::new(),
+            no_sync_images: BTreeMap::new(),
             discard_requested: vec![vec![false; nodes]; nodes],
             auto_victim: vec![vec![false; nodes]; nodes],
             auto_verdicts: BTreeMap::new(),
@@ -1824,6 +1828,34 @@ impl World {
         }
     }
 
+    /// Node i decided NoSync with j against the ghost record: right if their data is
+    /// byte-identical as the handshake decides. That is now, or, for the second end, when
+    /// the first decided NoSync on this connection: from then on the first end writes again
+    /// and its writes reach i over this connection, behind the handshake (the reason
+    /// `dirty_at_connect` exists). Comparing i with j's present disk flagged those writes in
+    /// flight as a divergence (seed 14888 of `tandem-sim --nodes 3 --diskful 3`: node 0 and
+    /// node 2 were byte-identical when node 0 decided NoSync at 6807 ms and submitted its
+    /// queued writes; node 2 decided at 6816 ms before they arrived, and the checker saw
+    /// exactly their blocks differ). The first end's image is kept only for that one
+    /// connection; i's data must equal it byte for byte.
+    fn no_sync_identical(&mut self, i: usize, j: usize) -> bool {
+        let Some(conn) = self.conns.get(&pair(i, j)).copied() else {
+            return self.data_identical(i, j);
+        };
+        let first_end_image = match self.no_sync_images.remove(&(j, i)) {
+            Some((c, image)) if c == conn => Some(image),
+            _ => None,
+        };
+        if self.data_identical(i, j) {
+            if first_end_image.is_none() {
+                self.no_sync_images.insert((i, j), (conn, self.device_image(i)));
+            }
+            return true;
+        }
+        self.nodes[i].node.is_some()
+            && first_end_image.is_some_and(|image| image == self.device_image(i))
+    }
+
     /// Nodes i and j hold the same bytes in their data areas (both up, same size).
     fn data_identical(&self, i: usize, j: usize) -> bool {
         self.nodes[i].node.is_some()
@@ -1884,7 +1916,7 @@ impl World {
             // the write never reached its disk (held without quorum), and csums-alg lets a
             // resync skip the blocks that turned out equal. Byte-identical replicas hold
             // nothing apart, whatever the record says (mesh seed 939).
-            NoSync => (!mine && !theirs) || self.data_identical(i, j),
+            NoSync => (!mine && !theirs) || self.no_sync_identical(i, j),
             BitmapSource | FullSource => !theirs || discarding,
             BitmapTarget | FullTarget => !mine || discarding,
         };
