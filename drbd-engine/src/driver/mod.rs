@@ -1832,7 +1832,10 @@ mod tests {
     fn receive_buffers_are_reused_once_their_frames_are_gone() {
         const FRAME_BYTES: usize = 1024 * 1024;
         let mut spares = ReceiveBuffers::default();
-        let mut buffer = BytesMut::with_capacity(FRAME_BYTES);
+        // Room after the frame, as the driver's reads leave it: the next frame's head lands in
+        // the same allocation. (Without room, `extend_from_slice` would move the head to a new
+        // allocation and the test would hinge on the allocator handing the freed one back.)
+        let mut buffer = BytesMut::with_capacity(FRAME_BYTES + 4096);
         buffer.extend_from_slice(&vec![7u8; FRAME_BYTES]);
         let first_allocation = buffer.as_ptr();
         let frame = buffer.split_to(FRAME_BYTES).freeze();
