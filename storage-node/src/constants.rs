@@ -14,6 +14,10 @@ pub const PORTAL_DEFAULT: &str = "0.0.0.0:3260";
 pub const REPLICATION_PORTS_DEFAULT: (u16, u16) = (7789, 8788);
 /// How long a tandemd waits for a peer tandemd's HTTP API (endpoint reservation, status).
 pub const PEER_CALL_TIMEOUT_MS_MAX: u64 = 10_000;
+/// The slowest copy of a replica's data (a snapshot, on a file system without reflinks) a call
+/// to a peer that makes one allows for: such a call may take `PEER_CALL_TIMEOUT_MS_MAX` plus a
+/// second per this many MiB of the resource before the peer counts as stuck.
+pub const COPY_RATE_MIB_PER_S_MIN: u64 = 8;
 /// Response bodies read from a peer tandemd's API.
 pub const PEER_RESPONSE_BYTES_MAX: usize = 64 * 1024;
 /// How long a PUT on the secondary waits for the peers and a primary before it answers (the
@@ -71,6 +75,7 @@ const _: () = assert!(BROKEN_FILE_RETRIES_MAX <= INCLUDE_FILES_MAX);
 const _: () = assert!(WAIT_POLL_INTERVAL_MS <= 1000 && STATE_POLL_INTERVAL_MS <= 1000);
 const _: () = assert!(CREATE_SETTLE_MS_MAX < 30_000, "answer before tandem-api gives up");
 const _: () = assert!(PEER_CALL_TIMEOUT_MS_MAX <= CREATE_SETTLE_MS_MAX);
+const _: () = assert!(COPY_RATE_MIB_PER_S_MIN >= 1);
 const _: () = assert!(REPLICATION_PORTS_DEFAULT.0 <= REPLICATION_PORTS_DEFAULT.1);
 const _: () = assert!(METRICS_SCRAPES_MAX >= 1);
 const _: () = assert!(LATENCY_BUCKETS_MAX >= 2 && LATENCY_BUCKETS_MAX <= 64);

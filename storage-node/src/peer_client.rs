@@ -3,7 +3,9 @@
 //! HTTP/1.1, one connection per call, the bearer token this node's API uses (tandem-api
 //! configures every node with the same node token).
 
-use crate::constants::{PEER_CALL_TIMEOUT_MS_MAX, PEER_RESPONSE_BYTES_MAX};
+use crate::constants::{
+    COPY_RATE_MIB_PER_S_MIN, PEER_CALL_TIMEOUT_MS_MAX, PEER_RESPONSE_BYTES_MAX,
+};
 use crate::provision::url_authority;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -22,6 +24,25 @@ pub enum PeerError {
 /// `method url path` with an optional JSON body; the decoded JSON answer of a 2xx, within
 /// `PEER_CALL_TIMEOUT_MS_MAX`.
 pub async fn call<T: serde::de::DeserializeOwned>(
+    base_url: &str,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<T, PeerError> {
+    call_within(PEER_CALL_TIMEOUT_MS_MAX, base_url, token, method, path, body).await
+}
+
+/// How long a call whose answer waits for a copy of `data_bytes` of replica data may take:
+/// the copy runs at `COPY_RATE_MIB_PER_S_MIN` at worst.
+pub fn copy_call_timeout_ms(data_bytes: u64) -> u64 {
+    let copy_ms = (data_bytes >> 20).saturating_mul(1000) / COPY_RATE_MIB_PER_S_MIN;
+    PEER_CALL_TIMEOUT_MS_MAX.saturating_add(copy_ms)
+}
+
+/// [`call`] with a timeout of `timeout_ms`.
+pub async fn call_within<T: serde::de::DeserializeOwned>(
+    timeout_ms: u64,
     base_url: &str,
     token: &str,
     method: &str,
@@ -67,10 +88,10 @@ pub async fn call<T: serde::de::DeserializeOwned>(
         driver.abort();
         answer
     };
-    let timeout = Duration::from_millis(PEER_CALL_TIMEOUT_MS_MAX);
+    let timeout = Duration::from_millis(timeout_ms);
     let (status, bytes) = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| unreachable(format!("no answer within {PEER_CALL_TIMEOUT_MS_MAX} ms")))??;
+        .map_err(|_| unreachable(format!("no answer within {timeout_ms} ms")))??;
     if !(200..300).contains(&status) {
         let message = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
@@ -79,4 +100,17 @@ pub async fn call<T: serde::de::DeserializeOwned>(
         return Err(PeerError::Refused { url, status, message });
     }
     serde_json::from_slice(&bytes).map_err(|e| PeerError::Protocol { url, message: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_copying_call_allows_for_the_slowest_copy_of_the_data() {
+        assert_eq!(copy_call_timeout_ms(0), PEER_CALL_TIMEOUT_MS_MAX);
+        let one_gib_ms = 1024 * 1000 / COPY_RATE_MIB_PER_S_MIN;
+        assert_eq!(copy_call_timeout_ms(1 << 30), PEER_CALL_TIMEOUT_MS_MAX + one_gib_ms);
+        assert!(copy_call_timeout_ms(u64::MAX) >= copy_call_timeout_ms(1 << 40));
+    }
 }

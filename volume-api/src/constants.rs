@@ -23,6 +23,11 @@ pub const HEARTBEAT_TIMEOUT_MS_MAX: u64 = 60_000;
 pub const HEARTBEAT_INTERVAL_MS: u64 = 5_000;
 /// One call to a node's control API may take this long before the operation is failed.
 pub const NODE_CALL_TIMEOUT_MS_MAX: u64 = 30_000;
+/// A call whose answer waits for copies of a volume's data (a snapshot; a volume made from a
+/// snapshot or another volume, on file systems without reflinks) may take
+/// `NODE_CALL_TIMEOUT_MS_MAX` plus a second per this many MiB copied before the node counts
+/// as stuck.
+pub const NODE_COPY_RATE_MIB_PER_S_MIN: u64 = 8;
 /// Background operations (create, extend, delete, snapshot) running at once; more wait.
 pub const OPERATIONS_IN_FLIGHT_MAX: usize = 64;
 /// A writer of the SQLite file waits this long for another process's write transaction.
@@ -39,6 +44,7 @@ pub const NODES_MAX: usize = 1024;
 
 const _: () = assert!(HEARTBEAT_INTERVAL_MS * 3 <= HEARTBEAT_TIMEOUT_MS_MAX);
 const _: () = assert!(NODE_CALL_TIMEOUT_MS_MAX <= HEARTBEAT_TIMEOUT_MS_MAX);
+const _: () = assert!(NODE_COPY_RATE_MIB_PER_S_MIN >= 1);
 const _: () = assert!(REPLICA_COUNT_MAX >= 1);
 const _: () = assert!(VOLUME_SIZE_GIB_MAX.checked_mul(1 << 30).is_some());
 const _: () = assert!(METADATA_KEY_BYTES_MAX <= REQUEST_BODY_BYTES_MAX);

@@ -2,7 +2,7 @@
 //! implementation against the contract in `node-control-api.yaml` (JSON over HTTP/1.1 with a
 //! bearer token).
 
-use crate::constants::NODE_CALL_TIMEOUT_MS_MAX;
+use crate::constants::{NODE_CALL_TIMEOUT_MS_MAX, NODE_COPY_RATE_MIB_PER_S_MIN, REPLICA_COUNT_MAX};
 use crate::model::Node;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -133,11 +133,13 @@ pub trait NodeClient: Send + Sync + 'static {
     }
     fn promote<'a>(&'a self, node: &'a Node, resource: &'a str) -> NodeFuture<'a, ()>;
     fn demote<'a>(&'a self, node: &'a Node, resource: &'a str) -> NodeFuture<'a, ()>;
+    /// `size_bytes`: the volume's, for how long the copies may take.
     fn snapshot<'a>(
         &'a self,
         node: &'a Node,
         resource: &'a str,
         snapshot: &'a str,
+        size_bytes: u64,
     ) -> NodeFuture<'a, ()>;
     fn delete_snapshot<'a>(
         &'a self,
@@ -146,6 +148,11 @@ pub trait NodeClient: Send + Sync + 'static {
         snapshot: &'a str,
     ) -> NodeFuture<'a, ()>;
     fn status<'a>(&'a self, node: &'a Node, resource: &'a str) -> NodeFuture<'a, ResourceStatus>;
+}
+
+/// How long copying `bytes` may take at `NODE_COPY_RATE_MIB_PER_S_MIN`.
+fn copy_time(bytes: u64) -> Duration {
+    Duration::from_millis((bytes >> 20).saturating_mul(1000) / NODE_COPY_RATE_MIB_PER_S_MIN)
 }
 
 /// `NodeClient` over HTTP/1.1, one connection per call (calls are rare and long-running).
@@ -166,11 +173,27 @@ impl HttpNodeClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<Bytes, NodeError> {
-        let timeout_ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
-        match tokio::time::timeout(self.timeout, self.call_once(node, method, path, body)).await {
+        self.call_within(self.timeout, node, method, path, body).await
+    }
+
+    async fn call_within(
+        &self,
+        timeout: Duration,
+        node: &Node,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Bytes, NodeError> {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        match tokio::time::timeout(timeout, self.call_once(node, method, path, body)).await {
             Ok(result) => result,
             Err(_) => Err(NodeError::Timeout { node: node.name.clone(), timeout_ms }),
         }
+    }
+
+    /// The timeout of a call whose answer waits for `copies` copies of `size_bytes` of data.
+    fn copy_timeout(&self, size_bytes: u64, copies: u64) -> Duration {
+        self.timeout.saturating_add(copy_time(size_bytes.saturating_mul(copies)))
     }
 
     async fn call_once(
@@ -256,8 +279,14 @@ impl NodeClient for HttpNodeClient {
     ) -> NodeFuture<'a, Export> {
         Box::pin(async move {
             let body = serde_json::to_value(request).unwrap_or_default();
-            let bytes =
-                self.call(node, "PUT", &format!("/v1/resources/{resource}"), Some(body)).await?;
+            // A volume made from another one first snapshots every replica of the source, then
+            // copies the snapshot into the new replica.
+            let timeout = match request.source {
+                Some(_) => self.copy_timeout(request.size_bytes, u64::from(REPLICA_COUNT_MAX) + 1),
+                None => self.timeout,
+            };
+            let path = format!("/v1/resources/{resource}");
+            let bytes = self.call_within(timeout, node, "PUT", &path, Some(body)).await?;
             Self::decode(node, &bytes)
         })
     }
@@ -313,11 +342,13 @@ impl NodeClient for HttpNodeClient {
         node: &'a Node,
         resource: &'a str,
         snapshot: &'a str,
+        size_bytes: u64,
     ) -> NodeFuture<'a, ()> {
         Box::pin(async move {
-            self.call(node, "PUT", &format!("/v1/resources/{resource}/snapshots/{snapshot}"), None)
-                .await
-                .map(drop)
+            // The primary copies every replica before it answers.
+            let timeout = self.copy_timeout(size_bytes, u64::from(REPLICA_COUNT_MAX));
+            let path = format!("/v1/resources/{resource}/snapshots/{snapshot}");
+            self.call_within(timeout, node, "PUT", &path, None).await.map(drop)
         })
     }
     fn delete_snapshot<'a>(
@@ -345,5 +376,22 @@ impl NodeClient for HttpNodeClient {
                 &self.call(node, "GET", &format!("/v1/resources/{resource}"), None).await?,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call that waits for copies allows for the slowest copy of all of them on top of the
+    /// plain call's timeout; without copies it is the plain timeout.
+    #[test]
+    fn copying_calls_wait_for_the_slowest_copy_of_every_replica() {
+        let client = HttpNodeClient::new("token".into());
+        assert_eq!(client.copy_timeout(0, 3), client.timeout);
+        let gib_at_min_rate = Duration::from_millis(1024 * 1000 / NODE_COPY_RATE_MIB_PER_S_MIN);
+        assert_eq!(client.copy_timeout(1 << 30, 1), client.timeout + gib_at_min_rate);
+        assert_eq!(client.copy_timeout(1 << 30, 3), client.timeout + gib_at_min_rate * 3);
+        assert!(client.copy_timeout(u64::MAX, u64::MAX) >= client.copy_timeout(1 << 40, 4));
     }
 }

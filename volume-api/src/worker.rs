@@ -529,7 +529,7 @@ pub fn create_snapshot(state: &Arc<AppState>, id: String) {
                 .ok_or("volume vanished")?;
             let nodes = nodes_named(&s, &v.nodes)?;
             for node in &nodes {
-                if let Err(e) = s.nodes.snapshot(node, &v.resource, &name).await {
+                if let Err(e) = s.nodes.snapshot(node, &v.resource, &name, v.size_gib << 30).await {
                     for n in &nodes {
                         let _ = s.nodes.delete_snapshot(n, &v.resource, &name).await;
                     }

@@ -40,6 +40,11 @@ fn disk_of(slot: &Slot) -> Result<PathBuf, Failure> {
         .map_err(|e| fail(StatusCode::CONFLICT, format!("resource {}: {e}", slot.name)))
 }
 
+/// The resource's data bytes (what a copy of a replica reads at most).
+fn data_bytes_of(slot: &Slot) -> u64 {
+    slot.size_bytes.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// Copies `disk` to its snapshot `snap` on a blocking thread.
 async fn copy_replica(disk: PathBuf, snap: &str) -> Result<snapshot::CloneKind, Failure> {
     let target = snapshot::path(&disk, snap);
@@ -123,9 +128,21 @@ pub(super) async fn take(
                 )
             })?;
         let path = format!("/v1/resources/{name}/snapshots/{snap}");
-        peer_client::call::<serde_json::Value>(&primary.url, &state.token, "PUT", &path, None)
-            .await
-            .map_err(|e| fail(StatusCode::BAD_GATEWAY, e.to_string()))?;
+        // The primary answers once it copied every replica, one after another.
+        let replicas = u64::try_from(peers.len()).unwrap_or(u64::MAX).saturating_add(1);
+        let timeout_ms =
+            peer_client::copy_call_timeout_ms(data_bytes_of(&slot).saturating_mul(replicas));
+        let url = &primary.url;
+        peer_client::call_within::<serde_json::Value>(
+            timeout_ms,
+            url,
+            &state.token,
+            "PUT",
+            &path,
+            None,
+        )
+        .await
+        .map_err(|e| fail(StatusCode::BAD_GATEWAY, e.to_string()))?;
         return Ok(StatusCode::CREATED);
     }
     let in_sync = up_to_date
@@ -167,9 +184,17 @@ pub(super) async fn take(
         let mut copied = Vec::new();
         for peer in &peers {
             let path = format!("/v1/resources/{name}/snapshots/{snap}?local=true");
-            let answer =
-                peer_client::call::<serde_json::Value>(&peer.url, &state.token, "PUT", &path, None)
-                    .await;
+            // The peer answers once its replica is copied.
+            let timeout_ms = peer_client::copy_call_timeout_ms(data_bytes_of(&slot));
+            let answer = peer_client::call_within::<serde_json::Value>(
+                timeout_ms,
+                &peer.url,
+                &state.token,
+                "PUT",
+                &path,
+                None,
+            )
+            .await;
             if let Err(e) = answer {
                 return Err((fail(StatusCode::BAD_GATEWAY, e.to_string()), copied));
             }
@@ -268,7 +293,7 @@ pub(super) async fn fill_from_source(
     })?;
     let source_disk = disk_of(&slot)?;
     // The source's data: its metadata, if internal, lies beyond and is not copied.
-    let data_bytes = slot.size_bytes.load(std::sync::atomic::Ordering::Acquire);
+    let data_bytes = data_bytes_of(&slot);
     if data_bytes == 0 {
         return Err(fail(StatusCode::CONFLICT, format!("source {resource} is not up")));
     }
