@@ -2,7 +2,7 @@
 //! implementation against the contract in `node-control-api.yaml` (JSON over HTTP/1.1 with a
 //! bearer token).
 
-use crate::constants::{NODE_CALL_TIMEOUT_MS_MAX, NODE_COPY_RATE_MIB_PER_S_MIN, REPLICA_COUNT_MAX};
+use crate::constants::{NODE_CALL_TIMEOUT_MS_MAX, NODE_COPY_RATE_MIB_PER_S_MIN};
 use crate::model::Node;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -279,10 +279,10 @@ impl NodeClient for HttpNodeClient {
     ) -> NodeFuture<'a, Export> {
         Box::pin(async move {
             let body = serde_json::to_value(request).unwrap_or_default();
-            // A volume made from another one first snapshots every replica of the source, then
-            // copies the snapshot into the new replica.
+            // A volume made from another one first snapshots the source (every replica at
+            // once), then copies the snapshot into the new replica.
             let timeout = match request.source {
-                Some(_) => self.copy_timeout(request.size_bytes, u64::from(REPLICA_COUNT_MAX) + 1),
+                Some(_) => self.copy_timeout(request.size_bytes, 2),
                 None => self.timeout,
             };
             let path = format!("/v1/resources/{resource}");
@@ -345,8 +345,8 @@ impl NodeClient for HttpNodeClient {
         size_bytes: u64,
     ) -> NodeFuture<'a, ()> {
         Box::pin(async move {
-            // The primary copies every replica before it answers.
-            let timeout = self.copy_timeout(size_bytes, u64::from(REPLICA_COUNT_MAX));
+            // The primary answers once every replica (each on its own node, at once) is copied.
+            let timeout = self.copy_timeout(size_bytes, 1);
             let path = format!("/v1/resources/{resource}/snapshots/{snapshot}");
             self.call_within(timeout, node, "PUT", &path, None).await.map(drop)
         })

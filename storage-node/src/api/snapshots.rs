@@ -4,14 +4,14 @@
 //! A snapshot is taken by the resource's primary for every replica at once: it holds new
 //! writes at the LUN (`Slot::write_gate`), flushes (the local disk and a barrier every peer
 //! acknowledges, so every write acknowledged so far is on every replica), has each peer copy
-//! its replica (`?local=true`), copies its own, and lets writes go again. So the copies are one
-//! crash-consistent point in time on every replica, and a resource made from them needs no
-//! initial sync. A secondary asked for a snapshot passes the request to the primary. Writes
+//! its replica (`?local=true`) while it copies its own, and lets writes go again. So the copies
+//! are one crash-consistent point in time on every replica, and a resource made from them needs
+//! no initial sync. A secondary asked for a snapshot passes the request to the primary. Writes
 //! wait for as long as the copies take: milliseconds with reflinks, the time to copy the data
 //! extents on file systems without them (`snapshot.rs`).
 
 use super::{ApiState, Failure, error, fail, not_found};
-use crate::constants::SNAPSHOT_WRITE_HOLD_WAIT_MS_MAX;
+use crate::constants::{PEER_CALL_TIMEOUT_MS_MAX, SNAPSHOT_WRITE_HOLD_WAIT_MS_MAX};
 use crate::host::{Slot, api_request_path};
 use crate::peer_client;
 use crate::provision::{self, PutRequest, Source};
@@ -128,10 +128,10 @@ pub(super) async fn take(
                 )
             })?;
         let path = format!("/v1/resources/{name}/snapshots/{snap}");
-        // The primary answers once it copied every replica, one after another.
-        let replicas = u64::try_from(peers.len()).unwrap_or(u64::MAX).saturating_add(1);
-        let timeout_ms =
-            peer_client::copy_call_timeout_ms(data_bytes_of(&slot).saturating_mul(replicas));
+        // The primary answers once every replica is copied; its own calls to the peers,
+        // which copy at the same time, give up first.
+        let timeout_ms = peer_client::copy_call_timeout_ms(data_bytes_of(&slot))
+            .saturating_add(PEER_CALL_TIMEOUT_MS_MAX);
         let url = &primary.url;
         peer_client::call_within::<serde_json::Value>(
             timeout_ms,
@@ -181,26 +181,30 @@ pub(super) async fn take(
         device.flush().await.map_err(|e| {
             (fail(StatusCode::SERVICE_UNAVAILABLE, format!("flush: {e}")), Vec::new())
         })?;
-        let mut copied = Vec::new();
-        for peer in &peers {
-            let path = format!("/v1/resources/{name}/snapshots/{snap}?local=true");
-            // The peer answers once its replica is copied.
-            let timeout_ms = peer_client::copy_call_timeout_ms(data_bytes_of(&slot));
-            let answer = peer_client::call_within::<serde_json::Value>(
-                timeout_ms,
-                &peer.url,
-                &state.token,
-                "PUT",
-                &path,
-                None,
-            )
-            .await;
-            if let Err(e) = answer {
-                return Err((fail(StatusCode::BAD_GATEWAY, e.to_string()), copied));
+        // Every replica copies at once: writes wait for the slowest copy, not for the sum.
+        let timeout_ms = peer_client::copy_call_timeout_ms(data_bytes_of(&slot));
+        let path = format!("/v1/resources/{name}/snapshots/{snap}?local=true");
+        let peer_copies = futures_util::future::join_all(peers.iter().map(|peer| {
+            let path = &path;
+            async move {
+                peer_client::call_within::<serde_json::Value>(
+                    timeout_ms,
+                    &peer.url,
+                    &state.token,
+                    "PUT",
+                    path,
+                    None,
+                )
+                .await
+                .map(|_| peer.clone())
             }
-            copied.push(peer.clone());
+        }));
+        let (answers, own) = tokio::join!(peer_copies, copy_replica(disk.clone(), snap));
+        let copied: Vec<_> = answers.iter().filter_map(|a| a.as_ref().ok().cloned()).collect();
+        if let Some(Err(e)) = answers.into_iter().find(Result::is_err) {
+            return Err((fail(StatusCode::BAD_GATEWAY, e.to_string()), copied));
         }
-        let kind = copy_replica(disk.clone(), snap).await.map_err(|f| (f, copied.clone()))?;
+        let kind = own.map_err(|f| (f, copied))?;
         Ok(kind)
     }
     .await;
