@@ -27,9 +27,11 @@
 //! with a fresh generation (all its peers adopt the same one, so they stay one lineage), then
 //! `Frame::OutOfSync` for every write its disk may not hold (in flight or not yet flushed);
 //! a peer marks, for a diskless peer that is not `disk none`, every write it receives from
-//! it. A diskless primary that writes while a diskful peer is unreachable tells the sources
-//! (`OutOfSync` naming that peer), so they resync it later. After `handle_attach` the
-//! handshake finds the peer newer by that generation and resyncs the marked blocks only.
+//! it. In a mesh, a primary that detaches with nothing in doubt sends `Detached` with its
+//! first write instead (its disk lacks nothing before that). A diskless primary that writes
+//! while a diskful peer is unreachable tells the sources (`OutOfSync` naming that peer), so
+//! they resync it later. After `handle_attach` the handshake finds the peer newer by that
+//! generation and resyncs the marked blocks only.
 //!
 //! `on-io-error pass_on`: the error goes to the caller and the disk stays attached; a failed
 //! application write is marked out of sync for every peer. Errors with no caller (a peer's
@@ -93,6 +95,10 @@ pub(super) struct DisklessState {
     snapshot: Option<Box<Metadata>>,
     /// Diskful peers that missed a write since this node became diskless: not sources.
     missed: u64,
+    /// A mesh primary detached with nothing in doubt: the generation its sources adopt
+    /// (`Frame::Detached`) starts with the first write its disk misses
+    /// (`diskless_submit_write`), not at the detach.
+    generation_pending: bool,
     reads: BTreeMap<u64, RemoteRead>,
     next_read: u64,
 }
@@ -266,6 +272,10 @@ impl Node {
             w.tl = tl;
         }
         self.completion_candidates.write(id);
+        if std::mem::take(&mut self.diskless.generation_pending) {
+            // The first write our disk misses (`go_diskless`): before its Data frames.
+            self.detached_generation(sources, &[]);
+        }
         // The secondaries must know where this write goes before its Data frames.
         self.mesh_detached_unreached(unreached, first, blocks);
         self.mesh_announce();
@@ -313,6 +323,23 @@ impl Node {
             })
     }
 
+    /// A detached primary's new generation: every source adopts it (`Frame::Detached`),
+    /// then marks the writes in `in_doubt` for us; in a mesh we take it too (in memory).
+    fn detached_generation(&mut self, sources: u64, in_doubt: &[(u64, u64)]) {
+        let fresh = self.fresh_uuid();
+        for i in 0..self.peers.len() {
+            if sources & self.peers[i].id.bit() == 0 {
+                continue;
+            }
+            self.send(i, Frame::Detached { current_uuid: fresh });
+            for (first, blocks) in in_doubt {
+                let peers = self.id.bit();
+                self.send(i, Frame::OutOfSync { offset_blocks: *first, blocks: *blocks, peers });
+            }
+        }
+        self.mesh_detached_generation(fresh);
+    }
+
     /// `drbdadm detach`, and what a local I/O error does with `on-io-error detach`.
     pub(super) fn go_diskless(&mut self) {
         if self.is_diskless() {
@@ -358,21 +385,19 @@ impl Node {
         // the ping timeout, and the link (with the writes waiting on it) was lost.
         let in_doubt = coalesce_ranges(in_doubt, REQUEST_BLOCKS_MAX);
         if self.role == Role::Primary {
-            let fresh = self.fresh_uuid();
-            for i in 0..self.peers.len() {
-                if sources & self.peers[i].id.bit() == 0 {
-                    continue;
-                }
-                self.send(i, Frame::Detached { current_uuid: fresh });
-                for (first, blocks) in &in_doubt {
-                    let peers = self.id.bit();
-                    self.send(
-                        i,
-                        Frame::OutOfSync { offset_blocks: *first, blocks: *blocks, peers },
-                    );
-                }
+            if self.mesh_enabled() && in_doubt.is_empty() {
+                // The disk holds every write so far: nothing tells it apart from its peers
+                // yet. As DRBD 9 flags a new current UUID and starts it with the next write
+                // (`NEW_CUR_UUID`), the generation waits for the first write the disk
+                // misses. Started here, it lived on the sources only (we have no disk to
+                // keep it): after a crash this node came back with the older generation
+                // it holds on disk, was force-promoted from it, and a source that had taken
+                // the detach generation and held nothing new met it as a split brain
+                // (mesh seed 2057 on branch hs12598).
+                self.diskless.generation_pending = true;
+            } else {
+                self.detached_generation(sources, &in_doubt);
             }
-            self.mesh_detached_generation(fresh);
         }
         self.set_disk(DiskState::Failed);
         self.set_disk(DiskState::Diskless);
