@@ -125,41 +125,51 @@ impl Node {
         }
         let have = self.quorum_verdict(false, self.quorum_state.have).have;
         let confirmed = have && self.quorum_verdict(true, have).have;
-        if self.mesh_enabled() {
-            // Three or more diskful nodes: the secondaries in sync adopt the primary's new
-            // generation at once (`MeshTargets`, node/mesh.rs) and carry it to a peer promoted
-            // later, and the mesh's bookkeeping expects it at the loss; deferring it there
-            // (tried: mesh seed 469 then ends in a split brain) is left to the mesh. Only a
-            // quorum that rests on a stalled link waits (`stall.rs`).
-            if self.quorum_primary_unconfirmed() {
-                // These marks are writes nobody acknowledged: they must not make us the
-                // source of a peer of our generation (`mesh_unclean_direction`), after a
-                // step-down either.
-                self.mesh_marked_unacked(peer);
-            }
-            if confirmed && self.mesh_generation_stalled() {
-                self.quorum_state.generation_deferred |= peer.bit();
-                return false;
-            }
-            return confirmed;
-        }
         // Only writes this primary may still acknowledge start a generation: with quorum
         // among the peers that confirmed its term, and with every diskful peer it does not
         // reach fenced (known outdated). A peer lost a moment ago is not fenced yet: this
         // primary acknowledges nothing until it is, and may lose quorum before (issue 5: A
         // loses B, then the tiebreaker; B is promoted). A generation started then would fork
         // from B's, a split brain on reconnect; without it B's generation is newer and A,
-        // which never acknowledged the marked writes, is B's sync target.
-        let fenced = self.peers.iter().all(|p| {
-            p.replicating()
-                || self.is_diskless_peer(p.id)
-                || self.meta.flags.peer_outdated & p.id.bit() != 0
-        });
+        // which never acknowledged the marked writes, is B's sync target. DRBD 9 does the
+        // same: the `NEW_CUR_UUID` of a lost peer is made when the I/O its fence froze thaws.
+        let fenced = self.quorum_unreached_peers_fenced();
+        if self.mesh_enabled() {
+            // Three or more diskful nodes: the same rule, its quorum counted on links that
+            // may have gone silent a moment ago (a partition: the peer's loss is only noticed
+            // at its ping timeout, and the nodes on the other side promote one of them). A
+            // quorum that rests on a stalled link (`stall.rs`) waits too, fenced or not.
+            // Seed 5005 (draws of branch hs12598): a primary isolated 86 ms earlier, its
+            // other link not stalled yet, was disconnected from a peer by the operator and
+            // started a generation for it at once; it never acknowledged a write in it (the
+            // fence waited for the silent peer), and that generation forked from the one the
+            // majority started after promoting: a split brain on reconnect.
+            if self.quorum_primary_unconfirmed() {
+                // These marks are writes nobody acknowledged: they must not make us the
+                // source of a peer of our generation (`mesh_unclean_direction`), after a
+                // step-down either.
+                self.mesh_marked_unacked(peer);
+            }
+            if confirmed && (!fenced || self.mesh_generation_stalled()) {
+                self.quorum_state.generation_deferred |= peer.bit();
+                return false;
+            }
+            return confirmed;
+        }
         if confirmed && fenced {
             return true;
         }
         self.quorum_state.generation_deferred |= peer.bit();
         false
+    }
+
+    /// Every diskful peer this primary does not replicate to is known outdated (fenced).
+    fn quorum_unreached_peers_fenced(&self) -> bool {
+        self.peers.iter().all(|p| {
+            p.replicating()
+                || self.is_diskless_peer(p.id)
+                || self.meta.flags.peer_outdated & p.id.bit() != 0
+        })
     }
 
     /// This primary acknowledges writes now (none is held, none fails).
