@@ -610,6 +610,13 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          the first end's writes submitted since were still on their way; the second end's \
          NoSync is now checked against the first end's data at its decision",
     ),
+    (
+        33276,
+        "sim: the epilogue's verify, cut off when the links it healed broke (frames lost in the \
+         partition), was started again between two secondaries after an operator forced a \
+         third node primary (all Outdated): the engine rightly refuses that; the primary \
+         verifies now, and the flipped node is never the one forced",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ends in the still open pattern of seed 1724 (a promoted node missing an

@@ -1251,15 +1251,17 @@ impl World {
             // 2 was forced at 13166 ms), the operator error described below.
             return;
         }
+        let flipped = self.epilogue_flipped_node();
         let candidates: Vec<usize> = (0..self.swarm.nodes)
             .filter(|&i| {
-                self.nodes[i].node.as_ref().is_some_and(|n| {
-                    if force {
-                        n.disk_state().has_data() && n.disk_state() != DiskState::UpToDate
-                    } else {
-                        n.disk_state() == DiskState::UpToDate
-                    }
-                })
+                Some(i) != flipped
+                    && self.nodes[i].node.as_ref().is_some_and(|n| {
+                        if force {
+                            n.disk_state().has_data() && n.disk_state() != DiskState::UpToDate
+                        } else {
+                            n.disk_state() == DiskState::UpToDate
+                        }
+                    })
             })
             .collect();
         if candidates.is_empty() {
