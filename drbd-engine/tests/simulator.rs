@@ -619,8 +619,8 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
     ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
-    // that ends in the still open pattern of seed 1724 (a promoted node missing an
-    // acknowledged write), so it is not a regression seed any more.
+    // that ended in the pattern of seed 1724 (a promoted node missing an acknowledged write,
+    // fixed since: the entry above), so it is not a regression seed any more.
 ];
 
 #[test]
