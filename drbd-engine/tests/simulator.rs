@@ -135,6 +135,18 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         "checker: the resync target's ResyncFinished (it comes after the source's) cleared \
          the ghost marks the source made since, for writes the link lost right after ResyncDone",
     ),
+    (
+        344,
+        2,
+        "engine: a primary that lost its peer under fencing started its generation before the \
+         handler answered exit code 6 (peer is primary): a false split brain on reconnect",
+    ),
+    (1969, 2, "engine: as 344, the handler failed and the primary lost power while frozen"),
+    (
+        2785,
+        2,
+        "engine: as 344, and the promoted peer's own writes were still frozen behind its fence",
+    ),
 ];
 
 #[test]

@@ -120,8 +120,11 @@ impl Node {
     /// Whether marking blocks out of sync for `peer` (not tracked yet) starts a new data
     /// generation now; when not, the start is deferred to `quorum_deferred_generation`.
     pub(super) fn quorum_generation_now(&mut self, peer: NodeId) -> bool {
-        if !self.config.quorum.enabled() || self.role != Role::Primary {
+        if self.role != Role::Primary {
             return true;
+        }
+        if !self.config.quorum.enabled() {
+            return !self.fence_defers_generation(peer);
         }
         let have = self.quorum_verdict(false, self.quorum_state.have).have;
         let confirmed = have && self.quorum_verdict(true, have).have;
@@ -163,6 +166,28 @@ impl Node {
         false
     }
 
+    /// Without quorum (two nodes), under a fencing policy that freezes I/O: a primary that
+    /// lost `peer`, not known outdated, acknowledges nothing until the fence-peer handler
+    /// answered, and the handler may never outdate the peer (exit code 6, "peer is primary":
+    /// this node outdates itself; or it fails and this node crashes while frozen). A
+    /// generation started now would fork from the one of the peer, promoted meanwhile,
+    /// although this node acknowledged no write in it: a false split brain on reconnect. So
+    /// the start waits, as with quorum, for `quorum_deferred_generation` (DRBD defers
+    /// `NEW_CUR_UUID` while I/O is frozen the same way); the marks alone make this node the
+    /// peer's sync target if it never acknowledges again. A peer still connected (Ahead) is
+    /// not fenced: its generation starts at once, as before.
+    fn fence_defers_generation(&mut self, peer: NodeId) -> bool {
+        let lost = self.peer(peer).is_some_and(|p| p.connection != ConnectionState::Connected);
+        if !self.config.fencing.freezes()
+            || !lost
+            || self.meta.flags.peer_outdated & peer.bit() != 0
+        {
+            return false;
+        }
+        self.quorum_state.generation_deferred |= peer.bit();
+        true
+    }
+
     /// Every diskful peer this primary does not replicate to is known outdated (fenced).
     fn quorum_unreached_peers_fenced(&self) -> bool {
         self.peers.iter().all(|p| {
@@ -188,7 +213,10 @@ impl Node {
         if self.quorum_state.generation_deferred == 0 {
             return;
         }
-        if self.role != Role::Primary {
+        if self.role != Role::Primary || self.lost_to_peer() {
+            // Stepped down, or outdated itself (fence-peer exit code 6): it acknowledges
+            // nothing in this generation any more, and its marks make it the sync target of
+            // the peer that holds the newer data.
             self.quorum_state.generation_deferred = 0;
             return;
         }

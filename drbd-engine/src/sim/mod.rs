@@ -380,10 +380,6 @@ pub struct Report {
     /// Split brains decided where one side holds nothing the other lacks (`ground_truth`),
     /// forced promotions included.
     pub split_brains_one_sided: u64,
-    /// Of those, split brains with an old primary whose fence-peer handler never outdated its
-    /// peer: the engine started its generation before the handler answered (`ground_truth`,
-    /// a known deviation from DRBD).
-    pub split_brains_fenced_generation: u64,
     /// `call-pri-lost-after-sb` handler calls.
     pub primary_lost_calls: u64,
     /// Connection attempts refused by peer authentication (mismatched shared secrets).
@@ -428,7 +424,6 @@ impl Report {
         self.requests_failed_no_quorum += other.requests_failed_no_quorum;
         self.split_brains_auto_resolved += other.split_brains_auto_resolved;
         self.split_brains_one_sided += other.split_brains_one_sided;
-        self.split_brains_fenced_generation += other.split_brains_fenced_generation;
         self.primary_lost_calls += other.primary_lost_calls;
         self.auth_refusals += other.auth_refusals;
         self.disk_detaches += other.disk_detaches;
@@ -442,7 +437,7 @@ impl Report {
         let f = self.fence_exit_codes;
         format!(
             "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected \
-             ({} one-sided by the replicas' data, {} of them after a generation started before fencing), \
+             ({} one-sided by the replicas' data), \
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
@@ -454,7 +449,6 @@ impl Report {
             self.resyncs,
             self.split_brains,
             self.split_brains_one_sided,
-            self.split_brains_fenced_generation,
             self.split_promotions,
             self.split_promotions_done,
             self.split_promotions_refused,
@@ -1932,6 +1926,14 @@ impl World {
         // quorum acknowledged nothing since, so its changes never make a split brain (issue
         // 5), unless an operator forced a promotion.
         let quorum_excludes_split = self.quorum_on() && !self.forced_promotion;
+        // Under a fencing policy that freezes I/O, a primary that lost its peer acknowledges
+        // nothing until the fence-peer handler outdated (or shot) it, and starts no
+        // generation before: when the handler never did (exit code 6, or failures and then
+        // a crash while frozen), its marks are writes acknowledged before the loss only
+        // under protocol A or B (on their way to the peer, lost at any failover) and
+        // otherwise by nobody, and the peer promoted meanwhile overwrites them (as with
+        // quorum, the model checks that no acknowledged write is lost).
+        let unacked = |x: usize, y: usize| self.ground_truth_fence_unsettled(x, y);
         let ok = match decision {
             SplitBrain => mine && theirs && !quorum_excludes_split,
             Unrelated => false,
@@ -1940,8 +1942,8 @@ impl World {
             // resync skip the blocks that turned out equal. Byte-identical replicas hold
             // nothing apart, whatever the record says (mesh seed 939).
             NoSync => (!mine && !theirs) || self.no_sync_identical(i, j),
-            BitmapSource | FullSource => !theirs || discarding,
-            BitmapTarget | FullTarget => !mine || discarding,
+            BitmapSource | FullSource => !theirs || discarding || unacked(j, i),
+            BitmapTarget | FullTarget => !mine || discarding || unacked(i, j),
         };
         if !ok {
             self.violation(format!(
