@@ -147,6 +147,20 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         2,
         "engine: as 344, and the promoted peer's own writes were still frozen behind its fence",
     ),
+    (
+        3602,
+        2,
+        "engine: with 344's fix, an old primary outdated by exit code 6 kept bits in the shared \
+         generation and stayed the source of the promoted peer (refused, StandAlone for good): \
+         the operator's discard-my-data was ignored within one generation",
+    ),
+    (
+        5603,
+        2,
+        "engine: with 344's fix, a primary whose generation was deferred met a re-attached peer \
+         whose bitmap covered everything: bits on both sides within one generation were a split \
+         brain; the primary is the source",
+    ),
 ];
 
 #[test]

@@ -2520,6 +2520,10 @@ impl Node {
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let by_generations = uuid::decide(&mine, &theirs);
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
+        if by_generations == SyncDecision::NoSync && !self.mesh_enabled() {
+            let roles = (handshake.sent.role, hello.role);
+            decision = direction_within_generation(decision, &mine, &theirs, roles);
+        }
         decision = self.mesh_adjust_decision(i, &hello, handshake.sent.role, decision);
         decision = self.mesh_gen_adjust_decision(&hello, handshake.sent.role, decision);
         decision = self.quorum_two_primaries_decision(&hello, handshake.sent.role, decision);
@@ -2906,6 +2910,39 @@ fn decide_with_disks(
             (true, true) => SplitBrain,
         },
         (true, true) => decision,
+    }
+}
+
+/// Two nodes of one generation whose direction came from the bits (`decide_with_disks`; the
+/// mesh has its own rules, `mesh_adjust_decision`). Writing apart starts a generation, before
+/// any acknowledgement, so bits within one generation are never acknowledged writes the
+/// other lacks, except those acknowledged before a loss under protocol A or B (lost at any
+/// failover): the bits of a primary that lost its peer under fencing and deferred its
+/// generation (`fence_defers_generation`), of a disk re-attached (every block), of an
+/// interrupted resync. So:
+/// - an operator's `--discard-my-data` names the victim, as `uuid::decide` lets it when the
+///   generations differ (ignored here before: an old primary that outdated itself on fence
+///   exit code 6 stayed the source of the promoted peer, which refused it, StandAlone for
+///   good, two-node seed 3602);
+/// - a primary is the source over a secondary (of both bitmaps, no split brain): its data is
+///   the one acknowledged from now on (two-node seed 5603: a primary with its generation
+///   deferred met a re-attached peer whose bitmap covered everything, a split brain).
+fn direction_within_generation(
+    decision: SyncDecision,
+    mine: &HandshakeView,
+    theirs: &HandshakeView,
+    (my_role, their_role): (Role, Role),
+) -> SyncDecision {
+    use SyncDecision::*;
+    let decision = match (mine.discard_my_data, theirs.discard_my_data, decision) {
+        (true, false, BitmapSource | SplitBrain) => BitmapTarget,
+        (false, true, BitmapTarget | SplitBrain) => BitmapSource,
+        _ => decision,
+    };
+    match (my_role, their_role, decision) {
+        (Role::Primary, Role::Secondary, BitmapTarget | SplitBrain) => BitmapSource,
+        (Role::Secondary, Role::Primary, BitmapSource | SplitBrain) => BitmapTarget,
+        _ => decision,
     }
 }
 
