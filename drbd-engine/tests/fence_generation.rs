@@ -134,3 +134,28 @@ fn a_primary_that_wrote_on_after_its_fence_outdated_the_peer_is_a_split_brain() 
     pair.idle(100);
     assert_eq!(split_brains(&pair), 2, "both ends decide split brain");
 }
+
+#[test]
+fn an_old_primary_outdated_by_exit_code_6_is_the_sync_target_of_a_primary_that_wrote_nothing() {
+    let (mut pair, frozen, generation) = primary_frozen_after_loss();
+    // Node 1 is promoted but writes nothing yet: both keep the old generation, and only the
+    // old primary holds bits (its unacknowledged write of block 2).
+    let now = pair.tick();
+    pair.nodes[1].handle_promote(now, false).unwrap();
+    pair.run();
+    pair.nodes[0].handle_fence_outcome(now, NodeId(1), FenceOutcome::PeerIsPrimary);
+    pair.run();
+    assert_eq!(pair.result(frozen), Some(&Err(RequestError::NoUpToDateData)));
+    let now = pair.tick();
+    pair.nodes[0].handle_demote(now).unwrap();
+    pair.run();
+    assert_eq!(pair.nodes[1].metadata().uuids.current, generation);
+    assert_eq!(pair.nodes[0].metadata().uuids.current, generation);
+    pair.connect();
+    pair.idle(500);
+    let refused = pair.events.iter().any(|(_, e)| matches!(e, Event::SyncRefused { .. }));
+    assert!(!refused, "the primary is the source within one generation");
+    assert_eq!(split_brains(&pair), 0);
+    assert!(pair.differing_blocks().is_empty());
+    assert_eq!(&pair.disks[0][common::at(2)..common::at(3)], &vec![0; common::BLOCK][..]);
+}
