@@ -12,6 +12,9 @@
 //! millisecond; its peer, of the old generation and without the primary's newer writes, found
 //! no sync from the stale Hello and declared itself in sync with it, while the sender saw its
 //! Hello stale and dropped the connection.
+//!
+//! And a node holding a primary's writes in doubt for a peer counts them as differences in
+//! its handshake with that peer (seed 46593): the peer may never have received them.
 
 mod common;
 
@@ -154,13 +157,9 @@ fn deliver(mesh: &mut Mesh, from: usize, to: usize) {
     }
 }
 
-/// Primary A lost C and, writing without it, started a generation that B adopts from A's
-/// announcement. B and C reconnect; B's Hello (old generation) is on its way to C when B
-/// takes the new generation. C (Outdated: it lost its quorum) must not take that Hello for
-/// B's state: a NoSync from it made C UpToDate without A's write. The handshake is retried
-/// instead, and C ends with the write.
-#[test]
-fn a_handshake_waits_until_the_peer_confirms_its_hello() {
+/// Primary A and secondary B, both with A's first write; C (2), cut off from both, outdated
+/// itself without quorum.
+fn c_cut_off_from_primary_a() -> Mesh {
     let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
     mesh.promote(A);
     mesh.write(A, 3, 1);
@@ -168,6 +167,17 @@ fn a_handshake_waits_until_the_peer_confirms_its_hello() {
     mesh.cut(A, C);
     mesh.cut(B, C);
     assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C alone lost its quorum");
+    mesh
+}
+
+/// Primary A lost C and, writing without it, started a generation that B adopts from A's
+/// announcement. B and C reconnect; B's Hello (old generation) is on its way to C when B
+/// takes the new generation. C (Outdated: it lost its quorum) must not take that Hello for
+/// B's state: a NoSync from it made C UpToDate without A's write. The handshake is retried
+/// instead, and C ends with the write.
+#[test]
+fn a_handshake_waits_until_the_peer_confirms_its_hello() {
+    let mut mesh = c_cut_off_from_primary_a();
 
     // A's write that misses C starts a generation for it; its announcement to B is held.
     mesh.held[link(A, B)] = true;
@@ -208,6 +218,56 @@ fn a_handshake_waits_until_the_peer_confirms_its_hello() {
     mesh.plug(A, C);
     mesh.idle(500);
     assert_eq!(mesh.nodes[A].role(), Role::Primary);
+    for x in [B, C] {
+        assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
+        assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");
+    }
+}
+
+/// Simulator seed 46593. Primary A (0) finished its handshake with C (2), Outdated after
+/// losing its quorum, but C never got A's `HelloHolds` (a lost frame stalled that stream),
+/// so A replicated to C writes C never received. B (1) took them, in doubt for C (A names C
+/// among its targets), then met C: B's bits for C were clear, so the pair found no sync and
+/// C became UpToDate from B without A's writes. B marks its writes in doubt for a peer it
+/// handshakes with: it cannot tell whether that peer holds them.
+#[test]
+fn a_handshake_counts_the_writes_in_doubt_for_the_peer() {
+    let mut mesh = c_cut_off_from_primary_a();
+
+    // A and C reconnect; C gets A's handshake but not the `HelloHolds` that follows it.
+    let l = link(A, C);
+    mesh.held[l] = true;
+    mesh.plug(A, C);
+    assert!(mesh.conn_id[l] != 0, "A and C connected");
+    deliver(&mut mesh, A, C); // Hello, HandshakeDone: C answers with its HelloHolds
+    mesh.run();
+    deliver(&mut mesh, C, A); // A decides and replicates to C from now on
+    mesh.run();
+    assert_eq!(mesh.nodes[A].replication_state(nid(C)), Some(ReplicationState::Established));
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C has not decided");
+
+    // A's write reaches B only; A waits for C's ack.
+    let write = mesh.submit_write(A, 5, 2);
+    assert_eq!(generation(&mesh, B, 5), 2, "B holds A's write");
+    assert_eq!(mesh.differing_blocks(B, C), vec![5], "C lacks A's write");
+    assert_eq!(mesh.result(write), None, "A waits for C");
+
+    // B and C meet: C must not become UpToDate from B without A's write.
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(50);
+    let decisions = mesh.decisions(C, B, since);
+    assert!(!decisions.contains(&SyncDecision::NoSync), "C never in sync with B: {decisions:?}");
+    assert!(
+        mesh.nodes[C].disk_state() != DiskState::UpToDate || mesh.differing_blocks(A, C).is_empty(),
+        "C is UpToDate without A's write"
+    );
+
+    // A's stream to C flows again: everyone ends with A's writes.
+    mesh.held[l] = false;
+    mesh.idle(500);
+    assert_eq!(mesh.nodes[A].role(), Role::Primary);
+    assert_eq!(mesh.result(write), Some(&Ok(None)), "A's write completed");
     for x in [B, C] {
         assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
         assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");

@@ -16,7 +16,8 @@
 //!   goes to X too is *in doubt* (it may not reach X if the primary dies) and is remembered in
 //!   memory until the primary reports it stable everywhere (`Frame::PeersInSync`, sent when
 //!   the transfer-log entry is collected). If X leaves the primary's targets, or the primary
-//!   is lost, what is still in doubt is marked in X's bitmap.
+//!   is lost, what is still in doubt is marked in X's bitmap; so is it when a handshake with
+//!   X starts (`mesh_handshake_starts`): whether X holds it only the primary knows.
 //! - A secondary that lost its primary with writes in doubt marks itself as DRBD marks a
 //!   crashed primary (its bitmap covers what may differ; either direction of the resync is
 //!   correct) and re-handshakes with the other secondaries: with equal generations the
@@ -427,6 +428,35 @@ impl Node {
             if self.peers[i].replicating() && !self.is_diskless_peer(self.peers[i].id) {
                 self.send(i, Frame::PeersInSync { offset_blocks: first, blocks });
             }
+        }
+    }
+
+    /// A handshake with peer `i` starts (before our Hello and bitmap): the writes we hold in
+    /// doubt for it are marked for it. The primary sent them to the peer too, but whether
+    /// they arrived only the primary learns: compared without them, our clear bits would
+    /// say the peer holds our data (seed 46593 of `tandem-sim --nodes 3 --diskful 3`: the
+    /// primary's `HelloHolds` to node 2 was lost, so node 2 never took its writes, which
+    /// node 1 held in doubt for it; node 1 and node 2 then met without bits and the
+    /// Outdated node 2 became UpToDate from node 1 without them). The entries stay: a
+    /// later handshake marks them again until the primary reports them stable everywhere,
+    /// as our bits for the peer may be dropped meanwhile (`mesh_settle_in_sync`). While
+    /// the primary replicates to both, the marks defer the pair's resync
+    /// (`mesh_defer_sync`), or are dropped when it reports both in sync
+    /// (`mesh_adjust_decision`).
+    pub(super) fn mesh_handshake_starts(&mut self, i: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let peer = self.peers[i].id;
+        let writes: Vec<(u64, u64)> = self
+            .mesh
+            .in_doubt
+            .iter()
+            .filter(|e| e.peers & peer.bit() != 0)
+            .map(|e| (e.first, e.blocks))
+            .collect();
+        for (first, blocks) in writes {
+            self.mesh_mark(peer, first, blocks);
         }
     }
 
