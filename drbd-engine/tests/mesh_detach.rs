@@ -10,14 +10,12 @@
 //!   it; A's forced generation really forked from it (a split brain), and an attached disk is
 //!   found behind them and resynced.
 
-use std::cell::Cell;
-
 mod common;
 
 use common::mesh::{Mesh, NODES, mesh_config};
 use drbd_engine::protocol::node::{Config, Event, Promotion};
 use drbd_engine::protocol::quorum::QuorumConfig;
-use drbd_engine::protocol::{DiskState, Metadata, Role};
+use drbd_engine::protocol::{DiskState, Metadata};
 use drbd_engine::uuid::SyncDecision;
 
 const SIZE_BLOCKS: u64 = 1024;
@@ -27,33 +25,17 @@ const C: usize = 2;
 
 /// Without quorum, so that A, restarted alone, can be force-promoted there (with quorum it
 /// would need a peer that did not take the detach generation; the seed had one, an
-/// Inconsistent node). Each construction gets its own random seed: a restarted node must not
-/// draw the generations of its previous life again.
-fn config() -> impl Fn(usize) -> Config + 'static {
-    let constructions = Cell::new(0u64);
-    move |i| {
-        let n = constructions.get();
-        constructions.set(n + 1);
-        mesh_config(i, 57 + n, 100_000, QuorumConfig::default())
-    }
+/// Inconsistent node).
+fn config(i: usize) -> Config {
+    mesh_config(i, 57, 100_000, QuorumConfig::default())
 }
 
 /// A primary writes, its peers hold the write stably, and A detaches with nothing in
 /// doubt; A then writes `block_after` (through B and C) if given, is cut off and crashes.
 /// Returns the mesh and the metadata A's disk held at the detach.
 fn primary_detaches_and_crashes(block_after: Option<u64>) -> (Mesh, Metadata) {
-    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config());
-    mesh.promote(A);
-    mesh.write(A, 1, 1);
-    mesh.idle(200);
-    // Nothing in flight: the disk holds every write so far, and this is its metadata.
-    let on_disk: Metadata = mesh.nodes[A].metadata().clone();
-    let now = mesh.tick();
-    mesh.nodes[A].handle_detach(now).unwrap();
-    mesh.run();
-    assert_eq!(mesh.nodes[A].disk_state(), DiskState::Diskless);
-    assert_eq!(mesh.nodes[A].role(), Role::Primary);
-    mesh.idle(50);
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    let on_disk = mesh.primary_detaches(A);
     if let Some(block) = block_after {
         mesh.write(A, block, 2);
         mesh.idle(50);
@@ -114,15 +96,8 @@ fn a_write_after_the_detach_forks_from_the_forced_generation() {
 
 #[test]
 fn a_write_after_the_detach_starts_the_generation_the_attached_disk_is_resynced_by() {
-    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config());
-    mesh.promote(A);
-    mesh.write(A, 1, 1);
-    mesh.idle(200);
-    let on_disk = mesh.nodes[A].uuids().current;
-    let now = mesh.tick();
-    mesh.nodes[A].handle_detach(now).unwrap();
-    mesh.run();
-    mesh.idle(50);
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    let on_disk = mesh.primary_detaches(A).uuids.current;
     for i in [B, C] {
         assert_eq!(mesh.nodes[i].uuids().current, on_disk, "node {i}: nothing written yet");
     }

@@ -15,6 +15,8 @@ use crate::{Daemon, binary, free_port, run_ok, run_with_timeout, sparse_file};
 
 /// How long one `tandemadm` command may take (a resize grows and syncs two files).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// A node notices a peer killed -9 within this (the kernel closes its sockets at once).
+const PEER_DEATH_NOTICED_WITHIN: Duration = Duration::from_secs(10);
 
 pub const NODE_NAMES: [&str; 2] = ["alpha", "beta"];
 
@@ -176,6 +178,25 @@ impl StoragePair {
         let mut command = Command::new(binary("tandemadm"));
         command.arg("-s").arg(&self.nodes[index].socket).args(args);
         run_ok(&mut command, COMMAND_TIMEOUT)
+    }
+
+    /// `tandemadm primary r0` on node `index` right after its peer died: while the node has
+    /// not yet seen the dead peer's connection drop it refuses ("peer ... is Primary"), and an
+    /// operator (or the OCF agent) tries again; any other failure panics.
+    pub fn promote_after_peer_death(&self, index: usize) {
+        let deadline = std::time::Instant::now() + PEER_DEATH_NOTICED_WITHIN;
+        loop {
+            let output = self.adm_output(index, &["primary", "r0"]);
+            if output.status.success() {
+                return;
+            }
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                stderr.contains("is Primary") && std::time::Instant::now() < deadline,
+                "tandemadm primary r0 on node {index} failed: {stderr}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `tandemadm ARGS` against node `index`, failing or not.

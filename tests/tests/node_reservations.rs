@@ -154,7 +154,7 @@ fn reservations_survive_failover_restart_and_switch_back() {
 
     // kill -9 the primary, promote the secondary.
     alpha.kill9();
-    cluster.adm(1, &["primary", "r0"]);
+    cluster.promote_after_peer_death(1);
     beta.wait_for_log("persistent reservations loaded", Duration::from_secs(10));
 
     let (generation_after, keys_after) = client.read_keys(&b);

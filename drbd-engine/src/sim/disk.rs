@@ -7,12 +7,16 @@
 
 use super::rng::Rng;
 use crate::constants::{BLOCK_BYTES as BLOCK, SECTOR_BYTES as SECTOR};
+use std::collections::HashSet;
 
 pub struct SimDisk {
     stable: Vec<u8>,
     /// Completed volatile writes in completion order: (sequence, first block, data).
     cache: Vec<(u64, u64, Vec<u8>)>,
     next_seq: u64,
+    /// (block, write id) of every write that ever landed here, volatile or not, as its
+    /// sectors name it: the ground truth of what this disk has held (`sim::ground_truth`).
+    held: HashSet<(u64, u64)>,
 }
 
 impl SimDisk {
@@ -21,6 +25,7 @@ impl SimDisk {
             stable: vec![0; usize::try_from(size_blocks).expect("small sim disk") * BLOCK],
             cache: Vec::new(),
             next_seq: 0,
+            held: HashSet::new(),
         }
     }
 
@@ -49,6 +54,11 @@ impl SimDisk {
         data
     }
 
+    /// This disk once held write `id` in `block` (id 0, zeros, every block held at first).
+    pub fn has_held(&self, block: u64, id: u64) -> bool {
+        id == 0 || self.held.contains(&(block, id))
+    }
+
     /// What survives a power loss that drops every volatile write.
     pub fn read_stable(&self) -> Vec<u8> {
         self.stable.clone()
@@ -74,6 +84,14 @@ impl SimDisk {
     }
 
     pub fn write(&mut self, first: u64, data: Vec<u8>, fua: bool) {
+        for (k, block) in data.chunks(BLOCK).enumerate() {
+            for sector in block.chunks(SECTOR) {
+                let id = sector_write_id(sector);
+                if id != 0 {
+                    self.held.insert((first + k as u64, id));
+                }
+            }
+        }
         if fua {
             let blocks = (data.len() / BLOCK) as u64;
             // Older volatile copies of these blocks must never be flushed over the FUA data.
@@ -145,6 +163,11 @@ impl SimDisk {
     }
 }
 
+/// The write id a simulated sector names (`model::fill_block`), unchecked.
+pub fn sector_write_id(sector: &[u8]) -> u64 {
+    u64::from_le_bytes(sector[0..8].try_into().expect("a sector holds 8 bytes"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +187,17 @@ mod tests {
             disk.power_loss(&mut rng, 0);
         }
         assert_eq!(disk.read(0, 1), vec![3; BLOCK]);
+    }
+
+    #[test]
+    fn remembers_every_write_that_landed_even_when_a_power_loss_dropped_it() {
+        let mut disk = SimDisk::new(2);
+        let mut data = vec![0u8; BLOCK];
+        super::super::model::fill_block(&mut data, 7, 1);
+        disk.write(1, data, false);
+        disk.power_loss(&mut Rng::new(1), 0);
+        assert!(disk.has_held(1, 7));
+        assert!(!disk.has_held(0, 7), "another block");
+        assert!(disk.has_held(0, 0), "zeros: every block's first content");
     }
 }

@@ -16,6 +16,13 @@ impl World {
     /// A sync target finished: its data is now a copy of the source's, so towards every
     /// third node it stands where the source stands (the pairwise ghost record would
     /// otherwise keep differences the copy removed).
+    ///
+    /// The copy can overstate a difference: a primary x that replicated to i directly while
+    /// cut off from the source left `dirty[x][peer]` set, and i inherits it although it holds
+    /// x's writes. Intersecting with i's own record (`dirty[x][i]`) would understate instead
+    /// when the resync overwrote x's writes on i with the source's older blocks; a precise
+    /// record needs to know which blocks the resync rewrote. A split brain this leniency would
+    /// accept is judged again from the replicas' data (`ground_truth`).
     pub(super) fn mesh_resync_finished(&mut self, i: usize, peer: usize) {
         // Only with three diskful nodes: the other modes' ghost records stay as they were.
         if self.mesh_sync_source[i].take() != Some(peer) || self.swarm.tiebreaker {

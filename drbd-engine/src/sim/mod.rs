@@ -41,6 +41,7 @@
 pub mod congestion;
 pub mod disk;
 pub mod disk_fail;
+mod ground_truth;
 pub mod mesh;
 pub mod model;
 pub mod more_faults;
@@ -376,6 +377,13 @@ pub struct Report {
     pub requests_failed_no_quorum: u64,
     /// Split brains resolved by an after-sb policy (no operator).
     pub split_brains_auto_resolved: u64,
+    /// Split brains decided where one side holds nothing the other lacks (`ground_truth`),
+    /// forced promotions included.
+    pub split_brains_one_sided: u64,
+    /// Of those, split brains with an old primary whose fence-peer handler never outdated its
+    /// peer: the engine started its generation before the handler answered (`ground_truth`,
+    /// a known deviation from DRBD).
+    pub split_brains_fenced_generation: u64,
     /// `call-pri-lost-after-sb` handler calls.
     pub primary_lost_calls: u64,
     /// Connection attempts refused by peer authentication (mismatched shared secrets).
@@ -419,6 +427,8 @@ impl Report {
         self.primary_isolations += other.primary_isolations;
         self.requests_failed_no_quorum += other.requests_failed_no_quorum;
         self.split_brains_auto_resolved += other.split_brains_auto_resolved;
+        self.split_brains_one_sided += other.split_brains_one_sided;
+        self.split_brains_fenced_generation += other.split_brains_fenced_generation;
         self.primary_lost_calls += other.primary_lost_calls;
         self.auth_refusals += other.auth_refusals;
         self.disk_detaches += other.disk_detaches;
@@ -431,7 +441,8 @@ impl Report {
     pub fn summary(&self) -> String {
         let f = self.fence_exit_codes;
         format!(
-            "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected, \
+            "{} writes acked, {} crashes, {} promotions, {} resyncs, {} split brains detected \
+             ({} one-sided by the replicas' data, {} of them after a generation started before fencing), \
              {} partitions with promotion ({} promoted, {} refused Outdated, {} with the old primary still primary), \
              fence-peer exit codes 3/4/5/6/7: {}/{}/{}/{}/{} ({} retries), {} old primaries shot, \
              {} lineage forks, {}, {} ms simulated; {} split brains resolved by after-sb policies \
@@ -442,6 +453,8 @@ impl Report {
             self.promotions,
             self.resyncs,
             self.split_brains,
+            self.split_brains_one_sided,
+            self.split_brains_fenced_generation,
             self.split_promotions,
             self.split_promotions_done,
             self.split_promotions_refused,
@@ -566,6 +579,7 @@ pub struct World {
     mesh_crash_marks: Vec<Vec<Option<mesh::CrashMark>>>,
     resize: resize::ResizeSimState,
     congestion: congestion::CongestionState,
+    ground_truth: ground_truth::GroundTruth,
 }
 
 /// A per-ordered-pair flag: `m[a][b]`.
@@ -645,6 +659,7 @@ impl World {
             mesh_crash_marks: vec![vec![None; nodes]; nodes],
             resize: resize::ResizeSimState::new(seed, size),
             congestion: congestion::CongestionState::new(seed, nodes),
+            ground_truth: ground_truth::GroundTruth::default(),
         }
     }
 
@@ -1092,6 +1107,7 @@ impl World {
             });
             let end = first + blocks;
             if discard {
+                self.ground_truth_discard(first, end);
                 (
                     AppRequest::Discard { offset_blocks: first, blocks },
                     Pending::Write { id, fua, first, end },
@@ -1314,6 +1330,9 @@ impl World {
         self.promoted_at[i] = Some(self.now_ms);
         self.last_primary = Some(i);
         self.forced_promotion |= force;
+        if force {
+            self.ground_truth_forced(i);
+        }
         let mut apart_from_primary = false;
         for j in 0..self.swarm.nodes {
             if j == i {
@@ -1425,6 +1444,7 @@ impl World {
     /// a and b hold the same data again (a resync finished or the handshake found no
     /// difference): forget everything recorded about their separation.
     fn in_sync(&mut self, a: usize, b: usize) {
+        self.ground_truth_in_sync(a, b);
         for (x, y) in [(a, b), (b, a)] {
             self.dirty[x][y] = false;
             self.discard_requested[x][y] = false;
@@ -1752,6 +1772,7 @@ impl World {
                 }
             }
             Event::FencePeer { peer } => {
+                self.ground_truth_fence_started(i, peer.index());
                 let delay = self.rng.range(1, 200);
                 let incarnation = self.nodes[i].incarnation;
                 self.schedule(
@@ -1927,6 +1948,9 @@ impl World {
                 "node {i} decided {decision:?} with peer {j}, but ghost says node {i} diverged={mine}, node {j} diverged={theirs}"
             ));
         }
+        if decision == SplitBrain && ok {
+            self.ground_truth_split_brain(i, j);
+        }
         if decision == NoSync {
             self.in_sync(i, j);
         }
@@ -2073,6 +2097,9 @@ impl World {
         }
         if self.nodes[peer].node.is_some() {
             self.drain(peer, false);
+        }
+        if outcome != FenceOutcome::PeerIsPrimary {
+            self.ground_truth_fence_settled(i, peer);
         }
         if outcome == FenceOutcome::PeerIsPrimary && stonith {
             // The cluster sides with the node it promoted and shoots the one that lost.

@@ -14,7 +14,7 @@ use drbd_engine::protocol::{
 };
 use drbd_engine::uuid::SyncDecision;
 
-use super::{BLOCK, RequestResult, at, block_data, disk_op};
+use super::{BLOCK, RequestResult, at, block_data, disk_op, reseeded};
 
 pub const NODES: usize = 3;
 /// Longer than the grace a peer gives a primary it lost (`PRIMARY_LOST_GRACE_MS`).
@@ -65,6 +65,8 @@ pub struct Mesh {
     pub nodes: Vec<Node>,
     /// Builds node i's configuration, at the start and on a restart.
     config: Box<dyn Fn(usize) -> Config>,
+    /// Starts of each node so far (1 before any restart): a restart draws fresh generations.
+    incarnations: [u64; NODES],
     /// Nodes without a disk (a diskless tiebreaker): any disk I/O of theirs is a bug.
     diskless: [bool; NODES],
     pub alive: [bool; NODES],
@@ -99,6 +101,7 @@ impl Mesh {
                 .map(|i| Node::new(config(i), Metadata::create(nid(i), size_blocks), 0))
                 .collect(),
             config: Box::new(config),
+            incarnations: [1; NODES],
             diskless,
             alive: [true; NODES],
             disks: (0..NODES)
@@ -269,10 +272,13 @@ impl Mesh {
         meta
     }
 
-    /// Node `i` starts again from `meta`, its links to `peers` plugged.
+    /// Node `i` starts again from `meta`, its links to `peers` plugged, drawing fresh
+    /// generation IDs (as the driver does).
     pub fn restart(&mut self, i: usize, meta: Metadata, peers: &[usize]) {
+        let config = reseeded((self.config)(i), self.incarnations[i]);
+        self.incarnations[i] += 1;
         let now = self.tick();
-        self.nodes[i] = Node::new((self.config)(i), meta, now);
+        self.nodes[i] = Node::new(config, meta, now);
         self.alive[i] = true;
         for j in peers {
             self.plugged[link(i, *j)] = true;
@@ -402,6 +408,23 @@ impl Mesh {
     pub fn write(&mut self, i: usize, block: u64, generation: u8) {
         let id = self.submit_write(i, block, generation);
         assert_eq!(self.result(id), Some(&Ok(None)), "write {block} on {i}");
+    }
+
+    /// Node `i` is promoted, writes block 1 (generation 1), its peers hold it stably, and it
+    /// detaches its disk with nothing in doubt (it stays primary, diskless). Returns the
+    /// metadata its disk holds (nothing is persisted while detached).
+    pub fn primary_detaches(&mut self, i: usize) -> Metadata {
+        self.promote(i);
+        self.write(i, 1, 1);
+        self.idle(200);
+        let on_disk = self.nodes[i].metadata().clone();
+        let now = self.tick();
+        self.nodes[i].handle_detach(now).unwrap();
+        self.run();
+        assert_eq!(self.nodes[i].disk_state(), DiskState::Diskless);
+        assert_eq!(self.nodes[i].role(), drbd_engine::protocol::Role::Primary);
+        self.idle(50);
+        on_disk
     }
 
     pub fn differing_blocks(&self, x: usize, y: usize) -> Vec<u64> {

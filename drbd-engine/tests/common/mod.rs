@@ -17,7 +17,7 @@ use drbd_engine::protocol::node::{
     AppRequest, Config, DiskOp, Event, Node, OnIoError, Output, RequestError, RequestId,
 };
 use drbd_engine::protocol::{
-    Fencing, IoFailed, MetaUpdate, Metadata, ReplicationProtocol, ResyncRate,
+    DiskState, Fencing, IoFailed, MetaUpdate, Metadata, ReplicationProtocol, ResyncRate, Role,
 };
 
 pub const BLOCK: usize = 4096;
@@ -73,9 +73,22 @@ pub fn disk_op(disk: &mut [u8], op: DiskOp) -> Result<Option<Vec<u8>>, IoFailed>
     }
 }
 
+/// `config` for a node's `incarnation`-th start (0: the first): each restart draws fresh
+/// generation IDs, as the driver does (it seeds every start with random bits); a restarted
+/// node that drew its previous life's generations again would make unrelated histories look
+/// alike.
+pub fn reseeded(mut config: Config, incarnation: u64) -> Config {
+    config.random_seed ^= incarnation.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    config
+}
+
 /// Two nodes back to back with in-memory disks that can be made to fail.
 pub struct Pair {
     pub nodes: [Node; 2],
+    /// Each node's configuration, for [`Pair::restart`].
+    configs: [Config; 2],
+    /// Starts of each node so far (1 before any restart).
+    incarnations: [u64; 2],
     pub disks: [Vec<u8>; 2],
     /// Reads / writes of node i's disk fail (EIO, or ENOSPC on a full disk).
     pub fail_reads: [bool; 2],
@@ -113,7 +126,7 @@ impl Pair {
 
     /// As [`Pair::new`], with `configure` applied to both nodes' configurations.
     pub fn configured(size_blocks: u64, client: bool, configure: impl Fn(&mut Config)) -> Self {
-        let node = |id: u8, diskless: bool| {
+        let config = |id: u8, diskless: bool| {
             let mut config = Config {
                 peers: vec![other(usize::from(id))],
                 fencing: Fencing::DontCare,
@@ -127,11 +140,21 @@ impl Pair {
             if client && id == 1 {
                 config.quorum.diskless_peers = vec![NodeId(0)];
             }
-            Node::new(config, Metadata::create(NodeId(id), size_blocks), 0)
+            config
+        };
+        let configs = [config(0, client), config(1, false)];
+        let node = |id: u8| {
+            Node::new(
+                configs[usize::from(id)].clone(),
+                Metadata::create(NodeId(id), size_blocks),
+                0,
+            )
         };
         let bytes = at(size_blocks);
         let mut pair = Self {
-            nodes: [node(0, client), node(1, false)],
+            nodes: [node(0), node(1)],
+            configs,
+            incarnations: [1; 2],
             disks: [vec![0; bytes], vec![0; bytes]],
             fail_reads: [false; 2],
             fail_writes: [false; 2],
@@ -248,6 +271,18 @@ impl Pair {
         self.run();
     }
 
+    /// kill -9 of node `i` and its start again from `meta` (what its disk holds), unconnected
+    /// ([`Pair::connect`] links it again): the peer sees the connection closed, frames in
+    /// flight are lost.
+    pub fn restart(&mut self, i: usize, meta: Metadata) {
+        self.cut();
+        let config = reseeded(self.configs[i].clone(), self.incarnations[i]);
+        self.incarnations[i] += 1;
+        let now = self.tick();
+        self.nodes[i] = Node::new(config, meta, now);
+        self.run();
+    }
+
     /// Lets timers run (barriers, resync steps) for `ms`.
     pub fn idle(&mut self, ms: u64) {
         for _ in 0..ms / 10 {
@@ -288,6 +323,25 @@ impl Pair {
 
     pub fn read(&mut self, i: usize, block: u64) -> RequestResult {
         self.request(i, AppRequest::Read { offset_blocks: block, blocks: 1 })
+    }
+
+    /// Node `i` is promoted, writes block 1 (generation 1), its peer holds it stably, and it
+    /// detaches its disk with nothing in doubt (it stays primary, diskless). Returns the
+    /// metadata its disk holds (nothing is persisted while detached).
+    pub fn primary_detaches(&mut self, i: usize) -> Metadata {
+        let now = self.tick();
+        self.nodes[i].handle_promote(now, false).unwrap();
+        self.run();
+        assert_eq!(self.write(i, 1, 1), Ok(None));
+        self.idle(200);
+        let on_disk = self.nodes[i].metadata().clone();
+        let now = self.tick();
+        self.nodes[i].handle_detach(now).unwrap();
+        self.run();
+        assert_eq!(self.nodes[i].disk_state(), DiskState::Diskless);
+        assert_eq!(self.nodes[i].role(), Role::Primary);
+        self.idle(50);
+        on_disk
     }
 
     pub fn differing_blocks(&self) -> Vec<u64> {

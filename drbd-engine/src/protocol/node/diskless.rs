@@ -27,8 +27,9 @@
 //! with a fresh generation (all its peers adopt the same one, so they stay one lineage), then
 //! `Frame::OutOfSync` for every write its disk may not hold (in flight or not yet flushed);
 //! a peer marks, for a diskless peer that is not `disk none`, every write it receives from
-//! it. In a mesh, a primary that detaches with nothing in doubt sends `Detached` with its
-//! first write instead (its disk lacks nothing before that). A diskless primary that writes
+//! it. A primary that detaches with nothing in doubt sends `Detached` with its first write
+//! instead (its disk lacks nothing before that), as DRBD 9 starts the new current UUID it
+//! flags (`NEW_CUR_UUID`) with the next write. A diskless primary that writes
 //! while a diskful peer is unreachable tells the sources (`OutOfSync` naming that peer), so
 //! they resync it later. After `handle_attach` the handshake finds the peer newer by that
 //! generation and resyncs the marked blocks only.
@@ -95,7 +96,7 @@ pub(super) struct DisklessState {
     snapshot: Option<Box<Metadata>>,
     /// Diskful peers that missed a write since this node became diskless: not sources.
     missed: u64,
-    /// A mesh primary detached with nothing in doubt: the generation its sources adopt
+    /// A primary detached with nothing in doubt: the generation its sources adopt
     /// (`Frame::Detached`) starts with the first write its disk misses
     /// (`diskless_submit_write`), not at the detach.
     generation_pending: bool,
@@ -385,15 +386,16 @@ impl Node {
         // the ping timeout, and the link (with the writes waiting on it) was lost.
         let in_doubt = coalesce_ranges(in_doubt, REQUEST_BLOCKS_MAX);
         if self.role == Role::Primary {
-            if self.mesh_enabled() && in_doubt.is_empty() {
+            if in_doubt.is_empty() {
                 // The disk holds every write so far: nothing tells it apart from its peers
                 // yet. As DRBD 9 flags a new current UUID and starts it with the next write
                 // (`NEW_CUR_UUID`), the generation waits for the first write the disk
                 // misses. Started here, it lived on the sources only (we have no disk to
                 // keep it): after a crash this node came back with the older generation
                 // it holds on disk, was force-promoted from it, and a source that had taken
-                // the detach generation and held nothing new met it as a split brain
-                // (mesh seed 2057 on branch hs12598).
+                // the detach generation and held nothing new met it as a split brain (mesh
+                // seed 2057 on branch hs12598; the same with two nodes and with a tiebreaker,
+                // tests/detach_forced.rs).
                 self.diskless.generation_pending = true;
             } else {
                 self.detached_generation(sources, &in_doubt);
