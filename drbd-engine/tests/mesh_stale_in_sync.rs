@@ -1,11 +1,13 @@
 //! Stale views of a peer that made a node count it in sync, each found by
 //! `tandem-sim --nodes 3 --diskful 3`. A sync target skips its marks for the peers its source
-//! reports holding the source's data (`Frame::ResyncPeersInSync`); two ways that report went
+//! reports holding the source's data (`Frame::ResyncPeersInSync`); three ways that report went
 //! stale:
 //! - seed 12713: the source reported a peer through a link that had gone silent, behind
 //!   which the peer had been promoted and written;
 //! - seed 7229: the target had itself resynced the peer just before, cut off from the
-//!   source, and the source, its link to that peer silent, had not heard of it.
+//!   source, and the source, its link to that peer silent, had not heard of it;
+//! - seed 5361: the peer was the target's primary, promoted a moment after its last frame
+//!   to the source, and the target had lost it with writes the source lacked.
 //!
 //! And a handshake decides only from Hellos both ends still stand by (`Frame::HelloHolds`,
 //! seed 12598): a node sent its Hello and took the primary's new generation in the same
@@ -272,4 +274,51 @@ fn a_handshake_counts_the_writes_in_doubt_for_the_peer() {
         assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
         assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");
     }
+}
+
+/// Simulator seed 5361: A (0) was promoted as its link to B (1) went silent, and its writes
+/// reached C (2) only. C lost A with them in doubt, and its quorum with B; back with B, C
+/// (Outdated) resynced from B, which, its link to A silent for half a second (less than a
+/// live link's longest silence), still reported A in sync with it. C took B's older blocks
+/// over A's writes without marking them for A, and A and C met again with no sync. No
+/// silence bound at the source can tell: A may be promoted a moment after its last frame
+/// to B. C knows, as it holds A's writes B may lack: a target marks what it receives for a
+/// primary it lost with writes in doubt, whatever its source reports of that node.
+#[test]
+fn a_target_marks_for_the_primary_it_lost_with_writes_in_doubt() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    // A connection of A and B on which neither resynced a third node.
+    mesh.cut(A, B);
+    mesh.plug(A, B);
+    mesh.idle(100);
+    mesh.promote_then_hold(A, B);
+    let writes: Vec<_> = (0..4).map(|b| mesh.submit_write(A, b * 4 + 1, 3)).collect();
+    let blocks: Vec<u64> = (0..4).map(|b| b * 4 + 1).collect();
+    for b in &blocks {
+        assert_eq!(generation(&mesh, C, *b), 3, "C holds A's write");
+    }
+    assert_eq!(mesh.differing_blocks(B, C), blocks, "B lacks A's writes");
+    assert!(writes.iter().all(|w| mesh.result(*w).is_none()), "B's acks are missing");
+    mesh.idle(200); // a barrier closes the epoch: A knows C holds its writes
+
+    // C loses A with its writes in doubt, then its quorum.
+    mesh.cut(A, C);
+    mesh.cut(B, C);
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated);
+
+    // C comes back to B, which resyncs it from its older data before it notices that its
+    // link to A went silent.
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(100);
+    assert!(mesh.conn_id[link(A, B)] != 0, "B has not noticed the silence of A yet");
+    assert!(mesh.decisions(C, B, since).contains(&SyncDecision::BitmapTarget), "C resynced");
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new(), "C took B's blocks");
+    assert!(mesh.nodes[C].out_of_sync_blocks(nid(A)) >= 4, "C knows it differs from A");
+
+    // A's link to B times out; A and C meet again: one data on both.
+    mesh.cut(A, B);
+    mesh.plug(A, C);
+    mesh.idle(500);
+    assert_eq!(mesh.differing_blocks(A, C), Vec::<u64>::new(), "A and C hold the same data");
 }
