@@ -321,4 +321,33 @@ fn a_target_marks_for_the_primary_it_lost_with_writes_in_doubt() {
     mesh.plug(A, C);
     mesh.idle(500);
     assert_eq!(mesh.differing_blocks(A, C), Vec::<u64>::new(), "A and C hold the same data");
+
+    // Once C has handshaken with A again, it trusts a source's report of A as before: a
+    // later resync from B, A a secondary in sync with B, marks nothing for A (marking it
+    // anyway would start a resync of A and C after every resync of C).
+    mesh.plug(A, B);
+    mesh.idle(500);
+    for x in [B, C] {
+        assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's data");
+    }
+    demote(&mut mesh, A);
+    mesh.cut(A, C);
+    mesh.cut(B, C);
+    mesh.promote(B);
+    mesh.write(B, 20, 4);
+    demote(&mut mesh, B);
+    mesh.idle(200);
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(100);
+    assert!(mesh.decisions(C, B, since).contains(&SyncDecision::BitmapTarget), "C resynced");
+    assert_eq!(generation(&mesh, C, 20), 4, "C took B's write");
+    assert_eq!(mesh.nodes[C].out_of_sync_blocks(nid(A)), 0, "C counts A in sync with B");
+}
+
+fn demote(mesh: &mut Mesh, i: usize) {
+    let now = mesh.tick();
+    mesh.nodes[i].handle_demote(now).unwrap();
+    mesh.run();
+    assert_eq!(mesh.nodes[i].role(), Role::Secondary, "node {i} demoted");
 }
