@@ -1,17 +1,22 @@
 //! Stale views of a peer that made a node count it in sync, each found by
 //! `tandem-sim --nodes 3 --diskful 3`. A sync target skips its marks for the peers its source
-//! reports holding the source's data (`Frame::ResyncPeersInSync`); two ways that report went
+//! reports holding the source's data (`Frame::ResyncPeersInSync`); three ways that report went
 //! stale:
 //! - seed 12713: the source reported a peer through a link that had gone silent, behind
 //!   which the peer had been promoted and written;
 //! - seed 7229: the target had itself resynced the peer just before, cut off from the
-//!   source, and the source, its link to that peer silent, had not heard of it.
+//!   source, and the source, its link to that peer silent, had not heard of it;
+//! - seed 5361: the peer was the target's primary, promoted a moment after its last frame
+//!   to the source, and the target had lost it with writes the source lacked.
 //!
 //! And a handshake decides only from Hellos both ends still stand by (`Frame::HelloHolds`,
 //! seed 12598): a node sent its Hello and took the primary's new generation in the same
 //! millisecond; its peer, of the old generation and without the primary's newer writes, found
 //! no sync from the stale Hello and declared itself in sync with it, while the sender saw its
 //! Hello stale and dropped the connection.
+//!
+//! And a node holding a primary's writes in doubt for a peer counts them as differences in
+//! its handshake with that peer (seed 46593): the peer may never have received them.
 
 mod common;
 
@@ -154,13 +159,9 @@ fn deliver(mesh: &mut Mesh, from: usize, to: usize) {
     }
 }
 
-/// Primary A lost C and, writing without it, started a generation that B adopts from A's
-/// announcement. B and C reconnect; B's Hello (old generation) is on its way to C when B
-/// takes the new generation. C (Outdated: it lost its quorum) must not take that Hello for
-/// B's state: a NoSync from it made C UpToDate without A's write. The handshake is retried
-/// instead, and C ends with the write.
-#[test]
-fn a_handshake_waits_until_the_peer_confirms_its_hello() {
+/// Primary A and secondary B, both with A's first write; C (2), cut off from both, outdated
+/// itself without quorum.
+fn c_cut_off_from_primary_a() -> Mesh {
     let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
     mesh.promote(A);
     mesh.write(A, 3, 1);
@@ -168,6 +169,17 @@ fn a_handshake_waits_until_the_peer_confirms_its_hello() {
     mesh.cut(A, C);
     mesh.cut(B, C);
     assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C alone lost its quorum");
+    mesh
+}
+
+/// Primary A lost C and, writing without it, started a generation that B adopts from A's
+/// announcement. B and C reconnect; B's Hello (old generation) is on its way to C when B
+/// takes the new generation. C (Outdated: it lost its quorum) must not take that Hello for
+/// B's state: a NoSync from it made C UpToDate without A's write. The handshake is retried
+/// instead, and C ends with the write.
+#[test]
+fn a_handshake_waits_until_the_peer_confirms_its_hello() {
+    let mut mesh = c_cut_off_from_primary_a();
 
     // A's write that misses C starts a generation for it; its announcement to B is held.
     mesh.held[link(A, B)] = true;
@@ -212,4 +224,130 @@ fn a_handshake_waits_until_the_peer_confirms_its_hello() {
         assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
         assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");
     }
+}
+
+/// Simulator seed 46593. Primary A (0) finished its handshake with C (2), Outdated after
+/// losing its quorum, but C never got A's `HelloHolds` (a lost frame stalled that stream),
+/// so A replicated to C writes C never received. B (1) took them, in doubt for C (A names C
+/// among its targets), then met C: B's bits for C were clear, so the pair found no sync and
+/// C became UpToDate from B without A's writes. B marks its writes in doubt for a peer it
+/// handshakes with: it cannot tell whether that peer holds them.
+#[test]
+fn a_handshake_counts_the_writes_in_doubt_for_the_peer() {
+    let mut mesh = c_cut_off_from_primary_a();
+
+    // A and C reconnect; C gets A's handshake but not the `HelloHolds` that follows it.
+    let l = link(A, C);
+    mesh.held[l] = true;
+    mesh.plug(A, C);
+    assert!(mesh.conn_id[l] != 0, "A and C connected");
+    deliver(&mut mesh, A, C); // Hello, HandshakeDone: C answers with its HelloHolds
+    mesh.run();
+    deliver(&mut mesh, C, A); // A decides and replicates to C from now on
+    mesh.run();
+    assert_eq!(mesh.nodes[A].replication_state(nid(C)), Some(ReplicationState::Established));
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated, "C has not decided");
+
+    // A's write reaches B only; A waits for C's ack.
+    let write = mesh.submit_write(A, 5, 2);
+    assert_eq!(generation(&mesh, B, 5), 2, "B holds A's write");
+    assert_eq!(mesh.differing_blocks(B, C), vec![5], "C lacks A's write");
+    assert_eq!(mesh.result(write), None, "A waits for C");
+
+    // B and C meet: C must not become UpToDate from B without A's write.
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(50);
+    let decisions = mesh.decisions(C, B, since);
+    assert!(!decisions.contains(&SyncDecision::NoSync), "C never in sync with B: {decisions:?}");
+    assert!(
+        mesh.nodes[C].disk_state() != DiskState::UpToDate || mesh.differing_blocks(A, C).is_empty(),
+        "C is UpToDate without A's write"
+    );
+
+    // A's stream to C flows again: everyone ends with A's writes.
+    mesh.held[l] = false;
+    mesh.idle(500);
+    assert_eq!(mesh.nodes[A].role(), Role::Primary);
+    assert_eq!(mesh.result(write), Some(&Ok(None)), "A's write completed");
+    for x in [B, C] {
+        assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's writes");
+        assert_eq!(mesh.nodes[x].disk_state(), DiskState::UpToDate, "node {x}");
+    }
+}
+
+/// Simulator seed 5361: A (0) was promoted as its link to B (1) went silent, and its writes
+/// reached C (2) only. C lost A with them in doubt, and its quorum with B; back with B, C
+/// (Outdated) resynced from B, which, its link to A silent for half a second (less than a
+/// live link's longest silence), still reported A in sync with it. C took B's older blocks
+/// over A's writes without marking them for A, and A and C met again with no sync. No
+/// silence bound at the source can tell: A may be promoted a moment after its last frame
+/// to B. C knows, as it holds A's writes B may lack: a target marks what it receives for a
+/// primary it lost with writes in doubt, whatever its source reports of that node.
+#[test]
+fn a_target_marks_for_the_primary_it_lost_with_writes_in_doubt() {
+    let mut mesh = Mesh::start(SIZE_BLOCKS, [false; NODES], config);
+    // A connection of A and B on which neither resynced a third node.
+    mesh.cut(A, B);
+    mesh.plug(A, B);
+    mesh.idle(100);
+    mesh.promote_then_hold(A, B);
+    let writes: Vec<_> = (0..4).map(|b| mesh.submit_write(A, b * 4 + 1, 3)).collect();
+    let blocks: Vec<u64> = (0..4).map(|b| b * 4 + 1).collect();
+    for b in &blocks {
+        assert_eq!(generation(&mesh, C, *b), 3, "C holds A's write");
+    }
+    assert_eq!(mesh.differing_blocks(B, C), blocks, "B lacks A's writes");
+    assert!(writes.iter().all(|w| mesh.result(*w).is_none()), "B's acks are missing");
+    mesh.idle(200); // a barrier closes the epoch: A knows C holds its writes
+
+    // C loses A with its writes in doubt, then its quorum.
+    mesh.cut(A, C);
+    mesh.cut(B, C);
+    assert_eq!(mesh.nodes[C].disk_state(), DiskState::Outdated);
+
+    // C comes back to B, which resyncs it from its older data before it notices that its
+    // link to A went silent.
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(100);
+    assert!(mesh.conn_id[link(A, B)] != 0, "B has not noticed the silence of A yet");
+    assert!(mesh.decisions(C, B, since).contains(&SyncDecision::BitmapTarget), "C resynced");
+    assert_eq!(mesh.differing_blocks(B, C), Vec::<u64>::new(), "C took B's blocks");
+    assert!(mesh.nodes[C].out_of_sync_blocks(nid(A)) >= 4, "C knows it differs from A");
+
+    // A's link to B times out; A and C meet again: one data on both.
+    mesh.cut(A, B);
+    mesh.plug(A, C);
+    mesh.idle(500);
+    assert_eq!(mesh.differing_blocks(A, C), Vec::<u64>::new(), "A and C hold the same data");
+
+    // Once C has handshaken with A again, it trusts a source's report of A as before: a
+    // later resync from B, A a secondary in sync with B, marks nothing for A (marking it
+    // anyway would start a resync of A and C after every resync of C).
+    mesh.plug(A, B);
+    mesh.idle(500);
+    for x in [B, C] {
+        assert_eq!(mesh.differing_blocks(A, x), Vec::<u64>::new(), "node {x} holds A's data");
+    }
+    demote(&mut mesh, A);
+    mesh.cut(A, C);
+    mesh.cut(B, C);
+    mesh.promote(B);
+    mesh.write(B, 20, 4);
+    demote(&mut mesh, B);
+    mesh.idle(200);
+    let since = mesh.events.len();
+    mesh.plug(B, C);
+    mesh.idle(100);
+    assert!(mesh.decisions(C, B, since).contains(&SyncDecision::BitmapTarget), "C resynced");
+    assert_eq!(generation(&mesh, C, 20), 4, "C took B's write");
+    assert_eq!(mesh.nodes[C].out_of_sync_blocks(nid(A)), 0, "C counts A in sync with B");
+}
+
+fn demote(mesh: &mut Mesh, i: usize) {
+    let now = mesh.tick();
+    mesh.nodes[i].handle_demote(now).unwrap();
+    mesh.run();
+    assert_eq!(mesh.nodes[i].role(), Role::Secondary, "node {i} demoted");
 }

@@ -643,6 +643,21 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          third node primary (all Outdated): the engine rightly refuses that; the primary \
          verifies now, and the flipped node is never the one forced",
     ),
+    (
+        46593,
+        "engine: the primary's HelloHolds to node 2 was lost, so node 2 never took the writes \
+         node 1 held in doubt for it; node 1 and node 2 met without bits and the Outdated \
+         node 2 became UpToDate from node 1 without them; a handshake marks the writes in \
+         doubt for its peer now",
+    ),
+    (
+        5361,
+        "engine: node 0 was promoted as its link to node 1 went silent; node 2 lost it with \
+         its writes in doubt and resynced from node 1, which reported node 0 in sync over the \
+         link silent for half a second; node 2 took node 1's older blocks unmarked for node 0 \
+         and the two met with no sync; a target marks for a primary it lost with writes in \
+         doubt now, whatever its source reports of it",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ended in the pattern of seed 1724 (a promoted node missing an acknowledged write,

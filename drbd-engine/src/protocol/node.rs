@@ -1673,6 +1673,7 @@ impl Node {
         p.queue.clear();
         p.writes_in_flight = 0;
         p.barrier_in_flight = false;
+        self.mesh_handshake_starts(i);
         let sent = SplitBrainSide {
             node_id: self.id,
             role: self.role,

@@ -16,7 +16,8 @@
 //!   goes to X too is *in doubt* (it may not reach X if the primary dies) and is remembered in
 //!   memory until the primary reports it stable everywhere (`Frame::PeersInSync`, sent when
 //!   the transfer-log entry is collected). If X leaves the primary's targets, or the primary
-//!   is lost, what is still in doubt is marked in X's bitmap.
+//!   is lost, what is still in doubt is marked in X's bitmap; so is it when a handshake with
+//!   X starts (`mesh_handshake_starts`): whether X holds it only the primary knows.
 //! - A secondary that lost its primary with writes in doubt marks itself as DRBD marks a
 //!   crashed primary (its bitmap covers what may differ; either direction of the resync is
 //!   correct) and re-handshakes with the other secondaries: with equal generations the
@@ -41,7 +42,8 @@
 //!   source reports fully in sync with it (`Frame::ResyncPeersInSync`,
 //!   `mesh_resync_received`; never a peer that became a third node's sync target on the
 //!   current connection, nor one whose link went silent), unless the target itself resynced
-//!   that peer without reporting the source in sync to it (`mesh_marked_for`); and a
+//!   that peer without reporting the source in sync to it (`mesh_marked_for`) or lost that
+//!   peer as its primary with writes in doubt (`MeshState::lost_with_writes`); and a
 //!   handshake whose Hello is stale is retried (`mesh_hello_stale`); each end decides only
 //!   after the peer confirmed its Hello still held (`Frame::HelloHolds`,
 //!   `mesh_hello_holds_sent`), so neither acts on a Hello its sender no longer stands by
@@ -125,6 +127,10 @@ pub(super) struct MeshState {
     /// their data changed in blocks our bitmap does not know of, so our clear bits for them
     /// no longer say they hold our data (`mesh_announce_resync_in_sync`).
     synced_elsewhere: BTreeMap<NodeId, u64>,
+    /// Primaries we lost with writes in doubt (node id bits), until a handshake with them
+    /// ends: their last writes reached us and maybe no other secondary, so another node's
+    /// report that such a node holds its data may predate them (`mesh_resync_received`).
+    lost_with_writes: u64,
     /// As sync target: the history our source sent before `ResyncDone` (peer, conn_id,
     /// history), the past of the data we end with (`mesh_target_lineage`).
     source_history: Option<(NodeId, u64, [u64; crate::constants::HISTORY_UUIDS_MAX])>,
@@ -427,6 +433,35 @@ impl Node {
             if self.peers[i].replicating() && !self.is_diskless_peer(self.peers[i].id) {
                 self.send(i, Frame::PeersInSync { offset_blocks: first, blocks });
             }
+        }
+    }
+
+    /// A handshake with peer `i` starts (before our Hello and bitmap): the writes we hold in
+    /// doubt for it are marked for it. The primary sent them to the peer too, but whether
+    /// they arrived only the primary learns: compared without them, our clear bits would
+    /// say the peer holds our data (seed 46593 of `tandem-sim --nodes 3 --diskful 3`: the
+    /// primary's `HelloHolds` to node 2 was lost, so node 2 never took its writes, which
+    /// node 1 held in doubt for it; node 1 and node 2 then met without bits and the
+    /// Outdated node 2 became UpToDate from node 1 without them). The entries stay: a
+    /// later handshake marks them again until the primary reports them stable everywhere,
+    /// as our bits for the peer may be dropped meanwhile (`mesh_settle_in_sync`). While
+    /// the primary replicates to both, the marks defer the pair's resync
+    /// (`mesh_defer_sync`), or are dropped when it reports both in sync
+    /// (`mesh_adjust_decision`).
+    pub(super) fn mesh_handshake_starts(&mut self, i: usize) {
+        if !self.mesh_enabled() {
+            return;
+        }
+        let peer = self.peers[i].id;
+        let writes: Vec<(u64, u64)> = self
+            .mesh
+            .in_doubt
+            .iter()
+            .filter(|e| e.peers & peer.bit() != 0)
+            .map(|e| (e.first, e.blocks))
+            .collect();
+        for (first, blocks) in writes {
+            self.mesh_mark(peer, first, blocks);
         }
     }
 
@@ -819,7 +854,15 @@ impl Node {
     /// (`Frame::ResyncPeersInSync`): they hold the data we receive, and marking them would
     /// make each resync start another one around the mesh. Except a node we resynced
     /// ourselves, on its current connection, without reporting the source in sync to it: it
-    /// may differ from the source whatever the source reports (`mesh_marked_for`).
+    /// may differ from the source whatever the source reports (`mesh_marked_for`). And a
+    /// primary we lost with writes in doubt (`MeshState::lost_with_writes`): we hold writes
+    /// of it the source may lack, so the source's report of it may predate them (seed 5361
+    /// of `tandem-sim --nodes 3 --diskful 3`: node 0 was promoted as its link to node 1 went
+    /// silent, and its writes reached node 2 only; node 2 lost it and resynced from node 1,
+    /// which, the link silent for half a second, still reported node 0 in sync; node 2 took
+    /// node 1's older blocks over node 0's writes unmarked and met node 0 again with no
+    /// sync). The source cannot tell: a promotion may follow its peer's last frame by less
+    /// than any silence bound, and a secondary's view of a primary's data ends there.
     pub(super) fn mesh_resync_received(&mut self, i: usize, first: u64, bytes: usize) {
         if !self.mesh_enabled() {
             return;
@@ -837,7 +880,12 @@ impl Node {
             .map_or(0, |(_, peers)| *peers);
         let others: Vec<NodeId> = (0..self.peers.len())
             .filter(|j| *j != i && !self.is_diskless_peer(self.peers[*j].id))
-            .filter(|j| in_sync & self.peers[*j].id.bit() == 0 || self.mesh_marked_for(*j, source))
+            .filter(|j| {
+                let x = self.peers[*j].id.bit();
+                in_sync & x == 0
+                    || self.mesh_marked_for(*j, source)
+                    || self.mesh.lost_with_writes & x != 0
+            })
             .map(|j| self.peers[j].id)
             .collect();
         for x in others {
@@ -1001,6 +1049,7 @@ impl Node {
             self.mesh.source.take().filter(|s| s.current == current).map_or(0, |s| s.in_sync);
         let touched = self.mesh_persist_in_doubt(u64::MAX);
         if touched != 0 {
+            self.mesh.lost_with_writes |= peer.bit();
             // Our bitmap now covers every write of the lost primary that may differ between
             // us and the other secondaries: resync them by it, as after a crashed primary.
             self.persist_flags(|f| f.crashed_primary = true);
@@ -1160,6 +1209,7 @@ impl Node {
             self.mesh.outdated_in_sync = 0;
         }
         self.mesh_settle_unclean();
+        self.mesh_settle_lost_with_writes();
         self.mesh_orphaned_target();
         self.mesh_end_raced_resyncs();
         if self.mesh_enabled() {
@@ -1179,6 +1229,20 @@ impl Node {
                 && p.replication == ReplicationState::Established
             {
                 self.disconnect(j, ConnectionState::Connecting);
+            }
+        }
+    }
+
+    /// After every input: a primary we lost with writes in doubt that we handshook with
+    /// again (the handshake compared our bits, which hold what we took from others since)
+    /// is reported by others as usual.
+    fn mesh_settle_lost_with_writes(&mut self) {
+        for p in &self.peers {
+            let handshook = p.connection == ConnectionState::Connected
+                && p.handshake.is_none()
+                && p.replication != ReplicationState::Off;
+            if handshook {
+                self.mesh.lost_with_writes &= !p.id.bit();
             }
         }
     }
