@@ -161,6 +161,12 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          whose bitmap covered everything: bits on both sides within one generation were a split \
          brain; the primary is the source",
     ),
+    (
+        8752,
+        2,
+        "engine: with 3602's fix, a stale discard-my-data (left from an earlier split brain) \
+         made the verify source, the only side with bits, the target of the flipped node",
+    ),
 ];
 
 #[test]

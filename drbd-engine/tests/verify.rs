@@ -347,3 +347,28 @@ fn a_resize_is_refused_while_a_verify_runs_on_either_side() {
         assert!(!pair.nodes[0].resize_pending(), "nothing negotiated");
     }
 }
+
+/// Within one generation, bits on one side only are no split brain: an operator's `connect
+/// --discard-my-data` there is ignored, as DRBD applies it only to a split brain. Honoured,
+/// an order left from an earlier split brain and carried out after a verify's disconnect made
+/// the verify source, whose marks are the only bits, the sync target of the node whose blocks
+/// were flipped: the flipped blocks overwrote the good ones (two-node simulator seed 8752).
+#[test]
+fn a_stale_discard_order_does_not_copy_blocks_a_verify_found_different_over_the_good_ones() {
+    let mut pair = Pair::new(digests(None, false));
+    pair.nodes[0].handle_demote(pair.now_ms).unwrap();
+    pair.settle();
+    let good = pair.disks[1].clone();
+    pair.flip(0, 5);
+    pair.nodes[1].handle_verify(pair.now_ms, NodeId(0), 0).unwrap();
+    pair.settle();
+    assert_eq!(pair.verify_report(1), (vec![5], Some((1, true))));
+    assert_eq!(pair.nodes[1].out_of_sync_blocks(NodeId(0)), 1, "the verify source marks");
+    assert_eq!(pair.nodes[0].out_of_sync_blocks(NodeId(1)), 0);
+    pair.nodes[1].handle_disconnect(pair.now_ms, NodeId(0)).unwrap();
+    pair.disconnect();
+    pair.nodes[1].handle_connect(pair.now_ms, NodeId(0), true).unwrap();
+    pair.connect();
+    assert_eq!(pair.disks[1], good, "the verify source keeps its data");
+    assert_eq!(pair.disks[0], good, "the flipped block is repaired");
+}

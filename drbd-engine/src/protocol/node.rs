@@ -2521,7 +2521,9 @@ impl Node {
         let their_disk = (hello.disk, hello.full_sync_required, their_bits);
         let by_generations = uuid::decide(&mine, &theirs);
         let mut decision = decide_with_disks(by_generations, my_disk, their_disk);
-        if by_generations == SyncDecision::NoSync && !self.mesh_enabled() {
+        let both_consistent =
+            [my_disk, their_disk].iter().all(|(d, full, _)| d.has_data() && !full);
+        if by_generations == SyncDecision::NoSync && both_consistent && !self.mesh_enabled() {
             let roles = (handshake.sent.role, hello.role);
             decision = direction_within_generation(decision, &mine, &theirs, roles);
         }
@@ -2914,20 +2916,26 @@ fn decide_with_disks(
     }
 }
 
-/// Two nodes of one generation whose direction came from the bits (`decide_with_disks`; the
-/// mesh has its own rules, `mesh_adjust_decision`). Writing apart starts a generation, before
-/// any acknowledgement, so bits within one generation are never acknowledged writes the
-/// other lacks, except those acknowledged before a loss under protocol A or B (lost at any
-/// failover): the bits of a primary that lost its peer under fencing and deferred its
-/// generation (`fence_defers_generation`), of a disk re-attached (every block), of an
-/// interrupted resync. So:
-/// - an operator's `--discard-my-data` names the victim, as `uuid::decide` lets it when the
-///   generations differ (ignored here before: an old primary that outdated itself on fence
-///   exit code 6 stayed the source of the promoted peer, which refused it, StandAlone for
-///   good, two-node seed 3602);
+/// Two nodes of one generation, both with consistent data, whose direction came from the
+/// bits (`decide_with_disks`; the mesh has its own rules, `mesh_adjust_decision`; a disk
+/// without consistent data is a target whatever the roles or orders). Writing apart starts
+/// a generation, before any acknowledgement, so bits within one generation are never
+/// acknowledged writes the other lacks, except those acknowledged before a loss under
+/// protocol A or B (lost at any failover): the bits of a primary that lost its peer under
+/// fencing and deferred its generation (`fence_defers_generation`), of a disk re-attached
+/// (every block), of blocks an online verify found different (the verify source's bits:
+/// its data is the reference). So:
+/// - bits on both sides (`SplitBrain` from the bits): an operator's `--discard-my-data`
+///   names the victim, as at a split brain of generations; bits on one side only are no
+///   split brain, and an order there is ignored, as DRBD applies discard-my-data only to a
+///   split brain: a stale order (given for an earlier split brain, carried out after the
+///   verify's disconnect) made the verify source the target of the node whose blocks were
+///   flipped, copying the corrupt blocks over the good ones (two-node seed 8752);
 /// - a primary is the source over a secondary (of both bitmaps, no split brain): its data is
 ///   the one acknowledged from now on (two-node seed 5603: a primary with its generation
-///   deferred met a re-attached peer whose bitmap covered everything, a split brain).
+///   deferred met a re-attached peer whose bitmap covered everything, a split brain; seed
+///   3602: an old primary outdated by fence exit code 6 held the only bits and stayed the
+///   source of the promoted peer, which refused it, StandAlone for good).
 fn direction_within_generation(
     decision: SyncDecision,
     mine: &HandshakeView,
@@ -2936,8 +2944,8 @@ fn direction_within_generation(
 ) -> SyncDecision {
     use SyncDecision::*;
     let decision = match (mine.discard_my_data, theirs.discard_my_data, decision) {
-        (true, false, BitmapSource | SplitBrain) => BitmapTarget,
-        (false, true, BitmapTarget | SplitBrain) => BitmapSource,
+        (true, false, SplitBrain) => BitmapTarget,
+        (false, true, SplitBrain) => BitmapSource,
         _ => decision,
     };
     match (my_role, their_role, decision) {
