@@ -161,6 +161,12 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
          whose bitmap covered everything: bits on both sides within one generation were a split \
          brain; the primary is the source",
     ),
+    (
+        9204,
+        2,
+        "engine: a primary that lost its peer started a generation for the writes the peer had \
+         confirmed but not barrier-acked, forking from the peer's forced one: a split brain",
+    ),
 ];
 
 #[test]
