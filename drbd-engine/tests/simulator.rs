@@ -167,6 +167,12 @@ const REGRESSION_SEEDS: &[(u64, usize, &str)] = &[
         "engine: with 3602's fix, a stale discard-my-data (left from an earlier split brain) \
          made the verify source, the only side with bits, the target of the flipped node",
     ),
+    (
+        9204,
+        2,
+        "engine: a primary that lost its peer started a generation for the writes the peer had \
+         confirmed but not barrier-acked, forking from the peer's forced one: a split brain",
+    ),
 ];
 
 #[test]

@@ -1030,6 +1030,29 @@ impl Node {
         if self.meta.uuids.bitmap_uuid(peer) == 0 && self.quorum_generation_now(peer) {
             self.new_generation_for(peer);
         }
+        self.set_out_of_sync_bits(peer, first, blocks);
+    }
+
+    /// Marks, for a peer just lost, a write sent to it that it has not confirmed stable (no
+    /// barrier ack): it confirmed the write, or its protocol (A, B) let us acknowledge it, but
+    /// a power loss may still take it. This node did not write without the peer, so with two
+    /// diskful nodes no generation starts for it: as DRBD 9 (`NEW_CUR_UUID`, made when the first
+    /// write is submitted after the loss), the first write the peer misses starts one, and a
+    /// write still waiting for the peer's ack is such a write (`mark_out_of_sync`). Started
+    /// here, the generation forked from the one the peer started when promoted, a split brain
+    /// on reconnect although this node held nothing the peer lacked (two-node seed 9204: a
+    /// primary whose demotion waited for its last barrier ack lost the peer). Within one
+    /// generation the bits alone make this node the source (`decide_with_disks`). The mesh
+    /// tracks what is in doubt on its own (`mesh_peer_lost`) and keeps its rules.
+    fn mark_in_doubt(&mut self, peer: NodeId, first: u64, blocks: u64) {
+        if self.mesh_enabled() {
+            self.mark_out_of_sync(peer, first, blocks);
+        } else if !self.is_diskless_peer(peer) {
+            self.set_out_of_sync_bits(peer, first, blocks);
+        }
+    }
+
+    fn set_out_of_sync_bits(&mut self, peer: NodeId, first: u64, blocks: u64) {
         if !(first..first + blocks).all(|b| self.meta.bitmaps[peer.index()].test(b)) {
             self.persist(MetaUpdate::BitmapSet { peer, first_block: first, blocks });
         }
@@ -1802,7 +1825,7 @@ impl Node {
             self.transfer_log.remove(&id);
         }
         for (first, blocks) in marks {
-            self.mark_out_of_sync(peer, first, blocks);
+            self.mark_in_doubt(peer, first, blocks);
         }
         let mut unacked = Vec::new();
         for (id, w) in self.app_writes.iter_mut() {
@@ -2921,7 +2944,8 @@ fn decide_with_disks(
 /// without consistent data is a target whatever the roles or orders). Writing apart starts
 /// a generation, before any acknowledgement, so bits within one generation are never
 /// acknowledged writes the other lacks, except those acknowledged before a loss under
-/// protocol A or B (lost at any failover): the bits of a primary that lost its peer under
+/// protocol A or B (lost at any failover) or confirmed by a peer that then lost power before
+/// its barrier ack (`mark_in_doubt`): the bits of a primary that lost its peer under
 /// fencing and deferred its generation (`fence_defers_generation`), of a disk re-attached
 /// (every block), of blocks an online verify found different (the verify source's bits:
 /// its data is the reference). So:

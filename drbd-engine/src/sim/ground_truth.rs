@@ -26,6 +26,16 @@
 //! `fence_unsettled` tells the ghost check (`check_decision`) that such marks were never
 //! acknowledged.
 //!
+//! The same judgement backs a sync direction the ghost record would refuse: a target whose
+//! disk holds no change its source lacks loses nothing by the resync, nor does one that
+//! acknowledged no write apart from it (`acked_apart`). A two-node primary that loses its
+//! peer marks the writes the peer confirmed but had not reported stable in its old generation
+//! (a power loss may still take them from the peer) and starts a new one only with its first
+//! write apart (DRBD 9's `NEW_CUR_UUID`); the peer, promoted meanwhile, is then newer and its
+//! source, while the ghost record counts those marks as changes (seeds 9204, 288: in 288 the
+//! new primary's own power loss took back writes the old one still held, so their data alone
+//! would call it a change).
+//!
 //! No random numbers are drawn: every seed's path stays as it was.
 
 use super::disk::sector_write_id;
@@ -45,6 +55,9 @@ pub(super) struct GroundTruth {
     /// fence_unsettled[i][j]: node i called its fence-peer handler for j, and no answer
     /// since outdated (or shot) j, and the two were not in sync since.
     fence_unsettled: PairMatrix,
+    /// acked_apart[i][j]: node i acknowledged a write its bitmap marked for j, and the two
+    /// were not in sync since.
+    acked_apart: PairMatrix,
 }
 
 impl World {
@@ -88,7 +101,8 @@ impl World {
 
     /// Nodes a and b hold the same data again.
     pub(super) fn ground_truth_in_sync(&mut self, a: usize, b: usize) {
-        for m in [&mut self.ground_truth.forced, &mut self.ground_truth.fence_unsettled] {
+        let truth = &mut self.ground_truth;
+        for m in [&mut truth.forced, &mut truth.fence_unsettled, &mut truth.acked_apart] {
             for (x, y) in [(a, b), (b, a)] {
                 if let Some(flag) = m.get_mut(x).and_then(|row| row.get_mut(y)) {
                     *flag = false;
@@ -122,6 +136,22 @@ impl World {
                 !disk_j.has_held(block, a) || a > b
             })
         })
+    }
+
+    /// Node i acknowledged, as primary, a write its bitmap marked for j: a write apart.
+    pub(super) fn ground_truth_acked_apart(&mut self, i: usize, j: usize) {
+        Self::ground_truth_mark(&mut self.ground_truth.acked_apart, self.swarm.nodes, i, j);
+    }
+
+    /// Node i, made the sync target of node j, loses nothing acknowledged apart: it
+    /// acknowledged no write apart from j since they were last in sync (its marks are writes j
+    /// confirmed, or that j's protocol let it acknowledge, or that nobody acknowledged), or
+    /// its disk holds no change j lacks (both up), whatever the ghost record says.
+    pub(super) fn ground_truth_target_loses_nothing(&self, i: usize, j: usize) -> bool {
+        !Self::ground_truth_test(&self.ground_truth.acked_apart, i, j)
+            || (self.nodes[i].node.is_some()
+                && self.nodes[j].node.is_some()
+                && !self.holds_change(i, j))
     }
 
     /// Node i decided SplitBrain with node j (and the ghost record agreed): both must hold a
