@@ -670,6 +670,14 @@ const MESH_REGRESSION_SEEDS: &[(u64, &str)] = &[
          and the two met with no sync; a target marks for a primary it lost with writes in \
          doubt now, whatever its source reports of it",
     ),
+    (
+        17224,
+        "checker: force-promoted node 0 resynced node 1 (no block to send) as node 1 crashed; \
+         node 0's report of the end cleared the ground truth's forced-promotion record, but \
+         node 1 never took node 0's generation, and the split brain with it (resynced from \
+         node 2, force-promoted from the same parent) was judged false; a pair holds the \
+         same generation only once the target took it (or the handshake found no sync) now",
+    ),
     // 1624 exposed the same bug as 1574 until a detached primary's OutOfSync frames were
     // coalesced (fewer frames, so other random draws): the seed now runs a different history
     // that ended in the pattern of seed 1724 (a promoted node missing an acknowledged write,

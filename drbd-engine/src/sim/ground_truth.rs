@@ -15,7 +15,7 @@
 //! started a new data generation the other never took: a forced promotion does (DRBD's
 //! `drbd_set_role` with `--force` creates a new current UUID at once), and the UUID handshake
 //! then finds both sides moved on from their common generation (rule 100, "split brain"). So
-//! a side force-promoted since it was last in sync with the other counts as changed.
+//! a side force-promoted since the other last took its generation counts as changed.
 //!
 //! A primary that loses its peer under fencing resource-only or resource-and-stonith starts
 //! no generation before its fence-peer handler outdated (or shot) the peer (DRBD defers
@@ -50,7 +50,7 @@ pub(super) struct GroundTruth {
     /// Per pair, the connection whose first split-brain decision was judged: both ends decide
     /// from the state exchanged at connect, and a primary writes on after its end decided.
     judged: BTreeMap<(usize, usize), u64>,
-    /// forced[i][j]: node i was force-promoted since it was last in sync with node j.
+    /// forced[i][j]: node i was force-promoted since node j last took its generation.
     forced: PairMatrix,
     /// fence_unsettled[i][j]: node i called its fence-peer handler for j, and no answer
     /// since outdated (or shot) j, and the two were not in sync since.
@@ -99,16 +99,30 @@ impl World {
         Self::ground_truth_test(&self.ground_truth.fence_unsettled, i, j)
     }
 
-    /// Nodes a and b hold the same data again.
-    pub(super) fn ground_truth_in_sync(&mut self, a: usize, b: usize) {
-        let truth = &mut self.ground_truth;
-        for m in [&mut truth.forced, &mut truth.fence_unsettled, &mut truth.acked_apart] {
-            for (x, y) in [(a, b), (b, a)] {
-                if let Some(flag) = m.get_mut(x).and_then(|row| row.get_mut(y)) {
-                    *flag = false;
-                }
+    fn ground_truth_clear_pair(matrix: &mut PairMatrix, a: usize, b: usize) {
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(flag) = matrix.get_mut(x).and_then(|row| row.get_mut(y)) {
+                *flag = false;
             }
         }
+    }
+
+    /// Nodes a and b hold the same data again.
+    pub(super) fn ground_truth_in_sync(&mut self, a: usize, b: usize) {
+        Self::ground_truth_clear_pair(&mut self.ground_truth.fence_unsettled, a, b);
+        Self::ground_truth_clear_pair(&mut self.ground_truth.acked_apart, a, b);
+    }
+
+    /// Nodes a and b hold the same generation again: the UUID handshake found them equal, or
+    /// a sync target took its source's UUIDs with the end of the resync. Not when the source
+    /// reports the end: the target takes the generation only when the source's `ResyncDone`
+    /// arrives, and a target that crashes first keeps its old one. Mesh seed 17224: node 0,
+    /// force-promoted, resynced a crashing node 1 (no block to send) and reported the end;
+    /// node 1 never took node 0's generation, and the split brain with it, later resynced
+    /// from node 2 (force-promoted from the same parent), was judged false although both
+    /// sides had started a generation by a forced promotion.
+    pub(super) fn ground_truth_same_generation(&mut self, a: usize, b: usize) {
+        Self::ground_truth_clear_pair(&mut self.ground_truth.forced, a, b);
     }
 
     /// A discard of blocks `first..end` was issued.

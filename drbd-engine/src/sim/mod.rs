@@ -1814,7 +1814,9 @@ impl World {
                 // target promoted apart) looked wrong.
                 let as_target = self.mesh_sync_source[i] == Some(j);
                 self.mesh_resync_finished(i, j);
-                if !as_target {
+                if as_target {
+                    self.ground_truth_same_generation(i, j);
+                } else {
                     self.in_sync(i, j);
                 }
             }
@@ -1970,6 +1972,7 @@ impl World {
         }
         if decision == NoSync {
             self.in_sync(i, j);
+            self.ground_truth_same_generation(i, j);
         }
     }
 
